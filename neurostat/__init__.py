@@ -1,0 +1,8 @@
+"""neurostat: property neurons in self-supervised speech Transformers.
+
+One pass over a labelled corpus collects, for every FFN neuron of every layer and every joint
+label (phone × gender × pitch bin), how often it is activated and its moments; a selector and a
+pruner work from the resulting Zarr store.
+"""
+
+__version__ = "0.1.0"

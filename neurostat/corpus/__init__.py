@@ -1,0 +1,1 @@
+"""Corpora: LibriSpeech layout, the synthetic demo corpus, and the prepared-corpus artifact."""

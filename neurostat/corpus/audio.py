@@ -1,0 +1,41 @@
+"""Audio loading with the checks a corpus-scale run needs (FLAC via soundfile, soxr resampling)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+
+class Skip(Exception):
+    """An utterance that cannot be used; ``reason`` is a short key the summary counts by."""
+
+    def __init__(self, reason: str, path: str | Path, message: str):
+        super().__init__(f"{path}: {message}")
+        self.reason, self.path, self.message = reason, str(path), message
+
+
+def load_audio(path: str | Path, sample_rate: int, strict: bool = False) -> tuple[np.ndarray, int]:
+    """Mono float32 waveform at ``sample_rate`` and the file's own rate.
+
+    A file at another rate is resampled with soxr (or refused when ``strict``).  Corrupt, empty
+    and multi-channel files raise :class:`Skip`.
+    """
+    if Path(path).stat().st_size == 0:
+        raise Skip("empty-audio", path, "audio file is empty (0 bytes)")
+    try:
+        wave, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as e:  # soundfile raises several types for broken files
+        raise Skip("corrupt-audio", path, f"cannot decode audio ({e})") from None
+    if wave.shape[0] == 0:
+        raise Skip("empty-audio", path, "audio file has no samples")
+    if wave.shape[1] != 1:
+        raise Skip("multichannel-audio", path, f"audio has {wave.shape[1]} channels; neurostat expects mono speech")
+    wave = wave[:, 0]
+    if sr != sample_rate:
+        if strict:
+            raise Skip("wrong-sample-rate", path, f"audio is {sr} Hz, the model expects {sample_rate} Hz (--strict refuses to resample)")
+        wave = soxr.resample(wave, sr, sample_rate).astype(np.float32)
+    return wave, sr

@@ -1,0 +1,121 @@
+"""The prepared corpus written by ``neurostat prepare``: the Python API over its utterances.
+
+>>> corpus = PreparedCorpus("prepared/")
+>>> for utt in corpus:
+...     utt.id, utt.gender, utt.phone_frames(), utt.f0, utt.pitch_bins()
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from ..frames import FrameGeometry, label_frames
+from ..labels.joint import LabelSpace
+from ..labels.pitch import assign_bins
+from .audio import load_audio
+from .prepare import FORMAT
+
+
+class PreparedCorpusError(ValueError):
+    """A prepared-corpus folder that is missing, unfinished or of another format."""
+
+
+@dataclass
+class PreparedUtterance:
+    """One labelled utterance: speaker, gender, phone intervals and F0 per frame centre."""
+
+    corpus: "PreparedCorpus"
+    record: dict
+
+    @property
+    def id(self) -> str:
+        return self.record["id"]
+
+    @property
+    def speaker(self) -> str:
+        return self.record["speaker"]
+
+    @property
+    def gender(self) -> str:
+        return self.record["gender"]
+
+    @property
+    def audio_path(self) -> Path:
+        return Path(self.record["audio"])
+
+    @property
+    def num_frames(self) -> int:
+        return self.record["num_frames"]
+
+    @cached_property
+    def _arrays(self) -> dict[str, np.ndarray]:
+        with np.load(self.corpus.path / "utts" / f"{self.id}.npz") as z:
+            return {k: z[k] for k in ("starts", "ends", "phone", "f0")}
+
+    @property
+    def intervals(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(start s, end s, phone index into ``corpus.phones``) of each aligned interval."""
+        a = self._arrays
+        return a["starts"], a["ends"], a["phone"]
+
+    @property
+    def f0(self) -> np.ndarray:
+        """F0 in Hz at each frame centre of the prepared geometry (NaN = unvoiced)."""
+        return self._arrays["f0"]
+
+    def phone_frames(self, geometry: FrameGeometry | None = None) -> np.ndarray:
+        """Phone index of each frame (by frame centre), −1 where no interval covers the centre."""
+        geo = geometry or self.corpus.geometry
+        n = geo.num_frames(self.record["num_samples"]) if geometry else self.num_frames
+        return label_frames(*self.intervals, geo.centres(n))
+
+    def pitch_bins(self) -> np.ndarray:
+        """Pitch-bin index of each frame (the last bin is ``unvoiced``)."""
+        return assign_bins(self.f0.astype(np.float64), self.corpus.edges)
+
+    def joint_frames(self) -> np.ndarray:
+        """Joint label id (phone × gender × pitch bin) of each frame, −1 where unlabelled."""
+        space = self.corpus.label_space
+        return space.encode(self.phone_frames(), space.genders.index(self.gender), self.pitch_bins())
+
+    def load_audio(self) -> np.ndarray:
+        """The waveform at the prepared geometry's sample rate (float32, mono)."""
+        wave, _ = load_audio(self.audio_path, self.corpus.geometry.sample_rate, strict=self.corpus.meta["strict"])
+        return wave
+
+
+class PreparedCorpus:
+    """A folder written by ``neurostat prepare``; iterates :class:`PreparedUtterance`."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        meta_path = self.path / "meta.json"
+        if not meta_path.is_file():
+            raise PreparedCorpusError(f"{self.path} is not a prepared corpus (no meta.json); run `neurostat prepare` first")
+        self.meta = json.loads(meta_path.read_text())
+        if self.meta.get("format") != FORMAT:
+            raise PreparedCorpusError(f"{meta_path}: prepared-corpus format {self.meta.get('format')} is not {FORMAT}; re-run prepare")
+        lines = (self.path / "manifest.jsonl").read_text().splitlines()
+        self.records = [json.loads(line) for line in lines if line.strip()]
+        self.geometry = FrameGeometry.from_dict(self.meta["geometry"])
+        self.edges = list(self.meta["pitch"]["edges"])
+        self.phones = tuple(self.meta["phones"])
+        self.label_space = LabelSpace(self.phones, tuple(self.meta["genders"]), tuple(self.meta["pitch"]["bins"]))
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> PreparedUtterance:
+        return PreparedUtterance(self, self.records[i])
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    @property
+    def skips(self) -> dict[str, int]:
+        return dict(self.meta["skips"])

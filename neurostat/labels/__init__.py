@@ -1,0 +1,1 @@
+"""Readers for the label sources: TextGrid alignments, SPEAKERS.TXT, pitch."""

@@ -1,0 +1,79 @@
+"""F0 at the model's frame centres, and pitch bins at corpus percentiles.
+
+Praat's autocorrelation method (parselmouth) is the default; YAAPT (amfm-decompy, the paper's
+choice, ~20x slower) is optional.  Both run on their own frame grid (half the model's stride) and
+are read at the model frame centres by nearest analysis frame.  Unvoiced frames are NaN.
+
+Bins: with edges e_1 < ... < e_{n-1}, a voiced value f falls in bin i when e_i <= f < e_{i+1}
+(e_0 = -inf, e_n = +inf), so every value has exactly one bin; unvoiced frames get their own bin.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+F0_MIN, F0_MAX = 71.0, 800.0
+UNVOICED = "unvoiced"
+METHODS = ("praat", "yaapt")
+
+
+def _nearest(track_times: np.ndarray, track: np.ndarray, times: np.ndarray, step: float) -> np.ndarray:
+    out = np.full(len(times), np.nan)
+    if len(track_times) == 0:
+        return out
+    idx = np.rint((times - track_times[0]) / step).astype(np.int64)
+    ok = (idx >= 0) & (idx < len(track))
+    out[ok] = track[idx[ok]]
+    out[out <= 0] = np.nan
+    return out
+
+
+def f0_praat(wave: np.ndarray, sample_rate: int, times: np.ndarray, step: float, fmin: float = F0_MIN, fmax: float = F0_MAX) -> np.ndarray:
+    """Praat autocorrelation F0 (Hz) at ``times`` (s); NaN where unvoiced."""
+    import parselmouth
+
+    sound = parselmouth.Sound(np.asarray(wave, dtype=np.float64), sampling_frequency=sample_rate)
+    pitch = sound.to_pitch_ac(time_step=step, pitch_floor=fmin, pitch_ceiling=fmax)
+    return _nearest(np.asarray(pitch.xs()), pitch.selected_array["frequency"], times, step)
+
+
+def f0_yaapt(wave: np.ndarray, sample_rate: int, times: np.ndarray, step: float, fmin: float = F0_MIN, fmax: float = F0_MAX) -> np.ndarray:
+    """YAAPT F0 (Hz) at ``times`` (s); NaN where unvoiced.  Needs the ``paper`` extra."""
+    try:
+        import amfm_decompy.basic_tools as basic
+        import amfm_decompy.pYAAPT as pyaapt
+    except ImportError as e:
+        raise RuntimeError("--pitch yaapt needs amfm-decompy: pip install 'neurostat[paper]'") from e
+    pitch = pyaapt.yaapt(basic.SignalObj(np.asarray(wave, dtype=np.float64), sample_rate), f0_min=fmin, f0_max=fmax,
+                         frame_space=step * 1000.0)
+    return _nearest(np.asarray(pitch.frames_pos, dtype=np.float64) / sample_rate, np.asarray(pitch.samp_values), times, step)
+
+
+def f0_at(method: str, wave: np.ndarray, sample_rate: int, times: np.ndarray, step: float) -> np.ndarray:
+    if method == "praat":
+        return f0_praat(wave, sample_rate, times, step)
+    if method == "yaapt":
+        return f0_yaapt(wave, sample_rate, times, step)
+    raise ValueError(f"unknown pitch method {method!r}; choose one of {METHODS}")
+
+
+def percentile_edges(f0: np.ndarray, quantiles: list[float]) -> list[float]:
+    """Bin edges at corpus percentiles of the voiced values (``quantiles`` in (0, 1))."""
+    voiced = f0[np.isfinite(f0)]
+    if voiced.size == 0:
+        raise ValueError("no voiced frames in the corpus: cannot compute pitch bin edges")
+    return [float(e) for e in np.quantile(voiced, quantiles)]
+
+
+def bin_names(num_edges: int) -> list[str]:
+    """Names of the voiced bins followed by ``unvoiced``."""
+    n = num_edges + 1
+    names = {1: ["voiced"], 2: ["low", "high"], 3: ["low", "mid", "high"]}.get(n) or [f"bin{i + 1}" for i in range(n)]
+    return names + [UNVOICED]
+
+
+def assign_bins(f0: np.ndarray, edges: list[float]) -> np.ndarray:
+    """Bin index per value: ``[e_i, e_{i+1})`` for voiced values, ``len(edges) + 1`` for unvoiced."""
+    out = np.searchsorted(np.asarray(edges, dtype=np.float64), f0, side="right").astype(np.int64)
+    out[~np.isfinite(f0)] = len(edges) + 1
+    return out

@@ -1,0 +1,53 @@
+import numpy as np
+import pytest
+
+from neurostat.labels.pitch import assign_bins, bin_names, f0_praat, f0_yaapt, percentile_edges
+
+SR = 16000
+
+
+def tone(freq: float, seconds: float = 1.0, sr: int = SR) -> np.ndarray:
+    t = np.arange(int(seconds * sr)) / sr
+    return (0.5 * np.sin(2 * np.pi * freq * t) + 0.2 * np.sin(2 * np.pi * 2 * freq * t)).astype(np.float32)
+
+
+@pytest.mark.parametrize("freq", [85.0, 129.0, 180.0, 247.0, 390.0])
+def test_praat_on_tones_within_one_percent(freq):
+    times = np.arange(0.1, 0.9, 0.02)
+    f0 = f0_praat(tone(freq), SR, times, 0.01)
+    assert np.isfinite(f0).all()
+    assert np.abs(f0 / freq - 1).max() < 0.01
+
+
+def test_praat_silence_is_unvoiced_and_outside_is_nan():
+    wave = np.concatenate([tone(200.0, 0.5), np.zeros(SR // 2, np.float32)])
+    f0 = f0_praat(wave, SR, np.array([0.25, 0.8, 5.0]), 0.01)
+    assert np.isfinite(f0[0]) and np.isnan(f0[1]) and np.isnan(f0[2])
+
+
+def test_yaapt_on_a_tone():
+    pytest.importorskip("amfm_decompy")
+    f0 = f0_yaapt(tone(150.0, 1.5), SR, np.arange(0.3, 1.2, 0.02), 0.01)
+    voiced = f0[np.isfinite(f0)]
+    assert voiced.size > 0.8 * f0.size
+    assert np.abs(np.median(voiced) / 150.0 - 1) < 0.02
+
+
+def test_bins_follow_half_open_rule():
+    edges = [129.03, 179.78]
+    f0 = np.array([50.0, 129.02, 129.03, 150.0, 179.779, 179.78, 500.0, np.nan])
+    assert assign_bins(f0, edges).tolist() == [0, 0, 1, 1, 1, 2, 2, 3]
+    assert bin_names(2) == ["low", "mid", "high", "unvoiced"]
+    assert bin_names(1) == ["low", "high", "unvoiced"]
+    assert bin_names(4) == ["bin1", "bin2", "bin3", "bin4", "bin5", "unvoiced"]
+
+
+def test_percentile_edges_split_evenly():
+    rng = np.random.default_rng(0)
+    f0 = np.concatenate([rng.uniform(80, 300, 3000), [np.nan] * 500])
+    edges = percentile_edges(f0, [1 / 3, 2 / 3])
+    counts = np.bincount(assign_bins(f0, edges), minlength=4)
+    assert counts[3] == 500
+    assert abs(counts[0] - 1000) <= 1 and abs(counts[1] - 1000) <= 1 and abs(counts[2] - 1000) <= 1
+    with pytest.raises(ValueError, match="no voiced"):
+        percentile_edges(np.full(5, np.nan), [0.5])

@@ -1,0 +1,52 @@
+import hashlib
+
+import soundfile as sf
+
+from neurostat.corpus.librispeech import scan
+from neurostat.corpus.synth import espeak_to_arpabet, synthesize
+from neurostat.labels.speakers import read_speakers
+from neurostat.labels.textgrid import read_textgrid
+from neurostat.phones import PhoneMap
+
+
+def _digest(folder):
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(p.relative_to(folder).as_posix().encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def test_espeak_mapping():
+    assert espeak_to_arpabet("'aU") == "AW1"
+    assert espeak_to_arpabet(",oU") == "OW2"
+    assert espeak_to_arpabet("@2") == "AH0"
+    assert espeak_to_arpabet("dZ") == "JH"
+    assert espeak_to_arpabet("_:") == ""
+    assert espeak_to_arpabet("qq") == "spn"
+
+
+def test_layout_labels_and_determinism(demo_corpus, tmp_path):
+    root = demo_corpus / "LibriSpeech"
+    utts = scan(root, "dev-clean")
+    assert len(utts) == 12
+    speakers = read_speakers(root / "SPEAKERS.TXT")
+    assert sorted(s.sex for s in speakers.values()) == ["F", "F", "M", "M"]
+    mapping = PhoneMap()
+    for u in utts:
+        assert u.transcript
+        info = sf.info(str(u.audio))
+        assert info.samplerate == 16000 and info.channels == 1
+        grid = read_textgrid(demo_corpus / "alignments" / "dev-clean" / u.speaker / u.chapter / f"{u.id}.TextGrid")
+        phones = grid.tiers["phones"]
+        assert abs(phones[-1].xmax - info.frames / 16000) < 1e-6
+        mapped = [mapping(i.text) for i in phones]
+        assert "sil" in mapped and len({m for m in mapped if m not in ("sil", "spn")}) > 8
+        assert [w.text for w in grid.tiers["words"] if w.text]
+    again = tmp_path / "again"
+    synthesize(again, "dev-clean", num_speakers=4, utterances_per_speaker=3, seed=1, progress=False)
+    assert _digest(again) == _digest(demo_corpus)
+    other = tmp_path / "other"
+    synthesize(other, "dev-clean", num_speakers=4, utterances_per_speaker=3, seed=2, progress=False)
+    assert _digest(other) != _digest(demo_corpus)
