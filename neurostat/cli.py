@@ -21,9 +21,12 @@ def _geometry(model: str | None, sample_rate: int | None):
     if model is None:
         geo = default_geometry()
     else:
-        from .engine.adapter import load_geometry
+        from .engine.adapter import ModelError, load_geometry
 
-        geo = load_geometry(model)
+        try:
+            geo = load_geometry(model)
+        except ModelError as e:
+            raise click.ClickException(str(e)) from None
     if sample_rate is not None and sample_rate != geo.sample_rate:
         from .frames import FrameGeometry
 
@@ -59,31 +62,33 @@ def synth(out: Path, num_speakers: int, utterances_per_speaker: int, subset: str
                f"next: neurostat prepare --root {root} --subset {subset} --alignments {align} --out {out / 'prepared'}")
 
 
-@main.command()
-@click.option("--corpus", type=click.Choice(["librispeech"]), default="librispeech", help="Corpus layout.")
-@click.option("--root", required=True, type=click.Path(path_type=Path), help="LibriSpeech root (the LibriSpeech folder or its parent).")
-@click.option("--subset", required=True, help="Subset folder, e.g. dev-clean.")
-@click.option("--alignments", required=True, type=click.Path(path_type=Path), help="Folder of MFA TextGrids (corpus layout or flat).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Prepared-corpus folder [default: <alignments>/../prepared-<subset>].")
-@click.option("--model", default=None, help="Hub id or local dir whose config gives the frame geometry [default: the HuBERT/wav2vec2 default geometry].")
-@click.option("--sample-rate", type=int, default=None, help="Override the model's sample rate.")
-@click.option("--pitch", type=click.Choice(["praat", "yaapt"]), default="praat", help="F0 tracker (yaapt needs neurostat[paper]).")
-@click.option("--pitch-bins", default=3, help="Number of voiced pitch bins at equal corpus percentiles.")
-@click.option("--pitch-edges", default=None, help="Comma-separated bin edges in Hz instead of percentiles (e.g. 129.03,179.78).")
-@click.option("--phone-map", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="JSON or TSV mapping of corpus phone symbols to ARPAbet/sil/spn (e.g. for MFA's IPA phone set).")
-@click.option("--strict", is_flag=True, help="Refuse (error) instead of resampling or skipping problem utterances.")
-@click.option("-j", "--num-jobs", default=1, help="Parallel worker processes.")
-def prepare(corpus, root, subset, alignments, out, model, sample_rate, pitch, pitch_bins, pitch_edges, phone_map, strict, num_jobs) -> None:
-    """Label a corpus: phones per frame (MFA TextGrids), speaker gender (SPEAKERS.TXT), F0 and pitch bins.
+def _labelling_options(f):
+    """Options shared by `prepare` and `collect` (which prepares its corpus itself)."""
+    options = [
+        click.option("--corpus", type=click.Choice(["librispeech"]), default="librispeech", help="Corpus layout."),
+        click.option("--subset", default=None, help="Subset folder, e.g. dev-clean."),
+        click.option("--alignments", type=click.Path(path_type=Path), default=None, help="Folder of MFA TextGrids (corpus layout or flat)."),
+        click.option("--pitch", type=click.Choice(["praat", "yaapt"]), default="praat", help="F0 tracker (yaapt needs neurostat[paper])."),
+        click.option("--pitch-bins", default=3, help="Number of voiced pitch bins at equal corpus percentiles."),
+        click.option("--pitch-edges", default=None, help="Comma-separated bin edges in Hz instead of percentiles (e.g. 129.03,179.78)."),
+        click.option("--phone-map", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+                     help="JSON or TSV mapping of corpus phone symbols to ARPAbet/sil/spn (e.g. for MFA's IPA phone set)."),
+        click.option("--strict", is_flag=True, help="Refuse (error) instead of resampling or skipping problem utterances."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
 
-    Cached: a second run reuses every utterance whose inputs and settings did not change.
-    """
+
+def _run_prepare(root, subset, alignments, out, geometry, pitch, pitch_bins, pitch_edges, phone_map, strict, num_jobs) -> Path:
     from .corpus.librispeech import CorpusError
     from .corpus.prepare import PrepareError, PrepareSettings, prepare as run_prepare
     from .labels.speakers import SpeakersError
     from .phones import PhoneMap
 
+    for name, value in (("--root", root), ("--subset", subset), ("--alignments", alignments)):
+        if value is None:
+            raise click.UsageError(f"{name} is required to label a corpus")
     if pitch_bins < 1:
         raise click.BadParameter("need at least one pitch bin", param_hint="--pitch-bins")
     edges = None
@@ -93,14 +98,30 @@ def prepare(corpus, root, subset, alignments, out, model, sample_rate, pitch, pi
         except ValueError:
             raise click.BadParameter(f"{pitch_edges!r} is not a comma-separated list of numbers", param_hint="--pitch-edges") from None
     out = out or Path(alignments).parent / f"prepared-{subset}"
-    settings = PrepareSettings(geometry=_geometry(model, sample_rate), pitch=pitch,
-                               quantiles=tuple(i / pitch_bins for i in range(1, pitch_bins)), edges=edges,
-                               phone_map=PhoneMap.from_file(phone_map) if phone_map else PhoneMap(), strict=strict)
     try:
+        settings = PrepareSettings(geometry=geometry, pitch=pitch, quantiles=tuple(i / pitch_bins for i in range(1, pitch_bins)),
+                                   edges=edges, phone_map=PhoneMap.from_file(phone_map) if phone_map else PhoneMap(), strict=strict)
         meta = run_prepare(root, subset, alignments, out, settings, num_jobs=num_jobs)
-    except (CorpusError, PrepareError, SpeakersError) as e:
+    except (CorpusError, PrepareError, SpeakersError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     _print_prepare_summary(meta, out)
+    return out
+
+
+@main.command()
+@click.option("--root", required=True, type=click.Path(path_type=Path), help="LibriSpeech root (the LibriSpeech folder or its parent).")
+@_labelling_options
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Prepared-corpus folder [default: <alignments>/../prepared-<subset>].")
+@click.option("--model", default=None, help="Hub id or local dir whose config gives the frame geometry [default: the HuBERT/wav2vec2 default geometry].")
+@click.option("--sample-rate", type=int, default=None, help="Override the model's sample rate.")
+@click.option("-j", "--num-jobs", default=1, help="Parallel worker processes.")
+def prepare(root, corpus, subset, alignments, pitch, pitch_bins, pitch_edges, phone_map, strict, out, model, sample_rate, num_jobs) -> None:
+    """Label a corpus: phones per frame (MFA TextGrids), speaker gender (SPEAKERS.TXT), F0 and pitch bins.
+
+    Cached: a second run reuses every utterance whose inputs and settings did not change.
+    """
+    _run_prepare(root, subset, alignments, out, _geometry(model, sample_rate), pitch, pitch_bins, pitch_edges,
+                 phone_map, strict, num_jobs)
 
 
 def _print_prepare_summary(meta: dict, out: Path) -> None:
@@ -114,3 +135,191 @@ def _print_prepare_summary(meta: dict, out: Path) -> None:
     if meta["skips"]:
         click.echo("skipped: " + ", ".join(f"{reason} {n}" for reason, n in sorted(meta["skips"].items()))
                    + f" (details: {out / 'skips.jsonl'})")
+
+
+def _parse_layers(text: str | None) -> list[int] | None:
+    """'1,3,5-8' (1-based) → 0-based indices; None or 'all' → all layers."""
+    if text is None or text == "all":
+        return None
+    out = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            out.extend(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected e.g. 1,3,5-8 (1-based) or all", param_hint="--layers") from None
+    if min(out) < 1:
+        raise click.BadParameter("layers are numbered from 1", param_hint="--layers")
+    return [i - 1 for i in out]
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected i/n, e.g. 0/4", param_hint="--shard") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise click.BadParameter(f"{text!r}: need 0 <= i < n", param_hint="--shard")
+    return i, n
+
+
+@main.command()
+@click.option("--root", type=click.Path(path_type=Path), default=None, help="LibriSpeech root; with --subset and --alignments the corpus is prepared (cached) first.")
+@_labelling_options
+@click.option("--prepared", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Prepared-corpus folder to read (or to write when --root is given) [default: <alignments>/../prepared-<subset>].")
+@click.option("--model", default=None, help="Hub id or local directory of a HuBERT / wav2vec 2.0 / WavLM / data2vec-audio checkpoint [default: the embedded demo model].")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Statistics store (Zarr) [default: stats.zarr, or the demo cache].")
+@click.option("--stat", "stats", multiple=True, type=click.Choice(["topk", "positive", "moments"]), help="Statistics to collect (repeatable) [default: all].")
+@click.option("--topk-ratio", default=0.01, help="λ: a neuron is activated at a token when |a| is among the top round(λ·D) of its layer.")
+@click.option("--tokens", type=click.Choice(["phone-mid", "all", "no-silence"]), default="phone-mid", help="Which frames count: the middle frame of each phone run (paper), all, or all but silence/spn.")
+@click.option("--layers", default="all", help="Layers to collect, 1-based, e.g. 1,3,5-8.")
+@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", help="Model dtype.")
+@click.option("--backend", type=click.Choice(["auto", "torch", "triton"]), default="auto", help="Statistics kernels: auto = Triton on CUDA, torch on CPU.")
+@click.option("--batch-seconds", default=160.0, help="Audio per batch (the Transformer runs on padded batches).")
+@click.option("--max-seconds", type=float, default=None, help="Cut utterances into pieces of at most this length (off by default: never cut).")
+@click.option("--checkpoint-seconds", default=300.0, help="Checkpoint at least this often.")
+@click.option("--checkpoint-utterances", type=int, default=None, help="Also checkpoint every N utterances.")
+@click.option("--shard", default="0/1", help="Collect only shard i of n (utterances i, i+n, ...); merge shards with `neurostat merge`.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted collection in --out.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store at --out.")
+@click.option("-j", "--num-jobs", default=1, help="Data-loading worker processes (0 = load in the main process).")
+def collect(root, corpus, subset, alignments, pitch, pitch_bins, pitch_edges, phone_map, strict, prepared, model, out, stats,
+            topk_ratio, tokens, layers, device, dtype, backend, batch_seconds, max_seconds, checkpoint_seconds,
+            checkpoint_utterances, shard, resume, overwrite, num_jobs) -> None:
+    """Collect activation statistics of every FFN neuron, layer and joint label into a Zarr store.
+
+    With no arguments it runs the embedded demo offline: it synthesises and prepares the demo corpus
+    and collects with a small random-initialised HuBERT (cached in $NEUROSTAT_CACHE).
+    """
+    import torch
+
+    from .corpus.prepared import PreparedCorpus, PreparedCorpusError
+    from .engine.adapter import ModelAdapter, ModelError
+    from .engine.collect import CollectConfig, collect as run_collect
+    from .store import StoreError
+
+    demo = root is None and prepared is None and model is None
+    if demo:
+        from .demo import ensure_demo
+
+        cache = cache_dir() / "demo"
+        click.echo(f"neurostat collect: no corpus or model given, running the embedded demo offline in {cache}")
+        prepared, model = ensure_demo(cache)
+        model = str(model)
+        click.echo("model: a small RANDOM-INITIALISED HuBERT (no trained demo model ships yet): the statistics exercise "
+                   "the engine but carry no property of speech")
+        out = out or cache / "stats.zarr"
+        overwrite = overwrite or not resume
+    if model is None:
+        raise click.UsageError("--model is required with a corpus (a hub id such as facebook/hubert-base-ls960 or a local directory)")
+    if root is None and prepared is None:
+        raise click.UsageError("give the corpus (--root, --subset, --alignments) or a prepared corpus (--prepared)")
+    config = CollectConfig(stats=tuple(stats) or ("topk", "positive", "moments"), topk_ratio=topk_ratio, tokens=tokens,
+                           layers=_parse_layers(layers), batch_seconds=batch_seconds, max_seconds=max_seconds,
+                           checkpoint_seconds=checkpoint_seconds, checkpoint_utterances=checkpoint_utterances,
+                           shard=_parse_shard(shard), num_jobs=num_jobs, backend=backend)
+    out = out or Path("stats.zarr")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        adapter = ModelAdapter.load(model, device=device, dtype=getattr(torch, dtype))
+    except ModelError as e:
+        raise click.ClickException(str(e)) from None
+    if root is not None:
+        prepared = _run_prepare(root, subset, alignments, prepared, adapter.geometry, pitch, pitch_bins, pitch_edges,
+                                phone_map, strict, num_jobs)
+    if config.backend == "auto":
+        config.backend = "triton" if adapter.device.type == "cuda" else "torch"
+    try:
+        summary = run_collect(PreparedCorpus(prepared), adapter, out, config, resume=resume, overwrite=overwrite)
+    except (ModelError, StoreError, PreparedCorpusError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    _print_collect_summary(summary, out)
+
+
+def _print_collect_summary(attrs: dict, out: Path) -> None:
+    p = attrs["progress"]
+    seconds = max(p["elapsed_seconds"], 1e-9)
+    stats = attrs["statistics"]
+    click.echo(f"collected {p['utterances_done']} utterances, {p['audio_seconds'] / 3600:.3f} h of audio, "
+               f"{p['frames']:,} frames, {p['tokens']:,} tokens ({stats['tokens']}) in {seconds:.1f} s: "
+               f"{p['frames'] / seconds:,.0f} frames/s, {p['audio_seconds'] / seconds:.1f}x real time")
+    click.echo(f"statistics: {', '.join(stats['stats'])}; k = {stats['k']} of {attrs['model']['width']} "
+               f"(λ = {stats['topk_ratio']}); layers {attrs['fingerprint']['layers'][0]}..{attrs['fingerprint']['layers'][-1]}; "
+               f"backend {stats['backend']}")
+    skips = {**attrs["corpus"].get("prepare_skips", {})}
+    for reason, n in p.get("skips", {}).items():
+        skips[reason] = skips.get(reason, 0) + n
+    if skips:
+        click.echo("skipped: " + ", ".join(f"{r} {n}" for r, n in sorted(skips.items())))
+    click.echo(f"store: {out}")
+
+
+@main.command()
+@click.argument("stores", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="The merged store.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store at --out.")
+def merge(stores, out, overwrite) -> None:
+    """Merge partial stores (shards, ranks, separate runs) exactly into one."""
+    from .engine.merge import merge_stores
+    from .store import StoreError
+
+    try:
+        attrs = merge_stores(list(stores), out, overwrite=overwrite)
+    except StoreError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"merged {len(stores)} stores, {attrs['corpus']['utterances']} utterances -> {out}")
+
+
+@main.command()
+@click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def info(store) -> None:
+    """Print a readable summary of a statistics store."""
+    from .store import StoreError, read_attrs
+
+    try:
+        attrs = read_attrs(store)
+    except StoreError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(describe_store(store, attrs))
+
+
+def describe_store(path: Path, attrs: dict) -> str:
+    """The text `neurostat info` prints."""
+    import json
+
+    m, s, p = attrs["model"], attrs["statistics"], attrs.get("progress", {})
+    labels = attrs["labels"]
+    lines = [f"store: {path} ({'complete' if attrs.get('complete') else 'INCOMPLETE'}; neurostat {attrs['neurostat_version']})",
+             f"model: {m['model']} ({m['model_type']}, revision {m['revision']}), {m['num_layers']} layers x {m['width']} FFN neurons",
+             f"layers collected: {', '.join(map(str, attrs['fingerprint']['layers']))}",
+             f"statistics: {', '.join(s['stats'])}; tokens {s['tokens']}; top-k k = {s['k']} (λ = {s['topk_ratio']}); backend {s['backend']}",
+             f"labels: {len(labels['phone'])} phones x {len(labels['gender'])} genders x {len(labels['pitch_bin'])} pitch bins "
+             f"({', '.join(labels['pitch_bin'])}; edges {', '.join(f'{e:.2f}' for e in attrs['pitch']['edges'])} Hz)",
+             f"corpus: {attrs['corpus']['root']} / {attrs['corpus']['subset']} (shard {attrs['corpus']['shard']})"]
+    if attrs.get("complete"):
+        lines.append(f"counted: {p['utterances_done']} utterances, {p['audio_seconds'] / 3600:.3f} h, {p['frames']:,} frames, "
+                     f"{p['tokens']:,} tokens in {p['elapsed_seconds']:.1f} s")
+    else:
+        pointer = Path(path) / "neurostat" / "checkpoint.json"
+        if pointer.is_file():
+            q = json.loads(pointer.read_text())["progress"]
+            lines.append(f"checkpointed: {q['utterances_done']} of {attrs['corpus']['utterances']} utterances, {q['tokens']:,} tokens; "
+                         f"continue with `neurostat collect ... --resume`")
+        else:
+            lines.append("no checkpoint yet")
+    if p.get("skips"):
+        lines.append("skipped during collect: " + ", ".join(f"{r} {n}" for r, n in sorted(p["skips"].items())))
+    if attrs.get("complete"):
+        from .stats import open_stats
+
+        stats = open_stats(path)
+        frames = stats.frames(("phone",))
+        top = frames.sortby(frames, ascending=False)[:8]
+        lines.append("tokens per phone (top 8): " + ", ".join(f"{ph} {int(n)}" for ph, n in zip(top["phone"].values, top.values)))
+        genders = stats.frames(("gender",))
+        lines.append("tokens per gender: " + ", ".join(f"{g} {int(n)}" for g, n in zip(genders["gender"].values, genders.values)))
+    lines.append(f"command: {attrs.get('command', '')}")
+    return "\n".join(lines)

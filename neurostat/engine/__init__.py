@@ -1,0 +1,1 @@
+"""The collection engine: model adapters, token selection, accumulation and the collect loop."""

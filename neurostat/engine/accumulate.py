@@ -1,0 +1,185 @@
+"""Additive per-(layer, label, neuron) statistics: ``update(layer, x, batch)``, ``merge``, ``compute``.
+
+State (all additive, so shards, ranks and resumed runs merge into the same totals):
+
+- ``frames[label]``: number of tokens with that label (int64);
+- ``topk[layer, label, neuron]``: tokens at which |a_j| is among the top k of the layer (int64).
+  Ties at the k-th value go to the lower neuron index;
+- ``positive[layer, label, neuron]``: tokens with a_j > 0 (int64);
+- ``mean``, ``m2``: per-label mean and sum of squared deviations (float64).  Each batch's moments
+  are computed in two passes around the batch's own per-label mean (fp32 on GPU, fp64 on CPU) and
+  merged into the float64 totals with Chan et al.'s pairwise formula — never a naive fp32 running sum.
+
+Per-batch counts are accumulated in fp32 (exact below 2**24 tokens per batch) and added to int64.
+This torch path is the reference that the Triton kernels must match.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+STATS = ("topk", "positive", "moments")
+_EXACT_FP32 = 2**24
+
+
+def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean [N, D]: |x_j| among the k largest of its row; ties at the k-th value go to lower j."""
+    absx = x.abs()
+    kth = absx.topk(k, dim=1, sorted=False).values.amin(1, keepdim=True)
+    mask = absx >= kth
+    excess = mask.sum(1) - k
+    if absx.device.type == "cpu":
+        rows = torch.nonzero(excess > 0).flatten()
+        if rows.numel():
+            mask[rows] = _break_ties(absx[rows], kth[rows], k)
+    else:
+        mask = torch.where((excess > 0)[:, None], _break_ties(absx, kth, k), mask)
+    return mask
+
+
+def _break_ties(absx: torch.Tensor, kth: torch.Tensor, k: int) -> torch.Tensor:
+    above = absx > kth
+    at = absx == kth
+    room = k - above.sum(1, keepdim=True)
+    return above | (at & (at.cumsum(1) <= room))
+
+
+@dataclass
+class TokenBatch:
+    """The tokens of one batch: positions in the flattened [B*T] activations and compacted labels."""
+
+    index: torch.Tensor   # (N,) int64: positions b * T + t
+    local: torch.Tensor   # (N,) int64: position of each token's label in ``labels``
+    labels: torch.Tensor  # (U,) int64: the distinct joint labels of the batch
+    counts: torch.Tensor  # (U,) int64: tokens per label
+
+    @classmethod
+    def from_labels(cls, flat: np.ndarray) -> "TokenBatch":
+        """From the flattened per-frame joint labels of a padded batch (−1 = not a token)."""
+        index = np.flatnonzero(flat >= 0)
+        labels, local, counts = np.unique(flat[index], return_inverse=True, return_counts=True)
+        if len(index) >= _EXACT_FP32:
+            raise ValueError(f"{len(index)} tokens in one batch: use smaller batches (fp32 counts are exact below 2**24)")
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
+        return cls(t(index), t(local), t(labels), t(counts))
+
+    @property
+    def num_tokens(self) -> int:
+        return self.index.numel()
+
+    def to(self, device: torch.device | str) -> "TokenBatch":
+        return TokenBatch(*(getattr(self, f).to(device, non_blocking=True) for f in ("index", "local", "labels", "counts")))
+
+    def pin_memory(self) -> "TokenBatch":
+        return TokenBatch(*(getattr(self, f).pin_memory() for f in ("index", "local", "labels", "counts")))
+
+
+class Accumulator:
+    """Additive statistics for ``num_layers`` layers × ``num_labels`` labels × ``width`` neurons."""
+
+    def __init__(self, num_layers: int, num_labels: int, width: int, k: int, stats: tuple[str, ...] = STATS,
+                 device: torch.device | str = "cpu"):
+        unknown = set(stats) - set(STATS)
+        if unknown:
+            raise ValueError(f"unknown statistics {sorted(unknown)}; choose from {STATS}")
+        if not 1 <= k <= width:
+            raise ValueError(f"top-k needs 1 <= k <= width, got k={k}, width={width}")
+        self.shape = (num_layers, num_labels, width)
+        self.k, self.stats, self.device = k, tuple(s for s in STATS if s in stats), torch.device(device)
+        self.moment_dtype = torch.float64 if self.device.type == "cpu" else torch.float32
+        z = lambda dtype: torch.zeros(self.shape, dtype=dtype, device=self.device)  # noqa: E731
+        self.frames = torch.zeros(num_labels, dtype=torch.int64, device=self.device)
+        self.topk = z(torch.int64) if "topk" in self.stats else None
+        self.positive = z(torch.int64) if "positive" in self.stats else None
+        self.mean = z(torch.float64) if "moments" in self.stats else None
+        self.m2 = z(torch.float64) if "moments" in self.stats else None
+
+    def update(self, layer: int, x: torch.Tensor, batch: TokenBatch) -> None:
+        """Adds the tokens ``x`` [N, D] (rows in ``batch.index`` order) of one layer.
+
+        Call :meth:`add_frames` once per batch after every layer has been updated.
+        """
+        masks = []
+        if self.topk is not None:
+            masks.append(topk_mask(x, self.k))
+        if self.positive is not None:
+            masks.append(x > 0)
+        if masks:
+            counts = self._per_label(batch, torch.cat(masks, 1).to(torch.float32)).to(torch.int64)
+            width = x.shape[1]
+            for i, target in enumerate(t for t in (self.topk, self.positive) if t is not None):
+                target[layer].index_add_(0, batch.labels, counts[:, i * width:(i + 1) * width])
+        if self.mean is not None:
+            self._update_moments(layer, x, batch)
+
+    def _per_label(self, batch: TokenBatch, values: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros((batch.labels.numel(), values.shape[1]), dtype=values.dtype, device=values.device)
+        return out.index_add_(0, batch.local, values)
+
+    def _update_moments(self, layer: int, x: torch.Tensor, batch: TokenBatch) -> None:
+        x = x.to(self.moment_dtype)
+        n_b = batch.counts.to(self.moment_dtype)[:, None]
+        mean_b = self._per_label(batch, x) / n_b
+        dev = x - mean_b.index_select(0, batch.local)
+        m2_b = self._per_label(batch, dev * dev)
+        self._chan(layer, batch.labels, n_b.double(), mean_b.double(), m2_b.double())
+
+    def _chan(self, layer, labels, n_b, mean_b, m2_b) -> None:
+        n_a = self.frames.index_select(0, labels).double()[:, None]
+        n = n_a + n_b
+        mean_a, m2_a = self.mean[layer].index_select(0, labels), self.m2[layer].index_select(0, labels)
+        delta = mean_b - mean_a
+        self.mean[layer].index_copy_(0, labels, mean_a + delta * (n_b / n))
+        self.m2[layer].index_copy_(0, labels, m2_a + m2_b + delta * delta * (n_a * n_b / n))
+
+    def add_frames(self, batch: TokenBatch) -> None:
+        self.frames.index_add_(0, batch.labels, batch.counts)
+
+    def merge(self, other: "Accumulator") -> "Accumulator":
+        """Adds ``other``'s totals into this one (exact for counts, Chan's formula for moments)."""
+        if other.shape != self.shape or other.k != self.k or other.stats != self.stats:
+            raise ValueError(f"cannot merge accumulators of shape/k/stats {other.shape}/{other.k}/{other.stats} "
+                             f"into {self.shape}/{self.k}/{self.stats}")
+        other_frames = other.frames.to(self.device)
+        if self.mean is not None:
+            n_a, n_b = self.frames.double()[None, :, None], other_frames.double()[None, :, None]
+            n = (n_a + n_b).clamp(min=1)
+            delta = other.mean.to(self.device) - self.mean
+            self.mean += delta * (n_b / n)
+            self.m2 += other.m2.to(self.device) + delta * delta * (n_a * n_b / n)
+        for mine, theirs in ((self.topk, other.topk), (self.positive, other.positive)):
+            if mine is not None:
+                mine += theirs.to(self.device)
+        self.frames += other_frames
+        return self
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The raw additive state as numpy arrays (what checkpoints store)."""
+        names = ("frames", "topk", "positive", "mean", "m2")
+        return {n: getattr(self, n).cpu().numpy() for n in names if getattr(self, n) is not None}
+
+    @classmethod
+    def from_state(cls, state: dict[str, np.ndarray], k: int, device: torch.device | str = "cpu") -> "Accumulator":
+        stats = tuple(s for s, key in (("topk", "topk"), ("positive", "positive"), ("moments", "mean")) if key in state)
+        shape = next(state[n].shape for n in ("topk", "positive", "mean") if n in state)
+        acc = cls(shape[0], shape[1], shape[2], k, stats, device)
+        for name, value in state.items():
+            getattr(acc, name).copy_(torch.from_numpy(np.asarray(value)))
+        return acc
+
+    def compute(self) -> dict[str, np.ndarray]:
+        """Store variables: frames, topk_count, positive_count, mean and var (ddof 0; NaN without tokens)."""
+        out = {"frames": self.frames.cpu().numpy()}
+        if self.topk is not None:
+            out["topk_count"] = self.topk.cpu().numpy()
+        if self.positive is not None:
+            out["positive_count"] = self.positive.cpu().numpy()
+        if self.mean is not None:
+            n = self.frames.double()[None, :, None]
+            empty = (n == 0).expand_as(self.mean)
+            out["mean"] = torch.where(empty, torch.nan, self.mean).cpu().numpy()
+            out["var"] = torch.where(empty, torch.nan, self.m2 / n.clamp(min=1)).cpu().numpy()
+        return out

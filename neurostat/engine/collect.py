@@ -1,0 +1,251 @@
+"""The collection loop: one pass over a prepared corpus → every statistic of every chosen layer.
+
+Data loading (FLAC decoding, normalisation, frame labels, token selection, label compaction) runs in
+``-j`` DataLoader workers, so the device never waits on per-frame Python work; on the device the
+activations of the token frames feed the accumulator inside the FFN forward and are never kept.
+Checkpoints are written every ``checkpoint_seconds`` (or ``checkpoint_utterances``) so a crashed or
+killed run resumes with counts identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .. import __version__
+from ..corpus.audio import Skip
+from ..corpus.prepared import PreparedCorpus
+from ..phones import NON_SPEECH
+from ..store import StoreWriter
+from .accumulate import STATS, Accumulator, TokenBatch
+from .adapter import ModelAdapter, ModelError
+from .tokens import MODES, token_mask
+
+
+@dataclass
+class CollectConfig:
+    stats: tuple[str, ...] = STATS
+    topk_ratio: float = 0.01
+    tokens: str = "phone-mid"
+    layers: list[int] | None = None          # 0-based; None = all
+    batch_seconds: float = 160.0
+    max_seconds: float | None = None
+    checkpoint_seconds: float = 300.0
+    checkpoint_utterances: int | None = None
+    shard: tuple[int, int] = (0, 1)
+    num_jobs: int = 0
+    backend: str = "torch"
+    command: str = field(default_factory=lambda: " ".join(sys.argv))
+
+
+@dataclass
+class Piece:
+    """An utterance, or one piece of it when ``max_seconds`` cuts it, in samples and frames."""
+
+    index: int
+    sample_start: int
+    num_samples: int
+    frame_start: int
+
+
+class BatchDataset(torch.utils.data.Dataset):
+    """Item i = batch i: normalised waveforms and the batch's token labels (built in workers)."""
+
+    def __init__(self, corpus: PreparedCorpus, batches: list[list[Piece]], feature_extractor, tokens: str):
+        self.corpus, self.batches, self.fe, self.tokens = corpus, batches, feature_extractor, tokens
+        self.non_speech = [corpus.phones.index(p) for p in NON_SPEECH if p in corpus.phones]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> dict:
+        waves, labels, errors, ids, cache = [], [], [], [], {}
+        geo = self.corpus.geometry
+        for piece in self.batches[i]:
+            utt = self.corpus[piece.index]
+            ids.append(utt.id)
+            if utt.id not in cache:
+                try:
+                    cache[utt.id] = self._labelled(utt)
+                except Skip as s:
+                    errors.append({"id": utt.id, "reason": s.reason, "file": s.path, "message": s.message})
+                    cache[utt.id] = None
+            if cache[utt.id] is None:
+                continue
+            wave, joint = cache[utt.id]
+            chunk = wave[piece.sample_start: piece.sample_start + piece.num_samples]
+            waves.append(torch.from_numpy(np.ascontiguousarray(chunk)))
+            labels.append(joint[piece.frame_start: piece.frame_start + geo.num_frames(len(chunk))])
+        longest = max((len(lab) for lab in labels), default=0)
+        flat = np.full((len(labels), longest), -1, dtype=np.int64)
+        for b, lab in enumerate(labels):
+            flat[b, :len(lab)] = lab
+        return {"ids": sorted(set(ids)), "waves": waves, "tokens": TokenBatch.from_labels(flat.reshape(-1)),
+                "frames": int(sum(len(lab) for lab in labels)), "samples": int(sum(len(w) for w in waves)),
+                "errors": errors}
+
+    def _labelled(self, utt) -> tuple[np.ndarray, np.ndarray]:
+        wave = utt.load_audio()
+        if len(wave) != utt.record["num_samples"]:
+            raise Skip("audio-changed", utt.audio_path, f"has {len(wave)} samples, prepared with {utt.record['num_samples']}; re-run prepare")
+        phones = utt.phone_frames()
+        keep = token_mask(phones, self.tokens, self.non_speech)
+        joint = np.where(keep, utt.joint_frames(), -1)
+        return self.fe(wave, sampling_rate=self.fe.sampling_rate, return_tensors="np").input_values[0].astype(np.float32), joint
+
+
+def plan_batches(corpus: PreparedCorpus, indices: list[int], batch_seconds: float, max_seconds: float | None) -> list[list[Piece]]:
+    """Pieces grouped into batches of at most ``batch_seconds`` of audio, similar lengths together."""
+    geo = corpus.geometry
+    pieces = []
+    for i in indices:
+        n = corpus.records[i]["num_samples"]
+        if max_seconds is None:
+            pieces.append(Piece(i, 0, n, 0))
+            continue
+        frames_per_piece = max(1, int(max_seconds * geo.sample_rate) // geo.stride)
+        step = frames_per_piece * geo.stride
+        span = step + geo.receptive_field - geo.stride
+        for start in range(0, n, step):
+            if geo.num_frames(min(span, n - start)) > 0:
+                pieces.append(Piece(i, start, min(span, n - start), start // geo.stride))
+    pieces.sort(key=lambda p: (-p.num_samples, corpus.records[p.index]["id"], p.sample_start))
+    budget = batch_seconds * geo.sample_rate
+    batches, current, size = [], [], 0
+    for p in pieces:
+        if current and size + p.num_samples > budget:
+            batches.append(current)
+            current, size = [], 0
+        current.append(p)
+        size += p.num_samples
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _versions() -> dict:
+    import transformers
+    import zarr
+
+    return {"neurostat": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "zarr": zarr.__version__, "numpy": np.__version__, "python": platform.python_version()}
+
+
+def collect(corpus: PreparedCorpus, adapter: ModelAdapter, out, config: CollectConfig, resume: bool = False,
+            overwrite: bool = False, progress: bool = True) -> dict:
+    """Runs the pass and writes the store at ``out``; returns the run summary."""
+    if adapter.geometry != corpus.geometry:
+        raise ModelError(f"{adapter.source}: frame geometry {adapter.geometry.describe()} differs from the prepared corpus "
+                         f"({corpus.geometry.describe()}); re-run prepare with --model {adapter.source}")
+    if config.tokens not in MODES:
+        raise ValueError(f"unknown token mode {config.tokens!r}; choose one of {MODES}")
+    layers = list(range(adapter.num_layers)) if config.layers is None else sorted(set(config.layers))
+    bad = [i + 1 for i in layers if not 0 <= i < adapter.num_layers]
+    if bad:
+        raise ModelError(f"{adapter.source} has layers 1..{adapter.num_layers}; no layer {bad}")
+    width = adapter.width
+    k = max(1, round(config.topk_ratio * width))
+    space = corpus.label_space
+    shard_i, shard_n = config.shard
+    indices = [i for i in range(len(corpus)) if i % shard_n == shard_i]
+
+    fingerprint = {
+        "model": adapter.source, "revision": adapter.revision, "dtype": str(adapter.dtype).replace("torch.", ""),
+        "stats": list(config.stats), "topk_ratio": config.topk_ratio, "k": k, "tokens": config.tokens,
+        "layers": [i + 1 for i in layers], "labels": space.to_dict(), "pitch_edges": corpus.edges,
+        "corpus": {"root": corpus.meta["root"], "subset": corpus.meta["subset"], "prepared": str(corpus.path.resolve())},
+        "shard": f"{shard_i}/{shard_n}", "max_seconds": config.max_seconds,
+    }
+    attrs = {
+        "neurostat_store_format": 1, "neurostat_version": __version__, "complete": False, "fingerprint": fingerprint,
+        "model": adapter.describe(),
+        "statistics": {"stats": list(config.stats), "topk_ratio": config.topk_ratio, "k": k, "tokens": config.tokens,
+                       "ties": "lower neuron index wins at the k-th |a|", "var_ddof": 0,
+                       "moments": "per-batch two-pass around the batch label mean, merged in float64 (Chan et al.)",
+                       "backend": config.backend},
+        "labels": space.to_dict(), "pitch": corpus.meta["pitch"], "phone_map": corpus.meta["phone_map"],
+        "corpus": {**fingerprint["corpus"], "utterances": len(indices), "shard": fingerprint["shard"],
+                   "prepare_skips": corpus.skips},
+        "batching": {"front_end": "per utterance", "transformer": "batched with a boolean frame mask",
+                     "max_seconds": config.max_seconds, "batch_seconds": config.batch_seconds},
+        "versions": _versions(), "command": config.command,
+    }
+    with StoreWriter(out, attrs, resume=resume, overwrite=overwrite) as store:
+        return _run(corpus, adapter, store, config, layers, k, indices, attrs, progress)
+
+
+def _run(corpus, adapter, store: StoreWriter, config, layers, k, indices, attrs, progress) -> dict:
+    device = adapter.device
+    space = corpus.label_space
+    acc = Accumulator(len(layers), space.size, adapter.width, k, config.stats, device)
+    done: list[str] = []
+    prog = {"utterances_done": 0, "frames": 0, "tokens": 0, "audio_seconds": 0.0, "elapsed_seconds": 0.0, "skips": {}}
+    checkpoint = store.load_checkpoint()
+    if checkpoint is not None:
+        state, done, prog = checkpoint
+        acc = Accumulator.from_state(state, k, device)
+    finished = set(done)
+    todo = [i for i in indices if corpus.records[i]["id"] not in finished]
+    batches = plan_batches(corpus, todo, config.batch_seconds, config.max_seconds)
+    data = BatchDataset(corpus, batches, adapter.feature_extractor, config.tokens)
+    loader = torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=config.num_jobs,
+                                         pin_memory=device.type == "cuda", persistent_workers=False)
+    position = {layer: i for i, layer in enumerate(layers)}
+    current: dict = {}
+    width = adapter.width
+
+    def sink(layer: int, a: torch.Tensor) -> None:
+        batch = current["tokens"]
+        acc.update(position[layer], a.reshape(-1, width).index_select(0, batch.index), batch)
+
+    started, last_ckpt, since_ckpt = time.time(), time.time(), 0
+    base_elapsed = prog["elapsed_seconds"]
+    sr = corpus.geometry.sample_rate
+    bar = tqdm(total=len(indices), initial=len(finished & {corpus.records[i]["id"] for i in indices}), unit="utt",
+               desc="collect", disable=not progress, dynamic_ncols=True)
+
+    def save():
+        prog["elapsed_seconds"] = base_elapsed + time.time() - started
+        prog["utterances_done"] = len(done)
+        store.save_checkpoint(acc.state_dict(), done, prog)
+
+    with adapter.instrument(sink, layers):
+        for item in loader:
+            for err in item["errors"]:
+                prog["skips"][err["reason"]] = prog["skips"].get(err["reason"], 0) + 1
+                tqdm.write(f"skipped {err['file']}: {err['message']}")
+            batch = item["tokens"]
+            if batch.num_tokens and item["waves"]:
+                current["tokens"] = batch.to(device)
+                adapter.encode(item["waves"])
+                acc.add_frames(current["tokens"])
+            new = [u for u in item["ids"] if u not in finished]
+            finished.update(new)
+            done.extend(new)
+            prog["frames"] += item["frames"]
+            prog["tokens"] += batch.num_tokens
+            prog["audio_seconds"] += item["samples"] / sr
+            since_ckpt += len(new)
+            elapsed = base_elapsed + time.time() - started
+            bar.set_postfix_str(f"{prog['audio_seconds'] / 3600:.2f} h audio, {prog['frames'] / max(elapsed, 1e-9):,.0f} frames/s")
+            bar.update(len(new))
+            if (config.checkpoint_utterances and since_ckpt >= config.checkpoint_utterances) or \
+                    time.time() - last_ckpt >= config.checkpoint_seconds:
+                save()
+                last_ckpt, since_ckpt = time.time(), 0
+    bar.close()
+    save()
+    prog["elapsed_seconds"] = base_elapsed + time.time() - started
+    arrays = acc.compute()
+    names = space.names()
+    coords = {"layer": np.asarray([i + 1 for i in layers], dtype=np.int64), **{p: names[p] for p in ("phone", "gender", "pitch_bin")}}
+    final = {**attrs, "complete": True, "progress": {**prog, "utterances_total": len(indices), "complete": True}}
+    store.finalize(arrays, coords, final, done)
+    return final
+

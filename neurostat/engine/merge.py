@@ -1,0 +1,74 @@
+"""``neurostat merge``: exact merge of partial stores (shards of a corpus, ranks, separate runs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from ..labels.joint import LabelSpace
+from ..store import StoreError, StoreWriter, load_done, read_attrs
+from .accumulate import Accumulator
+
+_SHARD_FREE = ("shard",)
+
+
+def store_state(path: str | Path) -> dict[str, np.ndarray]:
+    """The additive accumulator state of a complete store (m2 recovered as var · frames)."""
+    ds = xr.open_zarr(path, consolidated=False)
+    frames = ds["frames"].values
+    state = {"frames": frames}
+    if "topk_count" in ds:
+        state["topk"] = ds["topk_count"].values
+    if "positive_count" in ds:
+        state["positive"] = ds["positive_count"].values
+    if "mean" in ds:
+        state["mean"] = np.nan_to_num(ds["mean"].values)
+        state["m2"] = np.nan_to_num(ds["var"].values) * frames[None, :, None]
+    return state
+
+
+def merge_stores(paths: list[str | Path], out: str | Path, overwrite: bool = False) -> dict:
+    """Merges complete stores collected with the same settings into ``out``; returns its attrs."""
+    if len(paths) < 2:
+        raise StoreError("merge needs at least two stores")
+    attrs = [read_attrs(p) for p in paths]
+    for p, a in zip(paths, attrs):
+        if not a.get("complete"):
+            raise StoreError(f"{p} is not complete; finish it with --resume before merging")
+    ref = {k: v for k, v in attrs[0]["fingerprint"].items() if k not in _SHARD_FREE}
+    for p, a in zip(paths[1:], attrs[1:]):
+        other = {k: v for k, v in a["fingerprint"].items() if k not in _SHARD_FREE}
+        diff = sorted(k for k in set(ref) | set(other) if ref.get(k) != other.get(k))
+        if diff:
+            raise StoreError(f"{p} differs from {paths[0]} in {', '.join(diff)}; only stores collected with the same "
+                             f"model, statistics, labels and corpus can be merged")
+    done: list[str] = []
+    seen: dict[str, str] = {}
+    for p in paths:
+        for uid in load_done(p):
+            if uid in seen:
+                raise StoreError(f"utterance {uid} is counted in both {seen[uid]} and {p}: merging would count it twice")
+            seen[uid] = str(p)
+            done.append(uid)
+    k = int(attrs[0]["statistics"]["k"])
+    acc = Accumulator.from_state(store_state(paths[0]), k)
+    for p in paths[1:]:
+        acc.merge(Accumulator.from_state(store_state(p), k))
+    coords = {"layer": np.asarray(attrs[0]["fingerprint"]["layers"], dtype=np.int64),
+              **LabelSpace.from_dict(attrs[0]["labels"]).names()}
+    progress = {key: sum(a["progress"].get(key, 0) for a in attrs)
+                for key in ("utterances_done", "utterances_total", "frames", "tokens", "audio_seconds", "elapsed_seconds")}
+    skips: dict[str, int] = {}
+    for a in attrs:
+        for reason, n in a["progress"].get("skips", {}).items():
+            skips[reason] = skips.get(reason, 0) + n
+    fingerprint = {**attrs[0]["fingerprint"], "shard": "merged"}
+    merged = {**attrs[0], "fingerprint": fingerprint, "complete": False,
+              "progress": {**progress, "skips": skips, "complete": True},
+              "merged_from": [str(Path(p).resolve()) for p in paths],
+              "corpus": {**attrs[0]["corpus"], "shard": "merged", "utterances": len(done)}}
+    with StoreWriter(out, merged, overwrite=overwrite) as store:
+        store.finalize(acc.compute(), coords, merged, done)
+    return merged

@@ -1,0 +1,171 @@
+"""The statistics store: one Zarr v3 group that ``xarray.open_zarr`` opens as a Dataset.
+
+Root arrays (dims ``layer``, ``label``, ``neuron``; chunked by layer): ``frames(label)``,
+``topk_count``, ``positive_count`` (int64), ``mean``, ``var`` (float64), coordinates ``layer``
+(1-based), ``phone``, ``gender``, ``pitch_bin`` (per joint label).  Root attrs hold the model, the
+statistic parameters, the label vocabularies, pitch edges, versions, the command line and progress.
+
+The ``neurostat`` subgroup holds what a writer needs: ``writer.lock`` (one writer at a time, an
+``flock`` that dies with its process), checkpoints ``state-<n>.npz`` + ``done-<n>.json`` written
+first and then published by an atomic rename of ``checkpoint.json``, and, once complete,
+``utterances.json`` (the utterance ids counted, so merges can refuse overlapping shards).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = 1
+COUNTS = ("topk_count", "positive_count")
+MOMENTS = ("mean", "var")
+_INTERNAL = "neurostat"
+
+
+class StoreError(RuntimeError):
+    """A store that cannot be written or read as asked; the message names it."""
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_attrs(path: str | Path) -> dict:
+    """Root attributes of a store; a folder that is not one is an error naming it."""
+    meta = Path(path) / "zarr.json"
+    if not meta.is_file():
+        raise StoreError(f"{path} is not a neurostat store (no zarr.json)")
+    attrs = json.loads(meta.read_text()).get("attributes", {})
+    if "neurostat_store_format" not in attrs:
+        raise StoreError(f"{path} is a Zarr group but not a neurostat store")
+    if attrs["neurostat_store_format"] != FORMAT:
+        raise StoreError(f"{path}: store format {attrs['neurostat_store_format']} (neurostat {attrs.get('neurostat_version')}) "
+                         f"is not this version's format {FORMAT}; re-collect or use a matching neurostat")
+    return attrs
+
+
+class StoreWriter:
+    """Exclusive writer of one store: checkpoints, resume and the final arrays."""
+
+    def __init__(self, path: str | Path, attrs: dict, resume: bool = False, overwrite: bool = False):
+        import zarr
+
+        self.path = Path(path)
+        exists = (self.path / "zarr.json").is_file()
+        if exists and not (resume or overwrite):
+            raise StoreError(f"{self.path} already exists: pass --resume to continue it or --overwrite to replace it")
+        if self.path.exists() and not exists and any(self.path.iterdir()):
+            raise StoreError(f"{self.path} exists and is not a neurostat store; refusing to write into it")
+        if exists:
+            read_attrs(self.path)
+        self.internal = self.path / _INTERNAL
+        self.internal.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.internal / "writer.lock", "a+")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.seek(0)
+            holder = self._lock.read().strip() or "another process"
+            self._lock.close()
+            raise StoreError(f"{self.path} is being written by {holder}; one writer at a time") from None
+        self._lock.seek(0)
+        self._lock.truncate()
+        self._lock.write(f"pid {os.getpid()} on {os.uname().nodename}")
+        self._lock.flush()
+        if exists and overwrite and not resume:
+            for child in self.path.iterdir():
+                if child.name != _INTERNAL:
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+            for child in self.internal.iterdir():
+                if child.name != "writer.lock":
+                    child.unlink()
+            exists = False
+        if exists:
+            old = read_attrs(self.path)
+            self._check_compatible(old, attrs)
+        root = zarr.open_group(self.path, mode="a", zarr_format=3)
+        root.attrs.update(attrs)
+        zarr.open_group(self.internal, mode="a", zarr_format=3)
+
+    def _check_compatible(self, old: dict, new: dict) -> None:
+        for key in ("fingerprint",):
+            a, b = old.get(key, {}), new.get(key, {})
+            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            if diff:
+                details = "; ".join(f"{k}: store has {a.get(k)!r}, this run {b.get(k)!r}" for k in diff)
+                raise StoreError(f"{self.path} was collected with other settings ({details}); "
+                                 f"use a new --out or --overwrite")
+
+    def load_checkpoint(self) -> tuple[dict[str, np.ndarray], list[str], dict] | None:
+        """The latest published checkpoint: (state, finished utterance ids, progress), or None."""
+        pointer = self.internal / "checkpoint.json"
+        if not pointer.is_file():
+            return None
+        info = json.loads(pointer.read_text())
+        with np.load(self.internal / info["state"]) as z:
+            state = {k: z[k] for k in z.files}
+        done = json.loads((self.internal / info["done"]).read_text())
+        return state, done, info["progress"]
+
+    def save_checkpoint(self, state: dict[str, np.ndarray], done: list[str], progress: dict) -> None:
+        """Writes the new state and done-list, then publishes them with one atomic rename."""
+        pointer = self.internal / "checkpoint.json"
+        gen = json.loads(pointer.read_text())["generation"] + 1 if pointer.is_file() else 0
+        state_name, done_name = f"state-{gen}.npz", f"done-{gen}.json"
+        with open(self.internal / state_name, "wb") as f:
+            np.savez(f, **state)
+            f.flush()
+            os.fsync(f.fileno())
+        _atomic_write(self.internal / done_name, json.dumps(done))
+        _atomic_write(pointer, json.dumps({"generation": gen, "state": state_name, "done": done_name, "progress": progress}))
+        for old in self.internal.iterdir():
+            if old.name.startswith(("state-", "done-")) and old.name not in (state_name, done_name):
+                old.unlink()
+
+    def finalize(self, arrays: dict[str, np.ndarray], coords: dict[str, np.ndarray], attrs: dict, done: list[str]) -> None:
+        """Writes the root arrays and marks the store complete."""
+        import zarr
+
+        root = zarr.open_group(self.path, mode="a", zarr_format=3)
+        label_coords = " ".join(c for c in ("phone", "gender", "pitch_bin") if c in coords)
+        for name, values in coords.items():
+            dims = ("layer",) if name == "layer" else ("label",)
+            dtype = str if values.dtype.kind == "U" else values.dtype
+            arr = root.create_array(name, shape=values.shape, dtype=dtype, dimension_names=dims, overwrite=True)
+            arr[:] = values
+        for name, values in arrays.items():
+            dims = ("label",) if name == "frames" else ("layer", "label", "neuron")
+            chunks = values.shape if name == "frames" else (1,) + values.shape[1:]
+            arr = root.create_array(name, shape=values.shape, dtype=values.dtype, chunks=chunks, dimension_names=dims,
+                                    overwrite=True, fill_value=np.nan if values.dtype.kind == "f" else 0,
+                                    attributes={"coordinates": label_coords})
+            arr[:] = values
+        _atomic_write(self.internal / "utterances.json", json.dumps(done))
+        root.attrs.update({**attrs, "complete": True})
+
+    def close(self) -> None:
+        if not self._lock.closed:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def load_done(path: str | Path) -> list[str]:
+    """Utterance ids counted in a complete store."""
+    f = Path(path) / _INTERNAL / "utterances.json"
+    return json.loads(f.read_text()) if f.is_file() else []

@@ -1,0 +1,90 @@
+import numpy as np
+import pytest
+import torch
+from reference import stats_reference, topk_reference
+
+from neurostat.engine.accumulate import Accumulator, TokenBatch, topk_mask
+from neurostat.engine.tokens import token_mask
+from reference import phone_mid
+
+
+@pytest.mark.parametrize("n, d, k", [(1, 1, 1), (7, 13, 3), (33, 101, 10), (5, 40, 40)])
+def test_topk_mask_matches_stable_sort_with_ties(n, d, k):
+    g = torch.Generator().manual_seed(n * d + k)
+    x = torch.randn(n, d, generator=g)
+    x[:, ::3] = torch.round(x[:, ::3])  # many exact ties in |x|, also at the k-th value
+    x[0] = 0.5 * torch.sign(torch.randn(d, generator=g))  # a whole row of ties
+    got = topk_mask(x, k).numpy()
+    assert (got.sum(1) == k).all()
+    np.testing.assert_array_equal(got, topk_reference(x.double().numpy(), k))
+
+
+def _random_batch(g, n_frames, num_labels, width, dtype=torch.float32):
+    flat = torch.randint(-1, num_labels, (n_frames,), generator=g).numpy()
+    flat[flat == 2] = 5  # label 2 never appears: an empty class
+    x = torch.randn(n_frames, width, generator=g, dtype=dtype) * 3 + 1
+    return flat, x
+
+
+def test_accumulator_against_float64_reference_and_merge():
+    g = torch.Generator().manual_seed(0)
+    L, U, D, k = 2, 7, 29, 4
+    rows = {0: [], 1: []}
+    whole = Accumulator(L, U, D, k)
+    parts = [Accumulator(L, U, D, k) for _ in range(3)]
+    for step in range(6):
+        flat, x0 = _random_batch(g, 41 + step, U, D)
+        batch = TokenBatch.from_labels(flat)
+        xs = [x0, torch.randn(x0.shape, generator=g)]
+        for layer, x in enumerate(xs):
+            tok = x.index_select(0, batch.index)
+            whole.update(layer, tok, batch)
+            parts[step % 3].update(layer, tok, batch)
+            for t, lab in zip(batch.index.tolist(), flat[batch.index.numpy()]):
+                rows[layer].append((x[t].double().numpy(), int(lab)))
+        whole.add_frames(batch)
+        parts[step % 3].add_frames(batch)
+    ref = stats_reference(rows, U, D, k)
+    merged = parts[0].merge(parts[1]).merge(parts[2])
+    for acc in (whole, merged):
+        got = acc.compute()
+        assert got["frames"][2] == 0 and np.isnan(got["mean"][:, 2]).all()
+        for name in ("frames", "topk_count", "positive_count"):
+            np.testing.assert_array_equal(got[name], ref[name])
+        np.testing.assert_allclose(got["mean"], ref["mean"], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(got["var"], ref["var"], rtol=1e-9, atol=1e-12)
+    back = Accumulator.from_state(whole.state_dict(), k).compute()
+    for name, value in whole.compute().items():
+        np.testing.assert_array_equal(back[name], value)
+
+
+def test_subset_of_stats_and_bad_arguments():
+    acc = Accumulator(1, 3, 5, 2, stats=("positive",))
+    assert acc.topk is None and acc.mean is None
+    flat = np.array([0, 1, -1, 1])
+    batch = TokenBatch.from_labels(flat)
+    acc.update(0, torch.tensor([[1.0, -1, 0, 2, 3], [-1, -1, -1, -1, 1], [0.5, 0.5, 0.5, 0.5, 0.5]]), batch)
+    acc.add_frames(batch)
+    out = acc.compute()
+    assert set(out) == {"frames", "positive_count"}
+    assert out["positive_count"][0].tolist() == [[1, 0, 0, 1, 1], [1, 1, 1, 1, 2], [0] * 5]
+    with pytest.raises(ValueError, match="unknown statistics"):
+        Accumulator(1, 3, 5, 2, stats=("median",))
+    with pytest.raises(ValueError, match="1 <= k <= width"):
+        Accumulator(1, 3, 5, 6)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_token_modes_against_plain_loops(seed):
+    rng = np.random.default_rng(seed)
+    phones = np.repeat(rng.integers(-1, 6, 25), rng.integers(1, 6, 25))
+    non_speech = [4, 5]
+    assert np.flatnonzero(token_mask(phones, "phone-mid")).tolist() == phone_mid(phones)
+    assert token_mask(phones, "all").tolist() == [p >= 0 for p in phones]
+    assert token_mask(phones, "no-silence", non_speech).tolist() == [p >= 0 and p not in non_speech for p in phones]
+
+
+def test_phone_mid_keeps_final_run():
+    phones = np.array([3, 3, 3, 7, 7, 39, 39, 39, 39])
+    assert np.flatnonzero(token_mask(phones, "phone-mid")).tolist() == [1, 3, 6]
+    assert not token_mask(np.array([], dtype=np.int64), "phone-mid").any()

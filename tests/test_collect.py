@@ -1,0 +1,260 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import xarray as xr
+from click.testing import CliRunner
+from reference import phone_mid, stats_reference
+from transformers import AutoFeatureExtractor, AutoModel
+
+from neurostat.cli import main
+from neurostat.engine.adapter import ModelAdapter, ModelError
+from neurostat.engine.collect import CollectConfig, collect
+from neurostat.engine.merge import merge_stores
+from neurostat.phones import PHONES
+from neurostat.stats import open_stats
+from neurostat.store import StoreError, StoreWriter
+
+RATIO = 0.1  # k = round(0.1 * 37) = 4
+
+
+def hook_reference(prepared, model_dir, mode, dtype, layers):
+    """Float64 statistics from the model's own batch-1 forward, activations captured by forward hooks."""
+    model = AutoModel.from_pretrained(model_dir, dtype=dtype).eval()
+    fe = AutoFeatureExtractor.from_pretrained(model_dir)
+    captured = {}
+    for i, layer in enumerate(model.encoder.layers):
+        layer.feed_forward.intermediate_act_fn.register_forward_hook(lambda m, inp, out, i=i: captured.__setitem__(i, out))
+    rows = {layer: [] for layer in layers}
+    for utt in prepared:
+        wave, sr = sf.read(utt.audio_path, dtype="float32")
+        assert sr == fe.sampling_rate
+        x = torch.from_numpy(fe(wave, sampling_rate=sr, return_tensors="np").input_values[0]).to(dtype)
+        with torch.no_grad():
+            model(x[None])
+        phones, joint = utt.phone_frames(), utt.joint_frames()
+        if mode == "phone-mid":
+            frames = phone_mid(phones)
+        else:
+            frames = [t for t, p in enumerate(phones) if p >= 0 and (mode == "all" or PHONES[p] not in ("sil", "spn"))]
+        for layer in layers:
+            a = captured[layer][0].double().numpy()
+            rows[layer].extend((a[t], int(joint[t])) for t in frames)
+    width = model.config.intermediate_size
+    return stats_reference(rows, prepared.label_space.size, width, max(1, round(RATIO * width)))
+
+
+def assert_store_equals(path, ref, rtol=1e-9):
+    ds = xr.open_zarr(path, consolidated=False)
+    for name in ("frames", "topk_count", "positive_count"):
+        np.testing.assert_array_equal(ds[name].values, ref[name], err_msg=name)
+    for name in ("mean", "var"):
+        np.testing.assert_allclose(ds[name].values, ref[name], rtol=rtol, atol=1e-12, err_msg=name)
+
+
+@pytest.mark.parametrize("mode", ["phone-mid", "all", "no-silence"])
+def test_float64_statistics_match_hook_reference(prepared, tiny_model, tmp_path, mode):
+    adapter = ModelAdapter.load(str(tiny_model), dtype=torch.float64)
+    config = CollectConfig(topk_ratio=RATIO, tokens=mode, batch_seconds=10.0)
+    attrs = collect(prepared, adapter, tmp_path / "s.zarr", config, progress=False)
+    assert attrs["complete"] and attrs["progress"]["utterances_done"] == len(prepared)
+    ref = hook_reference(prepared, tiny_model, mode, torch.float64, [0, 1, 2])
+    assert_store_equals(tmp_path / "s.zarr", ref)
+    assert attrs["progress"]["tokens"] == ref["frames"].sum()
+
+
+def test_float32_batch_of_one_matches_hook_reference_and_layers_subset(prepared, tiny_model, tmp_path):
+    adapter = ModelAdapter.load(str(tiny_model))
+    config = CollectConfig(topk_ratio=RATIO, tokens="phone-mid", batch_seconds=1e-3, layers=[0, 2])
+    collect(prepared, adapter, tmp_path / "s.zarr", config, progress=False)
+    ref = hook_reference(prepared, tiny_model, "phone-mid", torch.float32, [0, 2])
+    assert_store_equals(tmp_path / "s.zarr", ref)
+    assert xr.open_zarr(tmp_path / "s.zarr", consolidated=False)["layer"].values.tolist() == [1, 3]
+
+
+def test_padded_float32_batches_count_the_same_tokens(prepared, tiny_model, tmp_path):
+    adapter = ModelAdapter.load(str(tiny_model))
+    collect(prepared, adapter, tmp_path / "s.zarr", CollectConfig(topk_ratio=RATIO, tokens="all", batch_seconds=30.0), progress=False)
+    ref = hook_reference(prepared, tiny_model, "all", torch.float32, [0, 1, 2])
+    ds = xr.open_zarr(tmp_path / "s.zarr", consolidated=False)
+    np.testing.assert_array_equal(ds["frames"].values, ref["frames"])
+    np.testing.assert_allclose(ds["mean"].values, ref["mean"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ds["var"].values, ref["var"], rtol=1e-4, atol=1e-5)
+
+
+def test_store_layout_api_and_info(prepared, tiny_model, tmp_path):
+    out = tmp_path / "s.zarr"
+    collect(prepared, ModelAdapter.load(str(tiny_model)), out, CollectConfig(topk_ratio=RATIO), progress=False)
+    ds = xr.open_zarr(out, consolidated=False)
+    assert dict(ds.sizes) == {"layer": 3, "label": prepared.label_space.size, "neuron": 37}
+    assert ds["topk_count"].dims == ("layer", "label", "neuron") and ds["topk_count"].dtype == np.int64
+    assert ds["mean"].dtype == np.float64 and ds["frames"].dims == ("label",)
+    assert {"phone", "gender", "pitch_bin"} <= set(ds.coords)
+    assert ds["layer"].values.tolist() == [1, 2, 3]
+    assert ds.attrs["statistics"]["k"] == 4 and ds.attrs["statistics"]["tokens"] == "phone-mid"
+    assert ds.attrs["pitch"]["edges"] == prepared.edges and ds.attrs["model"]["width"] == 37
+    stats = open_stats(out)
+    p = stats.probability("topk", by=("gender", "phone"))
+    assert p.dims == ("layer", "gender", "phone", "neuron") and p.shape == (3, 2, len(PHONES), 37)
+    counts = ds["topk_count"].values.reshape(3, len(PHONES), 2, 4, 37)
+    frames = ds["frames"].values.reshape(len(PHONES), 2, 4)
+    with np.errstate(invalid="ignore"):
+        expected = counts.sum(3).transpose(0, 2, 1, 3) / frames.sum(2).T[None, :, :, None]
+    np.testing.assert_allclose(p.values, expected)
+    mean, var = stats.moments(by=("pitch_bin",))
+    assert mean.shape == (3, 4, 37) and np.isfinite(var.values[:, :3]).all()
+    res = CliRunner().invoke(main, ["info", str(out)])
+    assert res.exit_code == 0 and "3 layers x 37 FFN neurons" in res.output and "tokens per phone" in res.output
+
+
+def test_merge_of_shards_equals_single_run(prepared, tiny_model, tmp_path):
+    adapter = ModelAdapter.load(str(tiny_model))
+    cfg = dict(topk_ratio=RATIO, batch_seconds=1e-3)
+    collect(prepared, adapter, tmp_path / "all.zarr", CollectConfig(**cfg), progress=False)
+    for i in range(3):
+        collect(prepared, adapter, tmp_path / f"s{i}.zarr", CollectConfig(shard=(i, 3), **cfg), progress=False)
+    res = CliRunner().invoke(main, ["merge", *(str(tmp_path / f"s{i}.zarr") for i in range(3)), "--out", str(tmp_path / "m.zarr")])
+    assert res.exit_code == 0, res.output
+    a, b = xr.open_zarr(tmp_path / "all.zarr", consolidated=False), xr.open_zarr(tmp_path / "m.zarr", consolidated=False)
+    for name in ("frames", "topk_count", "positive_count"):
+        np.testing.assert_array_equal(a[name].values, b[name].values)
+    for name in ("mean", "var"):
+        np.testing.assert_allclose(a[name].values, b[name].values, rtol=1e-9, atol=1e-12)
+    assert b.attrs["progress"]["utterances_done"] == len(prepared)
+    with pytest.raises(StoreError, match="counted in both"):
+        merge_stores([tmp_path / "s0.zarr", tmp_path / "all.zarr"], tmp_path / "bad.zarr")
+    collect(prepared, adapter, tmp_path / "pos.zarr", CollectConfig(stats=("positive",), shard=(1, 3), **cfg), progress=False)
+    with pytest.raises(StoreError, match="differs .* in stats"):
+        merge_stores([tmp_path / "s0.zarr", tmp_path / "pos.zarr"], tmp_path / "bad2.zarr")
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "neurostat", "collect", *map(str, args)]
+
+
+def test_resume_after_sigkill_gives_identical_counts(tmp_path, tiny_model, demo_corpus):
+    from neurostat.corpus.prepare import PrepareSettings, prepare
+    from neurostat.corpus.prepared import PreparedCorpus
+    from neurostat.corpus.synth import synthesize
+    from neurostat.frames import default_geometry
+
+    synthesize(tmp_path / "c", num_speakers=4, utterances_per_speaker=10, seed=3, progress=False)
+    prepare(tmp_path / "c" / "LibriSpeech", "dev-clean", tmp_path / "c" / "alignments", tmp_path / "p",
+            PrepareSettings(default_geometry()), progress=False)
+    common = ["--prepared", tmp_path / "p", "--model", tiny_model, "--topk-ratio", RATIO, "--batch-seconds", 0.001, "-j", 0]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "killed.zarr"
+    proc = subprocess.Popen(_cli(*common, "--out", out, "--checkpoint-utterances", 1), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pointer = out / "neurostat" / "checkpoint.json"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if pointer.is_file() and json.loads(pointer.read_text())["progress"]["utterances_done"] >= 5:
+            break
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_at_kill = json.loads(pointer.read_text())["progress"]["utterances_done"]
+    assert 5 <= done_at_kill < 40, "the run was not interrupted mid-way"
+    with pytest.raises(StoreError, match="not complete"):
+        open_stats(out)
+    info = CliRunner().invoke(main, ["info", str(out)])
+    assert "INCOMPLETE" in info.output and "--resume" in info.output
+    res = subprocess.run(_cli(*common, "--out", out), env=env, capture_output=True, text=True)
+    assert res.returncode != 0 and "--resume" in res.stderr
+    res = subprocess.run(_cli(*common, "--out", out, "--resume"), env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    collect(PreparedCorpus(tmp_path / "p"), ModelAdapter.load(str(tiny_model)), tmp_path / "straight.zarr",
+            CollectConfig(topk_ratio=RATIO, batch_seconds=0.001), progress=False)
+    a = xr.open_zarr(out, consolidated=False)
+    b = xr.open_zarr(tmp_path / "straight.zarr", consolidated=False)
+    for name in ("frames", "topk_count", "positive_count"):
+        np.testing.assert_array_equal(a[name].values, b[name].values)
+    np.testing.assert_allclose(a["mean"].values, b["mean"].values, rtol=1e-9, atol=1e-12)
+    assert a.attrs["progress"]["utterances_done"] == 40
+
+
+def test_second_writer_is_refused(prepared, tiny_model, tmp_path):
+    out = tmp_path / "s.zarr"
+    collect(prepared, ModelAdapter.load(str(tiny_model)), out, CollectConfig(topk_ratio=RATIO), progress=False)
+    attrs = xr.open_zarr(out, consolidated=False).attrs
+    with StoreWriter(out, attrs, resume=True):
+        with pytest.raises(StoreError, match="being written by pid"):
+            collect(prepared, ModelAdapter.load(str(tiny_model)), out, CollectConfig(topk_ratio=RATIO), resume=True, progress=False)
+
+
+def test_incompatible_stores_models_and_corpora(prepared, tiny_model, tmp_path):
+    from conftest import save_tiny_model
+
+    out = tmp_path / "s.zarr"
+    collect(prepared, ModelAdapter.load(str(tiny_model)), out, CollectConfig(topk_ratio=RATIO), progress=False)
+    other = ModelAdapter.load(str(save_tiny_model(tmp_path / "other", seed=5)))
+    with pytest.raises(StoreError, match="collected with other settings .*model"):
+        collect(prepared, other, out, CollectConfig(topk_ratio=RATIO), resume=True, progress=False)
+    with pytest.raises(StoreError, match="already exists"):
+        collect(prepared, other, out, CollectConfig(topk_ratio=RATIO), progress=False)
+    meta = out / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["attributes"]["neurostat_store_format"] = 99
+    meta.write_text(json.dumps(doc))
+    with pytest.raises(StoreError, match="format 99"):
+        open_stats(out)
+    with pytest.raises(StoreError, match="format 99"):
+        collect(prepared, other, out, CollectConfig(topk_ratio=RATIO), resume=True, progress=False)
+    from transformers import HubertConfig, HubertModel, Wav2Vec2FeatureExtractor
+
+    cfg = HubertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=9, conv_dim=(8,) * 7,
+                       conv_stride=(5, 2, 2, 2, 2, 2, 1), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
+    HubertModel(cfg).save_pretrained(tmp_path / "stride160")
+    Wav2Vec2FeatureExtractor().save_pretrained(tmp_path / "stride160")
+    with pytest.raises(ModelError, match="frame geometry .* differs from the prepared corpus"):
+        collect(prepared, ModelAdapter.load(str(tmp_path / "stride160")), tmp_path / "g.zarr", CollectConfig(), progress=False)
+
+
+def test_changed_audio_is_a_recorded_skip(corpus_copy, tiny_model, tmp_path):
+    from neurostat.corpus.prepare import PrepareSettings, prepare
+    from neurostat.corpus.prepared import PreparedCorpus
+    from neurostat.frames import default_geometry
+
+    prepare(corpus_copy / "LibriSpeech", "dev-clean", corpus_copy / "alignments", tmp_path / "p",
+            PrepareSettings(default_geometry()), progress=False)
+    corpus = PreparedCorpus(tmp_path / "p")
+    wave, sr = sf.read(corpus[2].audio_path)
+    sf.write(corpus[2].audio_path, wave[: len(wave) // 2], sr)
+    attrs = collect(corpus, ModelAdapter.load(str(tiny_model)), tmp_path / "s.zarr", CollectConfig(topk_ratio=RATIO), progress=False)
+    assert attrs["progress"]["skips"] == {"audio-changed": 1}
+
+
+def test_max_seconds_cuts_into_pieces_without_losing_frames(prepared, tiny_model, tmp_path):
+    attrs = collect(prepared, ModelAdapter.load(str(tiny_model)), tmp_path / "s.zarr",
+                    CollectConfig(topk_ratio=RATIO, tokens="all", max_seconds=0.7), progress=False)
+    assert attrs["batching"]["max_seconds"] == 0.7
+    assert attrs["progress"]["frames"] == sum(u.num_frames for u in prepared)
+    assert attrs["progress"]["tokens"] == sum(int((u.phone_frames() >= 0).sum()) for u in prepared)
+
+
+def test_cli_default_demo_runs_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("NEUROSTAT_CACHE", str(tmp_path / "cache"))
+    res = CliRunner().invoke(main, ["collect"])
+    assert res.exit_code == 0, res.output
+    assert "RANDOM-INITIALISED" in res.output and "collected 16 utterances" in res.output
+    store = tmp_path / "cache" / "demo" / "stats.zarr"
+    assert open_stats(store).frames(("gender",)).values.min() > 0
+    res = CliRunner().invoke(main, ["collect"])
+    assert res.exit_code == 0, res.output
+
+
+def test_cli_bad_model_and_missing_corpus(tmp_path, prepared):
+    res = CliRunner().invoke(main, ["collect", "--prepared", str(prepared.path), "--model", str(tmp_path / "nope")])
+    assert res.exit_code == 1 and "cannot load model" in res.output
+    res = CliRunner().invoke(main, ["collect", "--model", str(tmp_path / "nope")])
+    assert res.exit_code == 2 and "--prepared" in res.output
+    res = CliRunner().invoke(main, ["collect", "--prepared", str(prepared.path), "--model", "x", "--layers", "0"])
+    assert res.exit_code == 2 and "numbered from 1" in res.output
