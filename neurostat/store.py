@@ -90,21 +90,26 @@ class StoreWriter:
                 if child.name != "writer.lock":
                     child.unlink()
             exists = False
-        if exists:
-            old = read_attrs(self.path)
-            self._check_compatible(old, attrs)
+        self.previous = read_attrs(self.path) if exists else None
+        if self.previous is not None:
+            self._check_compatible(self.previous, attrs)
+            if self.previous.get("complete"):
+                return
         root = zarr.open_group(self.path, mode="a", zarr_format=3)
         root.attrs.update(attrs)
         zarr.open_group(self.internal, mode="a", zarr_format=3)
 
     def _check_compatible(self, old: dict, new: dict) -> None:
-        for key in ("fingerprint",):
-            a, b = old.get(key, {}), new.get(key, {})
-            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-            if diff:
-                details = "; ".join(f"{k}: store has {a.get(k)!r}, this run {b.get(k)!r}" for k in diff)
-                raise StoreError(f"{self.path} was collected with other settings ({details}); "
-                                 f"use a new --out or --overwrite")
+        a, b = old.get("fingerprint", {}), new.get("fingerprint", {})
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        if diff:
+            details = "; ".join(f"{k}: store has {a.get(k)!r}, this run {b.get(k)!r}" for k in diff)
+            raise StoreError(f"{self.path} was collected with other settings ({details}); use a new --out or --overwrite")
+
+    def update_attrs(self, attrs: dict) -> None:
+        import zarr
+
+        zarr.open_group(self.path, mode="a", zarr_format=3).attrs.update(attrs)
 
     def load_checkpoint(self) -> tuple[dict[str, np.ndarray], list[str], dict] | None:
         """The latest published checkpoint: (state, finished utterance ids, progress), or None."""

@@ -182,11 +182,12 @@ def synthesize(out: str | Path, subset: str = "dev-clean", num_speakers: int = 4
     """Writes the demo corpus under ``out``; returns (LibriSpeech root, alignments dir).
 
     espeak-ng keeps internal state from one utterance to the next that no API call resets, so the
-    corpus is synthesised in a fresh child process: the same seed then gives the same bytes.
+    corpus is synthesised in a forked child process that starts with a fresh engine: the same seed
+    then gives the same bytes.
     """
     if num_speakers < 1 or utterances_per_speaker < 1:
         raise ValueError("need at least one speaker and one utterance per speaker")
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("fork")) as pool:
         return pool.submit(_synthesize, Path(out), subset, num_speakers, utterances_per_speaker, seed, progress).result()
 
 

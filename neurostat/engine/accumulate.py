@@ -6,11 +6,12 @@ State (all additive, so shards, ranks and resumed runs merge into the same total
 - ``topk[layer, label, neuron]``: tokens at which |a_j| is among the top k of the layer (int64).
   Ties at the k-th value go to the lower neuron index;
 - ``positive[layer, label, neuron]``: tokens with a_j > 0 (int64);
-- ``mean``, ``m2``: per-label mean and sum of squared deviations (float64).  Each batch's moments
-  are computed in two passes around the batch's own per-label mean (fp32 on GPU, fp64 on CPU) and
-  merged into the float64 totals with Chan et al.'s pairwise formula — never a naive fp32 running sum.
+- ``mean``, ``m2``: per-label mean and sum of squared deviations (float64).  Each batch's sums
+  Σ(a − c) and Σ(a − c)² are taken around a per-neuron shift c (the layer's mean over the first
+  batch), in fp32 on GPU and fp64 on CPU, and merged into the float64 totals with Chan et al.'s
+  pairwise formula — never a naive fp32 running sum.
 
-Per-batch counts are accumulated in fp32 (exact below 2**24 tokens per batch) and added to int64.
+Per-batch counts are summed in fp32 (exact below 2**24 tokens per batch) and added to int64 totals.
 This torch path is the reference that the Triton kernels must match.
 """
 
@@ -96,44 +97,61 @@ class Accumulator:
         self.positive = z(torch.int64) if "positive" in self.stats else None
         self.mean = z(torch.float64) if "moments" in self.stats else None
         self.m2 = z(torch.float64) if "moments" in self.stats else None
+        self.shift: list[torch.Tensor | None] = [None] * num_layers
 
     def update(self, layer: int, x: torch.Tensor, batch: TokenBatch) -> None:
         """Adds the tokens ``x`` [N, D] (rows in ``batch.index`` order) of one layer.
 
         Call :meth:`add_frames` once per batch after every layer has been updated.
         """
-        masks = []
         if self.topk is not None:
-            masks.append(topk_mask(x, self.k))
+            self.topk[layer].index_add_(0, batch.labels, self._topk_counts(x, batch))
         if self.positive is not None:
-            masks.append(x > 0)
-        if masks:
-            counts = self._per_label(batch, torch.cat(masks, 1).to(torch.float32)).to(torch.int64)
-            width = x.shape[1]
-            for i, target in enumerate(t for t in (self.topk, self.positive) if t is not None):
-                target[layer].index_add_(0, batch.labels, counts[:, i * width:(i + 1) * width])
+            positive = self._per_label(batch, (x > 0).to(torch.float32))
+            self.positive[layer].index_add_(0, batch.labels, positive.to(torch.int64))
         if self.mean is not None:
-            self._update_moments(layer, x, batch)
+            if self.shift[layer] is None:
+                self.shift[layer] = x.mean(0, dtype=self.moment_dtype)
+            dev = x.to(self.moment_dtype) - self.shift[layer]
+            s1, s2 = self._per_label(batch, dev).double(), self._per_label(batch, dev.square_()).double()
+            self._chan(layer, batch, s1, s2)
+
+    def _topk_counts(self, x: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+        """Top-k counts per batch label [U, D] (int64).
+
+        On CPU the k+1 largest values show which rows have a tie at the k-th value: only those rows
+        need the exact mask; the others are counted from the top-k indices.  On GPU the exact mask is
+        computed for every row, so nothing waits on the host.
+        """
+        width, k = x.shape[1], self.k
+        if x.device.type != "cpu" or k == width:
+            return self._per_label(batch, topk_mask(x, k).to(torch.float32)).to(torch.int64)
+        values, idx = x.abs().topk(k + 1, dim=1)
+        tied = values[:, k - 1] == values[:, k]
+        flat = (batch.local[:, None] * width + idx[:, :k])[~tied].flatten()
+        counts = torch.bincount(flat, minlength=batch.labels.numel() * width).view(-1, width)
+        rows = torch.nonzero(tied).flatten()
+        if rows.numel():
+            counts.index_add_(0, batch.local[rows], topk_mask(x[rows], k).to(torch.int64))
+        return counts
 
     def _per_label(self, batch: TokenBatch, values: torch.Tensor) -> torch.Tensor:
         out = torch.zeros((batch.labels.numel(), values.shape[1]), dtype=values.dtype, device=values.device)
         return out.index_add_(0, batch.local, values)
 
-    def _update_moments(self, layer: int, x: torch.Tensor, batch: TokenBatch) -> None:
-        x = x.to(self.moment_dtype)
-        n_b = batch.counts.to(self.moment_dtype)[:, None]
-        mean_b = self._per_label(batch, x) / n_b
-        dev = x - mean_b.index_select(0, batch.local)
-        m2_b = self._per_label(batch, dev * dev)
-        self._chan(layer, batch.labels, n_b.double(), mean_b.double(), m2_b.double())
-
-    def _chan(self, layer, labels, n_b, mean_b, m2_b) -> None:
-        n_a = self.frames.index_select(0, labels).double()[:, None]
+    def _chan(self, layer: int, batch: TokenBatch, s1: torch.Tensor, s2: torch.Tensor) -> None:
+        """Merges one batch's shifted sums s1 = Σ(a − c), s2 = Σ(a − c)² [U, D] into the totals."""
+        labels = batch.labels
+        n_b = batch.counts.to(torch.float64)[:, None]
+        n_a = self.frames.index_select(0, labels).to(torch.float64)[:, None]
         n = n_a + n_b
-        mean_a, m2_a = self.mean[layer].index_select(0, labels), self.m2[layer].index_select(0, labels)
-        delta = mean_b - mean_a
-        self.mean[layer].index_copy_(0, labels, mean_a + delta * (n_b / n))
-        self.m2[layer].index_copy_(0, labels, m2_a + m2_b + delta * delta * (n_a * n_b / n))
+        offset = s1.div_(n_b)                                    # batch mean − c
+        m2_b = s2.addcmul_(offset, offset * n_b, value=-1)       # Σ(a − batch mean)²
+        delta = offset.add_(self.shift[layer].double()).sub_(self.mean[layer].index_select(0, labels))
+        mean = self.mean[layer].index_select(0, labels).addcmul_(delta, n_b / n)
+        m2 = self.m2[layer].index_select(0, labels).add_(m2_b).addcmul_(delta.square_(), n_a * n_b / n)
+        self.mean[layer].index_copy_(0, labels, mean)
+        self.m2[layer].index_copy_(0, labels, m2)
 
     def add_frames(self, batch: TokenBatch) -> None:
         self.frames.index_add_(0, batch.labels, batch.counts)

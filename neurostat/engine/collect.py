@@ -4,7 +4,7 @@ Data loading (FLAC decoding, normalisation, frame labels, token selection, label
 ``-j`` DataLoader workers, so the device never waits on per-frame Python work; on the device the
 activations of the token frames feed the accumulator inside the FFN forward and are never kept.
 Checkpoints are written every ``checkpoint_seconds`` (or ``checkpoint_utterances``) so a crashed or
-killed run resumes with counts identical to an uninterrupted one.
+killed run resumes with counts identical to an uninterrupted one, losing at most one interval.
 """
 
 from __future__ import annotations
@@ -181,6 +181,8 @@ def collect(corpus: PreparedCorpus, adapter: ModelAdapter, out, config: CollectC
 
 
 def _run(corpus, adapter, store: StoreWriter, config, layers, k, indices, attrs, progress) -> dict:
+    if store.previous is not None and store.previous.get("complete"):
+        return store.previous
     device = adapter.device
     space = corpus.label_space
     acc = Accumulator(len(layers), space.size, adapter.width, k, config.stats, device)
@@ -240,12 +242,14 @@ def _run(corpus, adapter, store: StoreWriter, config, layers, k, indices, attrs,
                 save()
                 last_ckpt, since_ckpt = time.time(), 0
     bar.close()
-    save()
-    prog["elapsed_seconds"] = base_elapsed + time.time() - started
+    prog["elapsed_seconds"] = prog["loop_seconds"] = base_elapsed + time.time() - started
+    prog["utterances_done"] = len(done)
     arrays = acc.compute()
     names = space.names()
     coords = {"layer": np.asarray([i + 1 for i in layers], dtype=np.int64), **{p: names[p] for p in ("phone", "gender", "pitch_bin")}}
     final = {**attrs, "complete": True, "progress": {**prog, "utterances_total": len(indices), "complete": True}}
     store.finalize(arrays, coords, final, done)
+    final["progress"]["elapsed_seconds"] = base_elapsed + time.time() - started
+    store.update_attrs({"progress": final["progress"]})
     return final
 

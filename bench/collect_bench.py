@@ -1,0 +1,171 @@
+"""Collection throughput: plain forward vs `collect` vs the paper's per-token loop, one process.
+
+(a) plain forward: the engine's own batching and data loading, no statistics;
+(b) `collect` with all statistics (topk, positive, moments): its streaming loop (data loading,
+    forward, statistics); the one-time store cost (allocation, final Zarr write) is printed apart;
+(b') the same with the topk statistic only, the one the paper's loop computes;
+(c) the paper's loop: batch 1, activations captured by hooks, then per token and layer
+    `torch.topk`, a host sync and `record[row, idx] += 1`; its statistics part is (c) minus a
+    plain batch-1 forward.
+Prints frames/s and the ratios, and appends the table to bench/RESULTS.md.
+
+    python bench/collect_bench.py --tokens phone-mid            # CPU, HuBERT-base geometry, fp32
+    python bench/collect_bench.py --device cuda --dtype bfloat16 --speakers 8 --utterances 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from neurostat.corpus.prepare import PrepareSettings, prepare  # noqa: E402
+from neurostat.corpus.prepared import PreparedCorpus  # noqa: E402
+from neurostat.corpus.synth import synthesize  # noqa: E402
+from neurostat.engine.adapter import ModelAdapter  # noqa: E402
+from neurostat.engine.collect import BatchDataset, CollectConfig, collect, plan_batches  # noqa: E402
+from neurostat.engine.tokens import token_mask  # noqa: E402
+from neurostat.phones import NON_SPEECH  # noqa: E402
+
+
+def machine(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}), torch {torch.__version__}"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def build(workdir: Path, speakers: int, utterances: int, layers: int) -> tuple[PreparedCorpus, Path]:
+    from transformers import HubertConfig, HubertModel, Wav2Vec2FeatureExtractor
+
+    from neurostat.engine.adapter import load_geometry
+
+    model_dir = workdir / "model"
+    torch.manual_seed(0)
+    HubertModel(HubertConfig(num_hidden_layers=layers)).eval().save_pretrained(model_dir)
+    Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True).save_pretrained(model_dir)
+    synthesize(workdir / "corpus", num_speakers=speakers, utterances_per_speaker=utterances, seed=0, progress=False)
+    prepare(workdir / "corpus" / "LibriSpeech", "dev-clean", workdir / "corpus" / "alignments", workdir / "prepared",
+            PrepareSettings(load_geometry(str(model_dir))), num_jobs=2, progress=False)
+    return PreparedCorpus(workdir / "prepared"), model_dir
+
+
+def plain_forward(corpus, adapter, config) -> float:
+    batches = plan_batches(corpus, list(range(len(corpus))), config.batch_seconds, None)
+    loader = torch.utils.data.DataLoader(BatchDataset(corpus, batches, adapter.feature_extractor, config.tokens),
+                                         batch_size=None, num_workers=config.num_jobs)
+    sync(str(adapter.device))
+    start = time.perf_counter()
+    for item in loader:
+        adapter.encode(item["waves"])
+    sync(str(adapter.device))
+    return time.perf_counter() - start
+
+
+def paper_loop(corpus, adapter, tokens: str, k: int) -> tuple[float, float]:
+    """(time of the per-token loop, time of the plain batch-1 forwards it needs)."""
+    non_speech = [corpus.phones.index(p) for p in NON_SPEECH]
+    record = np.zeros((adapter.num_layers, corpus.label_space.size, adapter.width), dtype=np.int64)
+    captured: dict[int, torch.Tensor] = {}
+    forward_time = total = 0.0
+    for utt in corpus:
+        wave = torch.from_numpy(adapter.normalize(utt.load_audio()))
+        joint = utt.joint_frames()
+        frames = np.flatnonzero(token_mask(utt.phone_frames(), tokens, non_speech))
+        sync(str(adapter.device))
+        t0 = time.perf_counter()
+        with adapter.instrument(lambda i, a: captured.__setitem__(i, a)):
+            adapter.encode([wave])
+        sync(str(adapter.device))
+        t1 = time.perf_counter()
+        for t in frames:
+            row = joint[t]
+            for layer in range(adapter.num_layers):
+                idx = torch.topk(captured[layer][0, t].abs(), k).indices.tolist()
+                record[layer, row, idx] += 1
+        t2 = time.perf_counter()
+        forward_time += t1 - t0
+        total += t2 - t0
+    return total, forward_time
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", default="phone-mid", choices=["phone-mid", "all", "no-silence"])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--backend", default="torch", choices=["torch", "triton"])
+    ap.add_argument("--speakers", type=int, default=4)
+    ap.add_argument("--utterances", type=int, default=3)
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--batch-seconds", type=float, default=60.0)
+    ap.add_argument("-j", "--num-jobs", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=2, help="timed repetitions (the best is reported)")
+    ap.add_argument("--no-paper", action="store_true", help="skip the paper's loop")
+    ap.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")))
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        corpus, model_dir = build(work, args.speakers, args.utterances, args.layers)
+        adapter = ModelAdapter.load(str(model_dir), device=args.device, dtype=getattr(torch, args.dtype))
+        config = CollectConfig(tokens=args.tokens, batch_seconds=args.batch_seconds, num_jobs=args.num_jobs,
+                               backend=args.backend, checkpoint_seconds=1e9)
+        frames = sum(u.num_frames for u in corpus)
+        audio = sum(u.record["num_samples"] for u in corpus) / corpus.geometry.sample_rate
+        plain_forward(corpus, adapter, config)  # warm-up
+        runs = {"plain": [], "all": [], "all_total": [], "topk": []}
+        for r in range(args.repeat):
+            runs["plain"].append(plain_forward(corpus, adapter, config))
+            for name, stats in (("all", ("topk", "positive", "moments")), ("topk", ("topk",))):
+                sync(args.device)
+                start = time.perf_counter()
+                cfg = CollectConfig(**{**config.__dict__, "stats": stats})
+                attrs = collect(corpus, adapter, work / f"{name}{r}.zarr", cfg, progress=False)
+                sync(args.device)
+                runs[name].append(attrs["progress"]["loop_seconds"])
+                if name == "all":
+                    runs["all_total"].append(time.perf_counter() - start)
+        a, b, b_topk = min(runs["plain"]), min(runs["all"]), min(runs["topk"])
+        fixed = min(t - loop for t, loop in zip(runs["all_total"], runs["all"]))
+        tokens = attrs["progress"]["tokens"]
+        rows = [("(a) plain forward", a), ("(b) collect, all statistics (streaming loop)", b),
+                ("(b') collect, topk only (streaming loop)", b_topk)]
+        if not args.no_paper:
+            k = attrs["statistics"]["k"]
+            c, c_forward = paper_loop(corpus, adapter, args.tokens, k)
+            rows.append(("(c) paper's per-token loop (topk only, batch 1)", c))
+        lines = [f"### collect_bench: tokens {args.tokens}, {args.dtype}, {args.device}, backend {args.backend}",
+                 "", f"- machine: {machine(args.device)}",
+                 f"- model: random HuBERT-base geometry, {adapter.num_layers} layers x {adapter.width} neurons; "
+                 f"corpus: {len(corpus)} synthetic utterances, {audio:.1f} s, {frames} frames, {tokens} tokens; "
+                 f"batches of {args.batch_seconds:g} s; -j {args.num_jobs}; best of {args.repeat}",
+                 "", "| run | seconds | frames/s | vs (a) |", "| --- | ---: | ---: | ---: |"]
+        lines += [f"| {name} | {t:.3f} | {frames / t:,.0f} | {t / a:.3f} |" for name, t in rows]
+        lines += ["", f"- (b)/(a) = {b / a:.3f}; statistics part of (b) = {b - a:.3f} s, of (b') = {b_topk - a:.3f} s",
+                  f"- one-time store cost of (b) (allocation, final compute and Zarr write, not per frame): {fixed:.3f} s"]
+        if not args.no_paper:
+            theirs = c - c_forward
+            lines.append(f"- statistics part of (c): {theirs:.3f} s (its batch-1 forwards: {c_forward:.3f} s); "
+                         f"(c)/(b') on the topk statistic = {theirs / max(b_topk - a, 1e-9):.1f}x, "
+                         f"(c)/(b) with all statistics = {theirs / max(b - a, 1e-9):.1f}x")
+        text = "\n".join(lines) + "\n"
+        print(text)
+        with open(args.results, "a") as f:
+            f.write("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
