@@ -230,8 +230,6 @@ def collect(root, corpus, subset, alignments, pitch, pitch_bins, pitch_edges, ph
     if root is not None:
         prepared = _run_prepare(root, subset, alignments, prepared, adapter.geometry, pitch, pitch_bins, pitch_edges,
                                 phone_map, strict, num_jobs)
-    if config.backend == "auto":
-        config.backend = "triton" if adapter.device.type == "cuda" else "torch"
     try:
         summary = run_collect(PreparedCorpus(prepared), adapter, out, config, resume=resume, overwrite=overwrite)
     except (ModelError, StoreError, PreparedCorpusError, ValueError) as e:

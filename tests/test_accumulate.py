@@ -37,9 +37,8 @@ def test_accumulator_against_float64_reference_and_merge():
         batch = TokenBatch.from_labels(flat)
         xs = [x0, torch.randn(x0.shape, generator=g)]
         for layer, x in enumerate(xs):
-            tok = x.index_select(0, batch.index)
-            whole.update(layer, tok, batch)
-            parts[step % 3].update(layer, tok, batch)
+            whole.update(layer, x, batch)
+            parts[step % 3].update(layer, x, batch)
             for t, lab in zip(batch.index.tolist(), flat[batch.index.numpy()]):
                 rows[layer].append((x[t].double().numpy(), int(lab)))
         whole.add_frames(batch)
@@ -63,7 +62,7 @@ def test_subset_of_stats_and_bad_arguments():
     assert acc.topk is None and acc.mean is None
     flat = np.array([0, 1, -1, 1])
     batch = TokenBatch.from_labels(flat)
-    acc.update(0, torch.tensor([[1.0, -1, 0, 2, 3], [-1, -1, -1, -1, 1], [0.5, 0.5, 0.5, 0.5, 0.5]]), batch)
+    acc.update(0, torch.tensor([[1.0, -1, 0, 2, 3], [-1, -1, -1, -1, 1], [9.0] * 5, [0.5, 0.5, 0.5, 0.5, 0.5]]), batch)
     acc.add_frames(batch)
     out = acc.compute()
     assert set(out) == {"frames", "positive_count"}
@@ -88,3 +87,25 @@ def test_phone_mid_keeps_final_run():
     phones = np.array([3, 3, 3, 7, 7, 39, 39, 39, 39])
     assert np.flatnonzero(token_mask(phones, "phone-mid")).tolist() == [1, 3, 6]
     assert not token_mask(np.array([], dtype=np.int64), "phone-mid").any()
+
+
+def test_triton_backend_matches_torch_backend():
+    g = torch.Generator().manual_seed(7)
+    L, U, D, k = 2, 7, 23, 3
+    accs = {b: Accumulator(L, U, D, k, backend=b) for b in ("torch", "triton")}
+    for step in range(3):
+        flat, x = _random_batch(g, 19 + step, U, D)
+        x[:, ::5] = torch.round(x[:, ::5])
+        batch = TokenBatch.from_labels(flat)
+        for layer in range(L):
+            for acc in accs.values():
+                acc.update(layer, x * (layer + 1), batch)
+        for acc in accs.values():
+            acc.add_frames(batch)
+    a, b = accs["torch"].compute(), accs["triton"].compute()
+    for name in ("frames", "topk_count", "positive_count"):
+        np.testing.assert_array_equal(a[name], b[name])
+    for name in ("mean", "var"):
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown backend"):
+        Accumulator(1, 2, 3, 1, backend="cuda")

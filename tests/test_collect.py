@@ -258,3 +258,23 @@ def test_cli_bad_model_and_missing_corpus(tmp_path, prepared):
     assert res.exit_code == 2 and "--prepared" in res.output
     res = CliRunner().invoke(main, ["collect", "--prepared", str(prepared.path), "--model", "x", "--layers", "0"])
     assert res.exit_code == 2 and "numbered from 1" in res.output
+
+
+def test_triton_backend_collect_equals_torch_backend(prepared, tiny_model, tmp_path):
+    adapter = ModelAdapter.load(str(tiny_model))
+    for backend in ("torch", "triton"):
+        attrs = collect(prepared, adapter, tmp_path / f"{backend}.zarr",
+                        CollectConfig(topk_ratio=RATIO, batch_seconds=10.0, backend=backend, layers=[2]), progress=False)
+        assert attrs["statistics"]["backend"] == backend
+    a = xr.open_zarr(tmp_path / "torch.zarr", consolidated=False)
+    b = xr.open_zarr(tmp_path / "triton.zarr", consolidated=False)
+    for name in ("frames", "topk_count", "positive_count"):
+        np.testing.assert_array_equal(a[name].values, b[name].values)
+    for name in ("mean", "var"):
+        np.testing.assert_allclose(a[name].values, b[name].values, rtol=1e-5, atol=1e-6)
+
+
+def test_triton_backend_needs_cuda_or_interpreter(prepared, tiny_model, tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        collect(prepared, ModelAdapter.load(str(tiny_model)), tmp_path / "s.zarr", CollectConfig(backend="triton"), progress=False)

@@ -12,7 +12,9 @@ State (all additive, so shards, ranks and resumed runs merge into the same total
   pairwise formula — never a naive fp32 running sum.
 
 Per-batch counts are summed in fp32 (exact below 2**24 tokens per batch) and added to int64 totals.
-This torch path is the reference that the Triton kernels must match.
+Two backends fill the same state: ``torch`` (the reference path: index_add/bincount on CPU, no host
+sync on CUDA) and ``triton`` (the ``topk_stats`` kernel: one read of each token row for all
+statistics).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 
 STATS = ("topk", "positive", "moments")
+BACKENDS = ("torch", "triton")
 _EXACT_FP32 = 2**24
 
 
@@ -48,14 +51,39 @@ def _break_ties(absx: torch.Tensor, kth: torch.Tensor, k: int) -> torch.Tensor:
     return above | (at & (at.cumsum(1) <= room))
 
 
+def chunk_tokens(rows: torch.Tensor, labels: torch.Tensor, chunk_rows: int = 32) -> tuple[torch.Tensor, ...]:
+    """Sorts token rows by label and cuts them into same-label chunks of at most ``chunk_rows`` rows.
+
+    Returns (sorted rows int32, chunk starts int32 [C + 1], chunk labels int32 [C]): the work list of
+    the ``topk_stats`` kernel, built on the host.
+    """
+    order = torch.argsort(labels, stable=True)
+    rows, labels = rows[order], labels[order]
+    n = labels.numel()
+    new_label = torch.ones(n, dtype=torch.bool)
+    if n:
+        new_label[1:] = labels[1:] != labels[:-1]
+    run_start = torch.nonzero(new_label).flatten()
+    position = torch.arange(n) - run_start[torch.cumsum(new_label.long(), 0) - 1]
+    starts = torch.nonzero(new_label | (position % chunk_rows == 0)).flatten()
+    bounds = torch.cat([starts, torch.tensor([n])]).to(torch.int32)
+    return rows.to(torch.int32), bounds, labels[starts].to(torch.int32)
+
+
+_FIELDS = ("index", "local", "labels", "counts", "sorted_rows", "chunk_starts", "chunk_labels")
+
+
 @dataclass
 class TokenBatch:
     """The tokens of one batch: positions in the flattened [B*T] activations and compacted labels."""
 
-    index: torch.Tensor   # (N,) int64: positions b * T + t
-    local: torch.Tensor   # (N,) int64: position of each token's label in ``labels``
-    labels: torch.Tensor  # (U,) int64: the distinct joint labels of the batch
-    counts: torch.Tensor  # (U,) int64: tokens per label
+    index: torch.Tensor         # (N,) int64: positions b * T + t
+    local: torch.Tensor         # (N,) int64: position of each token's label in ``labels``
+    labels: torch.Tensor        # (U,) int64: the distinct joint labels of the batch
+    counts: torch.Tensor        # (U,) int64: tokens per label
+    sorted_rows: torch.Tensor   # (N,) int32: token positions sorted by label (Triton work list)
+    chunk_starts: torch.Tensor  # (C + 1,) int32
+    chunk_labels: torch.Tensor  # (C,) int32: local label of each chunk
 
     @classmethod
     def from_labels(cls, flat: np.ndarray) -> "TokenBatch":
@@ -65,31 +93,35 @@ class TokenBatch:
         if len(index) >= _EXACT_FP32:
             raise ValueError(f"{len(index)} tokens in one batch: use smaller batches (fp32 counts are exact below 2**24)")
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
-        return cls(t(index), t(local), t(labels), t(counts))
+        index, local = t(index), t(local)
+        return cls(index, local, t(labels), t(counts), *chunk_tokens(index, local))
 
     @property
     def num_tokens(self) -> int:
         return self.index.numel()
 
     def to(self, device: torch.device | str) -> "TokenBatch":
-        return TokenBatch(*(getattr(self, f).to(device, non_blocking=True) for f in ("index", "local", "labels", "counts")))
+        return TokenBatch(*(getattr(self, f).to(device, non_blocking=True) for f in _FIELDS))
 
     def pin_memory(self) -> "TokenBatch":
-        return TokenBatch(*(getattr(self, f).pin_memory() for f in ("index", "local", "labels", "counts")))
+        return TokenBatch(*(getattr(self, f).pin_memory() for f in _FIELDS))
 
 
 class Accumulator:
     """Additive statistics for ``num_layers`` layers × ``num_labels`` labels × ``width`` neurons."""
 
     def __init__(self, num_layers: int, num_labels: int, width: int, k: int, stats: tuple[str, ...] = STATS,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", backend: str = "torch"):
         unknown = set(stats) - set(STATS)
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
         if unknown:
             raise ValueError(f"unknown statistics {sorted(unknown)}; choose from {STATS}")
         if not 1 <= k <= width:
             raise ValueError(f"top-k needs 1 <= k <= width, got k={k}, width={width}")
         self.shape = (num_layers, num_labels, width)
         self.k, self.stats, self.device = k, tuple(s for s in STATS if s in stats), torch.device(device)
+        self.backend = backend
         self.moment_dtype = torch.float64 if self.device.type == "cpu" else torch.float32
         z = lambda dtype: torch.zeros(self.shape, dtype=dtype, device=self.device)  # noqa: E731
         self.frames = torch.zeros(num_labels, dtype=torch.int64, device=self.device)
@@ -99,22 +131,46 @@ class Accumulator:
         self.m2 = z(torch.float64) if "moments" in self.stats else None
         self.shift: list[torch.Tensor | None] = [None] * num_layers
 
-    def update(self, layer: int, x: torch.Tensor, batch: TokenBatch) -> None:
-        """Adds the tokens ``x`` [N, D] (rows in ``batch.index`` order) of one layer.
+    def update(self, layer: int, a: torch.Tensor, batch: TokenBatch) -> None:
+        """Adds the token rows ``a[batch.index]`` of one layer's activations ``a`` [B*T, D].
 
         Call :meth:`add_frames` once per batch after every layer has been updated.
         """
+        if self.backend == "triton":
+            from ..kernels.topk_stats import topk_stats
+
+            if self.mean is not None and self.shift[layer] is None:
+                self.shift[layer] = a.index_select(0, batch.index).mean(0, dtype=torch.float32)
+            sums = topk_stats(a, batch.sorted_rows, batch.chunk_starts, batch.chunk_labels, batch.labels.numel(), self.k,
+                              self.shift[layer], topk=self.topk is not None, positive=self.positive is not None,
+                              moments=self.mean is not None)
+        else:
+            sums = self._torch_sums(layer, a.index_select(0, batch.index), batch)
+        self.add_sums(layer, batch, sums)
+
+    def _torch_sums(self, layer: int, x: torch.Tensor, batch: TokenBatch) -> dict[str, torch.Tensor]:
+        """The per-label sums of the token rows ``x`` [N, D] with torch ops (the reference path)."""
+        sums = {}
         if self.topk is not None:
-            self.topk[layer].index_add_(0, batch.labels, self._topk_counts(x, batch))
+            sums["topk"] = self._topk_counts(x, batch)
         if self.positive is not None:
-            positive = self._per_label(batch, (x > 0).to(torch.float32))
-            self.positive[layer].index_add_(0, batch.labels, positive.to(torch.int64))
+            sums["positive"] = self._per_label(batch, (x > 0).to(torch.float32))
         if self.mean is not None:
             if self.shift[layer] is None:
                 self.shift[layer] = x.mean(0, dtype=self.moment_dtype)
             dev = x.to(self.moment_dtype) - self.shift[layer]
-            s1, s2 = self._per_label(batch, dev).double(), self._per_label(batch, dev.square_()).double()
-            self._chan(layer, batch, s1, s2)
+            sums["s1"] = self._per_label(batch, dev)
+            sums["s2"] = self._per_label(batch, dev.square_())
+        return sums
+
+    def add_sums(self, layer: int, batch: TokenBatch, sums: dict[str, torch.Tensor]) -> None:
+        """Adds one batch's per-label sums [U, D] (counts ``topk``, ``positive``; shifted ``s1``, ``s2``)."""
+        if self.topk is not None:
+            self.topk[layer].index_add_(0, batch.labels, sums["topk"].to(torch.int64))
+        if self.positive is not None:
+            self.positive[layer].index_add_(0, batch.labels, sums["positive"].to(torch.int64))
+        if self.mean is not None:
+            self._chan(layer, batch, sums["s1"].double(), sums["s2"].double())
 
     def _topk_counts(self, x: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
         """Top-k counts per batch label [U, D] (int64).
@@ -180,10 +236,11 @@ class Accumulator:
         return {n: getattr(self, n).cpu().numpy() for n in names if getattr(self, n) is not None}
 
     @classmethod
-    def from_state(cls, state: dict[str, np.ndarray], k: int, device: torch.device | str = "cpu") -> "Accumulator":
+    def from_state(cls, state: dict[str, np.ndarray], k: int, device: torch.device | str = "cpu",
+                   backend: str = "torch") -> "Accumulator":
         stats = tuple(s for s, key in (("topk", "topk"), ("positive", "positive"), ("moments", "mean")) if key in state)
         shape = next(state[n].shape for n in ("topk", "positive", "mean") if n in state)
-        acc = cls(shape[0], shape[1], shape[2], k, stats, device)
+        acc = cls(shape[0], shape[1], shape[2], k, stats, device, backend)
         for name, value in state.items():
             getattr(acc, name).copy_(torch.from_numpy(np.asarray(value)))
         return acc

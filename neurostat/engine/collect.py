@@ -9,6 +9,7 @@ killed run resumes with counts identical to an uninterrupted one, losing at most
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 import time
@@ -23,7 +24,7 @@ from ..corpus.audio import Skip
 from ..corpus.prepared import PreparedCorpus
 from ..phones import NON_SPEECH
 from ..store import StoreWriter
-from .accumulate import STATS, Accumulator, TokenBatch
+from .accumulate import BACKENDS, STATS, Accumulator, TokenBatch
 from .adapter import ModelAdapter, ModelError
 from .tokens import MODES, token_mask
 
@@ -40,7 +41,7 @@ class CollectConfig:
     checkpoint_utterances: int | None = None
     shard: tuple[int, int] = (0, 1)
     num_jobs: int = 0
-    backend: str = "torch"
+    backend: str = "auto"
     command: str = field(default_factory=lambda: " ".join(sys.argv))
 
 
@@ -129,6 +130,17 @@ def plan_batches(corpus: PreparedCorpus, indices: list[int], batch_seconds: floa
     return batches
 
 
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``auto`` → Triton on CUDA, torch elsewhere; Triton off CUDA only under ``TRITON_INTERPRET=1``."""
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("--backend triton needs a CUDA device (or TRITON_INTERPRET=1, the slow CPU interpreter)")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose auto or one of {BACKENDS}")
+    return backend
+
+
 def _versions() -> dict:
     import transformers
     import zarr
@@ -145,6 +157,7 @@ def collect(corpus: PreparedCorpus, adapter: ModelAdapter, out, config: CollectC
                          f"({corpus.geometry.describe()}); re-run prepare with --model {adapter.source}")
     if config.tokens not in MODES:
         raise ValueError(f"unknown token mode {config.tokens!r}; choose one of {MODES}")
+    config.backend = resolve_backend(config.backend, adapter.device)
     layers = list(range(adapter.num_layers)) if config.layers is None else sorted(set(config.layers))
     bad = [i + 1 for i in layers if not 0 <= i < adapter.num_layers]
     if bad:
@@ -185,13 +198,13 @@ def _run(corpus, adapter, store: StoreWriter, config, layers, k, indices, attrs,
         return store.previous
     device = adapter.device
     space = corpus.label_space
-    acc = Accumulator(len(layers), space.size, adapter.width, k, config.stats, device)
+    acc = Accumulator(len(layers), space.size, adapter.width, k, config.stats, device, config.backend)
     done: list[str] = []
     prog = {"utterances_done": 0, "frames": 0, "tokens": 0, "audio_seconds": 0.0, "elapsed_seconds": 0.0, "skips": {}}
     checkpoint = store.load_checkpoint()
     if checkpoint is not None:
         state, done, prog = checkpoint
-        acc = Accumulator.from_state(state, k, device)
+        acc = Accumulator.from_state(state, k, device, config.backend)
     finished = set(done)
     todo = [i for i in indices if corpus.records[i]["id"] not in finished]
     batches = plan_batches(corpus, todo, config.batch_seconds, config.max_seconds)
@@ -203,8 +216,7 @@ def _run(corpus, adapter, store: StoreWriter, config, layers, k, indices, attrs,
     width = adapter.width
 
     def sink(layer: int, a: torch.Tensor) -> None:
-        batch = current["tokens"]
-        acc.update(position[layer], a.reshape(-1, width).index_select(0, batch.index), batch)
+        acc.update(position[layer], a.reshape(-1, width), current["tokens"])
 
     started, last_ckpt, since_ckpt = time.time(), time.time(), 0
     base_elapsed = prog["elapsed_seconds"]

@@ -1,0 +1,134 @@
+"""``topk_stats``: per-label statistics of selected token rows of the FFN activations, in one read.
+
+For the paper's statistic every token needs the k-th largest |a| across its whole row (all D
+neurons), which no GEMM tile sees, so this kernel reads each selected row of ``y = act(W1 x + b1)``
+once and, in the same pass, also counts a > 0 and sums the shifted moments.
+
+Work is split into *chunks*: runs of at most ``chunk_rows`` token rows that share one label (the
+host sorts the tokens by label while building the batch).  A program walks its chunk, keeps the
+per-neuron sums in registers and adds them to the per-batch buffers once, so atomics scale with the
+number of chunks, not of tokens.
+
+Top-k threshold: |a| is read as an fp32 bit pattern (monotone for non-negative floats) and the k-th
+largest key is found by a bitwise binary search from the top bit down (only the bits the input
+dtype can set: 15 for bf16, 18 for fp16, 31 for fp32).  Ties at the threshold go to the lower neuron
+index, through a prefix count of the tied lanes — the same rule as the torch reference.
+
+Counts are int32 atomics (exact and order-independent); moment sums are fp32 atomics, so their
+rounding may differ from run to run.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_LOW_BIT = {torch.bfloat16: 16, torch.float16: 13, torch.float32: 0}
+
+
+@triton.jit
+def _topk_stats_kernel(y_ptr, stride_y, rows_ptr, chunk_start_ptr, chunk_label_ptr, shift_ptr,
+                       topk_ptr, pos_ptr, s1_ptr, s2_ptr, D, k,
+                       LOW_BIT: tl.constexpr, BLOCK_D: tl.constexpr,
+                       DO_TOPK: tl.constexpr, DO_POS: tl.constexpr, DO_MOM: tl.constexpr):
+    chunk = tl.program_id(0)
+    start = tl.load(chunk_start_ptr + chunk)
+    end = tl.load(chunk_start_ptr + chunk + 1)
+    label = tl.load(chunk_label_ptr + chunk).to(tl.int64)
+    offs = tl.arange(0, BLOCK_D)
+    valid = offs < D
+    if DO_MOM:
+        shift = tl.load(shift_ptr + offs, mask=valid, other=0.0)
+    acc_topk = tl.zeros([BLOCK_D], dtype=tl.int32)
+    acc_pos = tl.zeros([BLOCK_D], dtype=tl.int32)
+    acc_s1 = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_s2 = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for i in range(start, end):
+        row = tl.load(rows_ptr + i).to(tl.int64)
+        a = tl.load(y_ptr + row * stride_y + offs, mask=valid, other=0.0).to(tl.float32)
+        if DO_TOPK:
+            key = tl.abs(a).to(tl.int32, bitcast=True)
+            key = tl.where(valid, key, -1)
+            thr = tl.zeros([], dtype=tl.int32)
+            for b in tl.static_range(31 - LOW_BIT):
+                cand = thr | (1 << (30 - b))
+                above = tl.sum((key >= cand).to(tl.int32), axis=0)
+                thr = tl.where(above >= k, cand, thr)
+            gt = key > thr
+            tied = (key == thr).to(tl.int32)
+            room = k - tl.sum(gt.to(tl.int32), axis=0)
+            take = (tied == 1) & (tl.cumsum(tied, axis=0) <= room)
+            acc_topk += (gt | take).to(tl.int32)
+        if DO_POS:
+            acc_pos += (a > 0).to(tl.int32)
+        if DO_MOM:
+            dev = tl.where(valid, a - shift, 0.0)
+            acc_s1 += dev
+            acc_s2 += dev * dev
+    out = label * D + offs
+    if DO_TOPK:
+        tl.atomic_add(topk_ptr + out, acc_topk, mask=valid)
+    if DO_POS:
+        tl.atomic_add(pos_ptr + out, acc_pos, mask=valid)
+    if DO_MOM:
+        tl.atomic_add(s1_ptr + out, acc_s1, mask=valid)
+        tl.atomic_add(s2_ptr + out, acc_s2, mask=valid)
+
+
+def topk_stats(y: torch.Tensor, rows: torch.Tensor, chunk_starts: torch.Tensor, chunk_labels: torch.Tensor,
+               num_labels: int, k: int, shift: torch.Tensor | None = None, topk: bool = True, positive: bool = True,
+               moments: bool = True) -> dict[str, torch.Tensor]:
+    """Per-label sums over the token rows ``y[rows]`` (rows grouped into same-label chunks).
+
+    Returns int32 ``topk`` and ``positive`` counts and fp32 ``s1`` = Σ(a − shift), ``s2`` = Σ(a − shift)²,
+    each [num_labels, D], for the statistics asked for.
+    """
+    if y.dim() != 2 or y.stride(1) != 1:
+        raise ValueError("y must be a row-major [M, D] matrix")
+    if y.dtype not in _LOW_BIT:
+        raise ValueError(f"unsupported dtype {y.dtype}; use bf16, fp16 or fp32")
+    width = y.shape[1]
+    if not 1 <= k <= width:
+        raise ValueError(f"need 1 <= k <= D, got k={k}, D={width}")
+    dev = y.device
+    out = {}
+    ints = lambda: torch.zeros((num_labels, width), dtype=torch.int32, device=dev)  # noqa: E731
+    floats = lambda: torch.zeros((num_labels, width), dtype=torch.float32, device=dev)  # noqa: E731
+    out_topk, out_pos = (ints() if topk else None), (ints() if positive else None)
+    s1, s2 = (floats(), floats()) if moments else (None, None)
+    if moments and shift is None:
+        raise ValueError("moments need the per-neuron shift")
+    dummy = torch.empty(1, dtype=torch.int32, device=dev)
+    n_chunks = chunk_labels.numel()
+    if n_chunks:
+        block = triton.next_power_of_2(width)
+        _topk_stats_kernel[(n_chunks,)](
+            y, y.stride(0), rows, chunk_starts, chunk_labels,
+            shift.float().contiguous() if moments else dummy,
+            out_topk if topk else dummy, out_pos if positive else dummy,
+            s1 if moments else dummy, s2 if moments else dummy, width, k,
+            LOW_BIT=_LOW_BIT[y.dtype], BLOCK_D=block, DO_TOPK=topk, DO_POS=positive, DO_MOM=moments,
+            num_warps=8 if block >= 2048 else 4)
+    if topk:
+        out["topk"] = out_topk
+    if positive:
+        out["positive"] = out_pos
+    if moments:
+        out["s1"], out["s2"] = s1, s2
+    return out
+
+
+def topk_stats_reference(y: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, num_labels: int, k: int,
+                         shift: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Pure-torch float64 reference: the same sums from the token rows and their labels (any order)."""
+    a = y.index_select(0, rows.long()).double()
+    labels = labels.long()
+    absx = a.abs()
+    order = torch.sort(absx, dim=1, descending=True, stable=True).indices[:, :k]
+    mask = torch.zeros_like(absx, dtype=torch.bool).scatter_(1, order, True)
+    z = lambda: torch.zeros((num_labels, a.shape[1]), dtype=torch.float64, device=a.device)  # noqa: E731
+    dev = a - shift.double()
+    return {"topk": z().index_add_(0, labels, mask.double()).long(),
+            "positive": z().index_add_(0, labels, (a > 0).double()).long(),
+            "s1": z().index_add_(0, labels, dev), "s2": z().index_add_(0, labels, dev * dev)}
