@@ -86,7 +86,7 @@ def paper_loop(corpus, adapter, tokens: str, k: int) -> tuple[float, float]:
         frames = np.flatnonzero(token_mask(utt.phone_frames(), tokens, non_speech))
         sync(str(adapter.device))
         t0 = time.perf_counter()
-        with adapter.instrument(lambda i, a: captured.__setitem__(i, a)):
+        with adapter.observe(lambda i, a: captured.__setitem__(i, a)):
             adapter.encode([wave])
         sync(str(adapter.device))
         t1 = time.perf_counter()

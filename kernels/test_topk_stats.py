@@ -8,15 +8,17 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from neurostat.engine.accumulate import chunk_tokens  # noqa: E402
-from neurostat.kernels.topk_stats import topk_stats, topk_stats_reference  # noqa: E402
+from neurostat.kernels.topk_stats import TUNING, topk_stats, topk_stats_reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows_per_step", [1, 2, 4])
 @pytest.mark.parametrize("m, d, k, labels, chunk", [(7, 13, 3, 4, 2), (29, 37, 5, 6, 4), (40, 101, 11, 9, 32), (3, 5, 5, 2, 1)])
-def test_matches_reference_with_ties_empty_labels_and_ignored_rows(dtype, m, d, k, labels, chunk):
+def test_matches_reference_with_ties_empty_labels_and_ignored_rows(dtype, rows_per_step, m, d, k, labels, chunk, monkeypatch):
+    monkeypatch.setitem(TUNING, "rows", rows_per_step)
     g = torch.Generator().manual_seed(m * 1000 + d)
     y = torch.randn(m, d, generator=g) * 2
     y[:, ::4] = torch.round(y[:, ::4])          # exact ties in |y|, some at the k-th value

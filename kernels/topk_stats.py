@@ -4,10 +4,10 @@ For the paper's statistic every token needs the k-th largest |a| across its whol
 neurons), which no GEMM tile sees, so this kernel reads each selected row of ``y = act(W1 x + b1)``
 once and, in the same pass, also counts a > 0 and sums the shifted moments.
 
-Work is split into *chunks*: runs of at most ``chunk_rows`` token rows that share one label (the
-host sorts the tokens by label while building the batch).  A program walks its chunk, keeps the
-per-neuron sums in registers and adds them to the per-batch buffers once, so atomics scale with the
-number of chunks, not of tokens.
+Work is split into *chunks*: runs of at most 32 token rows that share one label (the host sorts the
+tokens by label while building the batch).  A program walks its chunk ``ROWS`` rows at a time (the
+threshold searches of those rows share each reduction), keeps the per-neuron sums in registers and
+adds them to the per-batch buffers once, so atomics scale with the number of chunks, not of tokens.
 
 Top-k threshold: |a| is read as an fp32 bit pattern (monotone for non-negative floats) and the k-th
 largest key is found by a bitwise binary search from the top bit down (only the bits the input
@@ -30,7 +30,7 @@ _LOW_BIT = {torch.bfloat16: 16, torch.float16: 13, torch.float32: 0}
 @triton.jit
 def _topk_stats_kernel(y_ptr, stride_y, rows_ptr, chunk_start_ptr, chunk_label_ptr, shift_ptr,
                        topk_ptr, pos_ptr, s1_ptr, s2_ptr, D, k,
-                       LOW_BIT: tl.constexpr, BLOCK_D: tl.constexpr,
+                       LOW_BIT: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
                        DO_TOPK: tl.constexpr, DO_POS: tl.constexpr, DO_MOM: tl.constexpr):
     chunk = tl.program_id(0)
     start = tl.load(chunk_start_ptr + chunk)
@@ -44,28 +44,30 @@ def _topk_stats_kernel(y_ptr, stride_y, rows_ptr, chunk_start_ptr, chunk_label_p
     acc_pos = tl.zeros([BLOCK_D], dtype=tl.int32)
     acc_s1 = tl.zeros([BLOCK_D], dtype=tl.float32)
     acc_s2 = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for i in range(start, end):
-        row = tl.load(rows_ptr + i).to(tl.int64)
-        a = tl.load(y_ptr + row * stride_y + offs, mask=valid, other=0.0).to(tl.float32)
+    for i in range(start, end, ROWS):
+        r = i + tl.arange(0, ROWS)
+        live = r < end
+        row = tl.load(rows_ptr + r, mask=live, other=0).to(tl.int64)
+        ok = live[:, None] & valid[None, :]
+        a = tl.load(y_ptr + row[:, None] * stride_y + offs[None, :], mask=ok, other=0.0).to(tl.float32)
         if DO_TOPK:
-            key = tl.abs(a).to(tl.int32, bitcast=True)
-            key = tl.where(valid, key, -1)
-            thr = tl.zeros([], dtype=tl.int32)
+            key = tl.where(ok, tl.abs(a).to(tl.int32, bitcast=True), -1)
+            thr = tl.zeros([ROWS], dtype=tl.int32)
             for b in tl.static_range(31 - LOW_BIT):
                 cand = thr | (1 << (30 - b))
-                above = tl.sum((key >= cand).to(tl.int32), axis=0)
+                above = tl.sum((key >= cand[:, None]).to(tl.int32), axis=1)
                 thr = tl.where(above >= k, cand, thr)
-            gt = key > thr
-            tied = (key == thr).to(tl.int32)
-            room = k - tl.sum(gt.to(tl.int32), axis=0)
-            take = (tied == 1) & (tl.cumsum(tied, axis=0) <= room)
-            acc_topk += (gt | take).to(tl.int32)
+            gt = key > thr[:, None]
+            tied = (key == thr[:, None]).to(tl.int32)
+            room = k - tl.sum(gt.to(tl.int32), axis=1)
+            take = (tied == 1) & (tl.cumsum(tied, axis=1) <= room[:, None])
+            acc_topk += tl.sum(((gt | take) & ok).to(tl.int32), axis=0)
         if DO_POS:
-            acc_pos += (a > 0).to(tl.int32)
+            acc_pos += tl.sum(((a > 0) & ok).to(tl.int32), axis=0)
         if DO_MOM:
-            dev = tl.where(valid, a - shift, 0.0)
-            acc_s1 += dev
-            acc_s2 += dev * dev
+            dev = tl.where(ok, a - shift[None, :], 0.0)
+            acc_s1 += tl.sum(dev, axis=0)
+            acc_s2 += tl.sum(dev * dev, axis=0)
     out = label * D + offs
     if DO_TOPK:
         tl.atomic_add(topk_ptr + out, acc_topk, mask=valid)
@@ -74,6 +76,10 @@ def _topk_stats_kernel(y_ptr, stride_y, rows_ptr, chunk_start_ptr, chunk_label_p
     if DO_MOM:
         tl.atomic_add(s1_ptr + out, acc_s1, mask=valid)
         tl.atomic_add(s2_ptr + out, acc_s2, mask=valid)
+
+
+TUNING = {"rows": 2, "num_warps": 8}
+"""Rows per step and warps per program on CUDA (bench/kernel_bench.py measures the choices)."""
 
 
 def topk_stats(y: torch.Tensor, rows: torch.Tensor, chunk_starts: torch.Tensor, chunk_labels: torch.Tensor,
@@ -108,8 +114,8 @@ def topk_stats(y: torch.Tensor, rows: torch.Tensor, chunk_starts: torch.Tensor, 
             shift.float().contiguous() if moments else dummy,
             out_topk if topk else dummy, out_pos if positive else dummy,
             s1 if moments else dummy, s2 if moments else dummy, width, k,
-            LOW_BIT=_LOW_BIT[y.dtype], BLOCK_D=block, DO_TOPK=topk, DO_POS=positive, DO_MOM=moments,
-            num_warps=8 if block >= 2048 else 4)
+            LOW_BIT=_LOW_BIT[y.dtype], BLOCK_D=block, ROWS=TUNING["rows"], DO_TOPK=topk, DO_POS=positive,
+            DO_MOM=moments, num_warps=TUNING["num_warps"] if y.is_cuda else 4)
     if topk:
         out["topk"] = out_topk
     if positive:

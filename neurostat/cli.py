@@ -176,7 +176,8 @@ def _parse_shard(text: str) -> tuple[int, int]:
 @click.option("--layers", default="all", help="Layers to collect, 1-based, e.g. 1,3,5-8.")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", help="Model dtype.")
-@click.option("--backend", type=click.Choice(["auto", "torch", "triton"]), default="auto", help="Statistics kernels: auto = Triton on CUDA, torch on CPU.")
+@click.option("--backend", type=click.Choice(["auto", "torch", "triton", "triton-fused"]), default="auto",
+              help="Statistics kernels: auto = triton on CUDA, torch on CPU; triton-fused also computes the FFN's first GEMM.")
 @click.option("--batch-seconds", default=160.0, help="Audio per batch (the Transformer runs on padded batches).")
 @click.option("--max-seconds", type=float, default=None, help="Cut utterances into pieces of at most this length (off by default: never cut).")
 @click.option("--checkpoint-seconds", default=300.0, help="Checkpoint at least this often.")

@@ -20,7 +20,7 @@ def _acts(adapter, waves):
     def sink(layer, a):
         got.setdefault(layer, []).append(a.detach().clone())
 
-    with adapter.instrument(sink):
+    with adapter.observe(sink):
         hidden, mask = adapter.encode(waves)
     return hidden, mask, {k: torch.cat(v) for k, v in got.items()}
 

@@ -260,18 +260,21 @@ def test_cli_bad_model_and_missing_corpus(tmp_path, prepared):
     assert res.exit_code == 2 and "numbered from 1" in res.output
 
 
-def test_triton_backend_collect_equals_torch_backend(prepared, tiny_model, tmp_path):
+def test_triton_backends_collect_equal_torch_backend(prepared, tiny_model, tmp_path):
     adapter = ModelAdapter.load(str(tiny_model))
-    for backend in ("torch", "triton"):
+    for backend in ("torch", "triton", "triton-fused"):
         attrs = collect(prepared, adapter, tmp_path / f"{backend}.zarr",
                         CollectConfig(topk_ratio=RATIO, batch_seconds=10.0, backend=backend, layers=[2]), progress=False)
         assert attrs["statistics"]["backend"] == backend
     a = xr.open_zarr(tmp_path / "torch.zarr", consolidated=False)
-    b = xr.open_zarr(tmp_path / "triton.zarr", consolidated=False)
-    for name in ("frames", "topk_count", "positive_count"):
-        np.testing.assert_array_equal(a[name].values, b[name].values)
-    for name in ("mean", "var"):
-        np.testing.assert_allclose(a[name].values, b[name].values, rtol=1e-5, atol=1e-6)
+    for backend in ("triton", "triton-fused"):
+        b = xr.open_zarr(tmp_path / f"{backend}.zarr", consolidated=False)
+        np.testing.assert_array_equal(a["frames"].values, b["frames"].values)
+        for name in ("topk_count", "positive_count"):
+            # the fused GEMM rounds differently from the model's own (fp32 here): allow a rare flip
+            assert np.abs(a[name].values - b[name].values).sum() <= (0 if backend == "triton" else 2), (backend, name)
+        for name in ("mean", "var"):
+            np.testing.assert_allclose(a[name].values, b[name].values, rtol=1e-4, atol=1e-5)
 
 
 def test_triton_backend_needs_cuda_or_interpreter(prepared, tiny_model, tmp_path, monkeypatch):

@@ -12,9 +12,11 @@ State (all additive, so shards, ranks and resumed runs merge into the same total
   pairwise formula — never a naive fp32 running sum.
 
 Per-batch counts are summed in fp32 (exact below 2**24 tokens per batch) and added to int64 totals.
-Two backends fill the same state: ``torch`` (the reference path: index_add/bincount on CPU, no host
-sync on CUDA) and ``triton`` (the ``topk_stats`` kernel: one read of each token row for all
-statistics).
+Three backends fill the same state: ``torch`` (the reference path: index_add/bincount on CPU, no
+host sync on CUDA), ``triton`` (the model's own GEMM and activation, then the ``topk_stats`` kernel:
+one read of each token row for all statistics; activations bit-identical to the torch path) and
+``triton-fused`` (the ``ffn_up_stats`` kernel computes the GEMM and activation itself with positive
+counts and moments in its epilogue; ``topk_stats`` adds the top-k counts).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 import torch
 
 STATS = ("topk", "positive", "moments")
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch", "triton", "triton-fused")
 _EXACT_FP32 = 2**24
 
 
@@ -70,7 +72,7 @@ def chunk_tokens(rows: torch.Tensor, labels: torch.Tensor, chunk_rows: int = 32)
     return rows.to(torch.int32), bounds, labels[starts].to(torch.int32)
 
 
-_FIELDS = ("index", "local", "labels", "counts", "sorted_rows", "chunk_starts", "chunk_labels")
+_FIELDS = ("index", "local", "labels", "counts", "sorted_rows", "chunk_starts", "chunk_labels", "perm", "sorted_local")
 
 
 @dataclass
@@ -84,6 +86,8 @@ class TokenBatch:
     sorted_rows: torch.Tensor   # (N,) int32: token positions sorted by label (Triton work list)
     chunk_starts: torch.Tensor  # (C + 1,) int32
     chunk_labels: torch.Tensor  # (C,) int32: local label of each chunk
+    perm: torch.Tensor          # (B*T,) int32: sorted token rows, then every other row (fused GEMM order)
+    sorted_local: torch.Tensor  # (N,) int32: local label of each sorted token row
 
     @classmethod
     def from_labels(cls, flat: np.ndarray) -> "TokenBatch":
@@ -94,7 +98,11 @@ class TokenBatch:
             raise ValueError(f"{len(index)} tokens in one batch: use smaller batches (fp32 counts are exact below 2**24)")
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
         index, local = t(index), t(local)
-        return cls(index, local, t(labels), t(counts), *chunk_tokens(index, local))
+        sorted_rows, starts, chunk_labels = chunk_tokens(index, local)
+        others = torch.from_numpy(np.flatnonzero(flat < 0).astype(np.int32))
+        sorted_local = torch.sort(local, stable=True).values.to(torch.int32)
+        return cls(index, local, t(labels), t(counts), sorted_rows, starts, chunk_labels,
+                   torch.cat([sorted_rows, others]), sorted_local)
 
     @property
     def num_tokens(self) -> int:
@@ -111,7 +119,7 @@ class Accumulator:
     """Additive statistics for ``num_layers`` layers × ``num_labels`` labels × ``width`` neurons."""
 
     def __init__(self, num_layers: int, num_labels: int, width: int, k: int, stats: tuple[str, ...] = STATS,
-                 device: torch.device | str = "cpu", backend: str = "torch"):
+                 device: torch.device | str = "cpu", backend: str = "torch", activation: str = "gelu"):
         unknown = set(stats) - set(STATS)
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
@@ -121,7 +129,7 @@ class Accumulator:
             raise ValueError(f"top-k needs 1 <= k <= width, got k={k}, width={width}")
         self.shape = (num_layers, num_labels, width)
         self.k, self.stats, self.device = k, tuple(s for s in STATS if s in stats), torch.device(device)
-        self.backend = backend
+        self.backend, self.activation = backend, activation
         self.moment_dtype = torch.float64 if self.device.type == "cpu" else torch.float32
         z = lambda dtype: torch.zeros(self.shape, dtype=dtype, device=self.device)  # noqa: E731
         self.frames = torch.zeros(num_labels, dtype=torch.int64, device=self.device)
@@ -136,17 +144,39 @@ class Accumulator:
 
         Call :meth:`add_frames` once per batch after every layer has been updated.
         """
-        if self.backend == "triton":
-            from ..kernels.topk_stats import topk_stats
-
-            if self.mean is not None and self.shift[layer] is None:
-                self.shift[layer] = a.index_select(0, batch.index).mean(0, dtype=torch.float32)
-            sums = topk_stats(a, batch.sorted_rows, batch.chunk_starts, batch.chunk_labels, batch.labels.numel(), self.k,
-                              self.shift[layer], topk=self.topk is not None, positive=self.positive is not None,
-                              moments=self.mean is not None)
-        else:
+        if self.backend == "torch":
             sums = self._torch_sums(layer, a.index_select(0, batch.index), batch)
+        else:
+            sums = self._kernel_sums(layer, a, batch, topk=self.topk is not None, positive=self.positive is not None,
+                                     moments=self.mean is not None)
         self.add_sums(layer, batch, sums)
+
+    def ffn_activation(self, layer: int, ffn, hidden: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+        """``act(W1 x + b1)`` of one FFN with its statistics added; with ``triton-fused`` both come from
+        the ``ffn_up_stats`` kernel (the layer's first batch runs unfused to set the moment shift)."""
+        shape = hidden.shape
+        if self.backend != "triton-fused" or (self.mean is not None and self.shift[layer] is None):
+            a = ffn.act(ffn.up(hidden))
+            self.update(layer, a.reshape(-1, a.shape[-1]), batch)
+            return a
+        from ..kernels.ffn_up_stats import ffn_up_stats
+
+        epilogue = self.positive is not None or self.mean is not None
+        a, sums = ffn_up_stats(hidden.reshape(-1, shape[-1]), ffn.up.weight, ffn.up.bias, self.activation, batch.perm,
+                               batch.sorted_local, batch.labels.numel(), self.shift[layer], stats=epilogue)
+        if self.topk is not None:
+            sums.update(self._kernel_sums(layer, a, batch, topk=True, positive=False, moments=False))
+        self.add_sums(layer, batch, sums)
+        return a.view(*shape[:-1], a.shape[-1])
+
+    def _kernel_sums(self, layer: int, a: torch.Tensor, batch: TokenBatch, topk: bool, positive: bool,
+                     moments: bool) -> dict[str, torch.Tensor]:
+        from ..kernels.topk_stats import topk_stats
+
+        if moments and self.shift[layer] is None:
+            self.shift[layer] = a.index_select(0, batch.index).mean(0, dtype=torch.float32)
+        return topk_stats(a, batch.sorted_rows, batch.chunk_starts, batch.chunk_labels, batch.labels.numel(), self.k,
+                          self.shift[layer], topk=topk, positive=positive, moments=moments)
 
     def _torch_sums(self, layer: int, x: torch.Tensor, batch: TokenBatch) -> dict[str, torch.Tensor]:
         """The per-label sums of the token rows ``x`` [N, D] with torch ops (the reference path)."""
@@ -237,10 +267,10 @@ class Accumulator:
 
     @classmethod
     def from_state(cls, state: dict[str, np.ndarray], k: int, device: torch.device | str = "cpu",
-                   backend: str = "torch") -> "Accumulator":
+                   backend: str = "torch", activation: str = "gelu") -> "Accumulator":
         stats = tuple(s for s, key in (("topk", "topk"), ("positive", "positive"), ("moments", "mean")) if key in state)
         shape = next(state[n].shape for n in ("topk", "positive", "mean") if n in state)
-        acc = cls(shape[0], shape[1], shape[2], k, stats, device, backend)
+        acc = cls(shape[0], shape[1], shape[2], k, stats, device, backend, activation)
         for name, value in state.items():
             getattr(acc, name).copy_(torch.from_numpy(np.asarray(value)))
         return acc

@@ -166,28 +166,38 @@ class ModelAdapter:
         return out[0], mask
 
     @contextmanager
-    def instrument(self, sink: Callable[[int, torch.Tensor], None], layers: list[int] | None = None) -> Iterator[None]:
-        """Within the block, each chosen layer's FFN passes ``a = act(W1 x + b1)`` (shape [B, T, D])
-        to ``sink(layer_index, a)`` and then finishes exactly as HF does."""
+    def instrument(self, activation: Callable[[int, FFN, torch.Tensor], torch.Tensor],
+                   layers: list[int] | None = None) -> Iterator[None]:
+        """Within the block, each chosen layer's FFN gets ``a = activation(layer_index, ffn, x)`` — which
+        must return ``act(W1 x + b1)`` [B, T, D] — and then finishes exactly as HF does."""
         chosen = range(self.num_layers) if layers is None else layers
         saved = []
         for i in chosen:
             ffn = self.ffns[i]
             saved.append((ffn.module, ffn.module.forward))
-            ffn.module.forward = _instrumented_forward(ffn, i, sink)
+            ffn.module.forward = _instrumented_forward(ffn, i, activation)
         try:
             yield
         finally:
             for module, forward in saved:
                 module.forward = forward
 
+    def observe(self, sink: Callable[[int, torch.Tensor], None], layers: list[int] | None = None):
+        """Instrumentation that only looks: ``sink(layer_index, a)`` sees each FFN activation."""
 
-def _instrumented_forward(ffn: FFN, index: int, sink: Callable[[int, torch.Tensor], None]):
+        def activation(index: int, ffn: FFN, x: torch.Tensor) -> torch.Tensor:
+            a = ffn.act(ffn.up(x))
+            sink(index, a)
+            return a
+
+        return self.instrument(activation, layers)
+
+
+def _instrumented_forward(ffn: FFN, index: int, activation: Callable[[int, FFN, torch.Tensor], torch.Tensor]):
     module = ffn.module
 
     def forward(hidden_states: torch.Tensor) -> torch.Tensor:
-        a = ffn.act(ffn.up(hidden_states))
-        sink(index, a)
+        a = activation(index, ffn, hidden_states)
         return module.output_dropout(ffn.down(module.intermediate_dropout(a)))
 
     return forward

@@ -134,7 +134,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     """``auto`` → Triton on CUDA, torch elsewhere; Triton off CUDA only under ``TRITON_INTERPRET=1``."""
     if backend == "auto":
         return "triton" if device.type == "cuda" else "torch"
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if backend.startswith("triton") and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("--backend triton needs a CUDA device (or TRITON_INTERPRET=1, the slow CPU interpreter)")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose auto or one of {BACKENDS}")
@@ -158,6 +158,11 @@ def collect(corpus: PreparedCorpus, adapter: ModelAdapter, out, config: CollectC
     if config.tokens not in MODES:
         raise ValueError(f"unknown token mode {config.tokens!r}; choose one of {MODES}")
     config.backend = resolve_backend(config.backend, adapter.device)
+    if config.backend == "triton-fused":
+        from ..kernels.ffn_up_stats import ACTIVATIONS
+
+        if str(adapter.config.hidden_act) not in ACTIVATIONS:
+            raise ModelError(f"{adapter.source}: activation {adapter.config.hidden_act!r} has no fused kernel; use --backend triton")
     layers = list(range(adapter.num_layers)) if config.layers is None else sorted(set(config.layers))
     bad = [i + 1 for i in layers if not 0 <= i < adapter.num_layers]
     if bad:
@@ -198,13 +203,14 @@ def _run(corpus, adapter, store: StoreWriter, config, layers, k, indices, attrs,
         return store.previous
     device = adapter.device
     space = corpus.label_space
-    acc = Accumulator(len(layers), space.size, adapter.width, k, config.stats, device, config.backend)
+    act = str(adapter.config.hidden_act)
+    acc = Accumulator(len(layers), space.size, adapter.width, k, config.stats, device, config.backend, act)
     done: list[str] = []
     prog = {"utterances_done": 0, "frames": 0, "tokens": 0, "audio_seconds": 0.0, "elapsed_seconds": 0.0, "skips": {}}
     checkpoint = store.load_checkpoint()
     if checkpoint is not None:
         state, done, prog = checkpoint
-        acc = Accumulator.from_state(state, k, device, config.backend)
+        acc = Accumulator.from_state(state, k, device, config.backend, act)
     finished = set(done)
     todo = [i for i in indices if corpus.records[i]["id"] not in finished]
     batches = plan_batches(corpus, todo, config.batch_seconds, config.max_seconds)
@@ -213,10 +219,9 @@ def _run(corpus, adapter, store: StoreWriter, config, layers, k, indices, attrs,
                                          pin_memory=device.type == "cuda", persistent_workers=False)
     position = {layer: i for i, layer in enumerate(layers)}
     current: dict = {}
-    width = adapter.width
 
-    def sink(layer: int, a: torch.Tensor) -> None:
-        acc.update(position[layer], a.reshape(-1, width), current["tokens"])
+    def activation(layer: int, ffn, hidden: torch.Tensor) -> torch.Tensor:
+        return acc.ffn_activation(position[layer], ffn, hidden, current["tokens"])
 
     started, last_ckpt, since_ckpt = time.time(), time.time(), 0
     base_elapsed = prog["elapsed_seconds"]
@@ -229,7 +234,7 @@ def _run(corpus, adapter, store: StoreWriter, config, layers, k, indices, attrs,
         prog["utterances_done"] = len(done)
         store.save_checkpoint(acc.state_dict(), done, prog)
 
-    with adapter.instrument(sink, layers):
+    with adapter.instrument(activation, layers):
         for item in loader:
             for err in item["errors"]:
                 prog["skips"][err["reason"]] = prog["skips"].get(err["reason"], 0) + 1

@@ -1,0 +1,287 @@
+"""GPU benchmark of the statistics kernels and the engine's backends, one process, one card.
+
+Kernel level (HuBERT-base FFN geometry, bf16): cuBLAS GEMM alone; cuBLAS GEMM + GELU (the model's
+own path); `topk_stats` over the token rows; the torch statistics on the same rows; `ffn_up_stats`
+(GEMM + GELU + positive/moment epilogue) in a few tile shapes.  Achieved TFLOP/s and GB/s.
+
+Engine level: batches of ~16 x 15 s of random audio through a random HuBERT-base in bf16, with
+random phone-like labels (runs of 2-8 frames): the plain forward vs the torch backend vs
+`torch.compile` of the torch statistics vs `triton` vs `triton-fused`; frames/s and ratios.
+Counts of the torch and triton backends are checked equal on the same activations.
+
+    python bench/kernel_bench.py                    # on a CUDA machine; appends to bench/RESULTS.md
+    TRITON_INTERPRET=1 python bench/kernel_bench.py --smoke   # tiny shapes on CPU, checks the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import neurostat.kernels.ffn_up_stats as fused
+import neurostat.kernels.topk_stats as ts_mod
+from neurostat.engine.accumulate import Accumulator, TokenBatch, topk_mask
+from neurostat.engine.adapter import ModelAdapter
+from neurostat.kernels.ffn_up_stats import ffn_up_stats
+from neurostat.kernels.topk_stats import topk_stats
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeat=10, warmup=2) -> float:
+    """Median seconds of ``fn()`` (device-synchronised)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def phone_labels(num_frames: int, mode: str, rng: np.random.Generator, num_phones=41, genders=2, bins=4) -> np.ndarray:
+    """Random joint labels with phone runs of 2-8 frames; tokens by ``mode`` (−1 elsewhere)."""
+    runs = rng.integers(2, 9, num_frames)
+    phones = np.repeat(rng.integers(0, num_phones, len(runs)), runs)[:num_frames]
+    gender = rng.integers(0, genders)
+    joint = (phones * genders + gender) * bins + rng.integers(0, bins, num_frames)
+    if mode == "all":
+        return joint
+    out = np.full(num_frames, -1)
+    starts = np.flatnonzero(np.r_[True, phones[1:] != phones[:-1]])
+    ends = np.r_[starts[1:], num_frames] - 1
+    mids = (starts + ends) // 2
+    out[mids] = joint[mids]
+    return out
+
+
+def make_batches(adapter, n_batches, per_batch, seconds, mode, rng):
+    sr = adapter.geometry.sample_rate
+    batches = []
+    for _ in range(n_batches):
+        waves = [torch.from_numpy(adapter.normalize((rng.standard_normal(int(sr * rng.uniform(0.85, 1.0) * seconds)) * 0.1)
+                                                    .astype(np.float32))) for _ in range(per_batch)]
+        frames = [adapter.geometry.num_frames(len(w)) for w in waves]
+        flat = np.full((per_batch, max(frames)), -1)
+        for b, n in enumerate(frames):
+            flat[b, :n] = phone_labels(n, mode, rng)
+        batches.append((waves, TokenBatch.from_labels(flat.reshape(-1)), sum(frames)))
+    return batches
+
+
+def torch_sums(x: torch.Tensor, local: torch.Tensor, num_labels: int, k: int, shift: torch.Tensor):
+    """The torch statistics of token rows as one function (what torch.compile gets)."""
+    z = torch.zeros((num_labels, x.shape[1]), dtype=torch.float32, device=x.device)
+    dev = x.float() - shift
+    return {"topk": z.index_add(0, local, topk_mask(x, k).float()), "positive": z.index_add(0, local, (x > 0).float()),
+            "s1": z.index_add(0, local, dev), "s2": z.index_add(0, local, dev * dev)}
+
+
+def kernel_table(device, dtype, M, K, N, k, labels, token_fraction, rng, configs, ts_tunings) -> tuple:
+    x = torch.randn(M, K, device=device, dtype=dtype)
+    w = (torch.randn(N, K, device=device) / K**0.5).to(dtype)
+    b = (torch.randn(N, device=device) * 0.1).to(dtype)
+    lab = torch.from_numpy(np.where(rng.random(M) < token_fraction, rng.integers(0, labels, M), -1))
+    batch = TokenBatch.from_labels(lab.numpy()).to(device)
+    U = batch.labels.numel()
+    shift = torch.zeros(N, device=device)
+    n_tok = batch.num_tokens
+    flops = 2 * M * N * K
+    io = (M * K + N * K + M * N) * x.element_size()
+    rows = []
+
+    def add(name, t, f=0, byts=0):
+        rows.append(f"| {name} | {t * 1e6:,.1f} | {f / t / 1e12 if f else 0:,.1f} | {byts / t / 1e9 if byts else 0:,.0f} |")
+
+    t_gemm = timed(lambda: torch.nn.functional.linear(x, w, b), device)
+    add("cuBLAS GEMM + bias (F.linear)", t_gemm, flops, io)
+    y = torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b))
+    t_act = timed(lambda: torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b)), device)
+    add("cuBLAS GEMM + GELU (the model's path)", t_act, flops, io + 2 * M * N * x.element_size())
+    tok_bytes = n_tok * N * x.element_size()
+    ts_run = lambda: topk_stats(y, batch.sorted_rows, batch.chunk_starts, batch.chunk_labels, U, k, shift)  # noqa: E731
+    best_ts = None
+    for tuning in ts_tunings:
+        ts_mod.TUNING.update(tuning)
+        t = timed(ts_run, device)
+        add(f"topk_stats, all statistics, {n_tok} token rows, {tuning}", t, 0, tok_bytes)
+        if best_ts is None or t < best_ts[0]:
+            best_ts = (t, dict(tuning))
+    ts_mod.TUNING.update(best_ts[1])
+    t_ts = best_ts[0]
+    t_tk = timed(lambda: topk_stats(y, batch.sorted_rows, batch.chunk_starts, batch.chunk_labels, U, k, shift,
+                                    positive=False, moments=False), device)
+    add("topk_stats, top-k only", t_tk, 0, tok_bytes)
+    t_torch = timed(lambda: torch_sums(y.index_select(0, batch.index), batch.local, U, k, shift), device)
+    add("torch statistics on the token rows (index_select + topk + index_add)", t_torch, 0, tok_bytes)
+    best = None
+    for tiles in configs:
+        run = lambda: ffn_up_stats(x, w, b, "gelu", batch.perm, batch.sorted_local, U, shift, tiles=tiles)  # noqa: E731
+        try:
+            t = timed(run, device)
+        except Exception as e:  # a tile shape that does not fit this card's resources
+            rows.append(f"| ffn_up_stats {tiles} | failed: {type(e).__name__} | | |")
+            continue
+        add(f"ffn_up_stats {tiles} (GEMM+GELU+positive/moments)", t, flops, io)
+        if best is None or t < best[0]:
+            best = (t, tiles)
+    if best is None:
+        raise SystemExit("no ffn_up_stats tile shape ran on this card")
+    plain = lambda: ffn_up_stats(x, w, b, "gelu", batch.perm, batch.sorted_local, U, shift, stats=False,  # noqa: E731
+                                 tiles=best[1])
+    add("ffn_up_stats, best tiles, without the epilogue statistics", timed(plain, device), flops, io)
+    # correctness on the card: the fused y is close to the model's; the kernels' counts equal the torch counts on y
+    yf, sums = ffn_up_stats(x, w, b, "gelu", batch.perm, batch.sorted_local, U, shift, tiles=best[1])
+    err = ((yf.float() - y.float()).norm() / y.float().norm()).item()
+    ts = topk_stats(y, batch.sorted_rows, batch.chunk_starts, batch.chunk_labels, U, k, shift)
+    ref = torch_sums(y.index_select(0, batch.index), batch.local, U, k, shift)
+    same = all(torch.equal(ts[n].long(), ref[n].round().long()) for n in ("topk", "positive"))
+    s1_err = ((ts["s1"] - ref["s1"]).norm() / ref["s1"].norm()).item()
+    notes = [f"- fused y vs cuBLAS+GELU y: relative error {err:.2e}; topk_stats counts == torch counts: {same}; "
+             f"s1 relative difference {s1_err:.1e}",
+             f"- per layer for this batch: model path {t_act * 1e6:,.0f} µs; + topk_stats {t_ts * 1e6:,.0f} µs "
+             f"= {100 * t_ts / t_act:.1f}% of it; torch statistics {t_torch * 1e6:,.0f} µs; "
+             f"best fused {best[0] * 1e6:,.0f} µs + top-k {t_tk * 1e6:,.0f} µs"]
+    if not same:
+        raise SystemExit("topk_stats counts differ from the torch counts on the same activations")
+    return rows, notes, best[1], best_ts[1]
+
+
+def engine_runs(adapter, batches, k, num_labels, variants, device, repeat):
+    """Median seconds of one pass over ``batches`` per variant."""
+    D, L = adapter.width, adapter.num_layers
+    out, states = {}, {}
+    for name, backend in variants:
+        def one_pass():
+            if backend is None:
+                for waves, _, _ in batches:
+                    adapter.encode(waves)
+                return None
+            acc = Accumulator(L, num_labels, D, k, device=device, backend="torch" if backend == "compile" else backend,
+                              activation=str(adapter.config.hidden_act))
+            current = {}
+            if backend == "compile":
+                fn = torch.compile(torch_sums, dynamic=True)
+
+                def activation(layer, ffn, h):
+                    a = ffn.act(ffn.up(h))
+                    batch = current["b"]
+                    if acc.shift[layer] is None:
+                        acc.shift[layer] = a.reshape(-1, D).index_select(0, batch.index).mean(0, dtype=torch.float32)
+                    sums = fn(a.reshape(-1, D).index_select(0, batch.index), batch.local, batch.labels.numel(), k,
+                              acc.shift[layer])
+                    acc.add_sums(layer, batch, sums)
+                    return a
+            else:
+                def activation(layer, ffn, h):
+                    return acc.ffn_activation(layer, ffn, h, current["b"])
+            with adapter.instrument(activation):
+                for waves, batch, _ in batches:
+                    current["b"] = batch.to(device)
+                    adapter.encode(waves)
+                    acc.add_frames(current["b"])
+            return acc
+        states[name] = one_pass()  # warm-up (compiles kernels)
+        out[name] = timed(one_pass, device, repeat=repeat, warmup=0)
+    return out, states
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpreter check of the script)")
+    ap.add_argument("--batches", type=int, default=3)
+    ap.add_argument("--per-batch", type=int, default=16)
+    ap.add_argument("--seconds", type=float, default=15.0)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")))
+    ap.add_argument("--out", default=None, help="also write the table here")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    device = "cpu" if args.smoke else "cuda"
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    rng = np.random.default_rng(0)
+    from transformers import HubertConfig, HubertModel, Wav2Vec2FeatureExtractor
+
+    cfg = (HubertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=40, conv_dim=(8,) * 7,
+                        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2) if args.smoke else HubertConfig())
+    torch.manual_seed(0)
+    adapter = ModelAdapter(HubertModel(cfg).eval().to(device, dtype), Wav2Vec2FeatureExtractor(do_normalize=True),
+                           "random HuBERT-base" if not args.smoke else "random tiny HuBERT")
+    D, H = adapter.width, adapter.config.hidden_size
+    k = max(1, round(0.01 * D))
+    num_labels = 41 * 2 * 4
+    card = torch.cuda.get_device_name() if device == "cuda" else "CPU (interpreter smoke run)"
+
+    def emit(new_lines: list[str]) -> None:
+        """Prints a finished section and appends it to the result files at once (nothing lost on a timeout)."""
+        text = "\n".join(new_lines) + "\n"
+        print(text, flush=True)
+        for path in filter(None, (args.results, args.out)):
+            with open(path, "a") as f:
+                f.write(text)
+
+    lines = ["", f"### kernel_bench on {card}", "", f"- torch {torch.__version__}, triton {__import__('triton').__version__}, "
+             f"CUDA {torch.version.cuda}; {dtype}".replace("torch.", "")]
+
+    M = 16 * 750 if not args.smoke else 70
+    configs = ([{"block": (128, 128, 64), "num_warps": 8, "num_stages": 3, "group_m": 8},
+                {"block": (128, 64, 64), "num_warps": 4, "num_stages": 3, "group_m": 8},
+                {"block": (64, 128, 64), "num_warps": 4, "num_stages": 4, "group_m": 8},
+                {"block": (128, 256, 64), "num_warps": 8, "num_stages": 3, "group_m": 8},
+                {"block": (64, 64, 32), "num_warps": 4, "num_stages": 2, "group_m": 8}]
+               if not args.smoke else [dict(fused.INTERPRETER_TILES)])
+    ts_tunings = ([{"rows": r, "num_warps": w} for r, w in ((1, 8), (2, 8), (4, 8), (4, 16), (8, 16))]
+                  if not args.smoke else [{"rows": 2, "num_warps": 4}])
+    chosen = {}
+    for frac, name in ((0.2, "phone-mid-like, 20% token rows"), (1.0, "all rows are tokens")):
+        rows, notes, tiles, tuning = kernel_table(device, dtype, M, H, D, k, num_labels, frac, rng, configs, ts_tunings)
+        chosen[frac] = (tiles, tuning)
+        lines += ["", f"Kernel level, M = {M} rows, K = {H}, N = {D}, k = {k}, {name}:", "",
+                  "| kernel | µs | TFLOP/s | GB/s |", "| --- | ---: | ---: | ---: |", *rows, "", *notes]
+    tiles, tuning = chosen[1.0]
+    fused.TILES.update(tiles)
+    ts_mod.TUNING.update(tuning)
+    lines += ["", f"- chosen for the engine runs (best with all rows as tokens): ffn_up_stats {tiles}; topk_stats {tuning}"]
+    emit(lines)
+
+    for mode in ("phone-mid", "all"):
+        batches = make_batches(adapter, args.batches if not args.smoke else 1, args.per_batch if not args.smoke else 2,
+                               args.seconds if not args.smoke else 1.0, mode, rng)
+        frames = sum(b[2] for b in batches)
+        tokens = sum(b[1].num_tokens for b in batches)
+        variants = [("plain forward", None), ("collect, torch backend", "torch")]
+        if not args.no_compile and not args.smoke:
+            variants.append(("collect, torch.compile of the torch statistics", "compile"))
+        variants += [("collect, triton backend", "triton"), ("collect, triton-fused backend", "triton-fused")]
+        times, states = engine_runs(adapter, batches, k, num_labels, variants, device, args.repeat if not args.smoke else 1)
+        lines = []
+        ref = states["collect, torch backend"].compute()
+        check = []
+        for name in ("collect, triton backend", "collect, triton-fused backend"):
+            got = states[name].compute()
+            diff = int(np.abs(got["topk_count"] - ref["topk_count"]).sum())
+            check.append(f"{name.split(', ')[1]}: top-k counts differing from torch: {diff} of {int(ref['topk_count'].sum())}")
+        base = times["plain forward"]
+        lines += ["", f"Engine level, tokens {mode}: {len(batches)} batches x {len(batches[0][0])} utterances of "
+                  f"~{args.seconds:g} s, {frames} frames, {tokens} tokens, all statistics", "",
+                  "| run | seconds | frames/s | vs plain |", "| --- | ---: | ---: | ---: |"]
+        lines += [f"| {name} | {t:.4f} | {frames / t:,.0f} | {t / base:.3f} |" for name, t in times.items()]
+        lines += ["", "- " + "; ".join(check)]
+        emit(lines)
+
+
+if __name__ == "__main__":
+    main()
