@@ -160,42 +160,47 @@ def kernel_table(device, dtype, M, K, N, k, labels, token_fraction, rng, configs
 
 
 def engine_runs(adapter, batches, k, num_labels, variants, device, repeat):
-    """Median seconds of one pass over ``batches`` per variant."""
+    """Median seconds of one pass over ``batches`` per variant; the variants take turns in every round."""
     D, L = adapter.width, adapter.num_layers
-    out, states = {}, {}
-    for name, backend in variants:
-        def one_pass():
-            if backend is None:
-                for waves, _, _ in batches:
-                    adapter.encode(waves)
-                return None
-            acc = Accumulator(L, num_labels, D, k, device=device, backend="torch" if backend == "compile" else backend,
-                              activation=str(adapter.config.hidden_act))
-            current = {}
-            if backend == "compile":
-                fn = torch.compile(torch_sums, dynamic=True)
+    compiled = torch.compile(torch_sums, dynamic=True)
 
-                def activation(layer, ffn, h):
-                    a = ffn.act(ffn.up(h))
-                    batch = current["b"]
-                    if acc.shift[layer] is None:
-                        acc.shift[layer] = a.reshape(-1, D).index_select(0, batch.index).mean(0, dtype=torch.float32)
-                    sums = fn(a.reshape(-1, D).index_select(0, batch.index), batch.local, batch.labels.numel(), k,
-                              acc.shift[layer])
-                    acc.add_sums(layer, batch, sums)
-                    return a
-            else:
-                def activation(layer, ffn, h):
-                    return acc.ffn_activation(layer, ffn, h, current["b"])
-            with adapter.instrument(activation):
-                for waves, batch, _ in batches:
-                    current["b"] = batch.to(device)
-                    adapter.encode(waves)
-                    acc.add_frames(current["b"])
-            return acc
-        states[name] = one_pass()  # warm-up (compiles kernels)
-        out[name] = timed(one_pass, device, repeat=repeat, warmup=0)
-    return out, states
+    def one_pass(backend):
+        if backend is None:
+            for waves, _, _ in batches:
+                adapter.encode(waves)
+            return None
+        acc = Accumulator(L, num_labels, D, k, device=device, backend="torch" if backend == "compile" else backend,
+                          activation=str(adapter.config.hidden_act))
+        current = {}
+
+        def activation(layer, ffn, h):
+            if backend != "compile":
+                return acc.ffn_activation(layer, ffn, h, current["b"])
+            a = ffn.act(ffn.up(h))
+            batch = current["b"]
+            if acc.shift[layer] is None:
+                acc.shift[layer] = a.reshape(-1, D).index_select(0, batch.index).mean(0, dtype=torch.float32)
+            acc.add_sums(layer, batch, compiled(a.reshape(-1, D).index_select(0, batch.index), batch.local,
+                                                batch.labels.numel(), k, acc.shift[layer]))
+            return a
+
+        with adapter.instrument(activation):
+            for waves, batch, _ in batches:
+                current["b"] = batch.to(device)
+                adapter.encode(waves)
+                acc.add_frames(current["b"])
+        return acc
+
+    states = {name: one_pass(backend) for name, backend in variants}  # warm-up: compiles the kernels
+    times = {name: [] for name, _ in variants}
+    for _ in range(repeat):
+        for name, backend in variants:
+            sync(device)
+            t = time.perf_counter()
+            one_pass(backend)
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(t) for name, t in times.items()}, states
 
 
 def main() -> None:
@@ -204,7 +209,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=3)
     ap.add_argument("--per-batch", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=15.0)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")))
     ap.add_argument("--out", default=None, help="also write the table here")
@@ -237,14 +242,13 @@ def main() -> None:
              f"CUDA {torch.version.cuda}; {dtype}".replace("torch.", "")]
 
     M = 16 * 750 if not args.smoke else 70
-    configs = ([{"block": (128, 128, 64), "num_warps": 8, "num_stages": 3, "group_m": 8},
-                {"block": (128, 64, 64), "num_warps": 4, "num_stages": 3, "group_m": 8},
-                {"block": (64, 128, 64), "num_warps": 4, "num_stages": 4, "group_m": 8},
-                {"block": (128, 256, 64), "num_warps": 8, "num_stages": 3, "group_m": 8},
-                {"block": (64, 64, 32), "num_warps": 4, "num_stages": 2, "group_m": 8}]
+    configs = ([{"block": (64, 128, 64), "num_warps": 4, "num_stages": 4, "group_m": 8},
+                {"block": (128, 128, 64), "num_warps": 8, "num_stages": 3, "group_m": 8},
+                {"block": (64, 64, 64), "num_warps": 4, "num_stages": 4, "group_m": 8}]
                if not args.smoke else [dict(fused.INTERPRETER_TILES)])
-    ts_tunings = ([{"rows": r, "num_warps": w} for r, w in ((1, 8), (2, 8), (4, 8), (4, 16), (8, 16))]
-                  if not args.smoke else [{"rows": 2, "num_warps": 4}])
+    ts_tunings = ([dict(zip(("search_rows", "search_warps", "rows", "num_warps"), t))
+                   for t in ((1, 4, 2, 8), (2, 4, 2, 8), (4, 8, 2, 8), (2, 4, 4, 8), (2, 4, 1, 4))]
+                  if not args.smoke else [{"search_rows": 2, "search_warps": 4, "rows": 2, "num_warps": 4}])
     chosen = {}
     for frac, name in ((0.2, "phone-mid-like, 20% token rows"), (1.0, "all rows are tokens")):
         rows, notes, tiles, tuning = kernel_table(device, dtype, M, H, D, k, num_labels, frac, rng, configs, ts_tunings)

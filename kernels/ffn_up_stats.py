@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 ACTIVATIONS = {"gelu": 0, "gelu_new": 1, "gelu_pytorch_tanh": 1, "relu": 2}
-TILES = {"block": (128, 128, 64), "num_warps": 8, "num_stages": 3, "group_m": 8}
+TILES = {"block": (64, 128, 64), "num_warps": 4, "num_stages": 4, "group_m": 8}
 """Tile shape on CUDA (bench/kernel_bench.py measures the choices)."""
 INTERPRETER_TILES = {"block": (16, 16, 16), "num_warps": 4, "num_stages": 1, "group_m": 4}
 

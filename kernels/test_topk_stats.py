@@ -15,10 +15,11 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" 
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows_per_step", [1, 2, 4])
+@pytest.mark.parametrize("rows_per_step", [(1, 2), (2, 1), (4, 4)])
 @pytest.mark.parametrize("m, d, k, labels, chunk", [(7, 13, 3, 4, 2), (29, 37, 5, 6, 4), (40, 101, 11, 9, 32), (3, 5, 5, 2, 1)])
 def test_matches_reference_with_ties_empty_labels_and_ignored_rows(dtype, rows_per_step, m, d, k, labels, chunk, monkeypatch):
-    monkeypatch.setitem(TUNING, "rows", rows_per_step)
+    monkeypatch.setitem(TUNING, "rows", rows_per_step[0])
+    monkeypatch.setitem(TUNING, "search_rows", rows_per_step[1])
     g = torch.Generator().manual_seed(m * 1000 + d)
     y = torch.randn(m, d, generator=g) * 2
     y[:, ::4] = torch.round(y[:, ::4])          # exact ties in |y|, some at the k-th value

@@ -4,15 +4,15 @@ For the paper's statistic every token needs the k-th largest |a| across its whol
 neurons), which no GEMM tile sees, so this kernel reads each selected row of ``y = act(W1 x + b1)``
 once and, in the same pass, also counts a > 0 and sums the shifted moments.
 
-Work is split into *chunks*: runs of at most 32 token rows that share one label (the host sorts the
-tokens by label while building the batch).  A program walks its chunk ``ROWS`` rows at a time (the
-threshold searches of those rows share each reduction), keeps the per-neuron sums in registers and
+Two kernels.  The *threshold* kernel finds, for every token row, the k-th largest |a|: |a| is read as
+an fp32 bit pattern (monotone for non-negative floats) and the key is built by a bitwise binary
+search from the top bit down (only the bits the input dtype can set: 15 for bf16, 18 for fp16, 31 for
+fp32).  It runs one small program per few rows, so the searches' reductions overlap across the GPU.
+The *accumulate* kernel walks *chunks* — runs of at most 32 token rows that share one label (the host
+sorts the tokens by label while building the batch) — keeps the per-neuron sums in registers and
 adds them to the per-batch buffers once, so atomics scale with the number of chunks, not of tokens.
-
-Top-k threshold: |a| is read as an fp32 bit pattern (monotone for non-negative floats) and the k-th
-largest key is found by a bitwise binary search from the top bit down (only the bits the input
-dtype can set: 15 for bf16, 18 for fp16, 31 for fp32).  Ties at the threshold go to the lower neuron
-index, through a prefix count of the tied lanes — the same rule as the torch reference.
+Ties at the threshold go to the lower neuron index, through a prefix count of the tied lanes — the
+same rule as the torch reference.
 
 Counts are int32 atomics (exact and order-independent); moment sums are fp32 atomics, so their
 rounding may differ from run to run.
@@ -28,10 +28,32 @@ _LOW_BIT = {torch.bfloat16: 16, torch.float16: 13, torch.float32: 0}
 
 
 @triton.jit
-def _topk_stats_kernel(y_ptr, stride_y, rows_ptr, chunk_start_ptr, chunk_label_ptr, shift_ptr,
-                       topk_ptr, pos_ptr, s1_ptr, s2_ptr, D, k,
-                       LOW_BIT: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
+def _threshold_kernel(y_ptr, stride_y, rows_ptr, n_rows, thr_ptr, room_ptr, D, k,
+                      LOW_BIT: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+    """Per token row: the k-th largest |a| as a key, and how many keys equal to it the top k takes."""
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    live = r < n_rows
+    offs = tl.arange(0, BLOCK_D)
+    ok = live[:, None] & (offs < D)[None, :]
+    row = tl.load(rows_ptr + r, mask=live, other=0).to(tl.int64)
+    a = tl.load(y_ptr + row[:, None] * stride_y + offs[None, :], mask=ok, other=0.0).to(tl.float32)
+    key = tl.where(ok, tl.abs(a).to(tl.int32, bitcast=True), -1)
+    thr = tl.zeros([ROWS], dtype=tl.int32)
+    for b in tl.static_range(31 - LOW_BIT):
+        cand = thr | (1 << (30 - b))
+        above = tl.sum((key >= cand[:, None]).to(tl.int32), axis=1)
+        thr = tl.where(above >= k, cand, thr)
+    room = k - tl.sum((key > thr[:, None]).to(tl.int32), axis=1)
+    tl.store(thr_ptr + r, thr, mask=live)
+    tl.store(room_ptr + r, room, mask=live)
+
+
+@triton.jit
+def _accumulate_kernel(y_ptr, stride_y, rows_ptr, chunk_start_ptr, chunk_label_ptr, thr_ptr, room_ptr, shift_ptr,
+                       topk_ptr, pos_ptr, s1_ptr, s2_ptr, D,
+                       BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
                        DO_TOPK: tl.constexpr, DO_POS: tl.constexpr, DO_MOM: tl.constexpr):
+    """Per same-label chunk: sums of the top-k masks, positive masks and shifted moments of its rows."""
     chunk = tl.program_id(0)
     start = tl.load(chunk_start_ptr + chunk)
     end = tl.load(chunk_start_ptr + chunk + 1)
@@ -51,17 +73,12 @@ def _topk_stats_kernel(y_ptr, stride_y, rows_ptr, chunk_start_ptr, chunk_label_p
         ok = live[:, None] & valid[None, :]
         a = tl.load(y_ptr + row[:, None] * stride_y + offs[None, :], mask=ok, other=0.0).to(tl.float32)
         if DO_TOPK:
+            thr = tl.load(thr_ptr + r, mask=live, other=0)
+            room = tl.load(room_ptr + r, mask=live, other=0)
             key = tl.where(ok, tl.abs(a).to(tl.int32, bitcast=True), -1)
-            thr = tl.zeros([ROWS], dtype=tl.int32)
-            for b in tl.static_range(31 - LOW_BIT):
-                cand = thr | (1 << (30 - b))
-                above = tl.sum((key >= cand[:, None]).to(tl.int32), axis=1)
-                thr = tl.where(above >= k, cand, thr)
-            gt = key > thr[:, None]
             tied = (key == thr[:, None]).to(tl.int32)
-            room = k - tl.sum(gt.to(tl.int32), axis=1)
             take = (tied == 1) & (tl.cumsum(tied, axis=1) <= room[:, None])
-            acc_topk += tl.sum(((gt | take) & ok).to(tl.int32), axis=0)
+            acc_topk += tl.sum(((key > thr[:, None]) | take).to(tl.int32), axis=0)
         if DO_POS:
             acc_pos += tl.sum(((a > 0) & ok).to(tl.int32), axis=0)
         if DO_MOM:
@@ -78,8 +95,8 @@ def _topk_stats_kernel(y_ptr, stride_y, rows_ptr, chunk_start_ptr, chunk_label_p
         tl.atomic_add(s2_ptr + out, acc_s2, mask=valid)
 
 
-TUNING = {"rows": 2, "num_warps": 8}
-"""Rows per step and warps per program on CUDA (bench/kernel_bench.py measures the choices)."""
+TUNING = {"search_rows": 2, "search_warps": 4, "rows": 2, "num_warps": 8}
+"""Rows per program step and warps of the two kernels on CUDA (bench/kernel_bench.py measures choices)."""
 
 
 def topk_stats(y: torch.Tensor, rows: torch.Tensor, chunk_starts: torch.Tensor, chunk_labels: torch.Tensor,
@@ -106,16 +123,25 @@ def topk_stats(y: torch.Tensor, rows: torch.Tensor, chunk_starts: torch.Tensor, 
     if moments and shift is None:
         raise ValueError("moments need the per-neuron shift")
     dummy = torch.empty(1, dtype=torch.int32, device=dev)
-    n_chunks = chunk_labels.numel()
+    n_chunks, n_rows = chunk_labels.numel(), rows.numel()
     if n_chunks:
         block = triton.next_power_of_2(width)
-        _topk_stats_kernel[(n_chunks,)](
-            y, y.stride(0), rows, chunk_starts, chunk_labels,
+        cuda = y.is_cuda
+        thr = room = dummy
+        if topk:
+            thr = torch.empty(n_rows, dtype=torch.int32, device=dev)
+            room = torch.empty(n_rows, dtype=torch.int32, device=dev)
+            search_rows = TUNING["search_rows"]
+            _threshold_kernel[(triton.cdiv(n_rows, search_rows),)](
+                y, y.stride(0), rows, n_rows, thr, room, width, k, LOW_BIT=_LOW_BIT[y.dtype], BLOCK_D=block,
+                ROWS=search_rows, num_warps=TUNING["search_warps"] if cuda else 4)
+        _accumulate_kernel[(n_chunks,)](
+            y, y.stride(0), rows, chunk_starts, chunk_labels, thr, room,
             shift.float().contiguous() if moments else dummy,
             out_topk if topk else dummy, out_pos if positive else dummy,
-            s1 if moments else dummy, s2 if moments else dummy, width, k,
-            LOW_BIT=_LOW_BIT[y.dtype], BLOCK_D=block, ROWS=TUNING["rows"], DO_TOPK=topk, DO_POS=positive,
-            DO_MOM=moments, num_warps=TUNING["num_warps"] if y.is_cuda else 4)
+            s1 if moments else dummy, s2 if moments else dummy, width,
+            BLOCK_D=block, ROWS=TUNING["rows"], DO_TOPK=topk, DO_POS=positive, DO_MOM=moments,
+            num_warps=TUNING["num_warps"] if cuda else 4)
     if topk:
         out["topk"] = out_topk
     if positive:
