@@ -23,7 +23,7 @@ def _perm(labels: torch.Tensor):
     return torch.cat([sorted_rows, others]), labels[sorted_rows.long()].to(torch.int32), rows
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("activation", ["gelu", "gelu_new", "relu"])
 @pytest.mark.parametrize("m, k, n, num_labels", [(37, 19, 45, 5), (70, 33, 29, 3), (5, 8, 7, 2)])
 def test_matches_reference(dtype, activation, m, k, n, num_labels):

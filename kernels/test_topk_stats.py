@@ -14,7 +14,7 @@ DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRE
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("rows_per_step", [(1, 2), (2, 1), (4, 4)])
 @pytest.mark.parametrize("m, d, k, labels, chunk", [(7, 13, 3, 4, 2), (29, 37, 5, 6, 4), (40, 101, 11, 9, 32), (3, 5, 5, 2, 1)])
 def test_matches_reference_with_ties_empty_labels_and_ignored_rows(dtype, rows_per_step, m, d, k, labels, chunk, monkeypatch):

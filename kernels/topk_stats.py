@@ -87,9 +87,9 @@ def _accumulate_kernel(y_ptr, stride_y, rows_ptr, chunk_start_ptr, chunk_label_p
             acc_s2 += tl.sum(dev * dev, axis=0)
     out = label * D + offs
     if DO_TOPK:
-        tl.atomic_add(topk_ptr + out, acc_topk, mask=valid)
+        tl.atomic_add(topk_ptr + out, acc_topk, mask=valid & (acc_topk != 0))
     if DO_POS:
-        tl.atomic_add(pos_ptr + out, acc_pos, mask=valid)
+        tl.atomic_add(pos_ptr + out, acc_pos, mask=valid & (acc_pos != 0))
     if DO_MOM:
         tl.atomic_add(s1_ptr + out, acc_s1, mask=valid)
         tl.atomic_add(s2_ptr + out, acc_s2, mask=valid)

@@ -33,9 +33,9 @@ def test_accumulator_against_float64_reference_and_merge():
     whole = Accumulator(L, U, D, k)
     parts = [Accumulator(L, U, D, k) for _ in range(3)]
     for step in range(6):
-        flat, x0 = _random_batch(g, 41 + step, U, D)
+        flat, x0 = _random_batch(g, 41 + step, U, D, torch.float64)
         batch = TokenBatch.from_labels(flat)
-        xs = [x0, torch.randn(x0.shape, generator=g)]
+        xs = [x0, torch.randn(x0.shape, generator=g, dtype=torch.float64)]
         for layer, x in enumerate(xs):
             whole.update(layer, x, batch)
             parts[step % 3].update(layer, x, batch)

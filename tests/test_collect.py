@@ -51,12 +51,12 @@ def hook_reference(prepared, model_dir, mode, dtype, layers):
     return stats_reference(rows, prepared.label_space.size, width, max(1, round(RATIO * width)))
 
 
-def assert_store_equals(path, ref, rtol=1e-9):
+def assert_store_equals(path, ref, rtol=1e-9, atol=1e-12):
     ds = xr.open_zarr(path, consolidated=False)
     for name in ("frames", "topk_count", "positive_count"):
         np.testing.assert_array_equal(ds[name].values, ref[name], err_msg=name)
     for name in ("mean", "var"):
-        np.testing.assert_allclose(ds[name].values, ref[name], rtol=rtol, atol=1e-12, err_msg=name)
+        np.testing.assert_allclose(ds[name].values, ref[name], rtol=rtol, atol=atol, err_msg=name)
 
 
 @pytest.mark.parametrize("mode", ["phone-mid", "all", "no-silence"])
@@ -75,7 +75,8 @@ def test_float32_batch_of_one_matches_hook_reference_and_layers_subset(prepared,
     config = CollectConfig(topk_ratio=RATIO, tokens="phone-mid", batch_seconds=1e-3, layers=[0, 2])
     collect(prepared, adapter, tmp_path / "s.zarr", config, progress=False)
     ref = hook_reference(prepared, tiny_model, "phone-mid", torch.float32, [0, 2])
-    assert_store_equals(tmp_path / "s.zarr", ref)
+    # counts exactly; moments to fp32 per-batch sums (the float64 test above holds them to 1e-9)
+    assert_store_equals(tmp_path / "s.zarr", ref, rtol=1e-5, atol=1e-7)
     assert xr.open_zarr(tmp_path / "s.zarr", consolidated=False)["layer"].values.tolist() == [1, 3]
 
 
@@ -125,8 +126,8 @@ def test_merge_of_shards_equals_single_run(prepared, tiny_model, tmp_path):
     a, b = xr.open_zarr(tmp_path / "all.zarr", consolidated=False), xr.open_zarr(tmp_path / "m.zarr", consolidated=False)
     for name in ("frames", "topk_count", "positive_count"):
         np.testing.assert_array_equal(a[name].values, b[name].values)
-    for name in ("mean", "var"):
-        np.testing.assert_allclose(a[name].values, b[name].values, rtol=1e-9, atol=1e-12)
+    for name in ("mean", "var"):  # fp32 per-batch sums around each run's own shift
+        np.testing.assert_allclose(a[name].values, b[name].values, rtol=1e-5, atol=1e-7)
     assert b.attrs["progress"]["utterances_done"] == len(prepared)
     with pytest.raises(StoreError, match="counted in both"):
         merge_stores([tmp_path / "s0.zarr", tmp_path / "all.zarr"], tmp_path / "bad.zarr")
@@ -177,7 +178,7 @@ def test_resume_after_sigkill_gives_identical_counts(tmp_path, tiny_model, demo_
     b = xr.open_zarr(tmp_path / "straight.zarr", consolidated=False)
     for name in ("frames", "topk_count", "positive_count"):
         np.testing.assert_array_equal(a[name].values, b[name].values)
-    np.testing.assert_allclose(a["mean"].values, b["mean"].values, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(a["mean"].values, b["mean"].values, rtol=1e-5, atol=1e-7)
     assert a.attrs["progress"]["utterances_done"] == 40
 
 

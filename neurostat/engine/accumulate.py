@@ -8,8 +8,8 @@ State (all additive, so shards, ranks and resumed runs merge into the same total
 - ``positive[layer, label, neuron]``: tokens with a_j > 0 (int64);
 - ``mean``, ``m2``: per-label mean and sum of squared deviations (float64).  Each batch's sums
   Σ(a − c) and Σ(a − c)² are taken around a per-neuron shift c (the layer's mean over the first
-  batch), in fp32 on GPU and fp64 on CPU, and merged into the float64 totals with Chan et al.'s
-  pairwise formula — never a naive fp32 running sum.
+  batch) in fp32 (fp64 for fp64 activations) and merged into the float64 totals with Chan et al.'s
+  pairwise formula — never a naive fp32 running sum over the corpus.
 
 Per-batch counts are summed in fp32 (exact below 2**24 tokens per batch) and added to int64 totals.
 Three backends fill the same state: ``torch`` (the reference path: index_add/bincount on CPU, no
@@ -130,7 +130,6 @@ class Accumulator:
         self.shape = (num_layers, num_labels, width)
         self.k, self.stats, self.device = k, tuple(s for s in STATS if s in stats), torch.device(device)
         self.backend, self.activation = backend, activation
-        self.moment_dtype = torch.float64 if self.device.type == "cpu" else torch.float32
         z = lambda dtype: torch.zeros(self.shape, dtype=dtype, device=self.device)  # noqa: E731
         self.frames = torch.zeros(num_labels, dtype=torch.int64, device=self.device)
         self.topk = z(torch.int64) if "topk" in self.stats else None
@@ -186,9 +185,10 @@ class Accumulator:
         if self.positive is not None:
             sums["positive"] = self._per_label(batch, (x > 0).to(torch.float32))
         if self.mean is not None:
+            dtype = torch.promote_types(x.dtype, torch.float32)
             if self.shift[layer] is None:
-                self.shift[layer] = x.mean(0, dtype=self.moment_dtype)
-            dev = x.to(self.moment_dtype) - self.shift[layer]
+                self.shift[layer] = x.mean(0, dtype=dtype)
+            dev = x.to(dtype) - self.shift[layer].to(dtype)
             sums["s1"] = self._per_label(batch, dev)
             sums["s2"] = self._per_label(batch, dev.square_())
         return sums
