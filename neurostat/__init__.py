@@ -8,10 +8,15 @@ pruner work from the resulting Zarr store.
 __version__ = "0.1.0"
 
 
+_LAZY = {"open_stats": "stats", "prune": "pruning", "load_pruned": "pruning", "ablate": "edit", "NeuronSet": "neuronset"}
+
+
 def __getattr__(name: str):
     """Lazy top-level API (keeps `import neurostat` light for the CLI)."""
-    if name == "open_stats":
-        from .stats import open_stats
+    import importlib
 
-        return open_stats
+    if name == "select":
+        return importlib.import_module(".select", __name__)
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'neurostat' has no attribute {name!r}")

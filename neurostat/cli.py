@@ -322,3 +322,134 @@ def describe_store(path: Path, attrs: dict) -> str:
         lines.append("tokens per gender: " + ", ".join(f"{g} {int(n)}" for g, n in zip(genders["gender"].values, genders.values)))
     lines.append(f"command: {attrs.get('command', '')}")
     return "\n".join(lines)
+
+
+@main.command()
+@click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--property", "properties", multiple=True, type=click.Choice(["phone-type", "gender", "pitch", "phone"]),
+              help="Property to select (repeatable; several print their overlaps) [default: gender].")
+@click.option("--groups", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help='Own groups instead: JSON {"axis": "phone|gender|pitch_bin", "groups": {"name": [labels]}, "phones": [...]}.')
+@click.option("--sigma", default=0.8, help="σ: a group neuron is above chance for at least this fraction of the group's phones.")
+@click.option("--stat", type=click.Choice(["topk", "positive"]), default="topk", help="Which activation count gives P(j | label).")
+@click.option("--rule", type=click.Choice(["paper", "entropy"]), default="paper", help="The paper's σ rule or LAPE's entropy rule.")
+@click.option("--entropy-quantile", default=0.01, help="entropy rule: keep neurons in this lowest entropy quantile.")
+@click.option("--min-prob-quantile", default=0.95, help="entropy rule: among neurons whose largest P is in this top quantile.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="JSON in the paper's format {layer: [indices]}; with several properties a folder of <property>.json.")
+def select(store, properties, groups, sigma, stat, rule, entropy_quantile, min_prob_quantile, out) -> None:
+    """Select property neurons from a statistics store (the paper's rule by default)."""
+    import warnings
+
+    from .neuronset import NeuronSetError
+    from .select import SelectionError, property_neurons, venn
+    from .stats import open_stats
+    from .store import StoreError
+
+    try:
+        stats = open_stats(store)
+        names = [str(groups)] if groups else list(properties or ("gender",))
+        selections = {}
+        for name in names:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                selections[name] = property_neurons(stats, name, sigma, stat, groups=groups, rule=rule,
+                                                    entropy_quantile=entropy_quantile, min_prob_quantile=min_prob_quantile)
+            for w in caught:
+                click.echo(f"warning ({name}): {w.message}", err=True)
+    except (StoreError, SelectionError, NeuronSetError) as e:
+        raise click.ClickException(str(e)) from None
+    layers = stats.layers
+    click.echo(f"{stats.path}: r = k/D = {stats.chance:.4f}, σ = {sigma}, statistic {stat}, rule {rule}")
+    click.echo("layer        " + " ".join(f"{n:>5}" for n in layers) + "   total")
+    for name, sel in selections.items():
+        counts = sel.neurons.counts()
+        click.echo(f"{name[:12]:<12} " + " ".join(f"{counts[n]:>5}" for n in layers) + f"   {len(sel.neurons)}")
+        for g, s in sel.groups.items():
+            click.echo(f"  N[{g}]"[:13].ljust(13) + " ".join(f"{s.counts()[n]:>5}" for n in layers) + f"   {len(s)}")
+    if len(selections) > 1:
+        regions = venn({n: s.neurons for n, s in selections.items()})
+        click.echo("overlaps (exclusive regions, all layers): " + ", ".join(f"{k} {v}" for k, v in sorted(regions.items())))
+    if out is not None:
+        if len(selections) == 1:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            next(iter(selections.values())).neurons.save(out)
+            click.echo(f"wrote {out}")
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            for name, sel in selections.items():
+                sel.neurons.save(out / f"{name}.json")
+            click.echo(f"wrote {len(selections)} files to {out}")
+
+
+@main.command()
+@click.option("--model", required=True, help="Hub id or local directory of the model to edit.")
+@click.option("--neurons", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Neurons to remove: JSON {layer: [indices]} (e.g. from `neurostat select`).")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Edited checkpoint directory.")
+def ablate(model, neurons, out) -> None:
+    """Write an edited checkpoint whose given neurons are removed (zeroed W2 columns)."""
+    from .edit import zero_neurons
+    from .engine.adapter import ModelError, load_full_model
+    from .neuronset import NeuronSet, NeuronSetError
+
+    try:
+        net = load_full_model(model)
+        ffns = _ffn_geometry(net)
+        chosen = NeuronSet.load(neurons, num_layers=len(ffns), width=max(ffns))
+        zero_neurons(net, chosen)
+    except (ModelError, NeuronSetError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    net.save_pretrained(out)
+    _copy_feature_extractor(model, out)
+    click.echo(f"zeroed {len(chosen)} neurons in {sum(1 for c in chosen.counts().values() if c)} layers -> {out}")
+
+
+def _ffn_geometry(net) -> list[int]:
+    from .edit import model_ffns
+
+    return [f.width for f in model_ffns(net)]
+
+
+def _copy_feature_extractor(model: str, out: Path) -> None:
+    from transformers import AutoFeatureExtractor
+
+    try:
+        AutoFeatureExtractor.from_pretrained(model).save_pretrained(out)
+    except (OSError, ValueError):
+        click.echo(f"note: {model} has no feature-extractor config to copy", err=True)
+
+
+@main.command()
+@click.option("--model", required=True, help="Hub id or local directory of the model to prune.")
+@click.option("--protect", "protect_files", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Neurons never pruned (repeatable; e.g. property neurons from `neurostat select`).")
+@click.option("--keep-ratio", type=float, default=None, help="Fraction of each layer's neurons to keep (or of all, with --scope global).")
+@click.option("--keep", type=int, default=None, help="Neurons to keep per layer (or in all, with --scope global).")
+@click.option("--keep-protected-only", is_flag=True, help="Keep exactly the protected neurons.")
+@click.option("--scope", type=click.Choice(["layer", "global"]), default="layer", help="Budget per layer or across layers.")
+@click.option("--criterion", type=click.Choice(["l1", "l2"]), default="l1", help="Score: ‖W1[j,:]‖ + |b1[j]| + ‖W2[:,j]‖; lowest pruned first.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Pruned checkpoint directory.")
+def prune(model, protect_files, keep_ratio, keep, keep_protected_only, scope, criterion, out) -> None:
+    """Prune FFN neurons physically and save a checkpoint that `neurostat.load_pruned` reads back."""
+    from .engine.adapter import ModelError, load_full_model
+    from .neuronset import NeuronSet, NeuronSetError
+    from .pruning import PruneError, prune as run_prune, save_pruned
+
+    try:
+        net = load_full_model(model)
+        widths = _ffn_geometry(net)
+        protected = {str(f): NeuronSet.load(f, num_layers=len(widths), width=max(widths)) for f in protect_files}
+        union = NeuronSet()
+        for s in protected.values():
+            union = union | s
+        result = run_prune(net, keep=keep, protect=union, ratio=keep_ratio, criterion=criterion, scope=scope,
+                           exact_protected=keep_protected_only)
+    except (ModelError, NeuronSetError, PruneError) as e:
+        raise click.ClickException(str(e)) from None
+    save_pruned(net, result, out, model, getattr(net.config, "_commit_hash", None), protected, feature_extractor_from=model)
+    _copy_feature_extractor(model, out)
+    click.echo(f"parameters: {result.params_before:,} -> {result.params_after:,} "
+               f"({100 * (1 - result.params_after / result.params_before):.1f}% fewer)")
+    click.echo("FFN widths per layer: " + " ".join(f"{layer}:{w}" for layer, w in result.widths().items()))
+    click.echo(f"pruned checkpoint: {out} (load with neurostat.load_pruned)")

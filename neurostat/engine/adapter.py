@@ -213,3 +213,18 @@ def load_geometry(source: str) -> FrameGeometry:
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot read the config of model {source!r}: {e}") from None
     return FrameGeometry.from_config(config, fe.sampling_rate)
+
+
+def load_full_model(source: str, revision: str | None = None) -> nn.Module:
+    """The checkpoint with its own head (the class its config names, e.g. HubertForCTC), for editing."""
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(source, revision=revision)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load model {source!r}: {e}") from None
+    if config.model_type not in MODEL_TYPES:
+        raise ModelError(f"{source}: model type {config.model_type!r} is not supported (supported: {', '.join(MODEL_TYPES)})")
+    names = getattr(config, "architectures", None) or []
+    cls = next((getattr(transformers, n) for n in names if hasattr(transformers, n)), transformers.AutoModel)
+    return cls.from_pretrained(source, revision=revision).eval()

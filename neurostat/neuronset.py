@@ -1,0 +1,119 @@
+"""``NeuronSet``: per-layer sets of FFN neuron indices, in the paper's JSON format.
+
+Layers are 1-based, as in the paper's files ``{"<layer>": [indices]}``.  Sets combine with ``|``,
+``&`` and ``-``; ``overlap`` gives the exclusive regions of two sets per layer.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+
+class NeuronSetError(ValueError):
+    """A neuron set that does not fit a model or cannot be read; the message says why."""
+
+
+class NeuronSet:
+    """Neuron indices per layer (1-based layers)."""
+
+    def __init__(self, layers: Mapping[int, Iterable[int]] | None = None, num_layers: int | None = None,
+                 width: int | None = None):
+        self.sets: dict[int, frozenset[int]] = {int(k): frozenset(int(i) for i in v) for k, v in (layers or {}).items()}
+        self.num_layers, self.width = num_layers, width
+        if num_layers is not None or width is not None:
+            self.validate(num_layers, width)
+
+    def validate(self, num_layers: int | None, width: int | None, where: str = "neuron set") -> "NeuronSet":
+        """Raises NeuronSetError when a layer or index does not exist in a model of this geometry."""
+        for layer, idx in sorted(self.sets.items()):
+            if layer < 1 or (num_layers is not None and layer > num_layers):
+                raise NeuronSetError(f"{where}: layer {layer} does not exist (the model has layers 1..{num_layers})")
+            bad = sorted(i for i in idx if i < 0 or (width is not None and i >= width))
+            if bad:
+                raise NeuronSetError(f"{where}: layer {layer} has neuron indices out of range 0..{(width or 0) - 1}: "
+                                     f"{bad[:5]}{' ...' if len(bad) > 5 else ''}")
+        return self
+
+    def _combine(self, other: "NeuronSet", op) -> "NeuronSet":
+        if not isinstance(other, NeuronSet):
+            return NotImplemented
+        for mine, theirs, what in ((self.num_layers, other.num_layers, "layers"), (self.width, other.width, "width")):
+            if mine is not None and theirs is not None and mine != theirs:
+                raise NeuronSetError(f"cannot combine neuron sets of different models ({what} {mine} vs {theirs})")
+        layers = set(self.sets) | set(other.sets)
+        return NeuronSet({n: op(self[n], other[n]) for n in layers}, self.num_layers or other.num_layers,
+                         self.width or other.width)
+
+    def __or__(self, other):
+        return self._combine(other, frozenset.__or__)
+
+    def __and__(self, other):
+        return self._combine(other, frozenset.__and__)
+
+    def __sub__(self, other):
+        return self._combine(other, frozenset.__sub__)
+
+    def __getitem__(self, layer: int) -> frozenset[int]:
+        return self.sets.get(int(layer), frozenset())
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, NeuronSet):
+            return NotImplemented
+        layers = set(self.sets) | set(other.sets)
+        return all(self[n] == other[n] for n in layers)
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.sets.values())
+
+    def __repr__(self) -> str:
+        return f"NeuronSet({len(self)} neurons in {sum(1 for v in self.sets.values() if v)} layers)"
+
+    @property
+    def layers(self) -> list[int]:
+        """Every layer the set knows of (1..num_layers when known), ascending."""
+        return list(range(1, self.num_layers + 1)) if self.num_layers else sorted(self.sets)
+
+    def counts(self) -> dict[int, int]:
+        """Number of neurons per layer."""
+        return {n: len(self[n]) for n in self.layers}
+
+    def overlap(self, other: "NeuronSet") -> dict[int, dict[str, int]]:
+        """Per layer: neurons only in self, in both, only in other."""
+        layers = sorted(set(self.layers) | set(other.layers))
+        return {n: {"only_self": len(self[n] - other[n]), "both": len(self[n] & other[n]),
+                    "only_other": len(other[n] - self[n])} for n in layers}
+
+    def to_json(self) -> str:
+        """The paper's format: ``{"<layer 1-based>": [sorted indices]}`` for every layer."""
+        return json.dumps({str(n): sorted(self[n]) for n in self.layers})
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def from_json(cls, text: str, num_layers: int | None = None, width: int | None = None,
+                  where: str = "neuron set") -> "NeuronSet":
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise NeuronSetError(f"{where}: not JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise NeuronSetError(f"{where}: expected an object {{\"<layer>\": [indices]}}")
+        layers = {}
+        for key, value in raw.items():
+            if not str(key).lstrip("-").isdigit() or not isinstance(value, list) or not all(isinstance(i, int) for i in value):
+                raise NeuronSetError(f"{where}: entry {key!r} must be a layer number mapped to a list of integers")
+            layers[int(key)] = value
+        out = cls(layers)
+        out.validate(num_layers, width, where)
+        out.num_layers, out.width = num_layers, width
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path, num_layers: int | None = None, width: int | None = None) -> "NeuronSet":
+        path = Path(path)
+        if not path.is_file():
+            raise NeuronSetError(f"{path}: no such file")
+        return cls.from_json(path.read_text(), num_layers, width, where=str(path))

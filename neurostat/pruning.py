@@ -1,0 +1,182 @@
+"""Pruning FFN neurons: scores, budgets, protected sets, physical slicing, and pruned checkpoints.
+
+Pruning neuron j slices row j of W1 and b1 and column j of W2.  The paper's baseline score is
+``‖W1[j,:]‖₁ + |b1[j]| + ‖W2[:,j]‖₁`` (``l2`` uses Euclidean norms); the lowest scores go first.
+"Protected" pruning removes the protected neurons (e.g. property neurons) from the candidates
+first; ``exact_protected`` keeps exactly the protected set.
+
+Pruned layers have different widths, which HF cannot load, so a pruned checkpoint is a directory
+with the HF config, ``neurostat.json`` (source model, kept indices per layer, criterion, protected
+sets) and ``model.safetensors``; :func:`load_pruned` rebuilds the model exactly (``strict=True``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__
+from .edit import model_ffns
+from .neuronset import NeuronSet
+
+CRITERIA = ("l1", "l2")
+FORMAT = 1
+
+
+class PruneError(ValueError):
+    """A budget or protected set that cannot be met, or a checkpoint that cannot be read."""
+
+
+@dataclass
+class PruneResult:
+    kept: dict[int, list[int]]       # layer (1-based) -> kept neuron indices of the original model
+    params_before: int
+    params_after: int
+    criterion: str
+
+    def widths(self) -> dict[int, int]:
+        return {layer: len(idx) for layer, idx in self.kept.items()}
+
+
+@torch.no_grad()
+def neuron_scores(model: nn.Module, criterion: str = "l1") -> dict[int, torch.Tensor]:
+    """Per layer (1-based): a score per FFN neuron; low scores are pruned first."""
+    if criterion not in CRITERIA:
+        raise PruneError(f"unknown criterion {criterion!r}; choose from {CRITERIA}")
+    out = {}
+    for i, ffn in enumerate(model_ffns(model), 1):
+        w1, w2 = ffn.up.weight.double(), ffn.down.weight.double()
+        b1 = ffn.up.bias.double() if ffn.up.bias is not None else torch.zeros(ffn.width, dtype=torch.float64)
+        if criterion == "l1":
+            out[i] = w1.abs().sum(1) + b1.abs() + w2.abs().sum(0)
+        else:
+            out[i] = (w1.square().sum(1) + b1.square() + w2.square().sum(0)).sqrt()
+    return out
+
+
+def plan(scores: dict[int, torch.Tensor], keep: int | dict[int, int] | None = None, ratio: float | None = None,
+         protect: NeuronSet | None = None, scope: str = "layer", exact_protected: bool = False) -> dict[int, list[int]]:
+    """Kept indices per layer for a budget (a count per layer, or a ratio, per layer or global)."""
+    protect = protect or NeuronSet()
+    widths = {layer: s.numel() for layer, s in scores.items()}
+    protect.validate(len(scores), max(widths.values()), "protected neurons")
+    if exact_protected:
+        if keep is not None or ratio is not None:
+            raise PruneError("keeping exactly the protected set takes no other budget")
+        return {layer: sorted(protect[layer]) for layer in scores}
+    if (keep is None) == (ratio is None):
+        raise PruneError("give exactly one budget: keep (a count) or ratio")
+    if ratio is not None and not 0 < ratio <= 1:
+        raise PruneError(f"ratio must be in (0, 1], got {ratio}")
+    if scope == "global":
+        total = round(ratio * sum(widths.values())) if ratio is not None else keep
+        if not isinstance(total, int):
+            raise PruneError("a global budget is one number")
+        return _plan_global(scores, total, protect)
+    if scope != "layer":
+        raise PruneError(f"unknown scope {scope!r}; choose layer or global")
+    budget = {layer: (round(ratio * w) if ratio is not None else (keep[layer] if isinstance(keep, dict) else keep))
+              for layer, w in widths.items()}
+    kept = {}
+    for layer, score in scores.items():
+        n, fixed = budget[layer], sorted(protect[layer])
+        if not 0 <= n <= widths[layer]:
+            raise PruneError(f"layer {layer}: cannot keep {n} of {widths[layer]} neurons")
+        if len(fixed) > n:
+            raise PruneError(f"layer {layer}: {len(fixed)} protected neurons but a budget of {n}; raise the budget "
+                             f"or protect fewer")
+        rest = [j for j in torch.argsort(score, descending=True, stable=True).tolist() if j not in protect[layer]]
+        kept[layer] = sorted(fixed + rest[: n - len(fixed)])
+    return kept
+
+
+def _plan_global(scores: dict[int, torch.Tensor], total: int, protect: NeuronSet) -> dict[int, list[int]]:
+    fixed = [(layer, j) for layer in scores for j in protect[layer]]
+    if len(fixed) > total:
+        raise PruneError(f"{len(fixed)} protected neurons but a global budget of {total}")
+    candidates = [(float(s), layer, j) for layer, score in scores.items() for j, s in enumerate(score.tolist())
+                  if j not in protect[layer]]
+    candidates.sort(key=lambda c: (-c[0], c[1], c[2]))
+    chosen = fixed + [(layer, j) for _, layer, j in candidates[: total - len(fixed)]]
+    return {layer: sorted(j for layer_, j in chosen if layer_ == layer) for layer in scores}
+
+
+def _slice(ffn, idx: list[int]) -> None:
+    index = torch.tensor(idx, dtype=torch.long, device=ffn.up.weight.device)
+    up = nn.Linear(ffn.up.in_features, len(idx), bias=ffn.up.bias is not None, device=index.device, dtype=ffn.up.weight.dtype)
+    down = nn.Linear(len(idx), ffn.down.out_features, bias=ffn.down.bias is not None, device=index.device,
+                     dtype=ffn.down.weight.dtype)
+    with torch.no_grad():
+        up.weight.copy_(ffn.up.weight.index_select(0, index))
+        if up.bias is not None:
+            up.bias.copy_(ffn.up.bias.index_select(0, index))
+        down.weight.copy_(ffn.down.weight.index_select(1, index))
+        if down.bias is not None:
+            down.bias.copy_(ffn.down.bias)
+    ffn.module.intermediate_dense, ffn.module.output_dense = up, down
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def prune(model: nn.Module, keep: int | dict[int, int] | None = None, protect: NeuronSet | None = None,
+          ratio: float | None = None, criterion: str = "l1", scope: str = "layer",
+          exact_protected: bool = False) -> PruneResult:
+    """Prunes the FFNs of ``model`` in place to the budget; returns the kept indices and parameter counts."""
+    before = count_parameters(model)
+    kept = plan(neuron_scores(model, criterion), keep, ratio, protect, scope, exact_protected)
+    for layer, ffn in enumerate(model_ffns(model), 1):
+        _slice(ffn, kept[layer])
+    return PruneResult(kept, before, count_parameters(model), criterion)
+
+
+def save_pruned(model: nn.Module, result: PruneResult, path: str | Path, source: str, revision: str | None = None,
+                protected: dict[str, NeuronSet] | None = None, feature_extractor_from: str | None = None) -> Path:
+    """Writes config.json, neurostat.json and model.safetensors (and the feature-extractor config)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(path)
+    meta = {"format": FORMAT, "neurostat_version": __version__, "source_model": source, "revision": revision,
+            "architecture": type(model).__name__, "criterion": result.criterion,
+            "kept": {str(k): v for k, v in result.kept.items()}, "widths": {str(k): len(v) for k, v in result.kept.items()},
+            "params_before": result.params_before, "params_after": result.params_after,
+            "protected": {name: json.loads(s.to_json()) for name, s in (protected or {}).items()}}
+    (path / "neurostat.json").write_text(json.dumps(meta, indent=1))
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    if feature_extractor_from:
+        src = Path(feature_extractor_from) / "preprocessor_config.json"
+        if src.is_file():
+            shutil.copy(src, path / "preprocessor_config.json")
+    return path
+
+
+def load_pruned(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuilds a pruned model exactly from :func:`save_pruned`'s directory (no pickles, strict)."""
+    import transformers
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta_file = path / "neurostat.json"
+    if not meta_file.is_file():
+        raise PruneError(f"{path} is not a neurostat pruned checkpoint (no neurostat.json)")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") != FORMAT:
+        raise PruneError(f"{meta_file}: pruned-checkpoint format {meta.get('format')} is not {FORMAT}")
+    config = transformers.AutoConfig.from_pretrained(path)
+    cls = getattr(transformers, meta["architecture"], None)
+    if cls is None:
+        raise PruneError(f"{meta_file}: unknown architecture {meta['architecture']!r}")
+    model = cls(config)
+    for layer, ffn in enumerate(model_ffns(model), 1):
+        _slice(ffn, list(range(meta["widths"][str(layer)])))
+    model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
+    return model.eval().to(device)

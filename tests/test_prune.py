@@ -1,0 +1,120 @@
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import save_tiny_model
+from transformers import HubertConfig, HubertForCTC
+
+import neurostat
+from neurostat.cli import main
+from neurostat.edit import ablate, zero_neurons
+from neurostat.neuronset import NeuronSet, NeuronSetError
+from neurostat.pruning import PruneError, count_parameters, load_pruned, neuron_scores, plan, prune, save_pruned
+
+LAYERS, WIDTH, HIDDEN = 3, 37, 32
+
+
+def tiny_ctc(seed=0):
+    torch.manual_seed(seed)
+    cfg = HubertConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=2, intermediate_size=WIDTH,
+                       conv_dim=(8,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, vocab_size=11)
+    return HubertForCTC(cfg).eval()
+
+
+def wave(seed=1):
+    return torch.randn(1, 8000, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def logits(model, x):
+    return model(x).logits
+
+
+def test_mask_equals_zeroed_columns_equals_physical_pruning():
+    model, x = tiny_ctc(), wave()
+    gone = NeuronSet({1: [0, 5, 36], 2: [], 3: list(range(0, WIDTH, 3))})
+    with ablate(model, gone):
+        masked = logits(model, x)
+    assert not torch.equal(masked, logits(model, x))   # the hooks are gone after the block
+    zeroed = logits(zero_neurons(tiny_ctc(), gone), x)
+    keep = {layer: [j for j in range(WIDTH) if j not in gone[layer]] for layer in range(1, LAYERS + 1)}
+    pruned_model = tiny_ctc()
+    result = prune(pruned_model, keep={layer: len(v) for layer, v in keep.items()},
+                   protect=NeuronSet(keep), criterion="l1")
+    assert result.kept == keep
+    pruned = logits(pruned_model, x)
+    assert (masked - zeroed).abs().max().item() == 0
+    assert (masked - pruned).abs().max().item() == 0
+
+
+def test_scores_budgets_and_protection():
+    model = tiny_ctc()
+    ffn = neurostat.edit.model_ffns(model)[0]
+    scores = neuron_scores(model, "l1")
+    manual = ffn.up.weight.abs().sum(1) + ffn.up.bias.abs() + ffn.down.weight.abs().sum(0)
+    torch.testing.assert_close(scores[1], manual.double())
+    low = int(torch.argmin(scores[1]))
+    kept = plan(scores, ratio=0.5, protect=NeuronSet({1: [low]}))
+    assert low in kept[1] and all(len(v) == round(0.5 * WIDTH) for v in kept.values())
+    unprotected = plan(scores, ratio=0.5)
+    assert low not in unprotected[1]
+    assert set(unprotected[2]) == set(torch.argsort(scores[2], descending=True)[:18].tolist())
+    assert plan(scores, exact_protected=True, protect=NeuronSet({2: [4, 1]})) == {1: [], 2: [1, 4], 3: []}
+    glob = plan(scores, ratio=0.3, scope="global")
+    assert sum(len(v) for v in glob.values()) == round(0.3 * 3 * WIDTH)
+    with pytest.raises(PruneError, match="3 protected neurons but a budget of 2"):
+        plan(scores, keep=2, protect=NeuronSet({1: [1, 2, 3]}))
+    with pytest.raises(PruneError, match="exactly one budget"):
+        plan(scores)
+    with pytest.raises(PruneError, match="cannot keep 40 of 37"):
+        plan(scores, keep=40)
+    with pytest.raises(NeuronSetError, match="layer 7 does not exist"):
+        plan(scores, keep=5, protect=NeuronSet({7: [1]}))
+
+
+def test_save_load_roundtrip_and_parameter_drop(tmp_path):
+    model, x = tiny_ctc(), wave()
+    before = count_parameters(model)
+    result = prune(model, ratio=0.4, criterion="l2")
+    removed = sum(WIDTH - len(v) for v in result.kept.values())
+    assert result.params_before == before
+    assert before - result.params_after == removed * (2 * HIDDEN + 1)  # a W1 row, a b1 entry, a W2 column
+    out = save_pruned(model, result, tmp_path / "pruned", "tiny", protected={"none": NeuronSet()})
+    back = load_pruned(out)
+    assert type(back) is HubertForCTC
+    assert torch.equal(logits(back, x), logits(model, x))
+    assert [f.width for f in neurostat.edit.model_ffns(back)] == [len(v) for v in result.kept.values()]
+    with pytest.raises(PruneError, match="not a neurostat pruned checkpoint"):
+        load_pruned(tmp_path)
+
+
+def test_ablate_rejects_neurons_the_model_does_not_have():
+    with pytest.raises(NeuronSetError, match="out of range"):
+        with ablate(tiny_ctc(), NeuronSet({1: [WIDTH]})):
+            pass
+    with pytest.raises(NeuronSetError, match="layer 4 does not exist"):
+        zero_neurons(tiny_ctc(), NeuronSet({4: [0]}))
+
+
+def test_cli_ablate_and_prune(tmp_path):
+    model_dir = save_tiny_model(tmp_path / "m", width=WIDTH, layers=LAYERS)
+    sel = tmp_path / "sel.json"
+    NeuronSet({1: [1, 2], 3: [0]}).save(sel)
+    runner = CliRunner()
+    res = runner.invoke(main, ["ablate", "--model", str(model_dir), "--neurons", str(sel), "--out", str(tmp_path / "ab")])
+    assert res.exit_code == 0, res.output
+    edited = neurostat.engine.adapter.load_full_model(str(tmp_path / "ab"))
+    w2 = neurostat.edit.model_ffns(edited)[0].down.weight
+    assert w2[:, [1, 2]].abs().sum() == 0 and w2[:, 0].abs().sum() > 0
+    res = runner.invoke(main, ["prune", "--model", str(model_dir), "--protect", str(sel), "--keep-ratio", "0.25",
+                               "--out", str(tmp_path / "pr")])
+    assert res.exit_code == 0, res.output
+    assert "parameters:" in res.output and "FFN widths per layer: 1:9 2:9 3:9" in res.output
+    pruned = load_pruned(tmp_path / "pr")
+    assert (tmp_path / "pr" / "preprocessor_config.json").is_file()
+    assert [f.width for f in neurostat.edit.model_ffns(pruned)] == [9, 9, 9]
+    res = runner.invoke(main, ["prune", "--model", str(model_dir), "--protect", str(sel), "--keep", "1", "--out", str(tmp_path / "x")])
+    assert res.exit_code == 1 and "2 protected neurons but a budget of 1" in res.output
+    big = tmp_path / "big.json"
+    big.write_text('{"13": [3071]}')
+    res = runner.invoke(main, ["ablate", "--model", str(model_dir), "--neurons", str(big), "--out", str(tmp_path / "y")])
+    assert res.exit_code == 1 and "layer 13 does not exist" in res.output

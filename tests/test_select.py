@@ -1,0 +1,149 @@
+import json
+import warnings
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from storefactory import SPACE, joint, make_store
+
+from neurostat.cli import main
+from neurostat.neuronset import NeuronSet, NeuronSetError
+from neurostat.phones import ARPABET, BROAD_CLASSES
+from neurostat.select import GroupSpec, SelectionError, property_neurons, venn
+from neurostat.stats import open_stats
+from neurostat.store import StoreError
+
+L, D, K = 2, 10, 2       # chance r = k / D = 0.2
+N = 10                   # tokens per (phone, gender) cell
+
+
+def base_counts():
+    frames = np.zeros(SPACE.size, np.int64)
+    topk = np.zeros((L, SPACE.size, D), np.int64)
+    for p in ARPABET:
+        for g in ("M", "F"):
+            frames[joint(p, g)] = N
+            topk[:, joint(p, g), :] = 2  # P = 0.2 = r: not above chance (strict)
+    return frames, topk
+
+
+def test_planted_gender_neurons_recovered_exactly(tmp_path):
+    frames, topk = base_counts()
+    for p in ARPABET:
+        topk[0, joint(p, "M"), 3] = 9        # male neuron in layer 1
+        topk[1, joint(p, "F"), [5, 7]] = 6   # female neurons in layer 2
+        topk[1, joint(p, "M"), 7] = 6        # ... but neuron 7 fires for both: not a property neuron
+    stats = open_stats(make_store(tmp_path / "s.zarr", frames, topk, k=K))
+    sel = property_neurons(stats, "gender", sigma=0.8)
+    assert sel.groups["M"] == NeuronSet({1: [3], 2: [7]})
+    assert sel.groups["F"] == NeuronSet({2: [5, 7]})
+    assert sel.neurons == NeuronSet({1: [3], 2: [5]})
+    assert sel.neurons.counts() == {1: 1, 2: 1}
+
+
+def test_sigma_boundary_ties_at_chance_and_phone_type(tmp_path):
+    frames, topk = base_counts()
+    vowels = list(BROAD_CLASSES["vowel"])
+    for p in vowels[:12]:                # 12 of 15 vowels above chance: frac = 0.8 exactly
+        for g in ("M", "F"):
+            topk[0, joint(p, g), 1] = 3
+    for p in vowels[:11]:                # 11 of 15: frac = 0.733 < 0.8
+        for g in ("M", "F"):
+            topk[0, joint(p, g), 2] = 3
+    stats = open_stats(make_store(tmp_path / "s.zarr", frames, topk, k=K))
+    sel = property_neurons(stats, "phone-type", sigma=0.8)
+    assert sel.groups["vowel"][1] == {1}
+    assert sel.neurons == NeuronSet({1: [1]})
+    assert property_neurons(stats, "phone-type", sigma=0.7).neurons == NeuronSet({1: [1, 2]})
+    assert len(property_neurons(stats, "phone-type", sigma=1.0).neurons) == 0
+    per_phone = property_neurons(stats, "phone", sigma=1.0)
+    assert per_phone.groups[vowels[0]][1] == {1, 2} and len(per_phone.neurons) == 0
+
+
+def test_empty_cells_warn_and_stay_in_the_denominator(tmp_path):
+    frames, topk = base_counts()
+    for p in ARPABET:
+        topk[0, joint(p, "F"), 4] = 9
+    gone = ARPABET[:8]                    # 8 of 39 female cells have no tokens: frac = 31/39 = 0.795
+    for p in gone:
+        frames[joint(p, "F")] = 0
+        topk[:, joint(p, "F"), :] = 0
+    stats = open_stats(make_store(tmp_path / "s.zarr", frames, topk, k=K))
+    with pytest.warns(UserWarning, match="8 .* cells have no tokens .*: F/IY"):
+        sel = property_neurons(stats, "gender", sigma=0.79)
+    assert sel.groups["F"][1] == {4} and sel.empty_cells[0] == ("F", "IY")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert len(property_neurons(stats, "gender", sigma=0.8).groups["F"]) == 0
+
+
+def test_user_groups_pitch_and_entropy_rule(tmp_path):
+    frames = np.zeros(SPACE.size, np.int64)
+    topk = np.zeros((L, SPACE.size, D), np.int64)
+    for p in ARPABET:
+        for b in ("low", "mid", "high"):
+            frames[joint(p, "M", b)] = N
+            topk[:, joint(p, "M", b), :] = 1
+            topk[0, joint(p, "M", b), 6] = 9 if b == "high" else 1
+    stats = open_stats(make_store(tmp_path / "s.zarr", frames, topk, k=K))
+    assert property_neurons(stats, "pitch").neurons == NeuronSet({1: [6]})
+    spec = tmp_path / "groups.json"
+    spec.write_text(json.dumps({"axis": "pitch_bin", "groups": {"not-high": ["low", "mid"], "high": ["high"]}}))
+    sel = property_neurons(stats, groups=spec)
+    assert sel.groups["high"] == NeuronSet({1: [6]}) and len(sel.groups["not-high"]) == 0
+    lape = property_neurons(stats, "pitch", rule="entropy", entropy_quantile=0.01, min_prob_quantile=0.9)
+    assert lape.neurons == NeuronSet({1: [6]}) and lape.groups["high"] == NeuronSet({1: [6]})
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"axis": "gender", "groups": {"x": ["Q"]}}))
+    with pytest.raises(SelectionError, match="not gender labels"):
+        property_neurons(stats, groups=bad)
+    with pytest.raises(SelectionError, match="sigma"):
+        property_neurons(stats, "pitch", sigma=0)
+    with pytest.raises(SelectionError, match="unknown property"):
+        GroupSpec.builtin("accent", stats)
+
+
+def test_store_without_the_statistic(tmp_path):
+    frames, topk = base_counts()
+    stats = open_stats(make_store(tmp_path / "s.zarr", frames, topk, k=K))
+    with pytest.raises(StoreError, match="no 'positive_count'"):
+        property_neurons(stats, "gender", stat="positive")
+
+
+def test_neuronset_algebra_json_and_overlap(tmp_path):
+    a = NeuronSet({1: [1, 2, 3], 2: [4]}, num_layers=3, width=10)
+    b = NeuronSet({1: [3, 4], 3: [9]}, num_layers=3, width=10)
+    assert (a | b) == NeuronSet({1: [1, 2, 3, 4], 2: [4], 3: [9]})
+    assert (a & b) == NeuronSet({1: [3]})
+    assert (a - b) == NeuronSet({1: [1, 2], 2: [4]})
+    assert a.counts() == {1: 3, 2: 1, 3: 0} and len(a) == 4
+    assert a.overlap(b)[1] == {"only_self": 2, "both": 1, "only_other": 1}
+    assert json.loads(a.to_json()) == {"1": [1, 2, 3], "2": [4], "3": []}
+    a.save(tmp_path / "a.json")
+    assert NeuronSet.load(tmp_path / "a.json", num_layers=3, width=10) == a
+    c = NeuronSet({1: [1, 5], 2: [4]})
+    regions = venn({"a": a, "b": b, "c": c})
+    assert regions == {"a&c": 2, "a": 1, "a&b": 1, "b": 2, "c": 1}
+    assert sum(regions.values()) == len(a | b | c)
+    with pytest.raises(NeuronSetError, match="layer 4 does not exist"):
+        NeuronSet.from_json('{"4": [1]}', num_layers=3, width=10)
+    with pytest.raises(NeuronSetError, match="out of range"):
+        NeuronSet.from_json('{"1": [10]}', num_layers=3, width=10)
+    with pytest.raises(NeuronSetError, match="different models"):
+        a | NeuronSet({1: [1]}, num_layers=12, width=3072)
+    with pytest.raises(NeuronSetError, match="not JSON"):
+        NeuronSet.from_json("{1: [", where="x.json")
+
+
+def test_cli_select_prints_counts_and_overlaps(tmp_path):
+    frames, topk = base_counts()
+    for p in ARPABET:
+        topk[0, joint(p, "M"), 3] = 9
+    store = make_store(tmp_path / "s.zarr", frames, topk, k=K)
+    res = CliRunner().invoke(main, ["select", str(store), "--property", "gender", "--property", "phone-type",
+                                    "--out", str(tmp_path / "sel")])
+    assert res.exit_code == 0, res.output
+    assert "gender" in res.output and "overlaps" in res.output
+    assert NeuronSet.load(tmp_path / "sel" / "gender.json") == NeuronSet({1: [3]})
+    res = CliRunner().invoke(main, ["select", str(store), "--stat", "positive"])
+    assert res.exit_code == 1 and "no 'positive_count'" in res.output
