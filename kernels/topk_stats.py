@@ -95,7 +95,7 @@ def _accumulate_kernel(y_ptr, stride_y, rows_ptr, chunk_start_ptr, chunk_label_p
         tl.atomic_add(s2_ptr + out, acc_s2, mask=valid)
 
 
-TUNING = {"search_rows": 2, "search_warps": 4, "rows": 2, "num_warps": 8}
+TUNING = {"search_rows": 1, "search_warps": 4, "rows": 2, "num_warps": 8}
 """Rows per program step and warps of the two kernels on CUDA (bench/kernel_bench.py measures choices)."""
 
 

@@ -237,6 +237,7 @@ def test_max_seconds_cuts_into_pieces_without_losing_frames(prepared, tiny_model
     attrs = collect(prepared, ModelAdapter.load(str(tiny_model)), tmp_path / "s.zarr",
                     CollectConfig(topk_ratio=RATIO, tokens="all", max_seconds=0.7), progress=False)
     assert attrs["batching"]["max_seconds"] == 0.7
+    assert attrs["progress"]["utterances_done"] == len(prepared)  # each counted once, after its last piece
     assert attrs["progress"]["frames"] == sum(u.num_frames for u in prepared)
     assert attrs["progress"]["tokens"] == sum(int((u.phone_frames() >= 0).sum()) for u in prepared)
 
@@ -265,7 +266,8 @@ def test_triton_backends_collect_equal_torch_backend(prepared, tiny_model, tmp_p
     adapter = ModelAdapter.load(str(tiny_model))
     for backend in ("torch", "triton", "triton-fused"):
         attrs = collect(prepared, adapter, tmp_path / f"{backend}.zarr",
-                        CollectConfig(topk_ratio=RATIO, batch_seconds=10.0, backend=backend, layers=[2]), progress=False)
+                        CollectConfig(topk_ratio=RATIO, batch_seconds=5.0, backend=backend, layers=[2], shard=(0, 3)),
+                        progress=False)
         assert attrs["statistics"]["backend"] == backend
     a = xr.open_zarr(tmp_path / "torch.zarr", consolidated=False)
     for backend in ("triton", "triton-fused"):

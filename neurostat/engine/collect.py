@@ -13,6 +13,7 @@ import os
 import platform
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,7 +24,7 @@ from .. import __version__
 from ..corpus.audio import Skip
 from ..corpus.prepared import PreparedCorpus
 from ..phones import NON_SPEECH
-from ..store import StoreWriter
+from ..store import FORMAT as STORE_FORMAT, StoreWriter
 from .accumulate import BACKENDS, STATS, Accumulator, TokenBatch
 from .adapter import ModelAdapter, ModelError
 from .tokens import MODES, token_mask
@@ -87,7 +88,7 @@ class BatchDataset(torch.utils.data.Dataset):
         flat = np.full((len(labels), longest), -1, dtype=np.int64)
         for b, lab in enumerate(labels):
             flat[b, :len(lab)] = lab
-        return {"ids": sorted(set(ids)), "waves": waves, "tokens": TokenBatch.from_labels(flat.reshape(-1)),
+        return {"ids": ids, "waves": waves, "tokens": TokenBatch.from_labels(flat.reshape(-1)),
                 "frames": int(sum(len(lab) for lab in labels)), "samples": int(sum(len(w) for w in waves)),
                 "errors": errors}
 
@@ -181,11 +182,11 @@ def collect(corpus: PreparedCorpus, adapter: ModelAdapter, out, config: CollectC
         "shard": f"{shard_i}/{shard_n}", "max_seconds": config.max_seconds,
     }
     attrs = {
-        "neurostat_store_format": 1, "neurostat_version": __version__, "complete": False, "fingerprint": fingerprint,
+        "neurostat_store_format": STORE_FORMAT, "neurostat_version": __version__, "complete": False, "fingerprint": fingerprint,
         "model": adapter.describe(),
         "statistics": {"stats": list(config.stats), "topk_ratio": config.topk_ratio, "k": k, "tokens": config.tokens,
                        "ties": "lower neuron index wins at the k-th |a|", "var_ddof": 0,
-                       "moments": "per-batch two-pass around the batch label mean, merged in float64 (Chan et al.)",
+                       "moments": "per-batch fp32 sums around a per-neuron shift, merged in float64 (Chan et al.)",
                        "backend": config.backend},
         "labels": space.to_dict(), "pitch": corpus.meta["pitch"], "phone_map": corpus.meta["phone_map"],
         "corpus": {**fingerprint["corpus"], "utterances": len(indices), "shard": fingerprint["shard"],
@@ -214,6 +215,7 @@ def _run(corpus, adapter, store: StoreWriter, config, layers, k, indices, attrs,
     finished = set(done)
     todo = [i for i in indices if corpus.records[i]["id"] not in finished]
     batches = plan_batches(corpus, todo, config.batch_seconds, config.max_seconds)
+    pieces_left = Counter(corpus.records[p.index]["id"] for b in batches for p in b)  # done only with its last piece
     data = BatchDataset(corpus, batches, adapter.feature_extractor, config.tokens)
     loader = torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=config.num_jobs,
                                          pin_memory=device.type == "cuda", persistent_workers=False)
@@ -244,7 +246,9 @@ def _run(corpus, adapter, store: StoreWriter, config, layers, k, indices, attrs,
                 current["tokens"] = batch.to(device)
                 adapter.encode(item["waves"])
                 acc.add_frames(current["tokens"])
-            new = [u for u in item["ids"] if u not in finished]
+            for u in item["ids"]:
+                pieces_left[u] -= 1
+            new = [u for u in dict.fromkeys(item["ids"]) if pieces_left[u] == 0 and u not in finished]
             finished.update(new)
             done.extend(new)
             prog["frames"] += item["frames"]
