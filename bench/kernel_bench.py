@@ -211,6 +211,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--kernels-only", action="store_true", help="only the kernel-level tables")
     ap.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")))
     ap.add_argument("--out", default=None, help="also write the table here")
     args = ap.parse_args()
@@ -247,7 +248,8 @@ def main() -> None:
                 {"block": (64, 64, 64), "num_warps": 4, "num_stages": 4, "group_m": 8}]
                if not args.smoke else [dict(fused.INTERPRETER_TILES)])
     ts_tunings = ([dict(zip(("search_rows", "search_warps", "rows", "num_warps"), t))
-                   for t in ((1, 4, 2, 8), (2, 4, 2, 8), (4, 8, 2, 8), (2, 4, 4, 8), (2, 4, 1, 4))]
+                   for t in ((1, 4, 2, 8), (2, 4, 2, 8), (4, 8, 2, 8), (1, 1, 2, 8), (2, 2, 2, 8), (4, 4, 2, 8),
+                             (8, 8, 2, 8), (8, 4, 2, 8), (4, 4, 1, 4), (4, 4, 4, 8))]
                   if not args.smoke else [{"search_rows": 2, "search_warps": 4, "rows": 2, "num_warps": 4}])
     chosen = {}
     for frac, name in ((0.2, "phone-mid-like, 20% token rows"), (1.0, "all rows are tokens")):
@@ -260,6 +262,8 @@ def main() -> None:
     ts_mod.TUNING.update(tuning)
     lines += ["", f"- chosen for the engine runs (best with all rows as tokens): ffn_up_stats {tiles}; topk_stats {tuning}"]
     emit(lines)
+    if args.kernels_only:
+        return
 
     for mode in ("phone-mid", "all"):
         batches = make_batches(adapter, args.batches if not args.smoke else 1, args.per_batch if not args.smoke else 2,

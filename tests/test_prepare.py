@@ -217,3 +217,21 @@ def test_cli_synth_and_prepare(tmp_path):
     assert PreparedCorpus(tmp_path / "p").meta["pitch"]["bins"] == ["low", "high", "unvoiced"]
     res = runner.invoke(main, ["prepare", "--root", str(tmp_path / "d"), "--subset", "nope", "--alignments", str(tmp_path / "d")])
     assert res.exit_code != 0 and "subset 'nope' not found" in res.output
+
+
+def test_flat_alignment_folder_and_other_geometry(corpus_copy, tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for tg in (corpus_copy / "alignments").rglob("*.TextGrid"):
+        shutil.copy(tg, flat / tg.name)
+    out = tmp_path / "o"
+    prepare(corpus_copy / "LibriSpeech", SUBSET, flat, out, PrepareSettings(default_geometry()), progress=False)
+    corpus = PreparedCorpus(out)
+    assert len(corpus) == 12
+    from neurostat.frames import FrameGeometry
+
+    utt = corpus[0]
+    half = FrameGeometry(16000, (10, 3, 3, 3, 3, 2, 2), (5, 2, 2, 2, 2, 2, 1))  # 10 ms frames
+    fine = utt.phone_frames(half)
+    assert len(fine) == half.num_frames(utt.record["num_samples"]) > 1.9 * utt.num_frames
+    np.testing.assert_array_equal(fine[::2][: utt.num_frames], utt.phone_frames())  # same centres at even frames
