@@ -57,15 +57,25 @@ def build(workdir: Path, speakers: int, utterances: int, layers: int) -> tuple[P
     HubertModel(HubertConfig(num_hidden_layers=layers)).eval().save_pretrained(model_dir)
     Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True).save_pretrained(model_dir)
     synthesize(workdir / "corpus", num_speakers=speakers, utterances_per_speaker=utterances, seed=0, progress=False)
-    prepare(workdir / "corpus" / "LibriSpeech", "dev-clean", workdir / "corpus" / "alignments", workdir / "prepared",
-            PrepareSettings(load_geometry(str(model_dir))), num_jobs=2, progress=False)
+    prepare(
+        workdir / "corpus" / "LibriSpeech",
+        "dev-clean",
+        workdir / "corpus" / "alignments",
+        workdir / "prepared",
+        PrepareSettings(load_geometry(str(model_dir))),
+        num_jobs=2,
+        progress=False,
+    )
     return PreparedCorpus(workdir / "prepared"), model_dir
 
 
 def plain_forward(corpus, adapter, config) -> float:
     batches = plan_batches(corpus, list(range(len(corpus))), config.batch_seconds, None)
-    loader = torch.utils.data.DataLoader(BatchDataset(corpus, batches, adapter.feature_extractor, config.tokens),
-                                         batch_size=None, num_workers=config.num_jobs)
+    loader = torch.utils.data.DataLoader(
+        BatchDataset(corpus, batches, adapter.feature_extractor, config.tokens),
+        batch_size=None,
+        num_workers=config.num_jobs,
+    )
     sync(str(adapter.device))
     start = time.perf_counter()
     for item in loader:
@@ -121,8 +131,13 @@ def main() -> None:
         work = Path(tmp)
         corpus, model_dir = build(work, args.speakers, args.utterances, args.layers)
         adapter = ModelAdapter.load(str(model_dir), device=args.device, dtype=getattr(torch, args.dtype))
-        config = CollectConfig(tokens=args.tokens, batch_seconds=args.batch_seconds, num_jobs=args.num_jobs,
-                               backend=args.backend, checkpoint_seconds=1e9)
+        config = CollectConfig(
+            tokens=args.tokens,
+            batch_seconds=args.batch_seconds,
+            num_jobs=args.num_jobs,
+            backend=args.backend,
+            checkpoint_seconds=1e9,
+        )
         frames = sum(u.num_frames for u in corpus)
         audio = sum(u.record["num_samples"] for u in corpus) / corpus.geometry.sample_rate
         plain_forward(corpus, adapter, config)  # warm-up
@@ -141,26 +156,39 @@ def main() -> None:
         a, b, b_topk = min(runs["plain"]), min(runs["all"]), min(runs["topk"])
         fixed = min(t - loop for t, loop in zip(runs["all_total"], runs["all"]))
         tokens = attrs["progress"]["tokens"]
-        rows = [("(a) plain forward", a), ("(b) collect, all statistics (streaming loop)", b),
-                ("(b') collect, topk only (streaming loop)", b_topk)]
+        rows = [
+            ("(a) plain forward", a),
+            ("(b) collect, all statistics (streaming loop)", b),
+            ("(b') collect, topk only (streaming loop)", b_topk),
+        ]
         if not args.no_paper:
             k = attrs["statistics"]["k"]
             c, c_forward = paper_loop(corpus, adapter, args.tokens, k)
             rows.append(("(c) paper's per-token loop (topk only, batch 1)", c))
-        lines = [f"### collect_bench: tokens {args.tokens}, {args.dtype}, {args.device}, backend {args.backend}",
-                 "", f"- machine: {machine(args.device)}",
-                 f"- model: random HuBERT-base geometry, {adapter.num_layers} layers x {adapter.width} neurons; "
-                 f"corpus: {len(corpus)} synthetic utterances, {audio:.1f} s, {frames} frames, {tokens} tokens; "
-                 f"batches of {args.batch_seconds:g} s; -j {args.num_jobs}; best of {args.repeat}",
-                 "", "| run | seconds | frames/s | vs (a) |", "| --- | ---: | ---: | ---: |"]
+        lines = [
+            f"### collect_bench: tokens {args.tokens}, {args.dtype}, {args.device}, backend {args.backend}",
+            "",
+            f"- machine: {machine(args.device)}",
+            f"- model: random HuBERT-base geometry, {adapter.num_layers} layers x {adapter.width} neurons; "
+            f"corpus: {len(corpus)} synthetic utterances, {audio:.1f} s, {frames} frames, {tokens} tokens; "
+            f"batches of {args.batch_seconds:g} s; -j {args.num_jobs}; best of {args.repeat}",
+            "",
+            "| run | seconds | frames/s | vs (a) |",
+            "| --- | ---: | ---: | ---: |",
+        ]
         lines += [f"| {name} | {t:.3f} | {frames / t:,.0f} | {t / a:.3f} |" for name, t in rows]
-        lines += ["", f"- (b)/(a) = {b / a:.3f}; statistics part of (b) = {b - a:.3f} s, of (b') = {b_topk - a:.3f} s",
-                  f"- one-time store cost of (b) (allocation, final compute and Zarr write, not per frame): {fixed:.3f} s"]
+        lines += [
+            "",
+            f"- (b)/(a) = {b / a:.3f}; statistics part of (b) = {b - a:.3f} s, of (b') = {b_topk - a:.3f} s",
+            f"- one-time store cost of (b) (allocation, final compute and Zarr write, not per frame): {fixed:.3f} s",
+        ]
         if not args.no_paper:
             theirs = c - c_forward
             ratio = lambda ours: f"{theirs / ours:.1f}x" if ours > 0.02 * a else "n/a (ours is within timing noise)"  # noqa: E731
-            lines.append(f"- statistics part of (c): {theirs:.3f} s (its batch-1 forwards: {c_forward:.3f} s); "
-                         f"(c)/(b') on the topk statistic = {ratio(b_topk - a)}, (c)/(b) with all statistics = {ratio(b - a)}")
+            lines.append(
+                f"- statistics part of (c): {theirs:.3f} s (its batch-1 forwards: {c_forward:.3f} s); "
+                f"(c)/(b') on the topk statistic = {ratio(b_topk - a)}, (c)/(b) with all statistics = {ratio(b - a)}"
+            )
         text = "\n".join(lines) + "\n"
         print(text)
         with open(args.results, "a") as f:

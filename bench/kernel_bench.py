@@ -71,8 +71,14 @@ def make_batches(adapter, n_batches, per_batch, seconds, mode, rng):
     sr = adapter.geometry.sample_rate
     batches = []
     for _ in range(n_batches):
-        waves = [torch.from_numpy(adapter.normalize((rng.standard_normal(int(sr * rng.uniform(0.85, 1.0) * seconds)) * 0.1)
-                                                    .astype(np.float32))) for _ in range(per_batch)]
+        waves = [
+            torch.from_numpy(
+                adapter.normalize(
+                    (rng.standard_normal(int(sr * rng.uniform(0.85, 1.0) * seconds)) * 0.1).astype(np.float32)
+                )
+            )
+            for _ in range(per_batch)
+        ]
         frames = [adapter.geometry.num_frames(len(w)) for w in waves]
         flat = np.full((per_batch, max(frames)), -1)
         for b, n in enumerate(frames):
@@ -85,8 +91,12 @@ def torch_sums(x: torch.Tensor, local: torch.Tensor, num_labels: int, k: int, sh
     """The torch statistics of token rows as one function (what torch.compile gets)."""
     z = torch.zeros((num_labels, x.shape[1]), dtype=torch.float32, device=x.device)
     dev = x.float() - shift
-    return {"topk": z.index_add(0, local, topk_mask(x, k).float()), "positive": z.index_add(0, local, (x > 0).float()),
-            "s1": z.index_add(0, local, dev), "s2": z.index_add(0, local, dev * dev)}
+    return {
+        "topk": z.index_add(0, local, topk_mask(x, k).float()),
+        "positive": z.index_add(0, local, (x > 0).float()),
+        "s1": z.index_add(0, local, dev),
+        "s2": z.index_add(0, local, dev * dev),
+    }
 
 
 def kernel_table(device, dtype, M, K, N, k, labels, token_fraction, rng, configs, ts_tunings) -> tuple:
@@ -103,7 +113,9 @@ def kernel_table(device, dtype, M, K, N, k, labels, token_fraction, rng, configs
     rows = []
 
     def add(name, t, f=0, byts=0):
-        rows.append(f"| {name} | {t * 1e6:,.1f} | {f / t / 1e12 if f else 0:,.1f} | {byts / t / 1e9 if byts else 0:,.0f} |")
+        rows.append(
+            f"| {name} | {t * 1e6:,.1f} | {f / t / 1e12 if f else 0:,.1f} | {byts / t / 1e9 if byts else 0:,.0f} |"
+        )
 
     t_gemm = timed(lambda: torch.nn.functional.linear(x, w, b), device)
     add("cuBLAS GEMM + bias (F.linear)", t_gemm, flops, io)
@@ -121,8 +133,12 @@ def kernel_table(device, dtype, M, K, N, k, labels, token_fraction, rng, configs
             best_ts = (t, dict(tuning))
     ts_mod.TUNING.update(best_ts[1])
     t_ts = best_ts[0]
-    t_tk = timed(lambda: topk_stats(y, batch.sorted_rows, batch.chunk_starts, batch.chunk_labels, U, k, shift,
-                                    positive=False, moments=False), device)
+    t_tk = timed(
+        lambda: topk_stats(
+            y, batch.sorted_rows, batch.chunk_starts, batch.chunk_labels, U, k, shift, positive=False, moments=False
+        ),
+        device,
+    )
     add("topk_stats, top-k only", t_tk, 0, tok_bytes)
     t_torch = timed(lambda: torch_sums(y.index_select(0, batch.index), batch.local, U, k, shift), device)
     add("torch statistics on the token rows (index_select + topk + index_add)", t_torch, 0, tok_bytes)
@@ -139,8 +155,18 @@ def kernel_table(device, dtype, M, K, N, k, labels, token_fraction, rng, configs
             best = (t, tiles)
     if best is None:
         raise SystemExit("no ffn_up_stats tile shape ran on this card")
-    plain = lambda: ffn_up_stats(x, w, b, "gelu", batch.perm, batch.sorted_local, U, shift, stats=False,  # noqa: E731
-                                 tiles=best[1])
+    plain = lambda: ffn_up_stats(
+        x,
+        w,
+        b,
+        "gelu",
+        batch.perm,
+        batch.sorted_local,
+        U,
+        shift,
+        stats=False,  # noqa: E731
+        tiles=best[1],
+    )
     add("ffn_up_stats, best tiles, without the epilogue statistics", timed(plain, device), flops, io)
     # correctness on the card: the fused y is close to the model's; the kernels' counts equal the torch counts on y
     yf, sums = ffn_up_stats(x, w, b, "gelu", batch.perm, batch.sorted_local, U, shift, tiles=best[1])
@@ -149,11 +175,13 @@ def kernel_table(device, dtype, M, K, N, k, labels, token_fraction, rng, configs
     ref = torch_sums(y.index_select(0, batch.index), batch.local, U, k, shift)
     same = all(torch.equal(ts[n].long(), ref[n].round().long()) for n in ("topk", "positive"))
     s1_err = ((ts["s1"] - ref["s1"]).norm() / ref["s1"].norm()).item()
-    notes = [f"- fused y vs cuBLAS+GELU y: relative error {err:.2e}; topk_stats counts == torch counts: {same}; "
-             f"s1 relative difference {s1_err:.1e}",
-             f"- per layer for this batch: model path {t_act * 1e6:,.0f} µs; + topk_stats {t_ts * 1e6:,.0f} µs "
-             f"= {100 * t_ts / t_act:.1f}% of it; torch statistics {t_torch * 1e6:,.0f} µs; "
-             f"best fused {best[0] * 1e6:,.0f} µs + top-k {t_tk * 1e6:,.0f} µs"]
+    notes = [
+        f"- fused y vs cuBLAS+GELU y: relative error {err:.2e}; topk_stats counts == torch counts: {same}; "
+        f"s1 relative difference {s1_err:.1e}",
+        f"- per layer for this batch: model path {t_act * 1e6:,.0f} µs; + topk_stats {t_ts * 1e6:,.0f} µs "
+        f"= {100 * t_ts / t_act:.1f}% of it; torch statistics {t_torch * 1e6:,.0f} µs; "
+        f"best fused {best[0] * 1e6:,.0f} µs + top-k {t_tk * 1e6:,.0f} µs",
+    ]
     if not same:
         raise SystemExit("topk_stats counts differ from the torch counts on the same activations")
     return rows, notes, best[1], best_ts[1]
@@ -169,8 +197,15 @@ def engine_runs(adapter, batches, k, num_labels, variants, device, repeat):
             for waves, _, _ in batches:
                 adapter.encode(waves)
             return None
-        acc = Accumulator(L, num_labels, D, k, device=device, backend="torch" if backend == "compile" else backend,
-                          activation=str(adapter.config.hidden_act))
+        acc = Accumulator(
+            L,
+            num_labels,
+            D,
+            k,
+            device=device,
+            backend="torch" if backend == "compile" else backend,
+            activation=str(adapter.config.hidden_act),
+        )
         current = {}
 
         def activation(layer, ffn, h):
@@ -180,8 +215,17 @@ def engine_runs(adapter, batches, k, num_labels, variants, device, repeat):
             batch = current["b"]
             if acc.shift[layer] is None:
                 acc.shift[layer] = a.reshape(-1, D).index_select(0, batch.index).mean(0, dtype=torch.float32)
-            acc.add_sums(layer, batch, compiled(a.reshape(-1, D).index_select(0, batch.index), batch.local,
-                                                batch.labels.numel(), k, acc.shift[layer]))
+            acc.add_sums(
+                layer,
+                batch,
+                compiled(
+                    a.reshape(-1, D).index_select(0, batch.index),
+                    batch.local,
+                    batch.labels.numel(),
+                    k,
+                    acc.shift[layer],
+                ),
+            )
             return a
 
         with adapter.instrument(activation):
@@ -221,11 +265,25 @@ def main() -> None:
     rng = np.random.default_rng(0)
     from transformers import HubertConfig, HubertModel, Wav2Vec2FeatureExtractor
 
-    cfg = (HubertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=40, conv_dim=(8,) * 7,
-                        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2) if args.smoke else HubertConfig())
+    cfg = (
+        HubertConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=40,
+            conv_dim=(8,) * 7,
+            num_conv_pos_embeddings=16,
+            num_conv_pos_embedding_groups=2,
+        )
+        if args.smoke
+        else HubertConfig()
+    )
     torch.manual_seed(0)
-    adapter = ModelAdapter(HubertModel(cfg).eval().to(device, dtype), Wav2Vec2FeatureExtractor(do_normalize=True),
-                           "random HuBERT-base" if not args.smoke else "random tiny HuBERT")
+    adapter = ModelAdapter(
+        HubertModel(cfg).eval().to(device, dtype),
+        Wav2Vec2FeatureExtractor(do_normalize=True),
+        "random HuBERT-base" if not args.smoke else "random tiny HuBERT",
+    )
     D, H = adapter.width, adapter.config.hidden_size
     k = max(1, round(0.01 * D))
     num_labels = 41 * 2 * 4
@@ -239,53 +297,104 @@ def main() -> None:
             with open(path, "a") as f:
                 f.write(text)
 
-    lines = ["", f"### kernel_bench on {card}", "", f"- torch {torch.__version__}, triton {__import__('triton').__version__}, "
-             f"CUDA {torch.version.cuda}; {dtype}".replace("torch.", "")]
+    lines = [
+        "",
+        f"### kernel_bench on {card}",
+        "",
+        f"- torch {torch.__version__}, triton {__import__('triton').__version__}, "
+        f"CUDA {torch.version.cuda}; {dtype}".replace("torch.", ""),
+    ]
 
     M = 16 * 750 if not args.smoke else 70
-    configs = ([{"block": (64, 128, 64), "num_warps": 4, "num_stages": 4, "group_m": 8},
-                {"block": (128, 128, 64), "num_warps": 8, "num_stages": 3, "group_m": 8},
-                {"block": (64, 64, 64), "num_warps": 4, "num_stages": 4, "group_m": 8}]
-               if not args.smoke else [dict(fused.INTERPRETER_TILES)])
-    ts_tunings = ([dict(zip(("search_rows", "search_warps", "rows", "num_warps"), t))
-                   for t in ((1, 4, 2, 8), (2, 4, 2, 8), (4, 8, 2, 8), (1, 1, 2, 8), (2, 2, 2, 8), (4, 4, 2, 8),
-                             (8, 8, 2, 8), (8, 4, 2, 8), (4, 4, 1, 4), (4, 4, 4, 8))]
-                  if not args.smoke else [{"search_rows": 2, "search_warps": 4, "rows": 2, "num_warps": 4}])
+    configs = (
+        [
+            {"block": (64, 128, 64), "num_warps": 4, "num_stages": 4, "group_m": 8},
+            {"block": (128, 128, 64), "num_warps": 8, "num_stages": 3, "group_m": 8},
+            {"block": (64, 64, 64), "num_warps": 4, "num_stages": 4, "group_m": 8},
+        ]
+        if not args.smoke
+        else [dict(fused.INTERPRETER_TILES)]
+    )
+    ts_tunings = (
+        [
+            dict(zip(("search_rows", "search_warps", "rows", "num_warps"), t))
+            for t in (
+                (1, 4, 2, 8),
+                (2, 4, 2, 8),
+                (4, 8, 2, 8),
+                (1, 1, 2, 8),
+                (2, 2, 2, 8),
+                (4, 4, 2, 8),
+                (8, 8, 2, 8),
+                (8, 4, 2, 8),
+                (4, 4, 1, 4),
+                (4, 4, 4, 8),
+            )
+        ]
+        if not args.smoke
+        else [{"search_rows": 2, "search_warps": 4, "rows": 2, "num_warps": 4}]
+    )
     chosen = {}
     for frac, name in ((0.2, "phone-mid-like, 20% token rows"), (1.0, "all rows are tokens")):
         rows, notes, tiles, tuning = kernel_table(device, dtype, M, H, D, k, num_labels, frac, rng, configs, ts_tunings)
         chosen[frac] = (tiles, tuning)
-        lines += ["", f"Kernel level, M = {M} rows, K = {H}, N = {D}, k = {k}, {name}:", "",
-                  "| kernel | µs | TFLOP/s | GB/s |", "| --- | ---: | ---: | ---: |", *rows, "", *notes]
+        lines += [
+            "",
+            f"Kernel level, M = {M} rows, K = {H}, N = {D}, k = {k}, {name}:",
+            "",
+            "| kernel | µs | TFLOP/s | GB/s |",
+            "| --- | ---: | ---: | ---: |",
+            *rows,
+            "",
+            *notes,
+        ]
     tiles, tuning = chosen[1.0]
     fused.TILES.update(tiles)
     ts_mod.TUNING.update(tuning)
-    lines += ["", f"- chosen for the engine runs (best with all rows as tokens): ffn_up_stats {tiles}; topk_stats {tuning}"]
+    lines += [
+        "",
+        f"- chosen for the engine runs (best with all rows as tokens): ffn_up_stats {tiles}; topk_stats {tuning}",
+    ]
     emit(lines)
     if args.kernels_only:
         return
 
     for mode in ("phone-mid", "all"):
-        batches = make_batches(adapter, args.batches if not args.smoke else 1, args.per_batch if not args.smoke else 2,
-                               args.seconds if not args.smoke else 1.0, mode, rng)
+        batches = make_batches(
+            adapter,
+            args.batches if not args.smoke else 1,
+            args.per_batch if not args.smoke else 2,
+            args.seconds if not args.smoke else 1.0,
+            mode,
+            rng,
+        )
         frames = sum(b[2] for b in batches)
         tokens = sum(b[1].num_tokens for b in batches)
         variants = [("plain forward", None), ("collect, torch backend", "torch")]
         if not args.no_compile and not args.smoke:
             variants.append(("collect, torch.compile of the torch statistics", "compile"))
         variants += [("collect, triton backend", "triton"), ("collect, triton-fused backend", "triton-fused")]
-        times, states = engine_runs(adapter, batches, k, num_labels, variants, device, args.repeat if not args.smoke else 1)
+        times, states = engine_runs(
+            adapter, batches, k, num_labels, variants, device, args.repeat if not args.smoke else 1
+        )
         lines = []
         ref = states["collect, torch backend"].compute()
         check = []
         for name in ("collect, triton backend", "collect, triton-fused backend"):
             got = states[name].compute()
             diff = int(np.abs(got["topk_count"] - ref["topk_count"]).sum())
-            check.append(f"{name.split(', ')[1]}: top-k counts differing from torch: {diff} of {int(ref['topk_count'].sum())}")
+            check.append(
+                f"{name.split(', ')[1]}: top-k counts differing from torch: {diff} of {int(ref['topk_count'].sum())}"
+            )
         base = times["plain forward"]
-        lines += ["", f"Engine level, tokens {mode}: {len(batches)} batches x {len(batches[0][0])} utterances of "
-                  f"~{args.seconds:g} s, {frames} frames, {tokens} tokens, all statistics", "",
-                  "| run | seconds | frames/s | vs plain |", "| --- | ---: | ---: | ---: |"]
+        lines += [
+            "",
+            f"Engine level, tokens {mode}: {len(batches)} batches x {len(batches[0][0])} utterances of "
+            f"~{args.seconds:g} s, {frames} frames, {tokens} tokens, all statistics",
+            "",
+            "| run | seconds | frames/s | vs plain |",
+            "| --- | ---: | ---: | ---: |",
+        ]
         lines += [f"| {name} | {t:.4f} | {frames / t:,.0f} | {t / base:.3f} |" for name, t in times.items()]
         lines += ["", "- " + "; ".join(check)]
         emit(lines)

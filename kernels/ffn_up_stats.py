@@ -32,10 +32,32 @@ def _seg_add(p1, d1, q1, f1, p2, d2, q2, f2):
 
 
 @triton.jit
-def _ffn_up_stats_kernel(x_ptr, w_ptr, b_ptr, y_ptr, perm_ptr, lab_ptr, shift_ptr, pos_ptr, s1_ptr, s2_ptr,
-                         M, N, K, n_tokens, stride_xm, stride_wn, stride_ym,
-                         ACT: tl.constexpr, DO_STATS: tl.constexpr, IEEE: tl.constexpr,
-                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+def _ffn_up_stats_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    perm_ptr,
+    lab_ptr,
+    shift_ptr,
+    pos_ptr,
+    s1_ptr,
+    s2_ptr,
+    M,
+    N,
+    K,
+    n_tokens,
+    stride_xm,
+    stride_wn,
+    stride_ym,
+    ACT: tl.constexpr,
+    DO_STATS: tl.constexpr,
+    IEEE: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
     pid = tl.program_id(0)
     num_m, num_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
     group = pid // (GROUP_M * num_n)
@@ -95,9 +117,19 @@ def _ffn_up_stats_kernel(x_ptr, w_ptr, b_ptr, y_ptr, perm_ptr, lab_ptr, shift_pt
             tl.atomic_add(s2_ptr + where, q, mask=mask)
 
 
-def ffn_up_stats(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: str, perm: torch.Tensor,
-                 sorted_labels: torch.Tensor, num_labels: int, shift: torch.Tensor | None, stats: bool = True,
-                 ieee: bool = True, tiles: dict | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def ffn_up_stats(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    activation: str,
+    perm: torch.Tensor,
+    sorted_labels: torch.Tensor,
+    num_labels: int,
+    shift: torch.Tensor | None,
+    stats: bool = True,
+    ieee: bool = True,
+    tiles: dict | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``y = act(x @ weight.T + bias)`` [M, N] and per-label sums of the token rows.
 
     ``perm`` [M] int32 lists every row once, the ``len(sorted_labels)`` token rows first, sorted by their
@@ -116,36 +148,76 @@ def ffn_up_stats(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, acti
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     sums = {}
     if stats:
-        sums = {"positive": torch.zeros((num_labels, N), dtype=torch.int32, device=x.device),
-                "s1": torch.zeros((num_labels, N), dtype=torch.float32, device=x.device),
-                "s2": torch.zeros((num_labels, N), dtype=torch.float32, device=x.device)}
+        sums = {
+            "positive": torch.zeros((num_labels, N), dtype=torch.int32, device=x.device),
+            "s1": torch.zeros((num_labels, N), dtype=torch.float32, device=x.device),
+            "s2": torch.zeros((num_labels, N), dtype=torch.float32, device=x.device),
+        }
     dummy = torch.empty(1, dtype=torch.float32, device=x.device)
     bm, bn, bk = tiles["block"]
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
     _ffn_up_stats_kernel[grid](
-        x, weight, bias, y, perm, sorted_labels if stats else perm, shift.float().contiguous() if stats else dummy,
-        sums.get("positive", dummy), sums.get("s1", dummy), sums.get("s2", dummy),
-        M, N, K, sorted_labels.numel() if stats else 0, x.stride(0), weight.stride(0), y.stride(0),
-        ACT=ACTIVATIONS[activation], DO_STATS=stats, IEEE=ieee and x.dtype == torch.float32,
-        BM=bm, BN=bn, BK=bk, GROUP_M=tiles["group_m"], num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
+        x,
+        weight,
+        bias,
+        y,
+        perm,
+        sorted_labels if stats else perm,
+        shift.float().contiguous() if stats else dummy,
+        sums.get("positive", dummy),
+        sums.get("s1", dummy),
+        sums.get("s2", dummy),
+        M,
+        N,
+        K,
+        sorted_labels.numel() if stats else 0,
+        x.stride(0),
+        weight.stride(0),
+        y.stride(0),
+        ACT=ACTIVATIONS[activation],
+        DO_STATS=stats,
+        IEEE=ieee and x.dtype == torch.float32,
+        BM=bm,
+        BN=bn,
+        BK=bk,
+        GROUP_M=tiles["group_m"],
+        num_warps=tiles["num_warps"],
+        num_stages=tiles["num_stages"],
+    )
     return y, sums
 
 
-def ffn_up_stats_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: str, rows: torch.Tensor,
-                           labels: torch.Tensor, num_labels: int, shift: torch.Tensor) -> tuple[torch.Tensor, dict]:
+def ffn_up_stats_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    activation: str,
+    rows: torch.Tensor,
+    labels: torch.Tensor,
+    num_labels: int,
+    shift: torch.Tensor,
+) -> tuple[torch.Tensor, dict]:
     """Pure-torch reference: y in float64, and the same sums computed in float64 from a given y."""
-    fn = {"gelu": torch.nn.functional.gelu, "relu": torch.relu,
-          "gelu_new": lambda t: torch.nn.functional.gelu(t, approximate="tanh"),
-          "gelu_pytorch_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh")}[activation]
+    fn = {
+        "gelu": torch.nn.functional.gelu,
+        "relu": torch.relu,
+        "gelu_new": lambda t: torch.nn.functional.gelu(t, approximate="tanh"),
+        "gelu_pytorch_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh"),
+    }[activation]
     y = fn(x.double() @ weight.double().T + bias.double())
     return y, sums_reference(y, rows, labels, num_labels, shift)
 
 
-def sums_reference(y: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, num_labels: int, shift: torch.Tensor) -> dict:
+def sums_reference(
+    y: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, num_labels: int, shift: torch.Tensor
+) -> dict:
     """Float64 positive counts and shifted moment sums of the rows ``y[rows]`` per label."""
     a = y.index_select(0, rows.long()).double()
     labels = labels.long()
     z = lambda: torch.zeros((num_labels, a.shape[1]), dtype=torch.float64, device=a.device)  # noqa: E731
     dev = a - shift.double()
-    return {"positive": z().index_add_(0, labels, (a > 0).double()).long(), "s1": z().index_add_(0, labels, dev),
-            "s2": z().index_add_(0, labels, dev * dev)}
+    return {
+        "positive": z().index_add_(0, labels, (a > 0).double()).long(),
+        "s1": z().index_add_(0, labels, dev),
+        "s2": z().index_add_(0, labels, dev * dev),
+    }

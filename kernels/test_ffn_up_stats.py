@@ -35,8 +35,16 @@ def test_matches_reference(dtype, activation, m, k, n, num_labels):
     labels[labels == 1] = -1  # label 1 has no tokens
     perm, sorted_labels, rows = _perm(labels)
     shift = torch.randn(n, generator=g) * 0.1
-    y, sums = ffn_up_stats(x.to(DEVICE), w.to(DEVICE), b.to(DEVICE), activation, perm.to(DEVICE), sorted_labels.to(DEVICE),
-                           num_labels, shift.to(DEVICE))
+    y, sums = ffn_up_stats(
+        x.to(DEVICE),
+        w.to(DEVICE),
+        b.to(DEVICE),
+        activation,
+        perm.to(DEVICE),
+        sorted_labels.to(DEVICE),
+        num_labels,
+        shift.to(DEVICE),
+    )
     y_ref, _ = ffn_up_stats_reference(x, w, b, activation, rows, labels[rows], num_labels, shift)
     assert y.dtype == dtype
     torch.testing.assert_close(y.cpu().double(), y_ref, rtol=TOL[dtype], atol=TOL[dtype])
@@ -51,8 +59,17 @@ def test_matches_reference(dtype, activation, m, k, n, num_labels):
 def test_plain_mode_and_errors():
     x, w, b = torch.randn(9, 6), torch.randn(11, 6), torch.randn(11)
     perm = torch.arange(9, dtype=torch.int32)
-    y, sums = ffn_up_stats(x.to(DEVICE), w.to(DEVICE), b.to(DEVICE), "gelu", perm.to(DEVICE),
-                           torch.empty(0, dtype=torch.int32, device=DEVICE), 1, None, stats=False)
+    y, sums = ffn_up_stats(
+        x.to(DEVICE),
+        w.to(DEVICE),
+        b.to(DEVICE),
+        "gelu",
+        perm.to(DEVICE),
+        torch.empty(0, dtype=torch.int32, device=DEVICE),
+        1,
+        None,
+        stats=False,
+    )
     assert sums == {}
     torch.testing.assert_close(y.cpu(), torch.nn.functional.gelu(x @ w.T + b), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="no fused kernel"):

@@ -16,17 +16,21 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("rows_per_step", [(1, 2), (2, 1), (4, 4)])
-@pytest.mark.parametrize("m, d, k, labels, chunk", [(7, 13, 3, 4, 2), (29, 37, 5, 6, 4), (40, 101, 11, 9, 32), (3, 5, 5, 2, 1)])
-def test_matches_reference_with_ties_empty_labels_and_ignored_rows(dtype, rows_per_step, m, d, k, labels, chunk, monkeypatch):
+@pytest.mark.parametrize(
+    "m, d, k, labels, chunk", [(7, 13, 3, 4, 2), (29, 37, 5, 6, 4), (40, 101, 11, 9, 32), (3, 5, 5, 2, 1)]
+)
+def test_matches_reference_with_ties_empty_labels_and_ignored_rows(
+    dtype, rows_per_step, m, d, k, labels, chunk, monkeypatch
+):
     monkeypatch.setitem(TUNING, "rows", rows_per_step[0])
     monkeypatch.setitem(TUNING, "search_rows", rows_per_step[1])
     g = torch.Generator().manual_seed(m * 1000 + d)
     y = torch.randn(m, d, generator=g) * 2
-    y[:, ::4] = torch.round(y[:, ::4])          # exact ties in |y|, some at the k-th value
+    y[:, ::4] = torch.round(y[:, ::4])  # exact ties in |y|, some at the k-th value
     y[0] = torch.sign(torch.randn(d, generator=g))  # a row of ties only
     y = y.to(dtype).to(DEVICE)
     token_labels = torch.randint(-1, labels, (m,), generator=g)
-    token_labels[token_labels == 1] = 0          # label 1 stays empty
+    token_labels[token_labels == 1] = 0  # label 1 stays empty
     rows = torch.nonzero(token_labels >= 0).flatten()
     local = token_labels[rows]
     shift = torch.randn(d, generator=g)
@@ -45,7 +49,9 @@ def test_matches_reference_with_ties_empty_labels_and_ignored_rows(dtype, rows_p
 def test_subsets_and_no_tokens():
     y = torch.randn(6, 9).to(DEVICE)
     rows, starts, labels = chunk_tokens(torch.tensor([0, 2, 5]), torch.tensor([1, 0, 1]), 8)
-    got = topk_stats(y, rows.to(DEVICE), starts.to(DEVICE), labels.to(DEVICE), 2, 3, topk=True, positive=False, moments=False)
+    got = topk_stats(
+        y, rows.to(DEVICE), starts.to(DEVICE), labels.to(DEVICE), 2, 3, topk=True, positive=False, moments=False
+    )
     assert set(got) == {"topk"} and got["topk"].sum() == 9
     empty = chunk_tokens(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long))
     got = topk_stats(y, *(t.to(DEVICE) for t in empty), 2, 3, torch.zeros(9, device=DEVICE))

@@ -28,8 +28,19 @@ _LOW_BIT = {torch.bfloat16: 16, torch.float16: 13, torch.float32: 0}
 
 
 @triton.jit
-def _threshold_kernel(y_ptr, stride_y, rows_ptr, n_rows, thr_ptr, room_ptr, D, k,
-                      LOW_BIT: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+def _threshold_kernel(
+    y_ptr,
+    stride_y,
+    rows_ptr,
+    n_rows,
+    thr_ptr,
+    room_ptr,
+    D,
+    k,
+    LOW_BIT: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ROWS: tl.constexpr,
+):
     """Per token row: the k-th largest |a| as a key, and how many keys equal to it the top k takes."""
     r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     live = r < n_rows
@@ -49,10 +60,26 @@ def _threshold_kernel(y_ptr, stride_y, rows_ptr, n_rows, thr_ptr, room_ptr, D, k
 
 
 @triton.jit
-def _accumulate_kernel(y_ptr, stride_y, rows_ptr, chunk_start_ptr, chunk_label_ptr, thr_ptr, room_ptr, shift_ptr,
-                       topk_ptr, pos_ptr, s1_ptr, s2_ptr, D,
-                       BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
-                       DO_TOPK: tl.constexpr, DO_POS: tl.constexpr, DO_MOM: tl.constexpr):
+def _accumulate_kernel(
+    y_ptr,
+    stride_y,
+    rows_ptr,
+    chunk_start_ptr,
+    chunk_label_ptr,
+    thr_ptr,
+    room_ptr,
+    shift_ptr,
+    topk_ptr,
+    pos_ptr,
+    s1_ptr,
+    s2_ptr,
+    D,
+    BLOCK_D: tl.constexpr,
+    ROWS: tl.constexpr,
+    DO_TOPK: tl.constexpr,
+    DO_POS: tl.constexpr,
+    DO_MOM: tl.constexpr,
+):
     """Per same-label chunk: sums of the top-k masks, positive masks and shifted moments of its rows."""
     chunk = tl.program_id(0)
     start = tl.load(chunk_start_ptr + chunk)
@@ -99,9 +126,18 @@ TUNING = {"search_rows": 1, "search_warps": 4, "rows": 2, "num_warps": 8}
 """Rows per program step and warps of the two kernels on CUDA (bench/kernel_bench.py measures choices)."""
 
 
-def topk_stats(y: torch.Tensor, rows: torch.Tensor, chunk_starts: torch.Tensor, chunk_labels: torch.Tensor,
-               num_labels: int, k: int, shift: torch.Tensor | None = None, topk: bool = True, positive: bool = True,
-               moments: bool = True) -> dict[str, torch.Tensor]:
+def topk_stats(
+    y: torch.Tensor,
+    rows: torch.Tensor,
+    chunk_starts: torch.Tensor,
+    chunk_labels: torch.Tensor,
+    num_labels: int,
+    k: int,
+    shift: torch.Tensor | None = None,
+    topk: bool = True,
+    positive: bool = True,
+    moments: bool = True,
+) -> dict[str, torch.Tensor]:
     """Per-label sums over the token rows ``y[rows]`` (rows grouped into same-label chunks).
 
     Returns int32 ``topk`` and ``positive`` counts and fp32 ``s1`` = Σ(a − shift), ``s2`` = Σ(a − shift)²,
@@ -133,15 +169,40 @@ def topk_stats(y: torch.Tensor, rows: torch.Tensor, chunk_starts: torch.Tensor, 
             room = torch.empty(n_rows, dtype=torch.int32, device=dev)
             search_rows = TUNING["search_rows"]
             _threshold_kernel[(triton.cdiv(n_rows, search_rows),)](
-                y, y.stride(0), rows, n_rows, thr, room, width, k, LOW_BIT=_LOW_BIT[y.dtype], BLOCK_D=block,
-                ROWS=search_rows, num_warps=TUNING["search_warps"] if cuda else 4)
+                y,
+                y.stride(0),
+                rows,
+                n_rows,
+                thr,
+                room,
+                width,
+                k,
+                LOW_BIT=_LOW_BIT[y.dtype],
+                BLOCK_D=block,
+                ROWS=search_rows,
+                num_warps=TUNING["search_warps"] if cuda else 4,
+            )
         _accumulate_kernel[(n_chunks,)](
-            y, y.stride(0), rows, chunk_starts, chunk_labels, thr, room,
+            y,
+            y.stride(0),
+            rows,
+            chunk_starts,
+            chunk_labels,
+            thr,
+            room,
             shift.float().contiguous() if moments else dummy,
-            out_topk if topk else dummy, out_pos if positive else dummy,
-            s1 if moments else dummy, s2 if moments else dummy, width,
-            BLOCK_D=block, ROWS=TUNING["rows"], DO_TOPK=topk, DO_POS=positive, DO_MOM=moments,
-            num_warps=TUNING["num_warps"] if cuda else 4)
+            out_topk if topk else dummy,
+            out_pos if positive else dummy,
+            s1 if moments else dummy,
+            s2 if moments else dummy,
+            width,
+            BLOCK_D=block,
+            ROWS=TUNING["rows"],
+            DO_TOPK=topk,
+            DO_POS=positive,
+            DO_MOM=moments,
+            num_warps=TUNING["num_warps"] if cuda else 4,
+        )
     if topk:
         out["topk"] = out_topk
     if positive:
@@ -151,8 +212,9 @@ def topk_stats(y: torch.Tensor, rows: torch.Tensor, chunk_starts: torch.Tensor, 
     return out
 
 
-def topk_stats_reference(y: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, num_labels: int, k: int,
-                         shift: torch.Tensor) -> dict[str, torch.Tensor]:
+def topk_stats_reference(
+    y: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, num_labels: int, k: int, shift: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """Pure-torch float64 reference: the same sums from the token rows and their labels (any order)."""
     a = y.index_select(0, rows.long()).double()
     labels = labels.long()
@@ -161,6 +223,9 @@ def topk_stats_reference(y: torch.Tensor, rows: torch.Tensor, labels: torch.Tens
     mask = torch.zeros_like(absx, dtype=torch.bool).scatter_(1, order, True)
     z = lambda: torch.zeros((num_labels, a.shape[1]), dtype=torch.float64, device=a.device)  # noqa: E731
     dev = a - shift.double()
-    return {"topk": z().index_add_(0, labels, mask.double()).long(),
-            "positive": z().index_add_(0, labels, (a > 0).double()).long(),
-            "s1": z().index_add_(0, labels, dev), "s2": z().index_add_(0, labels, dev * dev)}
+    return {
+        "topk": z().index_add_(0, labels, mask.double()).long(),
+        "positive": z().index_add_(0, labels, (a > 0).double()).long(),
+        "s1": z().index_add_(0, labels, dev),
+        "s2": z().index_add_(0, labels, dev * dev),
+    }

@@ -8,7 +8,13 @@ pruner work from the resulting Zarr store.
 __version__ = "0.1.0"
 
 
-_LAZY = {"open_stats": "stats", "prune": "pruning", "load_pruned": "pruning", "ablate": "edit", "NeuronSet": "neuronset"}
+_LAZY = {
+    "open_stats": "stats",
+    "prune": "pruning",
+    "load_pruned": "pruning",
+    "ablate": "edit",
+    "NeuronSet": "neuronset",
+}
 
 
 def __getattr__(name: str):

@@ -58,8 +58,10 @@ def synth(out: Path, num_speakers: int, utterances_per_speaker: int, subset: str
     from .corpus.synth import synthesize
 
     root, align = synthesize(out, subset, num_speakers, utterances_per_speaker, seed)
-    click.echo(f"corpus: {root}\nalignments: {align}\n"
-               f"next: neurostat prepare --root {root} --subset {subset} --alignments {align} --out {out / 'prepared'}")
+    click.echo(
+        f"corpus: {root}\nalignments: {align}\n"
+        f"next: neurostat prepare --root {root} --subset {subset} --alignments {align} --out {out / 'prepared'}"
+    )
 
 
 def _labelling_options(f):
@@ -67,20 +69,42 @@ def _labelling_options(f):
     options = [
         click.option("--corpus", type=click.Choice(["librispeech"]), default="librispeech", help="Corpus layout."),
         click.option("--subset", default=None, help="Subset folder, e.g. dev-clean."),
-        click.option("--alignments", type=click.Path(path_type=Path), default=None, help="Folder of MFA TextGrids (corpus layout or flat)."),
-        click.option("--pitch", type=click.Choice(["praat", "yaapt"]), default="praat", help="F0 tracker (yaapt needs neurostat[paper])."),
+        click.option(
+            "--alignments",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="Folder of MFA TextGrids (corpus layout or flat).",
+        ),
+        click.option(
+            "--pitch",
+            type=click.Choice(["praat", "yaapt"]),
+            default="praat",
+            help="F0 tracker (yaapt needs neurostat[paper]).",
+        ),
         click.option("--pitch-bins", default=3, help="Number of voiced pitch bins at equal corpus percentiles."),
-        click.option("--pitch-edges", default=None, help="Comma-separated bin edges in Hz instead of percentiles (e.g. 129.03,179.78)."),
-        click.option("--phone-map", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-                     help="JSON or TSV mapping of corpus phone symbols to ARPAbet/sil/spn (e.g. for MFA's IPA phone set)."),
-        click.option("--strict", is_flag=True, help="Refuse (error) instead of resampling or skipping problem utterances."),
+        click.option(
+            "--pitch-edges",
+            default=None,
+            help="Comma-separated bin edges in Hz instead of percentiles (e.g. 129.03,179.78).",
+        ),
+        click.option(
+            "--phone-map",
+            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            default=None,
+            help="JSON or TSV mapping of corpus phone symbols to ARPAbet/sil/spn (e.g. for MFA's IPA phone set).",
+        ),
+        click.option(
+            "--strict", is_flag=True, help="Refuse (error) instead of resampling or skipping problem utterances."
+        ),
     ]
     for option in reversed(options):
         f = option(f)
     return f
 
 
-def _run_prepare(root, subset, alignments, out, geometry, pitch, pitch_bins, pitch_edges, phone_map, strict, num_jobs) -> Path:
+def _run_prepare(
+    root, subset, alignments, out, geometry, pitch, pitch_bins, pitch_edges, phone_map, strict, num_jobs
+) -> Path:
     from .corpus.librispeech import CorpusError
     from .corpus.prepare import PrepareError, PrepareSettings, prepare as run_prepare
     from .labels.speakers import SpeakersError
@@ -96,11 +120,19 @@ def _run_prepare(root, subset, alignments, out, geometry, pitch, pitch_bins, pit
         try:
             edges = tuple(float(x) for x in pitch_edges.split(","))
         except ValueError:
-            raise click.BadParameter(f"{pitch_edges!r} is not a comma-separated list of numbers", param_hint="--pitch-edges") from None
+            raise click.BadParameter(
+                f"{pitch_edges!r} is not a comma-separated list of numbers", param_hint="--pitch-edges"
+            ) from None
     out = out or Path(alignments).parent / f"prepared-{subset}"
     try:
-        settings = PrepareSettings(geometry=geometry, pitch=pitch, quantiles=tuple(i / pitch_bins for i in range(1, pitch_bins)),
-                                   edges=edges, phone_map=PhoneMap.from_file(phone_map) if phone_map else PhoneMap(), strict=strict)
+        settings = PrepareSettings(
+            geometry=geometry,
+            pitch=pitch,
+            quantiles=tuple(i / pitch_bins for i in range(1, pitch_bins)),
+            edges=edges,
+            phone_map=PhoneMap.from_file(phone_map) if phone_map else PhoneMap(),
+            strict=strict,
+        )
         meta = run_prepare(root, subset, alignments, out, settings, num_jobs=num_jobs)
     except (CorpusError, PrepareError, SpeakersError, ValueError) as e:
         raise click.ClickException(str(e)) from None
@@ -109,32 +141,78 @@ def _run_prepare(root, subset, alignments, out, geometry, pitch, pitch_bins, pit
 
 
 @main.command()
-@click.option("--root", required=True, type=click.Path(path_type=Path), help="LibriSpeech root (the LibriSpeech folder or its parent).")
+@click.option(
+    "--root",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="LibriSpeech root (the LibriSpeech folder or its parent).",
+)
 @_labelling_options
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Prepared-corpus folder [default: <alignments>/../prepared-<subset>].")
-@click.option("--model", default=None, help="Hub id or local dir whose config gives the frame geometry [default: the HuBERT/wav2vec2 default geometry].")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Prepared-corpus folder [default: <alignments>/../prepared-<subset>].",
+)
+@click.option(
+    "--model",
+    default=None,
+    help="Hub id or local dir whose config gives the frame geometry [default: the HuBERT/wav2vec2 default geometry].",
+)
 @click.option("--sample-rate", type=int, default=None, help="Override the model's sample rate.")
 @click.option("-j", "--num-jobs", default=1, help="Parallel worker processes.")
-def prepare(root, corpus, subset, alignments, pitch, pitch_bins, pitch_edges, phone_map, strict, out, model, sample_rate, num_jobs) -> None:
+def prepare(
+    root,
+    corpus,
+    subset,
+    alignments,
+    pitch,
+    pitch_bins,
+    pitch_edges,
+    phone_map,
+    strict,
+    out,
+    model,
+    sample_rate,
+    num_jobs,
+) -> None:
     """Label a corpus: phones per frame (MFA TextGrids), speaker gender (SPEAKERS.TXT), F0 and pitch bins.
 
     Cached: a second run reuses every utterance whose inputs and settings did not change.
     """
-    _run_prepare(root, subset, alignments, out, _geometry(model, sample_rate), pitch, pitch_bins, pitch_edges,
-                 phone_map, strict, num_jobs)
+    _run_prepare(
+        root,
+        subset,
+        alignments,
+        out,
+        _geometry(model, sample_rate),
+        pitch,
+        pitch_bins,
+        pitch_edges,
+        phone_map,
+        strict,
+        num_jobs,
+    )
 
 
 def _print_prepare_summary(meta: dict, out: Path) -> None:
-    click.echo(f"prepared {meta['num_utterances']} utterances, {meta['hours']:.3f} h, {meta['num_frames']} frames -> {out}")
+    click.echo(
+        f"prepared {meta['num_utterances']} utterances, {meta['hours']:.3f} h, {meta['num_frames']} frames -> {out}"
+    )
     from .frames import FrameGeometry
 
-    click.echo(f"frame geometry: {FrameGeometry.from_dict(meta['geometry']).describe()}; "
-               f"pitch ({meta['pitch']['method']}) bin edges: {', '.join(f'{e:.2f} Hz' for e in meta['pitch']['edges'])}")
+    click.echo(
+        f"frame geometry: {FrameGeometry.from_dict(meta['geometry']).describe()}; "
+        f"pitch ({meta['pitch']['method']}) bin edges: {', '.join(f'{e:.2f} Hz' for e in meta['pitch']['edges'])}"
+    )
     if meta["resampled"]:
         click.echo(f"resampled to {meta['geometry']['sample_rate']} Hz: {meta['resampled']} utterance(s)")
     if meta["skips"]:
-        click.echo("skipped: " + ", ".join(f"{reason} {n}" for reason, n in sorted(meta["skips"].items()))
-                   + f" (details: {out / 'skips.jsonl'})")
+        click.echo(
+            "skipped: "
+            + ", ".join(f"{reason} {n}" for reason, n in sorted(meta["skips"].items()))
+            + f" (details: {out / 'skips.jsonl'})"
+        )
 
 
 def _parse_layers(text: str | None) -> list[int] | None:
@@ -164,31 +242,103 @@ def _parse_shard(text: str) -> tuple[int, int]:
 
 
 @main.command()
-@click.option("--root", type=click.Path(path_type=Path), default=None, help="LibriSpeech root; with --subset and --alignments the corpus is prepared (cached) first.")
+@click.option(
+    "--root",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="LibriSpeech root; with --subset and --alignments the corpus is prepared (cached) first.",
+)
 @_labelling_options
-@click.option("--prepared", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Prepared-corpus folder to read (or to write when --root is given) [default: <alignments>/../prepared-<subset>].")
-@click.option("--model", default=None, help="Hub id or local directory of a HuBERT / wav2vec 2.0 / WavLM / data2vec-audio checkpoint [default: the embedded demo model].")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Statistics store (Zarr) [default: stats.zarr, or the demo cache].")
-@click.option("--stat", "stats", multiple=True, type=click.Choice(["topk", "positive", "moments"]), help="Statistics to collect (repeatable) [default: all].")
-@click.option("--topk-ratio", default=0.01, help="λ: a neuron is activated at a token when |a| is among the top round(λ·D) of its layer.")
-@click.option("--tokens", type=click.Choice(["phone-mid", "all", "no-silence"]), default="phone-mid", help="Which frames count: the middle frame of each phone run (paper), all, or all but silence/spn.")
+@click.option(
+    "--prepared",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Prepared-corpus folder to read (or to write when --root is given) [default: <alignments>/../prepared-<subset>].",
+)
+@click.option(
+    "--model",
+    default=None,
+    help="Hub id or local directory of a HuBERT / wav2vec 2.0 / WavLM / data2vec-audio checkpoint [default: the embedded demo model].",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Statistics store (Zarr) [default: stats.zarr, or the demo cache].",
+)
+@click.option(
+    "--stat",
+    "stats",
+    multiple=True,
+    type=click.Choice(["topk", "positive", "moments"]),
+    help="Statistics to collect (repeatable) [default: all].",
+)
+@click.option(
+    "--topk-ratio",
+    default=0.01,
+    help="λ: a neuron is activated at a token when |a| is among the top round(λ·D) of its layer.",
+)
+@click.option(
+    "--tokens",
+    type=click.Choice(["phone-mid", "all", "no-silence"]),
+    default="phone-mid",
+    help="Which frames count: the middle frame of each phone run (paper), all, or all but silence/spn.",
+)
 @click.option("--layers", default="all", help="Layers to collect, 1-based, e.g. 1,3,5-8.")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", help="Model dtype.")
-@click.option("--backend", type=click.Choice(["auto", "torch", "triton", "triton-fused"]), default="auto",
-              help="Statistics kernels: auto = triton on CUDA, torch on CPU; triton-fused also computes the FFN's first GEMM.")
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "torch", "triton", "triton-fused"]),
+    default="auto",
+    help="Statistics kernels: auto = triton on CUDA, torch on CPU; triton-fused also computes the FFN's first GEMM.",
+)
 @click.option("--batch-seconds", default=160.0, help="Audio per batch (the Transformer runs on padded batches).")
-@click.option("--max-seconds", type=float, default=None, help="Cut utterances into pieces of at most this length (off by default: never cut).")
+@click.option(
+    "--max-seconds",
+    type=float,
+    default=None,
+    help="Cut utterances into pieces of at most this length (off by default: never cut).",
+)
 @click.option("--checkpoint-seconds", default=300.0, help="Checkpoint at least this often.")
 @click.option("--checkpoint-utterances", type=int, default=None, help="Also checkpoint every N utterances.")
-@click.option("--shard", default="0/1", help="Collect only shard i of n (utterances i, i+n, ...); merge shards with `neurostat merge`.")
+@click.option(
+    "--shard",
+    default="0/1",
+    help="Collect only shard i of n (utterances i, i+n, ...); merge shards with `neurostat merge`.",
+)
 @click.option("--resume", is_flag=True, help="Continue an interrupted collection in --out.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store at --out.")
 @click.option("-j", "--num-jobs", default=1, help="Data-loading worker processes (0 = load in the main process).")
-def collect(root, corpus, subset, alignments, pitch, pitch_bins, pitch_edges, phone_map, strict, prepared, model, out, stats,
-            topk_ratio, tokens, layers, device, dtype, backend, batch_seconds, max_seconds, checkpoint_seconds,
-            checkpoint_utterances, shard, resume, overwrite, num_jobs) -> None:
+def collect(
+    root,
+    corpus,
+    subset,
+    alignments,
+    pitch,
+    pitch_bins,
+    pitch_edges,
+    phone_map,
+    strict,
+    prepared,
+    model,
+    out,
+    stats,
+    topk_ratio,
+    tokens,
+    layers,
+    device,
+    dtype,
+    backend,
+    batch_seconds,
+    max_seconds,
+    checkpoint_seconds,
+    checkpoint_utterances,
+    shard,
+    resume,
+    overwrite,
+    num_jobs,
+) -> None:
     """Collect activation statistics of every FFN neuron, layer and joint label into a Zarr store.
 
     With no arguments it runs the embedded demo offline: it synthesises and prepares the demo corpus
@@ -209,18 +359,31 @@ def collect(root, corpus, subset, alignments, pitch, pitch_bins, pitch_edges, ph
         click.echo(f"neurostat collect: no corpus or model given, running the embedded demo offline in {cache}")
         prepared, model = ensure_demo(cache)
         model = str(model)
-        click.echo("model: a small RANDOM-INITIALISED HuBERT (no trained demo model ships yet): the statistics exercise "
-                   "the engine but carry no property of speech")
+        click.echo(
+            "model: a small RANDOM-INITIALISED HuBERT (no trained demo model ships yet): the statistics exercise "
+            "the engine but carry no property of speech"
+        )
         out = out or cache / "stats.zarr"
         overwrite = overwrite or not resume
     if model is None:
-        raise click.UsageError("--model is required with a corpus (a hub id such as facebook/hubert-base-ls960 or a local directory)")
+        raise click.UsageError(
+            "--model is required with a corpus (a hub id such as facebook/hubert-base-ls960 or a local directory)"
+        )
     if root is None and prepared is None:
         raise click.UsageError("give the corpus (--root, --subset, --alignments) or a prepared corpus (--prepared)")
-    config = CollectConfig(stats=tuple(stats) or ("topk", "positive", "moments"), topk_ratio=topk_ratio, tokens=tokens,
-                           layers=_parse_layers(layers), batch_seconds=batch_seconds, max_seconds=max_seconds,
-                           checkpoint_seconds=checkpoint_seconds, checkpoint_utterances=checkpoint_utterances,
-                           shard=_parse_shard(shard), num_jobs=num_jobs, backend=backend)
+    config = CollectConfig(
+        stats=tuple(stats) or ("topk", "positive", "moments"),
+        topk_ratio=topk_ratio,
+        tokens=tokens,
+        layers=_parse_layers(layers),
+        batch_seconds=batch_seconds,
+        max_seconds=max_seconds,
+        checkpoint_seconds=checkpoint_seconds,
+        checkpoint_utterances=checkpoint_utterances,
+        shard=_parse_shard(shard),
+        num_jobs=num_jobs,
+        backend=backend,
+    )
     out = out or Path("stats.zarr")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -229,8 +392,19 @@ def collect(root, corpus, subset, alignments, pitch, pitch_bins, pitch_edges, ph
     except ModelError as e:
         raise click.ClickException(str(e)) from None
     if root is not None:
-        prepared = _run_prepare(root, subset, alignments, prepared, adapter.geometry, pitch, pitch_bins, pitch_edges,
-                                phone_map, strict, num_jobs)
+        prepared = _run_prepare(
+            root,
+            subset,
+            alignments,
+            prepared,
+            adapter.geometry,
+            pitch,
+            pitch_bins,
+            pitch_edges,
+            phone_map,
+            strict,
+            num_jobs,
+        )
     try:
         summary = run_collect(PreparedCorpus(prepared), adapter, out, config, resume=resume, overwrite=overwrite)
     except (ModelError, StoreError, PreparedCorpusError, ValueError) as e:
@@ -242,12 +416,16 @@ def _print_collect_summary(attrs: dict, out: Path) -> None:
     p = attrs["progress"]
     seconds = max(p["elapsed_seconds"], 1e-9)
     stats = attrs["statistics"]
-    click.echo(f"collected {p['utterances_done']} utterances, {p['audio_seconds'] / 3600:.3f} h of audio, "
-               f"{p['frames']:,} frames, {p['tokens']:,} tokens ({stats['tokens']}) in {seconds:.1f} s: "
-               f"{p['frames'] / seconds:,.0f} frames/s, {p['audio_seconds'] / seconds:.1f}x real time")
-    click.echo(f"statistics: {', '.join(stats['stats'])}; k = {stats['k']} of {attrs['model']['width']} "
-               f"(λ = {stats['topk_ratio']}); layers {attrs['fingerprint']['layers'][0]}..{attrs['fingerprint']['layers'][-1]}; "
-               f"backend {stats['backend']}")
+    click.echo(
+        f"collected {p['utterances_done']} utterances, {p['audio_seconds'] / 3600:.3f} h of audio, "
+        f"{p['frames']:,} frames, {p['tokens']:,} tokens ({stats['tokens']}) in {seconds:.1f} s: "
+        f"{p['frames'] / seconds:,.0f} frames/s, {p['audio_seconds'] / seconds:.1f}x real time"
+    )
+    click.echo(
+        f"statistics: {', '.join(stats['stats'])}; k = {stats['k']} of {attrs['model']['width']} "
+        f"(λ = {stats['topk_ratio']}); layers {attrs['fingerprint']['layers'][0]}..{attrs['fingerprint']['layers'][-1]}; "
+        f"backend {stats['backend']}"
+    )
     skips = {**attrs["corpus"].get("prepare_skips", {})}
     for reason, n in p.get("skips", {}).items():
         skips[reason] = skips.get(reason, 0) + n
@@ -291,22 +469,28 @@ def describe_store(path: Path, attrs: dict) -> str:
 
     m, s, p = attrs["model"], attrs["statistics"], attrs.get("progress", {})
     labels = attrs["labels"]
-    lines = [f"store: {path} ({'complete' if attrs.get('complete') else 'INCOMPLETE'}; neurostat {attrs['neurostat_version']})",
-             f"model: {m['model']} ({m['model_type']}, revision {m['revision']}), {m['num_layers']} layers x {m['width']} FFN neurons",
-             f"layers collected: {', '.join(map(str, attrs['fingerprint']['layers']))}",
-             f"statistics: {', '.join(s['stats'])}; tokens {s['tokens']}; top-k k = {s['k']} (λ = {s['topk_ratio']}); backend {s['backend']}",
-             f"labels: {len(labels['phone'])} phones x {len(labels['gender'])} genders x {len(labels['pitch_bin'])} pitch bins "
-             f"({', '.join(labels['pitch_bin'])}; edges {', '.join(f'{e:.2f}' for e in attrs['pitch']['edges'])} Hz)",
-             f"corpus: {attrs['corpus']['root']} / {attrs['corpus']['subset']} (shard {attrs['corpus']['shard']})"]
+    lines = [
+        f"store: {path} ({'complete' if attrs.get('complete') else 'INCOMPLETE'}; neurostat {attrs['neurostat_version']})",
+        f"model: {m['model']} ({m['model_type']}, revision {m['revision']}), {m['num_layers']} layers x {m['width']} FFN neurons",
+        f"layers collected: {', '.join(map(str, attrs['fingerprint']['layers']))}",
+        f"statistics: {', '.join(s['stats'])}; tokens {s['tokens']}; top-k k = {s['k']} (λ = {s['topk_ratio']}); backend {s['backend']}",
+        f"labels: {len(labels['phone'])} phones x {len(labels['gender'])} genders x {len(labels['pitch_bin'])} pitch bins "
+        f"({', '.join(labels['pitch_bin'])}; edges {', '.join(f'{e:.2f}' for e in attrs['pitch']['edges'])} Hz)",
+        f"corpus: {attrs['corpus']['root']} / {attrs['corpus']['subset']} (shard {attrs['corpus']['shard']})",
+    ]
     if attrs.get("complete"):
-        lines.append(f"counted: {p['utterances_done']} utterances, {p['audio_seconds'] / 3600:.3f} h, {p['frames']:,} frames, "
-                     f"{p['tokens']:,} tokens in {p['elapsed_seconds']:.1f} s")
+        lines.append(
+            f"counted: {p['utterances_done']} utterances, {p['audio_seconds'] / 3600:.3f} h, {p['frames']:,} frames, "
+            f"{p['tokens']:,} tokens in {p['elapsed_seconds']:.1f} s"
+        )
     else:
         pointer = Path(path) / "neurostat" / "checkpoint.json"
         if pointer.is_file():
             q = json.loads(pointer.read_text())["progress"]
-            lines.append(f"checkpointed: {q['utterances_done']} of {attrs['corpus']['utterances']} utterances, {q['tokens']:,} tokens; "
-                         f"continue with `neurostat collect ... --resume`")
+            lines.append(
+                f"checkpointed: {q['utterances_done']} of {attrs['corpus']['utterances']} utterances, {q['tokens']:,} tokens; "
+                f"continue with `neurostat collect ... --resume`"
+            )
         else:
             lines.append("no checkpoint yet")
     if p.get("skips"):
@@ -317,26 +501,54 @@ def describe_store(path: Path, attrs: dict) -> str:
         stats = open_stats(path)
         frames = stats.frames(("phone",))
         top = frames.sortby(frames, ascending=False)[:8]
-        lines.append("tokens per phone (top 8): " + ", ".join(f"{ph} {int(n)}" for ph, n in zip(top["phone"].values, top.values)))
+        lines.append(
+            "tokens per phone (top 8): " + ", ".join(f"{ph} {int(n)}" for ph, n in zip(top["phone"].values, top.values))
+        )
         genders = stats.frames(("gender",))
-        lines.append("tokens per gender: " + ", ".join(f"{g} {int(n)}" for g, n in zip(genders["gender"].values, genders.values)))
+        lines.append(
+            "tokens per gender: " + ", ".join(f"{g} {int(n)}" for g, n in zip(genders["gender"].values, genders.values))
+        )
     lines.append(f"command: {attrs.get('command', '')}")
     return "\n".join(lines)
 
 
 @main.command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--property", "properties", multiple=True, type=click.Choice(["phone-type", "gender", "pitch", "phone"]),
-              help="Property to select (repeatable; several print their overlaps) [default: gender].")
-@click.option("--groups", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help='Own groups instead: JSON {"axis": "phone|gender|pitch_bin", "groups": {"name": [labels]}, "phones": [...]}.')
-@click.option("--sigma", default=0.8, help="σ: a group neuron is above chance for at least this fraction of the group's phones.")
-@click.option("--stat", type=click.Choice(["topk", "positive"]), default="topk", help="Which activation count gives P(j | label).")
-@click.option("--rule", type=click.Choice(["paper", "entropy"]), default="paper", help="The paper's σ rule or LAPE's entropy rule.")
+@click.option(
+    "--property",
+    "properties",
+    multiple=True,
+    type=click.Choice(["phone-type", "gender", "pitch", "phone"]),
+    help="Property to select (repeatable; several print their overlaps) [default: gender].",
+)
+@click.option(
+    "--groups",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help='Own groups instead: JSON {"axis": "phone|gender|pitch_bin", "groups": {"name": [labels]}, "phones": [...]}.',
+)
+@click.option(
+    "--sigma", default=0.8, help="σ: a group neuron is above chance for at least this fraction of the group's phones."
+)
+@click.option(
+    "--stat", type=click.Choice(["topk", "positive"]), default="topk", help="Which activation count gives P(j | label)."
+)
+@click.option(
+    "--rule",
+    type=click.Choice(["paper", "entropy"]),
+    default="paper",
+    help="The paper's σ rule or LAPE's entropy rule.",
+)
 @click.option("--entropy-quantile", default=0.01, help="entropy rule: keep neurons in this lowest entropy quantile.")
-@click.option("--min-prob-quantile", default=0.95, help="entropy rule: among neurons whose largest P is in this top quantile.")
-@click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="JSON in the paper's format {layer: [indices]}; with several properties a folder of <property>.json.")
+@click.option(
+    "--min-prob-quantile", default=0.95, help="entropy rule: among neurons whose largest P is in this top quantile."
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="JSON in the paper's format {layer: [indices]}; with several properties a folder of <property>.json.",
+)
 def select(store, properties, groups, sigma, stat, rule, entropy_quantile, min_prob_quantile, out) -> None:
     """Select property neurons from a statistics store (the paper's rule by default)."""
     import warnings
@@ -353,8 +565,16 @@ def select(store, properties, groups, sigma, stat, rule, entropy_quantile, min_p
         for name in names:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                selections[name] = property_neurons(stats, name, sigma, stat, groups=groups, rule=rule,
-                                                    entropy_quantile=entropy_quantile, min_prob_quantile=min_prob_quantile)
+                selections[name] = property_neurons(
+                    stats,
+                    name,
+                    sigma,
+                    stat,
+                    groups=groups,
+                    rule=rule,
+                    entropy_quantile=entropy_quantile,
+                    min_prob_quantile=min_prob_quantile,
+                )
             for w in caught:
                 click.echo(f"warning ({name}): {w.message}", err=True)
     except (StoreError, SelectionError, NeuronSetError) as e:
@@ -369,7 +589,9 @@ def select(store, properties, groups, sigma, stat, rule, entropy_quantile, min_p
             click.echo(f"  N[{g}]"[:13].ljust(13) + " ".join(f"{s.counts()[n]:>5}" for n in layers) + f"   {len(s)}")
     if len(selections) > 1:
         regions = venn({n: s.neurons for n, s in selections.items()})
-        click.echo("overlaps (exclusive regions, all layers): " + ", ".join(f"{k} {v}" for k, v in sorted(regions.items())))
+        click.echo(
+            "overlaps (exclusive regions, all layers): " + ", ".join(f"{k} {v}" for k, v in sorted(regions.items()))
+        )
     if out is not None:
         if len(selections) == 1:
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -384,9 +606,15 @@ def select(store, properties, groups, sigma, stat, rule, entropy_quantile, min_p
 
 @main.command()
 @click.option("--model", required=True, help="Hub id or local directory of the model to edit.")
-@click.option("--neurons", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Neurons to remove: JSON {layer: [indices]} (e.g. from `neurostat select`).")
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Edited checkpoint directory.")
+@click.option(
+    "--neurons",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Neurons to remove: JSON {layer: [indices]} (e.g. from `neurostat select`).",
+)
+@click.option(
+    "--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Edited checkpoint directory."
+)
 def ablate(model, neurons, out) -> None:
     """Write an edited checkpoint whose given neurons are removed (zeroed W2 columns)."""
     from .edit import zero_neurons
@@ -422,14 +650,33 @@ def _copy_feature_extractor(model: str, out: Path) -> None:
 
 @main.command()
 @click.option("--model", required=True, help="Hub id or local directory of the model to prune.")
-@click.option("--protect", "protect_files", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Neurons never pruned (repeatable; e.g. property neurons from `neurostat select`).")
-@click.option("--keep-ratio", type=float, default=None, help="Fraction of each layer's neurons to keep (or of all, with --scope global).")
+@click.option(
+    "--protect",
+    "protect_files",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Neurons never pruned (repeatable; e.g. property neurons from `neurostat select`).",
+)
+@click.option(
+    "--keep-ratio",
+    type=float,
+    default=None,
+    help="Fraction of each layer's neurons to keep (or of all, with --scope global).",
+)
 @click.option("--keep", type=int, default=None, help="Neurons to keep per layer (or in all, with --scope global).")
 @click.option("--keep-protected-only", is_flag=True, help="Keep exactly the protected neurons.")
-@click.option("--scope", type=click.Choice(["layer", "global"]), default="layer", help="Budget per layer or across layers.")
-@click.option("--criterion", type=click.Choice(["l1", "l2"]), default="l1", help="Score: ‖W1[j,:]‖ + |b1[j]| + ‖W2[:,j]‖; lowest pruned first.")
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Pruned checkpoint directory.")
+@click.option(
+    "--scope", type=click.Choice(["layer", "global"]), default="layer", help="Budget per layer or across layers."
+)
+@click.option(
+    "--criterion",
+    type=click.Choice(["l1", "l2"]),
+    default="l1",
+    help="Score: ‖W1[j,:]‖ + |b1[j]| + ‖W2[:,j]‖; lowest pruned first.",
+)
+@click.option(
+    "--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Pruned checkpoint directory."
+)
 def prune(model, protect_files, keep_ratio, keep, keep_protected_only, scope, criterion, out) -> None:
     """Prune FFN neurons physically and save a checkpoint that `neurostat.load_pruned` reads back."""
     from .engine.adapter import ModelError, load_full_model
@@ -443,13 +690,24 @@ def prune(model, protect_files, keep_ratio, keep, keep_protected_only, scope, cr
         union = NeuronSet()
         for s in protected.values():
             union = union | s
-        result = run_prune(net, keep=keep, protect=union, ratio=keep_ratio, criterion=criterion, scope=scope,
-                           exact_protected=keep_protected_only)
+        result = run_prune(
+            net,
+            keep=keep,
+            protect=union,
+            ratio=keep_ratio,
+            criterion=criterion,
+            scope=scope,
+            exact_protected=keep_protected_only,
+        )
     except (ModelError, NeuronSetError, PruneError) as e:
         raise click.ClickException(str(e)) from None
-    save_pruned(net, result, out, model, getattr(net.config, "_commit_hash", None), protected, feature_extractor_from=model)
+    save_pruned(
+        net, result, out, model, getattr(net.config, "_commit_hash", None), protected, feature_extractor_from=model
+    )
     _copy_feature_extractor(model, out)
-    click.echo(f"parameters: {result.params_before:,} -> {result.params_after:,} "
-               f"({100 * (1 - result.params_after / result.params_before):.1f}% fewer)")
+    click.echo(
+        f"parameters: {result.params_before:,} -> {result.params_after:,} "
+        f"({100 * (1 - result.params_after / result.params_before):.1f}% fewer)"
+    )
     click.echo("FFN widths per layer: " + " ".join(f"{layer}:{w}" for layer, w in result.widths().items()))
     click.echo(f"pruned checkpoint: {out} (load with neurostat.load_pruned)")

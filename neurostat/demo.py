@@ -21,11 +21,19 @@ def build_demo_model(path: str | Path, seed: int = 0) -> Path:
     if (path / "config.json").is_file() and (path / "preprocessor_config.json").is_file():
         return path
     torch.manual_seed(seed)
-    config = HubertConfig(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
-                          conv_dim=(64,) * 7, num_conv_pos_embeddings=32, num_conv_pos_embedding_groups=4)
+    config = HubertConfig(
+        hidden_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=512,
+        conv_dim=(64,) * 7,
+        num_conv_pos_embeddings=32,
+        num_conv_pos_embedding_groups=4,
+    )
     HubertModel(config).eval().save_pretrained(path)
-    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
-                             return_attention_mask=True).save_pretrained(path)
+    Wav2Vec2FeatureExtractor(
+        feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True, return_attention_mask=True
+    ).save_pretrained(path)
     return path
 
 
@@ -40,6 +48,12 @@ def ensure_demo(cache: Path, progress: bool = True) -> tuple[Path, Path]:
         synthesize(corpus, DEMO_SUBSET, progress=progress)
     model = build_demo_model(cache / "model")
     prepared = cache / "prepared"
-    prepare(corpus / "LibriSpeech", DEMO_SUBSET, corpus / "alignments", prepared,
-            PrepareSettings(load_geometry(str(model))), progress=progress)
+    prepare(
+        corpus / "LibriSpeech",
+        DEMO_SUBSET,
+        corpus / "alignments",
+        prepared,
+        PrepareSettings(load_geometry(str(model))),
+        progress=progress,
+    )
     return prepared, model

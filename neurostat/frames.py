@@ -58,7 +58,9 @@ class FrameGeometry:
     @classmethod
     def from_config(cls, config, sample_rate: int) -> "FrameGeometry":
         """Geometry of an HF wav2vec2-family config (``conv_kernel``, ``conv_stride``)."""
-        return cls(int(sample_rate), tuple(int(k) for k in config.conv_kernel), tuple(int(s) for s in config.conv_stride))
+        return cls(
+            int(sample_rate), tuple(int(k) for k in config.conv_kernel), tuple(int(s) for s in config.conv_stride)
+        )
 
     def describe(self) -> str:
         return f"stride {self.stride} / receptive field {self.receptive_field} samples at {self.sample_rate} Hz"

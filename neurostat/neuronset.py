@@ -18,8 +18,9 @@ class NeuronSetError(ValueError):
 class NeuronSet:
     """Neuron indices per layer (1-based layers)."""
 
-    def __init__(self, layers: Mapping[int, Iterable[int]] | None = None, num_layers: int | None = None,
-                 width: int | None = None):
+    def __init__(
+        self, layers: Mapping[int, Iterable[int]] | None = None, num_layers: int | None = None, width: int | None = None
+    ):
         self.sets: dict[int, frozenset[int]] = {int(k): frozenset(int(i) for i in v) for k, v in (layers or {}).items()}
         self.num_layers, self.width = num_layers, width
         if num_layers is not None or width is not None:
@@ -32,8 +33,10 @@ class NeuronSet:
                 raise NeuronSetError(f"{where}: layer {layer} does not exist (the model has layers 1..{num_layers})")
             bad = sorted(i for i in idx if i < 0 or (width is not None and i >= width))
             if bad:
-                raise NeuronSetError(f"{where}: layer {layer} has neuron indices out of range 0..{(width or 0) - 1}: "
-                                     f"{bad[:5]}{' ...' if len(bad) > 5 else ''}")
+                raise NeuronSetError(
+                    f"{where}: layer {layer} has neuron indices out of range 0..{(width or 0) - 1}: "
+                    f"{bad[:5]}{' ...' if len(bad) > 5 else ''}"
+                )
         return self
 
     def _combine(self, other: "NeuronSet", op) -> "NeuronSet":
@@ -43,8 +46,9 @@ class NeuronSet:
             if mine is not None and theirs is not None and mine != theirs:
                 raise NeuronSetError(f"cannot combine neuron sets of different models ({what} {mine} vs {theirs})")
         layers = set(self.sets) | set(other.sets)
-        return NeuronSet({n: op(self[n], other[n]) for n in layers}, self.num_layers or other.num_layers,
-                         self.width or other.width)
+        return NeuronSet(
+            {n: op(self[n], other[n]) for n in layers}, self.num_layers or other.num_layers, self.width or other.width
+        )
 
     def __or__(self, other):
         return self._combine(other, frozenset.__or__)
@@ -82,8 +86,14 @@ class NeuronSet:
     def overlap(self, other: "NeuronSet") -> dict[int, dict[str, int]]:
         """Per layer: neurons only in self, in both, only in other."""
         layers = sorted(set(self.layers) | set(other.layers))
-        return {n: {"only_self": len(self[n] - other[n]), "both": len(self[n] & other[n]),
-                    "only_other": len(other[n] - self[n])} for n in layers}
+        return {
+            n: {
+                "only_self": len(self[n] - other[n]),
+                "both": len(self[n] & other[n]),
+                "only_other": len(other[n] - self[n]),
+            }
+            for n in layers
+        }
 
     def to_json(self) -> str:
         """The paper's format: ``{"<layer 1-based>": [sorted indices]}`` for every layer."""
@@ -93,17 +103,22 @@ class NeuronSet:
         Path(path).write_text(self.to_json() + "\n")
 
     @classmethod
-    def from_json(cls, text: str, num_layers: int | None = None, width: int | None = None,
-                  where: str = "neuron set") -> "NeuronSet":
+    def from_json(
+        cls, text: str, num_layers: int | None = None, width: int | None = None, where: str = "neuron set"
+    ) -> "NeuronSet":
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as e:
             raise NeuronSetError(f"{where}: not JSON ({e})") from None
         if not isinstance(raw, dict):
-            raise NeuronSetError(f"{where}: expected an object {{\"<layer>\": [indices]}}")
+            raise NeuronSetError(f'{where}: expected an object {{"<layer>": [indices]}}')
         layers = {}
         for key, value in raw.items():
-            if not str(key).lstrip("-").isdigit() or not isinstance(value, list) or not all(isinstance(i, int) for i in value):
+            if (
+                not str(key).lstrip("-").isdigit()
+                or not isinstance(value, list)
+                or not all(isinstance(i, int) for i in value)
+            ):
                 raise NeuronSetError(f"{where}: entry {key!r} must be a layer number mapped to a list of integers")
             layers[int(key)] = value
         out = cls(layers)

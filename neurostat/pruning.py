@@ -34,7 +34,7 @@ class PruneError(ValueError):
 
 @dataclass
 class PruneResult:
-    kept: dict[int, list[int]]       # layer (1-based) -> kept neuron indices of the original model
+    kept: dict[int, list[int]]  # layer (1-based) -> kept neuron indices of the original model
     params_before: int
     params_after: int
     criterion: str
@@ -59,8 +59,14 @@ def neuron_scores(model: nn.Module, criterion: str = "l1") -> dict[int, torch.Te
     return out
 
 
-def plan(scores: dict[int, torch.Tensor], keep: int | dict[int, int] | None = None, ratio: float | None = None,
-         protect: NeuronSet | None = None, scope: str = "layer", exact_protected: bool = False) -> dict[int, list[int]]:
+def plan(
+    scores: dict[int, torch.Tensor],
+    keep: int | dict[int, int] | None = None,
+    ratio: float | None = None,
+    protect: NeuronSet | None = None,
+    scope: str = "layer",
+    exact_protected: bool = False,
+) -> dict[int, list[int]]:
     """Kept indices per layer for a budget (a count per layer, or a ratio, per layer or global)."""
     protect = protect or NeuronSet()
     widths = {layer: s.numel() for layer, s in scores.items()}
@@ -80,16 +86,19 @@ def plan(scores: dict[int, torch.Tensor], keep: int | dict[int, int] | None = No
         return _plan_global(scores, total, protect)
     if scope != "layer":
         raise PruneError(f"unknown scope {scope!r}; choose layer or global")
-    budget = {layer: (round(ratio * w) if ratio is not None else (keep[layer] if isinstance(keep, dict) else keep))
-              for layer, w in widths.items()}
+    budget = {
+        layer: (round(ratio * w) if ratio is not None else (keep[layer] if isinstance(keep, dict) else keep))
+        for layer, w in widths.items()
+    }
     kept = {}
     for layer, score in scores.items():
         n, fixed = budget[layer], sorted(protect[layer])
         if not 0 <= n <= widths[layer]:
             raise PruneError(f"layer {layer}: cannot keep {n} of {widths[layer]} neurons")
         if len(fixed) > n:
-            raise PruneError(f"layer {layer}: {len(fixed)} protected neurons but a budget of {n}; raise the budget "
-                             f"or protect fewer")
+            raise PruneError(
+                f"layer {layer}: {len(fixed)} protected neurons but a budget of {n}; raise the budget or protect fewer"
+            )
         rest = [j for j in torch.argsort(score, descending=True, stable=True).tolist() if j not in protect[layer]]
         kept[layer] = sorted(fixed + rest[: n - len(fixed)])
     return kept
@@ -99,8 +108,12 @@ def _plan_global(scores: dict[int, torch.Tensor], total: int, protect: NeuronSet
     fixed = [(layer, j) for layer in scores for j in protect[layer]]
     if len(fixed) > total:
         raise PruneError(f"{len(fixed)} protected neurons but a global budget of {total}")
-    candidates = [(float(s), layer, j) for layer, score in scores.items() for j, s in enumerate(score.tolist())
-                  if j not in protect[layer]]
+    candidates = [
+        (float(s), layer, j)
+        for layer, score in scores.items()
+        for j, s in enumerate(score.tolist())
+        if j not in protect[layer]
+    ]
     candidates.sort(key=lambda c: (-c[0], c[1], c[2]))
     chosen = fixed + [(layer, j) for _, layer, j in candidates[: total - len(fixed)]]
     return {layer: sorted(j for layer_, j in chosen if layer_ == layer) for layer in scores}
@@ -108,9 +121,16 @@ def _plan_global(scores: dict[int, torch.Tensor], total: int, protect: NeuronSet
 
 def _slice(ffn, idx: list[int]) -> None:
     index = torch.tensor(idx, dtype=torch.long, device=ffn.up.weight.device)
-    up = nn.Linear(ffn.up.in_features, len(idx), bias=ffn.up.bias is not None, device=index.device, dtype=ffn.up.weight.dtype)
-    down = nn.Linear(len(idx), ffn.down.out_features, bias=ffn.down.bias is not None, device=index.device,
-                     dtype=ffn.down.weight.dtype)
+    up = nn.Linear(
+        ffn.up.in_features, len(idx), bias=ffn.up.bias is not None, device=index.device, dtype=ffn.up.weight.dtype
+    )
+    down = nn.Linear(
+        len(idx),
+        ffn.down.out_features,
+        bias=ffn.down.bias is not None,
+        device=index.device,
+        dtype=ffn.down.weight.dtype,
+    )
     with torch.no_grad():
         up.weight.copy_(ffn.up.weight.index_select(0, index))
         if up.bias is not None:
@@ -125,9 +145,15 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def prune(model: nn.Module, keep: int | dict[int, int] | None = None, protect: NeuronSet | None = None,
-          ratio: float | None = None, criterion: str = "l1", scope: str = "layer",
-          exact_protected: bool = False) -> PruneResult:
+def prune(
+    model: nn.Module,
+    keep: int | dict[int, int] | None = None,
+    protect: NeuronSet | None = None,
+    ratio: float | None = None,
+    criterion: str = "l1",
+    scope: str = "layer",
+    exact_protected: bool = False,
+) -> PruneResult:
     """Prunes the FFNs of ``model`` in place to the budget; returns the kept indices and parameter counts."""
     before = count_parameters(model)
     kept = plan(neuron_scores(model, criterion), keep, ratio, protect, scope, exact_protected)
@@ -136,19 +162,34 @@ def prune(model: nn.Module, keep: int | dict[int, int] | None = None, protect: N
     return PruneResult(kept, before, count_parameters(model), criterion)
 
 
-def save_pruned(model: nn.Module, result: PruneResult, path: str | Path, source: str, revision: str | None = None,
-                protected: dict[str, NeuronSet] | None = None, feature_extractor_from: str | None = None) -> Path:
+def save_pruned(
+    model: nn.Module,
+    result: PruneResult,
+    path: str | Path,
+    source: str,
+    revision: str | None = None,
+    protected: dict[str, NeuronSet] | None = None,
+    feature_extractor_from: str | None = None,
+) -> Path:
     """Writes config.json, neurostat.json and model.safetensors (and the feature-extractor config)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(path)
-    meta = {"format": FORMAT, "neurostat_version": __version__, "source_model": source, "revision": revision,
-            "architecture": type(model).__name__, "criterion": result.criterion,
-            "kept": {str(k): v for k, v in result.kept.items()}, "widths": {str(k): len(v) for k, v in result.kept.items()},
-            "params_before": result.params_before, "params_after": result.params_after,
-            "protected": {name: json.loads(s.to_json()) for name, s in (protected or {}).items()}}
+    meta = {
+        "format": FORMAT,
+        "neurostat_version": __version__,
+        "source_model": source,
+        "revision": revision,
+        "architecture": type(model).__name__,
+        "criterion": result.criterion,
+        "kept": {str(k): v for k, v in result.kept.items()},
+        "widths": {str(k): len(v) for k, v in result.kept.items()},
+        "params_before": result.params_before,
+        "params_after": result.params_after,
+        "protected": {name: json.loads(s.to_json()) for name, s in (protected or {}).items()},
+    }
     (path / "neurostat.json").write_text(json.dumps(meta, indent=1))
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})

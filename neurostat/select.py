@@ -55,10 +55,14 @@ class GroupSpec:
         """A JSON file ``{"axis": "...", "groups": {"name": [labels]}, "phones": [...]?}``."""
         try:
             raw = json.loads(Path(path).read_text())
-            return cls(raw["axis"], {str(k): list(v) for k, v in raw["groups"].items()}, list(raw.get("phones", ARPABET)))
+            return cls(
+                raw["axis"], {str(k): list(v) for k, v in raw["groups"].items()}, list(raw.get("phones", ARPABET))
+            )
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise SelectionError(f"{path}: not a group file ({e}); expected "
-                                 '{"axis": "phone|gender|pitch_bin", "groups": {"name": [labels]}}') from None
+            raise SelectionError(
+                f"{path}: not a group file ({e}); expected "
+                '{"axis": "phone|gender|pitch_bin", "groups": {"name": [labels]}}'
+            ) from None
 
     def check(self, stats: Stats) -> None:
         space = stats.label_space
@@ -70,7 +74,9 @@ class GroupSpec:
         for name, labels in self.groups.items():
             unknown = sorted(set(labels) - vocab)
             if unknown or not labels:
-                raise SelectionError(f"group {name!r}: labels {unknown or labels} are not {self.axis} labels of this store")
+                raise SelectionError(
+                    f"group {name!r}: labels {unknown or labels} are not {self.axis} labels of this store"
+                )
         unknown = sorted(set(self.phones) - set(space.phones))
         if unknown:
             raise SelectionError(f"phones {unknown} are not in this store")
@@ -112,9 +118,16 @@ def _empty_cells(probs: dict[str, np.ndarray], spec: GroupSpec) -> list[tuple[st
     return cells
 
 
-def property_neurons(stats: Stats, property: str = "gender", sigma: float = 0.8, stat: str = "topk",
-                     groups: GroupSpec | str | Path | None = None, rule: str = "paper",
-                     entropy_quantile: float = 0.01, min_prob_quantile: float = 0.95) -> Selection:
+def property_neurons(
+    stats: Stats,
+    property: str = "gender",
+    sigma: float = 0.8,
+    stat: str = "topk",
+    groups: GroupSpec | str | Path | None = None,
+    rule: str = "paper",
+    entropy_quantile: float = 0.01,
+    min_prob_quantile: float = 0.95,
+) -> Selection:
     """Selects the property neurons of ``property`` (or of user ``groups``) from a store."""
     if not 0 < sigma <= 1:
         raise SelectionError(f"sigma must be in (0, 1], got {sigma}")
@@ -124,8 +137,12 @@ def property_neurons(stats: Stats, property: str = "gender", sigma: float = 0.8,
     probs = cell_probabilities(stats, spec, stat)
     empty = _empty_cells(probs, spec)
     if empty:
-        warnings.warn(f"{len(empty)} (group, phone) cells have no tokens and count as not above chance: "
-                      + ", ".join(f"{g}/{p}" for g, p in empty[:10]) + (" ..." if len(empty) > 10 else ""), stacklevel=2)
+        warnings.warn(
+            f"{len(empty)} (group, phone) cells have no tokens and count as not above chance: "
+            + ", ".join(f"{g}/{p}" for g, p in empty[:10])
+            + (" ..." if len(empty) > 10 else ""),
+            stacklevel=2,
+        )
     geometry = dict(num_layers=None, width=stats.width)
     layers = stats.layers
     if rule == "paper":
@@ -133,16 +150,27 @@ def property_neurons(stats: Stats, property: str = "gender", sigma: float = 0.8,
         member = {g: (np.nan_to_num(p, nan=-1.0) > chance).sum(1) / p.shape[1] >= sigma for g, p in probs.items()}
     else:
         member = _entropy_members(probs, entropy_quantile, min_prob_quantile)
-    group_sets = {g: NeuronSet({layers[i]: np.flatnonzero(m[i]) for i in range(len(layers))}, **geometry)
-                  for g, m in member.items()}
+    group_sets = {
+        g: NeuronSet({layers[i]: np.flatnonzero(m[i]) for i in range(len(layers))}, **geometry)
+        for g, m in member.items()
+    }
     hits = sum(m.astype(int) for m in member.values())
     exclusive = NeuronSet({layers[i]: np.flatnonzero(hits[i] == 1) for i in range(len(layers))}, **geometry)
-    settings = {"rule": rule, "sigma": sigma, "stat": stat, "chance": stats.chance, "axis": spec.axis,
-                "groups": spec.groups, "store": str(stats.path)}
+    settings = {
+        "rule": rule,
+        "sigma": sigma,
+        "stat": stat,
+        "chance": stats.chance,
+        "axis": spec.axis,
+        "groups": spec.groups,
+        "store": str(stats.path),
+    }
     return Selection(property if groups is None else str(groups), exclusive, group_sets, settings, empty)
 
 
-def _entropy_members(probs: dict[str, np.ndarray], entropy_quantile: float, min_prob_quantile: float) -> dict[str, np.ndarray]:
+def _entropy_members(
+    probs: dict[str, np.ndarray], entropy_quantile: float, min_prob_quantile: float
+) -> dict[str, np.ndarray]:
     """LAPE: pool each group's cells, normalise P over groups, keep neurons of low entropy among those
     whose largest P is high; each kept neuron belongs to the groups where P exceeds its mean."""
     names = list(probs)

@@ -28,8 +28,10 @@ class Stats:
         self.attrs = read_attrs(self.path)
         if not self.attrs.get("complete"):
             done = self.attrs.get("progress", {}).get("utterances_done", "?")
-            raise StoreError(f"{self.path} is not complete (a collection is running or was interrupted, {done} "
-                             f"utterances checkpointed); finish it with `neurostat collect ... --resume`")
+            raise StoreError(
+                f"{self.path} is not complete (a collection is running or was interrupted, {done} "
+                f"utterances checkpointed); finish it with `neurostat collect ... --resume`"
+            )
         self.ds = xr.open_zarr(self.path, consolidated=False)
         self.label_space = LabelSpace.from_dict(self.attrs["labels"])
         self.k = int(self.attrs["statistics"]["k"])
@@ -44,7 +46,9 @@ class Stats:
     def _need(self, var: str) -> xr.DataArray:
         if var not in self.ds:
             have = [v for v in ("topk_count", "positive_count", "mean", "var") if v in self.ds]
-            raise StoreError(f"{self.path} has no {var!r} (collected: {', '.join(have)}); re-collect with --stat for it")
+            raise StoreError(
+                f"{self.path} has no {var!r} (collected: {', '.join(have)}); re-collect with --stat for it"
+            )
         return self.ds[var]
 
     def _parts(self, by: tuple[str, ...]) -> tuple[tuple[int, ...], list[int]]:
@@ -107,8 +111,10 @@ class Stats:
             m2 = (n * (var + (mean - pooled) ** 2)).sum(axis=drop, keepdims=True)
             pooled_var = m2 / total
         dims = ["layer", *by, "neuron"]
-        return (xr.DataArray(self._finish(pooled, by), dims=dims, coords=self._coords(by)),
-                xr.DataArray(self._finish(pooled_var, by), dims=dims, coords=self._coords(by)))
+        return (
+            xr.DataArray(self._finish(pooled, by), dims=dims, coords=self._coords(by)),
+            xr.DataArray(self._finish(pooled_var, by), dims=dims, coords=self._coords(by)),
+        )
 
 
 def open_stats(path: str | Path) -> Stats:

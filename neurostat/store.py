@@ -49,8 +49,10 @@ def read_attrs(path: str | Path) -> dict:
     if "neurostat_store_format" not in attrs:
         raise StoreError(f"{path} is a Zarr group but not a neurostat store")
     if attrs["neurostat_store_format"] != FORMAT:
-        raise StoreError(f"{path}: store format {attrs['neurostat_store_format']} (neurostat {attrs.get('neurostat_version')}) "
-                         f"is not this version's format {FORMAT}; re-collect or use a matching neurostat")
+        raise StoreError(
+            f"{path}: store format {attrs['neurostat_store_format']} (neurostat {attrs.get('neurostat_version')}) "
+            f"is not this version's format {FORMAT}; re-collect or use a matching neurostat"
+        )
     return attrs
 
 
@@ -104,7 +106,9 @@ class StoreWriter:
         diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
         if diff:
             details = "; ".join(f"{k}: store has {a.get(k)!r}, this run {b.get(k)!r}" for k in diff)
-            raise StoreError(f"{self.path} was collected with other settings ({details}); use a new --out or --overwrite")
+            raise StoreError(
+                f"{self.path} was collected with other settings ({details}); use a new --out or --overwrite"
+            )
 
     def update_attrs(self, attrs: dict) -> None:
         import zarr
@@ -132,12 +136,16 @@ class StoreWriter:
             f.flush()
             os.fsync(f.fileno())
         _atomic_write(self.internal / done_name, json.dumps(done))
-        _atomic_write(pointer, json.dumps({"generation": gen, "state": state_name, "done": done_name, "progress": progress}))
+        _atomic_write(
+            pointer, json.dumps({"generation": gen, "state": state_name, "done": done_name, "progress": progress})
+        )
         for old in self.internal.iterdir():
             if old.name.startswith(("state-", "done-")) and old.name not in (state_name, done_name):
                 old.unlink()
 
-    def finalize(self, arrays: dict[str, np.ndarray], coords: dict[str, np.ndarray], attrs: dict, done: list[str]) -> None:
+    def finalize(
+        self, arrays: dict[str, np.ndarray], coords: dict[str, np.ndarray], attrs: dict, done: list[str]
+    ) -> None:
         """Writes the root arrays and marks the store complete."""
         import zarr
 
@@ -151,9 +159,16 @@ class StoreWriter:
         for name, values in arrays.items():
             dims = ("label",) if name == "frames" else ("layer", "label", "neuron")
             chunks = values.shape if name == "frames" else (1,) + values.shape[1:]
-            arr = root.create_array(name, shape=values.shape, dtype=values.dtype, chunks=chunks, dimension_names=dims,
-                                    overwrite=True, fill_value=np.nan if values.dtype.kind == "f" else 0,
-                                    attributes={"coordinates": label_coords})
+            arr = root.create_array(
+                name,
+                shape=values.shape,
+                dtype=values.dtype,
+                chunks=chunks,
+                dimension_names=dims,
+                overwrite=True,
+                fill_value=np.nan if values.dtype.kind == "f" else 0,
+                attributes={"coordinates": label_coords},
+            )
             arr[:] = values
         _atomic_write(self.internal / "utterances.json", json.dumps(done))
         root.attrs.update({**attrs, "complete": True})

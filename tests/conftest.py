@@ -38,23 +38,55 @@ def prepared(demo_corpus, tmp_path_factory):
     from neurostat.frames import default_geometry
 
     out = tmp_path_factory.mktemp("prepared")
-    prepare(demo_corpus / "LibriSpeech", "dev-clean", demo_corpus / "alignments", out,
-            PrepareSettings(default_geometry()), progress=False)
+    prepare(
+        demo_corpus / "LibriSpeech",
+        "dev-clean",
+        demo_corpus / "alignments",
+        out,
+        PrepareSettings(default_geometry()),
+        progress=False,
+    )
     return PreparedCorpus(out)
 
 
-def save_tiny_model(path: Path, model_type: str = "hubert", stable_layer_norm: bool = False, seed: int = 0,
-                    width: int = 37, layers: int = 3) -> Path:
+def save_tiny_model(
+    path: Path,
+    model_type: str = "hubert",
+    stable_layer_norm: bool = False,
+    seed: int = 0,
+    width: int = 37,
+    layers: int = 3,
+) -> Path:
     """Saves a tiny random wav2vec2-family model and its feature extractor with save_pretrained."""
     import torch
-    from transformers import (Data2VecAudioConfig, Data2VecAudioModel, HubertConfig, HubertModel, Wav2Vec2Config,
-                              Wav2Vec2FeatureExtractor, Wav2Vec2Model, WavLMConfig, WavLMModel)
+    from transformers import (
+        Data2VecAudioConfig,
+        Data2VecAudioModel,
+        HubertConfig,
+        HubertModel,
+        Wav2Vec2Config,
+        Wav2Vec2FeatureExtractor,
+        Wav2Vec2Model,
+        WavLMConfig,
+        WavLMModel,
+    )
 
-    classes = {"hubert": (HubertConfig, HubertModel), "wav2vec2": (Wav2Vec2Config, Wav2Vec2Model),
-               "wavlm": (WavLMConfig, WavLMModel), "data2vec-audio": (Data2VecAudioConfig, Data2VecAudioModel)}
+    classes = {
+        "hubert": (HubertConfig, HubertModel),
+        "wav2vec2": (Wav2Vec2Config, Wav2Vec2Model),
+        "wavlm": (WavLMConfig, WavLMModel),
+        "data2vec-audio": (Data2VecAudioConfig, Data2VecAudioModel),
+    }
     config_cls, model_cls = classes[model_type]
-    kw = dict(hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=width,
-              conv_dim=(8,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
+    kw = dict(
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=width,
+        conv_dim=(8,) * 7,
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+    )
     if stable_layer_norm:
         kw.update(feat_extract_norm="layer", do_stable_layer_norm=True)
     if model_type == "data2vec-audio":

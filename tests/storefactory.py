@@ -9,21 +9,42 @@ from neurostat.store import StoreWriter
 SPACE = LabelSpace(PHONES, ("M", "F"), ("low", "mid", "high", "unvoiced"))
 
 
-def make_store(path, frames: np.ndarray, topk: np.ndarray | None = None, positive: np.ndarray | None = None, k: int = 2,
-               space: LabelSpace = SPACE):
+def make_store(
+    path,
+    frames: np.ndarray,
+    topk: np.ndarray | None = None,
+    positive: np.ndarray | None = None,
+    k: int = 2,
+    space: LabelSpace = SPACE,
+):
     """frames [label], counts [layer, label, neuron] over the joint label space."""
     counts = topk if topk is not None else positive
     num_layers, _, width = counts.shape
     stats = [s for s, a in (("topk", topk), ("positive", positive)) if a is not None]
-    attrs = {"neurostat_store_format": 1, "neurostat_version": "test", "complete": False,
-             "fingerprint": {"layers": list(range(1, num_layers + 1))},
-             "model": {"model": "hand-made", "revision": None, "model_type": "hubert", "num_layers": num_layers,
-                       "width": width},
-             "statistics": {"stats": stats, "k": k, "topk_ratio": k / width, "tokens": "phone-mid", "backend": "torch"},
-             "labels": space.to_dict(), "pitch": {"edges": [120.0, 180.0]},
-             "corpus": {"root": "-", "subset": "-", "shard": "0/1"},
-             "progress": {"utterances_done": 1, "frames": int(frames.sum()), "tokens": int(frames.sum()),
-                          "audio_seconds": 1.0, "elapsed_seconds": 1.0}}
+    attrs = {
+        "neurostat_store_format": 1,
+        "neurostat_version": "test",
+        "complete": False,
+        "fingerprint": {"layers": list(range(1, num_layers + 1))},
+        "model": {
+            "model": "hand-made",
+            "revision": None,
+            "model_type": "hubert",
+            "num_layers": num_layers,
+            "width": width,
+        },
+        "statistics": {"stats": stats, "k": k, "topk_ratio": k / width, "tokens": "phone-mid", "backend": "torch"},
+        "labels": space.to_dict(),
+        "pitch": {"edges": [120.0, 180.0]},
+        "corpus": {"root": "-", "subset": "-", "shard": "0/1"},
+        "progress": {
+            "utterances_done": 1,
+            "frames": int(frames.sum()),
+            "tokens": int(frames.sum()),
+            "audio_seconds": 1.0,
+            "elapsed_seconds": 1.0,
+        },
+    }
     arrays = {"frames": frames.astype(np.int64)}
     if topk is not None:
         arrays["topk_count"] = topk.astype(np.int64)
@@ -36,5 +57,10 @@ def make_store(path, frames: np.ndarray, topk: np.ndarray | None = None, positiv
 
 
 def joint(phone: str, gender: str, pitch: str = "low", space: LabelSpace = SPACE) -> int:
-    return int(space.encode(np.array([space.phones.index(phone)]), space.genders.index(gender),
-                            np.array([space.pitch_bins.index(pitch)]))[0])
+    return int(
+        space.encode(
+            np.array([space.phones.index(phone)]),
+            space.genders.index(gender),
+            np.array([space.pitch_bins.index(pitch)]),
+        )[0]
+    )

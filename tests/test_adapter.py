@@ -6,7 +6,14 @@ from transformers import HubertConfig, HubertForCTC
 
 from neurostat.engine.adapter import ModelAdapter, ModelError
 
-TYPES = [("hubert", False), ("hubert", True), ("wav2vec2", False), ("wav2vec2", True), ("wavlm", False), ("data2vec-audio", False)]
+TYPES = [
+    ("hubert", False),
+    ("hubert", True),
+    ("wav2vec2", False),
+    ("wav2vec2", True),
+    ("wavlm", False),
+    ("data2vec-audio", False),
+]
 
 
 def _waves(adapter, lengths, seed=0):
@@ -37,8 +44,10 @@ def test_batched_equals_unpadded_and_outputs_unchanged(tmp_path, model_type, sta
     for b, w in enumerate(waves):
         # the model's own forward on the unpadded utterance, activations captured by a hook
         captured = {}
-        hooks = [ffn.act.register_forward_hook(lambda m, i, o, l=l: captured.__setitem__(l, o))
-                 for l, ffn in enumerate(adapter.ffns)] if isinstance(adapter.ffns[0].act, torch.nn.Module) else None
+        hooks = [
+            ffn.act.register_forward_hook(lambda m, i, o, layer=layer: captured.__setitem__(layer, o))
+            for layer, ffn in enumerate(adapter.ffns)
+        ]
         with torch.no_grad():
             out = adapter.model(w[None]).last_hidden_state[0]
         for h in hooks:
@@ -52,8 +61,16 @@ def test_batched_equals_unpadded_and_outputs_unchanged(tmp_path, model_type, sta
 
 def test_wrapper_models_are_unwrapped(tmp_path):
     torch.manual_seed(0)
-    config = HubertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=21,
-                          conv_dim=(8,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, vocab_size=12)
+    config = HubertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=21,
+        conv_dim=(8,) * 7,
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+        vocab_size=12,
+    )
     model = HubertForCTC(config)
     from transformers import Wav2Vec2FeatureExtractor
 
@@ -68,7 +85,9 @@ def test_bad_models(tmp_path, tiny_model):
         ModelAdapter.load(str(tmp_path))
     from transformers import BertConfig, BertModel
 
-    BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)).save_pretrained(tmp_path / "bert")
+    BertModel(
+        BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
+    ).save_pretrained(tmp_path / "bert")
     with pytest.raises(ModelError, match="model type 'bert' is not supported"):
         ModelAdapter.load(str(tmp_path / "bert"))
     adapter = ModelAdapter.load(str(tiny_model))

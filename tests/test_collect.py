@@ -31,7 +31,9 @@ def hook_reference(prepared, model_dir, mode, dtype, layers):
     fe = AutoFeatureExtractor.from_pretrained(model_dir)
     captured = {}
     for i, layer in enumerate(model.encoder.layers):
-        layer.feed_forward.intermediate_act_fn.register_forward_hook(lambda m, inp, out, i=i: captured.__setitem__(i, out))
+        layer.feed_forward.intermediate_act_fn.register_forward_hook(
+            lambda m, inp, out, i=i: captured.__setitem__(i, out)
+        )
     rows = {layer: [] for layer in layers}
     for utt in prepared:
         wave, sr = sf.read(utt.audio_path, dtype="float32")
@@ -82,7 +84,13 @@ def test_float32_batch_of_one_matches_hook_reference_and_layers_subset(prepared,
 
 def test_padded_float32_batches_count_the_same_tokens(prepared, tiny_model, tmp_path):
     adapter = ModelAdapter.load(str(tiny_model))
-    collect(prepared, adapter, tmp_path / "s.zarr", CollectConfig(topk_ratio=RATIO, tokens="all", batch_seconds=30.0), progress=False)
+    collect(
+        prepared,
+        adapter,
+        tmp_path / "s.zarr",
+        CollectConfig(topk_ratio=RATIO, tokens="all", batch_seconds=30.0),
+        progress=False,
+    )
     ref = hook_reference(prepared, tiny_model, "all", torch.float32, [0, 1, 2])
     ds = xr.open_zarr(tmp_path / "s.zarr", consolidated=False)
     np.testing.assert_array_equal(ds["frames"].values, ref["frames"])
@@ -121,9 +129,14 @@ def test_merge_of_shards_equals_single_run(prepared, tiny_model, tmp_path):
     collect(prepared, adapter, tmp_path / "all.zarr", CollectConfig(**cfg), progress=False)
     for i in range(3):
         collect(prepared, adapter, tmp_path / f"s{i}.zarr", CollectConfig(shard=(i, 3), **cfg), progress=False)
-    res = CliRunner().invoke(main, ["merge", *(str(tmp_path / f"s{i}.zarr") for i in range(3)), "--out", str(tmp_path / "m.zarr")])
+    res = CliRunner().invoke(
+        main, ["merge", *(str(tmp_path / f"s{i}.zarr") for i in range(3)), "--out", str(tmp_path / "m.zarr")]
+    )
     assert res.exit_code == 0, res.output
-    a, b = xr.open_zarr(tmp_path / "all.zarr", consolidated=False), xr.open_zarr(tmp_path / "m.zarr", consolidated=False)
+    a, b = (
+        xr.open_zarr(tmp_path / "all.zarr", consolidated=False),
+        xr.open_zarr(tmp_path / "m.zarr", consolidated=False),
+    )
     for name in ("frames", "topk_count", "positive_count"):
         np.testing.assert_array_equal(a[name].values, b[name].values)
     for name in ("mean", "var"):  # fp32 per-batch sums around each run's own shift
@@ -131,7 +144,13 @@ def test_merge_of_shards_equals_single_run(prepared, tiny_model, tmp_path):
     assert b.attrs["progress"]["utterances_done"] == len(prepared)
     with pytest.raises(StoreError, match="counted in both"):
         merge_stores([tmp_path / "s0.zarr", tmp_path / "all.zarr"], tmp_path / "bad.zarr")
-    collect(prepared, adapter, tmp_path / "pos.zarr", CollectConfig(stats=("positive",), shard=(1, 3), **cfg), progress=False)
+    collect(
+        prepared,
+        adapter,
+        tmp_path / "pos.zarr",
+        CollectConfig(stats=("positive",), shard=(1, 3), **cfg),
+        progress=False,
+    )
     with pytest.raises(StoreError, match="differs .* in stats"):
         merge_stores([tmp_path / "s0.zarr", tmp_path / "pos.zarr"], tmp_path / "bad2.zarr")
 
@@ -147,13 +166,34 @@ def test_resume_after_sigkill_gives_identical_counts(tmp_path, tiny_model, demo_
     from neurostat.frames import default_geometry
 
     synthesize(tmp_path / "c", num_speakers=4, utterances_per_speaker=10, seed=3, progress=False)
-    prepare(tmp_path / "c" / "LibriSpeech", "dev-clean", tmp_path / "c" / "alignments", tmp_path / "p",
-            PrepareSettings(default_geometry()), progress=False)
-    common = ["--prepared", tmp_path / "p", "--model", tiny_model, "--topk-ratio", RATIO, "--batch-seconds", 0.001, "-j", 0]
+    prepare(
+        tmp_path / "c" / "LibriSpeech",
+        "dev-clean",
+        tmp_path / "c" / "alignments",
+        tmp_path / "p",
+        PrepareSettings(default_geometry()),
+        progress=False,
+    )
+    common = [
+        "--prepared",
+        tmp_path / "p",
+        "--model",
+        tiny_model,
+        "--topk-ratio",
+        RATIO,
+        "--batch-seconds",
+        0.001,
+        "-j",
+        0,
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     out = tmp_path / "killed.zarr"
-    proc = subprocess.Popen(_cli(*common, "--out", out, "--checkpoint-utterances", 1), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cli(*common, "--out", out, "--checkpoint-utterances", 1),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     pointer = out / "neurostat" / "checkpoint.json"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -172,8 +212,13 @@ def test_resume_after_sigkill_gives_identical_counts(tmp_path, tiny_model, demo_
     assert res.returncode != 0 and "--resume" in res.stderr
     res = subprocess.run(_cli(*common, "--out", out, "--resume"), env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    collect(PreparedCorpus(tmp_path / "p"), ModelAdapter.load(str(tiny_model)), tmp_path / "straight.zarr",
-            CollectConfig(topk_ratio=RATIO, batch_seconds=0.001), progress=False)
+    collect(
+        PreparedCorpus(tmp_path / "p"),
+        ModelAdapter.load(str(tiny_model)),
+        tmp_path / "straight.zarr",
+        CollectConfig(topk_ratio=RATIO, batch_seconds=0.001),
+        progress=False,
+    )
     a = xr.open_zarr(out, consolidated=False)
     b = xr.open_zarr(tmp_path / "straight.zarr", consolidated=False)
     for name in ("frames", "topk_count", "positive_count"):
@@ -188,7 +233,14 @@ def test_second_writer_is_refused(prepared, tiny_model, tmp_path):
     attrs = xr.open_zarr(out, consolidated=False).attrs
     with StoreWriter(out, attrs, resume=True):
         with pytest.raises(StoreError, match="being written by pid"):
-            collect(prepared, ModelAdapter.load(str(tiny_model)), out, CollectConfig(topk_ratio=RATIO), resume=True, progress=False)
+            collect(
+                prepared,
+                ModelAdapter.load(str(tiny_model)),
+                out,
+                CollectConfig(topk_ratio=RATIO),
+                resume=True,
+                progress=False,
+            )
 
 
 def test_incompatible_stores_models_and_corpora(prepared, tiny_model, tmp_path):
@@ -211,12 +263,26 @@ def test_incompatible_stores_models_and_corpora(prepared, tiny_model, tmp_path):
         collect(prepared, other, out, CollectConfig(topk_ratio=RATIO), resume=True, progress=False)
     from transformers import HubertConfig, HubertModel, Wav2Vec2FeatureExtractor
 
-    cfg = HubertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=9, conv_dim=(8,) * 7,
-                       conv_stride=(5, 2, 2, 2, 2, 2, 1), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
+    cfg = HubertConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=9,
+        conv_dim=(8,) * 7,
+        conv_stride=(5, 2, 2, 2, 2, 2, 1),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+    )
     HubertModel(cfg).save_pretrained(tmp_path / "stride160")
     Wav2Vec2FeatureExtractor().save_pretrained(tmp_path / "stride160")
     with pytest.raises(ModelError, match="frame geometry .* differs from the prepared corpus"):
-        collect(prepared, ModelAdapter.load(str(tmp_path / "stride160")), tmp_path / "g.zarr", CollectConfig(), progress=False)
+        collect(
+            prepared,
+            ModelAdapter.load(str(tmp_path / "stride160")),
+            tmp_path / "g.zarr",
+            CollectConfig(),
+            progress=False,
+        )
 
 
 def test_changed_audio_is_a_recorded_skip(corpus_copy, tiny_model, tmp_path):
@@ -224,18 +290,31 @@ def test_changed_audio_is_a_recorded_skip(corpus_copy, tiny_model, tmp_path):
     from neurostat.corpus.prepared import PreparedCorpus
     from neurostat.frames import default_geometry
 
-    prepare(corpus_copy / "LibriSpeech", "dev-clean", corpus_copy / "alignments", tmp_path / "p",
-            PrepareSettings(default_geometry()), progress=False)
+    prepare(
+        corpus_copy / "LibriSpeech",
+        "dev-clean",
+        corpus_copy / "alignments",
+        tmp_path / "p",
+        PrepareSettings(default_geometry()),
+        progress=False,
+    )
     corpus = PreparedCorpus(tmp_path / "p")
     wave, sr = sf.read(corpus[2].audio_path)
     sf.write(corpus[2].audio_path, wave[: len(wave) // 2], sr)
-    attrs = collect(corpus, ModelAdapter.load(str(tiny_model)), tmp_path / "s.zarr", CollectConfig(topk_ratio=RATIO), progress=False)
+    attrs = collect(
+        corpus, ModelAdapter.load(str(tiny_model)), tmp_path / "s.zarr", CollectConfig(topk_ratio=RATIO), progress=False
+    )
     assert attrs["progress"]["skips"] == {"audio-changed": 1}
 
 
 def test_max_seconds_cuts_into_pieces_without_losing_frames(prepared, tiny_model, tmp_path):
-    attrs = collect(prepared, ModelAdapter.load(str(tiny_model)), tmp_path / "s.zarr",
-                    CollectConfig(topk_ratio=RATIO, tokens="all", max_seconds=0.7), progress=False)
+    attrs = collect(
+        prepared,
+        ModelAdapter.load(str(tiny_model)),
+        tmp_path / "s.zarr",
+        CollectConfig(topk_ratio=RATIO, tokens="all", max_seconds=0.7),
+        progress=False,
+    )
     assert attrs["batching"]["max_seconds"] == 0.7
     assert attrs["progress"]["utterances_done"] == len(prepared)  # each counted once, after its last piece
     assert attrs["progress"]["frames"] == sum(u.num_frames for u in prepared)
@@ -265,9 +344,13 @@ def test_cli_bad_model_and_missing_corpus(tmp_path, prepared):
 def test_triton_backends_collect_equal_torch_backend(prepared, tiny_model, tmp_path):
     adapter = ModelAdapter.load(str(tiny_model))
     for backend in ("torch", "triton", "triton-fused"):
-        attrs = collect(prepared, adapter, tmp_path / f"{backend}.zarr",
-                        CollectConfig(topk_ratio=RATIO, batch_seconds=5.0, backend=backend, layers=[2], shard=(0, 3)),
-                        progress=False)
+        attrs = collect(
+            prepared,
+            adapter,
+            tmp_path / f"{backend}.zarr",
+            CollectConfig(topk_ratio=RATIO, batch_seconds=5.0, backend=backend, layers=[2], shard=(0, 3)),
+            progress=False,
+        )
         assert attrs["statistics"]["backend"] == backend
     a = xr.open_zarr(tmp_path / "torch.zarr", consolidated=False)
     for backend in ("triton", "triton-fused"):
@@ -283,4 +366,10 @@ def test_triton_backends_collect_equal_torch_backend(prepared, tiny_model, tmp_p
 def test_triton_backend_needs_cuda_or_interpreter(prepared, tiny_model, tmp_path, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(ValueError, match="needs a CUDA device"):
-        collect(prepared, ModelAdapter.load(str(tiny_model)), tmp_path / "s.zarr", CollectConfig(backend="triton"), progress=False)
+        collect(
+            prepared,
+            ModelAdapter.load(str(tiny_model)),
+            tmp_path / "s.zarr",
+            CollectConfig(backend="triton"),
+            progress=False,
+        )

@@ -8,8 +8,9 @@ from neurostat.frames import FrameGeometry, default_geometry, label_frames
 def test_geometry_matches_hf_for_many_lengths():
     geo = default_geometry()
     assert (geo.stride, geo.receptive_field, geo.sample_rate) == (320, 400, 16000)
-    model = HubertModel(HubertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
-                                     conv_dim=(4,) * 7))
+    model = HubertModel(
+        HubertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8, conv_dim=(4,) * 7)
+    )
     lengths = torch.tensor([0, 1, 399, 400, 401, 719, 720, 721, 16000, 16321, 123457])
     hf = model._get_feat_extract_output_lengths(lengths).tolist()
     ours = [geo.num_frames(int(n)) for n in lengths]
@@ -35,4 +36,11 @@ def test_centres_and_labels_by_centre():
 
 def test_labels_with_gap_and_before_first_interval():
     starts, ends, ids = np.array([0.02, 0.05]), np.array([0.04, 0.09]), np.array([1, 2])
-    assert label_frames(starts, ends, ids, np.array([0.01, 0.03, 0.045, 0.05, 0.0899, 0.09])).tolist() == [-1, 1, -1, 2, 2, -1]
+    assert label_frames(starts, ends, ids, np.array([0.01, 0.03, 0.045, 0.05, 0.0899, 0.09])).tolist() == [
+        -1,
+        1,
+        -1,
+        2,
+        2,
+        -1,
+    ]

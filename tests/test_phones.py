@@ -12,10 +12,23 @@ def test_vocabulary_shape():
     assert [len(v) for v in BROAD_CLASSES.values()] == [15, 15, 9]
 
 
-@pytest.mark.parametrize("symbol, phone", [
-    ("AH0", "AH"), ("AH1", "AH"), ("IY2", "IY"), ("ER0", "ER"), ("ah1", "AH"), ("T", "T"), ("NG", "NG"),
-    ("", "sil"), ("sil", "sil"), ("sp", "sil"), ("spn", "spn"), ("<unk>", "spn"),
-])
+@pytest.mark.parametrize(
+    "symbol, phone",
+    [
+        ("AH0", "AH"),
+        ("AH1", "AH"),
+        ("IY2", "IY"),
+        ("ER0", "ER"),
+        ("ah1", "AH"),
+        ("T", "T"),
+        ("NG", "NG"),
+        ("", "sil"),
+        ("sil", "sil"),
+        ("sp", "sil"),
+        ("spn", "spn"),
+        ("<unk>", "spn"),
+    ],
+)
 def test_stress_merge_and_specials(symbol, phone):
     assert PhoneMap()(symbol) == phone
 

@@ -81,9 +81,13 @@ def test_second_run_is_cached(corpus_copy, tmp_path, monkeypatch):
 
 def test_missing_corpus_and_subset(corpus_copy, tmp_path):
     with pytest.raises(CorpusError, match="does not exist"):
-        prepare(tmp_path / "nope", SUBSET, corpus_copy / "alignments", tmp_path / "o", PrepareSettings(default_geometry()))
+        prepare(
+            tmp_path / "nope", SUBSET, corpus_copy / "alignments", tmp_path / "o", PrepareSettings(default_geometry())
+        )
     with pytest.raises(CorpusError, match="subset 'test-other' not found"):
-        prepare(corpus_copy, "test-other", corpus_copy / "alignments", tmp_path / "o", PrepareSettings(default_geometry()))
+        prepare(
+            corpus_copy, "test-other", corpus_copy / "alignments", tmp_path / "o", PrepareSettings(default_geometry())
+        )
 
 
 def test_duplicate_utterance_ids(corpus_copy, tmp_path):
@@ -207,15 +211,36 @@ def test_not_a_prepared_corpus(tmp_path):
 
 def test_cli_synth_and_prepare(tmp_path):
     runner = CliRunner()
-    res = runner.invoke(main, ["synth", str(tmp_path / "d"), "--speakers", "2", "--utterances", "2", "--subset", "dev-other"])
+    res = runner.invoke(
+        main, ["synth", str(tmp_path / "d"), "--speakers", "2", "--utterances", "2", "--subset", "dev-other"]
+    )
     assert res.exit_code == 0, res.output
-    res = runner.invoke(main, ["prepare", "--corpus", "librispeech", "--root", str(tmp_path / "d" / "LibriSpeech"),
-                               "--subset", "dev-other", "--alignments", str(tmp_path / "d" / "alignments"),
-                               "--out", str(tmp_path / "p"), "-j", "2", "--pitch-bins", "2"])
+    res = runner.invoke(
+        main,
+        [
+            "prepare",
+            "--corpus",
+            "librispeech",
+            "--root",
+            str(tmp_path / "d" / "LibriSpeech"),
+            "--subset",
+            "dev-other",
+            "--alignments",
+            str(tmp_path / "d" / "alignments"),
+            "--out",
+            str(tmp_path / "p"),
+            "-j",
+            "2",
+            "--pitch-bins",
+            "2",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "prepared 4 utterances" in res.output
     assert PreparedCorpus(tmp_path / "p").meta["pitch"]["bins"] == ["low", "high", "unvoiced"]
-    res = runner.invoke(main, ["prepare", "--root", str(tmp_path / "d"), "--subset", "nope", "--alignments", str(tmp_path / "d")])
+    res = runner.invoke(
+        main, ["prepare", "--root", str(tmp_path / "d"), "--subset", "nope", "--alignments", str(tmp_path / "d")]
+    )
     assert res.exit_code != 0 and "subset 'nope' not found" in res.output
 
 

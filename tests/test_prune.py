@@ -15,8 +15,16 @@ LAYERS, WIDTH, HIDDEN = 3, 37, 32
 
 def tiny_ctc(seed=0):
     torch.manual_seed(seed)
-    cfg = HubertConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=2, intermediate_size=WIDTH,
-                       conv_dim=(8,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, vocab_size=11)
+    cfg = HubertConfig(
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=2,
+        intermediate_size=WIDTH,
+        conv_dim=(8,) * 7,
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+        vocab_size=11,
+    )
     return HubertForCTC(cfg).eval()
 
 
@@ -34,12 +42,13 @@ def test_mask_equals_zeroed_columns_equals_physical_pruning():
     gone = NeuronSet({1: [0, 5, 36], 2: [], 3: list(range(0, WIDTH, 3))})
     with ablate(model, gone):
         masked = logits(model, x)
-    assert not torch.equal(masked, logits(model, x))   # the hooks are gone after the block
+    assert not torch.equal(masked, logits(model, x))  # the hooks are gone after the block
     zeroed = logits(zero_neurons(tiny_ctc(), gone), x)
     keep = {layer: [j for j in range(WIDTH) if j not in gone[layer]] for layer in range(1, LAYERS + 1)}
     pruned_model = tiny_ctc()
-    result = prune(pruned_model, keep={layer: len(v) for layer, v in keep.items()},
-                   protect=NeuronSet(keep), criterion="l1")
+    result = prune(
+        pruned_model, keep={layer: len(v) for layer, v in keep.items()}, protect=NeuronSet(keep), criterion="l1"
+    )
     assert result.kept == keep
     pruned = logits(pruned_model, x)
     assert (masked - zeroed).abs().max().item() == 0
@@ -100,21 +109,39 @@ def test_cli_ablate_and_prune(tmp_path):
     sel = tmp_path / "sel.json"
     NeuronSet({1: [1, 2], 3: [0]}).save(sel)
     runner = CliRunner()
-    res = runner.invoke(main, ["ablate", "--model", str(model_dir), "--neurons", str(sel), "--out", str(tmp_path / "ab")])
+    res = runner.invoke(
+        main, ["ablate", "--model", str(model_dir), "--neurons", str(sel), "--out", str(tmp_path / "ab")]
+    )
     assert res.exit_code == 0, res.output
     edited = neurostat.engine.adapter.load_full_model(str(tmp_path / "ab"))
     w2 = neurostat.edit.model_ffns(edited)[0].down.weight
     assert w2[:, [1, 2]].abs().sum() == 0 and w2[:, 0].abs().sum() > 0
-    res = runner.invoke(main, ["prune", "--model", str(model_dir), "--protect", str(sel), "--keep-ratio", "0.25",
-                               "--out", str(tmp_path / "pr")])
+    res = runner.invoke(
+        main,
+        [
+            "prune",
+            "--model",
+            str(model_dir),
+            "--protect",
+            str(sel),
+            "--keep-ratio",
+            "0.25",
+            "--out",
+            str(tmp_path / "pr"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "parameters:" in res.output and "FFN widths per layer: 1:9 2:9 3:9" in res.output
     pruned = load_pruned(tmp_path / "pr")
     assert (tmp_path / "pr" / "preprocessor_config.json").is_file()
     assert [f.width for f in neurostat.edit.model_ffns(pruned)] == [9, 9, 9]
-    res = runner.invoke(main, ["prune", "--model", str(model_dir), "--protect", str(sel), "--keep", "1", "--out", str(tmp_path / "x")])
+    res = runner.invoke(
+        main, ["prune", "--model", str(model_dir), "--protect", str(sel), "--keep", "1", "--out", str(tmp_path / "x")]
+    )
     assert res.exit_code == 1 and "2 protected neurons but a budget of 1" in res.output
     big = tmp_path / "big.json"
     big.write_text('{"13": [3071]}')
-    res = runner.invoke(main, ["ablate", "--model", str(model_dir), "--neurons", str(big), "--out", str(tmp_path / "y")])
+    res = runner.invoke(
+        main, ["ablate", "--model", str(model_dir), "--neurons", str(big), "--out", str(tmp_path / "y")]
+    )
     assert res.exit_code == 1 and "layer 13 does not exist" in res.output

@@ -13,8 +13,8 @@ from neurostat.select import GroupSpec, SelectionError, property_neurons, venn
 from neurostat.stats import open_stats
 from neurostat.store import StoreError
 
-L, D, K = 2, 10, 2       # chance r = k / D = 0.2
-N = 10                   # tokens per (phone, gender) cell
+L, D, K = 2, 10, 2  # chance r = k / D = 0.2
+N = 10  # tokens per (phone, gender) cell
 
 
 def base_counts():
@@ -30,9 +30,9 @@ def base_counts():
 def test_planted_gender_neurons_recovered_exactly(tmp_path):
     frames, topk = base_counts()
     for p in ARPABET:
-        topk[0, joint(p, "M"), 3] = 9        # male neuron in layer 1
-        topk[1, joint(p, "F"), [5, 7]] = 6   # female neurons in layer 2
-        topk[1, joint(p, "M"), 7] = 6        # ... but neuron 7 fires for both: not a property neuron
+        topk[0, joint(p, "M"), 3] = 9  # male neuron in layer 1
+        topk[1, joint(p, "F"), [5, 7]] = 6  # female neurons in layer 2
+        topk[1, joint(p, "M"), 7] = 6  # ... but neuron 7 fires for both: not a property neuron
     stats = open_stats(make_store(tmp_path / "s.zarr", frames, topk, k=K))
     sel = property_neurons(stats, "gender", sigma=0.8)
     assert sel.groups["M"] == NeuronSet({1: [3], 2: [7]})
@@ -44,10 +44,10 @@ def test_planted_gender_neurons_recovered_exactly(tmp_path):
 def test_sigma_boundary_ties_at_chance_and_phone_type(tmp_path):
     frames, topk = base_counts()
     vowels = list(BROAD_CLASSES["vowel"])
-    for p in vowels[:12]:                # 12 of 15 vowels above chance: frac = 0.8 exactly
+    for p in vowels[:12]:  # 12 of 15 vowels above chance: frac = 0.8 exactly
         for g in ("M", "F"):
             topk[0, joint(p, g), 1] = 3
-    for p in vowels[:11]:                # 11 of 15: frac = 0.733 < 0.8
+    for p in vowels[:11]:  # 11 of 15: frac = 0.733 < 0.8
         for g in ("M", "F"):
             topk[0, joint(p, g), 2] = 3
     stats = open_stats(make_store(tmp_path / "s.zarr", frames, topk, k=K))
@@ -64,7 +64,7 @@ def test_empty_cells_warn_and_stay_in_the_denominator(tmp_path):
     frames, topk = base_counts()
     for p in ARPABET:
         topk[0, joint(p, "F"), 4] = 9
-    gone = ARPABET[:8]                    # 8 of 39 female cells have no tokens: frac = 31/39 = 0.795
+    gone = ARPABET[:8]  # 8 of 39 female cells have no tokens: frac = 31/39 = 0.795
     for p in gone:
         frames[joint(p, "F")] = 0
         topk[:, joint(p, "F"), :] = 0
@@ -140,8 +140,9 @@ def test_cli_select_prints_counts_and_overlaps(tmp_path):
     for p in ARPABET:
         topk[0, joint(p, "M"), 3] = 9
     store = make_store(tmp_path / "s.zarr", frames, topk, k=K)
-    res = CliRunner().invoke(main, ["select", str(store), "--property", "gender", "--property", "phone-type",
-                                    "--out", str(tmp_path / "sel")])
+    res = CliRunner().invoke(
+        main, ["select", str(store), "--property", "gender", "--property", "phone-type", "--out", str(tmp_path / "sel")]
+    )
     assert res.exit_code == 0, res.output
     assert "gender" in res.output and "overlaps" in res.output
     assert NeuronSet.load(tmp_path / "sel" / "gender.json") == NeuronSet({1: [3]})

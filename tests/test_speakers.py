@@ -22,11 +22,14 @@ def test_speakers_quirks(tmp_path):
     assert s["1688"].sex == "M" and s["1688"].subset == "dev-clean"
 
 
-@pytest.mark.parametrize("line, message", [
-    ("99 | X | dev-clean | 1.0 | Who", "sex must be M or F"),
-    ("99 | F | dev-clean | lots | Who", "not a number"),
-    ("99 F dev-clean", "expected"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("99 | X | dev-clean | 1.0 | Who", "sex must be M or F"),
+        ("99 | F | dev-clean | lots | Who", "not a number"),
+        ("99 F dev-clean", "expected"),
+    ],
+)
 def test_bad_lines_name_file_and_line(tmp_path, line, message):
     p = tmp_path / "SPEAKERS.TXT"
     p.write_text("; header\n" + line + "\n")

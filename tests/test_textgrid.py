@@ -105,19 +105,27 @@ def test_utf16_file_and_round_trip(tmp_path):
 
 
 def test_point_tier_is_read():
-    text = SHORT.replace('"IntervalTier"\n"words"\n0\n1.5\n2\n0\n0.4\n""\n0.4\n1.5\n"SAY ""HI"""',
-                         '"TextTier"\n"marks"\n0\n1.5\n1\n0.7\n"x"')
+    text = SHORT.replace(
+        '"IntervalTier"\n"words"\n0\n1.5\n2\n0\n0.4\n""\n0.4\n1.5\n"SAY ""HI"""',
+        '"TextTier"\n"marks"\n0\n1.5\n1\n0.7\n"x"',
+    )
     grid = parse_textgrid(text)
     assert grid.tiers["marks"] == [Interval(0.7, 0.7, "x")]
 
 
-@pytest.mark.parametrize("change, message", [
-    (("xmin = 0.71\n            xmax = 1.2", "xmin = 0.6\n            xmax = 1.2"), "overlapping"),
-    (("xmin = 0.71\n            xmax = 1.2", "xmin = 0.3\n            xmax = 1.2"), "unsorted"),
-    (('Object class = "TextGrid"', 'Object class = "Pitch"'), "not a Praat text TextGrid"),
-    (("intervals: size = 4", "intervals: size = 9"), "unexpected end"),
-    (('class = "IntervalTier"\n        name = "phones"', 'class = "Weird"\n        name = "phones"'), "unknown tier class"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (("xmin = 0.71\n            xmax = 1.2", "xmin = 0.6\n            xmax = 1.2"), "overlapping"),
+        (("xmin = 0.71\n            xmax = 1.2", "xmin = 0.3\n            xmax = 1.2"), "unsorted"),
+        (('Object class = "TextGrid"', 'Object class = "Pitch"'), "not a Praat text TextGrid"),
+        (("intervals: size = 4", "intervals: size = 9"), "unexpected end"),
+        (
+            ('class = "IntervalTier"\n        name = "phones"', 'class = "Weird"\n        name = "phones"'),
+            "unknown tier class",
+        ),
+    ],
+)
 def test_invalid_textgrids_raise_with_name(change, message):
     with pytest.raises(TextGridError, match=message) as err:
         parse_textgrid(LONG.replace(*change), "bad.TextGrid")

@@ -36,6 +36,10 @@ def load_audio(path: str | Path, sample_rate: int, strict: bool = False) -> tupl
     wave = wave[:, 0]
     if sr != sample_rate:
         if strict:
-            raise Skip("wrong-sample-rate", path, f"audio is {sr} Hz, the model expects {sample_rate} Hz (--strict refuses to resample)")
+            raise Skip(
+                "wrong-sample-rate",
+                path,
+                f"audio is {sr} Hz, the model expects {sample_rate} Hz (--strict refuses to resample)",
+            )
         wave = soxr.resample(wave, sr, sample_rate).astype(np.float32)
     return wave, sr

@@ -51,8 +51,13 @@ class PrepareSettings:
     strict: bool = False
 
     def key(self) -> dict:
-        return {"geometry": self.geometry.to_dict(), "pitch": self.pitch, "phone_map": self.phone_map.describe(),
-                "strict": self.strict, "format": FORMAT}
+        return {
+            "geometry": self.geometry.to_dict(),
+            "pitch": self.pitch,
+            "phone_map": self.phone_map.describe(),
+            "strict": self.strict,
+            "format": FORMAT,
+        }
 
 
 def _stat(path: Path) -> list:
@@ -76,8 +81,11 @@ def _phone_intervals(textgrid: Path, phone_map: PhoneMap, duration: float, frame
     end = items[-1].xmax
     if abs(end - duration) > frame:
         side = "before" if end < duration else "after"
-        raise Skip("length-mismatch", textgrid,
-                   f"alignment ends at {end:.3f} s, {abs(end - duration):.3f} s {side} the audio ({duration:.3f} s); more than one frame ({frame:.3f} s)")
+        raise Skip(
+            "length-mismatch",
+            textgrid,
+            f"alignment ends at {end:.3f} s, {abs(end - duration):.3f} s {side} the audio ({duration:.3f} s); more than one frame ({frame:.3f} s)",
+        )
     try:
         ids = np.array([PHONES.index(phone_map(iv.text)) for iv in items], dtype=np.int16)
     except UnknownPhoneError as e:
@@ -106,23 +114,40 @@ def _prepare_one(task: tuple) -> tuple[str, dict]:
         wave, source_rate = load_audio(audio, geo.sample_rate, strict=settings.strict)
         n_frames = geo.num_frames(len(wave))
         if n_frames == 0:
-            raise Skip("too-short", audio, f"{len(wave)} samples is shorter than one frame ({geo.receptive_field} samples)")
-        starts, ends, ids = _phone_intervals(textgrid, settings.phone_map, len(wave) / geo.sample_rate, geo.stride / geo.sample_rate)
+            raise Skip(
+                "too-short", audio, f"{len(wave)} samples is shorter than one frame ({geo.receptive_field} samples)"
+            )
+        starts, ends, ids = _phone_intervals(
+            textgrid, settings.phone_map, len(wave) / geo.sample_rate, geo.stride / geo.sample_rate
+        )
         f0 = f0_at(settings.pitch, wave, geo.sample_rate, geo.centres(n_frames), geo.stride / geo.sample_rate / 2)
     except TextGridError as e:
         return "skip", {"id": utt["id"], "reason": "bad-textgrid", "file": str(textgrid), "message": str(e)}
     except Skip as s:
         return "skip", {"id": utt["id"], "reason": s.reason, "file": s.path, "message": s.message}
-    record = {**utt, "textgrid": str(textgrid), "num_samples": len(wave), "num_frames": n_frames,
-              "source_sample_rate": source_rate, "resampled": source_rate != geo.sample_rate}
+    record = {
+        **utt,
+        "textgrid": str(textgrid),
+        "num_samples": len(wave),
+        "num_frames": n_frames,
+        "source_sample_rate": source_rate,
+        "resampled": source_rate != geo.sample_rate,
+    }
     tmp = target.with_suffix(".tmp.npz")
     np.savez(tmp, key=key, record=json.dumps(record), starts=starts, ends=ends, phone=ids, f0=f0.astype(np.float32))
     os.replace(tmp, target)
     return "ok", record
 
 
-def prepare(root: str | Path, subset: str, alignments: str | Path, out: str | Path, settings: PrepareSettings,
-            num_jobs: int = 1, progress: bool = True) -> dict:
+def prepare(
+    root: str | Path,
+    subset: str,
+    alignments: str | Path,
+    out: str | Path,
+    settings: PrepareSettings,
+    num_jobs: int = 1,
+    progress: bool = True,
+) -> dict:
     """Prepares ``subset`` of the corpus at ``root`` into ``out``; returns the meta dict."""
     if settings.pitch not in METHODS:
         raise PrepareError(f"unknown pitch method {settings.pitch!r}; choose one of {METHODS}")
@@ -135,10 +160,22 @@ def prepare(root: str | Path, subset: str, alignments: str | Path, out: str | Pa
     tasks, skips = [], []
     for u in utterances:
         if u.speaker not in speakers:
-            skips.append({"id": u.id, "reason": "unknown-speaker", "file": str(u.audio),
-                          "message": f"speaker {u.speaker} is not in SPEAKERS.TXT"})
+            skips.append(
+                {
+                    "id": u.id,
+                    "reason": "unknown-speaker",
+                    "file": str(u.audio),
+                    "message": f"speaker {u.speaker} is not in SPEAKERS.TXT",
+                }
+            )
             continue
-        utt = {"id": u.id, "speaker": u.speaker, "chapter": u.chapter, "gender": speakers[u.speaker].sex, "audio": str(u.audio)}
+        utt = {
+            "id": u.id,
+            "speaker": u.speaker,
+            "chapter": u.chapter,
+            "gender": speakers[u.speaker].sex,
+            "audio": str(u.audio),
+        }
         tasks.append((utt, str(grids[u.id]) if u.id in grids else None, str(out), settings))
 
     records = []
@@ -159,7 +196,9 @@ def prepare(root: str | Path, subset: str, alignments: str | Path, out: str | Pa
         first = skips[0]
         raise PrepareError(f"{first['file']}: {first['message']} (--strict; {len(skips)} problem(s) in all)")
     if not records:
-        raise PrepareError(f"no usable utterances in {subset}: " + "; ".join(f"{s['file']}: {s['message']}" for s in skips[:3]))
+        raise PrepareError(
+            f"no usable utterances in {subset}: " + "; ".join(f"{s['file']}: {s['message']}" for s in skips[:3])
+        )
 
     records.sort(key=lambda r: r["id"])
     if settings.edges is not None:
@@ -171,12 +210,25 @@ def prepare(root: str | Path, subset: str, alignments: str | Path, out: str | Pa
         raise PrepareError(f"pitch bin edges must be distinct, got {edges}")
 
     meta = {
-        "format": FORMAT, "neurostat_version": __version__, "corpus": "librispeech", "root": str(Path(root).resolve()),
-        "subset": subset, "alignments": str(Path(alignments).resolve()), "geometry": settings.geometry.to_dict(),
-        "phones": list(PHONES), "genders": list(GENDERS), "phone_map": settings.phone_map.describe(),
-        "pitch": {"method": settings.pitch, "edges": edges, "bins": bin_names(len(edges)),
-                  "quantiles": None if settings.edges is not None else list(settings.quantiles), "rule": "[e_i, e_{i+1})"},
-        "strict": settings.strict, "num_utterances": len(records),
+        "format": FORMAT,
+        "neurostat_version": __version__,
+        "corpus": "librispeech",
+        "root": str(Path(root).resolve()),
+        "subset": subset,
+        "alignments": str(Path(alignments).resolve()),
+        "geometry": settings.geometry.to_dict(),
+        "phones": list(PHONES),
+        "genders": list(GENDERS),
+        "phone_map": settings.phone_map.describe(),
+        "pitch": {
+            "method": settings.pitch,
+            "edges": edges,
+            "bins": bin_names(len(edges)),
+            "quantiles": None if settings.edges is not None else list(settings.quantiles),
+            "rule": "[e_i, e_{i+1})",
+        },
+        "strict": settings.strict,
+        "num_utterances": len(records),
         "num_frames": int(sum(r["num_frames"] for r in records)),
         "hours": sum(r["num_samples"] for r in records) / settings.geometry.sample_rate / 3600,
         "resampled": sum(r["resampled"] for r in records),

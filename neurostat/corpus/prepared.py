@@ -96,10 +96,14 @@ class PreparedCorpus:
         self.path = Path(path)
         meta_path = self.path / "meta.json"
         if not meta_path.is_file():
-            raise PreparedCorpusError(f"{self.path} is not a prepared corpus (no meta.json); run `neurostat prepare` first")
+            raise PreparedCorpusError(
+                f"{self.path} is not a prepared corpus (no meta.json); run `neurostat prepare` first"
+            )
         self.meta = json.loads(meta_path.read_text())
         if self.meta.get("format") != FORMAT:
-            raise PreparedCorpusError(f"{meta_path}: prepared-corpus format {self.meta.get('format')} is not {FORMAT}; re-run prepare")
+            raise PreparedCorpusError(
+                f"{meta_path}: prepared-corpus format {self.meta.get('format')} is not {FORMAT}; re-run prepare"
+            )
         lines = (self.path / "manifest.jsonl").read_text().splitlines()
         self.records = [json.loads(line) for line in lines if line.strip()]
         self.geometry = FrameGeometry.from_dict(self.meta["geometry"])

@@ -28,12 +28,59 @@ from ..phones import VOWELS
 SAMPLE_RATE = 16000
 _PAUSES = {"_", "_:", "_!", "_|", "_^_", ";"}
 _ESPEAK_TO_ARPABET = {
-    "0": "AA", "3": "ER", "3:": "ER", "@": "AH", "@L": "L", "A:": "AA", "A@": "AA", "D": "DH", "E": "EH",
-    "I": "IH", "I#": "IH", "N": "NG", "O": "AO", "O:": "AO", "O@": "AO", "OI": "OY", "S": "SH", "T": "TH",
-    "U": "UH", "U@": "UH", "V": "AH", "Z": "ZH", "a": "AE", "a#": "AH", "aa": "AE", "aI": "AY", "aI@": "AY",
-    "aI3": "AY", "aU": "AW", "aU@": "AW", "e@": "EH", "eI": "EY", "i": "IY", "i:": "IY", "i@": "IY",
-    "i@3": "IY", "o@": "AO", "oU": "OW", "u:": "UW", "r": "R", "r-": "R", "j": "Y", "h": "HH", "tS": "CH",
-    "dZ": "JH", "t#": "T", "d#": "D", "n-": "N", "l-": "L", "m-": "M", "?": "T", "x": "K", "W": "W",
+    "0": "AA",
+    "3": "ER",
+    "3:": "ER",
+    "@": "AH",
+    "@L": "L",
+    "A:": "AA",
+    "A@": "AA",
+    "D": "DH",
+    "E": "EH",
+    "I": "IH",
+    "I#": "IH",
+    "N": "NG",
+    "O": "AO",
+    "O:": "AO",
+    "O@": "AO",
+    "OI": "OY",
+    "S": "SH",
+    "T": "TH",
+    "U": "UH",
+    "U@": "UH",
+    "V": "AH",
+    "Z": "ZH",
+    "a": "AE",
+    "a#": "AH",
+    "aa": "AE",
+    "aI": "AY",
+    "aI@": "AY",
+    "aI3": "AY",
+    "aU": "AW",
+    "aU@": "AW",
+    "e@": "EH",
+    "eI": "EY",
+    "i": "IY",
+    "i:": "IY",
+    "i@": "IY",
+    "i@3": "IY",
+    "o@": "AO",
+    "oU": "OW",
+    "u:": "UW",
+    "r": "R",
+    "r-": "R",
+    "j": "Y",
+    "h": "HH",
+    "tS": "CH",
+    "dZ": "JH",
+    "t#": "T",
+    "d#": "D",
+    "n-": "N",
+    "l-": "L",
+    "m-": "M",
+    "?": "T",
+    "x": "K",
+    "W": "W",
     **{c: c.upper() for c in "bdfgklmnpstvwz"},
 }
 
@@ -53,9 +100,16 @@ class _Id(ctypes.Union):
 
 
 class _Event(ctypes.Structure):
-    _fields_ = [("type", ctypes.c_int), ("unique_identifier", ctypes.c_uint), ("text_position", ctypes.c_int),
-                ("length", ctypes.c_int), ("audio_position", ctypes.c_int), ("sample", ctypes.c_int),
-                ("user_data", ctypes.c_void_p), ("id", _Id)]
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("unique_identifier", ctypes.c_uint),
+        ("text_position", ctypes.c_int),
+        ("length", ctypes.c_int),
+        ("audio_position", ctypes.c_int),
+        ("sample", ctypes.c_int),
+        ("user_data", ctypes.c_void_p),
+        ("id", _Id),
+    ]
 
 
 _CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.POINTER(_Event))
@@ -99,7 +153,9 @@ class Espeak:
             i += 1
         return 0
 
-    def say(self, text: str, voice: str, pitch: int, pitch_range: int, rate: int, seed: int) -> tuple[np.ndarray, list[tuple]]:
+    def say(
+        self, text: str, voice: str, pitch: int, pitch_range: int, rate: int, seed: int
+    ) -> tuple[np.ndarray, list[tuple]]:
         """int16 samples at ``self.rate`` and the (type, sample, payload) events.
 
         Voice variants add random noise from espeak's own generator and the C library's
@@ -134,7 +190,9 @@ def _voices(num_speakers: int, rng: random.Random) -> list[Voice]:
         sex = "M" if i % 2 == 0 else "F"
         variant = f"m{rng.randint(1, 7)}" if sex == "M" else f"f{rng.randint(1, 5)}"
         pitch = rng.randint(30, 50) if sex == "M" else rng.randint(65, 90)
-        out.append(Voice(str(1000 + 37 * i), sex, f"en-us+{variant}", pitch, rng.randint(30, 60), rng.randint(140, 185)))
+        out.append(
+            Voice(str(1000 + 37 * i), sex, f"en-us+{variant}", pitch, rng.randint(30, 60), rng.randint(140, 185))
+        )
     return out
 
 
@@ -158,7 +216,7 @@ def _tiers(text: str, events: list[tuple], num_samples: int, rate: int) -> dict[
     for i, (start, (pos, length)) in enumerate(word_starts):
         stop = word_starts[i + 1][0] if i + 1 < len(word_starts) else num_samples
         inside = [(a, b) for a, b, lab in spans if lab and start <= a < stop]
-        word = text.encode("utf-8")[pos - 1: pos - 1 + length].decode("utf-8", "replace").strip(" ,.?!;:").upper()
+        word = text.encode("utf-8")[pos - 1 : pos - 1 + length].decode("utf-8", "replace").strip(" ,.?!;:").upper()
         if inside and word:
             words.append(Interval(inside[0][0] / rate, inside[-1][1] / rate, word))
     word_tier, t = [], 0.0
@@ -177,8 +235,14 @@ def load_sentences() -> list[str]:
     return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
 
 
-def synthesize(out: str | Path, subset: str = "dev-clean", num_speakers: int = 4, utterances_per_speaker: int = 4,
-               seed: int = 0, progress: bool = True) -> tuple[Path, Path]:
+def synthesize(
+    out: str | Path,
+    subset: str = "dev-clean",
+    num_speakers: int = 4,
+    utterances_per_speaker: int = 4,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[Path, Path]:
     """Writes the demo corpus under ``out``; returns (LibriSpeech root, alignments dir).
 
     espeak-ng keeps internal state from one utterance to the next that no API call resets, so the
@@ -188,18 +252,23 @@ def synthesize(out: str | Path, subset: str = "dev-clean", num_speakers: int = 4
     if num_speakers < 1 or utterances_per_speaker < 1:
         raise ValueError("need at least one speaker and one utterance per speaker")
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("fork")) as pool:
-        return pool.submit(_synthesize, Path(out), subset, num_speakers, utterances_per_speaker, seed, progress).result()
+        return pool.submit(
+            _synthesize, Path(out), subset, num_speakers, utterances_per_speaker, seed, progress
+        ).result()
 
 
-def _synthesize(out: Path, subset: str, num_speakers: int, utterances_per_speaker: int, seed: int,
-                progress: bool) -> tuple[Path, Path]:
+def _synthesize(
+    out: Path, subset: str, num_speakers: int, utterances_per_speaker: int, seed: int, progress: bool
+) -> tuple[Path, Path]:
     root, align = out / "LibriSpeech", out / "alignments"
     rng = random.Random(seed)
     sentences = load_sentences()
     voices = _voices(num_speakers, rng)
     espeak = Espeak.get()
-    lines = ["; Synthetic speakers generated by neurostat synth (espeak-ng voices).",
-             "; ID      |SEX| SUBSET           |MINUTES| NAME"]
+    lines = [
+        "; Synthetic speakers generated by neurostat synth (espeak-ng voices).",
+        "; ID      |SEX| SUBSET           |MINUTES| NAME",
+    ]
     bar = tqdm(total=num_speakers * utterances_per_speaker, desc="synth", unit="utt", disable=not progress)
     for v in voices:
         chapter = str(10 * int(v.speaker) % 9973)
@@ -214,12 +283,16 @@ def _synthesize(out: Path, subset: str, num_speakers: int, utterances_per_speake
             wave = soxr.resample(raw.astype(np.float32) / 32768.0, espeak.rate, SAMPLE_RATE)
             sf.write(cdir / f"{uid}.flac", np.clip(wave, -1, 1), SAMPLE_RATE, subtype="PCM_16")
             scaled = [(k, s * SAMPLE_RATE / espeak.rate, p) for k, s, p in events]
-            write_textgrid(adir / f"{uid}.TextGrid", len(wave) / SAMPLE_RATE, _tiers(text, scaled, len(wave), SAMPLE_RATE))
+            write_textgrid(
+                adir / f"{uid}.TextGrid", len(wave) / SAMPLE_RATE, _tiers(text, scaled, len(wave), SAMPLE_RATE)
+            )
             trans.append(f"{uid} {text.upper()}")
             seconds += len(wave) / SAMPLE_RATE
             bar.update()
         (cdir / f"{v.speaker}-{chapter}.trans.txt").write_text("\n".join(trans) + "\n", encoding="utf-8")
-        lines.append(f"{v.speaker:<8} | {v.sex} | {subset:<16} | {seconds / 60:5.2f} | synthetic {v.voice} pitch {v.pitch}")
+        lines.append(
+            f"{v.speaker:<8} | {v.sex} | {subset:<16} | {seconds / 60:5.2f} | synthetic {v.voice} pitch {v.pitch}"
+        )
     bar.close()
     (root / "SPEAKERS.TXT").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return root, align

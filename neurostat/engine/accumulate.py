@@ -79,14 +79,14 @@ _FIELDS = ("index", "local", "labels", "counts", "sorted_rows", "chunk_starts", 
 class TokenBatch:
     """The tokens of one batch: positions in the flattened [B*T] activations and compacted labels."""
 
-    index: torch.Tensor         # (N,) int64: positions b * T + t
-    local: torch.Tensor         # (N,) int64: position of each token's label in ``labels``
-    labels: torch.Tensor        # (U,) int64: the distinct joint labels of the batch
-    counts: torch.Tensor        # (U,) int64: tokens per label
-    sorted_rows: torch.Tensor   # (N,) int32: token positions sorted by label (Triton work list)
+    index: torch.Tensor  # (N,) int64: positions b * T + t
+    local: torch.Tensor  # (N,) int64: position of each token's label in ``labels``
+    labels: torch.Tensor  # (U,) int64: the distinct joint labels of the batch
+    counts: torch.Tensor  # (U,) int64: tokens per label
+    sorted_rows: torch.Tensor  # (N,) int32: token positions sorted by label (Triton work list)
     chunk_starts: torch.Tensor  # (C + 1,) int32
     chunk_labels: torch.Tensor  # (C,) int32: local label of each chunk
-    perm: torch.Tensor          # (B*T,) int32: sorted token rows, then every other row (fused GEMM order)
+    perm: torch.Tensor  # (B*T,) int32: sorted token rows, then every other row (fused GEMM order)
     sorted_local: torch.Tensor  # (N,) int32: local label of each sorted token row
 
     @classmethod
@@ -95,14 +95,25 @@ class TokenBatch:
         index = np.flatnonzero(flat >= 0)
         labels, local, counts = np.unique(flat[index], return_inverse=True, return_counts=True)
         if len(index) >= _EXACT_FP32:
-            raise ValueError(f"{len(index)} tokens in one batch: use smaller batches (fp32 counts are exact below 2**24)")
+            raise ValueError(
+                f"{len(index)} tokens in one batch: use smaller batches (fp32 counts are exact below 2**24)"
+            )
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
         index, local = t(index), t(local)
         sorted_rows, starts, chunk_labels = chunk_tokens(index, local)
         others = torch.from_numpy(np.flatnonzero(flat < 0).astype(np.int32))
         sorted_local = torch.sort(local, stable=True).values.to(torch.int32)
-        return cls(index, local, t(labels), t(counts), sorted_rows, starts, chunk_labels,
-                   torch.cat([sorted_rows, others]), sorted_local)
+        return cls(
+            index,
+            local,
+            t(labels),
+            t(counts),
+            sorted_rows,
+            starts,
+            chunk_labels,
+            torch.cat([sorted_rows, others]),
+            sorted_local,
+        )
 
     @property
     def num_tokens(self) -> int:
@@ -118,8 +129,17 @@ class TokenBatch:
 class Accumulator:
     """Additive statistics for ``num_layers`` layers × ``num_labels`` labels × ``width`` neurons."""
 
-    def __init__(self, num_layers: int, num_labels: int, width: int, k: int, stats: tuple[str, ...] = STATS,
-                 device: torch.device | str = "cpu", backend: str = "torch", activation: str = "gelu"):
+    def __init__(
+        self,
+        num_layers: int,
+        num_labels: int,
+        width: int,
+        k: int,
+        stats: tuple[str, ...] = STATS,
+        device: torch.device | str = "cpu",
+        backend: str = "torch",
+        activation: str = "gelu",
+    ):
         unknown = set(stats) - set(STATS)
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
@@ -146,8 +166,14 @@ class Accumulator:
         if self.backend == "torch":
             sums = self._torch_sums(layer, a.index_select(0, batch.index), batch)
         else:
-            sums = self._kernel_sums(layer, a, batch, topk=self.topk is not None, positive=self.positive is not None,
-                                     moments=self.mean is not None)
+            sums = self._kernel_sums(
+                layer,
+                a,
+                batch,
+                topk=self.topk is not None,
+                positive=self.positive is not None,
+                moments=self.mean is not None,
+            )
         self.add_sums(layer, batch, sums)
 
     def ffn_activation(self, layer: int, ffn, hidden: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
@@ -161,21 +187,41 @@ class Accumulator:
         from ..kernels.ffn_up_stats import ffn_up_stats
 
         epilogue = self.positive is not None or self.mean is not None
-        a, sums = ffn_up_stats(hidden.reshape(-1, shape[-1]), ffn.up.weight, ffn.up.bias, self.activation, batch.perm,
-                               batch.sorted_local, batch.labels.numel(), self.shift[layer], stats=epilogue)
+        a, sums = ffn_up_stats(
+            hidden.reshape(-1, shape[-1]),
+            ffn.up.weight,
+            ffn.up.bias,
+            self.activation,
+            batch.perm,
+            batch.sorted_local,
+            batch.labels.numel(),
+            self.shift[layer],
+            stats=epilogue,
+        )
         if self.topk is not None:
             sums.update(self._kernel_sums(layer, a, batch, topk=True, positive=False, moments=False))
         self.add_sums(layer, batch, sums)
         return a.view(*shape[:-1], a.shape[-1])
 
-    def _kernel_sums(self, layer: int, a: torch.Tensor, batch: TokenBatch, topk: bool, positive: bool,
-                     moments: bool) -> dict[str, torch.Tensor]:
+    def _kernel_sums(
+        self, layer: int, a: torch.Tensor, batch: TokenBatch, topk: bool, positive: bool, moments: bool
+    ) -> dict[str, torch.Tensor]:
         from ..kernels.topk_stats import topk_stats
 
         if moments and self.shift[layer] is None:
             self.shift[layer] = a.index_select(0, batch.index).mean(0, dtype=torch.float32)
-        return topk_stats(a, batch.sorted_rows, batch.chunk_starts, batch.chunk_labels, batch.labels.numel(), self.k,
-                          self.shift[layer], topk=topk, positive=positive, moments=moments)
+        return topk_stats(
+            a,
+            batch.sorted_rows,
+            batch.chunk_starts,
+            batch.chunk_labels,
+            batch.labels.numel(),
+            self.k,
+            self.shift[layer],
+            topk=topk,
+            positive=positive,
+            moments=moments,
+        )
 
     def _torch_sums(self, layer: int, x: torch.Tensor, batch: TokenBatch) -> dict[str, torch.Tensor]:
         """The per-label sums of the token rows ``x`` [N, D] with torch ops (the reference path)."""
@@ -231,8 +277,8 @@ class Accumulator:
         n_b = batch.counts.to(torch.float64)[:, None]
         n_a = self.frames.index_select(0, labels).to(torch.float64)[:, None]
         n = n_a + n_b
-        offset = s1.div_(n_b)                                    # batch mean − c
-        m2_b = s2.addcmul_(offset, offset * n_b, value=-1)       # Σ(a − batch mean)²
+        offset = s1.div_(n_b)  # batch mean − c
+        m2_b = s2.addcmul_(offset, offset * n_b, value=-1)  # Σ(a − batch mean)²
         delta = offset.add_(self.shift[layer].double()).sub_(self.mean[layer].index_select(0, labels))
         mean = self.mean[layer].index_select(0, labels).addcmul_(delta, n_b / n)
         m2 = self.m2[layer].index_select(0, labels).add_(m2_b).addcmul_(delta.square_(), n_a * n_b / n)
@@ -245,8 +291,10 @@ class Accumulator:
     def merge(self, other: "Accumulator") -> "Accumulator":
         """Adds ``other``'s totals into this one (exact for counts, Chan's formula for moments)."""
         if other.shape != self.shape or other.k != self.k or other.stats != self.stats:
-            raise ValueError(f"cannot merge accumulators of shape/k/stats {other.shape}/{other.k}/{other.stats} "
-                             f"into {self.shape}/{self.k}/{self.stats}")
+            raise ValueError(
+                f"cannot merge accumulators of shape/k/stats {other.shape}/{other.k}/{other.stats} "
+                f"into {self.shape}/{self.k}/{self.stats}"
+            )
         other_frames = other.frames.to(self.device)
         if self.mean is not None:
             n_a, n_b = self.frames.double()[None, :, None], other_frames.double()[None, :, None]
@@ -266,8 +314,14 @@ class Accumulator:
         return {n: getattr(self, n).cpu().numpy() for n in names if getattr(self, n) is not None}
 
     @classmethod
-    def from_state(cls, state: dict[str, np.ndarray], k: int, device: torch.device | str = "cpu",
-                   backend: str = "torch", activation: str = "gelu") -> "Accumulator":
+    def from_state(
+        cls,
+        state: dict[str, np.ndarray],
+        k: int,
+        device: torch.device | str = "cpu",
+        backend: str = "torch",
+        activation: str = "gelu",
+    ) -> "Accumulator":
         stats = tuple(s for s, key in (("topk", "topk"), ("positive", "positive"), ("moments", "mean")) if key in state)
         shape = next(state[n].shape for n in ("topk", "positive", "mean") if n in state)
         acc = cls(shape[0], shape[1], shape[2], k, stats, device, backend, activation)

@@ -48,7 +48,9 @@ class FFN:
 
 def _backbone(model: nn.Module, name: str) -> nn.Module:
     if getattr(model, "config", None) is not None and getattr(model.config, "model_type", None) not in MODEL_TYPES:
-        raise ModelError(f"{name}: model type {model.config.model_type!r} is not supported (supported: {', '.join(MODEL_TYPES)})")
+        raise ModelError(
+            f"{name}: model type {model.config.model_type!r} is not supported (supported: {', '.join(MODEL_TYPES)})"
+        )
     if hasattr(model, "encoder") and hasattr(model, "feature_extractor"):
         return model
     for attr in _BACKBONE_ATTRS:
@@ -67,7 +69,9 @@ def _ffns(backbone: nn.Module, name: str) -> list[FFN]:
         ff = getattr(layer, "feed_forward", None)
         up, act, down = (getattr(ff, a, None) for a in ("intermediate_dense", "intermediate_act_fn", "output_dense"))
         if not (isinstance(up, nn.Linear) and isinstance(down, nn.Linear) and callable(act)):
-            raise ModelError(f"{name}: layer {i + 1} has no FFN with intermediate_dense / intermediate_act_fn / output_dense")
+            raise ModelError(
+                f"{name}: layer {i + 1} has no FFN with intermediate_dense / intermediate_act_fn / output_dense"
+            )
         out.append(FFN(ff, up, act, down))
     return out
 
@@ -85,8 +89,13 @@ class ModelAdapter:
         self.geometry = FrameGeometry.from_config(self.config, feature_extractor.sampling_rate)
 
     @classmethod
-    def load(cls, source: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-             revision: str | None = None) -> "ModelAdapter":
+    def load(
+        cls,
+        source: str,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        revision: str | None = None,
+    ) -> "ModelAdapter":
         """Loads a hub id or a local directory (the checkpoint must include its feature-extractor config)."""
         from transformers import AutoConfig, AutoFeatureExtractor, AutoModel
 
@@ -96,12 +105,16 @@ class ModelAdapter:
             where = "directory" if Path(source).exists() else "hub id (offline runs need it in the HF cache)"
             raise ModelError(f"cannot load model {source!r} as a {where}: {e}") from None
         if config.model_type not in MODEL_TYPES:
-            raise ModelError(f"{source}: model type {config.model_type!r} is not supported (supported: {', '.join(MODEL_TYPES)})")
+            raise ModelError(
+                f"{source}: model type {config.model_type!r} is not supported (supported: {', '.join(MODEL_TYPES)})"
+            )
         try:
             feature_extractor = AutoFeatureExtractor.from_pretrained(source, revision=revision)
         except (OSError, ValueError) as e:
-            raise ModelError(f"{source}: no feature-extractor config (preprocessor_config.json), needed for the sample "
-                             f"rate and waveform normalisation: {e}") from None
+            raise ModelError(
+                f"{source}: no feature-extractor config (preprocessor_config.json), needed for the sample "
+                f"rate and waveform normalisation: {e}"
+            ) from None
         model = AutoModel.from_pretrained(source, revision=revision, dtype=dtype)
         return cls(model.to(device), feature_extractor, source, revision or getattr(config, "_commit_hash", None))
 
@@ -125,10 +138,17 @@ class ModelAdapter:
         return next(self.model.parameters()).dtype
 
     def describe(self) -> dict:
-        return {"model": self.source, "revision": self.revision, "model_type": self.config.model_type,
-                "num_layers": self.num_layers, "width": self.width, "hidden_size": self.config.hidden_size,
-                "activation": str(self.config.hidden_act), "geometry": self.geometry.to_dict(),
-                "normalize": bool(getattr(self.feature_extractor, "do_normalize", False))}
+        return {
+            "model": self.source,
+            "revision": self.revision,
+            "model_type": self.config.model_type,
+            "num_layers": self.num_layers,
+            "width": self.width,
+            "hidden_size": self.config.hidden_size,
+            "activation": str(self.config.hidden_act),
+            "geometry": self.geometry.to_dict(),
+            "normalize": bool(getattr(self.feature_extractor, "do_normalize", False)),
+        }
 
     def normalize(self, wave: np.ndarray) -> np.ndarray:
         """The checkpoint's own waveform normalisation (its feature extractor)."""
@@ -148,14 +168,16 @@ class ModelAdapter:
             feats.append((proj[0] if isinstance(proj, tuple) else proj)[0])
         lengths = [f.shape[0] for f in feats]
         hidden = nn.utils.rnn.pad_sequence(feats, batch_first=True)
-        mask = torch.arange(hidden.shape[1], device=self.device)[None] < torch.tensor(lengths, device=self.device)[:, None]
+        mask = (
+            torch.arange(hidden.shape[1], device=self.device)[None] < torch.tensor(lengths, device=self.device)[:, None]
+        )
         pos = self.backbone.encoder.pos_conv_embed
         batched = pos.forward
 
         def per_utterance(h: torch.Tensor) -> torch.Tensor:
             out = torch.zeros_like(h)
             for b, n in enumerate(lengths):
-                out[b, :n] = batched(h[b:b + 1, :n])[0]
+                out[b, :n] = batched(h[b : b + 1, :n])[0]
             return out
 
         pos.forward = per_utterance
@@ -166,8 +188,9 @@ class ModelAdapter:
         return out[0], mask
 
     @contextmanager
-    def instrument(self, activation: Callable[[int, FFN, torch.Tensor], torch.Tensor],
-                   layers: list[int] | None = None) -> Iterator[None]:
+    def instrument(
+        self, activation: Callable[[int, FFN, torch.Tensor], torch.Tensor], layers: list[int] | None = None
+    ) -> Iterator[None]:
         """Within the block, each chosen layer's FFN gets ``a = activation(layer_index, ffn, x)`` — which
         must return ``act(W1 x + b1)`` [B, T, D] — and then finishes exactly as HF does."""
         chosen = range(self.num_layers) if layers is None else layers
@@ -224,7 +247,9 @@ def load_full_model(source: str, revision: str | None = None) -> nn.Module:
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load model {source!r}: {e}") from None
     if config.model_type not in MODEL_TYPES:
-        raise ModelError(f"{source}: model type {config.model_type!r} is not supported (supported: {', '.join(MODEL_TYPES)})")
+        raise ModelError(
+            f"{source}: model type {config.model_type!r} is not supported (supported: {', '.join(MODEL_TYPES)})"
+        )
     names = getattr(config, "architectures", None) or []
     cls = next((getattr(transformers, n) for n in names if hasattr(transformers, n)), transformers.AutoModel)
     return cls.from_pretrained(source, revision=revision).eval()

@@ -35,7 +35,7 @@ class CollectConfig:
     stats: tuple[str, ...] = STATS
     topk_ratio: float = 0.01
     tokens: str = "phone-mid"
-    layers: list[int] | None = None          # 0-based; None = all
+    layers: list[int] | None = None  # 0-based; None = all
     batch_seconds: float = 160.0
     max_seconds: float | None = None
     checkpoint_seconds: float = 300.0
@@ -81,28 +81,41 @@ class BatchDataset(torch.utils.data.Dataset):
             if cache[utt.id] is None:
                 continue
             wave, joint = cache[utt.id]
-            chunk = wave[piece.sample_start: piece.sample_start + piece.num_samples]
+            chunk = wave[piece.sample_start : piece.sample_start + piece.num_samples]
             waves.append(torch.from_numpy(np.ascontiguousarray(chunk)))
-            labels.append(joint[piece.frame_start: piece.frame_start + geo.num_frames(len(chunk))])
+            labels.append(joint[piece.frame_start : piece.frame_start + geo.num_frames(len(chunk))])
         longest = max((len(lab) for lab in labels), default=0)
         flat = np.full((len(labels), longest), -1, dtype=np.int64)
         for b, lab in enumerate(labels):
-            flat[b, :len(lab)] = lab
-        return {"ids": ids, "waves": waves, "tokens": TokenBatch.from_labels(flat.reshape(-1)),
-                "frames": int(sum(len(lab) for lab in labels)), "samples": int(sum(len(w) for w in waves)),
-                "errors": errors}
+            flat[b, : len(lab)] = lab
+        return {
+            "ids": ids,
+            "waves": waves,
+            "tokens": TokenBatch.from_labels(flat.reshape(-1)),
+            "frames": int(sum(len(lab) for lab in labels)),
+            "samples": int(sum(len(w) for w in waves)),
+            "errors": errors,
+        }
 
     def _labelled(self, utt) -> tuple[np.ndarray, np.ndarray]:
         wave = utt.load_audio()
         if len(wave) != utt.record["num_samples"]:
-            raise Skip("audio-changed", utt.audio_path, f"has {len(wave)} samples, prepared with {utt.record['num_samples']}; re-run prepare")
+            raise Skip(
+                "audio-changed",
+                utt.audio_path,
+                f"has {len(wave)} samples, prepared with {utt.record['num_samples']}; re-run prepare",
+            )
         phones = utt.phone_frames()
         keep = token_mask(phones, self.tokens, self.non_speech)
         joint = np.where(keep, utt.joint_frames(), -1)
-        return self.fe(wave, sampling_rate=self.fe.sampling_rate, return_tensors="np").input_values[0].astype(np.float32), joint
+        return self.fe(wave, sampling_rate=self.fe.sampling_rate, return_tensors="np").input_values[0].astype(
+            np.float32
+        ), joint
 
 
-def plan_batches(corpus: PreparedCorpus, indices: list[int], batch_seconds: float, max_seconds: float | None) -> list[list[Piece]]:
+def plan_batches(
+    corpus: PreparedCorpus, indices: list[int], batch_seconds: float, max_seconds: float | None
+) -> list[list[Piece]]:
     """Pieces grouped into batches of at most ``batch_seconds`` of audio, similar lengths together."""
     geo = corpus.geometry
     pieces = []
@@ -146,16 +159,31 @@ def _versions() -> dict:
     import transformers
     import zarr
 
-    return {"neurostat": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "zarr": zarr.__version__, "numpy": np.__version__, "python": platform.python_version()}
+    return {
+        "neurostat": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "zarr": zarr.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
 
 
-def collect(corpus: PreparedCorpus, adapter: ModelAdapter, out, config: CollectConfig, resume: bool = False,
-            overwrite: bool = False, progress: bool = True) -> dict:
+def collect(
+    corpus: PreparedCorpus,
+    adapter: ModelAdapter,
+    out,
+    config: CollectConfig,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
     """Runs the pass and writes the store at ``out``; returns the run summary."""
     if adapter.geometry != corpus.geometry:
-        raise ModelError(f"{adapter.source}: frame geometry {adapter.geometry.describe()} differs from the prepared corpus "
-                         f"({corpus.geometry.describe()}); re-run prepare with --model {adapter.source}")
+        raise ModelError(
+            f"{adapter.source}: frame geometry {adapter.geometry.describe()} differs from the prepared corpus "
+            f"({corpus.geometry.describe()}); re-run prepare with --model {adapter.source}"
+        )
     if config.tokens not in MODES:
         raise ValueError(f"unknown token mode {config.tokens!r}; choose one of {MODES}")
     config.backend = resolve_backend(config.backend, adapter.device)
@@ -163,7 +191,9 @@ def collect(corpus: PreparedCorpus, adapter: ModelAdapter, out, config: CollectC
         from ..kernels.ffn_up_stats import ACTIVATIONS
 
         if str(adapter.config.hidden_act) not in ACTIVATIONS:
-            raise ModelError(f"{adapter.source}: activation {adapter.config.hidden_act!r} has no fused kernel; use --backend triton")
+            raise ModelError(
+                f"{adapter.source}: activation {adapter.config.hidden_act!r} has no fused kernel; use --backend triton"
+            )
     layers = list(range(adapter.num_layers)) if config.layers is None else sorted(set(config.layers))
     bad = [i + 1 for i in layers if not 0 <= i < adapter.num_layers]
     if bad:
@@ -175,25 +205,57 @@ def collect(corpus: PreparedCorpus, adapter: ModelAdapter, out, config: CollectC
     indices = [i for i in range(len(corpus)) if i % shard_n == shard_i]
 
     fingerprint = {
-        "model": adapter.source, "revision": adapter.revision, "dtype": str(adapter.dtype).replace("torch.", ""),
-        "stats": list(config.stats), "topk_ratio": config.topk_ratio, "k": k, "tokens": config.tokens,
-        "layers": [i + 1 for i in layers], "labels": space.to_dict(), "pitch_edges": corpus.edges,
-        "corpus": {"root": corpus.meta["root"], "subset": corpus.meta["subset"], "prepared": str(corpus.path.resolve())},
-        "shard": f"{shard_i}/{shard_n}", "max_seconds": config.max_seconds,
+        "model": adapter.source,
+        "revision": adapter.revision,
+        "dtype": str(adapter.dtype).replace("torch.", ""),
+        "stats": list(config.stats),
+        "topk_ratio": config.topk_ratio,
+        "k": k,
+        "tokens": config.tokens,
+        "layers": [i + 1 for i in layers],
+        "labels": space.to_dict(),
+        "pitch_edges": corpus.edges,
+        "corpus": {
+            "root": corpus.meta["root"],
+            "subset": corpus.meta["subset"],
+            "prepared": str(corpus.path.resolve()),
+        },
+        "shard": f"{shard_i}/{shard_n}",
+        "max_seconds": config.max_seconds,
     }
     attrs = {
-        "neurostat_store_format": STORE_FORMAT, "neurostat_version": __version__, "complete": False, "fingerprint": fingerprint,
+        "neurostat_store_format": STORE_FORMAT,
+        "neurostat_version": __version__,
+        "complete": False,
+        "fingerprint": fingerprint,
         "model": adapter.describe(),
-        "statistics": {"stats": list(config.stats), "topk_ratio": config.topk_ratio, "k": k, "tokens": config.tokens,
-                       "ties": "lower neuron index wins at the k-th |a|", "var_ddof": 0,
-                       "moments": "per-batch fp32 sums around a per-neuron shift, merged in float64 (Chan et al.)",
-                       "backend": config.backend},
-        "labels": space.to_dict(), "pitch": corpus.meta["pitch"], "phone_map": corpus.meta["phone_map"],
-        "corpus": {**fingerprint["corpus"], "utterances": len(indices), "shard": fingerprint["shard"],
-                   "prepare_skips": corpus.skips},
-        "batching": {"front_end": "per utterance", "transformer": "batched with a boolean frame mask",
-                     "max_seconds": config.max_seconds, "batch_seconds": config.batch_seconds},
-        "versions": _versions(), "command": config.command,
+        "statistics": {
+            "stats": list(config.stats),
+            "topk_ratio": config.topk_ratio,
+            "k": k,
+            "tokens": config.tokens,
+            "ties": "lower neuron index wins at the k-th |a|",
+            "var_ddof": 0,
+            "moments": "per-batch fp32 sums around a per-neuron shift, merged in float64 (Chan et al.)",
+            "backend": config.backend,
+        },
+        "labels": space.to_dict(),
+        "pitch": corpus.meta["pitch"],
+        "phone_map": corpus.meta["phone_map"],
+        "corpus": {
+            **fingerprint["corpus"],
+            "utterances": len(indices),
+            "shard": fingerprint["shard"],
+            "prepare_skips": corpus.skips,
+        },
+        "batching": {
+            "front_end": "per utterance",
+            "transformer": "batched with a boolean frame mask",
+            "max_seconds": config.max_seconds,
+            "batch_seconds": config.batch_seconds,
+        },
+        "versions": _versions(),
+        "command": config.command,
     }
     with StoreWriter(out, attrs, resume=resume, overwrite=overwrite) as store:
         return _run(corpus, adapter, store, config, layers, k, indices, attrs, progress)
@@ -217,8 +279,14 @@ def _run(corpus, adapter, store: StoreWriter, config, layers, k, indices, attrs,
     batches = plan_batches(corpus, todo, config.batch_seconds, config.max_seconds)
     pieces_left = Counter(corpus.records[p.index]["id"] for b in batches for p in b)  # done only with its last piece
     data = BatchDataset(corpus, batches, adapter.feature_extractor, config.tokens)
-    loader = torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=config.num_jobs,
-                                         pin_memory=device.type == "cuda", persistent_workers=False)
+    loader = torch.utils.data.DataLoader(
+        data,
+        batch_size=None,
+        shuffle=False,
+        num_workers=config.num_jobs,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
     position = {layer: i for i, layer in enumerate(layers)}
     current: dict = {}
 
@@ -228,8 +296,14 @@ def _run(corpus, adapter, store: StoreWriter, config, layers, k, indices, attrs,
     started, last_ckpt, since_ckpt = time.time(), time.time(), 0
     base_elapsed = prog["elapsed_seconds"]
     sr = corpus.geometry.sample_rate
-    bar = tqdm(total=len(indices), initial=len(finished & {corpus.records[i]["id"] for i in indices}), unit="utt",
-               desc="collect", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=len(indices),
+        initial=len(finished & {corpus.records[i]["id"] for i in indices}),
+        unit="utt",
+        desc="collect",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
 
     def save():
         prog["elapsed_seconds"] = base_elapsed + time.time() - started
@@ -256,10 +330,13 @@ def _run(corpus, adapter, store: StoreWriter, config, layers, k, indices, attrs,
             prog["audio_seconds"] += item["samples"] / sr
             since_ckpt += len(new)
             elapsed = base_elapsed + time.time() - started
-            bar.set_postfix_str(f"{prog['audio_seconds'] / 3600:.2f} h audio, {prog['frames'] / max(elapsed, 1e-9):,.0f} frames/s")
+            bar.set_postfix_str(
+                f"{prog['audio_seconds'] / 3600:.2f} h audio, {prog['frames'] / max(elapsed, 1e-9):,.0f} frames/s"
+            )
             bar.update(len(new))
-            if (config.checkpoint_utterances and since_ckpt >= config.checkpoint_utterances) or \
-                    time.time() - last_ckpt >= config.checkpoint_seconds:
+            if (
+                config.checkpoint_utterances and since_ckpt >= config.checkpoint_utterances
+            ) or time.time() - last_ckpt >= config.checkpoint_seconds:
                 save()
                 last_ckpt, since_ckpt = time.time(), 0
     bar.close()
@@ -267,10 +344,12 @@ def _run(corpus, adapter, store: StoreWriter, config, layers, k, indices, attrs,
     prog["utterances_done"] = len(done)
     arrays = acc.compute()
     names = space.names()
-    coords = {"layer": np.asarray([i + 1 for i in layers], dtype=np.int64), **{p: names[p] for p in ("phone", "gender", "pitch_bin")}}
+    coords = {
+        "layer": np.asarray([i + 1 for i in layers], dtype=np.int64),
+        **{p: names[p] for p in ("phone", "gender", "pitch_bin")},
+    }
     final = {**attrs, "complete": True, "progress": {**prog, "utterances_total": len(indices), "complete": True}}
     store.finalize(arrays, coords, final, done)
     final["progress"]["elapsed_seconds"] = base_elapsed + time.time() - started
     store.update_attrs({"progress": final["progress"]})
     return final
-

@@ -42,33 +42,45 @@ def merge_stores(paths: list[str | Path], out: str | Path, overwrite: bool = Fal
         other = {k: v for k, v in a["fingerprint"].items() if k not in _SHARD_FREE}
         diff = sorted(k for k in set(ref) | set(other) if ref.get(k) != other.get(k))
         if diff:
-            raise StoreError(f"{p} differs from {paths[0]} in {', '.join(diff)}; only stores collected with the same "
-                             f"model, statistics, labels and corpus can be merged")
+            raise StoreError(
+                f"{p} differs from {paths[0]} in {', '.join(diff)}; only stores collected with the same "
+                f"model, statistics, labels and corpus can be merged"
+            )
     done: list[str] = []
     seen: dict[str, str] = {}
     for p in paths:
         for uid in load_done(p):
             if uid in seen:
-                raise StoreError(f"utterance {uid} is counted in both {seen[uid]} and {p}: merging would count it twice")
+                raise StoreError(
+                    f"utterance {uid} is counted in both {seen[uid]} and {p}: merging would count it twice"
+                )
             seen[uid] = str(p)
             done.append(uid)
     k = int(attrs[0]["statistics"]["k"])
     acc = Accumulator.from_state(store_state(paths[0]), k)
     for p in paths[1:]:
         acc.merge(Accumulator.from_state(store_state(p), k))
-    coords = {"layer": np.asarray(attrs[0]["fingerprint"]["layers"], dtype=np.int64),
-              **LabelSpace.from_dict(attrs[0]["labels"]).names()}
-    progress = {key: sum(a["progress"].get(key, 0) for a in attrs)
-                for key in ("utterances_done", "utterances_total", "frames", "tokens", "audio_seconds", "elapsed_seconds")}
+    coords = {
+        "layer": np.asarray(attrs[0]["fingerprint"]["layers"], dtype=np.int64),
+        **LabelSpace.from_dict(attrs[0]["labels"]).names(),
+    }
+    progress = {
+        key: sum(a["progress"].get(key, 0) for a in attrs)
+        for key in ("utterances_done", "utterances_total", "frames", "tokens", "audio_seconds", "elapsed_seconds")
+    }
     skips: dict[str, int] = {}
     for a in attrs:
         for reason, n in a["progress"].get("skips", {}).items():
             skips[reason] = skips.get(reason, 0) + n
     fingerprint = {**attrs[0]["fingerprint"], "shard": "merged"}
-    merged = {**attrs[0], "fingerprint": fingerprint, "complete": False,
-              "progress": {**progress, "skips": skips, "complete": True},
-              "merged_from": [str(Path(p).resolve()) for p in paths],
-              "corpus": {**attrs[0]["corpus"], "shard": "merged", "utterances": len(done)}}
+    merged = {
+        **attrs[0],
+        "fingerprint": fingerprint,
+        "complete": False,
+        "progress": {**progress, "skips": skips, "complete": True},
+        "merged_from": [str(Path(p).resolve()) for p in paths],
+        "corpus": {**attrs[0]["corpus"], "shard": "merged", "utterances": len(done)},
+    }
     with StoreWriter(out, merged, overwrite=overwrite) as store:
         store.finalize(acc.compute(), coords, merged, done)
     return merged

@@ -28,7 +28,9 @@ def _nearest(track_times: np.ndarray, track: np.ndarray, times: np.ndarray, step
     return out
 
 
-def f0_praat(wave: np.ndarray, sample_rate: int, times: np.ndarray, step: float, fmin: float = F0_MIN, fmax: float = F0_MAX) -> np.ndarray:
+def f0_praat(
+    wave: np.ndarray, sample_rate: int, times: np.ndarray, step: float, fmin: float = F0_MIN, fmax: float = F0_MAX
+) -> np.ndarray:
     """Praat autocorrelation F0 (Hz) at ``times`` (s); NaN where unvoiced."""
     import parselmouth
 
@@ -37,16 +39,24 @@ def f0_praat(wave: np.ndarray, sample_rate: int, times: np.ndarray, step: float,
     return _nearest(np.asarray(pitch.xs()), pitch.selected_array["frequency"], times, step)
 
 
-def f0_yaapt(wave: np.ndarray, sample_rate: int, times: np.ndarray, step: float, fmin: float = F0_MIN, fmax: float = F0_MAX) -> np.ndarray:
+def f0_yaapt(
+    wave: np.ndarray, sample_rate: int, times: np.ndarray, step: float, fmin: float = F0_MIN, fmax: float = F0_MAX
+) -> np.ndarray:
     """YAAPT F0 (Hz) at ``times`` (s); NaN where unvoiced.  Needs the ``paper`` extra."""
     try:
         import amfm_decompy.basic_tools as basic
         import amfm_decompy.pYAAPT as pyaapt
     except ImportError as e:
         raise RuntimeError("--pitch yaapt needs amfm-decompy: pip install 'neurostat[paper]'") from e
-    pitch = pyaapt.yaapt(basic.SignalObj(np.asarray(wave, dtype=np.float64), sample_rate), f0_min=fmin, f0_max=fmax,
-                         frame_space=step * 1000.0)
-    return _nearest(np.asarray(pitch.frames_pos, dtype=np.float64) / sample_rate, np.asarray(pitch.samp_values), times, step)
+    pitch = pyaapt.yaapt(
+        basic.SignalObj(np.asarray(wave, dtype=np.float64), sample_rate),
+        f0_min=fmin,
+        f0_max=fmax,
+        frame_space=step * 1000.0,
+    )
+    return _nearest(
+        np.asarray(pitch.frames_pos, dtype=np.float64) / sample_rate, np.asarray(pitch.samp_values), times, step
+    )
 
 
 def f0_at(method: str, wave: np.ndarray, sample_rate: int, times: np.ndarray, step: float) -> np.ndarray:

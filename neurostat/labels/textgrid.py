@@ -12,7 +12,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-_TOKEN = re.compile(r'"((?:[^"]|"")*)"|(-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)|(<exists>|<absent>)|(=)|(\[[^\]]*\])|([^\s"=\[]+)')
+_TOKEN = re.compile(
+    r'"((?:[^"]|"")*)"|(-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)|(<exists>|<absent>)|(=)|(\[[^\]]*\])|([^\s"=\[]+)'
+)
 _EPS = 1e-6
 
 
@@ -83,7 +85,10 @@ def parse_textgrid(text: str, name: str = "<string>") -> TextGrid:
         take(float, "tier xmin"), take(float, "tier xmax")
         n = int(take(float, "interval count"))
         if cls == "IntervalTier":
-            items = [Interval(take(float, "interval xmin"), take(float, "interval xmax"), take(str, "interval text")) for _ in range(n)]
+            items = [
+                Interval(take(float, "interval xmin"), take(float, "interval xmax"), take(str, "interval text"))
+                for _ in range(n)
+            ]
             _check_intervals(items, f"{name}, tier {tier!r}")
         elif cls == "TextTier":
             items = []
@@ -120,12 +125,30 @@ def read_textgrid(path: str | Path) -> TextGrid:
 def write_textgrid(path: str | Path, xmax: float, tiers: dict[str, list[Interval]]) -> None:
     """Writes a long-format TextGrid (the format MFA writes)."""
     q = lambda s: '"' + s.replace('"', '""') + '"'  # noqa: E731
-    lines = ['File type = "ooTextFile"', 'Object class = "TextGrid"', "", "xmin = 0", f"xmax = {xmax}", "tiers? <exists>",
-             f"size = {len(tiers)}", "item []:"]
+    lines = [
+        'File type = "ooTextFile"',
+        'Object class = "TextGrid"',
+        "",
+        "xmin = 0",
+        f"xmax = {xmax}",
+        "tiers? <exists>",
+        f"size = {len(tiers)}",
+        "item []:",
+    ]
     for i, (name, items) in enumerate(tiers.items(), 1):
-        lines += [f"    item [{i}]:", '        class = "IntervalTier"', f"        name = {q(name)}", "        xmin = 0",
-                  f"        xmax = {xmax}", f"        intervals: size = {len(items)}"]
+        lines += [
+            f"    item [{i}]:",
+            '        class = "IntervalTier"',
+            f"        name = {q(name)}",
+            "        xmin = 0",
+            f"        xmax = {xmax}",
+            f"        intervals: size = {len(items)}",
+        ]
         for j, iv in enumerate(items, 1):
-            lines += [f"        intervals [{j}]:", f"            xmin = {iv.xmin}", f"            xmax = {iv.xmax}",
-                      f"            text = {q(iv.text)}"]
+            lines += [
+                f"        intervals [{j}]:",
+                f"            xmin = {iv.xmin}",
+                f"            xmax = {iv.xmax}",
+                f"            text = {q(iv.text)}",
+            ]
     Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
