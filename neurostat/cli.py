@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import click
@@ -348,7 +349,7 @@ def collect(
 
     from .corpus.prepared import PreparedCorpus, PreparedCorpusError
     from .engine.adapter import ModelAdapter, ModelError
-    from .engine.collect import CollectConfig, collect as run_collect
+    from .engine.collect import CollectConfig, CollectInterrupted, collect as run_collect
     from .store import StoreError
 
     demo = root is None and prepared is None and model is None
@@ -407,6 +408,9 @@ def collect(
         )
     try:
         summary = run_collect(PreparedCorpus(prepared), adapter, out, config, resume=resume, overwrite=overwrite)
+    except CollectInterrupted as e:
+        click.echo(str(e), err=True)
+        sys.exit(130)
     except (ModelError, StoreError, PreparedCorpusError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     _print_collect_summary(summary, out)

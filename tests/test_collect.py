@@ -227,6 +227,52 @@ def test_resume_after_sigkill_gives_identical_counts(tmp_path, tiny_model, demo_
     assert a.attrs["progress"]["utterances_done"] == 40
 
 
+def test_sigint_stops_at_a_batch_boundary_with_a_checkpoint(tmp_path, tiny_model, prepared):
+    common = [
+        "--prepared",
+        prepared.path,
+        "--model",
+        tiny_model,
+        "--topk-ratio",
+        RATIO,
+        "--batch-seconds",
+        0.001,
+        "-j",
+        0,
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "s.zarr"
+    proc = subprocess.Popen(
+        _cli(*common, "--out", out, "--checkpoint-utterances", 1),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    pointer = out / "neurostat" / "checkpoint.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and not pointer.is_file():  # the loop is running
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "checkpoint is saved" in err
+    done = json.loads(pointer.read_text())["progress"]["utterances_done"]
+    assert 1 <= done < len(prepared)
+    res = subprocess.run(_cli(*common, "--out", out, "--resume"), env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    collect(
+        prepared,
+        ModelAdapter.load(str(tiny_model)),
+        tmp_path / "straight.zarr",
+        CollectConfig(topk_ratio=RATIO, batch_seconds=0.001),
+        progress=False,
+    )
+    a, b = xr.open_zarr(out, consolidated=False), xr.open_zarr(tmp_path / "straight.zarr", consolidated=False)
+    for name in ("frames", "topk_count", "positive_count"):
+        np.testing.assert_array_equal(a[name].values, b[name].values)
+
+
 def test_second_writer_is_refused(prepared, tiny_model, tmp_path):
     out = tmp_path / "s.zarr"
     collect(prepared, ModelAdapter.load(str(tiny_model)), out, CollectConfig(topk_ratio=RATIO), progress=False)

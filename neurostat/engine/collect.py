@@ -4,16 +4,21 @@ Data loading (FLAC decoding, normalisation, frame labels, token selection, label
 ``-j`` DataLoader workers, so the device never waits on per-frame Python work; on the device the
 activations of the token frames feed the accumulator inside the FFN forward and are never kept.
 Checkpoints are written every ``checkpoint_seconds`` (or ``checkpoint_utterances``) so a crashed or
-killed run resumes with counts identical to an uninterrupted one, losing at most one interval.
+killed run resumes with counts identical to an uninterrupted one, losing at most one interval; SIGINT
+(Ctrl-C) or SIGTERM stops at the next batch boundary after a checkpoint, losing nothing.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import signal
 import sys
+import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -111,6 +116,33 @@ class BatchDataset(torch.utils.data.Dataset):
         return self.fe(wave, sampling_rate=self.fe.sampling_rate, return_tensors="np").input_values[0].astype(
             np.float32
         ), joint
+
+
+class CollectInterrupted(RuntimeError):
+    """SIGINT or SIGTERM stopped the run at a batch boundary, after a checkpoint."""
+
+
+@contextmanager
+def _stop_requests() -> Iterator[list[str]]:
+    """Turns the first SIGINT/SIGTERM into a request to stop after the current batch (the list gets the
+    signal's name); a second SIGINT interrupts at once."""
+    requests: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield requests
+        return
+
+    def handler(signum, frame):
+        if requests and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        requests.append(signal.Signals(signum).name)
+        tqdm.write(f"{requests[-1]}: stopping after this batch (Ctrl-C again to stop at once)")
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requests
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def plan_batches(
@@ -310,7 +342,7 @@ def _run(corpus, adapter, store: StoreWriter, config, layers, k, indices, attrs,
         prog["utterances_done"] = len(done)
         store.save_checkpoint(acc.state_dict(), done, prog)
 
-    with adapter.instrument(activation, layers):
+    with adapter.instrument(activation, layers), _stop_requests() as stop:
         for item in loader:
             for err in item["errors"]:
                 prog["skips"][err["reason"]] = prog["skips"].get(err["reason"], 0) + 1
@@ -339,6 +371,13 @@ def _run(corpus, adapter, store: StoreWriter, config, layers, k, indices, attrs,
             ) or time.time() - last_ckpt >= config.checkpoint_seconds:
                 save()
                 last_ckpt, since_ckpt = time.time(), 0
+            if stop:
+                save()
+                bar.close()
+                raise CollectInterrupted(
+                    f"stopped by {stop[0]} after {len(done)} of {len(indices)} utterances; the checkpoint is saved: "
+                    f"continue with `neurostat collect ... --resume`"
+                )
     bar.close()
     prog["elapsed_seconds"] = prog["loop_seconds"] = base_elapsed + time.time() - started
     prog["utterances_done"] = len(done)
