@@ -159,6 +159,32 @@ def _cli(*args):
     return [sys.executable, "-m", "neurostat", "collect", *map(str, args)]
 
 
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def _common(prepared_dir, model):
+    """CLI options of the subprocess runs: one utterance per batch, in the main process."""
+    return ["--prepared", prepared_dir, "--model", model, "--topk-ratio", RATIO, "--batch-seconds", 0.001, "-j", 0]
+
+
+def _start_and_wait(common, out, min_done):
+    """Starts `neurostat collect` checkpointing every utterance; returns once ``min_done`` are checkpointed."""
+    proc = subprocess.Popen(
+        _cli(*common, "--out", out, "--checkpoint-utterances", 1),
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    pointer = out / "neurostat" / "checkpoint.json"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if pointer.is_file() and json.loads(pointer.read_text())["progress"]["utterances_done"] >= min_done:
+            break
+        time.sleep(0.002)
+    return proc, pointer
+
+
 def test_resume_after_sigkill_gives_identical_counts(tmp_path, tiny_model, demo_corpus):
     from neurostat.corpus.prepare import PrepareSettings, prepare
     from neurostat.corpus.prepared import PreparedCorpus
@@ -174,32 +200,9 @@ def test_resume_after_sigkill_gives_identical_counts(tmp_path, tiny_model, demo_
         PrepareSettings(default_geometry()),
         progress=False,
     )
-    common = [
-        "--prepared",
-        tmp_path / "p",
-        "--model",
-        tiny_model,
-        "--topk-ratio",
-        RATIO,
-        "--batch-seconds",
-        0.001,
-        "-j",
-        0,
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    common = _common(tmp_path / "p", tiny_model)
     out = tmp_path / "killed.zarr"
-    proc = subprocess.Popen(
-        _cli(*common, "--out", out, "--checkpoint-utterances", 1),
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    pointer = out / "neurostat" / "checkpoint.json"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if pointer.is_file() and json.loads(pointer.read_text())["progress"]["utterances_done"] >= 5:
-            break
-        time.sleep(0.002)
+    proc, pointer = _start_and_wait(common, out, min_done=5)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done_at_kill = json.loads(pointer.read_text())["progress"]["utterances_done"]
@@ -208,9 +211,9 @@ def test_resume_after_sigkill_gives_identical_counts(tmp_path, tiny_model, demo_
         open_stats(out)
     info = CliRunner().invoke(main, ["info", str(out)])
     assert "INCOMPLETE" in info.output and "--resume" in info.output
-    res = subprocess.run(_cli(*common, "--out", out), env=env, capture_output=True, text=True)
+    res = subprocess.run(_cli(*common, "--out", out), env=ENV, capture_output=True, text=True)
     assert res.returncode != 0 and "--resume" in res.stderr
-    res = subprocess.run(_cli(*common, "--out", out, "--resume"), env=env, capture_output=True, text=True)
+    res = subprocess.run(_cli(*common, "--out", out, "--resume"), env=ENV, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     collect(
         PreparedCorpus(tmp_path / "p"),
@@ -228,38 +231,16 @@ def test_resume_after_sigkill_gives_identical_counts(tmp_path, tiny_model, demo_
 
 
 def test_sigint_stops_at_a_batch_boundary_with_a_checkpoint(tmp_path, tiny_model, prepared):
-    common = [
-        "--prepared",
-        prepared.path,
-        "--model",
-        tiny_model,
-        "--topk-ratio",
-        RATIO,
-        "--batch-seconds",
-        0.001,
-        "-j",
-        0,
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    common = _common(prepared.path, tiny_model)
     out = tmp_path / "s.zarr"
-    proc = subprocess.Popen(
-        _cli(*common, "--out", out, "--checkpoint-utterances", 1),
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    pointer = out / "neurostat" / "checkpoint.json"
-    deadline = time.time() + 120
-    while time.time() < deadline and not pointer.is_file():  # the loop is running
-        time.sleep(0.005)
+    proc, pointer = _start_and_wait(common, out, min_done=1)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "checkpoint is saved" in err
     done = json.loads(pointer.read_text())["progress"]["utterances_done"]
     assert 1 <= done < len(prepared)
-    res = subprocess.run(_cli(*common, "--out", out, "--resume"), env=env, capture_output=True, text=True)
+    res = subprocess.run(_cli(*common, "--out", out, "--resume"), env=ENV, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     collect(
         prepared,
