@@ -400,3 +400,12 @@ def test_triton_backend_needs_cuda_or_interpreter(prepared, tiny_model, tmp_path
             CollectConfig(backend="triton"),
             progress=False,
         )
+
+
+def test_resuming_a_complete_store_does_no_work(prepared, tiny_model, tmp_path, monkeypatch):
+    out = tmp_path / "s.zarr"
+    first = collect(prepared, ModelAdapter.load(str(tiny_model)), out, CollectConfig(topk_ratio=RATIO), progress=False)
+    adapter = ModelAdapter.load(str(tiny_model))
+    monkeypatch.setattr(adapter, "encode", lambda waves: pytest.fail("a complete store was recomputed"))
+    again = collect(prepared, adapter, out, CollectConfig(topk_ratio=RATIO), resume=True, progress=False)
+    assert again["complete"] and again["progress"]["tokens"] == first["progress"]["tokens"]
