@@ -49,6 +49,20 @@ def prepared(demo_corpus, tmp_path_factory):
     return PreparedCorpus(out)
 
 
+def tiny_config_kwargs(**overrides) -> dict:
+    """Config arguments of the tiny test models (32 hidden units, standard conv geometry)."""
+    kw = dict(
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=37,
+        conv_dim=(8,) * 7,
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+    )
+    return {**kw, **overrides}
+
+
 def save_tiny_model(
     path: Path,
     model_type: str = "hubert",
@@ -78,15 +92,7 @@ def save_tiny_model(
         "data2vec-audio": (Data2VecAudioConfig, Data2VecAudioModel),
     }
     config_cls, model_cls = classes[model_type]
-    kw = dict(
-        hidden_size=32,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        intermediate_size=width,
-        conv_dim=(8,) * 7,
-        num_conv_pos_embeddings=16,
-        num_conv_pos_embedding_groups=2,
-    )
+    kw = tiny_config_kwargs(num_hidden_layers=layers, intermediate_size=width)
     if stable_layer_norm:
         kw.update(feat_extract_norm="layer", do_stable_layer_norm=True)
     if model_type == "data2vec-audio":

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import save_tiny_model
+from conftest import save_tiny_model, tiny_config_kwargs
 from transformers import HubertConfig, HubertForCTC
 
 from neurostat.engine.adapter import ModelAdapter, ModelError
@@ -61,16 +61,7 @@ def test_batched_equals_unpadded_and_outputs_unchanged(tmp_path, model_type, sta
 
 def test_wrapper_models_are_unwrapped(tmp_path):
     torch.manual_seed(0)
-    config = HubertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=21,
-        conv_dim=(8,) * 7,
-        num_conv_pos_embeddings=16,
-        num_conv_pos_embedding_groups=2,
-        vocab_size=12,
-    )
+    config = HubertConfig(**tiny_config_kwargs(num_hidden_layers=2, intermediate_size=21, vocab_size=12))
     model = HubertForCTC(config)
     from transformers import Wav2Vec2FeatureExtractor
 

@@ -271,7 +271,7 @@ def test_second_writer_is_refused(prepared, tiny_model, tmp_path):
 
 
 def test_incompatible_stores_models_and_corpora(prepared, tiny_model, tmp_path):
-    from conftest import save_tiny_model
+    from conftest import save_tiny_model, tiny_config_kwargs
 
     out = tmp_path / "s.zarr"
     collect(prepared, ModelAdapter.load(str(tiny_model)), out, CollectConfig(topk_ratio=RATIO), progress=False)
@@ -291,14 +291,7 @@ def test_incompatible_stores_models_and_corpora(prepared, tiny_model, tmp_path):
     from transformers import HubertConfig, HubertModel, Wav2Vec2FeatureExtractor
 
     cfg = HubertConfig(
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=9,
-        conv_dim=(8,) * 7,
-        conv_stride=(5, 2, 2, 2, 2, 2, 1),
-        num_conv_pos_embeddings=16,
-        num_conv_pos_embedding_groups=2,
+        **tiny_config_kwargs(num_hidden_layers=1, intermediate_size=9, conv_stride=(5, 2, 2, 2, 2, 2, 1))
     )
     HubertModel(cfg).save_pretrained(tmp_path / "stride160")
     Wav2Vec2FeatureExtractor().save_pretrained(tmp_path / "stride160")

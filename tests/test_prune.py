@@ -1,7 +1,7 @@
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import save_tiny_model
+from conftest import save_tiny_model, tiny_config_kwargs
 from transformers import HubertConfig, HubertForCTC
 
 import neurostat
@@ -16,14 +16,7 @@ LAYERS, WIDTH, HIDDEN = 3, 37, 32
 def tiny_ctc(seed=0):
     torch.manual_seed(seed)
     cfg = HubertConfig(
-        hidden_size=HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=2,
-        intermediate_size=WIDTH,
-        conv_dim=(8,) * 7,
-        num_conv_pos_embeddings=16,
-        num_conv_pos_embedding_groups=2,
-        vocab_size=11,
+        **tiny_config_kwargs(hidden_size=HIDDEN, num_hidden_layers=LAYERS, intermediate_size=WIDTH, vocab_size=11)
     )
     return HubertForCTC(cfg).eval()
 
