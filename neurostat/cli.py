@@ -216,6 +216,160 @@ def _print_prepare_summary(meta: dict, out: Path) -> None:
         )
 
 
+@main.group()
+def labels() -> None:
+    """Label sets attached to a prepared corpus: extra label parts (k-means units, utterance clusters, ...).
+
+    `collect` counts on every attached set by default (see its --labels) and `select --property NAME`
+    groups by one.  File format: one utterance a line, `<id> <label> ...` (one label per model frame)
+    or `<id> <label>` (one per utterance).
+    """
+
+
+def _open_prepared(path: Path):
+    from .corpus.prepared import PreparedCorpus, PreparedCorpusError
+
+    try:
+        return PreparedCorpus(path)
+    except PreparedCorpusError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _print_label_set(name: str, entry: dict) -> None:
+    vocab = entry["vocab"]
+    shown = ", ".join(vocab[:10]) + (", ..." if len(vocab) > 10 else "")
+    click.echo(
+        f"{name}: {entry['level']} level, {len(vocab)} labels ({shown}); {entry['utterances']} utterances"
+        + (f", {entry['missing']} without labels (skipped by collect)" if entry["missing"] else "")
+        + f"; from {entry['source']}"
+    )
+
+
+@labels.command("add")
+@click.argument("prepared", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("name")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--level",
+    type=click.Choice(["frame", "utterance"]),
+    default="frame",
+    help="One label per model frame of the prepared geometry, or one per utterance.",
+)
+@click.option("--allow-missing", is_flag=True, help="Let utterances without labels be skipped by collect.")
+def labels_add(prepared, name, file, level, allow_missing) -> None:
+    """Attach the labels in FILE to the prepared corpus PREPARED as label set NAME (replacing one of that name)."""
+    from .labels.sets import LabelSetError, attach_label_set, check_name, read_label_file
+
+    corpus = _open_prepared(prepared)
+    try:
+        check_name(name)
+        entry = attach_label_set(corpus, name, read_label_file(file, level), level, str(file), allow_missing)
+    except LabelSetError as e:
+        raise click.ClickException(str(e)) from None
+    _print_label_set(name, entry)
+    if entry["unused"]:
+        click.echo(
+            f"{entry['unused']} utterances of {file} are not in {prepared} (skipped in prepare or another subset)"
+        )
+
+
+@labels.command("list")
+@click.argument("prepared", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def labels_list(prepared) -> None:
+    """List the label sets attached to PREPARED."""
+    corpus = _open_prepared(prepared)
+    if not corpus.label_sets:
+        click.echo(f"{prepared}: no label sets (parts: {', '.join(corpus.label_space.parts)})")
+    for name, entry in corpus.label_sets.items():
+        _print_label_set(name, entry)
+
+
+@labels.command("remove")
+@click.argument("prepared", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("name")
+def labels_remove(prepared, name) -> None:
+    """Detach label set NAME from PREPARED and delete its file."""
+    from .labels.sets import LabelSetError, remove_label_set
+
+    try:
+        remove_label_set(_open_prepared(prepared), name)
+    except LabelSetError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"removed label set {name} from {prepared}")
+
+
+@main.command()
+@click.argument("prepared", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--name", required=True, help="Name of the label set to attach (e.g. unit, spk_cluster).")
+@click.option("--clusters", required=True, type=int, help="Number of k-means clusters.")
+@click.option(
+    "--level",
+    type=click.Choice(["frame", "utterance"]),
+    default="frame",
+    help="Cluster frames (units) or utterances (mean layer output, or --vectors).",
+)
+@click.option("--model", default=None, help="Hub id or local directory whose layer output is clustered.")
+@click.option("--layer", type=int, default=None, help="Transformer layer (1-based) whose output is clustered.")
+@click.option(
+    "--vectors",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Cluster these utterance vectors instead (e.g. i-vectors): `<id> v1 v2 ...` lines.",
+)
+@click.option("--allow-missing", is_flag=True, help="--vectors: let utterances without a vector be skipped by collect.")
+@click.option("--fit-frames", default=100_000, help="frame level: fit on a random sample of this many frames.")
+@click.option("--seed", default=0, help="Seed of the sample and of k-means++.")
+@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", help="Model dtype.")
+@click.option("--batch-seconds", default=160.0, help="Audio per batch.")
+@click.option("-j", "--num-jobs", default=0, help="Data-loading worker processes (0 = load in the main process).")
+def cluster(
+    prepared,
+    name,
+    clusters,
+    level,
+    model,
+    layer,
+    vectors,
+    allow_missing,
+    fit_frames,
+    seed,
+    device,
+    dtype,
+    batch_seconds,
+    num_jobs,
+) -> None:
+    """k-means label sets for the follow-up paper's groups: units of SSL features or utterance clusters.
+
+    Attaches the clusters to PREPARED as label set --name; then `collect` counts on them and
+    `select --property NAME` (or --groups) groups by them.
+    """
+    import torch
+
+    from .engine.adapter import ModelAdapter, ModelError
+    from .labels.cluster import cluster_features, cluster_vectors
+    from .labels.sets import LabelSetError
+
+    corpus = _open_prepared(prepared)
+    try:
+        if vectors is not None:
+            if level != "utterance" or model is not None:
+                raise click.UsageError("--vectors clusters utterances: use it with --level utterance and no --model")
+            entry = cluster_vectors(corpus, name, vectors, clusters, seed, allow_missing)
+        else:
+            if model is None or layer is None:
+                raise click.UsageError("give --model and --layer (or --vectors with --level utterance)")
+            if device == "auto":
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            adapter = ModelAdapter.load(model, device=device, dtype=getattr(torch, dtype))
+            entry = cluster_features(
+                corpus, adapter, name, layer, clusters, level, fit_frames, seed, batch_seconds, num_jobs
+            )
+    except (ModelError, LabelSetError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    _print_label_set(name, entry)
+
+
 def _parse_layers(text: str | None) -> list[int] | None:
     """'1,3,5-8' (1-based) → 0-based indices; None or 'all' → all layers."""
     if text is None or text == "all":
@@ -286,6 +440,13 @@ def _parse_shard(text: str) -> tuple[int, int]:
     help="Which frames count: the middle frame of each phone run (paper), all, or all but silence/spn.",
 )
 @click.option("--layers", default="all", help="Layers to collect, 1-based, e.g. 1,3,5-8.")
+@click.option(
+    "--labels",
+    "label_parts",
+    default=None,
+    help="Label parts of the joint label, comma-separated (phone, gender, pitch_bin, attached label sets) "
+    "[default: every part of the prepared corpus].",
+)
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", help="Model dtype.")
 @click.option(
@@ -328,6 +489,7 @@ def collect(
     topk_ratio,
     tokens,
     layers,
+    label_parts,
     device,
     dtype,
     backend,
@@ -349,7 +511,8 @@ def collect(
 
     from .corpus.prepared import PreparedCorpus, PreparedCorpusError
     from .engine.adapter import ModelAdapter, ModelError
-    from .engine.collect import CollectConfig, CollectInterrupted, collect as run_collect
+    from .engine.collect import CollectConfig, CollectInterrupted
+    from .engine.collect import collect as run_collect
     from .store import StoreError
 
     demo = root is None and prepared is None and model is None
@@ -384,6 +547,7 @@ def collect(
         shard=_parse_shard(shard),
         num_jobs=num_jobs,
         backend=backend,
+        labels=tuple(p.strip() for p in label_parts.split(",")) if label_parts else None,
     )
     out = out or Path("stats.zarr")
     if device == "auto":
@@ -478,8 +642,14 @@ def describe_store(path: Path, attrs: dict) -> str:
         f"model: {m['model']} ({m['model_type']}, revision {m['revision']}), {m['num_layers']} layers x {m['width']} FFN neurons",
         f"layers collected: {', '.join(map(str, attrs['fingerprint']['layers']))}",
         f"statistics: {', '.join(s['stats'])}; tokens {s['tokens']}; top-k k = {s['k']} (λ = {s['topk_ratio']}); backend {s['backend']}",
-        f"labels: {len(labels['phone'])} phones x {len(labels['gender'])} genders x {len(labels['pitch_bin'])} pitch bins "
-        f"({', '.join(labels['pitch_bin'])}; edges {', '.join(f'{e:.2f}' for e in attrs['pitch']['edges'])} Hz)",
+        "labels: "
+        + " x ".join(f"{len(v)} {part}" for part, v in labels.items())
+        + " joint labels"
+        + (
+            f" (pitch bins {', '.join(labels['pitch_bin'])}; edges {', '.join(f'{e:.2f}' for e in attrs['pitch']['edges'])} Hz)"
+            if "pitch_bin" in labels
+            else ""
+        ),
         f"corpus: {attrs['corpus']['root']} / {attrs['corpus']['subset']} (shard {attrs['corpus']['shard']})",
     ]
     if attrs.get("complete"):
@@ -503,15 +673,13 @@ def describe_store(path: Path, attrs: dict) -> str:
         from .stats import open_stats
 
         stats = open_stats(path)
-        frames = stats.frames(("phone",))
-        top = frames.sortby(frames, ascending=False)[:8]
-        lines.append(
-            "tokens per phone (top 8): " + ", ".join(f"{ph} {int(n)}" for ph, n in zip(top["phone"].values, top.values))
-        )
-        genders = stats.frames(("gender",))
-        lines.append(
-            "tokens per gender: " + ", ".join(f"{g} {int(n)}" for g, n in zip(genders["gender"].values, genders.values))
-        )
+        for part in stats.parts:
+            frames = stats.frames((part,))
+            top = frames.sortby(frames, ascending=False)[:8]
+            lines.append(
+                f"tokens per {part}{' (top 8)' if frames.size > 8 else ''}: "
+                + ", ".join(f"{name} {int(n)}" for name, n in zip(top[part].values, top.values))
+            )
     lines.append(f"command: {attrs.get('command', '')}")
     return "\n".join(lines)
 
@@ -522,14 +690,15 @@ def describe_store(path: Path, attrs: dict) -> str:
     "--property",
     "properties",
     multiple=True,
-    type=click.Choice(["phone-type", "gender", "pitch", "phone"]),
-    help="Property to select (repeatable; several print their overlaps) [default: gender].",
+    help="Property to select (repeatable; several print their overlaps): phone-type, gender, pitch, phone, or the "
+    "name of a label set in the store (one group per label) [default: gender].",
 )
 @click.option(
     "--groups",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
-    help='Own groups instead: JSON {"axis": "phone|gender|pitch_bin", "groups": {"name": [labels]}, "phones": [...]}.',
+    help='Own groups instead: JSON {"axis": PART, "groups": {"name": [labels]}, "within": PART, "cells": [labels]} '
+    "(PART: phone, gender, pitch_bin or a label set; within defaults to phone).",
 )
 @click.option(
     "--sigma", default=0.8, help="σ: a group neuron is above chance for at least this fraction of the group's phones."
@@ -685,7 +854,8 @@ def prune(model, protect_files, keep_ratio, keep, keep_protected_only, scope, cr
     """Prune FFN neurons physically and save a checkpoint that `neurostat.load_pruned` reads back."""
     from .engine.adapter import ModelError, load_full_model
     from .neuronset import NeuronSet, NeuronSetError
-    from .pruning import PruneError, prune as run_prune, save_pruned
+    from .pruning import PruneError, save_pruned
+    from .pruning import prune as run_prune
 
     try:
         net = load_full_model(model)

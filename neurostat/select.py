@@ -4,14 +4,15 @@ The paper's rule, for a property with groups g, each with a set of phones Φ_g: 
 r = k/D; ``frac_g(j) = |{p ∈ Φ_g : P(j | g, p) > r}| / |Φ_g|`` (strict >); group neurons
 ``N_g = {j : frac_g(j) ≥ σ}``; property neurons are the neurons that are group neurons of exactly
 one group.  A (group, phone) cell without tokens counts as not above chance and stays in the
-denominator (the paper's behaviour); a warning names such cells.
+denominator (the paper's behaviour); a warning names such cells.  Groups and cells may be labels of
+any label part of the store — e.g. utterance clusters over k-means units, as in the follow-up paper.
 """
 
 from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,44 +31,70 @@ class SelectionError(ValueError):
 
 @dataclass
 class GroupSpec:
-    """Groups over one label axis: ``axis`` is phone, gender or pitch_bin; each group lists labels of
-    that axis; for a gender/pitch_bin axis the cells are (group, p) for p in ``phones``."""
+    """Groups over one label part ``axis``: each group lists labels of that part.
+
+    A group's cells are (group, c) for each label c in ``cells`` of the part ``within`` (default: the
+    39 phones when ``within`` is phone, else every label of ``within``); when ``within`` is ``axis``
+    itself, a group's cells are its own labels (phone-type: each broad class over its phones).
+    """
 
     axis: str
     groups: dict[str, list[str]]
-    phones: list[str] = field(default_factory=lambda: list(ARPABET))
+    within: str = "phone"
+    cells: list[str] | None = None
 
     @classmethod
     def builtin(cls, name: str, stats: Stats) -> "GroupSpec":
+        """The paper's properties, or one group per label of an attached label set: an utterance-level set
+        over the phones (like gender), a frame-level set over its own labels (like phone)."""
         space = stats.label_space
         if name == "phone-type":
             return cls("phone", {g: list(p) for g, p in BROAD_CLASSES.items()})
-        if name == "gender":
-            return cls("gender", {g: [g] for g in space.genders})
-        if name == "pitch":
-            return cls("pitch_bin", {b: [b] for b in space.pitch_bins if b != "unvoiced"})
         if name == "phone":
             return cls("phone", {p: [p] for p in ARPABET})
-        raise SelectionError(f"unknown property {name!r}; choose from {PROPERTIES} or give --groups FILE")
+        if name == "pitch":
+            _need_part(stats, "pitch_bin")
+            return cls("pitch_bin", {b: [b] for b in space.vocab("pitch_bin") if b != "unvoiced"})
+        if name == "gender" or (name in stats.parts and name != "pitch_bin"):
+            _need_part(stats, name)
+            within = "phone" if stats.level(name) == "utterance" and "phone" in stats.parts else name
+            return cls(name, {v: [v] for v in space.vocab(name)}, within)
+        extra = [p for p in stats.parts if p not in ("phone", "gender", "pitch_bin")]
+        raise SelectionError(
+            f"unknown property {name!r}; choose from {', '.join(PROPERTIES + tuple(extra))} or give --groups FILE"
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> "GroupSpec":
-        """A JSON file ``{"axis": "...", "groups": {"name": [labels]}, "phones": [...]?}``."""
+        """A JSON file ``{"axis": part, "groups": {"name": [labels]}, "within": part?, "cells": [labels]?}``
+        (``"phones"`` is read as ``"cells"`` over the phones)."""
         try:
             raw = json.loads(Path(path).read_text())
+            cells = raw.get("cells", raw.get("phones"))
             return cls(
-                raw["axis"], {str(k): list(v) for k, v in raw["groups"].items()}, list(raw.get("phones", ARPABET))
+                str(raw["axis"]),
+                {str(k): [str(v) for v in labels] for k, labels in raw["groups"].items()},
+                str(raw.get("within", "phone")),
+                None if cells is None else [str(c) for c in cells],
             )
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise SelectionError(
                 f"{path}: not a group file ({e}); expected "
-                '{"axis": "phone|gender|pitch_bin", "groups": {"name": [labels]}}'
+                '{"axis": "<label part>", "groups": {"name": [labels]}, "within": "<label part>", "cells": [labels]}'
             ) from None
+
+    def cell_labels(self, stats: Stats) -> list[str] | None:
+        """Labels of ``within`` that make a group's cells (None: each group's own labels)."""
+        if self.within == self.axis:
+            return None
+        if self.cells is not None:
+            return self.cells
+        return list(ARPABET) if self.within == "phone" else list(stats.label_space.vocab(self.within))
 
     def check(self, stats: Stats) -> None:
         space = stats.label_space
-        if self.axis not in ("phone", "gender", "pitch_bin"):
-            raise SelectionError(f"group axis {self.axis!r} is not one of phone, gender, pitch_bin")
+        for part in (self.axis, self.within):
+            _need_part(stats, part)
         if len(self.groups) < 1:
             raise SelectionError("no groups given")
         vocab = set(space.vocab(self.axis))
@@ -77,9 +104,16 @@ class GroupSpec:
                 raise SelectionError(
                     f"group {name!r}: labels {unknown or labels} are not {self.axis} labels of this store"
                 )
-        unknown = sorted(set(self.phones) - set(space.phones))
-        if unknown:
-            raise SelectionError(f"phones {unknown} are not in this store")
+        cells = self.cell_labels(stats)
+        if cells is not None:
+            unknown = sorted(set(cells) - set(space.vocab(self.within)))
+            if unknown or not cells:
+                raise SelectionError(f"cells {unknown or cells} are not {self.within} labels of this store")
+
+
+def _need_part(stats: Stats, part: str) -> None:
+    if part not in stats.parts:
+        raise SelectionError(f"{stats.path} has no label part {part!r}; its parts are {', '.join(stats.parts)}")
 
 
 @dataclass
@@ -94,28 +128,30 @@ class Selection:
 
 
 def cell_probabilities(stats: Stats, spec: GroupSpec, stat: str = "topk") -> dict[str, np.ndarray]:
-    """Per group: P(j | group, p) as [layer, |Φ_g|, neuron] (NaN for cells without tokens)."""
+    """Per group: P(j | group, cell) as [layer, cells, neuron] (NaN for cells without tokens)."""
     spec.check(stats)
-    if spec.axis == "phone":
-        p = stats.probability(stat, by=("phone",))
-        return {g: p.sel(phone=labels).values for g, labels in spec.groups.items()}
-    counts = stats.counts(stat, by=(spec.axis, "phone"))
-    frames = stats.frames(by=(spec.axis, "phone"))
+    cells = spec.cell_labels(stats)
+    if cells is None:
+        p = stats.probability(stat, by=(spec.axis,))
+        return {g: p.sel({spec.axis: labels}).values for g, labels in spec.groups.items()}
+    counts = stats.counts(stat, by=(spec.axis, spec.within))
+    frames = stats.frames(by=(spec.axis, spec.within))
     out = {}
     for g, labels in spec.groups.items():
-        c = counts.sel({spec.axis: labels, "phone": spec.phones}).sum(spec.axis).values
-        n = frames.sel({spec.axis: labels, "phone": spec.phones}).sum(spec.axis).values
+        c = counts.sel({spec.axis: labels, spec.within: cells}).sum(spec.axis).values
+        n = frames.sel({spec.axis: labels, spec.within: cells}).sum(spec.axis).values
         with np.errstate(invalid="ignore", divide="ignore"):
             out[g] = c / np.where(n > 0, n, np.nan)[None, :, None]
     return out
 
 
-def _empty_cells(probs: dict[str, np.ndarray], spec: GroupSpec) -> list[tuple[str, str]]:
-    cells = []
+def _empty_cells(probs: dict[str, np.ndarray], spec: GroupSpec, stats: Stats) -> list[tuple[str, str]]:
+    cells = spec.cell_labels(stats)
+    empty = []
     for g, p in probs.items():
-        phones = spec.groups[g] if spec.axis == "phone" else spec.phones
-        cells += [(g, phones[i]) for i in np.flatnonzero(np.isnan(p[0, :, 0]))]
-    return cells
+        names = spec.groups[g] if cells is None else cells
+        empty += [(g, names[i]) for i in np.flatnonzero(np.isnan(p[0, :, 0]))]
+    return empty
 
 
 def property_neurons(
@@ -128,17 +164,18 @@ def property_neurons(
     entropy_quantile: float = 0.01,
     min_prob_quantile: float = 0.95,
 ) -> Selection:
-    """Selects the property neurons of ``property`` (or of user ``groups``) from a store."""
+    """Selects the property neurons of ``property`` (a paper property or an attached label set), or of
+    user ``groups`` (a :class:`GroupSpec` or its JSON file), from a store."""
     if not 0 < sigma <= 1:
         raise SelectionError(f"sigma must be in (0, 1], got {sigma}")
     if rule not in RULES:
         raise SelectionError(f"unknown rule {rule!r}; choose from {RULES}")
     spec = GroupSpec.load(groups) if isinstance(groups, (str, Path)) else groups or GroupSpec.builtin(property, stats)
     probs = cell_probabilities(stats, spec, stat)
-    empty = _empty_cells(probs, spec)
+    empty = _empty_cells(probs, spec, stats)
     if empty:
         warnings.warn(
-            f"{len(empty)} (group, phone) cells have no tokens and count as not above chance: "
+            f"{len(empty)} (group, {spec.within}) cells have no tokens and count as not above chance: "
             + ", ".join(f"{g}/{p}" for g, p in empty[:10])
             + (" ..." if len(empty) > 10 else ""),
             stacklevel=2,
@@ -162,6 +199,7 @@ def property_neurons(
         "stat": stat,
         "chance": stats.chance,
         "axis": spec.axis,
+        "within": spec.within,
         "groups": spec.groups,
         "store": str(stats.path),
     }

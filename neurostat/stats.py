@@ -1,7 +1,7 @@
 """Reading a statistics store: ``open_stats(path)`` and marginals over the joint label.
 
-The store counts on joint labels phone × gender × pitch bin; a marginal such as ``("gender",
-"phone")`` sums the counts (and pools the moments) over the other parts.
+The store counts on joint labels phone × gender × pitch bin (× any attached label set); a marginal
+such as ``("gender", "phone")`` sums the counts (and pools the moments) over the other parts.
 
 >>> stats = open_stats("stats.zarr")
 >>> p = stats.probability("topk", by=("gender", "phone"))   # dims: layer, gender, phone, neuron
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from .labels.joint import PARTS, LabelSpace
+from .labels.joint import LabelSpace
 from .store import StoreError, read_attrs
 
 _STAT_VARS = {"topk": "topk_count", "positive": "positive_count"}
@@ -51,19 +51,31 @@ class Stats:
             )
         return self.ds[var]
 
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The label parts of the joint label (phone, gender, pitch_bin and any attached label set)."""
+        return self.label_space.parts
+
+    def level(self, part: str) -> str:
+        """``frame`` or ``utterance``: whether ``part`` labels frames or whole utterances."""
+        if part == "gender":
+            return "utterance"
+        return self.attrs.get("label_sets", {}).get(part, {}).get("level", "frame")
+
     def _parts(self, by: tuple[str, ...]) -> tuple[tuple[int, ...], list[int]]:
-        """Axes of the label parts to sum away (in a [layer, P, G, B, neuron] array) and the order of ``by``."""
+        """Axes of the label parts to sum away (in a [layer, *parts, neuron] array) and the order of ``by``."""
+        parts = self.parts
         for part in by:
-            if part not in PARTS:
-                raise ValueError(f"unknown label part {part!r}; choose from {PARTS}")
+            if part not in parts:
+                raise ValueError(f"{self.path} has no label part {part!r}; its parts are {', '.join(parts)}")
         if len(set(by)) != len(by):
             raise ValueError(f"label parts repeat in {by}")
-        drop = tuple(1 + i for i, p in enumerate(PARTS) if p not in by)
-        kept = [p for p in PARTS if p in by]
+        drop = tuple(1 + i for i, p in enumerate(parts) if p not in by)
+        kept = [p for p in parts if p in by]
         return drop, [1 + kept.index(p) for p in by]
 
     def _expand(self, values: np.ndarray) -> np.ndarray:
-        """[layer, label, neuron] (or [label]) → [layer, P, G, B, neuron] (or [1, P, G, B, 1])."""
+        """[layer, label, neuron] (or [label]) → [layer, *parts, neuron] (or [1, *parts, 1])."""
         if values.ndim == 1:
             return values.reshape((1, *self.label_space.shape, 1))
         return values.reshape((values.shape[0], *self.label_space.shape, values.shape[-1]))

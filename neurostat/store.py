@@ -2,7 +2,7 @@
 
 Root arrays (dims ``layer``, ``label``, ``neuron``; chunked by layer): ``frames(label)``,
 ``topk_count``, ``positive_count`` (int64), ``mean``, ``var`` (float64), coordinates ``layer``
-(1-based), ``phone``, ``gender``, ``pitch_bin`` (per joint label).  Root attrs hold the model, the
+(1-based), ``phone``, ``gender``, ``pitch_bin`` and any attached label set (per joint label).  Root attrs hold the model, the
 statistic parameters, the label vocabularies, pitch edges, versions, the command line and progress.
 
 The ``neurostat`` subgroup holds what a writer needs: ``writer.lock`` (one writer at a time, an
@@ -150,7 +150,7 @@ class StoreWriter:
         import zarr
 
         root = zarr.open_group(self.path, mode="a", zarr_format=3)
-        label_coords = " ".join(c for c in ("phone", "gender", "pitch_bin") if c in coords)
+        label_coords = " ".join(c for c in coords if c != "layer")
         for name, values in coords.items():
             dims = ("layer",) if name == "layer" else ("label",)
             dtype = str if values.dtype.kind == "U" else values.dtype

@@ -6,7 +6,7 @@ from neurostat.labels.joint import LabelSpace
 from neurostat.phones import PHONES
 from neurostat.store import StoreWriter
 
-SPACE = LabelSpace(PHONES, ("M", "F"), ("low", "mid", "high", "unvoiced"))
+SPACE = LabelSpace.of({"phone": PHONES, "gender": ("M", "F"), "pitch_bin": ("low", "mid", "high", "unvoiced")})
 
 
 def make_store(
@@ -16,6 +16,7 @@ def make_store(
     positive: np.ndarray | None = None,
     k: int = 2,
     space: LabelSpace = SPACE,
+    label_sets: dict | None = None,
 ):
     """frames [label], counts [layer, label, neuron] over the joint label space."""
     counts = topk if topk is not None else positive
@@ -35,6 +36,7 @@ def make_store(
         },
         "statistics": {"stats": stats, "k": k, "topk_ratio": k / width, "tokens": "phone-mid", "backend": "torch"},
         "labels": space.to_dict(),
+        "label_sets": label_sets or {},
         "pitch": {"edges": [120.0, 180.0]},
         "corpus": {"root": "-", "subset": "-", "shard": "0/1"},
         "progress": {
@@ -56,11 +58,7 @@ def make_store(
     return path
 
 
-def joint(phone: str, gender: str, pitch: str = "low", space: LabelSpace = SPACE) -> int:
-    return int(
-        space.encode(
-            np.array([space.phones.index(phone)]),
-            space.genders.index(gender),
-            np.array([space.pitch_bins.index(pitch)]),
-        )[0]
-    )
+def joint(phone: str, gender: str, pitch: str = "low", space: LabelSpace = SPACE, **extra: str) -> int:
+    """Joint id of one label (``extra``: labels of further parts of ``space``)."""
+    names = {"phone": phone, "gender": gender, "pitch_bin": pitch, **extra}
+    return int(space.encode({p: space.vocab(p).index(names[p]) for p in space.parts}))

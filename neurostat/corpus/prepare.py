@@ -6,7 +6,8 @@ Layout of the folder (read back by :mod:`neurostat.corpus.prepared`):
   settings, counts and skips by reason;
 - ``manifest.jsonl`` – one line per usable utterance (id, speaker, gender, audio path, lengths);
 - ``skips.jsonl`` – one line per skipped utterance (id, reason, file, message);
-- ``utts/<id>.npz`` – phone intervals (seconds, phone index) and F0 at every frame centre.
+- ``utts/<id>.npz`` – phone intervals (seconds, phone index) and F0 at every frame centre;
+- ``labels/<name>.npz`` – label sets attached later (:mod:`neurostat.labels.sets`), kept across re-runs.
 
 Per-utterance files carry a key of their inputs (file sizes/mtimes, settings), so a second run
 reuses what is done and redoes only what changed.
@@ -233,6 +234,7 @@ def prepare(
         "hours": sum(r["num_samples"] for r in records) / settings.geometry.sample_rate / 3600,
         "resampled": sum(r["resampled"] for r in records),
         "skips": dict(Counter(s["reason"] for s in skips)),
+        "label_sets": _kept_label_sets(out),
     }
     _write_lines(out / "manifest.jsonl", records)
     _write_lines(out / "skips.jsonl", skips)
@@ -240,6 +242,15 @@ def prepare(
     tmp.write_text(json.dumps(meta, indent=1))
     os.replace(tmp, out / "meta.json")
     return meta
+
+
+def _kept_label_sets(out: Path) -> dict:
+    """Label sets attached to an earlier run of prepare into ``out`` whose files are still there."""
+    try:
+        old = json.loads((out / "meta.json").read_text()).get("label_sets", {})
+    except (OSError, ValueError):
+        return {}
+    return {name: entry for name, entry in old.items() if (out / entry["file"]).is_file()}
 
 
 def _write_lines(path: Path, rows: list[dict]) -> None:

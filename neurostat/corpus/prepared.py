@@ -2,7 +2,7 @@
 
 >>> corpus = PreparedCorpus("prepared/")
 >>> for utt in corpus:
-...     utt.id, utt.gender, utt.phone_frames(), utt.f0, utt.pitch_bins()
+...     utt.id, utt.gender, utt.phone_frames(), utt.f0, utt.pitch_bins(), utt.joint_frames()
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import numpy as np
 from ..frames import FrameGeometry, label_frames
 from ..labels.joint import LabelSpace
 from ..labels.pitch import assign_bins
-from .audio import load_audio
+from ..labels.sets import LabelSet, LabelSetError
+from .audio import Skip, load_audio
 from .prepare import FORMAT
 
 
@@ -78,10 +79,26 @@ class PreparedUtterance:
         """Pitch-bin index of each frame (the last bin is ``unvoiced``)."""
         return assign_bins(self.f0.astype(np.float64), self.corpus.edges)
 
-    def joint_frames(self) -> np.ndarray:
-        """Joint label id (phone × gender × pitch bin) of each frame, −1 where unlabelled."""
-        space = self.corpus.label_space
-        return space.encode(self.phone_frames(), space.genders.index(self.gender), self.pitch_bins())
+    def part_labels(self, part: str) -> int | np.ndarray:
+        """Index of ``part``'s label: one per frame (phone, pitch bin, frame-level sets) or one for the
+        utterance (gender, utterance-level sets).  An utterance missing from a label set is a Skip."""
+        if part == "phone":
+            return self.phone_frames()
+        if part == "pitch_bin":
+            return self.pitch_bins()
+        if part == "gender":
+            return self.corpus.label_space.vocab("gender").index(self.gender)
+        labels = self.corpus.label_set(part)
+        if self.id not in labels:
+            raise Skip(f"no-{part}-label", labels.path, f"utterance {self.id} has no {part!r} label")
+        values = labels.labels(self.id)
+        return int(values[0]) if labels.level == "utterance" else values
+
+    def joint_frames(self, space: LabelSpace | None = None) -> np.ndarray:
+        """Joint label id of each frame over ``space`` (default: every part of the corpus), −1 where
+        any part is unlabelled."""
+        space = space or self.corpus.label_space
+        return space.encode({part: self.part_labels(part) for part in space.parts})
 
     def load_audio(self) -> np.ndarray:
         """The waveform at the prepared geometry's sample rate (float32, mono)."""
@@ -99,6 +116,11 @@ class PreparedCorpus:
             raise PreparedCorpusError(
                 f"{self.path} is not a prepared corpus (no meta.json); run `neurostat prepare` first"
             )
+        self.reload()
+
+    def reload(self) -> None:
+        """Reads meta.json and the manifest again (after a label set was attached or removed)."""
+        meta_path = self.path / "meta.json"
         self.meta = json.loads(meta_path.read_text())
         if self.meta.get("format") != FORMAT:
             raise PreparedCorpusError(
@@ -109,7 +131,40 @@ class PreparedCorpus:
         self.geometry = FrameGeometry.from_dict(self.meta["geometry"])
         self.edges = list(self.meta["pitch"]["edges"])
         self.phones = tuple(self.meta["phones"])
-        self.label_space = LabelSpace(self.phones, tuple(self.meta["genders"]), tuple(self.meta["pitch"]["bins"]))
+        self.label_sets: dict[str, dict] = dict(self.meta.get("label_sets", {}))
+        self.label_space = LabelSpace.of(
+            {
+                "phone": self.phones,
+                "gender": self.meta["genders"],
+                "pitch_bin": self.meta["pitch"]["bins"],
+                **{name: entry["vocab"] for name, entry in self.label_sets.items()},
+            }
+        )
+        self._sets: dict[str, LabelSet] = {}
+
+    def label_set(self, name: str) -> LabelSet:
+        """An attached label set (see :mod:`neurostat.labels.sets`)."""
+        if name not in self.label_sets:
+            raise LabelSetError(f"{self.path} has no label set {name!r} (sets: {', '.join(self.label_sets) or 'none'})")
+        if name not in self._sets:
+            entry = self.label_sets[name]
+            self._sets[name] = LabelSet(name, self.path / entry["file"], entry["level"], tuple(entry["vocab"]))
+        return self._sets[name]
+
+    def check_label_sets(self, parts: tuple[str, ...]) -> None:
+        """Frame-level sets among ``parts`` must still have one label per frame of every utterance they
+        label (a re-prepare with another model geometry breaks that); an error names the first mismatch."""
+        frames = {r["id"]: r["num_frames"] for r in self.records}
+        for name in parts:
+            if name not in self.label_sets or self.label_sets[name]["level"] != "frame":
+                continue
+            labels = self.label_set(name)
+            for utt, n in labels.lengths().items():
+                if utt in frames and frames[utt] != n:
+                    raise LabelSetError(
+                        f"{labels.path}: utterance {utt} has {n} {name!r} labels but {frames[utt]} frames in "
+                        f"{self.path} ({self.geometry.describe()}); attach the label set again"
+                    )
 
     def __len__(self) -> int:
         return len(self.records)

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from .. import __version__
 from ..corpus.audio import Skip
 from ..corpus.prepared import PreparedCorpus
+from ..labels.joint import LabelSpace
 from ..phones import NON_SPEECH
 from ..store import FORMAT as STORE_FORMAT, StoreWriter
 from .accumulate import BACKENDS, STATS, Accumulator, TokenBatch
@@ -48,6 +49,7 @@ class CollectConfig:
     shard: tuple[int, int] = (0, 1)
     num_jobs: int = 0
     backend: str = "auto"
+    labels: tuple[str, ...] | None = None  # label parts of the joint label; None = every part of the corpus
     command: str = field(default_factory=lambda: " ".join(sys.argv))
 
 
@@ -64,8 +66,10 @@ class Piece:
 class BatchDataset(torch.utils.data.Dataset):
     """Item i = batch i: normalised waveforms and the batch's token labels (built in workers)."""
 
-    def __init__(self, corpus: PreparedCorpus, batches: list[list[Piece]], feature_extractor, tokens: str):
-        self.corpus, self.batches, self.fe, self.tokens = corpus, batches, feature_extractor, tokens
+    def __init__(
+        self, corpus: PreparedCorpus, batches: list[list[Piece]], feature_extractor, tokens: str, space: LabelSpace
+    ):
+        self.corpus, self.batches, self.fe, self.tokens, self.space = corpus, batches, feature_extractor, tokens, space
         self.non_speech = [corpus.phones.index(p) for p in NON_SPEECH if p in corpus.phones]
 
     def __len__(self) -> int:
@@ -112,7 +116,7 @@ class BatchDataset(torch.utils.data.Dataset):
             )
         phones = utt.phone_frames()
         keep = token_mask(phones, self.tokens, self.non_speech)
-        joint = np.where(keep, utt.joint_frames(), -1)
+        joint = np.where(keep, utt.joint_frames(self.space), -1)
         return self.fe(wave, sampling_rate=self.fe.sampling_rate, return_tensors="np").input_values[0].astype(
             np.float32
         ), joint
@@ -187,6 +191,38 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def label_space(corpus: PreparedCorpus, parts: tuple[str, ...] | None) -> LabelSpace:
+    """The joint label space over ``parts`` of the corpus (all of them when None)."""
+    if parts is None:
+        return corpus.label_space
+    if not parts or len(set(parts)) != len(parts):
+        raise ValueError(f"--labels needs distinct label parts, got {','.join(parts) or 'none'}")
+    unknown = [p for p in parts if p not in corpus.label_space.parts]
+    if unknown:
+        raise ValueError(
+            f"{corpus.path} has no label part {', '.join(unknown)}; its parts are {', '.join(corpus.label_space.parts)} "
+            f"(attach more with `neurostat labels add` or `neurostat cluster`)"
+        )
+    return corpus.label_space.subspace(parts)
+
+
+def _check_state_size(num_layers: int, space: LabelSpace, width: int, stats: tuple[str, ...], device) -> None:
+    """Refuses a joint label space whose dense state would not fit in the device's free memory."""
+    per_cell = 8 * (("topk" in stats) + ("positive" in stats) + 2 * ("moments" in stats))
+    need = num_layers * space.size * width * per_cell
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > 0.7 * free:
+        shape = " × ".join(f"{len(space.vocab(p))} {p}" for p in space.parts)
+        raise ValueError(
+            f"the joint label space ({shape} = {space.size} labels) needs {need / 2**30:.1f} GiB of state for "
+            f"{num_layers} layers × {width} neurons, more than the {free / 2**30:.1f} GiB free on {device}; "
+            f"choose fewer label parts with --labels, fewer --layers or fewer --stat"
+        )
+
+
 def _versions() -> dict:
     import transformers
     import zarr
@@ -232,7 +268,9 @@ def collect(
         raise ModelError(f"{adapter.source} has layers 1..{adapter.num_layers}; no layer {bad}")
     width = adapter.width
     k = max(1, round(config.topk_ratio * width))
-    space = corpus.label_space
+    space = label_space(corpus, config.labels)
+    corpus.check_label_sets(space.parts)
+    _check_state_size(len(layers), space, width, config.stats, adapter.device)
     shard_i, shard_n = config.shard
     indices = [i for i in range(len(corpus)) if i % shard_n == shard_i]
 
@@ -272,6 +310,11 @@ def collect(
             "backend": config.backend,
         },
         "labels": space.to_dict(),
+        "label_sets": {
+            name: {k: v for k, v in entry.items() if k != "vocab"}
+            for name, entry in corpus.label_sets.items()
+            if name in space.parts
+        },
         "pitch": corpus.meta["pitch"],
         "phone_map": corpus.meta["phone_map"],
         "corpus": {
@@ -297,7 +340,7 @@ def _run(corpus, adapter, store: StoreWriter, config, layers, k, indices, attrs,
     if store.previous is not None and store.previous.get("complete"):
         return store.previous
     device = adapter.device
-    space = corpus.label_space
+    space = LabelSpace.from_dict(attrs["labels"])
     act = str(adapter.config.hidden_act)
     acc = Accumulator(len(layers), space.size, adapter.width, k, config.stats, device, config.backend, act)
     done: list[str] = []
@@ -310,7 +353,7 @@ def _run(corpus, adapter, store: StoreWriter, config, layers, k, indices, attrs,
     todo = [i for i in indices if corpus.records[i]["id"] not in finished]
     batches = plan_batches(corpus, todo, config.batch_seconds, config.max_seconds)
     pieces_left = Counter(corpus.records[p.index]["id"] for b in batches for p in b)  # done only with its last piece
-    data = BatchDataset(corpus, batches, adapter.feature_extractor, config.tokens)
+    data = BatchDataset(corpus, batches, adapter.feature_extractor, config.tokens, space)
     loader = torch.utils.data.DataLoader(
         data,
         batch_size=None,
@@ -382,11 +425,7 @@ def _run(corpus, adapter, store: StoreWriter, config, layers, k, indices, attrs,
     prog["elapsed_seconds"] = prog["loop_seconds"] = base_elapsed + time.time() - started
     prog["utterances_done"] = len(done)
     arrays = acc.compute()
-    names = space.names()
-    coords = {
-        "layer": np.asarray([i + 1 for i in layers], dtype=np.int64),
-        **{p: names[p] for p in ("phone", "gender", "pitch_bin")},
-    }
+    coords = {"layer": np.asarray([i + 1 for i in layers], dtype=np.int64), **space.names()}
     final = {**attrs, "complete": True, "progress": {**prog, "utterances_total": len(indices), "complete": True}}
     store.finalize(arrays, coords, final, done)
     final["progress"]["elapsed_seconds"] = base_elapsed + time.time() - started

@@ -1,53 +1,90 @@
-"""The joint label space phone × gender × pitch bin that one collection pass counts on.
+"""The joint label space that one collection pass counts on: phone × gender × pitch bin (× extra sets).
 
-Any marginal (phone; gender × phone; pitch bin × phone) is a sum over the other parts, so one
-pass serves every property.  Joint id = (phone * G + gender) * B + pitch_bin.
+Any marginal (phone; gender × phone; pitch bin × phone; cluster × phone ...) is a sum over the other
+parts, so one pass serves every property.  The joint id is the row-major index of the parts' indices
+in part order (for the base parts: ``(phone * G + gender) * B + pitch_bin``).  Extra parts are label
+sets attached to a prepared corpus (k-means units of SSL features, utterance clusters ...).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-PARTS = ("phone", "gender", "pitch_bin")
+BASE_PARTS = ("phone", "gender", "pitch_bin")
+RESERVED = ("layer", "label", "neuron")
 
 
 @dataclass(frozen=True)
 class LabelSpace:
-    phones: tuple[str, ...]
-    genders: tuple[str, ...]
-    pitch_bins: tuple[str, ...]
+    """Ordered label parts, each with its vocabulary."""
+
+    vocabularies: tuple[tuple[str, tuple[str, ...]], ...]
+
+    @classmethod
+    def of(cls, vocabularies: Mapping[str, Sequence[str]]) -> "LabelSpace":
+        if not vocabularies:
+            raise ValueError("a label space needs at least one part")
+        for name, vocab in vocabularies.items():
+            if name in RESERVED or not name.isidentifier():
+                raise ValueError(f"{name!r} cannot name a label part (an identifier other than {RESERVED})")
+            if len(vocab) == 0 or len(set(vocab)) != len(vocab):
+                raise ValueError(f"label part {name!r}: the vocabulary must be non-empty and without repeats")
+        return cls(tuple((name, tuple(str(v) for v in vocab)) for name, vocab in vocabularies.items()))
 
     @property
-    def shape(self) -> tuple[int, int, int]:
-        return len(self.phones), len(self.genders), len(self.pitch_bins)
+    def parts(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.vocabularies)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(len(vocab) for _, vocab in self.vocabularies)
 
     @property
     def size(self) -> int:
         return int(np.prod(self.shape))
 
-    def vocab(self, part: str) -> tuple[str, ...]:
-        return {"phone": self.phones, "gender": self.genders, "pitch_bin": self.pitch_bins}[part]
+    @property
+    def phones(self) -> tuple[str, ...]:
+        return self.vocab("phone")
 
-    def encode(self, phone: np.ndarray, gender: int | np.ndarray, pitch_bin: np.ndarray) -> np.ndarray:
-        """Joint ids; −1 wherever ``phone`` is −1."""
-        _, g, b = self.shape
-        joint = (np.asarray(phone) * g + gender) * b + np.asarray(pitch_bin)
-        return np.where(np.asarray(phone) < 0, -1, joint).astype(np.int64)
+    def vocab(self, part: str) -> tuple[str, ...]:
+        for name, vocab in self.vocabularies:
+            if name == part:
+                return vocab
+        raise KeyError(f"no label part {part!r} (parts: {', '.join(self.parts)})")
+
+    def subspace(self, parts: Sequence[str]) -> "LabelSpace":
+        """The space of the given parts only (in this space's order)."""
+        unknown = [p for p in parts if p not in self.parts]
+        if unknown:
+            raise KeyError(f"no label part {', '.join(map(repr, unknown))} (parts: {', '.join(self.parts)})")
+        return LabelSpace(tuple((n, v) for n, v in self.vocabularies if n in parts))
+
+    def encode(self, indices: Mapping[str, int | np.ndarray]) -> np.ndarray:
+        """Joint ids from each part's index (an array per frame, or one int for the whole utterance);
+        −1 wherever any part is −1."""
+        arrays = np.broadcast_arrays(*(np.asarray(indices[p], dtype=np.int64) for p in self.parts))
+        joint = np.zeros(arrays[0].shape, dtype=np.int64)
+        missing = np.zeros(arrays[0].shape, dtype=bool)
+        for idx, n in zip(arrays, self.shape):
+            joint = joint * n + idx
+            missing |= idx < 0
+        return np.where(missing, -1, joint)
 
     def decode(self) -> dict[str, np.ndarray]:
         """Index of each part for every joint label, in joint-id order."""
-        p, g, b = np.unravel_index(np.arange(self.size), self.shape)
-        return {"phone": p, "gender": g, "pitch_bin": b}
+        return dict(zip(self.parts, np.unravel_index(np.arange(self.size), self.shape)))
 
     def names(self) -> dict[str, np.ndarray]:
         """Name of each part for every joint label (the store's coordinates)."""
         return {part: np.asarray(self.vocab(part))[idx] for part, idx in self.decode().items()}
 
-    def to_dict(self) -> dict:
-        return {"phone": list(self.phones), "gender": list(self.genders), "pitch_bin": list(self.pitch_bins)}
+    def to_dict(self) -> dict[str, list[str]]:
+        return {name: list(vocab) for name, vocab in self.vocabularies}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "LabelSpace":
-        return cls(tuple(d["phone"]), tuple(d["gender"]), tuple(d["pitch_bin"]))
+    def from_dict(cls, d: Mapping[str, Sequence[str]]) -> "LabelSpace":
+        return cls.of(d)

@@ -1,0 +1,188 @@
+"""``neurostat cluster``: label sets from k-means, as in the follow-up paper (Lin et al., 2025).
+
+- ``frame``: k-means units of one Transformer layer's output (HuBERT-style targets), one per frame,
+  fitted on a random sample of frames and then assigned to every frame of the corpus;
+- ``utterance``: k-means of each utterance's mean layer output, or of given utterance vectors
+  (i-vectors, x-vectors: ``<id> v1 v2 ...`` lines), one cluster per utterance.
+
+The result is attached to the prepared corpus (:mod:`neurostat.labels.sets`) so that ``collect``
+counts on it and ``select`` groups by it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..corpus.prepared import PreparedCorpus
+from ..engine.adapter import ModelAdapter, ModelError
+from .kmeans import assign, kmeans
+from .sets import LEVELS, LabelSetError, attach_label_set, check_name
+
+
+def layer_features(
+    corpus: PreparedCorpus,
+    adapter: ModelAdapter,
+    indices: list[int],
+    layer: int,
+    batch_seconds: float = 160.0,
+    num_jobs: int = 0,
+    progress: bool = True,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(utterance id, output of Transformer layer ``layer`` (1-based) [frames, hidden]) per utterance."""
+    from ..engine.collect import BatchDataset, plan_batches
+
+    if adapter.geometry != corpus.geometry:
+        raise ModelError(
+            f"{adapter.source}: frame geometry {adapter.geometry.describe()} differs from the prepared corpus "
+            f"({corpus.geometry.describe()}); re-run prepare with --model {adapter.source}"
+        )
+    layers = adapter.backbone.encoder.layers
+    if not 1 <= layer <= len(layers):
+        raise ModelError(f"{adapter.source} has layers 1..{len(layers)}; no layer {layer}")
+    batches = plan_batches(corpus, indices, batch_seconds, None)
+    data = BatchDataset(corpus, batches, adapter.feature_extractor, "all", corpus.label_space.subspace(("phone",)))
+    loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=num_jobs)
+    captured: list[torch.Tensor] = []
+    hook = layers[layer - 1].register_forward_hook(
+        lambda module, inputs, output: captured.append(output[0] if isinstance(output, tuple) else output)
+    )
+    bar = tqdm(total=len(indices), unit="utt", desc=f"layer {layer} features", disable=not progress)
+    try:
+        for item in loader:
+            for err in item["errors"]:
+                raise LabelSetError(f"{err['file']}: {err['message']}")
+            captured.clear()
+            _, mask = adapter.encode(item["waves"])
+            lengths = mask.sum(1).tolist()
+            for b, (utt, n) in enumerate(zip(item["ids"], lengths)):
+                yield utt, captured[-1][b, :n].float()
+            bar.update(len(item["ids"]))
+    finally:
+        hook.remove()
+        bar.close()
+
+
+def read_vectors(path: str | Path) -> dict[str, np.ndarray]:
+    """Utterance vectors from ``<id> v1 v2 ...`` lines (all of one dimension)."""
+    out: dict[str, np.ndarray] = {}
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        fields = line.split("#", 1)[0].split()
+        if not fields:
+            continue
+        try:
+            vector = np.asarray(fields[1:], dtype=np.float64)
+        except ValueError:
+            raise LabelSetError(f"{path}:{number}: not a vector of numbers after the utterance id") from None
+        if fields[0] in out:
+            raise LabelSetError(f"{path}:{number}: utterance {fields[0]} appears twice")
+        if len(vector) == 0 or (out and len(vector) != len(next(iter(out.values())))):
+            raise LabelSetError(f"{path}:{number}: every vector needs the same (non-zero) dimension")
+        out[fields[0]] = vector
+    if not out:
+        raise LabelSetError(f"{path}: no vectors")
+    return out
+
+
+def _save_centroids(corpus: PreparedCorpus, name: str, centroids: torch.Tensor) -> str:
+    """Writes the centroids beside the label set (``labels/<name>.centroids.npy``); returns the relative path."""
+    (corpus.path / "labels").mkdir(exist_ok=True)
+    relative = f"labels/{name}.centroids.npy"
+    np.save(corpus.path / relative, centroids.double().cpu().numpy())
+    return relative
+
+
+def cluster_vectors(
+    corpus: PreparedCorpus, name: str, vectors_path: str | Path, clusters: int, seed: int = 0, allow_missing=False
+) -> dict:
+    """k-means of given utterance vectors → utterance-level label set ``name``."""
+    check_name(name)
+    vectors = read_vectors(vectors_path)
+    ids = [r["id"] for r in corpus.records if r["id"] in vectors]
+    if not ids:
+        raise LabelSetError(f"{vectors_path}: none of its utterances is in {corpus.path}")
+    x = torch.from_numpy(np.stack([vectors[u] for u in ids]))
+    fit = kmeans(x, clusters, seed=seed)
+    labels, _ = assign(x, fit.centroids)
+    info = {
+        "kmeans": {
+            "vectors": str(vectors_path),
+            "clusters": clusters,
+            "seed": seed,
+            "inertia": fit.inertia,
+            "centroids": _save_centroids(corpus, name, fit.centroids),
+        }
+    }
+    return attach_label_set(
+        corpus,
+        name,
+        {u: labels[i : i + 1].numpy() for i, u in enumerate(ids)},
+        "utterance",
+        str(vectors_path),
+        allow_missing,
+        info,
+    )
+
+
+def cluster_features(
+    corpus: PreparedCorpus,
+    adapter: ModelAdapter,
+    name: str,
+    layer: int,
+    clusters: int,
+    level: str = "frame",
+    fit_frames: int = 100_000,
+    seed: int = 0,
+    batch_seconds: float = 160.0,
+    num_jobs: int = 0,
+    progress: bool = True,
+) -> dict:
+    """k-means of layer ``layer``'s output → label set ``name`` (per frame, or per utterance mean)."""
+    check_name(name)
+    if level not in LEVELS:
+        raise LabelSetError(f"unknown level {level!r}; choose one of {LEVELS}")
+    every = list(range(len(corpus)))
+    run = dict(batch_seconds=batch_seconds, num_jobs=num_jobs, progress=progress)
+    if level == "utterance":
+        ids, means = [], []
+        for utt, feats in layer_features(corpus, adapter, every, layer, **run):
+            ids.append(utt)
+            means.append(feats.double().mean(0))
+        x = torch.stack(means)
+        fit = kmeans(x, clusters, seed=seed)
+        labels = dict(zip(ids, assign(x, fit.centroids)[0].cpu().numpy()[:, None]))
+    else:
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(len(corpus))
+        cumulative = np.cumsum([corpus.records[i]["num_frames"] for i in order])
+        fit_set = sorted(order[: int(np.searchsorted(cumulative, fit_frames)) + 1].tolist())
+        kept = dict(layer_features(corpus, adapter, fit_set, layer, **run))
+        sample = torch.cat(list(kept.values()))
+        if sample.shape[0] > fit_frames:
+            pick = torch.from_numpy(np.sort(rng.choice(sample.shape[0], fit_frames, replace=False))).to(sample.device)
+            sample = sample[pick]
+        fit = kmeans(sample, clusters, seed=seed)
+        labels = {u: assign(f, fit.centroids)[0].cpu().numpy() for u, f in kept.items()}
+        del kept, sample
+        rest = sorted(set(every) - set(fit_set))
+        for utt, feats in layer_features(corpus, adapter, rest, layer, **run):
+            labels[utt] = assign(feats, fit.centroids)[0].cpu().numpy()
+    info = {
+        "kmeans": {
+            "model": adapter.source,
+            "revision": adapter.revision,
+            "layer": layer,
+            "clusters": clusters,
+            "seed": seed,
+            "fit_frames": None if level == "utterance" else fit_frames,
+            "inertia": fit.inertia,
+            "iterations": fit.iterations,
+            "centroids": _save_centroids(corpus, name, fit.centroids),
+        }
+    }
+    source = f"k-means of {adapter.source} layer {layer} ({'utterance means' if level == 'utterance' else 'frames'})"
+    return attach_label_set(corpus, name, labels, level, source, info=info)

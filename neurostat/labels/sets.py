@@ -1,0 +1,194 @@
+"""Label sets attached to a prepared corpus: extra label parts, one label per model frame or per utterance.
+
+They carry the follow-up paper's groupings — k-means units of SSL features (per frame), clusters of
+utterance embeddings such as i-vectors (per utterance) — or any other labelling, into the joint label
+space that ``collect`` counts on.  A set lives in ``<prepared>/labels/<name>.npz`` (utterance ids,
+offsets, vocabulary) and ``<name>.values.npy`` (label indices, memory-mapped by every data-loading
+worker) and is listed under ``label_sets`` in ``meta.json``.
+
+Text format read by :func:`read_label_file` (Kaldi-style, one utterance a line, ``#`` comments)::
+
+    1272-128104-0000 17 17 17 4 4 ...     # frame level: one label per model frame
+    1272-128104-0000 cluster3             # utterance level: one label
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .joint import BASE_PARTS, RESERVED
+
+if TYPE_CHECKING:
+    from ..corpus.prepared import PreparedCorpus
+
+LEVELS = ("frame", "utterance")
+
+
+class LabelSetError(ValueError):
+    """A label file or label set that cannot be used; the message names the file and the problem."""
+
+
+_TAKEN = BASE_PARTS + RESERVED + ("pitch",)  # "pitch" names the paper's pitch property in select
+
+
+def check_name(name: str) -> None:
+    if not name.isidentifier() or name in _TAKEN:
+        raise LabelSetError(
+            f"{name!r} cannot name a label set: use an identifier (letters, digits, _) other than {', '.join(_TAKEN)}"
+        )
+
+
+def read_label_file(path: str | Path, level: str) -> dict[str, np.ndarray]:
+    """``{utterance id: labels}`` from a text file of ``<id> <label> ...`` lines (integer arrays when every
+    label is an integer, so clusters sort as numbers)."""
+    if level not in LEVELS:
+        raise LabelSetError(f"unknown level {level!r}; choose one of {LEVELS}")
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise LabelSetError(f"{path}: cannot read the label file ({e})") from None
+    rows: dict[str, list[str]] = {}
+    first_line: dict[str, int] = {}
+    for number, line in enumerate(lines, 1):
+        fields = line.split("#", 1)[0].split()
+        if not fields:
+            continue
+        utt, labels = fields[0], fields[1:]
+        if utt in rows:
+            raise LabelSetError(f"{path}:{number}: utterance {utt} already labelled on line {first_line[utt]}")
+        if not labels:
+            raise LabelSetError(f"{path}:{number}: utterance {utt} has no labels")
+        if level == "utterance" and len(labels) != 1:
+            raise LabelSetError(
+                f"{path}:{number}: utterance {utt} has {len(labels)} labels; an utterance-level file has one a line"
+            )
+        rows[utt] = labels
+        first_line[utt] = number
+    if not rows:
+        raise LabelSetError(f"{path}: no labelled utterances")
+    try:
+        return {u: np.asarray(labels, dtype=np.int64) for u, labels in rows.items()}
+    except ValueError:
+        return {u: np.asarray(labels) for u, labels in rows.items()}
+
+
+def attach_label_set(
+    corpus: "PreparedCorpus",
+    name: str,
+    labels: Mapping[str, np.ndarray | Sequence],
+    level: str,
+    source: str,
+    allow_missing: bool = False,
+    info: dict | None = None,
+) -> dict:
+    """Checks ``labels`` against the corpus and writes them as label set ``name``; returns its meta entry.
+
+    Frame-level labels must have exactly one label per model frame of each utterance; every utterance
+    of the corpus needs labels unless ``allow_missing`` (then ``collect`` skips and reports the others).
+    """
+    check_name(name)
+    if level not in LEVELS:
+        raise LabelSetError(f"unknown level {level!r}; choose one of {LEVELS}")
+    frames = {r["id"]: r["num_frames"] for r in corpus.records}
+    used = [u for u in sorted(labels) if u in frames]
+    missing = [u for u in frames if u not in labels]
+    if not used:
+        raise LabelSetError(f"{source}: none of its {len(labels)} utterances is in {corpus.path}")
+    if missing and not allow_missing:
+        raise LabelSetError(
+            f"{source}: no labels for {len(missing)} of the {len(frames)} utterances of {corpus.path} "
+            f"(first: {', '.join(missing[:3])}); pass --allow-missing to skip them in collect"
+        )
+    if level == "frame":
+        for u in used:
+            if len(labels[u]) != frames[u]:
+                raise LabelSetError(
+                    f"{source}: utterance {u} has {len(labels[u])} labels but {frames[u]} model frames "
+                    f"({corpus.geometry.describe()}); frame-level labels need one label per frame"
+                )
+    values = [np.asarray(labels[u]) for u in used]
+    kinds = {v.dtype.kind for v in values}
+    if len(kinds) > 1:
+        values = [v.astype(str) for v in values]
+    unique, inverse = np.unique(np.concatenate(values), return_inverse=True)
+    vocab = [str(v) for v in unique]
+    offsets = np.zeros(len(used) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(v) for v in values])
+    folder = corpus.path / "labels"
+    folder.mkdir(exist_ok=True)
+    np.save(folder / f"{name}.values.tmp.npy", inverse.astype(np.int32))
+    np.savez(folder / f"{name}.tmp.npz", ids=np.asarray(used), offsets=offsets, vocab=np.asarray(vocab))
+    os.replace(folder / f"{name}.values.tmp.npy", folder / f"{name}.values.npy")
+    os.replace(folder / f"{name}.tmp.npz", folder / f"{name}.npz")
+    entry = {
+        "level": level,
+        "vocab": vocab,
+        "file": f"labels/{name}.npz",
+        "source": source,
+        "utterances": len(used),
+        "missing": len(missing),
+        "unused": len(labels) - len(used),
+        **(info or {}),
+    }
+    meta = json.loads((corpus.path / "meta.json").read_text())
+    meta.setdefault("label_sets", {})[name] = entry
+    tmp_meta = corpus.path / "meta.json.tmp"
+    tmp_meta.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp_meta, corpus.path / "meta.json")
+    corpus.reload()
+    return entry
+
+
+def remove_label_set(corpus: "PreparedCorpus", name: str) -> None:
+    """Detaches label set ``name`` and deletes its files (labels, and centroids when clustered)."""
+    meta = json.loads((corpus.path / "meta.json").read_text())
+    if name not in meta.get("label_sets", {}):
+        raise LabelSetError(f"{corpus.path} has no label set {name!r} (sets: {', '.join(corpus.label_sets) or 'none'})")
+    meta["label_sets"].pop(name)
+    tmp_meta = corpus.path / "meta.json.tmp"
+    tmp_meta.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp_meta, corpus.path / "meta.json")
+    for path in (corpus.path / "labels").glob(f"{name}.*"):
+        path.unlink()
+    corpus.reload()
+
+
+@dataclass
+class LabelSet:
+    """A label set read back from its file: labels of one utterance by id."""
+
+    name: str
+    path: Path
+    level: str
+    vocab: tuple[str, ...]
+
+    @cached_property
+    def _arrays(self) -> tuple[dict[str, int], np.ndarray, np.ndarray]:
+        if not self.path.is_file():
+            raise LabelSetError(f"{self.path}: the file of label set {self.name!r} is missing; attach it again")
+        with np.load(self.path) as z:
+            ids, offsets = z["ids"], z["offsets"]
+        values = np.load(self.path.with_name(f"{self.name}.values.npy"), mmap_mode="r")
+        return {str(u): i for i, u in enumerate(ids)}, offsets, values
+
+    def __contains__(self, utt: str) -> bool:
+        return utt in self._arrays[0]
+
+    def lengths(self) -> dict[str, int]:
+        position, offsets, _ = self._arrays
+        return {u: int(offsets[i + 1] - offsets[i]) for u, i in position.items()}
+
+    def labels(self, utt: str) -> np.ndarray:
+        """Label indices of the utterance (one per frame, or one); KeyError if it has none."""
+        position, offsets, values = self._arrays
+        i = position[utt]
+        return values[offsets[i] : offsets[i + 1]].astype(np.int64)

@@ -1,0 +1,172 @@
+"""k-means label sets: the k-means itself, frame units and utterance clusters of a tiny model, the CLI."""
+
+import shutil
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from click.testing import CliRunner
+from transformers import AutoFeatureExtractor, AutoModel
+
+from neurostat.cli import main
+from neurostat.corpus.prepared import PreparedCorpus
+from neurostat.engine.adapter import ModelAdapter, ModelError
+from neurostat.labels.cluster import cluster_features, cluster_vectors
+from neurostat.labels.kmeans import assign, kmeans
+from neurostat.labels.sets import LabelSetError
+
+
+@pytest.fixture
+def corpus(prepared, tmp_path) -> PreparedCorpus:
+    shutil.copytree(prepared.path, tmp_path / "prepared")
+    return PreparedCorpus(tmp_path / "prepared")
+
+
+def blobs(rng, sizes, dim=5, spread=0.1):
+    centres = rng.normal(0, 10, (len(sizes), dim))
+    x = np.concatenate([c + spread * rng.normal(size=(n, dim)) for c, n in zip(centres, sizes)])
+    truth = np.repeat(np.arange(len(sizes)), sizes)
+    return x, truth
+
+
+def same_partition(a, b) -> bool:
+    pairs = set(zip(a.tolist(), b.tolist()))
+    return len(pairs) == len(set(a.tolist())) == len(set(b.tolist()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kmeans_recovers_blobs_and_is_a_lloyd_fixed_point(dtype):
+    rng = np.random.default_rng(3)
+    x, truth = blobs(rng, [37, 11, 52, 5])
+    xt = torch.from_numpy(x).to(dtype)
+    fit = kmeans(xt, 4, seed=1)
+    labels, dists = assign(xt, fit.centroids)
+    assert same_partition(labels.numpy(), truth)
+    # converged: every centroid is the mean of its points, every point is at its nearest centroid
+    for c in range(4):
+        np.testing.assert_allclose(fit.centroids[c].double().numpy(), x[labels.numpy() == c].mean(0), atol=1e-4)
+    full = ((x[:, None, :] - fit.centroids.double().numpy()[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(labels.numpy(), full.argmin(1))
+    assert fit.inertia == pytest.approx(full.min(1).sum(), rel=1e-4)
+    again = kmeans(xt, 4, seed=1)
+    torch.testing.assert_close(again.centroids, fit.centroids, rtol=0, atol=0)
+
+
+def test_kmeans_errors_and_duplicates():
+    x = torch.zeros(6, 3)
+    with pytest.raises(ValueError, match="fewer than 2 distinct points"):
+        kmeans(x, 2)
+    with pytest.raises(ValueError, match="need 1 <= clusters <= points, got 7 clusters for 6 points"):
+        kmeans(x, 7)
+    with pytest.raises(ValueError, match="2-D"):
+        kmeans(torch.zeros(4), 1)
+    x = torch.tensor([[0.0]] * 50 + [[10.0]] * 50 + [[5.0]])
+    labels, _ = assign(x, kmeans(x, 3, seed=0).centroids)
+    assert torch.bincount(labels, minlength=3).min() >= 1
+
+
+def reference_features(corpus, model_dir, layer):
+    """Output of Transformer layer ``layer`` from the model's own batch-1 forward (hidden_states)."""
+    model = AutoModel.from_pretrained(model_dir).eval()
+    fe = AutoFeatureExtractor.from_pretrained(model_dir)
+    out = {}
+    for utt in corpus:
+        wave, sr = sf.read(utt.audio_path, dtype="float32")
+        x = torch.from_numpy(fe(wave, sampling_rate=sr, return_tensors="np").input_values[0])
+        with torch.no_grad():
+            out[utt.id] = model(x[None], output_hidden_states=True).hidden_states[layer][0].double().numpy()
+    return out
+
+
+def test_frame_units_are_the_nearest_centroid_of_the_layer_output(corpus, tiny_model):
+    adapter = ModelAdapter.load(str(tiny_model))
+    total = sum(r["num_frames"] for r in corpus.records)
+    entry = cluster_features(
+        corpus, adapter, "unit", 2, 6, "frame", fit_frames=total // 3, batch_seconds=8.0, progress=False
+    )
+    assert entry["level"] == "frame" and entry["vocab"] == [str(c) for c in range(6)]
+    assert entry["kmeans"]["layer"] == 2 and entry["kmeans"]["fit_frames"] == total // 3
+    centroids = np.load(corpus.path / entry["kmeans"]["centroids"])
+    assert centroids.shape == (6, adapter.config.hidden_size)
+    feats = reference_features(corpus, tiny_model, 2)
+    labelled = PreparedCorpus(corpus.path)
+    for utt in labelled:
+        expect = ((feats[utt.id][:, None, :] - centroids[None]) ** 2).sum(-1).argmin(1)
+        np.testing.assert_array_equal(utt.part_labels("unit"), expect, err_msg=utt.id)
+    assert "unit" in labelled.label_space.parts
+    with pytest.raises(ModelError, match="has layers 1..3; no layer 4"):
+        cluster_features(corpus, adapter, "unit2", 4, 2, progress=False)
+
+
+def test_utterance_clusters_of_mean_features_and_of_vectors(corpus, tiny_model, tmp_path):
+    adapter = ModelAdapter.load(str(tiny_model))
+    entry = cluster_features(corpus, adapter, "utt", 3, 2, "utterance", progress=False)
+    assert entry["level"] == "utterance" and entry["utterances"] == len(corpus) and len(entry["vocab"]) == 2
+    feats = reference_features(corpus, tiny_model, 3)
+    centroids = np.load(corpus.path / entry["kmeans"]["centroids"])
+    labelled = PreparedCorpus(corpus.path)
+    for utt in labelled:
+        mean = feats[utt.id].mean(0)
+        assert utt.part_labels("utt") == ((centroids - mean) ** 2).sum(1).argmin()
+    # given vectors (say i-vectors) that separate the genders: the clusters are the genders
+    rng = np.random.default_rng(0)
+    offset = {"M": -5.0, "F": 5.0}
+    lines = [
+        f"{r['id']} " + " ".join(f"{v:.4f}" for v in offset[r["gender"]] + rng.normal(size=4)) for r in corpus.records
+    ]
+    vectors = tmp_path / "ivectors.txt"
+    vectors.write_text("\n".join(lines[1:]) + "\n")
+    with pytest.raises(LabelSetError, match="no labels for 1 of"):
+        cluster_vectors(labelled, "ivec", vectors, 2)
+    vectors.write_text("\n".join(lines) + "\n")
+    cluster_vectors(labelled, "ivec", vectors, 2)
+    clusters = np.array([utt.part_labels("ivec") for utt in labelled])
+    genders = np.array([utt.gender for utt in labelled])
+    assert same_partition(clusters, genders)
+    vectors.write_text(lines[0] + "\n" + lines[1] + " 1.0\n")
+    with pytest.raises(LabelSetError, match=r"ivectors.txt:2: every vector needs the same"):
+        cluster_vectors(labelled, "ivec", vectors, 2)
+
+
+def test_cli_cluster(corpus, tiny_model, tmp_path):
+    run = CliRunner().invoke
+    r = run(
+        main,
+        [
+            "cluster",
+            str(corpus.path),
+            "--name",
+            "unit",
+            "--clusters",
+            "3",
+            "--model",
+            str(tiny_model),
+            "--layer",
+            "1",
+            "--device",
+            "cpu",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert "unit: frame level, 3 labels (0, 1, 2); 12 utterances; from k-means of" in r.output
+    r = run(main, ["cluster", str(corpus.path), "--name", "x", "--clusters", "3"])
+    assert r.exit_code == 2 and "give --model and --layer" in r.output
+    r = run(
+        main,
+        [
+            "cluster",
+            str(corpus.path),
+            "--name",
+            "gender",
+            "--clusters",
+            "2",
+            "--model",
+            str(tiny_model),
+            "--layer",
+            "1",
+        ],
+    )
+    assert r.exit_code == 1 and "cannot name a label set" in r.output
+    r = run(main, ["labels", "list", str(corpus.path)])
+    assert "unit: frame level" in r.output and "k-means of" in r.output
