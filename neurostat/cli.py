@@ -697,7 +697,7 @@ def describe_store(path: Path, attrs: dict) -> str:
     "--groups",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
-    help='Own groups instead: JSON {"axis": PART, "groups": {"name": [labels]}, "within": PART, "cells": [labels]} '
+    help='Own groups instead: JSON or YAML {"axis": PART, "groups": {"name": [labels]}, "within": PART, "cells": [labels]} '
     "(PART: phone, gender, pitch_bin or a label set; within defaults to phone).",
 )
 @click.option(

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from .neuronset import NeuronSet
 from .phones import ARPABET, BROAD_CLASSES
@@ -66,10 +67,11 @@ class GroupSpec:
 
     @classmethod
     def load(cls, path: str | Path) -> "GroupSpec":
-        """A JSON file ``{"axis": part, "groups": {"name": [labels]}, "within": part?, "cells": [labels]?}``
-        (``"phones"`` is read as ``"cells"`` over the phones)."""
+        """A JSON (or ``.yaml``/``.yml``) file ``{"axis": part, "groups": {"name": [labels]}, "within": part?,
+        "cells": [labels]?}`` (``"phones"`` is read as ``"cells"`` over the phones)."""
         try:
-            raw = json.loads(Path(path).read_text())
+            text = Path(path).read_text()
+            raw = yaml.safe_load(text) if Path(path).suffix in (".yaml", ".yml") else json.loads(text)
             cells = raw.get("cells", raw.get("phones"))
             return cls(
                 str(raw["axis"]),
@@ -77,7 +79,7 @@ class GroupSpec:
                 str(raw.get("within", "phone")),
                 None if cells is None else [str(c) for c in cells],
             )
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, yaml.YAMLError) as e:
             raise SelectionError(
                 f"{path}: not a group file ({e}); expected "
                 '{"axis": "<label part>", "groups": {"name": [labels]}, "within": "<label part>", "cells": [labels]}'

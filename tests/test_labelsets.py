@@ -290,6 +290,12 @@ def test_select_groups_over_utterance_clusters_and_units(tmp_path):
     groups = tmp_path / "g.json"
     groups.write_text(json.dumps({"axis": "spk", "groups": {"x": ["x"], "y": ["y"]}, "within": "unit"}))
     assert as_dict(property_neurons(stats, groups=groups, sigma=1.0).neurons) == {1: [3], 2: []}
+    as_yaml = tmp_path / "g.yaml"
+    as_yaml.write_text("axis: spk\nwithin: unit\ngroups:\n  x: [x]\n  y: [y]\n")
+    assert as_dict(property_neurons(stats, groups=as_yaml, sigma=1.0).neurons) == {1: [3], 2: []}
+    as_yaml.write_text("axis: [unclosed\n")
+    with pytest.raises(SelectionError, match="g.yaml: not a group file"):
+        property_neurons(stats, groups=as_yaml)
     groups.write_text(json.dumps({"axis": "spk", "groups": {"x": ["x"]}, "within": "unit", "cells": ["7"]}))
     with pytest.raises(SelectionError, match=r"cells \['7'\] are not unit labels"):
         property_neurons(stats, groups=groups)
