@@ -652,6 +652,8 @@ def describe_store(path: Path, attrs: dict) -> str:
         ),
         f"corpus: {attrs['corpus']['root']} / {attrs['corpus']['subset']} (shard {attrs['corpus']['shard']})",
     ]
+    for name, entry in attrs.get("label_sets", {}).items():
+        lines.append(f"label set {name}: {entry['level']} level, from {entry['source']}")
     if attrs.get("complete"):
         lines.append(
             f"counted: {p['utterances_done']} utterances, {p['audio_seconds'] / 3600:.3f} h, {p['frames']:,} frames, "
@@ -682,6 +684,9 @@ def describe_store(path: Path, attrs: dict) -> str:
             )
     lines.append(f"command: {attrs.get('command', '')}")
     return "\n".join(lines)
+
+
+_MAX_GROUP_ROWS = 16
 
 
 @main.command()
@@ -758,8 +763,12 @@ def select(store, properties, groups, sigma, stat, rule, entropy_quantile, min_p
     for name, sel in selections.items():
         counts = sel.neurons.counts()
         click.echo(f"{name[:12]:<12} " + " ".join(f"{counts[n]:>5}" for n in layers) + f"   {len(sel.neurons)}")
-        for g, s in sel.groups.items():
+        for g, s in list(sel.groups.items())[:_MAX_GROUP_ROWS]:
             click.echo(f"  N[{g}]"[:13].ljust(13) + " ".join(f"{s.counts()[n]:>5}" for n in layers) + f"   {len(s)}")
+        if len(sel.groups) > _MAX_GROUP_ROWS:
+            click.echo(
+                f"  ... and {len(sel.groups) - _MAX_GROUP_ROWS} more groups (neurostat.select in Python has all)"
+            )
     if len(selections) > 1:
         regions = venn({n: s.neurons for n, s in selections.items()})
         click.echo(

@@ -18,6 +18,7 @@ from neurostat.corpus.prepare import PrepareSettings, prepare
 from neurostat.corpus.prepared import PreparedCorpus
 from neurostat.engine.adapter import ModelAdapter
 from neurostat.engine.collect import CollectConfig, collect
+from neurostat.engine.merge import merge_stores
 from neurostat.frames import default_geometry
 from neurostat.labels.joint import LabelSpace
 from neurostat.labels.sets import LabelSetError, attach_label_set, read_label_file, remove_label_set
@@ -240,6 +241,21 @@ def test_missing_labels_are_recorded_skips(corpus, tiny_model, tmp_path):
     assert attrs["label_sets"]["unit"]["missing"] == 1
 
 
+def test_shards_over_label_sets_merge_exactly(corpus, tiny_model, tmp_path):
+    attach_both(corpus, tmp_path)
+    adapter = ModelAdapter.load(str(tiny_model))
+    config = lambda **kw: CollectConfig(topk_ratio=RATIO, labels=("phone", "spk", "unit"), **kw)  # noqa: E731
+    collect(corpus, adapter, tmp_path / "all.zarr", config(), progress=False)
+    for i in range(2):
+        collect(corpus, adapter, tmp_path / f"{i}.zarr", config(shard=(i, 2)), progress=False)
+    merge_stores([tmp_path / "0.zarr", tmp_path / "1.zarr"], tmp_path / "m.zarr")
+    whole, merged = (xr.open_zarr(tmp_path / n, consolidated=False) for n in ("all.zarr", "m.zarr"))
+    for name in ("frames", "topk_count", "positive_count"):
+        np.testing.assert_array_equal(merged[name].values, whole[name].values)
+    np.testing.assert_array_equal(merged["unit"].values, whole["unit"].values)
+    assert open_stats(tmp_path / "m.zarr").parts == ("phone", "unit", "spk")
+
+
 def test_collect_refuses_unknown_parts_and_oversized_spaces(corpus, tiny_model, tmp_path, monkeypatch):
     adapter = ModelAdapter.load(str(tiny_model))
     with pytest.raises(ValueError, match="has no label part unit; its parts are phone, gender, pitch_bin"):
@@ -305,6 +321,16 @@ def test_select_groups_over_utterance_clusters_and_units(tmp_path):
         property_neurons(stats, "accent")
 
 
+def test_cli_select_lists_at_most_16_groups(tmp_path):
+    space = LabelSpace.of({"phone": PHONES, "unit": [str(u) for u in range(20)]})
+    frames = np.full(space.size, 10, np.int64)
+    topk = np.full((1, space.size, 6), 2, np.int64)
+    make_store(tmp_path / "s.zarr", frames, topk=topk, space=space, label_sets={"unit": {"level": "frame"}})
+    r = CliRunner().invoke(main, ["select", str(tmp_path / "s.zarr"), "--property", "unit"])
+    assert r.exit_code == 0, r.output
+    assert "N[15]" in r.output and "N[16]" not in r.output and "... and 4 more groups" in r.output
+
+
 def test_cli_labels_collect_select_info(corpus, tiny_model, tmp_path):
     unit_file, spk_file, _, _ = write_labels(corpus, tmp_path)
     run = CliRunner().invoke
@@ -326,6 +352,7 @@ def test_cli_labels_collect_select_info(corpus, tiny_model, tmp_path):
     assert r.exit_code == 0, r.output
     r = run(main, ["info", str(out)])
     assert r.exit_code == 0 and "41 phone x 3 spk joint labels" in r.output and "tokens per spk: " in r.output
+    assert f"label set spk: utterance level, from {spk_file}" in r.output
     r = run(main, ["select", str(out), "--property", "spk", "--property", "phone-type"])
     assert r.exit_code == 0, r.output
     assert "N[a]" in r.output and "overlaps" in r.output
