@@ -26,10 +26,10 @@ import torch
 
 import neurostat.kernels.ffn_up_stats as fused
 import neurostat.kernels.topk_stats as ts_mod
-from neurostat.engine.accumulate import Accumulator, TokenBatch, topk_mask
+from neurostat.engine.accumulate import Accumulator, TokenBatch, chunk_tokens, topk_mask
 from neurostat.engine.adapter import ModelAdapter
 from neurostat.kernels.ffn_up_stats import ffn_up_stats
-from neurostat.kernels.topk_stats import topk_stats
+from neurostat.kernels.topk_stats import topk_stats, topk_thresholds
 
 
 def sync(device):
@@ -99,6 +99,22 @@ def torch_sums(x: torch.Tensor, local: torch.Tensor, num_labels: int, k: int, sh
     }
 
 
+def breakdown(y, batch, num_labels, k, shift, device) -> dict[str, float]:
+    """Seconds of the parts of ``topk_stats``: the threshold search, and the accumulate kernel per statistic."""
+    rows, starts, labels = batch.sorted_rows, batch.chunk_starts, batch.chunk_labels
+    thr = topk_thresholds(y, rows, k)
+    part = lambda **kw: topk_stats(y, rows, starts, labels, num_labels, k, shift, **kw)  # noqa: E731
+    return {
+        "threshold search": timed(lambda: topk_thresholds(y, rows, k), device),
+        "accumulate, top-k counts": timed(lambda: part(positive=False, moments=False, thresholds=thr), device),
+        "accumulate, positive counts": timed(lambda: part(topk=False, moments=False), device),
+        "accumulate, moments": timed(lambda: part(topk=False, positive=False), device),
+        "zeroed per-batch buffers (4 x [labels, D])": timed(
+            lambda: [torch.zeros((num_labels, y.shape[1]), device=y.device) for _ in range(4)], device
+        ),
+    }
+
+
 def kernel_table(device, dtype, M, K, N, k, labels, token_fraction, rng, configs, ts_tunings) -> tuple:
     x = torch.randn(M, K, device=device, dtype=dtype)
     w = (torch.randn(N, K, device=device) / K**0.5).to(dtype)
@@ -140,6 +156,19 @@ def kernel_table(device, dtype, M, K, N, k, labels, token_fraction, rng, configs
         device,
     )
     add("topk_stats, top-k only", t_tk, 0, tok_bytes)
+    for name, t in breakdown(y, batch, U, k, shift, device).items():
+        add(f"  of which {name}", t, 0, tok_bytes if "buffers" not in name else 0)
+    for chunk_rows in (8, 128, 512):
+        rows_c, starts_c, labels_c = (
+            t.to(device) for t in chunk_tokens(batch.index.cpu(), batch.local.cpu(), chunk_rows)
+        )
+        t = timed(lambda: topk_stats(y, rows_c, starts_c, labels_c, U, k, shift), device)
+        add(
+            f"topk_stats, all statistics, chunks of <= {chunk_rows} rows ({labels_c.numel()} chunks; engine: 32)",
+            t,
+            0,
+            tok_bytes,
+        )
     t_torch = timed(lambda: torch_sums(y.index_select(0, batch.index), batch.local, U, k, shift), device)
     add("torch statistics on the token rows (index_select + topk + index_add)", t_torch, 0, tok_bytes)
     best = None
@@ -317,22 +346,24 @@ def main() -> None:
     )
     ts_tunings = (
         [
-            dict(zip(("search_rows", "search_warps", "rows", "num_warps"), t))
+            dict(zip(("search_rows", "search_warps", "search_bits", "rows", "num_warps"), t))
             for t in (
-                (1, 4, 2, 8),
-                (2, 4, 2, 8),
-                (4, 8, 2, 8),
-                (1, 1, 2, 8),
-                (2, 2, 2, 8),
-                (4, 4, 2, 8),
-                (8, 8, 2, 8),
-                (8, 4, 2, 8),
-                (4, 4, 1, 4),
-                (4, 4, 4, 8),
+                (1, 4, 1, 2, 8),
+                (1, 4, 2, 2, 8),
+                (2, 4, 1, 2, 8),
+                (2, 4, 2, 2, 8),
+                (4, 8, 1, 2, 8),
+                (4, 8, 2, 2, 8),
+                (1, 1, 2, 2, 8),
+                (2, 2, 2, 2, 8),
+                (4, 4, 2, 2, 8),
+                (8, 8, 2, 2, 8),
+                (4, 4, 2, 1, 4),
+                (4, 4, 2, 4, 8),
             )
         ]
         if not args.smoke
-        else [{"search_rows": 2, "search_warps": 4, "rows": 2, "num_warps": 4}]
+        else [{"search_rows": 2, "search_warps": 4, "search_bits": b, "rows": 2, "num_warps": 4} for b in (1, 2)]
     )
     chosen = {}
     for frac, name in ((0.2, "phone-mid-like, 20% token rows"), (1.0, "all rows are tokens")):

@@ -8,14 +8,14 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from neurostat.engine.accumulate import chunk_tokens  # noqa: E402
-from neurostat.kernels.topk_stats import TUNING, topk_stats, topk_stats_reference  # noqa: E402
+from neurostat.kernels.topk_stats import TUNING, topk_stats, topk_stats_reference, topk_thresholds  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-@pytest.mark.parametrize("rows_per_step", [(1, 2), (2, 1), (4, 4)])
+@pytest.mark.parametrize("rows_per_step", [(1, 2, 1), (2, 1, 2), (4, 4, 2)])
 @pytest.mark.parametrize(
     "m, d, k, labels, chunk", [(7, 13, 3, 4, 2), (29, 37, 5, 6, 4), (40, 101, 11, 9, 32), (3, 5, 5, 2, 1)]
 )
@@ -24,6 +24,7 @@ def test_matches_reference_with_ties_empty_labels_and_ignored_rows(
 ):
     monkeypatch.setitem(TUNING, "rows", rows_per_step[0])
     monkeypatch.setitem(TUNING, "search_rows", rows_per_step[1])
+    monkeypatch.setitem(TUNING, "search_bits", rows_per_step[2])
     g = torch.Generator().manual_seed(m * 1000 + d)
     y = torch.randn(m, d, generator=g) * 2
     y[:, ::4] = torch.round(y[:, ::4])  # exact ties in |y|, some at the k-th value
@@ -58,3 +59,27 @@ def test_subsets_and_no_tokens():
     assert all(v.sum() == 0 for v in got.values())
     with pytest.raises(ValueError, match="k <= D"):
         topk_stats(y, rows.to(DEVICE), starts.to(DEVICE), labels.to(DEVICE), 2, 10, topk=True, moments=False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("bits", [1, 2])
+def test_thresholds_are_the_kth_largest_and_can_be_reused(dtype, bits, monkeypatch):
+    monkeypatch.setitem(TUNING, "search_bits", bits)
+    g = torch.Generator().manual_seed(5)
+    m, d, k = 23, 45, 7
+    y = torch.round(torch.randn(m, d, generator=g) * 3) / 2  # many exact ties
+    y = y.to(dtype).to(DEVICE)
+    rows = torch.tensor([3, 0, 22, 7, 7, 11], dtype=torch.int32)
+    thr, room = topk_thresholds(y, rows.to(DEVICE), k)
+    absx = y.cpu().float().abs()[rows.long()]
+    kth = absx.sort(dim=1, descending=True).values[:, k - 1]
+    assert torch.equal(thr.cpu(), kth.view(torch.int32))
+    assert torch.equal(room.cpu(), k - (absx > kth[:, None]).sum(1).to(torch.int32))
+    local = torch.tensor([0, 2, 1, 0, 2, 2])
+    sorted_rows, starts, labels = chunk_tokens(rows.long(), local, 2)
+    args = (y, sorted_rows.to(DEVICE), starts.to(DEVICE), labels.to(DEVICE), 3, k)
+    fresh = topk_stats(*args, positive=False, moments=False)
+    again = topk_stats(*args, positive=False, moments=False, thresholds=topk_thresholds(y, sorted_rows.to(DEVICE), k))
+    assert torch.equal(fresh["topk"], again["topk"])
+    ref = topk_stats_reference(y.cpu(), rows, local, 3, k, torch.zeros(d))
+    assert torch.equal(fresh["topk"].cpu().long(), ref["topk"])

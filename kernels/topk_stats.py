@@ -7,7 +7,8 @@ once and, in the same pass, also counts a > 0 and sums the shifted moments.
 Two kernels.  The *threshold* kernel finds, for every token row, the k-th largest |a|: |a| is read as
 an fp32 bit pattern (monotone for non-negative floats) and the key is built by a bitwise binary
 search from the top bit down (only the bits the input dtype can set: 15 for bf16, 18 for fp16, 31 for
-fp32).  It runs one small program per few rows, so the searches' reductions overlap across the GPU.
+fp32), one bit per block reduction or (``search_bits`` 2) two, with three candidate counts packed
+into one int64 reduction.  It runs one small program per few rows, so the searches' reductions overlap across the GPU.
 The *accumulate* kernel walks *chunks* — runs of at most 32 token rows that share one label (the host
 sorts the tokens by label while building the batch) — keeps the per-neuron sums in registers and
 adds them to the per-batch buffers once, so atomics scale with the number of chunks, not of tokens.
@@ -40,8 +41,14 @@ def _threshold_kernel(
     LOW_BIT: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ROWS: tl.constexpr,
+    TWO_BITS: tl.constexpr,
 ):
-    """Per token row: the k-th largest |a| as a key, and how many keys equal to it the top k takes."""
+    """Per token row: the k-th largest |a| as a key, and how many keys equal to it the top k takes.
+
+    The key is the largest ``thr`` with at least k keys >= thr, built bit by bit from the top.  With
+    ``TWO_BITS`` each step settles two bits: the counts of its three candidates are packed into one
+    int64 (21 bits each) so that one block reduction serves them all — half the dependent reductions.
+    """
     r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     live = r < n_rows
     offs = tl.arange(0, BLOCK_D)
@@ -50,10 +57,30 @@ def _threshold_kernel(
     a = tl.load(y_ptr + row[:, None] * stride_y + offs[None, :], mask=ok, other=0.0).to(tl.float32)
     key = tl.where(ok, tl.abs(a).to(tl.int32, bitcast=True), -1)
     thr = tl.zeros([ROWS], dtype=tl.int32)
-    for b in tl.static_range(31 - LOW_BIT):
-        cand = thr | (1 << (30 - b))
-        above = tl.sum((key >= cand[:, None]).to(tl.int32), axis=1)
-        thr = tl.where(above >= k, cand, thr)
+    if TWO_BITS:
+        if (31 - LOW_BIT) % 2 == 1:
+            cand = thr | (1 << 30)
+            thr = tl.where(tl.sum((key >= cand[:, None]).to(tl.int32), axis=1) >= k, cand, thr)
+        for step in tl.static_range((31 - LOW_BIT) // 2):
+            high = 30 - (31 - LOW_BIT) % 2 - 2 * step
+            c1 = thr | (1 << (high - 1))
+            c2 = thr | (1 << high)
+            c3 = c2 | (1 << (high - 1))
+            packed = (
+                (key >= c1[:, None]).to(tl.int64)
+                + ((key >= c2[:, None]).to(tl.int64) << 21)
+                + ((key >= c3[:, None]).to(tl.int64) << 42)
+            )
+            total = tl.sum(packed, axis=1)
+            n1 = (total & 0x1FFFFF).to(tl.int32)
+            n2 = ((total >> 21) & 0x1FFFFF).to(tl.int32)
+            n3 = (total >> 42).to(tl.int32)
+            thr = tl.where(n3 >= k, c3, tl.where(n2 >= k, c2, tl.where(n1 >= k, c1, thr)))
+    else:
+        for b in tl.static_range(31 - LOW_BIT):
+            cand = thr | (1 << (30 - b))
+            above = tl.sum((key >= cand[:, None]).to(tl.int32), axis=1)
+            thr = tl.where(above >= k, cand, thr)
     room = k - tl.sum((key > thr[:, None]).to(tl.int32), axis=1)
     tl.store(thr_ptr + r, thr, mask=live)
     tl.store(room_ptr + r, room, mask=live)
@@ -122,8 +149,47 @@ def _accumulate_kernel(
         tl.atomic_add(s2_ptr + out, acc_s2, mask=valid)
 
 
-TUNING = {"search_rows": 1, "search_warps": 4, "rows": 2, "num_warps": 8}
-"""Rows per program step and warps of the two kernels on CUDA (bench/kernel_bench.py measures choices)."""
+TUNING = {"search_rows": 1, "search_warps": 4, "search_bits": 1, "rows": 2, "num_warps": 8}
+"""Rows per program step, warps and bits settled per search step of the two kernels on CUDA
+(bench/kernel_bench.py measures choices)."""
+
+
+def topk_thresholds(y: torch.Tensor, rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token row ``y[rows[i]]``: the k-th largest |a| as an fp32 bit-pattern key (int32) and ``room``,
+    how many keys equal to it the top k takes (k minus the number of larger keys)."""
+    _check(y, k)
+    n_rows = rows.numel()
+    thr = torch.empty(n_rows, dtype=torch.int32, device=y.device)
+    room = torch.empty(n_rows, dtype=torch.int32, device=y.device)
+    if n_rows:
+        search_rows = TUNING["search_rows"]
+        _threshold_kernel[(triton.cdiv(n_rows, search_rows),)](
+            y,
+            y.stride(0),
+            rows,
+            n_rows,
+            thr,
+            room,
+            y.shape[1],
+            k,
+            LOW_BIT=_LOW_BIT[y.dtype],
+            BLOCK_D=triton.next_power_of_2(y.shape[1]),
+            ROWS=search_rows,
+            TWO_BITS=TUNING["search_bits"] == 2,
+            num_warps=TUNING["search_warps"] if y.is_cuda else 4,
+        )
+    return thr, room
+
+
+def _check(y: torch.Tensor, k: int) -> None:
+    if y.dim() != 2 or y.stride(1) != 1:
+        raise ValueError("y must be a row-major [M, D] matrix")
+    if y.dtype not in _LOW_BIT:
+        raise ValueError(f"unsupported dtype {y.dtype}; use bf16, fp16 or fp32")
+    if not 1 <= k <= y.shape[1]:
+        raise ValueError(f"need 1 <= k <= D, got k={k}, D={y.shape[1]}")
+    if y.shape[1] >= 2**21:
+        raise ValueError(f"D = {y.shape[1]} is too wide: the threshold search packs counts in 21 bits")
 
 
 def topk_stats(
@@ -137,19 +203,16 @@ def topk_stats(
     topk: bool = True,
     positive: bool = True,
     moments: bool = True,
+    thresholds: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-label sums over the token rows ``y[rows]`` (rows grouped into same-label chunks).
 
     Returns int32 ``topk`` and ``positive`` counts and fp32 ``s1`` = Σ(a − shift), ``s2`` = Σ(a − shift)²,
-    each [num_labels, D], for the statistics asked for.
+    each [num_labels, D], for the statistics asked for.  ``thresholds`` (from :func:`topk_thresholds` on
+    the same rows) skips the search.
     """
-    if y.dim() != 2 or y.stride(1) != 1:
-        raise ValueError("y must be a row-major [M, D] matrix")
-    if y.dtype not in _LOW_BIT:
-        raise ValueError(f"unsupported dtype {y.dtype}; use bf16, fp16 or fp32")
+    _check(y, k)
     width = y.shape[1]
-    if not 1 <= k <= width:
-        raise ValueError(f"need 1 <= k <= D, got k={k}, D={width}")
     dev = y.device
     out = {}
     ints = lambda: torch.zeros((num_labels, width), dtype=torch.int32, device=dev)  # noqa: E731
@@ -159,29 +222,11 @@ def topk_stats(
     if moments and shift is None:
         raise ValueError("moments need the per-neuron shift")
     dummy = torch.empty(1, dtype=torch.int32, device=dev)
-    n_chunks, n_rows = chunk_labels.numel(), rows.numel()
+    n_chunks = chunk_labels.numel()
     if n_chunks:
-        block = triton.next_power_of_2(width)
-        cuda = y.is_cuda
         thr = room = dummy
         if topk:
-            thr = torch.empty(n_rows, dtype=torch.int32, device=dev)
-            room = torch.empty(n_rows, dtype=torch.int32, device=dev)
-            search_rows = TUNING["search_rows"]
-            _threshold_kernel[(triton.cdiv(n_rows, search_rows),)](
-                y,
-                y.stride(0),
-                rows,
-                n_rows,
-                thr,
-                room,
-                width,
-                k,
-                LOW_BIT=_LOW_BIT[y.dtype],
-                BLOCK_D=block,
-                ROWS=search_rows,
-                num_warps=TUNING["search_warps"] if cuda else 4,
-            )
+            thr, room = thresholds if thresholds is not None else topk_thresholds(y, rows, k)
         _accumulate_kernel[(n_chunks,)](
             y,
             y.stride(0),
@@ -196,12 +241,12 @@ def topk_stats(
             s1 if moments else dummy,
             s2 if moments else dummy,
             width,
-            BLOCK_D=block,
+            BLOCK_D=triton.next_power_of_2(width),
             ROWS=TUNING["rows"],
             DO_TOPK=topk,
             DO_POS=positive,
             DO_MOM=moments,
-            num_warps=TUNING["num_warps"] if cuda else 4,
+            num_warps=TUNING["num_warps"] if y.is_cuda else 4,
         )
     if topk:
         out["topk"] = out_topk
