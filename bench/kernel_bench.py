@@ -344,26 +344,29 @@ def main() -> None:
         if not args.smoke
         else [dict(fused.INTERPRETER_TILES)]
     )
+    keys = ("search_rows", "search_warps", "search_bits", "rows", "num_warps", "two_pass")
     ts_tunings = (
         [
-            dict(zip(("search_rows", "search_warps", "search_bits", "rows", "num_warps"), t))
+            dict(zip(keys, t))
             for t in (
-                (1, 4, 1, 2, 8),
-                (1, 4, 2, 2, 8),
-                (2, 4, 1, 2, 8),
-                (2, 4, 2, 2, 8),
-                (4, 8, 1, 2, 8),
-                (4, 8, 2, 2, 8),
-                (1, 1, 2, 2, 8),
-                (2, 2, 2, 2, 8),
-                (4, 4, 2, 2, 8),
-                (8, 8, 2, 2, 8),
-                (4, 4, 2, 1, 4),
-                (4, 4, 2, 4, 8),
+                (1, 4, 1, 2, 8, False),
+                (1, 4, 2, 2, 8, False),
+                (1, 4, 1, 2, 8, True),
+                (1, 4, 2, 2, 8, True),
+                (2, 4, 1, 2, 8, False),
+                (2, 4, 2, 2, 8, True),
+                (4, 8, 1, 2, 8, False),
+                (4, 8, 2, 2, 8, True),
+                (1, 1, 2, 2, 8, True),
+                (2, 2, 2, 2, 8, True),
+                (4, 4, 2, 2, 8, True),
+                (8, 8, 2, 2, 8, True),
+                (4, 4, 2, 1, 4, True),
+                (4, 4, 2, 4, 8, True),
             )
         ]
         if not args.smoke
-        else [{"search_rows": 2, "search_warps": 4, "search_bits": b, "rows": 2, "num_warps": 4} for b in (1, 2)]
+        else [dict(zip(keys, (2, 4, b, 2, 4, p))) for b in (1, 2) for p in (False, True)]
     )
     chosen = {}
     for frac, name in ((0.2, "phone-mid-like, 20% token rows"), (1.0, "all rows are tokens")):

@@ -15,13 +15,15 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" 
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("two_pass", [False, True], ids=["atomic", "two-pass"])
 @pytest.mark.parametrize("rows_per_step", [(1, 2, 1), (2, 1, 2), (4, 4, 2)])
 @pytest.mark.parametrize(
     "m, d, k, labels, chunk", [(7, 13, 3, 4, 2), (29, 37, 5, 6, 4), (40, 101, 11, 9, 32), (3, 5, 5, 2, 1)]
 )
 def test_matches_reference_with_ties_empty_labels_and_ignored_rows(
-    dtype, rows_per_step, m, d, k, labels, chunk, monkeypatch
+    dtype, two_pass, rows_per_step, m, d, k, labels, chunk, monkeypatch
 ):
+    monkeypatch.setitem(TUNING, "two_pass", two_pass)
     monkeypatch.setitem(TUNING, "rows", rows_per_step[0])
     monkeypatch.setitem(TUNING, "search_rows", rows_per_step[1])
     monkeypatch.setitem(TUNING, "search_bits", rows_per_step[2])
@@ -47,7 +49,9 @@ def test_matches_reference_with_ties_empty_labels_and_ignored_rows(
     assert got["topk"][1].sum() == 0 and got["s1"][1].abs().sum() == 0
 
 
-def test_subsets_and_no_tokens():
+@pytest.mark.parametrize("two_pass", [False, True], ids=["atomic", "two-pass"])
+def test_subsets_and_no_tokens(two_pass, monkeypatch):
+    monkeypatch.setitem(TUNING, "two_pass", two_pass)
     y = torch.randn(6, 9).to(DEVICE)
     rows, starts, labels = chunk_tokens(torch.tensor([0, 2, 5]), torch.tensor([1, 0, 1]), 8)
     got = topk_stats(

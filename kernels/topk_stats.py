@@ -16,7 +16,9 @@ Ties at the threshold go to the lower neuron index, through a prefix count of th
 same rule as the torch reference.
 
 Counts are int32 atomics (exact and order-independent); moment sums are fp32 atomics, so their
-rounding may differ from run to run.
+rounding may differ from run to run.  With ``TUNING["two_pass"]`` each chunk stores its sums in its own
+row and a second kernel adds each label's chunk rows in order: no atomics, and the moment sums are
+deterministic.
 """
 
 from __future__ import annotations
@@ -106,8 +108,10 @@ def _accumulate_kernel(
     DO_TOPK: tl.constexpr,
     DO_POS: tl.constexpr,
     DO_MOM: tl.constexpr,
+    TWO_PASS: tl.constexpr,
 ):
-    """Per same-label chunk: sums of the top-k masks, positive masks and shifted moments of its rows."""
+    """Per same-label chunk: sums of the top-k masks, positive masks and shifted moments of its rows,
+    added to the label's row of the outputs (atomics), or (``TWO_PASS``) stored in the chunk's row."""
     chunk = tl.program_id(0)
     start = tl.load(chunk_start_ptr + chunk)
     end = tl.load(chunk_start_ptr + chunk + 1)
@@ -139,18 +143,45 @@ def _accumulate_kernel(
             dev = tl.where(ok, a - shift[None, :], 0.0)
             acc_s1 += tl.sum(dev, axis=0)
             acc_s2 += tl.sum(dev * dev, axis=0)
-    out = label * D + offs
-    if DO_TOPK:
-        tl.atomic_add(topk_ptr + out, acc_topk, mask=valid & (acc_topk != 0))
-    if DO_POS:
-        tl.atomic_add(pos_ptr + out, acc_pos, mask=valid & (acc_pos != 0))
-    if DO_MOM:
-        tl.atomic_add(s1_ptr + out, acc_s1, mask=valid)
-        tl.atomic_add(s2_ptr + out, acc_s2, mask=valid)
+    if TWO_PASS:
+        out = chunk.to(tl.int64) * D + offs
+        if DO_TOPK:
+            tl.store(topk_ptr + out, acc_topk, mask=valid)
+        if DO_POS:
+            tl.store(pos_ptr + out, acc_pos, mask=valid)
+        if DO_MOM:
+            tl.store(s1_ptr + out, acc_s1, mask=valid)
+            tl.store(s2_ptr + out, acc_s2, mask=valid)
+    else:
+        out = label * D + offs
+        if DO_TOPK:
+            tl.atomic_add(topk_ptr + out, acc_topk, mask=valid & (acc_topk != 0))
+        if DO_POS:
+            tl.atomic_add(pos_ptr + out, acc_pos, mask=valid & (acc_pos != 0))
+        if DO_MOM:
+            tl.atomic_add(s1_ptr + out, acc_s1, mask=valid)
+            tl.atomic_add(s2_ptr + out, acc_s2, mask=valid)
 
 
-TUNING = {"search_rows": 1, "search_warps": 4, "search_bits": 1, "rows": 2, "num_warps": 8}
-"""Rows per program step, warps and bits settled per search step of the two kernels on CUDA
+@triton.jit
+def _chunk_reduce_kernel(part_ptr, out_ptr, label_chunks_ptr, D, BLOCK: tl.constexpr):
+    """Per label and column block: the sum of its chunks' rows of ``part`` (chunks are sorted by label)."""
+    label = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < D
+    first = tl.load(label_chunks_ptr + label)
+    last = tl.load(label_chunks_ptr + label + 1)
+    acc = tl.zeros([BLOCK], dtype=part_ptr.dtype.element_ty)
+    row_ptr = part_ptr + first.to(tl.int64) * D + offs
+    for _ in range(first, last):
+        acc += tl.load(row_ptr, mask=valid, other=0)
+        row_ptr += D
+    tl.store(out_ptr + label.to(tl.int64) * D + offs, acc, mask=valid)
+
+
+TUNING = {"search_rows": 1, "search_warps": 4, "search_bits": 1, "rows": 2, "num_warps": 8, "two_pass": False}
+"""Rows per program step, warps and bits settled per search step of the two kernels on CUDA, and whether
+chunks store their sums for a second reduction kernel instead of adding them with atomics
 (bench/kernel_bench.py measures choices)."""
 
 
@@ -214,15 +245,17 @@ def topk_stats(
     _check(y, k)
     width = y.shape[1]
     dev = y.device
-    out = {}
-    ints = lambda: torch.zeros((num_labels, width), dtype=torch.int32, device=dev)  # noqa: E731
-    floats = lambda: torch.zeros((num_labels, width), dtype=torch.float32, device=dev)  # noqa: E731
-    out_topk, out_pos = (ints() if topk else None), (ints() if positive else None)
-    s1, s2 = (floats(), floats()) if moments else (None, None)
     if moments and shift is None:
         raise ValueError("moments need the per-neuron shift")
-    dummy = torch.empty(1, dtype=torch.int32, device=dev)
     n_chunks = chunk_labels.numel()
+    two_pass = bool(TUNING["two_pass"]) and n_chunks > 0
+    rows_out = n_chunks if two_pass else num_labels
+    alloc = torch.empty if two_pass else torch.zeros
+    ints = lambda: alloc((rows_out, width), dtype=torch.int32, device=dev)  # noqa: E731
+    floats = lambda: alloc((rows_out, width), dtype=torch.float32, device=dev)  # noqa: E731
+    out_topk, out_pos = (ints() if topk else None), (ints() if positive else None)
+    s1, s2 = (floats(), floats()) if moments else (None, None)
+    dummy = torch.empty(1, dtype=torch.int32, device=dev)
     if n_chunks:
         thr = room = dummy
         if topk:
@@ -246,14 +279,19 @@ def topk_stats(
             DO_TOPK=topk,
             DO_POS=positive,
             DO_MOM=moments,
+            TWO_PASS=two_pass,
             num_warps=TUNING["num_warps"] if y.is_cuda else 4,
         )
-    if topk:
-        out["topk"] = out_topk
-    if positive:
-        out["positive"] = out_pos
-    if moments:
-        out["s1"], out["s2"] = s1, s2
+    out = {name: t for name, t in (("topk", out_topk), ("positive", out_pos), ("s1", s1), ("s2", s2)) if t is not None}
+    if two_pass:
+        label_chunks = torch.searchsorted(chunk_labels, torch.arange(num_labels + 1, device=dev, dtype=torch.int32))
+        label_chunks = label_chunks.to(torch.int32)
+        block = min(1024, triton.next_power_of_2(width))
+        for name, part in out.items():
+            out[name] = torch.empty((num_labels, width), dtype=part.dtype, device=dev)
+            _chunk_reduce_kernel[(num_labels, triton.cdiv(width, block))](
+                part, out[name], label_chunks, width, BLOCK=block
+            )
     return out
 
 
