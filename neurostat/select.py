@@ -205,7 +205,11 @@ def property_neurons(
         "groups": spec.groups,
         "store": str(stats.path),
     }
-    return Selection(property if groups is None else str(groups), exclusive, group_sets, settings, empty)
+    if groups is None:
+        name = property
+    else:
+        name = str(groups) if isinstance(groups, (str, Path)) else f"{spec.axis} groups"
+    return Selection(name, exclusive, group_sets, settings, empty)
 
 
 def _entropy_members(

@@ -296,6 +296,7 @@ def test_select_groups_over_utterance_clusters_and_units(tmp_path):
     assert as_dict(property_neurons(stats, groups=spec, sigma=1.0).neurons) == {1: [3], 2: []}
     sel = property_neurons(stats, groups=spec, sigma=0.6)
     assert as_dict(sel.neurons) == {1: [3, 5], 2: []} and sel.settings["within"] == "unit"
+    assert sel.property == "spk groups"
     # builtin property of an utterance-level set: its clusters over the phones (AA only has tokens)
     with pytest.warns(UserWarning, match=r"\(group, phone\) cells have no tokens"):
         builtin = property_neurons(stats, "spk", sigma=1 / len(ARPABET))
