@@ -115,6 +115,10 @@ def test_attach_checks_frames_and_coverage(corpus, tmp_path):
         corpus, "unit", {**partial, "elsewhere": np.array([1])}, "frame", "partial.txt", allow_missing=True
     )
     assert entry["missing"] == 1 and entry["unused"] == 1 and entry["vocab"] == ["0", "1", "2", "3", "4"]
+    first_files = sorted(p.name for p in (corpus.path / "labels").iterdir())
+    entry = attach_label_set(corpus, "unit", {**partial, "elsewhere": np.array([1])}, "frame", "again.txt", True)
+    files = sorted(p.name for p in (corpus.path / "labels").iterdir())
+    assert len(files) == 2 and set(files).isdisjoint(first_files) and entry["file"] == f"labels/{files[0]}"
     assert corpus.label_space.parts == ("phone", "gender", "pitch_bin", "unit")
     reopened = PreparedCorpus(corpus.path)
     utt = reopened[1]
@@ -124,7 +128,7 @@ def test_attach_checks_frames_and_coverage(corpus, tmp_path):
     assert caught.typename == "Skip" and caught.value.reason == "no-unit-label"
     remove_label_set(reopened, "unit")
     assert reopened.label_space.parts == ("phone", "gender", "pitch_bin")
-    assert not list((corpus.path / "labels").glob("unit.*"))
+    assert not list((corpus.path / "labels").glob("unit*"))
 
 
 def test_joint_frames_over_extra_parts(corpus, tmp_path):

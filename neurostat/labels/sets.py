@@ -2,9 +2,10 @@
 
 They carry the follow-up paper's groupings — k-means units of SSL features (per frame), clusters of
 utterance embeddings such as i-vectors (per utterance) — or any other labelling, into the joint label
-space that ``collect`` counts on.  A set lives in ``<prepared>/labels/<name>.npz`` (utterance ids,
-offsets, vocabulary) and ``<name>.values.npy`` (label indices, memory-mapped by every data-loading
-worker) and is listed under ``label_sets`` in ``meta.json``.
+space that ``collect`` counts on.  A set lives in ``<prepared>/labels/<name>-<stamp>.npz`` (utterance
+ids, offsets, vocabulary) and ``<name>-<stamp>.values.npy`` (label indices, memory-mapped by every
+data-loading worker) and is listed under ``label_sets`` in ``meta.json``; replacing a set writes new
+files and switches ``meta.json`` to them with one atomic rename, so a crash never mixes two versions.
 
 Text format read by :func:`read_label_file` (Kaldi-style, one utterance a line, ``#`` comments)::
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -125,14 +127,13 @@ def attach_label_set(
     offsets[1:] = np.cumsum([len(v) for v in values])
     folder = corpus.path / "labels"
     folder.mkdir(exist_ok=True)
-    np.save(folder / f"{name}.values.tmp.npy", inverse.astype(np.int32))
-    np.savez(folder / f"{name}.tmp.npz", ids=np.asarray(used), offsets=offsets, vocab=np.asarray(vocab))
-    os.replace(folder / f"{name}.values.tmp.npy", folder / f"{name}.values.npy")
-    os.replace(folder / f"{name}.tmp.npz", folder / f"{name}.npz")
+    stem = f"{name}-{time.time_ns():x}"  # new files first; meta.json then switches to them in one rename
+    np.save(folder / f"{stem}.values.npy", inverse.astype(np.int32))
+    np.savez(folder / f"{stem}.npz", ids=np.asarray(used), offsets=offsets, vocab=np.asarray(vocab))
     entry = {
         "level": level,
         "vocab": vocab,
-        "file": f"labels/{name}.npz",
+        "file": f"labels/{stem}.npz",
         "source": source,
         "utterances": len(used),
         "missing": len(missing),
@@ -141,11 +142,18 @@ def attach_label_set(
     }
     meta = json.loads((corpus.path / "meta.json").read_text())
     meta.setdefault("label_sets", {})[name] = entry
-    tmp_meta = corpus.path / "meta.json.tmp"
-    tmp_meta.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp_meta, corpus.path / "meta.json")
-    corpus.reload()
+    _write_meta(corpus, meta)
+    for old in folder.glob(f"{name}-*"):
+        if not old.name.startswith(stem):
+            old.unlink()
     return entry
+
+
+def _write_meta(corpus: "PreparedCorpus", meta: dict) -> None:
+    tmp = corpus.path / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, corpus.path / "meta.json")
+    corpus.reload()
 
 
 def remove_label_set(corpus: "PreparedCorpus", name: str) -> None:
@@ -154,12 +162,10 @@ def remove_label_set(corpus: "PreparedCorpus", name: str) -> None:
     if name not in meta.get("label_sets", {}):
         raise LabelSetError(f"{corpus.path} has no label set {name!r} (sets: {', '.join(corpus.label_sets) or 'none'})")
     meta["label_sets"].pop(name)
-    tmp_meta = corpus.path / "meta.json.tmp"
-    tmp_meta.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp_meta, corpus.path / "meta.json")
-    for path in (corpus.path / "labels").glob(f"{name}.*"):
-        path.unlink()
-    corpus.reload()
+    _write_meta(corpus, meta)
+    for pattern in (f"{name}-*", f"{name}.*"):
+        for path in (corpus.path / "labels").glob(pattern):
+            path.unlink()
 
 
 @dataclass
@@ -177,7 +183,7 @@ class LabelSet:
             raise LabelSetError(f"{self.path}: the file of label set {self.name!r} is missing; attach it again")
         with np.load(self.path) as z:
             ids, offsets = z["ids"], z["offsets"]
-        values = np.load(self.path.with_name(f"{self.name}.values.npy"), mmap_mode="r")
+        values = np.load(self.path.with_suffix(".values.npy"), mmap_mode="r")
         return {str(u): i for i, u in enumerate(ids)}, offsets, values
 
     def __contains__(self, utt: str) -> bool:
