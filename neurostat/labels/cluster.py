@@ -24,6 +24,10 @@ from .kmeans import assign, kmeans
 from .sets import LEVELS, LabelSetError, attach_label_set, check_name
 
 
+class _Captured(Exception):
+    """Stops the forward once the wanted layer's output is captured."""
+
+
 def layer_features(
     corpus: PreparedCorpus,
     adapter: ModelAdapter,
@@ -48,19 +52,24 @@ def layer_features(
     data = BatchDataset(corpus, batches, adapter.feature_extractor, "all", corpus.label_space.subspace(("phone",)))
     loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=num_jobs)
     captured: list[torch.Tensor] = []
-    hook = layers[layer - 1].register_forward_hook(
-        lambda module, inputs, output: captured.append(output[0] if isinstance(output, tuple) else output)
-    )
+
+    def capture(module, inputs, output):
+        captured.append(output[0] if isinstance(output, tuple) else output)
+        raise _Captured  # the layers above are not needed
+
+    hook = layers[layer - 1].register_forward_hook(capture)
     bar = tqdm(total=len(indices), unit="utt", desc=f"layer {layer} features", disable=not progress)
     try:
         for item in loader:
             for err in item["errors"]:
                 raise LabelSetError(f"{err['file']}: {err['message']}")
             captured.clear()
-            _, mask = adapter.encode(item["waves"])
-            lengths = mask.sum(1).tolist()
-            for b, (utt, n) in enumerate(zip(item["ids"], lengths)):
-                yield utt, captured[-1][b, :n].float()
+            try:
+                adapter.encode(item["waves"])
+            except _Captured:
+                pass
+            for b, (utt, wave) in enumerate(zip(item["ids"], item["waves"])):
+                yield utt, captured[-1][b, : corpus.geometry.num_frames(len(wave))].float()
             bar.update(len(item["ids"]))
     finally:
         hook.remove()
