@@ -340,6 +340,8 @@ def main() -> None:
             {"block": (64, 128, 64), "num_warps": 4, "num_stages": 4, "group_m": 8},
             {"block": (128, 128, 64), "num_warps": 8, "num_stages": 3, "group_m": 8},
             {"block": (64, 64, 64), "num_warps": 4, "num_stages": 4, "group_m": 8},
+            {"block": (128, 256, 64), "num_warps": 8, "num_stages": 3, "group_m": 8},
+            {"block": (128, 128, 64), "num_warps": 4, "num_stages": 4, "group_m": 8},
         ]
         if not args.smoke
         else [dict(fused.INTERPRETER_TILES)]
