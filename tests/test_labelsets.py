@@ -25,6 +25,7 @@ from neurostat.labels.sets import LabelSetError, attach_label_set, read_label_fi
 from neurostat.phones import ARPABET, PHONES
 from neurostat.select import GroupSpec, SelectionError, property_neurons
 from neurostat.stats import open_stats
+from neurostat.store import StoreError
 
 RATIO = 0.1
 CLUSTERS = ("a", "b", "c")
@@ -116,13 +117,18 @@ def test_attach_checks_frames_and_coverage(corpus, tmp_path):
     )
     assert entry["missing"] == 1 and entry["unused"] == 1 and entry["vocab"] == ["0", "1", "2", "3", "4"]
     first_files = sorted(p.name for p in (corpus.path / "labels").iterdir())
-    entry = attach_label_set(corpus, "unit", {**partial, "elsewhere": np.array([1])}, "frame", "again.txt", True)
+    same = attach_label_set(corpus, "unit", {**partial, "elsewhere": np.array([1])}, "frame", "again.txt", True)
+    assert sorted(p.name for p in (corpus.path / "labels").iterdir()) == first_files
+    assert same["file"] == entry["file"] == f"labels/{first_files[0]}"  # named by content
+    changed = {**partial, corpus.records[1]["id"]: partial[corpus.records[1]["id"]][::-1]}
+    entry = attach_label_set(corpus, "unit", changed, "frame", "changed.txt", True)
     files = sorted(p.name for p in (corpus.path / "labels").iterdir())
     assert len(files) == 2 and set(files).isdisjoint(first_files) and entry["file"] == f"labels/{files[0]}"
     assert corpus.label_space.parts == ("phone", "gender", "pitch_bin", "unit")
     reopened = PreparedCorpus(corpus.path)
     utt = reopened[1]
-    np.testing.assert_array_equal(utt.part_labels("unit"), unit[utt.id])
+    np.testing.assert_array_equal(utt.part_labels("unit"), changed[utt.id])
+    np.testing.assert_array_equal(reopened[2].part_labels("unit"), unit[reopened[2].id])
     with pytest.raises(Exception, match="no 'unit' label") as caught:
         reopened[0].part_labels("unit")
     assert caught.typename == "Skip" and caught.value.reason == "no-unit-label"
@@ -258,6 +264,19 @@ def test_shards_over_label_sets_merge_exactly(corpus, tiny_model, tmp_path):
         np.testing.assert_array_equal(merged[name].values, whole[name].values)
     np.testing.assert_array_equal(merged["unit"].values, whole["unit"].values)
     assert open_stats(tmp_path / "m.zarr").parts == ("phone", "unit", "spk")
+
+
+def test_resume_refuses_a_store_counted_on_other_labels(corpus, tiny_model, tmp_path):
+    unit_file, _, unit, _ = write_labels(corpus, tmp_path)
+    attach_label_set(corpus, "unit", read_label_file(unit_file, "frame"), "frame", str(unit_file))
+    adapter = ModelAdapter.load(str(tiny_model))
+    config = CollectConfig(topk_ratio=RATIO, labels=("phone", "unit"))
+    collect(corpus, adapter, tmp_path / "s.zarr", config, progress=False)
+    collect(corpus, adapter, tmp_path / "s.zarr", config, resume=True, progress=False)  # same labels: fine
+    relabelled = {u: (v + 1) % 5 for u, v in unit.items()}  # same vocabulary, other labels
+    attach_label_set(corpus, "unit", relabelled, "frame", "relabelled")
+    with pytest.raises(StoreError, match="collected with other settings .*label_sets"):
+        collect(corpus, adapter, tmp_path / "s.zarr", config, resume=True, progress=False)
 
 
 def test_collect_refuses_unknown_parts_and_oversized_spaces(corpus, tiny_model, tmp_path, monkeypatch):

@@ -284,6 +284,7 @@ def collect(
         "tokens": config.tokens,
         "layers": [i + 1 for i in layers],
         "labels": space.to_dict(),
+        "label_sets": {name: corpus.label_sets[name]["file"] for name in space.parts if name in corpus.label_sets},
         "pitch_edges": corpus.edges,
         "corpus": {
             "root": corpus.meta["root"],

@@ -2,10 +2,11 @@
 
 They carry the follow-up paper's groupings — k-means units of SSL features (per frame), clusters of
 utterance embeddings such as i-vectors (per utterance) — or any other labelling, into the joint label
-space that ``collect`` counts on.  A set lives in ``<prepared>/labels/<name>-<stamp>.npz`` (utterance
-ids, offsets, vocabulary) and ``<name>-<stamp>.values.npy`` (label indices, memory-mapped by every
-data-loading worker) and is listed under ``label_sets`` in ``meta.json``; replacing a set writes new
-files and switches ``meta.json`` to them with one atomic rename, so a crash never mixes two versions.
+space that ``collect`` counts on.  A set lives in ``<prepared>/labels/<name>-<hash>.npz`` (utterance
+ids, offsets, vocabulary) and ``<name>-<hash>.values.npy`` (label indices, memory-mapped by every
+data-loading worker), named by a hash of the content, and is listed under ``label_sets`` in
+``meta.json``; replacing a set writes new files and switches ``meta.json`` to them with one atomic
+rename, so a crash never mixes two versions.
 
 Text format read by :func:`read_label_file` (Kaldi-style, one utterance a line, ``#`` comments)::
 
@@ -15,9 +16,9 @@ Text format read by :func:`read_label_file` (Kaldi-style, one utterance a line, 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -125,11 +126,19 @@ def attach_label_set(
     vocab = [str(v) for v in unique]
     offsets = np.zeros(len(used) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum([len(v) for v in values])
+    ids, values, vocabulary = np.asarray(used), inverse.astype(np.int32), np.asarray(vocab)
+    digest = hashlib.sha1(level.encode())
+    for array in (ids, offsets, values, vocabulary):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    # files named by their content: new ones first, then meta.json switches to them in one rename;
+    # stores record the name, so a resume or merge across different labels is refused
+    stem = f"{name}-{digest.hexdigest()[:12]}"
     folder = corpus.path / "labels"
     folder.mkdir(exist_ok=True)
-    stem = f"{name}-{time.time_ns():x}"  # new files first; meta.json then switches to them in one rename
-    np.save(folder / f"{stem}.values.npy", inverse.astype(np.int32))
-    np.savez(folder / f"{stem}.npz", ids=np.asarray(used), offsets=offsets, vocab=np.asarray(vocab))
+    np.save(folder / f"{stem}.values.tmp.npy", values)
+    np.savez(folder / f"{stem}.tmp.npz", ids=ids, offsets=offsets, vocab=vocabulary)
+    os.replace(folder / f"{stem}.values.tmp.npy", folder / f"{stem}.values.npy")
+    os.replace(folder / f"{stem}.tmp.npz", folder / f"{stem}.npz")
     entry = {
         "level": level,
         "vocab": vocab,
