@@ -31,7 +31,8 @@ class StoreError(RuntimeError):
     """A store that cannot be written or read as asked; the message names it."""
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path`` through a synced temporary file and one rename: all or nothing."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -135,8 +136,8 @@ class StoreWriter:
             np.savez(f, **state)
             f.flush()
             os.fsync(f.fileno())
-        _atomic_write(self.internal / done_name, json.dumps(done))
-        _atomic_write(
+        atomic_write(self.internal / done_name, json.dumps(done))
+        atomic_write(
             pointer, json.dumps({"generation": gen, "state": state_name, "done": done_name, "progress": progress})
         )
         for old in self.internal.iterdir():
@@ -170,7 +171,7 @@ class StoreWriter:
                 attributes={"coordinates": label_coords},
             )
             arr[:] = values
-        _atomic_write(self.internal / "utterances.json", json.dumps(done))
+        atomic_write(self.internal / "utterances.json", json.dumps(done))
         root.attrs.update({**attrs, "complete": True})
 
     def close(self) -> None:

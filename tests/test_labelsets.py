@@ -78,7 +78,7 @@ def test_label_space_of_any_parts_encodes_row_major():
 def test_label_file_errors_name_file_and_line(tmp_path):
     f = tmp_path / "l.txt"
     f.write_text("u1 3 4\nu2 1\nu1 2\n")
-    with pytest.raises(LabelSetError, match=r"l.txt:3: utterance u1 already labelled on line 1"):
+    with pytest.raises(LabelSetError, match=r"l.txt:3: utterance u1 already has labels on line 1"):
         read_label_file(f, "frame")
     f.write_text("u1 a\nu2 a b\n")
     with pytest.raises(LabelSetError, match=r"l.txt:2: .* 2 labels; an utterance-level file has one"):
@@ -87,7 +87,7 @@ def test_label_file_errors_name_file_and_line(tmp_path):
     with pytest.raises(LabelSetError, match=r"l.txt:1: utterance u1 has no labels"):
         read_label_file(f, "frame")
     f.write_text("# nothing\n\n")
-    with pytest.raises(LabelSetError, match="no labelled utterances"):
+    with pytest.raises(LabelSetError, match="no utterances with labels"):
         read_label_file(f, "frame")
     f.write_text("u1 10 9 2\nu2 x\n")
     assert read_label_file(f, "frame")["u1"].dtype.kind == "U"

@@ -32,6 +32,7 @@ from ..labels.pitch import METHODS, bin_names, f0_at, percentile_edges
 from ..labels.speakers import GENDERS, read_speakers
 from ..labels.textgrid import TextGridError, read_textgrid
 from ..phones import PHONES, PhoneMap, UnknownPhoneError
+from ..store import atomic_write
 from .audio import Skip, load_audio
 from .librispeech import corpus_dir, index_alignments, scan
 
@@ -238,9 +239,7 @@ def prepare(
     }
     _write_lines(out / "manifest.jsonl", records)
     _write_lines(out / "skips.jsonl", skips)
-    tmp = out / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, out / "meta.json")
+    atomic_write(out / "meta.json", json.dumps(meta, indent=1))
     return meta
 
 
@@ -254,6 +253,4 @@ def _kept_label_sets(out: Path) -> dict:
 
 
 def _write_lines(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))

@@ -334,14 +334,13 @@ def collect(
         "command": config.command,
     }
     with StoreWriter(out, attrs, resume=resume, overwrite=overwrite) as store:
-        return _run(corpus, adapter, store, config, layers, k, indices, attrs, progress)
+        return _run(corpus, adapter, store, config, space, layers, k, indices, attrs, progress)
 
 
-def _run(corpus, adapter, store: StoreWriter, config, layers, k, indices, attrs, progress) -> dict:
+def _run(corpus, adapter, store: StoreWriter, config, space: LabelSpace, layers, k, indices, attrs, progress) -> dict:
     if store.previous is not None and store.previous.get("complete"):
         return store.previous
     device = adapter.device
-    space = LabelSpace.from_dict(attrs["labels"])
     act = str(adapter.config.hidden_act)
     acc = Accumulator(len(layers), space.size, adapter.width, k, config.stats, device, config.backend, act)
     done: list[str] = []

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from ..corpus.prepared import PreparedCorpus
 from ..engine.adapter import ModelAdapter, ModelError
 from .kmeans import assign, kmeans
-from .sets import LEVELS, LabelSetError, attach_label_set, check_name
+from .sets import LEVELS, LabelSetError, attach_label_set, check_name, read_id_lines
 
 
 class _Captured(Exception):
@@ -79,21 +79,13 @@ def layer_features(
 def read_vectors(path: str | Path) -> dict[str, np.ndarray]:
     """Utterance vectors from ``<id> v1 v2 ...`` lines (all of one dimension)."""
     out: dict[str, np.ndarray] = {}
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
-        fields = line.split("#", 1)[0].split()
-        if not fields:
-            continue
+    for utt, (number, fields) in read_id_lines(path, "vector value").items():
         try:
-            vector = np.asarray(fields[1:], dtype=np.float64)
+            out[utt] = np.asarray(fields, dtype=np.float64)
         except ValueError:
             raise LabelSetError(f"{path}:{number}: not a vector of numbers after the utterance id") from None
-        if fields[0] in out:
-            raise LabelSetError(f"{path}:{number}: utterance {fields[0]} appears twice")
-        if len(vector) == 0 or (out and len(vector) != len(next(iter(out.values())))):
-            raise LabelSetError(f"{path}:{number}: every vector needs the same (non-zero) dimension")
-        out[fields[0]] = vector
-    if not out:
-        raise LabelSetError(f"{path}: no vectors")
+        if len(out[utt]) != len(next(iter(out.values()))):
+            raise LabelSetError(f"{path}:{number}: every vector needs the same dimension")
     return out
 
 

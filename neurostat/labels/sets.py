@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..store import atomic_write
 from .joint import BASE_PARTS, RESERVED
 
 if TYPE_CHECKING:
@@ -49,39 +50,46 @@ def check_name(name: str) -> None:
         )
 
 
+def read_id_lines(path: str | Path, what: str) -> dict[str, tuple[int, list[str]]]:
+    """``{utterance id: (line number, fields after the id)}`` from ``<id> field ...`` lines (``#`` comments,
+    blank lines skipped); an unreadable file, a repeated or field-less id, or no line at all is an error."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise LabelSetError(f"{path}: cannot read the {what} file ({e})") from None
+    rows: dict[str, tuple[int, list[str]]] = {}
+    for number, line in enumerate(lines, 1):
+        fields = line.split("#", 1)[0].split()
+        if not fields:
+            continue
+        utt = fields[0]
+        if utt in rows:
+            raise LabelSetError(f"{path}:{number}: utterance {utt} already has {what}s on line {rows[utt][0]}")
+        if len(fields) == 1:
+            raise LabelSetError(f"{path}:{number}: utterance {utt} has no {what}s")
+        rows[utt] = (number, fields[1:])
+    if not rows:
+        raise LabelSetError(f"{path}: no utterances with {what}s")
+    return rows
+
+
 def read_label_file(path: str | Path, level: str) -> dict[str, np.ndarray]:
     """``{utterance id: labels}`` from a text file of ``<id> <label> ...`` lines (integer arrays when every
     label is an integer, so clusters sort as numbers)."""
     if level not in LEVELS:
         raise LabelSetError(f"unknown level {level!r}; choose one of {LEVELS}")
-    path = Path(path)
+    rows = read_id_lines(path, "label")
+    if level == "utterance":
+        for utt, (number, labels) in rows.items():
+            if len(labels) != 1:
+                raise LabelSetError(
+                    f"{path}:{number}: utterance {utt} has {len(labels)} labels; an utterance-level file has one a line"
+                )
     try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise LabelSetError(f"{path}: cannot read the label file ({e})") from None
-    rows: dict[str, list[str]] = {}
-    first_line: dict[str, int] = {}
-    for number, line in enumerate(lines, 1):
-        fields = line.split("#", 1)[0].split()
-        if not fields:
-            continue
-        utt, labels = fields[0], fields[1:]
-        if utt in rows:
-            raise LabelSetError(f"{path}:{number}: utterance {utt} already labelled on line {first_line[utt]}")
-        if not labels:
-            raise LabelSetError(f"{path}:{number}: utterance {utt} has no labels")
-        if level == "utterance" and len(labels) != 1:
-            raise LabelSetError(
-                f"{path}:{number}: utterance {utt} has {len(labels)} labels; an utterance-level file has one a line"
-            )
-        rows[utt] = labels
-        first_line[utt] = number
-    if not rows:
-        raise LabelSetError(f"{path}: no labelled utterances")
-    try:
-        return {u: np.asarray(labels, dtype=np.int64) for u, labels in rows.items()}
+        return {u: np.asarray(labels, dtype=np.int64) for u, (_, labels) in rows.items()}
     except ValueError:
-        return {u: np.asarray(labels) for u, labels in rows.items()}
+        return {u: np.asarray(labels) for u, (_, labels) in rows.items()}
 
 
 def attach_label_set(
@@ -159,9 +167,7 @@ def attach_label_set(
 
 
 def _write_meta(corpus: "PreparedCorpus", meta: dict) -> None:
-    tmp = corpus.path / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, corpus.path / "meta.json")
+    atomic_write(corpus.path / "meta.json", json.dumps(meta, indent=1))
     corpus.reload()
 
 
