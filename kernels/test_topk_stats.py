@@ -8,25 +8,41 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from neurostat.engine.accumulate import chunk_tokens  # noqa: E402
-from neurostat.kernels.topk_stats import TUNING, topk_stats, topk_stats_reference, topk_thresholds  # noqa: E402
+from neurostat.kernels.topk_stats import TUNING, topk_stats, topk_stats_reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 
 
+def run(y, rows, local, num_labels, k, shift=None, chunk=32, **which):
+    """topk_stats on token rows ``rows`` with local labels ``local``, through the engine's chunking."""
+    sorted_rows, starts, chunk_labels = chunk_tokens(rows, local, chunk)
+    sorted_local = torch.sort(local, stable=True).values.to(torch.int32)
+    args = (sorted_rows, sorted_local, starts, chunk_labels)
+    shift = None if shift is None else shift.to(DEVICE)
+    return topk_stats(y, *(t.to(DEVICE) for t in args), num_labels, k, shift, **which)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("two_pass", [False, True], ids=["atomic", "two-pass"])
-@pytest.mark.parametrize("rows_per_step", [(1, 2, 1), (2, 1, 2), (4, 4, 2)])
+@pytest.mark.parametrize(
+    "tuning", [(1, 1, 16, 1), (2, 2, 8, 2), (4, 1, 32, 4)], ids=["search1-bits1", "search2-bits2", "search4-bits1"]
+)
 @pytest.mark.parametrize(
     "m, d, k, labels, chunk", [(7, 13, 3, 4, 2), (29, 37, 5, 6, 4), (40, 101, 11, 9, 32), (3, 5, 5, 2, 1)]
 )
 def test_matches_reference_with_ties_empty_labels_and_ignored_rows(
-    dtype, two_pass, rows_per_step, m, d, k, labels, chunk, monkeypatch
+    dtype, two_pass, tuning, m, d, k, labels, chunk, monkeypatch
 ):
-    monkeypatch.setitem(TUNING, "two_pass", two_pass)
-    monkeypatch.setitem(TUNING, "rows", rows_per_step[0])
-    monkeypatch.setitem(TUNING, "search_rows", rows_per_step[1])
-    monkeypatch.setitem(TUNING, "search_bits", rows_per_step[2])
+    search_rows, search_bits, block_n, rows_per_step = tuning
+    for name, value in (
+        ("two_pass", two_pass),
+        ("search_rows", search_rows),
+        ("search_bits", search_bits),
+        ("block_n", block_n),
+        ("rows", rows_per_step),
+    ):
+        monkeypatch.setitem(TUNING, name, value)
     g = torch.Generator().manual_seed(m * 1000 + d)
     y = torch.randn(m, d, generator=g) * 2
     y[:, ::4] = torch.round(y[:, ::4])  # exact ties in |y|, some at the k-th value
@@ -37,9 +53,7 @@ def test_matches_reference_with_ties_empty_labels_and_ignored_rows(
     rows = torch.nonzero(token_labels >= 0).flatten()
     local = token_labels[rows]
     shift = torch.randn(d, generator=g)
-    sorted_rows, starts, chunk_labels = chunk_tokens(rows, local, chunk)
-    assert ((starts[1:] - starts[:-1]) <= chunk).all()
-    got = topk_stats(y, sorted_rows.to(DEVICE), starts.to(DEVICE), chunk_labels.to(DEVICE), labels, k, shift.to(DEVICE))
+    got = run(y, rows, local, labels, k, shift, chunk)
     ref = topk_stats_reference(y.cpu(), rows, local, labels, k, shift)
     assert (got["topk"].cpu().sum(1) == k * torch.bincount(local, minlength=labels)).all()
     for name in ("topk", "positive"):
@@ -49,41 +63,42 @@ def test_matches_reference_with_ties_empty_labels_and_ignored_rows(
     assert got["topk"][1].sum() == 0 and got["s1"][1].abs().sum() == 0
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_ties_at_the_threshold_go_to_the_lower_neuron(dtype):
+    """Rows whose k-th |a| is shared by more lanes than the top k has room for, and rows that share it
+    exactly: the chosen lanes are the lower indices, as in the reference."""
+    d, k = 23, 6
+    y = torch.zeros(5, d)
+    y[0] = 1.0  # all tied: lanes 0..5
+    y[1, [3, 9, 20]] = 4.0
+    y[1, [2, 5, 11, 17, 22]] = -2.0  # three above, five tied at |a| = 2 for three places
+    y[2, :k] = torch.arange(1.0, k + 1)  # no tie at all
+    y[3, [1, 4, 7, 10, 13, 16]] = 0.5  # exactly k tied lanes: all taken
+    y[4] = -torch.arange(d, dtype=torch.float32).remainder(3)  # |a| = 2 at every third lane
+    y = y.to(dtype).to(DEVICE)
+    rows, local = torch.arange(5), torch.tensor([0, 1, 2, 3, 4])
+    got = run(y, rows, local, 5, k, topk=True, positive=False, moments=False)["topk"].cpu().bool()
+    ref = topk_stats_reference(y.cpu(), rows, local, 5, k, torch.zeros(d))["topk"].bool()
+    assert torch.equal(got, ref)
+    assert got[0, :k].all() and torch.equal(torch.nonzero(got[1]).flatten(), torch.tensor([2, 3, 5, 9, 11, 20]))
+
+
 @pytest.mark.parametrize("two_pass", [False, True], ids=["atomic", "two-pass"])
 def test_subsets_and_no_tokens(two_pass, monkeypatch):
     monkeypatch.setitem(TUNING, "two_pass", two_pass)
     y = torch.randn(6, 9).to(DEVICE)
-    rows, starts, labels = chunk_tokens(torch.tensor([0, 2, 5]), torch.tensor([1, 0, 1]), 8)
-    got = topk_stats(
-        y, rows.to(DEVICE), starts.to(DEVICE), labels.to(DEVICE), 2, 3, topk=True, positive=False, moments=False
-    )
+    rows, local = torch.tensor([0, 2, 5]), torch.tensor([1, 0, 1])
+    got = run(y, rows, local, 2, 3, topk=True, positive=False, moments=False)
     assert set(got) == {"topk"} and got["topk"].sum() == 9
-    empty = chunk_tokens(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long))
-    got = topk_stats(y, *(t.to(DEVICE) for t in empty), 2, 3, torch.zeros(9, device=DEVICE))
-    assert all(v.sum() == 0 for v in got.values())
+    got = run(y, rows, local, 2, 3, torch.zeros(9), topk=False, positive=True, moments=True)
+    ref = topk_stats_reference(y.cpu(), rows, local, 2, 3, torch.zeros(9))
+    assert set(got) == {"positive", "s1", "s2"} and torch.equal(got["positive"].cpu().long(), ref["positive"])
+    none = torch.tensor([], dtype=torch.long)
+    got = run(y, none, none, 2, 3, torch.zeros(9))
+    assert set(got) == {"topk", "positive", "s1", "s2"} and all(
+        v.shape == (2, 9) and v.sum() == 0 for v in got.values()
+    )
     with pytest.raises(ValueError, match="k <= D"):
-        topk_stats(y, rows.to(DEVICE), starts.to(DEVICE), labels.to(DEVICE), 2, 10, topk=True, moments=False)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-@pytest.mark.parametrize("bits", [1, 2])
-def test_thresholds_are_the_kth_largest_and_can_be_reused(dtype, bits, monkeypatch):
-    monkeypatch.setitem(TUNING, "search_bits", bits)
-    g = torch.Generator().manual_seed(5)
-    m, d, k = 23, 45, 7
-    y = torch.round(torch.randn(m, d, generator=g) * 3) / 2  # many exact ties
-    y = y.to(dtype).to(DEVICE)
-    rows = torch.tensor([3, 0, 22, 7, 7, 11], dtype=torch.int32)
-    thr, room = topk_thresholds(y, rows.to(DEVICE), k)
-    absx = y.cpu().float().abs()[rows.long()]
-    kth = absx.sort(dim=1, descending=True).values[:, k - 1]
-    assert torch.equal(thr.cpu(), kth.view(torch.int32))
-    assert torch.equal(room.cpu(), k - (absx > kth[:, None]).sum(1).to(torch.int32))
-    local = torch.tensor([0, 2, 1, 0, 2, 2])
-    sorted_rows, starts, labels = chunk_tokens(rows.long(), local, 2)
-    args = (y, sorted_rows.to(DEVICE), starts.to(DEVICE), labels.to(DEVICE), 3, k)
-    fresh = topk_stats(*args, positive=False, moments=False)
-    again = topk_stats(*args, positive=False, moments=False, thresholds=topk_thresholds(y, sorted_rows.to(DEVICE), k))
-    assert torch.equal(fresh["topk"], again["topk"])
-    ref = topk_stats_reference(y.cpu(), rows, local, 3, k, torch.zeros(d))
-    assert torch.equal(fresh["topk"].cpu().long(), ref["topk"])
+        run(y, rows, local, 2, 10, moments=False)
+    with pytest.raises(ValueError, match="shift"):
+        run(y, rows, local, 2, 3)

@@ -1,24 +1,26 @@
-"""``topk_stats``: per-label statistics of selected token rows of the FFN activations, in one read.
+"""``topk_stats``: per-label statistics of selected token rows of the FFN activations.
 
 For the paper's statistic every token needs the k-th largest |a| across its whole row (all D
-neurons), which no GEMM tile sees, so this kernel reads each selected row of ``y = act(W1 x + b1)``
-once and, in the same pass, also counts a > 0 and sums the shifted moments.
+neurons), which no GEMM tile sees.  Two kernels read the selected rows of ``y = act(W1 x + b1)``:
 
-Two kernels.  The *threshold* kernel finds, for every token row, the k-th largest |a|: |a| is read as
-an fp32 bit pattern (monotone for non-negative floats) and the key is built by a bitwise binary
-search from the top bit down (only the bits the input dtype can set: 15 for bf16, 18 for fp16, 31 for
-fp32), one bit per block reduction or (``search_bits`` 2) two, with three candidate counts packed
-into one int64 reduction.  It runs one small program per few rows, so the searches' reductions overlap across the GPU.
-The *accumulate* kernel walks *chunks* — runs of at most 32 token rows that share one label (the host
-sorts the tokens by label while building the batch) — keeps the per-neuron sums in registers and
-adds them to the per-batch buffers once, so atomics scale with the number of chunks, not of tokens.
-Ties at the threshold go to the lower neuron index, through a prefix count of the tied lanes — the
-same rule as the torch reference.
+- The *top-k* kernel owns whole rows (one small program per few rows, so the searches' reductions
+  overlap across the GPU).  It finds the k-th largest |a| — read as an fp32 bit pattern, monotone for
+  non-negative floats — by a bitwise binary search from the top bit down (only the bits the input
+  dtype can set: 15 for bf16, 18 for fp16, 31 for fp32), one bit per block reduction or
+  (``search_bits`` 2) two, with three candidate counts packed into one int64 reduction.  Ties at the
+  threshold go to the lower neuron index (a prefix count of the tied lanes, only in rows that have
+  more tied lanes than room) — the same rule as the torch reference.  The row's k chosen lanes are
+  then added to its label's counts with k integer atomics: nothing else leaves the program.
+- The *sums* kernel counts a > 0 and sums the shifted moments.  It walks *chunks* — runs of at most
+  32 token rows that share one label (the host sorts the tokens by label while building the batch) —
+  split into column blocks, so a batch gives chunks × column blocks independent programs; each keeps
+  a [rows, columns] register tile of partial sums, reduces it once and adds it to the label's row of
+  the per-batch buffers, so atomics scale with the chunks, not the tokens.
 
 Counts are int32 atomics (exact and order-independent); moment sums are fp32 atomics, so their
 rounding may differ from run to run.  With ``TUNING["two_pass"]`` each chunk stores its sums in its own
-row and a second kernel adds each label's chunk rows in order: no atomics, and the moment sums are
-deterministic.
+row and a second kernel adds each label's chunk rows in order: no float atomics, and the moment sums
+are deterministic.
 """
 
 from __future__ import annotations
@@ -31,13 +33,13 @@ _LOW_BIT = {torch.bfloat16: 16, torch.float16: 13, torch.float32: 0}
 
 
 @triton.jit
-def _threshold_kernel(
+def _topk_kernel(
     y_ptr,
     stride_y,
     rows_ptr,
+    row_labels_ptr,
     n_rows,
-    thr_ptr,
-    room_ptr,
+    out_ptr,
     D,
     k,
     LOW_BIT: tl.constexpr,
@@ -45,10 +47,10 @@ def _threshold_kernel(
     ROWS: tl.constexpr,
     TWO_BITS: tl.constexpr,
 ):
-    """Per token row: the k-th largest |a| as a key, and how many keys equal to it the top k takes.
+    """Per token row: the top-k lanes of |a| (ties to the lower index), added to ``out[label]``.
 
-    The key is the largest ``thr`` with at least k keys >= thr, built bit by bit from the top.  With
-    ``TWO_BITS`` each step settles two bits: the counts of its three candidates are packed into one
+    The threshold is the largest key ``thr`` with at least k keys >= thr, built bit by bit from the top.
+    With ``TWO_BITS`` each step settles two bits: the counts of its three candidates are packed into one
     int64 (21 bits each) so that one block reduction serves them all — half the dependent reductions.
     """
     r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -83,84 +85,77 @@ def _threshold_kernel(
             cand = thr | (1 << (30 - b))
             above = tl.sum((key >= cand[:, None]).to(tl.int32), axis=1)
             thr = tl.where(above >= k, cand, thr)
-    room = k - tl.sum((key > thr[:, None]).to(tl.int32), axis=1)
-    tl.store(thr_ptr + r, thr, mask=live)
-    tl.store(room_ptr + r, room, mask=live)
+    above = key > thr[:, None]
+    tied = (key == thr[:, None]).to(tl.int32)
+    room = k - tl.sum(above.to(tl.int32), axis=1)
+    take = above | (tied == 1)
+    if tl.max(tl.sum(tied, axis=1) - room, axis=0) > 0:
+        take = above | ((tied == 1) & (tl.cumsum(tied, axis=1) <= room[:, None]))
+    label = tl.load(row_labels_ptr + r, mask=live, other=0).to(tl.int64)
+    tl.atomic_add(out_ptr + label[:, None] * D + offs[None, :], 1, mask=take & ok)
 
 
 @triton.jit
-def _accumulate_kernel(
+def _sums_kernel(
     y_ptr,
     stride_y,
     rows_ptr,
     chunk_start_ptr,
     chunk_label_ptr,
-    thr_ptr,
-    room_ptr,
     shift_ptr,
-    topk_ptr,
     pos_ptr,
     s1_ptr,
     s2_ptr,
     D,
-    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     ROWS: tl.constexpr,
-    DO_TOPK: tl.constexpr,
     DO_POS: tl.constexpr,
     DO_MOM: tl.constexpr,
     TWO_PASS: tl.constexpr,
 ):
-    """Per same-label chunk: sums of the top-k masks, positive masks and shifted moments of its rows,
-    added to the label's row of the outputs (atomics), or (``TWO_PASS``) stored in the chunk's row."""
+    """Per (same-label chunk, column block): positive counts and shifted moment sums of its rows, added
+    to the label's row of the outputs (atomics), or (``TWO_PASS``) stored in the chunk's row."""
     chunk = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    valid = cols < D
     start = tl.load(chunk_start_ptr + chunk)
     end = tl.load(chunk_start_ptr + chunk + 1)
-    label = tl.load(chunk_label_ptr + chunk).to(tl.int64)
-    offs = tl.arange(0, BLOCK_D)
-    valid = offs < D
     if DO_MOM:
-        shift = tl.load(shift_ptr + offs, mask=valid, other=0.0)
-    acc_topk = tl.zeros([BLOCK_D], dtype=tl.int32)
-    acc_pos = tl.zeros([BLOCK_D], dtype=tl.int32)
-    acc_s1 = tl.zeros([BLOCK_D], dtype=tl.float32)
-    acc_s2 = tl.zeros([BLOCK_D], dtype=tl.float32)
+        shift = tl.load(shift_ptr + cols, mask=valid, other=0.0)
+    acc_pos = tl.zeros([ROWS, BLOCK_N], dtype=tl.int32)
+    acc_s1 = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+    acc_s2 = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     for i in range(start, end, ROWS):
         r = i + tl.arange(0, ROWS)
         live = r < end
         row = tl.load(rows_ptr + r, mask=live, other=0).to(tl.int64)
         ok = live[:, None] & valid[None, :]
-        a = tl.load(y_ptr + row[:, None] * stride_y + offs[None, :], mask=ok, other=0.0).to(tl.float32)
-        if DO_TOPK:
-            thr = tl.load(thr_ptr + r, mask=live, other=0)
-            room = tl.load(room_ptr + r, mask=live, other=0)
-            key = tl.where(ok, tl.abs(a).to(tl.int32, bitcast=True), -1)
-            tied = (key == thr[:, None]).to(tl.int32)
-            take = (tied == 1) & (tl.cumsum(tied, axis=1) <= room[:, None])
-            acc_topk += tl.sum(((key > thr[:, None]) | take).to(tl.int32), axis=0)
+        a = tl.load(y_ptr + row[:, None] * stride_y + cols[None, :], mask=ok, other=0.0).to(tl.float32)
         if DO_POS:
-            acc_pos += tl.sum(((a > 0) & ok).to(tl.int32), axis=0)
+            acc_pos += (a > 0).to(tl.int32)
         if DO_MOM:
             dev = tl.where(ok, a - shift[None, :], 0.0)
-            acc_s1 += tl.sum(dev, axis=0)
-            acc_s2 += tl.sum(dev * dev, axis=0)
+            acc_s1 += dev
+            acc_s2 += dev * dev
     if TWO_PASS:
-        out = chunk.to(tl.int64) * D + offs
-        if DO_TOPK:
-            tl.store(topk_ptr + out, acc_topk, mask=valid)
-        if DO_POS:
-            tl.store(pos_ptr + out, acc_pos, mask=valid)
-        if DO_MOM:
-            tl.store(s1_ptr + out, acc_s1, mask=valid)
-            tl.store(s2_ptr + out, acc_s2, mask=valid)
+        out = chunk.to(tl.int64) * D + cols
     else:
-        out = label * D + offs
-        if DO_TOPK:
-            tl.atomic_add(topk_ptr + out, acc_topk, mask=valid & (acc_topk != 0))
-        if DO_POS:
-            tl.atomic_add(pos_ptr + out, acc_pos, mask=valid & (acc_pos != 0))
-        if DO_MOM:
-            tl.atomic_add(s1_ptr + out, acc_s1, mask=valid)
-            tl.atomic_add(s2_ptr + out, acc_s2, mask=valid)
+        out = tl.load(chunk_label_ptr + chunk).to(tl.int64) * D + cols
+    if DO_POS:
+        pos = tl.sum(acc_pos, axis=0)
+        if TWO_PASS:
+            tl.store(pos_ptr + out, pos, mask=valid)
+        else:
+            tl.atomic_add(pos_ptr + out, pos, mask=valid & (pos != 0))
+    if DO_MOM:
+        s1 = tl.sum(acc_s1, axis=0)
+        s2 = tl.sum(acc_s2, axis=0)
+        if TWO_PASS:
+            tl.store(s1_ptr + out, s1, mask=valid)
+            tl.store(s2_ptr + out, s2, mask=valid)
+        else:
+            tl.atomic_add(s1_ptr + out, s1, mask=valid)
+            tl.atomic_add(s2_ptr + out, s2, mask=valid)
 
 
 @triton.jit
@@ -179,37 +174,18 @@ def _chunk_reduce_kernel(part_ptr, out_ptr, label_chunks_ptr, D, BLOCK: tl.const
     tl.store(out_ptr + label.to(tl.int64) * D + offs, acc, mask=valid)
 
 
-TUNING = {"search_rows": 1, "search_warps": 4, "search_bits": 1, "rows": 2, "num_warps": 8, "two_pass": False}
-"""Rows per program step, warps and bits settled per search step of the two kernels on CUDA, and whether
-chunks store their sums for a second reduction kernel instead of adding them with atomics
-(bench/kernel_bench.py measures choices)."""
-
-
-def topk_thresholds(y: torch.Tensor, rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per token row ``y[rows[i]]``: the k-th largest |a| as an fp32 bit-pattern key (int32) and ``room``,
-    how many keys equal to it the top k takes (k minus the number of larger keys)."""
-    _check(y, k)
-    n_rows = rows.numel()
-    thr = torch.empty(n_rows, dtype=torch.int32, device=y.device)
-    room = torch.empty(n_rows, dtype=torch.int32, device=y.device)
-    if n_rows:
-        search_rows = TUNING["search_rows"]
-        _threshold_kernel[(triton.cdiv(n_rows, search_rows),)](
-            y,
-            y.stride(0),
-            rows,
-            n_rows,
-            thr,
-            room,
-            y.shape[1],
-            k,
-            LOW_BIT=_LOW_BIT[y.dtype],
-            BLOCK_D=triton.next_power_of_2(y.shape[1]),
-            ROWS=search_rows,
-            TWO_BITS=TUNING["search_bits"] == 2,
-            num_warps=TUNING["search_warps"] if y.is_cuda else 4,
-        )
-    return thr, room
+TUNING = {
+    "search_rows": 1,
+    "search_warps": 4,
+    "search_bits": 1,
+    "block_n": 256,
+    "rows": 8,
+    "num_warps": 4,
+    "two_pass": False,
+}
+"""Rows per program, warps (CUDA only) and bits settled per search step of the top-k kernel; columns per
+program, rows per step and warps (CUDA only) of the sums kernel; and whether chunks store their sums for
+a second reduction kernel instead of adding them with atomics (bench/kernel_bench.py measures choices)."""
 
 
 def _check(y: torch.Tensor, k: int) -> None:
@@ -226,6 +202,7 @@ def _check(y: torch.Tensor, k: int) -> None:
 def topk_stats(
     y: torch.Tensor,
     rows: torch.Tensor,
+    row_labels: torch.Tensor,
     chunk_starts: torch.Tensor,
     chunk_labels: torch.Tensor,
     num_labels: int,
@@ -234,64 +211,79 @@ def topk_stats(
     topk: bool = True,
     positive: bool = True,
     moments: bool = True,
-    thresholds: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Per-label sums over the token rows ``y[rows]`` (rows grouped into same-label chunks).
+    """Per-label sums over the token rows ``y[rows]`` (rows sorted by label ``row_labels`` and grouped
+    into same-label chunks: :func:`neurostat.engine.accumulate.chunk_tokens`).
 
     Returns int32 ``topk`` and ``positive`` counts and fp32 ``s1`` = Σ(a − shift), ``s2`` = Σ(a − shift)²,
-    each [num_labels, D], for the statistics asked for.  ``thresholds`` (from :func:`topk_thresholds` on
-    the same rows) skips the search.
+    each [num_labels, D], for the statistics asked for.
     """
     _check(y, k)
-    width = y.shape[1]
-    dev = y.device
+    width, dev, cuda = y.shape[1], y.device, y.is_cuda
     if moments and shift is None:
         raise ValueError("moments need the per-neuron shift")
     n_chunks = chunk_labels.numel()
     two_pass = bool(TUNING["two_pass"]) and n_chunks > 0
     rows_out = n_chunks if two_pass else num_labels
     alloc = torch.empty if two_pass else torch.zeros
-    ints = lambda: alloc((rows_out, width), dtype=torch.int32, device=dev)  # noqa: E731
-    floats = lambda: alloc((rows_out, width), dtype=torch.float32, device=dev)  # noqa: E731
-    out_topk, out_pos = (ints() if topk else None), (ints() if positive else None)
-    s1, s2 = (floats(), floats()) if moments else (None, None)
-    dummy = torch.empty(1, dtype=torch.int32, device=dev)
-    if n_chunks:
-        thr = room = dummy
-        if topk:
-            thr, room = thresholds if thresholds is not None else topk_thresholds(y, rows, k)
-        _accumulate_kernel[(n_chunks,)](
+    out = {}
+    if topk:
+        out["topk"] = torch.zeros((num_labels, width), dtype=torch.int32, device=dev)
+    if positive:
+        out["positive"] = alloc((rows_out, width), dtype=torch.int32, device=dev)
+    if moments:
+        out["s1"] = alloc((rows_out, width), dtype=torch.float32, device=dev)
+        out["s2"] = alloc((rows_out, width), dtype=torch.float32, device=dev)
+    if not n_chunks:
+        return out
+    if topk:
+        search_rows = TUNING["search_rows"]
+        _topk_kernel[(triton.cdiv(rows.numel(), search_rows),)](
+            y,
+            y.stride(0),
+            rows,
+            row_labels,
+            rows.numel(),
+            out["topk"],
+            width,
+            k,
+            LOW_BIT=_LOW_BIT[y.dtype],
+            BLOCK_D=triton.next_power_of_2(width),
+            ROWS=search_rows,
+            TWO_BITS=TUNING["search_bits"] == 2,
+            num_warps=TUNING["search_warps"] if cuda else 4,
+        )
+    if positive or moments:
+        dummy = torch.empty(1, dtype=torch.int32, device=dev)
+        block_n = min(TUNING["block_n"], triton.next_power_of_2(width))
+        _sums_kernel[(n_chunks, triton.cdiv(width, block_n))](
             y,
             y.stride(0),
             rows,
             chunk_starts,
             chunk_labels,
-            thr,
-            room,
             shift.float().contiguous() if moments else dummy,
-            out_topk if topk else dummy,
-            out_pos if positive else dummy,
-            s1 if moments else dummy,
-            s2 if moments else dummy,
+            out.get("positive", dummy),
+            out.get("s1", dummy),
+            out.get("s2", dummy),
             width,
-            BLOCK_D=triton.next_power_of_2(width),
+            BLOCK_N=block_n,
             ROWS=TUNING["rows"],
-            DO_TOPK=topk,
             DO_POS=positive,
             DO_MOM=moments,
             TWO_PASS=two_pass,
-            num_warps=TUNING["num_warps"] if y.is_cuda else 4,
+            num_warps=TUNING["num_warps"] if cuda else 4,
         )
-    out = {name: t for name, t in (("topk", out_topk), ("positive", out_pos), ("s1", s1), ("s2", s2)) if t is not None}
     if two_pass:
         label_chunks = torch.searchsorted(chunk_labels, torch.arange(num_labels + 1, device=dev, dtype=torch.int32))
         label_chunks = label_chunks.to(torch.int32)
         block = min(1024, triton.next_power_of_2(width))
-        for name, part in out.items():
-            out[name] = torch.empty((num_labels, width), dtype=part.dtype, device=dev)
-            _chunk_reduce_kernel[(num_labels, triton.cdiv(width, block))](
-                part, out[name], label_chunks, width, BLOCK=block
-            )
+        for name in ("positive", "s1", "s2"):
+            if name in out:
+                part, out[name] = out[name], torch.empty((num_labels, width), dtype=out[name].dtype, device=dev)
+                _chunk_reduce_kernel[(num_labels, triton.cdiv(width, block))](
+                    part, out[name], label_chunks, width, BLOCK=block
+                )
     return out
 
 

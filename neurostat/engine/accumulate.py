@@ -13,10 +13,11 @@ State (all additive, so shards, ranks and resumed runs merge into the same total
 
 Per-batch counts are summed in fp32 (exact below 2**24 tokens per batch) and added to int64 totals.
 Three backends fill the same state: ``torch`` (the reference path: index_add/bincount on CPU, no
-host sync on CUDA), ``triton`` (the model's own GEMM and activation, then the ``topk_stats`` kernel:
-one read of each token row for all statistics; activations bit-identical to the torch path) and
-``triton-fused`` (the ``ffn_up_stats`` kernel computes the GEMM and activation itself with positive
-counts and moments in its epilogue; ``topk_stats`` adds the top-k counts).
+host sync on CUDA), ``triton`` (the model's own GEMM and activation, then the ``topk_stats`` kernels
+over the token rows; activations bit-identical to the torch path) and ``triton-fused`` (the
+``ffn_up_stats`` kernel computes the GEMM and activation itself with positive counts and moments in
+its epilogue; ``topk_stats`` adds the top-k counts).  Both Triton backends merge each layer's batch
+sums into the totals with the ``merge_sums`` kernel; the torch backend with torch ops.
 """
 
 from __future__ import annotations
@@ -70,6 +71,39 @@ def chunk_tokens(rows: torch.Tensor, labels: torch.Tensor, chunk_rows: int = 32)
     starts = torch.nonzero(new_label | (position % chunk_rows == 0)).flatten()
     bounds = torch.cat([starts, torch.tensor([n])]).to(torch.int32)
     return rows.to(torch.int32), bounds, labels[starts].to(torch.int32)
+
+
+def merge_sums_reference(
+    sums: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    counts: torch.Tensor,
+    frames: torch.Tensor,
+    shift: torch.Tensor | None,
+    totals: dict[str, torch.Tensor],
+) -> None:
+    """Merges one batch's per-label sums [U, D] into one layer's totals [num_labels, D], in place (torch).
+
+    ``labels`` (U,) are the rows of the totals, ``counts`` (U,) their tokens in the batch, ``frames`` the
+    tokens per label before the batch.  Counts (``topk``, ``positive``) are added; the shifted sums
+    s1 = Σ(a − shift), s2 = Σ(a − shift)² become the batch's mean and sum of squared deviations, merged
+    into ``mean`` and ``m2`` in float64 with Chan et al.'s formula.
+    """
+    for name in ("topk", "positive"):
+        if name in totals:
+            totals[name].index_add_(0, labels, sums[name].to(torch.int64))
+    if "mean" not in totals:
+        return
+    mean_t, m2_t = totals["mean"], totals["m2"]
+    n_b = counts.to(torch.float64)[:, None]
+    n_a = frames.index_select(0, labels).to(torch.float64)[:, None]
+    n = n_a + n_b
+    offset = sums["s1"].double() / n_b  # batch mean − shift
+    m2_b = torch.addcmul(sums["s2"].double(), offset, offset * n_b, value=-1)  # Σ(a − batch mean)²
+    delta = offset.add_(shift.double()).sub_(mean_t.index_select(0, labels))
+    mean = mean_t.index_select(0, labels).addcmul_(delta, n_b / n)
+    m2 = m2_t.index_select(0, labels).add_(m2_b).addcmul_(delta.square_(), n_a * n_b / n)
+    mean_t.index_copy_(0, labels, mean)
+    m2_t.index_copy_(0, labels, m2)
 
 
 _FIELDS = ("index", "local", "labels", "counts", "sorted_rows", "chunk_starts", "chunk_labels", "perm", "sorted_local")
@@ -213,6 +247,7 @@ class Accumulator:
         return topk_stats(
             a,
             batch.sorted_rows,
+            batch.sorted_local,
             batch.chunk_starts,
             batch.chunk_labels,
             batch.labels.numel(),
@@ -240,13 +275,15 @@ class Accumulator:
         return sums
 
     def add_sums(self, layer: int, batch: TokenBatch, sums: dict[str, torch.Tensor]) -> None:
-        """Adds one batch's per-label sums [U, D] (counts ``topk``, ``positive``; shifted ``s1``, ``s2``)."""
-        if self.topk is not None:
-            self.topk[layer].index_add_(0, batch.labels, sums["topk"].to(torch.int64))
-        if self.positive is not None:
-            self.positive[layer].index_add_(0, batch.labels, sums["positive"].to(torch.int64))
-        if self.mean is not None:
-            self._chan(layer, batch, sums["s1"].double(), sums["s2"].double())
+        """Adds one batch's per-label sums [U, D] (counts ``topk``, ``positive``; shifted ``s1``, ``s2``):
+        torch ops on the torch backend, the ``merge_sums`` kernel (one launch) on the Triton backends."""
+        names = ("topk", "positive", "mean", "m2")
+        totals = {name: getattr(self, name)[layer] for name in names if getattr(self, name) is not None}
+        if self.backend == "torch":
+            merge = merge_sums_reference
+        else:
+            from ..kernels.merge_sums import merge_sums as merge
+        merge(sums, batch.labels, batch.counts, self.frames, self.shift[layer], totals)
 
     def _topk_counts(self, x: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
         """Top-k counts per batch label [U, D] (int64).
@@ -270,20 +307,6 @@ class Accumulator:
     def _per_label(self, batch: TokenBatch, values: torch.Tensor) -> torch.Tensor:
         out = torch.zeros((batch.labels.numel(), values.shape[1]), dtype=values.dtype, device=values.device)
         return out.index_add_(0, batch.local, values)
-
-    def _chan(self, layer: int, batch: TokenBatch, s1: torch.Tensor, s2: torch.Tensor) -> None:
-        """Merges one batch's shifted sums s1 = Σ(a − c), s2 = Σ(a − c)² [U, D] into the totals."""
-        labels = batch.labels
-        n_b = batch.counts.to(torch.float64)[:, None]
-        n_a = self.frames.index_select(0, labels).to(torch.float64)[:, None]
-        n = n_a + n_b
-        offset = s1.div_(n_b)  # batch mean − c
-        m2_b = s2.addcmul_(offset, offset * n_b, value=-1)  # Σ(a − batch mean)²
-        delta = offset.add_(self.shift[layer].double()).sub_(self.mean[layer].index_select(0, labels))
-        mean = self.mean[layer].index_select(0, labels).addcmul_(delta, n_b / n)
-        m2 = self.m2[layer].index_select(0, labels).add_(m2_b).addcmul_(delta.square_(), n_a * n_b / n)
-        self.mean[layer].index_copy_(0, labels, mean)
-        self.m2[layer].index_copy_(0, labels, m2)
 
     def add_frames(self, batch: TokenBatch) -> None:
         self.frames.index_add_(0, batch.labels, batch.counts)

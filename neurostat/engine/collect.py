@@ -200,8 +200,8 @@ def label_space(corpus: PreparedCorpus, parts: tuple[str, ...] | None) -> LabelS
     unknown = [p for p in parts if p not in corpus.label_space.parts]
     if unknown:
         raise ValueError(
-            f"{corpus.path} has no label part {', '.join(unknown)}; its parts are {', '.join(corpus.label_space.parts)} "
-            f"(attach more with `neurostat labels add` or `neurostat cluster`)"
+            f"{corpus.path} has no label part {', '.join(unknown)}; its parts are "
+            f"{', '.join(corpus.label_space.parts)} (attach more with `neurostat labels add` or `neurostat cluster`)"
         )
     return corpus.label_space.subspace(parts)
 

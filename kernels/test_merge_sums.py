@@ -1,0 +1,83 @@
+"""merge_sums against the torch backend's float64 merge (Triton interpreter on CPU, a GPU when present)."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from neurostat.engine.accumulate import merge_sums_reference  # noqa: E402
+from neurostat.kernels.merge_sums import merge_sums  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
+
+def state(num_labels, d, g, empty):
+    """Totals after some earlier batches; labels in ``empty`` have no tokens yet (all zero)."""
+    frames = torch.randint(1, 50, (num_labels,), generator=g)
+    frames[empty] = 0
+    totals = {
+        "topk": torch.randint(0, 30, (num_labels, d), generator=g),
+        "positive": torch.randint(0, 30, (num_labels, d), generator=g),
+        "mean": torch.randn(num_labels, d, generator=g, dtype=torch.float64) * 3,
+        "m2": torch.rand(num_labels, d, generator=g, dtype=torch.float64) * frames[:, None],
+    }
+    for t in totals.values():
+        t[empty] = 0
+    return frames, totals
+
+
+@pytest.mark.parametrize("which", [("topk", "positive", "moments"), ("topk",), ("moments",), ("positive", "moments")])
+@pytest.mark.parametrize("num_labels, d, batch_labels", [(7, 37, [5, 0, 3]), (4, 13, [0, 1, 2, 3]), (9, 16, [8])])
+def test_matches_reference(which, num_labels, d, batch_labels):
+    g = torch.Generator().manual_seed(num_labels * 100 + d)
+    frames, totals = state(num_labels, d, g, empty=[batch_labels[0], num_labels - 1])
+    totals = {n: t for n, t in totals.items() if n in which or (n in ("mean", "m2") and "moments" in which)}
+    labels = torch.tensor(batch_labels)
+    counts = torch.randint(1, 40, (len(batch_labels),), generator=g)
+    sums = {
+        "topk": torch.randint(0, 20, (len(batch_labels), d), generator=g, dtype=torch.int32),
+        "positive": torch.randint(0, 20, (len(batch_labels), d), generator=g, dtype=torch.int32),
+    }
+    shift = torch.randn(d, generator=g)
+    sums["s1"] = (torch.randn(len(batch_labels), d, generator=g) * counts[:, None]).float()
+    sums["s2"] = (sums["s1"].double() ** 2 / counts[:, None] + torch.rand(len(batch_labels), d, generator=g)).float()
+    sums = {n: t for n, t in sums.items() if n in which or (n in ("s1", "s2") and "moments" in which)}
+    expected = {n: t.clone() for n, t in totals.items()}
+    merge_sums_reference(sums, labels, counts, frames, shift, expected)
+    got = {n: t.clone().to(DEVICE) for n, t in totals.items()}
+    merge_sums(
+        {n: t.to(DEVICE) for n, t in sums.items()},
+        labels.to(DEVICE),
+        counts.to(DEVICE),
+        frames.to(DEVICE),
+        shift.to(DEVICE),
+        got,
+    )
+    assert set(got) == set(expected)
+    for name, value in got.items():
+        if name in ("topk", "positive"):
+            assert torch.equal(value.cpu(), expected[name]), name
+        else:
+            torch.testing.assert_close(value.cpu(), expected[name], rtol=1e-12, atol=1e-12)
+    untouched = [i for i in range(num_labels) if i not in batch_labels]
+    for name, value in got.items():
+        assert torch.equal(value.cpu()[untouched], totals[name][untouched]), name
+
+
+def test_refuses_wrong_buffers():
+    labels, counts, frames = torch.tensor([0]), torch.tensor([3]), torch.zeros(2, dtype=torch.int64)
+    with pytest.raises(ValueError, match="int64"):
+        merge_sums(
+            {"topk": torch.zeros(1, 5, dtype=torch.int32)}, labels, counts, frames, None, {"topk": torch.zeros(2, 5)}
+        )
+    with pytest.raises(ValueError, match=r"\[1, 5\]"):
+        merge_sums(
+            {"topk": torch.zeros(2, 5, dtype=torch.int32)},
+            labels,
+            counts,
+            frames,
+            None,
+            {"topk": torch.zeros(2, 5, dtype=torch.int64)},
+        )
