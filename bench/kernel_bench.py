@@ -1,7 +1,9 @@
 """GPU benchmark of the statistics kernels and the engine's backends, one process, one card.
 
 Kernel level (HuBERT-base FFN geometry, bf16): cuBLAS GEMM alone; cuBLAS GEMM + GELU (the model's
-own path); `topk_stats` over the token rows; the torch statistics on the same rows; `ffn_up_stats`
+own path); `topk_stats` over the token rows (its top-k kernel and its sums kernel each swept over
+their tunings, then per statistic and per chunk size); the torch statistics on the same rows; the
+merge of a layer's batch sums into the totals (torch ops vs the `merge_sums` kernel); `ffn_up_stats`
 (GEMM + GELU + positive/moment epilogue) in a few tile shapes.  Achieved TFLOP/s and GB/s.
 
 Engine level: batches of ~16 x 15 s of random audio through a random HuBERT-base in bf16, with
@@ -26,10 +28,11 @@ import torch
 
 import neurostat.kernels.ffn_up_stats as fused
 import neurostat.kernels.topk_stats as ts_mod
-from neurostat.engine.accumulate import Accumulator, TokenBatch, chunk_tokens, topk_mask
+from neurostat.engine.accumulate import Accumulator, TokenBatch, chunk_tokens, merge_sums_reference, topk_mask
 from neurostat.engine.adapter import ModelAdapter
 from neurostat.kernels.ffn_up_stats import ffn_up_stats
-from neurostat.kernels.topk_stats import topk_stats, topk_thresholds
+from neurostat.kernels.merge_sums import merge_sums
+from neurostat.kernels.topk_stats import topk_stats
 
 
 def sync(device):
@@ -99,23 +102,46 @@ def torch_sums(x: torch.Tensor, local: torch.Tensor, num_labels: int, k: int, sh
     }
 
 
-def breakdown(y, batch, num_labels, k, shift, device) -> dict[str, float]:
-    """Seconds of the parts of ``topk_stats``: the threshold search, and the accumulate kernel per statistic."""
-    rows, starts, labels = batch.sorted_rows, batch.chunk_starts, batch.chunk_labels
-    thr = topk_thresholds(y, rows, k)
-    part = lambda **kw: topk_stats(y, rows, starts, labels, num_labels, k, shift, **kw)  # noqa: E731
-    return {
-        "threshold search": timed(lambda: topk_thresholds(y, rows, k), device),
-        "accumulate, top-k counts": timed(lambda: part(positive=False, moments=False, thresholds=thr), device),
-        "accumulate, positive counts": timed(lambda: part(topk=False, moments=False), device),
-        "accumulate, moments": timed(lambda: part(topk=False, positive=False), device),
-        "zeroed per-batch buffers (4 x [labels, D])": timed(
-            lambda: [torch.zeros((num_labels, y.shape[1]), device=y.device) for _ in range(4)], device
-        ),
-    }
+def sweep(run, tunings, device) -> tuple[list[tuple[dict, float]], dict]:
+    """Times ``run()`` under each ``topk_stats`` tuning; returns the times and the fastest tuning (left set)."""
+    times = []
+    for tuning in tunings:
+        ts_mod.TUNING.update(tuning)
+        times.append((tuning, timed(run, device)))
+    best = min(times, key=lambda item: item[1])[0]
+    ts_mod.TUNING.update(best)
+    return times, dict(best)
 
 
-def kernel_table(device, dtype, M, K, N, k, labels, token_fraction, rng, configs, ts_tunings) -> tuple:
+def merge_check(sums, batch, num_labels, D, shift, device) -> tuple[float, float, bool]:
+    """Seconds of merging one layer's batch sums into [num_labels, D] totals with torch ops and with the
+    ``merge_sums`` kernel, and whether the two give the same totals."""
+    frames = torch.randint(0, 100, (num_labels,), device=device)
+
+    def fresh():
+        return {
+            "topk": torch.zeros((num_labels, D), dtype=torch.int64, device=device),
+            "positive": torch.zeros((num_labels, D), dtype=torch.int64, device=device),
+            "mean": torch.zeros((num_labels, D), dtype=torch.float64, device=device),
+            "m2": torch.zeros((num_labels, D), dtype=torch.float64, device=device),
+        }
+
+    args = (sums, batch.labels, batch.counts, frames, shift)
+    ref, got = fresh(), fresh()
+    merge_sums_reference(*args, ref)
+    merge_sums(*args, got)
+    same = all(torch.equal(ref[n], got[n]) for n in ("topk", "positive")) and all(
+        torch.allclose(ref[n], got[n], rtol=1e-12, atol=1e-9) for n in ("mean", "m2")
+    )
+    totals = fresh()
+    return (
+        timed(lambda: merge_sums_reference(*args, totals), device),
+        timed(lambda: merge_sums(*args, totals), device),
+        same,
+    )
+
+
+def kernel_table(device, dtype, M, K, N, k, labels, token_fraction, rng, configs, tunings) -> tuple:
     x = torch.randn(M, K, device=device, dtype=dtype)
     w = (torch.randn(N, K, device=device) / K**0.5).to(dtype)
     b = (torch.randn(N, device=device) * 0.1).to(dtype)
@@ -126,6 +152,7 @@ def kernel_table(device, dtype, M, K, N, k, labels, token_fraction, rng, configs
     n_tok = batch.num_tokens
     flops = 2 * M * N * K
     io = (M * K + N * K + M * N) * x.element_size()
+    tok_bytes = n_tok * N * x.element_size()
     rows = []
 
     def add(name, t, f=0, byts=0):
@@ -138,31 +165,31 @@ def kernel_table(device, dtype, M, K, N, k, labels, token_fraction, rng, configs
     y = torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b))
     t_act = timed(lambda: torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b)), device)
     add("cuBLAS GEMM + GELU (the model's path)", t_act, flops, io + 2 * M * N * x.element_size())
-    tok_bytes = n_tok * N * x.element_size()
-    ts_run = lambda: topk_stats(y, batch.sorted_rows, batch.chunk_starts, batch.chunk_labels, U, k, shift)  # noqa: E731
-    best_ts = None
-    for tuning in ts_tunings:
-        ts_mod.TUNING.update(tuning)
-        t = timed(ts_run, device)
-        add(f"topk_stats, all statistics, {n_tok} token rows, {tuning}", t, 0, tok_bytes)
-        if best_ts is None or t < best_ts[0]:
-            best_ts = (t, dict(tuning))
-    ts_mod.TUNING.update(best_ts[1])
-    t_ts = best_ts[0]
-    t_tk = timed(
-        lambda: topk_stats(
-            y, batch.sorted_rows, batch.chunk_starts, batch.chunk_labels, U, k, shift, positive=False, moments=False
-        ),
-        device,
+
+    def stats(
+        rows_=batch.sorted_rows, local=batch.sorted_local, starts=batch.chunk_starts, chunks=batch.chunk_labels, **which
+    ):
+        return topk_stats(y, rows_, local, starts, chunks, U, k, shift, **which)
+
+    topk_times, best_topk = sweep(lambda: stats(positive=False, moments=False), tunings["topk"], device)
+    for tuning, t in topk_times:
+        add(f"topk_stats, top-k kernel (search + counts), {n_tok} token rows, {tuning}", t, 0, tok_bytes)
+    sums_times, best_sums = sweep(lambda: stats(topk=False), tunings["sums"], device)
+    for tuning, t in sums_times:
+        add(f"topk_stats, sums kernel (positive + moments), {tuning}", t, 0, tok_bytes)
+    t_ts = timed(stats, device)
+    add("topk_stats, all statistics, best tunings", t_ts, 0, tok_bytes)
+    add("  of which positive counts alone", timed(lambda: stats(topk=False, moments=False), device), 0, tok_bytes)
+    add("  of which moments alone", timed(lambda: stats(topk=False, positive=False), device), 0, tok_bytes)
+    add(
+        "  of which zeroing 4 per-batch buffers [labels, D]",
+        timed(lambda: [torch.zeros((U, N), device=device) for _ in range(4)], device),
     )
-    add("topk_stats, top-k only", t_tk, 0, tok_bytes)
-    for name, t in breakdown(y, batch, U, k, shift, device).items():
-        add(f"  of which {name}", t, 0, tok_bytes if "buffers" not in name else 0)
     for chunk_rows in (8, 128, 512):
         rows_c, starts_c, labels_c = (
             t.to(device) for t in chunk_tokens(batch.index.cpu(), batch.local.cpu(), chunk_rows)
         )
-        t = timed(lambda: topk_stats(y, rows_c, starts_c, labels_c, U, k, shift), device)
+        t = timed(lambda: stats(rows_=rows_c, starts=starts_c, chunks=labels_c), device)
         add(
             f"topk_stats, all statistics, chunks of <= {chunk_rows} rows ({labels_c.numel()} chunks; engine: 32)",
             t,
@@ -171,6 +198,10 @@ def kernel_table(device, dtype, M, K, N, k, labels, token_fraction, rng, configs
         )
     t_torch = timed(lambda: torch_sums(y.index_select(0, batch.index), batch.local, U, k, shift), device)
     add("torch statistics on the token rows (index_select + topk + index_add)", t_torch, 0, tok_bytes)
+    sums = stats()
+    t_merge_torch, t_merge, merge_same = merge_check(sums, batch, labels, N, shift, device)
+    add(f"merge of the batch sums into the totals ({U} labels), torch ops", t_merge_torch)
+    add(f"merge of the batch sums into the totals ({U} labels), merge_sums kernel", t_merge)
     best = None
     for tiles in configs:
         run = lambda: ffn_up_stats(x, w, b, "gelu", batch.perm, batch.sorted_local, U, shift, tiles=tiles)  # noqa: E731
@@ -184,36 +215,27 @@ def kernel_table(device, dtype, M, K, N, k, labels, token_fraction, rng, configs
             best = (t, tiles)
     if best is None:
         raise SystemExit("no ffn_up_stats tile shape ran on this card")
-    plain = lambda: ffn_up_stats(
-        x,
-        w,
-        b,
-        "gelu",
-        batch.perm,
-        batch.sorted_local,
-        U,
-        shift,
-        stats=False,  # noqa: E731
-        tiles=best[1],
-    )
+
+    def plain():
+        return ffn_up_stats(x, w, b, "gelu", batch.perm, batch.sorted_local, U, shift, stats=False, tiles=best[1])
+
     add("ffn_up_stats, best tiles, without the epilogue statistics", timed(plain, device), flops, io)
     # correctness on the card: the fused y is close to the model's; the kernels' counts equal the torch counts on y
-    yf, sums = ffn_up_stats(x, w, b, "gelu", batch.perm, batch.sorted_local, U, shift, tiles=best[1])
+    yf, _ = ffn_up_stats(x, w, b, "gelu", batch.perm, batch.sorted_local, U, shift, tiles=best[1])
     err = ((yf.float() - y.float()).norm() / y.float().norm()).item()
-    ts = topk_stats(y, batch.sorted_rows, batch.chunk_starts, batch.chunk_labels, U, k, shift)
     ref = torch_sums(y.index_select(0, batch.index), batch.local, U, k, shift)
-    same = all(torch.equal(ts[n].long(), ref[n].round().long()) for n in ("topk", "positive"))
-    s1_err = ((ts["s1"] - ref["s1"]).norm() / ref["s1"].norm()).item()
+    same = all(torch.equal(sums[n].long(), ref[n].round().long()) for n in ("topk", "positive"))
+    s1_err = ((sums["s1"] - ref["s1"]).norm() / ref["s1"].norm()).item()
     notes = [
         f"- fused y vs cuBLAS+GELU y: relative error {err:.2e}; topk_stats counts == torch counts: {same}; "
-        f"s1 relative difference {s1_err:.1e}",
+        f"s1 relative difference {s1_err:.1e}; merge_sums == torch merge: {merge_same}",
         f"- per layer for this batch: model path {t_act * 1e6:,.0f} µs; + topk_stats {t_ts * 1e6:,.0f} µs "
-        f"= {100 * t_ts / t_act:.1f}% of it; torch statistics {t_torch * 1e6:,.0f} µs; "
-        f"best fused {best[0] * 1e6:,.0f} µs + top-k {t_tk * 1e6:,.0f} µs",
+        f"+ merge {t_merge * 1e6:,.0f} µs = {100 * (t_ts + t_merge) / t_act:.1f}% of it; torch statistics "
+        f"{t_torch * 1e6:,.0f} µs + torch merge {t_merge_torch * 1e6:,.0f} µs; best fused {best[0] * 1e6:,.0f} µs",
     ]
-    if not same:
-        raise SystemExit("topk_stats counts differ from the torch counts on the same activations")
-    return rows, notes, best[1], best_ts[1]
+    if not (same and merge_same):
+        raise SystemExit("the kernels' counts or merged totals differ from the torch ones on the same activations")
+    return rows, notes, best[1], {**best_topk, **best_sums}
 
 
 def engine_runs(adapter, batches, k, num_labels, variants, device, repeat):
@@ -346,33 +368,40 @@ def main() -> None:
         if not args.smoke
         else [dict(fused.INTERPRETER_TILES)]
     )
-    keys = ("search_rows", "search_warps", "search_bits", "rows", "num_warps", "two_pass")
-    ts_tunings = (
-        [
-            dict(zip(keys, t))
-            for t in (
-                (1, 4, 1, 2, 8, False),
-                (1, 4, 2, 2, 8, False),
-                (1, 4, 1, 2, 8, True),
-                (1, 4, 2, 2, 8, True),
-                (2, 4, 1, 2, 8, False),
-                (2, 4, 2, 2, 8, True),
-                (4, 8, 1, 2, 8, False),
-                (4, 8, 2, 2, 8, True),
-                (1, 1, 2, 2, 8, True),
-                (2, 2, 2, 2, 8, True),
-                (4, 4, 2, 2, 8, True),
-                (8, 8, 2, 2, 8, True),
-                (4, 4, 2, 1, 4, True),
-                (4, 4, 2, 4, 8, True),
-            )
-        ]
+    topk_keys = ("search_rows", "search_warps", "search_bits")
+    sums_keys = ("block_n", "rows", "num_warps", "two_pass")
+    tunings = (
+        {
+            "topk": [
+                dict(zip(topk_keys, t))
+                for t in ((1, 4, 1), (1, 4, 2), (1, 2, 2), (1, 8, 2), (2, 4, 1), (2, 4, 2), (4, 8, 2), (4, 4, 2))
+            ],
+            "sums": [
+                dict(zip(sums_keys, t))
+                for t in (
+                    (256, 8, 4, False),
+                    (256, 8, 4, True),
+                    (128, 8, 4, False),
+                    (512, 8, 4, False),
+                    (512, 8, 8, False),
+                    (256, 4, 4, False),
+                    (256, 16, 4, False),
+                    (256, 16, 8, False),
+                    (1024, 4, 8, False),
+                    (1024, 4, 8, True),
+                    (128, 16, 4, True),
+                )
+            ],
+        }
         if not args.smoke
-        else [dict(zip(keys, (2, 4, b, 2, 4, p))) for b in (1, 2) for p in (False, True)]
+        else {
+            "topk": [dict(zip(topk_keys, t)) for t in ((1, 4, 1), (2, 4, 2))],
+            "sums": [dict(zip(sums_keys, t)) for t in ((16, 4, 4, False), (16, 2, 4, True))],
+        }
     )
     chosen = {}
     for frac, name in ((0.2, "phone-mid-like, 20% token rows"), (1.0, "all rows are tokens")):
-        rows, notes, tiles, tuning = kernel_table(device, dtype, M, H, D, k, num_labels, frac, rng, configs, ts_tunings)
+        rows, notes, tiles, tuning = kernel_table(device, dtype, M, H, D, k, num_labels, frac, rng, configs, tunings)
         chosen[frac] = (tiles, tuning)
         lines += [
             "",
