@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One prepared run on a lent GPU: the bf16 kernel tests, kernel_bench and collect_bench, results in $OUT.
+# One prepared run on a lent GPU: the bf16 kernel tests and the merge_sums tests, kernel_bench and
+# collect_bench, results in $OUT.
 # Wheels of packages the card's image lacks may wait in .whl/ (installed into /tmp/site first).
 set -euo pipefail
 OUT=${OUT:-bench/out}
@@ -11,7 +12,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 export TRITON_INTERPRET=0 HF_HUB_OFFLINE=1
 root=$PWD
-(cd /tmp && python3 -m pytest -q --import-mode=append -p no:cacheprovider --rootdir "$root" "$root/kernels" -k bfloat16) \
+(cd /tmp && python3 -m pytest -q --import-mode=append -p no:cacheprovider --rootdir "$root" "$root/kernels" -k "bfloat16 or merge") \
     2>&1 | tail -5 | tee "$OUT/kernel_tests.txt"
 python3 bench/kernel_bench.py --results "$OUT/kernel.md"
 python3 bench/collect_bench.py --device cuda --dtype bfloat16 --backend triton --speakers 8 --utterances 8 -j 4 \
