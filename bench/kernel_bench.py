@@ -424,12 +424,13 @@ def main() -> None:
     if args.kernels_only:
         return
 
+    seconds = args.seconds if not args.smoke else 1.0
     for mode in ("phone-mid", "all"):
         batches = make_batches(
             adapter,
             args.batches if not args.smoke else 1,
             args.per_batch if not args.smoke else 2,
-            args.seconds if not args.smoke else 1.0,
+            seconds,
             mode,
             rng,
         )
@@ -448,14 +449,21 @@ def main() -> None:
         for name in ("collect, triton backend", "collect, triton-fused backend"):
             got = states[name].compute()
             diff = int(np.abs(got["topk_count"] - ref["topk_count"]).sum())
+            pos = int(np.abs(got["positive_count"] - ref["positive_count"]).sum())
+            seen = ref["frames"] > 0
+            err = {
+                v: float(np.abs(got[v] - ref[v])[:, seen].max() / np.abs(ref[v])[:, seen].max())
+                for v in ("mean", "var")
+            }
             check.append(
-                f"{name.split(', ')[1]}: top-k counts differing from torch: {diff} of {int(ref['topk_count'].sum())}"
+                f"{name.split(', ')[1]}: top-k counts differing from torch: {diff} of {int(ref['topk_count'].sum())}, "
+                f"positive counts: {pos}; mean, var max difference / max value: {err['mean']:.1e}, {err['var']:.1e}"
             )
         base = times["plain forward"]
         lines += [
             "",
             f"Engine level, tokens {mode}: {len(batches)} batches x {len(batches[0][0])} utterances of "
-            f"~{args.seconds:g} s, {frames} frames, {tokens} tokens, all statistics",
+            f"~{seconds:g} s, {frames} frames, {tokens} tokens, all statistics",
             "",
             "| run | seconds | frames/s | vs plain |",
             "| --- | ---: | ---: | ---: |",
