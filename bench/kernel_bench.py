@@ -238,8 +238,39 @@ def kernel_table(device, dtype, M, K, N, k, labels, token_fraction, rng, configs
     return rows, notes, best[1], {**best_topk, **best_sums}
 
 
-def engine_runs(adapter, batches, k, num_labels, variants, device, repeat):
-    """Median seconds of one pass over ``batches`` per variant; the variants take turns in every round."""
+STAT_KERNELS = ("_topk_kernel", "_sums_kernel", "_chunk_reduce_kernel", "_merge_kernel", "_ffn_up_stats_kernel")
+
+
+def device_profile(run, device) -> list[str]:
+    """Where one pass spends its device time (CPU time in the smoke run): the share of the statistics
+    kernels — wall-clock ratios between runs are noisier than this — and the costliest kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.device(device).type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        run()
+        sync(device)
+    events = [
+        (e.key, e.self_device_time_total if cuda else e.self_cpu_time_total, e.count) for e in prof.key_averages()
+    ]
+    events = sorted((e for e in events if e[1] > 0), key=lambda e: -e[1])
+    total = sum(t for _, t, _ in events)
+    ours = [(name, t, n) for name, t, n in events if name.startswith(STAT_KERNELS)]
+    lines = [
+        f"- {'device' if cuda else 'CPU'} time of one pass: {total / 1e3:,.1f} ms; the statistics kernels: "
+        f"{sum(t for _, t, _ in ours) / 1e3:,.2f} ms = {100 * sum(t for _, t, _ in ours) / max(total, 1):.2f}% "
+        f"({', '.join(f'{name} {t / 1e3:,.2f} ms in {n} launches' for name, t, n in ours) or 'none seen'})",
+        "",
+        "| costliest kernels of that pass | ms | launches | share |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    lines += [f"| `{name[:90]}` | {t / 1e3:,.2f} | {n} | {100 * t / total:.1f}% |" for name, t, n in events[:12]]
+    return lines
+
+
+def engine_runs(adapter, batches, k, num_labels, variants, device, repeat, profiled):
+    """Median seconds of one pass over ``batches`` per variant (the variants take turns in every round),
+    their states, and the device profile of one pass of the variant ``profiled``."""
     D, L = adapter.width, adapter.num_layers
     compiled = torch.compile(torch_sums, dynamic=True)
 
@@ -295,7 +326,8 @@ def engine_runs(adapter, batches, k, num_labels, variants, device, repeat):
             one_pass(backend)
             sync(device)
             times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(t) for name, t in times.items()}, states
+    profile = device_profile(lambda: one_pass(dict(variants)[profiled]), device)
+    return {name: statistics.median(t) for name, t in times.items()}, states, profile
 
 
 def main() -> None:
@@ -304,9 +336,12 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=3)
     ap.add_argument("--per-batch", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=15.0)
-    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--kernels-only", action="store_true", help="only the kernel-level tables")
+    ap.add_argument(
+        "--engine-only", action="store_true", help="only the engine runs, with the kernels' default tunings"
+    )
     ap.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")))
     ap.add_argument("--out", default=None, help="also write the table here")
     args = ap.parse_args()
@@ -400,7 +435,8 @@ def main() -> None:
         }
     )
     chosen = {}
-    for frac, name in ((0.2, "phone-mid-like, 20% token rows"), (1.0, "all rows are tokens")):
+    tables = ((0.2, "phone-mid-like, 20% token rows"), (1.0, "all rows are tokens"))
+    for frac, name in () if args.engine_only else tables:
         rows, notes, tiles, tuning = kernel_table(device, dtype, M, H, D, k, num_labels, frac, rng, configs, tunings)
         chosen[frac] = (tiles, tuning)
         lines += [
@@ -413,13 +449,11 @@ def main() -> None:
             "",
             *notes,
         ]
-    tiles, tuning = chosen[1.0]
+    tiles, tuning = chosen.get(1.0, (fused.TILES, ts_mod.TUNING))
     fused.TILES.update(tiles)
     ts_mod.TUNING.update(tuning)
-    lines += [
-        "",
-        f"- chosen for the engine runs (best with all rows as tokens): ffn_up_stats {tiles}; topk_stats {tuning}",
-    ]
+    how = "best with all rows as tokens" if chosen else "the defaults"
+    lines += ["", f"- tunings for the engine runs ({how}): ffn_up_stats {tiles}; topk_stats {tuning}"]
     emit(lines)
     if args.kernels_only:
         return
@@ -440,8 +474,9 @@ def main() -> None:
         if not args.no_compile and not args.smoke:
             variants.append(("collect, torch.compile of the torch statistics", "compile"))
         variants += [("collect, triton backend", "triton"), ("collect, triton-fused backend", "triton-fused")]
-        times, states = engine_runs(
-            adapter, batches, k, num_labels, variants, device, args.repeat if not args.smoke else 1
+        profiled = "collect, triton backend"
+        times, states, profile = engine_runs(
+            adapter, batches, k, num_labels, variants, device, args.repeat if not args.smoke else 1, profiled
         )
         lines = []
         ref = states["collect, torch backend"].compute()
@@ -469,7 +504,7 @@ def main() -> None:
             "| --- | ---: | ---: | ---: |",
         ]
         lines += [f"| {name} | {t:.4f} | {frames / t:,.0f} | {t / base:.3f} |" for name, t in times.items()]
-        lines += ["", "- " + "; ".join(check)]
+        lines += ["", "- " + "; ".join(check), "", f"Profile of one pass, {profiled}:", "", *profile]
         emit(lines)
 
 
