@@ -83,8 +83,8 @@ def _topk_kernel(
     else:
         for b in tl.static_range(31 - LOW_BIT):
             cand = thr | (1 << (30 - b))
-            above = tl.sum((key >= cand[:, None]).to(tl.int32), axis=1)
-            thr = tl.where(above >= k, cand, thr)
+            count = tl.sum((key >= cand[:, None]).to(tl.int32), axis=1)
+            thr = tl.where(count >= k, cand, thr)
     above = key > thr[:, None]
     tied = (key == thr[:, None]).to(tl.int32)
     room = k - tl.sum(above.to(tl.int32), axis=1)
