@@ -187,10 +187,10 @@ def kernel_table(device, dtype, M, K, N, k, labels, token_fraction, rng, configs
         timed(lambda: [torch.zeros((U, N), device=device) for _ in range(4)], device),
     )
     for chunk_rows in (8, 128, 512):
-        rows_c, starts_c, labels_c = (
+        rows_c, local_c, starts_c, labels_c = (
             t.to(device) for t in chunk_tokens(batch.index.cpu(), batch.local.cpu(), chunk_rows)
         )
-        t = timed(lambda: stats(rows_=rows_c, starts=starts_c, chunks=labels_c), device)
+        t = timed(lambda: stats(rows_=rows_c, local=local_c, starts=starts_c, chunks=labels_c), device)
         add(
             f"topk_stats, all statistics, chunks of <= {chunk_rows} rows ({labels_c.numel()} chunks; engine: 32)",
             t,

@@ -16,11 +16,9 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" 
 
 def run(y, rows, local, num_labels, k, shift=None, chunk=32, **which):
     """topk_stats on token rows ``rows`` with local labels ``local``, through the engine's chunking."""
-    sorted_rows, starts, chunk_labels = chunk_tokens(rows, local, chunk)
-    sorted_local = torch.sort(local, stable=True).values.to(torch.int32)
-    args = (sorted_rows, sorted_local, starts, chunk_labels)
+    work = (t.to(DEVICE) for t in chunk_tokens(rows, local, chunk))
     shift = None if shift is None else shift.to(DEVICE)
-    return topk_stats(y, *(t.to(DEVICE) for t in args), num_labels, k, shift, **which)
+    return topk_stats(y, *work, num_labels, k, shift, **which)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))

@@ -57,8 +57,8 @@ def _break_ties(absx: torch.Tensor, kth: torch.Tensor, k: int) -> torch.Tensor:
 def chunk_tokens(rows: torch.Tensor, labels: torch.Tensor, chunk_rows: int = 32) -> tuple[torch.Tensor, ...]:
     """Sorts token rows by label and cuts them into same-label chunks of at most ``chunk_rows`` rows.
 
-    Returns (sorted rows int32, chunk starts int32 [C + 1], chunk labels int32 [C]): the work list of
-    the ``topk_stats`` kernel, built on the host.
+    Returns (sorted rows int32 [N], their labels int32 [N], chunk starts int32 [C + 1], chunk labels
+    int32 [C]): the work list of the ``topk_stats`` kernels, in their argument order, built on the host.
     """
     order = torch.argsort(labels, stable=True)
     rows, labels = rows[order], labels[order]
@@ -70,7 +70,8 @@ def chunk_tokens(rows: torch.Tensor, labels: torch.Tensor, chunk_rows: int = 32)
     position = torch.arange(n) - run_start[torch.cumsum(new_label.long(), 0) - 1]
     starts = torch.nonzero(new_label | (position % chunk_rows == 0)).flatten()
     bounds = torch.cat([starts, torch.tensor([n])]).to(torch.int32)
-    return rows.to(torch.int32), bounds, labels[starts].to(torch.int32)
+    labels = labels.to(torch.int32)
+    return rows.to(torch.int32), labels, bounds, labels[starts]
 
 
 def merge_sums_reference(
@@ -97,8 +98,8 @@ def merge_sums_reference(
     n_b = counts.to(torch.float64)[:, None]
     n_a = frames.index_select(0, labels).to(torch.float64)[:, None]
     n = n_a + n_b
-    offset = sums["s1"].double() / n_b  # batch mean − shift
-    m2_b = torch.addcmul(sums["s2"].double(), offset, offset * n_b, value=-1)  # Σ(a − batch mean)²
+    offset = sums["s1"].to(torch.float64, copy=True).div_(n_b)  # batch mean − shift
+    m2_b = sums["s2"].to(torch.float64, copy=True).addcmul_(offset, offset * n_b, value=-1)  # Σ(a − batch mean)²
     delta = offset.add_(shift.double()).sub_(mean_t.index_select(0, labels))
     mean = mean_t.index_select(0, labels).addcmul_(delta, n_b / n)
     m2 = m2_t.index_select(0, labels).add_(m2_b).addcmul_(delta.square_(), n_a * n_b / n)
@@ -134,9 +135,8 @@ class TokenBatch:
             )
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
         index, local = t(index), t(local)
-        sorted_rows, starts, chunk_labels = chunk_tokens(index, local)
+        sorted_rows, sorted_local, starts, chunk_labels = chunk_tokens(index, local)
         others = torch.from_numpy(np.flatnonzero(flat < 0).astype(np.int32))
-        sorted_local = torch.sort(local, stable=True).values.to(torch.int32)
         return cls(
             index,
             local,
