@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU: the bf16 kernel tests and the merge_sums tests, kernel_bench and
-# collect_bench, results in $OUT.
+# collect_bench, results in $OUT (with each step's wall time in $OUT/steps.txt, to size the next timeout).
 # Wheels of packages the card's image lacks may wait in .whl/ (installed into /tmp/site first).
 set -euo pipefail
 OUT=${OUT:-bench/out}
@@ -12,8 +12,13 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 export TRITON_INTERPRET=0 HF_HUB_OFFLINE=1
 root=$PWD
+step() { echo "$1: ${SECONDS} s since start" | tee -a "$OUT/steps.txt"; }
+step setup
 (cd /tmp && python3 -m pytest -q --import-mode=append -p no:cacheprovider --rootdir "$root" "$root/kernels" -k "bfloat16 or merge") \
     2>&1 | tail -5 | tee "$OUT/kernel_tests.txt"
+step "kernel tests"
 python3 bench/kernel_bench.py --results "$OUT/kernel.md"
+step kernel_bench
 python3 bench/collect_bench.py --device cuda --dtype bfloat16 --backend triton --speakers 8 --utterances 8 -j 4 \
     --results "$OUT/collect.md"
+step collect_bench
