@@ -185,39 +185,3 @@ def ffn_up_stats(
         num_stages=tiles["num_stages"],
     )
     return y, sums
-
-
-def ffn_up_stats_reference(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    activation: str,
-    rows: torch.Tensor,
-    labels: torch.Tensor,
-    num_labels: int,
-    shift: torch.Tensor,
-) -> tuple[torch.Tensor, dict]:
-    """Pure-torch reference: y in float64, and the same sums computed in float64 from a given y."""
-    fn = {
-        "gelu": torch.nn.functional.gelu,
-        "relu": torch.relu,
-        "gelu_new": lambda t: torch.nn.functional.gelu(t, approximate="tanh"),
-        "gelu_pytorch_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh"),
-    }[activation]
-    y = fn(x.double() @ weight.double().T + bias.double())
-    return y, sums_reference(y, rows, labels, num_labels, shift)
-
-
-def sums_reference(
-    y: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, num_labels: int, shift: torch.Tensor
-) -> dict:
-    """Float64 positive counts and shifted moment sums of the rows ``y[rows]`` per label."""
-    a = y.index_select(0, rows.long()).double()
-    labels = labels.long()
-    z = lambda: torch.zeros((num_labels, a.shape[1]), dtype=torch.float64, device=a.device)  # noqa: E731
-    dev = a - shift.double()
-    return {
-        "positive": z().index_add_(0, labels, (a > 0).double()).long(),
-        "s1": z().index_add_(0, labels, dev),
-        "s2": z().index_add_(0, labels, dev * dev),
-    }

@@ -1,10 +1,11 @@
 """``merge_sums``: one batch's per-label sums merged into a layer's running totals, in one launch.
 
-The torch reference (:func:`neurostat.engine.accumulate.merge_sums_reference`, the torch backend's
-path) takes about fifteen whole-array ops per layer and batch — int64 copies of the counts, index_add,
+The torch backend's merge (the ``sum`` and ``chan`` rules of :mod:`neurostat.engine.statistics`) takes
+about fifteen whole-array ops per layer and batch — int64 copies of the counts, index_add,
 index_select/index_copy of the float64 moments and the temporaries of Chan et al.'s formula — each a
 pass over [labels in the batch, D] float64 arrays.  This kernel reads each batch sum and each total
-once, does the same float64 arithmetic in registers and writes each total once.
+once, does the same float64 arithmetic in registers and writes each total once.  Its reference:
+:func:`neurostat.kernels.reference.merge_reference`.
 
 One program per (label of the batch, column block); every label occurs once in a batch, so programs
 own disjoint rows of the totals: no atomics, deterministic.
@@ -75,10 +76,9 @@ def merge_sums(
     shift: torch.Tensor | None,
     totals: dict[str, torch.Tensor],
 ) -> None:
-    """Same contract as :func:`neurostat.engine.accumulate.merge_sums_reference`: adds the batch's
-    ``topk``/``positive`` counts [U, D] to the int64 totals at rows ``labels`` and merges its shifted
-    sums ``s1``/``s2`` into the float64 ``mean``/``m2`` (``counts``: tokens per batch label,
-    ``frames``: tokens per label before the batch)."""
+    """Adds the batch's ``topk``/``positive`` counts [U, D] to the int64 totals at rows ``labels`` and
+    merges its shifted sums ``s1``/``s2`` into the float64 ``mean``/``m2``, in place (``counts``: tokens
+    per batch label, ``frames``: tokens per label before the batch)."""
     num = labels.numel()
     if not num:
         return

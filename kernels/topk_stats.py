@@ -213,7 +213,7 @@ def topk_stats(
     moments: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Per-label sums over the token rows ``y[rows]`` (rows sorted by label ``row_labels`` and grouped
-    into same-label chunks: :func:`neurostat.engine.accumulate.chunk_tokens`).
+    into same-label chunks: :func:`neurostat.engine.batching.chunk_tokens`).
 
     Returns int32 ``topk`` and ``positive`` counts and fp32 ``s1`` = Σ(a − shift), ``s2`` = Σ(a − shift)²,
     each [num_labels, D], for the statistics asked for.
@@ -285,22 +285,3 @@ def topk_stats(
                     part, out[name], label_chunks, width, BLOCK=block
                 )
     return out
-
-
-def topk_stats_reference(
-    y: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, num_labels: int, k: int, shift: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    """Pure-torch float64 reference: the same sums from the token rows and their labels (any order)."""
-    a = y.index_select(0, rows.long()).double()
-    labels = labels.long()
-    absx = a.abs()
-    order = torch.sort(absx, dim=1, descending=True, stable=True).indices[:, :k]
-    mask = torch.zeros_like(absx, dtype=torch.bool).scatter_(1, order, True)
-    z = lambda: torch.zeros((num_labels, a.shape[1]), dtype=torch.float64, device=a.device)  # noqa: E731
-    dev = a - shift.double()
-    return {
-        "topk": z().index_add_(0, labels, mask.double()).long(),
-        "positive": z().index_add_(0, labels, (a > 0).double()).long(),
-        "s1": z().index_add_(0, labels, dev),
-        "s2": z().index_add_(0, labels, dev * dev),
-    }

@@ -10,9 +10,9 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "open_stats": "stats",
-    "prune": "pruning",
-    "load_pruned": "pruning",
-    "ablate": "edit",
+    "prune": "model.pruning",
+    "load_pruned": "model.pruning",
+    "ablated": "model.edit",
     "NeuronSet": "neuronset",
 }
 

@@ -137,7 +137,7 @@ def cell_probabilities(stats: Stats, spec: GroupSpec, stat: str = "topk") -> dic
         p = stats.probability(stat, by=(spec.axis,))
         return {g: p.sel({spec.axis: labels}).values for g, labels in spec.groups.items()}
     counts = stats.counts(stat, by=(spec.axis, spec.within))
-    frames = stats.frames(by=(spec.axis, spec.within))
+    frames = stats.tokens(by=(spec.axis, spec.within))
     out = {}
     for g, labels in spec.groups.items():
         c = counts.sel({spec.axis: labels, spec.within: cells}).sum(spec.axis).values
@@ -247,3 +247,58 @@ def venn(sets: dict[str, NeuronSet]) -> dict[str, int]:
             key = "&".join(name for name in names if j in sets[name][layer])
             regions[key] = regions.get(key, 0) + 1
     return regions
+
+
+def select_properties(
+    stats: Stats,
+    properties: tuple[str, ...] = ("gender",),
+    groups: str | Path | None = None,
+    **settings,
+) -> tuple[dict[str, Selection], list[str]]:
+    """:func:`property_neurons` for each property (or for the ``groups`` file alone), keyed by name,
+    and the warnings they raised, each prefixed with its property."""
+    names = [str(groups)] if groups else list(properties or ("gender",))
+    selections, messages = {}, []
+    for name in names:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            selections[name] = property_neurons(stats, name, groups=groups, **settings)
+        messages += [f"warning ({name}): {w.message}" for w in caught]
+    return selections, messages
+
+
+def save_selections(selections: dict[str, Selection], out: str | Path) -> str:
+    """One selection to the file ``out``; several to ``out/<name>.json``.  Returns what was written."""
+    out = Path(out)
+    if len(selections) == 1:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        next(iter(selections.values())).neurons.save(out)
+        return f"wrote {out}"
+    out.mkdir(parents=True, exist_ok=True)
+    for name, sel in selections.items():
+        sel.neurons.save(out / f"{name}.json")
+    return f"wrote {len(selections)} files to {out}"
+
+
+def describe_selections(stats: Stats, selections: dict[str, Selection], max_groups: int = 16) -> str:
+    """Per-layer counts of each selection's property neurons and group neurons, and their overlaps."""
+    first = next(iter(selections.values())).settings
+    layers = stats.layers
+    lines = [
+        f"{stats.path}: r = k/D = {stats.chance:.4f}, σ = {first['sigma']}, statistic {first['stat']}, rule {first['rule']}",
+        "layer        " + " ".join(f"{n:>5}" for n in layers) + "   total",
+    ]
+    for name, sel in selections.items():
+        counts = sel.neurons.counts()
+        lines.append(f"{name[:12]:<12} " + " ".join(f"{counts[n]:>5}" for n in layers) + f"   {len(sel.neurons)}")
+        for g, group in list(sel.groups.items())[:max_groups]:
+            row = " ".join(f"{group.counts()[n]:>5}" for n in layers)
+            lines.append(f"  N[{g}]"[:13].ljust(13) + row + f"   {len(group)}")
+        if len(sel.groups) > max_groups:
+            lines.append(f"  ... and {len(sel.groups) - max_groups} more groups (neurostat.select in Python has all)")
+    if len(selections) > 1:
+        regions = venn({n: s.neurons for n, s in selections.items()})
+        lines.append(
+            "overlaps (exclusive regions, all layers): " + ", ".join(f"{k} {v}" for k, v in sorted(regions.items()))
+        )
+    return "\n".join(lines)

@@ -1,7 +1,8 @@
 """Reading a statistics store: ``open_stats(path)`` and marginals over the joint label.
 
 The store counts on joint labels phone × gender × pitch bin (× any attached label set); a marginal
-such as ``("gender", "phone")`` sums the counts (and pools the moments) over the other parts.
+such as ``("gender", "phone")`` reduces each variable over the other parts by the merge rule the store
+records for it: counts are summed, moments pooled exactly, maxima maximised.
 
 >>> stats = open_stats("stats.zarr")
 >>> p = stats.probability("topk", by=("gender", "phone"))   # dims: layer, gender, phone, neuron
@@ -14,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from .labels.joint import LabelSpace
-from .store import StoreError, read_attrs
+from .labelspace import LabelSpace
+from .moments import pool
+from .store import StoreError, checkpoint_progress, read_attrs
 
 _STAT_VARS = {"topk": "topk_count", "positive": "positive_count"}
 
@@ -45,7 +47,7 @@ class Stats:
 
     def _need(self, var: str) -> xr.DataArray:
         if var not in self.ds:
-            have = [v for v in ("topk_count", "positive_count", "mean", "var") if v in self.ds]
+            have = [v for v in self.ds.data_vars if v != "frames"]
             raise StoreError(
                 f"{self.path} has no {var!r} (collected: {', '.join(have)}); re-collect with --stat for it"
             )
@@ -88,27 +90,42 @@ class Stats:
     def _coords(self, by: tuple[str, ...]) -> dict:
         return {"layer": self.layers, **{p: list(self.label_space.vocab(p)) for p in by}}
 
-    def frames(self, by: tuple[str, ...] = ("phone",)) -> xr.DataArray:
-        """Token counts per marginal label."""
+    def tokens(self, by: tuple[str, ...] = ("phone",)) -> xr.DataArray:
+        """Token counts per marginal label (the store variable ``frames``)."""
         by = tuple(by)
         drop, _ = self._parts(by)
         values = self._finish(self._expand(self.ds["frames"].values).sum(axis=drop, keepdims=True), by)[0, ..., 0]
         return xr.DataArray(values, dims=list(by), coords={p: list(self.label_space.vocab(p)) for p in by})
 
+    def reduce(self, var: str, by: tuple[str, ...] = ("phone",)) -> xr.DataArray:
+        """A per-(layer, label, neuron) variable reduced to the marginal labels ``by`` by its merge rule
+        (``sum`` for counts, ``max`` for maxima; NaN where a marginal label has no tokens)."""
+        rule = self.attrs["statistics"].get("merge", {}).get(var, "sum")
+        reducers = {"sum": np.add.reduce, "max": np.fmax.reduce}
+        if rule not in reducers:
+            raise ValueError(f"{var!r} merges by {rule!r}: read it with moments()")
+        by = tuple(by)
+        drop, _ = self._parts(by)
+        values = self._expand(self._need(var).values)
+        reduced = reducers[rule](values, axis=drop, keepdims=True) if drop else values
+        dims = ["layer", *by, "neuron"]
+        return xr.DataArray(self._finish(reduced, by), dims=dims, coords=self._coords(by))
+
     def counts(self, stat: str = "topk", by: tuple[str, ...] = ("phone",)) -> xr.DataArray:
         """Activation counts per layer, marginal label and neuron (``stat``: topk or positive)."""
         if stat not in _STAT_VARS:
             raise ValueError(f"unknown statistic {stat!r}; choose from {tuple(_STAT_VARS)}")
-        by = tuple(by)
-        drop, _ = self._parts(by)
-        values = self._finish(self._expand(self._need(_STAT_VARS[stat]).values).sum(axis=drop, keepdims=True), by)
-        return xr.DataArray(values, dims=["layer", *by, "neuron"], coords=self._coords(by))
+        return self.reduce(_STAT_VARS[stat], by)
 
     def probability(self, stat: str = "topk", by: tuple[str, ...] = ("phone",)) -> xr.DataArray:
-        """Activating probability P(j | label) = count / frames (NaN where a label has no tokens)."""
+        """Activating probability P(j | label) = count / tokens (NaN where a label has no tokens)."""
         counts = self.counts(stat, by)
-        frames = self.frames(by)
-        return counts / frames.where(frames > 0)
+        tokens = self.tokens(by)
+        return counts / tokens.where(tokens > 0)
+
+    def max_abs(self, by: tuple[str, ...] = ("phone",)) -> xr.DataArray:
+        """Largest |a| per layer, marginal label and neuron (collected with ``--stat max_abs``)."""
+        return self.reduce("max_abs", by)
 
     def moments(self, by: tuple[str, ...] = ("phone",)) -> tuple[xr.DataArray, xr.DataArray]:
         """Pooled (mean, var) per layer, marginal label and neuron, combined exactly from the joint labels."""
@@ -116,19 +133,67 @@ class Stats:
         drop, _ = self._parts(by)
         n = self._expand(self.ds["frames"].values.astype(np.float64))
         mean = np.nan_to_num(self._expand(self._need("mean").values))
-        var = np.nan_to_num(self._expand(self._need("var").values))
-        total = n.sum(axis=drop, keepdims=True)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            pooled = (n * mean).sum(axis=drop, keepdims=True) / total
-            m2 = (n * (var + (mean - pooled) ** 2)).sum(axis=drop, keepdims=True)
-            pooled_var = m2 / total
+        m2 = np.nan_to_num(self._expand(self._need("var").values)) * n
+        total, pooled, pooled_m2 = pool(n, mean, m2, drop)
+        empty = total == 0
         dims = ["layer", *by, "neuron"]
         return (
-            xr.DataArray(self._finish(pooled, by), dims=dims, coords=self._coords(by)),
-            xr.DataArray(self._finish(pooled_var, by), dims=dims, coords=self._coords(by)),
+            xr.DataArray(self._finish(np.where(empty, np.nan, pooled), by), dims=dims, coords=self._coords(by)),
+            xr.DataArray(
+                self._finish(np.where(empty, np.nan, pooled_m2 / (total + empty)), by),
+                dims=dims,
+                coords=self._coords(by),
+            ),
         )
 
 
 def open_stats(path: str | Path) -> Stats:
     """Opens a complete statistics store."""
     return Stats(path)
+
+
+def describe_store(path: str | Path) -> str:
+    """A readable summary of a store, complete or not (what `neurostat info` prints)."""
+    attrs = read_attrs(path)
+    m, s, p = attrs["model"], attrs["statistics"], attrs.get("progress", {})
+    labels = attrs["labels"]
+    pitch = ""
+    if "pitch_bin" in labels:
+        edges = ", ".join(f"{e:.2f}" for e in attrs["pitch"]["edges"])
+        pitch = f" (pitch bins {', '.join(labels['pitch_bin'])}; edges {edges} Hz)"
+    lines = [
+        f"store: {path} ({'complete' if attrs.get('complete') else 'INCOMPLETE'}; neurostat {attrs['neurostat_version']})",
+        f"model: {m['model']} ({m['model_type']}, revision {m['revision']}), {m['num_layers']} layers x {m['width']} FFN neurons",
+        f"layers collected: {', '.join(map(str, attrs['fingerprint']['layers']))}",
+        f"statistics: {', '.join(s['stats'])}; tokens {s['tokens']}; top-k k = {s['k']} (λ = {s['topk_ratio']}); backend {s['backend']}",
+        "labels: " + " x ".join(f"{len(v)} {part}" for part, v in labels.items()) + " joint labels" + pitch,
+        f"corpus: {attrs['corpus']['root']} / {attrs['corpus']['subset']} (shard {attrs['corpus']['shard']})",
+    ]
+    for name, entry in attrs.get("label_sets", {}).items():
+        lines.append(f"label set {name}: {entry['level']} level, from {entry['source']}")
+    if attrs.get("complete"):
+        lines.append(
+            f"counted: {p['utterances_done']} utterances, {p['audio_seconds'] / 3600:.3f} h, {p['frames']:,} frames, "
+            f"{p['tokens']:,} tokens in {p['elapsed_seconds']:.1f} s"
+        )
+    else:
+        q = checkpoint_progress(path)
+        lines.append(
+            "no checkpoint yet"
+            if q is None
+            else f"checkpointed: {q['utterances_done']} of {attrs['corpus']['utterances']} utterances, "
+            f"{q['tokens']:,} tokens; continue with `neurostat collect ... --resume`"
+        )
+    if p.get("skips"):
+        lines.append("skipped during collect: " + ", ".join(f"{r} {n}" for r, n in sorted(p["skips"].items())))
+    if attrs.get("complete"):
+        stats = open_stats(path)
+        for part in stats.parts:
+            tokens = stats.tokens((part,))
+            top = tokens.sortby(tokens, ascending=False)[:8]
+            lines.append(
+                f"tokens per {part}{' (top 8)' if tokens.size > 8 else ''}: "
+                + ", ".join(f"{name} {int(n)}" for name, n in zip(top[part].values, top.values))
+            )
+    lines.append(f"command: {attrs.get('command', '')}")
+    return "\n".join(lines)

@@ -21,24 +21,15 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT = 1
-COUNTS = ("topk_count", "positive_count")
-MOMENTS = ("mean", "var")
+from .errors import UserError
+from .files import atomic_write
+
+FORMAT = 2
 _INTERNAL = "neurostat"
 
 
-class StoreError(RuntimeError):
+class StoreError(UserError, RuntimeError):
     """A store that cannot be written or read as asked; the message names it."""
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Writes ``text`` to ``path`` through a synced temporary file and one rename: all or nothing."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_attrs(path: str | Path) -> dict:
@@ -184,6 +175,12 @@ class StoreWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def checkpoint_progress(path: str | Path) -> dict | None:
+    """The progress recorded with an unfinished store's latest checkpoint, or None."""
+    pointer = Path(path) / _INTERNAL / "checkpoint.json"
+    return json.loads(pointer.read_text())["progress"] if pointer.is_file() else None
 
 
 def load_done(path: str | Path) -> list[str]:

@@ -49,59 +49,11 @@ def prepared(demo_corpus, tmp_path_factory):
     return PreparedCorpus(out)
 
 
-def tiny_config_kwargs(**overrides) -> dict:
-    """Config arguments of the tiny test models (32 hidden units, standard conv geometry)."""
-    kw = dict(
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        intermediate_size=37,
-        conv_dim=(8,) * 7,
-        num_conv_pos_embeddings=16,
-        num_conv_pos_embedding_groups=2,
-    )
-    return {**kw, **overrides}
+def save_tiny_model(path: Path, model_type: str = "hubert", stable_layer_norm: bool = False, seed: int = 0, **config):
+    """A tiny random wav2vec2-family model and its feature extractor, saved with save_pretrained."""
+    from neurostat.model.factory import save_model
 
-
-def save_tiny_model(
-    path: Path,
-    model_type: str = "hubert",
-    stable_layer_norm: bool = False,
-    seed: int = 0,
-    width: int = 37,
-    layers: int = 3,
-) -> Path:
-    """Saves a tiny random wav2vec2-family model and its feature extractor with save_pretrained."""
-    import torch
-    from transformers import (
-        Data2VecAudioConfig,
-        Data2VecAudioModel,
-        HubertConfig,
-        HubertModel,
-        Wav2Vec2Config,
-        Wav2Vec2FeatureExtractor,
-        Wav2Vec2Model,
-        WavLMConfig,
-        WavLMModel,
-    )
-
-    classes = {
-        "hubert": (HubertConfig, HubertModel),
-        "wav2vec2": (Wav2Vec2Config, Wav2Vec2Model),
-        "wavlm": (WavLMConfig, WavLMModel),
-        "data2vec-audio": (Data2VecAudioConfig, Data2VecAudioModel),
-    }
-    config_cls, model_cls = classes[model_type]
-    kw = tiny_config_kwargs(num_hidden_layers=layers, intermediate_size=width)
-    if stable_layer_norm:
-        kw.update(feat_extract_norm="layer", do_stable_layer_norm=True)
-    if model_type == "data2vec-audio":
-        kw.update(num_conv_pos_embeddings=5, conv_pos_kernel_size=5)
-        kw.pop("num_conv_pos_embedding_groups")
-    torch.manual_seed(seed)
-    model_cls(config_cls(**kw)).eval().save_pretrained(path)
-    Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=True, return_attention_mask=True).save_pretrained(path)
-    return path
+    return save_model(path, model_type, "tiny", seed, stable_layer_norm=stable_layer_norm, **config)
 
 
 @pytest.fixture(scope="session")

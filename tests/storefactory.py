@@ -2,9 +2,9 @@
 
 import numpy as np
 
-from neurostat.labels.joint import LabelSpace
+from neurostat.labelspace import LabelSpace
 from neurostat.phones import PHONES
-from neurostat.store import StoreWriter
+from neurostat.store import FORMAT, StoreWriter
 
 SPACE = LabelSpace.of({"phone": PHONES, "gender": ("M", "F"), "pitch_bin": ("low", "mid", "high", "unvoiced")})
 
@@ -23,7 +23,7 @@ def make_store(
     num_layers, _, width = counts.shape
     stats = [s for s, a in (("topk", topk), ("positive", positive)) if a is not None]
     attrs = {
-        "neurostat_store_format": 1,
+        "neurostat_store_format": FORMAT,
         "neurostat_version": "test",
         "complete": False,
         "fingerprint": {"layers": list(range(1, num_layers + 1))},

@@ -1,11 +1,12 @@
 import numpy as np
 import pytest
 import torch
-from reference import stats_reference, topk_reference
+from reference import phone_mid, stats_reference, topk_reference
 
-from neurostat.engine.accumulate import Accumulator, TokenBatch, topk_mask
+from neurostat.engine.accumulate import Accumulator
+from neurostat.engine.batching import TokenBatch
+from neurostat.engine.statistics import topk_mask
 from neurostat.engine.tokens import token_mask
-from reference import phone_mid
 
 
 @pytest.mark.parametrize("n, d, k", [(1, 1, 1), (7, 13, 3), (33, 101, 10), (5, 40, 40)])
@@ -41,8 +42,6 @@ def test_accumulator_against_float64_reference_and_merge():
             parts[step % 3].update(layer, x, batch)
             for t, lab in zip(batch.index.tolist(), flat[batch.index.numpy()]):
                 rows[layer].append((x[t].double().numpy(), int(lab)))
-        whole.add_frames(batch)
-        parts[step % 3].add_frames(batch)
     ref = stats_reference(rows, U, D, k)
     merged = parts[0].merge(parts[1]).merge(parts[2])
     for acc in (whole, merged):
@@ -52,18 +51,17 @@ def test_accumulator_against_float64_reference_and_merge():
             np.testing.assert_array_equal(got[name], ref[name])
         np.testing.assert_allclose(got["mean"], ref["mean"], rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(got["var"], ref["var"], rtol=1e-9, atol=1e-12)
-    back = Accumulator.from_state(whole.state_dict(), k).compute()
+    back = Accumulator.from_state(whole.state_dict(), k, whole.stats).compute()
     for name, value in whole.compute().items():
         np.testing.assert_array_equal(back[name], value)
 
 
 def test_subset_of_stats_and_bad_arguments():
     acc = Accumulator(1, 3, 5, 2, stats=("positive",))
-    assert acc.topk is None and acc.mean is None
+    assert set(acc.totals) == {"positive"}
     flat = np.array([0, 1, -1, 1])
     batch = TokenBatch.from_labels(flat)
     acc.update(0, torch.tensor([[1.0, -1, 0, 2, 3], [-1, -1, -1, -1, 1], [9.0] * 5, [0.5, 0.5, 0.5, 0.5, 0.5]]), batch)
-    acc.add_frames(batch)
     out = acc.compute()
     assert set(out) == {"frames", "positive_count"}
     assert out["positive_count"][0].tolist() == [[1, 0, 0, 1, 1], [1, 1, 1, 1, 2], [0] * 5]
@@ -100,8 +98,6 @@ def test_triton_backend_matches_torch_backend():
         for layer in range(L):
             for acc in accs.values():
                 acc.update(layer, x * (layer + 1), batch)
-        for acc in accs.values():
-            acc.add_frames(batch)
     a, b = accs["torch"].compute(), accs["triton"].compute()
     for name in ("frames", "topk_count", "positive_count"):
         np.testing.assert_array_equal(a[name], b[name])

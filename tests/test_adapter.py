@@ -1,10 +1,11 @@
 import numpy as np
 import pytest
 import torch
-from conftest import save_tiny_model, tiny_config_kwargs
-from transformers import HubertConfig, HubertForCTC
+from conftest import save_tiny_model
+from transformers import HubertForCTC
 
-from neurostat.engine.adapter import ModelAdapter, ModelError
+from neurostat.model.adapter import ModelAdapter, ModelError
+from neurostat.model.factory import model_config
 
 TYPES = [
     ("hubert", False),
@@ -61,7 +62,7 @@ def test_batched_equals_unpadded_and_outputs_unchanged(tmp_path, model_type, sta
 
 def test_wrapper_models_are_unwrapped(tmp_path):
     torch.manual_seed(0)
-    config = HubertConfig(**tiny_config_kwargs(num_hidden_layers=2, intermediate_size=21, vocab_size=12))
+    config = model_config(num_hidden_layers=2, intermediate_size=21, vocab_size=12)
     model = HubertForCTC(config)
     from transformers import Wav2Vec2FeatureExtractor
 

@@ -10,11 +10,11 @@ from click.testing import CliRunner
 from transformers import AutoFeatureExtractor, AutoModel
 
 from neurostat.cli import main
+from neurostat.cluster.features import cluster_features, cluster_vectors
+from neurostat.cluster.kmeans import assign, kmeans
+from neurostat.corpus.labelsets import LabelSetError
 from neurostat.corpus.prepared import PreparedCorpus
-from neurostat.engine.adapter import ModelAdapter, ModelError
-from neurostat.labels.cluster import cluster_features, cluster_vectors
-from neurostat.labels.kmeans import assign, kmeans
-from neurostat.labels.sets import LabelSetError
+from neurostat.model.adapter import ModelAdapter, ModelError
 
 
 @pytest.fixture
@@ -94,7 +94,7 @@ def test_frame_units_are_the_nearest_centroid_of_the_layer_output(corpus, tiny_m
     for utt in labelled:
         expect = ((feats[utt.id][:, None, :] - centroids[None]) ** 2).sum(-1).argmin(1)
         np.testing.assert_array_equal(utt.part_labels("unit"), expect, err_msg=utt.id)
-    assert "unit" in labelled.label_space.parts
+    assert "unit" in labelled.vocabularies
     with pytest.raises(ModelError, match="has layers 1..3; no layer 4"):
         cluster_features(corpus, adapter, "unit2", 4, 2, progress=False)
 

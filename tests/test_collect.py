@@ -15,9 +15,11 @@ from reference import phone_mid, stats_reference
 from transformers import AutoFeatureExtractor, AutoModel
 
 from neurostat.cli import main
-from neurostat.engine.adapter import ModelAdapter, ModelError
 from neurostat.engine.collect import CollectConfig, collect
 from neurostat.engine.merge import merge_stores
+from neurostat.labelspace import LabelSpace
+from neurostat.model.adapter import ModelAdapter, ModelError
+from neurostat.model.factory import model_config
 from neurostat.phones import PHONES
 from neurostat.stats import open_stats
 from neurostat.store import StoreError, StoreWriter
@@ -41,7 +43,7 @@ def hook_reference(prepared, model_dir, mode, dtype, layers):
         x = torch.from_numpy(fe(wave, sampling_rate=sr, return_tensors="np").input_values[0]).to(dtype)
         with torch.no_grad():
             model(x[None])
-        phones, joint = utt.phone_frames(), utt.joint_frames()
+        phones, joint = utt.phone_frames(), LabelSpace.of_corpus(prepared).joint_frames(utt)
         if mode == "phone-mid":
             frames = phone_mid(phones)
         else:
@@ -50,7 +52,7 @@ def hook_reference(prepared, model_dir, mode, dtype, layers):
             a = captured[layer][0].double().numpy()
             rows[layer].extend((a[t], int(joint[t])) for t in frames)
     width = model.config.intermediate_size
-    return stats_reference(rows, prepared.label_space.size, width, max(1, round(RATIO * width)))
+    return stats_reference(rows, LabelSpace.of_corpus(prepared).size, width, max(1, round(RATIO * width)))
 
 
 def assert_store_equals(path, ref, rtol=1e-9, atol=1e-12):
@@ -74,7 +76,7 @@ def test_float64_statistics_match_hook_reference(prepared, tiny_model, tmp_path,
 
 def test_float32_batch_of_one_matches_hook_reference_and_layers_subset(prepared, tiny_model, tmp_path):
     adapter = ModelAdapter.load(str(tiny_model))
-    config = CollectConfig(topk_ratio=RATIO, tokens="phone-mid", batch_seconds=1e-3, layers=[0, 2])
+    config = CollectConfig(topk_ratio=RATIO, tokens="phone-mid", batch_seconds=1e-3, layers=[1, 3])
     collect(prepared, adapter, tmp_path / "s.zarr", config, progress=False)
     ref = hook_reference(prepared, tiny_model, "phone-mid", torch.float32, [0, 2])
     # counts exactly; moments to fp32 per-batch sums (the float64 test above holds them to 1e-9)
@@ -102,7 +104,7 @@ def test_store_layout_api_and_info(prepared, tiny_model, tmp_path):
     out = tmp_path / "s.zarr"
     collect(prepared, ModelAdapter.load(str(tiny_model)), out, CollectConfig(topk_ratio=RATIO), progress=False)
     ds = xr.open_zarr(out, consolidated=False)
-    assert dict(ds.sizes) == {"layer": 3, "label": prepared.label_space.size, "neuron": 37}
+    assert dict(ds.sizes) == {"layer": 3, "label": LabelSpace.of_corpus(prepared).size, "neuron": 37}
     assert ds["topk_count"].dims == ("layer", "label", "neuron") and ds["topk_count"].dtype == np.int64
     assert ds["mean"].dtype == np.float64 and ds["frames"].dims == ("label",)
     assert {"phone", "gender", "pitch_bin"} <= set(ds.coords)
@@ -271,7 +273,7 @@ def test_second_writer_is_refused(prepared, tiny_model, tmp_path):
 
 
 def test_incompatible_stores_models_and_corpora(prepared, tiny_model, tmp_path):
-    from conftest import save_tiny_model, tiny_config_kwargs
+    from conftest import save_tiny_model
 
     out = tmp_path / "s.zarr"
     collect(prepared, ModelAdapter.load(str(tiny_model)), out, CollectConfig(topk_ratio=RATIO), progress=False)
@@ -288,11 +290,9 @@ def test_incompatible_stores_models_and_corpora(prepared, tiny_model, tmp_path):
         open_stats(out)
     with pytest.raises(StoreError, match="format 99"):
         collect(prepared, other, out, CollectConfig(topk_ratio=RATIO), resume=True, progress=False)
-    from transformers import HubertConfig, HubertModel, Wav2Vec2FeatureExtractor
+    from transformers import HubertModel, Wav2Vec2FeatureExtractor
 
-    cfg = HubertConfig(
-        **tiny_config_kwargs(num_hidden_layers=1, intermediate_size=9, conv_stride=(5, 2, 2, 2, 2, 2, 1))
-    )
+    cfg = model_config(num_hidden_layers=1, intermediate_size=9, conv_stride=(5, 2, 2, 2, 2, 2, 1))
     HubertModel(cfg).save_pretrained(tmp_path / "stride160")
     Wav2Vec2FeatureExtractor().save_pretrained(tmp_path / "stride160")
     with pytest.raises(ModelError, match="frame geometry .* differs from the prepared corpus"):
@@ -347,7 +347,7 @@ def test_cli_default_demo_runs_offline(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     assert "RANDOM-INITIALISED" in res.output and "collected 16 utterances" in res.output
     store = tmp_path / "cache" / "demo" / "stats.zarr"
-    assert open_stats(store).frames(("gender",)).values.min() > 0
+    assert open_stats(store).tokens(("gender",)).values.min() > 0
     res = CliRunner().invoke(main, ["collect"])
     assert res.exit_code == 0, res.output
 
@@ -368,7 +368,7 @@ def test_triton_backends_collect_equal_torch_backend(prepared, tiny_model, tmp_p
             prepared,
             adapter,
             tmp_path / f"{backend}.zarr",
-            CollectConfig(topk_ratio=RATIO, batch_seconds=5.0, backend=backend, layers=[2], shard=(0, 3)),
+            CollectConfig(topk_ratio=RATIO, batch_seconds=5.0, backend=backend, layers=[3], shard=(0, 3)),
             progress=False,
         )
         assert attrs["statistics"]["backend"] == backend

@@ -14,14 +14,14 @@ from storefactory import joint, make_store
 from transformers import AutoFeatureExtractor, AutoModel
 
 from neurostat.cli import main
+from neurostat.corpus.labelsets import LabelSetError, attach_label_set, read_label_file, remove_label_set
 from neurostat.corpus.prepare import PrepareSettings, prepare
 from neurostat.corpus.prepared import PreparedCorpus
-from neurostat.engine.adapter import ModelAdapter
 from neurostat.engine.collect import CollectConfig, collect
 from neurostat.engine.merge import merge_stores
 from neurostat.frames import default_geometry
-from neurostat.labels.joint import LabelSpace
-from neurostat.labels.sets import LabelSetError, attach_label_set, read_label_file, remove_label_set
+from neurostat.labelspace import LabelSpace
+from neurostat.model.adapter import ModelAdapter
 from neurostat.phones import ARPABET, PHONES
 from neurostat.select import GroupSpec, SelectionError, property_neurons
 from neurostat.stats import open_stats
@@ -124,7 +124,7 @@ def test_attach_checks_frames_and_coverage(corpus, tmp_path):
     entry = attach_label_set(corpus, "unit", changed, "frame", "changed.txt", True)
     files = sorted(p.name for p in (corpus.path / "labels").iterdir())
     assert len(files) == 2 and set(files).isdisjoint(first_files) and entry["file"] == f"labels/{files[0]}"
-    assert corpus.label_space.parts == ("phone", "gender", "pitch_bin", "unit")
+    assert tuple(corpus.vocabularies) == ("phone", "gender", "pitch_bin", "unit")
     reopened = PreparedCorpus(corpus.path)
     utt = reopened[1]
     np.testing.assert_array_equal(utt.part_labels("unit"), changed[utt.id])
@@ -133,15 +133,16 @@ def test_attach_checks_frames_and_coverage(corpus, tmp_path):
         reopened[0].part_labels("unit")
     assert caught.typename == "Skip" and caught.value.reason == "no-unit-label"
     remove_label_set(reopened, "unit")
-    assert reopened.label_space.parts == ("phone", "gender", "pitch_bin")
+    assert tuple(reopened.vocabularies) == ("phone", "gender", "pitch_bin")
     assert not list((corpus.path / "labels").glob("unit*"))
 
 
 def test_joint_frames_over_extra_parts(corpus, tmp_path):
     unit, spk = attach_both(corpus, tmp_path)
-    names = corpus.label_space.names()
+    space = LabelSpace.of_corpus(corpus)
+    names = space.names()
     for utt in corpus:
-        ids = utt.joint_frames()
+        ids = space.joint_frames(utt)
         phones, bins = utt.phone_frames(), utt.pitch_bins()
         for t in range(utt.num_frames):
             if phones[t] < 0:

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from neurostat.labels.pitch import assign_bins, bin_names, f0_praat, f0_yaapt, percentile_edges
+from neurostat.corpus.pitch import assign_bins, bin_names, f0_praat, f0_yaapt, percentile_edges
 
 SR = 16000
 

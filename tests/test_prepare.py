@@ -10,8 +10,9 @@ from neurostat.cli import main
 from neurostat.corpus.librispeech import CorpusError
 from neurostat.corpus.prepare import PrepareError, PrepareSettings, prepare
 from neurostat.corpus.prepared import PreparedCorpus, PreparedCorpusError
+from neurostat.corpus.textgrid import Interval, read_textgrid, write_textgrid
 from neurostat.frames import default_geometry
-from neurostat.labels.textgrid import Interval, read_textgrid, write_textgrid
+from neurostat.labelspace import LabelSpace
 from neurostat.phones import PHONES, PhoneMap
 
 SUBSET = "dev-clean"
@@ -38,13 +39,13 @@ def test_prepared_corpus_api(prepared, demo_corpus):
     assert prepared.meta["pitch"]["bins"] == ["low", "mid", "high", "unvoiced"]
     lo, hi = prepared.edges
     assert 80 < lo < hi < 300
-    space = prepared.label_space
+    space = LabelSpace.of_corpus(prepared)
     assert space.size == len(PHONES) * 2 * 4
     for utt in prepared:
         phones = utt.phone_frames()
         assert len(phones) == utt.num_frames == len(utt.f0) == len(utt.pitch_bins())
         assert (phones >= 0).all()
-        joint = utt.joint_frames()
+        joint = space.joint_frames(utt)
         names = space.names()
         assert set(names["gender"][joint]) == {utt.gender}
         # labels by frame centre, checked against the TextGrid directly

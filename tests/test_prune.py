@@ -1,23 +1,22 @@
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import save_tiny_model, tiny_config_kwargs
-from transformers import HubertConfig, HubertForCTC
+from conftest import save_tiny_model
+from transformers import HubertForCTC
 
 import neurostat
 from neurostat.cli import main
-from neurostat.edit import ablate, zero_neurons
+from neurostat.model.edit import ablated, zero_neurons
+from neurostat.model.factory import model_config
+from neurostat.model.pruning import PruneError, count_parameters, load_pruned, neuron_scores, plan, prune, save_pruned
 from neurostat.neuronset import NeuronSet, NeuronSetError
-from neurostat.pruning import PruneError, count_parameters, load_pruned, neuron_scores, plan, prune, save_pruned
 
 LAYERS, WIDTH, HIDDEN = 3, 37, 32
 
 
 def tiny_ctc(seed=0):
     torch.manual_seed(seed)
-    cfg = HubertConfig(
-        **tiny_config_kwargs(hidden_size=HIDDEN, num_hidden_layers=LAYERS, intermediate_size=WIDTH, vocab_size=11)
-    )
+    cfg = model_config(hidden_size=HIDDEN, num_hidden_layers=LAYERS, intermediate_size=WIDTH, vocab_size=11)
     return HubertForCTC(cfg).eval()
 
 
@@ -33,7 +32,7 @@ def logits(model, x):
 def test_mask_equals_zeroed_columns_equals_physical_pruning():
     model, x = tiny_ctc(), wave()
     gone = NeuronSet({1: [0, 5, 36], 2: [], 3: list(range(0, WIDTH, 3))})
-    with ablate(model, gone):
+    with ablated(model, gone):
         masked = logits(model, x)
     assert not torch.equal(masked, logits(model, x))  # the hooks are gone after the block
     zeroed = logits(zero_neurons(tiny_ctc(), gone), x)
@@ -50,7 +49,7 @@ def test_mask_equals_zeroed_columns_equals_physical_pruning():
 
 def test_scores_budgets_and_protection():
     model = tiny_ctc()
-    ffn = neurostat.edit.model_ffns(model)[0]
+    ffn = neurostat.model.edit.model_ffns(model)[0]
     scores = neuron_scores(model, "l1")
     manual = ffn.up.weight.abs().sum(1) + ffn.up.bias.abs() + ffn.down.weight.abs().sum(0)
     torch.testing.assert_close(scores[1], manual.double())
@@ -84,21 +83,21 @@ def test_save_load_roundtrip_and_parameter_drop(tmp_path):
     back = load_pruned(out)
     assert type(back) is HubertForCTC
     assert torch.equal(logits(back, x), logits(model, x))
-    assert [f.width for f in neurostat.edit.model_ffns(back)] == [len(v) for v in result.kept.values()]
+    assert [f.width for f in neurostat.model.edit.model_ffns(back)] == [len(v) for v in result.kept.values()]
     with pytest.raises(PruneError, match="not a neurostat pruned checkpoint"):
         load_pruned(tmp_path)
 
 
 def test_ablate_rejects_neurons_the_model_does_not_have():
     with pytest.raises(NeuronSetError, match="out of range"):
-        with ablate(tiny_ctc(), NeuronSet({1: [WIDTH]})):
+        with ablated(tiny_ctc(), NeuronSet({1: [WIDTH]})):
             pass
     with pytest.raises(NeuronSetError, match="layer 4 does not exist"):
         zero_neurons(tiny_ctc(), NeuronSet({4: [0]}))
 
 
 def test_cli_ablate_and_prune(tmp_path):
-    model_dir = save_tiny_model(tmp_path / "m", width=WIDTH, layers=LAYERS)
+    model_dir = save_tiny_model(tmp_path / "m", intermediate_size=WIDTH, num_hidden_layers=LAYERS)
     sel = tmp_path / "sel.json"
     NeuronSet({1: [1, 2], 3: [0]}).save(sel)
     runner = CliRunner()
@@ -106,8 +105,8 @@ def test_cli_ablate_and_prune(tmp_path):
         main, ["ablate", "--model", str(model_dir), "--neurons", str(sel), "--out", str(tmp_path / "ab")]
     )
     assert res.exit_code == 0, res.output
-    edited = neurostat.engine.adapter.load_full_model(str(tmp_path / "ab"))
-    w2 = neurostat.edit.model_ffns(edited)[0].down.weight
+    edited = neurostat.model.adapter.load_full_model(str(tmp_path / "ab"))
+    w2 = neurostat.model.edit.model_ffns(edited)[0].down.weight
     assert w2[:, [1, 2]].abs().sum() == 0 and w2[:, 0].abs().sum() > 0
     res = runner.invoke(
         main,
@@ -127,7 +126,7 @@ def test_cli_ablate_and_prune(tmp_path):
     assert "parameters:" in res.output and "FFN widths per layer: 1:9 2:9 3:9" in res.output
     pruned = load_pruned(tmp_path / "pr")
     assert (tmp_path / "pr" / "preprocessor_config.json").is_file()
-    assert [f.width for f in neurostat.edit.model_ffns(pruned)] == [9, 9, 9]
+    assert [f.width for f in neurostat.model.edit.model_ffns(pruned)] == [9, 9, 9]
     res = runner.invoke(
         main, ["prune", "--model", str(model_dir), "--protect", str(sel), "--keep", "1", "--out", str(tmp_path / "x")]
     )

@@ -1,6 +1,6 @@
 import pytest
 
-from neurostat.labels.speakers import SpeakersError, read_speakers
+from neurostat.corpus.speakers import SpeakersError, read_speakers
 
 SPEAKERS = """; LibriSpeech speakers
 ;ID      |SEX| SUBSET           |MINUTES| NAME

@@ -3,9 +3,9 @@ import hashlib
 import soundfile as sf
 
 from neurostat.corpus.librispeech import scan
+from neurostat.corpus.speakers import read_speakers
 from neurostat.corpus.synth import espeak_to_arpabet, synthesize
-from neurostat.labels.speakers import read_speakers
-from neurostat.labels.textgrid import read_textgrid
+from neurostat.corpus.textgrid import read_textgrid
 from neurostat.phones import PhoneMap
 
 

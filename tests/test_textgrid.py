@@ -1,6 +1,6 @@
 import pytest
 
-from neurostat.labels.textgrid import Interval, TextGridError, parse_textgrid, read_textgrid, write_textgrid
+from neurostat.corpus.textgrid import Interval, TextGridError, parse_textgrid, read_textgrid, write_textgrid
 
 LONG = '''File type = "ooTextFile"
 Object class = "TextGrid"

@@ -1,23 +1,14 @@
-"""``neurostat prepare``: labels of a LibriSpeech-layout corpus, written as a prepared-corpus folder.
-
-Layout of the folder (read back by :mod:`neurostat.corpus.prepared`):
-
-- ``meta.json`` – vocabularies, phone mapping, frame geometry, pitch method and bin edges,
-  settings, counts and skips by reason;
-- ``manifest.jsonl`` – one line per usable utterance (id, speaker, gender, audio path, lengths);
-- ``skips.jsonl`` – one line per skipped utterance (id, reason, file, message);
-- ``utts/<id>.npz`` – phone intervals (seconds, phone index) and F0 at every frame centre;
-- ``labels/<name>.npz`` – label sets attached later (:mod:`neurostat.labels.sets`), kept across re-runs.
+"""``neurostat prepare``: labels of a LibriSpeech-layout corpus, written as a prepared-corpus folder
+(its layout: :mod:`neurostat.corpus.prepared`).
 
 Per-utterance files carry a key of their inputs (file sizes/mtimes, settings), so a second run
-reuses what is done and redoes only what changed.
+reuses what is done and redoes only what changed.  Label sets attached earlier are kept.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -27,19 +18,20 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import __version__
+from ..errors import UserError
 from ..frames import FrameGeometry
-from ..labels.pitch import METHODS, bin_names, f0_at, percentile_edges
-from ..labels.speakers import GENDERS, read_speakers
-from ..labels.textgrid import TextGridError, read_textgrid
 from ..phones import PHONES, PhoneMap, UnknownPhoneError
-from ..store import atomic_write
 from .audio import Skip, load_audio
 from .librispeech import corpus_dir, index_alignments, scan
+from .pitch import METHODS, bin_names, f0_at, percentile_edges
+from .prepared import FORMAT, PreparedCorpus
+from .speakers import GENDERS, read_speakers
+from .textgrid import TextGridError, read_textgrid
 
-FORMAT = 1
+LAYOUTS = ("librispeech",)
 
 
-class PrepareError(RuntimeError):
+class PrepareError(UserError, RuntimeError):
     """Prepare cannot go on (``--strict`` turns every skip into one)."""
 
 
@@ -51,6 +43,34 @@ class PrepareSettings:
     edges: tuple[float, ...] | None = None
     phone_map: PhoneMap = field(default_factory=PhoneMap)
     strict: bool = False
+
+    @classmethod
+    def from_options(
+        cls,
+        geometry: FrameGeometry,
+        pitch: str = "praat",
+        pitch_bins: int = 3,
+        pitch_edges: str | tuple[float, ...] | None = None,
+        phone_map: str | Path | None = None,
+        strict: bool = False,
+    ) -> "PrepareSettings":
+        """Settings from the command line's options: ``pitch_bins`` voiced bins at equal corpus percentiles,
+        or ``pitch_edges`` in Hz (a tuple or ``"129.03,179.78"``); ``phone_map`` a JSON/TSV file."""
+        if pitch_bins < 1:
+            raise PrepareError(f"--pitch-bins {pitch_bins}: need at least one pitch bin")
+        if isinstance(pitch_edges, str):
+            try:
+                pitch_edges = tuple(float(x) for x in pitch_edges.split(","))
+            except ValueError:
+                raise PrepareError(f"--pitch-edges {pitch_edges!r} is not a comma-separated list of numbers") from None
+        return cls(
+            geometry=geometry,
+            pitch=pitch,
+            quantiles=tuple(i / pitch_bins for i in range(1, pitch_bins)),
+            edges=tuple(pitch_edges) if pitch_edges else None,
+            phone_map=PhoneMap.from_file(phone_map) if phone_map else PhoneMap(),
+            strict=strict,
+        )
 
     def key(self) -> dict:
         return {
@@ -106,12 +126,10 @@ def _prepare_one(task: tuple) -> tuple[str, dict]:
         if textgrid is None:
             raise Skip("missing-textgrid", audio, "no TextGrid for this utterance in the alignments directory")
         textgrid = Path(textgrid)
-        target = Path(out_dir) / "utts" / f"{utt['id']}.npz"
         key = _utt_key(audio, textgrid, settings)
-        if target.is_file():
-            with np.load(target) as cached:
-                if str(cached["key"]) == key:
-                    return "ok", json.loads(str(cached["record"]))
+        cached = PreparedCorpus.cached_record(out_dir, utt["id"], key)
+        if cached is not None:
+            return "ok", cached
         geo = settings.geometry
         wave, source_rate = load_audio(audio, geo.sample_rate, strict=settings.strict)
         n_frames = geo.num_frames(len(wave))
@@ -135,29 +153,37 @@ def _prepare_one(task: tuple) -> tuple[str, dict]:
         "source_sample_rate": source_rate,
         "resampled": source_rate != geo.sample_rate,
     }
-    tmp = target.with_suffix(".tmp.npz")
-    np.savez(tmp, key=key, record=json.dumps(record), starts=starts, ends=ends, phone=ids, f0=f0.astype(np.float32))
-    os.replace(tmp, target)
+    PreparedCorpus.write_utterance(out_dir, record, key, starts=starts, ends=ends, phone=ids, f0=f0.astype(np.float32))
     return "ok", record
+
+
+def default_prepared_dir(alignments: str | Path, subset: str) -> Path:
+    """Where a prepared corpus goes when no folder is given: ``<alignments>/../prepared-<subset>``."""
+    return Path(alignments).parent / f"prepared-{subset}"
 
 
 def prepare(
     root: str | Path,
     subset: str,
     alignments: str | Path,
-    out: str | Path,
+    out: str | Path | None,
     settings: PrepareSettings,
     num_jobs: int = 1,
     progress: bool = True,
+    layout: str = "librispeech",
 ) -> dict:
-    """Prepares ``subset`` of the corpus at ``root`` into ``out``; returns the meta dict."""
+    """Prepares ``subset`` of the corpus at ``root`` (in the ``layout`` of :data:`LAYOUTS`) into ``out``
+    (default: :func:`default_prepared_dir`); returns the meta dict."""
+    if layout not in LAYOUTS:
+        raise PrepareError(f"unknown corpus layout {layout!r}; neurostat reads {', '.join(LAYOUTS)}")
+    out = default_prepared_dir(alignments, subset) if out is None else out
     if settings.pitch not in METHODS:
         raise PrepareError(f"unknown pitch method {settings.pitch!r}; choose one of {METHODS}")
     utterances = scan(root, subset)
     speakers = read_speakers(corpus_dir(root) / "SPEAKERS.TXT")
     grids = index_alignments(alignments, subset)
     out = Path(out)
-    (out / "utts").mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
 
     tasks, skips = [], []
     for u in utterances:
@@ -206,15 +232,14 @@ def prepare(
     if settings.edges is not None:
         edges = sorted(float(e) for e in settings.edges)
     else:
-        f0 = np.concatenate([np.load(out / "utts" / f"{r['id']}.npz")["f0"] for r in records])
+        f0 = np.concatenate([PreparedCorpus.read_f0(out, r["id"]) for r in records])
         edges = percentile_edges(f0, list(settings.quantiles))
     if len(set(edges)) != len(edges):
         raise PrepareError(f"pitch bin edges must be distinct, got {edges}")
 
     meta = {
-        "format": FORMAT,
         "neurostat_version": __version__,
-        "corpus": "librispeech",
+        "corpus": layout,
         "root": str(Path(root).resolve()),
         "subset": subset,
         "alignments": str(Path(alignments).resolve()),
@@ -235,22 +260,21 @@ def prepare(
         "hours": sum(r["num_samples"] for r in records) / settings.geometry.sample_rate / 3600,
         "resampled": sum(r["resampled"] for r in records),
         "skips": dict(Counter(s["reason"] for s in skips)),
-        "label_sets": _kept_label_sets(out),
     }
-    _write_lines(out / "manifest.jsonl", records)
-    _write_lines(out / "skips.jsonl", skips)
-    atomic_write(out / "meta.json", json.dumps(meta, indent=1))
-    return meta
+    return PreparedCorpus.create(out, meta, records, skips).meta
 
 
-def _kept_label_sets(out: Path) -> dict:
-    """Label sets attached to an earlier run of prepare into ``out`` whose files are still there."""
-    try:
-        old = json.loads((out / "meta.json").read_text()).get("label_sets", {})
-    except (OSError, ValueError):
-        return {}
-    return {name: entry for name, entry in old.items() if (out / entry["file"]).is_file()}
-
-
-def _write_lines(path: Path, rows: list[dict]) -> None:
-    atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
+def describe_prepared(meta: dict, out: str | Path) -> str:
+    """The summary `neurostat prepare` prints."""
+    edges = ", ".join(f"{e:.2f} Hz" for e in meta["pitch"]["edges"])
+    lines = [
+        f"prepared {meta['num_utterances']} utterances, {meta['hours']:.3f} h, {meta['num_frames']} frames -> {out}",
+        f"frame geometry: {FrameGeometry.from_dict(meta['geometry']).describe()}; "
+        f"pitch ({meta['pitch']['method']}) bin edges: {edges}",
+    ]
+    if meta["resampled"]:
+        lines.append(f"resampled to {meta['geometry']['sample_rate']} Hz: {meta['resampled']} utterance(s)")
+    if meta["skips"]:
+        skips = ", ".join(f"{reason} {n}" for reason, n in sorted(meta["skips"].items()))
+        lines.append(f"skipped: {skips} (details: {Path(out) / 'skips.jsonl'})")
+    return "\n".join(lines)

@@ -1,29 +1,82 @@
-"""The prepared corpus written by ``neurostat prepare``: the Python API over its utterances.
+"""The prepared-corpus folder: :class:`PreparedCorpus` is its only reader and writer.
+
+Layout (written by ``neurostat prepare`` and by attaching label sets):
+
+- ``meta.json`` – vocabularies, phone mapping, frame geometry, pitch method and bin edges,
+  settings, counts, skips by reason and the attached label sets;
+- ``manifest.jsonl`` – one line per usable utterance (id, speaker, gender, audio path, lengths);
+- ``skips.jsonl`` – one line per skipped utterance (id, reason, file, message);
+- ``utts/<id>.npz`` – phone intervals (seconds, phone index) and F0 at every frame centre, with the
+  key of their inputs (a later prepare reuses the file when the key matches);
+- ``labels/<name>-<hash>.npz`` + ``.values.npy`` – label sets, named by their content, and
+  ``labels/<name>.centroids.npy`` for k-means sets.
 
 >>> corpus = PreparedCorpus("prepared/")
 >>> for utt in corpus:
-...     utt.id, utt.gender, utt.phone_frames(), utt.f0, utt.pitch_bins(), utt.joint_frames()
+...     utt.id, utt.gender, utt.phone_frames(), utt.f0, utt.pitch_bins(), utt.part_labels("gender")
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
+from ..files import atomic_write
 from ..frames import FrameGeometry, label_frames
-from ..labels.joint import LabelSpace
-from ..labels.pitch import assign_bins
-from ..labels.sets import LabelSet, LabelSetError
 from .audio import Skip, load_audio
-from .prepare import FORMAT
+from .pitch import assign_bins
+
+FORMAT = 1
+BASE_PARTS = ("phone", "gender", "pitch_bin")
 
 
 class PreparedCorpusError(ValueError):
     """A prepared-corpus folder that is missing, unfinished or of another format."""
+
+
+class LabelSetError(ValueError):
+    """A label file or label set that cannot be used; the message names the file and the problem."""
+
+
+@dataclass
+class LabelSet:
+    """A label set read back from its files: labels of one utterance by id."""
+
+    name: str
+    path: Path
+    level: str
+    vocab: tuple[str, ...]
+
+    @cached_property
+    def _arrays(self) -> tuple[dict[str, int], np.ndarray, np.ndarray]:
+        if not self.path.is_file():
+            raise LabelSetError(f"{self.path}: the file of label set {self.name!r} is missing; attach it again")
+        with np.load(self.path) as z:
+            ids, offsets = z["ids"], z["offsets"]
+        values = np.load(self.path.with_suffix(".values.npy"), mmap_mode="r")
+        return {str(u): i for i, u in enumerate(ids)}, offsets, values
+
+    def __contains__(self, utt: str) -> bool:
+        return utt in self._arrays[0]
+
+    def lengths(self) -> dict[str, int]:
+        position, offsets, _ = self._arrays
+        return {u: int(offsets[i + 1] - offsets[i]) for u, i in position.items()}
+
+    def labels(self, utt: str) -> np.ndarray:
+        """Label indices of the utterance (one per frame, or one); KeyError if it has none."""
+        position, offsets, values = self._arrays
+        i = position[utt]
+        return values[offsets[i] : offsets[i + 1]].astype(np.int64)
+
+
+def _utterance_file(folder: Path, utt_id: str) -> Path:
+    return Path(folder) / "utts" / f"{utt_id}.npz"
 
 
 @dataclass
@@ -55,7 +108,7 @@ class PreparedUtterance:
 
     @cached_property
     def _arrays(self) -> dict[str, np.ndarray]:
-        with np.load(self.corpus.path / "utts" / f"{self.id}.npz") as z:
+        with np.load(_utterance_file(self.corpus.path, self.id)) as z:
             return {k: z[k] for k in ("starts", "ends", "phone", "f0")}
 
     @property
@@ -87,18 +140,12 @@ class PreparedUtterance:
         if part == "pitch_bin":
             return self.pitch_bins()
         if part == "gender":
-            return self.corpus.label_space.vocab("gender").index(self.gender)
+            return self.corpus.vocabularies["gender"].index(self.gender)
         labels = self.corpus.label_set(part)
         if self.id not in labels:
             raise Skip(f"no-{part}-label", labels.path, f"utterance {self.id} has no {part!r} label")
         values = labels.labels(self.id)
         return int(values[0]) if labels.level == "utterance" else values
-
-    def joint_frames(self, space: LabelSpace | None = None) -> np.ndarray:
-        """Joint label id of each frame over ``space`` (default: every part of the corpus), −1 where
-        any part is unlabelled."""
-        space = space or self.corpus.label_space
-        return space.encode({part: self.part_labels(part) for part in space.parts})
 
     def load_audio(self) -> np.ndarray:
         """The waveform at the prepared geometry's sample rate (float32, mono)."""
@@ -132,18 +179,17 @@ class PreparedCorpus:
         self.edges = list(self.meta["pitch"]["edges"])
         self.phones = tuple(self.meta["phones"])
         self.label_sets: dict[str, dict] = dict(self.meta.get("label_sets", {}))
-        self.label_space = LabelSpace.of(
-            {
-                "phone": self.phones,
-                "gender": self.meta["genders"],
-                "pitch_bin": self.meta["pitch"]["bins"],
-                **{name: entry["vocab"] for name, entry in self.label_sets.items()},
-            }
-        )
+        self.vocabularies: dict[str, tuple[str, ...]] = {
+            "phone": self.phones,
+            "gender": tuple(self.meta["genders"]),
+            "pitch_bin": tuple(self.meta["pitch"]["bins"]),
+            **{name: tuple(entry["vocab"]) for name, entry in self.label_sets.items()},
+        }
+        """Each label part's vocabulary (phone, gender, pitch bin, attached label sets), in part order."""
         self._sets: dict[str, LabelSet] = {}
 
     def label_set(self, name: str) -> LabelSet:
-        """An attached label set (see :mod:`neurostat.labels.sets`)."""
+        """An attached label set (see :mod:`neurostat.corpus.labelsets`)."""
         if name not in self.label_sets:
             raise LabelSetError(f"{self.path} has no label set {name!r} (sets: {', '.join(self.label_sets) or 'none'})")
         if name not in self._sets:
@@ -178,3 +224,90 @@ class PreparedCorpus:
     @property
     def skips(self) -> dict[str, int]:
         return dict(self.meta["skips"])
+
+    # -- writing (prepare and label sets go through these) --
+
+    @staticmethod
+    def cached_record(folder: Path, utt_id: str, key: str) -> dict | None:
+        """The record of an utterance file written with inputs of this ``key``, else None."""
+        path = _utterance_file(folder, utt_id)
+        if not path.is_file():
+            return None
+        with np.load(path) as cached:
+            return json.loads(str(cached["record"])) if str(cached["key"]) == key else None
+
+    @staticmethod
+    def write_utterance(folder: Path, record: dict, key: str, **arrays: np.ndarray) -> None:
+        """Writes ``utts/<id>.npz`` (the record, the key of its inputs, intervals and F0) in one rename."""
+        target = _utterance_file(folder, record["id"])
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".tmp.npz")
+        np.savez(tmp, key=key, record=json.dumps(record), **arrays)
+        os.replace(tmp, target)
+
+    @staticmethod
+    def read_f0(folder: Path, utt_id: str) -> np.ndarray:
+        with np.load(_utterance_file(folder, utt_id)) as z:
+            return z["f0"]
+
+    @classmethod
+    def create(cls, folder: str | Path, meta: dict, records: list[dict], skips: list[dict]) -> "PreparedCorpus":
+        """Writes manifest, skips and meta.json (the last, atomically: a folder without it is unfinished).
+        Label sets attached to an earlier prepare into ``folder`` whose files are still there are kept."""
+        folder = Path(folder)
+        try:
+            old = json.loads((folder / "meta.json").read_text()).get("label_sets", {})
+        except (OSError, ValueError):
+            old = {}
+        meta = {
+            **meta,
+            "format": FORMAT,
+            "label_sets": {n: e for n, e in old.items() if (folder / e["file"]).is_file()},
+        }
+        for name, rows in (("manifest.jsonl", records), ("skips.jsonl", skips)):
+            atomic_write(folder / name, "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write(folder / "meta.json", json.dumps(meta, indent=1))
+        return cls(folder)
+
+    def _update_label_sets(self, name: str, entry: dict | None) -> None:
+        meta = json.loads((self.path / "meta.json").read_text())
+        sets = meta.setdefault("label_sets", {})
+        if entry is None:
+            sets.pop(name, None)
+        else:
+            sets[name] = entry
+        atomic_write(self.path / "meta.json", json.dumps(meta, indent=1))
+        self.reload()
+
+    def write_label_set(self, name: str, entry: dict, stem: str, **arrays: np.ndarray) -> dict:
+        """Writes label set ``name``'s files ``labels/<stem>.npz`` (ids, offsets, vocab) and
+        ``<stem>.values.npy``, then switches meta.json to them in one rename and deletes the old files;
+        returns the meta entry (with its ``file``)."""
+        folder = self.path / "labels"
+        folder.mkdir(exist_ok=True)
+        np.save(folder / f"{stem}.values.tmp.npy", arrays.pop("values"))
+        np.savez(folder / f"{stem}.tmp.npz", **arrays)
+        os.replace(folder / f"{stem}.values.tmp.npy", folder / f"{stem}.values.npy")
+        os.replace(folder / f"{stem}.tmp.npz", folder / f"{stem}.npz")
+        entry = {**entry, "file": f"labels/{stem}.npz"}
+        self._update_label_sets(name, entry)
+        for old in folder.glob(f"{name}-*"):
+            if not old.name.startswith(stem):
+                old.unlink()
+        return entry
+
+    def remove_label_set(self, name: str) -> None:
+        """Detaches label set ``name`` and deletes its files (labels, and centroids when clustered)."""
+        if name not in self.label_sets:
+            raise LabelSetError(f"{self.path} has no label set {name!r} (sets: {', '.join(self.label_sets) or 'none'})")
+        self._update_label_sets(name, None)
+        for pattern in (f"{name}-*", f"{name}.*"):
+            for path in (self.path / "labels").glob(pattern):
+                path.unlink()
+
+    def save_centroids(self, name: str, centroids: np.ndarray) -> str:
+        """Writes k-means centroids beside label set ``name``; returns their path relative to the folder."""
+        (self.path / "labels").mkdir(exist_ok=True)
+        relative = f"labels/{name}.centroids.npy"
+        np.save(self.path / relative, centroids)
+        return relative

@@ -22,8 +22,8 @@ import soundfile as sf
 import soxr
 from tqdm import tqdm
 
-from ..labels.textgrid import Interval, write_textgrid
 from ..phones import VOWELS
+from .textgrid import Interval, write_textgrid
 
 SAMPLE_RATE = 16000
 _PAUSES = {"_", "_:", "_!", "_|", "_^_", ";"}

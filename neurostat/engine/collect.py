@@ -1,7 +1,6 @@
 """The collection loop: one pass over a prepared corpus → every statistic of every chosen layer.
 
-Data loading (FLAC decoding, normalisation, frame labels, token selection, label compaction) runs in
-``-j`` DataLoader workers, so the device never waits on per-frame Python work; on the device the
+Data loading runs in ``-j`` DataLoader workers (:mod:`neurostat.engine.batching`); on the device the
 activations of the token frames feed the accumulator inside the FFN forward and are never kept.
 Checkpoints are written every ``checkpoint_seconds`` (or ``checkpoint_utterances``) so a crashed or
 killed run resumes with counts identical to an uninterrupted one, losing at most one interval; SIGINT
@@ -17,31 +16,36 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from .. import __version__
-from ..corpus.audio import Skip
+from ..corpus.prepare import PrepareSettings, default_prepared_dir, describe_prepared, prepare
 from ..corpus.prepared import PreparedCorpus
-from ..labels.joint import LabelSpace
-from ..phones import NON_SPEECH
-from ..store import FORMAT as STORE_FORMAT, StoreWriter
-from .accumulate import BACKENDS, STATS, Accumulator, TokenBatch
-from .adapter import ModelAdapter, ModelError
-from .tokens import MODES, token_mask
+from ..errors import OptionError
+from ..labelspace import LabelSpace
+from ..model.adapter import ModelAdapter, ModelError, resolve_device
+from ..store import FORMAT as STORE_FORMAT
+from ..store import StoreWriter
+from .accumulate import Accumulator
+from .backends import make_backend, resolve_backend
+from .batching import BatchDataset, plan_batches
+from .statistics import DEFAULT_STATS, TABLE, statistics
+from .tokens import MODES
 
 
 @dataclass
 class CollectConfig:
-    stats: tuple[str, ...] = STATS
+    stats: tuple[str, ...] = DEFAULT_STATS
     topk_ratio: float = 0.01
     tokens: str = "phone-mid"
-    layers: list[int] | None = None  # 0-based; None = all
+    layers: list[int] | None = None  # 1-based, as everywhere a user sees layers; None = all
     batch_seconds: float = 160.0
     max_seconds: float | None = None
     checkpoint_seconds: float = 300.0
@@ -51,75 +55,6 @@ class CollectConfig:
     backend: str = "auto"
     labels: tuple[str, ...] | None = None  # label parts of the joint label; None = every part of the corpus
     command: str = field(default_factory=lambda: " ".join(sys.argv))
-
-
-@dataclass
-class Piece:
-    """An utterance, or one piece of it when ``max_seconds`` cuts it, in samples and frames."""
-
-    index: int
-    sample_start: int
-    num_samples: int
-    frame_start: int
-
-
-class BatchDataset(torch.utils.data.Dataset):
-    """Item i = batch i: normalised waveforms and the batch's token labels (built in workers)."""
-
-    def __init__(
-        self, corpus: PreparedCorpus, batches: list[list[Piece]], feature_extractor, tokens: str, space: LabelSpace
-    ):
-        self.corpus, self.batches, self.fe, self.tokens, self.space = corpus, batches, feature_extractor, tokens, space
-        self.non_speech = [corpus.phones.index(p) for p in NON_SPEECH if p in corpus.phones]
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, i: int) -> dict:
-        waves, labels, errors, ids, cache = [], [], [], [], {}
-        geo = self.corpus.geometry
-        for piece in self.batches[i]:
-            utt = self.corpus[piece.index]
-            ids.append(utt.id)
-            if utt.id not in cache:
-                try:
-                    cache[utt.id] = self._labelled(utt)
-                except Skip as s:
-                    errors.append({"id": utt.id, "reason": s.reason, "file": s.path, "message": s.message})
-                    cache[utt.id] = None
-            if cache[utt.id] is None:
-                continue
-            wave, joint = cache[utt.id]
-            chunk = wave[piece.sample_start : piece.sample_start + piece.num_samples]
-            waves.append(torch.from_numpy(np.ascontiguousarray(chunk)))
-            labels.append(joint[piece.frame_start : piece.frame_start + geo.num_frames(len(chunk))])
-        longest = max((len(lab) for lab in labels), default=0)
-        flat = np.full((len(labels), longest), -1, dtype=np.int64)
-        for b, lab in enumerate(labels):
-            flat[b, : len(lab)] = lab
-        return {
-            "ids": ids,
-            "waves": waves,
-            "tokens": TokenBatch.from_labels(flat.reshape(-1)),
-            "frames": int(sum(len(lab) for lab in labels)),
-            "samples": int(sum(len(w) for w in waves)),
-            "errors": errors,
-        }
-
-    def _labelled(self, utt) -> tuple[np.ndarray, np.ndarray]:
-        wave = utt.load_audio()
-        if len(wave) != utt.record["num_samples"]:
-            raise Skip(
-                "audio-changed",
-                utt.audio_path,
-                f"has {len(wave)} samples, prepared with {utt.record['num_samples']}; re-run prepare",
-            )
-        phones = utt.phone_frames()
-        keep = token_mask(phones, self.tokens, self.non_speech)
-        joint = np.where(keep, utt.joint_frames(self.space), -1)
-        return self.fe(wave, sampling_rate=self.fe.sampling_rate, return_tensors="np").input_values[0].astype(
-            np.float32
-        ), joint
 
 
 class CollectInterrupted(RuntimeError):
@@ -149,66 +84,9 @@ def _stop_requests() -> Iterator[list[str]]:
             signal.signal(sig, old)
 
 
-def plan_batches(
-    corpus: PreparedCorpus, indices: list[int], batch_seconds: float, max_seconds: float | None
-) -> list[list[Piece]]:
-    """Pieces grouped into batches of at most ``batch_seconds`` of audio, similar lengths together."""
-    geo = corpus.geometry
-    pieces = []
-    for i in indices:
-        n = corpus.records[i]["num_samples"]
-        if max_seconds is None:
-            pieces.append(Piece(i, 0, n, 0))
-            continue
-        frames_per_piece = max(1, int(max_seconds * geo.sample_rate) // geo.stride)
-        step = frames_per_piece * geo.stride
-        span = step + geo.receptive_field - geo.stride
-        for start in range(0, n, step):
-            if geo.num_frames(min(span, n - start)) > 0:
-                pieces.append(Piece(i, start, min(span, n - start), start // geo.stride))
-    pieces.sort(key=lambda p: (-p.num_samples, corpus.records[p.index]["id"], p.sample_start))
-    budget = batch_seconds * geo.sample_rate
-    batches, current, size = [], [], 0
-    for p in pieces:
-        if current and size + p.num_samples > budget:
-            batches.append(current)
-            current, size = [], 0
-        current.append(p)
-        size += p.num_samples
-    if current:
-        batches.append(current)
-    return batches
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """``auto`` → Triton on CUDA, torch elsewhere; Triton off CUDA only under ``TRITON_INTERPRET=1``."""
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if backend.startswith("triton") and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("--backend triton needs a CUDA device (or TRITON_INTERPRET=1, the slow CPU interpreter)")
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose auto or one of {BACKENDS}")
-    return backend
-
-
-def label_space(corpus: PreparedCorpus, parts: tuple[str, ...] | None) -> LabelSpace:
-    """The joint label space over ``parts`` of the corpus (all of them when None)."""
-    if parts is None:
-        return corpus.label_space
-    if not parts or len(set(parts)) != len(parts):
-        raise ValueError(f"--labels needs distinct label parts, got {','.join(parts) or 'none'}")
-    unknown = [p for p in parts if p not in corpus.label_space.parts]
-    if unknown:
-        raise ValueError(
-            f"{corpus.path} has no label part {', '.join(unknown)}; its parts are "
-            f"{', '.join(corpus.label_space.parts)} (attach more with `neurostat labels add` or `neurostat cluster`)"
-        )
-    return corpus.label_space.subspace(parts)
-
-
 def _check_state_size(num_layers: int, space: LabelSpace, width: int, stats: tuple[str, ...], device) -> None:
     """Refuses a joint label space whose dense state would not fit in the device's free memory."""
-    per_cell = 8 * (("topk" in stats) + ("positive" in stats) + 2 * ("moments" in stats))
+    per_cell = sum(TABLE[s].dtype.itemsize * len(TABLE[s].states) for s in stats)
     need = num_layers * space.size * width * per_cell
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
@@ -247,28 +125,22 @@ def collect(
     progress: bool = True,
 ) -> dict:
     """Runs the pass and writes the store at ``out``; returns the run summary."""
-    if adapter.geometry != corpus.geometry:
-        raise ModelError(
-            f"{adapter.source}: frame geometry {adapter.geometry.describe()} differs from the prepared corpus "
-            f"({corpus.geometry.describe()}); re-run prepare with --model {adapter.source}"
-        )
+    adapter.check_geometry(corpus.geometry)
     if config.tokens not in MODES:
         raise ValueError(f"unknown token mode {config.tokens!r}; choose one of {MODES}")
+    config.stats = tuple(s.name for s in statistics(config.stats))
     config.backend = resolve_backend(config.backend, adapter.device)
-    if config.backend == "triton-fused":
-        from ..kernels.ffn_up_stats import ACTIVATIONS
-
-        if str(adapter.config.hidden_act) not in ACTIVATIONS:
-            raise ModelError(
-                f"{adapter.source}: activation {adapter.config.hidden_act!r} has no fused kernel; use --backend triton"
-            )
-    layers = list(range(adapter.num_layers)) if config.layers is None else sorted(set(config.layers))
+    try:
+        make_backend(config.backend, statistics(config.stats), 1, str(adapter.config.hidden_act))
+    except ValueError as e:
+        raise ModelError(f"{adapter.source}: {e}") from None
+    layers = list(range(adapter.num_layers)) if config.layers is None else sorted({i - 1 for i in config.layers})
     bad = [i + 1 for i in layers if not 0 <= i < adapter.num_layers]
     if bad:
         raise ModelError(f"{adapter.source} has layers 1..{adapter.num_layers}; no layer {bad}")
     width = adapter.width
     k = max(1, round(config.topk_ratio * width))
-    space = label_space(corpus, config.labels)
+    space = LabelSpace.of_corpus(corpus, config.labels)
     corpus.check_label_sets(space.parts)
     _check_state_size(len(layers), space, width, config.stats, adapter.device)
     shard_i, shard_n = config.shard
@@ -308,6 +180,7 @@ def collect(
             "ties": "lower neuron index wins at the k-th |a|",
             "var_ddof": 0,
             "moments": "per-batch fp32 sums around a per-neuron shift, merged in float64 (Chan et al.)",
+            "merge": {var: TABLE[name].rule for name in config.stats for var in TABLE[name].store},
             "backend": config.backend,
         },
         "labels": space.to_dict(),
@@ -348,7 +221,7 @@ def _run(corpus, adapter, store: StoreWriter, config, space: LabelSpace, layers,
     checkpoint = store.load_checkpoint()
     if checkpoint is not None:
         state, done, prog = checkpoint
-        acc = Accumulator.from_state(state, k, device, config.backend, act)
+        acc = Accumulator.from_state(state, k, config.stats, device, config.backend, act)
     finished = set(done)
     todo = [i for i in indices if corpus.records[i]["id"] not in finished]
     batches = plan_batches(corpus, todo, config.batch_seconds, config.max_seconds)
@@ -394,7 +267,6 @@ def _run(corpus, adapter, store: StoreWriter, config, space: LabelSpace, layers,
             if batch.num_tokens and item["waves"]:
                 current["tokens"] = batch.to(device)
                 adapter.encode(item["waves"])
-                acc.add_frames(current["tokens"])
             for u in item["ids"]:
                 pieces_left[u] -= 1
             new = [u for u in dict.fromkeys(item["ids"]) if pieces_left[u] == 0 and u not in finished]
@@ -431,3 +303,64 @@ def _run(corpus, adapter, store: StoreWriter, config, space: LabelSpace, layers,
     final["progress"]["elapsed_seconds"] = base_elapsed + time.time() - started
     store.update_attrs({"progress": final["progress"]})
     return final
+
+
+def collect_corpus(
+    model: str,
+    out: str | Path,
+    config: CollectConfig,
+    prepared: str | Path | None = None,
+    root: str | Path | None = None,
+    subset: str | None = None,
+    alignments: str | Path | None = None,
+    layout: str = "librispeech",
+    prepare_options: dict | None = None,
+    device: str = "auto",
+    dtype: str = "float32",
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    echo: Callable[[str], None] | None = None,
+) -> dict:
+    """What `neurostat collect` does: loads ``model`` (hub id or folder) on ``device``; with ``root``,
+    ``subset`` and ``alignments`` (a corpus in ``layout``) prepares that corpus first (cached, into ``prepared`` or the default
+    folder, with the model's frame geometry and ``prepare_options`` of
+    :meth:`PrepareSettings.from_options`); then collects the prepared corpus into ``out``.
+    Returns the run summary; ``echo`` gets the prepare summary."""
+    if root is None and prepared is None:
+        raise OptionError("give the corpus (--root, --subset, --alignments) or a prepared corpus (--prepared)")
+    missing = [name for name, v in (("--subset", subset), ("--alignments", alignments)) if v is None]
+    if root is not None and missing:
+        raise OptionError(f"{' and '.join(missing)} needed to label the corpus at {root}")
+    adapter = ModelAdapter.load(model, device=resolve_device(device), dtype=getattr(torch, dtype))
+    if root is not None:
+        prepared = prepared or default_prepared_dir(alignments, subset)
+        settings = PrepareSettings.from_options(adapter.geometry, **(prepare_options or {}))
+        jobs = max(1, config.num_jobs)
+        meta = prepare(root, subset, alignments, prepared, settings, jobs, progress, layout)
+        if echo:
+            echo(describe_prepared(meta, prepared))
+    return collect(
+        PreparedCorpus(prepared), adapter, out, config, resume=resume, overwrite=overwrite, progress=progress
+    )
+
+
+def describe_collect(attrs: dict, out: str | Path) -> str:
+    """The summary `neurostat collect` prints."""
+    p, stats = attrs["progress"], attrs["statistics"]
+    seconds = max(p["elapsed_seconds"], 1e-9)
+    layers = attrs["fingerprint"]["layers"]
+    skips = dict(attrs["corpus"].get("prepare_skips", {}))
+    for reason, n in p.get("skips", {}).items():
+        skips[reason] = skips.get(reason, 0) + n
+    lines = [
+        f"collected {p['utterances_done']} utterances, {p['audio_seconds'] / 3600:.3f} h of audio, "
+        f"{p['frames']:,} frames, {p['tokens']:,} tokens ({stats['tokens']}) in {seconds:.1f} s: "
+        f"{p['frames'] / seconds:,.0f} frames/s, {p['audio_seconds'] / seconds:.1f}x real time",
+        f"statistics: {', '.join(stats['stats'])}; k = {stats['k']} of {attrs['model']['width']} "
+        f"(λ = {stats['topk_ratio']}); layers {layers[0]}..{layers[-1]}; backend {stats['backend']}",
+    ]
+    if skips:
+        lines.append("skipped: " + ", ".join(f"{r} {n}" for r, n in sorted(skips.items())))
+    lines.append(f"store: {out}")
+    return "\n".join(lines)

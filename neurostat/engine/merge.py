@@ -7,26 +7,17 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from ..labels.joint import LabelSpace
+from ..labelspace import LabelSpace
 from ..store import StoreError, StoreWriter, load_done, read_attrs
-from .accumulate import Accumulator
+from .accumulate import Accumulator, state_from_store
 
 _SHARD_FREE = ("shard",)
 
 
-def store_state(path: str | Path) -> dict[str, np.ndarray]:
-    """The additive accumulator state of a complete store (m2 recovered as var · frames)."""
+def store_state(path: str | Path, stats: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The additive accumulator state of a complete store (each statistic's rule inverts its store form)."""
     ds = xr.open_zarr(path, consolidated=False)
-    frames = ds["frames"].values
-    state = {"frames": frames}
-    if "topk_count" in ds:
-        state["topk"] = ds["topk_count"].values
-    if "positive_count" in ds:
-        state["positive"] = ds["positive_count"].values
-    if "mean" in ds:
-        state["mean"] = np.nan_to_num(ds["mean"].values)
-        state["m2"] = np.nan_to_num(ds["var"].values) * frames[None, :, None]
-    return state
+    return state_from_store({name: ds[name].values for name in ds.data_vars}, stats, ds.sizes["layer"])
 
 
 def merge_stores(paths: list[str | Path], out: str | Path, overwrite: bool = False) -> dict:
@@ -56,10 +47,10 @@ def merge_stores(paths: list[str | Path], out: str | Path, overwrite: bool = Fal
                 )
             seen[uid] = str(p)
             done.append(uid)
-    k = int(attrs[0]["statistics"]["k"])
-    acc = Accumulator.from_state(store_state(paths[0]), k)
+    k, stats = int(attrs[0]["statistics"]["k"]), tuple(attrs[0]["statistics"]["stats"])
+    acc = Accumulator.from_state(store_state(paths[0], stats), k, stats)
     for p in paths[1:]:
-        acc.merge(Accumulator.from_state(store_state(p), k))
+        acc.merge(Accumulator.from_state(store_state(p, stats), k, stats))
     coords = {
         "layer": np.asarray(attrs[0]["fingerprint"]["layers"], dtype=np.int64),
         **LabelSpace.from_dict(attrs[0]["labels"]).names(),

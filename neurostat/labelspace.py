@@ -13,8 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-BASE_PARTS = ("phone", "gender", "pitch_bin")
-RESERVED = ("layer", "label", "neuron")
+RESERVED = ("layer", "label", "neuron")  # the store's dimensions
 
 
 @dataclass(frozen=True)
@@ -34,6 +33,24 @@ class LabelSpace:
                 raise ValueError(f"label part {name!r}: the vocabulary must be non-empty and without repeats")
         return cls(tuple((name, tuple(str(v) for v in vocab)) for name, vocab in vocabularies.items()))
 
+    @classmethod
+    def of_corpus(cls, corpus, parts: Sequence[str] | None = None) -> "LabelSpace":
+        """The joint label space of a prepared corpus over ``parts`` (default: all of its label parts:
+        phone, gender, pitch bin and every attached label set)."""
+        space = cls.of(corpus.vocabularies)
+        if parts is None:
+            return space
+        parts = tuple(parts)
+        if not parts or len(set(parts)) != len(parts):
+            raise ValueError(f"--labels needs distinct label parts, got {','.join(parts) or 'none'}")
+        unknown = [p for p in parts if p not in space.parts]
+        if unknown:
+            raise ValueError(
+                f"{corpus.path} has no label part {', '.join(unknown)}; its parts are {', '.join(space.parts)} "
+                f"(attach more with `neurostat labels add` or `neurostat cluster`)"
+            )
+        return space.subspace(parts)
+
     @property
     def parts(self) -> tuple[str, ...]:
         return tuple(name for name, _ in self.vocabularies)
@@ -45,10 +62,6 @@ class LabelSpace:
     @property
     def size(self) -> int:
         return int(np.prod(self.shape))
-
-    @property
-    def phones(self) -> tuple[str, ...]:
-        return self.vocab("phone")
 
     def vocab(self, part: str) -> tuple[str, ...]:
         for name, vocab in self.vocabularies:
@@ -73,6 +86,10 @@ class LabelSpace:
             joint = joint * n + idx
             missing |= idx < 0
         return np.where(missing, -1, joint)
+
+    def joint_frames(self, utterance) -> np.ndarray:
+        """Joint label id of each frame of a prepared utterance, −1 where any part is unlabelled."""
+        return self.encode({part: utterance.part_labels(part) for part in self.parts})
 
     def decode(self) -> dict[str, np.ndarray]:
         """Index of each part for every joint label, in joint-id order."""

@@ -13,16 +13,15 @@ sets) and ``model.safetensors``; :func:`load_pruned` rebuilds the model exactly 
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import __version__
-from .edit import model_ffns
-from .neuronset import NeuronSet
+from .. import __version__
+from ..neuronset import NeuronSet
+from .adapter import load_full_model, model_ffns, save_feature_extractor
 
 CRITERIA = ("l1", "l2")
 FORMAT = 1
@@ -194,9 +193,7 @@ def save_pruned(
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
     if feature_extractor_from:
-        src = Path(feature_extractor_from) / "preprocessor_config.json"
-        if src.is_file():
-            shutil.copy(src, path / "preprocessor_config.json")
+        save_feature_extractor(feature_extractor_from, path)
     return path
 
 
@@ -221,3 +218,34 @@ def load_pruned(path: str | Path, device: str | torch.device = "cpu") -> nn.Modu
         _slice(ffn, list(range(meta["widths"][str(layer)])))
     model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
     return model.eval().to(device)
+
+
+def prune_checkpoint(
+    model: str,
+    out: str | Path,
+    protect: list[str | Path] = (),
+    ratio: float | None = None,
+    keep: int | None = None,
+    keep_protected_only: bool = False,
+    scope: str = "layer",
+    criterion: str = "l1",
+) -> PruneResult:
+    """Loads ``model`` (hub id or folder), prunes it with the neurons in the ``protect`` files never pruned,
+    and saves the pruned checkpoint to ``out`` (what `neurostat prune` does)."""
+    net = load_full_model(model)
+    widths = [f.width for f in model_ffns(net)]
+    protected = {str(f): NeuronSet.load(f, num_layers=len(widths), width=max(widths)) for f in protect}
+    union = NeuronSet()
+    for s in protected.values():
+        union = union | s
+    result = prune(
+        net,
+        keep=keep,
+        protect=union,
+        ratio=ratio,
+        criterion=criterion,
+        scope=scope,
+        exact_protected=keep_protected_only,
+    )
+    save_pruned(net, result, out, model, getattr(net.config, "_commit_hash", None), protected, model)
+    return result

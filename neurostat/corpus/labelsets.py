@@ -17,30 +17,16 @@ Text format read by :func:`read_label_file` (Kaldi-style, one utterance a line, 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..store import atomic_write
-from .joint import BASE_PARTS, RESERVED
-
-if TYPE_CHECKING:
-    from ..corpus.prepared import PreparedCorpus
+from .prepared import BASE_PARTS, LabelSetError, PreparedCorpus
 
 LEVELS = ("frame", "utterance")
-
-
-class LabelSetError(ValueError):
-    """A label file or label set that cannot be used; the message names the file and the problem."""
-
-
-_TAKEN = BASE_PARTS + RESERVED + ("pitch",)  # "pitch" names the paper's pitch property in select
+# names a set cannot take: the base parts, the store's dimensions, and "pitch" (the pitch property in select)
+_TAKEN = BASE_PARTS + ("layer", "label", "neuron", "pitch")
 
 
 def check_name(name: str) -> None:
@@ -93,7 +79,7 @@ def read_label_file(path: str | Path, level: str) -> dict[str, np.ndarray]:
 
 
 def attach_label_set(
-    corpus: "PreparedCorpus",
+    corpus: PreparedCorpus,
     name: str,
     labels: Mapping[str, np.ndarray | Sequence],
     level: str,
@@ -140,76 +126,30 @@ def attach_label_set(
         digest.update(np.ascontiguousarray(array).tobytes())
     # files named by their content: new ones first, then meta.json switches to them in one rename;
     # stores record the name, so a resume or merge across different labels is refused
-    stem = f"{name}-{digest.hexdigest()[:12]}"
-    folder = corpus.path / "labels"
-    folder.mkdir(exist_ok=True)
-    np.save(folder / f"{stem}.values.tmp.npy", values)
-    np.savez(folder / f"{stem}.tmp.npz", ids=ids, offsets=offsets, vocab=vocabulary)
-    os.replace(folder / f"{stem}.values.tmp.npy", folder / f"{stem}.values.npy")
-    os.replace(folder / f"{stem}.tmp.npz", folder / f"{stem}.npz")
     entry = {
         "level": level,
         "vocab": vocab,
-        "file": f"labels/{stem}.npz",
         "source": source,
         "utterances": len(used),
         "missing": len(missing),
         "unused": len(labels) - len(used),
         **(info or {}),
     }
-    meta = json.loads((corpus.path / "meta.json").read_text())
-    meta.setdefault("label_sets", {})[name] = entry
-    _write_meta(corpus, meta)
-    for old in folder.glob(f"{name}-*"):
-        if not old.name.startswith(stem):
-            old.unlink()
-    return entry
+    stem = f"{name}-{digest.hexdigest()[:12]}"
+    return corpus.write_label_set(name, entry, stem, ids=ids, offsets=offsets, vocab=vocabulary, values=values)
 
 
-def _write_meta(corpus: "PreparedCorpus", meta: dict) -> None:
-    atomic_write(corpus.path / "meta.json", json.dumps(meta, indent=1))
-    corpus.reload()
-
-
-def remove_label_set(corpus: "PreparedCorpus", name: str) -> None:
+def remove_label_set(corpus: PreparedCorpus, name: str) -> None:
     """Detaches label set ``name`` and deletes its files (labels, and centroids when clustered)."""
-    meta = json.loads((corpus.path / "meta.json").read_text())
-    if name not in meta.get("label_sets", {}):
-        raise LabelSetError(f"{corpus.path} has no label set {name!r} (sets: {', '.join(corpus.label_sets) or 'none'})")
-    meta["label_sets"].pop(name)
-    _write_meta(corpus, meta)
-    for pattern in (f"{name}-*", f"{name}.*"):
-        for path in (corpus.path / "labels").glob(pattern):
-            path.unlink()
+    corpus.remove_label_set(name)
 
 
-@dataclass
-class LabelSet:
-    """A label set read back from its file: labels of one utterance by id."""
-
-    name: str
-    path: Path
-    level: str
-    vocab: tuple[str, ...]
-
-    @cached_property
-    def _arrays(self) -> tuple[dict[str, int], np.ndarray, np.ndarray]:
-        if not self.path.is_file():
-            raise LabelSetError(f"{self.path}: the file of label set {self.name!r} is missing; attach it again")
-        with np.load(self.path) as z:
-            ids, offsets = z["ids"], z["offsets"]
-        values = np.load(self.path.with_suffix(".values.npy"), mmap_mode="r")
-        return {str(u): i for i, u in enumerate(ids)}, offsets, values
-
-    def __contains__(self, utt: str) -> bool:
-        return utt in self._arrays[0]
-
-    def lengths(self) -> dict[str, int]:
-        position, offsets, _ = self._arrays
-        return {u: int(offsets[i + 1] - offsets[i]) for u, i in position.items()}
-
-    def labels(self, utt: str) -> np.ndarray:
-        """Label indices of the utterance (one per frame, or one); KeyError if it has none."""
-        position, offsets, values = self._arrays
-        i = position[utt]
-        return values[offsets[i] : offsets[i + 1]].astype(np.int64)
+def describe_label_set(name: str, entry: dict) -> str:
+    """One line about an attached label set (what `neurostat labels` prints)."""
+    vocab = entry["vocab"]
+    shown = ", ".join(vocab[:10]) + (", ..." if len(vocab) > 10 else "")
+    missing = f", {entry['missing']} without labels (skipped by collect)" if entry["missing"] else ""
+    return (
+        f"{name}: {entry['level']} level, {len(vocab)} labels ({shown}); {entry['utterances']} utterances"
+        f"{missing}; from {entry['source']}"
+    )

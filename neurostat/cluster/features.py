@@ -5,7 +5,7 @@
 - ``utterance``: k-means of each utterance's mean layer output, or of given utterance vectors
   (i-vectors, x-vectors: ``<id> v1 v2 ...`` lines), one cluster per utterance.
 
-The result is attached to the prepared corpus (:mod:`neurostat.labels.sets`) so that ``collect``
+The result is attached to the prepared corpus (:mod:`neurostat.corpus.labelsets`) so that ``collect``
 counts on it and ``select`` groups by it.
 """
 
@@ -18,10 +18,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..corpus.prepared import PreparedCorpus
-from ..engine.adapter import ModelAdapter, ModelError
+from ..corpus.labelsets import LEVELS, attach_label_set, check_name, read_id_lines
+from ..corpus.prepared import LabelSetError, PreparedCorpus
+from ..engine.batching import BatchDataset, plan_batches
+from ..errors import OptionError
+from ..labelspace import LabelSpace
+from ..model.adapter import ModelAdapter, ModelError, resolve_device
 from .kmeans import assign, kmeans
-from .sets import LEVELS, LabelSetError, attach_label_set, check_name, read_id_lines
 
 
 class _Captured(Exception):
@@ -38,18 +41,12 @@ def layer_features(
     progress: bool = True,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(utterance id, output of Transformer layer ``layer`` (1-based) [frames, hidden]) per utterance."""
-    from ..engine.collect import BatchDataset, plan_batches
-
-    if adapter.geometry != corpus.geometry:
-        raise ModelError(
-            f"{adapter.source}: frame geometry {adapter.geometry.describe()} differs from the prepared corpus "
-            f"({corpus.geometry.describe()}); re-run prepare with --model {adapter.source}"
-        )
+    adapter.check_geometry(corpus.geometry)
     layers = adapter.backbone.encoder.layers
     if not 1 <= layer <= len(layers):
         raise ModelError(f"{adapter.source} has layers 1..{len(layers)}; no layer {layer}")
     batches = plan_batches(corpus, indices, batch_seconds, None)
-    data = BatchDataset(corpus, batches, adapter.feature_extractor, "all", corpus.label_space.subspace(("phone",)))
+    data = BatchDataset(corpus, batches, adapter.feature_extractor, "all", LabelSpace.of_corpus(corpus, ("phone",)))
     loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=num_jobs)
     captured: list[torch.Tensor] = []
 
@@ -89,14 +86,6 @@ def read_vectors(path: str | Path) -> dict[str, np.ndarray]:
     return out
 
 
-def _save_centroids(corpus: PreparedCorpus, name: str, centroids: torch.Tensor) -> str:
-    """Writes the centroids beside the label set (``labels/<name>.centroids.npy``); returns the relative path."""
-    (corpus.path / "labels").mkdir(exist_ok=True)
-    relative = f"labels/{name}.centroids.npy"
-    np.save(corpus.path / relative, centroids.double().cpu().numpy())
-    return relative
-
-
 def cluster_vectors(
     corpus: PreparedCorpus, name: str, vectors_path: str | Path, clusters: int, seed: int = 0, allow_missing=False
 ) -> dict:
@@ -115,7 +104,7 @@ def cluster_vectors(
             "clusters": clusters,
             "seed": seed,
             "inertia": fit.inertia,
-            "centroids": _save_centroids(corpus, name, fit.centroids),
+            "centroids": corpus.save_centroids(name, fit.centroids.double().cpu().numpy()),
         }
     }
     return attach_label_set(
@@ -182,8 +171,39 @@ def cluster_features(
             "fit_frames": None if level == "utterance" else fit_frames,
             "inertia": fit.inertia,
             "iterations": fit.iterations,
-            "centroids": _save_centroids(corpus, name, fit.centroids),
+            "centroids": corpus.save_centroids(name, fit.centroids.double().cpu().numpy()),
         }
     }
     source = f"k-means of {adapter.source} layer {layer} ({'utterance means' if level == 'utterance' else 'frames'})"
     return attach_label_set(corpus, name, labels, level, source, info=info)
+
+
+def cluster_label_set(
+    corpus: PreparedCorpus,
+    name: str,
+    clusters: int,
+    level: str = "frame",
+    model: str | None = None,
+    layer: int | None = None,
+    vectors: str | Path | None = None,
+    allow_missing: bool = False,
+    fit_frames: int = 100_000,
+    seed: int = 0,
+    device: str = "auto",
+    dtype: str = "float32",
+    batch_seconds: float = 160.0,
+    num_jobs: int = 0,
+    progress: bool = True,
+) -> dict:
+    """What `neurostat cluster` does: k-means of given utterance ``vectors``, or of ``model``'s layer
+    ``layer`` output (loaded on ``device``), attached to the corpus as label set ``name``."""
+    if vectors is not None:
+        if level != "utterance" or model is not None:
+            raise OptionError("--vectors clusters utterances: use it with --level utterance and no --model")
+        return cluster_vectors(corpus, name, vectors, clusters, seed, allow_missing)
+    if model is None or layer is None:
+        raise OptionError("give --model and --layer (or --vectors with --level utterance)")
+    adapter = ModelAdapter.load(model, device=resolve_device(device), dtype=getattr(torch, dtype))
+    return cluster_features(
+        corpus, adapter, name, layer, clusters, level, fit_frames, seed, batch_seconds, num_jobs, progress
+    )

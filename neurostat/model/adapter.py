@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..frames import FrameGeometry
+from ..frames import FrameGeometry, default_geometry
 
 MODEL_TYPES = ("hubert", "wav2vec2", "wavlm", "data2vec-audio")
 _BACKBONE_ATTRS = ("hubert", "wav2vec2", "wavlm", "data2vec_audio")
@@ -46,11 +46,22 @@ class FFN:
         return self.up.out_features
 
 
+def check_model_type(config, name: str) -> None:
+    """A config of a supported model family, or an error naming the model and the supported types."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in MODEL_TYPES:
+        raise ModelError(f"{name}: model type {model_type!r} is not supported (supported: {', '.join(MODEL_TYPES)})")
+
+
+def normalize_waveform(feature_extractor, wave: np.ndarray) -> np.ndarray:
+    """The checkpoint's own waveform normalisation (its feature extractor), float32."""
+    fe = feature_extractor
+    return fe(wave, sampling_rate=fe.sampling_rate, return_tensors="np").input_values[0].astype(np.float32)
+
+
 def _backbone(model: nn.Module, name: str) -> nn.Module:
-    if getattr(model, "config", None) is not None and getattr(model.config, "model_type", None) not in MODEL_TYPES:
-        raise ModelError(
-            f"{name}: model type {model.config.model_type!r} is not supported (supported: {', '.join(MODEL_TYPES)})"
-        )
+    if getattr(model, "config", None) is not None:
+        check_model_type(model.config, name)
     if hasattr(model, "encoder") and hasattr(model, "feature_extractor"):
         return model
     for attr in _BACKBONE_ATTRS:
@@ -104,10 +115,7 @@ class ModelAdapter:
         except (OSError, ValueError) as e:
             where = "directory" if Path(source).exists() else "hub id (offline runs need it in the HF cache)"
             raise ModelError(f"cannot load model {source!r} as a {where}: {e}") from None
-        if config.model_type not in MODEL_TYPES:
-            raise ModelError(
-                f"{source}: model type {config.model_type!r} is not supported (supported: {', '.join(MODEL_TYPES)})"
-            )
+        check_model_type(config, source)
         try:
             feature_extractor = AutoFeatureExtractor.from_pretrained(source, revision=revision)
         except (OSError, ValueError) as e:
@@ -117,6 +125,14 @@ class ModelAdapter:
             ) from None
         model = AutoModel.from_pretrained(source, revision=revision, dtype=dtype)
         return cls(model.to(device), feature_extractor, source, revision or getattr(config, "_commit_hash", None))
+
+    def check_geometry(self, geometry: FrameGeometry) -> None:
+        """A prepared corpus's frame geometry must be this model's (else its frame labels are wrong)."""
+        if geometry != self.geometry:
+            raise ModelError(
+                f"{self.source}: frame geometry {self.geometry.describe()} differs from the prepared corpus "
+                f"({geometry.describe()}); re-run prepare with --model {self.source}"
+            )
 
     @property
     def num_layers(self) -> int:
@@ -152,8 +168,7 @@ class ModelAdapter:
 
     def normalize(self, wave: np.ndarray) -> np.ndarray:
         """The checkpoint's own waveform normalisation (its feature extractor)."""
-        fe = self.feature_extractor
-        return fe(wave, sampling_rate=fe.sampling_rate, return_tensors="np").input_values[0].astype(np.float32)
+        return normalize_waveform(self.feature_extractor, wave)
 
     @torch.inference_mode()
     def encode(self, waves: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,16 +241,41 @@ def _instrumented_forward(ffn: FFN, index: int, activation: Callable[[int, FFN, 
     return forward
 
 
-def load_geometry(source: str) -> FrameGeometry:
-    """Frame geometry of a model from its config and feature-extractor config alone."""
+def resolve_device(device: str) -> torch.device:
+    """``auto`` → the first CUDA device when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_geometry(source: str | None = None, sample_rate: int | None = None) -> FrameGeometry:
+    """Frame geometry of a model from its config and feature-extractor config alone (``None``: the
+    wav2vec2/HuBERT default), at ``sample_rate`` when given."""
     from transformers import AutoConfig, AutoFeatureExtractor
 
+    if source is None:
+        geometry = default_geometry()
+    else:
+        try:
+            config = AutoConfig.from_pretrained(source)
+            fe = AutoFeatureExtractor.from_pretrained(source)
+        except (OSError, ValueError) as e:
+            raise ModelError(f"cannot read the config of model {source!r}: {e}") from None
+        geometry = FrameGeometry.from_config(config, fe.sampling_rate)
+    if sample_rate is not None and sample_rate != geometry.sample_rate:
+        geometry = FrameGeometry(sample_rate, geometry.conv_kernel, geometry.conv_stride)
+    return geometry
+
+
+def save_feature_extractor(source: str, out: str | Path) -> bool:
+    """Copies a checkpoint's feature-extractor config into ``out``; False when it has none."""
+    from transformers import AutoFeatureExtractor
+
     try:
-        config = AutoConfig.from_pretrained(source)
-        fe = AutoFeatureExtractor.from_pretrained(source)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"cannot read the config of model {source!r}: {e}") from None
-    return FrameGeometry.from_config(config, fe.sampling_rate)
+        AutoFeatureExtractor.from_pretrained(source).save_pretrained(out)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def load_full_model(source: str, revision: str | None = None) -> nn.Module:
@@ -246,10 +286,13 @@ def load_full_model(source: str, revision: str | None = None) -> nn.Module:
         config = transformers.AutoConfig.from_pretrained(source, revision=revision)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load model {source!r}: {e}") from None
-    if config.model_type not in MODEL_TYPES:
-        raise ModelError(
-            f"{source}: model type {config.model_type!r} is not supported (supported: {', '.join(MODEL_TYPES)})"
-        )
+    check_model_type(config, source)
     names = getattr(config, "architectures", None) or []
     cls = next((getattr(transformers, n) for n in names if hasattr(transformers, n)), transformers.AutoModel)
     return cls.from_pretrained(source, revision=revision).eval()
+
+
+def model_ffns(model: nn.Module) -> list[FFN]:
+    """The FFNs of a supported model (any wrapper), layer order."""
+    name = getattr(model, "name_or_path", "model")
+    return _ffns(_backbone(model, name), name)

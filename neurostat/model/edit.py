@@ -1,27 +1,22 @@
 """Editing: removing neurons by zeroing their output.
 
 Zeroing neuron j's activation (a mask after the activation) and zeroing column j of W2 give the same
-FFN output; ``ablate`` does the first with hooks (reversible), ``zero_neurons`` the second in place
-(for an edited checkpoint).
+FFN output; ``ablated`` does the first with hooks, for the duration of a ``with`` block;
+``zero_neurons`` the second in place, and ``ablate_checkpoint`` writes a checkpoint edited that way
+(`neurostat ablate`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from .engine.adapter import FFN, ModelAdapter
-from .neuronset import NeuronSet
-
-
-def model_ffns(model: nn.Module) -> list[FFN]:
-    """The FFNs of a supported model (any wrapper), layer order."""
-    from transformers import Wav2Vec2FeatureExtractor
-
-    return ModelAdapter(model, Wav2Vec2FeatureExtractor(), getattr(model, "name_or_path", "model")).ffns
+from ..neuronset import NeuronSet
+from .adapter import FFN, load_full_model, model_ffns, save_feature_extractor
 
 
 def _checked(model: nn.Module, neurons: NeuronSet) -> list[FFN]:
@@ -35,7 +30,7 @@ def _checked(model: nn.Module, neurons: NeuronSet) -> list[FFN]:
 
 
 @contextmanager
-def ablate(model: nn.Module, neurons: NeuronSet) -> Iterator[nn.Module]:
+def ablated(model: nn.Module, neurons: NeuronSet) -> Iterator[nn.Module]:
     """Within the block, the given neurons' activations are zeroed (forward hooks after the activation)."""
     ffns = _checked(model, neurons)
     handles = []
@@ -63,3 +58,15 @@ def zero_neurons(model: nn.Module, neurons: NeuronSet) -> nn.Module:
         if idx:
             ffns[layer - 1].down.weight[:, idx] = 0
     return model
+
+
+def ablate_checkpoint(model: str, neurons: str | Path, out: str | Path) -> tuple[NeuronSet, bool]:
+    """Loads ``model`` (hub id or folder, with its own head), zeroes the W2 columns of the neurons in the
+    ``neurons`` file and saves the edited checkpoint to ``out``; returns the neurons and whether a
+    feature-extractor config was copied along."""
+    net = load_full_model(model)
+    ffns = model_ffns(net)
+    chosen = NeuronSet.load(neurons, num_layers=len(ffns), width=max(f.width for f in ffns))
+    zero_neurons(net, chosen)
+    net.save_pretrained(out)
+    return chosen, save_feature_extractor(model, out)

@@ -1,0 +1,37 @@
+"""The click group and the one place that turns the library's user errors into command-line errors."""
+
+from __future__ import annotations
+
+import functools
+
+import click
+
+from .. import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(__version__, prog_name="neurostat")
+def main() -> None:
+    """Find, edit and prune the property neurons of speech Transformers (HuBERT, wav2vec 2.0, WavLM, data2vec).
+
+    Typical flow: `synth` or a real LibriSpeech + MFA alignments → `prepare` → `collect` → `select`.
+    `neurostat collect` with no arguments runs the whole embedded demo offline.
+    """
+
+
+def user_errors(command):
+    """Reports the library's user errors as one line: options that do not go together as a usage error
+    (exit 2), any other ``ValueError`` or ``UserError`` as an error (exit 1)."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        from ..errors import OptionError, UserError
+
+        try:
+            return command(*args, **kwargs)
+        except OptionError as e:
+            raise click.UsageError(str(e)) from None
+        except (UserError, ValueError) as e:
+            raise click.ClickException(str(e)) from None
+
+    return run

@@ -1,0 +1,174 @@
+"""Collection commands: ``collect``, ``merge`` and ``info``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .app import main, user_errors
+from .corpus import PREPARE_OPTIONS, labelling_options
+
+
+def _layers(ctx, param, text: str) -> list[int] | None:
+    """'1,3,5-8' (1-based) → [1, 3, 5, 6, 7, 8]; 'all' → None."""
+    if text == "all":
+        return None
+    out = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            out.extend(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected e.g. 1,3,5-8 (1-based) or all") from None
+    if min(out) < 1:
+        raise click.BadParameter("layers are numbered from 1")
+    return out
+
+
+def _shard(ctx, param, text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected i/n, e.g. 0/4") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise click.BadParameter(f"{text!r}: need 0 <= i < n")
+    return i, n
+
+
+@main.command()
+@click.option(
+    "--root",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="LibriSpeech root; with --subset and --alignments the corpus is prepared (cached) first.",
+)
+@labelling_options
+@click.option(
+    "--prepared",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Prepared-corpus folder to read (or to write when --root is given) [default: <alignments>/../prepared-<subset>].",
+)
+@click.option(
+    "--model",
+    default=None,
+    help="Hub id or local directory of a HuBERT / wav2vec 2.0 / WavLM / data2vec-audio checkpoint; "
+    "without --model, --root or --prepared: the embedded demo model on the demo corpus.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Statistics store (Zarr) [default: stats.zarr, or the demo cache].",
+)
+@click.option(
+    "--stat",
+    "stats",
+    multiple=True,
+    type=click.Choice(["topk", "positive", "moments", "max_abs"]),
+    help="Statistics to collect (repeatable) [default: topk, positive, moments; max_abs is opt-in].",
+)
+@click.option(
+    "--topk-ratio",
+    default=0.01,
+    help="λ: a neuron is activated at a token when |a| is among the top round(λ·D) of its layer.",
+)
+@click.option(
+    "--tokens",
+    type=click.Choice(["phone-mid", "all", "no-silence"]),
+    default="phone-mid",
+    help="Which frames count: the middle frame of each phone run (paper), all, or all but silence/spn.",
+)
+@click.option("--layers", default="all", callback=_layers, help="Layers to collect, 1-based, e.g. 1,3,5-8.")
+@click.option(
+    "--labels",
+    "label_parts",
+    default=None,
+    help="Label parts of the joint label, comma-separated (phone, gender, pitch_bin, attached label sets) "
+    "[default: every part of the prepared corpus].",
+)
+@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", help="Model dtype.")
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "torch", "triton", "triton-fused"]),
+    default="auto",
+    help="Statistics kernels: auto = triton on CUDA, torch on CPU; triton-fused also computes the FFN's first GEMM.",
+)
+@click.option("--batch-seconds", default=160.0, help="Audio per batch (the Transformer runs on padded batches).")
+@click.option(
+    "--max-seconds",
+    type=float,
+    default=None,
+    help="Cut utterances into pieces of at most this length (off by default: never cut).",
+)
+@click.option("--checkpoint-seconds", default=300.0, help="Checkpoint at least this often.")
+@click.option("--checkpoint-utterances", type=int, default=None, help="Also checkpoint every N utterances.")
+@click.option(
+    "--shard",
+    default="0/1",
+    callback=_shard,
+    help="Collect only shard i of n (utterances i, i+n, ...); merge shards with `neurostat merge`.",
+)
+@click.option("--resume", is_flag=True, help="Continue an interrupted collection in --out.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store at --out.")
+@click.option("-j", "--num-jobs", default=1, help="Data-loading worker processes (0 = load in the main process).")
+@user_errors
+def collect(
+    root, corpus, subset, alignments, prepared, model, out, device, dtype, resume, overwrite, **options
+) -> None:
+    """Collect activation statistics of every FFN neuron, layer and joint label into a Zarr store.
+
+    With no arguments it runs the embedded demo offline: it synthesises and prepares the demo corpus
+    and collects with a small random-initialised HuBERT (cached in $NEUROSTAT_CACHE).
+    """
+    from ..engine.collect import CollectConfig, CollectInterrupted, collect_corpus, describe_collect
+    from ..errors import OptionError
+
+    prepare_options = {name: options.pop(name) for name in PREPARE_OPTIONS}
+    labels, options["stats"] = options.pop("label_parts"), options["stats"] or CollectConfig.stats
+    config = CollectConfig(**options, labels=tuple(p.strip() for p in labels.split(",")) if labels else None)
+    if root is None and prepared is None and model is None:
+        from ..demo import DEMO_NOTE, cache_dir, ensure_demo
+
+        click.echo(f"neurostat collect: no corpus or model given, running the embedded demo offline in {cache_dir()}")
+        prepared, model = ensure_demo(cache_dir())
+        click.echo(DEMO_NOTE)
+        out, overwrite = out or cache_dir() / "stats.zarr", overwrite or not resume
+    if model is None:
+        raise OptionError("--model is required with a corpus (a hub id such as facebook/hubert-base-ls960 or a folder)")
+    out = out or Path("stats.zarr")
+    try:
+        summary = collect_corpus(
+            str(model), out, config, prepared, root, subset, alignments, corpus, prepare_options,
+            device, dtype, resume, overwrite, echo=click.echo,
+        )  # fmt: skip
+    except CollectInterrupted as e:
+        click.echo(str(e), err=True)
+        sys.exit(130)
+    click.echo(describe_collect(summary, out))
+
+
+@main.command()
+@click.argument("stores", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="The merged store.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store at --out.")
+@user_errors
+def merge(stores, out, overwrite) -> None:
+    """Merge partial stores (shards, ranks, separate runs) exactly into one."""
+    from ..engine.merge import merge_stores
+
+    attrs = merge_stores(list(stores), out, overwrite=overwrite)
+    click.echo(f"merged {len(stores)} stores, {attrs['corpus']['utterances']} utterances -> {out}")
+
+
+@main.command()
+@click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@user_errors
+def info(store) -> None:
+    """Print a readable summary of a statistics store."""
+    from ..stats import describe_store
+
+    click.echo(describe_store(store))

@@ -1,0 +1,217 @@
+"""Corpus commands: ``synth``, ``prepare``, ``labels`` and ``cluster``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .app import main, user_errors
+
+
+@main.command()
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--speakers", "num_speakers", default=4, help="Number of speakers (alternating male/female voices).")
+@click.option("--utterances", "utterances_per_speaker", default=4, help="Utterances per speaker.")
+@click.option("--subset", default="dev-clean", help="Subset folder name in the LibriSpeech layout.")
+@click.option("--seed", default=0, help="Seed for voices, pitch and sentences: same seed, same corpus.")
+def synth(out: Path, num_speakers: int, utterances_per_speaker: int, subset: str, seed: int) -> None:
+    """Write the offline demo corpus to OUT: espeak-ng speech in the LibriSpeech layout with exact TextGrids.
+
+    Produces OUT/LibriSpeech/<subset>/..., OUT/LibriSpeech/SPEAKERS.TXT and OUT/alignments/<subset>/...
+    """
+    from ..corpus.synth import synthesize
+
+    root, align = synthesize(out, subset, num_speakers, utterances_per_speaker, seed)
+    click.echo(
+        f"corpus: {root}\nalignments: {align}\n"
+        f"next: neurostat prepare --root {root} --subset {subset} --alignments {align} --out {out / 'prepared'}"
+    )
+
+
+def labelling_options(f):
+    """Options shared by `prepare` and `collect` (which prepares its corpus itself); the labelling ones
+    arrive as keyword arguments of :meth:`neurostat.corpus.prepare.PrepareSettings.from_options`."""
+    options = [
+        click.option("--corpus", type=click.Choice(["librispeech"]), default="librispeech", help="Corpus layout."),
+        click.option("--subset", default=None, help="Subset folder, e.g. dev-clean."),
+        click.option(
+            "--alignments",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="Folder of MFA TextGrids (corpus layout or flat).",
+        ),
+        click.option(
+            "--pitch",
+            type=click.Choice(["praat", "yaapt"]),
+            default="praat",
+            help="F0 tracker (yaapt needs neurostat[paper]).",
+        ),
+        click.option("--pitch-bins", default=3, help="Number of voiced pitch bins at equal corpus percentiles."),
+        click.option(
+            "--pitch-edges",
+            default=None,
+            help="Comma-separated bin edges in Hz instead of percentiles (e.g. 129.03,179.78).",
+        ),
+        click.option(
+            "--phone-map",
+            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            default=None,
+            help="JSON or TSV mapping of corpus phone symbols to ARPAbet/sil/spn (e.g. for MFA's IPA phone set).",
+        ),
+        click.option(
+            "--strict", is_flag=True, help="Refuse (error) instead of resampling or skipping problem utterances."
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+PREPARE_OPTIONS = ("pitch", "pitch_bins", "pitch_edges", "phone_map", "strict")
+
+
+@main.command()
+@click.option(
+    "--root",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="LibriSpeech root (the LibriSpeech folder or its parent).",
+)
+@labelling_options
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Prepared-corpus folder [default: <alignments>/../prepared-<subset>].",
+)
+@click.option(
+    "--model",
+    default=None,
+    help="Hub id or local dir whose config gives the frame geometry [default: the HuBERT/wav2vec2 default geometry].",
+)
+@click.option("--sample-rate", type=int, default=None, help="Override the model's sample rate.")
+@click.option("-j", "--num-jobs", default=1, help="Parallel worker processes.")
+@user_errors
+def prepare(root, corpus, subset, alignments, out, model, sample_rate, num_jobs, **options) -> None:
+    """Label a corpus: phones per frame (MFA TextGrids), speaker gender (SPEAKERS.TXT), F0 and pitch bins.
+
+    Cached: a second run reuses every utterance whose inputs and settings did not change.
+    """
+    from ..corpus.prepare import PrepareSettings, default_prepared_dir, describe_prepared
+    from ..corpus.prepare import prepare as run_prepare
+    from ..errors import OptionError
+    from ..model.adapter import load_geometry
+
+    if subset is None or alignments is None:
+        raise OptionError("--subset and --alignments are required to label a corpus")
+    settings = PrepareSettings.from_options(load_geometry(model, sample_rate), **options)
+    out = out or default_prepared_dir(alignments, subset)
+    meta = run_prepare(root, subset, alignments, out, settings, num_jobs=num_jobs, layout=corpus)
+    click.echo(describe_prepared(meta, out))
+
+
+@main.group()
+def labels() -> None:
+    """Label sets attached to a prepared corpus: extra label parts (k-means units, utterance clusters, ...).
+
+    `collect` counts on every attached set by default (see its --labels) and `select --property NAME`
+    groups by one.  File format: one utterance a line, `<id> <label> ...` (one label per model frame)
+    or `<id> <label>` (one per utterance).
+    """
+
+
+PREPARED = click.Path(exists=True, file_okay=False, path_type=Path)
+
+
+@labels.command("add")
+@click.argument("prepared", type=PREPARED)
+@click.argument("name")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--level",
+    type=click.Choice(["frame", "utterance"]),
+    default="frame",
+    help="One label per model frame of the prepared geometry, or one per utterance.",
+)
+@click.option("--allow-missing", is_flag=True, help="Let utterances without labels be skipped by collect.")
+@user_errors
+def labels_add(prepared, name, file, level, allow_missing) -> None:
+    """Attach the labels in FILE to the prepared corpus PREPARED as label set NAME (replacing one of that name)."""
+    from ..corpus.labelsets import attach_label_set, describe_label_set, read_label_file
+    from ..corpus.prepared import PreparedCorpus
+
+    entry = attach_label_set(
+        PreparedCorpus(prepared), name, read_label_file(file, level), level, str(file), allow_missing
+    )
+    click.echo(describe_label_set(name, entry))
+    if entry["unused"]:
+        click.echo(
+            f"{entry['unused']} utterances of {file} are not in {prepared} (skipped in prepare or another subset)"
+        )
+
+
+@labels.command("list")
+@click.argument("prepared", type=PREPARED)
+@user_errors
+def labels_list(prepared) -> None:
+    """List the label sets attached to PREPARED."""
+    from ..corpus.labelsets import describe_label_set
+    from ..corpus.prepared import PreparedCorpus
+
+    corpus = PreparedCorpus(prepared)
+    if not corpus.label_sets:
+        click.echo(f"{prepared}: no label sets (parts: {', '.join(corpus.vocabularies)})")
+    for name, entry in corpus.label_sets.items():
+        click.echo(describe_label_set(name, entry))
+
+
+@labels.command("remove")
+@click.argument("prepared", type=PREPARED)
+@click.argument("name")
+@user_errors
+def labels_remove(prepared, name) -> None:
+    """Detach label set NAME from PREPARED and delete its file."""
+    from ..corpus.prepared import PreparedCorpus
+
+    PreparedCorpus(prepared).remove_label_set(name)
+    click.echo(f"removed label set {name} from {prepared}")
+
+
+@main.command()
+@click.argument("prepared", type=PREPARED)
+@click.option("--name", required=True, help="Name of the label set to attach (e.g. unit, spk_cluster).")
+@click.option("--clusters", required=True, type=int, help="Number of k-means clusters.")
+@click.option(
+    "--level",
+    type=click.Choice(["frame", "utterance"]),
+    default="frame",
+    help="Cluster frames (units) or utterances (mean layer output, or --vectors).",
+)
+@click.option("--model", default=None, help="Hub id or local directory whose layer output is clustered.")
+@click.option("--layer", type=int, default=None, help="Transformer layer (1-based) whose output is clustered.")
+@click.option(
+    "--vectors",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Cluster these utterance vectors instead (e.g. i-vectors): `<id> v1 v2 ...` lines.",
+)
+@click.option("--allow-missing", is_flag=True, help="--vectors: let utterances without a vector be skipped by collect.")
+@click.option("--fit-frames", default=100_000, help="frame level: fit on a random sample of this many frames.")
+@click.option("--seed", default=0, help="Seed of the sample and of k-means++.")
+@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", help="Model dtype.")
+@click.option("--batch-seconds", default=160.0, help="Audio per batch.")
+@click.option("-j", "--num-jobs", default=0, help="Data-loading worker processes (0 = load in the main process).")
+@user_errors
+def cluster(prepared, name, **options) -> None:
+    """k-means label sets for the follow-up paper's groups: units of SSL features or utterance clusters.
+
+    Attaches the clusters to PREPARED as label set --name; then `collect` counts on them and
+    `select --property NAME` (or --groups) groups by them.
+    """
+    from ..cluster.features import cluster_label_set
+    from ..corpus.labelsets import describe_label_set
+    from ..corpus.prepared import PreparedCorpus
+
+    click.echo(describe_label_set(name, cluster_label_set(PreparedCorpus(prepared), name, **options)))

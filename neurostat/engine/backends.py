@@ -1,0 +1,155 @@
+"""Backends: what computes one layer's per-label batch sums and merges them into the totals.
+
+- ``torch``: each statistic's torch function from the table (the reference path); on CUDA nothing
+  syncs with the host.
+- ``triton``: the model's own GEMM and activation, then the ``topk_stats`` kernels for the statistics
+  they cover (top-k, positive, moments) and the ``merge_sums`` kernel for their merge (one launch per
+  layer and batch); any other statistic takes its torch function.  The activations are bit-identical
+  to the torch path, so the counts are identical.
+- ``triton-fused``: the ``ffn_up_stats`` kernel computes the FFN's first GEMM and activation itself,
+  with positive counts and moment sums in its epilogue; the rest as ``triton``.
+
+A backend is chosen once (:func:`make_backend`), from a name and the device.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .batching import TokenBatch
+from .statistics import Statistic
+
+BACKENDS = ("torch", "triton", "triton-fused")
+
+
+class Backend:
+    """The torch backend; the Triton backends override parts of it."""
+
+    name = "torch"
+
+    def __init__(self, stats: tuple[Statistic, ...], k: int, activation: str = "gelu"):
+        self.stats, self.k, self.activation = stats, k, activation
+
+    def sums(self, a: torch.Tensor, batch: TokenBatch, shift: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Per-label sums [U, D] of the token rows ``a[batch.index]`` of one layer's activations [B*T, D]."""
+        return self._torch_sums(self.stats, a, batch, shift)
+
+    def _torch_sums(self, stats, a, batch, shift) -> dict[str, torch.Tensor]:
+        out = {}
+        if stats:
+            x = a.index_select(0, batch.index)
+            for s in stats:
+                out.update(s.torch_sums(x, batch, self.k, shift))
+        return out
+
+    def ffn_sums(self, ffn, hidden: torch.Tensor, batch: TokenBatch, shift: torch.Tensor | None):
+        """``act(W1 x + b1)`` of one FFN [.., D] and its per-label sums."""
+        a = ffn.act(ffn.up(hidden))
+        return a, self.sums(a.reshape(-1, a.shape[-1]), batch, shift)
+
+    def merge(self, sums, batch: TokenBatch, tokens, shift, totals: dict[str, torch.Tensor]) -> None:
+        """Merges one batch's sums into one layer's totals [num_labels, D] (``tokens``: before the batch)."""
+        self._torch_merge(self.stats, sums, batch, tokens, shift, totals)
+
+    @staticmethod
+    def _torch_merge(stats, sums, batch, tokens, shift, totals) -> None:
+        for s in stats:
+            s.merge.add_batch(s, totals, sums, batch.labels, batch.counts, tokens, shift)
+
+
+_KERNEL_STATS = ("topk", "positive", "moments")
+
+
+class TritonBackend(Backend):
+    name = "triton"
+
+    def __init__(self, stats: tuple[Statistic, ...], k: int, activation: str = "gelu"):
+        super().__init__(stats, k, activation)
+        self.kernel = tuple(s for s in stats if s.name in _KERNEL_STATS)
+        self.others = tuple(s for s in stats if s.name not in _KERNEL_STATS)
+
+    def _kernel_sums(self, a, batch, shift, which: set[str]) -> dict[str, torch.Tensor]:
+        from ..kernels.topk_stats import topk_stats
+
+        if not which:
+            return {}
+        return topk_stats(
+            a,
+            batch.sorted_rows,
+            batch.sorted_local,
+            batch.chunk_starts,
+            batch.chunk_labels,
+            batch.labels.numel(),
+            self.k,
+            shift,
+            topk="topk" in which,
+            positive="positive" in which,
+            moments="moments" in which,
+        )
+
+    def sums(self, a, batch, shift) -> dict[str, torch.Tensor]:
+        out = self._kernel_sums(a, batch, shift, {s.name for s in self.kernel})
+        out.update(self._torch_sums(self.others, a, batch, shift))
+        return out
+
+    def merge(self, sums, batch, tokens, shift, totals) -> None:
+        from ..kernels.merge_sums import merge_sums
+
+        if self.kernel:
+            names = [n for s in self.kernel for n in s.states]
+            merge_sums(sums, batch.labels, batch.counts, tokens, shift, {n: totals[n] for n in names})
+        self._torch_merge(self.others, sums, batch, tokens, shift, totals)
+
+
+class TritonFusedBackend(TritonBackend):
+    name = "triton-fused"
+
+    def ffn_sums(self, ffn, hidden, batch, shift):
+        from ..kernels.ffn_up_stats import ffn_up_stats
+
+        shape = hidden.shape
+        epilogue = {n for s in self.kernel if s.name in ("positive", "moments") for n in s.sums}
+        a, sums = ffn_up_stats(
+            hidden.reshape(-1, shape[-1]),
+            ffn.up.weight,
+            ffn.up.bias,
+            self.activation,
+            batch.perm,
+            batch.sorted_local,
+            batch.labels.numel(),
+            shift,
+            stats=bool(epilogue),
+        )
+        sums = {n: t for n, t in sums.items() if n in epilogue}
+        sums.update(self._kernel_sums(a, batch, shift, {s.name for s in self.kernel} & {"topk"}))
+        sums.update(self._torch_sums(self.others, a, batch, shift))
+        return a.view(*shape[:-1], a.shape[-1]), sums
+
+
+_CLASSES = {cls.name: cls for cls in (Backend, TritonBackend, TritonFusedBackend)}
+
+
+def resolve_backend(name: str, device: torch.device | str) -> str:
+    """``auto`` → Triton on CUDA, torch elsewhere; Triton off CUDA only under ``TRITON_INTERPRET=1``."""
+    device = torch.device(device)
+    if name == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose auto or one of {BACKENDS}")
+    if name != "torch" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"--backend {name} needs a CUDA device (or TRITON_INTERPRET=1, the slow CPU interpreter)")
+    return name
+
+
+def make_backend(name: str, stats: tuple[Statistic, ...], k: int, activation: str = "gelu") -> Backend:
+    """The backend called ``name`` (one of :data:`BACKENDS`) for these statistics."""
+    if name not in _CLASSES:
+        raise ValueError(f"unknown backend {name!r}; choose from {BACKENDS}")
+    if name == "triton-fused":
+        from ..kernels.ffn_up_stats import ACTIVATIONS
+
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation {activation!r} has no fused kernel; use --backend triton")
+    return _CLASSES[name](stats, k, activation)

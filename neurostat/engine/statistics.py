@@ -1,0 +1,253 @@
+"""The statistics table: every statistic the engine collects, declared once.
+
+A :class:`Statistic` names its totals (one [layer, label, neuron] array each, with dtype and initial
+value), the per-batch sums a backend returns for it (per label of the batch, [U, D]), the torch
+function that computes those sums (the reference path every backend is checked against), its merge
+rule and its store variables with their fill for labels without tokens.  The accumulator, the
+backends, checkpoints, the store and every merge (batches, shards, resumed runs) follow the table:
+adding a statistic means one entry here, its torch function and its test (and, optionally, a kernel).
+
+Merge rules (:class:`Rule`): ``sum`` (counts: batch counts added to int64 totals), ``chan`` (moments:
+shifted batch sums → mean and M2, merged in float64 with Chan et al.'s formula) and ``max``.
+The store records each variable's rule (array attribute ``merge``) so that readers reduce label
+parts the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..moments import chan_merge, from_shifted_sums
+from .batching import TokenBatch
+
+
+def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean [N, D]: |x_j| among the k largest of its row; ties at the k-th value go to lower j."""
+    absx = x.abs()
+    kth = absx.topk(k, dim=1, sorted=False).values.amin(1, keepdim=True)
+    mask = absx >= kth
+    excess = mask.sum(1) - k
+    if absx.device.type == "cpu":
+        rows = torch.nonzero(excess > 0).flatten()
+        if rows.numel():
+            mask[rows] = _break_ties(absx[rows], kth[rows], k)
+    else:
+        mask = torch.where((excess > 0)[:, None], _break_ties(absx, kth, k), mask)
+    return mask
+
+
+def _break_ties(absx: torch.Tensor, kth: torch.Tensor, k: int) -> torch.Tensor:
+    above = absx > kth
+    at = absx == kth
+    room = k - above.sum(1, keepdim=True)
+    return above | (at & (at.cumsum(1) <= room))
+
+
+def per_label(batch: TokenBatch, values: torch.Tensor) -> torch.Tensor:
+    """Sums of the token rows ``values`` [N, D] per label of the batch → [U, D]."""
+    out = torch.zeros((batch.labels.numel(), values.shape[1]), dtype=values.dtype, device=values.device)
+    return out.index_add_(0, batch.local, values)
+
+
+def topk_sums(x: torch.Tensor, batch: TokenBatch, k: int, shift: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Top-k counts per batch label [U, D].
+
+    On CPU the k+1 largest values show which rows have a tie at the k-th value: only those rows need the
+    exact mask; the others are counted from the top-k indices.  On GPU the exact mask is computed for
+    every row, so nothing waits on the host.
+    """
+    width = x.shape[1]
+    if x.device.type != "cpu" or k == width:
+        return {"topk": per_label(batch, topk_mask(x, k).to(torch.float32))}
+    values, idx = x.abs().topk(k + 1, dim=1)
+    tied = values[:, k - 1] == values[:, k]
+    flat = (batch.local[:, None] * width + idx[:, :k])[~tied].flatten()
+    counts = torch.bincount(flat, minlength=batch.labels.numel() * width).view(-1, width)
+    rows = torch.nonzero(tied).flatten()
+    if rows.numel():
+        counts.index_add_(0, batch.local[rows], topk_mask(x[rows], k).to(torch.int64))
+    return {"topk": counts}
+
+
+def positive_sums(x: torch.Tensor, batch: TokenBatch, k: int, shift: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    return {"positive": per_label(batch, (x > 0).to(torch.float32))}
+
+
+def moment_sums(x: torch.Tensor, batch: TokenBatch, k: int, shift: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Σ(a − shift) and Σ(a − shift)² per label, in fp32 (fp64 for fp64 activations)."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    dev = x.to(dtype) - shift.to(dtype)
+    return {"s1": per_label(batch, dev), "s2": per_label(batch, dev.square_())}
+
+
+def max_abs_sums(x: torch.Tensor, batch: TokenBatch, k: int, shift: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Largest |a| per label (|a| >= 0, so zeros are the neutral start)."""
+    absx = x.abs().to(torch.promote_types(x.dtype, torch.float32))
+    out = torch.zeros((batch.labels.numel(), x.shape[1]), dtype=absx.dtype, device=x.device)
+    return {"max_abs": out.index_reduce_(0, batch.local, absx, "amax")}
+
+
+class Rule:
+    """How a statistic's totals take in a batch, merge with other totals and become store variables."""
+
+    name: str
+
+    def add_batch(self, stat, totals, sums, labels, counts, tokens, shift) -> None:
+        """Merges one batch's sums [U, D] into one layer's totals [num_labels, D] at rows ``labels``
+        (``counts``: the batch's tokens per label, ``tokens``: tokens per label before the batch)."""
+        raise NotImplementedError
+
+    def combine(self, stat, mine, theirs, n_a, n_b) -> None:
+        """Merges the totals ``theirs`` into ``mine`` (dicts of [layer, label, neuron] tensors; ``n_a``,
+        ``n_b``: tokens per label, broadcastable), in place."""
+        raise NotImplementedError
+
+    def to_store(self, stat, totals, n) -> dict[str, np.ndarray]:
+        """Store variables from the totals (numpy; ``n`` tokens per label broadcastable, float64)."""
+        return {var: totals[state] for var, state in zip(stat.store, stat.states)}
+
+    def from_store(self, stat, variables, n) -> dict[str, np.ndarray]:
+        """Totals back from store variables (what merging stores starts from)."""
+        return {state: np.nan_to_num(variables[var]) for var, state in zip(stat.store, stat.states)}
+
+
+class SumRule(Rule):
+    name = "sum"
+
+    def add_batch(self, stat, totals, sums, labels, counts, tokens, shift) -> None:
+        for name in stat.states:
+            totals[name].index_add_(0, labels, sums[name].to(totals[name].dtype))
+
+    def combine(self, stat, mine, theirs, n_a, n_b) -> None:
+        for name in stat.states:
+            mine[name] += theirs[name]
+
+
+class ChanRule(Rule):
+    """Totals ``mean`` and ``m2``; batch sums ``s1``, ``s2`` around a per-neuron shift."""
+
+    name = "chan"
+
+    def add_batch(self, stat, totals, sums, labels, counts, tokens, shift) -> None:
+        mean_t, m2_t = totals["mean"], totals["m2"]
+        n_b = counts.to(torch.float64)[:, None]
+        n_a = tokens.index_select(0, labels).to(torch.float64)[:, None]
+        mean_b, m2_b = from_shifted_sums(n_b, sums["s1"].double(), sums["s2"].double(), shift.double())
+        mean, m2 = chan_merge(n_a, mean_t.index_select(0, labels), m2_t.index_select(0, labels), n_b, mean_b, m2_b)
+        mean_t.index_copy_(0, labels, mean)
+        m2_t.index_copy_(0, labels, m2)
+
+    def combine(self, stat, mine, theirs, n_a, n_b) -> None:
+        mine["mean"], mine["m2"] = chan_merge(n_a, mine["mean"], mine["m2"], n_b, theirs["mean"], theirs["m2"])
+
+    def to_store(self, stat, totals, n) -> dict[str, np.ndarray]:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return {"mean": totals["mean"], "var": np.maximum(totals["m2"], 0) / n}
+
+    def from_store(self, stat, variables, n) -> dict[str, np.ndarray]:
+        return {"mean": np.nan_to_num(variables["mean"]), "m2": np.nan_to_num(variables["var"]) * n}
+
+
+class MaxRule(Rule):
+    name = "max"
+
+    def add_batch(self, stat, totals, sums, labels, counts, tokens, shift) -> None:
+        for name in stat.states:
+            totals[name].index_reduce_(0, labels, sums[name].to(totals[name].dtype), "amax")
+
+    def combine(self, stat, mine, theirs, n_a, n_b) -> None:
+        for name in stat.states:
+            torch.maximum(mine[name], theirs[name], out=mine[name])
+
+
+RULES = {rule.name: rule for rule in (SumRule(), ChanRule(), MaxRule())}
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """One statistic: its totals, per-batch sums, torch function, merge rule and store variables."""
+
+    name: str  # what --stat takes
+    states: tuple[str, ...]  # totals, one [layer, label, neuron] array each (checkpoint keys)
+    dtype: torch.dtype  # of the totals
+    sums: tuple[str, ...]  # per-batch sums [U, D] a backend returns
+    torch_sums: Callable[[torch.Tensor, TokenBatch, int, torch.Tensor | None], dict[str, torch.Tensor]]
+    rule: str  # key of RULES
+    store: tuple[str, ...]  # store variables (layer, label, neuron)
+    fill: float  # store value for labels without tokens
+    needs_shift: bool = False  # the per-neuron shift of the moment sums
+    default: bool = True  # collected unless --stat says otherwise
+    about: str = ""
+
+    @property
+    def merge(self) -> Rule:
+        return RULES[self.rule]
+
+    def initial(self, shape: tuple[int, ...], device) -> dict[str, torch.Tensor]:
+        return {name: torch.zeros(shape, dtype=self.dtype, device=device) for name in self.states}
+
+
+TABLE: dict[str, Statistic] = {
+    s.name: s
+    for s in (
+        Statistic(
+            "topk",
+            ("topk",),
+            torch.int64,
+            ("topk",),
+            topk_sums,
+            "sum",
+            ("topk_count",),
+            0,
+            about="tokens at which |a_j| is among the top k of its layer (ties to the lower index)",
+        ),
+        Statistic(
+            "positive",
+            ("positive",),
+            torch.int64,
+            ("positive",),
+            positive_sums,
+            "sum",
+            ("positive_count",),
+            0,
+            about="tokens with a_j > 0",
+        ),
+        Statistic(
+            "moments",
+            ("mean", "m2"),
+            torch.float64,
+            ("s1", "s2"),
+            moment_sums,
+            "chan",
+            ("mean", "var"),
+            np.nan,
+            needs_shift=True,
+            about="mean and population variance of a_j",
+        ),
+        Statistic(
+            "max_abs",
+            ("max_abs",),
+            torch.float64,
+            ("max_abs",),
+            max_abs_sums,
+            "max",
+            ("max_abs",),
+            np.nan,
+            default=False,
+            about="largest |a_j|",
+        ),
+    )
+}
+DEFAULT_STATS = tuple(name for name, s in TABLE.items() if s.default)
+
+
+def statistics(names) -> tuple[Statistic, ...]:
+    """The table's entries for ``names`` in table order; an unknown name is an error listing the known."""
+    unknown = sorted(set(names) - set(TABLE))
+    if unknown:
+        raise ValueError(f"unknown statistics {unknown}; choose from {tuple(TABLE)}")
+    return tuple(s for name, s in TABLE.items() if name in names)

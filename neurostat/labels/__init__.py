@@ -1,1 +1,0 @@
-"""Readers for the label sources: TextGrid alignments, SPEAKERS.TXT, pitch."""

@@ -1,0 +1,77 @@
+"""Random-initialised models of the supported families, built offline from configs (one home for the
+demo model, the test models and the benchmarks' models).
+
+``size="tiny"`` is a 32-wide, 3-layer model with the standard conv front end geometry (fast tests);
+``size="base"`` is the family's default config (HuBERT-base geometry: 12 layers x 3072 neurons).
+Any config field can be overridden.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+TINY = dict(
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=2,
+    intermediate_size=37,
+    conv_dim=(8,) * 7,
+    num_conv_pos_embeddings=16,
+    num_conv_pos_embedding_groups=2,
+)
+SIZES = ("tiny", "base")
+
+
+def _classes(model_type: str):
+    import transformers as t
+
+    classes = {
+        "hubert": (t.HubertConfig, t.HubertModel),
+        "wav2vec2": (t.Wav2Vec2Config, t.Wav2Vec2Model),
+        "wavlm": (t.WavLMConfig, t.WavLMModel),
+        "data2vec-audio": (t.Data2VecAudioConfig, t.Data2VecAudioModel),
+    }
+    if model_type not in classes:
+        raise ValueError(f"unknown model type {model_type!r}; choose from {tuple(classes)}")
+    return classes[model_type]
+
+
+def model_config(model_type: str = "hubert", size: str = "tiny", stable_layer_norm: bool = False, **overrides):
+    """The HF config of a ``size`` model of the family (``stable_layer_norm``: layer-norm front end)."""
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; choose from {SIZES}")
+    config_cls, _ = _classes(model_type)
+    kw = dict(TINY) if size == "tiny" else {}
+    if stable_layer_norm:
+        kw.update(feat_extract_norm="layer", do_stable_layer_norm=True)
+    if model_type == "data2vec-audio" and size == "tiny":
+        kw.update(num_conv_pos_embeddings=5, conv_pos_kernel_size=5)
+        kw.pop("num_conv_pos_embedding_groups")
+    return config_cls(**{**kw, **overrides})
+
+
+def build_model(model_type: str = "hubert", size: str = "tiny", seed: int = 0, **config) -> nn.Module:
+    """A random model (seeded) in eval mode; ``config``: :func:`model_config` arguments."""
+    _, model_cls = _classes(model_type)
+    cfg = model_config(model_type, size, **config)
+    torch.manual_seed(seed)
+    return model_cls(cfg).eval()
+
+
+def feature_extractor(sample_rate: int = 16000):
+    """The wav2vec2-family feature extractor: normalised waveforms at ``sample_rate``."""
+    from transformers import Wav2Vec2FeatureExtractor
+
+    return Wav2Vec2FeatureExtractor(sampling_rate=sample_rate, do_normalize=True, return_attention_mask=True)
+
+
+def save_model(path: str | Path, model_type: str = "hubert", size: str = "tiny", seed: int = 0, **config) -> Path:
+    """Saves :func:`build_model`'s model and its feature extractor with ``save_pretrained`` (so loading
+    it goes through the real checkpoint path)."""
+    path = Path(path)
+    build_model(model_type, size, seed, **config).save_pretrained(path)
+    feature_extractor().save_pretrained(path)
+    return path

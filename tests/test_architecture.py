@@ -1,0 +1,132 @@
+"""The import graph runs one way, down the pipeline, and has no loops (read from the source with ast).
+
+corpus → label space → engine → store → stats/select → model editing; cluster, demo and the CLI on
+top; kernels import nothing of neurostat.  Imports inside functions count too.
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = {"neurostat", "neurostat.errors", "neurostat.files", "neurostat.frames", "neurostat.moments", "neurostat.phones"}
+ALLOWED = {  # unit -> the units it may import (besides itself); a module belongs to its longest listed prefix
+    **{unit: set() for unit in BASE},
+    "neurostat.kernels": set(),
+    "neurostat.corpus": BASE,
+    "neurostat.labelspace": BASE,
+    "neurostat.store": BASE,
+    "neurostat.neuronset": BASE,
+    "neurostat.model": BASE | {"neurostat.neuronset", "neurostat.model.adapter"},
+    "neurostat.engine": BASE
+    | {"neurostat.corpus", "neurostat.labelspace", "neurostat.store", "neurostat.kernels", "neurostat.model.adapter"},
+    "neurostat.stats": BASE | {"neurostat.labelspace", "neurostat.store"},
+    "neurostat.select": BASE | {"neurostat.labelspace", "neurostat.store", "neurostat.stats", "neurostat.neuronset"},
+    "neurostat.model.adapter": BASE,
+    "neurostat.cluster": BASE | {"neurostat.corpus", "neurostat.labelspace", "neurostat.engine", "neurostat.model"},
+    "neurostat.demo": BASE | {"neurostat.corpus", "neurostat.model"},
+    "neurostat.cli": None,  # the library, all of it
+    "neurostat.__main__": None,
+}
+
+
+def modules() -> dict[str, Path]:
+    """Module name → file, for the package and the kernels folder (imported as neurostat.kernels)."""
+    out = {}
+    for path in (ROOT / "neurostat").rglob("*.py"):
+        if "kernels" in path.relative_to(ROOT / "neurostat").parts:
+            continue
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    for path in (ROOT / "kernels").glob("*.py"):
+        stem = "" if path.stem == "__init__" else "." + path.stem
+        out["neurostat.kernels" + stem] = path
+    return out
+
+
+def imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
+    """The neurostat modules that ``name`` imports (relative imports resolved; ``from a import b`` is the
+    module a.b when that is a module, else a)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module
+            subs = {f"{target}.{alias.name}" for alias in node.names} & set(known)
+            found |= subs or {target}
+    return {m for m in found if m == "neurostat" or m.startswith("neurostat.")}
+
+
+def unit(module: str) -> str:
+    return max((u for u in ALLOWED if module == u or module.startswith(u + ".")), key=len)
+
+
+def upward(graph: dict[str, set[str]]) -> list[str]:
+    """Every import of a unit that its row of ALLOWED does not list."""
+    bad = []
+    for module, targets in sorted(graph.items()):
+        mine, allowed = unit(module), ALLOWED[unit(module)]
+        if allowed is None:
+            continue
+        for m in sorted(targets):
+            theirs = unit(m)
+            if theirs != mine and not any(
+                theirs == a or (a != "neurostat" and theirs.startswith(a + ".")) for a in allowed
+            ):
+                bad.append(f"{module} ({mine}) imports {m}; it may import {sorted(allowed)}")
+    return bad
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Import loops between files (depth-first search)."""
+    seen, stack, found = set(), [], []
+
+    def visit(module):
+        if module in stack:
+            found.append(stack[stack.index(module) :] + [module])
+            return
+        if module in seen:
+            return
+        seen.add(module)
+        stack.append(module)
+        for other in sorted(graph.get(module, ())):
+            visit(other)
+        stack.pop()
+
+    for module in sorted(graph):
+        visit(module)
+    return found
+
+
+GRAPH = {name: imports(name, path, modules()) for name, path in modules().items()}
+
+
+def test_no_import_climbs_up_the_pipeline():
+    assert len(GRAPH) > 40 and not upward(GRAPH), "\n".join(upward(GRAPH))
+
+
+def test_no_import_cycles():
+    assert not cycles(GRAPH), "import cycles: " + "; ".join(" -> ".join(c) for c in cycles(GRAPH))
+
+
+def test_the_checks_can_fail(tmp_path):
+    """A relative import that climbs (engine → cli) and a loop between two files are both caught."""
+    engine = tmp_path / "neurostat" / "engine"
+    engine.mkdir(parents=True)
+    (engine / "x.py").write_text("from ..cli import app\nfrom . import y\n")
+    (engine / "y.py").write_text("from .x import thing\n")
+    known = {"neurostat.engine.x": engine / "x.py", "neurostat.engine.y": engine / "y.py", "neurostat.cli.app": None}
+    graph = {name: imports(name, path, known) for name, path in known.items() if path is not None}
+    assert graph == {
+        "neurostat.engine.x": {"neurostat.cli.app", "neurostat.engine.y"},
+        "neurostat.engine.y": {"neurostat.engine.x"},
+    }
+    assert upward(graph) and "neurostat.engine.x (neurostat.engine) imports neurostat.cli.app" in upward(graph)[0]
+    assert cycles(graph) == [["neurostat.engine.x", "neurostat.engine.y", "neurostat.engine.x"]]
