@@ -18,6 +18,7 @@ def stats_reference(rows: dict[int, list], num_labels: int, width: int, k: int) 
     topk = np.zeros((len(layers), num_labels, width), np.int64)
     positive = np.zeros_like(topk)
     sums = np.zeros((len(layers), num_labels, width))
+    max_abs = np.full((len(layers), num_labels, width), np.nan)
     for li, layer in enumerate(layers):
         for vec, label in rows[layer]:
             if li == 0:
@@ -25,6 +26,7 @@ def stats_reference(rows: dict[int, list], num_labels: int, width: int, k: int) 
             topk[li, label] += topk_reference(vec[None], k)[0]
             positive[li, label] += vec > 0
             sums[li, label] += vec
+            max_abs[li, label] = np.fmax(max_abs[li, label], np.abs(vec))
     n = frames[None, :, None].astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = sums / n
@@ -33,7 +35,14 @@ def stats_reference(rows: dict[int, list], num_labels: int, width: int, k: int) 
             for vec, label in rows[layer]:
                 sq[li, label] += (vec - mean[li, label]) ** 2
         var = sq / n
-    return {"frames": frames, "topk_count": topk, "positive_count": positive, "mean": mean, "var": var}
+    return {
+        "frames": frames,
+        "topk_count": topk,
+        "positive_count": positive,
+        "mean": mean,
+        "var": var,
+        "max_abs": max_abs,
+    }
 
 
 def phone_mid(phones: np.ndarray) -> list[int]:

@@ -5,7 +5,7 @@ from reference import phone_mid, stats_reference, topk_reference
 
 from neurostat.engine.accumulate import Accumulator
 from neurostat.engine.batching import TokenBatch
-from neurostat.engine.statistics import topk_mask
+from neurostat.engine.statistics import TABLE, topk_mask
 from neurostat.engine.tokens import token_mask
 
 
@@ -31,8 +31,9 @@ def test_accumulator_against_float64_reference_and_merge():
     g = torch.Generator().manual_seed(0)
     L, U, D, k = 2, 7, 29, 4
     rows = {0: [], 1: []}
-    whole = Accumulator(L, U, D, k)
-    parts = [Accumulator(L, U, D, k) for _ in range(3)]
+    every = tuple(TABLE)
+    whole = Accumulator(L, U, D, k, every)
+    parts = [Accumulator(L, U, D, k, every) for _ in range(3)]
     for step in range(6):
         flat, x0 = _random_batch(g, 41 + step, U, D, torch.float64)
         batch = TokenBatch.from_labels(flat)
@@ -46,8 +47,8 @@ def test_accumulator_against_float64_reference_and_merge():
     merged = parts[0].merge(parts[1]).merge(parts[2])
     for acc in (whole, merged):
         got = acc.compute()
-        assert got["frames"][2] == 0 and np.isnan(got["mean"][:, 2]).all()
-        for name in ("frames", "topk_count", "positive_count"):
+        assert got["frames"][2] == 0 and np.isnan(got["mean"][:, 2]).all() and np.isnan(got["max_abs"][:, 2]).all()
+        for name in ("frames", "topk_count", "positive_count", "max_abs"):
             np.testing.assert_array_equal(got[name], ref[name])
         np.testing.assert_allclose(got["mean"], ref["mean"], rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(got["var"], ref["var"], rtol=1e-9, atol=1e-12)
@@ -65,6 +66,10 @@ def test_subset_of_stats_and_bad_arguments():
     out = acc.compute()
     assert set(out) == {"frames", "positive_count"}
     assert out["positive_count"][0].tolist() == [[1, 0, 0, 1, 1], [1, 1, 1, 1, 2], [0] * 5]
+    partial = Accumulator(2, 3, 5, 2)
+    partial.update(0, torch.randn(4, 5), batch)
+    with pytest.raises(RuntimeError, match="different tokens"):
+        partial.compute()  # layer 2 never saw the batch
     with pytest.raises(ValueError, match="unknown statistics"):
         Accumulator(1, 3, 5, 2, stats=("median",))
     with pytest.raises(ValueError, match="1 <= k <= width"):
@@ -90,7 +95,7 @@ def test_phone_mid_keeps_final_run():
 def test_triton_backend_matches_torch_backend():
     g = torch.Generator().manual_seed(7)
     L, U, D, k = 2, 7, 23, 3
-    accs = {b: Accumulator(L, U, D, k, backend=b) for b in ("torch", "triton")}
+    accs = {b: Accumulator(L, U, D, k, tuple(TABLE), backend=b) for b in ("torch", "triton")}
     for step in range(3):
         flat, x = _random_batch(g, 19 + step, U, D)
         x[:, ::5] = torch.round(x[:, ::5])
@@ -99,7 +104,7 @@ def test_triton_backend_matches_torch_backend():
             for acc in accs.values():
                 acc.update(layer, x * (layer + 1), batch)
     a, b = accs["torch"].compute(), accs["triton"].compute()
-    for name in ("frames", "topk_count", "positive_count"):
+    for name in ("frames", "topk_count", "positive_count", "max_abs"):
         np.testing.assert_array_equal(a[name], b[name])
     for name in ("mean", "var"):
         np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-5)

@@ -16,6 +16,7 @@ from transformers import AutoFeatureExtractor, AutoModel
 
 from neurostat.cli import main
 from neurostat.engine.collect import CollectConfig, collect
+from neurostat.engine.statistics import TABLE
 from neurostat.engine.merge import merge_stores
 from neurostat.labelspace import LabelSpace
 from neurostat.model.adapter import ModelAdapter, ModelError
@@ -59,15 +60,17 @@ def assert_store_equals(path, ref, rtol=1e-9, atol=1e-12):
     ds = xr.open_zarr(path, consolidated=False)
     for name in ("frames", "topk_count", "positive_count"):
         np.testing.assert_array_equal(ds[name].values, ref[name], err_msg=name)
-    for name in ("mean", "var"):
-        np.testing.assert_allclose(ds[name].values, ref[name], rtol=rtol, atol=atol, err_msg=name)
+    for name in ("mean", "var", "max_abs"):
+        if name in ds:
+            np.testing.assert_allclose(ds[name].values, ref[name], rtol=rtol, atol=atol, err_msg=name)
 
 
 @pytest.mark.parametrize("mode", ["phone-mid", "all", "no-silence"])
 def test_float64_statistics_match_hook_reference(prepared, tiny_model, tmp_path, mode):
     adapter = ModelAdapter.load(str(tiny_model), dtype=torch.float64)
-    config = CollectConfig(topk_ratio=RATIO, tokens=mode, batch_seconds=10.0)
+    config = CollectConfig(stats=tuple(TABLE), topk_ratio=RATIO, tokens=mode, batch_seconds=10.0)
     attrs = collect(prepared, adapter, tmp_path / "s.zarr", config, progress=False)
+    assert "max_abs" in xr.open_zarr(tmp_path / "s.zarr", consolidated=False)
     assert attrs["complete"] and attrs["progress"]["utterances_done"] == len(prepared)
     ref = hook_reference(prepared, tiny_model, mode, torch.float64, [0, 1, 2])
     assert_store_equals(tmp_path / "s.zarr", ref)
@@ -121,13 +124,38 @@ def test_store_layout_api_and_info(prepared, tiny_model, tmp_path):
     np.testing.assert_allclose(p.values, expected)
     mean, var = stats.moments(by=("pitch_bin",))
     assert mean.shape == (3, 4, 37) and np.isfinite(var.values[:, :3]).all()
+    with pytest.raises(StoreError, match="no 'max_abs'.*--stat"):
+        stats.max_abs()
     res = CliRunner().invoke(main, ["info", str(out)])
     assert res.exit_code == 0 and "3 layers x 37 FFN neurons" in res.output and "tokens per phone" in res.output
 
 
+def test_max_abs_marginals_through_open_stats(prepared, tiny_model, tmp_path):
+    out = tmp_path / "s.zarr"
+    config = CollectConfig(stats=("topk", "max_abs"), topk_ratio=RATIO, tokens="all", batch_seconds=10.0)
+    collect(prepared, ModelAdapter.load(str(tiny_model), dtype=torch.float64), out, config, progress=False)
+    ref = hook_reference(prepared, tiny_model, "all", torch.float64, [0, 1, 2])
+    stats = open_stats(out)
+    assert stats.attrs["statistics"]["merge"] == {"topk_count": "sum", "max_abs": "max"}
+    shape = (3, len(PHONES), 2, 4, 37)  # layer, phone, gender, pitch bin, neuron
+    joint = xr.open_zarr(out, consolidated=False)["max_abs"].values
+    np.testing.assert_allclose(joint, ref["max_abs"], rtol=1e-12, atol=0)  # NaN where a label has no tokens
+    joint = joint.reshape(shape)
+    with np.errstate(invalid="ignore"):
+        by_gender = np.fmax.reduce(np.fmax.reduce(joint, axis=3), axis=1)
+    np.testing.assert_array_equal(stats.max_abs(by=("gender",)).values, by_gender)
+    by_phone_bin = stats.max_abs(by=("phone", "pitch_bin"))
+    assert by_phone_bin.dims == ("layer", "phone", "pitch_bin", "neuron")
+    np.testing.assert_array_equal(by_phone_bin.values, np.fmax.reduce(joint, axis=2))
+    empty = ref["frames"].reshape(shape[1:4]).sum(1) == 0  # (phone, bin) cells without tokens
+    assert empty.any() and np.isnan(by_phone_bin.values[:, empty]).all()
+    with pytest.raises(StoreError, match="no 'mean'"):
+        stats.moments()
+
+
 def test_merge_of_shards_equals_single_run(prepared, tiny_model, tmp_path):
     adapter = ModelAdapter.load(str(tiny_model))
-    cfg = dict(topk_ratio=RATIO, batch_seconds=1e-3)
+    cfg = dict(topk_ratio=RATIO, batch_seconds=1e-3, stats=tuple(TABLE))
     collect(prepared, adapter, tmp_path / "all.zarr", CollectConfig(**cfg), progress=False)
     for i in range(3):
         collect(prepared, adapter, tmp_path / f"s{i}.zarr", CollectConfig(shard=(i, 3), **cfg), progress=False)
@@ -139,7 +167,7 @@ def test_merge_of_shards_equals_single_run(prepared, tiny_model, tmp_path):
         xr.open_zarr(tmp_path / "all.zarr", consolidated=False),
         xr.open_zarr(tmp_path / "m.zarr", consolidated=False),
     )
-    for name in ("frames", "topk_count", "positive_count"):
+    for name in ("frames", "topk_count", "positive_count", "max_abs"):
         np.testing.assert_array_equal(a[name].values, b[name].values)
     for name in ("mean", "var"):  # fp32 per-batch sums around each run's own shift
         np.testing.assert_allclose(a[name].values, b[name].values, rtol=1e-5, atol=1e-7)
@@ -150,7 +178,7 @@ def test_merge_of_shards_equals_single_run(prepared, tiny_model, tmp_path):
         prepared,
         adapter,
         tmp_path / "pos.zarr",
-        CollectConfig(stats=("positive",), shard=(1, 3), **cfg),
+        CollectConfig(**{**cfg, "stats": ("positive",), "shard": (1, 3)}),
         progress=False,
     )
     with pytest.raises(StoreError, match="differs .* in stats"):
@@ -202,7 +230,8 @@ def test_resume_after_sigkill_gives_identical_counts(tmp_path, tiny_model, demo_
         PrepareSettings(default_geometry()),
         progress=False,
     )
-    common = _common(tmp_path / "p", tiny_model)
+    every = [arg for name in TABLE for arg in ("--stat", name)]  # max_abs (opt-in) too
+    common = _common(tmp_path / "p", tiny_model) + every
     out = tmp_path / "killed.zarr"
     proc, pointer = _start_and_wait(common, out, min_done=5)
     proc.send_signal(signal.SIGKILL)
@@ -221,12 +250,12 @@ def test_resume_after_sigkill_gives_identical_counts(tmp_path, tiny_model, demo_
         PreparedCorpus(tmp_path / "p"),
         ModelAdapter.load(str(tiny_model)),
         tmp_path / "straight.zarr",
-        CollectConfig(topk_ratio=RATIO, batch_seconds=0.001),
+        CollectConfig(stats=tuple(TABLE), topk_ratio=RATIO, batch_seconds=0.001),
         progress=False,
     )
     a = xr.open_zarr(out, consolidated=False)
     b = xr.open_zarr(tmp_path / "straight.zarr", consolidated=False)
-    for name in ("frames", "topk_count", "positive_count"):
+    for name in ("frames", "topk_count", "positive_count", "max_abs"):
         np.testing.assert_array_equal(a[name].values, b[name].values)
     np.testing.assert_allclose(a["mean"].values, b["mean"].values, rtol=1e-5, atol=1e-7)
     assert a.attrs["progress"]["utterances_done"] == 40
@@ -368,7 +397,9 @@ def test_triton_backends_collect_equal_torch_backend(prepared, tiny_model, tmp_p
             prepared,
             adapter,
             tmp_path / f"{backend}.zarr",
-            CollectConfig(topk_ratio=RATIO, batch_seconds=5.0, backend=backend, layers=[3], shard=(0, 3)),
+            CollectConfig(
+                stats=tuple(TABLE), topk_ratio=RATIO, batch_seconds=5.0, backend=backend, layers=[3], shard=(0, 3)
+            ),
             progress=False,
         )
         assert attrs["statistics"]["backend"] == backend
@@ -379,8 +410,10 @@ def test_triton_backends_collect_equal_torch_backend(prepared, tiny_model, tmp_p
         for name in ("topk_count", "positive_count"):
             # the fused GEMM rounds differently from the model's own (fp32 here): allow a rare flip
             assert np.abs(a[name].values - b[name].values).sum() <= (0 if backend == "triton" else 2), (backend, name)
-        for name in ("mean", "var"):
+        for name in ("mean", "var", "max_abs"):
             np.testing.assert_allclose(a[name].values, b[name].values, rtol=1e-4, atol=1e-5)
+        if backend == "triton":  # the same activations: the same maxima
+            np.testing.assert_array_equal(a["max_abs"].values, b["max_abs"].values)
 
 
 def test_triton_backend_needs_cuda_or_interpreter(prepared, tiny_model, tmp_path, monkeypatch):

@@ -88,7 +88,7 @@ def max_abs_sums(x: torch.Tensor, batch: TokenBatch, k: int, shift: torch.Tensor
     """Largest |a| per label (|a| >= 0, so zeros are the neutral start)."""
     absx = x.abs().to(torch.promote_types(x.dtype, torch.float32))
     out = torch.zeros((batch.labels.numel(), x.shape[1]), dtype=absx.dtype, device=x.device)
-    return {"max_abs": out.index_reduce_(0, batch.local, absx, "amax")}
+    return {"max_abs": out.scatter_reduce_(0, batch.local[:, None].expand_as(absx), absx, "amax")}
 
 
 class Rule:
@@ -156,8 +156,9 @@ class MaxRule(Rule):
     name = "max"
 
     def add_batch(self, stat, totals, sums, labels, counts, tokens, shift) -> None:
-        for name in stat.states:
-            totals[name].index_reduce_(0, labels, sums[name].to(totals[name].dtype), "amax")
+        for name in stat.states:  # each label occurs once in a batch
+            total = totals[name]
+            total.index_copy_(0, labels, torch.maximum(total.index_select(0, labels), sums[name].to(total.dtype)))
 
     def combine(self, stat, mine, theirs, n_a, n_b) -> None:
         for name in stat.states:
