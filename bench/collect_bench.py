@@ -11,13 +11,13 @@ Prints frames/s and the ratios, and appends the table to bench/RESULTS.md.
 
     python bench/collect_bench.py --tokens phone-mid            # CPU, HuBERT-base geometry, fp32
     python bench/collect_bench.py --device cuda --dtype bfloat16 --speakers 8 --utterances 8
+    python bench/collect_bench.py --smoke                       # tiny model, a few utterances (CI)
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -26,36 +26,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from benchutil import RESULTS, emit, machine, once, sync  # noqa: E402
 
 from neurostat.corpus.prepare import PrepareSettings, prepare  # noqa: E402
 from neurostat.corpus.prepared import PreparedCorpus  # noqa: E402
 from neurostat.corpus.synth import synthesize  # noqa: E402
-from neurostat.engine.adapter import ModelAdapter  # noqa: E402
-from neurostat.engine.collect import BatchDataset, CollectConfig, collect, plan_batches  # noqa: E402
+from neurostat.engine.batching import BatchDataset, plan_batches  # noqa: E402
+from neurostat.engine.collect import CollectConfig, collect  # noqa: E402
 from neurostat.engine.tokens import token_mask  # noqa: E402
+from neurostat.labelspace import LabelSpace  # noqa: E402
+from neurostat.model.adapter import ModelAdapter, load_geometry  # noqa: E402
+from neurostat.model.factory import save_model  # noqa: E402
 from neurostat.phones import NON_SPEECH  # noqa: E402
 
 
-def machine(device: str) -> str:
-    if device.startswith("cuda"):
-        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}), torch {torch.__version__}"
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}"
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def build(workdir: Path, speakers: int, utterances: int, layers: int) -> tuple[PreparedCorpus, Path]:
-    from transformers import HubertConfig, HubertModel, Wav2Vec2FeatureExtractor
-
-    from neurostat.engine.adapter import load_geometry
-
-    model_dir = workdir / "model"
-    torch.manual_seed(0)
-    HubertModel(HubertConfig(num_hidden_layers=layers)).eval().save_pretrained(model_dir)
-    Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True).save_pretrained(model_dir)
+def build(workdir: Path, speakers: int, utterances: int, layers: int, size: str) -> tuple[PreparedCorpus, Path]:
+    model_dir = save_model(workdir / "model", "hubert", size, num_hidden_layers=layers)
     synthesize(workdir / "corpus", num_speakers=speakers, utterances_per_speaker=utterances, seed=0, progress=False)
     prepare(
         workdir / "corpus" / "LibriSpeech",
@@ -70,35 +56,34 @@ def build(workdir: Path, speakers: int, utterances: int, layers: int) -> tuple[P
 
 
 def plain_forward(corpus, adapter, config) -> float:
+    """Seconds of the engine's batching, data loading and forward, without statistics."""
     batches = plan_batches(corpus, list(range(len(corpus))), config.batch_seconds, None)
-    loader = torch.utils.data.DataLoader(
-        BatchDataset(corpus, batches, adapter.feature_extractor, config.tokens),
-        batch_size=None,
-        num_workers=config.num_jobs,
-    )
-    sync(str(adapter.device))
-    start = time.perf_counter()
-    for item in loader:
-        adapter.encode(item["waves"])
-    sync(str(adapter.device))
-    return time.perf_counter() - start
+    data = BatchDataset(corpus, batches, adapter.feature_extractor, config.tokens, LabelSpace.of_corpus(corpus))
+    loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=config.num_jobs)
+
+    def run():
+        for item in loader:
+            adapter.encode(item["waves"])
+
+    return once(run, adapter.device)
 
 
 def paper_loop(corpus, adapter, tokens: str, k: int) -> tuple[float, float]:
     """(time of the per-token loop, time of the plain batch-1 forwards it needs)."""
     non_speech = [corpus.phones.index(p) for p in NON_SPEECH]
-    record = np.zeros((adapter.num_layers, corpus.label_space.size, adapter.width), dtype=np.int64)
+    space = LabelSpace.of_corpus(corpus)
+    record = np.zeros((adapter.num_layers, space.size, adapter.width), dtype=np.int64)
     captured: dict[int, torch.Tensor] = {}
     forward_time = total = 0.0
     for utt in corpus:
         wave = torch.from_numpy(adapter.normalize(utt.load_audio()))
-        joint = utt.joint_frames()
+        joint = space.joint_frames(utt)
         frames = np.flatnonzero(token_mask(utt.phone_frames(), tokens, non_speech))
-        sync(str(adapter.device))
+        sync(adapter.device)
         t0 = time.perf_counter()
         with adapter.observe(lambda i, a: captured.__setitem__(i, a)):
             adapter.encode([wave])
-        sync(str(adapter.device))
+        sync(adapter.device)
         t1 = time.perf_counter()
         for t in frames:
             row = joint[t]
@@ -124,12 +109,15 @@ def main() -> None:
     ap.add_argument("-j", "--num-jobs", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=2, help="timed repetitions (the best is reported)")
     ap.add_argument("--no-paper", action="store_true", help="skip the paper's loop")
-    ap.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")))
+    ap.add_argument("--smoke", action="store_true", help="a tiny model on 2 x 2 utterances, once, no results file")
+    ap.add_argument("--results", default=str(RESULTS), help="append the table here ('' for none)")
     args = ap.parse_args()
+    if args.smoke:
+        args.speakers, args.utterances, args.layers, args.repeat, args.results = 2, 2, 2, 1, ""
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        corpus, model_dir = build(work, args.speakers, args.utterances, args.layers)
+        corpus, model_dir = build(work, args.speakers, args.utterances, args.layers, "tiny" if args.smoke else "base")
         adapter = ModelAdapter.load(str(model_dir), device=args.device, dtype=getattr(torch, args.dtype))
         config = CollectConfig(
             tokens=args.tokens,
@@ -144,7 +132,7 @@ def main() -> None:
         runs = {"plain": [], "all": [], "all_total": [], "topk": []}
         for r in range(args.repeat):
             runs["plain"].append(plain_forward(corpus, adapter, config))
-            for name, stats in (("all", ("topk", "positive", "moments")), ("topk", ("topk",))):
+            for name, stats in (("all", CollectConfig.stats), ("topk", ("topk",))):
                 sync(args.device)
                 start = time.perf_counter()
                 cfg = CollectConfig(**{**config.__dict__, "stats": stats})
@@ -169,7 +157,8 @@ def main() -> None:
             f"### collect_bench: tokens {args.tokens}, {args.dtype}, {args.device}, backend {args.backend}",
             "",
             f"- machine: {machine(args.device)}",
-            f"- model: random HuBERT-base geometry, {adapter.num_layers} layers x {adapter.width} neurons; "
+            f"- model: random HuBERT-{'tiny' if args.smoke else 'base'} geometry, {adapter.num_layers} layers x "
+            f"{adapter.width} neurons; "
             f"corpus: {len(corpus)} synthetic utterances, {audio:.1f} s, {frames} frames, {tokens} tokens; "
             f"batches of {args.batch_seconds:g} s; -j {args.num_jobs}; best of {args.repeat}",
             "",
@@ -189,10 +178,7 @@ def main() -> None:
                 f"- statistics part of (c): {theirs:.3f} s (its batch-1 forwards: {c_forward:.3f} s); "
                 f"(c)/(b') on the topk statistic = {ratio(b_topk - a)}, (c)/(b) with all statistics = {ratio(b - a)}"
             )
-        text = "\n".join(lines) + "\n"
-        print(text)
-        with open(args.results, "a") as f:
-            f.write("\n" + text)
+        emit("\n".join(lines) + "\n", args.results)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU: the bf16 kernel tests and the merge_sums tests, kernel_bench and
 # collect_bench, results in $OUT (with each step's wall time in $OUT/steps.txt, to size the next timeout).
-# Wheels of packages the card's image lacks may wait in .whl/ (installed into /tmp/site first).
+# Wheels of packages the card's image lacks may wait in .whl/ (installed into /tmp/site with the
+# package); without them the source checkout is imported as it is (neurostat.kernels resolves there too).
 set -euo pipefail
 OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
+root=$PWD
 if compgen -G ".whl/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/site .
     export PYTHONPATH=/tmp/site
+else
+    export PYTHONPATH=$root
 fi
 export TRITON_INTERPRET=0 HF_HUB_OFFLINE=1
-root=$PWD
 step() { echo "$1: ${SECONDS} s since start" | tee -a "$OUT/steps.txt"; }
 step setup
-(cd /tmp && python3 -m pytest -q --import-mode=append -p no:cacheprovider --rootdir "$root" "$root/kernels" -k "bfloat16 or merge") \
+(cd /tmp && python3 -m pytest -q -p no:cacheprovider --rootdir "$root" "$root/tests/kernels" -k "bfloat16 or merge") \
     2>&1 | tail -5 | tee "$OUT/kernel_tests.txt"
 step "kernel tests"
 python3 bench/kernel_bench.py --results "$OUT/kernel.md"

@@ -21,38 +21,23 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from benchutil import RESULTS, TIMING, emit, once, sync, timed
 
 import neurostat.kernels.ffn_up_stats as fused
 import neurostat.kernels.topk_stats as ts_mod
-from neurostat.engine.accumulate import Accumulator, TokenBatch, chunk_tokens, merge_sums_reference, topk_mask
-from neurostat.engine.adapter import ModelAdapter
+from neurostat.engine.accumulate import Accumulator
+from neurostat.engine.backends import Backend
+from neurostat.engine.batching import TokenBatch, chunk_tokens
+from neurostat.engine.statistics import DEFAULT_STATS, topk_mask
+from neurostat.engine.statistics import statistics as table_entries
 from neurostat.kernels.ffn_up_stats import ffn_up_stats
 from neurostat.kernels.merge_sums import merge_sums
 from neurostat.kernels.topk_stats import topk_stats
-
-
-def sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device, repeat=10, warmup=2) -> float:
-    """Median seconds of ``fn()`` (device-synchronised)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+from neurostat.model.adapter import ModelAdapter
+from neurostat.model.factory import build_model, feature_extractor
 
 
 def phone_labels(num_frames: int, mode: str, rng: np.random.Generator, num_phones=41, genders=2, bins=4) -> np.ndarray:
@@ -103,6 +88,19 @@ def torch_sums(x: torch.Tensor, local: torch.Tensor, num_labels: int, k: int, sh
     }
 
 
+class CompiledTorchBackend(Backend):
+    """The torch statistics as one ``torch.compile``d function (a design option the engine runs compare)."""
+
+    name = "compile"
+
+    def __init__(self, stats, k, activation="gelu"):
+        super().__init__(stats, k, activation)
+        self.compiled = torch.compile(torch_sums, dynamic=True)
+
+    def sums(self, a, batch, shift):
+        return self.compiled(a.index_select(0, batch.index), batch.local, batch.labels.numel(), self.k, shift)
+
+
 def sweep(run, tunings, device) -> tuple[list[tuple[dict, float]], dict]:
     """Times ``run()`` under each ``topk_stats`` tuning; returns the times and the fastest tuning (left set)."""
     times = []
@@ -127,17 +125,17 @@ def merge_check(sums, batch, num_labels, D, shift, device) -> tuple[float, float
             "m2": torch.zeros((num_labels, D), dtype=torch.float64, device=device),
         }
 
-    args = (sums, batch.labels, batch.counts, frames, shift)
+    torch_merge = Backend(table_entries(DEFAULT_STATS), 1).merge
     ref, got = fresh(), fresh()
-    merge_sums_reference(*args, ref)
-    merge_sums(*args, got)
+    torch_merge(sums, batch, frames, shift, ref)
+    merge_sums(sums, batch.labels, batch.counts, frames, shift, got)
     same = all(torch.equal(ref[n], got[n]) for n in ("topk", "positive")) and all(
         torch.allclose(ref[n], got[n], rtol=1e-12, atol=1e-9) for n in ("mean", "m2")
     )
     totals = fresh()
     return (
-        timed(lambda: merge_sums_reference(*args, totals), device),
-        timed(lambda: merge_sums(*args, totals), device),
+        timed(lambda: torch_merge(sums, batch, frames, shift, totals), device),
+        timed(lambda: merge_sums(sums, batch.labels, batch.counts, frames, shift, totals), device),
         same,
     )
 
@@ -274,66 +272,42 @@ def engine_runs(adapter, batches, k, num_labels, variants, device, repeat, profi
     their states, and notes: the variants that failed on this card, the device profile of one pass of
     the variant ``profiled``."""
     D, L = adapter.width, adapter.num_layers
-    compiled = torch.compile(torch_sums, dynamic=True)
 
     def one_pass(backend):
         if backend is None:
             for waves, _, _ in batches:
                 adapter.encode(waves)
             return None
+        name = backend.removesuffix("+overlap")
+        act = str(adapter.config.hidden_act)
         acc = Accumulator(
-            L,
-            num_labels,
-            D,
-            k,
-            device=device,
-            backend="torch" if backend == "compile" else backend.removesuffix("+overlap"),
-            activation=str(adapter.config.hidden_act),
+            L, num_labels, D, k, device=device, backend="torch" if name == "compile" else name, activation=act
         )
+        if name == "compile":
+            acc.backend = CompiledTorchBackend(acc.table, k, act)
         current = {}
         # the design option "+overlap": each layer's statistics queued on a side stream, so that they run
         # beside the next layers instead of between them (the activation's and the batch's memory is kept
-        # for the side stream with record_stream; the token counts are added there too, after the merges)
+        # for the side stream with record_stream)
         side = torch.cuda.Stream() if backend.endswith("+overlap") else None
 
         def activation(layer, ffn, h):
-            if side is not None:
-                a = ffn.act(ffn.up(h))
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    acc.update(layer, a.reshape(-1, D), current["b"])
-                a.record_stream(side)
-                return a
-            if backend != "compile":
+            if side is None:
                 return acc.ffn_activation(layer, ffn, h, current["b"])
             a = ffn.act(ffn.up(h))
-            batch = current["b"]
-            if acc.shift[layer] is None:
-                acc.shift[layer] = a.reshape(-1, D).index_select(0, batch.index).mean(0, dtype=torch.float32)
-            acc.add_sums(
-                layer,
-                batch,
-                compiled(
-                    a.reshape(-1, D).index_select(0, batch.index),
-                    batch.local,
-                    batch.labels.numel(),
-                    k,
-                    acc.shift[layer],
-                ),
-            )
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                acc.update(layer, a.reshape(-1, D), current["b"])
+            a.record_stream(side)
             return a
 
         with adapter.instrument(activation):
             for waves, batch, _ in batches:
                 current["b"] = batch.to(device)
                 adapter.encode(waves)
-                if side is None:
-                    acc.add_frames(current["b"])
-                    continue
-                with torch.cuda.stream(side):
-                    acc.add_frames(current["b"])
-                for t in vars(current["b"]).values():
-                    t.record_stream(side)
+                if side is not None:
+                    for t in vars(current["b"]).values():
+                        t.record_stream(side)
         if side is not None:
             torch.cuda.current_stream().wait_stream(side)
         return acc
@@ -349,10 +323,7 @@ def engine_runs(adapter, batches, k, num_labels, variants, device, repeat, profi
     for _ in range(repeat):
         for name, backend in variants:
             sync(device)
-            t = time.perf_counter()
-            one_pass(backend)
-            sync(device)
-            times[name].append(time.perf_counter() - t)
+            times[name].append(once(lambda: one_pass(backend), device))
     notes += [
         "",
         f"Profile of one pass, {profiled}:",
@@ -374,46 +345,23 @@ def main() -> None:
     ap.add_argument(
         "--engine-only", action="store_true", help="only the engine runs, with the kernels' default tunings"
     )
-    ap.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")))
-    ap.add_argument("--out", default=None, help="also write the table here")
+    ap.add_argument("--results", default=str(RESULTS), help="append the tables here ('' for none)")
+    ap.add_argument("--out", default=None, help="also write the tables here")
     args = ap.parse_args()
+    if args.smoke:
+        args.results = ""
+        TIMING.update(repeat=1, warmup=0)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     device = "cpu" if args.smoke else "cuda"
     dtype = torch.float32 if args.smoke else torch.bfloat16
     rng = np.random.default_rng(0)
-    from transformers import HubertConfig, HubertModel, Wav2Vec2FeatureExtractor
-
-    cfg = (
-        HubertConfig(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=40,
-            conv_dim=(8,) * 7,
-            num_conv_pos_embeddings=16,
-            num_conv_pos_embedding_groups=2,
-        )
-        if args.smoke
-        else HubertConfig()
-    )
-    torch.manual_seed(0)
-    adapter = ModelAdapter(
-        HubertModel(cfg).eval().to(device, dtype),
-        Wav2Vec2FeatureExtractor(do_normalize=True),
-        "random HuBERT-base" if not args.smoke else "random tiny HuBERT",
-    )
+    size = "tiny" if args.smoke else "base"
+    model = build_model("hubert", size, **({"num_hidden_layers": 2, "intermediate_size": 40} if args.smoke else {}))
+    adapter = ModelAdapter(model.to(device, dtype), feature_extractor(), f"random HuBERT-{size}")
     D, H = adapter.width, adapter.config.hidden_size
     k = max(1, round(0.01 * D))
     num_labels = 41 * 2 * 4
     card = torch.cuda.get_device_name() if device == "cuda" else "CPU (interpreter smoke run)"
-
-    def emit(new_lines: list[str]) -> None:
-        """Prints a finished section and appends it to the result files at once (nothing lost on a timeout)."""
-        text = "\n".join(new_lines) + "\n"
-        print(text, flush=True)
-        for path in filter(None, (args.results, args.out)):
-            with open(path, "a") as f:
-                f.write(text)
 
     lines = [
         "",
@@ -468,7 +416,7 @@ def main() -> None:
     )
     chosen = {}
     tables = ((0.2, "phone-mid-like, 20% token rows"), (1.0, "all rows are tokens"))
-    for frac, name in () if args.engine_only else tables:
+    for frac, name in () if args.engine_only else tables[1:] if args.smoke else tables:
         rows, notes, tiles, tuning = kernel_table(device, dtype, M, H, D, k, num_labels, frac, rng, configs, tunings)
         chosen[frac] = (tiles, tuning)
         lines += [
@@ -486,12 +434,12 @@ def main() -> None:
     ts_mod.TUNING.update(tuning)
     how = "best with all rows as tokens" if chosen else "the defaults"
     lines += ["", f"- tunings for the engine runs ({how}): ffn_up_stats {tiles}; topk_stats {tuning}"]
-    emit(lines)
+    emit("\n".join(lines) + "\n", args.results, args.out)
     if args.kernels_only:
         return
 
-    seconds = args.seconds if not args.smoke else 1.0
-    for mode in ("phone-mid", "all"):
+    seconds = args.seconds if not args.smoke else 0.5
+    for mode in ("phone-mid", "all") if not args.smoke else ("all",):
         batches = make_batches(
             adapter,
             args.batches if not args.smoke else 1,
@@ -541,7 +489,7 @@ def main() -> None:
         ]
         lines += [f"| {name} | {t:.4f} | {frames / t:,.0f} | {t / base:.3f} |" for name, t in times.items()]
         lines += ["", "- " + "; ".join(check), *notes]
-        emit(lines)
+        emit("\n".join(lines) + "\n", args.results, args.out)
 
 
 if __name__ == "__main__":
