@@ -1,7 +1,7 @@
 """GPU benchmark of the statistics kernels and the engine's backends, one process, one card.
 
 Kernel level (HuBERT-base FFN geometry, bf16): cuBLAS GEMM alone; cuBLAS GEMM + GELU (the model's
-own path); `topk_stats` over the token rows (its top-k kernel and its sums kernel each swept over
+own path); `label_stats` over the token rows (its top-k kernel and its sums kernel each swept over
 their tunings, then per statistic and per chunk size); the torch statistics on the same rows; the
 merge of a layer's batch sums into the totals (torch ops vs the `merge_sums` kernel); `ffn_up_stats`
 (GEMM + GELU + positive/moment epilogue) in a few tile shapes.  Achieved TFLOP/s and GB/s.
@@ -27,7 +27,7 @@ import torch
 from benchutil import RESULTS, TIMING, emit, once, sync, timed
 
 import neurostat.kernels.ffn_up_stats as fused
-import neurostat.kernels.topk_stats as ts_mod
+import neurostat.kernels.label_stats as label_stats_module
 from neurostat.engine.accumulate import Accumulator
 from neurostat.engine.backends import Backend
 from neurostat.engine.batching import TokenBatch, chunk_tokens
@@ -35,7 +35,7 @@ from neurostat.engine.statistics import DEFAULT_STATS, topk_mask
 from neurostat.engine.statistics import statistics as table_entries
 from neurostat.kernels.ffn_up_stats import ffn_up_stats
 from neurostat.kernels.merge_sums import merge_sums
-from neurostat.kernels.topk_stats import topk_stats
+from neurostat.kernels.label_stats import label_stats
 from neurostat.model.adapter import ModelAdapter
 from neurostat.model.factory import build_model, feature_extractor
 
@@ -102,13 +102,13 @@ class CompiledTorchBackend(Backend):
 
 
 def sweep(run, tunings, device) -> tuple[list[tuple[dict, float]], dict]:
-    """Times ``run()`` under each ``topk_stats`` tuning; returns the times and the fastest tuning (left set)."""
+    """Times ``run()`` under each ``label_stats`` tuning; returns the times and the fastest tuning (left set)."""
     times = []
     for tuning in tunings:
-        ts_mod.TUNING.update(tuning)
+        label_stats_module.TUNING.update(tuning)
         times.append((tuning, timed(run, device)))
     best = min(times, key=lambda item: item[1])[0]
-    ts_mod.TUNING.update(best)
+    label_stats_module.TUNING.update(best)
     return times, dict(best)
 
 
@@ -168,16 +168,16 @@ def kernel_table(device, dtype, M, K, N, k, labels, token_fraction, rng, configs
     def stats(
         rows_=batch.sorted_rows, local=batch.sorted_local, starts=batch.chunk_starts, chunks=batch.chunk_labels, **which
     ):
-        return topk_stats(y, rows_, local, starts, chunks, U, k, shift, **which)
+        return label_stats(y, rows_, local, starts, chunks, U, k, shift, **which)
 
     topk_times, best_topk = sweep(lambda: stats(positive=False, moments=False), tunings["topk"], device)
     for tuning, t in topk_times:
-        add(f"topk_stats, top-k kernel (search + counts), {n_tok} token rows, {tuning}", t, 0, tok_bytes)
+        add(f"label_stats, top-k kernel (search + counts), {n_tok} token rows, {tuning}", t, 0, tok_bytes)
     sums_times, best_sums = sweep(lambda: stats(topk=False), tunings["sums"], device)
     for tuning, t in sums_times:
-        add(f"topk_stats, sums kernel (positive + moments), {tuning}", t, 0, tok_bytes)
+        add(f"label_stats, sums kernel (positive + moments), {tuning}", t, 0, tok_bytes)
     t_ts = timed(stats, device)
-    add("topk_stats, all statistics, best tunings", t_ts, 0, tok_bytes)
+    add("label_stats, all statistics, best tunings", t_ts, 0, tok_bytes)
     add("  of which positive counts alone", timed(lambda: stats(topk=False, moments=False), device), 0, tok_bytes)
     add("  of which moments alone", timed(lambda: stats(topk=False, positive=False), device), 0, tok_bytes)
     add(
@@ -190,7 +190,7 @@ def kernel_table(device, dtype, M, K, N, k, labels, token_fraction, rng, configs
         )
         t = timed(lambda: stats(rows_=rows_c, local=local_c, starts=starts_c, chunks=labels_c), device)
         add(
-            f"topk_stats, all statistics, chunks of <= {chunk_rows} rows ({labels_c.numel()} chunks; engine: 32)",
+            f"label_stats, all statistics, chunks of <= {chunk_rows} rows ({labels_c.numel()} chunks; engine: 32)",
             t,
             0,
             tok_bytes,
@@ -226,9 +226,9 @@ def kernel_table(device, dtype, M, K, N, k, labels, token_fraction, rng, configs
     same = all(torch.equal(sums[n].long(), ref[n].round().long()) for n in ("topk", "positive"))
     s1_err = ((sums["s1"] - ref["s1"]).norm() / ref["s1"].norm()).item()
     notes = [
-        f"- fused y vs cuBLAS+GELU y: relative error {err:.2e}; topk_stats counts == torch counts: {same}; "
+        f"- fused y vs cuBLAS+GELU y: relative error {err:.2e}; label_stats counts == torch counts: {same}; "
         f"s1 relative difference {s1_err:.1e}; merge_sums == torch merge: {merge_same}",
-        f"- per layer for this batch: model path {t_act * 1e6:,.0f} µs; + topk_stats {t_ts * 1e6:,.0f} µs "
+        f"- per layer for this batch: model path {t_act * 1e6:,.0f} µs; + label_stats {t_ts * 1e6:,.0f} µs "
         f"+ merge {t_merge * 1e6:,.0f} µs = {100 * (t_ts + t_merge) / t_act:.1f}% of it; torch statistics "
         f"{t_torch * 1e6:,.0f} µs + torch merge {t_merge_torch * 1e6:,.0f} µs; best fused {best[0] * 1e6:,.0f} µs",
     ]
@@ -429,11 +429,11 @@ def main() -> None:
             "",
             *notes,
         ]
-    tiles, tuning = chosen.get(1.0, (fused.TILES, ts_mod.TUNING))
+    tiles, tuning = chosen.get(1.0, (fused.TILES, label_stats_module.TUNING))
     fused.TILES.update(tiles)
-    ts_mod.TUNING.update(tuning)
+    label_stats_module.TUNING.update(tuning)
     how = "best with all rows as tokens" if chosen else "the defaults"
-    lines += ["", f"- tunings for the engine runs ({how}): ffn_up_stats {tiles}; topk_stats {tuning}"]
+    lines += ["", f"- tunings for the engine runs ({how}): ffn_up_stats {tiles}; label_stats {tuning}"]
     emit("\n".join(lines) + "\n", args.results, args.out)
     if args.kernels_only:
         return

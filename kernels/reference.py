@@ -19,10 +19,10 @@ def topk_mask_reference(a: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(a, dtype=torch.bool).scatter_(1, order, True)
 
 
-def label_sums_reference(
+def label_stats_reference(
     y: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, num_labels: int, k: int, shift: torch.Tensor
 ) -> dict[str, torch.Tensor]:
-    """``topk_stats``' sums of the token rows ``y[rows]`` with labels ``labels`` (any order), in float64:
+    """``label_stats``' sums of the token rows ``y[rows]`` with labels ``labels`` (any order), in float64:
     top-k and positive counts (int64), s1 = Σ(a − shift), s2 = Σ(a − shift)² per label."""
     a = y.index_select(0, rows.long()).double()
     labels = labels.long()

@@ -2,7 +2,7 @@
 
 - ``torch``: each statistic's torch function from the table (the reference path); on CUDA nothing
   syncs with the host.
-- ``triton``: the model's own GEMM and activation, then the ``topk_stats`` kernels for the statistics
+- ``triton``: the model's own GEMM and activation, then the ``label_stats`` kernels for the statistics
   they cover (top-k, positive, moments) and the ``merge_sums`` kernel for their merge (one launch per
   layer and batch); any other statistic takes its torch function.  The activations are bit-identical
   to the torch path, so the counts are identical.
@@ -71,11 +71,11 @@ class TritonBackend(Backend):
         self.others = tuple(s for s in stats if s.name not in _KERNEL_STATS)
 
     def _kernel_sums(self, a, batch, shift, which: set[str]) -> dict[str, torch.Tensor]:
-        from ..kernels.topk_stats import topk_stats
+        from ..kernels.label_stats import label_stats
 
         if not which:
             return {}
-        return topk_stats(
+        return label_stats(
             a,
             batch.sorted_rows,
             batch.sorted_local,

@@ -25,7 +25,7 @@ def chunk_tokens(rows: torch.Tensor, labels: torch.Tensor, chunk_rows: int = 32)
     """Sorts token rows by label and cuts them into same-label chunks of at most ``chunk_rows`` rows.
 
     Returns (sorted rows int32 [N], their labels int32 [N], chunk starts int32 [C + 1], chunk labels
-    int32 [C]): the work list of the ``topk_stats`` kernels, in their argument order, built on the host.
+    int32 [C]): the work list of the ``label_stats`` kernels, in their argument order, built on the host.
     """
     order = torch.argsort(labels, stable=True)
     rows, labels = rows[order], labels[order]

@@ -5,7 +5,7 @@ import torch
 
 from neurostat.engine.batching import chunk_tokens
 from neurostat.kernels.ffn_up_stats import ffn_up_stats
-from neurostat.kernels.reference import ffn_up_reference, label_sums_reference
+from neurostat.kernels.reference import ffn_up_reference, label_stats_reference
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
@@ -43,7 +43,7 @@ def test_matches_reference(device, dtype, activation, m, k, n, num_labels):
     assert y.dtype == dtype
     torch.testing.assert_close(y.cpu().double(), y_ref, rtol=TOL[dtype], atol=TOL[dtype])
     # the epilogue statistics are exactly those of the y the kernel wrote
-    ref = label_sums_reference(y.cpu(), rows, labels[rows], num_labels, 1, shift)
+    ref = label_stats_reference(y.cpu(), rows, labels[rows], num_labels, 1, shift)
     assert torch.equal(sums["positive"].cpu().long(), ref["positive"])
     for name in ("s1", "s2"):
         torch.testing.assert_close(sums[name].cpu().double(), ref[name], rtol=1e-5, atol=1e-4)

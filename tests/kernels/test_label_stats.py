@@ -1,18 +1,18 @@
-"""topk_stats against its float64 torch reference (Triton interpreter on CPU, a GPU when present)."""
+"""label_stats against its float64 torch reference (Triton interpreter on CPU, a GPU when present)."""
 
 import pytest
 import torch
 
 from neurostat.engine.batching import chunk_tokens
-from neurostat.kernels.reference import label_sums_reference
-from neurostat.kernels.topk_stats import TUNING, topk_stats
+from neurostat.kernels.reference import label_stats_reference
+from neurostat.kernels.label_stats import TUNING, label_stats
 
 
 def run(y, rows, local, num_labels, k, shift=None, chunk=32, **which):
-    """topk_stats on token rows ``rows`` with local labels ``local``, through the engine's chunking."""
+    """label_stats on token rows ``rows`` with local labels ``local``, through the engine's chunking."""
     work = (t.to(y.device) for t in chunk_tokens(rows, local, chunk))
     shift = None if shift is None else shift.to(y.device)
-    return topk_stats(y, *work, num_labels, k, shift, **which)
+    return label_stats(y, *work, num_labels, k, shift, **which)
 
 
 @pytest.mark.parametrize("two_pass", [False, True], ids=["atomic", "two-pass"])
@@ -45,7 +45,7 @@ def test_matches_reference_with_ties_empty_labels_and_ignored_rows(
     local = token_labels[rows]
     shift = torch.randn(d, generator=g)
     got = run(y, rows, local, labels, k, shift, chunk)
-    ref = label_sums_reference(y.cpu(), rows, local, labels, k, shift)
+    ref = label_stats_reference(y.cpu(), rows, local, labels, k, shift)
     assert (got["topk"].cpu().sum(1) == k * torch.bincount(local, minlength=labels)).all()
     for name in ("topk", "positive"):
         assert torch.equal(got[name].cpu().long(), ref[name]), name
@@ -68,7 +68,7 @@ def test_ties_at_the_threshold_go_to_the_lower_neuron(device, dtype):
     y = y.to(dtype).to(device)
     rows, local = torch.arange(5), torch.tensor([0, 1, 2, 3, 4])
     got = run(y, rows, local, 5, k, topk=True, positive=False, moments=False)["topk"].cpu().bool()
-    ref = label_sums_reference(y.cpu(), rows, local, 5, k, torch.zeros(d))["topk"].bool()
+    ref = label_stats_reference(y.cpu(), rows, local, 5, k, torch.zeros(d))["topk"].bool()
     assert torch.equal(got, ref)
     assert got[0, :k].all() and torch.equal(torch.nonzero(got[1]).flatten(), torch.tensor([2, 3, 5, 9, 11, 20]))
 
@@ -81,7 +81,7 @@ def test_subsets_and_no_tokens(device, two_pass, monkeypatch):
     got = run(y, rows, local, 2, 3, topk=True, positive=False, moments=False)
     assert set(got) == {"topk"} and got["topk"].sum() == 9
     got = run(y, rows, local, 2, 3, torch.zeros(9), topk=False, positive=True, moments=True)
-    ref = label_sums_reference(y.cpu(), rows, local, 2, 3, torch.zeros(9))
+    ref = label_stats_reference(y.cpu(), rows, local, 2, 3, torch.zeros(9))
     assert set(got) == {"positive", "s1", "s2"} and torch.equal(got["positive"].cpu().long(), ref["positive"])
     none = torch.tensor([], dtype=torch.long)
     got = run(y, none, none, 2, 3, torch.zeros(9))

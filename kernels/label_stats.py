@@ -1,4 +1,5 @@
-"""``topk_stats``: per-label statistics of selected token rows of the FFN activations.
+"""``label_stats``: per-label statistics of selected token rows of the FFN activations — top-k counts,
+positive counts and shifted moment sums (any subset), from one pass over the rows.
 
 For the paper's statistic every token needs the k-th largest |a| across its whole row (all D
 neurons), which no GEMM tile sees.  Two kernels read the selected rows of ``y = act(W1 x + b1)``:
@@ -199,7 +200,7 @@ def _check(y: torch.Tensor, k: int) -> None:
         raise ValueError(f"D = {y.shape[1]} is too wide: the threshold search packs counts in 21 bits")
 
 
-def topk_stats(
+def label_stats(
     y: torch.Tensor,
     rows: torch.Tensor,
     row_labels: torch.Tensor,
