@@ -115,7 +115,7 @@ def sweep(run, tunings, device) -> tuple[list[tuple[dict, float]], dict]:
 def merge_check(sums, batch, num_labels, D, shift, device) -> tuple[float, float, bool]:
     """Seconds of merging one layer's batch sums into [num_labels, D] totals with torch ops and with the
     ``merge_sums`` kernel, and whether the two give the same totals."""
-    frames = torch.randint(0, 100, (num_labels,), device=device)
+    tokens = torch.randint(0, 100, (num_labels,), device=device)
 
     def fresh():
         return {
@@ -127,15 +127,15 @@ def merge_check(sums, batch, num_labels, D, shift, device) -> tuple[float, float
 
     torch_merge = Backend(table_entries(DEFAULT_STATS), 1).merge
     ref, got = fresh(), fresh()
-    torch_merge(sums, batch, frames, shift, ref)
-    merge_sums(sums, batch.labels, batch.counts, frames, shift, got)
+    torch_merge(sums, batch, tokens, shift, ref)
+    merge_sums(sums, batch.labels, batch.counts, tokens, shift, got)
     same = all(torch.equal(ref[n], got[n]) for n in ("topk", "positive")) and all(
         torch.allclose(ref[n], got[n], rtol=1e-12, atol=1e-9) for n in ("mean", "m2")
     )
     totals = fresh()
     return (
-        timed(lambda: torch_merge(sums, batch, frames, shift, totals), device),
-        timed(lambda: merge_sums(sums, batch.labels, batch.counts, frames, shift, totals), device),
+        timed(lambda: torch_merge(sums, batch, tokens, shift, totals), device),
+        timed(lambda: merge_sums(sums, batch.labels, batch.counts, tokens, shift, totals), device),
         same,
     )
 

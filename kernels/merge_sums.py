@@ -22,7 +22,7 @@ import triton.language as tl
 def _merge_kernel(
     labels_ptr,
     counts_ptr,
-    frames_ptr,
+    tokens_ptr,
     shift_ptr,
     topk_b_ptr,
     pos_b_ptr,
@@ -52,7 +52,7 @@ def _merge_kernel(
         tl.store(pos_ptr + dst, total + tl.load(pos_b_ptr + src, mask=valid, other=0).to(tl.int64), mask=valid)
     if DO_MOM:
         n_b = tl.load(counts_ptr + u).to(tl.float64)
-        n_a = tl.load(frames_ptr + label).to(tl.float64)
+        n_a = tl.load(tokens_ptr + label).to(tl.float64)
         n = n_a + n_b
         offset = tl.load(s1_ptr + src, mask=valid, other=0.0).to(tl.float64) / n_b
         m2_b = tl.load(s2_ptr + src, mask=valid, other=0.0).to(tl.float64) - offset * (offset * n_b)
@@ -72,13 +72,13 @@ def merge_sums(
     sums: dict[str, torch.Tensor],
     labels: torch.Tensor,
     counts: torch.Tensor,
-    frames: torch.Tensor,
+    tokens: torch.Tensor,
     shift: torch.Tensor | None,
     totals: dict[str, torch.Tensor],
 ) -> None:
     """Adds the batch's ``topk``/``positive`` counts [U, D] to the int64 totals at rows ``labels`` and
     merges its shifted sums ``s1``/``s2`` into the float64 ``mean``/``m2``, in place (``counts``: tokens
-    per batch label, ``frames``: tokens per label before the batch)."""
+    per batch label, ``tokens``: tokens per label before the batch)."""
     num = labels.numel()
     if not num:
         return
@@ -96,7 +96,7 @@ def merge_sums(
     _merge_kernel[(num, triton.cdiv(width, block))](
         labels,
         counts,
-        frames,
+        tokens,
         shift.contiguous() if moments else dummy,
         sums.get("topk", dummy) if "topk" in totals else dummy,
         sums.get("positive", dummy) if "positive" in totals else dummy,

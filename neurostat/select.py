@@ -137,11 +137,11 @@ def cell_probabilities(stats: Stats, spec: GroupSpec, stat: str = "topk") -> dic
         p = stats.probability(stat, by=(spec.axis,))
         return {g: p.sel({spec.axis: labels}).values for g, labels in spec.groups.items()}
     counts = stats.counts(stat, by=(spec.axis, spec.within))
-    frames = stats.tokens(by=(spec.axis, spec.within))
+    tokens = stats.tokens(by=(spec.axis, spec.within))
     out = {}
     for g, labels in spec.groups.items():
         c = counts.sel({spec.axis: labels, spec.within: cells}).sum(spec.axis).values
-        n = frames.sel({spec.axis: labels, spec.within: cells}).sum(spec.axis).values
+        n = tokens.sel({spec.axis: labels, spec.within: cells}).sum(spec.axis).values
         with np.errstate(invalid="ignore", divide="ignore"):
             out[g] = c / np.where(n > 0, n, np.nan)[None, :, None]
     return out

@@ -7,7 +7,6 @@ top; kernels import nothing of neurostat.  Imports inside functions count too.
 import ast
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = {"neurostat", "neurostat.errors", "neurostat.files", "neurostat.frames", "neurostat.moments", "neurostat.phones"}

@@ -14,7 +14,7 @@ from storefactory import joint, make_store
 from transformers import AutoFeatureExtractor, AutoModel
 
 from neurostat.cli import main
-from neurostat.corpus.labelsets import LabelSetError, attach_label_set, read_label_file, remove_label_set
+from neurostat.corpus.labelsets import LabelSetError, attach_label_set, read_label_file
 from neurostat.corpus.prepare import PrepareSettings, prepare
 from neurostat.corpus.prepared import PreparedCorpus
 from neurostat.engine.collect import CollectConfig, collect
@@ -132,7 +132,7 @@ def test_attach_checks_frames_and_coverage(corpus, tmp_path):
     with pytest.raises(Exception, match="no 'unit' label") as caught:
         reopened[0].part_labels("unit")
     assert caught.typename == "Skip" and caught.value.reason == "no-unit-label"
-    remove_label_set(reopened, "unit")
+    reopened.remove_label_set("unit")
     assert tuple(reopened.vocabularies) == ("phone", "gender", "pitch_bin")
     assert not list((corpus.path / "labels").glob("unit*"))
 

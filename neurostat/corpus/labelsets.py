@@ -139,11 +139,6 @@ def attach_label_set(
     return corpus.write_label_set(name, entry, stem, ids=ids, offsets=offsets, vocab=vocabulary, values=values)
 
 
-def remove_label_set(corpus: PreparedCorpus, name: str) -> None:
-    """Detaches label set ``name`` and deletes its files (labels, and centroids when clustered)."""
-    corpus.remove_label_set(name)
-
-
 def describe_label_set(name: str, entry: dict) -> str:
     """One line about an attached label set (what `neurostat labels` prints)."""
     vocab = entry["vocab"]

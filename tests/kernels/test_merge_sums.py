@@ -9,24 +9,24 @@ from neurostat.kernels.reference import merge_reference
 
 def state(num_labels, d, g, empty):
     """Totals after some earlier batches; labels in ``empty`` have no tokens yet (all zero)."""
-    frames = torch.randint(1, 50, (num_labels,), generator=g)
-    frames[empty] = 0
+    tokens = torch.randint(1, 50, (num_labels,), generator=g)
+    tokens[empty] = 0
     totals = {
         "topk": torch.randint(0, 30, (num_labels, d), generator=g),
         "positive": torch.randint(0, 30, (num_labels, d), generator=g),
         "mean": torch.randn(num_labels, d, generator=g, dtype=torch.float64) * 3,
-        "m2": torch.rand(num_labels, d, generator=g, dtype=torch.float64) * frames[:, None],
+        "m2": torch.rand(num_labels, d, generator=g, dtype=torch.float64) * tokens[:, None],
     }
     for t in totals.values():
         t[empty] = 0
-    return frames, totals
+    return tokens, totals
 
 
 @pytest.mark.parametrize("which", [("topk", "positive", "moments"), ("topk",), ("moments",), ("positive", "moments")])
 @pytest.mark.parametrize("num_labels, d, batch_labels", [(7, 37, [5, 0, 3]), (4, 13, [0, 1, 2, 3]), (9, 16, [8])])
 def test_matches_reference(device, which, num_labels, d, batch_labels):
     g = torch.Generator().manual_seed(num_labels * 100 + d)
-    frames, totals = state(num_labels, d, g, empty=[batch_labels[0], num_labels - 1])
+    tokens, totals = state(num_labels, d, g, empty=[batch_labels[0], num_labels - 1])
     totals = {n: t for n, t in totals.items() if n in which or (n in ("mean", "m2") and "moments" in which)}
     labels = torch.tensor(batch_labels)
     counts = torch.randint(1, 40, (len(batch_labels),), generator=g)
@@ -38,13 +38,13 @@ def test_matches_reference(device, which, num_labels, d, batch_labels):
     sums["s1"] = (torch.randn(len(batch_labels), d, generator=g) * counts[:, None]).float()
     sums["s2"] = (sums["s1"].double() ** 2 / counts[:, None] + torch.rand(len(batch_labels), d, generator=g)).float()
     sums = {n: t for n, t in sums.items() if n in which or (n in ("s1", "s2") and "moments" in which)}
-    expected = merge_reference(sums, labels, counts, frames, shift, totals)
+    expected = merge_reference(sums, labels, counts, tokens, shift, totals)
     got = {n: t.clone().to(device) for n, t in totals.items()}
     merge_sums(
         {n: t.to(device) for n, t in sums.items()},
         labels.to(device),
         counts.to(device),
-        frames.to(device),
+        tokens.to(device),
         shift.to(device),
         got,
     )
@@ -60,17 +60,17 @@ def test_matches_reference(device, which, num_labels, d, batch_labels):
 
 
 def test_refuses_wrong_buffers(device):
-    labels, counts, frames = torch.tensor([0]), torch.tensor([3]), torch.zeros(2, dtype=torch.int64)
+    labels, counts, tokens = torch.tensor([0]), torch.tensor([3]), torch.zeros(2, dtype=torch.int64)
     with pytest.raises(ValueError, match="int64"):
         merge_sums(
-            {"topk": torch.zeros(1, 5, dtype=torch.int32)}, labels, counts, frames, None, {"topk": torch.zeros(2, 5)}
+            {"topk": torch.zeros(1, 5, dtype=torch.int32)}, labels, counts, tokens, None, {"topk": torch.zeros(2, 5)}
         )
     with pytest.raises(ValueError, match=r"\[1, 5\]"):
         merge_sums(
             {"topk": torch.zeros(2, 5, dtype=torch.int32)},
             labels,
             counts,
-            frames,
+            tokens,
             None,
             {"topk": torch.zeros(2, 5, dtype=torch.int64)},
         )
