@@ -49,13 +49,8 @@ def prepared(demo_corpus, tmp_path_factory):
     return PreparedCorpus(out)
 
 
-def save_tiny_model(path: Path, model_type: str = "hubert", stable_layer_norm: bool = False, seed: int = 0, **config):
-    """A tiny random wav2vec2-family model and its feature extractor, saved with save_pretrained."""
-    from neurostat.model.factory import save_model
-
-    return save_model(path, model_type, "tiny", seed, stable_layer_norm=stable_layer_norm, **config)
-
-
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-hubert"))
+    from neurostat.model.factory import save_model
+
+    return save_model(tmp_path_factory.mktemp("tiny-hubert"))

@@ -1,11 +1,10 @@
 import numpy as np
 import pytest
 import torch
-from conftest import save_tiny_model
 from transformers import HubertForCTC
 
 from neurostat.model.adapter import ModelAdapter, ModelError
-from neurostat.model.factory import model_config
+from neurostat.model.factory import model_config, save_model
 
 TYPES = [
     ("hubert", False),
@@ -35,7 +34,7 @@ def _acts(adapter, waves):
 
 @pytest.mark.parametrize("model_type, stable", TYPES)
 def test_batched_equals_unpadded_and_outputs_unchanged(tmp_path, model_type, stable):
-    adapter = ModelAdapter.load(str(save_tiny_model(tmp_path / "m", model_type, stable)))
+    adapter = ModelAdapter.load(str(save_model(tmp_path / "m", model_type, stable_layer_norm=stable)))
     assert adapter.num_layers == 3 and adapter.width == 37
     waves = _waves(adapter, [16000, 9001, 4321])
     plain, plain_mask = adapter.encode(waves)

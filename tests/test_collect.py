@@ -20,7 +20,7 @@ from neurostat.engine.statistics import TABLE
 from neurostat.engine.merge import merge_stores
 from neurostat.labelspace import LabelSpace
 from neurostat.model.adapter import ModelAdapter, ModelError
-from neurostat.model.factory import model_config
+from neurostat.model.factory import model_config, save_model
 from neurostat.phones import PHONES
 from neurostat.stats import open_stats
 from neurostat.store import StoreError, StoreWriter
@@ -302,11 +302,9 @@ def test_second_writer_is_refused(prepared, tiny_model, tmp_path):
 
 
 def test_incompatible_stores_models_and_corpora(prepared, tiny_model, tmp_path):
-    from conftest import save_tiny_model
-
     out = tmp_path / "s.zarr"
     collect(prepared, ModelAdapter.load(str(tiny_model)), out, CollectConfig(topk_ratio=RATIO), progress=False)
-    other = ModelAdapter.load(str(save_tiny_model(tmp_path / "other", seed=5)))
+    other = ModelAdapter.load(str(save_model(tmp_path / "other", seed=5)))
     with pytest.raises(StoreError, match="collected with other settings .*model"):
         collect(prepared, other, out, CollectConfig(topk_ratio=RATIO), resume=True, progress=False)
     with pytest.raises(StoreError, match="already exists"):

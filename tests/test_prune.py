@@ -1,13 +1,12 @@
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import save_tiny_model
 from transformers import HubertForCTC
 
 import neurostat
 from neurostat.cli import main
 from neurostat.model.edit import ablated, zero_neurons
-from neurostat.model.factory import model_config
+from neurostat.model.factory import model_config, save_model
 from neurostat.model.pruning import PruneError, count_parameters, load_pruned, neuron_scores, plan, prune, save_pruned
 from neurostat.neuronset import NeuronSet, NeuronSetError
 
@@ -97,7 +96,7 @@ def test_ablate_rejects_neurons_the_model_does_not_have():
 
 
 def test_cli_ablate_and_prune(tmp_path):
-    model_dir = save_tiny_model(tmp_path / "m", intermediate_size=WIDTH, num_hidden_layers=LAYERS)
+    model_dir = save_model(tmp_path / "m", intermediate_size=WIDTH, num_hidden_layers=LAYERS)
     sel = tmp_path / "sel.json"
     NeuronSet({1: [1, 2], 3: [0]}).save(sel)
     runner = CliRunner()
