@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers import HubertForCTC
 
-from neurostat.model.adapter import ModelAdapter, ModelError
+from neurostat.model.adapter import ModelAdapter, ModelError, masked_group_norm
 from neurostat.model.factory import model_config, save_model
 
 TYPES = [
@@ -91,3 +91,49 @@ def test_bad_models(tmp_path, tiny_model):
     (tmp_path / "nofe" / "preprocessor_config.json").unlink()
     with pytest.raises(ModelError, match="feature-extractor config"):
         ModelAdapter.load(str(tmp_path / "nofe"))
+
+
+SHORT_AND_LONG = [16000, 400, 720, 1040, 9001, 401]  # 1, 2 and 3 frames beside long utterances
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-10), (torch.float32, 1e-5)], ids=["float64", "float32"])
+@pytest.mark.parametrize("model_type, stable", TYPES)
+def test_batched_front_end_equals_per_utterance_reference(tmp_path, model_type, stable, dtype, rtol):
+    adapter = ModelAdapter.load(str(save_model(tmp_path / "m", model_type, stable_layer_norm=stable)), dtype=dtype)
+    waves = [w.to(dtype) for w in _waves(adapter, SHORT_AND_LONG, seed=3)]
+    runs = {}
+    for front_end in ("batched", "per-utterance"):
+        got = {}
+        with adapter.observe(lambda layer, a: got.__setitem__(layer, a.clone())):
+            hidden, mask = adapter.encode(waves, front_end=front_end)
+        runs[front_end] = hidden, mask, got
+    (h1, m1, a1), (h2, m2, a2) = runs["batched"], runs["per-utterance"]
+    assert torch.equal(m1, m2) and m1.sum(1).tolist() == [adapter.geometry.num_frames(n) for n in SHORT_AND_LONG]
+    scale = lambda t: t[m1].abs().max()  # noqa: E731
+    assert (h1[m1] - h2[m1]).abs().max() <= rtol * scale(h2)
+    for layer in a1:  # every valid frame of every layer's FFN activations
+        assert (a1[layer][m1] - a2[layer][m1]).abs().max() <= rtol * scale(a2[layer]), layer
+
+
+@pytest.mark.parametrize("model_type", ["hubert", "wav2vec2", "data2vec-audio"])
+def test_sdpa_equals_eager_attention_on_padded_batches(tmp_path, model_type):
+    path = save_model(tmp_path / "m", model_type)
+    for dtype, rtol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        sdpa = ModelAdapter.load(str(path), dtype=dtype, attention="sdpa")
+        eager = ModelAdapter.load(str(path), dtype=dtype, attention="eager")
+        assert (sdpa.attention, eager.attention) == ("sdpa", "eager")
+        waves = [w.to(dtype) for w in _waves(sdpa, SHORT_AND_LONG, seed=4)]
+        (a, mask), (b, _) = sdpa.encode(waves), eager.encode(waves)
+        assert (a[mask] - b[mask]).abs().max() <= rtol * b[mask].abs().max()
+
+
+def test_masked_group_norm_is_group_norm_of_each_unpadded_utterance():
+    g = torch.Generator().manual_seed(0)
+    norm = torch.nn.GroupNorm(3, 6, eps=1e-5).double()
+    torch.nn.init.normal_(norm.weight, generator=g)
+    torch.nn.init.normal_(norm.bias, generator=g)
+    x = torch.randn(4, 6, 11, generator=g, dtype=torch.float64)
+    valid = torch.tensor([11, 1, 5, 2])
+    got = masked_group_norm(x, valid, norm)
+    for b, n in enumerate(valid.tolist()):
+        torch.testing.assert_close(got[b, :, :n], norm(x[b : b + 1, :, :n])[0], rtol=1e-12, atol=1e-12)

@@ -15,7 +15,7 @@ from reference import phone_mid, stats_reference
 from transformers import AutoFeatureExtractor, AutoModel
 
 from neurostat.cli import main
-from neurostat.engine.collect import CollectConfig, collect
+from neurostat.engine.collect import CollectConfig, collect, describe_collect
 from neurostat.engine.statistics import TABLE
 from neurostat.engine.merge import merge_stores
 from neurostat.labelspace import LabelSpace
@@ -433,3 +433,58 @@ def test_resuming_a_complete_store_does_no_work(prepared, tiny_model, tmp_path, 
     monkeypatch.setattr(adapter, "encode", lambda waves: pytest.fail("a complete store was recomputed"))
     again = collect(prepared, adapter, out, CollectConfig(topk_ratio=RATIO), resume=True, progress=False)
     assert again["complete"] and again["progress"]["tokens"] == first["progress"]["tokens"]
+
+
+def test_batched_front_end_collects_what_the_per_utterance_front_end_collects(prepared, tiny_model, tmp_path):
+    adapter = ModelAdapter.load(str(tiny_model), dtype=torch.float64)
+    stores = {}
+    for front_end in ("batched", "per-utterance"):
+        config = CollectConfig(topk_ratio=RATIO, tokens="all", batch_seconds=30.0, front_end=front_end)
+        attrs = collect(prepared, adapter, tmp_path / f"{front_end}.zarr", config, progress=False)
+        assert (
+            attrs["batching"]["front_end"] == front_end
+            and attrs["progress"]["padded_frames"] > attrs["progress"]["frames"]
+        )
+        stores[front_end] = xr.open_zarr(tmp_path / f"{front_end}.zarr", consolidated=False)
+    a, b = stores["batched"], stores["per-utterance"]
+    for name in ("frames", "topk_count", "positive_count"):
+        np.testing.assert_array_equal(a[name].values, b[name].values)
+    for name in ("mean", "var"):
+        np.testing.assert_allclose(a[name].values, b[name].values, rtol=1e-10, atol=1e-14)
+
+
+def test_padded_batch_budget_and_padding_fraction(prepared):
+    from neurostat.engine.batching import padding_fraction, plan_batches
+
+    sr = prepared.geometry.sample_rate
+    for seconds in (0.5, 7.0, 30.0):
+        batches = plan_batches(prepared, list(range(len(prepared))), seconds, None)
+        assert sorted(p.index for b in batches for p in b) == list(range(len(prepared)))
+        for b in batches:
+            longest = max(p.num_samples for p in b)
+            assert len(b) == 1 or len(b) * longest <= seconds * sr  # a longer piece alone
+        geo = prepared.geometry
+        real = sum(geo.num_frames(p.num_samples) for b in batches for p in b)
+        padded = sum(len(b) * max(geo.num_frames(p.num_samples) for p in b) for b in batches)
+        assert padding_fraction(prepared, batches) == pytest.approx(1 - real / padded)
+    assert padding_fraction(prepared, plan_batches(prepared, [0, 1], 1e-3, None)) == 0.0
+    with pytest.raises(ValueError, match="positive"):
+        plan_batches(prepared, [0], -5, None)
+
+
+def test_data_wait_share_is_measured(prepared, tiny_model, tmp_path, monkeypatch):
+    """A deliberately slow dataset: the loop spends nearly all its time waiting for data."""
+    from neurostat.engine.batching import BatchDataset
+
+    fast = BatchDataset.__getitem__
+
+    def slow(self, i):
+        time.sleep(1.0)
+        return fast(self, i)
+
+    monkeypatch.setattr(BatchDataset, "__getitem__", slow)
+    config = CollectConfig(topk_ratio=RATIO, batch_seconds=10.0, num_jobs=0, shard=(0, 4))
+    attrs = collect(prepared, ModelAdapter.load(str(tiny_model)), tmp_path / "s.zarr", config, progress=False)
+    p = attrs["progress"]
+    assert p["data_wait_seconds"] / p["loop_seconds"] > 0.8
+    assert "waiting for data" in describe_collect(attrs, tmp_path / "s.zarr")

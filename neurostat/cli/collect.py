@@ -97,7 +97,12 @@ def _shard(ctx, param, text: str) -> tuple[int, int]:
     default="auto",
     help="Statistics kernels: auto = triton on CUDA, torch on CPU; triton-fused also computes the FFN's first GEMM.",
 )
-@click.option("--batch-seconds", default=160.0, help="Audio per batch (the Transformer runs on padded batches).")
+@click.option(
+    "--batch-seconds",
+    type=float,
+    default=None,
+    help="Padded audio per batch: utterances x the longest, similar lengths together [default: 20 on a CPU, 160 on a GPU].",
+)
 @click.option(
     "--max-seconds",
     type=float,

@@ -201,7 +201,9 @@ def labels_remove(prepared, name) -> None:
 @click.option("--seed", default=0, help="Seed of the sample and of k-means++.")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", help="Model dtype.")
-@click.option("--batch-seconds", default=160.0, help="Audio per batch.")
+@click.option(
+    "--batch-seconds", type=float, default=None, help="Padded audio per batch [default: 20 on a CPU, 160 on a GPU]."
+)
 @click.option("-j", "--num-jobs", default=0, help="Data-loading worker processes (0 = load in the main process).")
 @user_errors
 def cluster(prepared, name, **options) -> None:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from ..corpus.labelsets import LEVELS, attach_label_set, check_name, read_id_lines
 from ..corpus.prepared import LabelSetError, PreparedCorpus
-from ..engine.batching import BatchDataset, plan_batches
+from ..engine.batching import BatchDataset, default_batch_seconds, plan_batches
 from ..errors import OptionError
 from ..labelspace import LabelSpace
 from ..model.adapter import ModelAdapter, ModelError, resolve_device
@@ -36,7 +36,7 @@ def layer_features(
     adapter: ModelAdapter,
     indices: list[int],
     layer: int,
-    batch_seconds: float = 160.0,
+    batch_seconds: float | None = None,
     num_jobs: int = 0,
     progress: bool = True,
 ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -45,7 +45,7 @@ def layer_features(
     layers = adapter.backbone.encoder.layers
     if not 1 <= layer <= len(layers):
         raise ModelError(f"{adapter.source} has layers 1..{len(layers)}; no layer {layer}")
-    batches = plan_batches(corpus, indices, batch_seconds, None)
+    batches = plan_batches(corpus, indices, batch_seconds or default_batch_seconds(adapter.device), None)
     data = BatchDataset(corpus, batches, adapter.feature_extractor, "all", LabelSpace.of_corpus(corpus, ("phone",)))
     loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=num_jobs)
     captured: list[torch.Tensor] = []
@@ -62,11 +62,11 @@ def layer_features(
                 raise LabelSetError(f"{err['file']}: {err['message']}")
             captured.clear()
             try:
-                adapter.encode(item["waves"])
+                adapter.encode(item["waves"], item["lengths"])
             except _Captured:
                 pass
-            for b, (utt, wave) in enumerate(zip(item["ids"], item["waves"])):
-                yield utt, captured[-1][b, : corpus.geometry.num_frames(len(wave))].float()
+            for b, (utt, samples) in enumerate(zip(item["ids"], item["lengths"].tolist())):
+                yield utt, captured[-1][b, : corpus.geometry.num_frames(samples)].float()
             bar.update(len(item["ids"]))
     finally:
         hook.remove()
@@ -127,7 +127,7 @@ def cluster_features(
     level: str = "frame",
     fit_frames: int = 100_000,
     seed: int = 0,
-    batch_seconds: float = 160.0,
+    batch_seconds: float | None = None,
     num_jobs: int = 0,
     progress: bool = True,
 ) -> dict:
@@ -191,7 +191,7 @@ def cluster_label_set(
     seed: int = 0,
     device: str = "auto",
     dtype: str = "float32",
-    batch_seconds: float = 160.0,
+    batch_seconds: float | None = None,
     num_jobs: int = 0,
     progress: bool = True,
 ) -> dict:

@@ -30,12 +30,12 @@ from ..corpus.prepare import PrepareSettings, default_prepared_dir, describe_pre
 from ..corpus.prepared import PreparedCorpus
 from ..errors import OptionError
 from ..labelspace import LabelSpace
-from ..model.adapter import ModelAdapter, ModelError, resolve_device
+from ..model.adapter import FRONT_ENDS, ModelAdapter, ModelError, resolve_device
 from ..store import FORMAT as STORE_FORMAT
 from ..store import StoreWriter
 from .accumulate import Accumulator
 from .backends import make_backend, resolve_backend
-from .batching import BatchDataset, plan_batches
+from .batching import BatchDataset, default_batch_seconds, padding_fraction, plan_batches
 from .statistics import DEFAULT_STATS, TABLE, statistics
 from .tokens import MODES
 
@@ -46,7 +46,8 @@ class CollectConfig:
     topk_ratio: float = 0.01
     tokens: str = "phone-mid"
     layers: list[int] | None = None  # 1-based, as everywhere a user sees layers; None = all
-    batch_seconds: float = 160.0
+    batch_seconds: float | None = None  # padded audio per batch; None: default_batch_seconds(device)
+    front_end: str = "batched"  # or "per-utterance", the reference
     max_seconds: float | None = None
     checkpoint_seconds: float = 300.0
     checkpoint_utterances: int | None = None
@@ -129,6 +130,9 @@ def collect(
     if config.tokens not in MODES:
         raise ValueError(f"unknown token mode {config.tokens!r}; choose one of {MODES}")
     config.stats = tuple(s.name for s in statistics(config.stats))
+    config.batch_seconds = config.batch_seconds or default_batch_seconds(adapter.device)
+    if config.front_end not in FRONT_ENDS:
+        raise ValueError(f"unknown front end {config.front_end!r}; choose from {FRONT_ENDS}")
     config.backend = resolve_backend(config.backend, adapter.device)
     try:
         make_backend(config.backend, statistics(config.stats), 1, str(adapter.config.hidden_act))
@@ -198,8 +202,9 @@ def collect(
             "prepare_skips": corpus.skips,
         },
         "batching": {
-            "front_end": "per utterance",
-            "transformer": "batched with a boolean frame mask",
+            "front_end": config.front_end,
+            "group_norm": "statistics per utterance over its valid positions",
+            "transformer": f"batched with a boolean frame mask, {adapter.attention} attention",
             "max_seconds": config.max_seconds,
             "batch_seconds": config.batch_seconds,
         },
@@ -210,6 +215,18 @@ def collect(
         return _run(corpus, adapter, store, config, space, layers, k, indices, attrs, progress)
 
 
+def _timed_iter(loader, prog: dict) -> Iterator:
+    """Iterates ``loader``, adding the time spent waiting for each item to ``prog["data_wait_seconds"]``."""
+    items = iter(loader)
+    while True:
+        start = time.perf_counter()
+        item = next(items, None)
+        prog["data_wait_seconds"] += time.perf_counter() - start
+        if item is None:
+            return
+        yield item
+
+
 def _run(corpus, adapter, store: StoreWriter, config, space: LabelSpace, layers, k, indices, attrs, progress) -> dict:
     if store.previous is not None and store.previous.get("complete"):
         return store.previous
@@ -217,7 +234,16 @@ def _run(corpus, adapter, store: StoreWriter, config, space: LabelSpace, layers,
     act = str(adapter.config.hidden_act)
     acc = Accumulator(len(layers), space.size, adapter.width, k, config.stats, device, config.backend, act)
     done: list[str] = []
-    prog = {"utterances_done": 0, "frames": 0, "tokens": 0, "audio_seconds": 0.0, "elapsed_seconds": 0.0, "skips": {}}
+    prog = {
+        "utterances_done": 0,
+        "frames": 0,
+        "padded_frames": 0,
+        "tokens": 0,
+        "audio_seconds": 0.0,
+        "elapsed_seconds": 0.0,
+        "data_wait_seconds": 0.0,
+        "skips": {},
+    }
     checkpoint = store.load_checkpoint()
     if checkpoint is not None:
         state, done, prog = checkpoint
@@ -226,6 +252,11 @@ def _run(corpus, adapter, store: StoreWriter, config, space: LabelSpace, layers,
     todo = [i for i in indices if corpus.records[i]["id"] not in finished]
     batches = plan_batches(corpus, todo, config.batch_seconds, config.max_seconds)
     pieces_left = Counter(corpus.records[p.index]["id"] for b in batches for p in b)  # done only with its last piece
+    if progress and batches:
+        tqdm.write(
+            f"{len(batches)} batches of at most {config.batch_seconds:g} s of padded audio; "
+            f"padding {100 * padding_fraction(corpus, batches):.1f}% of the frames"
+        )
     data = BatchDataset(corpus, batches, adapter.feature_extractor, config.tokens, space)
     loader = torch.utils.data.DataLoader(
         data,
@@ -233,7 +264,7 @@ def _run(corpus, adapter, store: StoreWriter, config, space: LabelSpace, layers,
         shuffle=False,
         num_workers=config.num_jobs,
         pin_memory=device.type == "cuda",
-        persistent_workers=False,
+        prefetch_factor=4 if config.num_jobs else None,
     )
     position = {layer: i for i, layer in enumerate(layers)}
     current: dict = {}
@@ -259,26 +290,28 @@ def _run(corpus, adapter, store: StoreWriter, config, space: LabelSpace, layers,
         store.save_checkpoint(acc.state_dict(), done, prog)
 
     with adapter.instrument(activation, layers), _stop_requests() as stop:
-        for item in loader:
+        for item in _timed_iter(loader, prog):
             for err in item["errors"]:
                 prog["skips"][err["reason"]] = prog["skips"].get(err["reason"], 0) + 1
                 tqdm.write(f"skipped {err['file']}: {err['message']}")
             batch = item["tokens"]
-            if batch.num_tokens and item["waves"]:
+            if batch.num_tokens and len(item["lengths"]):
                 current["tokens"] = batch.to(device)
-                adapter.encode(item["waves"])
+                adapter.encode(item["waves"], item["lengths"], front_end=config.front_end)
             for u in item["ids"]:
                 pieces_left[u] -= 1
             new = [u for u in dict.fromkeys(item["ids"]) if pieces_left[u] == 0 and u not in finished]
             finished.update(new)
             done.extend(new)
             prog["frames"] += item["frames"]
+            prog["padded_frames"] += item["padded_frames"]
             prog["tokens"] += batch.num_tokens
             prog["audio_seconds"] += item["samples"] / sr
             since_ckpt += len(new)
             elapsed = base_elapsed + time.time() - started
             bar.set_postfix_str(
-                f"{prog['audio_seconds'] / 3600:.2f} h audio, {prog['frames'] / max(elapsed, 1e-9):,.0f} frames/s"
+                f"{prog['audio_seconds'] / 3600:.2f} h audio, {prog['audio_seconds'] / max(elapsed, 1e-9):,.1f} "
+                f"audio-s/s, waiting for data {100 * prog['data_wait_seconds'] / max(elapsed, 1e-9):.0f}%"
             )
             bar.update(len(new))
             if (
@@ -353,10 +386,15 @@ def describe_collect(attrs: dict, out: str | Path) -> str:
     skips = dict(attrs["corpus"].get("prepare_skips", {}))
     for reason, n in p.get("skips", {}).items():
         skips[reason] = skips.get(reason, 0) + n
+    loop = max(p.get("loop_seconds", seconds), 1e-9)
+    padded = max(p.get("padded_frames", 0), p["frames"], 1)
     lines = [
         f"collected {p['utterances_done']} utterances, {p['audio_seconds'] / 3600:.3f} h of audio, "
         f"{p['frames']:,} frames, {p['tokens']:,} tokens ({stats['tokens']}) in {seconds:.1f} s: "
-        f"{p['frames'] / seconds:,.0f} frames/s, {p['audio_seconds'] / seconds:.1f}x real time",
+        f"{p['frames'] / seconds:,.0f} frames/s, {p['audio_seconds'] / seconds:.1f} audio-s/s",
+        f"waiting for data {100 * p.get('data_wait_seconds', 0) / loop:.0f}% of the loop, computing the rest; "
+        f"padding {100 * (1 - p['frames'] / padded):.1f}% of the frames; {attrs['batching']['front_end']} front end, "
+        f"{attrs['model'].get('attention', 'eager')} attention",
         f"statistics: {', '.join(stats['stats'])}; k = {stats['k']} of {attrs['model']['width']} "
         f"(λ = {stats['topk_ratio']}); layers {layers[0]}..{layers[-1]}; backend {stats['backend']}",
     ]

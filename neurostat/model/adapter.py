@@ -4,11 +4,15 @@ The adapter finds the backbone inside task wrappers (``*ForCTC``, pretraining he
 layer's FFN pieces (W1, b1, act, W2), runs batches without padding bias, and instruments the FFNs so
 the engine sees ``a = act(W1 x + b1)`` as it is computed, without a second GEMM.
 
-Batching: base models' group-norm front end changes its output when an utterance is padded, so the
-convolutional front end and the feature projection run per utterance; so does the positional
-convolution (data2vec-audio stacks several with layer norms, which padding would leak into).  The
-Transformer layers run on the padded batch with a boolean frame mask, which keeps every utterance's
-activations equal to its own unpadded forward within float rounding.
+Batching, exact: every utterance's activations equal its own unpadded forward within float rounding.
+The whole model runs on the padded batch.  Base models' group-norm front end normalises each channel
+of the first convolution's output over time, padding included, so :func:`masked_group_norm` takes
+those statistics per utterance over its valid positions only; the later convolutions are exact at
+valid frames because a valid frame's receptive field lies inside its utterance (the frame-count rule
+says so).  Layer-norm front ends normalise per frame and need nothing.  HF zeroes padded frames before
+the positional convolution; data2vec-audio stacks several with layer norms, so padded frames are
+zeroed again between them.  The Transformer runs with a boolean frame mask and SDPA attention.
+``encode(..., front_end="per-utterance")`` keeps the slower per-utterance front end as the reference.
 """
 
 from __future__ import annotations
@@ -59,6 +63,37 @@ def normalize_waveform(feature_extractor, wave: np.ndarray) -> np.ndarray:
     return fe(wave, sampling_rate=fe.sampling_rate, return_tensors="np").input_values[0].astype(np.float32)
 
 
+def _best_attention(device: torch.device, dtype: torch.dtype) -> str | None:
+    """flash_attention_2 where it can run, else None (transformers' default: SDPA where supported)."""
+    import importlib.util
+
+    half = dtype in (torch.float16, torch.bfloat16)
+    if device.type == "cuda" and half and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return None
+
+
+def masked_group_norm(x: torch.Tensor, valid: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
+    """``norm(x)`` of a padded batch [B, C, T] with each utterance's statistics taken over its ``valid``
+    [B] first positions only (fp32 statistics for half-precision inputs)."""
+    batch, channels, steps = x.shape
+    groups = norm.num_groups
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    h = x.to(dtype).view(batch, groups, channels // groups, steps)
+    mask = (torch.arange(steps, device=x.device)[None] < valid[:, None]).to(dtype)[:, None, None, :]
+    count = (valid.to(dtype) * (channels // groups))[:, None, None, None]
+    mean = (h * mask).sum((2, 3), keepdim=True) / count
+    centred = h - mean
+    var = (centred * centred * mask).sum((2, 3), keepdim=True) / count
+    y = (centred * torch.rsqrt(var + norm.eps)).view(batch, channels, steps)
+    if norm.affine:
+        y = y * norm.weight.to(dtype)[None, :, None] + norm.bias.to(dtype)[None, :, None]
+    return y.to(x.dtype)
+
+
+FRONT_ENDS = ("batched", "per-utterance")
+
+
 def _backbone(model: nn.Module, name: str) -> nn.Module:
     if getattr(model, "config", None) is not None:
         check_model_type(model.config, name)
@@ -106,8 +141,13 @@ class ModelAdapter:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         revision: str | None = None,
+        attention: str = "auto",
     ) -> "ModelAdapter":
-        """Loads a hub id or a local directory (the checkpoint must include its feature-extractor config)."""
+        """Loads a hub id or a local directory (the checkpoint must include its feature-extractor config).
+
+        ``attention``: transformers' ``attn_implementation``; ``auto`` = flash_attention_2 on CUDA in half
+        precision when the flash-attn package is installed, else SDPA where the model family supports
+        it (WavLM does not), else eager.  :attr:`attention` says which one runs."""
         from transformers import AutoConfig, AutoFeatureExtractor, AutoModel
 
         try:
@@ -123,7 +163,9 @@ class ModelAdapter:
                 f"{source}: no feature-extractor config (preprocessor_config.json), needed for the sample "
                 f"rate and waveform normalisation: {e}"
             ) from None
-        model = AutoModel.from_pretrained(source, revision=revision, dtype=dtype)
+        if attention == "auto":
+            attention = _best_attention(torch.device(device), dtype)
+        model = AutoModel.from_pretrained(source, revision=revision, dtype=dtype, attn_implementation=attention)
         return cls(model.to(device), feature_extractor, source, revision or getattr(config, "_commit_hash", None))
 
     def check_geometry(self, geometry: FrameGeometry) -> None:
@@ -164,43 +206,90 @@ class ModelAdapter:
             "activation": str(self.config.hidden_act),
             "geometry": self.geometry.to_dict(),
             "normalize": bool(getattr(self.feature_extractor, "do_normalize", False)),
+            "attention": self.attention,
         }
+
+    @property
+    def attention(self) -> str:
+        """The attention implementation that runs (transformers' ``attn_implementation``)."""
+        return str(getattr(self.config, "_attn_implementation", None) or "eager")
 
     def normalize(self, wave: np.ndarray) -> np.ndarray:
         """The checkpoint's own waveform normalisation (its feature extractor)."""
         return normalize_waveform(self.feature_extractor, wave)
 
     @torch.inference_mode()
-    def encode(self, waves: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Runs the model on normalised waveforms; returns (last hidden state [B, T, H], frame mask [B, T]).
-
-        Front end per utterance, Transformer batched with a boolean mask (see module docstring).
-        """
-        feats = []
-        for w in waves:
-            x = self.backbone.feature_extractor(w.to(self.device, self.dtype)[None]).transpose(1, 2)
-            proj = self.backbone.feature_projection(x)
-            feats.append((proj[0] if isinstance(proj, tuple) else proj)[0])
-        lengths = [f.shape[0] for f in feats]
-        hidden = nn.utils.rnn.pad_sequence(feats, batch_first=True)
-        mask = (
-            torch.arange(hidden.shape[1], device=self.device)[None] < torch.tensor(lengths, device=self.device)[:, None]
-        )
-        pos = self.backbone.encoder.pos_conv_embed
-        batched = pos.forward
-
-        def per_utterance(h: torch.Tensor) -> torch.Tensor:
-            out = torch.zeros_like(h)
-            for b, n in enumerate(lengths):
-                out[b, :n] = batched(h[b : b + 1, :n])[0]
-            return out
-
-        pos.forward = per_utterance
-        try:
+    def encode(
+        self, waves: list[torch.Tensor] | torch.Tensor, lengths=None, front_end: str = "batched"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Runs the model on normalised waveforms — a list of 1-D tensors, or a zero-padded [B, L] batch
+        with its ``lengths`` in samples — and returns (last hidden state [B, T, H], frame mask [B, T]).
+        See the module docstring for why the result equals each utterance's unpadded forward."""
+        if front_end not in FRONT_ENDS:
+            raise ValueError(f"unknown front end {front_end!r}; choose from {FRONT_ENDS}")
+        if isinstance(waves, torch.Tensor):
+            lengths = [int(n) for n in lengths]
+            waves = [waves[b, :n] for b, n in enumerate(lengths)] if front_end == "per-utterance" else waves
+        else:
+            lengths = [len(w) for w in waves]
+            waves = waves if front_end == "per-utterance" else nn.utils.rnn.pad_sequence(waves, batch_first=True)
+        counts = [self.geometry.num_frames(n) for n in lengths]
+        frames = torch.tensor(counts, device=self.device)
+        if front_end == "per-utterance":
+            feats = [self._project(self._features(w.to(self.device, self.dtype)[None], None))[0] for w in waves]
+            hidden = nn.utils.rnn.pad_sequence(feats, batch_first=True)
+        else:
+            x = waves.to(self.device, self.dtype, non_blocking=True)
+            padded = min(lengths) < x.shape[1]  # without padding the model's own layers are exact
+            hidden = self._project(self._features(x, torch.tensor(lengths, device=self.device) if padded else None))
+            hidden = hidden[:, : max(counts)]
+        mask = torch.arange(hidden.shape[1], device=self.device)[None] < frames[:, None]
+        with self._masked_positional_convolution(mask):
             out = self.backbone.encoder(hidden, attention_mask=mask)
-        finally:
-            pos.forward = batched
         return out[0], mask
+
+    def _features(self, x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+        """The conv front end on waveforms [B, L] → [B, T, C]; with ``lengths`` (a padded batch), a
+        group norm takes its statistics over each utterance's valid positions only."""
+        h = x[:, None]
+        valid = lengths
+        for layer in self.backbone.feature_extractor.conv_layers:
+            conv = layer.conv
+            if valid is not None:
+                valid = (valid - conv.kernel_size[0]) // conv.stride[0] + 1
+            norm = getattr(layer, "layer_norm", None)
+            if valid is not None and isinstance(norm, nn.GroupNorm):
+                h = layer.activation(masked_group_norm(conv(h), valid, norm))
+            else:
+                h = layer(h)
+        return h.transpose(1, 2)
+
+    def _project(self, features: torch.Tensor) -> torch.Tensor:
+        proj = self.backbone.feature_projection(features)
+        return proj[0] if isinstance(proj, tuple) else proj
+
+    @contextmanager
+    def _masked_positional_convolution(self, mask: torch.Tensor) -> Iterator[None]:
+        """HF zeroes padded frames before the positional convolution; a stack of them (data2vec-audio)
+        needs them zeroed again after each layer, or padding leaks into valid frames."""
+        pos = self.backbone.encoder.pos_conv_embed
+        layers = getattr(pos, "layers", None)
+        if layers is None:
+            yield
+            return
+        keep = mask[:, None, :]
+
+        def forward(hidden: torch.Tensor) -> torch.Tensor:
+            h = hidden.transpose(1, 2)
+            for layer in layers:
+                h = layer(h) * keep.to(h.dtype)
+            return h.transpose(1, 2)
+
+        pos.forward = forward
+        try:
+            yield
+        finally:
+            del pos.forward
 
     @contextmanager
     def instrument(
