@@ -1,4 +1,5 @@
-"""Shared helpers of the bench scripts: timing, the machine's description and the results file.
+"""Shared helpers of the bench scripts: timing, the machine's description, the results file, the
+synthetic corpus and model every bench builds, and the paper's per-token loop.
 
 Timing: on CUDA, CUDA events around the call (device time, no host-side noise); on CPU,
 ``time.perf_counter``.  Each helper takes the device the work runs on.
@@ -13,7 +14,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
+
+from neurostat.corpus.prepare import PrepareSettings, prepare
+from neurostat.corpus.prepared import PreparedCorpus
+from neurostat.corpus.synth import synthesize
+from neurostat.engine.tokens import token_mask
+from neurostat.labelspace import LabelSpace
+from neurostat.model.adapter import load_geometry
+from neurostat.model.factory import save_model
+from neurostat.phones import NON_SPEECH
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 TIMING = {"repeat": 10, "warmup": 2}
@@ -67,3 +78,47 @@ def emit(text: str, *paths: str | Path | None) -> None:
     for path in filter(None, paths):
         with open(path, "a") as f:
             f.write("\n" + text)
+
+
+def build_corpus(workdir: Path, speakers: int, utterances: int, layers: int, size: str) -> tuple[PreparedCorpus, Path]:
+    """A synthetic corpus prepared in ``workdir`` and a random HuBERT of ``size`` with ``layers`` layers."""
+    model_dir = save_model(workdir / "model", "hubert", size, num_hidden_layers=layers)
+    synthesize(workdir / "corpus", num_speakers=speakers, utterances_per_speaker=utterances, seed=0, progress=False)
+    prepare(
+        workdir / "corpus" / "LibriSpeech",
+        "dev-clean",
+        workdir / "corpus" / "alignments",
+        workdir / "prepared",
+        PrepareSettings(load_geometry(str(model_dir))),
+        num_jobs=2,
+        progress=False,
+    )
+    return PreparedCorpus(workdir / "prepared"), model_dir
+
+
+def paper_loop(corpus, adapter, tokens: str, k: int) -> tuple[float, float]:
+    """(time of the per-token loop, time of the plain batch-1 forwards it needs)."""
+    non_speech = [corpus.phones.index(p) for p in NON_SPEECH]
+    space = LabelSpace.of_corpus(corpus)
+    record = np.zeros((adapter.num_layers, space.size, adapter.width), dtype=np.int64)
+    captured: dict[int, torch.Tensor] = {}
+    forward_time = total = 0.0
+    for utt in corpus:
+        wave = torch.from_numpy(adapter.normalize(utt.load_audio()))
+        joint = space.joint_frames(utt)
+        frames = np.flatnonzero(token_mask(utt.phone_frames(), tokens, non_speech))
+        sync(adapter.device)
+        t0 = time.perf_counter()
+        with adapter.observe(lambda i, a: captured.__setitem__(i, a)):
+            adapter.encode([wave])
+        sync(adapter.device)
+        t1 = time.perf_counter()
+        for t in frames:
+            row = joint[t]
+            for layer in range(adapter.num_layers):
+                idx = torch.topk(captured[layer][0, t].abs(), k).indices.tolist()
+                record[layer, row, idx] += 1
+        t2 = time.perf_counter()
+        forward_time += t1 - t0
+        total += t2 - t0
+    return total, forward_time

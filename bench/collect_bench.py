@@ -24,35 +24,13 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from benchutil import RESULTS, emit, machine, once, sync  # noqa: E402
+from benchutil import RESULTS, build_corpus, emit, machine, once, paper_loop, sync  # noqa: E402
 
-from neurostat.corpus.prepare import PrepareSettings, prepare  # noqa: E402
-from neurostat.corpus.prepared import PreparedCorpus  # noqa: E402
-from neurostat.corpus.synth import synthesize  # noqa: E402
 from neurostat.engine.batching import BatchDataset, plan_batches  # noqa: E402
 from neurostat.engine.collect import CollectConfig, collect  # noqa: E402
-from neurostat.engine.tokens import token_mask  # noqa: E402
 from neurostat.labelspace import LabelSpace  # noqa: E402
-from neurostat.model.adapter import ModelAdapter, load_geometry  # noqa: E402
-from neurostat.model.factory import save_model  # noqa: E402
-from neurostat.phones import NON_SPEECH  # noqa: E402
-
-
-def build(workdir: Path, speakers: int, utterances: int, layers: int, size: str) -> tuple[PreparedCorpus, Path]:
-    model_dir = save_model(workdir / "model", "hubert", size, num_hidden_layers=layers)
-    synthesize(workdir / "corpus", num_speakers=speakers, utterances_per_speaker=utterances, seed=0, progress=False)
-    prepare(
-        workdir / "corpus" / "LibriSpeech",
-        "dev-clean",
-        workdir / "corpus" / "alignments",
-        workdir / "prepared",
-        PrepareSettings(load_geometry(str(model_dir))),
-        num_jobs=2,
-        progress=False,
-    )
-    return PreparedCorpus(workdir / "prepared"), model_dir
+from neurostat.model.adapter import ModelAdapter  # noqa: E402
 
 
 def plain_forward(corpus, adapter, config) -> float:
@@ -63,37 +41,9 @@ def plain_forward(corpus, adapter, config) -> float:
 
     def run():
         for item in loader:
-            adapter.encode(item["waves"])
+            adapter.encode(item["waves"], item["lengths"])
 
     return once(run, adapter.device)
-
-
-def paper_loop(corpus, adapter, tokens: str, k: int) -> tuple[float, float]:
-    """(time of the per-token loop, time of the plain batch-1 forwards it needs)."""
-    non_speech = [corpus.phones.index(p) for p in NON_SPEECH]
-    space = LabelSpace.of_corpus(corpus)
-    record = np.zeros((adapter.num_layers, space.size, adapter.width), dtype=np.int64)
-    captured: dict[int, torch.Tensor] = {}
-    forward_time = total = 0.0
-    for utt in corpus:
-        wave = torch.from_numpy(adapter.normalize(utt.load_audio()))
-        joint = space.joint_frames(utt)
-        frames = np.flatnonzero(token_mask(utt.phone_frames(), tokens, non_speech))
-        sync(adapter.device)
-        t0 = time.perf_counter()
-        with adapter.observe(lambda i, a: captured.__setitem__(i, a)):
-            adapter.encode([wave])
-        sync(adapter.device)
-        t1 = time.perf_counter()
-        for t in frames:
-            row = joint[t]
-            for layer in range(adapter.num_layers):
-                idx = torch.topk(captured[layer][0, t].abs(), k).indices.tolist()
-                record[layer, row, idx] += 1
-        t2 = time.perf_counter()
-        forward_time += t1 - t0
-        total += t2 - t0
-    return total, forward_time
 
 
 def main() -> None:
@@ -117,7 +67,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        corpus, model_dir = build(work, args.speakers, args.utterances, args.layers, "tiny" if args.smoke else "base")
+        corpus, model_dir = build_corpus(
+            work, args.speakers, args.utterances, args.layers, "tiny" if args.smoke else "base"
+        )
         adapter = ModelAdapter.load(str(model_dir), device=args.device, dtype=getattr(torch, args.dtype))
         config = CollectConfig(
             tokens=args.tokens,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One prepared run on a lent GPU: the bf16 kernel tests and the merge_sums tests, kernel_bench and
-# collect_bench, results in $OUT (with each step's wall time in $OUT/steps.txt, to size the next timeout).
+# One prepared run on a lent GPU: the bf16 kernel tests and the merge_sums tests, throughput_bench,
+# kernel_bench and collect_bench, results in $OUT (with each step's wall time in $OUT/steps.txt, to size the next timeout).
 # Wheels of packages the card's image lacks may wait in .whl/ (installed into /tmp/site with the
 # package); without them the source checkout is imported as it is (neurostat.kernels resolves there too).
 set -euo pipefail
@@ -20,6 +20,9 @@ step setup
 (cd /tmp && python3 -m pytest -q -p no:cacheprovider --rootdir "$root" "$root/tests/kernels" -k "bfloat16 or merge") \
     2>&1 | tail -5 | tee "$OUT/kernel_tests.txt"
 step "kernel tests"
+python3 bench/throughput_bench.py --device cuda --dtype bfloat16 --speakers 16 --utterances 8 -j 8 \
+    --results "$OUT/throughput.md"
+step throughput_bench
 python3 bench/kernel_bench.py --results "$OUT/kernel.md"
 step kernel_bench
 python3 bench/collect_bench.py --device cuda --dtype bfloat16 --backend triton --speakers 8 --utterances 8 -j 4 \

@@ -28,7 +28,7 @@ def _acts(adapter, waves):
         got.setdefault(layer, []).append(a.detach().clone())
 
     with adapter.observe(sink):
-        hidden, mask = adapter.encode(waves)
+        hidden, mask = adapter.encode(waves, front_end="batched")
     return hidden, mask, {k: torch.cat(v) for k, v in got.items()}
 
 
@@ -37,7 +37,7 @@ def test_batched_equals_unpadded_and_outputs_unchanged(tmp_path, model_type, sta
     adapter = ModelAdapter.load(str(save_model(tmp_path / "m", model_type, stable_layer_norm=stable)))
     assert adapter.num_layers == 3 and adapter.width == 37
     waves = _waves(adapter, [16000, 9001, 4321])
-    plain, plain_mask = adapter.encode(waves)
+    plain, plain_mask = adapter.encode(waves, front_end="batched")
     hidden, mask, acts = _acts(adapter, waves)
     assert torch.equal(plain, hidden) and torch.equal(plain_mask, mask)
     lengths = mask.sum(1).tolist()
@@ -123,17 +123,19 @@ def test_sdpa_equals_eager_attention_on_padded_batches(tmp_path, model_type):
         eager = ModelAdapter.load(str(path), dtype=dtype, attention="eager")
         assert (sdpa.attention, eager.attention) == ("sdpa", "eager")
         waves = [w.to(dtype) for w in _waves(sdpa, SHORT_AND_LONG, seed=4)]
-        (a, mask), (b, _) = sdpa.encode(waves), eager.encode(waves)
+        (a, mask), (b, _) = sdpa.encode(waves, front_end="batched"), eager.encode(waves, front_end="batched")
         assert (a[mask] - b[mask]).abs().max() <= rtol * b[mask].abs().max()
 
 
-def test_masked_group_norm_is_group_norm_of_each_unpadded_utterance():
+@pytest.mark.parametrize("vectorized", [True, False], ids=["vectorized", "per-utterance"])
+def test_masked_group_norm_is_group_norm_of_each_unpadded_utterance(vectorized):
     g = torch.Generator().manual_seed(0)
     norm = torch.nn.GroupNorm(3, 6, eps=1e-5).double()
     torch.nn.init.normal_(norm.weight, generator=g)
     torch.nn.init.normal_(norm.bias, generator=g)
     x = torch.randn(4, 6, 11, generator=g, dtype=torch.float64)
     valid = torch.tensor([11, 1, 5, 2])
-    got = masked_group_norm(x, valid, norm)
+    got = masked_group_norm(x, valid, norm, vectorized)
     for b, n in enumerate(valid.tolist()):
         torch.testing.assert_close(got[b, :, :n], norm(x[b : b + 1, :, :n])[0], rtol=1e-12, atol=1e-12)
+        assert (got[b, :, n:] == 0).all()

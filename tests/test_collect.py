@@ -68,7 +68,7 @@ def assert_store_equals(path, ref, rtol=1e-9, atol=1e-12):
 @pytest.mark.parametrize("mode", ["phone-mid", "all", "no-silence"])
 def test_float64_statistics_match_hook_reference(prepared, tiny_model, tmp_path, mode):
     adapter = ModelAdapter.load(str(tiny_model), dtype=torch.float64)
-    config = CollectConfig(stats=tuple(TABLE), topk_ratio=RATIO, tokens=mode, batch_seconds=10.0)
+    config = CollectConfig(stats=tuple(TABLE), topk_ratio=RATIO, tokens=mode, batch_seconds=10.0, front_end="batched")
     attrs = collect(prepared, adapter, tmp_path / "s.zarr", config, progress=False)
     assert "max_abs" in xr.open_zarr(tmp_path / "s.zarr", consolidated=False)
     assert attrs["complete"] and attrs["progress"]["utterances_done"] == len(prepared)
@@ -93,7 +93,7 @@ def test_padded_float32_batches_count_the_same_tokens(prepared, tiny_model, tmp_
         prepared,
         adapter,
         tmp_path / "s.zarr",
-        CollectConfig(topk_ratio=RATIO, tokens="all", batch_seconds=30.0),
+        CollectConfig(topk_ratio=RATIO, tokens="all", batch_seconds=30.0, front_end="batched"),
         progress=False,
     )
     ref = hook_reference(prepared, tiny_model, "all", torch.float32, [0, 1, 2])

@@ -30,7 +30,7 @@ from ..corpus.prepare import PrepareSettings, default_prepared_dir, describe_pre
 from ..corpus.prepared import PreparedCorpus
 from ..errors import OptionError
 from ..labelspace import LabelSpace
-from ..model.adapter import FRONT_ENDS, ModelAdapter, ModelError, resolve_device
+from ..model.adapter import FRONT_ENDS, ModelAdapter, ModelError, default_front_end, resolve_device
 from ..store import FORMAT as STORE_FORMAT
 from ..store import StoreWriter
 from .accumulate import Accumulator
@@ -47,7 +47,7 @@ class CollectConfig:
     tokens: str = "phone-mid"
     layers: list[int] | None = None  # 1-based, as everywhere a user sees layers; None = all
     batch_seconds: float | None = None  # padded audio per batch; None: default_batch_seconds(device)
-    front_end: str = "batched"  # or "per-utterance", the reference
+    front_end: str | None = None  # batched or per-utterance; None: default_front_end(device)
     max_seconds: float | None = None
     checkpoint_seconds: float = 300.0
     checkpoint_utterances: int | None = None
@@ -131,6 +131,7 @@ def collect(
         raise ValueError(f"unknown token mode {config.tokens!r}; choose one of {MODES}")
     config.stats = tuple(s.name for s in statistics(config.stats))
     config.batch_seconds = config.batch_seconds or default_batch_seconds(adapter.device)
+    config.front_end = config.front_end or default_front_end(adapter.device)
     if config.front_end not in FRONT_ENDS:
         raise ValueError(f"unknown front end {config.front_end!r}; choose from {FRONT_ENDS}")
     config.backend = resolve_backend(config.backend, adapter.device)

@@ -12,7 +12,8 @@ valid frames because a valid frame's receptive field lies inside its utterance (
 says so).  Layer-norm front ends normalise per frame and need nothing.  HF zeroes padded frames before
 the positional convolution; data2vec-audio stacks several with layer norms, so padded frames are
 zeroed again between them.  The Transformer runs with a boolean frame mask and SDPA attention.
-``encode(..., front_end="per-utterance")`` keeps the slower per-utterance front end as the reference.
+``encode(..., front_end="per-utterance")`` runs the front end one utterance at a time instead: the
+reference, and the default on a CPU, where it is faster (:func:`default_front_end`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..frames import FrameGeometry, default_geometry
@@ -73,25 +75,45 @@ def _best_attention(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
-def masked_group_norm(x: torch.Tensor, valid: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
+def masked_group_norm(
+    x: torch.Tensor, valid: torch.Tensor, norm: nn.GroupNorm, vectorized: bool | None = None
+) -> torch.Tensor:
     """``norm(x)`` of a padded batch [B, C, T] with each utterance's statistics taken over its ``valid``
-    [B] first positions only (fp32 statistics for half-precision inputs)."""
+    [B] first positions only; padded positions come out as zeros.
+
+    Two ways, the same result: ``vectorized`` (the default on CUDA: masked sums over the whole batch,
+    fp32 statistics for half-precision inputs, no host sync) or the native group norm on each
+    utterance's valid slice (the default on a CPU, where it is about 5x faster: one fused,
+    cache-friendly pass per utterance instead of several over the whole batch)."""
+    if vectorized is None:
+        vectorized = x.device.type == "cuda"
     batch, channels, steps = x.shape
     groups = norm.num_groups
+    if not vectorized:
+        out = torch.zeros_like(x)
+        for b, n in enumerate(valid.tolist()):
+            out[b, :, :n] = F.group_norm(x[b : b + 1, :, :n], groups, norm.weight, norm.bias, norm.eps)[0]
+        return out
     dtype = torch.promote_types(x.dtype, torch.float32)
     h = x.to(dtype).view(batch, groups, channels // groups, steps)
     mask = (torch.arange(steps, device=x.device)[None] < valid[:, None]).to(dtype)[:, None, None, :]
     count = (valid.to(dtype) * (channels // groups))[:, None, None, None]
     mean = (h * mask).sum((2, 3), keepdim=True) / count
-    centred = h - mean
-    var = (centred * centred * mask).sum((2, 3), keepdim=True) / count
+    centred = (h - mean) * mask
+    var = (centred * centred).sum((2, 3), keepdim=True) / count
     y = (centred * torch.rsqrt(var + norm.eps)).view(batch, channels, steps)
     if norm.affine:
-        y = y * norm.weight.to(dtype)[None, :, None] + norm.bias.to(dtype)[None, :, None]
+        y = (y * norm.weight.to(dtype)[None, :, None] + norm.bias.to(dtype)[None, :, None]) * mask.view(batch, 1, steps)
     return y.to(x.dtype)
 
 
 FRONT_ENDS = ("batched", "per-utterance")
+
+
+def default_front_end(device: torch.device | str) -> str:
+    """``batched`` on a GPU; ``per-utterance`` on a CPU, where the padded batch's long convolution
+    outputs thrash the caches (measured on 2 cores: 15-25 % slower than one utterance at a time)."""
+    return "batched" if torch.device(device).type == "cuda" else "per-utterance"
 
 
 def _backbone(model: nn.Module, name: str) -> nn.Module:
@@ -220,11 +242,13 @@ class ModelAdapter:
 
     @torch.inference_mode()
     def encode(
-        self, waves: list[torch.Tensor] | torch.Tensor, lengths=None, front_end: str = "batched"
+        self, waves: list[torch.Tensor] | torch.Tensor, lengths=None, front_end: str | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Runs the model on normalised waveforms — a list of 1-D tensors, or a zero-padded [B, L] batch
         with its ``lengths`` in samples — and returns (last hidden state [B, T, H], frame mask [B, T]).
-        See the module docstring for why the result equals each utterance's unpadded forward."""
+        See the module docstring for why the result equals each utterance's unpadded forward;
+        ``front_end``: ``batched`` or ``per-utterance`` (default: :func:`default_front_end`)."""
+        front_end = front_end or default_front_end(self.device)
         if front_end not in FRONT_ENDS:
             raise ValueError(f"unknown front end {front_end!r}; choose from {FRONT_ENDS}")
         if isinstance(waves, torch.Tensor):

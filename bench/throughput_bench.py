@@ -1,0 +1,182 @@
+"""Throughput of the forward and of collect, in one process, and what bounds a whole-corpus run.
+
+(i)   the forward a user writes by hand: the HF feature extractor pads the batch and returns an
+      attention mask, the model runs once (not exact for group-norm models: padding changes them);
+(ii)  the engine's forward with the per-utterance front end (exact; the previous design);
+(iii) the engine's forward with the batched front end (exact: per-utterance group-norm statistics);
+(iv)  `collect` with all statistics on the engine's front end for the device (batched on a GPU,
+      per-utterance on a CPU, where it is faster): its streaming loop, data loading included;
+(v)   the paper's per-token loop (batch 1, `torch.topk` per token and layer, a host sync each);
+and the loader alone (FLAC decoding, normalisation, frame labels, tokens) with -j workers.
+(i)-(iii) run on the same padded batches, decoded beforehand, best of --repeat.  Prints audio-seconds
+per second and frames/s, and projects the wall time of dev-clean (5.4 h) and of 960 h from the
+measured rates (the slower of the compute and the loader bounds the run).
+
+    python bench/throughput_bench.py --tokens phone-mid        # CPU, HuBERT-base geometry, fp32
+    python bench/throughput_bench.py --device cuda --dtype bfloat16 --speakers 16 --utterances 8 -j 8
+    python bench/throughput_bench.py --smoke                    # tiny model, a few utterances (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from benchutil import RESULTS, build_corpus, emit, machine, once, paper_loop  # noqa: E402
+
+from neurostat.engine.batching import BatchDataset, default_batch_seconds, padding_fraction, plan_batches  # noqa: E402
+from neurostat.engine.collect import CollectConfig, collect  # noqa: E402
+from neurostat.labelspace import LabelSpace  # noqa: E402
+from neurostat.model.adapter import ModelAdapter, default_front_end  # noqa: E402
+
+HOURS = {"dev-clean (5.4 h)": 5.4, "960 h": 960.0}
+
+
+def decoded_batches(corpus, adapter, batch_seconds: float, tokens: str) -> tuple[list[dict], float]:
+    """The planned batches, decoded and normalised once (the loader's items), and their padding."""
+    batches = plan_batches(corpus, list(range(len(corpus))), batch_seconds, None)
+    data = BatchDataset(corpus, batches, adapter.feature_extractor, tokens, LabelSpace.of_corpus(corpus))
+    return [data[i] for i in range(len(data))], padding_fraction(corpus, batches)
+
+
+def by_hand(adapter, corpus, items) -> callable:
+    """(i): the feature extractor pads raw waveforms and gives the attention mask; one model call."""
+    fe, model = adapter.feature_extractor, adapter.model
+    raw = {u.id: u.load_audio() for u in corpus}
+    inputs = [
+        fe([raw[i] for i in item["ids"]], sampling_rate=fe.sampling_rate, padding=True, return_tensors="pt")
+        for item in items
+    ]
+
+    @torch.inference_mode()
+    def run():
+        for x in inputs:
+            model(
+                x["input_values"].to(adapter.device, adapter.dtype),
+                attention_mask=x["attention_mask"].to(adapter.device),
+            )
+
+    return run
+
+
+def loader_alone(corpus, adapter, batch_seconds: float, tokens: str, workers: int) -> float:
+    """Seconds for the DataLoader to deliver every batch, with nothing consuming them."""
+    batches = plan_batches(corpus, list(range(len(corpus))), batch_seconds, None)
+    data = BatchDataset(corpus, batches, adapter.feature_extractor, tokens, LabelSpace.of_corpus(corpus))
+    loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers)
+    return once(lambda: list(loader), "cpu")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", default="phone-mid", choices=["phone-mid", "all", "no-silence"])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    ap.add_argument("--speakers", type=int, default=4)
+    ap.add_argument("--utterances", type=int, default=3)
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--batch-seconds", type=float, default=None, help="[default: the engine's for the device]")
+    ap.add_argument("-j", "--num-jobs", type=int, default=2, help="loader workers of (iv) and of the loader alone")
+    ap.add_argument("--repeat", type=int, default=2, help="timed repetitions of (i)-(iii) (the best is reported)")
+    ap.add_argument("--no-paper", action="store_true", help="skip the paper's loop")
+    ap.add_argument("--smoke", action="store_true", help="a tiny model on 2 x 2 utterances, once, no results file")
+    ap.add_argument("--results", default=str(RESULTS), help="append the table here ('' for none)")
+    args = ap.parse_args()
+    if args.smoke:
+        args.speakers, args.utterances, args.layers, args.repeat, args.results = 2, 2, 2, 1, ""
+    batch_seconds = args.batch_seconds or default_batch_seconds(args.device)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        corpus, model_dir = build_corpus(
+            work, args.speakers, args.utterances, args.layers, "tiny" if args.smoke else "base"
+        )
+        adapter = ModelAdapter.load(str(model_dir), device=args.device, dtype=getattr(torch, args.dtype))
+        items, padding = decoded_batches(corpus, adapter, batch_seconds, args.tokens)
+        frames = sum(u.num_frames for u in corpus)
+        audio = sum(u.record["num_samples"] for u in corpus) / corpus.geometry.sample_rate
+
+        def engine(front_end: str):
+            def run():
+                for item in items:
+                    adapter.encode(item["waves"], item["lengths"], front_end=front_end)
+
+            return run
+
+        runs = {
+            "(i) forward by hand (HF padding + attention mask)": by_hand(adapter, corpus, items),
+            "(ii) engine forward, per-utterance front end": engine("per-utterance"),
+            "(iii) engine forward, batched front end": engine("batched"),
+        }
+        times = {}
+        for name, run in runs.items():
+            run()  # warm-up
+            times[name] = min(once(run, adapter.device) for _ in range(args.repeat))
+        front_end = default_front_end(adapter.device)
+        config = CollectConfig(
+            tokens=args.tokens,
+            batch_seconds=batch_seconds,
+            num_jobs=args.num_jobs,
+            backend=args.backend,
+            checkpoint_seconds=1e9,
+        )
+        collected = [
+            collect(corpus, adapter, work / f"all{r}.zarr", CollectConfig(**vars(config)), progress=False)
+            for r in range(args.repeat)
+        ]
+        attrs = min(collected, key=lambda a: a["progress"]["loop_seconds"])
+        p = attrs["progress"]
+        iv = f"(iv) collect, all statistics, {front_end} front end (streaming loop, loading included)"
+        times[iv] = p["loop_seconds"]
+        if not args.no_paper:
+            times["(v) paper's per-token loop (top-k only, batch 1)"] = paper_loop(
+                corpus, adapter, args.tokens, attrs["statistics"]["k"]
+            )[0]
+        load = loader_alone(corpus, adapter, batch_seconds, args.tokens, args.num_jobs)
+        plain = times["(iii) engine forward, batched front end"]
+        own = times[next(name for name in runs if name.endswith(f"{front_end} front end"))]
+        collect_time = times[iv]
+        lines = [
+            f"### throughput_bench: tokens {args.tokens}, {args.dtype}, {args.device}, backend {attrs['statistics']['backend']}",
+            "",
+            f"- machine: {machine(args.device)}",
+            f"- model: random HuBERT-{'tiny' if args.smoke else 'base'} geometry, {adapter.num_layers} layers x "
+            f"{adapter.width} neurons, {adapter.attention} attention; corpus: {len(corpus)} synthetic utterances, "
+            f"{audio:.1f} s, {frames} frames; {len(items)} batches of <= {batch_seconds:g} s padded audio "
+            f"({100 * padding:.1f}% padding); -j {args.num_jobs}; best of {args.repeat}",
+            "",
+            "| run | seconds | audio-s/s | frames/s | vs (iii) |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        lines += [
+            f"| {name} | {t:.3f} | {audio / t:,.1f} | {frames / t:,.0f} | {t / plain:.3f} |"
+            for name, t in times.items()
+        ]
+        lines += [
+            f"| loader alone, -j {args.num_jobs} (decode, normalise, label) | {load:.3f} | {audio / load:,.1f} | "
+            f"{frames / load:,.0f} | {load / plain:.3f} |",
+            "",
+            f"- (iii)/(i) = {plain / times['(i) forward by hand (HF padding + attention mask)']:.3f}; "
+            f"(ii)/(i) = {times['(ii) engine forward, per-utterance front end'] / times['(i) forward by hand (HF padding + attention mask)']:.3f}; "
+            f"(iv) / its plain forward ({front_end}) = {collect_time / own:.3f}; data wait in (iv): "
+            f"{100 * p['data_wait_seconds'] / p['loop_seconds']:.0f}% of its loop; loader per worker: "
+            f"{audio / load / max(args.num_jobs, 1):,.1f} audio-s/s",
+        ]
+        for corpus_name, hours in HOURS.items():
+            compute, loading = hours * 3600 * collect_time / audio, hours * 3600 * load / audio
+            bound = "the compute" if compute >= loading else "the loader"
+            lines.append(
+                f"- projected {corpus_name}: collect {compute / 60:,.1f} min, the loader alone {loading / 60:,.1f} min "
+                f"with -j {args.num_jobs}: bound by {bound}"
+            )
+        emit("\n".join(lines) + "\n", args.results)
+
+
+if __name__ == "__main__":
+    main()
