@@ -4,7 +4,9 @@ A front end of stacked unpadded convolutions (kernels k_i, strides s_i) maps L s
 frames by the successive rule ``L <- floor((L - k_i) / s_i) + 1``.  Frame t covers the samples
 ``[stride * t, stride * t + receptive_field)`` and is centred at
 ``(stride * t + receptive_field / 2) / sample_rate`` seconds.  Frames are labelled with the
-interval that contains their centre; pitch is sampled at the same centres.
+interval that contains their centre (``centre``, neurostat's default; pitch is sampled at the same
+centres), or, as in the paper, with the interval of largest overlap with the stride grid cell
+``[stride * t, stride * (t + 1))`` (``overlap``: 20 ms cells for the wav2vec2 family).
 """
 
 from __future__ import annotations
@@ -83,4 +85,27 @@ def label_frames(starts: np.ndarray, ends: np.ndarray, ids: np.ndarray, centres:
     ok[ok] = centres[ok] < ends[idx[ok]]
     out = np.full(len(centres), -1, dtype=np.int64)
     out[ok] = np.asarray(ids)[idx[ok]]
+    return out
+
+
+FRAME_LABELS = ("centre", "overlap")
+
+
+def label_frames_overlap(
+    starts: np.ndarray, ends: np.ndarray, ids: np.ndarray, cell: float, num_frames: int
+) -> np.ndarray:
+    """Label of the interval with the largest overlap with each grid cell ``[cell * t, cell * (t + 1))``
+    (seconds), −1 where none overlaps.  Overlaps within 1 ns are a tie, which the earlier interval wins
+    (alignment times are far coarser, so float rounding cannot break a true tie).  Intervals sorted,
+    non-overlapping."""
+    out = np.full(num_frames, -1, dtype=np.int64)
+    best = np.zeros(num_frames)
+    lo = np.arange(num_frames) * cell
+    hi = lo + cell
+    for start, end, label in zip(starts, ends, ids):
+        first, last = int(start // cell), min(int(np.ceil(end / cell)), num_frames)
+        for t in range(max(first, 0), last):
+            overlap = min(end, hi[t]) - max(start, lo[t])
+            if overlap > best[t] + 1e-9:
+                best[t], out[t] = overlap, label
     return out

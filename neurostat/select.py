@@ -129,31 +129,70 @@ class Selection:
     empty_cells: list[tuple[str, str]]
 
 
-def cell_probabilities(stats: Stats, spec: GroupSpec, stat: str = "topk") -> dict[str, np.ndarray]:
-    """Per group: P(j | group, cell) as [layer, cells, neuron] (NaN for cells without tokens)."""
+def cell_counts(stats: Stats, spec: GroupSpec, stat: str = "topk") -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per group: (activation counts [layer, cells, neuron], tokens [cells]) of its (group, cell) cells."""
     spec.check(stats)
     cells = spec.cell_labels(stats)
-    if cells is None:
-        p = stats.probability(stat, by=(spec.axis,))
-        return {g: p.sel({spec.axis: labels}).values for g, labels in spec.groups.items()}
-    counts = stats.counts(stat, by=(spec.axis, spec.within))
-    tokens = stats.tokens(by=(spec.axis, spec.within))
+    by = (spec.axis,) if cells is None else (spec.axis, spec.within)
+    counts, tokens = stats.counts(stat, by=by), stats.tokens(by=by)
     out = {}
     for g, labels in spec.groups.items():
-        c = counts.sel({spec.axis: labels, spec.within: cells}).sum(spec.axis).values
-        n = tokens.sel({spec.axis: labels, spec.within: cells}).sum(spec.axis).values
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out[g] = c / np.where(n > 0, n, np.nan)[None, :, None]
+        if cells is None:
+            out[g] = counts.sel({spec.axis: labels}).values, tokens.sel({spec.axis: labels}).values
+        else:
+            where = {spec.axis: labels, spec.within: cells}
+            out[g] = counts.sel(where).sum(spec.axis).values, tokens.sel(where).sum(spec.axis).values
     return out
 
 
-def _empty_cells(probs: dict[str, np.ndarray], spec: GroupSpec, stats: Stats) -> list[tuple[str, str]]:
+def cell_probabilities(stats: Stats, spec: GroupSpec, stat: str = "topk") -> dict[str, np.ndarray]:
+    """Per group: P(j | group, cell) as [layer, cells, neuron] (NaN for cells without tokens)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {
+            g: c / np.where(n > 0, n, np.nan)[None, :, None] for g, (c, n) in cell_counts(stats, spec, stat).items()
+        }
+
+
+def _cell_names(spec: GroupSpec, stats: Stats, group: str) -> list[str]:
     cells = spec.cell_labels(stats)
-    empty = []
-    for g, p in probs.items():
-        names = spec.groups[g] if cells is None else cells
-        empty += [(g, names[i]) for i in np.flatnonzero(np.isnan(p[0, :, 0]))]
-    return empty
+    return spec.groups[group] if cells is None else cells
+
+
+def _fragility(
+    stats: Stats, spec: GroupSpec, tokens: dict[str, np.ndarray], sigma: float, min_tokens: int
+) -> list[str]:
+    """Warnings where the rule is fragile: empty cells, cells too small for the chance level (one top-k
+    hit among fewer than D/k tokens is above chance), and groups whose σ cannot be reached."""
+    small = int(np.ceil(1 / stats.chance))
+    empty, tiny, unreachable = [], [], []
+    for g, n in tokens.items():
+        kept = n >= min_tokens
+        names = [c for c, k in zip(_cell_names(spec, stats, g), kept) if k]
+        n = n[kept]
+        if (n == 0).any():
+            gone = [c for c, m in zip(names, n) if m == 0]
+            empty.append(f"{g} {len(gone)} of {len(n)} ({', '.join(gone[:4])}{', ...' if len(gone) > 4 else ''})")
+        if ((n > 0) & (n < small)).any():
+            tiny.append(f"{g} {int(((n > 0) & (n < small)).sum())} of {len(n)}")
+        reach = (n > 0).sum() / len(n) if len(n) else 0.0
+        if reach < sigma:
+            unreachable.append(
+                f"group {g}: only {int((n > 0).sum())} of its {len(n)} cells have tokens, so its fraction reaches at "
+                f"most {reach:.3f} < σ = {sigma}: it can have no group neurons"
+            )
+    messages = []
+    if empty:
+        messages.append(
+            f"(group, {spec.within}) cells without tokens count as not above chance (the paper's rule): "
+            + "; ".join(empty)
+        )
+    if tiny:
+        messages.append(
+            f"cells with fewer than D/k = {small} tokens, where a single top-k hit is above chance: "
+            + "; ".join(tiny)
+            + (" (--min-tokens N leaves such cells out of the denominator)" if not min_tokens else "")
+        )
+    return messages + unreachable
 
 
 def property_neurons(
@@ -165,28 +204,40 @@ def property_neurons(
     rule: str = "paper",
     entropy_quantile: float = 0.01,
     min_prob_quantile: float = 0.95,
+    min_tokens: int = 0,
 ) -> Selection:
     """Selects the property neurons of ``property`` (a paper property or an attached label set), or of
-    user ``groups`` (a :class:`GroupSpec` or its JSON file), from a store."""
+    user ``groups`` (a :class:`GroupSpec` or its JSON file), from a store.
+
+    ``min_tokens`` > 0 leaves (group, cell) cells with fewer tokens out of the group's denominator (a
+    departure from the paper, which keeps every cell and counts an empty one as not above chance)."""
     if not 0 < sigma <= 1:
         raise SelectionError(f"sigma must be in (0, 1], got {sigma}")
     if rule not in RULES:
         raise SelectionError(f"unknown rule {rule!r}; choose from {RULES}")
+    if min_tokens < 0:
+        raise SelectionError(f"min_tokens must be >= 0, got {min_tokens}")
     spec = GroupSpec.load(groups) if isinstance(groups, (str, Path)) else groups or GroupSpec.builtin(property, stats)
-    probs = cell_probabilities(stats, spec, stat)
-    empty = _empty_cells(probs, spec, stats)
-    if empty:
-        warnings.warn(
-            f"{len(empty)} (group, {spec.within}) cells have no tokens and count as not above chance: "
-            + ", ".join(f"{g}/{p}" for g, p in empty[:10])
-            + (" ..." if len(empty) > 10 else ""),
-            stacklevel=2,
-        )
+    counts = cell_counts(stats, spec, stat)
+    tokens = {g: n for g, (_, n) in counts.items()}
+    kept = {g: n >= min_tokens for g, n in tokens.items()}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        probs = {g: c[:, kept[g]] / np.where(n > 0, n, np.nan)[kept[g]][None, :, None] for g, (c, n) in counts.items()}
+    empty = [
+        (g, cell)
+        for g, n in tokens.items()
+        for cell, m, k in zip(_cell_names(spec, stats, g), n, kept[g])
+        if k and m == 0
+    ]
+    for message in _fragility(stats, spec, tokens, sigma, min_tokens):
+        warnings.warn(message, stacklevel=2)
     geometry = dict(num_layers=None, width=stats.width)
     layers = stats.layers
-    if rule == "paper":
+    if rule == "paper":  # a group without cells (all left out by min_tokens) reaches no fraction
         chance = stats.chance
-        member = {g: (np.nan_to_num(p, nan=-1.0) > chance).sum(1) / p.shape[1] >= sigma for g, p in probs.items()}
+        member = {
+            g: (np.nan_to_num(p, nan=-1.0) > chance).sum(1) / max(p.shape[1], 1) >= sigma for g, p in probs.items()
+        }
     else:
         member = _entropy_members(probs, entropy_quantile, min_prob_quantile)
     group_sets = {
@@ -200,6 +251,7 @@ def property_neurons(
         "sigma": sigma,
         "stat": stat,
         "chance": stats.chance,
+        "min_tokens": min_tokens,
         "axis": spec.axis,
         "within": spec.within,
         "groups": spec.groups,

@@ -168,6 +168,10 @@ def describe_store(path: str | Path) -> str:
         f"statistics: {', '.join(s['stats'])}; tokens {s['tokens']}; top-k k = {s['k']} (λ = {s['topk_ratio']}); backend {s['backend']}",
         "labels: " + " x ".join(f"{len(v)} {part}" for part, v in labels.items()) + " joint labels" + pitch,
         f"corpus: {attrs['corpus']['root']} / {attrs['corpus']['subset']} (shard {attrs['corpus']['shard']})",
+        f"labelling: frames by {attrs.get('frame_labels', 'centre')}; pitch {attrs['pitch'].get('method')} "
+        f"(step {1000 * attrs['pitch'].get('step_seconds', 0):g} ms), bins by rule {attrs['pitch'].get('rule')}"
+        f"{' at percentiles ' + ', '.join(f'{100 * q:g}' for q in attrs['pitch']['quantiles']) if attrs['pitch'].get('quantiles') else ''}; "
+        f"final run of each utterance {'dropped' if s.get('drop_final_run') else 'kept'}",
     ]
     for name, entry in attrs.get("label_sets", {}).items():
         lines.append(f"label set {name}: {entry['level']} level, from {entry['source']}")

@@ -69,12 +69,39 @@ def test_empty_cells_warn_and_stay_in_the_denominator(tmp_path):
         frames[joint(p, "F")] = 0
         topk[:, joint(p, "F"), :] = 0
     stats = open_stats(make_store(tmp_path / "s.zarr", frames, topk, k=K))
-    with pytest.warns(UserWarning, match="8 .* cells have no tokens .*: F/IY"):
+    with pytest.warns(UserWarning, match=r"cells without tokens count as not above chance .*: F 8 of 39 \(IY, IH"):
         sel = property_neurons(stats, "gender", sigma=0.79)
     assert sel.groups["F"][1] == {4} and sel.empty_cells[0] == ("F", "IY")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with pytest.warns(UserWarning, match=r"group F: only 31 of its 39 cells have tokens, .* at most 0.795 < σ = 0.8"):
         assert len(property_neurons(stats, "gender", sigma=0.8).groups["F"]) == 0
+    # --min-tokens leaves the empty cells out of the denominator: 31 of 31
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sel = property_neurons(stats, "gender", sigma=1.0, min_tokens=1)
+    assert sel.groups["F"][1] == {4} and sel.empty_cells == [] and not caught
+
+
+def test_fragility_warnings_on_tiny_cells_and_none_on_a_balanced_store(tmp_path):
+    frames, topk = base_counts()  # N = 10 tokens a cell >= D/k = 5: balanced
+    stats = open_stats(make_store(tmp_path / "balanced.zarr", frames, topk, k=K))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for prop in ("gender", "phone-type"):
+            property_neurons(stats, prop, sigma=0.8)
+    assert not caught, [str(w.message) for w in caught]
+    small = ARPABET[:5]
+    for p in small:  # 3 tokens, one of them a top-k hit of neuron 6: P = 0.33 > r on evidence of one token
+        frames[joint(p, "M")] = 3
+        topk[:, joint(p, "M"), :] = 0
+        topk[0, joint(p, "M"), 6] = 1
+    stats = open_stats(make_store(tmp_path / "tiny.zarr", frames, topk, k=K))
+    with pytest.warns(UserWarning, match=r"fewer than D/k = 5 tokens, .*: M 5 of 39 \(--min-tokens"):
+        sel = property_neurons(stats, "gender", sigma=0.1)
+    assert 6 in sel.groups["M"][1]
+    sel = property_neurons(stats, "gender", sigma=0.1, min_tokens=5)  # the tiny cells left out
+    assert 6 not in sel.groups["M"][1] and sel.settings["min_tokens"] == 5
+    res = CliRunner().invoke(main, ["select", str(tmp_path / "tiny.zarr"), "--min-tokens", "5", "--sigma", "0.1"])
+    assert res.exit_code == 0 and "fewer than D/k" not in res.output
 
 
 def test_user_groups_pitch_and_entropy_rule(tmp_path):

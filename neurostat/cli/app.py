@@ -35,3 +35,25 @@ def user_errors(command):
             raise click.ClickException(str(e)) from None
 
     return run
+
+
+def with_preset(options: dict) -> dict:
+    """The command's options with ``--preset``'s values filled in where the user gave none."""
+    from ..presets import apply_preset
+
+    ctx = click.get_current_context()
+    given = {name for name in options if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT}
+    return apply_preset(options.pop("preset", None), options, given)
+
+
+def preset_option(f):
+    from ..presets import PRESETS
+
+    return click.option(
+        "--preset",
+        type=click.Choice(sorted(PRESETS)),
+        default=None,
+        help="Fill the options not given with a preset's values: paper = Lin et al.'s labelling and tokens "
+        "(overlap frame labels, YAAPT F0 at 20 ms, 33rd/66th percentile edges, the paper's pitch classes, "
+        "phone-mid tokens without the final run, λ = 0.01).",
+    )(f)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .app import main, user_errors
+from .app import main, preset_option, user_errors, with_preset
 from .corpus import PREPARE_OPTIONS, labelling_options
 
 
@@ -81,6 +81,9 @@ def _shard(ctx, param, text: str) -> tuple[int, int]:
     default="phone-mid",
     help="Which frames count: the middle frame of each phone run (paper), all, or all but silence/spn.",
 )
+@click.option(
+    "--drop-final-run", is_flag=True, help="Count no token of an utterance's last run of frames (the paper's code)."
+)
 @click.option("--layers", default="all", callback=_layers, help="Layers to collect, 1-based, e.g. 1,3,5-8.")
 @click.option(
     "--labels",
@@ -120,6 +123,7 @@ def _shard(ctx, param, text: str) -> tuple[int, int]:
 @click.option("--resume", is_flag=True, help="Continue an interrupted collection in --out.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store at --out.")
 @click.option("-j", "--num-jobs", default=1, help="Data-loading worker processes (0 = load in the main process).")
+@preset_option
 @user_errors
 def collect(
     root, corpus, subset, alignments, prepared, model, out, device, dtype, resume, overwrite, **options
@@ -132,6 +136,7 @@ def collect(
     from ..engine.collect import CollectConfig, CollectInterrupted, collect_corpus, describe_collect
     from ..errors import OptionError
 
+    options = with_preset(options)
     prepare_options = {name: options.pop(name) for name in PREPARE_OPTIONS}
     labels, options["stats"] = options.pop("label_parts"), options["stats"] or CollectConfig.stats
     config = CollectConfig(**options, labels=tuple(p.strip() for p in labels.split(",")) if labels else None)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .app import main, user_errors
+from .app import main, preset_option, user_errors, with_preset
 
 
 @main.command()
@@ -62,13 +62,47 @@ def labelling_options(f):
         click.option(
             "--strict", is_flag=True, help="Refuse (error) instead of resampling or skipping problem utterances."
         ),
+        click.option(
+            "--frame-labels",
+            type=click.Choice(["centre", "overlap"]),
+            default="centre",
+            help="Label a frame by the interval containing its centre, or (the paper) by the interval of largest "
+            "overlap with its stride cell [20t, 20t + 20) ms.",
+        ),
+        click.option(
+            "--pitch-rule",
+            type=click.Choice(["interval", "paper"]),
+            default="interval",
+            help="Voiced bin of f: e_i <= f < e_i+1, or (the paper) e_i < f <= e_i+1.",
+        ),
+        click.option(
+            "--pitch-percentiles",
+            default=None,
+            help="Bin edges at these corpus percentiles, e.g. 33,66 (the paper) [default: equal bins, --pitch-bins].",
+        ),
+        click.option(
+            "--pitch-step-ms",
+            type=float,
+            default=None,
+            help="F0 analysis step in ms (the paper: 20) [default: half the model's stride].",
+        ),
     ]
     for option in reversed(options):
         f = option(f)
     return f
 
 
-PREPARE_OPTIONS = ("pitch", "pitch_bins", "pitch_edges", "phone_map", "strict")
+PREPARE_OPTIONS = (
+    "pitch",
+    "pitch_bins",
+    "pitch_edges",
+    "phone_map",
+    "strict",
+    "frame_labels",
+    "pitch_rule",
+    "pitch_percentiles",
+    "pitch_step_ms",
+)
 
 
 @main.command()
@@ -92,6 +126,7 @@ PREPARE_OPTIONS = ("pitch", "pitch_bins", "pitch_edges", "phone_map", "strict")
 )
 @click.option("--sample-rate", type=int, default=None, help="Override the model's sample rate.")
 @click.option("-j", "--num-jobs", default=1, help="Parallel worker processes.")
+@preset_option
 @user_errors
 def prepare(root, corpus, subset, alignments, out, model, sample_rate, num_jobs, **options) -> None:
     """Label a corpus: phones per frame (MFA TextGrids), speaker gender (SPEAKERS.TXT), F0 and pitch bins.
@@ -105,7 +140,7 @@ def prepare(root, corpus, subset, alignments, out, model, sample_rate, num_jobs,
 
     if subset is None or alignments is None:
         raise OptionError("--subset and --alignments are required to label a corpus")
-    settings = PrepareSettings.from_options(load_geometry(model, sample_rate), **options)
+    settings = PrepareSettings.from_options(load_geometry(model, sample_rate), **with_preset(options))
     out = out or default_prepared_dir(alignments, subset)
     meta = run_prepare(root, subset, alignments, out, settings, num_jobs=num_jobs, layout=corpus)
     click.echo(describe_prepared(meta, out))

@@ -42,6 +42,12 @@ from .app import main, user_errors
     "--min-prob-quantile", default=0.95, help="entropy rule: among neurons whose largest P is in this top quantile."
 )
 @click.option(
+    "--min-tokens",
+    default=0,
+    help="Leave (group, cell) cells with fewer tokens out of the group's denominator (a departure from the paper, "
+    "which keeps them and counts an empty cell as not above chance).",
+)
+@click.option(
     "--out",
     type=click.Path(path_type=Path),
     default=None,

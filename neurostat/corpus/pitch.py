@@ -4,8 +4,11 @@ Praat's autocorrelation method (parselmouth) is the default; YAAPT (amfm-decompy
 choice, ~20x slower) is optional.  Both run on their own frame grid (half the model's stride) and
 are read at the model frame centres by nearest analysis frame.  Unvoiced frames are NaN.
 
-Bins: with edges e_1 < ... < e_{n-1}, a voiced value f falls in bin i when e_i <= f < e_{i+1}
-(e_0 = -inf, e_n = +inf), so every value has exactly one bin; unvoiced frames get their own bin.
+Bins: with edges e_1 < ... < e_{n-1} (e_0 = -inf, e_n = +inf), a voiced value f falls in bin i when
+e_i <= f < e_{i+1} (rule ``interval``, neurostat's default) or when e_i < f <= e_{i+1} (rule ``paper``:
+the paper's classes F0 < t0, t0 < F0 <= t1, F0 > t1, with F0 == t0 put in the low class — the official
+code drops such a frame, which shifts the rest of its utterance).  Either way every value has exactly
+one bin; unvoiced frames get their own.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import numpy as np
 F0_MIN, F0_MAX = 71.0, 800.0
 UNVOICED = "unvoiced"
 METHODS = ("praat", "yaapt")
+PITCH_RULES = ("interval", "paper")
 
 
 def _nearest(track_times: np.ndarray, track: np.ndarray, times: np.ndarray, step: float) -> np.ndarray:
@@ -68,7 +72,8 @@ def f0_at(method: str, wave: np.ndarray, sample_rate: int, times: np.ndarray, st
 
 
 def percentile_edges(f0: np.ndarray, quantiles: list[float]) -> list[float]:
-    """Bin edges at corpus percentiles of the voiced values (``quantiles`` in (0, 1))."""
+    """Bin edges at corpus percentiles of the voiced values (``quantiles`` in (0, 1); the same as
+    ``np.percentile`` at 100 x quantiles)."""
     voiced = f0[np.isfinite(f0)]
     if voiced.size == 0:
         raise ValueError("no voiced frames in the corpus: cannot compute pitch bin edges")
@@ -82,8 +87,11 @@ def bin_names(num_edges: int) -> list[str]:
     return names + [UNVOICED]
 
 
-def assign_bins(f0: np.ndarray, edges: list[float]) -> np.ndarray:
-    """Bin index per value: ``[e_i, e_{i+1})`` for voiced values, ``len(edges) + 1`` for unvoiced."""
-    out = np.searchsorted(np.asarray(edges, dtype=np.float64), f0, side="right").astype(np.int64)
+def assign_bins(f0: np.ndarray, edges: list[float], rule: str = "interval") -> np.ndarray:
+    """Bin index per value by ``rule`` (see the module docstring), ``len(edges) + 1`` for unvoiced."""
+    if rule not in PITCH_RULES:
+        raise ValueError(f"unknown pitch rule {rule!r}; choose from {PITCH_RULES}")
+    side = "right" if rule == "interval" else "left"
+    out = np.searchsorted(np.asarray(edges, dtype=np.float64), f0, side=side).astype(np.int64)
     out[~np.isfinite(f0)] = len(edges) + 1
     return out

@@ -19,11 +19,11 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..errors import UserError
-from ..frames import FrameGeometry
+from ..frames import FRAME_LABELS, FrameGeometry
 from ..phones import PHONES, PhoneMap, UnknownPhoneError
 from .audio import Skip, load_audio
 from .librispeech import corpus_dir, index_alignments, scan
-from .pitch import METHODS, bin_names, f0_at, percentile_edges
+from .pitch import METHODS, PITCH_RULES, bin_names, f0_at, percentile_edges
 from .prepared import FORMAT, PreparedCorpus
 from .speakers import GENDERS, read_speakers
 from .textgrid import TextGridError, read_textgrid
@@ -43,6 +43,9 @@ class PrepareSettings:
     edges: tuple[float, ...] | None = None
     phone_map: PhoneMap = field(default_factory=PhoneMap)
     strict: bool = False
+    frame_labels: str = "centre"  # or "overlap" (the paper: largest overlap with the stride grid cell)
+    pitch_rule: str = "interval"  # or "paper" (see neurostat.corpus.pitch)
+    pitch_step_ms: float | None = None  # F0 analysis step; None: half the model's stride
 
     @classmethod
     def from_options(
@@ -53,24 +56,44 @@ class PrepareSettings:
         pitch_edges: str | tuple[float, ...] | None = None,
         phone_map: str | Path | None = None,
         strict: bool = False,
+        frame_labels: str = "centre",
+        pitch_rule: str = "interval",
+        pitch_percentiles: str | tuple[float, ...] | None = None,
+        pitch_step_ms: float | None = None,
     ) -> "PrepareSettings":
         """Settings from the command line's options: ``pitch_bins`` voiced bins at equal corpus percentiles,
-        or ``pitch_edges`` in Hz (a tuple or ``"129.03,179.78"``); ``phone_map`` a JSON/TSV file."""
+        or at ``pitch_percentiles`` (e.g. ``"33,66"``, the paper's), or ``pitch_edges`` in Hz (a tuple or
+        ``"129.03,179.78"``); ``phone_map`` a JSON/TSV file."""
         if pitch_bins < 1:
             raise PrepareError(f"--pitch-bins {pitch_bins}: need at least one pitch bin")
-        if isinstance(pitch_edges, str):
-            try:
-                pitch_edges = tuple(float(x) for x in pitch_edges.split(","))
-            except ValueError:
-                raise PrepareError(f"--pitch-edges {pitch_edges!r} is not a comma-separated list of numbers") from None
+        pitch_edges = _numbers(pitch_edges, "--pitch-edges")
+        percentiles = _numbers(pitch_percentiles, "--pitch-percentiles")
+        if percentiles and not all(0 < p < 100 for p in percentiles):
+            raise PrepareError(f"--pitch-percentiles {pitch_percentiles}: percentiles lie strictly between 0 and 100")
+        if frame_labels not in FRAME_LABELS:
+            raise PrepareError(f"unknown frame labelling {frame_labels!r}; choose from {FRAME_LABELS}")
+        if pitch_rule not in PITCH_RULES:
+            raise PrepareError(f"unknown pitch rule {pitch_rule!r}; choose from {PITCH_RULES}")
         return cls(
             geometry=geometry,
             pitch=pitch,
-            quantiles=tuple(i / pitch_bins for i in range(1, pitch_bins)),
-            edges=tuple(pitch_edges) if pitch_edges else None,
+            quantiles=tuple(p / 100 for p in percentiles)
+            if percentiles
+            else tuple(i / pitch_bins for i in range(1, pitch_bins)),
+            edges=pitch_edges,
             phone_map=PhoneMap.from_file(phone_map) if phone_map else PhoneMap(),
             strict=strict,
+            frame_labels=frame_labels,
+            pitch_rule=pitch_rule,
+            pitch_step_ms=pitch_step_ms,
         )
+
+    @property
+    def pitch_step(self) -> float:
+        """Seconds between F0 analysis frames."""
+        if self.pitch_step_ms is not None:
+            return self.pitch_step_ms / 1000
+        return self.geometry.stride / self.geometry.sample_rate / 2
 
     def key(self) -> dict:
         return {
@@ -78,8 +101,21 @@ class PrepareSettings:
             "pitch": self.pitch,
             "phone_map": self.phone_map.describe(),
             "strict": self.strict,
+            "pitch_step": self.pitch_step,
             "format": FORMAT,
         }
+
+
+def _numbers(value, option: str) -> tuple[float, ...] | None:
+    """A tuple of numbers from ``"1,2"`` or a sequence; None for none."""
+    if not value:
+        return None
+    if isinstance(value, str):
+        try:
+            return tuple(float(x) for x in value.split(","))
+        except ValueError:
+            raise PrepareError(f"{option} {value!r} is not a comma-separated list of numbers") from None
+    return tuple(float(x) for x in value)
 
 
 def _stat(path: Path) -> list:
@@ -140,7 +176,7 @@ def _prepare_one(task: tuple) -> tuple[str, dict]:
         starts, ends, ids = _phone_intervals(
             textgrid, settings.phone_map, len(wave) / geo.sample_rate, geo.stride / geo.sample_rate
         )
-        f0 = f0_at(settings.pitch, wave, geo.sample_rate, geo.centres(n_frames), geo.stride / geo.sample_rate / 2)
+        f0 = f0_at(settings.pitch, wave, geo.sample_rate, geo.centres(n_frames), settings.pitch_step)
     except TextGridError as e:
         return "skip", {"id": utt["id"], "reason": "bad-textgrid", "file": str(textgrid), "message": str(e)}
     except Skip as s:
@@ -252,8 +288,10 @@ def prepare(
             "edges": edges,
             "bins": bin_names(len(edges)),
             "quantiles": None if settings.edges is not None else list(settings.quantiles),
-            "rule": "[e_i, e_{i+1})",
+            "rule": settings.pitch_rule,
+            "step_seconds": settings.pitch_step,
         },
+        "frame_labels": settings.frame_labels,
         "strict": settings.strict,
         "num_utterances": len(records),
         "num_frames": int(sum(r["num_frames"] for r in records)),
@@ -269,8 +307,8 @@ def describe_prepared(meta: dict, out: str | Path) -> str:
     edges = ", ".join(f"{e:.2f} Hz" for e in meta["pitch"]["edges"])
     lines = [
         f"prepared {meta['num_utterances']} utterances, {meta['hours']:.3f} h, {meta['num_frames']} frames -> {out}",
-        f"frame geometry: {FrameGeometry.from_dict(meta['geometry']).describe()}; "
-        f"pitch ({meta['pitch']['method']}) bin edges: {edges}",
+        f"frame geometry: {FrameGeometry.from_dict(meta['geometry']).describe()}; frames labelled by "
+        f"{meta['frame_labels']}; pitch ({meta['pitch']['method']}, rule {meta['pitch']['rule']}) bin edges: {edges}",
     ]
     if meta["resampled"]:
         lines.append(f"resampled to {meta['geometry']['sample_rate']} Hz: {meta['resampled']} utterance(s)")

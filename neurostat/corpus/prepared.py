@@ -27,11 +27,11 @@ from pathlib import Path
 import numpy as np
 
 from ..files import atomic_write
-from ..frames import FrameGeometry, label_frames
+from ..frames import FrameGeometry, label_frames, label_frames_overlap
 from .audio import Skip, load_audio
 from .pitch import assign_bins
 
-FORMAT = 1
+FORMAT = 2
 BASE_PARTS = ("phone", "gender", "pitch_bin")
 
 
@@ -123,14 +123,17 @@ class PreparedUtterance:
         return self._arrays["f0"]
 
     def phone_frames(self, geometry: FrameGeometry | None = None) -> np.ndarray:
-        """Phone index of each frame (by frame centre), −1 where no interval covers the centre."""
+        """Phone index of each frame by the corpus's frame labelling (the interval containing the frame
+        centre, or the one of largest overlap with its stride cell), −1 where there is none."""
         geo = geometry or self.corpus.geometry
         n = geo.num_frames(self.record["num_samples"]) if geometry else self.num_frames
+        if self.corpus.meta["frame_labels"] == "overlap":
+            return label_frames_overlap(*self.intervals, geo.stride / geo.sample_rate, n)
         return label_frames(*self.intervals, geo.centres(n))
 
     def pitch_bins(self) -> np.ndarray:
-        """Pitch-bin index of each frame (the last bin is ``unvoiced``)."""
-        return assign_bins(self.f0.astype(np.float64), self.corpus.edges)
+        """Pitch-bin index of each frame by the corpus's bin rule (the last bin is ``unvoiced``)."""
+        return assign_bins(self.f0.astype(np.float64), self.corpus.edges, self.corpus.meta["pitch"]["rule"])
 
     def part_labels(self, part: str) -> int | np.ndarray:
         """Index of ``part``'s label: one per frame (phone, pitch bin, frame-level sets) or one for the

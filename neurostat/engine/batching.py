@@ -159,9 +159,16 @@ class BatchDataset(torch.utils.data.Dataset):
     with their lengths, and the batch's token labels."""
 
     def __init__(
-        self, corpus: PreparedCorpus, batches: list[list[Piece]], feature_extractor, tokens: str, space: LabelSpace
+        self,
+        corpus: PreparedCorpus,
+        batches: list[list[Piece]],
+        feature_extractor,
+        tokens: str,
+        space: LabelSpace,
+        drop_final_run: bool = False,
     ):
         self.corpus, self.batches, self.fe, self.tokens, self.space = corpus, batches, feature_extractor, tokens, space
+        self.drop_final_run = drop_final_run
         self.non_speech = [corpus.phones.index(p) for p in NON_SPEECH if p in corpus.phones]
 
     def __len__(self) -> int:
@@ -208,6 +215,6 @@ class BatchDataset(torch.utils.data.Dataset):
                 utt.audio_path,
                 f"has {len(wave)} samples, prepared with {utt.record['num_samples']}; re-run prepare",
             )
-        keep = token_mask(utt.phone_frames(), self.tokens, self.non_speech)
+        keep = token_mask(utt.phone_frames(), self.tokens, self.non_speech, self.drop_final_run)
         joint = np.where(keep, self.space.joint_frames(utt), -1)
         return normalize_waveform(self.fe, wave), joint

@@ -45,6 +45,7 @@ class CollectConfig:
     stats: tuple[str, ...] = DEFAULT_STATS
     topk_ratio: float = 0.01
     tokens: str = "phone-mid"
+    drop_final_run: bool = False  # the paper's code never counts an utterance's last run of frames
     layers: list[int] | None = None  # 1-based, as everywhere a user sees layers; None = all
     batch_seconds: float | None = None  # padded audio per batch; None: default_batch_seconds(device)
     front_end: str | None = None  # batched or per-utterance; None: default_front_end(device)
@@ -159,10 +160,13 @@ def collect(
         "topk_ratio": config.topk_ratio,
         "k": k,
         "tokens": config.tokens,
+        "drop_final_run": config.drop_final_run,
         "layers": [i + 1 for i in layers],
         "labels": space.to_dict(),
         "label_sets": {name: corpus.label_sets[name]["file"] for name in space.parts if name in corpus.label_sets},
         "pitch_edges": corpus.edges,
+        "pitch_rule": corpus.meta["pitch"]["rule"],
+        "frame_labels": corpus.meta["frame_labels"],
         "corpus": {
             "root": corpus.meta["root"],
             "subset": corpus.meta["subset"],
@@ -182,6 +186,7 @@ def collect(
             "topk_ratio": config.topk_ratio,
             "k": k,
             "tokens": config.tokens,
+            "drop_final_run": config.drop_final_run,
             "ties": "lower neuron index wins at the k-th |a|",
             "var_ddof": 0,
             "moments": "per-batch fp32 sums around a per-neuron shift, merged in float64 (Chan et al.)",
@@ -195,6 +200,7 @@ def collect(
             if name in space.parts
         },
         "pitch": corpus.meta["pitch"],
+        "frame_labels": corpus.meta["frame_labels"],
         "phone_map": corpus.meta["phone_map"],
         "corpus": {
             **fingerprint["corpus"],
@@ -258,7 +264,7 @@ def _run(corpus, adapter, store: StoreWriter, config, space: LabelSpace, layers,
             f"{len(batches)} batches of at most {config.batch_seconds:g} s of padded audio; "
             f"padding {100 * padding_fraction(corpus, batches):.1f}% of the frames"
         )
-    data = BatchDataset(corpus, batches, adapter.feature_extractor, config.tokens, space)
+    data = BatchDataset(corpus, batches, adapter.feature_extractor, config.tokens, space, config.drop_final_run)
     loader = torch.utils.data.DataLoader(
         data,
         batch_size=None,

@@ -2,7 +2,8 @@
 
 - ``phone-mid`` (the paper): split the frame-level phone sequence into maximal runs of identical
   labels and take the middle frame ``(start + end) // 2`` of each run (``end`` inclusive).  The
-  paper's code never emits the final run (nearly always silence); neurostat keeps it.
+  paper's code never emits the final run (nearly always silence); neurostat keeps it unless
+  ``drop_final_run`` (the paper preset), which drops the last run's tokens in every mode.
 - ``all``: every labelled frame.
 - ``no-silence``: every labelled frame whose phone is not ``sil`` or ``spn``.
 
@@ -18,9 +19,19 @@ import numpy as np
 MODES = ("phone-mid", "all", "no-silence")
 
 
-def token_mask(phones: np.ndarray, mode: str, non_speech: Sequence[int] = ()) -> np.ndarray:
+def token_mask(
+    phones: np.ndarray, mode: str, non_speech: Sequence[int] = (), drop_final_run: bool = False
+) -> np.ndarray:
     """Boolean mask of the token frames of one utterance's phone-index sequence."""
     phones = np.asarray(phones)
+    mask = _mask(phones, mode, non_speech)
+    if drop_final_run and len(phones):
+        last = np.flatnonzero(phones != phones[-1])
+        mask[last[-1] + 1 if len(last) else 0 :] = False
+    return mask
+
+
+def _mask(phones: np.ndarray, mode: str, non_speech: Sequence[int]) -> np.ndarray:
     labelled = phones >= 0
     if mode == "all":
         return labelled
