@@ -25,6 +25,7 @@ ALLOWED = {  # unit -> the units it may import (besides itself); a module belong
     "neurostat.model.adapter": BASE,
     "neurostat.cluster": BASE | {"neurostat.corpus", "neurostat.labelspace", "neurostat.engine", "neurostat.model"},
     "neurostat.demo": BASE | {"neurostat.corpus", "neurostat.model"},
+    "neurostat.compare": BASE | {"neurostat.corpus", "neurostat.engine"},
     "neurostat.cli": None,  # the library, all of it
     "neurostat.__main__": None,
 }

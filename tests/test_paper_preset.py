@@ -12,6 +12,7 @@ from neurostat.cli import main
 from neurostat.corpus.pitch import assign_bins, percentile_edges
 from neurostat.engine.tokens import token_mask
 from neurostat.frames import label_frames_overlap
+from neurostat.phones import PHONES
 from neurostat.presets import PRESETS, apply_preset
 
 
@@ -115,3 +116,86 @@ def test_prepare_and_collect_with_the_paper_preset(demo_corpus, tiny_model, tmp_
     assert attrs["progress"]["tokens"] < kept  # one run fewer per utterance
     info = run(main, ["info", str(tmp_path / "d.zarr")]).output
     assert "frames by overlap" in info and "bins by rule paper at percentiles 33, 66" in info and "dropped" in info
+
+
+def write_official(folder, source, edit=lambda phones, pitch, gender: None):
+    """The official label files of the prepared corpus ``source``, index 0 = silence, 26 = spn."""
+    symbols = ["", *[p for p in PHONES if p not in ("sil", "spn")]]
+    symbols.insert(26, "spn")
+    index = {("sil" if s == "" else s): i for i, s in enumerate(symbols)}
+    table = {s: [i, 0] for i, s in enumerate(symbols)}
+    phones = {u.id: [index[PHONES[p]] for p in u.phone_frames()] for u in source}
+    pitch = {u.id: [-1 if b == 3 else int(b) for b in u.pitch_bins()] for u in source}
+    gender = {u.speaker: u.gender for u in source}
+    edit(phones, pitch, gender)
+    folder.mkdir(exist_ok=True)
+    for name, data in (("phones", phones), ("phone_table", table), ("pitch", pitch), ("gender", gender)):
+        (folder / f"{name}.json").write_text(json.dumps(data))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def overlap_corpus(demo_corpus, tmp_path_factory):
+    from neurostat.corpus.prepare import PrepareSettings, prepare
+    from neurostat.corpus.prepared import PreparedCorpus
+    from neurostat.frames import default_geometry
+
+    out = tmp_path_factory.mktemp("overlap")
+    settings = PrepareSettings(default_geometry(), frame_labels="overlap")
+    prepare(demo_corpus / "LibriSpeech", "dev-clean", demo_corpus / "alignments", out, settings, progress=False)
+    return PreparedCorpus(out)
+
+
+def test_official_label_files_read_back_exactly(overlap_corpus, demo_corpus, tmp_path):
+    from neurostat.compare import compare_labels
+    from neurostat.corpus.paperlabels import prepare_paper_labels
+    from neurostat.corpus.prepared import PreparedCorpus
+    from neurostat.labelspace import LabelSpace
+
+    first, second = overlap_corpus.records[0]["id"], overlap_corpus.records[1]["id"]
+
+    def one_off(phones, pitch, gender):  # official frame counts: one more (dropped), one fewer (unlabelled)
+        phones[first].append(phones[first][-1])
+        pitch[first].append(-1)
+        phones[second].pop()
+        pitch[second].pop()
+
+    folder = write_official(tmp_path / "official", overlap_corpus, one_off)
+    geo = overlap_corpus.geometry
+    meta = prepare_paper_labels(demo_corpus / "LibriSpeech", "dev-clean", folder, tmp_path / "p", geo, progress=False)
+    paper = PreparedCorpus(tmp_path / "p")
+    assert meta["num_utterances"] == len(overlap_corpus) and meta["pitch"]["method"] == "paper-labels"
+    src, got = LabelSpace.of_corpus(overlap_corpus), LabelSpace.of_corpus(paper)
+    assert src == got
+    for a, b in zip(overlap_corpus, paper):
+        expected_phones, expected_joint = a.phone_frames(), src.joint_frames(a)
+        if a.id == second:
+            expected_phones[-1], expected_joint[-1] = -1, -1
+        assert b.phone_frames().tolist() == expected_phones.tolist()
+        assert got.joint_frames(b).tolist() == expected_joint.tolist()
+        assert b.gender == a.gender and np.isnan(b.f0).all()
+    report = compare_labels(overlap_corpus, paper)
+    total = sum(u.num_frames for u in overlap_corpus)
+    assert f"phones agree on {100 * (total - 1) / total:.1f}%" in report and "12 utterances in both" in report
+    r = CliRunner().invoke(main, ["compare-labels", str(overlap_corpus.path), str(tmp_path / "p")])
+    assert r.exit_code == 0 and report in r.output
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda ph, pi, g: ph[next(iter(ph))].__setitem__(0, 99), "uses label index 99, which phone_table.json"),
+        (lambda ph, pi, g: ph[next(iter(ph))].extend([0, 0]), "labels for .* model frames \\(more than one off\\)"),
+        (lambda ph, pi, g: g.pop(next(iter(g))), "has no gender"),
+        (lambda ph, pi, g: pi[next(iter(pi))].__setitem__(0, 5), "pitch class outside -1..2"),
+    ],
+    ids=["unknown-index", "length", "no-gender", "bad-pitch-class"],
+)
+def test_malformed_official_files_are_clear_errors(overlap_corpus, demo_corpus, tmp_path, edit, message):
+    from neurostat.corpus.paperlabels import PaperLabelsError, prepare_paper_labels
+
+    folder = write_official(tmp_path / "official", overlap_corpus, edit)
+    with pytest.raises(PaperLabelsError, match=message):
+        prepare_paper_labels(
+            demo_corpus / "LibriSpeech", "dev-clean", folder, tmp_path / "p", overlap_corpus.geometry, progress=False
+        )

@@ -125,25 +125,51 @@ PREPARE_OPTIONS = (
     help="Hub id or local dir whose config gives the frame geometry [default: the HuBERT/wav2vec2 default geometry].",
 )
 @click.option("--sample-rate", type=int, default=None, help="Override the model's sample rate.")
+@click.option(
+    "--paper-labels",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Take the labels from the paper's official label files in this folder (phones.json, phone_table.json, "
+    "pitch.json, gender.json) instead of TextGrids, SPEAKERS.TXT and F0.",
+)
 @click.option("-j", "--num-jobs", default=1, help="Parallel worker processes.")
 @preset_option
 @user_errors
-def prepare(root, corpus, subset, alignments, out, model, sample_rate, num_jobs, **options) -> None:
+def prepare(root, corpus, subset, alignments, out, model, sample_rate, paper_labels, num_jobs, **options) -> None:
     """Label a corpus: phones per frame (MFA TextGrids), speaker gender (SPEAKERS.TXT), F0 and pitch bins.
 
     Cached: a second run reuses every utterance whose inputs and settings did not change.
     """
+    from ..corpus.paperlabels import prepare_paper_labels
     from ..corpus.prepare import PrepareSettings, default_prepared_dir, describe_prepared
     from ..corpus.prepare import prepare as run_prepare
     from ..errors import OptionError
     from ..model.adapter import load_geometry
 
-    if subset is None or alignments is None:
-        raise OptionError("--subset and --alignments are required to label a corpus")
-    settings = PrepareSettings.from_options(load_geometry(model, sample_rate), **with_preset(options))
-    out = out or default_prepared_dir(alignments, subset)
-    meta = run_prepare(root, subset, alignments, out, settings, num_jobs=num_jobs, layout=corpus)
+    if subset is None or (alignments or paper_labels) is None:
+        raise OptionError("--subset and --alignments (or --paper-labels) are required to label a corpus")
+    geometry = load_geometry(model, sample_rate)
+    out = out or default_prepared_dir(alignments or paper_labels, subset)
+    if paper_labels:
+        meta = prepare_paper_labels(root, subset, paper_labels, out, geometry)
+    else:
+        settings = PrepareSettings.from_options(geometry, **with_preset(options))
+        meta = run_prepare(root, subset, alignments, out, settings, num_jobs=num_jobs, layout=corpus)
     click.echo(describe_prepared(meta, out))
+
+
+@main.command("compare-labels")
+@click.argument("first", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("second", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--tokens", type=click.Choice(["phone-mid", "all", "no-silence"]), default="phone-mid")
+@user_errors
+def compare_labels(first, second, tokens) -> None:
+    """Compare two prepared corpora of the same utterances (e.g. neurostat's labels and --paper-labels):
+    per-frame agreement, tokens per phone and per (pitch bin, phone) cell side by side."""
+    from ..compare import compare_labels as compare
+    from ..corpus.prepared import PreparedCorpus
+
+    click.echo(compare(PreparedCorpus(first), PreparedCorpus(second), tokens))
 
 
 @main.group()

@@ -304,7 +304,7 @@ def prepare(
 
 def describe_prepared(meta: dict, out: str | Path) -> str:
     """The summary `neurostat prepare` prints."""
-    edges = ", ".join(f"{e:.2f} Hz" for e in meta["pitch"]["edges"])
+    edges = ", ".join(f"{e:.2f} Hz" for e in meta["pitch"]["edges"]) or "given per frame"
     lines = [
         f"prepared {meta['num_utterances']} utterances, {meta['hours']:.3f} h, {meta['num_frames']} frames -> {out}",
         f"frame geometry: {FrameGeometry.from_dict(meta['geometry']).describe()}; frames labelled by "

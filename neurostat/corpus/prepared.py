@@ -109,7 +109,7 @@ class PreparedUtterance:
     @cached_property
     def _arrays(self) -> dict[str, np.ndarray]:
         with np.load(_utterance_file(self.corpus.path, self.id)) as z:
-            return {k: z[k] for k in ("starts", "ends", "phone", "f0")}
+            return {k: z[k] for k in ("starts", "ends", "phone", "f0", "pitch_bins") if k in z.files}
 
     @property
     def intervals(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -132,7 +132,10 @@ class PreparedUtterance:
         return label_frames(*self.intervals, geo.centres(n))
 
     def pitch_bins(self) -> np.ndarray:
-        """Pitch-bin index of each frame by the corpus's bin rule (the last bin is ``unvoiced``)."""
+        """Pitch-bin index of each frame by the corpus's bin rule (the last bin is ``unvoiced``), or the
+        bins the corpus was given (official label files)."""
+        if "pitch_bins" in self._arrays:
+            return self._arrays["pitch_bins"].astype(np.int64)
         return assign_bins(self.f0.astype(np.float64), self.corpus.edges, self.corpus.meta["pitch"]["rule"])
 
     def part_labels(self, part: str) -> int | np.ndarray:

@@ -1,0 +1,169 @@
+"""The official label files of Lin et al. as a prepared corpus (compare them with neurostat's labels:
+:func:`neurostat.compare.compare_labels`).
+
+The official repository's dev-clean labels, as JSON files in one folder:
+
+- ``phones.json``: ``{utterance: [label index per 20 ms frame]}``;
+- ``phone_table.json``: ``{phone: [index, count]}`` (41 labels: ``""`` silence = 0, ``"spn"``, 39 phones
+  with or without stress digits);
+- ``pitch.json``: ``{utterance: [pitch class per 20 ms frame, -1 unvoiced]}`` (0 low, 1 mid, 2 high);
+- ``gender.json``: ``{speaker: "M" | "F"}``.
+
+Frame counts: the official files have ``int(duration * 50)`` frames, the model
+``floor((L - 400) / 320) + 1`` — one fewer when the last 20 ms cell is shorter than the receptive
+field allows.  A label file one frame longer than the model's count loses its last frame; one frame
+shorter leaves the model's last frame unlabelled (not a token); any other difference is an error.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .. import __version__
+from ..frames import FrameGeometry
+from ..phones import PHONES, PhoneMap, UnknownPhoneError
+from .audio import Skip, load_audio
+from .librispeech import scan
+from .pitch import UNVOICED
+from .prepared import PreparedCorpus
+
+FILES = {"phones": "phones.json", "table": "phone_table.json", "pitch": "pitch.json", "gender": "gender.json"}
+PITCH_CLASSES = ("low", "mid", "high")
+
+
+class PaperLabelsError(ValueError):
+    """An official label file that cannot be read as documented; the message names it."""
+
+
+def _read(folder: Path, what: str) -> dict:
+    path = folder / FILES[what]
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise PaperLabelsError(f"{path}: cannot read the official {what} file ({e})") from None
+    if not isinstance(data, dict):
+        raise PaperLabelsError(f"{path}: expected a JSON object")
+    return data
+
+
+def read_paper_labels(folder: str | Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, str]]:
+    """(phone index into ``PHONES`` per frame, pitch class per frame (-1 unvoiced), gender per speaker)."""
+    folder = Path(folder)
+    table = _read(folder, "table")
+    to_phone = {}
+    for symbol, entry in table.items():
+        try:
+            to_phone[int(entry[0])] = PHONES.index(PhoneMap()(symbol))
+        except (UnknownPhoneError, TypeError, ValueError, IndexError):
+            raise PaperLabelsError(f"{folder / FILES['table']}: entry {symbol!r}: {entry!r} is not a phone") from None
+    phones = {}
+    for utt, frames in _read(folder, "phones").items():
+        unknown = sorted(set(frames) - set(to_phone))
+        if unknown:
+            raise PaperLabelsError(
+                f"{folder / FILES['phones']}: utterance {utt} uses label index {unknown[0]}, which "
+                f"{FILES['table']} does not define"
+            )
+        phones[utt] = np.array([to_phone[i] for i in frames], dtype=np.int16)
+    pitch = {}
+    for utt, frames in _read(folder, "pitch").items():
+        values = np.asarray(frames, dtype=np.int64)
+        if ((values < -1) | (values >= len(PITCH_CLASSES))).any():
+            raise PaperLabelsError(f"{folder / FILES['pitch']}: utterance {utt} has a pitch class outside -1..2")
+        pitch[utt] = values
+    gender = {str(k): str(v) for k, v in _read(folder, "gender").items()}
+    bad = sorted(k for k, v in gender.items() if v not in ("M", "F"))
+    if bad:
+        raise PaperLabelsError(f"{folder / FILES['gender']}: speaker {bad[0]} is neither M nor F")
+    return phones, pitch, gender
+
+
+def _fit(labels: np.ndarray, n: int, what: str, utt: str, fill: int) -> np.ndarray:
+    """The labels cut or padded to the model's ``n`` frames (see the module docstring)."""
+    if len(labels) in (n, n + 1):
+        return labels[:n]
+    if len(labels) == n - 1:
+        return np.concatenate([labels, [fill]])
+    raise PaperLabelsError(f"utterance {utt}: {len(labels)} {what} labels for {n} model frames (more than one off)")
+
+
+def prepare_paper_labels(
+    root: str | Path, subset: str, folder: str | Path, out: str | Path, geometry: FrameGeometry, progress: bool = True
+) -> dict:
+    """A prepared corpus from the official label files (audio from ``root``): phone intervals are the
+    20 ms cells of the labels, pitch bins the official classes (no F0).  Returns the meta dict."""
+    if geometry.stride * 50 != geometry.sample_rate:
+        raise PaperLabelsError(f"the official labels are on a 20 ms grid; the model's frames are {geometry.describe()}")
+    phones, pitch, gender = read_paper_labels(folder)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cell = geometry.stride / geometry.sample_rate
+    records, skips = [], []
+    for u in tqdm(scan(root, subset), desc="paper labels", unit="utt", disable=not progress):
+        if u.id not in phones or u.id not in pitch:
+            skips.append({"id": u.id, "reason": "no-paper-label", "file": str(folder), "message": "no official labels"})
+            continue
+        if u.speaker not in gender:
+            raise PaperLabelsError(f"{Path(folder) / FILES['gender']}: speaker {u.speaker} (of {u.id}) has no gender")
+        try:
+            wave, source_rate = load_audio(u.audio, geometry.sample_rate)
+        except Skip as s:
+            skips.append({"id": u.id, "reason": s.reason, "file": s.path, "message": s.message})
+            continue
+        n = geometry.num_frames(len(wave))
+        frames = _fit(phones[u.id], n, "phone", u.id, -1)
+        classes = _fit(pitch[u.id], n, "pitch", u.id, -1)
+        change = np.flatnonzero(np.r_[True, frames[1:] != frames[:-1]])
+        ends = np.r_[change[1:], n]
+        labelled = frames[change] >= 0
+        record = {
+            "id": u.id,
+            "speaker": u.speaker,
+            "chapter": u.chapter,
+            "gender": gender[u.speaker],
+            "audio": str(u.audio),
+            "num_samples": len(wave),
+            "num_frames": n,
+            "source_sample_rate": source_rate,
+            "resampled": source_rate != geometry.sample_rate,
+        }
+        PreparedCorpus.write_utterance(
+            out,
+            record,
+            "paper-labels",
+            starts=(change * cell)[labelled],
+            ends=(ends * cell)[labelled],
+            phone=frames[change][labelled],
+            f0=np.full(n, np.nan, dtype=np.float32),
+            pitch_bins=np.where(classes < 0, len(PITCH_CLASSES), classes),
+        )
+        records.append(record)
+    if not records:
+        raise PaperLabelsError(f"no utterance of {subset} under {root} has official labels in {folder}")
+    meta = {
+        "neurostat_version": __version__,
+        "corpus": "librispeech",
+        "root": str(Path(root).resolve()),
+        "subset": subset,
+        "alignments": None,
+        "paper_labels": str(Path(folder).resolve()),
+        "geometry": geometry.to_dict(),
+        "phones": list(PHONES),
+        "genders": ["M", "F"],
+        "phone_map": "official phone table",
+        "pitch": {"method": "paper-labels", "edges": [], "bins": [*PITCH_CLASSES, UNVOICED], "quantiles": None},
+        "frame_labels": "overlap",
+        "strict": False,
+        "num_utterances": len(records),
+        "num_frames": int(sum(r["num_frames"] for r in records)),
+        "hours": sum(r["num_samples"] for r in records) / geometry.sample_rate / 3600,
+        "resampled": sum(r["resampled"] for r in records),
+        "skips": dict(Counter(s["reason"] for s in skips)),
+    }
+    meta["pitch"]["rule"] = "paper"
+    return PreparedCorpus.create(out, meta, sorted(records, key=lambda r: r["id"]), skips).meta
