@@ -7,6 +7,7 @@ Timing: on CUDA, CUDA events around the call (device time, no host-side noise); 
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -122,3 +123,31 @@ def paper_loop(corpus, adapter, tokens: str, k: int) -> tuple[float, float]:
         forward_time += t1 - t0
         total += t2 - t0
     return total, forward_time
+
+
+def corpus_arguments(description: str, backend: str = "auto", num_jobs: int = 1) -> argparse.ArgumentParser:
+    """The options the corpus benches share (see :func:`parse`)."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", default="phone-mid", choices=["phone-mid", "all", "no-silence"])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--backend", default=backend, choices=["auto", "torch", "triton"])
+    ap.add_argument("--speakers", type=int, default=4)
+    ap.add_argument("--utterances", type=int, default=3)
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--batch-seconds", type=float, default=None, help="[default: the engine's for the device]")
+    ap.add_argument("-j", "--num-jobs", type=int, default=num_jobs, help="data-loading workers")
+    ap.add_argument("--repeat", type=int, default=2, help="timed repetitions (the best is reported)")
+    ap.add_argument("--no-paper", action="store_true", help="skip the paper's loop")
+    ap.add_argument("--smoke", action="store_true", help="a tiny model on 2 x 2 utterances, once, no results file")
+    ap.add_argument("--results", default=str(RESULTS), help="append the table here ('' for none)")
+    return ap
+
+
+def parse(ap: argparse.ArgumentParser) -> argparse.Namespace:
+    """The options; ``--smoke`` shrinks the run to a tiny model on 2 x 2 utterances, once, no results file."""
+    args = ap.parse_args()
+    args.size = "tiny" if args.smoke else "base"
+    if args.smoke:
+        args.speakers, args.utterances, args.layers, args.repeat, args.results = 2, 2, 2, 1, ""
+    return args

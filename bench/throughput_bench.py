@@ -19,7 +19,6 @@ measured rates (the slower of the compute and the loader bounds the run).
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from benchutil import RESULTS, build_corpus, emit, machine, once, paper_loop  # noqa: E402
+from benchutil import build_corpus, corpus_arguments, parse, emit, machine, once, paper_loop  # noqa: E402
 
 from neurostat.engine.batching import BatchDataset, default_batch_seconds, padding_fraction, plan_batches  # noqa: E402
 from neurostat.engine.collect import CollectConfig, collect  # noqa: E402
@@ -73,30 +72,12 @@ def loader_alone(corpus, adapter, batch_seconds: float, tokens: str, workers: in
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", default="phone-mid", choices=["phone-mid", "all", "no-silence"])
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    ap.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
-    ap.add_argument("--speakers", type=int, default=4)
-    ap.add_argument("--utterances", type=int, default=3)
-    ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--batch-seconds", type=float, default=None, help="[default: the engine's for the device]")
-    ap.add_argument("-j", "--num-jobs", type=int, default=2, help="loader workers of (iv) and of the loader alone")
-    ap.add_argument("--repeat", type=int, default=2, help="timed repetitions of (i)-(iii) (the best is reported)")
-    ap.add_argument("--no-paper", action="store_true", help="skip the paper's loop")
-    ap.add_argument("--smoke", action="store_true", help="a tiny model on 2 x 2 utterances, once, no results file")
-    ap.add_argument("--results", default=str(RESULTS), help="append the table here ('' for none)")
-    args = ap.parse_args()
-    if args.smoke:
-        args.speakers, args.utterances, args.layers, args.repeat, args.results = 2, 2, 2, 1, ""
+    args = parse(corpus_arguments(__doc__, backend="auto", num_jobs=2))
     batch_seconds = args.batch_seconds or default_batch_seconds(args.device)
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        corpus, model_dir = build_corpus(
-            work, args.speakers, args.utterances, args.layers, "tiny" if args.smoke else "base"
-        )
+        corpus, model_dir = build_corpus(work, args.speakers, args.utterances, args.layers, args.size)
         adapter = ModelAdapter.load(str(model_dir), device=args.device, dtype=getattr(torch, args.dtype))
         items, padding = decoded_batches(corpus, adapter, batch_seconds, args.tokens)
         frames = sum(u.num_frames for u in corpus)
