@@ -177,7 +177,8 @@ def describe_store(path: str | Path) -> str:
         lines.append(f"label set {name}: {entry['level']} level, from {entry['source']}")
     if attrs.get("complete"):
         lines.append(
-            f"counted: {p['utterances_done']} utterances, {p['audio_seconds'] / 3600:.3f} h, {p['frames']:,} frames, "
+            f"counted: {p['utterances_done'] - sum(p.get('skips', {}).values())} utterances, "
+            f"{p['audio_seconds'] / 3600:.3f} h, {p['frames']:,} frames, "
             f"{p['tokens']:,} tokens in {p['elapsed_seconds']:.1f} s"
         )
     else:

@@ -136,9 +136,15 @@ class StoreWriter:
                 old.unlink()
 
     def finalize(
-        self, arrays: dict[str, np.ndarray], coords: dict[str, np.ndarray], attrs: dict, done: list[str]
+        self,
+        arrays: dict[str, np.ndarray],
+        coords: dict[str, np.ndarray],
+        attrs: dict,
+        done: list[str],
+        keep_checkpoint: bool = False,
     ) -> None:
-        """Writes the root arrays and marks the store complete."""
+        """Writes the root arrays and marks the store complete; then drops the checkpoint state (the
+        arrays hold it all) unless ``keep_checkpoint``."""
         import zarr
 
         root = zarr.open_group(self.path, mode="a", zarr_format=3)
@@ -164,6 +170,10 @@ class StoreWriter:
             arr[:] = values
         atomic_write(self.internal / "utterances.json", json.dumps(done))
         root.attrs.update({**attrs, "complete": True})
+        if not keep_checkpoint:
+            for old in self.internal.iterdir():
+                if old.name.startswith(("state-", "done-", "checkpoint.json")):
+                    old.unlink()
 
     def close(self) -> None:
         if not self._lock.closed:

@@ -352,6 +352,20 @@ def test_changed_audio_is_a_recorded_skip(corpus_copy, tiny_model, tmp_path):
         corpus, ModelAdapter.load(str(tiny_model)), tmp_path / "s.zarr", CollectConfig(topk_ratio=RATIO), progress=False
     )
     assert attrs["progress"]["skips"] == {"audio-changed": 1}
+    info = CliRunner().invoke(main, ["info", str(tmp_path / "s.zarr")]).output
+    assert f"counted: {len(corpus) - 1} utterances" in info and "skipped during collect: audio-changed 1" in info
+    assert f"collected {len(corpus) - 1} utterances" in describe_collect(attrs, tmp_path / "s.zarr")
+
+
+def test_a_complete_store_drops_its_checkpoint_state_unless_asked(prepared, tiny_model, tmp_path):
+    adapter = ModelAdapter.load(str(tiny_model))
+    for keep in (False, True):
+        out = tmp_path / f"keep{keep}.zarr"
+        config = CollectConfig(topk_ratio=RATIO, checkpoint_utterances=2, keep_checkpoint=keep, shard=(0, 3))
+        collect(prepared, adapter, out, config, progress=False)
+        left = sorted(p.name for p in (out / "neurostat").iterdir() if p.name.startswith(("state-", "checkpoint")))
+        assert bool(left) == keep, left
+        assert open_stats(out).tokens().values.sum() > 0
 
 
 def test_max_seconds_cuts_into_pieces_without_losing_frames(prepared, tiny_model, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import click
 
@@ -17,6 +18,7 @@ def main() -> None:
     Typical flow: `synth` or a real LibriSpeech + MFA alignments → `prepare` → `collect` → `select`.
     `neurostat collect` with no arguments runs the whole embedded demo offline.
     """
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # quiet third-party bars; neurostat's own stay
 
 
 def user_errors(command):

@@ -115,6 +115,11 @@ def _shard(ctx, param, text: str) -> tuple[int, int]:
 @click.option("--checkpoint-seconds", default=300.0, help="Checkpoint at least this often.")
 @click.option("--checkpoint-utterances", type=int, default=None, help="Also checkpoint every N utterances.")
 @click.option(
+    "--keep-checkpoint",
+    is_flag=True,
+    help="Keep the last checkpoint's state beside a complete store (dropped by default).",
+)
+@click.option(
     "--shard",
     default="0/1",
     callback=_shard,

@@ -20,12 +20,13 @@ from .app import main, user_errors
 @click.option(
     "--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Edited checkpoint directory."
 )
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out (never the source model's folder).")
 @user_errors
-def ablate(model, neurons, out) -> None:
+def ablate(model, neurons, out, overwrite) -> None:
     """Write an edited checkpoint whose given neurons are removed (zeroed W2 columns)."""
     from ..model.edit import ablate_checkpoint
 
-    chosen, copied = ablate_checkpoint(model, neurons, out)
+    chosen, copied = ablate_checkpoint(model, neurons, out, overwrite)
     if not copied:
         click.echo(f"note: {model} has no feature-extractor config to copy", err=True)
     click.echo(f"zeroed {len(chosen)} neurons in {sum(1 for c in chosen.counts().values() if c)} layers -> {out}")
@@ -60,6 +61,7 @@ def ablate(model, neurons, out) -> None:
 @click.option(
     "--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Pruned checkpoint directory."
 )
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out (never the source model's folder).")
 @user_errors
 def prune(model, out, **options) -> None:
     """Prune FFN neurons physically and save a checkpoint that `neurostat.load_pruned` reads back."""

@@ -123,8 +123,10 @@ def _stat(path: Path) -> list:
     return [str(path), st.st_size, st.st_mtime_ns]
 
 
-def _utt_key(audio: Path, textgrid: Path, settings: PrepareSettings) -> str:
-    blob = json.dumps([_stat(audio), _stat(textgrid), settings.key()], sort_keys=True)
+def _utt_key(utt: dict, audio: Path, textgrid: Path, settings: PrepareSettings) -> str:
+    """The key of everything a record depends on: the utterance's metadata (speaker, gender from
+    SPEAKERS.TXT, paths), the audio and TextGrid files (size, mtime) and the settings."""
+    blob = json.dumps([utt, _stat(audio), _stat(textgrid), settings.key()], sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()
 
 
@@ -162,7 +164,7 @@ def _prepare_one(task: tuple) -> tuple[str, dict]:
         if textgrid is None:
             raise Skip("missing-textgrid", audio, "no TextGrid for this utterance in the alignments directory")
         textgrid = Path(textgrid)
-        key = _utt_key(audio, textgrid, settings)
+        key = _utt_key(utt, audio, textgrid, settings)
         cached = PreparedCorpus.cached_record(out_dir, utt["id"], key)
         if cached is not None:
             return "ok", cached
@@ -213,6 +215,7 @@ def prepare(
     if layout not in LAYOUTS:
         raise PrepareError(f"unknown corpus layout {layout!r}; neurostat reads {', '.join(LAYOUTS)}")
     out = default_prepared_dir(alignments, subset) if out is None else out
+    root, alignments = Path(root).resolve(), Path(alignments).resolve()  # absolute paths in the records
     if settings.pitch not in METHODS:
         raise PrepareError(f"unknown pitch method {settings.pitch!r}; choose one of {METHODS}")
     utterances = scan(root, subset)

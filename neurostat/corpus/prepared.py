@@ -203,6 +203,16 @@ class PreparedCorpus:
             self._sets[name] = LabelSet(name, self.path / entry["file"], entry["level"], tuple(entry["vocab"]))
         return self._sets[name]
 
+    def check_audio(self) -> None:
+        """Every utterance's audio file must be where prepare found it (records hold absolute paths);
+        a corpus that moved is one error before any work starts."""
+        missing = [r["audio"] for r in self.records if not Path(r["audio"]).is_file()]
+        if missing:
+            raise PreparedCorpusError(
+                f"{self.path}: {len(missing)} of {len(self.records)} audio files are not where prepare found them "
+                f"(first: {missing[0]}); if the corpus moved, run prepare again with --root at its new place"
+            )
+
     def check_label_sets(self, parts: tuple[str, ...]) -> None:
         """Frame-level sets among ``parts`` must still have one label per frame of every utterance they
         label (a re-prepare with another model geometry breaks that); an error names the first mismatch."""

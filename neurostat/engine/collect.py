@@ -52,6 +52,7 @@ class CollectConfig:
     max_seconds: float | None = None
     checkpoint_seconds: float = 300.0
     checkpoint_utterances: int | None = None
+    keep_checkpoint: bool = False  # keep the last checkpoint's state beside the complete store
     shard: tuple[int, int] = (0, 1)
     num_jobs: int = 0
     backend: str = "auto"
@@ -148,6 +149,7 @@ def collect(
     k = max(1, round(config.topk_ratio * width))
     space = LabelSpace.of_corpus(corpus, config.labels)
     corpus.check_label_sets(space.parts)
+    corpus.check_audio()
     _check_state_size(len(layers), space, width, config.stats, adapter.device)
     shard_i, shard_n = config.shard
     indices = [i for i in range(len(corpus)) if i % shard_n == shard_i]
@@ -339,7 +341,7 @@ def _run(corpus, adapter, store: StoreWriter, config, space: LabelSpace, layers,
     arrays = acc.compute()
     coords = {"layer": np.asarray([i + 1 for i in layers], dtype=np.int64), **space.names()}
     final = {**attrs, "complete": True, "progress": {**prog, "utterances_total": len(indices), "complete": True}}
-    store.finalize(arrays, coords, final, done)
+    store.finalize(arrays, coords, final, done, config.keep_checkpoint)
     final["progress"]["elapsed_seconds"] = base_elapsed + time.time() - started
     store.update_attrs({"progress": final["progress"]})
     return final
@@ -396,7 +398,8 @@ def describe_collect(attrs: dict, out: str | Path) -> str:
     loop = max(p.get("loop_seconds", seconds), 1e-9)
     padded = max(p.get("padded_frames", 0), p["frames"], 1)
     lines = [
-        f"collected {p['utterances_done']} utterances, {p['audio_seconds'] / 3600:.3f} h of audio, "
+        f"collected {p['utterances_done'] - sum(p.get('skips', {}).values())} utterances, "
+        f"{p['audio_seconds'] / 3600:.3f} h of audio, "
         f"{p['frames']:,} frames, {p['tokens']:,} tokens ({stats['tokens']}) in {seconds:.1f} s: "
         f"{p['frames'] / seconds:,.0f} frames/s, {p['audio_seconds'] / seconds:.1f} audio-s/s",
         f"waiting for data {100 * p.get('data_wait_seconds', 0) / loop:.0f}% of the loop, computing the rest; "

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..files import new_folder
 from ..neuronset import NeuronSet
 from .adapter import FFN, load_full_model, model_ffns, save_feature_extractor
 
@@ -60,13 +61,18 @@ def zero_neurons(model: nn.Module, neurons: NeuronSet) -> nn.Module:
     return model
 
 
-def ablate_checkpoint(model: str, neurons: str | Path, out: str | Path) -> tuple[NeuronSet, bool]:
+def ablate_checkpoint(
+    model: str, neurons: str | Path, out: str | Path, overwrite: bool = False
+) -> tuple[NeuronSet, bool]:
     """Loads ``model`` (hub id or folder, with its own head), zeroes the W2 columns of the neurons in the
-    ``neurons`` file and saves the edited checkpoint to ``out``; returns the neurons and whether a
+    ``neurons`` file and saves the edited checkpoint to ``out`` (through a temporary folder; an existing
+    ``out`` only with ``overwrite``, the source folder never); returns the neurons and whether a
     feature-extractor config was copied along."""
     net = load_full_model(model)
     ffns = model_ffns(net)
     chosen = NeuronSet.load(neurons, num_layers=len(ffns), width=max(f.width for f in ffns))
     zero_neurons(net, chosen)
-    net.save_pretrained(out)
-    return chosen, save_feature_extractor(model, out)
+    with new_folder(out, model, overwrite) as tmp:
+        net.save_pretrained(tmp)
+        copied = save_feature_extractor(model, tmp)
+    return chosen, copied

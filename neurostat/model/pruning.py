@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .. import __version__
+from ..files import new_folder
 from ..neuronset import NeuronSet
 from .adapter import load_full_model, model_ffns, save_feature_extractor
 
@@ -229,9 +230,11 @@ def prune_checkpoint(
     keep_protected_only: bool = False,
     scope: str = "layer",
     criterion: str = "l1",
+    overwrite: bool = False,
 ) -> PruneResult:
     """Loads ``model`` (hub id or folder), prunes it with the neurons in the ``protect`` files never pruned,
-    and saves the pruned checkpoint to ``out`` (what `neurostat prune` does)."""
+    and saves the pruned checkpoint to ``out`` (what `neurostat prune` does): through a temporary folder
+    renamed at the end; an existing ``out`` only with ``overwrite``, the source folder never."""
     net = load_full_model(model)
     widths = [f.width for f in model_ffns(net)]
     protected = {str(f): NeuronSet.load(f, num_layers=len(widths), width=max(widths)) for f in protect}
@@ -247,5 +250,6 @@ def prune_checkpoint(
         scope=scope,
         exact_protected=keep_protected_only,
     )
-    save_pruned(net, result, out, model, getattr(net.config, "_commit_hash", None), protected, model)
+    with new_folder(out, model, overwrite) as tmp:
+        save_pruned(net, result, tmp, model, getattr(net.config, "_commit_hash", None), protected, model)
     return result

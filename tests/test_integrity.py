@@ -1,0 +1,99 @@
+"""Nothing silent, nothing lost: moved corpora, edited metadata, checkpoints written over their source."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from neurostat.cli import main
+from neurostat.corpus.prepare import PrepareSettings, prepare
+from neurostat.corpus.prepared import PreparedCorpus, PreparedCorpusError
+from neurostat.engine.collect import CollectConfig, collect
+from neurostat.frames import default_geometry
+from neurostat.model.adapter import ModelAdapter
+from neurostat.neuronset import NeuronSet
+
+
+def _prepare(root, out):
+    return prepare(
+        root / "LibriSpeech", "dev-clean", root / "alignments", out, PrepareSettings(default_geometry()), progress=False
+    )
+
+
+def test_prepared_corpus_holds_absolute_paths_and_a_moved_corpus_is_one_error(
+    demo_corpus, tiny_model, tmp_path, monkeypatch
+):
+    work = tmp_path / "work"
+    shutil.copytree(demo_corpus, work / "c")
+    monkeypatch.chdir(work)
+    prepare(
+        "c/LibriSpeech", "dev-clean", "c/alignments", "prepared", PrepareSettings(default_geometry()), progress=False
+    )
+    monkeypatch.chdir(tmp_path)  # another folder: the corpus still reads
+    corpus = PreparedCorpus(work / "prepared")
+    assert all(os.path.isabs(r["audio"]) and os.path.isfile(r["audio"]) for r in corpus.records)
+    corpus.check_audio()
+    (work / "c").rename(work / "moved")
+    out = tmp_path / "s.zarr"
+    with pytest.raises(PreparedCorpusError, match=r"12 of 12 audio files are not where prepare found them .*--root"):
+        collect(corpus, ModelAdapter.load(str(tiny_model)), out, CollectConfig(), progress=False)
+    assert not out.exists()  # refused before any work
+
+
+def test_editing_speakers_txt_updates_the_cached_gender(corpus_copy, tmp_path):
+    out = tmp_path / "p"
+    _prepare(corpus_copy, out)
+    first = PreparedCorpus(out)[0]
+    speakers = corpus_copy / "LibriSpeech" / "SPEAKERS.TXT"
+    flipped = {"M": "F", "F": "M"}[first.gender]
+    lines = []
+    for line in speakers.read_text().splitlines():
+        fields = line.split("|")
+        if not line.startswith(";") and fields[0].strip() == first.speaker:
+            fields[1] = f" {flipped} "
+        lines.append("|".join(fields))
+    speakers.write_text("\n".join(lines) + "\n")
+    _prepare(corpus_copy, out)
+    again = PreparedCorpus(out)
+    assert again[0].gender == flipped
+    assert json.loads((out / "manifest.jsonl").read_text().splitlines()[0])["gender"] == flipped
+
+
+@pytest.mark.parametrize("command", ["prune", "ablate"])
+def test_checkpoints_never_overwrite_their_source_or_an_existing_folder(tiny_model, tmp_path, command):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    neurons = tmp_path / "n.json"
+    NeuronSet({1: [0, 2]}).save(neurons)
+    extra = ["--keep-ratio", "0.5"] if command == "prune" else ["--neurons", str(neurons)]
+    run = lambda out, *more: CliRunner().invoke(
+        main, [command, "--model", str(model), "--out", str(out), *extra, *more]
+    )  # noqa: E731
+    for args in ((), ("--overwrite",)):
+        r = run(model, *args)
+        assert r.exit_code == 1 and "is the source model itself" in r.output, r.output
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "neurostat.json").write_text("{}")  # a leftover that would break load_pruned
+    r = run(out)
+    assert r.exit_code == 1 and "already exists; pass --overwrite" in r.output
+    r = run(out, "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert (command == "prune") == (out / "neurostat.json").is_file() and (out / "config.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]  # the temporary folder was renamed
+
+
+def test_third_party_progress_bars_are_quiet(tiny_model, tmp_path):
+    neurons = tmp_path / "n.json"
+    NeuronSet({1: [0]}).save(neurons)
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    args = ["--model", str(tiny_model), "--neurons", str(neurons), "--out", str(tmp_path / "o")]
+    res = subprocess.run([sys.executable, "-m", "neurostat", "ablate", *args], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "Loading weights" not in res.stderr and "Writing model shards" not in res.stderr
