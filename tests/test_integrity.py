@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from neurostat.cli import main
@@ -97,3 +98,28 @@ def test_third_party_progress_bars_are_quiet(tiny_model, tmp_path):
     res = subprocess.run([sys.executable, "-m", "neurostat", "ablate", *args], env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert "Loading weights" not in res.stderr and "Writing model shards" not in res.stderr
+
+
+def test_user_errors_are_one_line_without_a_traceback(prepared, tiny_model, tmp_path):
+    run = CliRunner().invoke
+    base = ["collect", "--prepared", str(prepared.path), "--model", str(tiny_model), "--out", str(tmp_path / "s.zarr")]
+    if not torch.cuda.is_available():
+        r = run(main, [*base, "--device", "cuda"])
+        assert r.exit_code == 1 and "sees no CUDA device" in r.output and "Traceback" not in r.output
+    r = run(main, [*base, "--topk-ratio", "0"])
+    assert r.exit_code == 1 and "--topk-ratio must be in (0, 1]" in r.output
+    r = run(main, [*base, "--batch-seconds", "-5"])
+    assert r.exit_code == 1 and "--batch-seconds must be positive" in r.output
+    assert not (tmp_path / "s.zarr").exists()  # refused before a store was made
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    collect_broken = ["collect", "--prepared", str(prepared.path), "--model", str(broken), "--out", str(tmp_path / "b")]
+    for damage in ("corrupt", "missing"):  # corrupt weights, then none at all
+        if damage == "missing":
+            (broken / "model.safetensors").unlink()
+        r = run(main, collect_broken)
+        assert r.exit_code == 1 and "cannot load the model's weights" in r.output and "Traceback" not in r.output
+    for args, message in ((["--keep", "0"], "leave at least one"), (["--keep-ratio", "1.5"], "--keep-ratio")):
+        r = run(main, ["prune", "--model", str(tiny_model), "--out", str(tmp_path / "p"), *args])
+        assert r.exit_code == 1 and message in r.output, r.output

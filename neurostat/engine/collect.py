@@ -131,6 +131,10 @@ def collect(
     adapter.check_geometry(corpus.geometry)
     if config.tokens not in MODES:
         raise ValueError(f"unknown token mode {config.tokens!r}; choose one of {MODES}")
+    if not 0 < config.topk_ratio <= 1:
+        raise ValueError(f"--topk-ratio must be in (0, 1] (k = round(λ·D) neurons of D), got {config.topk_ratio}")
+    if config.batch_seconds is not None and not config.batch_seconds > 0:
+        raise ValueError(f"--batch-seconds must be positive, got {config.batch_seconds}")
     config.stats = tuple(s.name for s in statistics(config.stats))
     config.batch_seconds = config.batch_seconds or default_batch_seconds(adapter.device)
     config.front_end = config.front_end or default_front_end(adapter.device)

@@ -187,7 +187,7 @@ class ModelAdapter:
             ) from None
         if attention == "auto":
             attention = _best_attention(torch.device(device), dtype)
-        model = AutoModel.from_pretrained(source, revision=revision, dtype=dtype, attn_implementation=attention)
+        model = _weights(AutoModel, source, revision=revision, dtype=dtype, attn_implementation=attention)
         return cls(model.to(device), feature_extractor, source, revision or getattr(config, "_commit_hash", None))
 
     def check_geometry(self, geometry: FrameGeometry) -> None:
@@ -354,11 +354,34 @@ def _instrumented_forward(ffn: FFN, index: int, activation: Callable[[int, FFN, 
     return forward
 
 
+def _weights(cls, source: str, **kwargs) -> nn.Module:
+    """``cls.from_pretrained(source)``; missing or unreadable weights are a ModelError naming the model."""
+    from safetensors import SafetensorError
+
+    try:
+        return cls.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(
+            f"{source}: cannot load the model's weights ({type(e).__name__}: {first}); a model folder needs a "
+            "readable model.safetensors (or pytorch_model.bin) beside its config.json"
+        ) from None
+
+
 def resolve_device(device: str) -> torch.device:
     """``auto`` → the first CUDA device when there is one, else the CPU."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ModelError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(
+            f"--device {device}: this torch sees no CUDA device ({'a CPU-only build' if torch.version.cuda is None else 'no GPU visible'}); "
+            "use --device cpu or auto"
+        )
+    return resolved
 
 
 def load_geometry(source: str | None = None, sample_rate: int | None = None) -> FrameGeometry:
@@ -402,7 +425,7 @@ def load_full_model(source: str, revision: str | None = None) -> nn.Module:
     check_model_type(config, source)
     names = getattr(config, "architectures", None) or []
     cls = next((getattr(transformers, n) for n in names if hasattr(transformers, n)), transformers.AutoModel)
-    return cls.from_pretrained(source, revision=revision).eval()
+    return _weights(cls, source, revision=revision).eval()
 
 
 def model_ffns(model: nn.Module) -> list[FFN]:

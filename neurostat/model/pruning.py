@@ -78,7 +78,7 @@ def plan(
     if (keep is None) == (ratio is None):
         raise PruneError("give exactly one budget: keep (a count) or ratio")
     if ratio is not None and not 0 < ratio <= 1:
-        raise PruneError(f"ratio must be in (0, 1], got {ratio}")
+        raise PruneError(f"the kept ratio (--keep-ratio) must be in (0, 1], got {ratio}")
     if scope == "global":
         total = round(ratio * sum(widths.values())) if ratio is not None else keep
         if not isinstance(total, int):
@@ -93,8 +93,10 @@ def plan(
     kept = {}
     for layer, score in scores.items():
         n, fixed = budget[layer], sorted(protect[layer])
-        if not 0 <= n <= widths[layer]:
-            raise PruneError(f"layer {layer}: cannot keep {n} of {widths[layer]} neurons")
+        if not 1 <= n <= widths[layer]:
+            raise PruneError(
+                f"layer {layer}: cannot keep {n} of {widths[layer]} neurons (--keep / --keep-ratio leave at least one)"
+            )
         if len(fixed) > n:
             raise PruneError(
                 f"layer {layer}: {len(fixed)} protected neurons but a budget of {n}; raise the budget or protect fewer"
