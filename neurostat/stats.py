@@ -17,7 +17,7 @@ import xarray as xr
 
 from .labelspace import LabelSpace
 from .moments import pool
-from .store import StoreError, checkpoint_progress, read_attrs
+from .store import StoreError, checkpoint_progress, read_attrs, verify_store
 
 _STAT_VARS = {"topk": "topk_count", "positive": "positive_count"}
 
@@ -34,6 +34,7 @@ class Stats:
                 f"{self.path} is not complete (a collection is running or was interrupted, {done} "
                 f"utterances checkpointed); finish it with `neurostat collect ... --resume`"
             )
+        verify_store(self.path)
         self.ds = xr.open_zarr(self.path, consolidated=False)
         self.label_space = LabelSpace.from_dict(self.attrs["labels"])
         self.k = int(self.attrs["statistics"]["k"])
@@ -52,6 +53,17 @@ class Stats:
                 f"{self.path} has no {var!r} (collected: {', '.join(have)}); re-collect with --stat for it"
             )
         return self.ds[var]
+
+    def _values(self, var: str) -> np.ndarray:
+        """The variable's values; a chunk that does not decode is an error naming it, not a traceback."""
+        array = self._need(var)
+        try:
+            return array.values
+        except Exception as e:  # codec and I/O errors of a damaged chunk, whatever their type
+            raise StoreError(
+                f"{self.path}: variable {var!r} does not read back ({type(e).__name__}: {e}); the store is damaged: "
+                f"`neurostat info --verify` finds the file; restore it or collect again"
+            ) from None
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -94,7 +106,7 @@ class Stats:
         """Token counts per marginal label (the store variable ``frames``)."""
         by = tuple(by)
         drop, _ = self._parts(by)
-        values = self._finish(self._expand(self.ds["frames"].values).sum(axis=drop, keepdims=True), by)[0, ..., 0]
+        values = self._finish(self._expand(self._values("frames")).sum(axis=drop, keepdims=True), by)[0, ..., 0]
         return xr.DataArray(values, dims=list(by), coords={p: list(self.label_space.vocab(p)) for p in by})
 
     def reduce(self, var: str, by: tuple[str, ...] = ("phone",)) -> xr.DataArray:
@@ -106,7 +118,7 @@ class Stats:
             raise ValueError(f"{var!r} merges by {rule!r}: read it with moments()")
         by = tuple(by)
         drop, _ = self._parts(by)
-        values = self._expand(self._need(var).values)
+        values = self._expand(self._values(var))
         reduced = reducers[rule](values, axis=drop, keepdims=True) if drop else values
         dims = ["layer", *by, "neuron"]
         return xr.DataArray(self._finish(reduced, by), dims=dims, coords=self._coords(by))
@@ -131,9 +143,9 @@ class Stats:
         """Pooled (mean, var) per layer, marginal label and neuron, combined exactly from the joint labels."""
         by = tuple(by)
         drop, _ = self._parts(by)
-        n = self._expand(self.ds["frames"].values.astype(np.float64))
-        mean = np.nan_to_num(self._expand(self._need("mean").values))
-        m2 = np.nan_to_num(self._expand(self._need("var").values)) * n
+        n = self._expand(self._values("frames").astype(np.float64))
+        mean = np.nan_to_num(self._expand(self._values("mean")))
+        m2 = np.nan_to_num(self._expand(self._values("var"))) * n
         total, pooled, pooled_m2 = pool(n, mean, m2, drop)
         empty = total == 0
         dims = ["layer", *by, "neuron"]

@@ -8,7 +8,8 @@ statistic parameters, the label vocabularies, pitch edges, versions, the command
 The ``neurostat`` subgroup holds what a writer needs: ``writer.lock`` (one writer at a time, an
 ``flock`` that dies with its process), checkpoints ``state-<n>.npz`` + ``done-<n>.json`` written
 first and then published by an atomic rename of ``checkpoint.json``, and, once complete,
-``utterances.json`` (the utterance ids counted, so merges can refuse overlapping shards).
+``utterances.json`` (the utterance ids counted, so merges can refuse overlapping shards) and
+``manifest.json`` (every array file with its size and SHA-1: :func:`verify_store`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .files import atomic_write
+from .files import atomic_write, sha1_file
 
 FORMAT = 2
 _INTERNAL = "neurostat"
@@ -37,7 +38,10 @@ def read_attrs(path: str | Path) -> dict:
     meta = Path(path) / "zarr.json"
     if not meta.is_file():
         raise StoreError(f"{path} is not a neurostat store (no zarr.json)")
-    attrs = json.loads(meta.read_text()).get("attributes", {})
+    try:
+        attrs = json.loads(meta.read_text()).get("attributes", {})
+    except (OSError, ValueError) as e:
+        raise StoreError(f"{meta}: the store's metadata is damaged (not readable JSON: {e})") from None
     if "neurostat_store_format" not in attrs:
         raise StoreError(f"{path} is a Zarr group but not a neurostat store")
     if attrs["neurostat_store_format"] != FORMAT:
@@ -169,6 +173,7 @@ class StoreWriter:
             )
             arr[:] = values
         atomic_write(self.internal / "utterances.json", json.dumps(done))
+        atomic_write(self.internal / "manifest.json", json.dumps(_manifest(self.path, list(coords) + list(arrays))))
         root.attrs.update({**attrs, "complete": True})
         if not keep_checkpoint:
             for old in self.internal.iterdir():
@@ -185,6 +190,38 @@ class StoreWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _manifest(path: Path, arrays: list[str]) -> dict[str, list]:
+    """Every file of the arrays (metadata and chunks) with its size and SHA-1."""
+    return {
+        f.relative_to(path).as_posix(): [f.stat().st_size, sha1_file(f)]
+        for name in arrays
+        for f in sorted((path / name).rglob("*"))
+        if f.is_file()
+    }
+
+
+def verify_store(path: str | Path, checksums: bool = False) -> int:
+    """Checks a complete store against the manifest written when it completed: every file present with
+    its size (cheap), and with ``checksums`` its SHA-1.  A missing or damaged file is an error naming the
+    variable and the chunk, never zeros.  Returns the number of files checked (0: no manifest)."""
+    path = Path(path)
+    manifest_file = path / _INTERNAL / "manifest.json"
+    if not manifest_file.is_file():
+        return 0
+    for rel, (size, sha1) in json.loads(manifest_file.read_text()).items():
+        f = path / rel
+        var, _, chunk = rel.partition("/")
+        where = f"variable {var!r}, " + (f"chunk {chunk.removeprefix('c/')}" if chunk.startswith("c/") else chunk)
+        if not f.is_file():
+            problem = "is missing"
+        elif f.stat().st_size != size or (checksums and sha1_file(f) != sha1):
+            problem = "is damaged (its size or checksum differs from when the store completed)"
+        else:
+            continue
+        raise StoreError(f"{path}: {where} {problem}; restore the store or collect it again")
+    return len(json.loads(manifest_file.read_text()))
 
 
 def checkpoint_progress(path: str | Path) -> dict | None:

@@ -123,3 +123,54 @@ def test_user_errors_are_one_line_without_a_traceback(prepared, tiny_model, tmp_
     for args, message in ((["--keep", "0"], "leave at least one"), (["--keep-ratio", "1.5"], "--keep-ratio")):
         r = run(main, ["prune", "--model", str(tiny_model), "--out", str(tmp_path / "p"), *args])
         assert r.exit_code == 1 and message in r.output, r.output
+
+
+def test_a_missing_or_damaged_store_file_is_an_error_naming_it(prepared, tiny_model, tmp_path):
+    out = tmp_path / "s.zarr"
+    collect(prepared, ModelAdapter.load(str(tiny_model)), out, CollectConfig(topk_ratio=0.1), progress=False)
+    run = CliRunner().invoke
+    r = run(main, ["info", str(out), "--verify"])
+    assert r.exit_code == 0 and "verified" in r.output
+    chunk = out / "topk_count" / "c" / "1" / "0" / "0"
+    original = chunk.read_bytes()
+    chunk.write_bytes(bytes(len(original)))  # garbage of the same size: it does not decode; the checksum sees it
+    r = run(main, ["select", str(out)])
+    assert r.exit_code == 1 and "variable 'topk_count' does not read back" in r.output and "Traceback" not in r.output
+    r = run(main, ["info", str(out), "--verify"])
+    assert r.exit_code == 1 and "variable 'topk_count', chunk 1/0/0 is damaged" in r.output
+    chunk.write_bytes(original[:-7])  # truncated: the cheap check on open sees it
+    r = run(main, ["select", str(out)])
+    assert r.exit_code == 1 and "variable 'topk_count', chunk 1/0/0 is damaged" in r.output
+    chunk.unlink()  # gone: never read as zeros
+    for command in (["select", str(out)], ["info", str(out)]):
+        r = run(main, command)
+        assert r.exit_code == 1 and "chunk 1/0/0 is missing" in r.output and "Traceback" not in r.output
+    chunk.write_bytes(original)
+    (out / "frames" / "c" / "0").unlink()
+    r = run(main, ["select", str(out)])
+    assert r.exit_code == 1 and "variable 'frames', chunk 0 is missing" in r.output
+    meta = out / "zarr.json"
+    meta.write_text(meta.read_text()[:100])
+    r = run(main, ["info", str(out)])
+    assert r.exit_code == 1 and "metadata is damaged" in r.output and "Traceback" not in r.output
+
+
+def test_swapped_weights_in_the_same_folder_are_refused_on_resume_and_merge(prepared, tiny_model, tmp_path):
+    from neurostat.engine.merge import merge_stores
+    from neurostat.model.factory import save_model
+    from neurostat.store import StoreError
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    first = ModelAdapter.load(str(model))
+    assert first.weights and ModelAdapter.load(str(model)).weights == first.weights  # cached, stable
+    config = lambda i: CollectConfig(topk_ratio=0.1, shard=(i, 2))  # noqa: E731
+    collect(prepared, first, tmp_path / "a.zarr", config(0), progress=False)
+    save_model(model, seed=7)  # other weights, same folder, same path
+    second = ModelAdapter.load(str(model))
+    assert second.weights != first.weights
+    with pytest.raises(StoreError, match="other settings .*weights"):
+        collect(prepared, second, tmp_path / "a.zarr", config(0), resume=True, progress=False)
+    collect(prepared, second, tmp_path / "b.zarr", config(1), progress=False)
+    with pytest.raises(StoreError, match="differs from .* in weights"):
+        merge_stores([tmp_path / "a.zarr", tmp_path / "b.zarr"], tmp_path / "m.zarr")

@@ -322,7 +322,7 @@ def test_select_groups_over_utterance_clusters_and_units(tmp_path):
     assert as_dict(sel.neurons) == {1: [3, 5], 2: []} and sel.settings["within"] == "unit"
     assert sel.property == "spk groups"
     # builtin property of an utterance-level set: its clusters over the phones (AA only has tokens)
-    with pytest.warns(UserWarning, match=r"\(group, phone\) cells have no tokens"):
+    with pytest.warns(UserWarning, match=r"\(group, phone\) cells without tokens count as not above chance"):
         builtin = property_neurons(stats, "spk", sigma=1 / len(ARPABET))
     assert as_dict(builtin.neurons) == {1: [3, 5], 2: []}
     # a frame-level set groups by its own labels: unit 2 has neuron 3 only (through x)

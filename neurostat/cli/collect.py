@@ -181,9 +181,13 @@ def merge(stores, out, overwrite) -> None:
 
 @main.command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--verify", is_flag=True, help="Also check every array file's checksum against the store's manifest.")
 @user_errors
-def info(store) -> None:
-    """Print a readable summary of a statistics store."""
+def info(store, verify) -> None:
+    """Print a readable summary of a statistics store (a missing or damaged file is an error)."""
     from ..stats import describe_store
+    from ..store import verify_store
 
+    if verify:
+        click.echo(f"verified {verify_store(store, checksums=True)} files against the manifest")
     click.echo(describe_store(store))

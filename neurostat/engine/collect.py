@@ -161,6 +161,7 @@ def collect(
     fingerprint = {
         "model": adapter.source,
         "revision": adapter.revision,
+        "weights": adapter.weights,
         "dtype": str(adapter.dtype).replace("torch.", ""),
         "stats": list(config.stats),
         "topk_ratio": config.topk_ratio,

@@ -8,7 +8,7 @@ import numpy as np
 import xarray as xr
 
 from ..labelspace import LabelSpace
-from ..store import StoreError, StoreWriter, load_done, read_attrs
+from ..store import StoreError, StoreWriter, load_done, read_attrs, verify_store
 from .accumulate import Accumulator, state_from_store
 
 _SHARD_FREE = ("shard",)
@@ -25,6 +25,8 @@ def merge_stores(paths: list[str | Path], out: str | Path, overwrite: bool = Fal
     if len(paths) < 2:
         raise StoreError("merge needs at least two stores")
     attrs = [read_attrs(p) for p in paths]
+    for p in paths:
+        verify_store(p)
     for p, a in zip(paths, attrs):
         if not a.get("complete"):
             raise StoreError(f"{p} is not complete; finish it with --resume before merging")

@@ -18,6 +18,8 @@ reference, and the default on a CPU, where it is faster (:func:`default_front_en
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..files import atomic_write, sha1_file
 from ..frames import FrameGeometry, default_geometry
 
 MODEL_TYPES = ("hubert", "wav2vec2", "wavlm", "data2vec-audio")
@@ -155,6 +158,7 @@ class ModelAdapter:
         self.feature_extractor = feature_extractor
         self.config = self.backbone.config
         self.geometry = FrameGeometry.from_config(self.config, feature_extractor.sampling_rate)
+        self.weights: str | None = None  # SHA-1 of the weight files when loaded from a folder
 
     @classmethod
     def load(
@@ -188,7 +192,9 @@ class ModelAdapter:
         if attention == "auto":
             attention = _best_attention(torch.device(device), dtype)
         model = _weights(AutoModel, source, revision=revision, dtype=dtype, attn_implementation=attention)
-        return cls(model.to(device), feature_extractor, source, revision or getattr(config, "_commit_hash", None))
+        adapter = cls(model.to(device), feature_extractor, source, revision or getattr(config, "_commit_hash", None))
+        adapter.weights = weights_fingerprint(source)
+        return adapter
 
     def check_geometry(self, geometry: FrameGeometry) -> None:
         """A prepared corpus's frame geometry must be this model's (else its frame labels are wrong)."""
@@ -229,6 +235,7 @@ class ModelAdapter:
             "geometry": self.geometry.to_dict(),
             "normalize": bool(getattr(self.feature_extractor, "do_normalize", False)),
             "attention": self.attention,
+            "weights_sha1": self.weights,
         }
 
     @property
@@ -366,6 +373,29 @@ def _weights(cls, source: str, **kwargs) -> nn.Module:
             f"{source}: cannot load the model's weights ({type(e).__name__}: {first}); a model folder needs a "
             "readable model.safetensors (or pytorch_model.bin) beside its config.json"
         ) from None
+
+
+def weights_fingerprint(source: str) -> str | None:
+    """SHA-1 over a local model folder's weight files (``*.safetensors``, ``*.bin``), cached beside them in
+    ``.neurostat-weights.json`` by name, size and mtime; None for a hub id (its revision names it)."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return None
+    files = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix in (".safetensors", ".bin"))
+    stamp = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    cache = folder / ".neurostat-weights.json"
+    try:
+        cached = json.loads(cache.read_text())
+        if cached["files"] == stamp:
+            return cached["sha1"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    digest = hashlib.sha1("".join(f"{f.name}:{sha1_file(f)};" for f in files).encode()).hexdigest()
+    try:
+        atomic_write(cache, json.dumps({"files": stamp, "sha1": digest}))
+    except OSError:  # a read-only model folder: hash again next time
+        pass
+    return digest
 
 
 def resolve_device(device: str) -> torch.device:
