@@ -60,8 +60,6 @@ class StoreWriter:
 
         self.path = Path(path)
         exists = (self.path / "zarr.json").is_file()
-        if exists and not (resume or overwrite):
-            raise StoreError(f"{self.path} already exists: pass --resume to continue it or --overwrite to replace it")
         if self.path.exists() and not exists and any(self.path.iterdir()):
             raise StoreError(f"{self.path} exists and is not a neurostat store; refusing to write into it")
         if exists:
@@ -69,13 +67,16 @@ class StoreWriter:
         self.internal = self.path / _INTERNAL
         self.internal.mkdir(parents=True, exist_ok=True)
         self._lock = open(self.internal / "writer.lock", "a+")
-        try:
+        try:  # the lock first: while another process writes, --resume is not the advice to give
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._lock.seek(0)
             holder = self._lock.read().strip() or "another process"
             self._lock.close()
             raise StoreError(f"{self.path} is being written by {holder}; one writer at a time") from None
+        if exists and not (resume or overwrite):
+            self.close()
+            raise StoreError(f"{self.path} already exists: pass --resume to continue it or --overwrite to replace it")
         self._lock.seek(0)
         self._lock.truncate()
         self._lock.write(f"pid {os.getpid()} on {os.uname().nodename}")

@@ -174,3 +174,28 @@ def test_swapped_weights_in_the_same_folder_are_refused_on_resume_and_merge(prep
     collect(prepared, second, tmp_path / "b.zarr", config(1), progress=False)
     with pytest.raises(StoreError, match="differs from .* in weights"):
         merge_stores([tmp_path / "a.zarr", tmp_path / "b.zarr"], tmp_path / "m.zarr")
+
+
+def test_messages_that_used_to_mislead(prepared, tiny_model, tmp_path, monkeypatch):
+    from neurostat.engine.accumulate import Accumulator
+    from neurostat.store import StoreError, StoreWriter, read_attrs
+
+    r = CliRunner().invoke(main, ["collect", "--prepared", str(prepared.path), "--model", str(tmp_path / "no" / "dir")])
+    assert r.exit_code == 1 and "no such directory" in r.output
+    monkeypatch.setattr(sys, "argv", ["neurostat", "collect", "--model", "my models/hubert"])
+    out = tmp_path / "s.zarr"
+    collect(
+        prepared, ModelAdapter.load(str(tiny_model)), out, CollectConfig(topk_ratio=0.1, shard=(0, 4)), progress=False
+    )
+    assert (
+        "command: neurostat collect --model 'my models/hubert'" in CliRunner().invoke(main, ["info", str(out)]).output
+    )
+    attrs = read_attrs(out)
+    with StoreWriter(out, attrs, resume=True):  # another writer holds the store: say so, not "pass --resume"
+        with pytest.raises(StoreError, match="being written by pid"):
+            StoreWriter(out, attrs)
+    acc = Accumulator(1, 2, 3, 1, ("moments",))
+    acc.tokens[:] = torch.tensor([2, 0])
+    acc.totals["m2"][0, 0] = torch.tensor([-8.6e-9, 0.5, 0.0], dtype=torch.float64)  # rounding below zero
+    var = acc.compute()["var"]
+    assert var[0, 0].tolist() == [0.0, 0.25, 0.0] and torch.isnan(torch.from_numpy(var[0, 1])).all()

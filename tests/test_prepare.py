@@ -166,6 +166,16 @@ def test_bad_inputs_are_recorded_skips(corpus_copy, tmp_path):
     assert "before the audio" in got[files(corpus_copy, 10)[0].stem]["message"]
     assert "QX" in got[files(corpus_copy, 8)[0].stem]["message"]
     assert "overlapping" in got[files(corpus_copy, 7)[0].stem]["message"]
+    assert "downmix" in got[files(corpus_copy, 3)[0].stem]["message"]
+
+
+def test_a_corpus_in_another_phone_set_points_at_phone_map(corpus_copy, tmp_path):
+    for tg in (corpus_copy / "alignments").rglob("*.TextGrid"):
+        grid = read_textgrid(tg)
+        ipa = [Interval(iv.xmin, iv.xmax, "ɪ" if iv.text else "") for iv in grid.tiers["phones"]]
+        write_textgrid(tg, grid.xmax, {**grid.tiers, "phones": ipa})
+    with pytest.raises(PrepareError, match="12 of 12 use phone symbols outside ARPAbet.*--phone-map"):
+        run(corpus_copy, tmp_path / "o")
 
 
 def test_strict_turns_skips_into_errors(corpus_copy, tmp_path):

@@ -32,7 +32,12 @@ def load_audio(path: str | Path, sample_rate: int, strict: bool = False) -> tupl
     if wave.shape[0] == 0:
         raise Skip("empty-audio", path, "audio file has no samples")
     if wave.shape[1] != 1:
-        raise Skip("multichannel-audio", path, f"audio has {wave.shape[1]} channels; neurostat expects mono speech")
+        raise Skip(
+            "multichannel-audio",
+            path,
+            f"audio has {wave.shape[1]} channels; neurostat expects mono speech: downmix it first "
+            "(e.g. sox in.flac out.flac remix -)",
+        )
     wave = wave[:, 0]
     if sr != sample_rate:
         if strict:

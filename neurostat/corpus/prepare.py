@@ -263,8 +263,15 @@ def prepare(
         first = skips[0]
         raise PrepareError(f"{first['file']}: {first['message']} (--strict; {len(skips)} problem(s) in all)")
     if not records:
+        unknown = sum(s["reason"] == "unknown-phone" for s in skips)
+        hint = (
+            f" ({unknown} of {len(skips)} use phone symbols outside ARPAbet: an alignment in another phone set, such "
+            "as MFA's IPA english_mfa, needs --phone-map FILE)"
+            if unknown > len(skips) / 2
+            else ""
+        )
         raise PrepareError(
-            f"no usable utterances in {subset}: " + "; ".join(f"{s['file']}: {s['message']}" for s in skips[:3])
+            f"no usable utterances in {subset}{hint}: " + "; ".join(f"{s['file']}: {s['message']}" for s in skips[:3])
         )
 
     records.sort(key=lambda r: r["id"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import signal
 import sys
 import threading
@@ -57,7 +58,7 @@ class CollectConfig:
     num_jobs: int = 0
     backend: str = "auto"
     labels: tuple[str, ...] | None = None  # label parts of the joint label; None = every part of the corpus
-    command: str = field(default_factory=lambda: " ".join(sys.argv))
+    command: str = field(default_factory=lambda: shlex.join(sys.argv))  # shell-quoted, as info prints it
 
 
 class CollectInterrupted(RuntimeError):

@@ -179,6 +179,8 @@ class ModelAdapter:
         try:
             config = AutoConfig.from_pretrained(source, revision=revision)
         except (OSError, ValueError) as e:
+            if not Path(source).exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
+                raise ModelError(f"cannot load model {source!r}: no such directory") from None
             where = "directory" if Path(source).exists() else "hub id (offline runs need it in the HF cache)"
             raise ModelError(f"cannot load model {source!r} as a {where}: {e}") from None
         check_model_type(config, source)
