@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from .errors import OptionError
 from .neuronset import NeuronSet
 from .phones import ARPABET, BROAD_CLASSES
 from .stats import Stats
@@ -320,9 +321,12 @@ def select_properties(
 
 
 def save_selections(selections: dict[str, Selection], out: str | Path) -> str:
-    """One selection to the file ``out``; several to ``out/<name>.json``.  Returns what was written."""
+    """To the file ``out`` when it ends in ``.json`` (one selection), else to ``out/<name>.json`` — the
+    same kind of output whatever the number of properties.  Returns what was written."""
     out = Path(out)
-    if len(selections) == 1:
+    if out.suffix.lower() == ".json" and len(selections) > 1:
+        raise OptionError(f"--out {out} is one file but {len(selections)} properties were selected; give a folder")
+    if out.suffix.lower() == ".json":
         out.parent.mkdir(parents=True, exist_ok=True)
         next(iter(selections.values())).neurons.save(out)
         return f"wrote {out}"

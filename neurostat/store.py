@@ -18,6 +18,7 @@ import fcntl
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -110,7 +111,19 @@ class StoreWriter:
     def update_attrs(self, attrs: dict) -> None:
         import zarr
 
-        zarr.open_group(self.path, mode="a", zarr_format=3).attrs.update(attrs)
+        root = zarr.open_group(self.path, mode="a", zarr_format=3)
+        root.attrs.update(attrs)
+        if root.attrs.get("complete"):
+            self._consolidate()
+
+    def _consolidate(self) -> None:
+        """Consolidated metadata, so that ``xarray.open_zarr(path)`` opens the store without a warning
+        (zarr warns, while writing it, that v3 has no standard for it yet: that warning is expected)."""
+        import zarr
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            zarr.consolidate_metadata(self.path)
 
     def load_checkpoint(self) -> tuple[dict[str, np.ndarray], list[str], dict] | None:
         """The latest published checkpoint: (state, finished utterance ids, progress), or None."""
@@ -176,6 +189,7 @@ class StoreWriter:
         atomic_write(self.internal / "utterances.json", json.dumps(done))
         atomic_write(self.internal / "manifest.json", json.dumps(_manifest(self.path, list(coords) + list(arrays))))
         root.attrs.update({**attrs, "complete": True})
+        self._consolidate()
         if not keep_checkpoint:
             for old in self.internal.iterdir():
                 if old.name.startswith(("state-", "done-", "checkpoint.json")):

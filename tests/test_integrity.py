@@ -199,3 +199,35 @@ def test_messages_that_used_to_mislead(prepared, tiny_model, tmp_path, monkeypat
     acc.totals["m2"][0, 0] = torch.tensor([-8.6e-9, 0.5, 0.0], dtype=torch.float64)  # rounding below zero
     var = acc.compute()["var"]
     assert var[0, 0].tolist() == [0.0, 0.25, 0.0] and torch.isnan(torch.from_numpy(var[0, 1])).all()
+
+
+def test_xarray_opens_a_complete_store_without_a_warning(prepared, tiny_model, tmp_path):
+    import warnings
+
+    import xarray as xr
+
+    out = tmp_path / "s.zarr"
+    collect(
+        prepared, ModelAdapter.load(str(tiny_model)), out, CollectConfig(topk_ratio=0.1, shard=(0, 4)), progress=False
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds = xr.open_zarr(out)
+    assert {"frames", "topk_count", "mean"} <= set(ds.data_vars)
+    assert ds.attrs["progress"] == json.loads((out / "zarr.json").read_text())["attributes"]["progress"]
+
+
+def test_select_out_is_a_file_only_when_it_says_so(prepared, tiny_model, tmp_path):
+    out = tmp_path / "s.zarr"
+    collect(
+        prepared, ModelAdapter.load(str(tiny_model)), out, CollectConfig(topk_ratio=0.1, shard=(0, 4)), progress=False
+    )
+    run = CliRunner().invoke
+    r = run(main, ["select", str(out), "--property", "gender", "--out", str(tmp_path / "one")])
+    assert r.exit_code == 0 and (tmp_path / "one" / "gender.json").is_file()
+    r = run(main, ["select", str(out), "--property", "gender", "--out", str(tmp_path / "g.json")])
+    assert r.exit_code == 0 and (tmp_path / "g.json").is_file()
+    r = run(
+        main, ["select", str(out), "--property", "gender", "--property", "pitch", "--out", str(tmp_path / "two.json")]
+    )
+    assert r.exit_code == 2 and "give a folder" in r.output and not (tmp_path / "two.json").exists()

@@ -51,7 +51,8 @@ from .app import main, user_errors
     "--out",
     type=click.Path(path_type=Path),
     default=None,
-    help="JSON in the paper's format {layer: [indices]}; with several properties a folder of <property>.json.",
+    help="Where to write the neurons in the paper's format {layer: [indices]}: a FILE.json (one property), or "
+    "a folder of <property>.json files.",
 )
 @user_errors
 def select(store, properties, groups, out, **settings) -> None:

@@ -42,6 +42,8 @@ def layer_features(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(utterance id, output of Transformer layer ``layer`` (1-based) [frames, hidden]) per utterance."""
     adapter.check_geometry(corpus.geometry)
+    if not indices:  # nothing to run (and no empty progress bar)
+        return
     layers = adapter.backbone.encoder.layers
     if not 1 <= layer <= len(layers):
         raise ModelError(f"{adapter.source} has layers 1..{len(layers)}; no layer {layer}")
