@@ -146,14 +146,6 @@ def cell_counts(stats: Stats, spec: GroupSpec, stat: str = "topk") -> dict[str, 
     return out
 
 
-def cell_probabilities(stats: Stats, spec: GroupSpec, stat: str = "topk") -> dict[str, np.ndarray]:
-    """Per group: P(j | group, cell) as [layer, cells, neuron] (NaN for cells without tokens)."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return {
-            g: c / np.where(n > 0, n, np.nan)[None, :, None] for g, (c, n) in cell_counts(stats, spec, stat).items()
-        }
-
-
 def _cell_names(spec: GroupSpec, stats: Stats, group: str) -> list[str]:
     cells = spec.cell_labels(stats)
     return spec.groups[group] if cells is None else cells
