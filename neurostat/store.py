@@ -14,6 +14,7 @@ first and then published by an atomic rename of ``checkpoint.json``, and, once c
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -77,6 +78,7 @@ class StoreWriter:
             raise StoreError(f"{self.path} is being written by {holder}; one writer at a time") from None
         if exists and not (resume or overwrite):
             self.close()
+            self._check_compatible(read_attrs(self.path), attrs)  # --resume would be refused: say why instead
             raise StoreError(f"{self.path} already exists: pass --resume to continue it or --overwrite to replace it")
         self._lock.seek(0)
         self._lock.truncate()
@@ -139,16 +141,28 @@ class StoreWriter:
     def save_checkpoint(self, state: dict[str, np.ndarray], done: list[str], progress: dict) -> None:
         """Writes the new state and done-list, then publishes them with one atomic rename."""
         pointer = self.internal / "checkpoint.json"
-        gen = json.loads(pointer.read_text())["generation"] + 1 if pointer.is_file() else 0
+        previous = json.loads(pointer.read_text()) if pointer.is_file() else None
+        gen = previous["generation"] + 1 if previous else 0
         state_name, done_name = f"state-{gen}.npz", f"done-{gen}.json"
-        with open(self.internal / state_name, "wb") as f:
-            np.savez(f, **state)
-            f.flush()
-            os.fsync(f.fileno())
-        atomic_write(self.internal / done_name, json.dumps(done))
-        atomic_write(
-            pointer, json.dumps({"generation": gen, "state": state_name, "done": done_name, "progress": progress})
-        )
+        try:
+            with open(self.internal / state_name, "wb") as f:
+                np.savez(f, **state)
+                f.flush()
+                os.fsync(f.fileno())
+            atomic_write(self.internal / done_name, json.dumps(done))
+            atomic_write(
+                pointer, json.dumps({"generation": gen, "state": state_name, "done": done_name, "progress": progress})
+            )
+        except OSError as e:  # the new files are dropped; the previous checkpoint stays published and intact
+            for partial in (state_name, done_name, done_name + ".tmp", "checkpoint.json.tmp"):
+                (self.internal / partial).unlink(missing_ok=True)
+            if e.errno != errno.ENOSPC:
+                raise
+            kept = f"{previous['progress']['utterances_done']} utterances" if previous else "nothing yet"
+            raise StoreError(
+                f"{self.path}: the disk is full ({e.strerror}); the last checkpoint ({kept}) is intact: free some "
+                f"space (or copy the store elsewhere) and continue with `neurostat collect ... --resume`"
+            ) from None
         for old in self.internal.iterdir():
             if old.name.startswith(("state-", "done-")) and old.name not in (state_name, done_name):
                 old.unlink()
@@ -194,6 +208,11 @@ class StoreWriter:
             for old in self.internal.iterdir():
                 if old.name.startswith(("state-", "done-", "checkpoint.json")):
                     old.unlink()
+
+    @property
+    def lock_fd(self) -> int:
+        """The descriptor that holds the writer lock (child processes should close their copy)."""
+        return self._lock.fileno()
 
     def close(self) -> None:
         if not self._lock.closed:

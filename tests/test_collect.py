@@ -1,5 +1,7 @@
+import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -307,7 +309,7 @@ def test_incompatible_stores_models_and_corpora(prepared, tiny_model, tmp_path):
     other = ModelAdapter.load(str(save_model(tmp_path / "other", seed=5)))
     with pytest.raises(StoreError, match="collected with other settings .*model"):
         collect(prepared, other, out, CollectConfig(topk_ratio=RATIO), resume=True, progress=False)
-    with pytest.raises(StoreError, match="already exists"):
+    with pytest.raises(StoreError, match="collected with other settings .*model"):  # not "pass --resume"
         collect(prepared, other, out, CollectConfig(topk_ratio=RATIO), progress=False)
     meta = out / "zarr.json"
     doc = json.loads(meta.read_text())
@@ -502,3 +504,67 @@ def test_data_wait_share_is_measured(prepared, tiny_model, tmp_path, monkeypatch
     p = attrs["progress"]
     assert p["data_wait_seconds"] / p["loop_seconds"] > 0.8
     assert "waiting for data" in describe_collect(attrs, tmp_path / "s.zarr")
+
+
+def test_resume_right_after_a_kill_while_loader_workers_linger(prepared, tiny_model, tmp_path):
+    """Killing the run leaves its data-loading workers alive for a few seconds; they must not hold the lock."""
+    common = _common(prepared.path, tiny_model)
+    common[common.index("-j") + 1] = 2
+    out = tmp_path / "s.zarr"
+    proc, pointer = _start_and_wait(common, out, min_done=2)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    alive = [w for w in workers if os.path.exists(f"/proc/{w}")]
+    with open(out / "neurostat" / "writer.lock", "a+") as lock:  # at once: the workers may still be alive
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises BlockingIOError if one still held it
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    assert workers and alive, "the test needs data-loading workers that outlive the killed run"
+    res = subprocess.run(_cli(*common, "--out", out, "--resume"), env=ENV, capture_output=True, text=True)
+    assert res.returncode == 0 and "being written" not in res.stderr, res.stderr
+    assert open_stats(out).attrs["progress"]["utterances_done"] == len(prepared)
+
+
+def test_a_full_disk_keeps_the_last_checkpoint_and_the_resume_is_exact(prepared, tiny_model, tmp_path):
+    """A 1.6 MB tmpfs takes one checkpoint (~1.2 MB of state) but not a second beside it."""
+    disk = tmp_path / "small"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1600k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        common = _common(prepared.path, tiny_model)
+        res = subprocess.run(
+            _cli(*common, "--out", disk / "s.zarr", "--checkpoint-utterances", 3),
+            env=ENV,
+            capture_output=True,
+            text=True,
+        )
+        assert res.returncode == 1 and "the disk is full" in res.stderr and "Traceback" not in res.stderr, res.stderr
+        kept = json.loads((disk / "s.zarr" / "neurostat" / "checkpoint.json").read_text())["progress"]
+        assert 3 <= kept["utterances_done"] < len(prepared) and f"({kept['utterances_done']} utterances)" in res.stderr
+        shutil.copytree(disk / "s.zarr", tmp_path / "moved.zarr")  # the store, moved to a disk with room
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+    res = subprocess.run(
+        _cli(*common, "--out", tmp_path / "moved.zarr", "--resume"), env=ENV, capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr
+    collect(
+        prepared,
+        ModelAdapter.load(str(tiny_model)),
+        tmp_path / "straight.zarr",
+        CollectConfig(topk_ratio=RATIO, batch_seconds=0.001),
+        progress=False,
+    )
+    a = xr.open_zarr(tmp_path / "moved.zarr", consolidated=False)
+    b = xr.open_zarr(tmp_path / "straight.zarr", consolidated=False)
+    for name in ("frames", "topk_count", "positive_count"):
+        np.testing.assert_array_equal(a[name].values, b[name].values)
+    np.testing.assert_allclose(a["mean"].values, b["mean"].values, rtol=1e-5, atol=1e-7)
+
+
+def test_debug_shows_the_traceback(prepared, tmp_path):
+    args = ["collect", "--prepared", str(prepared.path), "--model", str(tmp_path / "no" / "dir")]
+    assert CliRunner().invoke(main, args).exit_code == 1
+    r = CliRunner().invoke(main, ["--debug", *args])
+    assert isinstance(r.exception, ModelError) and "no such directory" in str(r.exception)

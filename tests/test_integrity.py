@@ -190,6 +190,9 @@ def test_messages_that_used_to_mislead(prepared, tiny_model, tmp_path, monkeypat
     assert (
         "command: neurostat collect --model 'my models/hubert'" in CliRunner().invoke(main, ["info", str(out)]).output
     )
+    other = {**read_attrs(out), "fingerprint": {**read_attrs(out)["fingerprint"], "model": "another"}}
+    with pytest.raises(StoreError, match="collected with other settings .*model.*new --out or --overwrite"):
+        StoreWriter(out, other)  # without --resume: not "pass --resume", which would be refused
     attrs = read_attrs(out)
     with StoreWriter(out, attrs, resume=True):  # another writer holds the store: say so, not "pass --resume"
         with pytest.raises(StoreError, match="being written by pid"):

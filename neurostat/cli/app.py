@@ -12,7 +12,8 @@ from .. import __version__
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(__version__, prog_name="neurostat")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error instead of one line.")
+def main(debug: bool) -> None:
     """Find, edit and prune the property neurons of speech Transformers (HuBERT, wav2vec 2.0, WavLM, data2vec).
 
     Typical flow: `synth` or a real LibriSpeech + MFA alignments → `prepare` → `collect` → `select`.
@@ -29,6 +30,8 @@ def user_errors(command):
     def run(*args, **kwargs):
         from ..errors import OptionError, UserError
 
+        if click.get_current_context().find_root().params.get("debug"):
+            return command(*args, **kwargs)
         try:
             return command(*args, **kwargs)
         except OptionError as e:

@@ -9,6 +9,7 @@ killed run resumes with counts identical to an uninterrupted one, losing at most
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import shlex
@@ -230,6 +231,12 @@ def collect(
         return _run(corpus, adapter, store, config, space, layers, k, indices, attrs, progress)
 
 
+def _release_inherited(fd: int, worker_id: int) -> None:
+    """A data-loading worker closes its copy of the store lock's descriptor: the lock is the run's, and a
+    worker outliving a killed run (for a few seconds) must not keep the store locked."""
+    os.close(fd)
+
+
 def _timed_iter(loader, prog: dict) -> Iterator:
     """Iterates ``loader``, adding the time spent waiting for each item to ``prog["data_wait_seconds"]``."""
     items = iter(loader)
@@ -280,6 +287,7 @@ def _run(corpus, adapter, store: StoreWriter, config, space: LabelSpace, layers,
         num_workers=config.num_jobs,
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if config.num_jobs else None,
+        worker_init_fn=functools.partial(_release_inherited, store.lock_fd),
     )
     position = {layer: i for i, layer in enumerate(layers)}
     current: dict = {}
