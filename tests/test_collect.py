@@ -217,6 +217,19 @@ def _start_and_wait(common, out, min_done):
     return proc, pointer
 
 
+def assert_equals_uninterrupted(out, corpus, model_dir, tmp_path, stats=CollectConfig.stats):
+    """The store at ``out`` (interrupted and resumed) against an uninterrupted run of the same settings:
+    counts (and maxima) exactly, means to the fp32 per-batch sums."""
+    straight = tmp_path / "straight.zarr"
+    config = CollectConfig(stats=stats, topk_ratio=RATIO, batch_seconds=0.001)
+    collect(corpus, ModelAdapter.load(str(model_dir)), straight, config, progress=False)
+    a, b = xr.open_zarr(out, consolidated=False), xr.open_zarr(straight, consolidated=False)
+    for name in ("frames", "topk_count", "positive_count", "max_abs"):
+        if name in b:
+            np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
+    np.testing.assert_allclose(a["mean"].values, b["mean"].values, rtol=1e-5, atol=1e-7)
+
+
 def test_resume_after_sigkill_gives_identical_counts(tmp_path, tiny_model, demo_corpus):
     from neurostat.corpus.prepare import PrepareSettings, prepare
     from neurostat.corpus.prepared import PreparedCorpus
@@ -248,19 +261,8 @@ def test_resume_after_sigkill_gives_identical_counts(tmp_path, tiny_model, demo_
     assert res.returncode != 0 and "--resume" in res.stderr
     res = subprocess.run(_cli(*common, "--out", out, "--resume"), env=ENV, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    collect(
-        PreparedCorpus(tmp_path / "p"),
-        ModelAdapter.load(str(tiny_model)),
-        tmp_path / "straight.zarr",
-        CollectConfig(stats=tuple(TABLE), topk_ratio=RATIO, batch_seconds=0.001),
-        progress=False,
-    )
-    a = xr.open_zarr(out, consolidated=False)
-    b = xr.open_zarr(tmp_path / "straight.zarr", consolidated=False)
-    for name in ("frames", "topk_count", "positive_count", "max_abs"):
-        np.testing.assert_array_equal(a[name].values, b[name].values)
-    np.testing.assert_allclose(a["mean"].values, b["mean"].values, rtol=1e-5, atol=1e-7)
-    assert a.attrs["progress"]["utterances_done"] == 40
+    assert_equals_uninterrupted(out, PreparedCorpus(tmp_path / "p"), tiny_model, tmp_path, tuple(TABLE))
+    assert open_stats(out).attrs["progress"]["utterances_done"] == 40
 
 
 def test_sigint_stops_at_a_batch_boundary_with_a_checkpoint(tmp_path, tiny_model, prepared):
@@ -275,16 +277,7 @@ def test_sigint_stops_at_a_batch_boundary_with_a_checkpoint(tmp_path, tiny_model
     assert 1 <= done < len(prepared)
     res = subprocess.run(_cli(*common, "--out", out, "--resume"), env=ENV, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    collect(
-        prepared,
-        ModelAdapter.load(str(tiny_model)),
-        tmp_path / "straight.zarr",
-        CollectConfig(topk_ratio=RATIO, batch_seconds=0.001),
-        progress=False,
-    )
-    a, b = xr.open_zarr(out, consolidated=False), xr.open_zarr(tmp_path / "straight.zarr", consolidated=False)
-    for name in ("frames", "topk_count", "positive_count"):
-        np.testing.assert_array_equal(a[name].values, b[name].values)
+    assert_equals_uninterrupted(out, prepared, tiny_model, tmp_path)
 
 
 def test_second_writer_is_refused(prepared, tiny_model, tmp_path):
@@ -549,18 +542,7 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_the_resume_is_exact(prepared,
         _cli(*common, "--out", tmp_path / "moved.zarr", "--resume"), env=ENV, capture_output=True, text=True
     )
     assert res.returncode == 0, res.stderr
-    collect(
-        prepared,
-        ModelAdapter.load(str(tiny_model)),
-        tmp_path / "straight.zarr",
-        CollectConfig(topk_ratio=RATIO, batch_seconds=0.001),
-        progress=False,
-    )
-    a = xr.open_zarr(tmp_path / "moved.zarr", consolidated=False)
-    b = xr.open_zarr(tmp_path / "straight.zarr", consolidated=False)
-    for name in ("frames", "topk_count", "positive_count"):
-        np.testing.assert_array_equal(a[name].values, b[name].values)
-    np.testing.assert_allclose(a["mean"].values, b["mean"].values, rtol=1e-5, atol=1e-7)
+    assert_equals_uninterrupted(tmp_path / "moved.zarr", prepared, tiny_model, tmp_path)
 
 
 def test_debug_shows_the_traceback(prepared, tmp_path):

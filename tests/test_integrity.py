@@ -72,9 +72,10 @@ def test_checkpoints_never_overwrite_their_source_or_an_existing_folder(tiny_mod
     neurons = tmp_path / "n.json"
     NeuronSet({1: [0, 2]}).save(neurons)
     extra = ["--keep-ratio", "0.5"] if command == "prune" else ["--neurons", str(neurons)]
-    run = lambda out, *more: CliRunner().invoke(
-        main, [command, "--model", str(model), "--out", str(out), *extra, *more]
-    )  # noqa: E731
+
+    def run(out, *more):
+        return CliRunner().invoke(main, [command, "--model", str(model), "--out", str(out), *extra, *more])
+
     for args in ((), ("--overwrite",)):
         r = run(model, *args)
         assert r.exit_code == 1 and "is the source model itself" in r.output, r.output
