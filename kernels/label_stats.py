@@ -1,22 +1,21 @@
 """``label_stats``: per-label statistics of selected token rows of the FFN activations — top-k counts,
-positive counts and shifted moment sums (any subset), from one pass over the rows.
+positive counts and shifted moment sums (any subset), from one read of each row.
 
 For the paper's statistic every token needs the k-th largest |a| across its whole row (all D
-neurons), which no GEMM tile sees.  Two kernels read the selected rows of ``y = act(W1 x + b1)``:
+neurons), which no GEMM tile sees, so the kernels read whole rows of ``y = act(W1 x + b1)``.  The key
+of a lane is |a| read as an fp32 bit pattern (monotone for non-negative floats); only the bits the
+input dtype can set matter (15 for bf16, 18 for fp16, 31 for fp32).  Ties at the threshold go to the
+lower neuron index (a prefix count of the tied lanes, only in rows with more tied lanes than room) —
+the same rule as the torch reference.  Two designs (``TUNING["design"]``):
 
-- The *top-k* kernel owns whole rows (one small program per few rows, so the searches' reductions
-  overlap across the GPU).  It finds the k-th largest |a| — read as an fp32 bit pattern, monotone for
-  non-negative floats — by a bitwise binary search from the top bit down (only the bits the input
-  dtype can set: 15 for bf16, 18 for fp16, 31 for fp32), one bit per block reduction or
-  (``search_bits`` 2) two, with three candidate counts packed into one int64 reduction.  Ties at the
-  threshold go to the lower neuron index (a prefix count of the tied lanes, only in rows that have
-  more tied lanes than room) — the same rule as the torch reference.  The row's k chosen lanes are
-  then added to its label's counts with k integer atomics: nothing else leaves the program.
-- The *sums* kernel counts a > 0 and sums the shifted moments.  It walks *chunks* — runs of at most
-  32 token rows that share one label (the host sorts the tokens by label while building the batch) —
-  split into column blocks, so a batch gives chunks × column blocks independent programs; each keeps
-  a [rows, columns] register tile of partial sums, reduces it once and adds it to the label's row of
-  the per-batch buffers, so atomics scale with the chunks, not the tokens.
+- ``chunk`` (default): one program per *chunk* — a run of at most 32 token rows that share one label
+  (the host sorts the tokens by label while building the batch).  Each row is read once, whole, into
+  registers; its k-th largest key is found by a radix select, one histogram per digit of 8 bits (two
+  for bf16) instead of one dependent whole-row reduction per bit; the top-k lanes, a > 0 and the
+  shifted moments are summed over the chunk in registers and flushed once per chunk (counts only
+  where non-zero), so global atomics scale with chunks, not hits.
+- ``split``: a top-k kernel with a bitwise binary search from the top bit down (one or two bits per
+  block reduction) and k atomics per row, and a sums kernel over (chunk, column block) tiles.
 
 Counts are int32 atomics (exact and order-independent); moment sums are fp32 atomics, so their
 rounding may differ from run to run.  With ``TUNING["two_pass"]`` each chunk stores its sums in its own
@@ -160,6 +159,98 @@ def _sums_kernel(
 
 
 @triton.jit
+def _radix_digit(key, prefix, need, HI: tl.constexpr, LO: tl.constexpr, NB: tl.constexpr):
+    """One digit (key bits [LO, HI)) of the radix select: among the keys that equal ``prefix`` above HI,
+    the digit of the ``need``-th largest, and how many of them are still needed below it."""
+    match = (key >> HI) == (prefix >> HI)
+    digit = (key >> LO) & ((1 << (HI - LO)) - 1)
+    hist = tl.histogram(digit, NB, mask=match)
+    at_least = tl.cumsum(hist, 0, reverse=True)
+    chosen = tl.sum((at_least >= need).to(tl.int32), 0) - 1
+    need -= tl.sum(tl.where(tl.arange(0, NB) > chosen, hist, 0), 0)
+    return prefix | (chosen << LO), need
+
+
+@triton.jit
+def _chunk_stats_kernel(
+    y_ptr,
+    stride_y,
+    rows_ptr,
+    chunk_start_ptr,
+    chunk_label_ptr,
+    shift_ptr,
+    topk_ptr,
+    pos_ptr,
+    s1_ptr,
+    s2_ptr,
+    D,
+    k,
+    LOW_BIT: tl.constexpr,
+    FIRST: tl.constexpr,
+    DIGIT: tl.constexpr,
+    PASSES: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DO_TOPK: tl.constexpr,
+    DO_POS: tl.constexpr,
+    DO_MOM: tl.constexpr,
+    TWO_PASS: tl.constexpr,
+):
+    """Per same-label chunk: each row read once, whole; its k-th largest |a| found by a radix select (a
+    first digit of FIRST bits, then PASSES − 1 digits of DIGIT bits, down to LOW_BIT: one histogram per
+    digit instead of one reduction per bit), ties to the lower index; top-k, positive counts and shifted
+    moment sums summed over the chunk in registers and flushed once per chunk (only non-zero counts)."""
+    chunk = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_D)
+    valid = offs < D
+    start = tl.load(chunk_start_ptr + chunk)
+    end = tl.load(chunk_start_ptr + chunk + 1)
+    if DO_MOM:
+        shift = tl.load(shift_ptr + offs, mask=valid, other=0.0)
+    acc_top = tl.zeros([BLOCK_D], dtype=tl.int32)
+    acc_pos = tl.zeros([BLOCK_D], dtype=tl.int32)
+    acc_s1 = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_s2 = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for i in range(start, end):
+        row = tl.load(rows_ptr + i).to(tl.int64)
+        a = tl.load(y_ptr + row * stride_y + offs, mask=valid, other=0.0).to(tl.float32)
+        if DO_TOPK:
+            key = tl.where(valid, tl.abs(a).to(tl.int32, bitcast=True), -1)
+            thr, need = _radix_digit(key, tl.zeros([], dtype=tl.int32), k, 31, 31 - FIRST, 1 << DIGIT)
+            for p in tl.static_range(PASSES - 1):
+                thr, need = _radix_digit(
+                    key, thr, need, 31 - FIRST - p * DIGIT, 31 - FIRST - (p + 1) * DIGIT, 1 << DIGIT
+                )
+            above = key > thr
+            tied = key == thr
+            take = above | tied
+            if tl.sum(tied.to(tl.int32), 0) > need:
+                take = above | (tied & (tl.cumsum(tied.to(tl.int32), 0) <= need))
+            acc_top += take.to(tl.int32)
+        if DO_POS:
+            acc_pos += (a > 0).to(tl.int32)
+        if DO_MOM:
+            dev = tl.where(valid, a - shift, 0.0)
+            acc_s1 += dev
+            acc_s2 += dev * dev
+    label_row = tl.load(chunk_label_ptr + chunk).to(tl.int64) * D + offs
+    out = chunk.to(tl.int64) * D + offs if TWO_PASS else label_row
+    if DO_TOPK:
+        tl.atomic_add(topk_ptr + label_row, acc_top, mask=valid & (acc_top != 0))
+    if DO_POS:
+        if TWO_PASS:
+            tl.store(pos_ptr + out, acc_pos, mask=valid)
+        else:
+            tl.atomic_add(pos_ptr + out, acc_pos, mask=valid & (acc_pos != 0))
+    if DO_MOM:
+        if TWO_PASS:
+            tl.store(s1_ptr + out, acc_s1, mask=valid)
+            tl.store(s2_ptr + out, acc_s2, mask=valid)
+        else:
+            tl.atomic_add(s1_ptr + out, acc_s1, mask=valid)
+            tl.atomic_add(s2_ptr + out, acc_s2, mask=valid)
+
+
+@triton.jit
 def _chunk_reduce_kernel(part_ptr, out_ptr, label_chunks_ptr, D, BLOCK: tl.constexpr):
     """Per label and column block: the sum of its chunks' rows of ``part`` (chunks are sorted by label)."""
     label = tl.program_id(0)
@@ -176,6 +267,9 @@ def _chunk_reduce_kernel(part_ptr, out_ptr, label_chunks_ptr, D, BLOCK: tl.const
 
 
 TUNING = {
+    "design": "chunk",
+    "digit": 8,
+    "chunk_warps": 8,
     "search_rows": 1,
     "search_warps": 4,
     "search_bits": 1,
@@ -184,9 +278,11 @@ TUNING = {
     "num_warps": 4,
     "two_pass": False,
 }
-"""Rows per program, warps (CUDA only) and bits settled per search step of the top-k kernel; columns per
-program, rows per step and warps (CUDA only) of the sums kernel; and whether chunks store their sums for
-a second reduction kernel instead of adding them with atomics (bench/kernel_bench.py measures choices)."""
+"""``design``: ``chunk`` (one kernel, one program per same-label chunk, radix select with digits of
+``digit`` bits, ``chunk_warps`` warps on CUDA) or ``split`` (the top-k kernel's bitwise search — rows per
+program, warps, bits settled per step — and the sums kernel's column blocks, rows per step and warps);
+and whether chunks store their sums for a second reduction kernel instead of adding them with atomics.
+bench/kernel_bench.py measures the choices."""
 
 
 def _check(y: torch.Tensor, k: int) -> None:
@@ -220,7 +316,7 @@ def label_stats(
     each [num_labels, D], for the statistics asked for.
     """
     _check(y, k)
-    width, dev, cuda = y.shape[1], y.device, y.is_cuda
+    width, dev = y.shape[1], y.device
     if moments and shift is None:
         raise ValueError("moments need the per-neuron shift")
     n_chunks = chunk_labels.numel()
@@ -237,7 +333,56 @@ def label_stats(
         out["s2"] = alloc((rows_out, width), dtype=torch.float32, device=dev)
     if not n_chunks:
         return out
-    if topk:
+    if TUNING["design"] == "chunk":
+        _chunk_stats(y, rows, chunk_starts, chunk_labels, k, shift, out, two_pass)
+    else:
+        _split_stats(y, rows, row_labels, chunk_starts, chunk_labels, k, shift, out, two_pass)
+    if two_pass:
+        label_chunks = torch.searchsorted(chunk_labels, torch.arange(num_labels + 1, device=dev, dtype=torch.int32))
+        label_chunks = label_chunks.to(torch.int32)
+        block = min(1024, triton.next_power_of_2(width))
+        for name in ("positive", "s1", "s2"):
+            if name in out:
+                part, out[name] = out[name], torch.empty((num_labels, width), dtype=out[name].dtype, device=dev)
+                _chunk_reduce_kernel[(num_labels, triton.cdiv(width, block))](
+                    part, out[name], label_chunks, width, BLOCK=block
+                )
+    return out
+
+
+def _chunk_stats(y, rows, chunk_starts, chunk_labels, k, shift, out, two_pass) -> None:
+    dummy = torch.empty(1, dtype=torch.int32, device=y.device)
+    bits, digit = 31 - _LOW_BIT[y.dtype], TUNING["digit"]
+    passes = triton.cdiv(bits, digit)
+    _chunk_stats_kernel[(chunk_labels.numel(),)](
+        y,
+        y.stride(0),
+        rows,
+        chunk_starts,
+        chunk_labels,
+        shift.float().contiguous() if "s1" in out else dummy,
+        out.get("topk", dummy),
+        out.get("positive", dummy),
+        out.get("s1", dummy),
+        out.get("s2", dummy),
+        y.shape[1],
+        k,
+        LOW_BIT=_LOW_BIT[y.dtype],
+        FIRST=bits - (passes - 1) * digit,
+        DIGIT=digit,
+        PASSES=passes,
+        BLOCK_D=triton.next_power_of_2(y.shape[1]),
+        DO_TOPK="topk" in out,
+        DO_POS="positive" in out,
+        DO_MOM="s1" in out,
+        TWO_PASS=two_pass,
+        num_warps=TUNING["chunk_warps"] if y.is_cuda else 4,
+    )
+
+
+def _split_stats(y, rows, row_labels, chunk_starts, chunk_labels, k, shift, out, two_pass) -> None:
+    width, cuda = y.shape[1], y.is_cuda
+    if "topk" in out:
         search_rows = TUNING["search_rows"]
         _topk_kernel[(triton.cdiv(rows.numel(), search_rows),)](
             y,
@@ -254,35 +399,24 @@ def label_stats(
             TWO_BITS=TUNING["search_bits"] == 2,
             num_warps=TUNING["search_warps"] if cuda else 4,
         )
-    if positive or moments:
-        dummy = torch.empty(1, dtype=torch.int32, device=dev)
+    if "positive" in out or "s1" in out:
+        dummy = torch.empty(1, dtype=torch.int32, device=y.device)
         block_n = min(TUNING["block_n"], triton.next_power_of_2(width))
-        _sums_kernel[(n_chunks, triton.cdiv(width, block_n))](
+        _sums_kernel[(chunk_labels.numel(), triton.cdiv(width, block_n))](
             y,
             y.stride(0),
             rows,
             chunk_starts,
             chunk_labels,
-            shift.float().contiguous() if moments else dummy,
+            shift.float().contiguous() if "s1" in out else dummy,
             out.get("positive", dummy),
             out.get("s1", dummy),
             out.get("s2", dummy),
             width,
             BLOCK_N=block_n,
             ROWS=TUNING["rows"],
-            DO_POS=positive,
-            DO_MOM=moments,
+            DO_POS="positive" in out,
+            DO_MOM="s1" in out,
             TWO_PASS=two_pass,
             num_warps=TUNING["num_warps"] if cuda else 4,
         )
-    if two_pass:
-        label_chunks = torch.searchsorted(chunk_labels, torch.arange(num_labels + 1, device=dev, dtype=torch.int32))
-        label_chunks = label_chunks.to(torch.int32)
-        block = min(1024, triton.next_power_of_2(width))
-        for name in ("positive", "s1", "s2"):
-            if name in out:
-                part, out[name] = out[name], torch.empty((num_labels, width), dtype=out[name].dtype, device=dev)
-                _chunk_reduce_kernel[(num_labels, triton.cdiv(width, block))](
-                    part, out[name], label_chunks, width, BLOCK=block
-                )
-    return out

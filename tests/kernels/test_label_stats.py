@@ -15,29 +15,39 @@ def run(y, rows, local, num_labels, k, shift=None, chunk=32, **which):
     return label_stats(y, *work, num_labels, k, shift, **which)
 
 
-@pytest.mark.parametrize("two_pass", [False, True], ids=["atomic", "two-pass"])
+DESIGNS = {
+    "chunk-digit8": {"design": "chunk", "digit": 8},
+    "chunk-digit3": {"design": "chunk", "digit": 3},
+    "chunk-digit11": {"design": "chunk", "digit": 11},
+    "split-bits1": {"design": "split", "search_rows": 1, "search_bits": 1, "block_n": 16, "rows": 1},
+    "split-bits2": {"design": "split", "search_rows": 2, "search_bits": 2, "block_n": 8, "rows": 2},
+    "split-rows4": {"design": "split", "search_rows": 4, "search_bits": 1, "block_n": 32, "rows": 4},
+}
+
+
+def tune(monkeypatch, design: str, two_pass: bool = False) -> None:
+    for name, value in {**DESIGNS[design], "two_pass": two_pass}.items():
+        monkeypatch.setitem(TUNING, name, value)
+
+
 @pytest.mark.parametrize(
-    "tuning", [(1, 1, 16, 1), (2, 2, 8, 2), (4, 1, 32, 4)], ids=["search1-bits1", "search2-bits2", "search4-bits1"]
+    "design, two_pass",
+    [(name, False) for name in DESIGNS] + [("chunk-digit8", True), ("split-bits2", True)],
+    ids=lambda v: {True: "two-pass", False: "atomic"}.get(v, v) if isinstance(v, bool) else v,
 )
 @pytest.mark.parametrize(
     "m, d, k, labels, chunk", [(7, 13, 3, 4, 2), (29, 37, 5, 6, 4), (40, 101, 11, 9, 32), (3, 5, 5, 2, 1)]
 )
 def test_matches_reference_with_ties_empty_labels_and_ignored_rows(
-    device, dtype, two_pass, tuning, m, d, k, labels, chunk, monkeypatch
+    device, dtype, two_pass, design, m, d, k, labels, chunk, monkeypatch
 ):
-    search_rows, search_bits, block_n, rows_per_step = tuning
-    for name, value in (
-        ("two_pass", two_pass),
-        ("search_rows", search_rows),
-        ("search_bits", search_bits),
-        ("block_n", block_n),
-        ("rows", rows_per_step),
-    ):
-        monkeypatch.setitem(TUNING, name, value)
+    tune(monkeypatch, design, two_pass)
     g = torch.Generator().manual_seed(m * 1000 + d)
     y = torch.randn(m, d, generator=g) * 2
     y[:, ::4] = torch.round(y[:, ::4])  # exact ties in |y|, some at the k-th value
     y[0] = torch.sign(torch.randn(d, generator=g))  # a row of ties only
+    y[1] = 0.0
+    y[1, : k // 2] = torch.randn(k // 2, generator=g)  # fewer than k non-zeros: zeros fill the top k
     y = y.to(dtype).to(device)
     token_labels = torch.randint(-1, labels, (m,), generator=g)
     token_labels[token_labels == 1] = 0  # label 1 stays empty
@@ -54,9 +64,11 @@ def test_matches_reference_with_ties_empty_labels_and_ignored_rows(
     assert got["topk"][1].sum() == 0 and got["s1"][1].abs().sum() == 0
 
 
-def test_ties_at_the_threshold_go_to_the_lower_neuron(device, dtype):
+@pytest.mark.parametrize("design", ["chunk-digit8", "chunk-digit3", "split-bits1", "split-bits2"])
+def test_ties_at_the_threshold_go_to_the_lower_neuron(device, dtype, design, monkeypatch):
     """Rows whose k-th |a| is shared by more lanes than the top k has room for, and rows that share it
     exactly: the chosen lanes are the lower indices, as in the reference."""
+    tune(monkeypatch, design)
     d, k = 23, 6
     y = torch.zeros(5, d)
     y[0] = 1.0  # all tied: lanes 0..5
@@ -74,8 +86,9 @@ def test_ties_at_the_threshold_go_to_the_lower_neuron(device, dtype):
 
 
 @pytest.mark.parametrize("two_pass", [False, True], ids=["atomic", "two-pass"])
-def test_subsets_and_no_tokens(device, two_pass, monkeypatch):
-    monkeypatch.setitem(TUNING, "two_pass", two_pass)
+@pytest.mark.parametrize("design", ["chunk-digit8", "split-bits1"])
+def test_subsets_and_no_tokens(device, design, two_pass, monkeypatch):
+    tune(monkeypatch, design, two_pass)
     y = torch.randn(6, 9).to(device)
     rows, local = torch.tensor([0, 2, 5]), torch.tensor([1, 0, 1])
     got = run(y, rows, local, 2, 3, topk=True, positive=False, moments=False)
