@@ -1,15 +1,23 @@
 """GPU benchmark of the statistics kernels and the engine's backends, one process, one card.
 
 Kernel level (HuBERT-base FFN geometry, bf16): cuBLAS GEMM alone; cuBLAS GEMM + GELU (the model's
-own path); `label_stats` over the token rows (its top-k kernel and its sums kernel each swept over
-their tunings, then per statistic and per chunk size); the torch statistics on the same rows; the
-merge of a layer's batch sums into the totals (torch ops vs the `merge_sums` kernel); `ffn_up_stats`
-(GEMM + GELU + positive/moment epilogue) in a few tile shapes.  Achieved TFLOP/s and GB/s.
+own path); one read of the token rows (the memory floor); `label_stats` over the token rows (the
+one-read `chunk` design's radix digits and warps, the `split` design's top-k and sums kernels, each
+swept, then per statistic and per chunk size); the torch statistics on the same rows; the merge of a
+layer's batch sums into the totals (torch ops vs the `merge_sums` kernel); `ffn_up_stats` (GEMM + GELU
++ positive/moment epilogue) in a few tile shapes, with bf16 and fp32 output; the fp32 recomputation
+of the token rows (`--stats-precision fp32`).  Achieved TFLOP/s, GB/s and % of the card's HBM bandwidth.
+
+Precision study: the FFN inputs x a bf16 HuBERT-base feeds its layers; the top-k memberships of the
+bf16 activations and of the fp32-precision statistics against act(x W1ᵀ + b1) in float64, with the
+mean neuron index of the memberships gained and lost; then whole runs (bf16 forward with each
+precision against an fp32 forward of the same weights).
 
 Engine level: batches of ~16 x 15 s of random audio through a random HuBERT-base in bf16, with
 random phone-like labels (runs of 2-8 frames): the plain forward vs the torch backend vs
 `torch.compile` of the torch statistics vs `triton` (also with its statistics on a side CUDA stream,
-a design option) vs `triton-fused`; frames/s and ratios, and a device profile of one `triton` pass.
+a design option) vs `triton-fused`, each with fp32-precision statistics (the default) and the triton
+ones also with model precision; frames/s and ratios, and a device profile of one `triton` pass.
 Counts of the torch and triton backends are checked equal on the same activations.
 
     python bench/kernel_bench.py                    # on a CUDA machine; appends to bench/RESULTS.md
@@ -19,6 +27,7 @@ Counts of the torch and triton backends are checked equal on the same activation
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 
@@ -29,14 +38,15 @@ from benchutil import RESULTS, TIMING, emit, once, sync, timed
 import neurostat.kernels.ffn_up_stats as fused
 import neurostat.kernels.label_stats as label_stats_module
 from neurostat.engine.accumulate import Accumulator
-from neurostat.engine.backends import Backend
+from neurostat.engine.backends import Backend, fp32_activations
 from neurostat.engine.batching import TokenBatch, chunk_tokens
 from neurostat.engine.statistics import DEFAULT_STATS, topk_mask
 from neurostat.engine.statistics import statistics as table_entries
 from neurostat.kernels.ffn_up_stats import ffn_up_stats
 from neurostat.kernels.merge_sums import merge_sums
 from neurostat.kernels.label_stats import label_stats
-from neurostat.model.adapter import ModelAdapter
+from neurostat.kernels.reference import topk_mask_reference
+from neurostat.model.adapter import FFN, ModelAdapter
 from neurostat.model.factory import build_model, feature_extractor
 
 
@@ -101,6 +111,17 @@ class CompiledTorchBackend(Backend):
         return self.compiled(a.index_select(0, batch.index), batch.local, batch.labels.numel(), self.k, shift)
 
 
+HBM_GBS = {"H200": 4800, "H100 80GB HBM3": 3350, "H100": 3350, "A100": 2039, "L40S": 864, "L4": 300}
+"""Peak memory bandwidth (GB/s) of the cards the bench has met, by the first matching part of the name."""
+
+
+def hbm_peak(device) -> float | None:
+    if torch.device(device).type != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    return next((gbs for part, gbs in HBM_GBS.items() if part in name), None)
+
+
 def sweep(run, tunings, device) -> tuple[list[tuple[dict, float]], dict]:
     """Times ``run()`` under each ``label_stats`` tuning; returns the times and the fastest tuning (left set)."""
     times = []
@@ -110,6 +131,15 @@ def sweep(run, tunings, device) -> tuple[list[tuple[dict, float]], dict]:
     best = min(times, key=lambda item: item[1])[0]
     label_stats_module.TUNING.update(best)
     return times, dict(best)
+
+
+def ffn_of(weight: torch.Tensor, bias: torch.Tensor) -> FFN:
+    """An FFN whose first linear layer has these weights (what :func:`fp32_activations` takes)."""
+    up = torch.nn.Linear(weight.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        up.weight.copy_(weight)
+        up.bias.copy_(bias)
+    return FFN(None, up, torch.nn.functional.gelu, None)
 
 
 def merge_check(sums, batch, num_labels, D, shift, device) -> tuple[float, float, bool]:
@@ -153,11 +183,12 @@ def kernel_table(device, dtype, M, K, N, k, labels, token_fraction, rng, configs
     io = (M * K + N * K + M * N) * x.element_size()
     tok_bytes = n_tok * N * x.element_size()
     rows = []
+    peak = hbm_peak(device)
 
     def add(name, t, f=0, byts=0):
-        rows.append(
-            f"| {name} | {t * 1e6:,.1f} | {f / t / 1e12 if f else 0:,.1f} | {byts / t / 1e9 if byts else 0:,.0f} |"
-        )
+        gbs = byts / t / 1e9 if byts else 0
+        share = f"{100 * gbs / peak:.0f}%" if peak and byts else ""
+        rows.append(f"| {name} | {t * 1e6:,.1f} | {f / t / 1e12 if f else 0:,.1f} | {gbs:,.0f} | {share} |")
 
     t_gemm = timed(lambda: torch.nn.functional.linear(x, w, b), device)
     add("cuBLAS GEMM + bias (F.linear)", t_gemm, flops, io)
@@ -170,14 +201,20 @@ def kernel_table(device, dtype, M, K, N, k, labels, token_fraction, rng, configs
     ):
         return label_stats(y, rows_, local, starts, chunks, U, k, shift, **which)
 
+    t_read = timed(lambda: y.index_select(0, batch.index).sum(dtype=torch.float32), device)
+    add(f"one read of the {n_tok} token rows (index_select + sum: the memory floor)", t_read, 0, 2 * tok_bytes)
     topk_times, best_topk = sweep(lambda: stats(positive=False, moments=False), tunings["topk"], device)
     for tuning, t in topk_times:
-        add(f"label_stats, top-k kernel (search + counts), {n_tok} token rows, {tuning}", t, 0, tok_bytes)
+        add(f"label_stats, top-k only, {tuning}", t, 0, tok_bytes)
     sums_times, best_sums = sweep(lambda: stats(topk=False), tunings["sums"], device)
     for tuning, t in sums_times:
-        add(f"label_stats, sums kernel (positive + moments), {tuning}", t, 0, tok_bytes)
+        add(f"label_stats, positive + moments only, {tuning}", t, 0, tok_bytes)
+    split = {**best_sums, **{n: v for n, v in best_topk.items() if n != "design"}, "design": "split"}
+    all_times, best_all = sweep(stats, [split, *tunings["all"]], device)
+    for tuning, t in all_times:
+        add(f"label_stats, all statistics, {tuning}", t, 0, tok_bytes)
     t_ts = timed(stats, device)
-    add("label_stats, all statistics, best tunings", t_ts, 0, tok_bytes)
+    add(f"label_stats, all statistics, best ({best_all['design']}): {t_ts / t_read:.2f}x one read", t_ts, 0, tok_bytes)
     add("  of which positive counts alone", timed(lambda: stats(topk=False, moments=False), device), 0, tok_bytes)
     add("  of which moments alone", timed(lambda: stats(topk=False, positive=False), device), 0, tok_bytes)
     add(
@@ -219,6 +256,24 @@ def kernel_table(device, dtype, M, K, N, k, labels, token_fraction, rng, configs
         return ffn_up_stats(x, w, b, "gelu", batch.perm, batch.sorted_local, U, shift, stats=False, tiles=best[1])
 
     add("ffn_up_stats, best tiles, without the epilogue statistics", timed(plain, device), flops, io)
+
+    def fp32_out():
+        return ffn_up_stats(
+            x, w, b, "gelu", batch.perm, batch.sorted_local, U, shift, tiles=best[1], out_dtype=torch.float32
+        )
+
+    t_fused32 = timed(lambda: fp32_out()[0].to(dtype), device)
+    add(
+        "ffn_up_stats, best tiles, fp32 output rounded for W2 (precision fp32, fused)", t_fused32, flops, io + M * N * 6
+    )
+    ffn = ffn_of(w, b)
+    t_rows32 = timed(lambda: fp32_activations(ffn, x.index_select(0, batch.index)), device)
+    add(
+        f"fp32 recomputation of the {n_tok} token rows (precision fp32, torch/triton backends)",
+        t_rows32,
+        2 * n_tok * N * K,
+        n_tok * (K + 4 * N) * x.element_size(),
+    )
     # correctness on the card: the fused y is close to the model's; the kernels' counts equal the torch counts on y
     yf, _ = ffn_up_stats(x, w, b, "gelu", batch.perm, batch.sorted_local, U, shift, tiles=best[1])
     err = ((yf.float() - y.float()).norm() / y.float().norm()).item()
@@ -228,16 +283,126 @@ def kernel_table(device, dtype, M, K, N, k, labels, token_fraction, rng, configs
     notes = [
         f"- fused y vs cuBLAS+GELU y: relative error {err:.2e}; label_stats counts == torch counts: {same}; "
         f"s1 relative difference {s1_err:.1e}; merge_sums == torch merge: {merge_same}",
+        f"- label_stats with all statistics: {t_ts / t_read:.2f}x one read of the token rows "
+        f"(target <= 2x); fp32 precision costs {t_rows32 * 1e6:,.0f} µs per layer unfused (token rows "
+        f"recomputed) or {(t_fused32 - best[0]) * 1e6:,.0f} µs more than the bf16 fused kernel",
         f"- per layer for this batch: model path {t_act * 1e6:,.0f} µs; + label_stats {t_ts * 1e6:,.0f} µs "
         f"+ merge {t_merge * 1e6:,.0f} µs = {100 * (t_ts + t_merge) / t_act:.1f}% of it; torch statistics "
         f"{t_torch * 1e6:,.0f} µs + torch merge {t_merge_torch * 1e6:,.0f} µs; best fused {best[0] * 1e6:,.0f} µs",
     ]
     if not (same and merge_same):
         raise SystemExit("the kernels' counts or merged totals differ from the torch ones on the same activations")
-    return rows, notes, best[1], {**best_topk, **best_sums}
+    return rows, notes, best[1], best_all
 
 
-STAT_KERNELS = ("_topk_kernel", "_sums_kernel", "_chunk_reduce_kernel", "_merge_kernel", "_ffn_up_stats_kernel")
+def membership_shift(got: np.ndarray, ref: np.ndarray) -> tuple[float, float, float]:
+    """Share of the reference's top-k memberships that ``got`` lacks, and the mean neuron index of the
+    memberships gained and of those lost (counts or masks over [..., neuron])."""
+    diff = got.astype(np.int64) - ref.astype(np.int64)
+    axes = tuple(range(diff.ndim - 1))
+    gained, lost = np.clip(diff, 0, None).sum(axes), np.clip(-diff, 0, None).sum(axes)
+    index = np.arange(diff.shape[-1])
+
+    def mean(c):
+        return float(c @ index / c.sum()) if c.sum() else float("nan")
+
+    return float(lost.sum() / max(ref.sum(), 1)), mean(gained), mean(lost)
+
+
+def describe_shift(name: str, shift: tuple[float, float, float], width: int, memberships: int) -> str:
+    frac, gained, lost = shift
+    lost_n = frac * memberships
+    noise = width / np.sqrt(12 * max(lost_n, 1))  # std of a mean of lost_n uniform indices
+    return f"| {name} | {100 * frac:.3f}% | {gained:,.0f} | {lost:,.0f} | {gained - lost:+,.0f} | ±{2 * noise:,.0f} |"
+
+
+def precision_study(model, dtype, feature_ext, batches, k, num_labels, device, backend) -> list[str]:
+    """Top-k memberships in a ``dtype`` run: the model-precision and fp32-precision statistics against
+    act(x W1ᵀ + b1) in float64 on the FFN inputs x the ``dtype`` model feeds its layers, and whole runs
+    against an fp32 forward of the same (rounded) weights."""
+    half = ModelAdapter(copy.deepcopy(model).to(device, dtype), feature_ext, "half")
+    full = ModelAdapter(copy.deepcopy(model).to(device, dtype).float(), feature_ext, "fp32 twin")
+    D = half.width
+    inputs = {}
+    first = batches[0][1].to(device)
+
+    def capture(layer, ffn, h):
+        inputs[layer] = h.reshape(-1, h.shape[-1]).index_select(0, first.index)
+        return ffn.act(ffn.up(h))
+
+    with torch.no_grad(), half.instrument(capture):
+        half.encode(batches[0][0])
+    masks = {"model": [], "fp32": [], "exact": []}
+    tied = []
+    with torch.no_grad():
+        for layer, x in sorted(inputs.items()):
+            ffn = half.ffns[layer]
+            w, b = ffn.up.weight.double(), ffn.up.bias.double()
+            model_a = ffn.act(ffn.up(x))
+            masks["exact"].append(topk_mask_reference(ffn.act(x.double() @ w.T + b), k).cpu().numpy())
+            masks["model"].append(topk_mask_reference(model_a, k).cpu().numpy())
+            masks["fp32"].append(topk_mask_reference(fp32_activations(ffn, x), k).cpu().numpy())
+            kth = model_a.abs().float().sort(dim=1, descending=True).values[:, k - 1 : k]
+            tied.append(((model_a.abs().float() == kth).sum(1) > 1).float().mean().item())
+    masks = {n: np.stack(m) for n, m in masks.items()}
+    memberships = int(masks["exact"].sum())
+    name = str(dtype).removeprefix("torch.")
+    lines = [
+        "",
+        f"Precision study ({name}, {len(inputs)} layers x {first.num_tokens} token rows, k = {k} of {D}): "
+        f"{100 * np.mean(tied):.1f}% of the {name} rows tie at the k-th |a|.",
+        "",
+        "| top-k memberships | differ from the reference | mean index gained | lost | gained − lost | 2σ noise |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        describe_shift(
+            f"{name} activations vs float64 act(x W1ᵀ + b1), same x (target ~0.3%)",
+            membership_shift(masks["model"], masks["exact"]),
+            D,
+            memberships,
+        ),
+        describe_shift(
+            "--stats-precision fp32 vs float64, same x (target <= 0.05%)",
+            membership_shift(masks["fp32"], masks["exact"]),
+            D,
+            memberships,
+        ),
+    ]
+    counts = {}
+    for label, adapter, precision in (
+        ("fp32", full, "model"),
+        ("half-fp32", half, "fp32"),
+        ("half-model", half, "model"),
+    ):
+        acc = Accumulator(
+            adapter.num_layers, num_labels, D, k, ("topk",), device, backend, str(adapter.config.hidden_act), precision
+        )
+        current = {}
+        with torch.no_grad(), adapter.instrument(lambda i, f, h: acc.ffn_activation(i, f, h, current["b"])):
+            for waves, batch, _ in batches:
+                current["b"] = batch.to(device)
+                adapter.encode(waves)
+        counts[label] = acc.compute()["topk_count"]
+    whole = int(counts["fp32"].sum())
+    for label, text in (("half-model", f"{name} run, --stats-precision model"), ("half-fp32", f"{name} run, fp32")):
+        lines.append(
+            describe_shift(
+                f"whole run: {text} vs an fp32 forward (net per cell)",
+                membership_shift(counts[label], counts["fp32"]),
+                D,
+                whole,
+            )
+        )
+    return lines
+
+
+STAT_KERNELS = (
+    "_chunk_stats_kernel",
+    "_topk_kernel",
+    "_sums_kernel",
+    "_chunk_reduce_kernel",
+    "_merge_kernel",
+    "_ffn_up_stats_kernel",
+)
 
 
 def device_profile(run, device) -> list[str]:
@@ -278,10 +443,18 @@ def engine_runs(adapter, batches, k, num_labels, variants, device, repeat, profi
             for waves, _, _ in batches:
                 adapter.encode(waves)
             return None
+        backend, _, precision = backend.partition("@")
         name = backend.removesuffix("+overlap")
         act = str(adapter.config.hidden_act)
         acc = Accumulator(
-            L, num_labels, D, k, device=device, backend="torch" if name == "compile" else name, activation=act
+            L,
+            num_labels,
+            D,
+            k,
+            device=device,
+            backend="torch" if name == "compile" else name,
+            activation=act,
+            precision=precision or "fp32",
         )
         if name == "compile":
             acc.backend = CompiledTorchBackend(acc.table, k, act)
@@ -383,35 +556,40 @@ def main() -> None:
         if not args.smoke
         else [dict(fused.INTERPRETER_TILES)]
     )
-    topk_keys = ("search_rows", "search_warps", "search_bits")
+    split_keys = ("search_rows", "search_warps", "search_bits")
     sums_keys = ("block_n", "rows", "num_warps", "two_pass")
+
+    def chunk(digit, warps, two_pass=False):
+        return {"design": "chunk", "digit": digit, "chunk_warps": warps, "two_pass": two_pass}
+
+    def split_topk(*t):
+        return {"design": "split", **dict(zip(split_keys, t))}
+
+    def split_sums(*t):
+        return {"design": "split", **dict(zip(sums_keys, t))}
+
     tunings = (
         {
-            "topk": [
-                dict(zip(topk_keys, t))
-                for t in ((1, 4, 1), (1, 4, 2), (1, 2, 2), (1, 8, 2), (2, 4, 1), (2, 4, 2), (4, 8, 2), (4, 4, 2))
-            ],
+            "topk": [chunk(d, w) for d in (8, 6, 11) for w in (4, 8, 16)]
+            + [split_topk(*t) for t in ((1, 4, 1), (1, 4, 2), (1, 8, 2), (2, 4, 2), (4, 8, 2))],
             "sums": [
-                dict(zip(sums_keys, t))
+                split_sums(*t)
                 for t in (
                     (256, 8, 4, False),
                     (256, 8, 4, True),
-                    (128, 8, 4, False),
-                    (512, 8, 4, False),
                     (512, 8, 8, False),
-                    (256, 4, 4, False),
                     (256, 16, 4, False),
-                    (256, 16, 8, False),
                     (1024, 4, 8, False),
-                    (1024, 4, 8, True),
                     (128, 16, 4, True),
                 )
             ],
+            "all": [chunk(d, w) for d in (8, 11) for w in (4, 8, 16)] + [chunk(8, 8, True)],
         }
         if not args.smoke
         else {
-            "topk": [dict(zip(topk_keys, t)) for t in ((1, 4, 1), (2, 4, 2))],
-            "sums": [dict(zip(sums_keys, t)) for t in ((16, 4, 4, False), (16, 2, 4, True))],
+            "topk": [chunk(8, 4), chunk(5, 4), split_topk(1, 4, 1), split_topk(2, 4, 2)],
+            "sums": [split_sums(16, 4, 4, False), split_sums(16, 2, 4, True)],
+            "all": [chunk(8, 4), chunk(8, 4, True)],
         }
     )
     chosen = {}
@@ -423,8 +601,8 @@ def main() -> None:
             "",
             f"Kernel level, M = {M} rows, K = {H}, N = {D}, k = {k}, {name}:",
             "",
-            "| kernel | µs | TFLOP/s | GB/s |",
-            "| --- | ---: | ---: | ---: |",
+            "| kernel | µs | TFLOP/s | GB/s | of HBM |",
+            "| --- | ---: | ---: | ---: | ---: |",
             *rows,
             "",
             *notes,
@@ -434,6 +612,10 @@ def main() -> None:
     label_stats_module.TUNING.update(tuning)
     how = "best with all rows as tokens" if chosen else "the defaults"
     lines += ["", f"- tunings for the engine runs ({how}): ffn_up_stats {tiles}; label_stats {tuning}"]
+    study_dtype = torch.float16 if args.smoke else torch.bfloat16
+    study = make_batches(adapter, 2, 2 if args.smoke else 8, 0.5 if args.smoke else 15.0, "all", rng)
+    backend = "triton" if device == "cuda" else "torch"
+    lines += precision_study(model, study_dtype, adapter.feature_extractor, study, k, num_labels, device, backend)
     emit("\n".join(lines) + "\n", args.results, args.out)
     if args.kernels_only:
         return
@@ -454,9 +636,13 @@ def main() -> None:
         if not args.no_compile and not args.smoke:
             variants.append(("collect, torch.compile of the torch statistics", "compile"))
         variants.append(("collect, triton backend", "triton"))
+        variants.append(("collect, triton backend, --stats-precision model", "triton@model"))
         if device == "cuda":
-            variants.append(("collect, triton backend, statistics on a side stream", "triton+overlap"))
+            variants.append(
+                ("collect, triton backend, statistics on a side stream (model precision)", "triton+overlap@model")
+            )
         variants.append(("collect, triton-fused backend", "triton-fused"))
+        variants.append(("collect, triton-fused backend, --stats-precision model", "triton-fused@model"))
         profiled = "collect, triton backend"
         times, states, notes = engine_runs(
             adapter, batches, k, num_labels, variants, device, args.repeat if not args.smoke else 1, profiled

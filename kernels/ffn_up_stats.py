@@ -1,16 +1,17 @@
 """``ffn_up_stats``: the FFN's first GEMM and activation with per-label statistics in the epilogue.
 
 Computes ``y = act(x W1ᵀ + b1)`` (fp32 accumulation, output in the input dtype — the FFN needs y for
-W2 anyway) and, in the epilogue, adds per label the positive counts and the shifted moment sums
-Σ(a − c), Σ(a − c)² of the token rows into per-batch buffers, so those statistics cost no second read.
+W2 anyway — or in fp32 with ``out_dtype``, for statistics of the unrounded activations) and, in the
+epilogue, adds per label the positive counts and the shifted moment sums Σ(a − c), Σ(a − c)² of the
+token rows into per-batch buffers, so those statistics cost no second read.
 
 Row order: the program tiles walk the rows in the order ``perm`` (token rows sorted by label first,
 then all other rows), so a tile of token rows holds a few long runs of one label.  A segmented
 scan along the rows sums each run inside the tile and one atomic per run and column lands in the
 buffer (MoE-align style sorting instead of one atomic per element or one-hot products).
 
-The statistics are taken on the stored (rounded) y, the value W2 and the top-k kernel see.  Counts
-are exact int32 atomics; moment sums are fp32 atomics.  fp32 inputs use ``input_precision="ieee"``
+The statistics are taken on the stored y (rounded to its dtype), the value the top-k kernel sees.
+Counts are exact int32 atomics; moment sums are fp32 atomics.  fp32 inputs use ``input_precision="ieee"``
 (set ``ieee=False`` for TF32 speed).
 """
 
@@ -129,12 +130,14 @@ def ffn_up_stats(
     stats: bool = True,
     ieee: bool = True,
     tiles: dict | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``y = act(x @ weight.T + bias)`` [M, N] and per-label sums of the token rows.
 
     ``perm`` [M] int32 lists every row once, the ``len(sorted_labels)`` token rows first, sorted by their
     labels ``sorted_labels`` (int32 in [0, num_labels)).  Returns (y, {"positive", "s1", "s2"}).
     ``tiles``: block shape (BM, BN, BK), num_warps, num_stages, group_m [default: TILES for the device].
+    ``out_dtype``: y's dtype [default: x's]; fp32 keeps the accumulator unrounded for the statistics.
     """
     tiles = {**(TILES if x.is_cuda else INTERPRETER_TILES), **(tiles or {})}
     if activation not in ACTIVATIONS:
@@ -145,7 +148,7 @@ def ffn_up_stats(
     N = weight.shape[0]
     if weight.shape[1] != K or perm.numel() != M:
         raise ValueError(f"shapes do not match: x {tuple(x.shape)}, weight {tuple(weight.shape)}, perm {perm.numel()}")
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    y = torch.empty((M, N), dtype=out_dtype or x.dtype, device=x.device)
     sums = {}
     if stats:
         sums = {

@@ -101,6 +101,14 @@ def _shard(ctx, param, text: str) -> tuple[int, int]:
     help="Statistics kernels: auto = triton on CUDA, torch on CPU; triton-fused also computes the FFN's first GEMM.",
 )
 @click.option(
+    "--stats-precision",
+    type=click.Choice(["fp32", "model"]),
+    default="fp32",
+    help="Activations the statistics see in a float16/bfloat16 run: fp32 = act(x W1ᵀ + b1) accumulated in fp32 "
+    "(unbiased top-k; the model's forward is unchanged), model = the half-precision values the model computes "
+    "(bf16 ties at the k-th |a| favour low neuron indices). Same for float32 models.",
+)
+@click.option(
     "--batch-seconds",
     type=float,
     default=None,

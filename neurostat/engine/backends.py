@@ -9,6 +9,15 @@
 - ``triton-fused``: the ``ffn_up_stats`` kernel computes the FFN's first GEMM and activation itself,
   with positive counts and moment sums in its epilogue; the rest as ``triton``.
 
+Statistics precision (``precision``): ``model`` takes the statistics on the activations the model
+computes in its own dtype; ``fp32`` — the default — on ``act(x W1ᵀ + b1)`` accumulated in fp32, which
+differs only in a bf16/fp16 run.  There bf16 keeps 8 bits of mantissa, so ~18 % of token rows tie at the
+k-th |a| and the lower-index rule, not the activation, decides them: a top-k statistic skewed towards
+low neuron indices.  The ``torch`` and ``triton`` backends keep the model's forward untouched and recompute
+the FFN's first GEMM for the token rows only, with fp32 output (a fraction of the GEMM for ``phone-mid``);
+``triton-fused`` writes its output in fp32 (statistics in its epilogue and the top-k from it) and rounds it
+to the model's dtype for W2.
+
 A backend is chosen once (:func:`make_backend`), from a name and the device.
 """
 
@@ -22,6 +31,22 @@ from .batching import TokenBatch
 from .statistics import Statistic
 
 BACKENDS = ("torch", "triton", "triton-fused")
+PRECISIONS = ("fp32", "model")
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def fp32_activations(ffn, x: torch.Tensor) -> torch.Tensor:
+    """``act(x W1ᵀ + b1)`` [N, D] of rows ``x`` [N, H] in the model's dtype, accumulated and kept in fp32
+    (the products of two bf16/fp16 values are exact in fp32; on CUDA the GEMM runs on the half-precision
+    tensor cores with an fp32 output)."""
+    weight, bias = ffn.up.weight, ffn.up.bias
+    if x.is_cuda and x.dtype in _HALF:
+        h = torch.mm(x, weight.t(), out_dtype=torch.float32)
+    else:
+        h = x.float() @ weight.float().t()
+    if bias is not None:
+        h += bias.float()
+    return ffn.act(h)
 
 
 class Backend:
@@ -29,8 +54,19 @@ class Backend:
 
     name = "torch"
 
-    def __init__(self, stats: tuple[Statistic, ...], k: int, activation: str = "gelu"):
-        self.stats, self.k, self.activation = stats, k, activation
+    def __init__(self, stats: tuple[Statistic, ...], k: int, activation: str = "gelu", precision: str = "fp32"):
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown statistics precision {precision!r}; choose from {PRECISIONS}")
+        self.stats, self.k, self.activation, self.precision = stats, k, activation, precision
+
+    def fp32_stats(self, dtype: torch.dtype) -> bool:
+        """Whether the statistics need activations more precise than the model's ``dtype`` gives."""
+        return self.precision == "fp32" and dtype in _HALF
+
+    def token_activations(self, ffn, hidden: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+        """The token rows [N, D] of the FFN's activation, at the statistics' precision."""
+        x = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.index)
+        return fp32_activations(ffn, x) if self.fp32_stats(x.dtype) else ffn.act(ffn.up(x))
 
     def sums(self, a: torch.Tensor, batch: TokenBatch, shift: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Per-label sums [U, D] of the token rows ``a[batch.index]`` of one layer's activations [B*T, D]."""
@@ -45,8 +81,10 @@ class Backend:
         return out
 
     def ffn_sums(self, ffn, hidden: torch.Tensor, batch: TokenBatch, shift: torch.Tensor | None):
-        """``act(W1 x + b1)`` of one FFN [.., D] and its per-label sums."""
+        """``act(W1 x + b1)`` of one FFN [.., D] as the model computes it, and its per-label sums."""
         a = ffn.act(ffn.up(hidden))
+        if self.fp32_stats(hidden.dtype):
+            return a, self.sums(self.token_activations(ffn, hidden, batch), batch.token_rows(), shift)
         return a, self.sums(a.reshape(-1, a.shape[-1]), batch, shift)
 
     def merge(self, sums, batch: TokenBatch, tokens, shift, totals: dict[str, torch.Tensor]) -> None:
@@ -65,8 +103,8 @@ _KERNEL_STATS = ("topk", "positive", "moments")
 class TritonBackend(Backend):
     name = "triton"
 
-    def __init__(self, stats: tuple[Statistic, ...], k: int, activation: str = "gelu"):
-        super().__init__(stats, k, activation)
+    def __init__(self, stats: tuple[Statistic, ...], k: int, activation: str = "gelu", precision: str = "fp32"):
+        super().__init__(stats, k, activation, precision)
         self.kernel = tuple(s for s in stats if s.name in _KERNEL_STATS)
         self.others = tuple(s for s in stats if s.name not in _KERNEL_STATS)
 
@@ -111,7 +149,7 @@ class TritonFusedBackend(TritonBackend):
 
         shape = hidden.shape
         epilogue = {n for s in self.kernel if s.name in ("positive", "moments") for n in s.sums}
-        a, sums = ffn_up_stats(
+        y, sums = ffn_up_stats(
             hidden.reshape(-1, shape[-1]),
             ffn.up.weight,
             ffn.up.bias,
@@ -121,11 +159,12 @@ class TritonFusedBackend(TritonBackend):
             batch.labels.numel(),
             shift,
             stats=bool(epilogue),
+            out_dtype=torch.float32 if self.fp32_stats(hidden.dtype) else hidden.dtype,
         )
         sums = {n: t for n, t in sums.items() if n in epilogue}
-        sums.update(self._kernel_sums(a, batch, shift, {s.name for s in self.kernel} & {"topk"}))
-        sums.update(self._torch_sums(self.others, a, batch, shift))
-        return a.view(*shape[:-1], a.shape[-1]), sums
+        sums.update(self._kernel_sums(y, batch, shift, {s.name for s in self.kernel} & {"topk"}))
+        sums.update(self._torch_sums(self.others, y, batch, shift))
+        return y.to(hidden.dtype).view(*shape[:-1], y.shape[-1]), sums
 
 
 _CLASSES = {cls.name: cls for cls in (Backend, TritonBackend, TritonFusedBackend)}
@@ -143,8 +182,10 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
     return name
 
 
-def make_backend(name: str, stats: tuple[Statistic, ...], k: int, activation: str = "gelu") -> Backend:
-    """The backend called ``name`` (one of :data:`BACKENDS`) for these statistics."""
+def make_backend(
+    name: str, stats: tuple[Statistic, ...], k: int, activation: str = "gelu", precision: str = "fp32"
+) -> Backend:
+    """The backend called ``name`` (one of :data:`BACKENDS`) for these statistics at ``precision``."""
     if name not in _CLASSES:
         raise ValueError(f"unknown backend {name!r}; choose from {BACKENDS}")
     if name == "triton-fused":
@@ -152,4 +193,4 @@ def make_backend(name: str, stats: tuple[Statistic, ...], k: int, activation: st
 
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation {activation!r} has no fused kernel; use --backend triton")
-    return _CLASSES[name](stats, k, activation)
+    return _CLASSES[name](stats, k, activation, precision)

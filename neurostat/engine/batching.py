@@ -41,7 +41,18 @@ def chunk_tokens(rows: torch.Tensor, labels: torch.Tensor, chunk_rows: int = 32)
     return rows.to(torch.int32), labels, bounds, labels[starts]
 
 
-_FIELDS = ("index", "local", "labels", "counts", "sorted_rows", "chunk_starts", "chunk_labels", "perm", "sorted_local")
+_FIELDS = (
+    "index",
+    "local",
+    "labels",
+    "counts",
+    "sorted_rows",
+    "chunk_starts",
+    "chunk_labels",
+    "perm",
+    "sorted_local",
+    "sorted_tokens",
+)
 
 
 @dataclass
@@ -57,6 +68,7 @@ class TokenBatch:
     chunk_labels: torch.Tensor  # (C,) int32: local label of each chunk
     perm: torch.Tensor  # (B*T,) int32: sorted token rows, then every other row (fused GEMM order)
     sorted_local: torch.Tensor  # (N,) int32: local label of each sorted token row
+    sorted_tokens: torch.Tensor  # (N,) int32: the sorted token rows as positions among the tokens
 
     @classmethod
     def from_labels(cls, flat: np.ndarray) -> "TokenBatch":
@@ -69,7 +81,8 @@ class TokenBatch:
             )
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
         index, local = t(index), t(local)
-        sorted_rows, sorted_local, starts, chunk_labels = chunk_tokens(index, local)
+        sorted_tokens, sorted_local, starts, chunk_labels = chunk_tokens(torch.arange(len(index)), local)
+        sorted_rows = index[sorted_tokens.long()].to(torch.int32)
         others = torch.from_numpy(np.flatnonzero(flat < 0).astype(np.int32))
         return cls(
             index,
@@ -81,11 +94,18 @@ class TokenBatch:
             chunk_labels,
             torch.cat([sorted_rows, others]),
             sorted_local,
+            sorted_tokens,
         )
 
     @property
     def num_tokens(self) -> int:
         return self.index.numel()
+
+    def token_rows(self) -> "TokenBatch":
+        """The same tokens for a matrix that holds only the token rows, in ``index`` order."""
+        index = torch.arange(self.num_tokens, device=self.index.device)
+        fields = {f: getattr(self, f) for f in _FIELDS}
+        return TokenBatch(**{**fields, "index": index, "sorted_rows": self.sorted_tokens, "perm": self.sorted_tokens})
 
     def to(self, device: torch.device | str) -> "TokenBatch":
         return TokenBatch(*(getattr(self, f).to(device, non_blocking=True) for f in _FIELDS))

@@ -36,7 +36,7 @@ from ..model.adapter import FRONT_ENDS, ModelAdapter, ModelError, default_front_
 from ..store import FORMAT as STORE_FORMAT
 from ..store import StoreWriter
 from .accumulate import Accumulator
-from .backends import make_backend, resolve_backend
+from .backends import PRECISIONS, make_backend, resolve_backend
 from .batching import BatchDataset, default_batch_seconds, padding_fraction, plan_batches
 from .statistics import DEFAULT_STATS, TABLE, statistics
 from .tokens import MODES
@@ -58,6 +58,7 @@ class CollectConfig:
     shard: tuple[int, int] = (0, 1)
     num_jobs: int = 0
     backend: str = "auto"
+    stats_precision: str = "fp32"  # fp32: statistics of the fp32-accumulated activations in bf16/fp16 runs
     labels: tuple[str, ...] | None = None  # label parts of the joint label; None = every part of the corpus
     command: str = field(default_factory=lambda: shlex.join(sys.argv))  # shell-quoted, as info prints it
 
@@ -143,6 +144,8 @@ def collect(
     if config.front_end not in FRONT_ENDS:
         raise ValueError(f"unknown front end {config.front_end!r}; choose from {FRONT_ENDS}")
     config.backend = resolve_backend(config.backend, adapter.device)
+    if config.stats_precision not in PRECISIONS:
+        raise ValueError(f"unknown --stats-precision {config.stats_precision!r}; choose from {PRECISIONS}")
     try:
         make_backend(config.backend, statistics(config.stats), 1, str(adapter.config.hidden_act))
     except ValueError as e:
@@ -165,6 +168,7 @@ def collect(
         "revision": adapter.revision,
         "weights": adapter.weights,
         "dtype": str(adapter.dtype).replace("torch.", ""),
+        "stats_precision": config.stats_precision,
         "stats": list(config.stats),
         "topk_ratio": config.topk_ratio,
         "k": k,
@@ -201,6 +205,7 @@ def collect(
             "moments": "per-batch fp32 sums around a per-neuron shift, merged in float64 (Chan et al.)",
             "merge": {var: TABLE[name].rule for name in config.stats for var in TABLE[name].store},
             "backend": config.backend,
+            "precision": _describe_precision(config.stats_precision, adapter.dtype),
         },
         "labels": space.to_dict(),
         "label_sets": {
@@ -231,6 +236,15 @@ def collect(
         return _run(corpus, adapter, store, config, space, layers, k, indices, attrs, progress)
 
 
+def _describe_precision(precision: str, dtype: torch.dtype) -> str:
+    model = str(dtype).replace("torch.", "")
+    if dtype == torch.float32:
+        return f"{precision}: the model's {model} activations"
+    if precision == "fp32":
+        return f"fp32: the FFN activations accumulated in fp32 before rounding to the model's {model}"
+    return f"model: the {model} activations the model computes (ties at the k-th |a| are frequent)"
+
+
 def _release_inherited(fd: int, worker_id: int) -> None:
     """A data-loading worker closes its copy of the store lock's descriptor: the lock is the run's, and a
     worker outliving a killed run (for a few seconds) must not keep the store locked."""
@@ -254,7 +268,8 @@ def _run(corpus, adapter, store: StoreWriter, config, space: LabelSpace, layers,
         return store.previous
     device = adapter.device
     act = str(adapter.config.hidden_act)
-    acc = Accumulator(len(layers), space.size, adapter.width, k, config.stats, device, config.backend, act)
+    engine = (config.stats, device, config.backend, act, config.stats_precision)
+    acc = Accumulator(len(layers), space.size, adapter.width, k, *engine)
     done: list[str] = []
     prog = {
         "utterances_done": 0,
@@ -269,7 +284,7 @@ def _run(corpus, adapter, store: StoreWriter, config, space: LabelSpace, layers,
     checkpoint = store.load_checkpoint()
     if checkpoint is not None:
         state, done, prog = checkpoint
-        acc = Accumulator.from_state(state, k, config.stats, device, config.backend, act)
+        acc = Accumulator.from_state(state, k, *engine)
     finished = set(done)
     todo = [i for i in indices if corpus.records[i]["id"] not in finished]
     batches = plan_batches(corpus, todo, config.batch_seconds, config.max_seconds)
@@ -420,7 +435,8 @@ def describe_collect(attrs: dict, out: str | Path) -> str:
         f"padding {100 * (1 - p['frames'] / padded):.1f}% of the frames; {attrs['batching']['front_end']} front end, "
         f"{attrs['model'].get('attention', 'eager')} attention",
         f"statistics: {', '.join(stats['stats'])}; k = {stats['k']} of {attrs['model']['width']} "
-        f"(λ = {stats['topk_ratio']}); layers {layers[0]}..{layers[-1]}; backend {stats['backend']}",
+        f"(λ = {stats['topk_ratio']}); layers {layers[0]}..{layers[-1]}; backend {stats['backend']}; "
+        f"precision {stats.get('precision', 'model').split(':')[0]}",
     ]
     if skips:
         lines.append("skipped: " + ", ".join(f"{r} {n}" for r, n in sorted(skips.items())))

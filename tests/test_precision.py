@@ -1,0 +1,154 @@
+"""Statistics precision: the tie study.  fp16 activations built to tie often at the k-th |a|; the fp32
+statistics match an fp32 forward of the same rounded weights and inputs exactly, the model-precision ones
+do not, and their errors lean towards low neuron indices (the lower-index tie rule decides them)."""
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import xarray as xr
+from reference import stats_reference, topk_reference
+from transformers import AutoFeatureExtractor, AutoModel
+
+from neurostat.engine.accumulate import Accumulator
+from neurostat.engine.batching import TokenBatch
+from neurostat.engine.collect import CollectConfig, collect
+from neurostat.labelspace import LabelSpace
+from neurostat.model.adapter import FFN, ModelAdapter, normalize_waveform
+
+H, D, K, LABELS = 24, 193, 19, 5
+STATS = ("topk", "positive", "moments")
+
+
+def tie_prone_ffn(g: torch.Generator) -> FFN:
+    """Pre-activations 3 + m·2⁻¹² (exact in fp32, several of them per fp16 step of 2⁻⁹ near 3)."""
+    up = torch.nn.Linear(H, D)
+    with torch.no_grad():
+        up.weight.copy_(torch.randint(-8, 9, (D, H), generator=g) * 2.0**-12)
+        up.bias.fill_(3.0)
+    return FFN(module=None, up=up.half(), act=torch.nn.GELU(), down=None)
+
+
+def batches(g: torch.Generator, n: int = 3):
+    """(hidden [B, T, H] fp16 with integer values, per-frame labels with ignored frames)."""
+    for step in range(n):
+        b, t = 2 + step % 2, 17 + step
+        hidden = torch.randint(-2, 3, (b, t, H), generator=g).half()
+        labels = torch.randint(-1, LABELS, (b * t,), generator=g).numpy()
+        yield hidden, labels
+
+
+@torch.no_grad()
+def run(precision: str, backend: str, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ffn = tie_prone_ffn(g)
+    acc = Accumulator(1, LABELS, D, K, STATS, backend=backend, precision=precision)
+    rows = {0: []}
+    for hidden, labels in batches(g):
+        batch = TokenBatch.from_labels(labels)
+        a = acc.ffn_activation(0, ffn, hidden, batch)
+        if backend != "triton-fused":
+            assert torch.equal(a, ffn.act(ffn.up(hidden))), "the model's forward must not change"
+        else:
+            torch.testing.assert_close(a.float(), ffn.act(ffn.up(hidden)).float(), rtol=2e-3, atol=2e-3)
+        exact = torch.nn.functional.gelu(hidden.double() @ ffn.up.weight.double().T + ffn.up.bias.double())
+        exact = exact.reshape(-1, D)
+        rows[0] += [(exact[i].numpy(), int(labels[i])) for i in batch.index.tolist()]
+    return acc.compute(), stats_reference(rows, LABELS, D, K), rows[0]
+
+
+BACKENDS = ["torch", "triton", "triton-fused"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp32_statistics_match_an_fp32_forward_in_an_fp16_run(backend):
+    got, ref, _ = run("fp32", backend)
+    for name in ("frames", "topk_count", "positive_count"):
+        np.testing.assert_array_equal(got[name], ref[name], err_msg=name)
+    for name in ("mean", "var"):
+        np.testing.assert_allclose(got[name], ref[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_model_precision_top_k_is_decided_by_ties_towards_low_indices(backend):
+    got, ref, rows = run("model", backend)
+    half = np.stack([torch.tensor(v).half().float().numpy() for v, _ in rows])
+    tied = np.mean([np.sum(np.abs(r) == np.sort(np.abs(r))[-K]) > 1 for r in half])  # rows with a tie at the k-th value
+    assert tied > 0.5
+    gained = np.clip(got["topk_count"] - ref["topk_count"], 0, None)[0].sum(0)
+    lost = np.clip(ref["topk_count"] - got["topk_count"], 0, None)[0].sum(0)
+    assert gained.sum() == lost.sum() > 0.05 * ref["topk_count"].sum()
+    index = np.arange(D)
+    assert (gained @ index) / gained.sum() < (lost @ index) / lost.sum()
+    np.testing.assert_array_equal(got["frames"], ref["frames"])
+
+
+@torch.no_grad()
+def test_precisions_agree_for_an_fp32_model():
+    """fp32 precision changes nothing for a float32 model: the same counts from both settings."""
+    g = torch.Generator().manual_seed(3)
+    ffn = tie_prone_ffn(g)
+    ffn.up.float()
+    accs = {p: Accumulator(1, LABELS, D, K, STATS, precision=p) for p in ("fp32", "model")}
+    for hidden, labels in batches(g):
+        batch = TokenBatch.from_labels(labels)
+        for acc in accs.values():
+            acc.ffn_activation(0, ffn, hidden.float() + 0.25, batch)
+    a, b = accs["fp32"].compute(), accs["model"].compute()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+    with pytest.raises(ValueError, match="precision"):
+        Accumulator(1, 2, 3, 1, precision="fp64")
+
+
+@torch.no_grad()
+def ffn_input_reference(prepared, model_dir, dtype, k_ratio):
+    """Top-k counts of act(x W1ᵀ + b1) in float64 from the FFN inputs x of the model's own batch-1 forward in
+    ``dtype`` (captured by hooks), and those of the activations that forward computes."""
+    model = AutoModel.from_pretrained(model_dir, dtype=dtype).eval()
+    fe = AutoFeatureExtractor.from_pretrained(model_dir)
+    seen = {}
+    for i, layer in enumerate(model.encoder.layers):
+        layer.feed_forward.intermediate_dense.register_forward_hook(
+            lambda m, inp, out, i=i: seen.__setitem__(i, (inp[0][0], m))
+        )
+        layer.feed_forward.intermediate_act_fn.register_forward_hook(
+            lambda m, inp, out, i=i: seen.__setitem__(("a", i), out[0])
+        )
+    space = LabelSpace.of_corpus(prepared)
+    width = model.config.intermediate_size
+    k = max(1, round(k_ratio * width))
+    exact = np.zeros((len(model.encoder.layers), space.size, width), np.int64)
+    rounded = np.zeros_like(exact)
+    for utt in prepared:
+        wave, _ = sf.read(utt.audio_path, dtype="float32")
+        model(torch.from_numpy(normalize_waveform(fe, wave)).to(dtype)[None])
+        joint = space.joint_frames(utt)
+        phones = utt.phone_frames()
+        frames = [t for t in range(len(phones)) if phones[t] >= 0]  # --tokens all
+        for i in range(len(model.encoder.layers)):
+            x, dense = seen[i]
+            a = torch.nn.functional.gelu(x.double() @ dense.weight.double().T + dense.bias.double()).numpy()
+            for t in frames:
+                exact[i, joint[t]] += topk_reference(a[t][None], k)[0]
+                rounded[i, joint[t]] += topk_reference(seen[("a", i)][t].double().numpy()[None], k)[0]
+    return exact, rounded
+
+
+def test_fp16_collect_records_the_precision_and_fp32_statistics_follow_the_unrounded_activations(
+    prepared, tiny_model, tmp_path
+):
+    adapter = ModelAdapter.load(str(tiny_model), dtype=torch.float16)
+    counts = {}
+    for precision in ("fp32", "model"):
+        config = CollectConfig(
+            stats=("topk",), topk_ratio=0.1, tokens="all", batch_seconds=1e-3, stats_precision=precision
+        )
+        attrs = collect(prepared, adapter, tmp_path / f"{precision}.zarr", config, progress=False)
+        assert attrs["statistics"]["precision"].startswith(precision)
+        assert attrs["fingerprint"]["stats_precision"] == precision
+        counts[precision] = xr.open_zarr(tmp_path / f"{precision}.zarr", consolidated=False)["topk_count"].values
+    exact, rounded = ffn_input_reference(prepared, tiny_model, torch.float16, 0.1)
+    np.testing.assert_array_equal(counts["model"], rounded)
+    off = {p: np.abs(c - exact).sum() / exact.sum() for p, c in counts.items()}
+    assert off["fp32"] <= 0.002 and off["model"] > 5 * max(off["fp32"], 1e-4), off
