@@ -31,6 +31,7 @@ class Accumulator:
         device: torch.device | str = "cpu",
         backend: str = "torch",
         activation: str = "gelu",
+        precision: str = "fp32",
     ):
         if not 1 <= k <= width:
             raise ValueError(f"top-k needs 1 <= k <= width, got k={k}, width={width}")
@@ -38,7 +39,7 @@ class Accumulator:
         self.stats = tuple(s.name for s in self.table)
         self.shape = (num_layers, num_labels, width)
         self.k, self.device = k, torch.device(device)
-        self.backend = make_backend(backend, self.table, k, activation)
+        self.backend = make_backend(backend, self.table, k, activation, precision)
         self.totals: dict[str, torch.Tensor] = {}
         for s in self.table:
             self.totals.update(s.initial(self.shape, self.device))
@@ -56,17 +57,17 @@ class Accumulator:
     def update(self, layer: int, a: torch.Tensor, batch: TokenBatch) -> None:
         """Adds the token rows ``a[batch.index]`` of one layer's activations ``a`` [B*T, D]."""
         if self.needs_shift and self.shift[layer] is None:
-            dtype = torch.promote_types(a.dtype, torch.float32)
-            self.shift[layer] = a.index_select(0, batch.index).mean(0, dtype=dtype)
+            self._set_shift(layer, a.index_select(0, batch.index))
         self._add(layer, batch, self.backend.sums(a, batch, self.shift[layer]))
+
+    def _set_shift(self, layer: int, rows: torch.Tensor) -> None:
+        self.shift[layer] = rows.mean(0, dtype=torch.promote_types(rows.dtype, torch.float32))
 
     def ffn_activation(self, layer: int, ffn, hidden: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
         """``act(W1 x + b1)`` of one FFN with its statistics added (the layer's first batch sets the
-        moment shift from the activations, so it runs the model's own GEMM)."""
+        moment shift: the mean of its token rows)."""
         if self.needs_shift and self.shift[layer] is None:
-            a = ffn.act(ffn.up(hidden))
-            self.update(layer, a.reshape(-1, a.shape[-1]), batch)
-            return a
+            self._set_shift(layer, self.backend.token_activations(ffn, hidden, batch))
         a, sums = self.backend.ffn_sums(ffn, hidden, batch, self.shift[layer])
         self._add(layer, batch, sums)
         return a
@@ -86,6 +87,16 @@ class Accumulator:
         self.tokens += other_tokens
         return self
 
+    def all_reduce(self, reduce) -> None:
+        """Combines this accumulator with every other rank's, in place, each statistic by its rule
+        (``reduce(tensor, op)``: an all-reduce with op ``sum`` or ``max``)."""
+        n = self.tokens.double()[..., None]
+        total = self.tokens.clone()
+        reduce(total, "sum")
+        for s in self.table:
+            s.merge.all_reduce(s, self.totals, n, total.double()[..., None], reduce)
+        self.tokens = total
+
     def state_dict(self) -> dict[str, np.ndarray]:
         """The raw additive state as numpy arrays (what checkpoints store)."""
         return {"tokens": self.tokens.cpu().numpy(), **{n: t.cpu().numpy() for n, t in self.totals.items()}}
@@ -99,10 +110,11 @@ class Accumulator:
         device: torch.device | str = "cpu",
         backend: str = "torch",
         activation: str = "gelu",
+        precision: str = "fp32",
     ) -> "Accumulator":
         table = statistics(stats)
         shape = state[table[0].states[0]].shape
-        acc = cls(shape[0], shape[1], shape[2], k, stats, device, backend, activation)
+        acc = cls(shape[0], shape[1], shape[2], k, stats, device, backend, activation, precision)
         for name, value in state.items():
             (acc.tokens if name == "tokens" else acc.totals[name]).copy_(torch.from_numpy(np.asarray(value)))
         return acc
