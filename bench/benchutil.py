@@ -21,6 +21,7 @@ import torch
 from neurostat.corpus.prepare import PrepareSettings, prepare
 from neurostat.corpus.prepared import PreparedCorpus
 from neurostat.corpus.synth import synthesize
+from neurostat.engine.batching import BatchDataset, plan_batches
 from neurostat.engine.tokens import token_mask
 from neurostat.labelspace import LabelSpace
 from neurostat.model.adapter import load_geometry
@@ -95,6 +96,14 @@ def build_corpus(workdir: Path, speakers: int, utterances: int, layers: int, siz
         progress=False,
     )
     return PreparedCorpus(workdir / "prepared"), model_dir
+
+
+def loader_alone(corpus, feature_extractor, batch_seconds: float, tokens: str, workers: int) -> float:
+    """Seconds for the DataLoader to deliver every batch (decode, normalise, label), nothing consuming them."""
+    batches = plan_batches(corpus, list(range(len(corpus))), batch_seconds, None)
+    data = BatchDataset(corpus, batches, feature_extractor, tokens, LabelSpace.of_corpus(corpus))
+    loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers)
+    return once(lambda: list(loader), "cpu")
 
 
 def paper_loop(corpus, adapter, tokens: str, k: int) -> tuple[float, float]:

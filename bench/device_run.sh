@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU: the bf16 kernel tests and the merge_sums tests, throughput_bench,
-# kernel_bench and collect_bench, results in $OUT (with each step's wall time in $OUT/steps.txt, to size the next timeout).
+# kernel_bench (kernel tables, the label_stats designs against one read of the rows, the bf16/fp32
+# precision study, engine runs), collect_bench and scale_bench (the per-GPU rate and the loader for the
+# 960 h projection; a multi-process NCCL run where the machine has several GPUs), results in $OUT
+# (with each step's wall time in $OUT/steps.txt, to size the next timeout).
 # Wheels of packages the card's image lacks may wait in .whl/ (installed into /tmp/site with the
 # package); without them the source checkout is imported as it is (neurostat.kernels resolves there too).
 set -euo pipefail
@@ -23,8 +26,11 @@ step "kernel tests"
 python3 bench/throughput_bench.py --device cuda --dtype bfloat16 --speakers 16 --utterances 8 -j 8 \
     --results "$OUT/throughput.md"
 step throughput_bench
-python3 bench/kernel_bench.py --results "$OUT/kernel.md"
+python3 bench/kernel_bench.py --repeat 5 --results "$OUT/kernel.md"
 step kernel_bench
 python3 bench/collect_bench.py --device cuda --dtype bfloat16 --backend triton --speakers 8 --utterances 8 -j 4 \
     --results "$OUT/collect.md"
 step collect_bench
+python3 bench/scale_bench.py --device cuda --dtype bfloat16 --backend triton --speakers 8 --utterances 4 -j 4 \
+    --results "$OUT/scale.md"
+step scale_bench

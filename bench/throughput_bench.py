@@ -26,7 +26,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from benchutil import build_corpus, corpus_arguments, parse, emit, machine, once, paper_loop  # noqa: E402
+from benchutil import build_corpus, corpus_arguments, emit, loader_alone, machine, once, paper_loop, parse  # noqa: E402
 
 from neurostat.engine.batching import BatchDataset, default_batch_seconds, padding_fraction, plan_batches  # noqa: E402
 from neurostat.engine.collect import CollectConfig, collect  # noqa: E402
@@ -61,14 +61,6 @@ def by_hand(adapter, corpus, items) -> callable:
             )
 
     return run
-
-
-def loader_alone(corpus, adapter, batch_seconds: float, tokens: str, workers: int) -> float:
-    """Seconds for the DataLoader to deliver every batch, with nothing consuming them."""
-    batches = plan_batches(corpus, list(range(len(corpus))), batch_seconds, None)
-    data = BatchDataset(corpus, batches, adapter.feature_extractor, tokens, LabelSpace.of_corpus(corpus))
-    loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers)
-    return once(lambda: list(loader), "cpu")
 
 
 def main() -> None:
@@ -119,7 +111,7 @@ def main() -> None:
             times["(v) paper's per-token loop (top-k only, batch 1)"] = paper_loop(
                 corpus, adapter, args.tokens, attrs["statistics"]["k"]
             )[0]
-        load = loader_alone(corpus, adapter, batch_seconds, args.tokens, args.num_jobs)
+        load = loader_alone(corpus, adapter.feature_extractor, batch_seconds, args.tokens, args.num_jobs)
         plain = times["(iii) engine forward, batched front end"]
         own = times[next(name for name in runs if name.endswith(f"{front_end} front end"))]
         collect_time = times[iv]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -147,7 +148,9 @@ def collect(
     and collects with a small random-initialised HuBERT (cached in $NEUROSTAT_CACHE).
     """
     from ..engine.collect import CollectConfig, CollectInterrupted, collect_corpus, describe_collect
+    from ..engine.distributed import World, rank_zero_first
     from ..errors import OptionError
+    from ..model.adapter import resolve_device
 
     options = with_preset(options)
     prepare_options = {name: options.pop(name) for name in PREPARE_OPTIONS}
@@ -156,9 +159,15 @@ def collect(
     if root is None and prepared is None and model is None:
         from ..demo import DEMO_NOTE, cache_dir, ensure_demo
 
-        click.echo(f"neurostat collect: no corpus or model given, running the embedded demo offline in {cache_dir()}")
-        prepared, model = ensure_demo(cache_dir())
-        click.echo(DEMO_NOTE)
+        world = World.from_environment()
+        if world is not None:
+            world.init(resolve_device(world.device(device)))
+        if world is None or world.rank == 0:
+            click.echo(
+                f"neurostat collect: no corpus or model given, running the embedded demo offline in {cache_dir()}"
+            )
+            click.echo(DEMO_NOTE)
+        prepared, model = rank_zero_first(world, lambda: ensure_demo(cache_dir()))
         out, overwrite = out or cache_dir() / "stats.zarr", overwrite or not resume
     if model is None:
         raise OptionError("--model is required with a corpus (a hub id such as facebook/hubert-base-ls960 or a folder)")
@@ -171,7 +180,8 @@ def collect(
     except CollectInterrupted as e:
         click.echo(str(e), err=True)
         sys.exit(130)
-    click.echo(describe_collect(summary, out))
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.echo(describe_collect(summary, out))
 
 
 @main.command()

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from .. import __version__
@@ -34,10 +35,23 @@ from ..errors import OptionError
 from ..labelspace import LabelSpace
 from ..model.adapter import FRONT_ENDS, ModelAdapter, ModelError, default_front_end, resolve_device
 from ..store import FORMAT as STORE_FORMAT
-from ..store import StoreWriter
+from ..store import StoreError, StoreWriter, load_done
 from .accumulate import Accumulator
 from .backends import PRECISIONS, make_backend, resolve_backend
 from .batching import BatchDataset, default_batch_seconds, padding_fraction, plan_batches
+from .distributed import (
+    JobProgress,
+    World,
+    all_gather,
+    all_reduce,
+    balanced_shares,
+    check_partials,
+    partial_dir,
+    partial_path,
+    rank_zero_first,
+    remove_other_partials,
+)
+from .merge import store_state
 from .statistics import DEFAULT_STATS, TABLE, statistics
 from .tokens import MODES
 
@@ -129,8 +143,11 @@ def collect(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    world: World | None = None,
 ) -> dict:
-    """Runs the pass and writes the store at ``out``; returns the run summary."""
+    """Runs the pass and writes the store at ``out``; returns the run summary.  With ``world`` (a rank of
+    a distributed run whose process group is initialised) this process collects its share into a partial
+    store and the ranks combine their states: see :mod:`neurostat.engine.distributed`."""
     adapter.check_geometry(corpus.geometry)
     if config.tokens not in MODES:
         raise ValueError(f"unknown token mode {config.tokens!r}; choose one of {MODES}")
@@ -162,6 +179,8 @@ def collect(
     _check_state_size(len(layers), space, width, config.stats, adapter.device)
     shard_i, shard_n = config.shard
     indices = [i for i in range(len(corpus)) if i % shard_n == shard_i]
+    if world is not None and shard_n > 1:
+        raise OptionError("--shard splits the corpus by hand; a torchrun job splits it over its ranks: use one")
 
     fingerprint = {
         "model": adapter.source,
@@ -232,8 +251,92 @@ def collect(
         "versions": _versions(),
         "command": config.command,
     }
-    with StoreWriter(out, attrs, resume=resume, overwrite=overwrite) as store:
-        return _run(corpus, adapter, store, config, space, layers, k, indices, attrs, progress)
+    if world is None:
+        with StoreWriter(out, attrs, resume=resume, overwrite=overwrite) as store:
+            return _run(corpus, adapter, store, config, space, layers, k, indices, attrs, progress)
+    return _run_rank(corpus, adapter, out, config, space, layers, k, indices, attrs, progress, world, resume, overwrite)
+
+
+def _run_rank(corpus, adapter, out, config, space, layers, k, indices, attrs, progress, world, resume, overwrite):
+    """One rank's share into its partial store, then the collective merge; rank 0 writes ``out``."""
+    out = Path(out)
+    if world.rank == 0 and (out / "zarr.json").is_file() and not (resume or overwrite):
+        raise StoreError(f"{out} already exists: pass --resume to continue it or --overwrite to replace it")
+    check_partials(out, world, resume)
+    if world.rank == 0 and overwrite and not resume:
+        remove_other_partials(out, world)
+    share = balanced_shares([corpus.records[i]["num_samples"] for i in indices], world.size)[world.rank]
+    part = f"rank {world.rank} of {world.size}"
+    rank_attrs = {
+        **attrs,
+        "fingerprint": {**attrs["fingerprint"], "shard": part},
+        "corpus": {**attrs["corpus"], "utterances": len(share), "shard": part},
+        "distributed": {"world_size": world.size, "rank": world.rank, "sharding": "balanced by duration"},
+    }
+    partial = partial_path(out, world)
+    job = JobProgress(world, len(indices))
+    try:
+        with StoreWriter(partial, rank_attrs, resume=resume, overwrite=overwrite) as store:
+            mine = _run(
+                corpus, adapter, store, config, space, layers, k, [indices[j] for j in share], rank_attrs, progress, job
+            )
+    except Exception as e:
+        tqdm.write(f"{world} failed: {type(e).__name__}: {e}")
+        raise
+    started = time.time()
+    stats = tuple(config.stats)
+    acc = Accumulator.from_state(store_state(partial, stats), k, stats, adapter.device)
+    all_reduce(acc)
+    ranks = all_gather(
+        {
+            "rank": world.rank,
+            "host": platform.node(),
+            "done": load_done(partial),
+            "progress": mine["progress"],
+        }
+    )
+    prog = {key: sum(r["progress"].get(key, 0) for r in ranks) for key in _SUMMED}
+    prog["skips"] = dict(sum((Counter(r["progress"].get("skips", {})) for r in ranks), Counter()))
+    prog.update(
+        utterances_total=len(indices),
+        complete=True,
+        elapsed_seconds=max(r["progress"]["elapsed_seconds"] for r in ranks) + time.time() - started,
+        loop_seconds=max(r["progress"].get("loop_seconds", 0.0) for r in ranks),
+    )
+    final = {
+        **attrs,
+        "complete": True,
+        "progress": prog,
+        "distributed": {
+            "world_size": world.size,
+            "backend": dist.get_backend(),
+            "sharding": "balanced by duration",
+            "partials": str(partial_dir(out).resolve()),
+            "ranks": [
+                {"rank": r["rank"], "host": r["host"], "utterances": len(r["done"])}
+                | {key: r["progress"].get(key, 0) for key in _TIMINGS}
+                for r in ranks
+            ],
+        },
+    }
+    if world.rank == 0:
+        coords = {"layer": np.asarray([i + 1 for i in layers], dtype=np.int64), **space.names()}
+        with StoreWriter(out, final, overwrite=True) as store:
+            store.finalize(acc.compute(), coords, final, [u for r in ranks for u in r["done"]])
+    dist.barrier()
+    return final
+
+
+_SUMMED = ("utterances_done", "frames", "padded_frames", "tokens", "audio_seconds", "data_wait_seconds")
+_TIMINGS = ("audio_seconds", "elapsed_seconds", "loop_seconds", "data_wait_seconds")
+
+
+def _interrupted(stop: list[str], job, when: str) -> CollectInterrupted:
+    where = "" if job is None else f"{job.world}: "
+    why = "" if job is None else " (torchrun stops every rank when one fails: its report names it)"
+    return CollectInterrupted(
+        f"{where}stopped by {stop[0]}{why} {when}: continue with `neurostat collect ... --resume`"
+    )
 
 
 def _describe_precision(precision: str, dtype: torch.dtype) -> str:
@@ -263,7 +366,9 @@ def _timed_iter(loader, prog: dict) -> Iterator:
         yield item
 
 
-def _run(corpus, adapter, store: StoreWriter, config, space: LabelSpace, layers, k, indices, attrs, progress) -> dict:
+def _run(
+    corpus, adapter, store: StoreWriter, config, space: LabelSpace, layers, k, indices, attrs, progress, job=None
+) -> dict:
     if store.previous is not None and store.previous.get("complete"):
         return store.previous
     device = adapter.device
@@ -314,65 +419,78 @@ def _run(corpus, adapter, store: StoreWriter, config, space: LabelSpace, layers,
     base_elapsed = prog["elapsed_seconds"]
     sr = corpus.geometry.sample_rate
     bar = tqdm(
-        total=len(indices),
-        initial=len(finished & {corpus.records[i]["id"] for i in indices}),
+        total=len(indices) if job is None else job.utterances,
+        initial=len(finished & {corpus.records[i]["id"] for i in indices}) if job is None else 0,
         unit="utt",
-        desc="collect",
-        disable=not progress,
+        desc="collect" if job is None else f"collect ({job.world.size} ranks)",
+        disable=not progress or (job is not None and job.world.rank != 0),
         dynamic_ncols=True,
     )
+    if job is not None:
+        job.post(len(done), prog["audio_seconds"], force=True)
 
     def save():
         prog["elapsed_seconds"] = base_elapsed + time.time() - started
         prog["utterances_done"] = len(done)
         store.save_checkpoint(acc.state_dict(), done, prog)
 
-    with adapter.instrument(activation, layers), _stop_requests() as stop:
-        for item in _timed_iter(loader, prog):
-            for err in item["errors"]:
-                prog["skips"][err["reason"]] = prog["skips"].get(err["reason"], 0) + 1
-                tqdm.write(f"skipped {err['file']}: {err['message']}")
-            batch = item["tokens"]
-            if batch.num_tokens and len(item["lengths"]):
-                current["tokens"] = batch.to(device)
-                adapter.encode(item["waves"], item["lengths"], front_end=config.front_end)
-            for u in item["ids"]:
-                pieces_left[u] -= 1
-            new = [u for u in dict.fromkeys(item["ids"]) if pieces_left[u] == 0 and u not in finished]
-            finished.update(new)
-            done.extend(new)
-            prog["frames"] += item["frames"]
-            prog["padded_frames"] += item["padded_frames"]
-            prog["tokens"] += batch.num_tokens
-            prog["audio_seconds"] += item["samples"] / sr
-            since_ckpt += len(new)
-            elapsed = base_elapsed + time.time() - started
-            bar.set_postfix_str(
-                f"{prog['audio_seconds'] / 3600:.2f} h audio, {prog['audio_seconds'] / max(elapsed, 1e-9):,.1f} "
-                f"audio-s/s, waiting for data {100 * prog['data_wait_seconds'] / max(elapsed, 1e-9):.0f}%"
-            )
-            bar.update(len(new))
-            if (
-                config.checkpoint_utterances and since_ckpt >= config.checkpoint_utterances
-            ) or time.time() - last_ckpt >= config.checkpoint_seconds:
-                save()
-                last_ckpt, since_ckpt = time.time(), 0
-            if stop:
-                save()
-                bar.close()
-                raise CollectInterrupted(
-                    f"stopped by {stop[0]} after {len(done)} of {len(indices)} utterances; the checkpoint is saved: "
-                    f"continue with `neurostat collect ... --resume`"
-                )
-    bar.close()
-    prog["elapsed_seconds"] = prog["loop_seconds"] = base_elapsed + time.time() - started
-    prog["utterances_done"] = len(done)
-    arrays = acc.compute()
-    coords = {"layer": np.asarray([i + 1 for i in layers], dtype=np.int64), **space.names()}
-    final = {**attrs, "complete": True, "progress": {**prog, "utterances_total": len(indices), "complete": True}}
-    store.finalize(arrays, coords, final, done, config.keep_checkpoint)
-    final["progress"]["elapsed_seconds"] = base_elapsed + time.time() - started
-    store.update_attrs({"progress": final["progress"]})
+    with _stop_requests() as stop:
+        with adapter.instrument(activation, layers):
+            for item in _timed_iter(loader, prog):
+                for err in item["errors"]:
+                    prog["skips"][err["reason"]] = prog["skips"].get(err["reason"], 0) + 1
+                    tqdm.write(f"skipped {err['file']}: {err['message']}")
+                batch = item["tokens"]
+                if batch.num_tokens and len(item["lengths"]):
+                    current["tokens"] = batch.to(device)
+                    adapter.encode(item["waves"], item["lengths"], front_end=config.front_end)
+                for u in item["ids"]:
+                    pieces_left[u] -= 1
+                new = [u for u in dict.fromkeys(item["ids"]) if pieces_left[u] == 0 and u not in finished]
+                finished.update(new)
+                done.extend(new)
+                prog["frames"] += item["frames"]
+                prog["padded_frames"] += item["padded_frames"]
+                prog["tokens"] += batch.num_tokens
+                prog["audio_seconds"] += item["samples"] / sr
+                since_ckpt += len(new)
+                elapsed = base_elapsed + time.time() - started
+                if job is None:
+                    bar.set_postfix_str(
+                        f"{prog['audio_seconds'] / 3600:.2f} h audio, {prog['audio_seconds'] / max(elapsed, 1e-9):,.1f} "
+                        f"audio-s/s, waiting for data {100 * prog['data_wait_seconds'] / max(elapsed, 1e-9):.0f}%"
+                    )
+                    bar.update(len(new))
+                elif (whole := job.post(len(done), prog["audio_seconds"])) is not None:
+                    bar.n = whole[0]
+                    bar.set_postfix_str(
+                        f"{whole[1] / 3600:.2f} h audio, {whole[1] / max(elapsed, 1e-9):,.1f} audio-s/s on all ranks"
+                    )
+                if (
+                    config.checkpoint_utterances and since_ckpt >= config.checkpoint_utterances
+                ) or time.time() - last_ckpt >= config.checkpoint_seconds:
+                    save()
+                    last_ckpt, since_ckpt = time.time(), 0
+                if stop:
+                    save()
+                    bar.close()
+                    raise _interrupted(
+                        stop, job, f"after {len(done)} of {len(indices)} utterances; the checkpoint is saved"
+                    )
+        if job is not None and (whole := job.post(len(done), prog["audio_seconds"], force=True)) is not None:
+            bar.n = whole[0]
+            bar.refresh()
+        bar.close()
+        prog["elapsed_seconds"] = prog["loop_seconds"] = base_elapsed + time.time() - started
+        prog["utterances_done"] = len(done)
+        arrays = acc.compute()
+        coords = {"layer": np.asarray([i + 1 for i in layers], dtype=np.int64), **space.names()}
+        final = {**attrs, "complete": True, "progress": {**prog, "utterances_total": len(indices), "complete": True}}
+        store.finalize(arrays, coords, final, done, config.keep_checkpoint)
+        final["progress"]["elapsed_seconds"] = base_elapsed + time.time() - started
+        store.update_attrs({"progress": final["progress"]})
+        if stop and job is not None:  # a rank must not wait in the merge for ranks torchrun is stopping
+            raise _interrupted(stop, job, f"after its last batch; its store of {len(indices)} utterances is complete")
     return final
 
 
@@ -397,23 +515,34 @@ def collect_corpus(
     ``subset`` and ``alignments`` (a corpus in ``layout``) prepares that corpus first (cached, into ``prepared`` or the default
     folder, with the model's frame geometry and ``prepare_options`` of
     :meth:`PrepareSettings.from_options`); then collects the prepared corpus into ``out``.
+    Under ``torchrun`` (a world size above 1 in the environment) this process joins the job as its rank:
+    rank 0 prepares first, each rank collects its share and rank 0 writes ``out``.
     Returns the run summary; ``echo`` gets the prepare summary."""
     if root is None and prepared is None:
         raise OptionError("give the corpus (--root, --subset, --alignments) or a prepared corpus (--prepared)")
     missing = [name for name, v in (("--subset", subset), ("--alignments", alignments)) if v is None]
     if root is not None and missing:
         raise OptionError(f"{' and '.join(missing)} needed to label the corpus at {root}")
+    world = World.from_environment()
+    if world is not None:
+        device = world.device(device)
+        world.init(resolve_device(device))
+        progress = progress and world.rank == 0
     adapter = ModelAdapter.load(model, device=resolve_device(device), dtype=getattr(torch, dtype))
     if root is not None:
         prepared = prepared or default_prepared_dir(alignments, subset)
         settings = PrepareSettings.from_options(adapter.geometry, **(prepare_options or {}))
         jobs = max(1, config.num_jobs)
-        meta = prepare(root, subset, alignments, prepared, settings, jobs, progress, layout)
-        if echo:
+        meta = rank_zero_first(
+            world, lambda: prepare(root, subset, alignments, prepared, settings, jobs, progress, layout)
+        )
+        if echo and (world is None or world.rank == 0):
             echo(describe_prepared(meta, prepared))
-    return collect(
-        PreparedCorpus(prepared), adapter, out, config, resume=resume, overwrite=overwrite, progress=progress
-    )
+    try:
+        return collect(PreparedCorpus(prepared), adapter, out, config, resume, overwrite, progress, world)
+    finally:
+        if world is not None and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def describe_collect(attrs: dict, out: str | Path) -> str:
@@ -440,5 +569,13 @@ def describe_collect(attrs: dict, out: str | Path) -> str:
     ]
     if skips:
         lines.append("skipped: " + ", ".join(f"{r} {n}" for r, n in sorted(skips.items())))
+    ranks = attrs.get("distributed", {}).get("ranks")
+    if ranks:
+        audio = [r["audio_seconds"] for r in ranks]
+        lines.append(
+            f"{len(ranks)} ranks ({attrs['distributed']['backend']}), balanced by duration: {min(audio):,.1f}–"
+            f"{max(audio):,.1f} s of audio each, the slowest done in {max(r['elapsed_seconds'] for r in ranks):,.1f} s; "
+            f"partial stores in {attrs['distributed']['partials']}"
+        )
     lines.append(f"store: {out}")
     return "\n".join(lines)

@@ -106,6 +106,12 @@ class Rule:
         ``n_b``: tokens per label, broadcastable), in place."""
         raise NotImplementedError
 
+    def all_reduce(self, stat, totals, n, total_n, reduce) -> None:
+        """Combines the totals of every rank of a distributed run, in place (``reduce(tensor, op)``: an
+        all-reduce with op ``sum`` or ``max``; ``n``: this rank's tokens per label, ``total_n``: all
+        ranks', float64 and broadcastable)."""
+        raise NotImplementedError
+
     def to_store(self, stat, totals, n) -> dict[str, np.ndarray]:
         """Store variables from the totals (numpy; ``n`` tokens per label broadcastable, float64)."""
         return {var: totals[state] for var, state in zip(stat.store, stat.states)}
@@ -126,6 +132,10 @@ class SumRule(Rule):
         for name in stat.states:
             mine[name] += theirs[name]
 
+    def all_reduce(self, stat, totals, n, total_n, reduce) -> None:
+        for name in stat.states:
+            reduce(totals[name], "sum")
+
 
 class ChanRule(Rule):
     """Totals ``mean`` and ``m2``; batch sums ``s1``, ``s2`` around a per-neuron shift."""
@@ -143,6 +153,15 @@ class ChanRule(Rule):
 
     def combine(self, stat, mine, theirs, n_a, n_b) -> None:
         mine["mean"], mine["m2"] = chan_merge(n_a, mine["mean"], mine["m2"], n_b, theirs["mean"], theirs["m2"])
+
+    def all_reduce(self, stat, totals, n, total_n, reduce) -> None:
+        """Every rank's sets pooled at once: the mean from Σ n·mean, then Σ M2 + n·(mean − pooled)²."""
+        mean = totals["mean"] * n
+        reduce(mean, "sum")
+        mean /= total_n + (total_n == 0)
+        m2 = totals["m2"] + n * (totals["mean"] - mean) ** 2
+        reduce(m2, "sum")
+        totals["mean"], totals["m2"] = mean, m2
 
     def to_store(self, stat, totals, n) -> dict[str, np.ndarray]:
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -163,6 +182,10 @@ class MaxRule(Rule):
     def combine(self, stat, mine, theirs, n_a, n_b) -> None:
         for name in stat.states:
             torch.maximum(mine[name], theirs[name], out=mine[name])
+
+    def all_reduce(self, stat, totals, n, total_n, reduce) -> None:
+        for name in stat.states:
+            reduce(totals[name], "max")
 
 
 RULES = {rule.name: rule for rule in (SumRule(), ChanRule(), MaxRule())}
