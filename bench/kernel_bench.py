@@ -40,7 +40,7 @@ import neurostat.kernels.label_stats as label_stats_module
 from neurostat.engine.accumulate import Accumulator
 from neurostat.engine.backends import Backend, fp32_activations
 from neurostat.engine.batching import TokenBatch, chunk_tokens
-from neurostat.engine.statistics import DEFAULT_STATS, topk_mask
+from neurostat.engine.statistics import DEFAULT_STATS, Params, topk_mask
 from neurostat.engine.statistics import statistics as table_entries
 from neurostat.kernels.ffn_up_stats import ffn_up_stats
 from neurostat.kernels.merge_sums import merge_sums
@@ -103,8 +103,8 @@ class CompiledTorchBackend(Backend):
 
     name = "compile"
 
-    def __init__(self, stats, k, activation="gelu"):
-        super().__init__(stats, k, activation)
+    def __init__(self, stats, params, activation="gelu"):
+        super().__init__(stats, params, activation)
         self.compiled = torch.compile(torch_sums, dynamic=True)
 
     def sums(self, a, batch, shift):
@@ -155,7 +155,7 @@ def merge_check(sums, batch, num_labels, D, shift, device) -> tuple[float, float
             "m2": torch.zeros((num_labels, D), dtype=torch.float64, device=device),
         }
 
-    torch_merge = Backend(table_entries(DEFAULT_STATS), 1).merge
+    torch_merge = Backend(table_entries(DEFAULT_STATS), Params(1)).merge
     ref, got = fresh(), fresh()
     torch_merge(sums, batch, tokens, shift, ref)
     merge_sums(sums, batch.labels, batch.counts, tokens, shift, got)
@@ -457,7 +457,7 @@ def engine_runs(adapter, batches, k, num_labels, variants, device, repeat, profi
             precision=precision or "fp32",
         )
         if name == "compile":
-            acc.backend = CompiledTorchBackend(acc.table, k, act)
+            acc.backend = CompiledTorchBackend(acc.table, acc.params, act)
         current = {}
         # the design option "+overlap": each layer's statistics queued on a side stream, so that they run
         # beside the next layers instead of between them (the activation's and the batch's memory is kept

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from .frames import FrameGeometry
 from .labelspace import LabelSpace
 from .moments import pool
 from .store import StoreError, checkpoint_progress, read_attrs, verify_store
@@ -157,6 +158,30 @@ class Stats:
                 coords=self._coords(by),
             ),
         )
+
+    def top_frames(self, layer: int, neuron: int) -> list[dict]:
+        """The largest activations of neuron ``neuron`` of ``layer`` (1-based) over the corpus, largest first
+        (collected with ``--top-frames``): value, utterance id, frame and the frame centre in seconds."""
+        if layer not in self.layers:
+            raise ValueError(f"{self.path} has layers {self.layers}, not {layer}")
+        if not 0 <= neuron < self.width:
+            raise ValueError(f"{self.path} has neurons 0..{self.width - 1}, not {neuron}")
+        i = self.layers.index(layer)
+        value = self._values("top_value")[i, :, neuron]
+        utterance = self._values("top_utterance")[i, :, neuron]
+        frame = self._values("top_frame")[i, :, neuron]
+        ids = self.ds["utterance"].values
+        geometry = FrameGeometry.from_dict(self.attrs["model"]["geometry"])
+        return [
+            {
+                "value": float(v),
+                "utterance": str(ids[u]),
+                "frame": int(f),
+                "seconds": float(geometry.centres(f + 1)[-1]),
+            }
+            for v, u, f in zip(value, utterance, frame)
+            if u >= 0
+        ]
 
 
 def open_stats(path: str | Path) -> Stats:

@@ -174,30 +174,33 @@ class StoreWriter:
         attrs: dict,
         done: list[str],
         keep_checkpoint: bool = False,
+        dims: dict[str, tuple[str, ...]] | None = None,
     ) -> None:
         """Writes the root arrays and marks the store complete; then drops the checkpoint state (the
-        arrays hold it all) unless ``keep_checkpoint``."""
+        arrays hold it all) unless ``keep_checkpoint``.  ``dims``: each array's dimensions [default
+        (label,) for ``frames``, else (layer, label, neuron)]; coordinates ``layer`` and ``utterance``
+        lie along their own dimension, the others along ``label``."""
         import zarr
 
         root = zarr.open_group(self.path, mode="a", zarr_format=3)
-        label_coords = " ".join(c for c in coords if c != "layer")
+        label_coords = " ".join(c for c in coords if c not in _OWN_DIM)
         for name, values in coords.items():
-            dims = ("layer",) if name == "layer" else ("label",)
+            along = (name,) if name in _OWN_DIM else ("label",)
             dtype = str if values.dtype.kind == "U" else values.dtype
-            arr = root.create_array(name, shape=values.shape, dtype=dtype, dimension_names=dims, overwrite=True)
+            arr = root.create_array(name, shape=values.shape, dtype=dtype, dimension_names=along, overwrite=True)
             arr[:] = values
         for name, values in arrays.items():
-            dims = ("label",) if name == "frames" else ("layer", "label", "neuron")
+            along = (dims or {}).get(name) or (("label",) if name == "frames" else ("layer", "label", "neuron"))
             chunks = values.shape if name == "frames" else (1,) + values.shape[1:]
             arr = root.create_array(
                 name,
                 shape=values.shape,
                 dtype=values.dtype,
                 chunks=chunks,
-                dimension_names=dims,
+                dimension_names=along,
                 overwrite=True,
                 fill_value=np.nan if values.dtype.kind == "f" else 0,
-                attributes={"coordinates": label_coords},
+                attributes={"coordinates": label_coords} if "label" in along else {},
             )
             arr[:] = values
         atomic_write(self.internal / "utterances.json", json.dumps(done))
@@ -224,6 +227,9 @@ class StoreWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+_OWN_DIM = ("layer", "utterance")
 
 
 def _manifest(path: Path, arrays: list[str]) -> dict[str, list]:

@@ -224,10 +224,12 @@ def assert_equals_uninterrupted(out, corpus, model_dir, tmp_path, stats=CollectC
     config = CollectConfig(stats=stats, topk_ratio=RATIO, batch_seconds=0.001)
     collect(corpus, ModelAdapter.load(str(model_dir)), straight, config, progress=False)
     a, b = xr.open_zarr(out, consolidated=False), xr.open_zarr(straight, consolidated=False)
-    for name in ("frames", "topk_count", "positive_count", "max_abs"):
+    for name in ("frames", "topk_count", "positive_count", "max_abs", "top_utterance", "top_frame"):
         if name in b:
             np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
     np.testing.assert_allclose(a["mean"].values, b["mean"].values, rtol=1e-5, atol=1e-7)
+    if "top_value" in b:
+        np.testing.assert_allclose(a["top_value"].values, b["top_value"].values, rtol=1e-6)
 
 
 def test_resume_after_sigkill_gives_identical_counts(tmp_path, tiny_model, demo_corpus):

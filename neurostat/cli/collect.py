@@ -68,8 +68,17 @@ def _shard(ctx, param, text: str) -> tuple[int, int]:
     "--stat",
     "stats",
     multiple=True,
-    type=click.Choice(["topk", "positive", "moments", "max_abs"]),
-    help="Statistics to collect (repeatable) [default: topk, positive, moments; max_abs is opt-in].",
+    type=click.Choice(["topk", "positive", "moments", "max_abs", "top_frames"]),
+    help="Statistics to collect (repeatable) [default: topk, positive, moments; max_abs and top_frames are opt-in].",
+)
+@click.option(
+    "--top-frames",
+    type=int,
+    is_flag=False,
+    flag_value=16,
+    default=None,
+    help="Also keep each neuron's N largest activations over the corpus with their utterance and frame "
+    "(N = 16 when given without a value): what the neuron browser plays.",
 )
 @click.option(
     "--topk-ratio",
@@ -155,6 +164,10 @@ def collect(
     options = with_preset(options)
     prepare_options = {name: options.pop(name) for name in PREPARE_OPTIONS}
     labels, options["stats"] = options.pop("label_parts"), options["stats"] or CollectConfig.stats
+    if options["top_frames"] is None:
+        options["top_frames"] = CollectConfig.top_frames
+    elif "top_frames" not in options["stats"]:
+        options["stats"] = (*options["stats"], "top_frames")
     config = CollectConfig(**options, labels=tuple(p.strip() for p in labels.split(",")) if labels else None)
     if root is None and prepared is None and model is None:
         from ..demo import DEMO_NOTE, cache_dir, ensure_demo

@@ -15,7 +15,7 @@ import torch
 
 from .backends import make_backend
 from .batching import TokenBatch
-from .statistics import DEFAULT_STATS, TABLE, statistics
+from .statistics import DEFAULT_STATS, TABLE, Params, statistics
 
 
 class Accumulator:
@@ -32,6 +32,7 @@ class Accumulator:
         backend: str = "torch",
         activation: str = "gelu",
         precision: str = "fp32",
+        top_frames: int = 16,
     ):
         if not 1 <= k <= width:
             raise ValueError(f"top-k needs 1 <= k <= width, got k={k}, width={width}")
@@ -39,10 +40,11 @@ class Accumulator:
         self.stats = tuple(s.name for s in self.table)
         self.shape = (num_layers, num_labels, width)
         self.k, self.device = k, torch.device(device)
-        self.backend = make_backend(backend, self.table, k, activation, precision)
+        self.params = Params(k, top_frames)
+        self.backend = make_backend(backend, self.table, self.params, activation, precision)
         self.totals: dict[str, torch.Tensor] = {}
         for s in self.table:
-            self.totals.update(s.initial(self.shape, self.device))
+            self.totals.update(s.initial(self.shape, self.device, self.params))
         self.tokens = torch.zeros((num_layers, num_labels), dtype=torch.int64, device=self.device)
         self.needs_shift = any(s.needs_shift for s in self.table)
         self.shift: list[torch.Tensor | None] = [None] * num_layers
@@ -74,10 +76,10 @@ class Accumulator:
 
     def merge(self, other: "Accumulator") -> "Accumulator":
         """Adds ``other``'s totals into this one, each statistic by its merge rule."""
-        if other.shape != self.shape or other.k != self.k or other.stats != self.stats:
+        if other.shape != self.shape or other.params != self.params or other.stats != self.stats:
             raise ValueError(
-                f"cannot merge accumulators of shape/k/stats {other.shape}/{other.k}/{other.stats} "
-                f"into {self.shape}/{self.k}/{self.stats}"
+                f"cannot merge accumulators of shape/parameters/stats {other.shape}/{other.params}/{other.stats} "
+                f"into {self.shape}/{self.params}/{self.stats}"
             )
         theirs = {name: t.to(self.device) for name, t in other.totals.items()}
         other_tokens = other.tokens.to(self.device)
@@ -113,8 +115,10 @@ class Accumulator:
         precision: str = "fp32",
     ) -> "Accumulator":
         table = statistics(stats)
-        shape = state[table[0].states[0]].shape
-        acc = cls(shape[0], shape[1], shape[2], k, stats, device, backend, activation, precision)
+        layers, labels = state["tokens"].shape
+        width = state[table[0].states[0]].shape[-1]
+        top = next((state[s.states[0]].shape[1] for s in table if s.axis == "top"), 16)
+        acc = cls(layers, labels, width, k, stats, device, backend, activation, precision, top)
         for name, value in state.items():
             (acc.tokens if name == "tokens" else acc.totals[name]).copy_(torch.from_numpy(np.asarray(value)))
         return acc
@@ -130,7 +134,7 @@ class Accumulator:
         totals = {name: t.cpu().numpy() for name, t in self.totals.items()}
         for s in self.table:
             for var, value in s.merge.to_store(s, totals, n).items():
-                out[var] = value if s.fill == 0 else np.where(n == 0, s.fill, value)
+                out[var] = value if s.fill == 0 or s.axis != "label" else np.where(n == 0, s.fill, value)
         return out
 
 

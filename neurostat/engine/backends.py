@@ -28,7 +28,7 @@ import os
 import torch
 
 from .batching import TokenBatch
-from .statistics import Statistic
+from .statistics import Params, Statistic
 
 BACKENDS = ("torch", "triton", "triton-fused")
 PRECISIONS = ("fp32", "model")
@@ -54,10 +54,11 @@ class Backend:
 
     name = "torch"
 
-    def __init__(self, stats: tuple[Statistic, ...], k: int, activation: str = "gelu", precision: str = "fp32"):
+    def __init__(self, stats: tuple[Statistic, ...], params: Params, activation: str = "gelu", precision: str = "fp32"):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown statistics precision {precision!r}; choose from {PRECISIONS}")
-        self.stats, self.k, self.activation, self.precision = stats, k, activation, precision
+        self.stats, self.params, self.activation, self.precision = stats, params, activation, precision
+        self.k = params.k
 
     def fp32_stats(self, dtype: torch.dtype) -> bool:
         """Whether the statistics need activations more precise than the model's ``dtype`` gives."""
@@ -77,7 +78,7 @@ class Backend:
         if stats:
             x = a.index_select(0, batch.index)
             for s in stats:
-                out.update(s.torch_sums(x, batch, self.k, shift))
+                out.update(s.torch_sums(x, batch, self.params, shift))
         return out
 
     def ffn_sums(self, ffn, hidden: torch.Tensor, batch: TokenBatch, shift: torch.Tensor | None):
@@ -103,8 +104,8 @@ _KERNEL_STATS = ("topk", "positive", "moments")
 class TritonBackend(Backend):
     name = "triton"
 
-    def __init__(self, stats: tuple[Statistic, ...], k: int, activation: str = "gelu", precision: str = "fp32"):
-        super().__init__(stats, k, activation, precision)
+    def __init__(self, stats: tuple[Statistic, ...], params: Params, activation: str = "gelu", precision: str = "fp32"):
+        super().__init__(stats, params, activation, precision)
         self.kernel = tuple(s for s in stats if s.name in _KERNEL_STATS)
         self.others = tuple(s for s in stats if s.name not in _KERNEL_STATS)
 
@@ -137,7 +138,8 @@ class TritonBackend(Backend):
 
         if self.kernel:
             names = [n for s in self.kernel for n in s.states]
-            merge_sums(sums, batch.labels, batch.counts, tokens, shift, {n: totals[n] for n in names})
+            mine = {n: sums[n] for s in self.kernel for n in s.sums}
+            merge_sums(mine, batch.labels, batch.counts, tokens, shift, {n: totals[n] for n in names})
         self._torch_merge(self.others, sums, batch, tokens, shift, totals)
 
 
@@ -183,7 +185,7 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
 
 
 def make_backend(
-    name: str, stats: tuple[Statistic, ...], k: int, activation: str = "gelu", precision: str = "fp32"
+    name: str, stats: tuple[Statistic, ...], params: Params, activation: str = "gelu", precision: str = "fp32"
 ) -> Backend:
     """The backend called ``name`` (one of :data:`BACKENDS`) for these statistics at ``precision``."""
     if name not in _CLASSES:
@@ -193,4 +195,4 @@ def make_backend(
 
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation {activation!r} has no fused kernel; use --backend triton")
-    return _CLASSES[name](stats, k, activation, precision)
+    return _CLASSES[name](stats, params, activation, precision)

@@ -18,6 +18,9 @@ from ..model.adapter import normalize_waveform
 from ..phones import NON_SPEECH
 from .tokens import token_mask
 
+FRAME_BITS = 32
+"""A token's frame id is ``corpus utterance index << FRAME_BITS | frame``: unique in a corpus, ordered."""
+
 _EXACT_FP32 = 2**24
 
 
@@ -52,6 +55,7 @@ _FIELDS = (
     "perm",
     "sorted_local",
     "sorted_tokens",
+    "frame_ids",
 )
 
 
@@ -69,10 +73,12 @@ class TokenBatch:
     perm: torch.Tensor  # (B*T,) int32: sorted token rows, then every other row (fused GEMM order)
     sorted_local: torch.Tensor  # (N,) int32: local label of each sorted token row
     sorted_tokens: torch.Tensor  # (N,) int32: the sorted token rows as positions among the tokens
+    frame_ids: torch.Tensor  # (N,) int64: each token's frame id (utterance index << 32 | frame), for top frames
 
     @classmethod
-    def from_labels(cls, flat: np.ndarray) -> "TokenBatch":
-        """From the flattened per-frame joint labels of a padded batch (−1 = not a token)."""
+    def from_labels(cls, flat: np.ndarray, frame_ids: np.ndarray | None = None) -> "TokenBatch":
+        """From the flattened per-frame joint labels of a padded batch (−1 = not a token) and, for the top
+        frames, each frame's id (default: its position in the batch)."""
         index = np.flatnonzero(flat >= 0)
         labels, local, counts = np.unique(flat[index], return_inverse=True, return_counts=True)
         if len(index) >= _EXACT_FP32:
@@ -95,6 +101,7 @@ class TokenBatch:
             torch.cat([sorted_rows, others]),
             sorted_local,
             sorted_tokens,
+            t(index if frame_ids is None else frame_ids[index]),
         )
 
     @property
@@ -195,7 +202,7 @@ class BatchDataset(torch.utils.data.Dataset):
         return len(self.batches)
 
     def __getitem__(self, i: int) -> dict:
-        waves, labels, errors, ids, cache = [], [], [], [], {}
+        waves, labels, errors, ids, kept, cache = [], [], [], [], [], {}
         geo = self.corpus.geometry
         for piece in self.batches[i]:
             utt = self.corpus[piece.index]
@@ -212,15 +219,18 @@ class BatchDataset(torch.utils.data.Dataset):
             chunk = wave[piece.sample_start : piece.sample_start + piece.num_samples]
             waves.append(torch.from_numpy(np.ascontiguousarray(chunk)))
             labels.append(joint[piece.frame_start : piece.frame_start + geo.num_frames(len(chunk))])
+            kept.append(piece)
         longest = max((len(lab) for lab in labels), default=0)
         flat = np.full((len(labels), longest), -1, dtype=np.int64)
-        for b, lab in enumerate(labels):
+        frame_ids = np.full((len(labels), longest), -1, dtype=np.int64)
+        for b, (lab, piece) in enumerate(zip(labels, kept)):
             flat[b, : len(lab)] = lab
+            frame_ids[b, : len(lab)] = (piece.index << FRAME_BITS) + piece.frame_start + np.arange(len(lab))
         return {
             "ids": ids,
             "waves": torch.nn.utils.rnn.pad_sequence(waves, batch_first=True) if waves else torch.zeros(0, 0),
             "lengths": torch.tensor([len(w) for w in waves], dtype=torch.int64),
-            "tokens": TokenBatch.from_labels(flat.reshape(-1)),
+            "tokens": TokenBatch.from_labels(flat.reshape(-1), frame_ids.reshape(-1)),
             "frames": int(sum(len(lab) for lab in labels)),
             "padded_frames": int(flat.size),
             "samples": int(sum(len(w) for w in waves)),

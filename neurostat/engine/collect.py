@@ -52,7 +52,7 @@ from .distributed import (
     remove_other_partials,
 )
 from .merge import store_state
-from .statistics import DEFAULT_STATS, TABLE, statistics
+from .statistics import DEFAULT_STATS, TABLE, Params, statistics, store_dims
 from .tokens import MODES
 
 
@@ -73,6 +73,7 @@ class CollectConfig:
     num_jobs: int = 0
     backend: str = "auto"
     stats_precision: str = "fp32"  # fp32: statistics of the fp32-accumulated activations in bf16/fp16 runs
+    top_frames: int = 16  # N of the top_frames statistic (when collected)
     labels: tuple[str, ...] | None = None  # label parts of the joint label; None = every part of the corpus
     command: str = field(default_factory=lambda: shlex.join(sys.argv))  # shell-quoted, as info prints it
 
@@ -153,6 +154,8 @@ def collect(
         raise ValueError(f"unknown token mode {config.tokens!r}; choose one of {MODES}")
     if not 0 < config.topk_ratio <= 1:
         raise ValueError(f"--topk-ratio must be in (0, 1] (k = round(λ·D) neurons of D), got {config.topk_ratio}")
+    if not config.top_frames >= 1:
+        raise ValueError(f"--top-frames must be at least 1, got {config.top_frames}")
     if config.batch_seconds is not None and not config.batch_seconds > 0:
         raise ValueError(f"--batch-seconds must be positive, got {config.batch_seconds}")
     config.stats = tuple(s.name for s in statistics(config.stats))
@@ -164,7 +167,7 @@ def collect(
     if config.stats_precision not in PRECISIONS:
         raise ValueError(f"unknown --stats-precision {config.stats_precision!r}; choose from {PRECISIONS}")
     try:
-        make_backend(config.backend, statistics(config.stats), 1, str(adapter.config.hidden_act))
+        make_backend(config.backend, statistics(config.stats), Params(1), str(adapter.config.hidden_act))
     except ValueError as e:
         raise ModelError(f"{adapter.source}: {e}") from None
     layers = list(range(adapter.num_layers)) if config.layers is None else sorted({i - 1 for i in config.layers})
@@ -189,6 +192,7 @@ def collect(
         "dtype": str(adapter.dtype).replace("torch.", ""),
         "stats_precision": config.stats_precision,
         "stats": list(config.stats),
+        "top_frames": config.top_frames if "top_frames" in config.stats else None,
         "topk_ratio": config.topk_ratio,
         "k": k,
         "tokens": config.tokens,
@@ -217,6 +221,7 @@ def collect(
             "stats": list(config.stats),
             "topk_ratio": config.topk_ratio,
             "k": k,
+            "top_frames": config.top_frames if "top_frames" in config.stats else None,
             "tokens": config.tokens,
             "drop_final_run": config.drop_final_run,
             "ties": "lower neuron index wins at the k-th |a|",
@@ -320,15 +325,24 @@ def _run_rank(corpus, adapter, out, config, space, layers, k, indices, attrs, pr
         },
     }
     if world.rank == 0:
-        coords = {"layer": np.asarray([i + 1 for i in layers], dtype=np.int64), **space.names()}
         with StoreWriter(out, final, overwrite=True) as store:
-            store.finalize(acc.compute(), coords, final, [u for r in ranks for u in r["done"]])
+            done = [u for r in ranks for u in r["done"]]
+            store.finalize(acc.compute(), _coords(corpus, layers, space, stats), final, done, dims=store_dims(stats))
     dist.barrier()
     return final
 
 
 _SUMMED = ("utterances_done", "frames", "padded_frames", "tokens", "audio_seconds", "data_wait_seconds")
 _TIMINGS = ("audio_seconds", "elapsed_seconds", "loop_seconds", "data_wait_seconds")
+
+
+def _coords(corpus, layers, space: LabelSpace, stats) -> dict[str, np.ndarray]:
+    """The store's coordinates: layers (1-based), the label parts of each joint label and, with the top
+    frames, the corpus's utterance ids (``top_utterance`` indexes them)."""
+    coords = {"layer": np.asarray([i + 1 for i in layers], dtype=np.int64), **space.names()}
+    if "top_frames" in stats:
+        coords["utterance"] = np.asarray([r["id"] for r in corpus.records], dtype=str)
+    return coords
 
 
 def _interrupted(stop: list[str], job, when: str) -> CollectInterrupted:
@@ -374,7 +388,7 @@ def _run(
     device = adapter.device
     act = str(adapter.config.hidden_act)
     engine = (config.stats, device, config.backend, act, config.stats_precision)
-    acc = Accumulator(len(layers), space.size, adapter.width, k, *engine)
+    acc = Accumulator(len(layers), space.size, adapter.width, k, *engine, config.top_frames)
     done: list[str] = []
     prog = {
         "utterances_done": 0,
@@ -484,9 +498,9 @@ def _run(
         prog["elapsed_seconds"] = prog["loop_seconds"] = base_elapsed + time.time() - started
         prog["utterances_done"] = len(done)
         arrays = acc.compute()
-        coords = {"layer": np.asarray([i + 1 for i in layers], dtype=np.int64), **space.names()}
+        coords = _coords(corpus, layers, space, config.stats)
         final = {**attrs, "complete": True, "progress": {**prog, "utterances_total": len(indices), "complete": True}}
-        store.finalize(arrays, coords, final, done, config.keep_checkpoint)
+        store.finalize(arrays, coords, final, done, config.keep_checkpoint, store_dims(config.stats))
         final["progress"]["elapsed_seconds"] = base_elapsed + time.time() - started
         store.update_attrs({"progress": final["progress"]})
         if stop and job is not None:  # a rank must not wait in the merge for ranks torchrun is stopping

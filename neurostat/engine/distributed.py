@@ -6,8 +6,8 @@ deterministic from the corpus, so the same world size gives the same shares — 
 its own partial store beside the output (``OUT.ranks/rank-R-of-N.zarr``: one writer each,
 checkpointed, resumable with ``--resume``).  At the end the ranks combine their states with
 all-reduces, each statistic by its merge rule (counts summed as int64, maxima by max, moments pooled
-in float64: Σ n·mean first, then Σ M2 + n·(mean − pooled)² — not a mean of means), and rank 0 writes
-the final store.  ``neurostat merge`` of the partials gives the same store offline.
+in float64: Σ n·mean first, then Σ M2 + n·(mean − pooled)² — not a mean of means; the top frames
+gathered and the N largest kept), and rank 0 writes the final store.  ``neurostat merge`` of the partials gives the same store offline.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import heapq
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -128,8 +129,6 @@ def check_partials(out: str | Path, world: World, resume: bool) -> None:
 
 def remove_other_partials(out: str | Path, world: World) -> None:
     """Rank 0 of an ``--overwrite`` run drops partial stores left by runs with another world size."""
-    import shutil
-
     ours = f"-of-{world.size:03d}.zarr"
     for p in partial_dir(out).glob("rank-*-of-*.zarr"):
         if not p.name.endswith(ours):
@@ -139,7 +138,11 @@ def remove_other_partials(out: str | Path, world: World) -> None:
 def all_reduce(acc: Accumulator) -> None:
     """Combines every rank's accumulator in place (each statistic by its rule) with collectives."""
 
-    def reduce(tensor: torch.Tensor, op: str) -> None:
+    def reduce(tensor: torch.Tensor, op: str):
+        if op == "gather":
+            out = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+            dist.all_gather(out, tensor.contiguous())
+            return out
         dist.all_reduce(tensor, op=getattr(dist.ReduceOp, _REDUCE_OPS[op]))
 
     acc.all_reduce(reduce)

@@ -10,6 +10,7 @@ import xarray as xr
 from ..labelspace import LabelSpace
 from ..store import StoreError, StoreWriter, load_done, read_attrs, verify_store
 from .accumulate import Accumulator, state_from_store
+from .statistics import store_dims
 
 _SHARD_FREE = ("shard",)
 
@@ -57,6 +58,9 @@ def merge_stores(paths: list[str | Path], out: str | Path, overwrite: bool = Fal
         "layer": np.asarray(attrs[0]["fingerprint"]["layers"], dtype=np.int64),
         **LabelSpace.from_dict(attrs[0]["labels"]).names(),
     }
+    if "top_frames" in stats:
+        ids = xr.open_zarr(paths[0], consolidated=False)["utterance"].values.tolist()
+        coords["utterance"] = np.asarray([str(u) for u in ids])
     progress = {
         key: sum(a["progress"].get(key, 0) for a in attrs)
         for key in ("utterances_done", "utterances_total", "frames", "tokens", "audio_seconds", "elapsed_seconds")
@@ -75,5 +79,5 @@ def merge_stores(paths: list[str | Path], out: str | Path, overwrite: bool = Fal
         "corpus": {**attrs[0]["corpus"], "shard": "merged", "utterances": len(done)},
     }
     with StoreWriter(out, merged, overwrite=overwrite) as store:
-        store.finalize(acc.compute(), coords, merged, done)
+        store.finalize(acc.compute(), coords, merged, done, dims=store_dims(stats))
     return merged

@@ -8,7 +8,9 @@ backends, checkpoints, the store and every merge (batches, shards, resumed runs)
 adding a statistic means one entry here, its torch function and its test (and, optionally, a kernel).
 
 Merge rules (:class:`Rule`): ``sum`` (counts: batch counts added to int64 totals), ``chan`` (moments:
-shifted batch sums → mean and M2, merged in float64 with Chan et al.'s formula) and ``max``.
+shifted batch sums → mean and M2, merged in float64 with Chan et al.'s formula), ``max`` and ``top``
+(the N largest values per neuron with their frame ids, equal values in id order: not additive, but
+exact and independent of batching).
 The store records each variable's rule (array attribute ``merge``) so that readers reduce label
 parts the same way.
 """
@@ -22,7 +24,22 @@ import numpy as np
 import torch
 
 from ..moments import chan_merge, from_shifted_sums
-from .batching import TokenBatch
+from .batching import FRAME_BITS, TokenBatch
+
+
+@dataclass(frozen=True)
+class Params:
+    """What the statistics' functions take besides the activations: k of the top-k statistic, N of the
+    top frames."""
+
+    k: int
+    top_frames: int = 16
+
+
+def frame_id_parts(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(utterance index, frame) of frame ids; −1 for both where the id is −1 (an empty slot)."""
+    empty = ids < 0
+    return np.where(empty, -1, ids >> FRAME_BITS), np.where(empty, -1, ids & ((1 << FRAME_BITS) - 1))
 
 
 def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -53,14 +70,16 @@ def per_label(batch: TokenBatch, values: torch.Tensor) -> torch.Tensor:
     return out.index_add_(0, batch.local, values)
 
 
-def topk_sums(x: torch.Tensor, batch: TokenBatch, k: int, shift: torch.Tensor | None) -> dict[str, torch.Tensor]:
+def topk_sums(
+    x: torch.Tensor, batch: TokenBatch, params: Params, shift: torch.Tensor | None
+) -> dict[str, torch.Tensor]:
     """Top-k counts per batch label [U, D].
 
     On CPU the k+1 largest values show which rows have a tie at the k-th value: only those rows need the
     exact mask; the others are counted from the top-k indices.  On GPU the exact mask is computed for
     every row, so nothing waits on the host.
     """
-    width = x.shape[1]
+    width, k = x.shape[1], params.k
     if x.device.type != "cpu" or k == width:
         return {"topk": per_label(batch, topk_mask(x, k).to(torch.float32))}
     values, idx = x.abs().topk(k + 1, dim=1)
@@ -73,22 +92,47 @@ def topk_sums(x: torch.Tensor, batch: TokenBatch, k: int, shift: torch.Tensor | 
     return {"topk": counts}
 
 
-def positive_sums(x: torch.Tensor, batch: TokenBatch, k: int, shift: torch.Tensor | None) -> dict[str, torch.Tensor]:
+def positive_sums(
+    x: torch.Tensor, batch: TokenBatch, params: Params, shift: torch.Tensor | None
+) -> dict[str, torch.Tensor]:
     return {"positive": per_label(batch, (x > 0).to(torch.float32))}
 
 
-def moment_sums(x: torch.Tensor, batch: TokenBatch, k: int, shift: torch.Tensor) -> dict[str, torch.Tensor]:
+def moment_sums(x: torch.Tensor, batch: TokenBatch, params: Params, shift: torch.Tensor) -> dict[str, torch.Tensor]:
     """Σ(a − shift) and Σ(a − shift)² per label, in fp32 (fp64 for fp64 activations)."""
     dtype = torch.promote_types(x.dtype, torch.float32)
     dev = x.to(dtype) - shift.to(dtype)
     return {"s1": per_label(batch, dev), "s2": per_label(batch, dev.square_())}
 
 
-def max_abs_sums(x: torch.Tensor, batch: TokenBatch, k: int, shift: torch.Tensor | None) -> dict[str, torch.Tensor]:
+def max_abs_sums(
+    x: torch.Tensor, batch: TokenBatch, params: Params, shift: torch.Tensor | None
+) -> dict[str, torch.Tensor]:
     """Largest |a| per label (|a| >= 0, so zeros are the neutral start)."""
     absx = x.abs().to(torch.promote_types(x.dtype, torch.float32))
     out = torch.zeros((batch.labels.numel(), x.shape[1]), dtype=absx.dtype, device=x.device)
     return {"max_abs": out.scatter_reduce_(0, batch.local[:, None].expand_as(absx), absx, "amax")}
+
+
+def keep_top(values: torch.Tensor, ids: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per column, the ``n`` largest values of [..., M, D] with their ids; equal values in id order (an
+    exact, order-independent rule: the result does not depend on how the candidates were batched)."""
+    order = torch.sort(ids, dim=-2, stable=True).indices
+    values, ids = values.gather(-2, order), ids.gather(-2, order)
+    order = torch.sort(values, dim=-2, descending=True, stable=True).indices[..., :n, :]
+    return values.gather(-2, order), ids.gather(-2, order)
+
+
+def top_frames_sums(x: torch.Tensor, batch: TokenBatch, params: Params, shift: torch.Tensor | None) -> dict:
+    """The batch's N largest activations per neuron [N, D] (float64) with their frame ids; empty slots
+    hold −inf and id −1 when the batch has fewer than N tokens.  No host sync."""
+    n, width = params.top_frames, x.shape[1]
+    values = torch.full((n, width), -torch.inf, dtype=torch.float64, device=x.device)
+    ids = torch.full((n, width), -1, dtype=torch.int64, device=x.device)
+    rows = batch.frame_ids[:, None].expand(-1, width)
+    top_values, top_ids = keep_top(x.to(torch.float64), rows, n)
+    values[: top_values.shape[0]], ids[: top_ids.shape[0]] = top_values, top_ids
+    return {"top_value": values, "top_frame": ids}
 
 
 class Rule:
@@ -108,8 +152,8 @@ class Rule:
 
     def all_reduce(self, stat, totals, n, total_n, reduce) -> None:
         """Combines the totals of every rank of a distributed run, in place (``reduce(tensor, op)``: an
-        all-reduce with op ``sum`` or ``max``; ``n``: this rank's tokens per label, ``total_n``: all
-        ranks', float64 and broadcastable)."""
+        all-reduce with op ``sum`` or ``max``, or with ``gather`` the list of every rank's tensor; ``n``:
+        this rank's tokens per label, ``total_n``: all ranks', float64 and broadcastable)."""
         raise NotImplementedError
 
     def to_store(self, stat, totals, n) -> dict[str, np.ndarray]:
@@ -188,7 +232,40 @@ class MaxRule(Rule):
             reduce(totals[name], "max")
 
 
-RULES = {rule.name: rule for rule in (SumRule(), ChanRule(), MaxRule())}
+class TopRule(Rule):
+    """Totals ``top_value`` and ``top_frame`` [layer, N, neuron]: the N largest values seen and their frame
+    ids, kept by :func:`keep_top` — exact across batches, shards, ranks and resumed runs."""
+
+    name = "top"
+
+    def add_batch(self, stat, totals, sums, labels, counts, tokens, shift) -> None:
+        values = torch.cat([totals["top_value"], sums["top_value"].to(totals["top_value"].dtype)])
+        ids = torch.cat([totals["top_frame"], sums["top_frame"]])
+        totals["top_value"][:], totals["top_frame"][:] = keep_top(values, ids, totals["top_value"].shape[0])
+
+    def combine(self, stat, mine, theirs, n_a, n_b) -> None:
+        values = torch.cat([mine["top_value"], theirs["top_value"]], dim=-2)
+        ids = torch.cat([mine["top_frame"], theirs["top_frame"]], dim=-2)
+        mine["top_value"], mine["top_frame"] = keep_top(values, ids, mine["top_value"].shape[-2])
+
+    def all_reduce(self, stat, totals, n, total_n, reduce) -> None:
+        values, ids = reduce(totals["top_value"], "gather"), reduce(totals["top_frame"], "gather")
+        rows = totals["top_value"].shape[-2]
+        totals["top_value"], totals["top_frame"] = keep_top(torch.cat(values, -2), torch.cat(ids, -2), rows)
+
+    def to_store(self, stat, totals, n) -> dict[str, np.ndarray]:
+        utterance, frame = frame_id_parts(totals["top_frame"])
+        value = np.where(totals["top_frame"] < 0, np.nan, totals["top_value"])
+        return {"top_value": value, "top_utterance": utterance, "top_frame": frame}
+
+    def from_store(self, stat, variables, n) -> dict[str, np.ndarray]:
+        utterance, frame = variables["top_utterance"], variables["top_frame"]
+        empty = utterance < 0
+        ids = np.where(empty, -1, (utterance.astype(np.int64) << FRAME_BITS) | frame)
+        return {"top_value": np.where(empty, -np.inf, variables["top_value"]), "top_frame": ids}
+
+
+RULES = {rule.name: rule for rule in (SumRule(), ChanRule(), MaxRule(), TopRule())}
 
 
 @dataclass(frozen=True)
@@ -199,20 +276,35 @@ class Statistic:
     states: tuple[str, ...]  # totals, one [layer, label, neuron] array each (checkpoint keys)
     dtype: torch.dtype  # of the totals
     sums: tuple[str, ...]  # per-batch sums [U, D] a backend returns
-    torch_sums: Callable[[torch.Tensor, TokenBatch, int, torch.Tensor | None], dict[str, torch.Tensor]]
+    torch_sums: Callable[[torch.Tensor, TokenBatch, Params, torch.Tensor | None], dict[str, torch.Tensor]]
     rule: str  # key of RULES
     store: tuple[str, ...]  # store variables (layer, label, neuron)
     fill: float  # store value for labels without tokens
     needs_shift: bool = False  # the per-neuron shift of the moment sums
     default: bool = True  # collected unless --stat says otherwise
     about: str = ""
+    axis: str = "label"  # the totals' middle axis: one row per label, or ("top") the N largest
+    start: tuple[float, ...] = ()  # initial value of each state [default 0]
+    state_dtypes: tuple[torch.dtype, ...] = ()  # dtype of each state [default dtype]
 
     @property
     def merge(self) -> Rule:
         return RULES[self.rule]
 
-    def initial(self, shape: tuple[int, ...], device) -> dict[str, torch.Tensor]:
-        return {name: torch.zeros(shape, dtype=self.dtype, device=device) for name in self.states}
+    def initial(self, shape: tuple[int, ...], device, params: Params | None = None) -> dict[str, torch.Tensor]:
+        """Fresh totals for ``shape`` = (layers, labels, neurons)."""
+        layers, labels, width = shape
+        rows = (params or Params(1)).top_frames if self.axis == "top" else labels
+        starts = self.start or (0,) * len(self.states)
+        dtypes = self.state_dtypes or (self.dtype,) * len(self.states)
+        return {
+            name: torch.full((layers, rows, width), start, dtype=dtype, device=device)
+            for name, start, dtype in zip(self.states, starts, dtypes)
+        }
+
+    def dims(self, var: str) -> tuple[str, str, str]:
+        """The store dimensions of one of its variables."""
+        return ("layer", self.axis, "neuron")
 
 
 TABLE: dict[str, Statistic] = {
@@ -264,9 +356,29 @@ TABLE: dict[str, Statistic] = {
             default=False,
             about="largest |a_j|",
         ),
+        Statistic(
+            "top_frames",
+            ("top_value", "top_frame"),
+            torch.float64,
+            ("top_value", "top_frame"),
+            top_frames_sums,
+            "top",
+            ("top_value", "top_utterance", "top_frame"),
+            np.nan,
+            default=False,
+            about="the N largest a_j over the corpus, with their utterance and frame",
+            axis="top",
+            start=(-np.inf, -1),
+            state_dtypes=(torch.float64, torch.int64),
+        ),
     )
 }
 DEFAULT_STATS = tuple(name for name, s in TABLE.items() if s.default)
+
+
+def store_dims(names) -> dict[str, tuple[str, ...]]:
+    """The store dimensions of every variable of these statistics (and of ``frames``)."""
+    return {"frames": ("label",), **{var: s.dims(var) for s in statistics(names) for var in s.store}}
 
 
 def statistics(names) -> tuple[Statistic, ...]:
