@@ -26,6 +26,7 @@ ALLOWED = {  # unit -> the units it may import (besides itself); a module belong
     "neurostat.cluster": BASE | {"neurostat.corpus", "neurostat.labelspace", "neurostat.engine", "neurostat.model"},
     "neurostat.demo": BASE | {"neurostat.corpus", "neurostat.model"},
     "neurostat.compare": BASE | {"neurostat.corpus", "neurostat.engine"},
+    "neurostat.report": BASE | {"neurostat.neuronset", "neurostat.select", "neurostat.stats", "neurostat.store"},
     "neurostat.cli": None,  # the library, all of it
     "neurostat.__main__": None,
 }

@@ -1,0 +1,224 @@
+"""``neurostat report``: a store's property neurons as pictures and one self-contained HTML page.
+
+Figures (PNG, matplotlib without a display): property neurons per layer for each property (the paper's
+figure); the overlaps between properties as an UpSet-style chart of exclusive regions (each bar counts
+the neurons in exactly the marked sets); for each property, a heatmap of P(j | label) over its axis for
+its most selective neurons; and per layer, the histogram of each neuron's activating probability over
+all tokens.  The page embeds them and the numbers behind them (the selector's counts per layer, the
+overlap regions), so it can be mailed or opened from disk.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .neuronset import NeuronSet, NeuronSetError
+from .select import PROPERTIES, GroupSpec, SelectionError, select_properties, venn
+from .stats import Stats, open_stats
+
+HEATMAP_NEURONS = 40
+
+
+class ReportError(ValueError):
+    """A store or neuron files a report cannot be made from; the message says why."""
+
+
+@dataclass
+class Figure:
+    name: str
+    title: str
+    png: bytes
+
+
+def _figure(draw, name: str, title: str, size=(8, 4)) -> Figure:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=size, dpi=100)
+    draw(fig)
+    fig.suptitle(title)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return Figure(name, title, buffer.getvalue())
+
+
+def property_sets(stats: Stats, neuron_files: list[Path], sigma: float) -> dict[str, NeuronSet]:
+    """The neuron sets to show: each file (named by its stem), checked against the store's model; without
+    files, the paper's properties the store has labels for, selected with σ."""
+    if neuron_files:
+        layers, width = int(stats.attrs["model"]["num_layers"]), stats.width
+        sets = {}
+        for path in neuron_files:
+            try:
+                sets[Path(path).stem] = NeuronSet.load(path, layers, width)
+            except NeuronSetError as e:
+                raise ReportError(f"{e} (the store's model has {layers} layers x {width} neurons)") from None
+        return sets
+    usable = [p for p in PROPERTIES if p != "phone" and _has_labels(stats, p)]
+    selections, _ = select_properties(stats, tuple(usable), sigma=sigma)
+    return {name: sel.neurons for name, sel in selections.items()}
+
+
+def _has_labels(stats: Stats, prop: str) -> bool:
+    try:
+        GroupSpec.builtin(prop, stats).check(stats)
+    except SelectionError:
+        return False
+    return True
+
+
+def _per_layer(stats: Stats, sets: dict[str, NeuronSet]) -> Figure:
+    def draw(fig):
+        ax = fig.add_subplot()
+        for name, neurons in sets.items():
+            counts = neurons.counts()
+            ax.plot(stats.layers, [counts.get(n, 0) for n in stats.layers], marker="o", label=name)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("property neurons")
+        ax.set_xticks(stats.layers)
+        ax.legend()
+
+    return _figure(draw, "neurons_per_layer", "Property neurons per layer")
+
+
+def _overlaps(sets: dict[str, NeuronSet], regions: dict[str, int]) -> Figure:
+    names = list(sets)
+    order = sorted(regions, key=lambda key: -regions[key])
+
+    def draw(fig):
+        top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+        x = np.arange(len(order))
+        top.bar(x, [regions[key] for key in order], color="#4c72b0")
+        for i, key in enumerate(order):
+            top.annotate(str(regions[key]), (i, regions[key]), ha="center", va="bottom", fontsize=8)
+        top.set_ylabel("neurons (exclusive region)")
+        for row, name in enumerate(names):
+            member = [name in key.split("&") for key in order]
+            bottom.scatter(x, [row] * len(order), c=["black" if m else "#dddddd" for m in member], s=40)
+        bottom.set_yticks(range(len(names)), names)
+        bottom.set_xticks(x, [""] * len(order))
+
+    return _figure(draw, "overlaps", "Overlaps between properties (UpSet: each bar is one exclusive region)")
+
+
+def _heatmap(stats: Stats, name: str, neurons: NeuronSet) -> Figure | None:
+    """P(j | label of the property's axis) for the set's most selective neurons (largest max P − min P)."""
+    axis = GroupSpec.builtin(name, stats).axis if name in PROPERTIES and _has_labels(stats, name) else "phone"
+    prob = stats.probability("topk", by=(axis,)).values  # [layer, label, neuron]
+    rows = [(n, j) for n in neurons.layers for j in sorted(neurons[n]) if n in stats.layers]
+    if not rows:
+        return None
+    values = np.stack([prob[stats.layers.index(n), :, j] for n, j in rows])
+    spread = np.nanmax(values, axis=1) - np.nanmin(values, axis=1)
+    keep = np.argsort(-np.nan_to_num(spread), kind="stable")[:HEATMAP_NEURONS]
+    labels = list(stats.label_space.vocab(axis))
+
+    def draw(fig):
+        ax = fig.add_subplot()
+        image = ax.imshow(values[keep], aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(keep)), [f"L{rows[i][0]}/{rows[i][1]}" for i in keep], fontsize=7)
+        ax.set_xlabel(axis)
+        fig.colorbar(image, ax=ax, label=f"P(j | {axis})")
+
+    title = f"{name}: P(j | {axis}) of its {len(keep)} most selective neurons (chance {stats.chance:.3f})"
+    return _figure(draw, f"probability_{name}", title, size=(10, 2 + 0.18 * len(keep)))
+
+
+def _histograms(stats: Stats) -> Figure:
+    counts = stats.reduce("topk_count", by=(stats.parts[0],)).values.sum(axis=1)  # [layer, neuron]
+    tokens = float(stats.tokens((stats.parts[0],)).values.sum())
+    prob = counts / max(tokens, 1.0)
+    cols = min(4, len(stats.layers))
+    rows = -(-len(stats.layers) // cols)
+
+    def draw(fig):
+        axes = np.atleast_1d(fig.subplots(rows, cols, sharex=True, squeeze=False)).ravel()
+        for ax, layer, p in zip(axes, stats.layers, prob):
+            ax.hist(p, bins=40, color="#55a868")
+            ax.axvline(stats.chance, color="black", linestyle=":", linewidth=1)
+            ax.set_title(f"layer {layer}", fontsize=9)
+        for ax in axes[len(stats.layers) :]:
+            ax.axis("off")
+
+    return _figure(
+        draw, "probability_histograms", "Activating probability P(j) per layer (dotted: chance k/D)", (10, 2.2 * rows)
+    )
+
+
+def build_report(
+    store: str | Path, out: str | Path, neuron_files: list[Path] | None = None, sigma: float = 0.8
+) -> dict:
+    """Writes the PNGs and ``index.html`` into ``out``; returns the numbers on the page."""
+    stats = open_stats(store)
+    if "topk_count" not in stats.ds:
+        raise ReportError(
+            f"{store} has no topk statistic (collected: {', '.join(stats.attrs['statistics']['stats'])}); "
+            "collect it with --stat topk"
+        )
+    sets = property_sets(stats, list(neuron_files or []), sigma)
+    if not sets:
+        raise ReportError(
+            f"{store}: no property can be selected (label parts {', '.join(stats.parts)}); give --neurons FILE"
+        )
+    counts = {name: {n: s.counts().get(n, 0) for n in stats.layers} for name, s in sets.items()}
+    regions = venn(sets) if len(sets) > 1 else {}
+    figures = [_per_layer(stats, sets)]
+    if regions:
+        figures.append(_overlaps(sets, regions))
+    figures += [f for name, s in sets.items() if (f := _heatmap(stats, name, s)) is not None]
+    figures.append(_histograms(stats))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in figures:
+        (out / f"{f.name}.png").write_bytes(f.png)
+    (out / "index.html").write_text(_page(stats, counts, regions, figures, sigma, bool(neuron_files)))
+    return {"counts": counts, "regions": regions, "figures": [f"{f.name}.png" for f in figures]}
+
+
+def _page(stats: Stats, counts, regions, figures, sigma: float, from_files: bool) -> str:
+    m = stats.attrs["model"]
+    esc = html.escape
+    source = "neuron files" if from_files else f"the paper's rule, σ = {sigma}, statistic topk"
+    head = "".join(f"<th>{n}</th>" for n in stats.layers)
+    rows = "".join(
+        f"<tr><th>{esc(name)}</th>"
+        + "".join(f'<td data-property="{esc(name)}" data-layer="{n}">{c}</td>' for n, c in per.items())
+        + f'<td data-property="{esc(name)}" data-layer="total">{sum(per.values())}</td></tr>'
+        for name, per in counts.items()
+    )
+    overlap = "".join(
+        f'<tr><td>{esc(key.replace("&", " ∩ "))}</td><td data-region="{esc(key)}">{n}</td></tr>'
+        for key, n in sorted(regions.items(), key=lambda kv: -kv[1])
+    )
+    images = "".join(
+        f'<figure><img alt="{esc(f.title)}" src="data:image/png;base64,{base64.b64encode(f.png).decode()}">'
+        f"<figcaption>{esc(f.title)}</figcaption></figure>"
+        for f in figures
+    )
+    p = stats.attrs.get("progress", {})
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>neurostat report: {esc(str(stats.path))}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}img{{max-width:100%}}</style></head>
+<body><h1>neurostat report</h1>
+<p>Store <code>{esc(str(stats.path))}</code>: {esc(m["model"])} ({m["num_layers"]} layers × {m["width"]} neurons),
+{p.get("utterances_done", "?")} utterances, {p.get("tokens", 0):,} tokens ({esc(stats.attrs["statistics"]["tokens"])}),
+k = {stats.k} (chance {stats.chance:.4f}). Property neurons from {esc(source)}.</p>
+<h2>Property neurons per layer</h2>
+<table id="counts"><tr><th>property</th>{head}<th>total</th></tr>{rows}</table>
+<h2>Overlaps (exclusive regions, all layers)</h2>
+<table id="overlaps"><tr><th>region</th><th>neurons</th></tr>{overlap}</table>
+<h2>Figures</h2>{images}
+</body></html>
+"""

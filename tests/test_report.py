@@ -1,0 +1,67 @@
+"""`neurostat report`: the files, PNGs that decode, the page's numbers equal to the selector's, bad input."""
+
+import re
+
+import matplotlib.image
+import pytest
+from click.testing import CliRunner
+
+from neurostat.cli import main
+from neurostat.engine.collect import CollectConfig, collect
+from neurostat.model.adapter import ModelAdapter
+from neurostat.report import ReportError, build_report
+from neurostat.select import select_properties, venn
+from neurostat.stats import open_stats
+
+
+@pytest.fixture(scope="module")
+def store(prepared, tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "s.zarr"
+    collect(prepared, ModelAdapter.load(str(tiny_model)), out, CollectConfig(topk_ratio=0.1), progress=False)
+    return out
+
+
+def page_numbers(text: str) -> tuple[dict, dict]:
+    counts = {}
+    for prop, layer, n in re.findall(r'<td data-property="([^"]+)" data-layer="(\w+)">(\d+)</td>', text):
+        counts.setdefault(prop, {})[layer] = int(n)
+    regions = {
+        key.replace("&amp;", "&"): int(n) for key, n in re.findall(r'<td data-region="([^"]+)">(\d+)</td>', text)
+    }
+    return counts, regions
+
+
+def test_report_from_the_store_shows_the_selectors_numbers(store, tmp_path):
+    res = CliRunner().invoke(main, ["report", str(store), "--sigma", "0.5", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    stats = open_stats(store)
+    selections, _ = select_properties(stats, ("phone-type", "gender", "pitch"), sigma=0.5)
+    pngs = sorted(p.name for p in (tmp_path / "r").glob("*.png"))
+    assert {"neurons_per_layer.png", "overlaps.png", "probability_histograms.png"} <= set(pngs)
+    for png in pngs:
+        image = matplotlib.image.imread(tmp_path / "r" / png)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    text = (tmp_path / "r" / "index.html").read_text()
+    counts, regions = page_numbers(text)
+    assert set(counts) == set(selections)
+    for name, sel in selections.items():
+        per_layer = sel.neurons.counts()
+        assert {int(k): v for k, v in counts[name].items() if k != "total"} == {
+            n: per_layer.get(n, 0) for n in stats.layers
+        }
+        assert counts[name]["total"] == len(sel.neurons)
+    assert regions == venn({n: s.neurons for n, s in selections.items()})
+    assert text.count("data:image/png;base64,") == len(pngs)  # self-contained
+
+
+def test_report_of_neuron_files_and_bad_input(store, prepared, tiny_model, tmp_path):
+    (tmp_path / "mine.json").write_text('{"1": [0, 3, 5], "3": [2]}')
+    summary = build_report(store, tmp_path / "r", [tmp_path / "mine.json"])
+    assert summary["counts"] == {"mine": {1: 3, 2: 0, 3: 1}} and summary["regions"] == {}
+    (tmp_path / "other.json").write_text('{"1": [4000]}')
+    with pytest.raises(ReportError, match="3 layers x 37 neurons"):
+        build_report(store, tmp_path / "r2", [tmp_path / "other.json"])
+    positive = tmp_path / "positive.zarr"
+    collect(prepared, ModelAdapter.load(str(tiny_model)), positive, CollectConfig(stats=("positive",)), progress=False)
+    res = CliRunner().invoke(main, ["report", str(positive), "--out", str(tmp_path / "r3")])
+    assert res.exit_code == 1 and "no topk statistic" in res.output and "--stat topk" in res.output
