@@ -29,3 +29,35 @@ def report(store, neuron_files, sigma, out) -> None:
 
     summary = build_report(store, out, list(neuron_files), sigma)
     click.echo(f"wrote {len(summary['figures'])} figures and index.html to {out}")
+
+
+@main.command()
+@click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--corpus",
+    "prepared",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="The prepared corpus the store was collected from (its audio is cut into the snippets).",
+)
+@click.option(
+    "--neurons",
+    "neuron_files",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Neuron files {layer: [indices]} whose neurons get pages (repeatable) [default: the paper's properties "
+    "selected from the store].",
+)
+@click.option("--all", "every", is_flag=True, help="A page for every neuron of every collected layer.")
+@click.option("--sigma", default=0.8, help="σ of the selection when no --neurons are given.")
+@click.option("--context", default=0.5, help="Seconds of audio on each side of a top frame.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for the site.")
+@user_errors
+def browse(store, prepared, neuron_files, every, sigma, context, out) -> None:
+    """A static neuron browser: an index searchable by layer, neuron and property, and a page per neuron with
+    its P(j | phone) profile, gender and pitch contrasts and its top frames as playable audio (needs a store
+    collected with --top-frames). Open OUT/index.html, or serve OUT with `python -m http.server`."""
+    from ..browse import build_browser
+
+    summary = build_browser(store, prepared, out, list(neuron_files), every, sigma, context)
+    click.echo(f"wrote {summary['pages']} neuron pages and {summary['snippets']} audio snippets to {out}")

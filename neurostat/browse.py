@@ -1,0 +1,199 @@
+"""``neurostat browse``: a static neuron browser — an index searchable by layer, neuron and property, and
+one page per neuron with its P(j | phone) profile, its gender and pitch contrasts, the properties it
+belongs to and its top frames as playable audio (± ``context`` seconds around each frame, with the
+frame's phone, speaker and F0).  No server: open ``index.html``, or serve the folder with
+``python -m http.server``.  Needs a store collected with ``--top-frames`` and the prepared corpus it
+was collected from.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from .corpus.prepared import PreparedCorpus
+from .neuronset import NeuronSet
+from .report import ReportError, property_sets
+from .stats import Stats, open_stats
+
+_STYLE = """body{font-family:sans-serif;max-width:1000px;margin:2em auto}table{border-collapse:collapse}
+td,th{border:1px solid #ccc;padding:2px 6px}input{font-size:1.1em;width:30em}.bar{fill:#4c72b0}"""
+
+
+class BrowseError(ReportError):
+    """A store or corpus the browser cannot be made from; the message says why."""
+
+
+def _neurons(stats: Stats, sets: dict[str, NeuronSet], every: bool) -> list[tuple[int, int]]:
+    if every:
+        return [(layer, j) for layer in stats.layers for j in range(stats.width)]
+    chosen = {(layer, j) for s in sets.values() for layer in s.layers for j in s[layer] if layer in stats.layers}
+    return sorted(chosen)
+
+
+def _profile_svg(labels: list[str], values: np.ndarray, chance: float) -> str:
+    """A bar chart of P(j | label) as inline SVG (one <rect> per label, its value in a tooltip)."""
+    width, height, bar = 12 * len(labels) + 40, 160, 10
+    top = max(float(np.nanmax(values)) if np.isfinite(values).any() else 0.0, chance, 1e-9)
+    bars = []
+    for i, (label, v) in enumerate(zip(labels, values)):
+        h = 0.0 if not np.isfinite(v) else 120 * v / top
+        x = 30 + 12 * i
+        bars.append(
+            f'<rect class="bar" x="{x}" y="{130 - h:.1f}" width="{bar}" height="{h:.1f}">'
+            f"<title>{html.escape(label)}: {v:.3f}</title></rect>"
+            f'<text x="{x + 5}" y="142" font-size="7" text-anchor="end" transform="rotate(-90 {x + 5} 142)">'
+            f"{html.escape(label)}</text>"
+        )
+    line = 130 - 120 * chance / top
+    return (
+        f'<svg id="profile" width="{width}" height="{height}" role="img" aria-label="P(j | phone)">'
+        + "".join(bars)
+        + f'<line x1="25" x2="{width}" y1="{line:.1f}" y2="{line:.1f}" stroke="black" stroke-dasharray="3"/>'
+        f'<text x="0" y="{line - 2:.1f}" font-size="8">chance</text></svg>'
+    )
+
+
+def _contrast(stats: Stats, part: str, layer: int, j: int) -> str:
+    if part not in stats.parts:
+        return ""
+    prob = stats.probability("topk", by=(part,))
+    i = stats.layers.index(layer)
+    cells = "".join(
+        f"<tr><td>{html.escape(str(label))}</td><td>{float(prob.values[i, c, j]):.3f}</td></tr>"
+        for c, label in enumerate(prob[part].values)
+    )
+    return f'<h3>P(j | {part})</h3><table class="contrast" data-part="{part}">{cells}</table>'
+
+
+class _Snippets:
+    """Audio around top frames, each written once (``audio/<utterance>-<frame>.wav``)."""
+
+    def __init__(self, corpus: PreparedCorpus, out: Path, context: float):
+        self.corpus, self.out, self.context = corpus, out, context
+        self.index = {r["id"]: i for i, r in enumerate(corpus.records)}
+        self.written: set[str] = set()
+
+    def write(self, utterance: str, frame: int, seconds: float) -> str:
+        name = f"{utterance}-{frame}.wav"
+        if name not in self.written:
+            utt = self.corpus[self.index[utterance]]
+            wave = utt.load_audio()
+            sr = self.corpus.geometry.sample_rate
+            start = max(0, int(round((seconds - self.context) * sr)))
+            end = min(len(wave), int(round((seconds + self.context) * sr)))
+            sf.write(self.out / name, wave[start:end], sr, subtype="PCM_16")
+            self.written.add(name)
+        return name
+
+
+def build_browser(
+    store: str | Path,
+    corpus: str | Path,
+    out: str | Path,
+    neuron_files: list[Path] | None = None,
+    every: bool = False,
+    sigma: float = 0.8,
+    context: float = 0.5,
+) -> dict:
+    """Writes the site into ``out``; returns how many neuron pages and audio snippets it holds."""
+    stats = open_stats(store)
+    if "top_value" not in stats.ds:
+        raise BrowseError(f"{store} has no top frames; collect with --top-frames to hear what drives each neuron")
+    prepared = PreparedCorpus(corpus)
+    known = {r["id"] for r in prepared.records}
+    ids = [str(u) for u in stats.ds["utterance"].values.tolist()]
+    missing = [u for u in ids if u not in known]
+    if missing:
+        raise BrowseError(
+            f"{corpus} lacks {len(missing)} of the {len(ids)} utterances of {store} (first: {missing[0]}); give the "
+            "prepared corpus the store was collected from"
+        )
+    sets = property_sets(stats, list(neuron_files or []), sigma)
+    neurons = _neurons(stats, sets, every)
+    out = Path(out)
+    (out / "neurons").mkdir(parents=True, exist_ok=True)
+    (out / "audio").mkdir(exist_ok=True)
+    snippets = _Snippets(prepared, out / "audio", context)
+    phones = stats.probability("topk", by=("phone",)) if "phone" in stats.parts else None
+    rows = []
+    for layer, j in neurons:
+        member = [name for name, s in sets.items() if j in s[layer]]
+        top = stats.top_frames(layer, j)
+        page = _neuron_page(stats, prepared, snippets, phones, layer, j, member, top)
+        (out / "neurons" / f"L{layer}-{j}.html").write_text(page)
+        rows.append((layer, j, member, top[0]["value"] if top else float("nan")))
+    (out / "index.html").write_text(_index_page(stats, rows))
+    return {"pages": len(rows), "snippets": len(snippets.written)}
+
+
+def _neuron_page(stats, corpus, snippets, phones, layer, j, member, top) -> str:
+    esc = html.escape
+    profile = ""
+    if phones is not None:
+        values = phones.values[stats.layers.index(layer), :, j]
+        profile = "<h2>P(j | phone)</h2>" + _profile_svg([str(p) for p in phones["phone"].values], values, stats.chance)
+    contrasts = _contrast(stats, "gender", layer, j) + _contrast(stats, "pitch_bin", layer, j)
+    frames = []
+    for rank, t in enumerate(top, 1):
+        utt = corpus[snippets.index[t["utterance"]]]
+        phone_ids = utt.phone_frames(corpus.geometry)
+        f = t["frame"]
+        phone = corpus.phones[phone_ids[f]] if 0 <= f < len(phone_ids) and phone_ids[f] >= 0 else "—"
+        f0 = utt.f0[f] if f < len(utt.f0) else np.nan
+        audio = snippets.write(t["utterance"], f, t["seconds"])
+        frames.append(
+            f"<tr><td>{rank}</td><td>{t['value']:.4f}</td><td>{esc(t['utterance'])}</td>"
+            f"<td>{esc(utt.speaker)} ({esc(utt.gender)})</td><td>{t['seconds']:.2f} s</td><td>{esc(phone)}</td>"
+            f"<td>{'unvoiced' if not np.isfinite(f0) or f0 <= 0 else f'{f0:.0f} Hz'}</td>"
+            f'<td><audio controls preload="none" src="../audio/{esc(audio)}"></audio></td></tr>'
+        )
+    props = ", ".join(esc(m) for m in member) or "none of the shown properties"
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>layer {layer}, neuron {j}</title><style>{_STYLE}</style></head>
+<body><p><a href="../index.html">all neurons</a></p><h1>Layer {layer}, neuron {j}</h1>
+<p>Properties: <span id="properties">{props}</span></p>
+{profile}{contrasts}
+<h2>Top frames</h2><p>The largest activations over the corpus, ±{snippets.context:g} s of audio around each frame.</p>
+<table id="top-frames"><tr><th>#</th><th>a</th><th>utterance</th><th>speaker</th><th>time</th><th>phone</th>
+<th>F0</th><th>listen</th></tr>{"".join(frames)}</table></body></html>
+"""
+
+
+def _index_page(stats: Stats, rows) -> str:
+    esc = html.escape
+    body = "".join(
+        f'<tr data-search="l{layer} {layer}/{j} n{j} {esc(" ".join(member).lower())}"><td>{layer}</td><td>{j}</td>'
+        f"<td>{esc(', '.join(member))}</td><td>{value:.4f}</td>"
+        f'<td><a href="neurons/L{layer}-{j}.html">open</a></td></tr>'
+        for layer, j, member, value in rows
+    )
+    m = stats.attrs["model"]
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>neurostat neuron browser</title><style>{_STYLE}</style></head>
+<body><h1>Neuron browser</h1>
+<p>{esc(m["model"])}: {len(rows)} neurons. Search by layer (<code>l3</code>), neuron (<code>3/42</code> or
+<code>n42</code>) or property (<code>gender</code>); words must all match.</p>
+<input id="search" type="search" placeholder="l3 gender" autofocus> <span id="shown">{len(rows)}</span> shown
+<table id="neurons"><tr><th>layer</th><th>neuron</th><th>properties</th><th>largest a</th><th></th></tr>{body}</table>
+<script>
+const box = document.getElementById("search");
+function filter() {{
+  const words = box.value.toLowerCase().split(/\\s+/).filter(w => w);
+  let shown = 0;
+  for (const row of document.querySelectorAll("#neurons tr[data-search]")) {{
+    const keys = row.dataset.search.split(" ");
+    const ok = words.every(w => keys.some(k => k === w || (w.length > 2 && k.startsWith(w))));
+    row.style.display = ok ? "" : "none";
+    shown += ok;
+  }}
+  document.getElementById("shown").textContent = shown;
+}}
+box.addEventListener("input", filter);
+box.value = decodeURIComponent(location.hash.slice(1));
+filter();
+</script></body></html>
+"""
