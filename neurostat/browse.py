@@ -8,6 +8,7 @@ was collected from.
 
 from __future__ import annotations
 
+import functools
 import html
 from pathlib import Path
 
@@ -57,11 +58,8 @@ def _profile_svg(labels: list[str], values: np.ndarray, chance: float) -> str:
     )
 
 
-def _contrast(stats: Stats, part: str, layer: int, j: int) -> str:
-    if part not in stats.parts:
-        return ""
-    prob = stats.probability("topk", by=(part,))
-    i = stats.layers.index(layer)
+def _contrast(prob, part: str, i: int, j: int) -> str:
+    """P(j | label of ``part``) of neuron j in layer position i, as a small table."""
     cells = "".join(
         f"<tr><td>{html.escape(str(label))}</td><td>{float(prob.values[i, c, j]):.3f}</td></tr>"
         for c, label in enumerate(prob[part].values)
@@ -70,18 +68,24 @@ def _contrast(stats: Stats, part: str, layer: int, j: int) -> str:
 
 
 class _Snippets:
-    """Audio around top frames, each written once (``audio/<utterance>-<frame>.wav``)."""
+    """Audio around top frames, each written once (``audio/<utterance>-<frame>.wav``); an utterance's audio,
+    phones and F0 are read once while its frames are being written (neurons share top utterances)."""
 
     def __init__(self, corpus: PreparedCorpus, out: Path, context: float):
         self.corpus, self.out, self.context = corpus, out, context
         self.index = {r["id"]: i for i, r in enumerate(corpus.records)}
         self.written: set[str] = set()
+        self.utterance = functools.lru_cache(maxsize=64)(self._read)
+
+    def _read(self, utterance: str):
+        """(the utterance, its audio, its phone per frame, its F0 per frame)."""
+        utt = self.corpus[self.index[utterance]]
+        return utt, utt.load_audio(), utt.phone_frames(self.corpus.geometry), utt.f0
 
     def write(self, utterance: str, frame: int, seconds: float) -> str:
         name = f"{utterance}-{frame}.wav"
         if name not in self.written:
-            utt = self.corpus[self.index[utterance]]
-            wave = utt.load_audio()
+            wave = self.utterance(utterance)[1]
             sr = self.corpus.geometry.sample_rate
             start = max(0, int(round((seconds - self.context) * sr)))
             end = min(len(wave), int(round((seconds + self.context) * sr)))
@@ -118,32 +122,34 @@ def build_browser(
     (out / "neurons").mkdir(parents=True, exist_ok=True)
     (out / "audio").mkdir(exist_ok=True)
     snippets = _Snippets(prepared, out / "audio", context)
-    phones = stats.probability("topk", by=("phone",)) if "phone" in stats.parts else None
+    prob = {
+        part: stats.probability("topk", by=(part,)) for part in ("phone", "gender", "pitch_bin") if part in stats.parts
+    }
     rows = []
     for layer, j in neurons:
         member = [name for name, s in sets.items() if j in s[layer]]
         top = stats.top_frames(layer, j)
-        page = _neuron_page(stats, prepared, snippets, phones, layer, j, member, top)
+        page = _neuron_page(stats, prepared, snippets, prob, layer, j, member, top)
         (out / "neurons" / f"L{layer}-{j}.html").write_text(page)
         rows.append((layer, j, member, top[0]["value"] if top else float("nan")))
     (out / "index.html").write_text(_index_page(stats, rows))
     return {"pages": len(rows), "snippets": len(snippets.written)}
 
 
-def _neuron_page(stats, corpus, snippets, phones, layer, j, member, top) -> str:
+def _neuron_page(stats, corpus, snippets, prob, layer, j, member, top) -> str:
     esc = html.escape
+    i = stats.layers.index(layer)
     profile = ""
-    if phones is not None:
-        values = phones.values[stats.layers.index(layer), :, j]
-        profile = "<h2>P(j | phone)</h2>" + _profile_svg([str(p) for p in phones["phone"].values], values, stats.chance)
-    contrasts = _contrast(stats, "gender", layer, j) + _contrast(stats, "pitch_bin", layer, j)
+    if "phone" in prob:
+        labels = [str(p) for p in prob["phone"]["phone"].values]
+        profile = "<h2>P(j | phone)</h2>" + _profile_svg(labels, prob["phone"].values[i, :, j], stats.chance)
+    contrasts = "".join(_contrast(prob[part], part, i, j) for part in ("gender", "pitch_bin") if part in prob)
     frames = []
     for rank, t in enumerate(top, 1):
-        utt = corpus[snippets.index[t["utterance"]]]
-        phone_ids = utt.phone_frames(corpus.geometry)
+        utt, _, phone_ids, f0s = snippets.utterance(t["utterance"])
         f = t["frame"]
         phone = corpus.phones[phone_ids[f]] if 0 <= f < len(phone_ids) and phone_ids[f] >= 0 else "—"
-        f0 = utt.f0[f] if f < len(utt.f0) else np.nan
+        f0 = f0s[f] if f < len(f0s) else np.nan
         audio = snippets.write(t["utterance"], f, t["seconds"])
         frames.append(
             f"<tr><td>{rank}</td><td>{t['value']:.4f}</td><td>{esc(t['utterance'])}</td>"

@@ -10,6 +10,7 @@ records for it: counts are summed, moments pooled exactly, maxima maximised.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -159,6 +160,12 @@ class Stats:
             ),
         )
 
+    @functools.cached_property
+    def _top(self) -> tuple[np.ndarray, ...]:
+        """The top-frame arrays and utterance ids, read once (a browser asks for thousands of neurons)."""
+        names = ("top_value", "top_utterance", "top_frame")
+        return (*(self._values(n) for n in names), self.ds["utterance"].values)
+
     def top_frames(self, layer: int, neuron: int) -> list[dict]:
         """The largest activations of neuron ``neuron`` of ``layer`` (1-based) over the corpus, largest first
         (collected with ``--top-frames``): value, utterance id, frame and the frame centre in seconds."""
@@ -167,10 +174,8 @@ class Stats:
         if not 0 <= neuron < self.width:
             raise ValueError(f"{self.path} has neurons 0..{self.width - 1}, not {neuron}")
         i = self.layers.index(layer)
-        value = self._values("top_value")[i, :, neuron]
-        utterance = self._values("top_utterance")[i, :, neuron]
-        frame = self._values("top_frame")[i, :, neuron]
-        ids = self.ds["utterance"].values
+        values, utterances, frames, ids = self._top
+        value, utterance, frame = values[i, :, neuron], utterances[i, :, neuron], frames[i, :, neuron]
         geometry = FrameGeometry.from_dict(self.attrs["model"]["geometry"])
         return [
             {

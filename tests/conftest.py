@@ -50,6 +50,23 @@ def prepared(demo_corpus, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def longer_prepared(tmp_path_factory):
+    """A prepared corpus of 40 utterances (4 speakers x 10), long enough to kill a run mid-way."""
+    from neurostat.corpus.prepare import PrepareSettings, prepare
+    from neurostat.corpus.prepared import PreparedCorpus
+    from neurostat.corpus.synth import synthesize
+    from neurostat.frames import default_geometry
+
+    root = tmp_path_factory.mktemp("longer")
+    synthesize(root / "c", num_speakers=4, utterances_per_speaker=10, seed=3, progress=False)
+    prepare(
+        root / "c" / "LibriSpeech", "dev-clean", root / "c" / "alignments", root / "p",
+        PrepareSettings(default_geometry()), progress=False,
+    )  # fmt: skip
+    return PreparedCorpus(root / "p")
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     from neurostat.model.factory import save_model
 

@@ -232,23 +232,9 @@ def assert_equals_uninterrupted(out, corpus, model_dir, tmp_path, stats=CollectC
         np.testing.assert_allclose(a["top_value"].values, b["top_value"].values, rtol=1e-6)
 
 
-def test_resume_after_sigkill_gives_identical_counts(tmp_path, tiny_model, demo_corpus):
-    from neurostat.corpus.prepare import PrepareSettings, prepare
-    from neurostat.corpus.prepared import PreparedCorpus
-    from neurostat.corpus.synth import synthesize
-    from neurostat.frames import default_geometry
-
-    synthesize(tmp_path / "c", num_speakers=4, utterances_per_speaker=10, seed=3, progress=False)
-    prepare(
-        tmp_path / "c" / "LibriSpeech",
-        "dev-clean",
-        tmp_path / "c" / "alignments",
-        tmp_path / "p",
-        PrepareSettings(default_geometry()),
-        progress=False,
-    )
+def test_resume_after_sigkill_gives_identical_counts(tmp_path, tiny_model, longer_prepared):
     every = [arg for name in TABLE for arg in ("--stat", name)]  # max_abs (opt-in) too
-    common = _common(tmp_path / "p", tiny_model) + every
+    common = _common(longer_prepared.path, tiny_model) + every
     out = tmp_path / "killed.zarr"
     proc, pointer = _start_and_wait(common, out, min_done=5)
     proc.send_signal(signal.SIGKILL)
@@ -263,7 +249,7 @@ def test_resume_after_sigkill_gives_identical_counts(tmp_path, tiny_model, demo_
     assert res.returncode != 0 and "--resume" in res.stderr
     res = subprocess.run(_cli(*common, "--out", out, "--resume"), env=ENV, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    assert_equals_uninterrupted(out, PreparedCorpus(tmp_path / "p"), tiny_model, tmp_path, tuple(TABLE))
+    assert_equals_uninterrupted(out, longer_prepared, tiny_model, tmp_path, tuple(TABLE))
     assert open_stats(out).attrs["progress"]["utterances_done"] == 40
 
 

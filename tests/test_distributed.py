@@ -17,14 +17,11 @@ import xarray as xr
 from test_collect import assert_equals_uninterrupted
 from test_labelsets import attach_both
 
-from neurostat.corpus.prepare import PrepareSettings, prepare
 from neurostat.corpus.prepared import PreparedCorpus
-from neurostat.corpus.synth import synthesize
 
 from neurostat.engine.collect import CollectConfig, collect
 from neurostat.engine.distributed import balanced_shares
 from neurostat.engine.merge import merge_stores
-from neurostat.frames import default_geometry
 from neurostat.model.adapter import ModelAdapter
 from neurostat.stats import open_stats
 
@@ -125,18 +122,9 @@ def test_two_gloo_processes_equal_one_in_float64_with_label_sets(prepared, tiny_
     assert_same_store(tmp_path / "merged.zarr", tmp_path / "one.zarr")
 
 
-def test_sigkill_of_one_rank_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_model):
-    synthesize(tmp_path / "c", num_speakers=4, utterances_per_speaker=10, seed=3, progress=False)
-    prepare(
-        tmp_path / "c" / "LibriSpeech",
-        "dev-clean",
-        tmp_path / "c" / "alignments",
-        tmp_path / "p",
-        PrepareSettings(default_geometry()),
-        progress=False,
-    )
+def test_sigkill_of_one_rank_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_model, longer_prepared):
     out = tmp_path / "job.zarr"
-    common = ["-m", "neurostat", "collect", "--prepared", tmp_path / "p", "--model", tiny_model, "--out", out]
+    common = ["-m", "neurostat", "collect", "--prepared", longer_prepared.path, "--model", tiny_model, "--out", out]
     common += ["--topk-ratio", RATIO, "--batch-seconds", 0.001, "-j", 0]
     proc = subprocess.Popen(
         torchrun(2, *common, "--checkpoint-utterances", 1, port=free_port()),
@@ -169,5 +157,5 @@ def test_sigkill_of_one_rank_then_resume_equals_an_uninterrupted_run(tmp_path, t
     res = subprocess.run(torchrun(2, *common, "--resume", port=free_port()), env=ENV, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "2 ranks (gloo)" in res.stdout
-    assert_equals_uninterrupted(out, PreparedCorpus(tmp_path / "p"), tiny_model, tmp_path)
+    assert_equals_uninterrupted(out, longer_prepared, tiny_model, tmp_path)
     assert open_stats(out).attrs["progress"]["utterances_done"] == 40

@@ -1,4 +1,4 @@
-"""Report command: ``report``."""
+"""Report commands: ``report`` and ``browse``."""
 
 from __future__ import annotations
 
@@ -9,17 +9,22 @@ import click
 from .app import main, user_errors
 
 
+def neuron_options(command):
+    """--neurons FILE ... and --sigma: which neurons a report or browser shows."""
+    command = click.option("--sigma", default=0.8, help="σ of the selection when no --neurons are given.")(command)
+    return click.option(
+        "--neurons",
+        "neuron_files",
+        multiple=True,
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        help="Neuron files in the paper's format {layer: [indices]} (repeatable; from `neurostat select --out`), "
+        "each shown under its file name [default: the paper's properties selected from the store].",
+    )(command)
+
+
 @main.command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option(
-    "--neurons",
-    "neuron_files",
-    multiple=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Neuron files in the paper's format {layer: [indices]} (repeatable; from `neurostat select --out`), each "
-    "shown under its file name [default: the paper's properties selected from the store].",
-)
-@click.option("--sigma", default=0.8, help="σ of the selection when no --neurons are given.")
+@neuron_options
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for the report.")
 @user_errors
 def report(store, neuron_files, sigma, out) -> None:
@@ -40,16 +45,8 @@ def report(store, neuron_files, sigma, out) -> None:
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="The prepared corpus the store was collected from (its audio is cut into the snippets).",
 )
-@click.option(
-    "--neurons",
-    "neuron_files",
-    multiple=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Neuron files {layer: [indices]} whose neurons get pages (repeatable) [default: the paper's properties "
-    "selected from the store].",
-)
+@neuron_options
 @click.option("--all", "every", is_flag=True, help="A page for every neuron of every collected layer.")
-@click.option("--sigma", default=0.8, help="σ of the selection when no --neurons are given.")
 @click.option("--context", default=0.5, help="Seconds of audio on each side of a top frame.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for the site.")
 @user_errors

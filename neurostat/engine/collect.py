@@ -51,7 +51,7 @@ from .distributed import (
     rank_zero_first,
     remove_other_partials,
 )
-from .merge import store_state
+from .merge import store_state, summed_progress
 from .statistics import DEFAULT_STATS, TABLE, Params, statistics, store_dims
 from .tokens import MODES
 
@@ -300,8 +300,7 @@ def _run_rank(corpus, adapter, out, config, space, layers, k, indices, attrs, pr
             "progress": mine["progress"],
         }
     )
-    prog = {key: sum(r["progress"].get(key, 0) for r in ranks) for key in _SUMMED}
-    prog["skips"] = dict(sum((Counter(r["progress"].get("skips", {})) for r in ranks), Counter()))
+    prog = summed_progress([r["progress"] for r in ranks])
     prog.update(
         utterances_total=len(indices),
         complete=True,
@@ -332,7 +331,6 @@ def _run_rank(corpus, adapter, out, config, space, layers, k, indices, attrs, pr
     return final
 
 
-_SUMMED = ("utterances_done", "frames", "padded_frames", "tokens", "audio_seconds", "data_wait_seconds")
 _TIMINGS = ("audio_seconds", "elapsed_seconds", "loop_seconds", "data_wait_seconds")
 
 

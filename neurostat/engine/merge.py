@@ -21,6 +21,28 @@ def store_state(path: str | Path, stats: tuple[str, ...]) -> dict[str, np.ndarra
     return state_from_store({name: ds[name].values for name in ds.data_vars}, stats, ds.sizes["layer"])
 
 
+_SUMMED = (
+    "utterances_done",
+    "utterances_total",
+    "frames",
+    "padded_frames",
+    "tokens",
+    "audio_seconds",
+    "elapsed_seconds",
+    "data_wait_seconds",
+)
+
+
+def summed_progress(progress: list[dict]) -> dict:
+    """The progress of several partial runs (shards, ranks) as one: counts, seconds and skips added."""
+    out = {key: sum(p.get(key, 0) for p in progress) for key in _SUMMED}
+    out["skips"] = {}
+    for p in progress:
+        for reason, n in p.get("skips", {}).items():
+            out["skips"][reason] = out["skips"].get(reason, 0) + n
+    return out
+
+
 def merge_stores(paths: list[str | Path], out: str | Path, overwrite: bool = False) -> dict:
     """Merges complete stores collected with the same settings into ``out``; returns its attrs."""
     if len(paths) < 2:
@@ -61,20 +83,13 @@ def merge_stores(paths: list[str | Path], out: str | Path, overwrite: bool = Fal
     if "top_frames" in stats:
         ids = xr.open_zarr(paths[0], consolidated=False)["utterance"].values.tolist()
         coords["utterance"] = np.asarray([str(u) for u in ids])
-    progress = {
-        key: sum(a["progress"].get(key, 0) for a in attrs)
-        for key in ("utterances_done", "utterances_total", "frames", "tokens", "audio_seconds", "elapsed_seconds")
-    }
-    skips: dict[str, int] = {}
-    for a in attrs:
-        for reason, n in a["progress"].get("skips", {}).items():
-            skips[reason] = skips.get(reason, 0) + n
+    progress = summed_progress([a["progress"] for a in attrs])
     fingerprint = {**attrs[0]["fingerprint"], "shard": "merged"}
     merged = {
         **attrs[0],
         "fingerprint": fingerprint,
         "complete": False,
-        "progress": {**progress, "skips": skips, "complete": True},
+        "progress": {**progress, "complete": True},
         "merged_from": [str(Path(p).resolve()) for p in paths],
         "corpus": {**attrs[0]["corpus"], "shard": "merged", "utterances": len(done)},
     }

@@ -129,9 +129,10 @@ def top_frames_sums(x: torch.Tensor, batch: TokenBatch, params: Params, shift: t
     n, width = params.top_frames, x.shape[1]
     values = torch.full((n, width), -torch.inf, dtype=torch.float64, device=x.device)
     ids = torch.full((n, width), -1, dtype=torch.int64, device=x.device)
-    rows = batch.frame_ids[:, None].expand(-1, width)
-    top_values, top_ids = keep_top(x.to(torch.float64), rows, n)
-    values[: top_values.shape[0]], ids[: top_ids.shape[0]] = top_values, top_ids
+    order = torch.argsort(batch.frame_ids, stable=True)  # every column shares the rows' ids: sort them once
+    top = torch.sort(x.index_select(0, order).to(torch.float64), dim=0, descending=True, stable=True)
+    kept = top.indices[:n]
+    values[: kept.shape[0]], ids[: kept.shape[0]] = top.values[:n], batch.frame_ids[order][kept]
     return {"top_value": values, "top_frame": ids}
 
 
