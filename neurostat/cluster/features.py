@@ -11,68 +11,17 @@ counts on it and ``select`` groups by it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ..corpus.labelsets import LEVELS, attach_label_set, check_name, read_id_lines
 from ..corpus.prepared import LabelSetError, PreparedCorpus
-from ..engine.batching import BatchDataset, default_batch_seconds, plan_batches
+from ..engine.features import layer_features
 from ..errors import OptionError
-from ..labelspace import LabelSpace
-from ..model.adapter import ModelAdapter, ModelError, resolve_device
+from ..model.adapter import ModelAdapter, resolve_device
 from .kmeans import assign, kmeans
-
-
-class _Captured(Exception):
-    """Stops the forward once the wanted layer's output is captured."""
-
-
-def layer_features(
-    corpus: PreparedCorpus,
-    adapter: ModelAdapter,
-    indices: list[int],
-    layer: int,
-    batch_seconds: float | None = None,
-    num_jobs: int = 0,
-    progress: bool = True,
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """(utterance id, output of Transformer layer ``layer`` (1-based) [frames, hidden]) per utterance."""
-    adapter.check_geometry(corpus.geometry)
-    if not indices:  # nothing to run (and no empty progress bar)
-        return
-    layers = adapter.backbone.encoder.layers
-    if not 1 <= layer <= len(layers):
-        raise ModelError(f"{adapter.source} has layers 1..{len(layers)}; no layer {layer}")
-    batches = plan_batches(corpus, indices, batch_seconds or default_batch_seconds(adapter.device), None)
-    data = BatchDataset(corpus, batches, adapter.feature_extractor, "all", LabelSpace.of_corpus(corpus, ("phone",)))
-    loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=num_jobs)
-    captured: list[torch.Tensor] = []
-
-    def capture(module, inputs, output):
-        captured.append(output[0] if isinstance(output, tuple) else output)
-        raise _Captured  # the layers above are not needed
-
-    hook = layers[layer - 1].register_forward_hook(capture)
-    bar = tqdm(total=len(indices), unit="utt", desc=f"layer {layer} features", disable=not progress)
-    try:
-        for item in loader:
-            for err in item["errors"]:
-                raise LabelSetError(f"{err['file']}: {err['message']}")
-            captured.clear()
-            try:
-                adapter.encode(item["waves"], item["lengths"])
-            except _Captured:
-                pass
-            for b, (utt, samples) in enumerate(zip(item["ids"], item["lengths"].tolist())):
-                yield utt, captured[-1][b, : corpus.geometry.num_frames(samples)].float()
-            bar.update(len(item["ids"]))
-    finally:
-        hook.remove()
-        bar.close()
 
 
 def read_vectors(path: str | Path) -> dict[str, np.ndarray]:
@@ -141,9 +90,9 @@ def cluster_features(
     run = dict(batch_seconds=batch_seconds, num_jobs=num_jobs, progress=progress)
     if level == "utterance":
         ids, means = [], []
-        for utt, feats in layer_features(corpus, adapter, every, layer, **run):
+        for utt, feats in layer_features(corpus, adapter, every, [layer], **run):
             ids.append(utt)
-            means.append(feats.double().mean(0))
+            means.append(feats[:, 0].double().mean(0))
         x = torch.stack(means)
         fit = kmeans(x, clusters, seed=seed)
         labels = dict(zip(ids, assign(x, fit.centroids)[0].cpu().numpy()[:, None]))
@@ -152,7 +101,7 @@ def cluster_features(
         order = rng.permutation(len(corpus))
         cumulative = np.cumsum([corpus.records[i]["num_frames"] for i in order])
         fit_set = sorted(order[: int(np.searchsorted(cumulative, fit_frames)) + 1].tolist())
-        kept = dict(layer_features(corpus, adapter, fit_set, layer, **run))
+        kept = {utt: f[:, 0] for utt, f in layer_features(corpus, adapter, fit_set, [layer], **run)}
         sample = torch.cat(list(kept.values()))
         if sample.shape[0] > fit_frames:
             pick = torch.from_numpy(np.sort(rng.choice(sample.shape[0], fit_frames, replace=False))).to(sample.device)
@@ -161,8 +110,8 @@ def cluster_features(
         labels = {u: assign(f, fit.centroids)[0].cpu().numpy() for u, f in kept.items()}
         del kept, sample
         rest = sorted(set(every) - set(fit_set))
-        for utt, feats in layer_features(corpus, adapter, rest, layer, **run):
-            labels[utt] = assign(feats, fit.centroids)[0].cpu().numpy()
+        for utt, feats in layer_features(corpus, adapter, rest, [layer], **run):
+            labels[utt] = assign(feats[:, 0], fit.centroids)[0].cpu().numpy()
     info = {
         "kmeans": {
             "model": adapter.source,
