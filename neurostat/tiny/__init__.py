@@ -1,0 +1,19 @@
+"""The demo model: a small HuBERT pre-trained by neurostat on synthetic speech, shipped as package data.
+
+``bench/train_tiny_ssl.py`` trains it (:mod:`neurostat.tiny.train`) and writes it to
+:func:`shipped_model_dir`; ``neurostat collect`` with no arguments uses it.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+
+def shipped_model_dir() -> Path:
+    """The folder of the shipped demo model (HF checkpoint: config, fp16 weights, model card)."""
+    return Path(str(resources.files("neurostat.tiny").joinpath("model")))
+
+
+def has_shipped_model() -> bool:
+    return (shipped_model_dir() / "model.safetensors").is_file()

@@ -1,0 +1,132 @@
+"""The demo model: the shipped checkpoint loads offline everywhere; its training is deterministic and learns."""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import torch
+from transformers import HubertModel
+
+from neurostat.corpus.synth import DEMO_VARIANTS, TRAINING_VARIANTS
+from neurostat.frames import FrameGeometry
+from neurostat.model.adapter import ModelAdapter
+from neurostat.tiny import shipped_model_dir
+from neurostat.tiny.mfcc import dct_matrix, mfcc
+from neurostat.tiny.train import (
+    SAMPLE_RATE,
+    TrainSettings,
+    batch_of,
+    build_model,
+    load_utterances,
+    save_random_twin,
+    span_mask,
+    train,
+    training_corpus,
+)
+
+SMALL = dict(
+    TrainSettings().config,
+    hidden_size=32,
+    intermediate_size=48,
+    num_attention_heads=2,
+    num_hidden_layers=2,
+    conv_dim=(16,) * 7,
+    num_conv_pos_embeddings=16,
+    num_conv_pos_embedding_groups=2,
+)
+
+
+def small_settings(**kw) -> TrainSettings:
+    base = dict(speakers=2, utterances_per_speaker=3, clusters=8, batch=2, crop_seconds=2.0, lr=2e-3, warmup=0.1)
+    return replace(TrainSettings(), config=SMALL, **{**base, **kw})
+
+
+def test_shipped_model_loads_offline_as_a_real_checkpoint():
+    path = shipped_model_dir()
+    model = HubertModel.from_pretrained(path)
+    assert model.dtype == torch.float32  # stored in fp16, loads as fp32
+    card = (path / "README.md").read_text()
+    assert "not for research claims about real speech" in card
+    summary = json.loads((path / "training.json").read_text())
+    assert summary["final"]["masked_accuracy"] > 0.2  # it learnt the task (100 clusters: chance 0.01)
+    assert sum(f.stat().st_size for f in path.iterdir()) < 10 * 2**20
+    adapter = ModelAdapter.load(str(path))
+    assert adapter.num_layers == model.config.num_hidden_layers and adapter.width == model.config.intermediate_size
+    wave = torch.randn(SAMPLE_RATE)
+    hidden, mask = adapter.encode([wave])
+    assert hidden.shape == (1, adapter.geometry.num_frames(SAMPLE_RATE), model.config.hidden_size) and mask.all()
+    assert set(DEMO_VARIANTS).isdisjoint(TRAINING_VARIANTS)
+
+
+def test_mfcc_frames_line_up_with_the_models_frames():
+    geometry = FrameGeometry(SAMPLE_RATE, (10, 3, 3, 3, 3, 2, 2), (5, 2, 2, 2, 2, 2, 2))
+    for n in (400, 401, 719, 720, 16000, 23457):
+        assert mfcc(torch.randn(n), SAMPLE_RATE, geometry.receptive_field, geometry.stride).shape == (
+            geometry.num_frames(n),
+            39,
+        )
+    d = dct_matrix(40, 40).double()
+    assert torch.allclose(d.T @ d, torch.eye(40, dtype=torch.float64), atol=1e-5)
+    tone = torch.sin(2 * np.pi * 500 * torch.arange(SAMPLE_RATE, dtype=torch.float64) / SAMPLE_RATE)  # 10 periods a hop
+    feats = mfcc(tone, SAMPLE_RATE, 400, 320)
+    assert feats[:, 13:].abs().max() < 1e-3 * feats[:, :13].abs().max()  # every frame alike: no deltas
+
+
+def test_span_mask_covers_whole_spans():
+    g = torch.Generator().manual_seed(0)
+    mask = span_mask(3, 100, 0.5, 10, g)
+    assert mask.shape == (3, 100) and 0.15 < mask.float().mean() < 0.6
+    for row in mask.tolist():
+        runs, length = [], 0
+        for i, m in enumerate(row + [False]):
+            if m:
+                length += 1
+            elif length:
+                runs.append((length, i))
+                length = 0
+        assert runs and all(n >= 10 or end == 100 for n, end in runs)
+
+
+def test_training_is_deterministic_and_the_loss_falls(tmp_path):
+    settings = small_settings(steps=4, checkpoint_every=2)
+    root = training_corpus(tmp_path / "corpus", settings, progress=False)
+    a = train(root, tmp_path / "a", settings, log=lambda _: None)
+    b = train(root, tmp_path / "b", settings, log=lambda _: None)
+    assert a["history"] == b["history"]
+    wa = HubertModel.from_pretrained(tmp_path / "a" / "model").state_dict()
+    wb = HubertModel.from_pretrained(tmp_path / "b" / "model").state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    twin = HubertModel.from_pretrained(save_random_twin(tmp_path / "twin", settings)).state_dict()
+    assert all(torch.equal(twin[k], build_model(settings).state_dict()[k]) for k in twin)
+    assert not all(torch.equal(twin[k], wa[k]) for k in twin)
+
+    # on one fixed batch, a few steps of the same objective lower the loss
+    geometry = FrameGeometry.from_config(build_model(settings).config, SAMPLE_RATE)
+    data = load_utterances(root, settings, geometry, log=lambda _: None)
+    waves, targets, mask = batch_of(data, settings, geometry, torch.Generator().manual_seed(0))
+    assert targets.shape == mask.shape == (settings.batch, geometry.num_frames(waves.shape[1]))
+    long = small_settings(steps=40, batch=2, checkpoint_every=1000, warmup=0.05)
+    history = train(root, tmp_path / "long", long, log=lambda _: None)["history"]
+    assert history[-1]["loss"] < history[0]["loss"] - 0.1
+
+
+def test_a_killed_training_resumes_to_the_same_weights(tmp_path):
+    settings = small_settings(steps=30, checkpoint_every=10)
+    root = training_corpus(tmp_path / "corpus", settings, progress=False)
+    train(root, tmp_path / "full", settings, log=lambda _: None)
+
+    def killed_at_step_25(line: str) -> None:
+        if line.startswith("step 25/"):
+            raise KeyboardInterrupt
+
+    try:
+        train(root, tmp_path / "cut", settings, log=killed_at_step_25)
+    except KeyboardInterrupt:
+        pass
+    assert not (tmp_path / "cut" / "model").exists()
+    logs = []
+    train(root, tmp_path / "cut", settings, log=logs.append)
+    assert "resumed at step 20" in logs
+    a = HubertModel.from_pretrained(tmp_path / "full" / "model").state_dict()
+    b = HubertModel.from_pretrained(tmp_path / "cut" / "model").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
