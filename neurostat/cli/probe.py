@@ -1,0 +1,59 @@
+"""``neurostat probe``: frozen-feature linear probes of one or several models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .app import demo_model_name, main, user_errors
+
+
+@main.command()
+@click.option(
+    "--model",
+    required=True,
+    callback=demo_model_name,
+    help="Hub id, checkpoint folder, pruned checkpoint (`neurostat prune`) or `demo` (the shipped demo model).",
+)
+@click.option(
+    "--corpus",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Prepared corpus (`neurostat prepare`) with phones, gender and F0.",
+)
+@click.option(
+    "--compare",
+    multiple=True,
+    callback=demo_model_name,
+    help="More models to probe the same way (repeatable); the table shows their deltas.",
+)
+@click.option(
+    "--task",
+    "tasks",
+    multiple=True,
+    type=click.Choice(["phone", "phone-type", "gender", "pitch-bin", "log-f0"]),
+    help="Probe to run (repeatable; default all).",
+)
+@click.option(
+    "--layer", type=int, default=None, help="Probe this layer (1-based) only; default: a learnt weighted sum."
+)
+@click.option(
+    "--test-fraction", type=float, default=0.3, show_default=True, help="Share of each gender's speakers held out."
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the speaker split and frame sample.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the results as JSON.")
+@user_errors
+def probe(model, corpus, compare, tasks, layer, test_fraction, seed, device, out) -> None:
+    """Fit linear probes (phone, phone type, gender, pitch bin, log F0) on frozen layer outputs, trained on
+    speakers disjoint from the test speakers, and print a table of the metrics (and deltas with --compare)."""
+    from ..probe import TASKS, probe_model, save_results, table
+
+    results = []
+    for source in (model, *compare):
+        click.echo(f"probing {source}", err=True)
+        results.append(probe_model(source, corpus, tuple(tasks) or TASKS, layer, seed, test_fraction, device))
+    click.echo(table(results))
+    if out:
+        click.echo(f"results: {save_results(results, out)}")

@@ -1,0 +1,421 @@
+"""Frozen-feature linear probes: how much of a property a model's layers carry, before and after editing.
+
+``neurostat probe`` extracts the Transformer layers' outputs of a model (original, ablated or pruned)
+on a prepared corpus and fits linear probes on speakers disjoint from the test speakers (a seeded
+split within each gender):
+
+- ``phone``: frame-level phone classification (accuracy; accuracy per phone type; phone error rate of
+  the collapsed frame sequences, silence removed);
+- ``phone-type``: frame-level vowel / voiced / unvoiced consonant classification (speech frames);
+- ``gender``: utterance-level classification of the mean of the utterance's frames;
+- ``pitch-bin``: frame-level pitch-bin classification on voiced frames;
+- ``log-f0``: ridge regression of log F0 on voiced frames (R², RMSE in semitones).
+
+Each probe reads one layer (``layer=N``) or a learnt softmax-weighted sum of all layers (the
+default, as SUPERB does); features are standardised on the training speakers.  Classifiers are
+multinomial logistic regressions and the regression is a ridge, all fitted full-batch with L-BFGS
+from zero weights, so a seed fixes the split, the frame sample and therefore the result.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .corpus.prepared import PreparedCorpus
+from .engine.features import layer_features
+from .errors import OptionError
+from .model.adapter import ModelAdapter, resolve_device
+from .phones import BROAD_CLASSES, NON_SPEECH
+
+TASKS = ("phone", "phone-type", "gender", "pitch-bin", "log-f0")
+PHONE_TYPES = tuple(BROAD_CLASSES)
+FORMAT = 1
+
+
+class ProbeError(ValueError):
+    """A corpus or model that a probe cannot use (missing labels, a class with no examples, ...)."""
+
+
+@dataclass
+class ProbeData:
+    """Per-utterance layer outputs [frames, layers, hidden] and the labels the probes learn."""
+
+    corpus: str
+    ids: list[str]
+    speakers: list[str]
+    genders: list[str]
+    features: list[torch.Tensor]
+    layers: list[int]
+    phones: list[np.ndarray]  # phone index into phone_names per frame, -1 = none
+    phone_names: tuple[str, ...]
+    f0: list[np.ndarray]  # Hz per frame, NaN = unvoiced
+    pitch_bins: list[np.ndarray]  # bin index per frame
+    pitch_bin_names: tuple[str, ...]
+
+
+def extract(
+    adapter: ModelAdapter,
+    corpus: PreparedCorpus,
+    layers: list[int] | None = None,
+    batch_seconds: float | None = None,
+    progress: bool = True,
+) -> ProbeData:
+    """Runs the model over the corpus and keeps ``layers`` (default: all) with the corpus's labels."""
+    layers = layers or list(range(1, adapter.num_layers + 1))
+    run = layer_features(corpus, adapter, list(range(len(corpus))), layers, batch_seconds, progress=progress)
+    feats = {utt: f.cpu() for utt, f in run}
+    utts = [u for u in corpus if u.id in feats]
+    try:
+        f0 = [u.f0 for u in utts]
+    except KeyError:
+        raise ProbeError(f"{corpus.path}: the prepared corpus has no F0 per frame (prepared without pitch)") from None
+    return ProbeData(
+        corpus=str(corpus.path),
+        ids=[u.id for u in utts],
+        speakers=[u.speaker for u in utts],
+        genders=[u.gender for u in utts],
+        features=[feats[u.id] for u in utts],
+        layers=list(layers),
+        phones=[u.phone_frames() for u in utts],
+        phone_names=corpus.phones,
+        f0=f0,
+        pitch_bins=[u.pitch_bins() for u in utts],
+        pitch_bin_names=corpus.vocabularies["pitch_bin"],
+    )
+
+
+def speaker_split(speakers: list[str], genders: list[str], test_fraction: float, seed: int) -> tuple[set, set]:
+    """(train speakers, test speakers): within each gender a seeded shuffle puts ``test_fraction`` of its
+    speakers (at least one, when it has two or more) in the test set; no speaker is in both."""
+    if not 0 < test_fraction < 1:
+        raise OptionError(f"test fraction must be between 0 and 1, got {test_fraction}")
+    gender_of = dict(zip(speakers, genders))
+    if len(gender_of) < 2:
+        raise ProbeError(f"a speaker-disjoint split needs at least 2 speakers; the corpus has {len(gender_of)}")
+    rng = np.random.default_rng(seed)
+    train, test = set(), set()
+    for gender in sorted(set(gender_of.values())):
+        group = sorted(s for s, g in gender_of.items() if g == gender)
+        group = [group[i] for i in rng.permutation(len(group))]
+        count = max(1, round(test_fraction * len(group))) if len(group) >= 2 else 0
+        test |= set(group[:count])
+        train |= set(group[count:])
+    if not test:
+        raise ProbeError("no gender has 2 speakers: cannot hold out test speakers")
+    return train, test
+
+
+@dataclass
+class Examples:
+    """One task's examples: features [N, layers, hidden], targets [N], and the utterance of each."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    utterance: np.ndarray
+
+
+def _frames(data: ProbeData, keep: list[np.ndarray], target: list[np.ndarray], which: set, dtype) -> Examples:
+    rows = [i for i, s in enumerate(data.speakers) if s in which]
+    x = torch.cat([data.features[i][torch.from_numpy(keep[i])] for i in rows])
+    y = torch.from_numpy(np.concatenate([target[i][keep[i]] for i in rows]).astype(dtype))
+    utt = np.concatenate([np.full(int(keep[i].sum()), i) for i in rows])
+    return Examples(x, y, utt)
+
+
+def _subsample(ex: Examples, limit: int, seed: int) -> Examples:
+    if len(ex.y) <= limit:
+        return ex
+    pick = torch.from_numpy(np.sort(np.random.default_rng(seed).choice(len(ex.y), limit, replace=False)))
+    return Examples(ex.x[pick], ex.y[pick], ex.utterance[pick.numpy()])
+
+
+class LinearProbe(torch.nn.Module):
+    """A linear map of one layer, or of a softmax-weighted sum of layers, of standardised features."""
+
+    def __init__(self, num_layers: int, hidden: int, outputs: int, weighted: bool):
+        super().__init__()
+        self.weighted = weighted
+        self.layer_logits = torch.nn.Parameter(torch.zeros(num_layers), requires_grad=weighted)
+        self.linear = torch.nn.Linear(hidden, outputs)
+        torch.nn.init.zeros_(self.linear.weight)
+        torch.nn.init.zeros_(self.linear.bias)
+
+    def layer_weights(self) -> torch.Tensor:
+        return torch.softmax(self.layer_logits, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(torch.einsum("nlh,l->nh", x, self.layer_weights()))
+
+
+def fit_probe(
+    train: Examples, test_x: torch.Tensor, classes: int | None, l2: float = 1e-3, iterations: int = 200
+) -> tuple[torch.Tensor, list[float]]:
+    """Fits a probe on ``train`` (classes=None: regression) and returns (test predictions, layer weights)."""
+    mean = train.x.mean(0, keepdim=True)
+    std = train.x.std(0, keepdim=True) + 1e-5
+    x = (train.x - mean) / std
+    y = train.y
+    if classes is None:
+        y_mean, y_std = y.mean(), y.std() + 1e-8
+        y = (y - y_mean) / y_std
+    probe = LinearProbe(x.shape[1], x.shape[2], classes or 1, weighted=x.shape[1] > 1)
+    params = [p for p in probe.parameters() if p.requires_grad]
+    optimizer = torch.optim.LBFGS(params, lr=1, max_iter=iterations, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        out = probe(x)
+        loss = F.cross_entropy(out, y) if classes else F.mse_loss(out[:, 0], y)
+        loss = loss + l2 * probe.linear.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        out = probe((test_x - mean) / std)
+        pred = out.argmax(1) if classes else out[:, 0] * y_std + y_mean
+    return pred, [round(float(w), 4) for w in probe.layer_weights().detach()]
+
+
+def _classes_present(task: str, y: torch.Tensor, names: tuple[str, ...], train_speakers: int, corpus: str) -> None:
+    missing = [names[c] for c in range(len(names)) if not (y == c).any()]
+    if missing:
+        raise ProbeError(
+            f"{task} probe: class {missing[0]!r} has no examples among the {train_speakers} training speakers "
+            f"of {corpus}" + (f" (nor do {missing[1:]})" if len(missing) > 1 else "")
+        )
+
+
+def _classification(pred: torch.Tensor, y: torch.Tensor, train_y: torch.Tensor) -> dict:
+    majority = int(torch.bincount(train_y).argmax())
+    return {
+        "accuracy": float((pred == y).float().mean()),
+        "chance": float((y == majority).float().mean()),
+        "train_examples": len(train_y),
+        "test_examples": len(y),
+    }
+
+
+def edit_distance(a: list[int], b: list[int]) -> int:
+    """Levenshtein distance between two label sequences."""
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, z in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != z))
+    return row[-1]
+
+
+def _collapse(seq: np.ndarray, drop: set[int]) -> list[int]:
+    out = [int(v) for i, v in enumerate(seq) if i == 0 or v != seq[i - 1]]
+    return [v for v in out if v not in drop]
+
+
+def phone_error_rate(pred: np.ndarray, ref: np.ndarray, utterance: np.ndarray, drop: set[int]) -> float:
+    """Edit distance between the collapsed predicted and reference frame sequences (``drop`` removed),
+    summed over utterances, over the reference length."""
+    errors = length = 0
+    for u in np.unique(utterance):
+        at = utterance == u
+        r = _collapse(ref[at], drop)
+        errors += edit_distance(_collapse(pred[at], drop), r)
+        length += len(r)
+    return errors / max(length, 1)
+
+
+def run_probes(
+    data: ProbeData,
+    tasks: tuple[str, ...] = TASKS,
+    layer: int | None = None,
+    seed: int = 0,
+    test_fraction: float = 0.3,
+    max_train_frames: int = 60_000,
+) -> dict:
+    """Fits the probes of ``tasks`` on ``data`` (one ``layer``, 1-based, or the weighted sum of all) and
+    returns their metrics with the split that produced them."""
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise OptionError(f"unknown probe task(s) {unknown}; choose from {TASKS}")
+    if layer is not None:
+        if layer not in data.layers:
+            raise OptionError(f"layer {layer} was not extracted; layers: {data.layers}")
+        pick = data.layers.index(layer)
+        data = _with_features(data, [f[:, pick : pick + 1] for f in data.features], [layer])
+    train_spk, test_spk = speaker_split(data.speakers, data.genders, test_fraction, seed)
+    n_train = len(train_spk)
+    results: dict = {}
+    phone_idx = {p: i for i, p in enumerate(data.phone_names)}
+    non_speech = {phone_idx[p] for p in NON_SPEECH if p in phone_idx}
+    type_of = np.full(len(data.phone_names) + 1, -1)
+    for t, members in enumerate(BROAD_CLASSES.values()):
+        for p in members:
+            if p in phone_idx:
+                type_of[phone_idx[p]] = t
+    labelled = [p >= 0 for p in data.phones]
+    if not any(m.any() for m in labelled) and ("phone" in tasks or "phone-type" in tasks):
+        raise ProbeError(f"{data.corpus}: no frame has a phone label (prepared without alignments?)")
+    voiced = [np.isfinite(f) & (f > 0) for f in data.f0]
+    for task in tasks:
+        if task == "phone":
+            train = _subsample(_frames(data, labelled, data.phones, train_spk, np.int64), max_train_frames, seed)
+            test = _frames(data, labelled, data.phones, test_spk, np.int64)
+            classes = len(data.phone_names)
+            pred, weights = fit_probe(train, test.x, classes)
+            r = _classification(pred, test.y, train.y)
+            types = type_of[test.y.numpy()]
+            r["accuracy_by_type"] = {
+                name: float((pred == test.y)[torch.from_numpy(types == t)].float().mean())
+                for t, name in enumerate(PHONE_TYPES)
+                if (types == t).any()
+            }
+            seen = set(train.y.unique().tolist())
+            r["unseen_test_frames"] = int(sum(int(v) not in seen for v in test.y.tolist()))
+            r["per"] = phone_error_rate(pred.numpy(), test.y.numpy(), test.utterance, non_speech)
+        elif task == "phone-type":
+            types = [type_of[np.where(p >= 0, p, len(data.phone_names))] for p in data.phones]
+            speech = [t >= 0 for t in types]
+            train = _subsample(_frames(data, speech, types, train_spk, np.int64), max_train_frames, seed)
+            _classes_present(task, train.y, PHONE_TYPES, n_train, data.corpus)
+            test = _frames(data, speech, types, test_spk, np.int64)
+            pred, weights = fit_probe(train, test.x, len(PHONE_TYPES))
+            r = _classification(pred, test.y, train.y)
+        elif task == "gender":
+            names = tuple(sorted(set(data.genders)))
+            pooled = [f.mean(0, keepdim=True) for f in data.features]
+            ones = [np.ones(1, dtype=bool) for _ in pooled]
+            target = [np.array([names.index(g)]) for g in data.genders]
+            pooled_data = _with_features(data, pooled, data.layers)
+            train = _frames(pooled_data, ones, target, train_spk, np.int64)
+            if len(names) < 2:
+                raise ProbeError(f"gender probe: {data.corpus} has one gender only ({names[0]!r})")
+            _classes_present(task, train.y, names, n_train, data.corpus)
+            test = _frames(pooled_data, ones, target, test_spk, np.int64)
+            pred, weights = fit_probe(train, test.x, len(names))
+            r = _classification(pred, test.y, train.y)
+        elif task == "pitch-bin":
+            names = tuple(n for n in data.pitch_bin_names if n != "unvoiced")
+            binned = [b < len(names) for b in data.pitch_bins]  # the unvoiced bin is the last
+            if not any(v.any() for v in binned):
+                raise ProbeError(f"pitch-bin probe: {data.corpus} has no voiced frame")
+            train = _subsample(_frames(data, binned, data.pitch_bins, train_spk, np.int64), max_train_frames, seed)
+            _classes_present(task, train.y, names, n_train, data.corpus)
+            test = _frames(data, binned, data.pitch_bins, test_spk, np.int64)
+            pred, weights = fit_probe(train, test.x, len(names))
+            r = _classification(pred, test.y, train.y)
+        else:
+            if not any(v.any() for v in voiced):
+                raise ProbeError(f"log-f0 probe: {data.corpus} has no voiced frame")
+            log_f0 = [np.log(np.where(v, f, 1.0)) for f, v in zip(data.f0, voiced)]
+            train = _subsample(_frames(data, voiced, log_f0, train_spk, np.float32), max_train_frames, seed)
+            test = _frames(data, voiced, log_f0, test_spk, np.float32)
+            pred, weights = fit_probe(train, test.x, None)
+            residual = ((pred - test.y) ** 2).sum()
+            total = ((test.y - test.y.mean()) ** 2).sum()
+            r = {
+                "r2": float(1 - residual / total),
+                "rmse_semitones": float(12 / np.log(2) * torch.sqrt(residual / len(test.y))),
+                "train_examples": len(train.y),
+                "test_examples": len(test.y),
+            }
+        r["layer_weights"] = weights
+        results[task] = r
+    return {
+        "format": FORMAT,
+        "corpus": data.corpus,
+        "layer": "weighted" if layer is None else layer,
+        "layers": data.layers,
+        "seed": seed,
+        "split": {"train_speakers": sorted(train_spk), "test_speakers": sorted(test_spk)},
+        "tasks": results,
+    }
+
+
+def _with_features(data: ProbeData, features: list[torch.Tensor], layers: list[int]) -> ProbeData:
+    return ProbeData(**{**data.__dict__, "features": features, "layers": layers})
+
+
+def load_model(source: str, device: str = "cpu") -> ModelAdapter:
+    """A checkpoint folder or hub id, or a pruned checkpoint written by ``neurostat prune``."""
+    from .model.pruning import load_pruned
+
+    if (Path(source) / "neurostat.json").is_file():
+        from transformers import AutoFeatureExtractor
+
+        return ModelAdapter(
+            load_pruned(source, resolve_device(device)), AutoFeatureExtractor.from_pretrained(source), source
+        )
+    return ModelAdapter.load(source, resolve_device(device))
+
+
+def probe_model(
+    model: str | ModelAdapter,
+    corpus: str | Path | PreparedCorpus,
+    tasks: tuple[str, ...] = TASKS,
+    layer: int | None = None,
+    seed: int = 0,
+    test_fraction: float = 0.3,
+    device: str = "cpu",
+    tag: dict | None = None,
+    max_train_frames: int = 60_000,
+    progress: bool = True,
+) -> dict:
+    """Extracts a model's features on a prepared corpus and runs the probes; the result names the model
+    and carries ``tag`` (e.g. ``{"edit": "pruned", "method": "l1", "keep": 0.5}``)."""
+    adapter = model if isinstance(model, ModelAdapter) else load_model(model, device)
+    corpus = corpus if isinstance(corpus, PreparedCorpus) else PreparedCorpus(corpus)
+    data = extract(adapter, corpus, progress=progress)
+    result = run_probes(data, tasks, layer, seed, test_fraction, max_train_frames)
+    return {"model": adapter.source, "tag": tag or {}, **result}
+
+
+def table(results: list[dict]) -> str:
+    """The metrics of several probe results side by side; columns after the first show the change."""
+    rows: list[tuple[str, list]] = []
+    for task, metrics in results[0]["tasks"].items():
+        for key in ("accuracy", "per", "r2", "rmse_semitones"):
+            if key in metrics:
+                rows.append((f"{task} {key}", [r["tasks"].get(task, {}).get(key) for r in results]))
+        for name in metrics.get("accuracy_by_type", {}):
+            rows.append((f"{task} accuracy {name}", [r["tasks"][task]["accuracy_by_type"].get(name) for r in results]))
+    names = [_label(r) for r in results] + ["chance"]
+    width = max(len(n) for n, _ in rows)
+    cols = [max(16, len(n)) for n in names]
+    lines = [" " * width + "  " + "  ".join(n.rjust(c) for n, c in zip(names, cols))]
+    for name, values in rows:
+        cells = [f"{values[0]:.3f}"] + ["—" if v is None else f"{v:.3f} ({v - values[0]:+.3f})" for v in values[1:]]
+        task, _, metric = name.partition(" ")
+        chance = results[0]["tasks"][task].get("chance") if metric == "accuracy" else None
+        cells.append("" if chance is None else f"{chance:.3f}")
+        lines.append(name.ljust(width) + "  " + "  ".join(c.rjust(w) for c, w in zip(cells, cols)))
+    return "\n".join(lines)
+
+
+def _label(result: dict) -> str:
+    tag = result.get("tag") or {}
+    return " ".join(f"{v}" for v in tag.values()) if tag else Path(result["model"]).name or result["model"]
+
+
+def save_results(results: list[dict], out: str | Path) -> Path:
+    """Writes the probe results (a JSON list, one entry per model) to ``out``."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    return out
+
+
+def load_results(path: str | Path) -> list[dict]:
+    """Reads :func:`save_results`' file; a clear error for anything else."""
+    path = Path(path)
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ProbeError(f"{path}: cannot read probe results: {e}") from None
+    if not isinstance(results, list) or not all(isinstance(r, dict) and r.get("format") == FORMAT for r in results):
+        raise ProbeError(f"{path}: not a neurostat probe results file (format {FORMAT})")
+    return results

@@ -1,0 +1,144 @@
+"""Linear probes: perfect on separable features, chance on random ones, speaker-disjoint, clear errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from neurostat.cli import main
+from neurostat.phones import BROAD_CLASSES, PHONES
+from neurostat.probe import (
+    ProbeData,
+    ProbeError,
+    _frames,
+    edit_distance,
+    load_results,
+    phone_error_rate,
+    probe_model,
+    run_probes,
+    speaker_split,
+)
+
+BINS = ("low", "mid", "high", "unvoiced")
+
+
+def synthetic(separable: bool, seed: int = 0, speakers: int = 10, layers: int = 3, hidden: int = 24) -> ProbeData:
+    """Utterances with random labels; ``separable``: layer 2 encodes them linearly, else pure noise."""
+    rng = np.random.default_rng(seed)
+    ids, spk, gen, feats, phones, f0s, bins = [], [], [], [], [], [], []
+    centres = rng.normal(size=(len(PHONES), hidden)) * 3
+    centres[:, :6] = 0  # dims 0-2 carry F0, pitch bin and gender
+    for t, members in enumerate(BROAD_CLASSES.values()):  # and one direction per phone type
+        centres[[PHONES.index(p) for p in members], 3 + t] += 12
+    for s in range(speakers):
+        gender = "MF"[s % 2]
+        for u in range(4):
+            n = int(rng.integers(40, 70))
+            phone = np.repeat(rng.integers(0, len(PHONES), n // 5 + 1), 5)[:n]
+            phone[rng.random(n) < 0.05] = -1
+            f0 = np.exp(rng.uniform(np.log(80), np.log(300), n))
+            f0[rng.random(n) < 0.3] = np.nan
+            binned = np.where(np.isnan(f0), 3, np.digitize(f0, [120, 200]))
+            x = rng.normal(size=(n, layers, hidden)).astype(np.float32)
+            if separable:
+                x[:, 1] += centres[np.maximum(phone, 0)] * (phone >= 0)[:, None]
+                x[:, 1, 0] += np.where(np.isnan(f0), 0, 20 * np.log(np.nan_to_num(f0, nan=1)))
+                x[:, 1, 1] += 8 * binned
+                x[:, 1, 2] += 8.0 if gender == "F" else -8.0
+            ids.append(f"{s}-{u}")
+            spk.append(str(s))
+            gen.append(gender)
+            feats.append(torch.from_numpy(x))
+            phones.append(phone)
+            f0s.append(f0)
+            bins.append(binned)
+    return ProbeData("synthetic", ids, spk, gen, feats, list(range(1, layers + 1)), phones, PHONES, f0s, bins, BINS)
+
+
+def test_separable_features_are_probed_near_perfectly():
+    r = run_probes(synthetic(True), seed=1)["tasks"]
+    assert r["phone"]["accuracy"] > 0.97 and r["phone"]["per"] < 0.1
+    assert r["phone-type"]["accuracy"] > 0.97
+    assert r["gender"]["accuracy"] == 1.0
+    assert r["pitch-bin"]["accuracy"] > 0.97
+    assert r["log-f0"]["r2"] > 0.95
+    weights = r["phone"]["layer_weights"]
+    assert weights[1] == max(weights) and abs(sum(weights) - 1) < 1e-3  # the learnt sum finds layer 2
+
+
+def test_random_features_give_chance():
+    r = run_probes(synthetic(False), seed=1)["tasks"]
+    for task in ("phone", "phone-type", "pitch-bin"):
+        assert r[task]["accuracy"] < r[task]["chance"] + 0.08, task
+    assert r["log-f0"]["r2"] < 0.05
+
+
+def test_one_layer_probe_reads_that_layer_only():
+    data = synthetic(True)
+    good = run_probes(data, ("phone",), layer=2)["tasks"]["phone"]
+    noise = run_probes(data, ("phone",), layer=3)["tasks"]["phone"]
+    assert good["layer_weights"] == [1.0] and good["accuracy"] > 0.97
+    assert noise["accuracy"] < noise["chance"] + 0.08
+
+
+def test_split_is_speaker_disjoint_and_covers_both_genders():
+    data = synthetic(True, speakers=11)
+    train, test = speaker_split(data.speakers, data.genders, 0.3, seed=4)
+    assert not train & test and train | test == set(data.speakers)
+    gender = dict(zip(data.speakers, data.genders))
+    assert {gender[s] for s in test} == {"M", "F"} and {gender[s] for s in train} == {"M", "F"}
+    ex = _frames(data, [p >= 0 for p in data.phones], data.phones, test, np.int64)
+    assert {data.speakers[i] for i in np.unique(ex.utterance)} <= test
+    other = speaker_split(data.speakers, data.genders, 0.3, seed=5)
+    assert other != (train, test)  # the seed decides the split
+    result = run_probes(data, ("gender",), seed=4)
+    assert set(result["split"]["test_speakers"]) == test
+
+
+def test_errors_name_the_problem():
+    data = synthetic(True)
+    data.phones = [np.full_like(p, -1) for p in data.phones]
+    with pytest.raises(ProbeError, match="no frame has a phone label"):
+        run_probes(data, ("phone",))
+    data = synthetic(True)
+    data.pitch_bins = [np.where(b == 2, 1, b) for b in data.pitch_bins]  # nothing in "high"
+    with pytest.raises(ProbeError, match="pitch-bin probe: class 'high' has no examples"):
+        run_probes(data, ("pitch-bin",))
+    data = synthetic(True)
+    data.genders = ["M"] * len(data.genders)
+    with pytest.raises(ProbeError, match="one gender only"):
+        run_probes(data, ("gender",))
+    data = synthetic(True)
+    vowels = [PHONES.index(p) for p in BROAD_CLASSES["vowel"]]
+    data.phones = [np.where(np.isin(p, vowels), PHONES.index("B"), p) for p in data.phones]
+    with pytest.raises(ProbeError, match="phone-type probe: class 'vowel' has no examples"):
+        run_probes(data, ("phone-type",))
+    with pytest.raises(ProbeError, match="at least 2 speakers"):
+        speaker_split(["a", "a"], ["M", "M"], 0.3, 0)
+
+
+def test_phone_error_rate_collapses_repeats_and_drops_silence():
+    assert edit_distance([1, 2, 3], [1, 3]) == 1 and edit_distance([], [4, 5]) == 2
+    ref = np.array([9, 1, 1, 2, 2, 9, 3])
+    pred = np.array([1, 1, 1, 2, 9, 9, 4])
+    utt = np.zeros(7, dtype=int)
+    assert phone_error_rate(pred, ref, utt, drop={9}) == pytest.approx(1 / 3)  # 1 2 4 vs 1 2 3
+
+
+def test_probe_cli_compares_models_and_writes_json(prepared, tiny_model, tmp_path):
+    out = tmp_path / "probe.json"
+    args = ["probe", "--model", str(tiny_model), "--corpus", str(prepared.path), "--compare", str(tiny_model)]
+    res = CliRunner().invoke(main, [*args, "--task", "gender", "--task", "phone", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "(+0.000)" in res.output and "phone per" in res.output
+    results = load_results(out)
+    assert [r["model"] for r in results] == [str(tiny_model)] * 2
+    assert results[0]["tasks"] == results[1]["tasks"]  # same seed, same model: same numbers
+    assert not set(results[0]["split"]["train_speakers"]) & set(results[0]["split"]["test_speakers"])
+    direct = probe_model(str(tiny_model), prepared, ("gender", "phone"), progress=False)
+    assert direct["tasks"] == results[0]["tasks"]
+    (tmp_path / "bad.json").write_text(json.dumps({"not": "results"}))
+    with pytest.raises(ProbeError, match="not a neurostat probe results file"):
+        load_results(tmp_path / "bad.json")
