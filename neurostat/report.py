@@ -6,6 +6,11 @@ the neurons in exactly the marked sets); for each property, a heatmap of P(j | l
 its most selective neurons; and per layer, the histogram of each neuron's activating probability over
 all tokens.  The page embeds them and the numbers behind them (the selector's counts per layer, the
 overlap regions), so it can be mailed or opened from disk.
+
+With probe results (``neurostat probe --out`` or ``bench/claims.py``, whose entries carry tags), the
+report adds the paper's evidence: ablation bars (each probe's metric for the original model and each
+set of removed neurons, random sets as mean ± s.d. over seeds) and pruning curves (metric against the
+kept fraction, one line per pruning method, the original as a dashed line).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .neuronset import NeuronSet, NeuronSetError
+from .probe import load_results
 from .select import PROPERTIES, GroupSpec, SelectionError, select_properties, venn
 from .stats import Stats, open_stats
 
@@ -156,10 +162,109 @@ def _histograms(stats: Stats) -> Figure:
     )
 
 
+def _metric(task: dict) -> float | None:
+    return task.get("accuracy", task.get("r2"))
+
+
+def _metric_name(task: str) -> str:
+    return "R²" if task == "log-f0" else "accuracy"
+
+
+def _original(results: list[dict]) -> dict:
+    return next((r["tasks"] for r in results if r.get("tag", {}).get("edit") == "original"), {})
+
+
+def _ablation(results: list[dict]) -> Figure | None:
+    """Bars: each task's metric for the original model and each set of removed neurons."""
+    ablated = [r for r in results if r.get("tag", {}).get("edit") == "ablated"]
+    if not ablated:
+        return None
+    original = _original(results)
+    groups: dict[str, list[dict]] = {}
+    for r in ablated:
+        groups.setdefault(str(r["tag"].get("neurons", "?")), []).append(r["tasks"])
+    tasks = [t for t in dict.fromkeys(t for r in ablated for t in r["tasks"])]
+
+    def draw(fig):
+        for i, task in enumerate(tasks):
+            ax = fig.add_subplot(1, len(tasks), i + 1)
+            names, means, errors = [], [], []
+            if task in original:
+                names, means, errors = ["original"], [_metric(original[task])], [0.0]
+            for name, runs in groups.items():
+                values = [_metric(t[task]) for t in runs if task in t]
+                if values:
+                    names.append(f"{name} (×{len(values)})" if len(values) > 1 else name)
+                    means.append(float(np.mean(values)))
+                    errors.append(float(np.std(values)))
+            ax.bar(range(len(names)), means, yerr=errors, color=["#888"] + ["#c44"] * (len(names) - 1), capsize=3)
+            ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+            ax.set_title(task)
+            ax.set_ylabel(_metric_name(task))
+
+    return _figure(
+        draw, "probe_ablation", "Probes after removing neurons (random sets: mean ± s.d.)", (3 * len(tasks) + 2, 4)
+    )
+
+
+def _pruning(results: list[dict]) -> Figure | None:
+    """Curves: each task's metric against the kept fraction, one line per pruning method."""
+    pruned = [r for r in results if r.get("tag", {}).get("edit") == "pruned" and "keep" in r["tag"]]
+    if not pruned:
+        return None
+    original = _original(results)
+    tasks = [t for t in dict.fromkeys(t for r in pruned for t in r["tasks"])]
+    methods = sorted({str(r["tag"].get("method", "?")) for r in pruned})
+
+    def draw(fig):
+        for i, task in enumerate(tasks):
+            ax = fig.add_subplot(1, len(tasks), i + 1)
+            for method in methods:
+                points = sorted(
+                    (float(r["tag"]["keep"]), _metric(r["tasks"][task]))
+                    for r in pruned
+                    if str(r["tag"].get("method", "?")) == method and task in r["tasks"]
+                )
+                if points:
+                    ax.plot(*zip(*points), marker="o", label=method)
+            if task in original:
+                ax.axhline(_metric(original[task]), color="k", linestyle="--", linewidth=0.8, label="original")
+            ax.set_title(task)
+            ax.set_xlabel("kept fraction")
+            ax.set_ylabel(_metric_name(task))
+            ax.invert_xaxis()
+            if i == 0:
+                ax.legend(fontsize=7)
+
+    return _figure(draw, "probe_pruning", "Probes after pruning (no retraining)", (3 * len(tasks) + 1, 3.5))
+
+
+def _probe_table(results: list[dict]) -> str:
+    esc = html.escape
+    tasks = list(dict.fromkeys(t for r in results for t in r["tasks"]))
+    head = "".join(f"<th>{esc(t)} {_metric_name(t)}</th>" for t in tasks)
+    rows = []
+    for i, r in enumerate(results):
+        tag = ", ".join(f"{k}={v}" for k, v in r.get("tag", {}).items()) or esc(str(r["model"]))
+        cells = "".join(
+            f'<td data-probe="{i}" data-task="{esc(t)}">'
+            + (f"{_metric(r['tasks'][t]):.3f}" if t in r["tasks"] else "")
+            + "</td>"
+            for t in tasks
+        )
+        rows.append(f"<tr><th>{esc(tag)}</th>{cells}</tr>")
+    return f'<table id="probes"><tr><th>model</th>{head}</tr>{"".join(rows)}</table>'
+
+
 def build_report(
-    store: str | Path, out: str | Path, neuron_files: list[Path] | None = None, sigma: float = 0.8
+    store: str | Path,
+    out: str | Path,
+    neuron_files: list[Path] | None = None,
+    sigma: float = 0.8,
+    probe: str | Path | None = None,
 ) -> dict:
-    """Writes the PNGs and ``index.html`` into ``out``; returns the numbers on the page."""
+    """Writes the PNGs and ``index.html`` into ``out``; returns the numbers on the page.  ``probe``: a
+    probe-results JSON whose ablation and pruning entries become figures and a table."""
     stats = open_stats(store)
     if "topk_count" not in stats.ds:
         raise ReportError(
@@ -178,15 +283,18 @@ def build_report(
         figures.append(_overlaps(sets, regions))
     figures += [f for name, s in sets.items() if (f := _heatmap(stats, name, s)) is not None]
     figures.append(_histograms(stats))
+    results = load_results(probe) if probe else []
+    figures += [f for f in (_ablation(results), _pruning(results)) if f is not None]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for f in figures:
         (out / f"{f.name}.png").write_bytes(f.png)
-    (out / "index.html").write_text(_page(stats, counts, regions, figures, sigma, bool(neuron_files)))
+    probes = _probe_table(results) if results else ""
+    (out / "index.html").write_text(_page(stats, counts, regions, figures, sigma, bool(neuron_files), probes))
     return {"counts": counts, "regions": regions, "figures": [f"{f.name}.png" for f in figures]}
 
 
-def _page(stats: Stats, counts, regions, figures, sigma: float, from_files: bool) -> str:
+def _page(stats: Stats, counts, regions, figures, sigma: float, from_files: bool, probes: str = "") -> str:
     m = stats.attrs["model"]
     esc = html.escape
     source = "neuron files" if from_files else f"the paper's rule, σ = {sigma}, statistic topk"
@@ -219,6 +327,7 @@ k = {stats.k} (chance {stats.chance:.4f}). Property neurons from {esc(source)}.<
 <table id="counts"><tr><th>property</th>{head}<th>total</th></tr>{rows}</table>
 <h2>Overlaps (exclusive regions, all layers)</h2>
 <table id="overlaps"><tr><th>region</th><th>neurons</th></tr>{overlap}</table>
+{"<h2>Probes</h2>" + probes if probes else ""}
 <h2>Figures</h2>{images}
 </body></html>
 """

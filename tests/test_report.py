@@ -65,3 +65,36 @@ def test_report_of_neuron_files_and_bad_input(store, prepared, tiny_model, tmp_p
     collect(prepared, ModelAdapter.load(str(tiny_model)), positive, CollectConfig(stats=("positive",)), progress=False)
     res = CliRunner().invoke(main, ["report", str(positive), "--out", str(tmp_path / "r3")])
     assert res.exit_code == 1 and "no topk statistic" in res.output and "--stat topk" in res.output
+
+
+def test_report_with_probe_results_draws_ablation_bars_and_pruning_curves(store, tmp_path):
+    from test_probe import synthetic
+
+    from neurostat.probe import run_probes, save_results
+
+    data = synthetic(True, layers=2, hidden=12, speakers=6)
+    runs = [("original", {}), ("ablated", {"neurons": "gender"})]
+    runs += [("ablated", {"neurons": "random", "seed": s}) for s in range(2)]
+    runs += [("pruned", {"method": m, "keep": k}) for m in ("protected", "l1") for k in (0.5, 0.3)]
+    results = []
+    for i, (edit, tag) in enumerate(runs):
+        r = run_probes(data, ("gender", "log-f0"), seed=i)
+        results.append({"model": "m", "tag": {"edit": edit, **tag}, **r})
+    save_results(results, tmp_path / "probes.json")
+    args = ["report", str(store), "--probe", str(tmp_path / "probes.json"), "--out", str(tmp_path / "r")]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    for png in ("probe_ablation.png", "probe_pruning.png"):
+        assert matplotlib.image.imread(tmp_path / "r" / png).shape[0] > 100
+    text = (tmp_path / "r" / "index.html").read_text()
+    shown = {
+        (int(i), t): float(v) for i, t, v in re.findall(r'data-probe="(\d+)" data-task="([^"]+)">([\d.-]+)<', text)
+    }
+    for i, r in enumerate(results):
+        assert shown[(i, "gender")] == pytest.approx(r["tasks"]["gender"]["accuracy"], abs=5e-4)
+        assert shown[(i, "log-f0")] == pytest.approx(r["tasks"]["log-f0"]["r2"], abs=5e-4)
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    res = CliRunner().invoke(
+        main, ["report", str(store), "--probe", str(tmp_path / "bad.json"), "--out", str(tmp_path / "x")]
+    )
+    assert res.exit_code == 1 and "not a neurostat probe results file" in res.output

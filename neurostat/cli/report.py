@@ -25,14 +25,21 @@ def neuron_options(command):
 @main.command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @neuron_options
+@click.option(
+    "--probe",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Probe results JSON (`neurostat probe --out`, bench/claims.py): adds ablation bars and pruning curves.",
+)
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for the report.")
 @user_errors
-def report(store, neuron_files, sigma, out) -> None:
+def report(store, neuron_files, sigma, probe, out) -> None:
     """Pictures of a store's property neurons (PNG) and one self-contained HTML page: neurons per layer,
-    overlaps between properties, P(j | label) heatmaps, per-layer probability histograms."""
+    overlaps between properties, P(j | label) heatmaps, per-layer probability histograms, and with
+    --probe the probes of ablated and pruned models."""
     from ..report import build_report
 
-    summary = build_report(store, out, list(neuron_files), sigma)
+    summary = build_report(store, out, list(neuron_files), sigma, probe)
     click.echo(f"wrote {len(summary['figures'])} figures and index.html to {out}")
 
 
