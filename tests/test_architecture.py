@@ -24,9 +24,12 @@ ALLOWED = {  # unit -> the units it may import (besides itself); a module belong
     "neurostat.select": BASE | {"neurostat.labelspace", "neurostat.store", "neurostat.stats", "neurostat.neuronset"},
     "neurostat.model.adapter": BASE,
     "neurostat.cluster": BASE | {"neurostat.corpus", "neurostat.labelspace", "neurostat.engine", "neurostat.model"},
-    "neurostat.demo": BASE | {"neurostat.corpus", "neurostat.model"},
+    "neurostat.tiny": BASE | {"neurostat.corpus", "neurostat.cluster", "neurostat.model"},
+    "neurostat.demo": BASE | {"neurostat.corpus", "neurostat.model", "neurostat.tiny"},
+    "neurostat.probe": BASE | {"neurostat.corpus", "neurostat.engine", "neurostat.model"},
     "neurostat.compare": BASE | {"neurostat.corpus", "neurostat.engine"},
-    "neurostat.report": BASE | {"neurostat.neuronset", "neurostat.select", "neurostat.stats", "neurostat.store"},
+    "neurostat.report": BASE
+    | {"neurostat.neuronset", "neurostat.probe", "neurostat.select", "neurostat.stats", "neurostat.store"},
     "neurostat.browse": BASE | {"neurostat.corpus", "neurostat.neuronset", "neurostat.report", "neurostat.stats"},
     "neurostat.cli": None,  # the library, all of it
     "neurostat.__main__": None,

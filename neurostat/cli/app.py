@@ -22,6 +22,19 @@ def main(debug: bool) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # quiet third-party bars; neurostat's own stay
 
 
+def demo_model_name(ctx, param, value):
+    """Click callback: ``--model demo`` names the shipped demo model (a folder inside the package)."""
+
+    def resolve(name):
+        if name != "demo":
+            return name
+        from ..demo import demo_model
+
+        return str(demo_model())
+
+    return tuple(resolve(v) for v in value) if isinstance(value, tuple) else resolve(value)
+
+
 def user_errors(command):
     """Reports the library's user errors as one line: options that do not go together as a usage error
     (exit 2), any other ``ValueError`` or ``UserError`` as an error (exit 1)."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .app import main, preset_option, user_errors, with_preset
+from .app import demo_model_name, main, preset_option, user_errors, with_preset
 from .corpus import PREPARE_OPTIONS, labelling_options
 
 
@@ -55,8 +55,9 @@ def _shard(ctx, param, text: str) -> tuple[int, int]:
 @click.option(
     "--model",
     default=None,
-    help="Hub id or local directory of a HuBERT / wav2vec 2.0 / WavLM / data2vec-audio checkpoint; "
-    "without --model, --root or --prepared: the embedded demo model on the demo corpus.",
+    callback=demo_model_name,
+    help="Hub id or local directory of a HuBERT / wav2vec 2.0 / WavLM / data2vec-audio checkpoint, or `demo` "
+    "(the shipped demo model); without --model, --root or --prepared: the demo model on the demo corpus.",
 )
 @click.option(
     "--out",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .app import main, preset_option, user_errors, with_preset
+from .app import demo_model_name, main, preset_option, user_errors, with_preset
 
 
 @main.command()
@@ -122,7 +122,8 @@ PREPARE_OPTIONS = (
 @click.option(
     "--model",
     default=None,
-    help="Hub id or local dir whose config gives the frame geometry [default: the HuBERT/wav2vec2 default geometry].",
+    callback=demo_model_name,
+    help="Hub id, local dir or `demo` whose config gives the frame geometry [default: the HuBERT/wav2vec2 default geometry].",
 )
 @click.option("--sample-rate", type=int, default=None, help="Override the model's sample rate.")
 @click.option(
@@ -249,7 +250,12 @@ def labels_remove(prepared, name) -> None:
     default="frame",
     help="Cluster frames (units) or utterances (mean layer output, or --vectors).",
 )
-@click.option("--model", default=None, help="Hub id or local directory whose layer output is clustered.")
+@click.option(
+    "--model",
+    default=None,
+    callback=demo_model_name,
+    help="Hub id, local directory or `demo` whose layer output is clustered.",
+)
 @click.option("--layer", type=int, default=None, help="Transformer layer (1-based) whose output is clustered.")
 @click.option(
     "--vectors",

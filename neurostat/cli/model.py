@@ -6,11 +6,13 @@ from pathlib import Path
 
 import click
 
-from .app import main, user_errors
+from .app import demo_model_name, main, user_errors
 
 
 @main.command()
-@click.option("--model", required=True, help="Hub id or local directory of the model to edit.")
+@click.option(
+    "--model", required=True, callback=demo_model_name, help="Hub id, local directory or `demo` of the model to edit."
+)
 @click.option(
     "--neurons",
     required=True,
@@ -33,7 +35,9 @@ def ablate(model, neurons, out, overwrite) -> None:
 
 
 @main.command()
-@click.option("--model", required=True, help="Hub id or local directory of the model to prune.")
+@click.option(
+    "--model", required=True, callback=demo_model_name, help="Hub id, local directory or `demo` of the model to prune."
+)
 @click.option(
     "--protect",
     multiple=True,
