@@ -20,6 +20,7 @@ from zero weights, so a seed fixes the split, the frame sample and therefore the
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +69,13 @@ def extract(
 ) -> ProbeData:
     """Runs the model over the corpus and keeps ``layers`` (default: all) with the corpus's labels."""
     layers = layers or list(range(1, adapter.num_layers + 1))
+    need = sum(r["num_frames"] for r in corpus.records) * len(layers) * adapter.config.hidden_size * 4
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have / 2:
+        raise ProbeError(
+            f"probing {len(layers)} layers of {corpus.path} keeps {need / 2**30:.1f} GiB of features in memory "
+            f"(this machine has {have / 2**30:.0f} GiB): probe one layer (--layer) or a smaller corpus"
+        )
     run = layer_features(corpus, adapter, list(range(len(corpus))), layers, batch_seconds, progress=progress)
     feats = {utt: f.cpu() for utt, f in run}
     utts = [u for u in corpus if u.id in feats]
@@ -153,17 +161,35 @@ class LinearProbe(torch.nn.Module):
         return self.linear(torch.einsum("nlh,l->nh", x, self.layer_weights()))
 
 
-def fit_probe(
-    train: Examples, test_x: torch.Tensor, classes: int | None, l2: float = 1e-3, iterations: int = 200
-) -> tuple[torch.Tensor, list[float]]:
-    """Fits a probe on ``train`` (classes=None: regression) and returns (test predictions, layer weights)."""
+@dataclass
+class FittedProbe:
+    """A fitted probe with the standardisation it was fitted with (so it can read another model's features)."""
+
+    module: LinearProbe
+    mean: torch.Tensor
+    std: torch.Tensor
+    target_mean: float | None  # regression: the target's standardisation
+    target_std: float | None
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.module((x - self.mean) / self.std)
+        return out.argmax(1) if self.target_mean is None else out[:, 0] * self.target_std + self.target_mean
+
+    def layer_weights(self) -> list[float]:
+        return [round(float(w), 4) for w in self.module.layer_weights().detach()]
+
+
+def fit_probe(train: Examples, classes: int | None, l2: float = 1e-3, iterations: int = 200) -> FittedProbe:
+    """Fits a probe on ``train``: a logistic regression over ``classes``, or a ridge when None."""
     mean = train.x.mean(0, keepdim=True)
     std = train.x.std(0, keepdim=True) + 1e-5
     x = (train.x - mean) / std
     y = train.y
+    target_mean = target_std = None
     if classes is None:
-        y_mean, y_std = y.mean(), y.std() + 1e-8
-        y = (y - y_mean) / y_std
+        target_mean, target_std = float(y.mean()), float(y.std()) + 1e-8
+        y = (y - target_mean) / target_std
     probe = LinearProbe(x.shape[1], x.shape[2], classes or 1, weighted=x.shape[1] > 1)
     params = [p for p in probe.parameters() if p.requires_grad]
     optimizer = torch.optim.LBFGS(params, lr=1, max_iter=iterations, line_search_fn="strong_wolfe")
@@ -177,10 +203,7 @@ def fit_probe(
         return loss
 
     optimizer.step(closure)
-    with torch.no_grad():
-        out = probe((test_x - mean) / std)
-        pred = out.argmax(1) if classes else out[:, 0] * y_std + y_mean
-    return pred, [round(float(w), 4) for w in probe.layer_weights().detach()]
+    return FittedProbe(probe, mean, std, target_mean, target_std)
 
 
 def _classes_present(task: str, y: torch.Tensor, names: tuple[str, ...], train_speakers: int, corpus: str) -> None:
@@ -236,9 +259,28 @@ def run_probes(
     seed: int = 0,
     test_fraction: float = 0.3,
     max_train_frames: int = 60_000,
+    fitted: dict[str, FittedProbe] | None = None,
 ) -> dict:
     """Fits the probes of ``tasks`` on ``data`` (one ``layer``, 1-based, or the weighted sum of all) and
-    returns their metrics with the split that produced them."""
+    returns their metrics with the split that produced them.
+
+    ``fitted``: an empty dict receives each task's fitted probe; a filled one is used as is (nothing is
+    fitted), which measures how well another model's probes read these features — e.g. the original
+    model's probes on an ablated model, the view of a downstream head that is not retrained."""
+    reuse = bool(fitted)
+    if reuse and set(tasks) - set(fitted):
+        raise OptionError(f"no fitted probe for task(s) {sorted(set(tasks) - set(fitted))}")
+    if reuse and layer is None and any(len(p.module.layer_logits) != len(data.layers) for p in fitted.values()):
+        raise OptionError(f"the fitted probes read another number of layers than the {len(data.layers)} given")
+
+    def fit(task: str, train: Examples, classes: int | None) -> FittedProbe:
+        if reuse:
+            return fitted[task]
+        probe = fit_probe(train, classes)
+        if fitted is not None:
+            fitted[task] = probe
+        return probe
+
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise OptionError(f"unknown probe task(s) {unknown}; choose from {TASKS}")
@@ -266,7 +308,8 @@ def run_probes(
             train = _subsample(_frames(data, labelled, data.phones, train_spk, np.int64), max_train_frames, seed)
             test = _frames(data, labelled, data.phones, test_spk, np.int64)
             classes = len(data.phone_names)
-            pred, weights = fit_probe(train, test.x, classes)
+            probe = fit(task, train, classes)
+            pred = probe.predict(test.x)
             r = _classification(pred, test.y, train.y)
             types = type_of[test.y.numpy()]
             r["accuracy_by_type"] = {
@@ -283,7 +326,8 @@ def run_probes(
             train = _subsample(_frames(data, speech, types, train_spk, np.int64), max_train_frames, seed)
             _classes_present(task, train.y, PHONE_TYPES, n_train, data.corpus)
             test = _frames(data, speech, types, test_spk, np.int64)
-            pred, weights = fit_probe(train, test.x, len(PHONE_TYPES))
+            probe = fit(task, train, len(PHONE_TYPES))
+            pred = probe.predict(test.x)
             r = _classification(pred, test.y, train.y)
         elif task == "gender":
             names = tuple(sorted(set(data.genders)))
@@ -296,7 +340,8 @@ def run_probes(
                 raise ProbeError(f"gender probe: {data.corpus} has one gender only ({names[0]!r})")
             _classes_present(task, train.y, names, n_train, data.corpus)
             test = _frames(pooled_data, ones, target, test_spk, np.int64)
-            pred, weights = fit_probe(train, test.x, len(names))
+            probe = fit(task, train, len(names))
+            pred = probe.predict(test.x)
             r = _classification(pred, test.y, train.y)
         elif task == "pitch-bin":
             names = tuple(n for n in data.pitch_bin_names if n != "unvoiced")
@@ -306,7 +351,8 @@ def run_probes(
             train = _subsample(_frames(data, binned, data.pitch_bins, train_spk, np.int64), max_train_frames, seed)
             _classes_present(task, train.y, names, n_train, data.corpus)
             test = _frames(data, binned, data.pitch_bins, test_spk, np.int64)
-            pred, weights = fit_probe(train, test.x, len(names))
+            probe = fit(task, train, len(names))
+            pred = probe.predict(test.x)
             r = _classification(pred, test.y, train.y)
         else:
             if not any(v.any() for v in voiced):
@@ -314,7 +360,8 @@ def run_probes(
             log_f0 = [np.log(np.where(v, f, 1.0)) for f, v in zip(data.f0, voiced)]
             train = _subsample(_frames(data, voiced, log_f0, train_spk, np.float32), max_train_frames, seed)
             test = _frames(data, voiced, log_f0, test_spk, np.float32)
-            pred, weights = fit_probe(train, test.x, None)
+            probe = fit(task, train, None)
+            pred = probe.predict(test.x)
             residual = ((pred - test.y) ** 2).sum()
             total = ((test.y - test.y.mean()) ** 2).sum()
             r = {
@@ -323,7 +370,8 @@ def run_probes(
                 "train_examples": len(train.y),
                 "test_examples": len(test.y),
             }
-        r["layer_weights"] = weights
+        r["layer_weights"] = probe.layer_weights()
+        r["probe"] = "fitted on another model" if reuse else "fitted"
         results[task] = r
     return {
         "format": FORMAT,
@@ -363,14 +411,16 @@ def probe_model(
     device: str = "cpu",
     tag: dict | None = None,
     max_train_frames: int = 60_000,
+    fitted: dict[str, FittedProbe] | None = None,
     progress: bool = True,
 ) -> dict:
     """Extracts a model's features on a prepared corpus and runs the probes; the result names the model
-    and carries ``tag`` (e.g. ``{"edit": "pruned", "method": "l1", "keep": 0.5}``)."""
+    and carries ``tag`` (e.g. ``{"edit": "pruned", "method": "l1", "keep": 0.5}``); ``fitted``: see
+    :func:`run_probes`."""
     adapter = model if isinstance(model, ModelAdapter) else load_model(model, device)
     corpus = corpus if isinstance(corpus, PreparedCorpus) else PreparedCorpus(corpus)
-    data = extract(adapter, corpus, progress=progress)
-    result = run_probes(data, tasks, layer, seed, test_fraction, max_train_frames)
+    data = extract(adapter, corpus, None if layer is None else [layer], progress=progress)
+    result = run_probes(data, tasks, layer, seed, test_fraction, max_train_frames, fitted)
     return {"model": adapter.source, "tag": tag or {}, **result}
 
 

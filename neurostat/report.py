@@ -170,6 +170,11 @@ def _metric_name(task: str) -> str:
     return "R²" if task == "log-f0" else "accuracy"
 
 
+def _kind(result: dict) -> str:
+    """' (fixed probes)' for an edited model read with the original model's probes."""
+    return " (fixed probes)" if result.get("tag", {}).get("probes") == "fixed" else ""
+
+
 def _original(results: list[dict]) -> dict:
     return next((r["tasks"] for r in results if r.get("tag", {}).get("edit") == "original"), {})
 
@@ -182,7 +187,7 @@ def _ablation(results: list[dict]) -> Figure | None:
     original = _original(results)
     groups: dict[str, list[dict]] = {}
     for r in ablated:
-        groups.setdefault(str(r["tag"].get("neurons", "?")), []).append(r["tasks"])
+        groups.setdefault(str(r["tag"].get("neurons", "?")) + _kind(r), []).append(r["tasks"])
     tasks = [t for t in dict.fromkeys(t for r in ablated for t in r["tasks"])]
 
     def draw(fig):
@@ -214,7 +219,7 @@ def _pruning(results: list[dict]) -> Figure | None:
         return None
     original = _original(results)
     tasks = [t for t in dict.fromkeys(t for r in pruned for t in r["tasks"])]
-    methods = sorted({str(r["tag"].get("method", "?")) for r in pruned})
+    methods = sorted({str(r["tag"].get("method", "?")) + _kind(r) for r in pruned})
 
     def draw(fig):
         for i, task in enumerate(tasks):
@@ -223,7 +228,7 @@ def _pruning(results: list[dict]) -> Figure | None:
                 points = sorted(
                     (float(r["tag"]["keep"]), _metric(r["tasks"][task]))
                     for r in pruned
-                    if str(r["tag"].get("method", "?")) == method and task in r["tasks"]
+                    if str(r["tag"].get("method", "?")) + _kind(r) == method and task in r["tasks"]
                 )
                 if points:
                     ax.plot(*zip(*points), marker="o", label=method)

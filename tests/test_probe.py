@@ -8,6 +8,7 @@ import torch
 from click.testing import CliRunner
 
 from neurostat.cli import main
+from neurostat.errors import OptionError
 from neurostat.phones import BROAD_CLASSES, PHONES
 from neurostat.probe import (
     ProbeData,
@@ -119,6 +120,23 @@ def test_errors_name_the_problem():
         speaker_split(["a", "a"], ["M", "M"], 0.3, 0)
 
 
+def test_fixed_probes_read_another_models_features():
+    data = synthetic(True, speakers=16)
+    fitted = {}
+    own = run_probes(data, ("gender", "log-f0"), seed=2, fitted=fitted)
+    assert set(fitted) == {"gender", "log-f0"}
+    again = run_probes(data, ("gender", "log-f0"), seed=2, fitted=fitted)  # same features, same probes
+    assert again["tasks"]["log-f0"]["r2"] == pytest.approx(own["tasks"]["log-f0"]["r2"])
+    assert again["tasks"]["gender"]["probe"] == "fitted on another model"
+    moved = synthetic(True, speakers=16)
+    for f in moved.features:
+        f[:, 1, 2] *= -1  # the gender direction flips: a fixed probe gets it all wrong, a refitted one does not
+    assert run_probes(moved, ("gender",), seed=2, fitted=fitted)["tasks"]["gender"]["accuracy"] == 0.0
+    assert run_probes(moved, ("gender",), seed=2)["tasks"]["gender"]["accuracy"] == 1.0
+    with pytest.raises(OptionError, match="no fitted probe"):
+        run_probes(data, ("phone",), fitted=fitted)
+
+
 def test_phone_error_rate_collapses_repeats_and_drops_silence():
     assert edit_distance([1, 2, 3], [1, 3]) == 1 and edit_distance([], [4, 5]) == 2
     ref = np.array([9, 1, 1, 2, 2, 9, 3])
@@ -139,6 +157,23 @@ def test_probe_cli_compares_models_and_writes_json(prepared, tiny_model, tmp_pat
     assert not set(results[0]["split"]["train_speakers"]) & set(results[0]["split"]["test_speakers"])
     direct = probe_model(str(tiny_model), prepared, ("gender", "phone"), progress=False)
     assert direct["tasks"] == results[0]["tasks"]
+    res = CliRunner().invoke(main, [*args, "--task", "gender", "--fixed-probes", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    own, fixed = load_results(out)
+    assert fixed["tag"]["probes"] == "fixed" and fixed["tasks"]["gender"]["probe"] == "fitted on another model"
+    assert fixed["tasks"]["gender"]["accuracy"] == own["tasks"]["gender"]["accuracy"]
     (tmp_path / "bad.json").write_text(json.dumps({"not": "results"}))
     with pytest.raises(ProbeError, match="not a neurostat probe results file"):
         load_results(tmp_path / "bad.json")
+
+
+def test_probe_stops_before_keeping_features_that_do_not_fit(prepared, tiny_model, monkeypatch):
+    import os
+
+    from neurostat.model.adapter import ModelAdapter
+    from neurostat.probe import extract
+
+    adapter = ModelAdapter.load(str(tiny_model))
+    monkeypatch.setattr(os, "sysconf", lambda name: 256)  # a 64 KiB machine
+    with pytest.raises(ProbeError, match=r"keeps .* GiB of features in memory .* probe one layer"):
+        extract(adapter, prepared)

@@ -76,6 +76,7 @@ def test_report_with_probe_results_draws_ablation_bars_and_pruning_curves(store,
     runs = [("original", {}), ("ablated", {"neurons": "gender"})]
     runs += [("ablated", {"neurons": "random", "seed": s}) for s in range(2)]
     runs += [("pruned", {"method": m, "keep": k}) for m in ("protected", "l1") for k in (0.5, 0.3)]
+    runs += [("pruned", {"method": "l1", "keep": k, "probes": "fixed"}) for k in (0.5, 0.3)]
     results = []
     for i, (edit, tag) in enumerate(runs):
         r = run_probes(data, ("gender", "log-f0"), seed=i)

@@ -36,6 +36,12 @@ from .app import demo_model_name, main, user_errors
     help="Probe to run (repeatable; default all).",
 )
 @click.option(
+    "--fixed-probes",
+    is_flag=True,
+    help="Read the --compare models with the first model's probes instead of fitting their own (the view of "
+    "a downstream head that is not retrained).",
+)
+@click.option(
     "--layer", type=int, default=None, help="Probe this layer (1-based) only; default: a learnt weighted sum."
 )
 @click.option(
@@ -45,15 +51,19 @@ from .app import demo_model_name, main, user_errors
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the results as JSON.")
 @user_errors
-def probe(model, corpus, compare, tasks, layer, test_fraction, seed, device, out) -> None:
+def probe(model, corpus, compare, tasks, fixed_probes, layer, test_fraction, seed, device, out) -> None:
     """Fit linear probes (phone, phone type, gender, pitch bin, log F0) on frozen layer outputs, trained on
     speakers disjoint from the test speakers, and print a table of the metrics (and deltas with --compare)."""
     from ..probe import TASKS, probe_model, save_results, table
 
-    results = []
-    for source in (model, *compare):
+    results, fitted = [], {}
+    for i, source in enumerate((model, *compare)):
         click.echo(f"probing {source}", err=True)
-        results.append(probe_model(source, corpus, tuple(tasks) or TASKS, layer, seed, test_fraction, device))
+        reuse = fitted if (i == 0 or fixed_probes) else None
+        tag = {"model": Path(source).name, "probes": "fixed"} if i and fixed_probes else None
+        results.append(
+            probe_model(source, corpus, tuple(tasks) or TASKS, layer, seed, test_fraction, device, tag, fitted=reuse)
+        )
     click.echo(table(results))
     if out:
         click.echo(f"results: {save_results(results, out)}")
