@@ -17,6 +17,8 @@ from reference import phone_mid, stats_reference
 from transformers import AutoFeatureExtractor, AutoModel
 
 from neurostat.cli import main
+from neurostat.corpus.synth import TRAINING_VARIANTS
+from neurostat.demo import demo_model
 from neurostat.engine.collect import CollectConfig, collect, describe_collect
 from neurostat.engine.statistics import TABLE
 from neurostat.engine.merge import merge_stores
@@ -369,9 +371,18 @@ def test_cli_default_demo_runs_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("NEUROSTAT_CACHE", str(tmp_path / "cache"))
     res = CliRunner().invoke(main, ["collect"])
     assert res.exit_code == 0, res.output
-    assert "RANDOM-INITIALISED" in res.output and "collected 16 utterances" in res.output
-    store = tmp_path / "cache" / "demo" / "stats.zarr"
-    assert open_stats(store).tokens(("gender",)).values.min() > 0
+    assert "pre-trained on synthetic" in res.output and "collected 16 utterances" in res.output
+    store = tmp_path / "cache" / "demo-v2" / "stats.zarr"
+    stats = open_stats(store)
+    assert stats.tokens(("gender",)).values.min() > 0
+    assert stats.attrs["model"]["model"] == str(demo_model())
+    speakers = (tmp_path / "cache" / "demo-v2" / "corpus" / "LibriSpeech" / "SPEAKERS.TXT").read_text()
+    trained_on = json.loads((demo_model() / "training.json").read_text())["settings"]
+    for variant in TRAINING_VARIANTS:  # the demo corpus speaks with voices the model never heard
+        assert f"en-us+{variant} " not in speakers
+    demo_ids = {line.split("|")[0].strip() for line in speakers.splitlines() if not line.startswith(";")}
+    first, count = trained_on["first_speaker"], trained_on["speakers"]
+    assert not demo_ids & {str(1000 + 37 * i) for i in range(first, first + count)}
     res = CliRunner().invoke(main, ["collect"])
     assert res.exit_code == 0, res.output
 

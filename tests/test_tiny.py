@@ -48,7 +48,7 @@ def test_shipped_model_loads_offline_as_a_real_checkpoint():
     card = (path / "README.md").read_text()
     assert "not for research claims about real speech" in card
     summary = json.loads((path / "training.json").read_text())
-    assert summary["final"]["masked_accuracy"] > 0.2  # it learnt the task (100 clusters: chance 0.01)
+    assert summary["final"]["masked_accuracy"] > 5 / summary["settings"]["clusters"]  # it learnt the task
     assert sum(f.stat().st_size for f in path.iterdir()) < 10 * 2**20
     adapter = ModelAdapter.load(str(path))
     assert adapter.num_layers == model.config.num_hidden_layers and adapter.width == model.config.intermediate_size
