@@ -1,6 +1,7 @@
 """The paper's two claims, measured offline on the shipped demo model (neurostat.tiny).
 
-    python bench/claims.py                   # ~15-25 min on 2 cores; writes bench/claims/ (JSON + tables)
+    python bench/claims.py                   # ~18 min on 2 cores; writes bench/claims/weighted/ (JSON + tables)
+    python bench/claims.py --layer last      # probes read the top layer: bench/claims/layer-4/
     python bench/claims.py --smoke           # a tiny run of every step (CI)
 
 1. Property neurons (phone-type, gender, pitch; the paper's rule, sigma 0.8) per layer, in the trained
@@ -13,7 +14,7 @@
 
 Neurons are selected on one synthetic corpus and probed on another (other speakers); both speak with
 voices the model never heard in training.  Probe results carry tags ({"edit", "method", "keep", ...})
-so `neurostat report --probe bench/claims/probes.json` can plot them.
+so `neurostat report STORE --probe bench/claims/layer-4/probes.json` can plot them.
 """
 
 from __future__ import annotations
@@ -98,17 +99,20 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "neurostat" / "claims")
     ap.add_argument("--seeds", type=int, default=5, help="random-neuron controls per ablation")
     ap.add_argument("--keep", type=float, nargs="+", default=[0.5, 0.3, 0.19], help="kept fractions for pruning")
+    ap.add_argument(
+        "--layer", default="weighted", help="what the probes read: weighted (a learnt sum of all layers), last, or N"
+    )
     ap.add_argument("--smoke", action="store_true", help="tiny corpora, one seed, one fraction; nothing saved")
     args = ap.parse_args()
     if args.smoke:
         with tempfile.TemporaryDirectory() as tmp:
-            run(Path(tmp) / "out", Path(tmp) / "work", seeds=1, keep=[0.5], sizes=((4, 3), (4, 3)), frames=3000)
+            run(Path(tmp), Path(tmp) / "work", 1, [0.5], "last", sizes=((4, 3), (4, 3)), frames=3000)
         return
-    run(args.out, args.work, args.seeds, args.keep, sizes=((12, 12), (16, 12)), frames=40_000)
+    run(args.out, args.work, args.seeds, args.keep, args.layer, sizes=((12, 12), (16, 12)), frames=15_000)
 
 
-def run(out: Path, work: Path, seeds: int, keep: list[float], sizes, frames: int) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+def run(out: Path, work: Path, seeds: int, keep: list[float], view: str, sizes, frames: int) -> None:
+    """Writes OUT/<view>/claims.md and probes.json (view: weighted, or layer-N)."""
     work.mkdir(parents=True, exist_ok=True)
     trained = str(demo_model())
     settings = json.loads((Path(trained) / "training.json").read_text())["settings"]
@@ -118,6 +122,9 @@ def run(out: Path, work: Path, seeds: int, keep: list[float], sizes, frames: int
     probe_corpus = corpus(work, "probe", probe_spk, probe_utt, seed=7, first=300, model=trained)
     model = ModelAdapter.load(trained)
     width, layers = model.width, list(range(1, model.num_layers + 1))
+    layer = None if view == "weighted" else (model.num_layers if view == "last" else int(view))
+    out = out / ("weighted" if layer is None else f"layer-{layer}")
+    out.mkdir(parents=True, exist_ok=True)
     selections = {
         "trained": select(model, selection_corpus, work / "trained.zarr"),
         "random-init twin": select(ModelAdapter.load(twin), selection_corpus, work / "twin.zarr"),
@@ -132,7 +139,7 @@ def run(out: Path, work: Path, seeds: int, keep: list[float], sizes, frames: int
         views = {}
         for kind in ("own", "fixed") if tag["edit"] in ("ablated", "pruned") else ("own",):
             reuse = fitted if (kind == "fixed" or tag["edit"] == "original") else None  # the original fills it
-            r = run_probes(data, tasks, max_train_frames=frames, fitted=reuse)
+            r = run_probes(data, tasks, layer, max_train_frames=frames, fitted=reuse)
             results.append({"model": adapter.source, "tag": {**tag, "probes": kind}, **r})
             views[kind] = r["tasks"]
         return views["own"], views.get("fixed", views["own"])
@@ -140,7 +147,12 @@ def run(out: Path, work: Path, seeds: int, keep: list[float], sizes, frames: int
     chosen = selections["trained"]
     all_tasks = ("phone", "phone-type", "gender", "pitch-bin", "log-f0")
     original, _ = probed(model, all_tasks, edit="original")
-    probed(ModelAdapter.load(twin), all_tasks, edit="random-init twin")
+    untrained, _ = probed(ModelAdapter.load(twin), all_tasks, edit="random-init twin")
+    versus = ["| probe | trained | random-init twin |", "|---|---|---|"]
+    for t in all_tasks:
+        for metric in ("accuracy", "per", "r2"):
+            if metric in original[t]:
+                versus.append(f"| {t} {metric} | {original[t][metric]:.3f} | {untrained[t][metric]:.3f} |")
 
     def cell(own: dict, fixed: dict, task: str) -> str:
         return f"{own[task]['accuracy']:.3f} / {fixed[task]['accuracy']:.3f}"
@@ -203,11 +215,13 @@ def run(out: Path, work: Path, seeds: int, keep: list[float], sizes, frames: int
 
     sections = {
         "Property neurons per layer (sigma 0.8)": counts_table(selections, layers),
+        "Probes of the trained model and its random-init twin": "\n".join(versus),
         "Ablation: gender neurons vs random neurons (own probes / the original's probes)": "\n".join(ablation),
         "Ablation: each phone type's neurons, phone accuracy per type (own / original's probes)": "\n".join(table),
         "Pruning without retraining (log-f0: R², others: accuracy; own / original's probes)": "\n".join(pruning),
     }
-    text = "\n\n".join(f"### {title}\n\n{body}" for title, body in sections.items())
+    reads = "a learnt weighted sum of all layers" if layer is None else f"layer {layer}"
+    text = f"Probes read {reads}.\n\n" + "\n\n".join(f"### {t}\n\n{body}" for t, body in sections.items())
     print(text)
     (out / "claims.md").write_text(text + "\n")
     save_results(results, out / "probes.json")

@@ -180,7 +180,8 @@ def _original(results: list[dict]) -> dict:
 
 
 def _ablation(results: list[dict]) -> Figure | None:
-    """Bars: each task's metric for the original model and each set of removed neurons."""
+    """Bars: each task's metric (and the phone probe's accuracy per phone type) for the original model and
+    each set of removed neurons."""
     ablated = [r for r in results if r.get("tag", {}).get("edit") == "ablated"]
     if not ablated:
         return None
@@ -188,28 +189,43 @@ def _ablation(results: list[dict]) -> Figure | None:
     groups: dict[str, list[dict]] = {}
     for r in ablated:
         groups.setdefault(str(r["tag"].get("neurons", "?")) + _kind(r), []).append(r["tasks"])
-    tasks = [t for t in dict.fromkeys(t for r in ablated for t in r["tasks"])]
+    panels = []  # (title, y label, value of a result's tasks or None)
+    for task in dict.fromkeys(t for r in ablated for t in r["tasks"]):
+        panels.append((task, _metric_name(task), lambda t, task=task: _metric(t[task]) if task in t else None))
+        types = dict.fromkeys(n for r in ablated for n in r["tasks"].get(task, {}).get("accuracy_by_type", {}))
+        for name in types:
+            panels.append(
+                (
+                    f"{task}: {name}",
+                    "accuracy",
+                    lambda t, task=task, name=name: t.get(task, {}).get("accuracy_by_type", {}).get(name),
+                )
+            )
 
     def draw(fig):
-        for i, task in enumerate(tasks):
-            ax = fig.add_subplot(1, len(tasks), i + 1)
+        for i, (title, ylabel, value) in enumerate(panels):
+            ax = fig.add_subplot(1, len(panels), i + 1)
             names, means, errors = [], [], []
-            if task in original:
-                names, means, errors = ["original"], [_metric(original[task])], [0.0]
+            if value(original) is not None:
+                names, means, errors = ["original"], [value(original)], [0.0]
             for name, runs in groups.items():
-                values = [_metric(t[task]) for t in runs if task in t]
+                values = [v for t in runs if (v := value(t)) is not None]
                 if values:
                     names.append(f"{name} (×{len(values)})" if len(values) > 1 else name)
                     means.append(float(np.mean(values)))
                     errors.append(float(np.std(values)))
-            ax.bar(range(len(names)), means, yerr=errors, color=["#888"] + ["#c44"] * (len(names) - 1), capsize=3)
-            ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
-            ax.set_title(task)
-            ax.set_ylabel(_metric_name(task))
+            colours = ["#888" if n == "original" else "#c44" for n in names]
+            ax.bar(range(len(names)), means, yerr=errors, color=colours, capsize=3)
+            ax.set_xticks(range(len(names)), names, rotation=70, ha="right", fontsize=6)
+            low = min(m - e for m, e in zip(means, errors))
+            high = max(m + e for m, e in zip(means, errors))
+            pad = max(0.02, 0.15 * (high - low))
+            ax.set_ylim(low - pad, high + pad)
+            ax.set_title(title, fontsize=9)
+            ax.set_ylabel(ylabel)
 
-    return _figure(
-        draw, "probe_ablation", "Probes after removing neurons (random sets: mean ± s.d.)", (3 * len(tasks) + 2, 4)
-    )
+    size = (2.6 * len(panels) + 1, 4.6)
+    return _figure(draw, "probe_ablation", "Probes after removing neurons (random sets: mean ± s.d.)", size)
 
 
 def _pruning(results: list[dict]) -> Figure | None:
