@@ -16,7 +16,6 @@ import json
 import os
 import sys
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -42,24 +41,7 @@ def main() -> None:
         print(f"random-init twin: {save_random_twin(args.twin, settings)}")
         return
     if args.smoke:
-        config = dict(
-            settings.config,
-            hidden_size=32,
-            intermediate_size=64,
-            num_attention_heads=2,
-            num_hidden_layers=2,
-            conv_dim=(16,) * 7,
-        )
-        settings = replace(
-            settings,
-            speakers=2,
-            utterances_per_speaker=3,
-            steps=6,
-            batch=2,
-            clusters=8,
-            checkpoint_every=3,
-            config=config,
-        )
+        settings = TrainSettings.small(checkpoint_every=3)
         with tempfile.TemporaryDirectory() as tmp:
             root = training_corpus(Path(tmp) / "corpus", settings, progress=False)
             summary = train(root, Path(tmp) / "run", settings)

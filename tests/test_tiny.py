@@ -1,7 +1,6 @@
 """The demo model: the shipped checkpoint loads offline everywhere; its training is deterministic and learns."""
 
 import json
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -24,21 +23,9 @@ from neurostat.tiny.train import (
     training_corpus,
 )
 
-SMALL = dict(
-    TrainSettings().config,
-    hidden_size=32,
-    intermediate_size=48,
-    num_attention_heads=2,
-    num_hidden_layers=2,
-    conv_dim=(16,) * 7,
-    num_conv_pos_embeddings=16,
-    num_conv_pos_embedding_groups=2,
-)
-
 
 def small_settings(**kw) -> TrainSettings:
-    base = dict(speakers=2, utterances_per_speaker=3, clusters=8, batch=2, crop_seconds=2.0, lr=2e-3, warmup=0.1)
-    return replace(TrainSettings(), config=SMALL, **{**base, **kw})
+    return TrainSettings.small(**{"lr": 2e-3, "warmup": 0.1, **kw})
 
 
 def test_shipped_model_loads_offline_as_a_real_checkpoint():

@@ -13,7 +13,3 @@ from pathlib import Path
 def shipped_model_dir() -> Path:
     """The folder of the shipped demo model (HF checkpoint: config, fp16 weights, model card)."""
     return Path(str(resources.files("neurostat.tiny").joinpath("model")))
-
-
-def has_shipped_model() -> bool:
-    return (shipped_model_dir() / "model.safetensors").is_file()

@@ -26,7 +26,7 @@ from torch import nn
 from ..cluster.kmeans import assign, kmeans
 from ..corpus.synth import TRAINING_VARIANTS, synthesize
 from ..frames import FrameGeometry
-from ..model.factory import feature_extractor
+from ..model import factory
 from .mfcc import mfcc
 
 SAMPLE_RATE = 16000
@@ -70,6 +70,12 @@ class TrainSettings:
     checkpoint_every: int = 200
     config: dict = field(default_factory=lambda: dict(MODEL_CONFIG))
 
+    @classmethod
+    def small(cls, **overrides) -> "TrainSettings":
+        """A run of seconds: the factory's tiny model on 2 speakers x 3 utterances (tests, smoke runs)."""
+        base = dict(speakers=2, utterances_per_speaker=3, clusters=8, batch=2, crop_seconds=2.0, steps=6)
+        return cls(**{**base, "config": dict(MODEL_CONFIG, **factory.TINY), **overrides})
+
 
 def training_corpus(out: str | Path, settings: TrainSettings, progress: bool = True) -> Path:
     """Synthesises (once) the training corpus: only ``TRAINING_VARIANTS`` voices, so the default demo
@@ -92,18 +98,12 @@ def training_corpus(out: str | Path, settings: TrainSettings, progress: bool = T
 
 def build_model(settings: TrainSettings):
     """The untrained model: the same weights for the same seed (this is also the random-init twin)."""
-    from transformers import HubertConfig, HubertModel
-
-    torch.manual_seed(settings.seed)
-    return HubertModel(HubertConfig(**settings.config))
+    return factory.build_model("hubert", "base", settings.seed, **settings.config)
 
 
 def save_random_twin(out: str | Path, settings: TrainSettings) -> Path:
     """Saves the trained model's random-init twin (same config, same seed, no training)."""
-    out = Path(out)
-    build_model(settings).save_pretrained(out)
-    feature_extractor(SAMPLE_RATE).save_pretrained(out)
-    return out
+    return factory.save_model(out, "hubert", "base", settings.seed, **settings.config)
 
 
 class Head(nn.Module):
@@ -135,7 +135,6 @@ class Utterances:
 
     waves: list[torch.Tensor]
     targets: list[torch.Tensor]
-    kmeans_inertia: float
 
 
 def load_utterances(root: Path, settings: TrainSettings, geometry: FrameGeometry, log: Callable) -> Utterances:
@@ -164,7 +163,7 @@ def load_utterances(root: Path, settings: TrainSettings, geometry: FrameGeometry
     targets = [assign((f - mean) / std, fit.centroids)[0] for f in feats]
     seconds = sum(len(w) for w in waves) / SAMPLE_RATE
     log(f"corpus: {len(waves)} utterances, {seconds / 3600:.2f} h, {len(stacked)} frames")
-    return Utterances(waves, targets, fit.inertia)
+    return Utterances(waves, targets)
 
 
 def batch_of(
@@ -261,7 +260,7 @@ def train(
             os.replace(checkpoint.with_suffix(".tmp"), checkpoint)
     model.eval()
     model.save_pretrained(out / "model")
-    feature_extractor(SAMPLE_RATE).save_pretrained(out / "model")
+    factory.feature_extractor(SAMPLE_RATE).save_pretrained(out / "model")
     final = history[-1] if history else {}
     summary = {
         "settings": asdict(settings),
