@@ -41,7 +41,7 @@ from neurostat.model.adapter import ModelAdapter, load_geometry  # noqa: E402
 from neurostat.model.edit import ablated  # noqa: E402
 from neurostat.model.pruning import PruneError, prune  # noqa: E402
 from neurostat.neuronset import NeuronSet  # noqa: E402
-from neurostat.probe import extract, run_probes, save_results  # noqa: E402
+from neurostat.probe import extract, headline, run_probes, save_results  # noqa: E402
 from neurostat.select import select_properties  # noqa: E402
 from neurostat.stats import open_stats  # noqa: E402
 from neurostat.tiny.train import TrainSettings, save_random_twin  # noqa: E402
@@ -207,10 +207,7 @@ def run(out: Path, work: Path, seeds: int, keep: list[float], view: str, sizes, 
                 continue
             pruned = ModelAdapter(net, model.feature_extractor, trained)
             own, fixed = probed(pruned, all_tasks, edit="pruned", method=method, keep=fraction)
-            cells = []
-            for t in all_tasks:
-                metric = "r2" if t == "log-f0" else "accuracy"
-                cells.append(f"{own[t][metric]:.3f} / {fixed[t][metric]:.3f}")
+            cells = [f"{own[t][headline(t)]:.3f} / {fixed[t][headline(t)]:.3f}" for t in all_tasks]
             pruning.append(f"| {fraction:.0%} | {method} | " + " | ".join(cells) + " |")
 
     sections = {

@@ -32,6 +32,7 @@ from .corpus.prepared import PreparedCorpus
 from .engine.features import layer_features
 from .errors import OptionError
 from .model.adapter import ModelAdapter, resolve_device
+from .model.pruning import load_adapter
 from .phones import BROAD_CLASSES, NON_SPEECH
 
 TASKS = ("phone", "phone-type", "gender", "pitch-bin", "log-f0")
@@ -225,6 +226,51 @@ def _classification(pred: torch.Tensor, y: torch.Tensor, train_y: torch.Tensor) 
     }
 
 
+def _task_examples(
+    task: str, data: ProbeData, labelled: list[np.ndarray], type_of: np.ndarray
+) -> tuple[ProbeData, list[np.ndarray], list[np.ndarray], tuple[str, ...] | None]:
+    """(the data to draw from, which rows of each utterance count, their targets, the class names; None
+    for a regression) of a task."""
+    if task == "phone":
+        return data, labelled, data.phones, data.phone_names
+    if task == "phone-type":
+        types = [type_of[np.where(p >= 0, p, len(data.phone_names))] for p in data.phones]
+        return data, [t >= 0 for t in types], types, PHONE_TYPES
+    if task == "gender":
+        names = tuple(sorted(set(data.genders)))
+        if len(names) < 2:
+            raise ProbeError(f"gender probe: {data.corpus} has one gender only ({names[0]!r})")
+        pooled = _with_features(data, [f.mean(0, keepdim=True) for f in data.features], data.layers)
+        keep = [np.ones(1, dtype=bool) for _ in data.features]
+        return pooled, keep, [np.array([names.index(g)]) for g in data.genders], names
+    if task == "pitch-bin":
+        names = tuple(n for n in data.pitch_bin_names if n != "unvoiced")
+        keep = [b < len(names) for b in data.pitch_bins]  # the unvoiced bin is the last
+    else:
+        names = None
+        keep = [np.isfinite(f) & (f > 0) for f in data.f0]
+    if not any(k.any() for k in keep):
+        raise ProbeError(f"{task} probe: {data.corpus} has no voiced frame")
+    if names is not None:
+        return data, keep, data.pitch_bins, names
+    return data, keep, [np.log(np.where(k, f, 1.0)) for f, k in zip(data.f0, keep)], None
+
+
+def _regression(pred: torch.Tensor, y: torch.Tensor, train_y: torch.Tensor) -> dict:
+    residual = ((pred - y) ** 2).sum()
+    return {
+        "r2": float(1 - residual / ((y - y.mean()) ** 2).sum()),
+        "rmse_semitones": float(12 / np.log(2) * torch.sqrt(residual / len(y))),
+        "train_examples": len(train_y),
+        "test_examples": len(y),
+    }
+
+
+def headline(task: str) -> str:
+    """The metric that sums a task up (reports and tables plot it): R² for log-f0, else accuracy."""
+    return "r2" if task == "log-f0" else "accuracy"
+
+
 def edit_distance(a: list[int], b: list[int]) -> int:
     """Levenshtein distance between two label sequences."""
     row = list(range(len(b) + 1))
@@ -302,74 +348,25 @@ def run_probes(
     labelled = [p >= 0 for p in data.phones]
     if not any(m.any() for m in labelled) and ("phone" in tasks or "phone-type" in tasks):
         raise ProbeError(f"{data.corpus}: no frame has a phone label (prepared without alignments?)")
-    voiced = [np.isfinite(f) & (f > 0) for f in data.f0]
     for task in tasks:
+        source, keep, target, names = _task_examples(task, data, labelled, type_of)
+        dtype = np.float32 if names is None else np.int64
+        train = _subsample(_frames(source, keep, target, train_spk, dtype), max_train_frames, seed)
+        if names is not None and task != "phone":  # a phone missing from training only counts as errors
+            _classes_present(task, train.y, names, n_train, data.corpus)
+        test = _frames(source, keep, target, test_spk, dtype)
+        probe = fit(task, train, None if names is None else len(names))
+        pred = probe.predict(test.x)
+        r = _regression(pred, test.y, train.y) if names is None else _classification(pred, test.y, train.y)
         if task == "phone":
-            train = _subsample(_frames(data, labelled, data.phones, train_spk, np.int64), max_train_frames, seed)
-            test = _frames(data, labelled, data.phones, test_spk, np.int64)
-            classes = len(data.phone_names)
-            probe = fit(task, train, classes)
-            pred = probe.predict(test.x)
-            r = _classification(pred, test.y, train.y)
             types = type_of[test.y.numpy()]
             r["accuracy_by_type"] = {
                 name: float((pred == test.y)[torch.from_numpy(types == t)].float().mean())
                 for t, name in enumerate(PHONE_TYPES)
                 if (types == t).any()
             }
-            seen = set(train.y.unique().tolist())
-            r["unseen_test_frames"] = int(sum(int(v) not in seen for v in test.y.tolist()))
+            r["unseen_test_frames"] = int((~torch.isin(test.y, train.y.unique())).sum())
             r["per"] = phone_error_rate(pred.numpy(), test.y.numpy(), test.utterance, non_speech)
-        elif task == "phone-type":
-            types = [type_of[np.where(p >= 0, p, len(data.phone_names))] for p in data.phones]
-            speech = [t >= 0 for t in types]
-            train = _subsample(_frames(data, speech, types, train_spk, np.int64), max_train_frames, seed)
-            _classes_present(task, train.y, PHONE_TYPES, n_train, data.corpus)
-            test = _frames(data, speech, types, test_spk, np.int64)
-            probe = fit(task, train, len(PHONE_TYPES))
-            pred = probe.predict(test.x)
-            r = _classification(pred, test.y, train.y)
-        elif task == "gender":
-            names = tuple(sorted(set(data.genders)))
-            pooled = [f.mean(0, keepdim=True) for f in data.features]
-            ones = [np.ones(1, dtype=bool) for _ in pooled]
-            target = [np.array([names.index(g)]) for g in data.genders]
-            pooled_data = _with_features(data, pooled, data.layers)
-            train = _frames(pooled_data, ones, target, train_spk, np.int64)
-            if len(names) < 2:
-                raise ProbeError(f"gender probe: {data.corpus} has one gender only ({names[0]!r})")
-            _classes_present(task, train.y, names, n_train, data.corpus)
-            test = _frames(pooled_data, ones, target, test_spk, np.int64)
-            probe = fit(task, train, len(names))
-            pred = probe.predict(test.x)
-            r = _classification(pred, test.y, train.y)
-        elif task == "pitch-bin":
-            names = tuple(n for n in data.pitch_bin_names if n != "unvoiced")
-            binned = [b < len(names) for b in data.pitch_bins]  # the unvoiced bin is the last
-            if not any(v.any() for v in binned):
-                raise ProbeError(f"pitch-bin probe: {data.corpus} has no voiced frame")
-            train = _subsample(_frames(data, binned, data.pitch_bins, train_spk, np.int64), max_train_frames, seed)
-            _classes_present(task, train.y, names, n_train, data.corpus)
-            test = _frames(data, binned, data.pitch_bins, test_spk, np.int64)
-            probe = fit(task, train, len(names))
-            pred = probe.predict(test.x)
-            r = _classification(pred, test.y, train.y)
-        else:
-            if not any(v.any() for v in voiced):
-                raise ProbeError(f"log-f0 probe: {data.corpus} has no voiced frame")
-            log_f0 = [np.log(np.where(v, f, 1.0)) for f, v in zip(data.f0, voiced)]
-            train = _subsample(_frames(data, voiced, log_f0, train_spk, np.float32), max_train_frames, seed)
-            test = _frames(data, voiced, log_f0, test_spk, np.float32)
-            probe = fit(task, train, None)
-            pred = probe.predict(test.x)
-            residual = ((pred - test.y) ** 2).sum()
-            total = ((test.y - test.y.mean()) ** 2).sum()
-            r = {
-                "r2": float(1 - residual / total),
-                "rmse_semitones": float(12 / np.log(2) * torch.sqrt(residual / len(test.y))),
-                "train_examples": len(train.y),
-                "test_examples": len(test.y),
-            }
         r["layer_weights"] = probe.layer_weights()
         r["probe"] = "fitted on another model" if reuse else "fitted"
         results[task] = r
@@ -388,19 +385,6 @@ def _with_features(data: ProbeData, features: list[torch.Tensor], layers: list[i
     return ProbeData(**{**data.__dict__, "features": features, "layers": layers})
 
 
-def load_model(source: str, device: str = "cpu") -> ModelAdapter:
-    """A checkpoint folder or hub id, or a pruned checkpoint written by ``neurostat prune``."""
-    from .model.pruning import load_pruned
-
-    if (Path(source) / "neurostat.json").is_file():
-        from transformers import AutoFeatureExtractor
-
-        return ModelAdapter(
-            load_pruned(source, resolve_device(device)), AutoFeatureExtractor.from_pretrained(source), source
-        )
-    return ModelAdapter.load(source, resolve_device(device))
-
-
 def probe_model(
     model: str | ModelAdapter,
     corpus: str | Path | PreparedCorpus,
@@ -417,7 +401,7 @@ def probe_model(
     """Extracts a model's features on a prepared corpus and runs the probes; the result names the model
     and carries ``tag`` (e.g. ``{"edit": "pruned", "method": "l1", "keep": 0.5}``); ``fitted``: see
     :func:`run_probes`."""
-    adapter = model if isinstance(model, ModelAdapter) else load_model(model, device)
+    adapter = model if isinstance(model, ModelAdapter) else load_adapter(model, resolve_device(device))
     corpus = corpus if isinstance(corpus, PreparedCorpus) else PreparedCorpus(corpus)
     data = extract(adapter, corpus, None if layer is None else [layer], progress=progress)
     result = run_probes(data, tasks, layer, seed, test_fraction, max_train_frames, fitted)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .neuronset import NeuronSet, NeuronSetError
-from .probe import load_results
+from .probe import headline, load_results
 from .select import PROPERTIES, GroupSpec, SelectionError, select_properties, venn
 from .stats import Stats, open_stats
 
@@ -162,12 +162,13 @@ def _histograms(stats: Stats) -> Figure:
     )
 
 
-def _metric(task: dict) -> float | None:
-    return task.get("accuracy", task.get("r2"))
+def _value(tasks: dict, task: str) -> float | None:
+    """A probe result's headline metric of ``task`` (None when the task was not probed)."""
+    return tasks[task][headline(task)] if task in tasks else None
 
 
 def _metric_name(task: str) -> str:
-    return "R²" if task == "log-f0" else "accuracy"
+    return {"r2": "R²"}.get(headline(task), headline(task))
 
 
 def _kind(result: dict) -> str:
@@ -191,7 +192,7 @@ def _ablation(results: list[dict]) -> Figure | None:
         groups.setdefault(str(r["tag"].get("neurons", "?")) + _kind(r), []).append(r["tasks"])
     panels = []  # (title, y label, value of a result's tasks or None)
     for task in dict.fromkeys(t for r in ablated for t in r["tasks"]):
-        panels.append((task, _metric_name(task), lambda t, task=task: _metric(t[task]) if task in t else None))
+        panels.append((task, _metric_name(task), lambda t, task=task: _value(t, task)))
         types = dict.fromkeys(n for r in ablated for n in r["tasks"].get(task, {}).get("accuracy_by_type", {}))
         for name in types:
             panels.append(
@@ -242,14 +243,14 @@ def _pruning(results: list[dict]) -> Figure | None:
             ax = fig.add_subplot(1, len(tasks), i + 1)
             for method in methods:
                 points = sorted(
-                    (float(r["tag"]["keep"]), _metric(r["tasks"][task]))
+                    (float(r["tag"]["keep"]), _value(r["tasks"], task))
                     for r in pruned
                     if str(r["tag"].get("method", "?")) + _kind(r) == method and task in r["tasks"]
                 )
                 if points:
                     ax.plot(*zip(*points), marker="o", label=method)
             if task in original:
-                ax.axhline(_metric(original[task]), color="k", linestyle="--", linewidth=0.8, label="original")
+                ax.axhline(_value(original, task), color="k", linestyle="--", linewidth=0.8, label="original")
             ax.set_title(task)
             ax.set_xlabel("kept fraction")
             ax.set_ylabel(_metric_name(task))
@@ -269,7 +270,7 @@ def _probe_table(results: list[dict]) -> str:
         tag = ", ".join(f"{k}={v}" for k, v in r.get("tag", {}).items()) or esc(str(r["model"]))
         cells = "".join(
             f'<td data-probe="{i}" data-task="{esc(t)}">'
-            + (f"{_metric(r['tasks'][t]):.3f}" if t in r["tasks"] else "")
+            + (f"{_value(r['tasks'], t):.3f}" if t in r["tasks"] else "")
             + "</td>"
             for t in tasks
         )

@@ -7,7 +7,16 @@ import neurostat
 from neurostat.cli import main
 from neurostat.model.edit import ablated, zero_neurons
 from neurostat.model.factory import model_config, save_model
-from neurostat.model.pruning import PruneError, count_parameters, load_pruned, neuron_scores, plan, prune, save_pruned
+from neurostat.model.pruning import (
+    PruneError,
+    count_parameters,
+    load_adapter,
+    load_pruned,
+    neuron_scores,
+    plan,
+    prune,
+    save_pruned,
+)
 from neurostat.neuronset import NeuronSet, NeuronSetError
 
 LAYERS, WIDTH, HIDDEN = 3, 37, 32
@@ -126,6 +135,12 @@ def test_cli_ablate_and_prune(tmp_path):
     pruned = load_pruned(tmp_path / "pr")
     assert (tmp_path / "pr" / "preprocessor_config.json").is_file()
     assert [f.width for f in neurostat.model.edit.model_ffns(pruned)] == [9, 9, 9]
+    adapters = {d: load_adapter(str(tmp_path / d)) for d in ("pr", "ab")}  # pruned, and a plain HF folder
+    assert adapters["pr"].width == 9 and adapters["ab"].width == WIDTH
+    x = wave()
+    hidden, _ = adapters["pr"].encode([x[0]])
+    with torch.no_grad():
+        assert torch.allclose(hidden[0], pruned(x).last_hidden_state[0], atol=1e-5)
     res = runner.invoke(
         main, ["prune", "--model", str(model_dir), "--protect", str(sel), "--keep", "1", "--out", str(tmp_path / "x")]
     )

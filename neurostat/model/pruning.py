@@ -22,7 +22,7 @@ from torch import nn
 from .. import __version__
 from ..files import new_folder
 from ..neuronset import NeuronSet
-from .adapter import load_full_model, model_ffns, save_feature_extractor
+from .adapter import ModelAdapter, load_full_model, model_ffns, save_feature_extractor
 
 CRITERIA = ("l1", "l2")
 FORMAT = 1
@@ -221,6 +221,16 @@ def load_pruned(path: str | Path, device: str | torch.device = "cpu") -> nn.Modu
         _slice(ffn, list(range(meta["widths"][str(layer)])))
     model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
     return model.eval().to(device)
+
+
+def load_adapter(source: str, device: str | torch.device = "cpu") -> ModelAdapter:
+    """Any checkpoint neurostat reads, ready for batched forwards: a pruned one (:func:`save_pruned`'s
+    folder) or what :meth:`ModelAdapter.load` takes (hub id, HF folder, ablated checkpoint)."""
+    if not (Path(source) / "neurostat.json").is_file():
+        return ModelAdapter.load(source, device)
+    from transformers import AutoFeatureExtractor
+
+    return ModelAdapter(load_pruned(source, device), AutoFeatureExtractor.from_pretrained(source), source)
 
 
 def prune_checkpoint(
