@@ -7,7 +7,7 @@ its most selective neurons; and per layer, the histogram of each neuron's activa
 all tokens.  The page embeds them and the numbers behind them (the selector's counts per layer, the
 overlap regions), so it can be mailed or opened from disk.
 
-With probe results (``neurostat probe --out`` or ``bench/claims.py``, whose entries carry tags), the
+With probe results (``neurostat probe --out`` or ``bench/claims_bench.py``, whose entries carry tags), the
 report adds the paper's evidence: ablation bars (each probe's metric for the original model and each
 set of removed neurons, random sets as mean ± s.d. over seeds) and pruning curves (metric against the
 kept fraction, one line per pruning method, the original as a dashed line).

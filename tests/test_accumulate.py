@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from reference import phone_mid, stats_reference, topk_reference
+from float64_reference import phone_mid, stats_reference, topk_reference
 
 from neurostat.engine.accumulate import Accumulator
 from neurostat.engine.batching import TokenBatch

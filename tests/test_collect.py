@@ -13,7 +13,7 @@ import soundfile as sf
 import torch
 import xarray as xr
 from click.testing import CliRunner
-from reference import phone_mid, stats_reference
+from float64_reference import phone_mid, stats_reference
 from transformers import AutoFeatureExtractor, AutoModel
 
 from neurostat.cli import main

@@ -9,7 +9,7 @@ import soundfile as sf
 import torch
 import xarray as xr
 from click.testing import CliRunner
-from reference import stats_reference
+from float64_reference import stats_reference
 from storefactory import joint, make_store
 from transformers import AutoFeatureExtractor, AutoModel
 

@@ -6,7 +6,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from reference import phone_mid
+from float64_reference import phone_mid
 
 from neurostat.cli import main
 from neurostat.corpus.pitch import assign_bins, percentile_edges

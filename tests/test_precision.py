@@ -7,7 +7,7 @@ import pytest
 import soundfile as sf
 import torch
 import xarray as xr
-from reference import stats_reference, topk_reference
+from float64_reference import stats_reference, topk_reference
 from transformers import AutoFeatureExtractor, AutoModel
 
 from neurostat.engine.accumulate import Accumulator

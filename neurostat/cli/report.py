@@ -29,7 +29,7 @@ def neuron_options(command):
     "--probe",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
-    help="Probe results JSON (`neurostat probe --out`, bench/claims.py): adds ablation bars and pruning curves.",
+    help="Probe results JSON (`neurostat probe --out`, bench/claims_bench.py): adds ablation bars and pruning curves.",
 )
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for the report.")
 @user_errors

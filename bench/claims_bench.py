@@ -1,8 +1,8 @@
 """The paper's two claims, measured offline on the shipped demo model (neurostat.tiny).
 
-    python bench/claims.py                   # ~18 min on 2 cores; writes bench/claims/weighted/ (JSON + tables)
-    python bench/claims.py --layer last      # probes read the top layer: bench/claims/layer-4/
-    python bench/claims.py --smoke           # a tiny run of every step (CI)
+    python bench/claims_bench.py                   # ~18 min on 2 cores; writes bench/claims/weighted/ (JSON + tables)
+    python bench/claims_bench.py --layer last      # probes read the top layer: bench/claims/layer-4/
+    python bench/claims_bench.py --smoke           # a tiny run of every step (CI)
 
 1. Property neurons (phone-type, gender, pitch; the paper's rule, sigma 0.8) per layer, in the trained
    model and in its random-init twin.
