@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -145,10 +146,7 @@ class StoreWriter:
         gen = previous["generation"] + 1 if previous else 0
         state_name, done_name = f"state-{gen}.npz", f"done-{gen}.json"
         try:
-            with open(self.internal / state_name, "wb") as f:
-                np.savez(f, **state)
-                f.flush()
-                os.fsync(f.fileno())
+            _write_npz(self.internal / state_name, state)
             atomic_write(self.internal / done_name, json.dumps(done))
             atomic_write(
                 pointer, json.dumps({"generation": gen, "state": state_name, "done": done_name, "progress": progress})
@@ -230,6 +228,18 @@ class StoreWriter:
 
 
 _OWN_DIM = ("layer", "utterance")
+
+
+def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """``np.savez`` that closes its zip on every path and syncs the file: on a full disk some numpy
+    releases leave the zip open, and its later clean-up prints a traceback over the run's message."""
+    with open(path, "wb") as f:
+        with zipfile.ZipFile(f, "w", allowZip64=True) as z:
+            for name, values in arrays.items():
+                with z.open(f"{name}.npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asanyarray(values), allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _manifest(path: Path, arrays: list[str]) -> dict[str, list]:
