@@ -5,7 +5,9 @@ label (phone × gender × pitch bin), how often it is activated and its moments;
 pruner work from the resulting Zarr store.
 """
 
-__version__ = "0.1.0"
+from .version import __version__
+
+__all__ = ["__version__"]
 
 
 _LAZY = {

@@ -35,9 +35,9 @@ def run_python(code: str, cwd: Path, path: list[Path] = ()) -> str:
 def where(module: str, cwd: Path, path: list[Path] = ()) -> list[str]:
     """The files or folders that ``import module`` would load, seen from ``cwd``."""
     code = (
-        "import importlib.util, json; s = importlib.util.find_spec(%r); "
+        f"import importlib.util, json; s = importlib.util.find_spec({module!r}); "
         "print(json.dumps(None if s is None else [s.origin] if s.origin else list(s.submodule_search_locations)))"
-    ) % module
+    )
     return json.loads(run_python(code, cwd, path)) or []
 
 

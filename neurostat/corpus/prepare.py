@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .. import __version__
+from ..version import __version__
 from ..errors import UserError
 from ..frames import FRAME_LABELS, FrameGeometry
 from ..phones import PHONES, PhoneMap, UnknownPhoneError

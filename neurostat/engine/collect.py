@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .. import __version__
+from ..version import __version__
 from ..corpus.prepare import PrepareSettings, default_prepared_dir, describe_prepared, prepare
 from ..corpus.prepared import PreparedCorpus
 from ..errors import OptionError

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import __version__
+from ..version import __version__
 from ..files import new_folder
 from ..neuronset import NeuronSet
 from .adapter import ModelAdapter, load_full_model, model_ffns, save_feature_extractor
