@@ -70,21 +70,21 @@ def main() -> None:
                 sync(args.device)
                 start = time.perf_counter()
                 cfg = CollectConfig(**{**config.__dict__, "stats": stats})
-                attrs = collect(corpus, adapter, work / f"{name}{r}.zarr", cfg, progress=False)
+                meta = collect(corpus, adapter, work / f"{name}{r}.zarr", cfg, progress=False)
                 sync(args.device)
-                runs[name].append(attrs["progress"]["loop_seconds"])
+                runs[name].append(meta.progress.loop_seconds)
                 if name == "all":
                     runs["all_total"].append(time.perf_counter() - start)
         a, b, b_topk = min(runs["plain"]), min(runs["all"]), min(runs["topk"])
         fixed = min(t - loop for t, loop in zip(runs["all_total"], runs["all"]))
-        tokens = attrs["progress"]["tokens"]
+        tokens = meta.progress.tokens
         rows = [
             ("(a) plain forward", a),
             ("(b) collect, all statistics (streaming loop)", b),
             ("(b') collect, topk only (streaming loop)", b_topk),
         ]
         if not args.no_paper:
-            k = attrs["statistics"]["k"]
+            k = meta.k
             c, c_forward = paper_loop(corpus, adapter, args.tokens, k)
             rows.append(("(c) paper's per-token loop (topk only, batch 1)", c))
         lines = [

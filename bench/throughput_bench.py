@@ -100,23 +100,22 @@ def main() -> None:
             checkpoint_seconds=1e9,
         )
         collected = [
-            collect(corpus, adapter, work / f"all{r}.zarr", CollectConfig(**vars(config)), progress=False)
-            for r in range(args.repeat)
+            collect(corpus, adapter, work / f"all{r}.zarr", config, progress=False) for r in range(args.repeat)
         ]
-        attrs = min(collected, key=lambda a: a["progress"]["loop_seconds"])
-        p = attrs["progress"]
+        meta = min(collected, key=lambda m: m.progress.loop_seconds)
+        p = meta.progress
         iv = f"(iv) collect, all statistics, {front_end} front end (streaming loop, loading included)"
-        times[iv] = p["loop_seconds"]
+        times[iv] = p.loop_seconds
         if not args.no_paper:
             times["(v) paper's per-token loop (top-k only, batch 1)"] = paper_loop(
-                corpus, adapter, args.tokens, attrs["statistics"]["k"]
+                corpus, adapter, args.tokens, meta.k
             )[0]
         load = loader_alone(corpus, adapter.feature_extractor, batch_seconds, args.tokens, args.num_jobs)
         plain = times["(iii) engine forward, batched front end"]
         own = times[next(name for name in runs if name.endswith(f"{front_end} front end"))]
         collect_time = times[iv]
         lines = [
-            f"### throughput_bench: tokens {args.tokens}, {args.dtype}, {args.device}, backend {attrs['statistics']['backend']}",
+            f"### throughput_bench: tokens {args.tokens}, {args.dtype}, {args.device}, backend {meta.statistics['backend']}",
             "",
             f"- machine: {machine(args.device)}",
             f"- model: random HuBERT-{'tiny' if args.smoke else 'base'} geometry, {adapter.num_layers} layers x "
@@ -138,7 +137,7 @@ def main() -> None:
             f"- (iii)/(i) = {plain / times['(i) forward by hand (HF padding + attention mask)']:.3f}; "
             f"(ii)/(i) = {times['(ii) engine forward, per-utterance front end'] / times['(i) forward by hand (HF padding + attention mask)']:.3f}; "
             f"(iv) / its plain forward ({front_end}) = {collect_time / own:.3f}; data wait in (iv): "
-            f"{100 * p['data_wait_seconds'] / p['loop_seconds']:.0f}% of its loop; loader per worker: "
+            f"{100 * p.data_wait_seconds / p.loop_seconds:.0f}% of its loop; loader per worker: "
             f"{audio / load / max(args.num_jobs, 1):,.1f} audio-s/s",
         ]
         for corpus_name, hours in HOURS.items():

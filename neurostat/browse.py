@@ -177,7 +177,7 @@ def _index_page(stats: Stats, rows) -> str:
         f'<td><a href="neurons/L{layer}-{j}.html">open</a></td></tr>'
         for layer, j, member, value in rows
     )
-    m = stats.attrs["model"]
+    m = stats.meta.model
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>neurostat neuron browser</title><style>{_STYLE}</style></head>
 <body><h1>Neuron browser</h1>

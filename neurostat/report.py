@@ -62,7 +62,7 @@ def property_sets(stats: Stats, neuron_files: list[Path], sigma: float) -> dict[
     """The neuron sets to show: each file (named by its stem), checked against the store's model; without
     files, the paper's properties the store has labels for, selected with σ."""
     if neuron_files:
-        layers, width = int(stats.attrs["model"]["num_layers"]), stats.width
+        layers, width = int(stats.meta.model["num_layers"]), stats.width
         sets = {}
         for path in neuron_files:
             try:
@@ -290,8 +290,7 @@ def build_report(
     stats = open_stats(store)
     if "topk_count" not in stats.ds:
         raise ReportError(
-            f"{store} has no topk statistic (collected: {', '.join(stats.attrs['statistics']['stats'])}); "
-            "collect it with --stat topk"
+            f"{store} has no topk statistic (collected: {', '.join(stats.meta.stats)}); collect it with --stat topk"
         )
     sets = property_sets(stats, list(neuron_files or []), sigma)
     if not sets:
@@ -317,7 +316,7 @@ def build_report(
 
 
 def _page(stats: Stats, counts, regions, figures, sigma: float, from_files: bool, probes: str = "") -> str:
-    m = stats.attrs["model"]
+    m = stats.meta.model
     esc = html.escape
     source = "neuron files" if from_files else f"the paper's rule, σ = {sigma}, statistic topk"
     head = "".join(f"<th>{n}</th>" for n in stats.layers)
@@ -336,14 +335,14 @@ def _page(stats: Stats, counts, regions, figures, sigma: float, from_files: bool
         f"<figcaption>{esc(f.title)}</figcaption></figure>"
         for f in figures
     )
-    p = stats.attrs.get("progress", {})
+    p = stats.meta.progress
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>neurostat report: {esc(str(stats.path))}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}img{{max-width:100%}}</style></head>
 <body><h1>neurostat report</h1>
 <p>Store <code>{esc(str(stats.path))}</code>: {esc(m["model"])} ({m["num_layers"]} layers × {m["width"]} neurons),
-{p.get("utterances_done", "?")} utterances, {p.get("tokens", 0):,} tokens ({esc(stats.attrs["statistics"]["tokens"])}),
+{p.utterances_done} utterances, {p.tokens:,} tokens ({esc(stats.meta.statistics["tokens"])}),
 k = {stats.k} (chance {stats.chance:.4f}). Property neurons from {esc(source)}.</p>
 <h2>Property neurons per layer</h2>
 <table id="counts"><tr><th>property</th>{head}<th>total</th></tr>{rows}</table>

@@ -19,7 +19,7 @@ import xarray as xr
 from .frames import FrameGeometry
 from .labelspace import LabelSpace
 from .moments import pool
-from .store import StoreError, checkpoint_progress, read_attrs, verify_store
+from .store import StoreError, StoreMeta, checkpoint_progress, verify_store
 
 _STAT_VARS = {"topk": "topk_count", "positive": "positive_count"}
 
@@ -29,17 +29,17 @@ class Stats:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.attrs = read_attrs(self.path)
-        if not self.attrs.get("complete"):
-            done = self.attrs.get("progress", {}).get("utterances_done", "?")
+        self.meta = StoreMeta.read(self.path)
+        if not self.meta.complete:
+            done = self.meta.progress.utterances_done if self.meta.progress else "?"
             raise StoreError(
                 f"{self.path} is not complete (a collection is running or was interrupted, {done} "
                 f"utterances checkpointed); finish it with `neurostat collect ... --resume`"
             )
         verify_store(self.path)
         self.ds = xr.open_zarr(self.path, consolidated=False)
-        self.label_space = LabelSpace.from_dict(self.attrs["labels"])
-        self.k = int(self.attrs["statistics"]["k"])
+        self.label_space = LabelSpace.from_dict(self.meta.labels)
+        self.k = self.meta.k
         self.width = int(self.ds.sizes["neuron"])
         self.layers = [int(v) for v in self.ds["layer"].values]
 
@@ -76,7 +76,7 @@ class Stats:
         """``frame`` or ``utterance``: whether ``part`` labels frames or whole utterances."""
         if part == "gender":
             return "utterance"
-        return self.attrs.get("label_sets", {}).get(part, {}).get("level", "frame")
+        return self.meta.label_sets.get(part, {}).get("level", "frame")
 
     def _parts(self, by: tuple[str, ...]) -> tuple[tuple[int, ...], list[int]]:
         """Axes of the label parts to sum away (in a [layer, *parts, neuron] array) and the order of ``by``."""
@@ -114,7 +114,7 @@ class Stats:
     def reduce(self, var: str, by: tuple[str, ...] = ("phone",)) -> xr.DataArray:
         """A per-(layer, label, neuron) variable reduced to the marginal labels ``by`` by its merge rule
         (``sum`` for counts, ``max`` for maxima; NaN where a marginal label has no tokens)."""
-        rule = self.attrs["statistics"].get("merge", {}).get(var, "sum")
+        rule = self.meta.statistics.get("merge", {}).get(var, "sum")
         reducers = {"sum": np.add.reduce, "max": np.fmax.reduce}
         if rule not in reducers:
             raise ValueError(f"{var!r} merges by {rule!r}: read it with moments()")
@@ -176,7 +176,7 @@ class Stats:
         i = self.layers.index(layer)
         values, utterances, frames, ids = self._top
         value, utterance, frame = values[i, :, neuron], utterances[i, :, neuron], frames[i, :, neuron]
-        geometry = FrameGeometry.from_dict(self.attrs["model"]["geometry"])
+        geometry = FrameGeometry.from_dict(self.meta.model["geometry"])
         return [
             {
                 "value": float(v),
@@ -196,44 +196,45 @@ def open_stats(path: str | Path) -> Stats:
 
 def describe_store(path: str | Path) -> str:
     """A readable summary of a store, complete or not (what `neurostat info` prints)."""
-    attrs = read_attrs(path)
-    m, s, p = attrs["model"], attrs["statistics"], attrs.get("progress", {})
-    labels = attrs["labels"]
+    meta = StoreMeta.read(path)
+    m, s, pitch_meta = meta.model, meta.statistics, meta.pitch
+    p = meta.progress
+    labels = meta.labels
     pitch = ""
     if "pitch_bin" in labels:
-        edges = ", ".join(f"{e:.2f}" for e in attrs["pitch"]["edges"])
+        edges = ", ".join(f"{e:.2f}" for e in pitch_meta["edges"])
         pitch = f" (pitch bins {', '.join(labels['pitch_bin'])}; edges {edges} Hz)"
+    quantiles = pitch_meta.get("quantiles")
     lines = [
-        f"store: {path} ({'complete' if attrs.get('complete') else 'INCOMPLETE'}; neurostat {attrs['neurostat_version']})",
+        f"store: {path} ({'complete' if meta.complete else 'INCOMPLETE'}; neurostat {meta.version})",
         f"model: {m['model']} ({m['model_type']}, revision {m['revision']}), {m['num_layers']} layers x {m['width']} FFN neurons",
-        f"layers collected: {', '.join(map(str, attrs['fingerprint']['layers']))}",
-        f"statistics: {', '.join(s['stats'])}; tokens {s['tokens']}; top-k k = {s['k']} (λ = {s['topk_ratio']}); backend {s['backend']}",
+        f"layers collected: {', '.join(map(str, meta.layers))}",
+        f"statistics: {', '.join(meta.stats)}; tokens {s['tokens']}; top-k k = {meta.k} (λ = {s['topk_ratio']}); backend {s['backend']}",
         "labels: " + " x ".join(f"{len(v)} {part}" for part, v in labels.items()) + " joint labels" + pitch,
-        f"corpus: {attrs['corpus']['root']} / {attrs['corpus']['subset']} (shard {attrs['corpus']['shard']})",
-        f"labelling: frames by {attrs.get('frame_labels', 'centre')}; pitch {attrs['pitch'].get('method')} "
-        f"(step {1000 * attrs['pitch'].get('step_seconds', 0):g} ms), bins by rule {attrs['pitch'].get('rule')}"
-        f"{' at percentiles ' + ', '.join(f'{100 * q:g}' for q in attrs['pitch']['quantiles']) if attrs['pitch'].get('quantiles') else ''}; "
+        f"corpus: {meta.corpus['root']} / {meta.corpus['subset']} (shard {meta.corpus['shard']})",
+        f"labelling: frames by {meta.frame_labels or 'centre'}; pitch {pitch_meta.get('method')} "
+        f"(step {1000 * pitch_meta.get('step_seconds', 0):g} ms), bins by rule {pitch_meta.get('rule')}"
+        f"{' at percentiles ' + ', '.join(f'{100 * q:g}' for q in quantiles) if quantiles else ''}; "
         f"final run of each utterance {'dropped' if s.get('drop_final_run') else 'kept'}",
     ]
-    for name, entry in attrs.get("label_sets", {}).items():
+    for name, entry in meta.label_sets.items():
         lines.append(f"label set {name}: {entry['level']} level, from {entry['source']}")
-    if attrs.get("complete"):
+    if meta.complete:
         lines.append(
-            f"counted: {p['utterances_done'] - sum(p.get('skips', {}).values())} utterances, "
-            f"{p['audio_seconds'] / 3600:.3f} h, {p['frames']:,} frames, "
-            f"{p['tokens']:,} tokens in {p['elapsed_seconds']:.1f} s"
+            f"counted: {p.counted} utterances, {p.audio_seconds / 3600:.3f} h, {p.frames:,} frames, "
+            f"{p.tokens:,} tokens in {p.elapsed_seconds:.1f} s"
         )
     else:
         q = checkpoint_progress(path)
         lines.append(
             "no checkpoint yet"
             if q is None
-            else f"checkpointed: {q['utterances_done']} of {attrs['corpus']['utterances']} utterances, "
-            f"{q['tokens']:,} tokens; continue with `neurostat collect ... --resume`"
+            else f"checkpointed: {q.utterances_done} of {meta.corpus['utterances']} utterances, "
+            f"{q.tokens:,} tokens; continue with `neurostat collect ... --resume`"
         )
-    if p.get("skips"):
-        lines.append("skipped during collect: " + ", ".join(f"{r} {n}" for r, n in sorted(p["skips"].items())))
-    if attrs.get("complete"):
+    if p is not None and p.skips:
+        lines.append("skipped during collect: " + ", ".join(f"{r} {n}" for r, n in sorted(p.skips.items())))
+    if meta.complete:
         stats = open_stats(path)
         for part in stats.parts:
             tokens = stats.tokens((part,))
@@ -242,5 +243,5 @@ def describe_store(path: str | Path) -> str:
                 f"tokens per {part}{' (top 8)' if tokens.size > 8 else ''}: "
                 + ", ".join(f"{name} {int(n)}" for name, n in zip(top[part].values, top.values))
             )
-    lines.append(f"command: {attrs.get('command', '')}")
+    lines.append(f"command: {meta.command}")
     return "\n".join(lines)

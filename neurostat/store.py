@@ -14,6 +14,7 @@ first and then published by an atomic rename of ``checkpoint.json``, and, once c
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import json
@@ -21,12 +22,14 @@ import os
 import shutil
 import warnings
 import zipfile
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
 from .errors import UserError
 from .files import atomic_write, sha1_file
+from .version import __version__
 
 FORMAT = 2
 _INTERNAL = "neurostat"
@@ -34,6 +37,143 @@ _INTERNAL = "neurostat"
 
 class StoreError(UserError, RuntimeError):
     """A store that cannot be written or read as asked; the message names it."""
+
+
+@dataclass
+class Progress:
+    """How far a run got: kept in every checkpoint and in the store's attrs; the progress of shards or
+    ranks adds up (:meth:`total`).  The last three fields are set when a run ends (None: not yet)."""
+
+    utterances_done: int = 0
+    frames: int = 0
+    padded_frames: int = 0
+    tokens: int = 0
+    audio_seconds: float = 0.0
+    elapsed_seconds: float = 0.0
+    data_wait_seconds: float = 0.0
+    skips: dict[str, int] = field(default_factory=dict)
+    loop_seconds: float | None = None
+    utterances_total: int | None = None
+    complete: bool | None = None
+
+    def skip(self, reason: str) -> None:
+        self.skips[reason] = self.skips.get(reason, 0) + 1
+
+    @property
+    def counted(self) -> int:
+        """Utterances that contributed tokens (done minus skipped)."""
+        return self.utterances_done - sum(self.skips.values())
+
+    @classmethod
+    def total(cls, parts: list[Progress]) -> Progress:
+        """Shards or ranks as one run: counts, seconds, totals and skips added."""
+        out = cls(utterances_total=sum(p.utterances_total or 0 for p in parts))
+        for name in _SUMMED:
+            setattr(out, name, sum(getattr(p, name) for p in parts))
+        for p in parts:
+            for reason, n in p.skips.items():
+                out.skips[reason] = out.skips.get(reason, 0) + n
+        return out
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Progress:
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+_SUMMED = (
+    "utterances_done", "frames", "padded_frames", "tokens", "audio_seconds", "elapsed_seconds", "data_wait_seconds"
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class StoreMeta:
+    """The root attrs of a store, one record: built once by the engine from its run spec, written by a
+    run, a rank and a merge, read by every reader.  ``fingerprint`` is what a resumed run or a merged
+    store must match; the other sections describe the run for a reader."""
+
+    fingerprint: dict
+    model: dict
+    statistics: dict
+    labels: dict
+    label_sets: dict
+    pitch: dict
+    frame_labels: str
+    phone_map: object
+    corpus: dict
+    batching: dict
+    versions: dict
+    command: str
+    complete: bool = False
+    progress: Progress | None = None
+    distributed: dict | None = None
+    merged_from: list[str] | None = None
+    version: str = __version__
+
+    _OPTIONAL = ("progress", "distributed", "merged_from")
+
+    def to_attrs(self) -> dict:
+        out = {"neurostat_store_format": FORMAT, "neurostat_version": self.version}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "version" or (f.name in self._OPTIONAL and value is None):
+                continue
+            out[f.name] = value.to_dict() if isinstance(value, Progress) else value
+        return out
+
+    @classmethod
+    def from_attrs(cls, attrs: dict) -> StoreMeta:
+        known = {f.name for f in fields(cls)} - {"version"}
+        values = {k: v for k, v in attrs.items() if k in known}
+        if "progress" in values:
+            values["progress"] = Progress.from_dict(values["progress"])
+        missing = sorted(
+            f.name for f in fields(cls) if f.name in known and f.name not in values and f.default is MISSING
+        )
+        if missing:
+            raise StoreError(f"the store's attrs lack {', '.join(missing)}: re-collect it with this neurostat")
+        return cls(**values, version=attrs.get("neurostat_version", "?"))
+
+    @classmethod
+    def read(cls, path: str | Path) -> StoreMeta:
+        return cls.from_attrs(read_attrs(path))
+
+    def replace(self, **changes) -> StoreMeta:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def k(self) -> int:
+        return int(self.statistics["k"])
+
+    @property
+    def stats(self) -> tuple[str, ...]:
+        return tuple(self.statistics["stats"])
+
+    @property
+    def layers(self) -> list[int]:
+        """The collected layers, 1-based."""
+        return list(self.fingerprint["layers"])
+
+    def for_rank(self, rank: int, size: int) -> StoreMeta:
+        """The metadata of one rank's partial store."""
+        part = f"rank {rank} of {size}"
+        return self.replace(
+            fingerprint={**self.fingerprint, "shard": part},
+            corpus={**self.corpus, "shard": part},
+            distributed={"world_size": size, "rank": rank, "sharding": "balanced by duration"},
+        )
+
+    def merged(self, paths: list[str | Path], progress: Progress, utterances: int) -> StoreMeta:
+        """The metadata of the store that merges complete stores of the same run (this one the first)."""
+        return self.replace(
+            fingerprint={**self.fingerprint, "shard": "merged"},
+            complete=False,
+            progress=progress,
+            merged_from=[str(Path(p).resolve()) for p in paths],
+            corpus={**self.corpus, "shard": "merged", "utterances": utterances},
+        )
 
 
 def read_attrs(path: str | Path) -> dict:
@@ -58,7 +198,7 @@ def read_attrs(path: str | Path) -> dict:
 class StoreWriter:
     """Exclusive writer of one store: checkpoints, resume and the final arrays."""
 
-    def __init__(self, path: str | Path, attrs: dict, resume: bool = False, overwrite: bool = False):
+    def __init__(self, path: str | Path, meta: StoreMeta, resume: bool = False, overwrite: bool = False):
         import zarr
 
         self.path = Path(path)
@@ -79,7 +219,7 @@ class StoreWriter:
             raise StoreError(f"{self.path} is being written by {holder}; one writer at a time") from None
         if exists and not (resume or overwrite):
             self.close()
-            self._check_compatible(read_attrs(self.path), attrs)  # --resume would be refused: say why instead
+            self._check_compatible(StoreMeta.read(self.path), meta)  # --resume would be refused: say why instead
             raise StoreError(f"{self.path} already exists: pass --resume to continue it or --overwrite to replace it")
         self._lock.seek(0)
         self._lock.truncate()
@@ -93,17 +233,18 @@ class StoreWriter:
                 if child.name != "writer.lock":
                     child.unlink()
             exists = False
-        self.previous = read_attrs(self.path) if exists else None
+        self.previous = StoreMeta.read(self.path) if exists else None
+        """The metadata of the store this run continues (None: a new store)."""
         if self.previous is not None:
-            self._check_compatible(self.previous, attrs)
-            if self.previous.get("complete"):
+            self._check_compatible(self.previous, meta)
+            if self.previous.complete:
                 return
         root = zarr.open_group(self.path, mode="a", zarr_format=3)
-        root.attrs.update(attrs)
+        root.attrs.update(meta.to_attrs())
         zarr.open_group(self.internal, mode="a", zarr_format=3)
 
-    def _check_compatible(self, old: dict, new: dict) -> None:
-        a, b = old.get("fingerprint", {}), new.get("fingerprint", {})
+    def _check_compatible(self, old: StoreMeta, new: StoreMeta) -> None:
+        a, b = old.fingerprint, new.fingerprint
         diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
         if diff:
             details = "; ".join(f"{k}: store has {a.get(k)!r}, this run {b.get(k)!r}" for k in diff)
@@ -111,11 +252,12 @@ class StoreWriter:
                 f"{self.path} was collected with other settings ({details}); use a new --out or --overwrite"
             )
 
-    def update_attrs(self, attrs: dict) -> None:
+    def update_progress(self, progress: Progress) -> None:
+        """Replaces the recorded progress (of a complete store: its metadata is consolidated again)."""
         import zarr
 
         root = zarr.open_group(self.path, mode="a", zarr_format=3)
-        root.attrs.update(attrs)
+        root.attrs.update({"progress": progress.to_dict()})
         if root.attrs.get("complete"):
             self._consolidate()
 
@@ -128,7 +270,7 @@ class StoreWriter:
             warnings.simplefilter("ignore")
             zarr.consolidate_metadata(self.path)
 
-    def load_checkpoint(self) -> tuple[dict[str, np.ndarray], list[str], dict] | None:
+    def load_checkpoint(self) -> tuple[dict[str, np.ndarray], list[str], Progress] | None:
         """The latest published checkpoint: (state, finished utterance ids, progress), or None."""
         pointer = self.internal / "checkpoint.json"
         if not pointer.is_file():
@@ -137,9 +279,9 @@ class StoreWriter:
         with np.load(self.internal / info["state"]) as z:
             state = {k: z[k] for k in z.files}
         done = json.loads((self.internal / info["done"]).read_text())
-        return state, done, info["progress"]
+        return state, done, Progress.from_dict(info["progress"])
 
-    def save_checkpoint(self, state: dict[str, np.ndarray], done: list[str], progress: dict) -> None:
+    def save_checkpoint(self, state: dict[str, np.ndarray], done: list[str], progress: Progress) -> None:
         """Writes the new state and done-list, then publishes them with one atomic rename."""
         pointer = self.internal / "checkpoint.json"
         previous = json.loads(pointer.read_text()) if pointer.is_file() else None
@@ -149,14 +291,17 @@ class StoreWriter:
             _write_npz(self.internal / state_name, state)
             atomic_write(self.internal / done_name, json.dumps(done))
             atomic_write(
-                pointer, json.dumps({"generation": gen, "state": state_name, "done": done_name, "progress": progress})
+                pointer,
+                json.dumps({"generation": gen, "state": state_name, "done": done_name, "progress": progress.to_dict()}),
             )
         except OSError as e:  # the new files are dropped; the previous checkpoint stays published and intact
             for partial in (state_name, done_name, done_name + ".tmp", "checkpoint.json.tmp"):
                 (self.internal / partial).unlink(missing_ok=True)
             if e.errno != errno.ENOSPC:
                 raise
-            kept = f"{previous['progress']['utterances_done']} utterances" if previous else "nothing yet"
+            kept = (
+                f"{Progress.from_dict(previous['progress']).utterances_done} utterances" if previous else "nothing yet"
+            )
             raise StoreError(
                 f"{self.path}: the disk is full ({e.strerror}); the last checkpoint ({kept}) is intact: free some "
                 f"space (or copy the store elsewhere) and continue with `neurostat collect ... --resume`"
@@ -169,12 +314,12 @@ class StoreWriter:
         self,
         arrays: dict[str, np.ndarray],
         coords: dict[str, np.ndarray],
-        attrs: dict,
+        meta: StoreMeta,
         done: list[str],
         keep_checkpoint: bool = False,
         dims: dict[str, tuple[str, ...]] | None = None,
     ) -> None:
-        """Writes the root arrays and marks the store complete; then drops the checkpoint state (the
+        """Writes the root arrays and ``meta``, marked complete; then drops the checkpoint state (the
         arrays hold it all) unless ``keep_checkpoint``.  ``dims``: each array's dimensions [default
         (label,) for ``frames``, else (layer, label, neuron)]; coordinates ``layer`` and ``utterance``
         lie along their own dimension, the others along ``label``."""
@@ -203,7 +348,7 @@ class StoreWriter:
             arr[:] = values
         atomic_write(self.internal / "utterances.json", json.dumps(done))
         atomic_write(self.internal / "manifest.json", json.dumps(_manifest(self.path, list(coords) + list(arrays))))
-        root.attrs.update({**attrs, "complete": True})
+        root.attrs.update(meta.replace(complete=True).to_attrs())
         self._consolidate()
         if not keep_checkpoint:
             for old in self.internal.iterdir():
@@ -274,10 +419,10 @@ def verify_store(path: str | Path, checksums: bool = False) -> int:
     return len(json.loads(manifest_file.read_text()))
 
 
-def checkpoint_progress(path: str | Path) -> dict | None:
+def checkpoint_progress(path: str | Path) -> Progress | None:
     """The progress recorded with an unfinished store's latest checkpoint, or None."""
     pointer = Path(path) / _INTERNAL / "checkpoint.json"
-    return json.loads(pointer.read_text())["progress"] if pointer.is_file() else None
+    return Progress.from_dict(json.loads(pointer.read_text())["progress"]) if pointer.is_file() else None
 
 
 def load_done(path: str | Path) -> list[str]:

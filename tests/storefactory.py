@@ -4,7 +4,7 @@ import numpy as np
 
 from neurostat.labelspace import LabelSpace
 from neurostat.phones import PHONES
-from neurostat.store import FORMAT, StoreWriter
+from neurostat.store import Progress, StoreMeta, StoreWriter
 
 SPACE = LabelSpace.of({"phone": PHONES, "gender": ("M", "F"), "pitch_bin": ("low", "mid", "high", "unvoiced")})
 
@@ -22,39 +22,42 @@ def make_store(
     counts = topk if topk is not None else positive
     num_layers, _, width = counts.shape
     stats = [s for s, a in (("topk", topk), ("positive", positive)) if a is not None]
-    attrs = {
-        "neurostat_store_format": FORMAT,
-        "neurostat_version": "test",
-        "complete": False,
-        "fingerprint": {"layers": list(range(1, num_layers + 1))},
-        "model": {
+    meta = StoreMeta(
+        fingerprint={"layers": list(range(1, num_layers + 1))},
+        model={
             "model": "hand-made",
             "revision": None,
             "model_type": "hubert",
             "num_layers": num_layers,
             "width": width,
         },
-        "statistics": {"stats": stats, "k": k, "topk_ratio": k / width, "tokens": "phone-mid", "backend": "torch"},
-        "labels": space.to_dict(),
-        "label_sets": label_sets or {},
-        "pitch": {"edges": [120.0, 180.0]},
-        "corpus": {"root": "-", "subset": "-", "shard": "0/1"},
-        "progress": {
-            "utterances_done": 1,
-            "frames": int(frames.sum()),
-            "tokens": int(frames.sum()),
-            "audio_seconds": 1.0,
-            "elapsed_seconds": 1.0,
-        },
-    }
+        statistics={"stats": stats, "k": k, "topk_ratio": k / width, "tokens": "phone-mid", "backend": "torch"},
+        labels=space.to_dict(),
+        label_sets=label_sets or {},
+        pitch={"edges": [120.0, 180.0]},
+        frame_labels="centre",
+        phone_map=None,
+        corpus={"root": "-", "subset": "-", "shard": "0/1"},
+        batching={},
+        versions={},
+        command="",
+        progress=Progress(
+            utterances_done=1,
+            frames=int(frames.sum()),
+            tokens=int(frames.sum()),
+            audio_seconds=1.0,
+            elapsed_seconds=1.0,
+        ),
+        version="test",
+    )
     arrays = {"frames": frames.astype(np.int64)}
     if topk is not None:
         arrays["topk_count"] = topk.astype(np.int64)
     if positive is not None:
         arrays["positive_count"] = positive.astype(np.int64)
     coords = {"layer": np.arange(1, num_layers + 1), **space.names()}
-    with StoreWriter(path, attrs) as w:
-        w.finalize(arrays, coords, attrs, ["utt"])
+    with StoreWriter(path, meta) as w:
+        w.finalize(arrays, coords, meta, ["utt"])
     return path
 
 

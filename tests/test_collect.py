@@ -27,7 +27,7 @@ from neurostat.model.adapter import ModelAdapter, ModelError
 from neurostat.model.factory import model_config, save_model
 from neurostat.phones import PHONES
 from neurostat.stats import open_stats
-from neurostat.store import StoreError, StoreWriter
+from neurostat.store import StoreError, StoreMeta, StoreWriter
 
 RATIO = 0.1  # k = round(0.1 * 37) = 4
 
@@ -75,10 +75,10 @@ def test_float64_statistics_match_hook_reference(prepared, tiny_model, tmp_path,
     config = CollectConfig(stats=tuple(TABLE), topk_ratio=RATIO, tokens=mode, batch_seconds=10.0, front_end="batched")
     attrs = collect(prepared, adapter, tmp_path / "s.zarr", config, progress=False)
     assert "max_abs" in xr.open_zarr(tmp_path / "s.zarr", consolidated=False)
-    assert attrs["complete"] and attrs["progress"]["utterances_done"] == len(prepared)
+    assert attrs.complete and attrs.progress.utterances_done == len(prepared)
     ref = hook_reference(prepared, tiny_model, mode, torch.float64, [0, 1, 2])
     assert_store_equals(tmp_path / "s.zarr", ref)
-    assert attrs["progress"]["tokens"] == ref["frames"].sum()
+    assert attrs.progress.tokens == ref["frames"].sum()
 
 
 def test_float32_batch_of_one_matches_hook_reference_and_layers_subset(prepared, tiny_model, tmp_path):
@@ -140,7 +140,7 @@ def test_max_abs_marginals_through_open_stats(prepared, tiny_model, tmp_path):
     collect(prepared, ModelAdapter.load(str(tiny_model), dtype=torch.float64), out, config, progress=False)
     ref = hook_reference(prepared, tiny_model, "all", torch.float64, [0, 1, 2])
     stats = open_stats(out)
-    assert stats.attrs["statistics"]["merge"] == {"topk_count": "sum", "max_abs": "max"}
+    assert stats.meta.statistics["merge"] == {"topk_count": "sum", "max_abs": "max"}
     shape = (3, len(PHONES), 2, 4, 37)  # layer, phone, gender, pitch bin, neuron
     joint = xr.open_zarr(out, consolidated=False)["max_abs"].values
     np.testing.assert_allclose(joint, ref["max_abs"], rtol=1e-12, atol=0)  # NaN where a label has no tokens
@@ -252,7 +252,7 @@ def test_resume_after_sigkill_gives_identical_counts(tmp_path, tiny_model, longe
     res = subprocess.run(_cli(*common, "--out", out, "--resume"), env=ENV, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert_equals_uninterrupted(out, longer_prepared, tiny_model, tmp_path, tuple(TABLE))
-    assert open_stats(out).attrs["progress"]["utterances_done"] == 40
+    assert open_stats(out).meta.progress.utterances_done == 40
 
 
 def test_sigint_stops_at_a_batch_boundary_with_a_checkpoint(tmp_path, tiny_model, prepared):
@@ -273,8 +273,7 @@ def test_sigint_stops_at_a_batch_boundary_with_a_checkpoint(tmp_path, tiny_model
 def test_second_writer_is_refused(prepared, tiny_model, tmp_path):
     out = tmp_path / "s.zarr"
     collect(prepared, ModelAdapter.load(str(tiny_model)), out, CollectConfig(topk_ratio=RATIO), progress=False)
-    attrs = xr.open_zarr(out, consolidated=False).attrs
-    with StoreWriter(out, attrs, resume=True):
+    with StoreWriter(out, StoreMeta.read(out), resume=True):
         with pytest.raises(StoreError, match="being written by pid"):
             collect(
                 prepared,
@@ -336,7 +335,7 @@ def test_changed_audio_is_a_recorded_skip(corpus_copy, tiny_model, tmp_path):
     attrs = collect(
         corpus, ModelAdapter.load(str(tiny_model)), tmp_path / "s.zarr", CollectConfig(topk_ratio=RATIO), progress=False
     )
-    assert attrs["progress"]["skips"] == {"audio-changed": 1}
+    assert attrs.progress.skips == {"audio-changed": 1}
     info = CliRunner().invoke(main, ["info", str(tmp_path / "s.zarr")]).output
     assert f"counted: {len(corpus) - 1} utterances" in info and "skipped during collect: audio-changed 1" in info
     assert f"collected {len(corpus) - 1} utterances" in describe_collect(attrs, tmp_path / "s.zarr")
@@ -361,10 +360,10 @@ def test_max_seconds_cuts_into_pieces_without_losing_frames(prepared, tiny_model
         CollectConfig(topk_ratio=RATIO, tokens="all", max_seconds=0.7),
         progress=False,
     )
-    assert attrs["batching"]["max_seconds"] == 0.7
-    assert attrs["progress"]["utterances_done"] == len(prepared)  # each counted once, after its last piece
-    assert attrs["progress"]["frames"] == sum(u.num_frames for u in prepared)
-    assert attrs["progress"]["tokens"] == sum(int((u.phone_frames() >= 0).sum()) for u in prepared)
+    assert attrs.batching["max_seconds"] == 0.7
+    assert attrs.progress.utterances_done == len(prepared)  # each counted once, after its last piece
+    assert attrs.progress.frames == sum(u.num_frames for u in prepared)
+    assert attrs.progress.tokens == sum(int((u.phone_frames() >= 0).sum()) for u in prepared)
 
 
 def test_cli_default_demo_runs_offline(tmp_path, monkeypatch):
@@ -375,7 +374,7 @@ def test_cli_default_demo_runs_offline(tmp_path, monkeypatch):
     store = tmp_path / "cache" / "demo-v2" / "stats.zarr"
     stats = open_stats(store)
     assert stats.tokens(("gender",)).values.min() > 0
-    assert stats.attrs["model"]["model"] == str(demo_model())
+    assert stats.meta.model["model"] == str(demo_model())
     speakers = (tmp_path / "cache" / "demo-v2" / "corpus" / "LibriSpeech" / "SPEAKERS.TXT").read_text()
     trained_on = json.loads((demo_model() / "training.json").read_text())["settings"]
     for variant in TRAINING_VARIANTS:  # the demo corpus speaks with voices the model never heard
@@ -408,7 +407,7 @@ def test_triton_backends_collect_equal_torch_backend(prepared, tiny_model, tmp_p
             ),
             progress=False,
         )
-        assert attrs["statistics"]["backend"] == backend
+        assert attrs.statistics["backend"] == backend
     a = xr.open_zarr(tmp_path / "torch.zarr", consolidated=False)
     for backend in ("triton", "triton-fused"):
         b = xr.open_zarr(tmp_path / f"{backend}.zarr", consolidated=False)
@@ -440,7 +439,7 @@ def test_resuming_a_complete_store_does_no_work(prepared, tiny_model, tmp_path, 
     adapter = ModelAdapter.load(str(tiny_model))
     monkeypatch.setattr(adapter, "encode", lambda waves: pytest.fail("a complete store was recomputed"))
     again = collect(prepared, adapter, out, CollectConfig(topk_ratio=RATIO), resume=True, progress=False)
-    assert again["complete"] and again["progress"]["tokens"] == first["progress"]["tokens"]
+    assert again.complete and again.progress.tokens == first.progress.tokens
 
 
 def test_batched_front_end_collects_what_the_per_utterance_front_end_collects(prepared, tiny_model, tmp_path):
@@ -449,10 +448,7 @@ def test_batched_front_end_collects_what_the_per_utterance_front_end_collects(pr
     for front_end in ("batched", "per-utterance"):
         config = CollectConfig(topk_ratio=RATIO, tokens="all", batch_seconds=30.0, front_end=front_end)
         attrs = collect(prepared, adapter, tmp_path / f"{front_end}.zarr", config, progress=False)
-        assert (
-            attrs["batching"]["front_end"] == front_end
-            and attrs["progress"]["padded_frames"] > attrs["progress"]["frames"]
-        )
+        assert attrs.batching["front_end"] == front_end and attrs.progress.padded_frames > attrs.progress.frames
         stores[front_end] = xr.open_zarr(tmp_path / f"{front_end}.zarr", consolidated=False)
     a, b = stores["batched"], stores["per-utterance"]
     for name in ("frames", "topk_count", "positive_count"):
@@ -493,8 +489,8 @@ def test_data_wait_share_is_measured(prepared, tiny_model, tmp_path, monkeypatch
     monkeypatch.setattr(BatchDataset, "__getitem__", slow)
     config = CollectConfig(topk_ratio=RATIO, batch_seconds=10.0, num_jobs=0, shard=(0, 4))
     attrs = collect(prepared, ModelAdapter.load(str(tiny_model)), tmp_path / "s.zarr", config, progress=False)
-    p = attrs["progress"]
-    assert p["data_wait_seconds"] / p["loop_seconds"] > 0.8
+    p = attrs.progress
+    assert p.data_wait_seconds / p.loop_seconds > 0.8
     assert "waiting for data" in describe_collect(attrs, tmp_path / "s.zarr")
 
 
@@ -514,7 +510,7 @@ def test_resume_right_after_a_kill_while_loader_workers_linger(prepared, tiny_mo
     assert workers and alive, "the test needs data-loading workers that outlive the killed run"
     res = subprocess.run(_cli(*common, "--out", out, "--resume"), env=ENV, capture_output=True, text=True)
     assert res.returncode == 0 and "being written" not in res.stderr, res.stderr
-    assert open_stats(out).attrs["progress"]["utterances_done"] == len(prepared)
+    assert open_stats(out).meta.progress.utterances_done == len(prepared)
 
 
 def test_a_full_disk_keeps_the_last_checkpoint_and_the_resume_is_exact(prepared, tiny_model, tmp_path):

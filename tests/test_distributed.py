@@ -111,10 +111,10 @@ def test_two_gloo_processes_equal_one_in_float64_with_label_sets(prepared, tiny_
     adapter = ModelAdapter.load(str(tiny_model), dtype=torch.float64)
     collect(corpus, adapter, tmp_path / "one.zarr", config, progress=False)
     assert_same_store(tmp_path / "job.zarr", tmp_path / "one.zarr")
-    attrs = open_stats(tmp_path / "job.zarr").attrs
-    ranks = attrs["distributed"]["ranks"]
-    assert attrs["distributed"]["world_size"] == 2 and [r["rank"] for r in ranks] == [0, 1]
-    assert sum(r["utterances"] for r in ranks) == len(corpus) == attrs["progress"]["utterances_done"]
+    meta = open_stats(tmp_path / "job.zarr").meta
+    ranks = meta.distributed["ranks"]
+    assert meta.distributed["world_size"] == 2 and [r["rank"] for r in ranks] == [0, 1]
+    assert sum(r["utterances"] for r in ranks) == len(corpus) == meta.progress.utterances_done
     assert all(r["elapsed_seconds"] > 0 for r in ranks)
     partials = sorted((tmp_path / "job.zarr.ranks").iterdir())
     assert [p.name for p in partials] == ["rank-000-of-002.zarr", "rank-001-of-002.zarr"]
@@ -158,4 +158,4 @@ def test_sigkill_of_one_rank_then_resume_equals_an_uninterrupted_run(tmp_path, t
     assert res.returncode == 0, res.stderr[-3000:]
     assert "2 ranks (gloo)" in res.stdout
     assert_equals_uninterrupted(out, longer_prepared, tiny_model, tmp_path)
-    assert open_stats(out).attrs["progress"]["utterances_done"] == 40
+    assert open_stats(out).meta.progress.utterances_done == 40

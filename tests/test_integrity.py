@@ -179,25 +179,25 @@ def test_swapped_weights_in_the_same_folder_are_refused_on_resume_and_merge(prep
 
 def test_messages_that_used_to_mislead(prepared, tiny_model, tmp_path, monkeypatch):
     from neurostat.engine.accumulate import Accumulator
-    from neurostat.store import StoreError, StoreWriter, read_attrs
+    from neurostat.store import StoreError, StoreMeta, StoreWriter
 
     r = CliRunner().invoke(main, ["collect", "--prepared", str(prepared.path), "--model", str(tmp_path / "no" / "dir")])
     assert r.exit_code == 1 and "no such directory" in r.output
     monkeypatch.setattr(sys, "argv", ["neurostat", "collect", "--model", "my models/hubert"])
     out = tmp_path / "s.zarr"
-    collect(
-        prepared, ModelAdapter.load(str(tiny_model)), out, CollectConfig(topk_ratio=0.1, shard=(0, 4)), progress=False
-    )
+    args = ["collect", "--prepared", str(prepared.path), "--model", str(tiny_model), "--out", str(out)]
+    r = CliRunner().invoke(main, [*args, "--topk-ratio", "0.1", "--shard", "0/4"])
+    assert r.exit_code == 0, r.output
     assert (
         "command: neurostat collect --model 'my models/hubert'" in CliRunner().invoke(main, ["info", str(out)]).output
     )
-    other = {**read_attrs(out), "fingerprint": {**read_attrs(out)["fingerprint"], "model": "another"}}
+    meta = StoreMeta.read(out)
+    other = meta.replace(fingerprint={**meta.fingerprint, "model": "another"})
     with pytest.raises(StoreError, match="collected with other settings .*model.*new --out or --overwrite"):
         StoreWriter(out, other)  # without --resume: not "pass --resume", which would be refused
-    attrs = read_attrs(out)
-    with StoreWriter(out, attrs, resume=True):  # another writer holds the store: say so, not "pass --resume"
+    with StoreWriter(out, meta, resume=True):  # another writer holds the store: say so, not "pass --resume"
         with pytest.raises(StoreError, match="being written by pid"):
-            StoreWriter(out, attrs)
+            StoreWriter(out, meta)
     acc = Accumulator(1, 2, 3, 1, ("moments",))
     acc.tokens[:] = torch.tensor([2, 0])
     acc.totals["m2"][0, 0] = torch.tensor([-8.6e-9, 0.5, 0.0], dtype=torch.float64)  # rounding below zero

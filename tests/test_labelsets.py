@@ -247,9 +247,9 @@ def test_missing_labels_are_recorded_skips(corpus, tiny_model, tmp_path):
         CollectConfig(topk_ratio=RATIO, labels=("phone", "unit")),
         progress=False,
     )
-    assert attrs["progress"]["skips"] == {"no-unit-label": 1}
-    assert attrs["progress"]["utterances_done"] == len(corpus)
-    assert attrs["label_sets"]["unit"]["missing"] == 1
+    assert attrs.progress.skips == {"no-unit-label": 1}
+    assert attrs.progress.utterances_done == len(corpus)
+    assert attrs.label_sets["unit"]["missing"] == 1
 
 
 def test_shards_over_label_sets_merge_exactly(corpus, tiny_model, tmp_path):

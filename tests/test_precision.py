@@ -145,8 +145,8 @@ def test_fp16_collect_records_the_precision_and_fp32_statistics_follow_the_unrou
             stats=("topk",), topk_ratio=0.1, tokens="all", batch_seconds=1e-3, stats_precision=precision
         )
         attrs = collect(prepared, adapter, tmp_path / f"{precision}.zarr", config, progress=False)
-        assert attrs["statistics"]["precision"].startswith(precision)
-        assert attrs["fingerprint"]["stats_precision"] == precision
+        assert attrs.statistics["precision"].startswith(precision)
+        assert attrs.fingerprint["stats_precision"] == precision
         counts[precision] = xr.open_zarr(tmp_path / f"{precision}.zarr", consolidated=False)["topk_count"].values
     exact, rounded = ffn_input_reference(prepared, tiny_model, torch.float16, 0.1)
     np.testing.assert_array_equal(counts["model"], rounded)

@@ -52,7 +52,7 @@ def config(**kw):
 def test_top_frames_equal_a_brute_force_reference_over_several_batches(prepared, tiny_model, tmp_path):
     adapter = ModelAdapter.load(str(tiny_model), dtype=torch.float64)
     attrs = collect(prepared, adapter, tmp_path / "s.zarr", config(batch_seconds=4.0), progress=False)
-    assert attrs["statistics"]["top_frames"] == N
+    assert attrs.statistics["top_frames"] == N
     ds = xr.open_zarr(tmp_path / "s.zarr", consolidated=False)
     assert ds["top_value"].dims == ("layer", "top", "neuron") and ds.sizes["top"] == N
     assert list(ds["utterance"].values) == [r["id"] for r in prepared.records]
@@ -119,6 +119,6 @@ def test_cli_top_frames_option_turns_the_statistic_on(prepared, tiny_model, tmp_
         res = CliRunner().invoke(main, [*common, *extra, "--out", str(out)])
         assert res.exit_code == 0, res.output
         stats = open_stats(out)
-        assert "top_frames" in stats.attrs["statistics"]["stats"] and stats.ds.sizes["top"] == n
+        assert "top_frames" in stats.meta.stats and stats.ds.sizes["top"] == n
     res = CliRunner().invoke(main, [*common, "--top-frames", "0", "--out", str(tmp_path / "bad.zarr")])
     assert res.exit_code != 0 and "--top-frames must be at least 1" in res.output

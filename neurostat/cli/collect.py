@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -169,7 +170,11 @@ def collect(
         options["top_frames"] = CollectConfig.top_frames
     elif "top_frames" not in options["stats"]:
         options["stats"] = (*options["stats"], "top_frames")
-    config = CollectConfig(**options, labels=tuple(p.strip() for p in labels.split(",")) if labels else None)
+    config = CollectConfig(
+        **options,
+        labels=tuple(p.strip() for p in labels.split(",")) if labels else None,
+        command=shlex.join(sys.argv),
+    )
     if root is None and prepared is None and model is None:
         from ..demo import DEMO_NOTE, cache_dir, ensure_demo
 
@@ -207,8 +212,8 @@ def merge(stores, out, overwrite) -> None:
     """Merge partial stores (shards, ranks, separate runs) exactly into one."""
     from ..engine.merge import merge_stores
 
-    attrs = merge_stores(list(stores), out, overwrite=overwrite)
-    click.echo(f"merged {len(stores)} stores, {attrs['corpus']['utterances']} utterances -> {out}")
+    meta = merge_stores(list(stores), out, overwrite=overwrite)
+    click.echo(f"merged {len(stores)} stores, {meta.corpus['utterances']} utterances -> {out}")
 
 
 @main.command()

@@ -8,7 +8,7 @@ import numpy as np
 import xarray as xr
 
 from ..labelspace import LabelSpace
-from ..store import StoreError, StoreWriter, load_done, read_attrs, verify_store
+from ..store import Progress, StoreError, StoreMeta, StoreWriter, load_done, verify_store
 from .accumulate import Accumulator, state_from_store
 from .statistics import store_dims
 
@@ -21,41 +21,19 @@ def store_state(path: str | Path, stats: tuple[str, ...]) -> dict[str, np.ndarra
     return state_from_store({name: ds[name].values for name in ds.data_vars}, stats, ds.sizes["layer"])
 
 
-_SUMMED = (
-    "utterances_done",
-    "utterances_total",
-    "frames",
-    "padded_frames",
-    "tokens",
-    "audio_seconds",
-    "elapsed_seconds",
-    "data_wait_seconds",
-)
-
-
-def summed_progress(progress: list[dict]) -> dict:
-    """The progress of several partial runs (shards, ranks) as one: counts, seconds and skips added."""
-    out = {key: sum(p.get(key, 0) for p in progress) for key in _SUMMED}
-    out["skips"] = {}
-    for p in progress:
-        for reason, n in p.get("skips", {}).items():
-            out["skips"][reason] = out["skips"].get(reason, 0) + n
-    return out
-
-
-def merge_stores(paths: list[str | Path], out: str | Path, overwrite: bool = False) -> dict:
-    """Merges complete stores collected with the same settings into ``out``; returns its attrs."""
+def merge_stores(paths: list[str | Path], out: str | Path, overwrite: bool = False) -> StoreMeta:
+    """Merges complete stores collected with the same settings into ``out``; returns its metadata."""
     if len(paths) < 2:
         raise StoreError("merge needs at least two stores")
-    attrs = [read_attrs(p) for p in paths]
+    metas = [StoreMeta.read(p) for p in paths]
     for p in paths:
         verify_store(p)
-    for p, a in zip(paths, attrs):
-        if not a.get("complete"):
+    for p, m in zip(paths, metas):
+        if not m.complete:
             raise StoreError(f"{p} is not complete; finish it with --resume before merging")
-    ref = {k: v for k, v in attrs[0]["fingerprint"].items() if k not in _SHARD_FREE}
-    for p, a in zip(paths[1:], attrs[1:]):
-        other = {k: v for k, v in a["fingerprint"].items() if k not in _SHARD_FREE}
+    ref = {k: v for k, v in metas[0].fingerprint.items() if k not in _SHARD_FREE}
+    for p, m in zip(paths[1:], metas[1:]):
+        other = {k: v for k, v in m.fingerprint.items() if k not in _SHARD_FREE}
         diff = sorted(k for k in set(ref) | set(other) if ref.get(k) != other.get(k))
         if diff:
             raise StoreError(
@@ -72,27 +50,17 @@ def merge_stores(paths: list[str | Path], out: str | Path, overwrite: bool = Fal
                 )
             seen[uid] = str(p)
             done.append(uid)
-    k, stats = int(attrs[0]["statistics"]["k"]), tuple(attrs[0]["statistics"]["stats"])
-    acc = Accumulator.from_state(store_state(paths[0], stats), k, stats)
+    first = metas[0]
+    acc = Accumulator.from_state(store_state(paths[0], first.stats), first.k, first.stats)
     for p in paths[1:]:
-        acc.merge(Accumulator.from_state(store_state(p, stats), k, stats))
-    coords = {
-        "layer": np.asarray(attrs[0]["fingerprint"]["layers"], dtype=np.int64),
-        **LabelSpace.from_dict(attrs[0]["labels"]).names(),
-    }
-    if "top_frames" in stats:
+        acc.merge(Accumulator.from_state(store_state(p, first.stats), first.k, first.stats))
+    coords = {"layer": np.asarray(first.layers, dtype=np.int64), **LabelSpace.from_dict(first.labels).names()}
+    if "top_frames" in first.stats:
         ids = xr.open_zarr(paths[0], consolidated=False)["utterance"].values.tolist()
         coords["utterance"] = np.asarray([str(u) for u in ids])
-    progress = summed_progress([a["progress"] for a in attrs])
-    fingerprint = {**attrs[0]["fingerprint"], "shard": "merged"}
-    merged = {
-        **attrs[0],
-        "fingerprint": fingerprint,
-        "complete": False,
-        "progress": {**progress, "complete": True},
-        "merged_from": [str(Path(p).resolve()) for p in paths],
-        "corpus": {**attrs[0]["corpus"], "shard": "merged", "utterances": len(done)},
-    }
+    progress = Progress.total([m.progress for m in metas])
+    progress.complete = True
+    merged = first.merged(paths, progress, len(done))
     with StoreWriter(out, merged, overwrite=overwrite) as store:
-        store.finalize(acc.compute(), coords, merged, done, dims=store_dims(stats))
-    return merged
+        store.finalize(acc.compute(), coords, merged, done, dims=store_dims(first.stats))
+    return merged.replace(complete=True)

@@ -1,0 +1,227 @@
+"""A collect run's settings (:class:`CollectConfig`, what the caller asks for) and its :class:`RunSpec`:
+the config resolved once against the model, the corpus and the device — validated in one place, with
+the device's defaults filled in, never written back into the caller's config.  The store's metadata
+and its fingerprint are projections of the spec (:meth:`RunSpec.store_meta`)."""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..corpus.prepared import PreparedCorpus
+from ..errors import OptionError
+from ..labelspace import LabelSpace
+from ..model.adapter import FRONT_ENDS, ModelAdapter, ModelError, default_front_end
+from ..store import StoreMeta
+from ..version import __version__
+from .backends import PRECISIONS, make_backend, resolve_backend
+from .batching import default_batch_seconds
+from .statistics import DEFAULT_STATS, TABLE, Params, statistics
+from .tokens import MODES
+
+
+@dataclass
+class CollectConfig:
+    stats: tuple[str, ...] = DEFAULT_STATS
+    topk_ratio: float = 0.01
+    tokens: str = "phone-mid"
+    drop_final_run: bool = False  # the paper's code never counts an utterance's last run of frames
+    layers: list[int] | None = None  # 1-based, as everywhere a user sees layers; None = all
+    batch_seconds: float | None = None  # padded audio per batch; None: default_batch_seconds(device)
+    front_end: str | None = None  # batched or per-utterance; None: default_front_end(device)
+    max_seconds: float | None = None
+    checkpoint_seconds: float = 300.0
+    checkpoint_utterances: int | None = None
+    keep_checkpoint: bool = False  # keep the last checkpoint's state beside the complete store
+    shard: tuple[int, int] = (0, 1)
+    num_jobs: int = 0
+    backend: str = "auto"
+    stats_precision: str = "fp32"  # fp32: statistics of the fp32-accumulated activations in bf16/fp16 runs
+    top_frames: int = 16  # N of the top_frames statistic (when collected)
+    labels: tuple[str, ...] | None = None  # label parts of the joint label; None = every part of the corpus
+    command: str = ""  # the command line that asked for the run (the CLI's, shell-quoted), recorded in the store
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything a run needs decided before it starts (``layers`` are 0-based here)."""
+
+    config: CollectConfig
+    stats: tuple[str, ...]
+    batch_seconds: float
+    front_end: str
+    backend: str
+    layers: tuple[int, ...]
+    width: int
+    k: int
+    space: LabelSpace
+    indices: tuple[int, ...] = field(repr=False)  # the corpus's utterances this run (or shard) counts
+
+    @property
+    def params(self) -> Params:
+        return Params(self.k, self.config.top_frames)
+
+    @classmethod
+    def resolve(
+        cls, config: CollectConfig, adapter: ModelAdapter, corpus: PreparedCorpus, distributed: bool = False
+    ) -> RunSpec:
+        """Validates ``config`` against the model and the corpus; every refusal is one clear error."""
+        adapter.check_geometry(corpus.geometry)
+        if config.tokens not in MODES:
+            raise ValueError(f"unknown token mode {config.tokens!r}; choose one of {MODES}")
+        if not 0 < config.topk_ratio <= 1:
+            raise ValueError(f"--topk-ratio must be in (0, 1] (k = round(λ·D) neurons of D), got {config.topk_ratio}")
+        if not config.top_frames >= 1:
+            raise ValueError(f"--top-frames must be at least 1, got {config.top_frames}")
+        if config.batch_seconds is not None and not config.batch_seconds > 0:
+            raise ValueError(f"--batch-seconds must be positive, got {config.batch_seconds}")
+        front_end = config.front_end or default_front_end(adapter.device)
+        if front_end not in FRONT_ENDS:
+            raise ValueError(f"unknown front end {front_end!r}; choose from {FRONT_ENDS}")
+        if config.stats_precision not in PRECISIONS:
+            raise ValueError(f"unknown --stats-precision {config.stats_precision!r}; choose from {PRECISIONS}")
+        stats = tuple(s.name for s in statistics(config.stats))
+        backend = resolve_backend(config.backend, adapter.device)
+        try:
+            make_backend(backend, statistics(stats), Params(1), str(adapter.config.hidden_act))
+        except ValueError as e:
+            raise ModelError(f"{adapter.source}: {e}") from None
+        layers = range(adapter.num_layers) if config.layers is None else sorted({i - 1 for i in config.layers})
+        bad = [i + 1 for i in layers if not 0 <= i < adapter.num_layers]
+        if bad:
+            raise ModelError(f"{adapter.source} has layers 1..{adapter.num_layers}; no layer {bad}")
+        space = LabelSpace.of_corpus(corpus, config.labels)
+        corpus.check_label_sets(space.parts)
+        corpus.check_audio()
+        shard_i, shard_n = config.shard
+        if distributed and shard_n > 1:
+            raise OptionError("--shard splits the corpus by hand; a torchrun job splits it over its ranks: use one")
+        width = adapter.width
+        spec = cls(
+            config=config,
+            stats=stats,
+            batch_seconds=config.batch_seconds or default_batch_seconds(adapter.device),
+            front_end=front_end,
+            backend=backend,
+            layers=tuple(layers),
+            width=width,
+            k=max(1, round(config.topk_ratio * width)),
+            space=space,
+            indices=tuple(i for i in range(len(corpus)) if i % shard_n == shard_i),
+        )
+        spec.check_state_size(adapter.device)
+        return spec
+
+    def check_state_size(self, device: torch.device) -> None:
+        """Refuses a joint label space whose dense totals would not fit in the device's free memory."""
+        need = len(self.layers) * self.width * sum(_bytes_per_neuron(TABLE[s], self) for s in self.stats)
+        if device.type == "cuda":
+            free = torch.cuda.mem_get_info(device)[0]
+        else:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        if need > 0.7 * free:
+            shape = " × ".join(f"{len(self.space.vocab(p))} {p}" for p in self.space.parts)
+            raise ValueError(
+                f"the joint label space ({shape} = {self.space.size} labels) needs {need / 2**30:.1f} GiB of state "
+                f"for {len(self.layers)} layers × {self.width} neurons, more than the {free / 2**30:.1f} GiB free on "
+                f"{device}; choose fewer label parts with --labels, fewer --layers or fewer --stat"
+            )
+
+    def store_meta(self, adapter: ModelAdapter, corpus: PreparedCorpus) -> StoreMeta:
+        """The store's metadata for this run (the fingerprint is what a resume must match)."""
+        config, shard = self.config, f"{self.config.shard[0]}/{self.config.shard[1]}"
+        top_frames = config.top_frames if "top_frames" in self.stats else None
+        where = {"root": corpus.meta["root"], "subset": corpus.meta["subset"], "prepared": str(corpus.path.resolve())}
+        fingerprint = {
+            "model": adapter.source,
+            "revision": adapter.revision,
+            "weights": adapter.weights,
+            "dtype": str(adapter.dtype).replace("torch.", ""),
+            "stats_precision": config.stats_precision,
+            "stats": list(self.stats),
+            "top_frames": top_frames,
+            "topk_ratio": config.topk_ratio,
+            "k": self.k,
+            "tokens": config.tokens,
+            "drop_final_run": config.drop_final_run,
+            "layers": [i + 1 for i in self.layers],
+            "labels": self.space.to_dict(),
+            "label_sets": {n: corpus.label_sets[n]["file"] for n in self.space.parts if n in corpus.label_sets},
+            "pitch_edges": corpus.edges,
+            "pitch_rule": corpus.meta["pitch"]["rule"],
+            "frame_labels": corpus.meta["frame_labels"],
+            "corpus": where,
+            "shard": shard,
+            "max_seconds": config.max_seconds,
+        }
+        return StoreMeta(
+            fingerprint=fingerprint,
+            model=adapter.describe(),
+            statistics={
+                "stats": list(self.stats),
+                "topk_ratio": config.topk_ratio,
+                "k": self.k,
+                "top_frames": top_frames,
+                "tokens": config.tokens,
+                "drop_final_run": config.drop_final_run,
+                "ties": "lower neuron index wins at the k-th |a|",
+                "var_ddof": 0,
+                "moments": "per-batch fp32 sums around a per-neuron shift, merged in float64 (Chan et al.)",
+                "merge": {var: TABLE[name].rule for name in self.stats for var in TABLE[name].store},
+                "backend": self.backend,
+                "precision": _describe_precision(config.stats_precision, adapter.dtype),
+            },
+            labels=self.space.to_dict(),
+            label_sets={
+                name: {k: v for k, v in entry.items() if k != "vocab"}
+                for name, entry in corpus.label_sets.items()
+                if name in self.space.parts
+            },
+            pitch=corpus.meta["pitch"],
+            frame_labels=corpus.meta["frame_labels"],
+            phone_map=corpus.meta["phone_map"],
+            corpus={**where, "utterances": len(self.indices), "shard": shard, "prepare_skips": corpus.skips},
+            batching={
+                "front_end": self.front_end,
+                "group_norm": "statistics per utterance over its valid positions",
+                "transformer": f"batched with a boolean frame mask, {adapter.attention} attention",
+                "max_seconds": config.max_seconds,
+                "batch_seconds": self.batch_seconds,
+            },
+            versions=_versions(),
+            command=config.command,
+        )
+
+
+def _bytes_per_neuron(stat, spec: RunSpec) -> int:
+    """Bytes of one neuron's totals of ``stat`` in one layer (rows: the labels, or the N top frames)."""
+    rows = spec.config.top_frames if stat.axis == "top" else spec.space.size
+    dtypes = stat.state_dtypes or (stat.dtype,) * len(stat.states)
+    return rows * sum(d.itemsize for d in dtypes)
+
+
+def _describe_precision(precision: str, dtype: torch.dtype) -> str:
+    model = str(dtype).replace("torch.", "")
+    if dtype == torch.float32:
+        return f"{precision}: the model's {model} activations"
+    if precision == "fp32":
+        return f"fp32: the FFN activations accumulated in fp32 before rounding to the model's {model}"
+    return f"model: the {model} activations the model computes (ties at the k-th |a| are frequent)"
+
+
+def _versions() -> dict:
+    import transformers
+    import zarr
+
+    return {
+        "neurostat": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "zarr": zarr.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }

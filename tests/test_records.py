@@ -1,0 +1,59 @@
+"""The run's typed records: store metadata, progress and the run spec."""
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from neurostat.engine.collect import CollectConfig, collect
+from neurostat.engine.spec import RunSpec, _bytes_per_neuron
+from neurostat.engine.statistics import TABLE
+from neurostat.model.adapter import ModelAdapter
+from neurostat.store import Progress, StoreError, StoreMeta
+
+# root attrs of a collected and a merged store, written by neurostat before these records existed
+BEFORE = json.loads((Path(__file__).parent / "data" / "store-attrs-before-records.json").read_text())
+
+
+@pytest.mark.parametrize("kind", sorted(BEFORE))
+def test_stores_written_before_the_records_read_back_unchanged(kind):
+    attrs = BEFORE[kind]
+    meta = StoreMeta.from_attrs(attrs)
+    assert meta.to_attrs() == attrs
+    assert meta.progress.utterances_done == attrs["progress"]["utterances_done"] and meta.k == attrs["statistics"]["k"]
+
+
+def test_a_store_missing_a_section_is_a_clear_error():
+    attrs = {k: v for k, v in BEFORE["collect"].items() if k != "batching"}
+    with pytest.raises(StoreError, match="lack batching"):
+        StoreMeta.from_attrs(attrs)
+
+
+def test_progress_adds_up_and_keeps_unset_fields_out_of_the_record():
+    a = Progress(utterances_done=2, frames=10, tokens=4, audio_seconds=1.5, skips={"x": 1}, utterances_total=3)
+    b = Progress(utterances_done=1, frames=5, tokens=2, audio_seconds=0.5, skips={"x": 1, "y": 2}, loop_seconds=9.0)
+    total = Progress.total([a, b])
+    assert (total.utterances_done, total.frames, total.tokens, total.audio_seconds) == (3, 15, 6, 2.0)
+    assert total.skips == {"x": 2, "y": 2} and total.utterances_total == 3 and total.counted == -1
+    assert "loop_seconds" not in total.to_dict() and "complete" not in total.to_dict()
+    assert Progress.from_dict(b.to_dict()) == b and a.skips == {"x": 1}  # the parts stay as they were
+
+
+def test_collect_leaves_the_callers_config_as_it_was(prepared, tiny_model, tmp_path):
+    """Defaults are resolved into the run spec, never written back: a config reused elsewhere stays neutral."""
+    config = CollectConfig(topk_ratio=0.1, shard=(0, 4))
+    before = asdict(config)
+    meta = collect(prepared, ModelAdapter.load(str(tiny_model)), tmp_path / "s.zarr", config, progress=False)
+    assert asdict(config) == before and config.batch_seconds is None and config.backend == "auto"
+    assert meta.batching["batch_seconds"] > 0 and meta.statistics["backend"] == "torch"
+    assert StoreMeta.read(tmp_path / "s.zarr") == meta
+
+
+def test_the_memory_guard_counts_the_top_frames_by_their_rows(prepared, tiny_model):
+    adapter = ModelAdapter.load(str(tiny_model))
+    spec = RunSpec.resolve(CollectConfig(stats=tuple(TABLE), top_frames=3), adapter, prepared)
+    labels = spec.space.size
+    assert _bytes_per_neuron(TABLE["top_frames"], spec) == 3 * (8 + 8)
+    assert _bytes_per_neuron(TABLE["moments"], spec) == labels * 2 * 8
+    assert _bytes_per_neuron(TABLE["topk"], spec) == labels * 8
