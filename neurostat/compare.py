@@ -33,7 +33,7 @@ def compare_labels(a: PreparedCorpus, b: PreparedCorpus, tokens: str = "phone-mi
         for c, u, p, bins in ((a, ua, pa, ba), (b, ub, pb, bb)):
             for t in np.flatnonzero(token_mask(p, tokens)):
                 phone_tokens[c][c.phones[p[t]]] += 1
-                cells[c][(c.meta["pitch"]["bins"][bins[t]], c.phones[p[t]])] += 1
+                cells[c][(c.meta.pitch.bins[bins[t]], c.phones[p[t]])] += 1
     lines = [
         f"{len(ids)} utterances in both; frames: phones agree on {100 * same_phone / total:.1f}%, "
         f"pitch bins on {100 * same_bin / total:.1f}% of {total}",

@@ -149,7 +149,7 @@ def test_joint_frames_over_extra_parts(corpus, tmp_path):
                 assert ids[t] == -1
                 continue
             assert names["phone"][ids[t]] == PHONES[phones[t]]
-            assert names["pitch_bin"][ids[t]] == corpus.meta["pitch"]["bins"][bins[t]]
+            assert names["pitch_bin"][ids[t]] == corpus.meta.pitch.bins[bins[t]]
             assert names["gender"][ids[t]] == utt.gender
             assert names["unit"][ids[t]] == str(unit[utt.id][t]) and names["spk"][ids[t]] == spk[utt.id]
 
@@ -186,7 +186,7 @@ def name_reference(corpus, model_dir, unit, spk, parts):
             lambda m, inp, out, i=i: captured.__setitem__(i, out)
         )
     keys, rows = {}, {i: [] for i in range(len(model.encoder.layers))}
-    bins = corpus.meta["pitch"]["bins"]
+    bins = corpus.meta.pitch.bins
     for utt in corpus:
         wave, sr = sf.read(utt.audio_path, dtype="float32")
         x = torch.from_numpy(fe(wave, sampling_rate=sr, return_tensors="np").input_values[0]).double()

@@ -10,6 +10,7 @@ from float64_reference import phone_mid
 
 from neurostat.cli import main
 from neurostat.corpus.pitch import assign_bins, percentile_edges
+from neurostat.corpus.prepared import PreparedCorpus
 from neurostat.engine.tokens import token_mask
 from neurostat.frames import label_frames_overlap
 from neurostat.phones import PHONES
@@ -96,10 +97,10 @@ def test_prepare_and_collect_with_the_paper_preset(demo_corpus, tiny_model, tmp_
     args = ["--root", root, "--subset", "dev-clean", "--alignments", align]
     r = run(main, ["prepare", *map(str, args), "--out", str(tmp_path / "p"), "--preset", "paper", "--pitch", "praat"])
     assert r.exit_code == 0, r.output
-    meta = json.loads((tmp_path / "p" / "meta.json").read_text())
-    assert meta["frame_labels"] == "overlap" and meta["pitch"]["rule"] == "paper"
-    assert meta["pitch"]["method"] == "praat"  # given explicitly: the preset does not override it
-    assert meta["pitch"]["quantiles"] == [0.33, 0.66] and meta["pitch"]["step_seconds"] == 0.02
+    meta = PreparedCorpus(tmp_path / "p").meta
+    assert meta.frame_labels == "overlap" and meta.pitch.rule == "paper"
+    assert meta.pitch.method == "praat"  # given explicitly: the preset does not override it
+    assert meta.pitch.quantiles == [0.33, 0.66] and meta.pitch.step_seconds == 0.02
     assert "labelled by overlap" in r.output
     out = tmp_path / "s.zarr"
     r = run(main, ["collect", "--prepared", str(tmp_path / "p"), "--model", str(tiny_model), "--out", str(out)])
@@ -137,7 +138,6 @@ def write_official(folder, source, edit=lambda phones, pitch, gender: None):
 @pytest.fixture(scope="module")
 def overlap_corpus(demo_corpus, tmp_path_factory):
     from neurostat.corpus.prepare import PrepareSettings, prepare
-    from neurostat.corpus.prepared import PreparedCorpus
     from neurostat.frames import default_geometry
 
     out = tmp_path_factory.mktemp("overlap")
@@ -164,7 +164,7 @@ def test_official_label_files_read_back_exactly(overlap_corpus, demo_corpus, tmp
     geo = overlap_corpus.geometry
     meta = prepare_paper_labels(demo_corpus / "LibriSpeech", "dev-clean", folder, tmp_path / "p", geo, progress=False)
     paper = PreparedCorpus(tmp_path / "p")
-    assert meta["num_utterances"] == len(overlap_corpus) and meta["pitch"]["method"] == "paper-labels"
+    assert meta.num_utterances == len(overlap_corpus) and meta.pitch.method == "paper-labels"
     src, got = LabelSpace.of_corpus(overlap_corpus), LabelSpace.of_corpus(paper)
     assert src == got
     for a, b in zip(overlap_corpus, paper):

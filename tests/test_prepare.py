@@ -36,7 +36,7 @@ def skips(out):
 
 def test_prepared_corpus_api(prepared, demo_corpus):
     assert len(prepared) == 12 and prepared.skips == {}
-    assert prepared.meta["pitch"]["bins"] == ["low", "mid", "high", "unvoiced"]
+    assert prepared.meta.pitch.bins == ["low", "mid", "high", "unvoiced"]
     lo, hi = prepared.edges
     assert 80 < lo < hi < 300
     space = LabelSpace.of_corpus(prepared)
@@ -69,7 +69,7 @@ def test_second_run_is_cached(corpus_copy, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(mod, "f0_at", lambda *a, **k: calls.append(a) or pytest.fail("recomputed"))
     meta = run(corpus_copy, out)
-    assert meta["num_utterances"] == 12 and not calls
+    assert meta.num_utterances == 12 and not calls
     assert stamps == {p.name: p.stat().st_mtime_ns for p in (out / "utts").iterdir()}
     monkeypatch.undo()
     flac, _ = files(corpus_copy, 3)
@@ -158,8 +158,8 @@ def test_bad_inputs_are_recorded_skips(corpus_copy, tmp_path):
     meta = run(corpus_copy, out)
     got = skips(out)
     assert {k: v["reason"] for k, v in got.items()} == expected
-    assert meta["num_utterances"] == 12 - len(expected)
-    assert sum(meta["skips"].values()) == len(expected)
+    assert meta.num_utterances == 12 - len(expected)
+    assert sum(meta.skips.values()) == len(expected)
     for uid, rec in got.items():
         assert uid in rec["file"] and rec["message"]
     assert "after the audio" in got[files(corpus_copy, 9)[0].stem]["message"]
@@ -191,7 +191,7 @@ def test_unknown_speaker_is_skipped(corpus_copy, tmp_path):
     spk.write_text("\n".join(lines) + "\n")
     out = tmp_path / "o"
     meta = run(corpus_copy, out)
-    assert meta["skips"] == {"unknown-speaker": 3}
+    assert meta.skips == {"unknown-speaker": 3}
     assert all(r["reason"] == "unknown-speaker" and dropped in r["message"] for r in skips(out).values())
 
 
@@ -202,7 +202,7 @@ def test_other_sample_rate_is_resampled_or_refused(corpus_copy, tmp_path):
     wave, sr = sf.read(flac, dtype="float32")
     sf.write(flac, soxr.resample(wave, sr, 22050), 22050)
     meta = run(corpus_copy, tmp_path / "o")
-    assert meta["resampled"] == 1 and meta["skips"] == {}
+    assert meta.resampled == 1 and meta.skips == {}
     rec = next(r for r in PreparedCorpus(tmp_path / "o").records if r["id"] == flac.stem)
     assert rec["source_sample_rate"] == 22050 and rec["resampled"]
     assert abs(rec["num_samples"] - len(wave)) <= 1
@@ -212,7 +212,7 @@ def test_other_sample_rate_is_resampled_or_refused(corpus_copy, tmp_path):
 
 def test_given_edges_and_bins(corpus_copy, tmp_path):
     meta = run(corpus_copy, tmp_path / "o", edges=(150.0,))
-    assert meta["pitch"]["edges"] == [150.0] and meta["pitch"]["bins"] == ["low", "high", "unvoiced"]
+    assert meta.pitch.edges == [150.0] and meta.pitch.bins == ["low", "high", "unvoiced"]
 
 
 def test_not_a_prepared_corpus(tmp_path):
@@ -248,7 +248,7 @@ def test_cli_synth_and_prepare(tmp_path):
     )
     assert res.exit_code == 0, res.output
     assert "prepared 4 utterances" in res.output
-    assert PreparedCorpus(tmp_path / "p").meta["pitch"]["bins"] == ["low", "high", "unvoiced"]
+    assert PreparedCorpus(tmp_path / "p").meta.pitch.bins == ["low", "high", "unvoiced"]
     res = runner.invoke(
         main, ["prepare", "--root", str(tmp_path / "d"), "--subset", "nope", "--alignments", str(tmp_path / "d")]
     )

@@ -6,14 +6,17 @@ from pathlib import Path
 
 import pytest
 
+from neurostat.corpus.prepared import PreparedCorpusError, PreparedMeta
 from neurostat.engine.collect import CollectConfig, collect
 from neurostat.engine.spec import RunSpec, _bytes_per_neuron
 from neurostat.engine.statistics import TABLE
 from neurostat.model.adapter import ModelAdapter
 from neurostat.store import Progress, StoreError, StoreMeta
 
-# root attrs of a collected and a merged store, written by neurostat before these records existed
-BEFORE = json.loads((Path(__file__).parent / "data" / "store-attrs-before-records.json").read_text())
+# root attrs of a collected and a merged store and a prepared corpus's meta.json, written by neurostat
+# before these records existed
+RECORDS = json.loads((Path(__file__).parent / "data" / "records-before.json").read_text())
+BEFORE = RECORDS["store"]
 
 
 @pytest.mark.parametrize("kind", sorted(BEFORE))
@@ -57,3 +60,15 @@ def test_the_memory_guard_counts_the_top_frames_by_their_rows(prepared, tiny_mod
     assert _bytes_per_neuron(TABLE["top_frames"], spec) == 3 * (8 + 8)
     assert _bytes_per_neuron(TABLE["moments"], spec) == labels * 2 * 8
     assert _bytes_per_neuron(TABLE["topk"], spec) == labels * 8
+
+
+def test_prepared_meta_written_before_reads_back_unchanged(tmp_path):
+    meta = RECORDS["prepared"]
+    assert PreparedMeta.from_dict(meta, tmp_path).to_dict() == meta
+    paper = {**meta, "alignments": None, "paper_labels": "/official/info", "phone_map": "official phone table"}
+    paper["pitch"] = {k: v for k, v in meta["pitch"].items() if k != "step_seconds"} | {"rule": "paper"}
+    assert PreparedMeta.from_dict(paper, tmp_path).to_dict() == paper  # the paper-label import's shape
+    with pytest.raises(PreparedCorpusError, match="format 1 is not"):
+        PreparedMeta.from_dict({**meta, "format": 1}, tmp_path)
+    with pytest.raises(PreparedCorpusError, match="incomplete"):
+        PreparedMeta.from_dict({k: v for k, v in meta.items() if k != "geometry"}, tmp_path)

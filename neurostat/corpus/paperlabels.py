@@ -24,13 +24,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..version import __version__
 from ..frames import FrameGeometry
 from ..phones import PHONES, PhoneMap, UnknownPhoneError
 from .audio import Skip, load_audio
 from .librispeech import scan
 from .pitch import UNVOICED
-from .prepared import PreparedCorpus
+from .prepared import PitchMeta, PreparedCorpus, PreparedMeta
 
 FILES = {"phones": "phones.json", "table": "phone_table.json", "pitch": "pitch.json", "gender": "gender.json"}
 PITCH_CLASSES = ("low", "mid", "high")
@@ -145,25 +144,23 @@ def prepare_paper_labels(
         records.append(record)
     if not records:
         raise PaperLabelsError(f"no utterance of {subset} under {root} has official labels in {folder}")
-    meta = {
-        "neurostat_version": __version__,
-        "corpus": "librispeech",
-        "root": str(Path(root).resolve()),
-        "subset": subset,
-        "alignments": None,
-        "paper_labels": str(Path(folder).resolve()),
-        "geometry": geometry.to_dict(),
-        "phones": list(PHONES),
-        "genders": ["M", "F"],
-        "phone_map": "official phone table",
-        "pitch": {"method": "paper-labels", "edges": [], "bins": [*PITCH_CLASSES, UNVOICED], "quantiles": None},
-        "frame_labels": "overlap",
-        "strict": False,
-        "num_utterances": len(records),
-        "num_frames": int(sum(r["num_frames"] for r in records)),
-        "hours": sum(r["num_samples"] for r in records) / geometry.sample_rate / 3600,
-        "resampled": sum(r["resampled"] for r in records),
-        "skips": dict(Counter(s["reason"] for s in skips)),
-    }
-    meta["pitch"]["rule"] = "paper"
+    meta = PreparedMeta(
+        corpus="librispeech",
+        root=str(Path(root).resolve()),
+        subset=subset,
+        alignments=None,
+        paper_labels=str(Path(folder).resolve()),
+        geometry=geometry.to_dict(),
+        phones=list(PHONES),
+        genders=["M", "F"],
+        phone_map="official phone table",
+        pitch=PitchMeta(method="paper-labels", edges=[], bins=[*PITCH_CLASSES, UNVOICED], quantiles=None, rule="paper"),
+        frame_labels="overlap",
+        strict=False,
+        num_utterances=len(records),
+        num_frames=int(sum(r["num_frames"] for r in records)),
+        hours=sum(r["num_samples"] for r in records) / geometry.sample_rate / 3600,
+        resampled=sum(r["resampled"] for r in records),
+        skips=dict(Counter(s["reason"] for s in skips)),
+    )
     return PreparedCorpus.create(out, meta, sorted(records, key=lambda r: r["id"]), skips).meta

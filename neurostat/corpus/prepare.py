@@ -17,14 +17,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..version import __version__
 from ..errors import UserError
 from ..frames import FRAME_LABELS, FrameGeometry
 from ..phones import PHONES, PhoneMap, UnknownPhoneError
 from .audio import Skip, load_audio
 from .librispeech import corpus_dir, index_alignments, scan
 from .pitch import METHODS, PITCH_RULES, bin_names, f0_at, percentile_edges
-from .prepared import FORMAT, PreparedCorpus
+from .prepared import FORMAT, PitchMeta, PreparedCorpus, PreparedMeta
 from .speakers import GENDERS, read_speakers
 from .textgrid import TextGridError, read_textgrid
 
@@ -283,46 +282,45 @@ def prepare(
     if len(set(edges)) != len(edges):
         raise PrepareError(f"pitch bin edges must be distinct, got {edges}")
 
-    meta = {
-        "neurostat_version": __version__,
-        "corpus": layout,
-        "root": str(Path(root).resolve()),
-        "subset": subset,
-        "alignments": str(Path(alignments).resolve()),
-        "geometry": settings.geometry.to_dict(),
-        "phones": list(PHONES),
-        "genders": list(GENDERS),
-        "phone_map": settings.phone_map.describe(),
-        "pitch": {
-            "method": settings.pitch,
-            "edges": edges,
-            "bins": bin_names(len(edges)),
-            "quantiles": None if settings.edges is not None else list(settings.quantiles),
-            "rule": settings.pitch_rule,
-            "step_seconds": settings.pitch_step,
-        },
-        "frame_labels": settings.frame_labels,
-        "strict": settings.strict,
-        "num_utterances": len(records),
-        "num_frames": int(sum(r["num_frames"] for r in records)),
-        "hours": sum(r["num_samples"] for r in records) / settings.geometry.sample_rate / 3600,
-        "resampled": sum(r["resampled"] for r in records),
-        "skips": dict(Counter(s["reason"] for s in skips)),
-    }
+    meta = PreparedMeta(
+        corpus=layout,
+        root=str(Path(root).resolve()),
+        subset=subset,
+        alignments=str(Path(alignments).resolve()),
+        geometry=settings.geometry.to_dict(),
+        phones=list(PHONES),
+        genders=list(GENDERS),
+        phone_map=settings.phone_map.describe(),
+        pitch=PitchMeta(
+            method=settings.pitch,
+            edges=edges,
+            bins=bin_names(len(edges)),
+            quantiles=None if settings.edges is not None else list(settings.quantiles),
+            rule=settings.pitch_rule,
+            step_seconds=settings.pitch_step,
+        ),
+        frame_labels=settings.frame_labels,
+        strict=settings.strict,
+        num_utterances=len(records),
+        num_frames=int(sum(r["num_frames"] for r in records)),
+        hours=sum(r["num_samples"] for r in records) / settings.geometry.sample_rate / 3600,
+        resampled=sum(r["resampled"] for r in records),
+        skips=dict(Counter(s["reason"] for s in skips)),
+    )
     return PreparedCorpus.create(out, meta, records, skips).meta
 
 
-def describe_prepared(meta: dict, out: str | Path) -> str:
+def describe_prepared(meta: PreparedMeta, out: str | Path) -> str:
     """The summary `neurostat prepare` prints."""
-    edges = ", ".join(f"{e:.2f} Hz" for e in meta["pitch"]["edges"]) or "given per frame"
+    edges = ", ".join(f"{e:.2f} Hz" for e in meta.pitch.edges) or "given per frame"
     lines = [
-        f"prepared {meta['num_utterances']} utterances, {meta['hours']:.3f} h, {meta['num_frames']} frames -> {out}",
-        f"frame geometry: {FrameGeometry.from_dict(meta['geometry']).describe()}; frames labelled by "
-        f"{meta['frame_labels']}; pitch ({meta['pitch']['method']}, rule {meta['pitch']['rule']}) bin edges: {edges}",
+        f"prepared {meta.num_utterances} utterances, {meta.hours:.3f} h, {meta.num_frames} frames -> {out}",
+        f"frame geometry: {FrameGeometry.from_dict(meta.geometry).describe()}; frames labelled by "
+        f"{meta.frame_labels}; pitch ({meta.pitch.method}, rule {meta.pitch.rule}) bin edges: {edges}",
     ]
-    if meta["resampled"]:
-        lines.append(f"resampled to {meta['geometry']['sample_rate']} Hz: {meta['resampled']} utterance(s)")
-    if meta["skips"]:
-        skips = ", ".join(f"{reason} {n}" for reason, n in sorted(meta["skips"].items()))
+    if meta.resampled:
+        lines.append(f"resampled to {meta.geometry['sample_rate']} Hz: {meta.resampled} utterance(s)")
+    if meta.skips:
+        skips = ", ".join(f"{reason} {n}" for reason, n in sorted(meta.skips.items()))
         lines.append(f"skipped: {skips} (details: {Path(out) / 'skips.jsonl'})")
     return "\n".join(lines)

@@ -18,15 +18,17 @@ Layout (written by ``neurostat prepare`` and by attaching label sets):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
 from ..files import atomic_write
+from ..version import __version__
 from ..frames import FrameGeometry, label_frames, label_frames_overlap
 from .audio import Skip, load_audio
 from .pitch import assign_bins
@@ -37,6 +39,72 @@ BASE_PARTS = ("phone", "gender", "pitch_bin")
 
 class PreparedCorpusError(ValueError):
     """A prepared-corpus folder that is missing, unfinished or of another format."""
+
+
+@dataclass(frozen=True)
+class PitchMeta:
+    """How a prepared corpus binned F0: the method, the bin edges (Hz) and names, and the rule."""
+
+    method: str
+    edges: list[float]
+    bins: list[str]
+    quantiles: list[float] | None
+    rule: str
+    step_seconds: float | None = None  # the F0 analysis step (None: labels taken as given)
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if not (k == "step_seconds" and v is None)}
+
+
+@dataclass(frozen=True)
+class PreparedMeta:
+    """``meta.json`` of a prepared corpus, one record: written by ``prepare`` and by the paper-label
+    import alike, read through :attr:`PreparedCorpus.meta`."""
+
+    corpus: str  # the layout (librispeech, textgrid, ...)
+    root: str
+    subset: str
+    alignments: str | None
+    geometry: dict
+    phones: list[str]
+    genders: list[str]
+    phone_map: object
+    pitch: PitchMeta
+    frame_labels: str
+    strict: bool
+    num_utterances: int
+    num_frames: int
+    hours: float
+    resampled: int
+    skips: dict[str, int]
+    paper_labels: str | None = None  # the official label folder the labels came from
+    label_sets: dict = field(default_factory=dict)
+    version: str = __version__
+
+    def to_dict(self) -> dict:
+        out = {"neurostat_version": self.version, "format": FORMAT}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "version" or (f.name == "paper_labels" and value is None):
+                continue
+            out[f.name] = value.to_dict() if isinstance(value, PitchMeta) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict, where: Path) -> PreparedMeta:
+        if d.get("format") != FORMAT:
+            raise PreparedCorpusError(
+                f"{where}: prepared-corpus format {d.get('format')} is not {FORMAT}; re-run prepare"
+            )
+        names = {f.name for f in fields(cls)} - {"version"}
+        try:
+            values = {k: v for k, v in d.items() if k in names}
+            return cls(**{**values, "pitch": PitchMeta(**d["pitch"])}, version=d.get("neurostat_version", "?"))
+        except (KeyError, TypeError) as e:
+            raise PreparedCorpusError(f"{where}: meta.json is incomplete ({e}); re-run prepare") from None
+
+    def replace(self, **changes) -> PreparedMeta:
+        return dataclasses.replace(self, **changes)
 
 
 class LabelSetError(ValueError):
@@ -127,7 +195,7 @@ class PreparedUtterance:
         centre, or the one of largest overlap with its stride cell), −1 where there is none."""
         geo = geometry or self.corpus.geometry
         n = geo.num_frames(self.record["num_samples"]) if geometry else self.num_frames
-        if self.corpus.meta["frame_labels"] == "overlap":
+        if self.corpus.meta.frame_labels == "overlap":
             return label_frames_overlap(*self.intervals, geo.stride / geo.sample_rate, n)
         return label_frames(*self.intervals, geo.centres(n))
 
@@ -136,7 +204,7 @@ class PreparedUtterance:
         bins the corpus was given (official label files)."""
         if "pitch_bins" in self._arrays:
             return self._arrays["pitch_bins"].astype(np.int64)
-        return assign_bins(self.f0.astype(np.float64), self.corpus.edges, self.corpus.meta["pitch"]["rule"])
+        return assign_bins(self.f0.astype(np.float64), self.corpus.edges, self.corpus.meta.pitch.rule)
 
     def part_labels(self, part: str) -> int | np.ndarray:
         """Index of ``part``'s label: one per frame (phone, pitch bin, frame-level sets) or one for the
@@ -155,7 +223,7 @@ class PreparedUtterance:
 
     def load_audio(self) -> np.ndarray:
         """The waveform at the prepared geometry's sample rate (float32, mono)."""
-        wave, _ = load_audio(self.audio_path, self.corpus.geometry.sample_rate, strict=self.corpus.meta["strict"])
+        wave, _ = load_audio(self.audio_path, self.corpus.geometry.sample_rate, strict=self.corpus.meta.strict)
         return wave
 
 
@@ -174,21 +242,17 @@ class PreparedCorpus:
     def reload(self) -> None:
         """Reads meta.json and the manifest again (after a label set was attached or removed)."""
         meta_path = self.path / "meta.json"
-        self.meta = json.loads(meta_path.read_text())
-        if self.meta.get("format") != FORMAT:
-            raise PreparedCorpusError(
-                f"{meta_path}: prepared-corpus format {self.meta.get('format')} is not {FORMAT}; re-run prepare"
-            )
+        self.meta = PreparedMeta.from_dict(json.loads(meta_path.read_text()), meta_path)
         lines = (self.path / "manifest.jsonl").read_text().splitlines()
         self.records = [json.loads(line) for line in lines if line.strip()]
-        self.geometry = FrameGeometry.from_dict(self.meta["geometry"])
-        self.edges = list(self.meta["pitch"]["edges"])
-        self.phones = tuple(self.meta["phones"])
-        self.label_sets: dict[str, dict] = dict(self.meta.get("label_sets", {}))
+        self.geometry = FrameGeometry.from_dict(self.meta.geometry)
+        self.edges = list(self.meta.pitch.edges)
+        self.phones = tuple(self.meta.phones)
+        self.label_sets: dict[str, dict] = dict(self.meta.label_sets)
         self.vocabularies: dict[str, tuple[str, ...]] = {
             "phone": self.phones,
-            "gender": tuple(self.meta["genders"]),
-            "pitch_bin": tuple(self.meta["pitch"]["bins"]),
+            "gender": tuple(self.meta.genders),
+            "pitch_bin": tuple(self.meta.pitch.bins),
             **{name: tuple(entry["vocab"]) for name, entry in self.label_sets.items()},
         }
         """Each label part's vocabulary (phone, gender, pitch bin, attached label sets), in part order."""
@@ -239,7 +303,7 @@ class PreparedCorpus:
 
     @property
     def skips(self) -> dict[str, int]:
-        return dict(self.meta["skips"])
+        return dict(self.meta.skips)
 
     # -- writing (prepare and label sets go through these) --
 
@@ -267,7 +331,7 @@ class PreparedCorpus:
             return z["f0"]
 
     @classmethod
-    def create(cls, folder: str | Path, meta: dict, records: list[dict], skips: list[dict]) -> "PreparedCorpus":
+    def create(cls, folder: str | Path, meta: PreparedMeta, records: list[dict], skips: list[dict]) -> PreparedCorpus:
         """Writes manifest, skips and meta.json (the last, atomically: a folder without it is unfinished).
         Label sets attached to an earlier prepare into ``folder`` whose files are still there are kept."""
         folder = Path(folder)
@@ -275,24 +339,19 @@ class PreparedCorpus:
             old = json.loads((folder / "meta.json").read_text()).get("label_sets", {})
         except (OSError, ValueError):
             old = {}
-        meta = {
-            **meta,
-            "format": FORMAT,
-            "label_sets": {n: e for n, e in old.items() if (folder / e["file"]).is_file()},
-        }
+        meta = meta.replace(label_sets={n: e for n, e in old.items() if (folder / e["file"]).is_file()})
         for name, rows in (("manifest.jsonl", records), ("skips.jsonl", skips)):
             atomic_write(folder / name, "".join(json.dumps(r) + "\n" for r in rows))
-        atomic_write(folder / "meta.json", json.dumps(meta, indent=1))
+        atomic_write(folder / "meta.json", json.dumps(meta.to_dict(), indent=1))
         return cls(folder)
 
     def _update_label_sets(self, name: str, entry: dict | None) -> None:
-        meta = json.loads((self.path / "meta.json").read_text())
-        sets = meta.setdefault("label_sets", {})
-        if entry is None:
-            sets.pop(name, None)
-        else:
+        meta_path = self.path / "meta.json"
+        meta = PreparedMeta.from_dict(json.loads(meta_path.read_text()), meta_path)  # as on disk now
+        sets = {n: e for n, e in meta.label_sets.items() if n != name}
+        if entry is not None:
             sets[name] = entry
-        atomic_write(self.path / "meta.json", json.dumps(meta, indent=1))
+        atomic_write(meta_path, json.dumps(meta.replace(label_sets=sets).to_dict(), indent=1))
         self.reload()
 
     def write_label_set(self, name: str, entry: dict, stem: str, **arrays: np.ndarray) -> dict:

@@ -135,7 +135,7 @@ class RunSpec:
         """The store's metadata for this run (the fingerprint is what a resume must match)."""
         config, shard = self.config, f"{self.config.shard[0]}/{self.config.shard[1]}"
         top_frames = config.top_frames if "top_frames" in self.stats else None
-        where = {"root": corpus.meta["root"], "subset": corpus.meta["subset"], "prepared": str(corpus.path.resolve())}
+        where = {"root": corpus.meta.root, "subset": corpus.meta.subset, "prepared": str(corpus.path.resolve())}
         fingerprint = {
             "model": adapter.source,
             "revision": adapter.revision,
@@ -152,8 +152,8 @@ class RunSpec:
             "labels": self.space.to_dict(),
             "label_sets": {n: corpus.label_sets[n]["file"] for n in self.space.parts if n in corpus.label_sets},
             "pitch_edges": corpus.edges,
-            "pitch_rule": corpus.meta["pitch"]["rule"],
-            "frame_labels": corpus.meta["frame_labels"],
+            "pitch_rule": corpus.meta.pitch.rule,
+            "frame_labels": corpus.meta.frame_labels,
             "corpus": where,
             "shard": shard,
             "max_seconds": config.max_seconds,
@@ -181,9 +181,9 @@ class RunSpec:
                 for name, entry in corpus.label_sets.items()
                 if name in self.space.parts
             },
-            pitch=corpus.meta["pitch"],
-            frame_labels=corpus.meta["frame_labels"],
-            phone_map=corpus.meta["phone_map"],
+            pitch=corpus.meta.pitch.to_dict(),
+            frame_labels=corpus.meta.frame_labels,
+            phone_map=corpus.meta.phone_map,
             corpus={**where, "utterances": len(self.indices), "shard": shard, "prepare_skips": corpus.skips},
             batching={
                 "front_end": self.front_end,
