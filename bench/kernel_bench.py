@@ -40,7 +40,8 @@ import neurostat.kernels.label_stats as label_stats_module
 from neurostat.engine.accumulate import Accumulator
 from neurostat.engine.backends import Backend, fp32_activations
 from neurostat.engine.batching import TokenBatch, chunk_tokens
-from neurostat.engine.statistics import DEFAULT_STATS, Params, topk_mask
+from neurostat.declarations import DEFAULT_STATS
+from neurostat.engine.statistics import Params, topk_mask
 from neurostat.engine.statistics import statistics as table_entries
 from neurostat.kernels.ffn_up_stats import ffn_up_stats
 from neurostat.kernels.merge_sums import merge_sums

@@ -16,12 +16,11 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from .declarations import count_variable
 from .frames import FrameGeometry
 from .labelspace import LabelSpace
 from .moments import pool
 from .store import StoreError, StoreMeta, checkpoint_progress, verify_store
-
-_STAT_VARS = {"topk": "topk_count", "positive": "positive_count"}
 
 
 class Stats:
@@ -127,9 +126,7 @@ class Stats:
 
     def counts(self, stat: str = "topk", by: tuple[str, ...] = ("phone",)) -> xr.DataArray:
         """Activation counts per layer, marginal label and neuron (``stat``: topk or positive)."""
-        if stat not in _STAT_VARS:
-            raise ValueError(f"unknown statistic {stat!r}; choose from {tuple(_STAT_VARS)}")
-        return self.reduce(_STAT_VARS[stat], by)
+        return self.reduce(count_variable(stat), by)
 
     def probability(self, stat: str = "topk", by: tuple[str, ...] = ("phone",)) -> xr.DataArray:
         """Activating probability P(j | label) = count / tokens (NaN where a label has no tokens)."""

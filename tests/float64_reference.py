@@ -19,6 +19,7 @@ def stats_reference(rows: dict[int, list], num_labels: int, width: int, k: int) 
     positive = np.zeros_like(topk)
     sums = np.zeros((len(layers), num_labels, width))
     max_abs = np.full((len(layers), num_labels, width), np.nan)
+    abs_sum = np.zeros((len(layers), num_labels, width))
     for li, layer in enumerate(layers):
         for vec, label in rows[layer]:
             if li == 0:
@@ -27,6 +28,7 @@ def stats_reference(rows: dict[int, list], num_labels: int, width: int, k: int) 
             positive[li, label] += vec > 0
             sums[li, label] += vec
             max_abs[li, label] = np.fmax(max_abs[li, label], np.abs(vec))
+            abs_sum[li, label] += np.abs(vec)
     n = frames[None, :, None].astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = sums / n
@@ -42,6 +44,7 @@ def stats_reference(rows: dict[int, list], num_labels: int, width: int, k: int) 
         "mean": mean,
         "var": var,
         "max_abs": max_abs,
+        "abs_sum": abs_sum,
     }
 
 

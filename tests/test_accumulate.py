@@ -52,6 +52,7 @@ def test_accumulator_against_float64_reference_and_merge():
             np.testing.assert_array_equal(got[name], ref[name])
         np.testing.assert_allclose(got["mean"], ref["mean"], rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(got["var"], ref["var"], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(got["abs_sum"], ref["abs_sum"], rtol=1e-12, atol=0)
     back = Accumulator.from_state(whole.state_dict(), k, whole.stats).compute()
     for name, value in whole.compute().items():
         np.testing.assert_array_equal(back[name], value)

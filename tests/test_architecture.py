@@ -12,6 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BASE = {
     "neurostat.version",
+    "neurostat.declarations",
     "neurostat.errors",
     "neurostat.files",
     "neurostat.frames",

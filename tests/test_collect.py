@@ -64,7 +64,7 @@ def assert_store_equals(path, ref, rtol=1e-9, atol=1e-12):
     ds = xr.open_zarr(path, consolidated=False)
     for name in ("frames", "topk_count", "positive_count"):
         np.testing.assert_array_equal(ds[name].values, ref[name], err_msg=name)
-    for name in ("mean", "var", "max_abs"):
+    for name in ("mean", "var", "max_abs", "abs_sum"):
         if name in ds:
             np.testing.assert_allclose(ds[name].values, ref[name], rtol=rtol, atol=atol, err_msg=name)
 
@@ -74,7 +74,7 @@ def test_float64_statistics_match_hook_reference(prepared, tiny_model, tmp_path,
     adapter = ModelAdapter.load(str(tiny_model), dtype=torch.float64)
     config = CollectConfig(stats=tuple(TABLE), topk_ratio=RATIO, tokens=mode, batch_seconds=10.0, front_end="batched")
     attrs = collect(prepared, adapter, tmp_path / "s.zarr", config, progress=False)
-    assert "max_abs" in xr.open_zarr(tmp_path / "s.zarr", consolidated=False)
+    assert {"max_abs", "abs_sum"} <= set(xr.open_zarr(tmp_path / "s.zarr", consolidated=False))
     assert attrs.complete and attrs.progress.utterances_done == len(prepared)
     ref = hook_reference(prepared, tiny_model, mode, torch.float64, [0, 1, 2])
     assert_store_equals(tmp_path / "s.zarr", ref)
@@ -157,6 +157,22 @@ def test_max_abs_marginals_through_open_stats(prepared, tiny_model, tmp_path):
         stats.moments()
 
 
+def test_abs_sum_marginals_through_open_stats(prepared, tiny_model, tmp_path):
+    """An opt-in statistic declared with the existing ``sum`` rule: Σ|a| per label, summed into marginals."""
+    out = tmp_path / "s.zarr"
+    config = CollectConfig(stats=("abs_sum",), topk_ratio=RATIO, tokens="all", batch_seconds=10.0)
+    collect(prepared, ModelAdapter.load(str(tiny_model), dtype=torch.float64), out, config, progress=False)
+    ref = hook_reference(prepared, tiny_model, "all", torch.float64, [0, 1, 2])
+    stats = open_stats(out)
+    assert stats.meta.statistics["merge"] == {"abs_sum": "sum"}
+    joint = xr.open_zarr(out, consolidated=False)["abs_sum"].values
+    np.testing.assert_allclose(joint, ref["abs_sum"], rtol=1e-12, atol=0)
+    by_gender = joint.reshape(3, len(PHONES), 2, 4, 37).sum(axis=(1, 3))
+    np.testing.assert_allclose(stats.reduce("abs_sum", by=("gender",)).values, by_gender, rtol=1e-12)
+    mean_abs = stats.reduce("abs_sum", by=("phone",)) / stats.tokens(by=("phone",))
+    assert mean_abs.dims == ("layer", "phone", "neuron") and (mean_abs.fillna(0).values >= 0).all()
+
+
 def test_merge_of_shards_equals_single_run(prepared, tiny_model, tmp_path):
     adapter = ModelAdapter.load(str(tiny_model))
     cfg = dict(topk_ratio=RATIO, batch_seconds=1e-3, stats=tuple(TABLE))
@@ -173,7 +189,7 @@ def test_merge_of_shards_equals_single_run(prepared, tiny_model, tmp_path):
     )
     for name in ("frames", "topk_count", "positive_count", "max_abs"):
         np.testing.assert_array_equal(a[name].values, b[name].values)
-    for name in ("mean", "var"):  # fp32 per-batch sums around each run's own shift
+    for name in ("mean", "var", "abs_sum"):  # fp32 per-batch sums around each run's own shift; float64 sums
         np.testing.assert_allclose(a[name].values, b[name].values, rtol=1e-5, atol=1e-7)
     assert b.attrs["progress"]["utterances_done"] == len(prepared)
     with pytest.raises(StoreError, match="counted in both"):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from ..declarations import DECLARATIONS, DEFAULT_STATS
 from .app import demo_model_name, main, preset_option, user_errors, with_preset
 from .corpus import PREPARE_OPTIONS, labelling_options
 
@@ -70,8 +71,9 @@ def _shard(ctx, param, text: str) -> tuple[int, int]:
     "--stat",
     "stats",
     multiple=True,
-    type=click.Choice(["topk", "positive", "moments", "max_abs", "top_frames"]),
-    help="Statistics to collect (repeatable) [default: topk, positive, moments; max_abs and top_frames are opt-in].",
+    type=click.Choice(list(DECLARATIONS)),
+    help=f"Statistics to collect (repeatable) [default: {', '.join(DEFAULT_STATS)}; "
+    f"{', '.join(n for n in DECLARATIONS if n not in DEFAULT_STATS)} are opt-in].",
 )
 @click.option(
     "--top-frames",

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..declarations import COUNT_STATS
 from .app import main, user_errors
 
 
@@ -29,7 +30,7 @@ from .app import main, user_errors
     "--sigma", default=0.8, help="σ: a group neuron is above chance for at least this fraction of the group's phones."
 )
 @click.option(
-    "--stat", type=click.Choice(["topk", "positive"]), default="topk", help="Which activation count gives P(j | label)."
+    "--stat", type=click.Choice(COUNT_STATS), default="topk", help="Which activation count gives P(j | label)."
 )
 @click.option(
     "--rule",

@@ -15,7 +15,8 @@ import torch
 
 from .backends import make_backend
 from .batching import TokenBatch
-from .statistics import DEFAULT_STATS, TABLE, Params, statistics
+from ..declarations import DEFAULT_STATS
+from .statistics import TABLE, Params, statistics
 
 
 class Accumulator:

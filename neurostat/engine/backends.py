@@ -98,16 +98,13 @@ class Backend:
             s.merge.add_batch(s, totals, sums, batch.labels, batch.counts, tokens, shift)
 
 
-_KERNEL_STATS = ("topk", "positive", "moments")
-
-
 class TritonBackend(Backend):
     name = "triton"
 
     def __init__(self, stats: tuple[Statistic, ...], params: Params, activation: str = "gelu", precision: str = "fp32"):
         super().__init__(stats, params, activation, precision)
-        self.kernel = tuple(s for s in stats if s.name in _KERNEL_STATS)
-        self.others = tuple(s for s in stats if s.name not in _KERNEL_STATS)
+        self.kernel = tuple(s for s in stats if "label_stats" in s.kernels)  # merged by merge_sums too
+        self.others = tuple(s for s in stats if "label_stats" not in s.kernels)
 
     def _kernel_sums(self, a, batch, shift, which: set[str]) -> dict[str, torch.Tensor]:
         from ..kernels.label_stats import label_stats
@@ -150,7 +147,7 @@ class TritonFusedBackend(TritonBackend):
         from ..kernels.ffn_up_stats import ffn_up_stats
 
         shape = hidden.shape
-        epilogue = {n for s in self.kernel if s.name in ("positive", "moments") for n in s.sums}
+        epilogue = {n for s in self.kernel if "ffn_up_stats" in s.kernels for n in s.sums}
         y, sums = ffn_up_stats(
             hidden.reshape(-1, shape[-1]),
             ffn.up.weight,

@@ -34,7 +34,7 @@ from .batching import BatchDataset, padding_fraction, plan_batches
 from .distributed import World, rank_zero_first
 from .rank import collect_rank
 from .spec import CollectConfig, RunSpec
-from .statistics import store_dims
+from ..declarations import store_dims
 
 __all__ = ["CollectConfig", "CollectInterrupted", "collect", "collect_corpus", "describe_collect"]
 

@@ -10,7 +10,7 @@ import xarray as xr
 from ..labelspace import LabelSpace
 from ..store import Progress, StoreError, StoreMeta, StoreWriter, load_done, verify_store
 from .accumulate import Accumulator, state_from_store
-from .statistics import store_dims
+from ..declarations import store_dims
 
 _SHARD_FREE = ("shard",)
 

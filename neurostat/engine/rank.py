@@ -28,7 +28,7 @@ from .distributed import (
 )
 from .merge import store_state
 from .spec import RunSpec
-from .statistics import store_dims
+from ..declarations import store_dims
 
 RunShare = Callable[[StoreWriter, StoreMeta, list[int], JobProgress], StoreMeta]
 """The collect loop over one rank's utterances into its partial store; returns the partial's metadata."""

@@ -20,7 +20,8 @@ from ..store import StoreMeta
 from ..version import __version__
 from .backends import PRECISIONS, make_backend, resolve_backend
 from .batching import default_batch_seconds
-from .statistics import DEFAULT_STATS, TABLE, Params, statistics
+from ..declarations import DEFAULT_STATS
+from .statistics import TABLE, Params, statistics
 from .tokens import MODES
 
 
@@ -200,8 +201,7 @@ class RunSpec:
 def _bytes_per_neuron(stat, spec: RunSpec) -> int:
     """Bytes of one neuron's totals of ``stat`` in one layer (rows: the labels, or the N top frames)."""
     rows = spec.config.top_frames if stat.axis == "top" else spec.space.size
-    dtypes = stat.state_dtypes or (stat.dtype,) * len(stat.states)
-    return rows * sum(d.itemsize for d in dtypes)
+    return rows * sum(np.dtype(s.dtype).itemsize for s in stat.declaration.states)
 
 
 def _describe_precision(precision: str, dtype: torch.dtype) -> str:

@@ -1,18 +1,16 @@
-"""The statistics table: every statistic the engine collects, declared once.
+"""The engine's side of the statistics table: each declared statistic (:mod:`neurostat.declarations`)
+with its torch function — the per-batch sums [U, D] per label of the batch, the reference path every
+backend is checked against — and the arithmetic of its merge rule.  The accumulator, the backends,
+checkpoints, the store and every merge (batches, shards, resumed runs, ranks) follow the table:
+adding a statistic means one declaration, its torch function here and its test (and, optionally, a
+kernel).
 
-A :class:`Statistic` names its totals (one [layer, label, neuron] array each, with dtype and initial
-value), the per-batch sums a backend returns for it (per label of the batch, [U, D]), the torch
-function that computes those sums (the reference path every backend is checked against), its merge
-rule and its store variables with their fill for labels without tokens.  The accumulator, the
-backends, checkpoints, the store and every merge (batches, shards, resumed runs) follow the table:
-adding a statistic means one entry here, its torch function and its test (and, optionally, a kernel).
-
-Merge rules (:class:`Rule`): ``sum`` (counts: batch counts added to int64 totals), ``chan`` (moments:
-shifted batch sums → mean and M2, merged in float64 with Chan et al.'s formula), ``max`` and ``top``
-(the N largest values per neuron with their frame ids, equal values in id order: not additive, but
-exact and independent of batching).
-The store records each variable's rule (array attribute ``merge``) so that readers reduce label
-parts the same way.
+Merge rules (:class:`Rule`, named by the declarations): ``sum`` (batch sums added to the totals),
+``chan`` (moments: shifted batch sums → mean and M2, merged in float64 with Chan et al.'s formula),
+``max`` and ``top`` (the N largest values per neuron with their frame ids, equal values in id order:
+not additive, but exact and independent of batching).  A rule reads its state, sum and variable names
+from the declaration.  The store records each variable's rule (``statistics.merge``) so that readers
+reduce label parts the same way.
 """
 
 from __future__ import annotations
@@ -23,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..declarations import DECLARATIONS, Declaration, declared
 from ..moments import chan_merge, from_shifted_sums
 from .batching import FRAME_BITS, TokenBatch
 
@@ -114,6 +113,11 @@ def max_abs_sums(
     return {"max_abs": out.scatter_reduce_(0, batch.local[:, None].expand_as(absx), absx, "amax")}
 
 
+def abs_sums(x: torch.Tensor, batch: TokenBatch, params: Params, shift: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Σ|a| per label, in float64 (a float32 sum over millions of tokens would lose digits)."""
+    return {"abs_sum": per_label(batch, x.abs().to(torch.float64))}
+
+
 def keep_top(values: torch.Tensor, ids: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per column, the ``n`` largest values of [..., M, D] with their ids; equal values in id order (an
     exact, order-independent rule: the result does not depend on how the candidates were batched)."""
@@ -183,37 +187,43 @@ class SumRule(Rule):
 
 
 class ChanRule(Rule):
-    """Totals ``mean`` and ``m2``; batch sums ``s1``, ``s2`` around a per-neuron shift."""
+    """Totals mean and M2 (the statistic's two states); batch sums Σ(a − c), Σ(a − c)² around a per-neuron
+    shift c; store variables mean and population variance."""
 
     name = "chan"
 
     def add_batch(self, stat, totals, sums, labels, counts, tokens, shift) -> None:
-        mean_t, m2_t = totals["mean"], totals["m2"]
+        (mean_name, m2_name), (s1, s2) = stat.states, stat.sums
+        mean_t, m2_t = totals[mean_name], totals[m2_name]
         n_b = counts.to(torch.float64)[:, None]
         n_a = tokens.index_select(0, labels).to(torch.float64)[:, None]
-        mean_b, m2_b = from_shifted_sums(n_b, sums["s1"].double(), sums["s2"].double(), shift.double())
+        mean_b, m2_b = from_shifted_sums(n_b, sums[s1].double(), sums[s2].double(), shift.double())
         mean, m2 = chan_merge(n_a, mean_t.index_select(0, labels), m2_t.index_select(0, labels), n_b, mean_b, m2_b)
         mean_t.index_copy_(0, labels, mean)
         m2_t.index_copy_(0, labels, m2)
 
     def combine(self, stat, mine, theirs, n_a, n_b) -> None:
-        mine["mean"], mine["m2"] = chan_merge(n_a, mine["mean"], mine["m2"], n_b, theirs["mean"], theirs["m2"])
+        mean, m2 = stat.states
+        mine[mean], mine[m2] = chan_merge(n_a, mine[mean], mine[m2], n_b, theirs[mean], theirs[m2])
 
     def all_reduce(self, stat, totals, n, total_n, reduce) -> None:
         """Every rank's sets pooled at once: the mean from Σ n·mean, then Σ M2 + n·(mean − pooled)²."""
-        mean = totals["mean"] * n
+        mean_name, m2_name = stat.states
+        mean = totals[mean_name] * n
         reduce(mean, "sum")
         mean /= total_n + (total_n == 0)
-        m2 = totals["m2"] + n * (totals["mean"] - mean) ** 2
+        m2 = totals[m2_name] + n * (totals[mean_name] - mean) ** 2
         reduce(m2, "sum")
-        totals["mean"], totals["m2"] = mean, m2
+        totals[mean_name], totals[m2_name] = mean, m2
 
     def to_store(self, stat, totals, n) -> dict[str, np.ndarray]:
+        (mean, m2), (mean_var, var_var) = stat.states, stat.store
         with np.errstate(invalid="ignore", divide="ignore"):
-            return {"mean": totals["mean"], "var": np.maximum(totals["m2"], 0) / n}
+            return {mean_var: totals[mean], var_var: np.maximum(totals[m2], 0) / n}
 
     def from_store(self, stat, variables, n) -> dict[str, np.ndarray]:
-        return {"mean": np.nan_to_num(variables["mean"]), "m2": np.nan_to_num(variables["var"]) * n}
+        (mean, m2), (mean_var, var_var) = stat.states, stat.store
+        return {mean: np.nan_to_num(variables[mean_var]), m2: np.nan_to_num(variables[var_var]) * n}
 
 
 class MaxRule(Rule):
@@ -234,36 +244,45 @@ class MaxRule(Rule):
 
 
 class TopRule(Rule):
-    """Totals ``top_value`` and ``top_frame`` [layer, N, neuron]: the N largest values seen and their frame
-    ids, kept by :func:`keep_top` — exact across batches, shards, ranks and resumed runs."""
+    """Totals [layer, N, neuron]: the N largest values seen and their frame ids (the statistic's two
+    states), kept by :func:`keep_top` — exact across batches, shards, ranks and resumed runs; store
+    variables: the values, the utterance indices and the frames."""
 
     name = "top"
 
     def add_batch(self, stat, totals, sums, labels, counts, tokens, shift) -> None:
-        values = torch.cat([totals["top_value"], sums["top_value"].to(totals["top_value"].dtype)])
-        ids = torch.cat([totals["top_frame"], sums["top_frame"]])
-        totals["top_value"][:], totals["top_frame"][:] = keep_top(values, ids, totals["top_value"].shape[0])
+        (value, frame), (sum_value, sum_frame) = stat.states, stat.sums
+        values = torch.cat([totals[value], sums[sum_value].to(totals[value].dtype)])
+        ids = torch.cat([totals[frame], sums[sum_frame]])
+        totals[value][:], totals[frame][:] = keep_top(values, ids, totals[value].shape[0])
 
     def combine(self, stat, mine, theirs, n_a, n_b) -> None:
-        values = torch.cat([mine["top_value"], theirs["top_value"]], dim=-2)
-        ids = torch.cat([mine["top_frame"], theirs["top_frame"]], dim=-2)
-        mine["top_value"], mine["top_frame"] = keep_top(values, ids, mine["top_value"].shape[-2])
+        value, frame = stat.states
+        values = torch.cat([mine[value], theirs[value]], dim=-2)
+        ids = torch.cat([mine[frame], theirs[frame]], dim=-2)
+        mine[value], mine[frame] = keep_top(values, ids, mine[value].shape[-2])
 
     def all_reduce(self, stat, totals, n, total_n, reduce) -> None:
-        values, ids = reduce(totals["top_value"], "gather"), reduce(totals["top_frame"], "gather")
-        rows = totals["top_value"].shape[-2]
-        totals["top_value"], totals["top_frame"] = keep_top(torch.cat(values, -2), torch.cat(ids, -2), rows)
+        value, frame = stat.states
+        values, ids = reduce(totals[value], "gather"), reduce(totals[frame], "gather")
+        rows = totals[value].shape[-2]
+        totals[value], totals[frame] = keep_top(torch.cat(values, -2), torch.cat(ids, -2), rows)
 
     def to_store(self, stat, totals, n) -> dict[str, np.ndarray]:
-        utterance, frame = frame_id_parts(totals["top_frame"])
-        value = np.where(totals["top_frame"] < 0, np.nan, totals["top_value"])
-        return {"top_value": value, "top_utterance": utterance, "top_frame": frame}
+        (value, frame), (value_var, utterance_var, frame_var) = stat.states, stat.store
+        utterance, frames = frame_id_parts(totals[frame])
+        return {
+            value_var: np.where(totals[frame] < 0, np.nan, totals[value]),
+            utterance_var: utterance,
+            frame_var: frames,
+        }
 
     def from_store(self, stat, variables, n) -> dict[str, np.ndarray]:
-        utterance, frame = variables["top_utterance"], variables["top_frame"]
+        (value, frame), (value_var, utterance_var, frame_var) = stat.states, stat.store
+        utterance, frames = variables[utterance_var], variables[frame_var]
         empty = utterance < 0
-        ids = np.where(empty, -1, (utterance.astype(np.int64) << FRAME_BITS) | frame)
-        return {"top_value": np.where(empty, -np.inf, variables["top_value"]), "top_frame": ids}
+        ids = np.where(empty, -1, (utterance.astype(np.int64) << FRAME_BITS) | frames)
+        return {value: np.where(empty, -np.inf, variables[value_var]), frame: ids}
 
 
 RULES = {rule.name: rule for rule in (SumRule(), ChanRule(), MaxRule(), TopRule())}
@@ -271,120 +290,47 @@ RULES = {rule.name: rule for rule in (SumRule(), ChanRule(), MaxRule(), TopRule(
 
 @dataclass(frozen=True)
 class Statistic:
-    """One statistic: its totals, per-batch sums, torch function, merge rule and store variables."""
+    """A declared statistic (:mod:`neurostat.declarations`) with its torch function and merge rule."""
 
-    name: str  # what --stat takes
-    states: tuple[str, ...]  # totals, one [layer, label, neuron] array each (checkpoint keys)
-    dtype: torch.dtype  # of the totals
-    sums: tuple[str, ...]  # per-batch sums [U, D] a backend returns
+    declaration: Declaration
     torch_sums: Callable[[torch.Tensor, TokenBatch, Params, torch.Tensor | None], dict[str, torch.Tensor]]
-    rule: str  # key of RULES
-    store: tuple[str, ...]  # store variables (layer, label, neuron)
-    fill: float  # store value for labels without tokens
-    needs_shift: bool = False  # the per-neuron shift of the moment sums
-    default: bool = True  # collected unless --stat says otherwise
-    about: str = ""
-    axis: str = "label"  # the totals' middle axis: one row per label, or ("top") the N largest
-    start: tuple[float, ...] = ()  # initial value of each state [default 0]
-    state_dtypes: tuple[torch.dtype, ...] = ()  # dtype of each state [default dtype]
+
+    def __getattr__(self, name: str):  # name, sums, store, fill, axis, needs_shift, rule, kernels, dims
+        if name.startswith("__") or name == "declaration":
+            raise AttributeError(name)
+        return getattr(self.declaration, name)
+
+    @property
+    def states(self) -> tuple[str, ...]:
+        """The totals' names (checkpoint keys)."""
+        return self.declaration.state_names
 
     @property
     def merge(self) -> Rule:
-        return RULES[self.rule]
+        return RULES[self.declaration.rule]
 
     def initial(self, shape: tuple[int, ...], device, params: Params | None = None) -> dict[str, torch.Tensor]:
         """Fresh totals for ``shape`` = (layers, labels, neurons)."""
         layers, labels, width = shape
         rows = (params or Params(1)).top_frames if self.axis == "top" else labels
-        starts = self.start or (0,) * len(self.states)
-        dtypes = self.state_dtypes or (self.dtype,) * len(self.states)
         return {
-            name: torch.full((layers, rows, width), start, dtype=dtype, device=device)
-            for name, start, dtype in zip(self.states, starts, dtypes)
+            s.name: torch.full((layers, rows, width), s.start, dtype=getattr(torch, s.dtype), device=device)
+            for s in self.declaration.states
         }
 
-    def dims(self, var: str) -> tuple[str, str, str]:
-        """The store dimensions of one of its variables."""
-        return ("layer", self.axis, "neuron")
 
-
-TABLE: dict[str, Statistic] = {
-    s.name: s
-    for s in (
-        Statistic(
-            "topk",
-            ("topk",),
-            torch.int64,
-            ("topk",),
-            topk_sums,
-            "sum",
-            ("topk_count",),
-            0,
-            about="tokens at which |a_j| is among the top k of its layer (ties to the lower index)",
-        ),
-        Statistic(
-            "positive",
-            ("positive",),
-            torch.int64,
-            ("positive",),
-            positive_sums,
-            "sum",
-            ("positive_count",),
-            0,
-            about="tokens with a_j > 0",
-        ),
-        Statistic(
-            "moments",
-            ("mean", "m2"),
-            torch.float64,
-            ("s1", "s2"),
-            moment_sums,
-            "chan",
-            ("mean", "var"),
-            np.nan,
-            needs_shift=True,
-            about="mean and population variance of a_j",
-        ),
-        Statistic(
-            "max_abs",
-            ("max_abs",),
-            torch.float64,
-            ("max_abs",),
-            max_abs_sums,
-            "max",
-            ("max_abs",),
-            np.nan,
-            default=False,
-            about="largest |a_j|",
-        ),
-        Statistic(
-            "top_frames",
-            ("top_value", "top_frame"),
-            torch.float64,
-            ("top_value", "top_frame"),
-            top_frames_sums,
-            "top",
-            ("top_value", "top_utterance", "top_frame"),
-            np.nan,
-            default=False,
-            about="the N largest a_j over the corpus, with their utterance and frame",
-            axis="top",
-            start=(-np.inf, -1),
-            state_dtypes=(torch.float64, torch.int64),
-        ),
-    )
+_TORCH_SUMS = {
+    "topk": topk_sums,
+    "positive": positive_sums,
+    "moments": moment_sums,
+    "max_abs": max_abs_sums,
+    "abs_sum": abs_sums,
+    "top_frames": top_frames_sums,
 }
-DEFAULT_STATS = tuple(name for name, s in TABLE.items() if s.default)
-
-
-def store_dims(names) -> dict[str, tuple[str, ...]]:
-    """The store dimensions of every variable of these statistics (and of ``frames``)."""
-    return {"frames": ("label",), **{var: s.dims(var) for s in statistics(names) for var in s.store}}
+TABLE: dict[str, Statistic] = {name: Statistic(d, _TORCH_SUMS[name]) for name, d in DECLARATIONS.items()}
+"""Every declared statistic with its torch function (the reference path every backend is checked against)."""
 
 
 def statistics(names) -> tuple[Statistic, ...]:
     """The table's entries for ``names`` in table order; an unknown name is an error listing the known."""
-    unknown = sorted(set(names) - set(TABLE))
-    if unknown:
-        raise ValueError(f"unknown statistics {unknown}; choose from {tuple(TABLE)}")
-    return tuple(s for name, s in TABLE.items() if name in names)
+    return tuple(TABLE[d.name] for d in declared(names))

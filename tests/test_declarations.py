@@ -1,0 +1,34 @@
+"""The statistics table is consistent: the engine, the store and the readers can all follow it."""
+
+import numpy as np
+import pytest
+
+from neurostat.declarations import COUNT_STATS, DECLARATIONS, DEFAULT_STATS, count_variable, declare, declared
+from neurostat.engine.statistics import TABLE, RULES
+
+
+def test_every_declaration_has_a_torch_function_a_rule_and_names_of_its_own():
+    assert set(TABLE) == set(DECLARATIONS) and all(d.rule in RULES for d in DECLARATIONS.values())
+    states = [s.name for d in DECLARATIONS.values() for s in d.states]
+    variables = [v for d in DECLARATIONS.values() for v in d.store]
+    # the accumulator keeps every statistic's totals (and the token counts) in one checkpoint
+    assert len(set(states)) == len(states) and "tokens" not in states, states
+    assert len(set(variables)) == len(variables) and "frames" not in variables, variables
+    for d in DECLARATIONS.values():
+        assert all(np.dtype(s.dtype).kind in "if" for s in d.states)
+
+
+def test_declaring_is_by_keyword_and_checked():
+    with pytest.raises(TypeError):
+        declare("x", "sum")  # keywords only: entries read like add_state(name, default=..., dist_reduce_fx=...)
+    with pytest.raises(ValueError, match="unknown rule"):
+        declare("x", rule="mean", states=(), sums=(), store=())
+    with pytest.raises(ValueError, match="choose from"):
+        declared(["topk", "nope"])
+
+
+def test_counts_and_defaults_come_from_the_table():
+    assert DEFAULT_STATS == ("topk", "positive", "moments") and COUNT_STATS == ("topk", "positive")
+    assert count_variable("positive") == "positive_count"
+    with pytest.raises(ValueError, match="count statistic 'abs_sum'"):
+        count_variable("abs_sum")
