@@ -12,8 +12,7 @@ from pathlib import Path
 
 from .corpus.prepare import PrepareSettings, prepare
 from .corpus.synth import synthesize
-from .model.adapter import load_geometry
-from .tiny import shipped_model_dir
+from .model.adapter import DEMO, load_geometry, model_source
 
 DEMO_SUBSET = "dev-clean"
 DEMO_NOTE = (
@@ -29,10 +28,7 @@ def cache_dir() -> Path:
 
 def demo_model() -> Path:
     """The shipped demo model's folder (an HF checkpoint)."""
-    model = shipped_model_dir()
-    if not (model / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{model}: the demo model is missing from this installation; reinstall neurostat")
-    return model
+    return Path(model_source(DEMO))
 
 
 def ensure_demo(cache: Path, progress: bool = True) -> tuple[Path, Path]:

@@ -42,7 +42,7 @@ def dom(url: str) -> str:
 def test_site_files_and_snippets(store, prepared, tmp_path):
     (tmp_path / "sel.json").write_text('{"1": [0, 5], "3": [2]}')
     res = CliRunner().invoke(
-        main, ["browse", str(store), "--corpus", str(prepared.path), "--neurons", str(tmp_path / "sel.json"),
+        main, ["browse", str(store), "--prepared", str(prepared.path), "--neurons", str(tmp_path / "sel.json"),
                "--out", str(tmp_path / "site")]
     )  # fmt: skip
     assert res.exit_code == 0, res.output

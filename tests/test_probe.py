@@ -147,7 +147,7 @@ def test_phone_error_rate_collapses_repeats_and_drops_silence():
 
 def test_probe_cli_compares_models_and_writes_json(prepared, tiny_model, tmp_path):
     out = tmp_path / "probe.json"
-    args = ["probe", "--model", str(tiny_model), "--corpus", str(prepared.path), "--compare", str(tiny_model)]
+    args = ["probe", "--model", str(tiny_model), "--prepared", str(prepared.path), "--compare", str(tiny_model)]
     res = CliRunner().invoke(main, [*args, "--task", "gender", "--task", "phone", "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert "(+0.000)" in res.output and "phone per" in res.output

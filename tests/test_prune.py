@@ -151,3 +151,15 @@ def test_cli_ablate_and_prune(tmp_path):
         main, ["ablate", "--model", str(model_dir), "--neurons", str(big), "--out", str(tmp_path / "y")]
     )
     assert res.exit_code == 1 and "layer 13 does not exist" in res.output
+
+
+def test_the_library_takes_demo_for_the_shipped_model(tmp_path):
+    """``demo`` names the shipped demo model in the library's loading, not only through the CLI."""
+    from neurostat.model.adapter import DEMO_MODEL_DIR, ModelAdapter, load_geometry
+    from neurostat.model.pruning import load_pruned, prune_checkpoint
+
+    assert ModelAdapter.load("demo").source == str(DEMO_MODEL_DIR)
+    assert load_geometry("demo") == ModelAdapter.load(str(DEMO_MODEL_DIR)).geometry
+    result = prune_checkpoint("demo", tmp_path / "pruned", ratio=0.5)
+    assert sum(result.widths().values()) < sum(f.width for f in ModelAdapter.load("demo").ffns)
+    load_pruned(tmp_path / "pruned")

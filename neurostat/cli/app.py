@@ -23,16 +23,11 @@ def main(debug: bool) -> None:
 
 
 def demo_model_name(ctx, param, value):
-    """Click callback: ``--model demo`` names the shipped demo model (a folder inside the package)."""
+    """Click callback: ``--model demo`` names the shipped demo model, resolved here already so that
+    messages and folder checks see its folder (the library resolves ``demo`` too)."""
+    from ..model.adapter import model_source
 
-    def resolve(name):
-        if name != "demo":
-            return name
-        from ..demo import demo_model
-
-        return str(demo_model())
-
-    return tuple(resolve(v) for v in value) if isinstance(value, tuple) else resolve(value)
+    return tuple(model_source(v) for v in value) if isinstance(value, tuple) else model_source(value)
 
 
 def user_errors(command):

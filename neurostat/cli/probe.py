@@ -17,7 +17,7 @@ from .app import demo_model_name, main, user_errors
     help="Hub id, checkpoint folder, pruned checkpoint (`neurostat prune`) or `demo` (the shipped demo model).",
 )
 @click.option(
-    "--corpus",
+    "--prepared",
     required=True,
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="Prepared corpus (`neurostat prepare`) with phones, gender and F0.",
@@ -51,7 +51,7 @@ from .app import demo_model_name, main, user_errors
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the results as JSON.")
 @user_errors
-def probe(model, corpus, compare, tasks, fixed_probes, layer, test_fraction, seed, device, out) -> None:
+def probe(model, prepared, compare, tasks, fixed_probes, layer, test_fraction, seed, device, out) -> None:
     """Fit linear probes (phone, phone type, gender, pitch bin, log F0) on frozen layer outputs, trained on
     speakers disjoint from the test speakers, and print a table of the metrics (and deltas with --compare)."""
     from ..probe import TASKS, probe_model, save_results, table
@@ -62,7 +62,7 @@ def probe(model, corpus, compare, tasks, fixed_probes, layer, test_fraction, see
         reuse = fitted if (i == 0 or fixed_probes) else None
         tag = {"model": Path(source).name, "probes": "fixed"} if i and fixed_probes else None
         results.append(
-            probe_model(source, corpus, tuple(tasks) or TASKS, layer, seed, test_fraction, device, tag, fitted=reuse)
+            probe_model(source, prepared, tuple(tasks) or TASKS, layer, seed, test_fraction, device, tag, fitted=reuse)
         )
     click.echo(table(results))
     if out:

@@ -46,7 +46,7 @@ def report(store, neuron_files, sigma, probe, out) -> None:
 @main.command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option(
-    "--corpus",
+    "--prepared",
     "prepared",
     required=True,
     type=click.Path(exists=True, file_okay=False, path_type=Path),

@@ -55,6 +55,21 @@ class FFN:
         return self.up.out_features
 
 
+DEMO = "demo"
+"""The name that stands for the demo model neurostat ships, wherever a model source is taken."""
+DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "tiny" / "model"
+"""The shipped demo model's folder (package data; :mod:`neurostat.tiny` trains and writes it)."""
+
+
+def model_source(source: str) -> str:
+    """``source`` as transformers takes it: ``demo`` becomes the shipped demo model's folder."""
+    if source != DEMO:
+        return source
+    if not (DEMO_MODEL_DIR / "model.safetensors").is_file():
+        raise ModelError(f"{DEMO_MODEL_DIR}: the demo model is missing from this installation; reinstall neurostat")
+    return str(DEMO_MODEL_DIR)
+
+
 def check_model_type(config, name: str) -> None:
     """A config of a supported model family, or an error naming the model and the supported types."""
     model_type = getattr(config, "model_type", None)
@@ -176,6 +191,7 @@ class ModelAdapter:
         it (WavLM does not), else eager.  :attr:`attention` says which one runs."""
         from transformers import AutoConfig, AutoFeatureExtractor, AutoModel
 
+        source = model_source(source)
         try:
             config = AutoConfig.from_pretrained(source, revision=revision)
         except (OSError, ValueError) as e:
@@ -424,6 +440,7 @@ def load_geometry(source: str | None = None, sample_rate: int | None = None) -> 
     if source is None:
         geometry = default_geometry()
     else:
+        source = model_source(source)
         try:
             config = AutoConfig.from_pretrained(source)
             fe = AutoFeatureExtractor.from_pretrained(source)
@@ -440,7 +457,7 @@ def save_feature_extractor(source: str, out: str | Path) -> bool:
     from transformers import AutoFeatureExtractor
 
     try:
-        AutoFeatureExtractor.from_pretrained(source).save_pretrained(out)
+        AutoFeatureExtractor.from_pretrained(model_source(source)).save_pretrained(out)
     except (OSError, ValueError):
         return False
     return True
@@ -450,6 +467,7 @@ def load_full_model(source: str, revision: str | None = None) -> nn.Module:
     """The checkpoint with its own head (the class its config names, e.g. HubertForCTC), for editing."""
     import transformers
 
+    source = model_source(source)
     try:
         config = transformers.AutoConfig.from_pretrained(source, revision=revision)
     except (OSError, ValueError) as e:

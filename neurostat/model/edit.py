@@ -17,7 +17,7 @@ from torch import nn
 
 from ..files import new_folder
 from ..neuronset import NeuronSet
-from .adapter import FFN, load_full_model, model_ffns, save_feature_extractor
+from .adapter import FFN, load_full_model, model_ffns, model_source, save_feature_extractor
 
 
 def _checked(model: nn.Module, neurons: NeuronSet) -> list[FFN]:
@@ -68,6 +68,7 @@ def ablate_checkpoint(
     ``neurons`` file and saves the edited checkpoint to ``out`` (through a temporary folder; an existing
     ``out`` only with ``overwrite``, the source folder never); returns the neurons and whether a
     feature-extractor config was copied along."""
+    model = model_source(model)
     net = load_full_model(model)
     ffns = model_ffns(net)
     chosen = NeuronSet.load(neurons, num_layers=len(ffns), width=max(f.width for f in ffns))

@@ -22,7 +22,7 @@ from torch import nn
 from ..version import __version__
 from ..files import new_folder
 from ..neuronset import NeuronSet
-from .adapter import ModelAdapter, load_full_model, model_ffns, save_feature_extractor
+from .adapter import ModelAdapter, load_full_model, model_ffns, model_source, save_feature_extractor
 
 CRITERIA = ("l1", "l2")
 FORMAT = 1
@@ -247,6 +247,7 @@ def prune_checkpoint(
     """Loads ``model`` (hub id or folder), prunes it with the neurons in the ``protect`` files never pruned,
     and saves the pruned checkpoint to ``out`` (what `neurostat prune` does): through a temporary folder
     renamed at the end; an existing ``out`` only with ``overwrite``, the source folder never."""
+    model = model_source(model)
     net = load_full_model(model)
     widths = [f.width for f in model_ffns(net)]
     protected = {str(f): NeuronSet.load(f, num_layers=len(widths), width=max(widths)) for f in protect}

@@ -6,10 +6,11 @@
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
+
+from ..model.adapter import DEMO_MODEL_DIR
 
 
 def shipped_model_dir() -> Path:
     """The folder of the shipped demo model (HF checkpoint: config, fp16 weights, model card)."""
-    return Path(str(resources.files("neurostat.tiny").joinpath("model")))
+    return DEMO_MODEL_DIR
