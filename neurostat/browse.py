@@ -17,7 +17,8 @@ import soundfile as sf
 
 from .corpus.prepared import PreparedCorpus
 from .neuronset import NeuronSet
-from .report import ReportError, property_sets
+from .report import ReportError
+from .select import property_sets
 from .stats import Stats, open_stats
 
 _STYLE = """body{font-family:sans-serif;max-width:1000px;margin:2em auto}table{border-collapse:collapse}

@@ -25,7 +25,7 @@ import numpy as np
 
 from .neuronset import NeuronSet, NeuronSetError
 from .probe import headline, load_results
-from .select import PROPERTIES, GroupSpec, SelectionError, select_properties, venn
+from .select import PROPERTIES, GroupSpec, has_labels, property_sets, venn
 from .stats import Stats, open_stats
 
 HEATMAP_NEURONS = 40
@@ -56,31 +56,6 @@ def _figure(draw, name: str, title: str, size=(8, 4)) -> Figure:
     fig.savefig(buffer, format="png")
     plt.close(fig)
     return Figure(name, title, buffer.getvalue())
-
-
-def property_sets(stats: Stats, neuron_files: list[Path], sigma: float) -> dict[str, NeuronSet]:
-    """The neuron sets to show: each file (named by its stem), checked against the store's model; without
-    files, the paper's properties the store has labels for, selected with σ."""
-    if neuron_files:
-        layers, width = int(stats.meta.model["num_layers"]), stats.width
-        sets = {}
-        for path in neuron_files:
-            try:
-                sets[Path(path).stem] = NeuronSet.load(path, layers, width)
-            except NeuronSetError as e:
-                raise ReportError(f"{e} (the store's model has {layers} layers x {width} neurons)") from None
-        return sets
-    usable = [p for p in PROPERTIES if p != "phone" and _has_labels(stats, p)]
-    selections, _ = select_properties(stats, tuple(usable), sigma=sigma)
-    return {name: sel.neurons for name, sel in selections.items()}
-
-
-def _has_labels(stats: Stats, prop: str) -> bool:
-    try:
-        GroupSpec.builtin(prop, stats).check(stats)
-    except SelectionError:
-        return False
-    return True
 
 
 def _per_layer(stats: Stats, sets: dict[str, NeuronSet]) -> Figure:
@@ -119,7 +94,7 @@ def _overlaps(sets: dict[str, NeuronSet], regions: dict[str, int]) -> Figure:
 
 def _heatmap(stats: Stats, name: str, neurons: NeuronSet) -> Figure | None:
     """P(j | label of the property's axis) for the set's most selective neurons (largest max P − min P)."""
-    axis = GroupSpec.builtin(name, stats).axis if name in PROPERTIES and _has_labels(stats, name) else "phone"
+    axis = GroupSpec.builtin(name, stats).axis if name in PROPERTIES and has_labels(stats, name) else "phone"
     prob = stats.probability("topk", by=(axis,)).values  # [layer, label, neuron]
     rows = [(n, j) for n in neurons.layers for j in sorted(neurons[n]) if n in stats.layers]
     if not rows:
@@ -292,7 +267,10 @@ def build_report(
         raise ReportError(
             f"{store} has no topk statistic (collected: {', '.join(stats.meta.stats)}); collect it with --stat topk"
         )
-    sets = property_sets(stats, list(neuron_files or []), sigma)
+    try:
+        sets = property_sets(stats, list(neuron_files or []), sigma)
+    except NeuronSetError as e:
+        raise ReportError(str(e)) from None
     if not sets:
         raise ReportError(
             f"{store}: no property can be selected (label parts {', '.join(stats.parts)}); give --neurons FILE"

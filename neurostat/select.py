@@ -19,7 +19,7 @@ import numpy as np
 import yaml
 
 from .errors import OptionError
-from .neuronset import NeuronSet
+from .neuronset import NeuronSet, NeuronSetError
 from .phones import ARPABET, BROAD_CLASSES
 from .stats import Stats
 
@@ -310,6 +310,32 @@ def select_properties(
             selections[name] = property_neurons(stats, name, groups=groups, **settings)
         messages += [f"warning ({name}): {w.message}" for w in caught]
     return selections, messages
+
+
+def has_labels(stats: Stats, prop: str) -> bool:
+    """Whether the store has the label parts a built-in property's groups need."""
+    try:
+        GroupSpec.builtin(prop, stats).check(stats)
+    except SelectionError:
+        return False
+    return True
+
+
+def property_sets(stats: Stats, neuron_files: list[Path], sigma: float) -> dict[str, NeuronSet]:
+    """The neuron sets a report or a browser shows: each file (named by its stem), checked against the
+    store's model; without files, the paper's properties the store has labels for, selected with σ."""
+    if neuron_files:
+        layers, width = int(stats.meta.model["num_layers"]), stats.width
+        sets = {}
+        for path in neuron_files:
+            try:
+                sets[Path(path).stem] = NeuronSet.load(path, layers, width)
+            except NeuronSetError as e:
+                raise NeuronSetError(f"{e} (the store's model has {layers} layers x {width} neurons)") from None
+        return sets
+    usable = [p for p in PROPERTIES if p != "phone" and has_labels(stats, p)]
+    selections, _ = select_properties(stats, tuple(usable), sigma=sigma)
+    return {name: sel.neurons for name, sel in selections.items()}
 
 
 def save_selections(selections: dict[str, Selection], out: str | Path) -> str:

@@ -24,7 +24,8 @@ from .store import StoreError, StoreMeta, checkpoint_progress, verify_store
 
 
 class Stats:
-    """A complete statistics store opened lazily with xarray."""
+    """A complete statistics store: its metadata (:attr:`meta`) and the xarray Dataset (:attr:`ds`); each
+    accessor reads the variables it needs whole (a store's variables fit in memory by design)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)

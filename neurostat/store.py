@@ -1,9 +1,12 @@
 """The statistics store: one Zarr v3 group that ``xarray.open_zarr`` opens as a Dataset.
 
-Root arrays (dims ``layer``, ``label``, ``neuron``; chunked by layer): ``frames(label)``,
-``topk_count``, ``positive_count`` (int64), ``mean``, ``var`` (float64), coordinates ``layer``
-(1-based), ``phone``, ``gender``, ``pitch_bin`` and any attached label set (per joint label).  Root attrs hold the model, the
-statistic parameters, the label vocabularies, pitch edges, versions, the command line and progress.
+Root arrays (chunked by layer): ``frames(label)`` and each collected statistic's variables, as its
+declaration (:mod:`neurostat.declarations`) names them — ``topk_count``, ``positive_count`` (int64),
+``mean``, ``var``, ``max_abs``, ``abs_sum`` (float64) over (``layer``, ``label``, ``neuron``), the top
+frames over (``layer``, ``top``, ``neuron``); coordinates ``layer`` (1-based), ``phone``, ``gender``,
+``pitch_bin`` and any attached label set (per joint label) and, with the top frames, ``utterance``.
+Root attrs are one :class:`StoreMeta`: the model, the statistic parameters, the label vocabularies,
+pitch edges, versions, the command line and the :class:`Progress`.
 
 The ``neurostat`` subgroup holds what a writer needs: ``writer.lock`` (one writer at a time, an
 ``flock`` that dies with its process), checkpoints ``state-<n>.npz`` + ``done-<n>.json`` written

@@ -111,3 +111,21 @@ def test_triton_backend_matches_torch_backend():
         np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="unknown backend"):
         Accumulator(1, 2, 3, 1, backend="cuda")
+
+
+def test_an_accumulator_takes_a_backend_instance():
+    from neurostat.engine.backends import make_backend
+    from neurostat.engine.statistics import Params, statistics
+
+    stats = ("topk", "positive")
+    backend = make_backend("torch", statistics(stats), Params(3))
+    flat = np.array([0, 1, 1, -1, 2])
+    x = torch.randn(5, 11, generator=torch.Generator().manual_seed(1))
+    by_name, given = Accumulator(1, 3, 11, 3, stats), Accumulator(1, 3, 11, 3, stats, backend=backend)
+    assert given.backend is backend
+    for acc in (by_name, given):
+        acc.update(0, x, TokenBatch.from_labels(flat))
+    for name, value in by_name.compute().items():
+        np.testing.assert_array_equal(given.compute()[name], value)
+    with pytest.raises(ValueError, match="other statistics"):
+        Accumulator(1, 3, 11, 4, stats, backend=backend)

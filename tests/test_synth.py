@@ -35,7 +35,8 @@ def test_layout_labels_and_determinism(demo_corpus, tmp_path):
     assert sorted(s.sex for s in speakers.values()) == ["F", "F", "M", "M"]
     mapping = PhoneMap()
     for u in utts:
-        assert u.transcript
+        transcripts = (u.audio.parent / f"{u.speaker}-{u.chapter}.trans.txt").read_text().splitlines()
+        assert any(line.startswith(f"{u.id} ") and len(line) > len(u.id) + 1 for line in transcripts)
         info = sf.info(str(u.audio))
         assert info.samplerate == 16000 and info.channels == 1
         grid = read_textgrid(demo_corpus / "alignments" / "dev-clean" / u.speaker / u.chapter / f"{u.id}.TextGrid")

@@ -158,7 +158,8 @@ def collect(
     """Collect activation statistics of every FFN neuron, layer and joint label into a Zarr store.
 
     With no arguments it runs the embedded demo offline: it synthesises and prepares the demo corpus
-    and collects with a small random-initialised HuBERT (cached in $NEUROSTAT_CACHE).
+    and collects the statistics of neurostat's demo model, a small HuBERT pre-trained on synthetic speech
+    (cached in $NEUROSTAT_CACHE).
     """
     from ..engine.collect import CollectConfig, CollectInterrupted, collect_corpus, describe_collect
     from ..engine.distributed import World, rank_zero_first

@@ -17,7 +17,6 @@ class CorpusUtterance:
     speaker: str
     chapter: str
     audio: Path
-    transcript: str
 
 
 class CorpusError(ValueError):
@@ -41,27 +40,16 @@ def subset_dir(root: str | Path, subset: str) -> Path:
     return path
 
 
-def _transcripts(chapter_dir: Path) -> dict[str, str]:
-    out = {}
-    for trans in chapter_dir.glob("*.trans.txt"):
-        for line in trans.read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.strip():
-                uid, _, text = line.strip().partition(" ")
-                out[uid] = text
-    return out
-
-
 def scan(root: str | Path, subset: str) -> list[CorpusUtterance]:
     """All FLAC utterances of a subset, sorted by id; duplicate ids are an error."""
     sub = subset_dir(root, subset)
     found: dict[str, CorpusUtterance] = {}
     for chapter_dir in sorted(p for p in sub.glob("*/*") if p.is_dir()):
-        texts = _transcripts(chapter_dir)
         for flac in sorted(chapter_dir.glob("*.flac")):
             uid = flac.stem
             if uid in found:
                 raise CorpusError(f"duplicate utterance id {uid}: {found[uid].audio} and {flac}")
-            found[uid] = CorpusUtterance(uid, chapter_dir.parent.name, chapter_dir.name, flac, texts.get(uid, ""))
+            found[uid] = CorpusUtterance(uid, chapter_dir.parent.name, chapter_dir.name, flac)
     if not found:
         raise CorpusError(f"no .flac files under {sub}")
     return [found[k] for k in sorted(found)]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .backends import make_backend
+from .backends import Backend, make_backend
 from .batching import TokenBatch
 from ..declarations import DEFAULT_STATS
 from .statistics import TABLE, Params, statistics
@@ -30,19 +30,26 @@ class Accumulator:
         k: int,
         stats: tuple[str, ...] = DEFAULT_STATS,
         device: torch.device | str = "cpu",
-        backend: str = "torch",
+        backend: str | Backend = "torch",
         activation: str = "gelu",
         precision: str = "fp32",
         top_frames: int = 16,
     ):
+        """``backend``: a name of :data:`~neurostat.engine.backends.BACKENDS` (built here for these
+        statistics, ``activation`` and ``precision``) or a backend built for them already."""
         if not 1 <= k <= width:
             raise ValueError(f"top-k needs 1 <= k <= width, got k={k}, width={width}")
         self.table = statistics(stats)
         self.stats = tuple(s.name for s in self.table)
         self.shape = (num_layers, num_labels, width)
-        self.k, self.device = k, torch.device(device)
+        self.device = torch.device(device)
         self.params = Params(k, top_frames)
-        self.backend = make_backend(backend, self.table, self.params, activation, precision)
+        if isinstance(backend, Backend):
+            if backend.stats != self.table or backend.params != self.params:
+                raise ValueError(f"the {backend.name} backend was built for other statistics or parameters")
+            self.backend = backend
+        else:
+            self.backend = make_backend(backend, self.table, self.params, activation, precision)
         self.totals: dict[str, torch.Tensor] = {}
         for s in self.table:
             self.totals.update(s.initial(self.shape, self.device, self.params))
