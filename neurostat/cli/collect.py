@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from ..declarations import DECLARATIONS, DEFAULT_STATS
+from ..engine.tokens import MODES
 from .app import demo_model_name, main, preset_option, user_errors, with_preset
 from .corpus import PREPARE_OPTIONS, labelling_options
 
@@ -91,7 +92,7 @@ def _shard(ctx, param, text: str) -> tuple[int, int]:
 )
 @click.option(
     "--tokens",
-    type=click.Choice(["phone-mid", "all", "no-silence"]),
+    type=click.Choice(MODES),
     default="phone-mid",
     help="Which frames count: the middle frame of each phone run (paper), all, or all but silence/spn.",
 )

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..engine.tokens import MODES
 from .app import demo_model_name, main, preset_option, user_errors, with_preset
 
 
@@ -162,7 +163,7 @@ def prepare(root, corpus, subset, alignments, out, model, sample_rate, paper_lab
 @main.command("compare-labels")
 @click.argument("first", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("second", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--tokens", type=click.Choice(["phone-mid", "all", "no-silence"]), default="phone-mid")
+@click.option("--tokens", type=click.Choice(MODES), default="phone-mid")
 @user_errors
 def compare_labels(first, second, tokens) -> None:
     """Compare two prepared corpora of the same utterances (e.g. neurostat's labels and --paper-labels):

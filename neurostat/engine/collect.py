@@ -184,6 +184,33 @@ class _Bar:
         self.bar.close()
 
 
+class _Ledger:
+    """Which utterances are finished — one cut into pieces by ``max_seconds`` only with its last piece —
+    and the progress counts, batch by batch."""
+
+    def __init__(self, corpus: PreparedCorpus, batches, done: list[str], prog: Progress):
+        self.done, self.finished, self.prog = done, set(done), prog
+        self.pieces_left = Counter(corpus.records[p.index]["id"] for b in batches for p in b)
+        self.sample_rate = corpus.geometry.sample_rate
+
+    def count(self, item: dict) -> list[str]:
+        """Counts one loaded batch (its skips, frames, tokens and audio); returns the utterances it finished."""
+        prog = self.prog
+        for err in item["errors"]:
+            prog.skip(err["reason"])
+            tqdm.write(f"skipped {err['file']}: {err['message']}")
+        for u in item["ids"]:
+            self.pieces_left[u] -= 1
+        new = [u for u in dict.fromkeys(item["ids"]) if self.pieces_left[u] == 0 and u not in self.finished]
+        self.finished.update(new)
+        self.done.extend(new)
+        prog.frames += item["frames"]
+        prog.padded_frames += item["padded_frames"]
+        prog.tokens += item["tokens"].num_tokens
+        prog.audio_seconds += item["samples"] / self.sample_rate
+        return new
+
+
 def _run(
     corpus, adapter, store: StoreWriter, spec: RunSpec, meta: StoreMeta, indices, progress: bool, job=None
 ) -> StoreMeta:
@@ -192,16 +219,14 @@ def _run(
         return store.previous
     config = spec.config
     acc, done, prog = _restore(spec, adapter, store)
-    finished = set(done)
-    batches = plan_batches(
-        corpus, [i for i in indices if corpus.records[i]["id"] not in finished], spec.batch_seconds, config.max_seconds
-    )
-    pieces_left = Counter(corpus.records[p.index]["id"] for b in batches for p in b)  # done only with its last piece
+    todo = [i for i in indices if corpus.records[i]["id"] not in set(done)]
+    batches = plan_batches(corpus, todo, spec.batch_seconds, config.max_seconds)
     if progress and batches:
         tqdm.write(
             f"{len(batches)} batches of at most {spec.batch_seconds:g} s of padded audio; "
             f"padding {100 * padding_fraction(corpus, batches):.1f}% of the frames"
         )
+    ledger = _Ledger(corpus, batches, done, prog)
     position = {layer: i for i, layer in enumerate(spec.layers)}
     current: dict = {}
 
@@ -221,22 +246,11 @@ def _run(
     with _stop_requests() as stop:
         with adapter.instrument(activation, list(spec.layers)):
             for item in _timed_iter(_loader(corpus, adapter, spec, batches, store), prog):
-                for err in item["errors"]:
-                    prog.skip(err["reason"])
-                    tqdm.write(f"skipped {err['file']}: {err['message']}")
                 batch = item["tokens"]
                 if batch.num_tokens and len(item["lengths"]):
                     current["tokens"] = batch.to(adapter.device)
                     adapter.encode(item["waves"], item["lengths"], front_end=spec.front_end)
-                for u in item["ids"]:
-                    pieces_left[u] -= 1
-                new = [u for u in dict.fromkeys(item["ids"]) if pieces_left[u] == 0 and u not in finished]
-                finished.update(new)
-                done.extend(new)
-                prog.frames += item["frames"]
-                prog.padded_frames += item["padded_frames"]
-                prog.tokens += batch.num_tokens
-                prog.audio_seconds += item["samples"] / corpus.geometry.sample_rate
+                new = ledger.count(item)
                 since_ckpt += len(new)
                 bar.show(len(new), len(done), prog, base_elapsed + time.time() - started)
                 if (
@@ -253,16 +267,24 @@ def _run(
         if job is not None:
             bar.show(0, len(done), prog, base_elapsed + time.time() - started, force=True)
         bar.close()
-        prog.elapsed_seconds = prog.loop_seconds = base_elapsed + time.time() - started
-        prog.utterances_done, prog.utterances_total, prog.complete = len(done), len(indices), True
-        final = meta.replace(complete=True, progress=prog)
-        store.finalize(
-            acc.compute(), _coords(corpus, spec), final, done, config.keep_checkpoint, store_dims(spec.stats)
+        final = _finish(
+            store, acc, corpus, spec, meta, ledger, len(indices), lambda: base_elapsed + time.time() - started
         )
-        prog.elapsed_seconds = base_elapsed + time.time() - started
-        store.update_progress(prog)
         if stop and job is not None:  # a rank must not wait in the merge for ranks torchrun is stopping
             raise _interrupted(stop, job, f"after its last batch; its store of {len(indices)} utterances is complete")
+    return final
+
+
+def _finish(store, acc, corpus, spec: RunSpec, meta: StoreMeta, ledger: _Ledger, total: int, elapsed) -> StoreMeta:
+    """Writes the store's arrays and its metadata, marked complete; ``elapsed()``: the run's seconds so far."""
+    prog = ledger.prog
+    prog.elapsed_seconds = prog.loop_seconds = elapsed()
+    prog.utterances_done, prog.utterances_total, prog.complete = len(ledger.done), total, True
+    final = meta.replace(complete=True, progress=prog)
+    dims = store_dims(spec.stats)
+    store.finalize(acc.compute(), _coords(corpus, spec), final, ledger.done, spec.config.keep_checkpoint, dims)
+    prog.elapsed_seconds = elapsed()
+    store.update_progress(prog)
     return final
 
 

@@ -76,31 +76,32 @@ def collect_rank(
     total.utterances_total, total.complete = len(indices), True
     total.elapsed_seconds = max(p.elapsed_seconds for p in progress) + time.time() - started
     total.loop_seconds = max(p.loop_seconds or 0.0 for p in progress)
-    final = meta.replace(
-        complete=True,
-        progress=total,
-        distributed={
-            "world_size": world.size,
-            "backend": dist.get_backend(),
-            "sharding": "balanced by duration",
-            "partials": str(partial_dir(out).resolve()),
-            "ranks": [
-                {
-                    "rank": r["rank"],
-                    "host": r["host"],
-                    "utterances": len(r["done"]),
-                    "audio_seconds": p.audio_seconds,
-                    "elapsed_seconds": p.elapsed_seconds,
-                    "loop_seconds": p.loop_seconds or 0,
-                    "data_wait_seconds": p.data_wait_seconds,
-                }
-                for r, p in zip(ranks, progress)
-            ],
-        },
-    )
+    final = meta.replace(complete=True, progress=total, distributed=_job_record(out, ranks, progress))
     if world.rank == 0:
         with StoreWriter(out, final, overwrite=True) as store:
             done = [u for r in ranks for u in r["done"]]
             store.finalize(acc.compute(), coords, final, done, dims=store_dims(spec.stats))
     dist.barrier()
     return final
+
+
+def _job_record(out: Path, ranks: list[dict], progress: list[Progress]) -> dict:
+    """The store's ``distributed`` section: the job, and each rank's host, utterances and timings."""
+    return {
+        "world_size": len(ranks),
+        "backend": dist.get_backend(),
+        "sharding": "balanced by duration",
+        "partials": str(partial_dir(out).resolve()),
+        "ranks": [
+            {
+                "rank": r["rank"],
+                "host": r["host"],
+                "utterances": len(r["done"]),
+                "audio_seconds": p.audio_seconds,
+                "elapsed_seconds": p.elapsed_seconds,
+                "loop_seconds": p.loop_seconds or 0,
+                "data_wait_seconds": p.data_wait_seconds,
+            }
+            for r, p in zip(ranks, progress)
+        ],
+    }

@@ -18,6 +18,7 @@ reference, and the default on a CPU, where it is faster (:func:`default_front_en
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Callable, Iterator
@@ -53,6 +54,28 @@ class FFN:
     @property
     def width(self) -> int:
         return self.up.out_features
+
+    # the one place that knows the HF module's attribute names (wav2vec2, HuBERT, WavLM, data2vec-audio)
+    def replace(self, up: nn.Linear, down: nn.Linear) -> None:
+        """Swaps in new projections W1 and W2 (a pruned layer's), in the model and here."""
+        self.module.intermediate_dense, self.module.output_dense = up, down
+        self.up, self.down = up, down
+
+    def hook_activation(self, fn: Callable[[torch.Tensor], torch.Tensor]):
+        """Passes the activation ``act(W1 x + b1)`` through ``fn`` on its way to W2 (a forward hook);
+        returns the handle that removes it."""
+        return self.module.intermediate_dropout.register_forward_hook(lambda module, inputs, out: fn(out))
+
+    def forward_with(
+        self, activation: Callable[[torch.Tensor], torch.Tensor]
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The block's forward with ``activation(x)`` in place of ``act(W1 x + b1)``, finishing as HF does."""
+        module = self.module
+
+        def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+            return module.output_dropout(self.down(module.intermediate_dropout(activation(hidden_states))))
+
+        return forward
 
 
 DEMO = "demo"
@@ -351,7 +374,7 @@ class ModelAdapter:
         for i in chosen:
             ffn = self.ffns[i]
             saved.append((ffn.module, ffn.module.forward))
-            ffn.module.forward = _instrumented_forward(ffn, i, activation)
+            ffn.module.forward = ffn.forward_with(functools.partial(activation, i, ffn))
         try:
             yield
         finally:
@@ -367,16 +390,6 @@ class ModelAdapter:
             return a
 
         return self.instrument(activation, layers)
-
-
-def _instrumented_forward(ffn: FFN, index: int, activation: Callable[[int, FFN, torch.Tensor], torch.Tensor]):
-    module = ffn.module
-
-    def forward(hidden_states: torch.Tensor) -> torch.Tensor:
-        a = activation(index, ffn, hidden_states)
-        return module.output_dropout(ffn.down(module.intermediate_dropout(a)))
-
-    return forward
 
 
 def _weights(cls, source: str, **kwargs) -> nn.Module:

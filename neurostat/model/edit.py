@@ -42,7 +42,7 @@ def ablated(model: nn.Module, neurons: NeuronSet) -> Iterator[nn.Module]:
         ffn = ffns[layer - 1]
         mask = torch.ones(ffn.width, dtype=ffn.up.weight.dtype, device=ffn.up.weight.device)
         mask[idx] = 0
-        handles.append(ffn.module.intermediate_dropout.register_forward_hook(lambda m, i, out, mask=mask: out * mask))
+        handles.append(ffn.hook_activation(lambda a, mask=mask: a * mask))
     try:
         yield model
     finally:

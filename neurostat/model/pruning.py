@@ -140,7 +140,7 @@ def _slice(ffn, idx: list[int]) -> None:
         down.weight.copy_(ffn.down.weight.index_select(1, index))
         if down.bias is not None:
             down.bias.copy_(ffn.down.bias)
-    ffn.module.intermediate_dense, ffn.module.output_dense = up, down
+    ffn.replace(up, down)
 
 
 def count_parameters(model: nn.Module) -> int:
