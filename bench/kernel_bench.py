@@ -156,7 +156,12 @@ def merge_check(sums, batch, num_labels, D, shift, device) -> tuple[float, float
             "m2": torch.zeros((num_labels, D), dtype=torch.float64, device=device),
         }
 
-    torch_merge = Backend(table_entries(DEFAULT_STATS), Params(1)).merge
+    table = table_entries(DEFAULT_STATS)
+    backend = Backend(table, Params(1))
+
+    def torch_merge(sums, batch, tokens, shift, flat):  # the backend keeps each statistic's totals apart
+        backend.merge(sums, batch, tokens, shift, {s.name: {n: flat[n] for n in s.states} for s in table})
+
     ref, got = fresh(), fresh()
     torch_merge(sums, batch, tokens, shift, ref)
     merge_sums(sums, batch.labels, batch.counts, tokens, shift, got)

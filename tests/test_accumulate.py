@@ -56,11 +56,17 @@ def test_accumulator_against_float64_reference_and_merge():
     back = Accumulator.from_state(whole.state_dict(), k, whole.stats).compute()
     for name, value in whole.compute().items():
         np.testing.assert_array_equal(back[name], value)
+    # a checkpoint written before each statistic had its own totals keyed them by state name alone
+    flat = {key.rpartition(".")[2]: v for key, v in whole.state_dict().items()}
+    assert "mean" in flat and "moments.mean" in whole.state_dict()
+    old = Accumulator.from_state(flat, k, whole.stats).compute()
+    for name, value in whole.compute().items():
+        np.testing.assert_array_equal(old[name], value)
 
 
 def test_subset_of_stats_and_bad_arguments():
     acc = Accumulator(1, 3, 5, 2, stats=("positive",))
-    assert set(acc.totals) == {"positive"}
+    assert set(acc.totals) == {"positive"} and set(acc.totals["positive"]) == {"positive"}
     flat = np.array([0, 1, -1, 1])
     batch = TokenBatch.from_labels(flat)
     acc.update(0, torch.tensor([[1.0, -1, 0, 2, 3], [-1, -1, -1, -1, 1], [9.0] * 5, [0.5, 0.5, 0.5, 0.5, 0.5]]), batch)

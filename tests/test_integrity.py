@@ -200,7 +200,7 @@ def test_messages_that_used_to_mislead(prepared, tiny_model, tmp_path, monkeypat
             StoreWriter(out, meta)
     acc = Accumulator(1, 2, 3, 1, ("moments",))
     acc.tokens[:] = torch.tensor([2, 0])
-    acc.totals["m2"][0, 0] = torch.tensor([-8.6e-9, 0.5, 0.0], dtype=torch.float64)  # rounding below zero
+    acc.totals["moments"]["m2"][0, 0] = torch.tensor([-8.6e-9, 0.5, 0.0], dtype=torch.float64)  # rounding below zero
     var = acc.compute()["var"]
     assert var[0, 0].tolist() == [0.0, 0.25, 0.0] and torch.isnan(torch.from_numpy(var[0, 1])).all()
 

@@ -50,15 +50,16 @@ class Accumulator:
             self.backend = backend
         else:
             self.backend = make_backend(backend, self.table, self.params, activation, precision)
-        self.totals: dict[str, torch.Tensor] = {}
-        for s in self.table:
-            self.totals.update(s.initial(self.shape, self.device, self.params))
+        self.totals: dict[str, dict[str, torch.Tensor]] = {
+            s.name: s.initial(self.shape, self.device, self.params) for s in self.table
+        }
+        """Each statistic's own totals, by its state names."""
         self.tokens = torch.zeros((num_layers, num_labels), dtype=torch.int64, device=self.device)
         self.needs_shift = any(s.needs_shift for s in self.table)
         self.shift: list[torch.Tensor | None] = [None] * num_layers
 
-    def _layer_totals(self, layer: int) -> dict[str, torch.Tensor]:
-        return {name: t[layer] for name, t in self.totals.items()}
+    def _layer_totals(self, layer: int) -> dict[str, dict[str, torch.Tensor]]:
+        return {name: {state: t[layer] for state, t in own.items()} for name, own in self.totals.items()}
 
     def _add(self, layer: int, batch: TokenBatch, sums: dict[str, torch.Tensor]) -> None:
         self.backend.merge(sums, batch, self.tokens[layer], self.shift[layer], self._layer_totals(layer))
@@ -89,11 +90,11 @@ class Accumulator:
                 f"cannot merge accumulators of shape/parameters/stats {other.shape}/{other.params}/{other.stats} "
                 f"into {self.shape}/{self.params}/{self.stats}"
             )
-        theirs = {name: t.to(self.device) for name, t in other.totals.items()}
+        theirs = {name: {state: t.to(self.device) for state, t in own.items()} for name, own in other.totals.items()}
         other_tokens = other.tokens.to(self.device)
         n_a, n_b = self.tokens.double()[..., None], other_tokens.double()[..., None]
         for s in self.table:
-            s.merge.combine(s, self.totals, theirs, n_a, n_b)
+            s.merge.combine(s, self.totals[s.name], theirs[s.name], n_a, n_b)
         self.tokens += other_tokens
         return self
 
@@ -104,12 +105,16 @@ class Accumulator:
         total = self.tokens.clone()
         reduce(total, "sum")
         for s in self.table:
-            s.merge.all_reduce(s, self.totals, n, total.double()[..., None], reduce)
+            s.merge.all_reduce(s, self.totals[s.name], n, total.double()[..., None], reduce)
         self.tokens = total
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """The raw additive state as numpy arrays (what checkpoints store)."""
-        return {"tokens": self.tokens.cpu().numpy(), **{n: t.cpu().numpy() for n, t in self.totals.items()}}
+        """The raw additive state as numpy arrays (what checkpoints store): ``tokens`` and each statistic's
+        totals as ``<statistic>.<state>``."""
+        state = {"tokens": self.tokens.cpu().numpy()}
+        for name, own in self.totals.items():
+            state.update({f"{name}.{s}": t.cpu().numpy() for s, t in own.items()})
+        return state
 
     @classmethod
     def from_state(
@@ -123,12 +128,14 @@ class Accumulator:
         precision: str = "fp32",
     ) -> "Accumulator":
         table = statistics(stats)
+        state = _namespaced(state, table)
         layers, labels = state["tokens"].shape
-        width = state[table[0].states[0]].shape[-1]
-        top = next((state[s.states[0]].shape[1] for s in table if s.axis == "top"), 16)
+        width = state[f"{table[0].name}.{table[0].states[0]}"].shape[-1]
+        top = next((state[f"{s.name}.{s.states[0]}"].shape[1] for s in table if s.axis == "top"), 16)
         acc = cls(layers, labels, width, k, stats, device, backend, activation, precision, top)
-        for name, value in state.items():
-            (acc.tokens if name == "tokens" else acc.totals[name]).copy_(torch.from_numpy(np.asarray(value)))
+        for key, value in state.items():
+            name, _, own = key.partition(".")
+            (acc.tokens if key == "tokens" else acc.totals[name][own]).copy_(torch.from_numpy(np.asarray(value)))
         return acc
 
     def compute(self) -> dict[str, np.ndarray]:
@@ -139,8 +146,8 @@ class Accumulator:
             raise RuntimeError("layers saw different tokens: a batch was added to some layers only")
         n = tokens[0].astype(np.float64)[None, :, None]
         out = {"frames": tokens[0]}
-        totals = {name: t.cpu().numpy() for name, t in self.totals.items()}
         for s in self.table:
+            totals = {state: t.cpu().numpy() for state, t in self.totals[s.name].items()}
             for var, value in s.merge.to_store(s, totals, n).items():
                 out[var] = value if s.fill == 0 or s.axis != "label" else np.where(n == 0, s.fill, value)
         return out
@@ -153,5 +160,12 @@ def state_from_store(variables: dict[str, np.ndarray], stats: tuple[str, ...], n
     state = {"tokens": np.broadcast_to(frames, (num_layers, len(frames))).copy()}
     for name in stats:
         s = TABLE[name]
-        state.update(s.merge.from_store(s, variables, n))
+        state.update({f"{name}.{k}": v for k, v in s.merge.from_store(s, variables, n).items()})
     return state
+
+
+def _namespaced(state: dict[str, np.ndarray], table) -> dict[str, np.ndarray]:
+    """A state with every total keyed ``<statistic>.<state>``; checkpoints written before the namespaces
+    keyed them by state name alone (unique then, as the table's test keeps them)."""
+    owner = {own: s.name for s in table for own in s.states}
+    return {key if key == "tokens" or "." in key else f"{owner[key]}.{key}": v for key, v in state.items()}

@@ -88,14 +88,15 @@ class Backend:
             return a, self.sums(self.token_activations(ffn, hidden, batch), batch.token_rows(), shift)
         return a, self.sums(a.reshape(-1, a.shape[-1]), batch, shift)
 
-    def merge(self, sums, batch: TokenBatch, tokens, shift, totals: dict[str, torch.Tensor]) -> None:
-        """Merges one batch's sums into one layer's totals [num_labels, D] (``tokens``: before the batch)."""
+    def merge(self, sums, batch: TokenBatch, tokens, shift, totals: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Merges one batch's sums into one layer's totals [num_labels, D], each statistic's its own
+        (``tokens``: before the batch)."""
         self._torch_merge(self.stats, sums, batch, tokens, shift, totals)
 
     @staticmethod
     def _torch_merge(stats, sums, batch, tokens, shift, totals) -> None:
         for s in stats:
-            s.merge.add_batch(s, totals, sums, batch.labels, batch.counts, tokens, shift)
+            s.merge.add_batch(s, totals[s.name], sums, batch.labels, batch.counts, tokens, shift)
 
 
 class TritonBackend(Backend):
@@ -134,9 +135,9 @@ class TritonBackend(Backend):
         from ..kernels.merge_sums import merge_sums
 
         if self.kernel:
-            names = [n for s in self.kernel for n in s.states]
             mine = {n: sums[n] for s in self.kernel for n in s.sums}
-            merge_sums(mine, batch.labels, batch.counts, tokens, shift, {n: totals[n] for n in names})
+            own = {n: totals[s.name][n] for s in self.kernel for n in s.states}
+            merge_sums(mine, batch.labels, batch.counts, tokens, shift, own)
         self._torch_merge(self.others, sums, batch, tokens, shift, totals)
 
 
