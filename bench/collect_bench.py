@@ -24,7 +24,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from benchutil import build_corpus, corpus_arguments, parse, emit, machine, once, paper_loop, sync  # noqa: E402
+from benchutil import build_corpus, corpus_arguments, emit, machine, once, paper_loop, parse, sync  # noqa: E402
 
 from neurostat.engine.batching import BatchDataset, default_batch_seconds, plan_batches  # noqa: E402
 from neurostat.engine.collect import CollectConfig, collect  # noqa: E402

@@ -37,15 +37,15 @@ from benchutil import RESULTS, TIMING, emit, once, sync, timed
 
 import neurostat.kernels.ffn_up_stats as fused
 import neurostat.kernels.label_stats as label_stats_module
+from neurostat.declarations import DEFAULT_STATS
 from neurostat.engine.accumulate import Accumulator
 from neurostat.engine.backends import Backend, fp32_activations
 from neurostat.engine.batching import TokenBatch, chunk_tokens
-from neurostat.declarations import DEFAULT_STATS
 from neurostat.engine.statistics import Params, topk_mask
 from neurostat.engine.statistics import statistics as table_entries
 from neurostat.kernels.ffn_up_stats import ffn_up_stats
-from neurostat.kernels.merge_sums import merge_sums
 from neurostat.kernels.label_stats import label_stats
+from neurostat.kernels.merge_sums import merge_sums
 from neurostat.kernels.reference import topk_mask_reference
 from neurostat.model.adapter import FFN, ModelAdapter
 from neurostat.model.factory import build_model, feature_extractor

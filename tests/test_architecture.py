@@ -8,7 +8,6 @@ whose lazy attributes import the library).  Imports inside functions count too.
 import ast
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parent.parent
 BASE = {
     "neurostat.version",

@@ -20,8 +20,8 @@ from neurostat.cli import main
 from neurostat.corpus.synth import TRAINING_VARIANTS
 from neurostat.demo import demo_model
 from neurostat.engine.collect import CollectConfig, collect, describe_collect
-from neurostat.engine.statistics import TABLE
 from neurostat.engine.merge import merge_stores
+from neurostat.engine.statistics import TABLE
 from neurostat.labelspace import LabelSpace
 from neurostat.model.adapter import ModelAdapter, ModelError
 from neurostat.model.factory import model_config, save_model

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from neurostat.declarations import COUNT_STATS, DECLARATIONS, DEFAULT_STATS, count_variable, declare, declared
-from neurostat.engine.statistics import TABLE, RULES
+from neurostat.engine.statistics import RULES, TABLE
 
 
 def test_every_declaration_has_a_torch_function_a_rule_and_names_of_its_own():

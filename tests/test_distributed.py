@@ -18,7 +18,6 @@ from test_collect import assert_equals_uninterrupted
 from test_labelsets import attach_both
 
 from neurostat.corpus.prepared import PreparedCorpus
-
 from neurostat.engine.collect import CollectConfig, collect
 from neurostat.engine.distributed import balanced_shares
 from neurostat.engine.merge import merge_stores

@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from ..files import atomic_write
-from ..version import __version__
 from ..frames import FrameGeometry, label_frames, label_frames_overlap
+from ..version import __version__
 from .audio import Skip, load_audio
 from .pitch import assign_bins
 

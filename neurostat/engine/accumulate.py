@@ -13,9 +13,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..declarations import DEFAULT_STATS
 from .backends import Backend, make_backend
 from .batching import TokenBatch
-from ..declarations import DEFAULT_STATS
 from .statistics import TABLE, Params, statistics
 
 

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from ..corpus.prepare import PrepareSettings, default_prepared_dir, describe_prepared, prepare
 from ..corpus.prepared import PreparedCorpus
+from ..declarations import store_dims
 from ..errors import OptionError
 from ..model.adapter import ModelAdapter, resolve_device
 from ..store import Progress, StoreMeta, StoreWriter
@@ -34,7 +35,6 @@ from .batching import BatchDataset, padding_fraction, plan_batches
 from .distributed import World, rank_zero_first
 from .rank import collect_rank
 from .spec import CollectConfig, RunSpec
-from ..declarations import store_dims
 
 __all__ = ["CollectConfig", "CollectInterrupted", "collect", "collect_corpus", "describe_collect"]
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from ..declarations import store_dims
 from ..labelspace import LabelSpace
 from ..store import Progress, StoreError, StoreMeta, StoreWriter, load_done, verify_store
 from .accumulate import Accumulator, state_from_store
-from ..declarations import store_dims
 
 _SHARD_FREE = ("shard",)
 

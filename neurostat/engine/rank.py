@@ -12,6 +12,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ..corpus.prepared import PreparedCorpus
+from ..declarations import store_dims
 from ..model.adapter import ModelAdapter
 from ..store import Progress, StoreError, StoreMeta, StoreWriter, load_done
 from .accumulate import Accumulator
@@ -28,7 +29,6 @@ from .distributed import (
 )
 from .merge import store_state
 from .spec import RunSpec
-from ..declarations import store_dims
 
 RunShare = Callable[[StoreWriter, StoreMeta, list[int], JobProgress], StoreMeta]
 """The collect loop over one rank's utterances into its partial store; returns the partial's metadata."""

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..corpus.prepared import PreparedCorpus
+from ..declarations import DEFAULT_STATS
 from ..errors import OptionError
 from ..labelspace import LabelSpace
 from ..model.adapter import FRONT_ENDS, ModelAdapter, ModelError, default_front_end
@@ -20,7 +21,6 @@ from ..store import StoreMeta
 from ..version import __version__
 from .backends import PRECISIONS, make_backend, resolve_backend
 from .batching import default_batch_seconds
-from ..declarations import DEFAULT_STATS
 from .statistics import TABLE, Params, statistics
 from .tokens import MODES
 

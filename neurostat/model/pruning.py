@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..version import __version__
 from ..files import new_folder
 from ..neuronset import NeuronSet
+from ..version import __version__
 from .adapter import ModelAdapter, load_full_model, model_ffns, model_source, save_feature_extractor
 
 CRITERIA = ("l1", "l2")
