@@ -19,6 +19,7 @@ import numpy as np
 import yaml
 
 from .errors import OptionError
+from .files import atomic_write
 from .neuronset import NeuronSet, NeuronSetError
 from .phones import ARPABET, BROAD_CLASSES
 from .stats import Stats
@@ -157,10 +158,16 @@ def _fragility(
     """Warnings where the rule is fragile: empty cells, cells too small for the chance level (one top-k
     hit among fewer than D/k tokens is above chance), and groups whose σ cannot be reached."""
     small = int(np.ceil(1 / stats.chance))
-    empty, tiny, unreachable = [], [], []
+    empty, tiny, unreachable, shrunk = [], [], [], []
     for g, n in tokens.items():
         kept = n >= min_tokens
         names = [c for c, k in zip(_cell_names(spec, stats, g), kept) if k]
+        if min_tokens and kept.sum() <= max(2, len(kept) // 2) and kept.sum() < len(kept):
+            shrunk.append(
+                f"group {g}: --min-tokens {min_tokens} keeps {int(kept.sum())} of its {len(kept)} cells "
+                f"({', '.join(names[:4]) or 'none'}{', ...' if len(names) > 4 else ''}): its neurons are decided by "
+                f"{'those cells alone' if names else 'no cell'}"
+            )
         n = n[kept]
         if (n == 0).any():
             gone = [c for c, m in zip(names, n) if m == 0]
@@ -185,7 +192,7 @@ def _fragility(
             + "; ".join(tiny)
             + (" (--min-tokens N leaves such cells out of the denominator)" if not min_tokens else "")
         )
-    return messages + unreachable
+    return messages + unreachable + shrunk
 
 
 def property_neurons(
@@ -340,18 +347,23 @@ def property_sets(stats: Stats, neuron_files: list[Path], sigma: float) -> dict[
 
 def save_selections(selections: dict[str, Selection], out: str | Path) -> str:
     """To the file ``out`` when it ends in ``.json`` (one selection), else to ``out/<name>.json`` — the
-    same kind of output whatever the number of properties.  Returns what was written."""
+    same kind of output whatever the number of properties.  Each neuron file keeps the paper's format;
+    the settings that chose it (σ, rule, statistic, min tokens, groups, store) go beside it in
+    ``<stem>.settings.json``.  Returns what was written."""
     out = Path(out)
     if out.suffix.lower() == ".json" and len(selections) > 1:
         raise OptionError(f"--out {out} is one file but {len(selections)} properties were selected; give a folder")
     if out.suffix.lower() == ".json":
         out.parent.mkdir(parents=True, exist_ok=True)
-        next(iter(selections.values())).neurons.save(out)
-        return f"wrote {out}"
-    out.mkdir(parents=True, exist_ok=True)
-    for name, sel in selections.items():
-        sel.neurons.save(out / f"{name}.json")
-    return f"wrote {len(selections)} files to {out}"
+        files = {out: next(iter(selections.values()))}
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        files = {out / f"{name}.json": sel for name, sel in selections.items()}
+    for path, sel in files.items():
+        sel.neurons.save(path)
+        settings = {"property": sel.property, **sel.settings, "empty_cells": [list(c) for c in sel.empty_cells]}
+        atomic_write(path.with_suffix(".settings.json"), json.dumps(settings, indent=1))
+    return f"wrote {out}" if len(files) == 1 and out.suffix.lower() == ".json" else f"wrote {len(files)} files to {out}"
 
 
 def describe_selections(stats: Stats, selections: dict[str, Selection], max_groups: int = 16) -> str:
@@ -359,7 +371,12 @@ def describe_selections(stats: Stats, selections: dict[str, Selection], max_grou
     first = next(iter(selections.values())).settings
     layers = stats.layers
     lines = [
-        f"{stats.path}: r = k/D = {stats.chance:.4f}, σ = {first['sigma']}, statistic {first['stat']}, rule {first['rule']}",
+        f"{stats.path}: r = k/D = {stats.chance:.4f}, σ = {first['sigma']}, statistic {first['stat']}, rule {first['rule']}"
+        + (
+            f", min tokens {first['min_tokens']} (cells with fewer left out: not the paper's rule)"
+            if first.get("min_tokens")
+            else ""
+        ),
         "layer        " + " ".join(f"{n:>5}" for n in layers) + "   total",
     ]
     for name, sel in selections.items():

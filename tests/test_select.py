@@ -175,3 +175,30 @@ def test_cli_select_prints_counts_and_overlaps(tmp_path):
     assert NeuronSet.load(tmp_path / "sel" / "gender.json") == NeuronSet({1: [3]})
     res = CliRunner().invoke(main, ["select", str(store), "--stat", "positive"])
     assert res.exit_code == 1 and "no 'positive_count'" in res.output
+
+
+def test_min_tokens_is_recorded_and_warns_when_it_leaves_a_group_few_cells(tmp_path):
+    """With --min-tokens a group may shrink to the cells it keeps: say so, in the header and beside the file."""
+    frames, topk = base_counts()
+    for g in ("M", "F"):
+        frames[joint("AH", g)] = 100
+        topk[:, joint("AH", g), :] = 30  # P = 0.3 > r for every neuron on AH, 0.2 (not above) elsewhere
+    stats = open_stats(make_store(tmp_path / "s.zarr", frames, topk, k=K))
+    with pytest.warns(UserWarning, match=r"group M: --min-tokens 50 keeps 1 of its 39 cells \(AH\)"):
+        sel = property_neurons(stats, "gender", sigma=0.8, min_tokens=50)
+    assert len(sel.groups["M"]) == L * D  # every neuron is a "group neuron" on the evidence of AH alone
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        property_neurons(stats, "gender", sigma=0.8, min_tokens=5)  # every cell kept: nothing to say
+    assert not [w for w in caught if "keeps" in str(w.message)]
+    res = CliRunner().invoke(
+        main, ["select", str(tmp_path / "s.zarr"), "--min-tokens", "50", "--out", str(tmp_path / "g.json")]
+    )
+    assert res.exit_code == 0, res.output
+    assert "min tokens 50 (cells with fewer left out" in res.output and "keeps 1 of its 39 cells" in res.output
+    NeuronSet.load(tmp_path / "g.json", L, D)  # the neuron file keeps the paper's format
+    settings = json.loads((tmp_path / "g.settings.json").read_text())
+    assert settings["min_tokens"] == 50 and settings["sigma"] == 0.8 and settings["property"] == "gender"
+    res = CliRunner().invoke(main, ["select", str(tmp_path / "s.zarr"), "--out", str(tmp_path / "all")])
+    assert res.exit_code == 0 and "min tokens" not in res.output
+    assert json.loads((tmp_path / "all" / "gender.settings.json").read_text())["min_tokens"] == 0
