@@ -111,6 +111,13 @@ def test_prepare_and_collect_with_the_paper_preset(demo_corpus, tiny_model, tmp_
         ["collect", "--prepared", str(tmp_path / "p"), "--model", str(tiny_model), "--out", str(tmp_path / "d.zarr")]
         + ["--preset", "paper"],
     )
+    # the corpus was labelled with praat F0, the preset asks for YAAPT: say so instead of mixing them
+    assert r.exit_code != 0 and "pitch method praat (wanted yaapt)" in r.output and "frame labels" not in r.output
+    r = run(
+        main,
+        ["collect", "--prepared", str(tmp_path / "p"), "--model", str(tiny_model), "--out", str(tmp_path / "d.zarr")]
+        + ["--preset", "paper", "--pitch", "praat"],
+    )
     assert r.exit_code == 0, r.output
     attrs = json.loads((tmp_path / "d.zarr" / "zarr.json").read_text())["attributes"]
     assert attrs["statistics"]["drop_final_run"] and attrs["frame_labels"] == "overlap"
@@ -199,3 +206,13 @@ def test_malformed_official_files_are_clear_errors(overlap_corpus, demo_corpus, 
         prepare_paper_labels(
             demo_corpus / "LibriSpeech", "dev-clean", folder, tmp_path / "p", overlap_corpus.geometry, progress=False
         )
+
+
+def test_collect_with_the_paper_preset_refuses_a_corpus_labelled_otherwise(prepared, tiny_model, tmp_path):
+    """A corpus prepared with the defaults has other labels than the preset's: the run must not mix them."""
+    args = ["collect", "--prepared", str(prepared.path), "--model", str(tiny_model), "--out", str(tmp_path / "s.zarr")]
+    r = CliRunner().invoke(main, [*args, "--preset", "paper"])
+    assert r.exit_code != 0 and not (tmp_path / "s.zarr").exists()
+    for difference in ("frame labels centre (wanted overlap)", "pitch rule interval (wanted paper)", "pitch method"):
+        assert difference in r.output, r.output
+    assert "prepare it with --preset paper" in r.output

@@ -167,6 +167,7 @@ def collect(
     from ..errors import OptionError
     from ..model.adapter import resolve_device
 
+    preset = options.get("preset")
     options = with_preset(options)
     prepare_options = {name: options.pop(name) for name in PREPARE_OPTIONS}
     labels, options["stats"] = options.pop("label_parts"), options["stats"] or CollectConfig.stats
@@ -198,7 +199,7 @@ def collect(
     try:
         summary = collect_corpus(
             str(model), out, config, prepared, root, subset, alignments, corpus, prepare_options,
-            device, dtype, resume, overwrite, echo=click.echo,
+            device, dtype, resume, overwrite, echo=click.echo, preset=preset,
         )  # fmt: skip
     except CollectInterrupted as e:
         click.echo(str(e), err=True)

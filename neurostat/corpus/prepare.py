@@ -94,6 +94,30 @@ class PrepareSettings:
             return self.pitch_step_ms / 1000
         return self.geometry.stride / self.geometry.sample_rate / 2
 
+    def differences(self, meta: PreparedMeta) -> list[str]:
+        """How a prepared corpus's labelling differs from these settings (empty: it is what they make).
+        A corpus of official labels (``prepare --paper-labels``) carries its own pitch classes."""
+        pitch = meta.pitch
+        quantiles = None if self.edges is not None else [round(q, 6) for q in self.quantiles]
+        pairs = {
+            "frame labels": (meta.frame_labels, self.frame_labels),
+            "pitch rule": (pitch.rule, self.pitch_rule),
+        }
+        if pitch.method != "paper-labels":
+            pairs |= {
+                "pitch method": (pitch.method, self.pitch),
+                "pitch step (s)": (pitch.step_seconds, self.pitch_step),
+                "pitch percentiles": (
+                    None if pitch.quantiles is None else [round(q, 6) for q in pitch.quantiles],
+                    quantiles,
+                ),
+                "pitch edges (Hz)": (
+                    None if pitch.quantiles is not None else pitch.edges,
+                    self.edges and list(self.edges),
+                ),
+            }
+        return [f"{name} {have} (wanted {want})" for name, (have, want) in pairs.items() if have != want]
+
     def key(self) -> dict:
         return {
             "geometry": self.geometry.to_dict(),

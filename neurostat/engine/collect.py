@@ -304,6 +304,7 @@ def collect_corpus(
     overwrite: bool = False,
     progress: bool = True,
     echo: Callable[[str], None] | None = None,
+    preset: str | None = None,
 ) -> StoreMeta:
     """What `neurostat collect` does: loads ``model`` (hub id or folder) on ``device``; with ``root``,
     ``subset`` and ``alignments`` (a corpus in ``layout``) prepares that corpus first (cached, into ``prepared`` or the default
@@ -311,7 +312,8 @@ def collect_corpus(
     :meth:`PrepareSettings.from_options`); then collects the prepared corpus into ``out``.
     Under ``torchrun`` (a world size above 1 in the environment) this process joins the job as its rank:
     rank 0 prepares first, each rank collects its share and rank 0 writes ``out``.
-    Returns the store's metadata; ``echo`` gets the prepare summary."""
+    Returns the store's metadata; ``echo`` gets the prepare summary.  With ``preset`` (whose values
+    ``prepare_options`` hold) an already prepared corpus must have been labelled that way."""
     if root is None and prepared is None:
         raise OptionError("give the corpus (--root, --subset, --alignments) or a prepared corpus (--prepared)")
     missing = [name for name, v in (("--subset", subset), ("--alignments", alignments)) if v is None]
@@ -332,8 +334,16 @@ def collect_corpus(
         )
         if echo and (world is None or world.rank == 0):
             echo(describe_prepared(meta, prepared))
+    corpus = PreparedCorpus(prepared)
+    if preset is not None and root is None:
+        differ = PrepareSettings.from_options(adapter.geometry, **(prepare_options or {})).differences(corpus.meta)
+        if differ:
+            raise OptionError(
+                f"{prepared} was not labelled as --preset {preset} asks: {'; '.join(differ)}; prepare it with "
+                f"--preset {preset} (or give --root, --subset and --alignments to collect from the corpus)"
+            )
     try:
-        return collect(PreparedCorpus(prepared), adapter, out, config, resume, overwrite, progress, world)
+        return collect(corpus, adapter, out, config, resume, overwrite, progress, world)
     finally:
         if world is not None and dist.is_initialized():
             dist.destroy_process_group()
