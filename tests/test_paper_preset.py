@@ -188,6 +188,30 @@ def test_official_label_files_read_back_exactly(overlap_corpus, demo_corpus, tmp
     assert r.exit_code == 0 and report in r.output
 
 
+def test_a_shorter_official_pitch_file_is_left_padded_as_the_official_code_does(overlap_corpus, demo_corpus, tmp_path):
+    """The real files: pitch lists 0-21 frames shorter than the phone lists; the official pipeline
+    (match_phone_s3prl.py) puts ``[-1] * gap`` before them, so class i belongs to phone frame i + gap."""
+    from neurostat.corpus.paperlabels import official_pitch, prepare_paper_labels
+
+    gaps = {u.id: (7 * i) % 22 for i, u in enumerate(overlap_corpus)}  # 0, 7, 14, 21, 6, ...
+
+    def shorter(phones, pitch, gender):
+        for utt, gap in gaps.items():
+            pitch[utt] = pitch[utt][gap:]
+
+    folder = write_official(tmp_path / "official", overlap_corpus, shorter)
+    geo = overlap_corpus.geometry
+    prepare_paper_labels(demo_corpus / "LibriSpeech", "dev-clean", folder, tmp_path / "p", geo, progress=False)
+    unvoiced = len(overlap_corpus.meta.pitch.bins) - 1
+    for a, b in zip(overlap_corpus, PreparedCorpus(tmp_path / "p")):
+        gap = gaps[a.id]
+        expected = a.pitch_bins().copy()
+        expected[:gap] = unvoiced  # what the official code's left padding gives these frames
+        assert b.pitch_bins().tolist() == expected.tolist(), a.id
+    assert max(gaps.values()) == 21
+    assert official_pitch(np.array([0, 1, 2]), 2).tolist() == [1, 2]  # a longer list: the ends aligned
+
+
 @pytest.mark.parametrize(
     "edit, message",
     [

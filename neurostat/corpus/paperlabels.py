@@ -13,6 +13,8 @@ Frame counts: the official files have ``int(duration * 50)`` frames, the model
 ``floor((L - 400) / 320) + 1`` — one fewer when the last 20 ms cell is shorter than the receptive
 field allows.  A label file one frame longer than the model's count loses its last frame; one frame
 shorter leaves the model's last frame unlabelled (not a token); any other difference is an error.
+The pitch file is usually shorter than the phone file (by 0–21 frames): its classes are first put on the
+phone file's frames as the official code does (:func:`official_pitch`: left-padded with unvoiced).
 """
 
 from __future__ import annotations
@@ -82,6 +84,16 @@ def read_paper_labels(folder: str | Path) -> tuple[dict[str, np.ndarray], dict[s
     return phones, pitch, gender
 
 
+def official_pitch(classes: np.ndarray, frames: int) -> np.ndarray:
+    """The pitch classes on the phone file's ``frames`` as the official code aligns them: the pitch file is
+    shorter (by 0–21 frames in dev-clean), and the official code left-pads it with unvoiced (−1) by the
+    gap; a longer list keeps its last ``frames`` classes (the ends aligned as well)."""
+    gap = frames - len(classes)
+    if gap >= 0:
+        return np.concatenate([np.full(gap, -1, dtype=classes.dtype), classes])
+    return classes[len(classes) - frames :]
+
+
 def _fit(labels: np.ndarray, n: int, what: str, utt: str, fill: int) -> np.ndarray:
     """The labels cut or padded to the model's ``n`` frames (see the module docstring)."""
     if len(labels) in (n, n + 1):
@@ -116,7 +128,7 @@ def prepare_paper_labels(
             continue
         n = geometry.num_frames(len(wave))
         frames = _fit(phones[u.id], n, "phone", u.id, -1)
-        classes = _fit(pitch[u.id], n, "pitch", u.id, -1)
+        classes = _fit(official_pitch(pitch[u.id], len(phones[u.id])), n, "pitch", u.id, -1)
         change = np.flatnonzero(np.r_[True, frames[1:] != frames[:-1]])
         ends = np.r_[change[1:], n]
         labelled = frames[change] >= 0
