@@ -14,6 +14,7 @@ PRESETS: dict[str, dict[str, object]] = {
         "frame_labels": "overlap",  # label the 20 ms cell [20i, 20i + 20) ms by the interval of largest overlap
         "pitch": "yaapt",  # YAAPT F0, 71-800 Hz ...
         "pitch_step_ms": 20.0,  # ... with a 20 ms frame space
+        "pitch_align": "paper",  # the track's frames left-padded to the phone labels (not read by time)
         "pitch_percentiles": "33,66",  # np.percentile 33 and 66
         "pitch_rule": "paper",  # F0 <= t0 low, t0 < F0 <= t1 mid, F0 > t1 high
         "tokens": "phone-mid",

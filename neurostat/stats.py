@@ -211,7 +211,8 @@ def describe_store(path: str | Path) -> str:
         "labels: " + " x ".join(f"{len(v)} {part}" for part, v in labels.items()) + " joint labels" + pitch,
         f"corpus: {meta.corpus['root']} / {meta.corpus['subset']} (shard {meta.corpus['shard']})",
         f"labelling: frames by {meta.frame_labels or 'centre'}; pitch {pitch_meta.get('method')} "
-        f"(step {1000 * pitch_meta.get('step_seconds', 0):g} ms), bins by rule {pitch_meta.get('rule')}"
+        f"(step {1000 * pitch_meta.get('step_seconds', 0):g} ms, aligned by {pitch_meta.get('align', 'time')}), "
+        f"bins by rule {pitch_meta.get('rule')}"
         f"{' at percentiles ' + ', '.join(f'{100 * q:g}' for q in quantiles) if quantiles else ''}; "
         f"final run of each utterance {'dropped' if s.get('drop_final_run') else 'kept'}",
     ]

@@ -51,3 +51,30 @@ def test_percentile_edges_split_evenly():
     assert abs(counts[0] - 1000) <= 1 and abs(counts[1] - 1000) <= 1 and abs(counts[2] - 1000) <= 1
     with pytest.raises(ValueError, match="no voiced"):
         percentile_edges(np.full(5, np.nan), [0.5])
+
+
+def test_paper_alignment_left_pads_the_track_as_the_official_code_does(monkeypatch):
+    """``paper``: the track's frames in order after ``cells - len(track)`` unvoiced ones; ``time``: read at the
+    frame centres.  A fake track of 5 frames (every 20 ms from 10 ms) against 8 cells of 20 ms."""
+    import neurostat.corpus.pitch as pitch
+
+    track = (np.arange(5) * 0.02 + 0.01, np.array([100.0, 0.0, 120.0, 130.0, 140.0]))
+    monkeypatch.setattr(pitch, "TRACKS", {"praat": lambda wave, sr, step: track, "yaapt": None})
+    centres = np.arange(7) * 0.02 + 0.0125  # 7 model frames
+    paper = pitch.f0_at("praat", np.zeros(SR), SR, centres, 0.02, align="paper", cells=8)
+    np.testing.assert_array_equal(paper, [np.nan, np.nan, np.nan, 100.0, np.nan, 120.0, 130.0])
+    by_time = pitch.f0_at("praat", np.zeros(SR), SR, centres, 0.02)
+    np.testing.assert_array_equal(by_time, [100.0, np.nan, 120.0, 130.0, 140.0, np.nan, np.nan])
+    np.testing.assert_array_equal(pitch.left_padded(np.array([1.0, 2.0, 3.0]), 2), [2.0, 3.0])
+    with pytest.raises(ValueError, match="unknown pitch alignment"):
+        pitch.f0_at("praat", np.zeros(SR), SR, centres, 0.02, align="nearest")
+
+
+def test_paper_alignment_needs_one_f0_frame_per_model_frame():
+    from neurostat.corpus.prepare import PrepareError, PrepareSettings
+    from neurostat.frames import default_geometry
+
+    with pytest.raises(PrepareError, match="needs --pitch-step-ms 20"):
+        PrepareSettings.from_options(default_geometry(), pitch_align="paper", pitch_step_ms=10.0)
+    settings = PrepareSettings.from_options(default_geometry(), pitch_align="paper", pitch_step_ms=20.0)
+    assert settings.key()["pitch_align"] == "paper" and "pitch_align" not in PrepareSettings(default_geometry()).key()

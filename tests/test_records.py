@@ -64,9 +64,13 @@ def test_the_memory_guard_counts_the_top_frames_by_their_rows(prepared, tiny_mod
 
 def test_prepared_meta_written_before_reads_back_unchanged(tmp_path):
     meta = RECORDS["prepared"]
-    assert PreparedMeta.from_dict(meta, tmp_path).to_dict() == meta
+    assert "align" not in meta["pitch"]  # written before --pitch-align: F0 was read by time
+    assert PreparedMeta.from_dict(meta, tmp_path).to_dict() == {**meta, "pitch": {**meta["pitch"], "align": "time"}}
     paper = {**meta, "alignments": None, "paper_labels": "/official/info", "phone_map": "official phone table"}
-    paper["pitch"] = {k: v for k, v in meta["pitch"].items() if k != "step_seconds"} | {"rule": "paper"}
+    paper["pitch"] = {k: v for k, v in meta["pitch"].items() if k != "step_seconds"} | {
+        "rule": "paper",
+        "align": "paper",
+    }
     assert PreparedMeta.from_dict(paper, tmp_path).to_dict() == paper  # the paper-label import's shape
     with pytest.raises(PreparedCorpusError, match="format 1 is not"):
         PreparedMeta.from_dict({**meta, "format": 1}, tmp_path)

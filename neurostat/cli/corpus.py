@@ -87,6 +87,13 @@ def labelling_options(f):
             default=None,
             help="F0 analysis step in ms (the paper: 20) [default: half the model's stride].",
         ),
+        click.option(
+            "--pitch-align",
+            type=click.Choice(["time", "paper"]),
+            default="time",
+            help="F0 of a frame: the track read at the frame's centre, or (the paper's code) the track's frames "
+            "in order, left-padded with unvoiced up to int(duration/20 ms) (needs --pitch-step-ms 20).",
+        ),
     ]
     for option in reversed(options):
         f = option(f)
@@ -103,6 +110,7 @@ PREPARE_OPTIONS = (
     "pitch_rule",
     "pitch_percentiles",
     "pitch_step_ms",
+    "pitch_align",
 )
 
 

@@ -1,8 +1,11 @@
 """F0 at the model's frame centres, and pitch bins at corpus percentiles.
 
 Praat's autocorrelation method (parselmouth) is the default; YAAPT (amfm-decompy, the paper's
-choice, ~20x slower) is optional.  Both run on their own frame grid (half the model's stride) and
-are read at the model frame centres by nearest analysis frame.  Unvoiced frames are NaN.
+choice, ~20x slower) is optional.  Both run on their own frame grid (half the model's stride by
+default).  Alignment ``time`` (the default) reads the track at the model frame centres by nearest
+analysis frame; ``paper`` does what the official code does: the track's values in order, left-padded
+(unvoiced) up to the utterance's ``int(duration / stride)`` cells, the first of them for the model's
+frames — exact only when the track's step is the model's stride.  Unvoiced frames are NaN.
 
 Bins: with edges e_1 < ... < e_{n-1} (e_0 = -inf, e_n = +inf), a voiced value f falls in bin i when
 e_i <= f < e_{i+1} (rule ``interval``, neurostat's default) or when e_i < f <= e_{i+1} (rule ``paper``:
@@ -19,6 +22,7 @@ F0_MIN, F0_MAX = 71.0, 800.0
 UNVOICED = "unvoiced"
 METHODS = ("praat", "yaapt")
 PITCH_RULES = ("interval", "paper")
+ALIGNS = ("time", "paper")
 
 
 def _nearest(track_times: np.ndarray, track: np.ndarray, times: np.ndarray, step: float) -> np.ndarray:
@@ -32,43 +36,61 @@ def _nearest(track_times: np.ndarray, track: np.ndarray, times: np.ndarray, step
     return out
 
 
-def f0_praat(
-    wave: np.ndarray, sample_rate: int, times: np.ndarray, step: float, fmin: float = F0_MIN, fmax: float = F0_MAX
-) -> np.ndarray:
-    """Praat autocorrelation F0 (Hz) at ``times`` (s); NaN where unvoiced."""
+def praat_track(wave: np.ndarray, sample_rate: int, step: float) -> tuple[np.ndarray, np.ndarray]:
+    """Praat autocorrelation F0: (frame times in s, F0 in Hz, 0 where unvoiced)."""
     import parselmouth
 
     sound = parselmouth.Sound(np.asarray(wave, dtype=np.float64), sampling_frequency=sample_rate)
-    pitch = sound.to_pitch_ac(time_step=step, pitch_floor=fmin, pitch_ceiling=fmax)
-    return _nearest(np.asarray(pitch.xs()), pitch.selected_array["frequency"], times, step)
+    pitch = sound.to_pitch_ac(time_step=step, pitch_floor=F0_MIN, pitch_ceiling=F0_MAX)
+    return np.asarray(pitch.xs()), np.asarray(pitch.selected_array["frequency"])
 
 
-def f0_yaapt(
-    wave: np.ndarray, sample_rate: int, times: np.ndarray, step: float, fmin: float = F0_MIN, fmax: float = F0_MAX
-) -> np.ndarray:
-    """YAAPT F0 (Hz) at ``times`` (s); NaN where unvoiced.  Needs the ``paper`` extra."""
+def yaapt_track(wave: np.ndarray, sample_rate: int, step: float) -> tuple[np.ndarray, np.ndarray]:
+    """YAAPT F0: (frame times in s, F0 in Hz, 0 where unvoiced).  Needs the ``paper`` extra."""
     try:
         import amfm_decompy.basic_tools as basic
         import amfm_decompy.pYAAPT as pyaapt
     except ImportError as e:
         raise RuntimeError("--pitch yaapt needs amfm-decompy: pip install 'neurostat[paper]'") from e
-    pitch = pyaapt.yaapt(
-        basic.SignalObj(np.asarray(wave, dtype=np.float64), sample_rate),
-        f0_min=fmin,
-        f0_max=fmax,
-        frame_space=step * 1000.0,
-    )
-    return _nearest(
-        np.asarray(pitch.frames_pos, dtype=np.float64) / sample_rate, np.asarray(pitch.samp_values), times, step
-    )
+    signal = basic.SignalObj(np.asarray(wave, dtype=np.float64), sample_rate)
+    pitch = pyaapt.yaapt(signal, f0_min=F0_MIN, f0_max=F0_MAX, frame_space=step * 1000.0)
+    return np.asarray(pitch.frames_pos, dtype=np.float64) / sample_rate, np.asarray(pitch.samp_values)
 
 
-def f0_at(method: str, wave: np.ndarray, sample_rate: int, times: np.ndarray, step: float) -> np.ndarray:
-    if method == "praat":
-        return f0_praat(wave, sample_rate, times, step)
-    if method == "yaapt":
-        return f0_yaapt(wave, sample_rate, times, step)
-    raise ValueError(f"unknown pitch method {method!r}; choose one of {METHODS}")
+TRACKS = {"praat": praat_track, "yaapt": yaapt_track}
+
+
+def f0_praat(wave: np.ndarray, sample_rate: int, times: np.ndarray, step: float) -> np.ndarray:
+    """Praat autocorrelation F0 (Hz) at ``times`` (s); NaN where unvoiced."""
+    return _nearest(*praat_track(wave, sample_rate, step), times, step)
+
+
+def f0_yaapt(wave: np.ndarray, sample_rate: int, times: np.ndarray, step: float) -> np.ndarray:
+    """YAAPT F0 (Hz) at ``times`` (s); NaN where unvoiced.  Needs the ``paper`` extra."""
+    return _nearest(*yaapt_track(wave, sample_rate, step), times, step)
+
+
+def f0_at(
+    method: str, wave: np.ndarray, sample_rate: int, times: np.ndarray, step: float, align: str = "time", cells: int = 0
+) -> np.ndarray:
+    """F0 (Hz, NaN unvoiced) for the frames centred at ``times``: with ``align`` ``time`` the track read
+    there, with ``paper`` its values left-padded up to ``cells`` and the first ``len(times)`` of them."""
+    if method not in METHODS:
+        raise ValueError(f"unknown pitch method {method!r}; choose one of {METHODS}")
+    if align not in ALIGNS:
+        raise ValueError(f"unknown pitch alignment {align!r}; choose one of {ALIGNS}")
+    track_times, track = TRACKS[method](wave, sample_rate, step)
+    if align == "time":
+        return _nearest(track_times, track, times, step)
+    values = np.where(track > 0, track, np.nan).astype(np.float64)
+    return left_padded(values, cells)[: len(times)]
+
+
+def left_padded(track: np.ndarray, cells: int) -> np.ndarray:
+    """``track`` after ``cells − len(track)`` unvoiced (NaN) values — the official code's alignment of a
+    pitch track shorter than the phone labels; a longer one keeps its last ``cells`` values."""
+    gap = cells - len(track)
+    return np.concatenate([np.full(gap, np.nan), track]) if gap >= 0 else track[-gap:]
 
 
 def percentile_edges(f0: np.ndarray, quantiles: list[float]) -> list[float]:

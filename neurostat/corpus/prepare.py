@@ -22,7 +22,7 @@ from ..frames import FRAME_LABELS, FrameGeometry
 from ..phones import PHONES, PhoneMap, UnknownPhoneError
 from .audio import Skip, load_audio
 from .librispeech import corpus_dir, index_alignments, scan
-from .pitch import METHODS, PITCH_RULES, bin_names, f0_at, percentile_edges
+from .pitch import ALIGNS, METHODS, PITCH_RULES, bin_names, f0_at, percentile_edges
 from .prepared import FORMAT, PitchMeta, PreparedCorpus, PreparedMeta
 from .speakers import GENDERS, read_speakers
 from .textgrid import TextGridError, read_textgrid
@@ -45,6 +45,7 @@ class PrepareSettings:
     frame_labels: str = "centre"  # or "overlap" (the paper: largest overlap with the stride grid cell)
     pitch_rule: str = "interval"  # or "paper" (see neurostat.corpus.pitch)
     pitch_step_ms: float | None = None  # F0 analysis step; None: half the model's stride
+    pitch_align: str = "time"  # or "paper" (the official code: the track left-padded to the labels)
 
     @classmethod
     def from_options(
@@ -59,6 +60,7 @@ class PrepareSettings:
         pitch_rule: str = "interval",
         pitch_percentiles: str | tuple[float, ...] | None = None,
         pitch_step_ms: float | None = None,
+        pitch_align: str = "time",
     ) -> "PrepareSettings":
         """Settings from the command line's options: ``pitch_bins`` voiced bins at equal corpus percentiles,
         or at ``pitch_percentiles`` (e.g. ``"33,66"``, the paper's), or ``pitch_edges`` in Hz (a tuple or
@@ -73,6 +75,14 @@ class PrepareSettings:
             raise PrepareError(f"unknown frame labelling {frame_labels!r}; choose from {FRAME_LABELS}")
         if pitch_rule not in PITCH_RULES:
             raise PrepareError(f"unknown pitch rule {pitch_rule!r}; choose from {PITCH_RULES}")
+        stride_ms = 1000 * geometry.stride / geometry.sample_rate
+        if pitch_align not in ALIGNS:
+            raise PrepareError(f"unknown pitch alignment {pitch_align!r}; choose from {ALIGNS}")
+        if pitch_align == "paper" and pitch_step_ms != stride_ms:
+            raise PrepareError(
+                f"--pitch-align paper puts one F0 frame on each model frame: it needs --pitch-step-ms {stride_ms:g} "
+                f"(the model's stride), got {pitch_step_ms}"
+            )
         return cls(
             geometry=geometry,
             pitch=pitch,
@@ -85,6 +95,7 @@ class PrepareSettings:
             frame_labels=frame_labels,
             pitch_rule=pitch_rule,
             pitch_step_ms=pitch_step_ms,
+            pitch_align=pitch_align,
         )
 
     @property
@@ -106,6 +117,7 @@ class PrepareSettings:
         if pitch.method != "paper-labels":
             pairs |= {
                 "pitch method": (pitch.method, self.pitch),
+                "pitch alignment": (pitch.align, self.pitch_align),
                 "pitch step (s)": (pitch.step_seconds, self.pitch_step),
                 "pitch percentiles": (
                     None if pitch.quantiles is None else [round(q, 6) for q in pitch.quantiles],
@@ -126,6 +138,8 @@ class PrepareSettings:
             "strict": self.strict,
             "pitch_step": self.pitch_step,
             "format": FORMAT,
+            # only when not the default, so that utterances prepared before the option stay cached
+            **({"pitch_align": self.pitch_align} if self.pitch_align != "time" else {}),
         }
 
 
@@ -201,7 +215,8 @@ def _prepare_one(task: tuple) -> tuple[str, dict]:
         starts, ends, ids = _phone_intervals(
             textgrid, settings.phone_map, len(wave) / geo.sample_rate, geo.stride / geo.sample_rate
         )
-        f0 = f0_at(settings.pitch, wave, geo.sample_rate, geo.centres(n_frames), settings.pitch_step)
+        centres, cells = geo.centres(n_frames), len(wave) // geo.stride  # cells: the official int(duration·50)
+        f0 = f0_at(settings.pitch, wave, geo.sample_rate, centres, settings.pitch_step, settings.pitch_align, cells)
     except TextGridError as e:
         return "skip", {"id": utt["id"], "reason": "bad-textgrid", "file": str(textgrid), "message": str(e)}
     except Skip as s:
@@ -322,6 +337,7 @@ def prepare(
             quantiles=None if settings.edges is not None else list(settings.quantiles),
             rule=settings.pitch_rule,
             step_seconds=settings.pitch_step,
+            align=settings.pitch_align,
         ),
         frame_labels=settings.frame_labels,
         strict=settings.strict,
@@ -340,7 +356,8 @@ def describe_prepared(meta: PreparedMeta, out: str | Path) -> str:
     lines = [
         f"prepared {meta.num_utterances} utterances, {meta.hours:.3f} h, {meta.num_frames} frames -> {out}",
         f"frame geometry: {FrameGeometry.from_dict(meta.geometry).describe()}; frames labelled by "
-        f"{meta.frame_labels}; pitch ({meta.pitch.method}, rule {meta.pitch.rule}) bin edges: {edges}",
+        f"{meta.frame_labels}; pitch ({meta.pitch.method}, aligned by {meta.pitch.align}, rule {meta.pitch.rule}) "
+        f"bin edges: {edges}",
     ]
     if meta.resampled:
         lines.append(f"resampled to {meta.geometry['sample_rate']} Hz: {meta.resampled} utterance(s)")

@@ -51,6 +51,7 @@ class PitchMeta:
     quantiles: list[float] | None
     rule: str
     step_seconds: float | None = None  # the F0 analysis step (None: labels taken as given)
+    align: str = "time"  # F0 read at the frame centres, or (paper) the track left-padded to the labels
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if not (k == "step_seconds" and v is None)}
