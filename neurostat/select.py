@@ -363,7 +363,8 @@ def save_selections(selections: dict[str, Selection], out: str | Path) -> str:
         sel.neurons.save(path)
         settings = {"property": sel.property, **sel.settings, "empty_cells": [list(c) for c in sel.empty_cells]}
         atomic_write(path.with_suffix(".settings.json"), json.dumps(settings, indent=1))
-    return f"wrote {out}" if len(files) == 1 and out.suffix.lower() == ".json" else f"wrote {len(files)} files to {out}"
+    names = ", ".join(p.name for p in files)
+    return f"wrote {names} and beside {'it' if len(files) == 1 else 'each'} its settings (.settings.json) to {out.parent if out.suffix.lower() == '.json' else out}"
 
 
 def describe_selections(stats: Stats, selections: dict[str, Selection], max_groups: int = 16) -> str:
