@@ -84,19 +84,30 @@ def test_model_precision_top_k_is_decided_by_ties_towards_low_indices(backend):
 
 
 @torch.no_grad()
-def test_precisions_agree_for_an_fp32_model():
-    """fp32 precision changes nothing for a float32 model: the same counts from both settings."""
+@pytest.mark.parametrize("precision", ["fp32", "model"])
+def test_a_float32_model_counts_its_own_activations_under_either_precision(precision):
+    """For a float32 model both settings take the statistics of the activations the model computes: the
+    counts equal a numpy reference on exactly those values (ties included), the moments within float64."""
     g = torch.Generator().manual_seed(3)
     ffn = tie_prone_ffn(g)
     ffn.up.float()
-    accs = {p: Accumulator(1, LABELS, D, K, STATS, precision=p) for p in ("fp32", "model")}
+    acc = Accumulator(1, LABELS, D, K, STATS, precision=precision)
+    rows = {0: []}
     for hidden, labels in batches(g):
         batch = TokenBatch.from_labels(labels)
-        for acc in accs.values():
-            acc.ffn_activation(0, ffn, hidden.float() + 0.25, batch)
-    a, b = accs["fp32"].compute(), accs["model"].compute()
-    for name in a:
-        np.testing.assert_array_equal(a[name], b[name])
+        x = hidden.float() + 0.25
+        acc.ffn_activation(0, ffn, x, batch)
+        a = ffn.act(ffn.up(x)).reshape(-1, D).double()  # the model's own fp32 values, widened exactly
+        rows[0] += [(a[i].numpy(), int(labels[i])) for i in batch.index.tolist()]
+    got, ref = acc.compute(), stats_reference(rows, LABELS, D, K)
+    assert (ref["topk_count"].sum(-1) == K * ref["frames"]).all() and ref["frames"].sum() > 0
+    for name in ("frames", "topk_count", "positive_count"):
+        np.testing.assert_array_equal(got[name], ref[name], err_msg=name)
+    for name in ("mean", "var"):
+        np.testing.assert_allclose(got[name], ref[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_an_unknown_precision_is_refused():
     with pytest.raises(ValueError, match="precision"):
         Accumulator(1, 2, 3, 1, precision="fp64")
 
