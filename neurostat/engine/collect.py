@@ -219,7 +219,8 @@ def _run(
         return store.previous
     config = spec.config
     acc, done, prog = _restore(spec, adapter, store)
-    todo = [i for i in indices if corpus.records[i]["id"] not in set(done)]
+    finished = set(done)
+    todo = [i for i in indices if corpus.records[i]["id"] not in finished]
     batches = plan_batches(corpus, todo, spec.batch_seconds, config.max_seconds)
     if progress and batches:
         tqdm.write(
