@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared run on a lent GPU: the bf16 kernel tests and the merge_sums tests, throughput_bench,
+# One prepared run on a lent GPU: the bf16 kernel tests and the fold_sums tests, throughput_bench,
 # kernel_bench (kernel tables, the label_stats designs against one read of the rows, the bf16/fp32
 # precision study, engine runs), collect_bench and scale_bench (the per-GPU rate and the loader for the
 # 960 h projection; a multi-process NCCL run where the machine has several GPUs), results in $OUT

@@ -4,7 +4,7 @@ Kernel level (HuBERT-base FFN geometry, bf16): cuBLAS GEMM alone; cuBLAS GEMM + 
 own path); one read of the token rows (the memory floor); `label_stats` over the token rows (the
 one-read `chunk` design's radix digits and warps, the `split` design's top-k and sums kernels, each
 swept, then per statistic and per chunk size); the torch statistics on the same rows; the merge of a
-layer's batch sums into the totals (torch ops vs the `merge_sums` kernel); `ffn_up_stats` (GEMM + GELU
+layer's batch sums into the totals (torch ops vs the `fold_sums` kernel); `ffn_up_stats` (GEMM + GELU
 + positive/moment epilogue) in a few tile shapes, with bf16 and fp32 output; the fp32 recomputation
 of the token rows (`--stats-precision fp32`).  Achieved TFLOP/s, GB/s and % of the card's HBM bandwidth.
 
@@ -45,7 +45,7 @@ from neurostat.engine.statistics import Params, topk_mask
 from neurostat.engine.statistics import statistics as table_entries
 from neurostat.kernels.ffn_up_stats import ffn_up_stats
 from neurostat.kernels.label_stats import label_stats
-from neurostat.kernels.merge_sums import merge_sums
+from neurostat.kernels.fold_sums import fold_sums
 from neurostat.kernels.reference import topk_mask_reference
 from neurostat.model.adapter import FFN, ModelAdapter
 from neurostat.model.factory import build_model, feature_extractor
@@ -145,7 +145,7 @@ def ffn_of(weight: torch.Tensor, bias: torch.Tensor) -> FFN:
 
 def merge_check(sums, batch, num_labels, D, shift, device) -> tuple[float, float, bool]:
     """Seconds of merging one layer's batch sums into [num_labels, D] totals with torch ops and with the
-    ``merge_sums`` kernel, and whether the two give the same totals."""
+    ``fold_sums`` kernel, and whether the two give the same totals."""
     tokens = torch.randint(0, 100, (num_labels,), device=device)
 
     def fresh():
@@ -164,14 +164,14 @@ def merge_check(sums, batch, num_labels, D, shift, device) -> tuple[float, float
 
     ref, got = fresh(), fresh()
     torch_merge(sums, batch, tokens, shift, ref)
-    merge_sums(sums, batch.labels, batch.counts, tokens, shift, got)
+    fold_sums(sums, batch.labels, batch.counts, tokens, shift, got)
     same = all(torch.equal(ref[n], got[n]) for n in ("topk", "positive")) and all(
         torch.allclose(ref[n], got[n], rtol=1e-12, atol=1e-9) for n in ("mean", "m2")
     )
     totals = fresh()
     return (
         timed(lambda: torch_merge(sums, batch, tokens, shift, totals), device),
-        timed(lambda: merge_sums(sums, batch.labels, batch.counts, tokens, shift, totals), device),
+        timed(lambda: fold_sums(sums, batch.labels, batch.counts, tokens, shift, totals), device),
         same,
     )
 
@@ -243,7 +243,7 @@ def kernel_table(device, dtype, M, K, N, k, labels, token_fraction, rng, configs
     sums = stats()
     t_merge_torch, t_merge, merge_same = merge_check(sums, batch, labels, N, shift, device)
     add(f"merge of the batch sums into the totals ({U} labels), torch ops", t_merge_torch)
-    add(f"merge of the batch sums into the totals ({U} labels), merge_sums kernel", t_merge)
+    add(f"merge of the batch sums into the totals ({U} labels), fold_sums kernel", t_merge)
     best = None
     for tiles in configs:
         run = lambda: ffn_up_stats(x, w, b, "gelu", batch.perm, batch.sorted_local, U, shift, tiles=tiles)  # noqa: E731
@@ -288,7 +288,7 @@ def kernel_table(device, dtype, M, K, N, k, labels, token_fraction, rng, configs
     s1_err = ((sums["s1"] - ref["s1"]).norm() / ref["s1"].norm()).item()
     notes = [
         f"- fused y vs cuBLAS+GELU y: relative error {err:.2e}; label_stats counts == torch counts: {same}; "
-        f"s1 relative difference {s1_err:.1e}; merge_sums == torch merge: {merge_same}",
+        f"s1 relative difference {s1_err:.1e}; fold_sums == torch merge: {merge_same}",
         f"- label_stats with all statistics: {t_ts / t_read:.2f}x one read of the token rows "
         f"(target <= 2x); fp32 precision costs {t_rows32 * 1e6:,.0f} µs per layer unfused (token rows "
         f"recomputed) or {(t_fused32 - best[0]) * 1e6:,.0f} µs more than the bf16 fused kernel",
@@ -406,7 +406,7 @@ STAT_KERNELS = (
     "_topk_kernel",
     "_sums_kernel",
     "_chunk_reduce_kernel",
-    "_merge_kernel",
+    "_fold_kernel",
     "_ffn_up_stats_kernel",
 )
 

@@ -44,7 +44,7 @@ def ffn_up_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
     return ACTIVATIONS[activation](x.double() @ weight.double().T + bias.double())
 
 
-def merge_reference(
+def fold_reference(
     sums: dict[str, torch.Tensor],
     labels: torch.Tensor,
     counts: torch.Tensor,
@@ -52,7 +52,7 @@ def merge_reference(
     shift: torch.Tensor | None,
     totals: dict[str, torch.Tensor],
 ) -> dict[str, torch.Tensor]:
-    """``merge_sums``' result as new totals: counts added; the moments through power sums in float64
+    """``fold_sums``' result as new totals: counts added; the moments through power sums in float64
     (Σa and Σa² of the totals and of the batch added, then mean = Σa / n, M2 = Σa² − n·mean²)."""
     out = {name: t.clone() for name, t in totals.items()}
     rows = labels.long()

@@ -3,14 +3,14 @@ readers and the command line follow one table.
 
 A declaration names the statistic (what ``--stat`` takes), its merge rule, its totals (the state a
 checkpoint keeps: one [layer, row, neuron] array each, with dtype and initial value), the per-batch
-sums a backend returns for it, its store variables with their fill for labels without tokens, and
+partials a backend returns for it (sums, maxima or top-N candidates), its store variables with their fill for labels without tokens, and
 which kernels compute it.  Its torch function and the rule's arithmetic live in
 :mod:`neurostat.engine.statistics`.
 
 Rules: ``sum`` (batch sums added to the totals), ``chan`` (shifted batch sums → mean and M2, merged
-with Chan et al.'s formula; states: mean, M2; sums: Σ(a − c), Σ(a − c)²; variables: mean, var),
-``max`` (maxima) and ``top`` (the N largest values per neuron with their frame ids; states: values,
-ids; variables: values, utterances, frames).
+with Chan et al.'s formula; states: mean, M2; partials: Σ(a − c), Σ(a − c)²; variables: mean, var),
+``max`` (maxima) and ``top`` (the N largest values per neuron with their packed frame ids; states:
+values, ids; variables: values, utterances, frames).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 RULES = ("sum", "chan", "max", "top")
-KERNELS = ("label_stats", "merge_sums", "ffn_up_stats")
+KERNELS = ("label_stats", "fold_sums", "ffn_up_stats")
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class Declaration:
     name: str
     rule: str
     states: tuple[State, ...]
-    sums: tuple[str, ...]
+    partials: tuple[str, ...]
     store: tuple[str, ...]
     fill: float
     default: bool
@@ -57,7 +57,7 @@ def declare(
     *,
     rule: str,
     states: tuple[State, ...],
-    sums: tuple[str, ...],
+    partials: tuple[str, ...],
     store: tuple[str, ...],
     fill: float = 0,
     default: bool = False,
@@ -65,13 +65,13 @@ def declare(
     needs_shift: bool = False,
     kernels: tuple[str, ...] = (),
 ) -> Declaration:
-    """A statistic: ``rule`` of :data:`RULES`, ``states`` its totals, ``sums`` what a backend returns per
-    batch label, ``store`` its variables (``fill`` where a label has no tokens), ``default``: collected
+    """A statistic: ``rule`` of :data:`RULES`, ``states`` its totals, ``partials`` what a backend returns
+    per batch label, ``store`` its variables (``fill`` where a label has no tokens), ``default``: collected
     unless ``--stat`` says otherwise, ``axis``: the totals' middle axis (``label``, or ``top`` for the N
-    largest), ``needs_shift``: its sums are taken around a per-neuron shift, ``kernels``: of :data:`KERNELS`."""
+    largest), ``needs_shift``: its partials are taken around a per-neuron shift, ``kernels``: of :data:`KERNELS`."""
     if rule not in RULES or not set(kernels) <= set(KERNELS):
         raise ValueError(f"{name}: unknown rule {rule!r} or kernels {kernels}")
-    return Declaration(name, rule, states, sums, store, fill, default, axis, needs_shift, kernels)
+    return Declaration(name, rule, states, partials, store, fill, default, axis, needs_shift, kernels)
 
 
 NAN = float("nan")
@@ -82,36 +82,36 @@ DECLARATIONS: dict[str, Declaration] = {
             "topk",  # tokens at which |a_j| is among the top k of its layer (ties to the lower index)
             rule="sum",
             states=(State("topk", "int64"),),
-            sums=("topk",),
+            partials=("topk",),
             store=("topk_count",),
             default=True,
-            kernels=("label_stats", "merge_sums"),
+            kernels=("label_stats", "fold_sums"),
         ),
         declare(
             "positive",  # tokens with a_j > 0
             rule="sum",
             states=(State("positive", "int64"),),
-            sums=("positive",),
+            partials=("positive",),
             store=("positive_count",),
             default=True,
-            kernels=("label_stats", "merge_sums", "ffn_up_stats"),
+            kernels=("label_stats", "fold_sums", "ffn_up_stats"),
         ),
         declare(
             "moments",  # mean and population variance of a_j
             rule="chan",
             states=(State("mean", "float64"), State("m2", "float64")),
-            sums=("s1", "s2"),
+            partials=("s1", "s2"),
             store=("mean", "var"),
             fill=NAN,
             default=True,
             needs_shift=True,
-            kernels=("label_stats", "merge_sums", "ffn_up_stats"),
+            kernels=("label_stats", "fold_sums", "ffn_up_stats"),
         ),
         declare(
             "max_abs",  # largest |a_j|
             rule="max",
             states=(State("max_abs", "float64"),),
-            sums=("max_abs",),
+            partials=("max_abs",),
             store=("max_abs",),
             fill=NAN,
         ),
@@ -119,14 +119,14 @@ DECLARATIONS: dict[str, Declaration] = {
             "abs_sum",  # Σ|a_j| (the L1 mass; divided by frames: the mean |a_j|)
             rule="sum",
             states=(State("abs_sum", "float64"),),
-            sums=("abs_sum",),
+            partials=("abs_sum",),
             store=("abs_sum",),
         ),
         declare(
             "top_frames",  # the N largest a_j over the corpus, with their utterance and frame
             rule="top",
-            states=(State("top_value", "float64", float("-inf")), State("top_frame", "int64", -1)),
-            sums=("top_value", "top_frame"),
+            states=(State("top_value", "float64", float("-inf")), State("top_id", "int64", -1)),
+            partials=("top_value", "top_id"),
             store=("top_value", "top_utterance", "top_frame"),
             fill=NAN,
             axis="top",

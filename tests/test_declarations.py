@@ -21,7 +21,7 @@ def test_declaring_is_by_keyword_and_checked():
     with pytest.raises(TypeError):
         declare("x", "sum")  # keywords only: entries read like add_state(name, default=..., dist_reduce_fx=...)
     with pytest.raises(ValueError, match="unknown rule"):
-        declare("x", rule="mean", states=(), sums=(), store=())
+        declare("x", rule="mean", states=(), partials=(), store=())
     with pytest.raises(ValueError, match="choose from"):
         declared(["topk", "nope"])
 
@@ -31,3 +31,24 @@ def test_counts_and_defaults_come_from_the_table():
     assert count_variable("positive") == "positive_count"
     with pytest.raises(ValueError, match="count statistic 'abs_sum'"):
         count_variable("abs_sum")
+
+
+def test_kernels_cover_the_declared_states_and_partials():
+    """The kernels may not import the table, so their contracts are checked against it here: a statistic
+    that claims a kernel has the kernel's partials and, for fold_sums, its totals with the same dtypes."""
+    import torch
+
+    from neurostat.kernels.fold_sums import PARTIALS, TOTALS
+    from neurostat.kernels.label_stats import label_stats
+
+    folded = [d for d in DECLARATIONS.values() if "fold_sums" in d.kernels]
+    assert {s.name: getattr(torch, s.dtype) for d in folded for s in d.states} == TOTALS
+    assert {p for d in folded for p in d.partials} == set(PARTIALS)
+    covered = [d for d in DECLARATIONS.values() if "label_stats" in d.kernels]
+    from neurostat.engine.batching import chunk_tokens
+
+    y, local = torch.randn(5, 7), torch.tensor([0, 1, 0, 1, 1])
+    out = label_stats(y, *chunk_tokens(torch.arange(5), local, 4), 2, 2, y.mean(0))
+    assert set(out) == {p for d in covered for p in d.partials}
+    # each flag of the kernel is named after the statistic it computes
+    assert {d.name for d in covered} == {"topk", "positive", "moments"}

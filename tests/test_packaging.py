@@ -91,8 +91,8 @@ def test_the_kernels_import_from_the_installed_package(tmp_path):
     """From any other folder the installed neurostat (editable or not) serves neurostat.kernels."""
     if not importlib.metadata.packages_distributions().get("neurostat"):
         pytest.skip("neurostat is not installed (tests run from a bare checkout)")
-    code = "import neurostat.kernels.merge_sums as m; print(m.__name__)"
-    assert run_python(code, tmp_path) == "neurostat.kernels.merge_sums"
+    code = "import neurostat.kernels.fold_sums as m; print(m.__name__)"
+    assert run_python(code, tmp_path) == "neurostat.kernels.fold_sums"
 
 
 def test_a_wheel_carries_the_kernels(tmp_path):

@@ -108,6 +108,20 @@ def test_equal_values_keep_the_lower_frame_id_whatever_the_batching():
     assert values.flatten().tolist() == [2.0, 2.0] and kept.flatten().tolist() == [3, 9]
 
 
+def test_checkpoints_with_the_old_name_of_the_packed_ids_still_load():
+    """The packed frame ids were the state ``top_frame`` (flat, then namespaced); they are ``top_id`` now."""
+    g = torch.Generator().manual_seed(1)
+    acc = Accumulator(1, 1, 5, 1, ("top_frames",), top_frames=3)
+    acc.update(0, torch.randn(7, 5, generator=g).double(), TokenBatch.from_labels(np.zeros(7, np.int64), np.arange(7)))
+    state = acc.state_dict()
+    assert "top_frames.top_id" in state
+    for old in ("top_frames.top_frame", "top_frame"):
+        renamed = {(old if k == "top_frames.top_id" else k): v for k, v in state.items()}
+        loaded = Accumulator.from_state(renamed, 1, ("top_frames",)).compute()
+        for name, value in acc.compute().items():
+            np.testing.assert_array_equal(loaded[name], value)
+
+
 def test_cli_top_frames_option_turns_the_statistic_on(prepared, tiny_model, tmp_path):
     from click.testing import CliRunner
 

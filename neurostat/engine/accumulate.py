@@ -1,8 +1,8 @@
 """The accumulator: additive per-(layer, label, neuron) totals of the statistics in the table.
 
 One call per layer and batch (:meth:`Accumulator.update`, or :meth:`Accumulator.ffn_activation` inside
-the FFN's forward) adds that layer's token rows: the backend computes the per-label batch sums, each
-statistic's merge rule takes them in, and the layer's token counts grow — so nothing depends on the
+the FFN's forward) adds that layer's token rows: the backend computes the per-label batch partials, each
+statistic's rule folds them in, and the layer's token counts grow — so nothing depends on the
 order of calls.  Moment sums are taken around a per-neuron shift (the layer's mean over its first
 batch) and merged into float64 totals with Chan et al.'s formula; counts are exact int64.
 All of it merges exactly across shards, ranks and resumed runs (:meth:`Accumulator.merge`).
@@ -61,15 +61,15 @@ class Accumulator:
     def _layer_totals(self, layer: int) -> dict[str, dict[str, torch.Tensor]]:
         return {name: {state: t[layer] for state, t in own.items()} for name, own in self.totals.items()}
 
-    def _add(self, layer: int, batch: TokenBatch, sums: dict[str, torch.Tensor]) -> None:
-        self.backend.merge(sums, batch, self.tokens[layer], self.shift[layer], self._layer_totals(layer))
+    def _add(self, layer: int, batch: TokenBatch, partials: dict[str, torch.Tensor]) -> None:
+        self.backend.fold(partials, batch, self.tokens[layer], self.shift[layer], self._layer_totals(layer))
         self.tokens[layer].index_add_(0, batch.labels, batch.counts)
 
     def update(self, layer: int, a: torch.Tensor, batch: TokenBatch) -> None:
         """Adds the token rows ``a[batch.index]`` of one layer's activations ``a`` [B*T, D]."""
         if self.needs_shift and self.shift[layer] is None:
             self._set_shift(layer, a.index_select(0, batch.index))
-        self._add(layer, batch, self.backend.sums(a, batch, self.shift[layer]))
+        self._add(layer, batch, self.backend.partials(a, batch, self.shift[layer]))
 
     def _set_shift(self, layer: int, rows: torch.Tensor) -> None:
         self.shift[layer] = rows.mean(0, dtype=torch.promote_types(rows.dtype, torch.float32))
@@ -79,8 +79,8 @@ class Accumulator:
         moment shift: the mean of its token rows)."""
         if self.needs_shift and self.shift[layer] is None:
             self._set_shift(layer, self.backend.token_activations(ffn, hidden, batch))
-        a, sums = self.backend.ffn_sums(ffn, hidden, batch, self.shift[layer])
-        self._add(layer, batch, sums)
+        a, partials = self.backend.ffn_partials(ffn, hidden, batch, self.shift[layer])
+        self._add(layer, batch, partials)
         return a
 
     def merge(self, other: "Accumulator") -> "Accumulator":
@@ -94,7 +94,7 @@ class Accumulator:
         other_tokens = other.tokens.to(self.device)
         n_a, n_b = self.tokens.double()[..., None], other_tokens.double()[..., None]
         for s in self.table:
-            s.merge.combine(s, self.totals[s.name], theirs[s.name], n_a, n_b)
+            s.rule.combine(s, self.totals[s.name], theirs[s.name], n_a, n_b)
         self.tokens += other_tokens
         return self
 
@@ -105,7 +105,7 @@ class Accumulator:
         total = self.tokens.clone()
         reduce(total, "sum")
         for s in self.table:
-            s.merge.all_reduce(s, self.totals[s.name], n, total.double()[..., None], reduce)
+            s.rule.all_reduce(s, self.totals[s.name], n, total.double()[..., None], reduce)
         self.tokens = total
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -148,7 +148,7 @@ class Accumulator:
         out = {"frames": tokens[0]}
         for s in self.table:
             totals = {state: t.cpu().numpy() for state, t in self.totals[s.name].items()}
-            for var, value in s.merge.to_store(s, totals, n).items():
+            for var, value in s.rule.to_store(s, totals, n).items():
                 out[var] = value if s.fill == 0 or s.axis != "label" else np.where(n == 0, s.fill, value)
         return out
 
@@ -160,12 +160,18 @@ def state_from_store(variables: dict[str, np.ndarray], stats: tuple[str, ...], n
     state = {"tokens": np.broadcast_to(frames, (num_layers, len(frames))).copy()}
     for name in stats:
         s = TABLE[name]
-        state.update({f"{name}.{k}": v for k, v in s.merge.from_store(s, variables, n).items()})
+        state.update({f"{name}.{k}": v for k, v in s.rule.from_store(s, variables, n).items()})
     return state
 
 
+_RENAMED = {"top_frames.top_frame": "top_frames.top_id"}
+"""Checkpoint keys of states renamed since (the packed frame ids were called ``top_frame``, the name of
+the store variable holding the frame index)."""
+
+
 def _namespaced(state: dict[str, np.ndarray], table) -> dict[str, np.ndarray]:
-    """A state with every total keyed ``<statistic>.<state>``; checkpoints written before the namespaces
-    keyed them by state name alone (unique then, as the table's test keeps them)."""
-    owner = {own: s.name for s in table for own in s.states}
-    return {key if key == "tokens" or "." in key else f"{owner[key]}.{key}": v for key, v in state.items()}
+    """A state with every total keyed ``<statistic>.<state>`` by today's names; checkpoints written before
+    the namespaces keyed them by state name alone (unique then, as the table's test keeps them)."""
+    owner = {own: s.name for s in table for own in s.states} | {"top_frame": "top_frames"}
+    keyed = {key if key == "tokens" or "." in key else f"{owner[key]}.{key}": v for key, v in state.items()}
+    return {_RENAMED.get(key, key): v for key, v in keyed.items()}

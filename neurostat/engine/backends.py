@@ -1,9 +1,9 @@
-"""Backends: what computes one layer's per-label batch sums and merges them into the totals.
+"""Backends: what computes one layer's per-label batch partials and folds them into the totals.
 
 - ``torch``: each statistic's torch function from the table (the reference path); on CUDA nothing
   syncs with the host.
 - ``triton``: the model's own GEMM and activation, then the ``label_stats`` kernels for the statistics
-  they cover (top-k, positive, moments) and the ``merge_sums`` kernel for their merge (one launch per
+  they cover (top-k, positive, moments) and the ``fold_sums`` kernel for their merge (one launch per
   layer and batch); any other statistic takes its torch function.  The activations are bit-identical
   to the torch path, so the counts are identical.
 - ``triton-fused``: the ``ffn_up_stats`` kernel computes the FFN's first GEMM and activation itself,
@@ -69,34 +69,34 @@ class Backend:
         x = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.index)
         return fp32_activations(ffn, x) if self.fp32_stats(x.dtype) else ffn.act(ffn.up(x))
 
-    def sums(self, a: torch.Tensor, batch: TokenBatch, shift: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """Per-label sums [U, D] of the token rows ``a[batch.index]`` of one layer's activations [B*T, D]."""
-        return self._torch_sums(self.stats, a, batch, shift)
+    def partials(self, a: torch.Tensor, batch: TokenBatch, shift: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Per-label partials [U, D] of the token rows ``a[batch.index]`` of one layer's activations [B*T, D]."""
+        return self._torch_partials(self.stats, a, batch, shift)
 
-    def _torch_sums(self, stats, a, batch, shift) -> dict[str, torch.Tensor]:
+    def _torch_partials(self, stats, a, batch, shift) -> dict[str, torch.Tensor]:
         out = {}
         if stats:
             x = a.index_select(0, batch.index)
             for s in stats:
-                out.update(s.torch_sums(x, batch, self.params, shift))
+                out.update(s.torch_partials(x, batch, self.params, shift))
         return out
 
-    def ffn_sums(self, ffn, hidden: torch.Tensor, batch: TokenBatch, shift: torch.Tensor | None):
-        """``act(W1 x + b1)`` of one FFN [.., D] as the model computes it, and its per-label sums."""
+    def ffn_partials(self, ffn, hidden: torch.Tensor, batch: TokenBatch, shift: torch.Tensor | None):
+        """``act(W1 x + b1)`` of one FFN [.., D] as the model computes it, and its per-label partials."""
         a = ffn.act(ffn.up(hidden))
         if self.fp32_stats(hidden.dtype):
-            return a, self.sums(self.token_activations(ffn, hidden, batch), batch.token_rows(), shift)
-        return a, self.sums(a.reshape(-1, a.shape[-1]), batch, shift)
+            return a, self.partials(self.token_activations(ffn, hidden, batch), batch.token_rows(), shift)
+        return a, self.partials(a.reshape(-1, a.shape[-1]), batch, shift)
 
-    def merge(self, sums, batch: TokenBatch, tokens, shift, totals: dict[str, dict[str, torch.Tensor]]) -> None:
-        """Merges one batch's sums into one layer's totals [num_labels, D], each statistic's its own
+    def fold(self, partials, batch: TokenBatch, tokens, shift, totals: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Folds one batch's partials into one layer's totals [num_labels, D], each statistic's its own
         (``tokens``: before the batch)."""
-        self._torch_merge(self.stats, sums, batch, tokens, shift, totals)
+        self._torch_fold(self.stats, partials, batch, tokens, shift, totals)
 
     @staticmethod
-    def _torch_merge(stats, sums, batch, tokens, shift, totals) -> None:
+    def _torch_fold(stats, partials, batch, tokens, shift, totals) -> None:
         for s in stats:
-            s.merge.add_batch(s, totals[s.name], sums, batch.labels, batch.counts, tokens, shift)
+            s.rule.fold(s, totals[s.name], partials, batch.labels, batch.counts, tokens, shift)
 
 
 class TritonBackend(Backend):
@@ -104,7 +104,7 @@ class TritonBackend(Backend):
 
     def __init__(self, stats: tuple[Statistic, ...], params: Params, activation: str = "gelu", precision: str = "fp32"):
         super().__init__(stats, params, activation, precision)
-        self.kernel = tuple(s for s in stats if "label_stats" in s.kernels)  # merged by merge_sums too
+        self.kernel = tuple(s for s in stats if "label_stats" in s.kernels)  # merged by fold_sums too
         self.others = tuple(s for s in stats if "label_stats" not in s.kernels)
 
     def _kernel_sums(self, a, batch, shift, which: set[str]) -> dict[str, torch.Tensor]:
@@ -126,30 +126,30 @@ class TritonBackend(Backend):
             moments="moments" in which,
         )
 
-    def sums(self, a, batch, shift) -> dict[str, torch.Tensor]:
+    def partials(self, a, batch, shift) -> dict[str, torch.Tensor]:
         out = self._kernel_sums(a, batch, shift, {s.name for s in self.kernel})
-        out.update(self._torch_sums(self.others, a, batch, shift))
+        out.update(self._torch_partials(self.others, a, batch, shift))
         return out
 
-    def merge(self, sums, batch, tokens, shift, totals) -> None:
-        from ..kernels.merge_sums import merge_sums
+    def fold(self, partials, batch, tokens, shift, totals) -> None:
+        from ..kernels.fold_sums import fold_sums
 
         if self.kernel:
-            mine = {n: sums[n] for s in self.kernel for n in s.sums}
+            mine = {n: partials[n] for s in self.kernel for n in s.partials}
             own = {n: totals[s.name][n] for s in self.kernel for n in s.states}
-            merge_sums(mine, batch.labels, batch.counts, tokens, shift, own)
-        self._torch_merge(self.others, sums, batch, tokens, shift, totals)
+            fold_sums(mine, batch.labels, batch.counts, tokens, shift, own)
+        self._torch_fold(self.others, partials, batch, tokens, shift, totals)
 
 
 class TritonFusedBackend(TritonBackend):
     name = "triton-fused"
 
-    def ffn_sums(self, ffn, hidden, batch, shift):
+    def ffn_partials(self, ffn, hidden, batch, shift):
         from ..kernels.ffn_up_stats import ffn_up_stats
 
         shape = hidden.shape
-        epilogue = {n for s in self.kernel if "ffn_up_stats" in s.kernels for n in s.sums}
-        y, sums = ffn_up_stats(
+        epilogue = {n for s in self.kernel if "ffn_up_stats" in s.kernels for n in s.partials}
+        y, partials = ffn_up_stats(
             hidden.reshape(-1, shape[-1]),
             ffn.up.weight,
             ffn.up.bias,
@@ -161,10 +161,10 @@ class TritonFusedBackend(TritonBackend):
             stats=bool(epilogue),
             out_dtype=torch.float32 if self.fp32_stats(hidden.dtype) else hidden.dtype,
         )
-        sums = {n: t for n, t in sums.items() if n in epilogue}
-        sums.update(self._kernel_sums(y, batch, shift, {s.name for s in self.kernel} & {"topk"}))
-        sums.update(self._torch_sums(self.others, y, batch, shift))
-        return y.to(hidden.dtype).view(*shape[:-1], y.shape[-1]), sums
+        partials = {n: t for n, t in partials.items() if n in epilogue}
+        partials.update(self._kernel_sums(y, batch, shift, {s.name for s in self.kernel} & {"topk"}))
+        partials.update(self._torch_partials(self.others, y, batch, shift))
+        return y.to(hidden.dtype).view(*shape[:-1], y.shape[-1]), partials
 
 
 _CLASSES = {cls.name: cls for cls in (Backend, TritonBackend, TritonFusedBackend)}

@@ -172,7 +172,7 @@ class RunSpec:
                 "ties": "lower neuron index wins at the k-th |a|",
                 "var_ddof": 0,
                 "moments": "per-batch fp32 sums around a per-neuron shift, merged in float64 (Chan et al.)",
-                "merge": {var: TABLE[name].rule for name in self.stats for var in TABLE[name].store},
+                "merge": {var: TABLE[name].rule.name for name in self.stats for var in TABLE[name].store},
                 "backend": self.backend,
                 "precision": _describe_precision(config.stats_precision, adapter.dtype),
             },

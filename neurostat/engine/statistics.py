@@ -1,15 +1,16 @@
 """The engine's side of the statistics table: each declared statistic (:mod:`neurostat.declarations`)
-with its torch function — the per-batch sums [U, D] per label of the batch, the reference path every
-backend is checked against — and the arithmetic of its merge rule.  The accumulator, the backends,
-checkpoints, the store and every merge (batches, shards, resumed runs, ranks) follow the table:
-adding a statistic means one declaration, its torch function here and its test (and, optionally, a
-kernel).
+with its torch function — the per-batch partials per label of the batch (sums, maxima or top-N
+candidates), the reference path every backend is checked against — and the arithmetic of its rule.
+The accumulator, the backends, checkpoints, the store and every merge (shards, resumed runs, ranks)
+follow the table: adding a statistic means one declaration, its torch function here and its test
+(and, optionally, a kernel).
 
-Merge rules (:class:`Rule`, named by the declarations): ``sum`` (batch sums added to the totals),
+Words: a rule *folds* one batch's partials into the running totals, and *merges* two sets of totals
+(shards, ranks, stores).  Rules (:class:`Rule`, named by the declarations): ``sum`` (partials added),
 ``chan`` (moments: shifted batch sums → mean and M2, merged in float64 with Chan et al.'s formula),
-``max`` and ``top`` (the N largest values per neuron with their frame ids, equal values in id order:
-not additive, but exact and independent of batching).  A rule reads its state, sum and variable names
-from the declaration.  The store records each variable's rule (``statistics.merge``) so that readers
+``max`` and ``top`` (the N largest values per neuron with their packed frame ids, equal values in id
+order: not additive, but exact and independent of batching).  A rule reads its state, partial and
+variable names from the declaration.  The store records each variable's rule (``statistics.merge``) so that readers
 reduce label parts the same way.
 """
 
@@ -69,7 +70,7 @@ def per_label(batch: TokenBatch, values: torch.Tensor) -> torch.Tensor:
     return out.index_add_(0, batch.local, values)
 
 
-def topk_sums(
+def topk_partials(
     x: torch.Tensor, batch: TokenBatch, params: Params, shift: torch.Tensor | None
 ) -> dict[str, torch.Tensor]:
     """Top-k counts per batch label [U, D].
@@ -91,20 +92,20 @@ def topk_sums(
     return {"topk": counts}
 
 
-def positive_sums(
+def positive_partials(
     x: torch.Tensor, batch: TokenBatch, params: Params, shift: torch.Tensor | None
 ) -> dict[str, torch.Tensor]:
     return {"positive": per_label(batch, (x > 0).to(torch.float32))}
 
 
-def moment_sums(x: torch.Tensor, batch: TokenBatch, params: Params, shift: torch.Tensor) -> dict[str, torch.Tensor]:
+def moment_partials(x: torch.Tensor, batch: TokenBatch, params: Params, shift: torch.Tensor) -> dict[str, torch.Tensor]:
     """Σ(a − shift) and Σ(a − shift)² per label, in fp32 (fp64 for fp64 activations)."""
     dtype = torch.promote_types(x.dtype, torch.float32)
     dev = x.to(dtype) - shift.to(dtype)
     return {"s1": per_label(batch, dev), "s2": per_label(batch, dev.square_())}
 
 
-def max_abs_sums(
+def max_abs_partials(
     x: torch.Tensor, batch: TokenBatch, params: Params, shift: torch.Tensor | None
 ) -> dict[str, torch.Tensor]:
     """Largest |a| per label (|a| >= 0, so zeros are the neutral start)."""
@@ -113,7 +114,9 @@ def max_abs_sums(
     return {"max_abs": out.scatter_reduce_(0, batch.local[:, None].expand_as(absx), absx, "amax")}
 
 
-def abs_sums(x: torch.Tensor, batch: TokenBatch, params: Params, shift: torch.Tensor | None) -> dict[str, torch.Tensor]:
+def abs_sum_partials(
+    x: torch.Tensor, batch: TokenBatch, params: Params, shift: torch.Tensor | None
+) -> dict[str, torch.Tensor]:
     """Σ|a| per label, in float64 (a float32 sum over millions of tokens would lose digits)."""
     return {"abs_sum": per_label(batch, x.abs().to(torch.float64))}
 
@@ -127,7 +130,7 @@ def keep_top(values: torch.Tensor, ids: torch.Tensor, n: int) -> tuple[torch.Ten
     return values.gather(-2, order), ids.gather(-2, order)
 
 
-def top_frames_sums(x: torch.Tensor, batch: TokenBatch, params: Params, shift: torch.Tensor | None) -> dict:
+def top_frames_partials(x: torch.Tensor, batch: TokenBatch, params: Params, shift: torch.Tensor | None) -> dict:
     """The batch's N largest activations per neuron [N, D] (float64) with their frame ids; empty slots
     hold −inf and id −1 when the batch has fewer than N tokens.  No host sync."""
     n, width = params.top_frames, x.shape[1]
@@ -137,16 +140,16 @@ def top_frames_sums(x: torch.Tensor, batch: TokenBatch, params: Params, shift: t
     top = torch.sort(x.index_select(0, order).to(torch.float64), dim=0, descending=True, stable=True)
     kept = top.indices[:n]
     values[: kept.shape[0]], ids[: kept.shape[0]] = top.values[:n], batch.frame_ids[order][kept]
-    return {"top_value": values, "top_frame": ids}
+    return {"top_value": values, "top_id": ids}
 
 
 class Rule:
-    """How a statistic's totals take in a batch, merge with other totals and become store variables."""
+    """How a statistic's totals fold in a batch, merge with other totals and become store variables."""
 
     name: str
 
-    def add_batch(self, stat, totals, sums, labels, counts, tokens, shift) -> None:
-        """Merges one batch's sums [U, D] into one layer's totals [num_labels, D] at rows ``labels``
+    def fold(self, stat, totals, partials, labels, counts, tokens, shift) -> None:
+        """Folds one batch's partials [U, D] into one layer's totals [num_labels, D] at rows ``labels``
         (``counts``: the batch's tokens per label, ``tokens``: tokens per label before the batch)."""
         raise NotImplementedError
 
@@ -173,9 +176,9 @@ class Rule:
 class SumRule(Rule):
     name = "sum"
 
-    def add_batch(self, stat, totals, sums, labels, counts, tokens, shift) -> None:
+    def fold(self, stat, totals, partials, labels, counts, tokens, shift) -> None:
         for name in stat.states:
-            totals[name].index_add_(0, labels, sums[name].to(totals[name].dtype))
+            totals[name].index_add_(0, labels, partials[name].to(totals[name].dtype))
 
     def combine(self, stat, mine, theirs, n_a, n_b) -> None:
         for name in stat.states:
@@ -192,12 +195,12 @@ class ChanRule(Rule):
 
     name = "chan"
 
-    def add_batch(self, stat, totals, sums, labels, counts, tokens, shift) -> None:
-        (mean_name, m2_name), (s1, s2) = stat.states, stat.sums
+    def fold(self, stat, totals, partials, labels, counts, tokens, shift) -> None:
+        (mean_name, m2_name), (s1, s2) = stat.states, stat.partials
         mean_t, m2_t = totals[mean_name], totals[m2_name]
         n_b = counts.to(torch.float64)[:, None]
         n_a = tokens.index_select(0, labels).to(torch.float64)[:, None]
-        mean_b, m2_b = from_shifted_sums(n_b, sums[s1].double(), sums[s2].double(), shift.double())
+        mean_b, m2_b = from_shifted_sums(n_b, partials[s1].double(), partials[s2].double(), shift.double())
         mean, m2 = chan_merge(n_a, mean_t.index_select(0, labels), m2_t.index_select(0, labels), n_b, mean_b, m2_b)
         mean_t.index_copy_(0, labels, mean)
         m2_t.index_copy_(0, labels, m2)
@@ -229,10 +232,10 @@ class ChanRule(Rule):
 class MaxRule(Rule):
     name = "max"
 
-    def add_batch(self, stat, totals, sums, labels, counts, tokens, shift) -> None:
+    def fold(self, stat, totals, partials, labels, counts, tokens, shift) -> None:
         for name in stat.states:  # each label occurs once in a batch
             total = totals[name]
-            total.index_copy_(0, labels, torch.maximum(total.index_select(0, labels), sums[name].to(total.dtype)))
+            total.index_copy_(0, labels, torch.maximum(total.index_select(0, labels), partials[name].to(total.dtype)))
 
     def combine(self, stat, mine, theirs, n_a, n_b) -> None:
         for name in stat.states:
@@ -244,45 +247,45 @@ class MaxRule(Rule):
 
 
 class TopRule(Rule):
-    """Totals [layer, N, neuron]: the N largest values seen and their frame ids (the statistic's two
-    states), kept by :func:`keep_top` — exact across batches, shards, ranks and resumed runs; store
-    variables: the values, the utterance indices and the frames."""
+    """Totals [layer, N, neuron]: the N largest values seen and their packed frame ids (the statistic's
+    two states; :func:`frame_id_parts` unpacks them), kept by :func:`keep_top` — exact across batches,
+    shards, ranks and resumed runs; store variables: the values, the utterance indices and the frames."""
 
     name = "top"
 
-    def add_batch(self, stat, totals, sums, labels, counts, tokens, shift) -> None:
-        (value, frame), (sum_value, sum_frame) = stat.states, stat.sums
-        values = torch.cat([totals[value], sums[sum_value].to(totals[value].dtype)])
-        ids = torch.cat([totals[frame], sums[sum_frame]])
-        totals[value][:], totals[frame][:] = keep_top(values, ids, totals[value].shape[0])
+    def fold(self, stat, totals, partials, labels, counts, tokens, shift) -> None:
+        (value, frame_id), (part_value, part_id) = stat.states, stat.partials
+        values = torch.cat([totals[value], partials[part_value].to(totals[value].dtype)])
+        ids = torch.cat([totals[frame_id], partials[part_id]])
+        totals[value][:], totals[frame_id][:] = keep_top(values, ids, totals[value].shape[0])
 
     def combine(self, stat, mine, theirs, n_a, n_b) -> None:
-        value, frame = stat.states
+        value, frame_id = stat.states
         values = torch.cat([mine[value], theirs[value]], dim=-2)
-        ids = torch.cat([mine[frame], theirs[frame]], dim=-2)
-        mine[value], mine[frame] = keep_top(values, ids, mine[value].shape[-2])
+        ids = torch.cat([mine[frame_id], theirs[frame_id]], dim=-2)
+        mine[value], mine[frame_id] = keep_top(values, ids, mine[value].shape[-2])
 
     def all_reduce(self, stat, totals, n, total_n, reduce) -> None:
-        value, frame = stat.states
-        values, ids = reduce(totals[value], "gather"), reduce(totals[frame], "gather")
+        value, frame_id = stat.states
+        values, ids = reduce(totals[value], "gather"), reduce(totals[frame_id], "gather")
         rows = totals[value].shape[-2]
-        totals[value], totals[frame] = keep_top(torch.cat(values, -2), torch.cat(ids, -2), rows)
+        totals[value], totals[frame_id] = keep_top(torch.cat(values, -2), torch.cat(ids, -2), rows)
 
     def to_store(self, stat, totals, n) -> dict[str, np.ndarray]:
-        (value, frame), (value_var, utterance_var, frame_var) = stat.states, stat.store
-        utterance, frames = frame_id_parts(totals[frame])
+        (value, frame_id), (value_var, utterance_var, frame_var) = stat.states, stat.store
+        utterance, frames = frame_id_parts(totals[frame_id])
         return {
-            value_var: np.where(totals[frame] < 0, np.nan, totals[value]),
+            value_var: np.where(totals[frame_id] < 0, np.nan, totals[value]),
             utterance_var: utterance,
             frame_var: frames,
         }
 
     def from_store(self, stat, variables, n) -> dict[str, np.ndarray]:
-        (value, frame), (value_var, utterance_var, frame_var) = stat.states, stat.store
+        (value, frame_id), (value_var, utterance_var, frame_var) = stat.states, stat.store
         utterance, frames = variables[utterance_var], variables[frame_var]
         empty = utterance < 0
         ids = np.where(empty, -1, (utterance.astype(np.int64) << FRAME_BITS) | frames)
-        return {value: np.where(empty, -np.inf, variables[value_var]), frame: ids}
+        return {value: np.where(empty, -np.inf, variables[value_var]), frame_id: ids}
 
 
 RULES = {rule.name: rule for rule in (SumRule(), ChanRule(), MaxRule(), TopRule())}
@@ -293,9 +296,9 @@ class Statistic:
     """A declared statistic (:mod:`neurostat.declarations`) with its torch function and merge rule."""
 
     declaration: Declaration
-    torch_sums: Callable[[torch.Tensor, TokenBatch, Params, torch.Tensor | None], dict[str, torch.Tensor]]
+    torch_partials: Callable[[torch.Tensor, TokenBatch, Params, torch.Tensor | None], dict[str, torch.Tensor]]
 
-    def __getattr__(self, name: str):  # name, sums, store, fill, axis, needs_shift, rule, kernels, dims
+    def __getattr__(self, name: str):  # name, partials, store, fill, axis, needs_shift, kernels, dims
         if name.startswith("__") or name == "declaration":
             raise AttributeError(name)
         return getattr(self.declaration, name)
@@ -306,7 +309,8 @@ class Statistic:
         return self.declaration.state_names
 
     @property
-    def merge(self) -> Rule:
+    def rule(self) -> Rule:
+        """The arithmetic of the declared rule (the declaration holds its name)."""
         return RULES[self.declaration.rule]
 
     def initial(self, shape: tuple[int, ...], device, params: Params | None = None) -> dict[str, torch.Tensor]:
@@ -319,15 +323,15 @@ class Statistic:
         }
 
 
-_TORCH_SUMS = {
-    "topk": topk_sums,
-    "positive": positive_sums,
-    "moments": moment_sums,
-    "max_abs": max_abs_sums,
-    "abs_sum": abs_sums,
-    "top_frames": top_frames_sums,
+_TORCH_PARTIALS = {
+    "topk": topk_partials,
+    "positive": positive_partials,
+    "moments": moment_partials,
+    "max_abs": max_abs_partials,
+    "abs_sum": abs_sum_partials,
+    "top_frames": top_frames_partials,
 }
-TABLE: dict[str, Statistic] = {name: Statistic(d, _TORCH_SUMS[name]) for name, d in DECLARATIONS.items()}
+TABLE: dict[str, Statistic] = {name: Statistic(d, _TORCH_PARTIALS[name]) for name, d in DECLARATIONS.items()}
 """Every declared statistic with its torch function (the reference path every backend is checked against)."""
 
 

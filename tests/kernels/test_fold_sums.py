@@ -1,10 +1,10 @@
-"""merge_sums against its float64 power-sum reference (Triton interpreter on CPU, a GPU when present)."""
+"""fold_sums against its float64 power-sum reference (Triton interpreter on CPU, a GPU when present)."""
 
 import pytest
 import torch
 
-from neurostat.kernels.merge_sums import merge_sums
-from neurostat.kernels.reference import merge_reference
+from neurostat.kernels.fold_sums import fold_sums
+from neurostat.kernels.reference import fold_reference
 
 
 def state(num_labels, d, g, empty):
@@ -38,9 +38,9 @@ def test_matches_reference(device, which, num_labels, d, batch_labels):
     sums["s1"] = (torch.randn(len(batch_labels), d, generator=g) * counts[:, None]).float()
     sums["s2"] = (sums["s1"].double() ** 2 / counts[:, None] + torch.rand(len(batch_labels), d, generator=g)).float()
     sums = {n: t for n, t in sums.items() if n in which or (n in ("s1", "s2") and "moments" in which)}
-    expected = merge_reference(sums, labels, counts, tokens, shift, totals)
+    expected = fold_reference(sums, labels, counts, tokens, shift, totals)
     got = {n: t.clone().to(device) for n, t in totals.items()}
-    merge_sums(
+    fold_sums(
         {n: t.to(device) for n, t in sums.items()},
         labels.to(device),
         counts.to(device),
@@ -62,11 +62,11 @@ def test_matches_reference(device, which, num_labels, d, batch_labels):
 def test_refuses_wrong_buffers(device):
     labels, counts, tokens = torch.tensor([0]), torch.tensor([3]), torch.zeros(2, dtype=torch.int64)
     with pytest.raises(ValueError, match="int64"):
-        merge_sums(
+        fold_sums(
             {"topk": torch.zeros(1, 5, dtype=torch.int32)}, labels, counts, tokens, None, {"topk": torch.zeros(2, 5)}
         )
     with pytest.raises(ValueError, match=r"\[1, 5\]"):
-        merge_sums(
+        fold_sums(
             {"topk": torch.zeros(2, 5, dtype=torch.int32)},
             labels,
             counts,

@@ -1,11 +1,11 @@
-"""``merge_sums``: one batch's per-label sums merged into a layer's running totals, in one launch.
+"""``fold_sums``: one batch's per-label sums merged into a layer's running totals, in one launch.
 
 The torch backend's merge (the ``sum`` and ``chan`` rules of :mod:`neurostat.engine.statistics`) takes
 about fifteen whole-array ops per layer and batch — int64 copies of the counts, index_add,
 index_select/index_copy of the float64 moments and the temporaries of Chan et al.'s formula — each a
 pass over [labels in the batch, D] float64 arrays.  This kernel reads each batch sum and each total
 once, does the same float64 arithmetic in registers and writes each total once.  Its reference:
-:func:`neurostat.kernels.reference.merge_reference`.
+:func:`neurostat.kernels.reference.fold_reference`.
 
 One program per (label of the batch, column block); every label occurs once in a batch, so programs
 own disjoint rows of the totals: no atomics, deterministic.
@@ -19,7 +19,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _merge_kernel(
+def _fold_kernel(
     labels_ptr,
     counts_ptr,
     tokens_ptr,
@@ -63,12 +63,17 @@ def _merge_kernel(
         tl.store(m2_ptr + dst, (m2 + m2_b) + (delta * delta) * (n_a * n_b / n), mask=valid)
 
 
-_TOTAL_DTYPES = {"topk": torch.int64, "positive": torch.int64, "mean": torch.float64, "m2": torch.float64}
+TOTALS = {"topk": torch.int64, "positive": torch.int64, "mean": torch.float64, "m2": torch.float64}
+"""The totals this kernel folds into, with the dtypes its arithmetic needs.  The declarations of the
+statistics it covers (``neurostat.declarations``, which this folder may not import) must name the same
+states and dtypes: ``tests/test_declarations.py`` checks that they do."""
+PARTIALS = ("topk", "positive", "s1", "s2")
+"""The batch partials it reads: the two counts and the moments' shifted sums."""
 BLOCK = 1024
 """Columns per program (on CUDA; the interpreter uses 16 so that small tests cross blocks)."""
 
 
-def merge_sums(
+def fold_sums(
     sums: dict[str, torch.Tensor],
     labels: torch.Tensor,
     counts: torch.Tensor,
@@ -84,16 +89,20 @@ def merge_sums(
         return
     width = next(iter(totals.values())).shape[1]
     for name, t in totals.items():
-        dtype = _TOTAL_DTYPES[name]
+        if name not in TOTALS:
+            raise ValueError(f"fold_sums folds {tuple(TOTALS)}, not {name!r}")
+        dtype = TOTALS[name]
         if not t.is_contiguous() or t.dtype != dtype:
             raise ValueError(f"totals[{name!r}] must be a contiguous {dtype} matrix, got {t.dtype}")
     for name, t in sums.items():
+        if name not in PARTIALS:
+            raise ValueError(f"fold_sums reads the partials {PARTIALS}, not {name!r}")
         if t.shape != (num, width) or not t.is_contiguous():
             raise ValueError(f"sums[{name!r}] must be a contiguous [{num}, {width}] matrix, got {tuple(t.shape)}")
     moments = "mean" in totals
     dummy = torch.empty(1, dtype=torch.float64, device=labels.device)
     block = min(BLOCK if labels.is_cuda else 16, triton.next_power_of_2(width))
-    _merge_kernel[(num, triton.cdiv(width, block))](
+    _fold_kernel[(num, triton.cdiv(width, block))](
         labels,
         counts,
         tokens,
