@@ -44,8 +44,8 @@ from neurostat.engine.batching import TokenBatch, chunk_tokens
 from neurostat.engine.statistics import Params, topk_mask
 from neurostat.engine.statistics import statistics as table_entries
 from neurostat.kernels.ffn_up_stats import ffn_up_stats
-from neurostat.kernels.label_stats import label_stats
 from neurostat.kernels.fold_sums import fold_sums
+from neurostat.kernels.label_stats import label_stats
 from neurostat.kernels.reference import topk_mask_reference
 from neurostat.model.adapter import FFN, ModelAdapter
 from neurostat.model.factory import build_model, feature_extractor

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from neurostat.engine.batching import chunk_tokens
-from neurostat.kernels.reference import label_stats_reference
 from neurostat.kernels.label_stats import TUNING, label_stats
+from neurostat.kernels.reference import label_stats_reference
 
 
 def run(y, rows, local, num_labels, k, shift=None, chunk=32, **which):
