@@ -88,8 +88,6 @@ def label_frames(starts: np.ndarray, ends: np.ndarray, ids: np.ndarray, centres:
     return out
 
 
-FRAME_LABELS = ("centre", "overlap")
-
 
 def label_frames_overlap(
     starts: np.ndarray, ends: np.ndarray, ids: np.ndarray, cell: float, num_frames: int

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .choices import PROBE_TASKS
 from .corpus.prepared import PreparedCorpus
 from .engine.features import layer_features
 from .errors import OptionError
@@ -35,7 +36,6 @@ from .model.adapter import ModelAdapter, resolve_device
 from .model.pruning import load_adapter
 from .phones import BROAD_CLASSES, NON_SPEECH
 
-TASKS = ("phone", "phone-type", "gender", "pitch-bin", "log-f0")
 PHONE_TYPES = tuple(BROAD_CLASSES)
 FORMAT = 1
 
@@ -300,7 +300,7 @@ def phone_error_rate(pred: np.ndarray, ref: np.ndarray, utterance: np.ndarray, d
 
 def run_probes(
     data: ProbeData,
-    tasks: tuple[str, ...] = TASKS,
+    tasks: tuple[str, ...] = PROBE_TASKS,
     layer: int | None = None,
     seed: int = 0,
     test_fraction: float = 0.3,
@@ -327,9 +327,9 @@ def run_probes(
             fitted[task] = probe
         return probe
 
-    unknown = [t for t in tasks if t not in TASKS]
+    unknown = [t for t in tasks if t not in PROBE_TASKS]
     if unknown:
-        raise OptionError(f"unknown probe task(s) {unknown}; choose from {TASKS}")
+        raise OptionError(f"unknown probe task(s) {unknown}; choose from {PROBE_TASKS}")
     if layer is not None:
         if layer not in data.layers:
             raise OptionError(f"layer {layer} was not extracted; layers: {data.layers}")
@@ -388,7 +388,7 @@ def _with_features(data: ProbeData, features: list[torch.Tensor], layers: list[i
 def probe_model(
     model: str | ModelAdapter,
     corpus: str | Path | PreparedCorpus,
-    tasks: tuple[str, ...] = TASKS,
+    tasks: tuple[str, ...] = PROBE_TASKS,
     layer: int | None = None,
     seed: int = 0,
     test_fraction: float = 0.3,

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from .choices import SELECTION_RULES
 from .errors import OptionError
 from .files import atomic_write
 from .neuronset import NeuronSet, NeuronSetError
@@ -25,7 +26,6 @@ from .phones import ARPABET, BROAD_CLASSES
 from .stats import Stats
 
 PROPERTIES = ("phone-type", "gender", "pitch", "phone")
-RULES = ("paper", "entropy")
 
 
 class SelectionError(ValueError):
@@ -213,8 +213,8 @@ def property_neurons(
     departure from the paper, which keeps every cell and counts an empty one as not above chance)."""
     if not 0 < sigma <= 1:
         raise SelectionError(f"sigma must be in (0, 1], got {sigma}")
-    if rule not in RULES:
-        raise SelectionError(f"unknown rule {rule!r}; choose from {RULES}")
+    if rule not in SELECTION_RULES:
+        raise SelectionError(f"unknown rule {rule!r}; choose from {SELECTION_RULES}")
     if min_tokens < 0:
         raise SelectionError(f"min_tokens must be >= 0, got {min_tokens}")
     spec = GroupSpec.load(groups) if isinstance(groups, (str, Path)) else groups or GroupSpec.builtin(property, stats)

@@ -139,3 +139,13 @@ def test_masked_group_norm_is_group_norm_of_each_unpadded_utterance(vectorized):
     for b, n in enumerate(valid.tolist()):
         torch.testing.assert_close(got[b, :, :n], norm(x[b : b + 1, :, :n])[0], rtol=1e-12, atol=1e-12)
         assert (got[b, :, n:] == 0).all()
+
+
+def test_model_dtype_names_are_checked():
+    import torch
+
+    from neurostat.model.adapter import ModelError, model_dtype
+
+    assert model_dtype("bfloat16") is torch.bfloat16
+    with pytest.raises(ModelError, match="--dtype 'float64' is not a model dtype"):
+        model_dtype("float64")

@@ -11,6 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BASE = {
     "neurostat.version",
+    "neurostat.choices",
     "neurostat.declarations",
     "neurostat.errors",
     "neurostat.files",
@@ -150,3 +151,36 @@ def test_the_checks_can_fail(tmp_path):
     assert "neurostat.engine.x (neurostat.engine) imports neurostat.cli.app" in bad[1]
     assert "neurostat.engine.x (neurostat.engine) imports neurostat;" in bad[0]  # the face
     assert cycles(graph) == [["neurostat.engine.x", "neurostat.engine.y", "neurostat.engine.x"]]
+
+
+def test_every_cli_choice_is_a_library_constant():
+    """A ``click.Choice`` offers a tuple the library validates against (``auto`` aside), never a copy."""
+    import click
+
+    from neurostat import choices, presets
+    from neurostat.cli import main
+    from neurostat.declarations import COUNT_STATS, DECLARATIONS
+    from neurostat.engine.tokens import MODES
+
+    library = {tuple(v) for k, v in vars(choices).items() if k.isupper()}
+    library |= {MODES, COUNT_STATS, tuple(DECLARATIONS), tuple(sorted(presets.PRESETS))}
+
+    def commands(group):
+        for cmd in group.commands.values():
+            yield cmd
+            if isinstance(cmd, click.Group):
+                yield from commands(cmd)
+
+    seen = 0
+    for cmd in commands(main):
+        for param in cmd.params:
+            if isinstance(param.type, click.Choice):
+                offered = tuple(c for c in param.type.choices if c != "auto")
+                assert offered in library, f"{cmd.name} {param.opts}: {offered} copies a library constant"
+                seen += 1
+    assert seen >= 15
+    for path in (ROOT / "neurostat" / "cli").glob("*.py"):  # and none of them is spelt out in the CLI
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "Choice":
+                spelt = [e for e in ast.walk(node) if isinstance(e, ast.Constant) and e.value != "auto"]
+                assert not spelt, f"{path.name}:{node.lineno}: a Choice spells out {[e.value for e in spelt]}"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from ..choices import BACKENDS, MODEL_DTYPES, PRECISIONS
 from ..declarations import DECLARATIONS, DEFAULT_STATS
 from ..engine.tokens import MODES
 from .app import demo_model_name, main, preset_option, user_errors, with_preset
@@ -108,16 +109,16 @@ def _shard(ctx, param, text: str) -> tuple[int, int]:
     "[default: every part of the prepared corpus].",
 )
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", help="Model dtype.")
+@click.option("--dtype", type=click.Choice(MODEL_DTYPES), default="float32", help="Model dtype.")
 @click.option(
     "--backend",
-    type=click.Choice(["auto", "torch", "triton", "triton-fused"]),
+    type=click.Choice(("auto", *BACKENDS)),
     default="auto",
     help="Statistics kernels: auto = triton on CUDA, torch on CPU; triton-fused also computes the FFN's first GEMM.",
 )
 @click.option(
     "--stats-precision",
-    type=click.Choice(["fp32", "model"]),
+    type=click.Choice(PRECISIONS),
     default="fp32",
     help="Activations the statistics see in a float16/bfloat16 run: fp32 = act(x W1ᵀ + b1) accumulated in fp32 "
     "(unbiased top-k; the model's forward is unchanged), model = the half-precision values the model computes "

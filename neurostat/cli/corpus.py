@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..choices import FRAME_LABELS, LAYOUTS, LEVELS, MODEL_DTYPES, PITCH_ALIGNS, PITCH_METHODS, PITCH_RULES
 from ..engine.tokens import MODES
 from .app import demo_model_name, main, preset_option, user_errors, with_preset
 
@@ -34,7 +35,7 @@ def labelling_options(f):
     """Options shared by `prepare` and `collect` (which prepares its corpus itself); the labelling ones
     arrive as keyword arguments of :meth:`neurostat.corpus.prepare.PrepareSettings.from_options`."""
     options = [
-        click.option("--corpus", type=click.Choice(["librispeech"]), default="librispeech", help="Corpus layout."),
+        click.option("--corpus", type=click.Choice(LAYOUTS), default="librispeech", help="Corpus layout."),
         click.option("--subset", default=None, help="Subset folder, e.g. dev-clean."),
         click.option(
             "--alignments",
@@ -44,7 +45,7 @@ def labelling_options(f):
         ),
         click.option(
             "--pitch",
-            type=click.Choice(["praat", "yaapt"]),
+            type=click.Choice(PITCH_METHODS),
             default="praat",
             help="F0 tracker (yaapt needs neurostat[paper]).",
         ),
@@ -65,14 +66,14 @@ def labelling_options(f):
         ),
         click.option(
             "--frame-labels",
-            type=click.Choice(["centre", "overlap"]),
+            type=click.Choice(FRAME_LABELS),
             default="centre",
             help="Label a frame by the interval containing its centre, or (the paper) by the interval of largest "
             "overlap with its stride cell [20t, 20t + 20) ms.",
         ),
         click.option(
             "--pitch-rule",
-            type=click.Choice(["interval", "paper"]),
+            type=click.Choice(PITCH_RULES),
             default="interval",
             help="Voiced bin of f: e_i <= f < e_i+1, or (the paper) e_i < f <= e_i+1.",
         ),
@@ -89,7 +90,7 @@ def labelling_options(f):
         ),
         click.option(
             "--pitch-align",
-            type=click.Choice(["time", "paper"]),
+            type=click.Choice(PITCH_ALIGNS),
             default="time",
             help="F0 of a frame: the track read at the frame's centre, or (the paper's code) the track's frames "
             "in order, left-padded with unvoiced up to int(duration/20 ms) (needs --pitch-step-ms 20).",
@@ -201,7 +202,7 @@ PREPARED = click.Path(exists=True, file_okay=False, path_type=Path)
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option(
     "--level",
-    type=click.Choice(["frame", "utterance"]),
+    type=click.Choice(LEVELS),
     default="frame",
     help="One label per model frame of the prepared geometry, or one per utterance.",
 )
@@ -255,7 +256,7 @@ def labels_remove(prepared, name) -> None:
 @click.option("--clusters", required=True, type=int, help="Number of k-means clusters.")
 @click.option(
     "--level",
-    type=click.Choice(["frame", "utterance"]),
+    type=click.Choice(LEVELS),
     default="frame",
     help="Cluster frames (units) or utterances (mean layer output, or --vectors).",
 )
@@ -276,7 +277,7 @@ def labels_remove(prepared, name) -> None:
 @click.option("--fit-frames", default=100_000, help="frame level: fit on a random sample of this many frames.")
 @click.option("--seed", default=0, help="Seed of the sample and of k-means++.")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", help="Model dtype.")
+@click.option("--dtype", type=click.Choice(MODEL_DTYPES), default="float32", help="Model dtype.")
 @click.option(
     "--batch-seconds", type=float, default=None, help="Padded audio per batch [default: 20 on a CPU, 160 on a GPU]."
 )

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..choices import PRUNE_CRITERIA, PRUNE_SCOPES
 from .app import demo_model_name, main, user_errors
 
 
@@ -53,12 +54,10 @@ def ablate(model, neurons, out, overwrite) -> None:
 )
 @click.option("--keep", type=int, default=None, help="Neurons to keep per layer (or in all, with --scope global).")
 @click.option("--keep-protected-only", is_flag=True, help="Keep exactly the protected neurons.")
-@click.option(
-    "--scope", type=click.Choice(["layer", "global"]), default="layer", help="Budget per layer or across layers."
-)
+@click.option("--scope", type=click.Choice(PRUNE_SCOPES), default="layer", help="Budget per layer or across layers.")
 @click.option(
     "--criterion",
-    type=click.Choice(["l1", "l2"]),
+    type=click.Choice(PRUNE_CRITERIA),
     default="l1",
     help="Score: ‖W1[j,:]‖ + |b1[j]| + ‖W2[:,j]‖; lowest pruned first.",
 )

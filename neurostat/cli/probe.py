@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..choices import PROBE_TASKS
 from .app import demo_model_name, main, user_errors
 
 
@@ -32,7 +33,7 @@ from .app import demo_model_name, main, user_errors
     "--task",
     "tasks",
     multiple=True,
-    type=click.Choice(["phone", "phone-type", "gender", "pitch-bin", "log-f0"]),
+    type=click.Choice(PROBE_TASKS),
     help="Probe to run (repeatable; default all).",
 )
 @click.option(
@@ -54,7 +55,7 @@ from .app import demo_model_name, main, user_errors
 def probe(model, prepared, compare, tasks, fixed_probes, layer, test_fraction, seed, device, out) -> None:
     """Fit linear probes (phone, phone type, gender, pitch bin, log F0) on frozen layer outputs, trained on
     speakers disjoint from the test speakers, and print a table of the metrics (and deltas with --compare)."""
-    from ..probe import TASKS, probe_model, save_results, table
+    from ..probe import probe_model, save_results, table
 
     results, fitted = [], {}
     for i, source in enumerate((model, *compare)):
@@ -62,7 +63,9 @@ def probe(model, prepared, compare, tasks, fixed_probes, layer, test_fraction, s
         reuse = fitted if (i == 0 or fixed_probes) else None
         tag = {"model": Path(source).name, "probes": "fixed"} if i and fixed_probes else None
         results.append(
-            probe_model(source, prepared, tuple(tasks) or TASKS, layer, seed, test_fraction, device, tag, fitted=reuse)
+            probe_model(
+                source, prepared, tuple(tasks) or PROBE_TASKS, layer, seed, test_fraction, device, tag, fitted=reuse
+            )
         )
     click.echo(table(results))
     if out:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..choices import SELECTION_RULES
 from ..declarations import COUNT_STATS
 from .app import main, user_errors
 
@@ -34,7 +35,7 @@ from .app import main, user_errors
 )
 @click.option(
     "--rule",
-    type=click.Choice(["paper", "entropy"]),
+    type=click.Choice(SELECTION_RULES),
     default="paper",
     help="The paper's σ rule or LAPE's entropy rule.",
 )

@@ -20,7 +20,7 @@ from ..corpus.labelsets import LEVELS, attach_label_set, check_name, read_id_lin
 from ..corpus.prepared import LabelSetError, PreparedCorpus
 from ..engine.features import layer_features
 from ..errors import OptionError
-from ..model.adapter import ModelAdapter, resolve_device
+from ..model.adapter import ModelAdapter, model_dtype, resolve_device
 from .kmeans import assign, kmeans
 
 
@@ -154,7 +154,7 @@ def cluster_label_set(
         return cluster_vectors(corpus, name, vectors, clusters, seed, allow_missing)
     if model is None or layer is None:
         raise OptionError("give --model and --layer (or --vectors with --level utterance)")
-    adapter = ModelAdapter.load(model, device=resolve_device(device), dtype=getattr(torch, dtype))
+    adapter = ModelAdapter.load(model, device=resolve_device(device), dtype=model_dtype(dtype))
     return cluster_features(
         corpus, adapter, name, layer, clusters, level, fit_frames, seed, batch_seconds, num_jobs, progress
     )

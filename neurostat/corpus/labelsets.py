@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..choices import LEVELS
 from .prepared import BASE_PARTS, LabelSetError, PreparedCorpus
 
-LEVELS = ("frame", "utterance")
 # names a set cannot take: the base parts, the store's dimensions, and "pitch" (the pitch property in select)
 _TAKEN = BASE_PARTS + ("layer", "label", "neuron", "pitch")
 

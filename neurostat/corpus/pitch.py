@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..choices import PITCH_ALIGNS, PITCH_METHODS, PITCH_RULES
+
 F0_MIN, F0_MAX = 71.0, 800.0
 UNVOICED = "unvoiced"
-METHODS = ("praat", "yaapt")
-PITCH_RULES = ("interval", "paper")
-ALIGNS = ("time", "paper")
 
 
 def _nearest(track_times: np.ndarray, track: np.ndarray, times: np.ndarray, step: float) -> np.ndarray:
@@ -75,10 +74,10 @@ def f0_at(
 ) -> np.ndarray:
     """F0 (Hz, NaN unvoiced) for the frames centred at ``times``: with ``align`` ``time`` the track read
     there, with ``paper`` its values left-padded up to ``cells`` and the first ``len(times)`` of them."""
-    if method not in METHODS:
-        raise ValueError(f"unknown pitch method {method!r}; choose one of {METHODS}")
-    if align not in ALIGNS:
-        raise ValueError(f"unknown pitch alignment {align!r}; choose one of {ALIGNS}")
+    if method not in PITCH_METHODS:
+        raise ValueError(f"unknown pitch method {method!r}; choose one of {PITCH_METHODS}")
+    if align not in PITCH_ALIGNS:
+        raise ValueError(f"unknown pitch alignment {align!r}; choose one of {PITCH_ALIGNS}")
     track_times, track = TRACKS[method](wave, sample_rate, step)
     if align == "time":
         return _nearest(track_times, track, times, step)

@@ -17,17 +17,16 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..choices import FRAME_LABELS, LAYOUTS, PITCH_ALIGNS, PITCH_METHODS, PITCH_RULES
 from ..errors import UserError
-from ..frames import FRAME_LABELS, FrameGeometry
+from ..frames import FrameGeometry
 from ..phones import PHONES, PhoneMap, UnknownPhoneError
 from .audio import Skip, load_audio
 from .librispeech import corpus_dir, index_alignments, scan
-from .pitch import ALIGNS, METHODS, PITCH_RULES, bin_names, f0_at, percentile_edges
+from .pitch import bin_names, f0_at, percentile_edges
 from .prepared import FORMAT, PitchMeta, PreparedCorpus, PreparedMeta
 from .speakers import GENDERS, read_speakers
 from .textgrid import TextGridError, read_textgrid
-
-LAYOUTS = ("librispeech",)
 
 
 class PrepareError(UserError, RuntimeError):
@@ -76,8 +75,8 @@ class PrepareSettings:
         if pitch_rule not in PITCH_RULES:
             raise PrepareError(f"unknown pitch rule {pitch_rule!r}; choose from {PITCH_RULES}")
         stride_ms = 1000 * geometry.stride / geometry.sample_rate
-        if pitch_align not in ALIGNS:
-            raise PrepareError(f"unknown pitch alignment {pitch_align!r}; choose from {ALIGNS}")
+        if pitch_align not in PITCH_ALIGNS:
+            raise PrepareError(f"unknown pitch alignment {pitch_align!r}; choose from {PITCH_ALIGNS}")
         if pitch_align == "paper" and pitch_step_ms != stride_ms:
             raise PrepareError(
                 f"--pitch-align paper puts one F0 frame on each model frame: it needs --pitch-step-ms {stride_ms:g} "
@@ -254,8 +253,8 @@ def prepare(
         raise PrepareError(f"unknown corpus layout {layout!r}; neurostat reads {', '.join(LAYOUTS)}")
     out = default_prepared_dir(alignments, subset) if out is None else out
     root, alignments = Path(root).resolve(), Path(alignments).resolve()  # absolute paths in the records
-    if settings.pitch not in METHODS:
-        raise PrepareError(f"unknown pitch method {settings.pitch!r}; choose one of {METHODS}")
+    if settings.pitch not in PITCH_METHODS:
+        raise PrepareError(f"unknown pitch method {settings.pitch!r}; choose one of {PITCH_METHODS}")
     utterances = scan(root, subset)
     speakers = read_speakers(corpus_dir(root) / "SPEAKERS.TXT")
     grids = index_alignments(alignments, subset)

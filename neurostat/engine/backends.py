@@ -27,11 +27,10 @@ import os
 
 import torch
 
+from ..choices import BACKENDS, PRECISIONS
 from .batching import TokenBatch
 from .statistics import Params, Statistic
 
-BACKENDS = ("torch", "triton", "triton-fused")
-PRECISIONS = ("fp32", "model")
 _HALF = (torch.float16, torch.bfloat16)
 
 

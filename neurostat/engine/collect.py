@@ -28,7 +28,7 @@ from ..corpus.prepare import PrepareSettings, default_prepared_dir, describe_pre
 from ..corpus.prepared import PreparedCorpus
 from ..declarations import store_dims
 from ..errors import OptionError
-from ..model.adapter import ModelAdapter, resolve_device
+from ..model.adapter import ModelAdapter, model_dtype, resolve_device
 from ..store import Progress, StoreMeta, StoreWriter
 from .accumulate import Accumulator
 from .batching import BatchDataset, padding_fraction, plan_batches
@@ -325,7 +325,7 @@ def collect_corpus(
         device = world.device(device)
         world.init(resolve_device(device))
         progress = progress and world.rank == 0
-    adapter = ModelAdapter.load(model, device=resolve_device(device), dtype=getattr(torch, dtype))
+    adapter = ModelAdapter.load(model, device=resolve_device(device), dtype=model_dtype(dtype))
     if root is not None:
         prepared = prepared or default_prepared_dir(alignments, subset)
         settings = PrepareSettings.from_options(adapter.geometry, **(prepare_options or {}))

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..choices import MODEL_DTYPES
 from ..files import atomic_write, sha1_file
 from ..frames import FrameGeometry, default_geometry
 
@@ -427,6 +428,13 @@ def weights_fingerprint(source: str) -> str | None:
     except OSError:  # a read-only model folder: hash again next time
         pass
     return digest
+
+
+def model_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a ``--dtype`` name (one of :data:`~neurostat.choices.MODEL_DTYPES`)."""
+    if name not in MODEL_DTYPES:
+        raise ModelError(f"--dtype {name!r} is not a model dtype; choose from {MODEL_DTYPES}")
+    return getattr(torch, name)
 
 
 def resolve_device(device: str) -> torch.device:

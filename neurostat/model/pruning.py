@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..choices import PRUNE_CRITERIA, PRUNE_SCOPES
 from ..files import new_folder
 from ..neuronset import NeuronSet
 from ..version import __version__
 from .adapter import ModelAdapter, load_full_model, model_ffns, model_source, save_feature_extractor
 
-CRITERIA = ("l1", "l2")
 FORMAT = 1
 
 
@@ -46,8 +46,8 @@ class PruneResult:
 @torch.no_grad()
 def neuron_scores(model: nn.Module, criterion: str = "l1") -> dict[int, torch.Tensor]:
     """Per layer (1-based): a score per FFN neuron; low scores are pruned first."""
-    if criterion not in CRITERIA:
-        raise PruneError(f"unknown criterion {criterion!r}; choose from {CRITERIA}")
+    if criterion not in PRUNE_CRITERIA:
+        raise PruneError(f"unknown criterion {criterion!r}; choose from {PRUNE_CRITERIA}")
     out = {}
     for i, ffn in enumerate(model_ffns(model), 1):
         w1, w2 = ffn.up.weight.double(), ffn.down.weight.double()
@@ -85,7 +85,7 @@ def plan(
             raise PruneError("a global budget is one number")
         return _plan_global(scores, total, protect)
     if scope != "layer":
-        raise PruneError(f"unknown scope {scope!r}; choose layer or global")
+        raise PruneError(f"unknown scope {scope!r}; choose from {PRUNE_SCOPES}")
     budget = {
         layer: (round(ratio * w) if ratio is not None else (keep[layer] if isinstance(keep, dict) else keep))
         for layer, w in widths.items()
