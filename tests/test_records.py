@@ -76,3 +76,26 @@ def test_prepared_meta_written_before_reads_back_unchanged(tmp_path):
         PreparedMeta.from_dict({**meta, "format": 1}, tmp_path)
     with pytest.raises(PreparedCorpusError, match="incomplete"):
         PreparedMeta.from_dict({k: v for k, v in meta.items() if k != "geometry"}, tmp_path)
+
+
+def test_a_store_written_now_has_the_arrays_written_before_the_records(prepared, tiny_model, tmp_path):
+    """``data/store-arrays-before.npz``: the arrays of this very run written by 71665d3, the code before the
+    typed records and the declarations (on the machine that wrote it, today's arrays are byte-identical).
+    Counts must match exactly; floats to rounding, in case another CPU rounds the model's GEMMs otherwise."""
+    import numpy as np
+    import xarray as xr
+
+    before = np.load(Path(__file__).parent / "data" / "store-arrays-before.npz")
+    config = CollectConfig(
+        stats=("topk", "positive", "moments", "max_abs", "top_frames"), top_frames=4, batch_seconds=3.0
+    )
+    collect(prepared, ModelAdapter.load(str(tiny_model)), tmp_path / "s.zarr", config, progress=False)
+    ds = xr.open_zarr(tmp_path / "s.zarr", consolidated=False)
+    assert sorted(ds.data_vars) == sorted(before.files)
+    for name in before.files:
+        now, then = ds[name].values, before[name]
+        assert now.dtype == then.dtype and now.shape == then.shape, name
+        if then.dtype.kind == "f":
+            np.testing.assert_allclose(now, then, rtol=1e-5, atol=1e-7, equal_nan=True, err_msg=name)
+        else:
+            np.testing.assert_array_equal(now, then, err_msg=name)
