@@ -217,10 +217,16 @@ def _classes_present(task: str, y: torch.Tensor, names: tuple[str, ...], train_s
 
 
 def _classification(pred: torch.Tensor, y: torch.Tensor, train_y: torch.Tensor) -> dict:
-    majority = int(torch.bincount(train_y).argmax())
+    """Accuracy with the baselines that read it: ``majority``, the share of the test set's own largest
+    class (what always answering that class scores), and ``balanced_accuracy``, the mean recall over the
+    classes of the test set (majority guessing scores 1 / classes there)."""
+    classes = y.unique()
+    recall = [float((pred[y == c] == c).float().mean()) for c in classes]
     return {
         "accuracy": float((pred == y).float().mean()),
-        "chance": float((y == majority).float().mean()),
+        "majority": float(torch.bincount(y).max()) / len(y),
+        "balanced_accuracy": float(np.mean(recall)),
+        "balanced_chance": 1 / len(classes),
         "train_examples": len(train_y),
         "test_examples": len(y),
     }
@@ -408,25 +414,36 @@ def probe_model(
     return {"model": adapter.source, "tag": tag or {}, **result}
 
 
+_BASELINES = {"accuracy": "majority", "balanced_accuracy": "balanced_chance"}
+"""The baseline column of a metric: what guessing the test set's largest class scores on it."""
+
+
 def table(results: list[dict]) -> str:
-    """The metrics of several probe results side by side; columns after the first show the change."""
+    """The metrics of several probe results side by side; columns after the first show the change, the
+    last the baseline of guessing the test set's largest class.  A note explains a PER above 1."""
     rows: list[tuple[str, list]] = []
     for task, metrics in results[0]["tasks"].items():
-        for key in ("accuracy", "per", "r2", "rmse_semitones"):
+        for key in ("accuracy", "balanced_accuracy", "per", "r2", "rmse_semitones"):
             if key in metrics:
                 rows.append((f"{task} {key}", [r["tasks"].get(task, {}).get(key) for r in results]))
         for name in metrics.get("accuracy_by_type", {}):
             rows.append((f"{task} accuracy {name}", [r["tasks"][task]["accuracy_by_type"].get(name) for r in results]))
-    names = [_label(r) for r in results] + ["chance"]
+    names = [_label(r) for r in results] + ["majority class"]
     width = max(len(n) for n, _ in rows)
     cols = [max(16, len(n)) for n in names]
     lines = [" " * width + "  " + "  ".join(n.rjust(c) for n, c in zip(names, cols))]
     for name, values in rows:
         cells = [f"{values[0]:.3f}"] + ["—" if v is None else f"{v:.3f} ({v - values[0]:+.3f})" for v in values[1:]]
         task, _, metric = name.partition(" ")
-        chance = results[0]["tasks"][task].get("chance") if metric == "accuracy" else None
-        cells.append("" if chance is None else f"{chance:.3f}")
+        baseline = results[0]["tasks"][task].get(_BASELINES.get(metric, ""))
+        cells.append("" if baseline is None else f"{baseline:.3f}")
         lines.append(name.ljust(width) + "  " + "  ".join(c.rjust(w) for c, w in zip(cells, cols)))
+    if any(v is not None and v > 1 for name, values in rows if name.endswith(" per") for v in values):
+        lines.append(
+            "per: phone error rate = edit distance between the collapsed predicted and reference phone sequences "
+            "over the reference length; above 1 when the predictions alternate more often than the phones "
+            "change (each extra run is an insertion)"
+        )
     return "\n".join(lines)
 
 

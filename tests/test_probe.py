@@ -72,7 +72,8 @@ def test_separable_features_are_probed_near_perfectly():
 def test_random_features_give_chance():
     r = run_probes(synthetic(False), seed=1)["tasks"]
     for task in ("phone", "phone-type", "pitch-bin"):
-        assert r[task]["accuracy"] < r[task]["chance"] + 0.08, task
+        assert r[task]["accuracy"] < r[task]["majority"] + 0.08, task
+        assert r[task]["balanced_accuracy"] < r[task]["balanced_chance"] + 0.08, task
     assert r["log-f0"]["r2"] < 0.05
 
 
@@ -81,7 +82,7 @@ def test_one_layer_probe_reads_that_layer_only():
     good = run_probes(data, ("phone",), layer=2)["tasks"]["phone"]
     noise = run_probes(data, ("phone",), layer=3)["tasks"]["phone"]
     assert good["layer_weights"] == [1.0] and good["accuracy"] > 0.97
-    assert noise["accuracy"] < noise["chance"] + 0.08
+    assert noise["accuracy"] < noise["majority"] + 0.08
 
 
 def test_split_is_speaker_disjoint_and_covers_both_genders():
@@ -177,3 +178,27 @@ def test_probe_stops_before_keeping_features_that_do_not_fit(prepared, tiny_mode
     monkeypatch.setattr(os, "sysconf", lambda name: 256)  # a 64 KiB machine
     with pytest.raises(ProbeError, match=r"keeps .* GiB of features in memory .* probe one layer"):
         extract(adapter, prepared)
+
+
+def test_baselines_are_the_test_sets_own_and_balanced():
+    """The majority baseline is the test set's largest class share (not the training majority's share
+    among test frames), and balanced accuracy weighs every test class alike."""
+    from neurostat.probe import _classification
+
+    y = torch.tensor([0] * 6 + [1] * 3 + [2])
+    train_y = torch.tensor([2] * 10 + [0])  # the training majority (2) is rare in the test set
+    always_two = _classification(torch.full_like(y, 2), y, train_y)
+    assert always_two["majority"] == 0.6 and always_two["accuracy"] == pytest.approx(0.1)
+    assert always_two["balanced_accuracy"] == pytest.approx(1 / 3) and always_two["balanced_chance"] == 1 / 3
+    perfect = _classification(y.clone(), y, train_y)
+    assert perfect["accuracy"] == 1.0 and perfect["balanced_accuracy"] == 1.0
+
+
+def test_table_shows_the_baseline_and_explains_a_per_above_one():
+    from neurostat.probe import table
+
+    task = {"accuracy": 0.3, "majority": 0.47, "balanced_accuracy": 0.25, "balanced_chance": 0.2, "per": 1.4}
+    text = table([{"model": "m", "tasks": {"phone": task}}])
+    assert "majority class" in text and "0.470" in text and "0.200" in text
+    assert "above 1 when" in text
+    assert "above 1 when" not in table([{"model": "m", "tasks": {"phone": {**task, "per": 0.4}}}])
