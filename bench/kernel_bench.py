@@ -3,7 +3,7 @@
 Kernel level (HuBERT-base FFN geometry, bf16): cuBLAS GEMM alone; cuBLAS GEMM + GELU (the model's
 own path); one read of the token rows (the memory floor); `label_stats` over the token rows (the
 one-read `chunk` design's radix digits and warps, the `split` design's top-k and sums kernels, each
-swept, then per statistic and per chunk size); the torch statistics on the same rows; the merge of a
+swept, then per statistic and per chunk size); the torch statistics on the same rows; the fold of a
 layer's batch sums into the totals (torch ops vs the `fold_sums` kernel); `ffn_up_stats` (GEMM + GELU
 + positive/moment epilogue) in a few tile shapes, with bf16 and fp32 output; the fp32 recomputation
 of the token rows (`--stats-precision fp32`).  Achieved TFLOP/s, GB/s and % of the card's HBM bandwidth.
@@ -108,7 +108,7 @@ class CompiledTorchBackend(Backend):
         super().__init__(stats, params, activation)
         self.compiled = torch.compile(torch_sums, dynamic=True)
 
-    def sums(self, a, batch, shift):
+    def partials(self, a, batch, shift):
         return self.compiled(a.index_select(0, batch.index), batch.local, batch.labels.numel(), self.k, shift)
 
 
@@ -143,7 +143,7 @@ def ffn_of(weight: torch.Tensor, bias: torch.Tensor) -> FFN:
     return FFN(None, up, torch.nn.functional.gelu, None)
 
 
-def merge_check(sums, batch, num_labels, D, shift, device) -> tuple[float, float, bool]:
+def fold_check(sums, batch, num_labels, D, shift, device) -> tuple[float, float, bool]:
     """Seconds of merging one layer's batch sums into [num_labels, D] totals with torch ops and with the
     ``fold_sums`` kernel, and whether the two give the same totals."""
     tokens = torch.randint(0, 100, (num_labels,), device=device)
@@ -159,18 +159,18 @@ def merge_check(sums, batch, num_labels, D, shift, device) -> tuple[float, float
     table = table_entries(DEFAULT_STATS)
     backend = Backend(table, Params(1))
 
-    def torch_merge(sums, batch, tokens, shift, flat):  # the backend keeps each statistic's totals apart
-        backend.merge(sums, batch, tokens, shift, {s.name: {n: flat[n] for n in s.states} for s in table})
+    def torch_fold(sums, batch, tokens, shift, flat):  # the backend keeps each statistic's totals apart
+        backend.fold(sums, batch, tokens, shift, {s.name: {n: flat[n] for n in s.states} for s in table})
 
     ref, got = fresh(), fresh()
-    torch_merge(sums, batch, tokens, shift, ref)
+    torch_fold(sums, batch, tokens, shift, ref)
     fold_sums(sums, batch.labels, batch.counts, tokens, shift, got)
     same = all(torch.equal(ref[n], got[n]) for n in ("topk", "positive")) and all(
         torch.allclose(ref[n], got[n], rtol=1e-12, atol=1e-9) for n in ("mean", "m2")
     )
     totals = fresh()
     return (
-        timed(lambda: torch_merge(sums, batch, tokens, shift, totals), device),
+        timed(lambda: torch_fold(sums, batch, tokens, shift, totals), device),
         timed(lambda: fold_sums(sums, batch.labels, batch.counts, tokens, shift, totals), device),
         same,
     )
@@ -241,9 +241,9 @@ def kernel_table(device, dtype, M, K, N, k, labels, token_fraction, rng, configs
     t_torch = timed(lambda: torch_sums(y.index_select(0, batch.index), batch.local, U, k, shift), device)
     add("torch statistics on the token rows (index_select + topk + index_add)", t_torch, 0, tok_bytes)
     sums = stats()
-    t_merge_torch, t_merge, merge_same = merge_check(sums, batch, labels, N, shift, device)
-    add(f"merge of the batch sums into the totals ({U} labels), torch ops", t_merge_torch)
-    add(f"merge of the batch sums into the totals ({U} labels), fold_sums kernel", t_merge)
+    t_fold_torch, t_fold, fold_same = fold_check(sums, batch, labels, N, shift, device)
+    add(f"fold of the batch sums into the totals ({U} labels), torch ops", t_fold_torch)
+    add(f"fold of the batch sums into the totals ({U} labels), fold_sums kernel", t_fold)
     best = None
     for tiles in configs:
         run = lambda: ffn_up_stats(x, w, b, "gelu", batch.perm, batch.sorted_local, U, shift, tiles=tiles)  # noqa: E731
@@ -288,16 +288,16 @@ def kernel_table(device, dtype, M, K, N, k, labels, token_fraction, rng, configs
     s1_err = ((sums["s1"] - ref["s1"]).norm() / ref["s1"].norm()).item()
     notes = [
         f"- fused y vs cuBLAS+GELU y: relative error {err:.2e}; label_stats counts == torch counts: {same}; "
-        f"s1 relative difference {s1_err:.1e}; fold_sums == torch merge: {merge_same}",
+        f"s1 relative difference {s1_err:.1e}; fold_sums == torch fold: {fold_same}",
         f"- label_stats with all statistics: {t_ts / t_read:.2f}x one read of the token rows "
         f"(target <= 2x); fp32 precision costs {t_rows32 * 1e6:,.0f} µs per layer unfused (token rows "
         f"recomputed) or {(t_fused32 - best[0]) * 1e6:,.0f} µs more than the bf16 fused kernel",
         f"- per layer for this batch: model path {t_act * 1e6:,.0f} µs; + label_stats {t_ts * 1e6:,.0f} µs "
-        f"+ merge {t_merge * 1e6:,.0f} µs = {100 * (t_ts + t_merge) / t_act:.1f}% of it; torch statistics "
-        f"{t_torch * 1e6:,.0f} µs + torch merge {t_merge_torch * 1e6:,.0f} µs; best fused {best[0] * 1e6:,.0f} µs",
+        f"+ fold {t_fold * 1e6:,.0f} µs = {100 * (t_ts + t_fold) / t_act:.1f}% of it; torch statistics "
+        f"{t_torch * 1e6:,.0f} µs + torch fold {t_fold_torch * 1e6:,.0f} µs; best fused {best[0] * 1e6:,.0f} µs",
     ]
-    if not (same and merge_same):
-        raise SystemExit("the kernels' counts or merged totals differ from the torch ones on the same activations")
+    if not (same and fold_same):
+        raise SystemExit("the kernels' counts or folded totals differ from the torch ones on the same activations")
     return rows, notes, best[1], best_all
 
 
