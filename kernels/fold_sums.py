@@ -1,4 +1,4 @@
-"""``fold_sums``: one batch's per-label sums merged into a layer's running totals, in one launch.
+"""``fold_sums``: one batch's per-label sums folded into a layer's running totals, in one launch.
 
 The torch backend's merge (the ``sum`` and ``chan`` rules of :mod:`neurostat.engine.statistics`) takes
 about fifteen whole-array ops per layer and batch — int64 copies of the counts, index_add,
@@ -68,7 +68,7 @@ TOTALS = {"topk": torch.int64, "positive": torch.int64, "mean": torch.float64, "
 statistics it covers (``neurostat.declarations``, which this folder may not import) must name the same
 states and dtypes: ``tests/test_declarations.py`` checks that they do."""
 PARTIALS = ("topk", "positive", "s1", "s2")
-"""The batch partials it reads: the two counts and the moments' shifted sums."""
+"""The batch sums it reads: the two counts and the moments' shifted sums."""
 BLOCK = 1024
 """Columns per program (on CUDA; the interpreter uses 16 so that small tests cross blocks)."""
 
@@ -82,7 +82,7 @@ def fold_sums(
     totals: dict[str, torch.Tensor],
 ) -> None:
     """Adds the batch's ``topk``/``positive`` counts [U, D] to the int64 totals at rows ``labels`` and
-    merges its shifted sums ``s1``/``s2`` into the float64 ``mean``/``m2``, in place (``counts``: tokens
+    folds its shifted sums ``s1``/``s2`` into the float64 ``mean``/``m2`` (Chan et al.), in place (``counts``: tokens
     per batch label, ``tokens``: tokens per label before the batch)."""
     num = labels.numel()
     if not num:
@@ -96,7 +96,7 @@ def fold_sums(
             raise ValueError(f"totals[{name!r}] must be a contiguous {dtype} matrix, got {t.dtype}")
     for name, t in sums.items():
         if name not in PARTIALS:
-            raise ValueError(f"fold_sums reads the partials {PARTIALS}, not {name!r}")
+            raise ValueError(f"fold_sums reads the sums {PARTIALS}, not {name!r}")
         if t.shape != (num, width) or not t.is_contiguous():
             raise ValueError(f"sums[{name!r}] must be a contiguous [{num}, {width}] matrix, got {tuple(t.shape)}")
     moments = "mean" in totals

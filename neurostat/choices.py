@@ -1,5 +1,7 @@
-"""The values each enumerated option takes, in one torch-free home: the library validates its arguments
-against these tuples and the command line offers them (``click.Choice``), so the two cannot drift."""
+"""The values of the enumerated options, in one torch-free home: the library validates its arguments
+against these tuples and the command line offers them (``click.Choice``), so the two cannot drift.
+Three enumerations live with what they enumerate: token modes (:data:`neurostat.engine.tokens.MODES`),
+statistics (:mod:`neurostat.declarations`) and presets (:mod:`neurostat.presets`)."""
 
 from __future__ import annotations
 

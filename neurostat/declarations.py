@@ -47,8 +47,8 @@ class Declaration:
     def state_names(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.states)
 
-    def dims(self, var: str) -> tuple[str, str, str]:
-        """The store dimensions of one of its variables."""
+    def dims(self) -> tuple[str, str, str]:
+        """The store dimensions of its variables."""
         return ("layer", self.axis, "neuron")
 
 
@@ -148,7 +148,7 @@ def declared(names) -> tuple[Declaration, ...]:
 
 def store_dims(names) -> dict[str, tuple[str, ...]]:
     """The store dimensions of every variable of these statistics (and of ``frames``)."""
-    return {"frames": ("label",), **{var: d.dims(var) for d in declared(names) for var in d.store}}
+    return {"frames": ("label",), **{var: d.dims() for d in declared(names) for var in d.store}}
 
 
 def count_variable(name: str) -> str:

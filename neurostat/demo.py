@@ -22,7 +22,8 @@ DEMO_NOTE = (
 
 
 def cache_dir() -> Path:
-    """Where the embedded default keeps its demo corpus, labels and store (``$NEUROSTAT_CACHE``)."""
+    """Where the embedded default keeps its demo corpus, labels and store: ``$NEUROSTAT_CACHE/demo-v2``
+    (``~/.cache/neurostat/demo-v2`` by default)."""
     return Path(os.environ.get("NEUROSTAT_CACHE", Path.home() / ".cache" / "neurostat")) / "demo-v2"
 
 

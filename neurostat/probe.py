@@ -149,7 +149,6 @@ class LinearProbe(torch.nn.Module):
 
     def __init__(self, num_layers: int, hidden: int, outputs: int, weighted: bool):
         super().__init__()
-        self.weighted = weighted
         self.layer_logits = torch.nn.Parameter(torch.zeros(num_layers), requires_grad=weighted)
         self.linear = torch.nn.Linear(hidden, outputs)
         torch.nn.init.zeros_(self.linear.weight)

@@ -1,1 +1,2 @@
-"""The collection engine: model adapters, token selection, accumulation and the collect loop."""
+"""The collection engine: token selection and batching, the statistics and their backends, the accumulator,
+the run spec, the collect loop, torchrun ranks, store merges and layer features."""

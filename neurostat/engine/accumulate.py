@@ -4,7 +4,7 @@ One call per layer and batch (:meth:`Accumulator.update`, or :meth:`Accumulator.
 the FFN's forward) adds that layer's token rows: the backend computes the per-label batch partials, each
 statistic's rule folds them in, and the layer's token counts grow — so nothing depends on the
 order of calls.  Moment sums are taken around a per-neuron shift (the layer's mean over its first
-batch) and merged into float64 totals with Chan et al.'s formula; counts are exact int64.
+batch) and folded into float64 totals with Chan et al.'s formula; counts are exact int64.
 All of it merges exactly across shards, ranks and resumed runs (:meth:`Accumulator.merge`).
 """
 
@@ -20,7 +20,8 @@ from .statistics import TABLE, Params, statistics
 
 
 class Accumulator:
-    """Totals for ``num_layers`` layers × ``num_labels`` labels × ``width`` neurons."""
+    """Totals for ``num_layers`` layers × ``num_labels`` labels × ``width`` neurons (× the N kept values
+    instead of the labels for a ``top`` statistic)."""
 
     def __init__(
         self,
@@ -100,7 +101,8 @@ class Accumulator:
 
     def all_reduce(self, reduce) -> None:
         """Combines this accumulator with every other rank's, in place, each statistic by its rule
-        (``reduce(tensor, op)``: an all-reduce with op ``sum`` or ``max``)."""
+        (``reduce(tensor, op)``: an all-reduce with op ``sum`` or ``max``, or with ``gather`` the list of
+        every rank's tensor)."""
         n = self.tokens.double()[..., None]
         total = self.tokens.clone()
         reduce(total, "sum")

@@ -3,7 +3,7 @@
 - ``torch``: each statistic's torch function from the table (the reference path); on CUDA nothing
   syncs with the host.
 - ``triton``: the model's own GEMM and activation, then the ``label_stats`` kernels for the statistics
-  they cover (top-k, positive, moments) and the ``fold_sums`` kernel for their merge (one launch per
+  they cover (top-k, positive, moments) and the ``fold_sums`` kernel that folds them in (one launch per
   layer and batch); any other statistic takes its torch function.  The activations are bit-identical
   to the torch path, so the counts are identical.
 - ``triton-fused``: the ``ffn_up_stats`` kernel computes the FFN's first GEMM and activation itself,
@@ -69,7 +69,7 @@ class Backend:
         return fp32_activations(ffn, x) if self.fp32_stats(x.dtype) else ffn.act(ffn.up(x))
 
     def partials(self, a: torch.Tensor, batch: TokenBatch, shift: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """Per-label partials [U, D] of the token rows ``a[batch.index]`` of one layer's activations [B*T, D]."""
+        """Per-label partials ([U, D]; [N, D] for a ``top`` statistic) of the token rows ``a[batch.index]`` of one layer's activations [B*T, D]."""
         return self._torch_partials(self.stats, a, batch, shift)
 
     def _torch_partials(self, stats, a, batch, shift) -> dict[str, torch.Tensor]:
@@ -103,7 +103,7 @@ class TritonBackend(Backend):
 
     def __init__(self, stats: tuple[Statistic, ...], params: Params, activation: str = "gelu", precision: str = "fp32"):
         super().__init__(stats, params, activation, precision)
-        self.kernel = tuple(s for s in stats if "label_stats" in s.kernels)  # merged by fold_sums too
+        self.kernel = tuple(s for s in stats if "label_stats" in s.kernels)  # folded by fold_sums too
         self.others = tuple(s for s in stats if "label_stats" not in s.kernels)
 
     def _kernel_sums(self, a, batch, shift, which: set[str]) -> dict[str, torch.Tensor]:

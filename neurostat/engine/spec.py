@@ -62,10 +62,6 @@ class RunSpec:
     space: LabelSpace
     indices: tuple[int, ...] = field(repr=False)  # the corpus's utterances this run (or shard) counts
 
-    @property
-    def params(self) -> Params:
-        return Params(self.k, self.config.top_frames)
-
     @classmethod
     def resolve(
         cls, config: CollectConfig, adapter: ModelAdapter, corpus: PreparedCorpus, distributed: bool = False

@@ -149,7 +149,7 @@ class Rule:
     name: str
 
     def fold(self, stat, totals, partials, labels, counts, tokens, shift) -> None:
-        """Folds one batch's partials [U, D] into one layer's totals [num_labels, D] at rows ``labels``
+        """Folds one batch's partials ([U, D]; [N, D] for ``top``) into one layer's totals [num_labels, D] at rows ``labels``
         (``counts``: the batch's tokens per label, ``tokens``: tokens per label before the batch)."""
         raise NotImplementedError
 

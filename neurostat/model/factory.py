@@ -1,5 +1,6 @@
 """Random-initialised models of the supported families, built offline from configs (one home for the
-demo model, the test models and the benchmarks' models).
+test models, the benchmarks' models, and the demo model's initialisation and random-init twin — the
+trained demo model itself ships in ``neurostat/tiny/model``).
 
 ``size="tiny"`` is a 32-wide, 3-layer model with the standard conv front end geometry (fast tests);
 ``size="base"`` is the family's default config (HuBERT-base geometry: 12 layers x 3072 neurons).
