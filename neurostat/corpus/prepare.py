@@ -18,12 +18,13 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import UserError
+from ..files import check_out_folder
 from ..frames import FRAME_LABELS, FrameGeometry
 from ..phones import PHONES, PhoneMap, UnknownPhoneError
 from .audio import Skip, load_audio
-from .librispeech import corpus_dir, index_alignments, scan
+from .librispeech import corpus_dir, index_alignments, scan, subset_dir
 from .pitch import ALIGNS, METHODS, PITCH_RULES, bin_names, f0_at, percentile_edges
-from .prepared import FORMAT, PitchMeta, PreparedCorpus, PreparedMeta
+from .prepared import FORMAT, PitchMeta, PreparedCorpus, PreparedMeta, is_prepared
 from .speakers import GENDERS, read_speakers
 from .textgrid import TextGridError, read_textgrid
 
@@ -256,10 +257,10 @@ def prepare(
     root, alignments = Path(root).resolve(), Path(alignments).resolve()  # absolute paths in the records
     if settings.pitch not in METHODS:
         raise PrepareError(f"unknown pitch method {settings.pitch!r}; choose one of {METHODS}")
+    out = check_out_folder(out, "prepared corpus", is_prepared, (subset_dir(root, subset), alignments))
     utterances = scan(root, subset)
     speakers = read_speakers(corpus_dir(root) / "SPEAKERS.TXT")
     grids = index_alignments(alignments, subset)
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
     tasks, skips = [], []

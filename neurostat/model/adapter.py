@@ -93,6 +93,18 @@ def model_source(source: str) -> str:
     return str(DEMO_MODEL_DIR)
 
 
+def is_checkpoint(folder: Path) -> bool:
+    """Whether ``folder`` holds a model checkpoint (a ``config.json`` that names a model type, or what is
+    left of a neurostat one: its ``neurostat.json``) — the only kind of folder ``prune``/``ablate
+    --overwrite`` replace."""
+    if (folder / "neurostat.json").is_file():
+        return True
+    try:
+        return "model_type" in json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def check_model_type(config, name: str) -> None:
     """A config of a supported model family, or an error naming the model and the supported types."""
     model_type = getattr(config, "model_type", None)
