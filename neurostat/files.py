@@ -31,6 +31,12 @@ def sha1_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def cache_root() -> Path:
+    """neurostat's own cache folder (``$NEUROSTAT_CACHE``, default ``~/.cache/neurostat``): the demo's corpus
+    and store, digests of model weights — what neurostat keeps for itself, never in the user's folders."""
+    return Path(os.environ.get("NEUROSTAT_CACHE", Path.home() / ".cache" / "neurostat"))
+
+
 def _relation(out: Path, path: Path) -> str | None:
     """How the folder ``out`` and an input ``path`` (both resolved) overlap: None when they do not."""
     if out == path:
@@ -97,7 +103,17 @@ def new_folder(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    mode = _default_file_mode()
+    for path in tmp.rglob("*"):  # some writers (safetensors) create their files 0600
+        if path.is_file():
+            path.chmod(mode)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
 
+
+def _default_file_mode() -> int:
+    """The mode a new file gets from the process's umask (0644 under the usual 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask

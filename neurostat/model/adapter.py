@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..files import atomic_write, sha1_file
+from ..files import atomic_write, cache_root, sha1_file
 from ..frames import FrameGeometry, default_geometry
 
 MODEL_TYPES = ("hubert", "wav2vec2", "wavlm", "data2vec-audio")
@@ -418,15 +418,22 @@ def _weights(cls, source: str, **kwargs) -> nn.Module:
         ) from None
 
 
+def weights_digest_file(folder: Path) -> Path:
+    """Where the weight digest of the model folder ``folder`` is cached: in neurostat's cache, one file per
+    folder (named by its resolved path), never inside the model's folder (read-only installs, shared models)."""
+    key = hashlib.sha1(str(folder.resolve()).encode()).hexdigest()
+    return cache_root() / "weights" / f"{key}.json"
+
+
 def weights_fingerprint(source: str) -> str | None:
-    """SHA-1 over a local model folder's weight files (``*.safetensors``, ``*.bin``), cached beside them in
-    ``.neurostat-weights.json`` by name, size and mtime; None for a hub id (its revision names it)."""
+    """SHA-1 over a local model folder's weight files (``*.safetensors``, ``*.bin``), cached by name, size and
+    mtime in :func:`weights_digest_file`; None for a hub id (its revision names it)."""
     folder = Path(source)
     if not folder.is_dir():
         return None
     files = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix in (".safetensors", ".bin"))
     stamp = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
-    cache = folder / ".neurostat-weights.json"
+    cache = weights_digest_file(folder)
     try:
         cached = json.loads(cache.read_text())
         if cached["files"] == stamp:
@@ -435,8 +442,9 @@ def weights_fingerprint(source: str) -> str | None:
         pass
     digest = hashlib.sha1("".join(f"{f.name}:{sha1_file(f)};" for f in files).encode()).hexdigest()
     try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(cache, json.dumps({"files": stamp, "sha1": digest}))
-    except OSError:  # a read-only model folder: hash again next time
+    except OSError:  # an unwritable cache: hash again next time
         pass
     return digest
 
