@@ -16,6 +16,7 @@ import numpy as np
 import soundfile as sf
 
 from .corpus.prepared import PreparedCorpus
+from .files import check_out_folder
 from .neuronset import NeuronSet
 from .report import ReportError
 from .select import property_sets
@@ -95,6 +96,18 @@ class _Snippets:
         return name
 
 
+TITLE = "<title>neurostat neuron browser</title>"
+"""The title of a browser's ``index.html``: what marks a folder as a browser that may be rewritten."""
+
+
+def is_browser(folder: Path) -> bool:
+    """Whether ``folder`` holds a neuron browser written by :func:`build_browser`."""
+    try:
+        return TITLE in (folder / "index.html").read_text(errors="replace")
+    except OSError:
+        return False
+
+
 def build_browser(
     store: str | Path,
     corpus: str | Path,
@@ -104,7 +117,9 @@ def build_browser(
     sigma: float = 0.8,
     context: float = 0.5,
 ) -> dict:
-    """Writes the site into ``out``; returns how many neuron pages and audio snippets it holds."""
+    """Writes the site into ``out`` (new, empty or a browser, apart from the inputs: see
+    :func:`neurostat.files.check_out_folder`); returns how many neuron pages and audio snippets it holds."""
+    out = check_out_folder(out, "neuron browser", is_browser, (store, corpus, *(neuron_files or [])))
     stats = open_stats(store)
     if "top_value" not in stats.ds:
         raise BrowseError(f"{store} has no top frames; collect with --top-frames to hear what drives each neuron")
@@ -119,7 +134,6 @@ def build_browser(
         )
     sets = property_sets(stats, list(neuron_files or []), sigma)
     neurons = _neurons(stats, sets, every)
-    out = Path(out)
     (out / "neurons").mkdir(parents=True, exist_ok=True)
     (out / "audio").mkdir(exist_ok=True)
     snippets = _Snippets(prepared, out / "audio", context)
@@ -180,7 +194,7 @@ def _index_page(stats: Stats, rows) -> str:
     )
     m = stats.meta.model
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>neurostat neuron browser</title><style>{_STYLE}</style></head>
+<html lang="en"><head><meta charset="utf-8">{TITLE}<style>{_STYLE}</style></head>
 <body><h1>Neuron browser</h1>
 <p>{esc(m["model"])}: {len(rows)} neurons. Search by layer (<code>l3</code>), neuron (<code>3/42</code> or
 <code>n42</code>) or property (<code>gender</code>); words must all match.</p>

@@ -7,11 +7,11 @@ and its labels are built once in a cache folder.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from .corpus.prepare import PrepareSettings, prepare
 from .corpus.synth import synthesize
+from .files import cache_root
 from .model.adapter import DEMO, load_geometry, model_source
 
 DEMO_SUBSET = "dev-clean"
@@ -24,7 +24,7 @@ DEMO_NOTE = (
 def cache_dir() -> Path:
     """Where the embedded default keeps its demo corpus, labels and store: ``$NEUROSTAT_CACHE/demo-v2``
     (``~/.cache/neurostat/demo-v2`` by default)."""
-    return Path(os.environ.get("NEUROSTAT_CACHE", Path.home() / ".cache" / "neurostat")) / "demo-v2"
+    return cache_root() / "demo-v2"
 
 
 def demo_model() -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,17 +31,69 @@ def sha1_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-@contextmanager
-def new_folder(out: str | Path, source: str | Path | None = None, overwrite: bool = False) -> Iterator[Path]:
-    """A temporary sibling of ``out`` to write into, renamed to ``out`` when the block ends without an
-    error (removed when it fails).  An existing ``out`` is refused unless ``overwrite``; the ``source``
-    folder (the checkpoint being edited) is refused always."""
+def cache_root() -> Path:
+    """neurostat's own cache folder (``$NEUROSTAT_CACHE``, default ``~/.cache/neurostat``): the demo's corpus
+    and store, digests of model weights — what neurostat keeps for itself, never in the user's folders."""
+    return Path(os.environ.get("NEUROSTAT_CACHE", Path.home() / ".cache" / "neurostat"))
+
+
+def _relation(out: Path, path: Path) -> str | None:
+    """How the folder ``out`` and an input ``path`` (both resolved) overlap: None when they do not."""
+    if out == path:
+        return "is"
+    if out in path.parents:
+        return "contains"
+    if path in out.parents:
+        return "lies inside"
+    return None
+
+
+def check_out_folder(
+    out: str | Path,
+    kind: str,
+    is_kind: Callable[[Path], bool],
+    inputs: Iterable[str | Path | None] = (),
+    option: str = "--out",
+) -> Path:
+    """The one rule for every folder a command writes: ``out`` may be missing, empty or a ``kind`` folder
+    (``is_kind``: the command's own output, which it may replace or update), never a file, any other
+    folder, nor one that is, contains or lies inside one of the command's ``inputs`` (local paths; others
+    are skipped).  Refusals are :class:`UserError`s naming the folder and why; returns ``out`` absolute."""
     out = Path(out).absolute()
-    if source is not None and Path(source).exists() and out.resolve() == Path(source).resolve():
+    where = out.resolve()
+    for source in inputs:
+        if source is None or not Path(source).exists():
+            continue
+        relation = _relation(where, Path(source).resolve())
+        if relation:
+            raise UserError(
+                f"{option} {out} {relation} the input {source}: writing the {kind} there could destroy it; "
+                "choose a folder outside it"
+            )
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{option} {out} is a file, not a folder; give a new or empty folder for the {kind}")
+    if out.is_dir() and any(out.iterdir()) and not is_kind(out):
+        first = sorted(child.name for child in out.iterdir())[0]
         raise UserError(
-            f"--out {out} is the source model itself: writing there would destroy it; choose another folder"
+            f"{option} {out} is a folder that holds other files (e.g. {first}) and is not a {kind}; neurostat "
+            f"writes only into a new or empty folder or over its own {kind}: choose another --out"
         )
-    if out.exists() and not overwrite:
+    return out
+
+
+@contextmanager
+def new_folder(
+    out: str | Path,
+    kind: str,
+    is_kind: Callable[[Path], bool],
+    inputs: Iterable[str | Path | None] = (),
+    overwrite: bool = False,
+) -> Iterator[Path]:
+    """A temporary sibling of ``out`` to write into, renamed to ``out`` when the block ends without an
+    error (removed when it fails).  ``out`` must pass :func:`check_out_folder`; an existing, non-empty
+    one is replaced only with ``overwrite``."""
+    out = check_out_folder(out, kind, is_kind, inputs)
+    if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out} already exists; pass --overwrite to replace it")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -51,6 +103,17 @@ def new_folder(out: str | Path, source: str | Path | None = None, overwrite: boo
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    mode = _default_file_mode()
+    for path in tmp.rglob("*"):  # some writers (safetensors) create their files 0600
+        if path.is_file():
+            path.chmod(mode)
     if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
+        shutil.rmtree(out)
     os.replace(tmp, out)
+
+
+def _default_file_mode() -> int:
+    """The mode a new file gets from the process's umask (0644 under the usual 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask

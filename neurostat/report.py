@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .files import check_out_folder
 from .neuronset import NeuronSet, NeuronSetError
 from .probe import headline, load_results
 from .select import PROPERTIES, GroupSpec, has_labels, property_sets, venn
@@ -253,6 +254,18 @@ def _probe_table(results: list[dict]) -> str:
     return f'<table id="probes"><tr><th>model</th>{head}</tr>{"".join(rows)}</table>'
 
 
+TITLE = "<title>neurostat report"
+"""How a report's ``index.html`` begins its title: what marks a folder as a report that may be rewritten."""
+
+
+def is_report(folder: Path) -> bool:
+    """Whether ``folder`` holds a report written by :func:`build_report`."""
+    try:
+        return TITLE in (folder / "index.html").read_text(errors="replace")
+    except OSError:
+        return False
+
+
 def build_report(
     store: str | Path,
     out: str | Path,
@@ -261,7 +274,9 @@ def build_report(
     probe: str | Path | None = None,
 ) -> dict:
     """Writes the PNGs and ``index.html`` into ``out``; returns the numbers on the page.  ``probe``: a
-    probe-results JSON whose ablation and pruning entries become figures and a table."""
+    probe-results JSON whose ablation and pruning entries become figures and a table.  ``out`` must be new,
+    empty or a report (:func:`neurostat.files.check_out_folder`), apart from the inputs."""
+    out = check_out_folder(out, "report", is_report, (store, *(neuron_files or []), probe))
     stats = open_stats(store)
     if "topk_count" not in stats.ds:
         raise ReportError(
@@ -284,7 +299,6 @@ def build_report(
     figures.append(_histograms(stats))
     results = load_results(probe) if probe else []
     figures += [f for f in (_ablation(results), _pruning(results)) if f is not None]
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for f in figures:
         (out / f"{f.name}.png").write_bytes(f.png)
@@ -315,7 +329,7 @@ def _page(stats: Stats, counts, regions, figures, sigma: float, from_files: bool
     )
     p = stats.meta.progress
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>neurostat report: {esc(str(stats.path))}</title>
+<html lang="en"><head><meta charset="utf-8">{TITLE}: {esc(str(stats.path))}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}img{{max-width:100%}}</style></head>
 <body><h1>neurostat report</h1>

@@ -20,7 +20,7 @@ import yaml
 
 from .choices import SELECTION_RULES
 from .errors import OptionError
-from .files import atomic_write
+from .files import atomic_write, check_out_folder
 from .neuronset import NeuronSet, NeuronSetError
 from .phones import ARPABET, BROAD_CLASSES
 from .stats import Stats
@@ -345,11 +345,20 @@ def property_sets(stats: Stats, neuron_files: list[Path], sigma: float) -> dict[
     return {name: sel.neurons for name, sel in selections.items()}
 
 
-def save_selections(selections: dict[str, Selection], out: str | Path) -> str:
+def is_selection_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds only what :func:`save_selections` writes: neuron files and their settings."""
+    children = list(folder.iterdir())
+    return any(c.name.endswith(".settings.json") for c in children) and all(
+        c.is_file() and c.suffix == ".json" for c in children
+    )
+
+
+def save_selections(selections: dict[str, Selection], out: str | Path, store: str | Path | None = None) -> str:
     """To the file ``out`` when it ends in ``.json`` (one selection), else to ``out/<name>.json`` — the
     same kind of output whatever the number of properties.  Each neuron file keeps the paper's format;
     the settings that chose it (σ, rule, statistic, min tokens, groups, store) go beside it in
-    ``<stem>.settings.json``.  Returns what was written."""
+    ``<stem>.settings.json``.  A folder ``out`` must be new, empty or such a folder, apart from ``store``
+    (:func:`neurostat.files.check_out_folder`).  Returns what was written."""
     out = Path(out)
     if out.suffix.lower() == ".json" and len(selections) > 1:
         raise OptionError(f"--out {out} is one file but {len(selections)} properties were selected; give a folder")
@@ -357,6 +366,7 @@ def save_selections(selections: dict[str, Selection], out: str | Path) -> str:
         out.parent.mkdir(parents=True, exist_ok=True)
         files = {out: next(iter(selections.values()))}
     else:
+        check_out_folder(out, "folder of neuron files", is_selection_folder, (store,))
         out.mkdir(parents=True, exist_ok=True)
         files = {out / f"{name}.json": sel for name, sel in selections.items()}
     for path, sel in files.items():

@@ -20,7 +20,7 @@ from .declarations import count_variable
 from .frames import FrameGeometry
 from .labelspace import LabelSpace
 from .moments import pool
-from .store import StoreError, StoreMeta, checkpoint_progress, verify_store
+from .store import StoreError, StoreMeta, checkpoint_progress, settle_reads, verify_store
 
 
 class Stats:
@@ -31,10 +31,11 @@ class Stats:
         self.path = Path(path)
         self.meta = StoreMeta.read(self.path)
         if not self.meta.complete:
-            done = self.meta.progress.utterances_done if self.meta.progress else "?"
+            progress = checkpoint_progress(self.path) or self.meta.progress
+            done = f"{progress.utterances_done} utterances checkpointed" if progress else "no checkpoint yet"
             raise StoreError(
-                f"{self.path} is not complete (a collection is running or was interrupted, {done} "
-                f"utterances checkpointed); finish it with `neurostat collect ... --resume`"
+                f"{self.path} is not complete (a collection is running or was interrupted, {done}); "
+                "finish it with `neurostat collect ... --resume`"
             )
         verify_store(self.path)
         self.ds = xr.open_zarr(self.path, consolidated=False)
@@ -62,6 +63,7 @@ class Stats:
         try:
             return array.values
         except Exception as e:  # codec and I/O errors of a damaged chunk, whatever their type
+            settle_reads()
             raise StoreError(
                 f"{self.path}: variable {var!r} does not read back ({type(e).__name__}: {e}); the store is damaged: "
                 f"`neurostat info --verify` finds the file; restore it or collect again"
@@ -101,19 +103,24 @@ class Stats:
         squeezed = summed.squeeze(axis=drop) if drop else summed
         return squeezed.transpose([0, *order, squeezed.ndim - 1])
 
-    def _coords(self, by: tuple[str, ...]) -> dict:
-        return {"layer": self.layers, **{p: list(self.label_space.vocab(p)) for p in by}}
+    def _coords(self, by: tuple[str, ...], layers: bool = True) -> dict:
+        labels = {p: list(self.label_space.vocab(p)) for p in by}
+        return {"layer": self.layers, **labels} if layers else labels
 
     def tokens(self, by: tuple[str, ...] = ("phone",)) -> xr.DataArray:
         """Token counts per marginal label (the store variable ``frames``)."""
-        by = tuple(by)
-        drop, _ = self._parts(by)
-        values = self._finish(self._expand(self._values("frames")).sum(axis=drop, keepdims=True), by)[0, ..., 0]
-        return xr.DataArray(values, dims=list(by), coords={p: list(self.label_space.vocab(p)) for p in by})
+        return self.reduce("frames", by)
 
     def reduce(self, var: str, by: tuple[str, ...] = ("phone",)) -> xr.DataArray:
-        """A per-(layer, label, neuron) variable reduced to the marginal labels ``by`` by its merge rule
-        (``sum`` for counts, ``max`` for maxima; NaN where a marginal label has no tokens)."""
+        """Any variable over the joint labels — per (layer, label, neuron), or per label as ``frames`` — reduced
+        to the marginal labels ``by`` by its merge rule (``sum`` for counts, ``max`` for maxima; NaN where
+        a marginal label has no tokens)."""
+        dims = self._need(var).dims
+        if "label" not in dims:
+            raise ValueError(
+                f"{var!r} is over ({', '.join(dims)}), not over the labels: there is nothing to reduce by label; "
+                f"read it as stats.ds[{var!r}]"
+            )
         rule = self.meta.statistics.get("merge", {}).get(var, "sum")
         reducers = {"sum": np.add.reduce, "max": np.fmax.reduce}
         if rule not in reducers:
@@ -121,9 +128,10 @@ class Stats:
         by = tuple(by)
         drop, _ = self._parts(by)
         values = self._expand(self._values(var))
-        reduced = reducers[rule](values, axis=drop, keepdims=True) if drop else values
-        dims = ["layer", *by, "neuron"]
-        return xr.DataArray(self._finish(reduced, by), dims=dims, coords=self._coords(by))
+        reduced = self._finish(reducers[rule](values, axis=drop, keepdims=True) if drop else values, by)
+        if dims == ("label",):
+            return xr.DataArray(reduced[0, ..., 0], dims=list(by), coords=self._coords(by, layers=False))
+        return xr.DataArray(reduced, dims=["layer", *by, "neuron"], coords=self._coords(by))
 
     def counts(self, stat: str = "topk", by: tuple[str, ...] = ("phone",)) -> xr.DataArray:
         """Activation counts per layer, marginal label and neuron (``stat``: topk or positive)."""

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .files import atomic_write, sha1_file
+from .files import atomic_write, check_out_folder, sha1_file
 from .version import __version__
 
 FORMAT = 2
@@ -179,6 +179,30 @@ class StoreMeta:
         )
 
 
+def settle_reads(timeout: float = 10.0) -> None:
+    """Waits (up to ``timeout`` s) for the chunk reads zarr still runs after one of them failed, collecting
+    their outcomes, so that a damaged store ends in one error and not in asyncio's "Task was destroyed but
+    it is pending!" when the process exits."""
+    import asyncio
+
+    from zarr.core.sync import sync
+
+    async def settle() -> None:
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        if others:
+            done, _ = await asyncio.wait(others, timeout=timeout)
+            for task in done:
+                if not task.cancelled():
+                    task.exception()  # retrieved, so asyncio does not report it as never retrieved
+
+    sync(settle())
+
+
+def is_store(folder: Path) -> bool:
+    """Whether ``folder`` is a Zarr group (a store, or another one :func:`read_attrs` then refuses by name)."""
+    return (folder / "zarr.json").is_file()
+
+
 def read_attrs(path: str | Path) -> dict:
     """Root attributes of a store; a folder that is not one is an error naming it."""
     meta = Path(path) / "zarr.json"
@@ -205,9 +229,8 @@ class StoreWriter:
         import zarr
 
         self.path = Path(path)
-        exists = (self.path / "zarr.json").is_file()
-        if self.path.exists() and not exists and any(self.path.iterdir()):
-            raise StoreError(f"{self.path} exists and is not a neurostat store; refusing to write into it")
+        check_out_folder(self.path, "neurostat store", is_store)
+        exists = is_store(self.path)
         if exists:
             read_attrs(self.path)
         self.internal = self.path / _INTERNAL

@@ -170,3 +170,19 @@ def test_cli_cluster(corpus, tiny_model, tmp_path):
     assert r.exit_code == 1 and "cannot name a label set" in r.output
     r = run(main, ["labels", "list", str(corpus.path)])
     assert "unit: frame level" in r.output and "k-means of" in r.output
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--clusters", "0"], "--clusters must be at least 1, got 0"),
+        (["--clusters", "13", "--level", "utterance"], "--clusters 13 is more than the 12 utterances"),
+        (["--clusters", "5", "--fit-frames", "4"], "--clusters 5 is more than the 4 frames to fit on"),
+        (["--clusters", "3", "--batch-seconds", "0"], "--batch-seconds must be positive, got 0.0"),
+    ],
+)
+def test_cluster_options_are_refused_before_the_model_is_loaded(corpus, tmp_path, options, message):
+    """A model folder that does not exist: an option error that comes first proves the model was not loaded."""
+    args = ["cluster", str(corpus.path), "--name", "u", "--model", str(tmp_path / "no-model"), "--layer", "1"]
+    r = CliRunner().invoke(main, [*args, *options])
+    assert r.exit_code == 2 and message in r.output, r.output

@@ -78,7 +78,7 @@ def test_checkpoints_never_overwrite_their_source_or_an_existing_folder(tiny_mod
 
     for args in ((), ("--overwrite",)):
         r = run(model, *args)
-        assert r.exit_code == 1 and "is the source model itself" in r.output, r.output
+        assert r.exit_code == 1 and f"--out {model} is the input {model}" in r.output, r.output
     assert {p.name: p.read_bytes() for p in model.iterdir()} == before
     out = tmp_path / "out"
     out.mkdir()

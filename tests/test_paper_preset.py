@@ -219,8 +219,16 @@ def test_a_shorter_official_pitch_file_is_left_padded_as_the_official_code_does(
         (lambda ph, pi, g: ph[next(iter(ph))].extend([0, 0]), "labels for .* model frames \\(more than one off\\)"),
         (lambda ph, pi, g: g.pop(next(iter(g))), "has no gender"),
         (lambda ph, pi, g: pi[next(iter(pi))].__setitem__(0, 5), "pitch class outside -1..2"),
+        (
+            lambda ph, pi, g: ph[next(iter(ph))].__setitem__(1, [3, 4]),
+            "phones.json: utterance [0-9-]+, frame 1: label \\[3, 4\\] is not an integer",
+        ),
+        (
+            lambda ph, pi, g: pi[next(iter(pi))].__setitem__(2, "high"),
+            "pitch.json: utterance [0-9-]+, frame 2: label 'high' is not an integer",
+        ),
     ],
-    ids=["unknown-index", "length", "no-gender", "bad-pitch-class"],
+    ids=["unknown-index", "length", "no-gender", "bad-pitch-class", "nested-frame-label", "string-pitch-label"],
 )
 def test_malformed_official_files_are_clear_errors(overlap_corpus, demo_corpus, tmp_path, edit, message):
     from neurostat.corpus.paperlabels import PaperLabelsError, prepare_paper_labels

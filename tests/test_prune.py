@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -163,3 +165,25 @@ def test_the_library_takes_demo_for_the_shipped_model(tmp_path):
     result = prune_checkpoint("demo", tmp_path / "pruned", ratio=0.5)
     assert sum(result.widths().values()) < sum(f.width for f in ModelAdapter.load("demo").ffns)
     load_pruned(tmp_path / "pruned")
+
+
+def test_edited_checkpoints_get_default_file_modes_and_model_folders_no_digest(tmp_path, monkeypatch):
+    """model.safetensors was 0600 beside 0644 files; the weight digest went into the model's own folder."""
+    from neurostat.model.adapter import weights_digest_file, weights_fingerprint
+    from neurostat.model.edit import ablate_checkpoint
+    from neurostat.model.pruning import prune_checkpoint
+
+    monkeypatch.setenv("NEUROSTAT_CACHE", str(tmp_path / "cache"))
+    model = save_model(tmp_path / "m", intermediate_size=WIDTH, num_hidden_layers=LAYERS)
+    NeuronSet({1: [1]}).save(tmp_path / "n.json")
+    ablate_checkpoint(str(model), tmp_path / "n.json", tmp_path / "ab")
+    prune_checkpoint(str(model), tmp_path / "pr", ratio=0.5)
+    for out in (tmp_path / "ab", tmp_path / "pr"):
+        modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+        assert modes["model.safetensors"] == modes["config.json"] and modes["config.json"] & 0o044, modes
+    before = sorted(p.name for p in model.iterdir())
+    digest = weights_fingerprint(str(model))
+    assert sorted(p.name for p in model.iterdir()) == before  # nothing written into the model's folder
+    cached = weights_digest_file(model)
+    assert cached.parent == tmp_path / "cache" / "weights" and json.loads(cached.read_text())["sha1"] == digest
+    assert weights_fingerprint(str(model)) == digest

@@ -21,12 +21,15 @@ def _layers(ctx, param, text: str) -> list[int] | None:
     if text == "all":
         return None
     out = []
-    try:
-        for part in text.split(","):
-            lo, _, hi = part.partition("-")
-            out.extend(range(int(lo), int(hi or lo) + 1))
-    except ValueError:
-        raise click.BadParameter(f"{text!r}: expected e.g. 1,3,5-8 (1-based) or all") from None
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        try:
+            first, last = int(lo), int(hi or lo)
+        except ValueError:
+            raise click.BadParameter(f"{text!r}: expected e.g. 1,3,5-8 (1-based) or all") from None
+        if last < first:
+            raise click.BadParameter(f"{text!r}: the range {part} is empty; write it low-high, e.g. {last}-{first}")
+        out.extend(range(first, last + 1))
     if min(out) < 1:
         raise click.BadParameter("layers are numbered from 1")
     return out

@@ -68,4 +68,4 @@ def select(store, properties, groups, out, **settings) -> None:
         click.echo(message, err=True)
     click.echo(describe_selections(stats, selections))
     if out is not None:
-        click.echo(save_selections(selections, out))
+        click.echo(save_selections(selections, out, store))

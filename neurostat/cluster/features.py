@@ -129,6 +129,27 @@ def cluster_features(
     return attach_label_set(corpus, name, labels, level, source, info=info)
 
 
+def _check_feature_options(
+    corpus: PreparedCorpus, clusters: int, level: str, layer: int, fit_frames: int, batch_seconds: float | None
+) -> None:
+    """Refuses options that cannot work on this corpus, whatever the model."""
+    if level not in LEVELS:
+        raise OptionError(f"unknown --level {level!r}; choose one of {LEVELS}")
+    if not layer >= 1:
+        raise OptionError(f"--layer counts from 1, got {layer}")
+    if batch_seconds is not None and not batch_seconds > 0:
+        raise OptionError(f"--batch-seconds must be positive, got {batch_seconds}")
+    if level == "utterance":
+        points, what = len(corpus), f"utterances in {corpus.path}"
+    else:
+        if not fit_frames >= 1:
+            raise OptionError(f"--fit-frames must be at least 1, got {fit_frames}")
+        points = min(fit_frames, sum(r["num_frames"] for r in corpus.records))
+        what = f"frames to fit on (--fit-frames {fit_frames}, {corpus.path})"
+    if clusters > points:
+        raise OptionError(f"--clusters {clusters} is more than the {points} {what}; choose at most {points}")
+
+
 def cluster_label_set(
     corpus: PreparedCorpus,
     name: str,
@@ -147,13 +168,18 @@ def cluster_label_set(
     progress: bool = True,
 ) -> dict:
     """What `neurostat cluster` does: k-means of given utterance ``vectors``, or of ``model``'s layer
-    ``layer`` output (loaded on ``device``), attached to the corpus as label set ``name``."""
+    ``layer`` output (loaded on ``device``), attached to the corpus as label set ``name``.  The options are
+    checked before the model is loaded or any feature extracted."""
+    check_name(name)
+    if not clusters >= 1:
+        raise OptionError(f"--clusters must be at least 1, got {clusters}")
     if vectors is not None:
         if level != "utterance" or model is not None:
             raise OptionError("--vectors clusters utterances: use it with --level utterance and no --model")
         return cluster_vectors(corpus, name, vectors, clusters, seed, allow_missing)
     if model is None or layer is None:
         raise OptionError("give --model and --layer (or --vectors with --level utterance)")
+    _check_feature_options(corpus, clusters, level, layer, fit_frames, batch_seconds)
     adapter = ModelAdapter.load(model, device=resolve_device(device), dtype=model_dtype(dtype))
     return cluster_features(
         corpus, adapter, name, layer, clusters, level, fit_frames, seed, batch_seconds, num_jobs, progress

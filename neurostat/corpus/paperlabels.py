@@ -26,12 +26,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..files import check_out_folder
 from ..frames import FrameGeometry
 from ..phones import PHONES, PhoneMap, UnknownPhoneError
 from .audio import Skip, load_audio
-from .librispeech import scan
+from .librispeech import scan, subset_dir
 from .pitch import UNVOICED
-from .prepared import PitchMeta, PreparedCorpus, PreparedMeta
+from .prepared import PitchMeta, PreparedCorpus, PreparedMeta, is_prepared
 
 FILES = {"phones": "phones.json", "table": "phone_table.json", "pitch": "pitch.json", "gender": "gender.json"}
 PITCH_CLASSES = ("low", "mid", "high")
@@ -52,6 +53,20 @@ def _read(folder: Path, what: str) -> dict:
     return data
 
 
+def _frame_labels(folder: Path, what: str, utt: str, frames: object) -> list[int]:
+    """An utterance's per-frame labels: a list of integers, else an error naming the file, utterance and value."""
+    if not isinstance(frames, list):
+        raise PaperLabelsError(
+            f"{folder / FILES[what]}: utterance {utt}: expected a list of per-frame integers, got {frames!r:.60}"
+        )
+    for i, label in enumerate(frames):
+        if not isinstance(label, int) or isinstance(label, bool):
+            raise PaperLabelsError(
+                f"{folder / FILES[what]}: utterance {utt}, frame {i}: label {label!r:.60} is not an integer"
+            )
+    return frames
+
+
 def read_paper_labels(folder: str | Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, str]]:
     """(phone index into ``PHONES`` per frame, pitch class per frame (-1 unvoiced), gender per speaker)."""
     folder = Path(folder)
@@ -64,6 +79,7 @@ def read_paper_labels(folder: str | Path) -> tuple[dict[str, np.ndarray], dict[s
             raise PaperLabelsError(f"{folder / FILES['table']}: entry {symbol!r}: {entry!r} is not a phone") from None
     phones = {}
     for utt, frames in _read(folder, "phones").items():
+        frames = _frame_labels(folder, "phones", utt, frames)
         unknown = sorted(set(frames) - set(to_phone))
         if unknown:
             raise PaperLabelsError(
@@ -73,7 +89,7 @@ def read_paper_labels(folder: str | Path) -> tuple[dict[str, np.ndarray], dict[s
         phones[utt] = np.array([to_phone[i] for i in frames], dtype=np.int16)
     pitch = {}
     for utt, frames in _read(folder, "pitch").items():
-        values = np.asarray(frames, dtype=np.int64)
+        values = np.asarray(_frame_labels(folder, "pitch", utt, frames), dtype=np.int64)
         if ((values < -1) | (values >= len(PITCH_CLASSES))).any():
             raise PaperLabelsError(f"{folder / FILES['pitch']}: utterance {utt} has a pitch class outside -1..2")
         pitch[utt] = values
@@ -110,8 +126,8 @@ def prepare_paper_labels(
     20 ms cells of the labels, pitch bins the official classes (no F0).  Returns the meta dict."""
     if geometry.stride * 50 != geometry.sample_rate:
         raise PaperLabelsError(f"the official labels are on a 20 ms grid; the model's frames are {geometry.describe()}")
+    out = check_out_folder(out, "prepared corpus", is_prepared, (subset_dir(root, subset), folder))
     phones, pitch, gender = read_paper_labels(folder)
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cell = geometry.stride / geometry.sample_rate
     records, skips = [], []

@@ -19,12 +19,13 @@ from tqdm import tqdm
 
 from ..choices import FRAME_LABELS, LAYOUTS, PITCH_ALIGNS, PITCH_METHODS, PITCH_RULES
 from ..errors import UserError
+from ..files import check_out_folder
 from ..frames import FrameGeometry
 from ..phones import PHONES, PhoneMap, UnknownPhoneError
 from .audio import Skip, load_audio
-from .librispeech import corpus_dir, index_alignments, scan
+from .librispeech import corpus_dir, index_alignments, scan, subset_dir
 from .pitch import bin_names, f0_at, percentile_edges
-from .prepared import FORMAT, PitchMeta, PreparedCorpus, PreparedMeta
+from .prepared import FORMAT, PitchMeta, PreparedCorpus, PreparedMeta, is_prepared
 from .speakers import GENDERS, read_speakers
 from .textgrid import TextGridError, read_textgrid
 
@@ -255,10 +256,10 @@ def prepare(
     root, alignments = Path(root).resolve(), Path(alignments).resolve()  # absolute paths in the records
     if settings.pitch not in PITCH_METHODS:
         raise PrepareError(f"unknown pitch method {settings.pitch!r}; choose one of {PITCH_METHODS}")
+    out = check_out_folder(out, "prepared corpus", is_prepared, (subset_dir(root, subset), alignments))
     utterances = scan(root, subset)
     speakers = read_speakers(corpus_dir(root) / "SPEAKERS.TXT")
     grids = index_alignments(alignments, subset)
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
     tasks, skips = [], []

@@ -144,6 +144,12 @@ class LabelSet:
         return values[offsets[i] : offsets[i + 1]].astype(np.int64)
 
 
+def is_prepared(folder: Path) -> bool:
+    """Whether ``folder`` is a prepared corpus, finished (``meta.json``) or interrupted (``utts/``): the only
+    kind of non-empty folder ``prepare`` writes into (it reuses what is cached there)."""
+    return (folder / "meta.json").is_file() or (folder / "utts").is_dir()
+
+
 def _utterance_file(folder: Path, utt_id: str) -> Path:
     return Path(folder) / "utts" / f"{utt_id}.npz"
 

@@ -320,6 +320,7 @@ def collect_corpus(
     missing = [name for name, v in (("--subset", subset), ("--alignments", alignments)) if v is None]
     if root is not None and missing:
         raise OptionError(f"{' and '.join(missing)} needed to label the corpus at {root}")
+    config.check()
     world = World.from_environment()
     if world is not None:
         device = world.device(device)

@@ -8,8 +8,9 @@ import numpy as np
 import xarray as xr
 
 from ..declarations import store_dims
+from ..files import check_out_folder
 from ..labelspace import LabelSpace
-from ..store import Progress, StoreError, StoreMeta, StoreWriter, load_done, verify_store
+from ..store import Progress, StoreError, StoreMeta, StoreWriter, is_store, load_done, verify_store
 from .accumulate import Accumulator, state_from_store
 
 _SHARD_FREE = ("shard",)
@@ -25,6 +26,9 @@ def merge_stores(paths: list[str | Path], out: str | Path, overwrite: bool = Fal
     """Merges complete stores collected with the same settings into ``out``; returns its metadata."""
     if len(paths) < 2:
         raise StoreError("merge needs at least two stores")
+    out = check_out_folder(out, "neurostat store", is_store, paths)
+    if is_store(out) and not overwrite:
+        raise StoreError(f"{out} already exists; pass --overwrite to replace it")
     metas = [StoreMeta.read(p) for p in paths]
     for p in paths:
         verify_store(p)

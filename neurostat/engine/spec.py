@@ -46,6 +46,23 @@ class CollectConfig:
     labels: tuple[str, ...] | None = None  # label parts of the joint label; None = every part of the corpus
     command: str = ""  # the command line that asked for the run (the CLI's, shell-quoted), recorded in the store
 
+    def check(self) -> None:
+        """Refuses settings that are wrong whatever the model and corpus, so that a run stops before loading
+        either (the checks that need them are in :meth:`RunSpec.resolve`)."""
+        if self.tokens not in MODES:
+            raise ValueError(f"unknown token mode {self.tokens!r}; choose one of {MODES}")
+        if not 0 < self.topk_ratio <= 1:
+            raise ValueError(f"--topk-ratio must be in (0, 1] (k = round(λ·D) neurons of D), got {self.topk_ratio}")
+        if not self.top_frames >= 1:
+            raise ValueError(f"--top-frames must be at least 1, got {self.top_frames}")
+        for name, value in (("--batch-seconds", self.batch_seconds), ("--max-seconds", self.max_seconds)):
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if self.front_end is not None and self.front_end not in FRONT_ENDS:
+            raise ValueError(f"unknown front end {self.front_end!r}; choose from {FRONT_ENDS}")
+        if self.stats_precision not in PRECISIONS:
+            raise ValueError(f"unknown --stats-precision {self.stats_precision!r}; choose from {PRECISIONS}")
+
 
 @dataclass(frozen=True)
 class RunSpec:
@@ -68,19 +85,8 @@ class RunSpec:
     ) -> RunSpec:
         """Validates ``config`` against the model and the corpus; every refusal is one clear error."""
         adapter.check_geometry(corpus.geometry)
-        if config.tokens not in MODES:
-            raise ValueError(f"unknown token mode {config.tokens!r}; choose one of {MODES}")
-        if not 0 < config.topk_ratio <= 1:
-            raise ValueError(f"--topk-ratio must be in (0, 1] (k = round(λ·D) neurons of D), got {config.topk_ratio}")
-        if not config.top_frames >= 1:
-            raise ValueError(f"--top-frames must be at least 1, got {config.top_frames}")
-        if config.batch_seconds is not None and not config.batch_seconds > 0:
-            raise ValueError(f"--batch-seconds must be positive, got {config.batch_seconds}")
+        config.check()
         front_end = config.front_end or default_front_end(adapter.device)
-        if front_end not in FRONT_ENDS:
-            raise ValueError(f"unknown front end {front_end!r}; choose from {FRONT_ENDS}")
-        if config.stats_precision not in PRECISIONS:
-            raise ValueError(f"unknown --stats-precision {config.stats_precision!r}; choose from {PRECISIONS}")
         stats = tuple(s.name for s in statistics(config.stats))
         backend = resolve_backend(config.backend, adapter.device)
         try:

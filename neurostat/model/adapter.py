@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..choices import MODEL_DTYPES
-from ..files import atomic_write, sha1_file
+from ..files import atomic_write, cache_root, sha1_file
 from ..frames import FrameGeometry, default_geometry
 
 MODEL_TYPES = ("hubert", "wav2vec2", "wavlm", "data2vec-audio")
@@ -92,6 +92,18 @@ def model_source(source: str) -> str:
     if not (DEMO_MODEL_DIR / "model.safetensors").is_file():
         raise ModelError(f"{DEMO_MODEL_DIR}: the demo model is missing from this installation; reinstall neurostat")
     return str(DEMO_MODEL_DIR)
+
+
+def is_checkpoint(folder: Path) -> bool:
+    """Whether ``folder`` holds a model checkpoint (a ``config.json`` that names a model type, or what is
+    left of a neurostat one: its ``neurostat.json``) — the only kind of folder ``prune``/``ablate
+    --overwrite`` replace."""
+    if (folder / "neurostat.json").is_file():
+        return True
+    try:
+        return "model_type" in json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def check_model_type(config, name: str) -> None:
@@ -407,15 +419,22 @@ def _weights(cls, source: str, **kwargs) -> nn.Module:
         ) from None
 
 
+def weights_digest_file(folder: Path) -> Path:
+    """Where the weight digest of the model folder ``folder`` is cached: in neurostat's cache, one file per
+    folder (named by its resolved path), never inside the model's folder (read-only installs, shared models)."""
+    key = hashlib.sha1(str(folder.resolve()).encode()).hexdigest()
+    return cache_root() / "weights" / f"{key}.json"
+
+
 def weights_fingerprint(source: str) -> str | None:
-    """SHA-1 over a local model folder's weight files (``*.safetensors``, ``*.bin``), cached beside them in
-    ``.neurostat-weights.json`` by name, size and mtime; None for a hub id (its revision names it)."""
+    """SHA-1 over a local model folder's weight files (``*.safetensors``, ``*.bin``), cached by name, size and
+    mtime in :func:`weights_digest_file`; None for a hub id (its revision names it)."""
     folder = Path(source)
     if not folder.is_dir():
         return None
     files = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix in (".safetensors", ".bin"))
     stamp = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
-    cache = folder / ".neurostat-weights.json"
+    cache = weights_digest_file(folder)
     try:
         cached = json.loads(cache.read_text())
         if cached["files"] == stamp:
@@ -424,8 +443,9 @@ def weights_fingerprint(source: str) -> str | None:
         pass
     digest = hashlib.sha1("".join(f"{f.name}:{sha1_file(f)};" for f in files).encode()).hexdigest()
     try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(cache, json.dumps({"files": stamp, "sha1": digest}))
-    except OSError:  # a read-only model folder: hash again next time
+    except OSError:  # an unwritable cache: hash again next time
         pass
     return digest
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..files import new_folder
+from ..files import check_out_folder, new_folder
 from ..neuronset import NeuronSet
-from .adapter import FFN, load_full_model, model_ffns, model_source, save_feature_extractor
+from .adapter import FFN, is_checkpoint, load_full_model, model_ffns, model_source, save_feature_extractor
 
 
 def _checked(model: nn.Module, neurons: NeuronSet) -> list[FFN]:
@@ -66,14 +66,16 @@ def ablate_checkpoint(
 ) -> tuple[NeuronSet, bool]:
     """Loads ``model`` (hub id or folder, with its own head), zeroes the W2 columns of the neurons in the
     ``neurons`` file and saves the edited checkpoint to ``out`` (through a temporary folder; an existing
-    ``out`` only with ``overwrite``, the source folder never); returns the neurons and whether a
+    ``out`` only with ``overwrite`` and only when it is a checkpoint, never one that is, holds or lies inside
+    the source or the neurons file); returns the neurons and whether a
     feature-extractor config was copied along."""
     model = model_source(model)
+    check_out_folder(out, "checkpoint", is_checkpoint, (model, neurons))
     net = load_full_model(model)
     ffns = model_ffns(net)
     chosen = NeuronSet.load(neurons, num_layers=len(ffns), width=max(f.width for f in ffns))
     zero_neurons(net, chosen)
-    with new_folder(out, model, overwrite) as tmp:
+    with new_folder(out, "checkpoint", is_checkpoint, (model, neurons), overwrite) as tmp:
         net.save_pretrained(tmp)
         copied = save_feature_extractor(model, tmp)
     return chosen, copied

@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from ..choices import PRUNE_CRITERIA, PRUNE_SCOPES
-from ..files import new_folder
+from ..files import check_out_folder, new_folder
 from ..neuronset import NeuronSet
 from ..version import __version__
-from .adapter import ModelAdapter, load_full_model, model_ffns, model_source, save_feature_extractor
+from .adapter import ModelAdapter, is_checkpoint, load_full_model, model_ffns, model_source, save_feature_extractor
 
 FORMAT = 1
 
@@ -246,8 +246,10 @@ def prune_checkpoint(
 ) -> PruneResult:
     """Loads ``model`` (hub id or folder), prunes it with the neurons in the ``protect`` files never pruned,
     and saves the pruned checkpoint to ``out`` (what `neurostat prune` does): through a temporary folder
-    renamed at the end; an existing ``out`` only with ``overwrite``, the source folder never."""
+    renamed at the end; an existing ``out`` only with ``overwrite`` and only when it is a checkpoint, never one
+    that is, holds or lies inside the source or a ``protect`` file."""
     model = model_source(model)
+    check_out_folder(out, "checkpoint", is_checkpoint, (model, *protect))
     net = load_full_model(model)
     widths = [f.width for f in model_ffns(net)]
     protected = {str(f): NeuronSet.load(f, num_layers=len(widths), width=max(widths)) for f in protect}
@@ -263,6 +265,6 @@ def prune_checkpoint(
         scope=scope,
         exact_protected=keep_protected_only,
     )
-    with new_folder(out, model, overwrite) as tmp:
+    with new_folder(out, "checkpoint", is_checkpoint, (model, *protect), overwrite) as tmp:
         save_pruned(net, result, tmp, model, getattr(net.config, "_commit_hash", None), protected, model)
     return result

@@ -1,0 +1,43 @@
+"""Messages that were tracebacks or misled (issue 31, item 5): reading stores."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from storefactory import SPACE, make_store
+
+from neurostat.stats import open_stats
+from neurostat.store import Progress, StoreError, StoreMeta, StoreWriter
+
+
+def test_reduce_takes_frames_like_any_variable_over_the_labels(tmp_path):
+    frames = np.arange(SPACE.size, dtype=np.int64)
+    stats = open_stats(make_store(tmp_path / "s.zarr", frames, np.ones((2, SPACE.size, 4), np.int64)))
+    by_gender = stats.reduce("frames", by=("gender", "phone"))
+    assert by_gender.dims == ("gender", "phone")
+    assert by_gender.sum().item() == frames.sum()
+    assert (by_gender == stats.tokens(("gender", "phone"))).all()
+    sil = list(SPACE.vocab("phone")).index("sil")
+    expected = frames.reshape(SPACE.shape)[sil].sum(axis=1)  # parts: phone, gender, pitch_bin
+    assert by_gender.sel(phone="sil").values.tolist() == expected.tolist()
+
+
+def test_an_incomplete_store_says_how_many_utterances_are_checkpointed(tmp_path):
+    done = make_store(tmp_path / "done.zarr", np.ones(SPACE.size, np.int64), np.ones((1, SPACE.size, 3), np.int64))
+    meta = StoreMeta.read(done).replace(complete=False, progress=Progress())
+    with StoreWriter(tmp_path / "part.zarr", meta) as writer:
+        writer.save_checkpoint({}, ["a", "b", "c"], Progress(utterances_done=3))
+    with pytest.raises(StoreError, match="interrupted, 3 utterances checkpointed\\); finish it with"):
+        open_stats(tmp_path / "part.zarr")
+
+
+def test_a_damaged_chunk_is_one_error_without_asyncio_noise(tmp_path):
+    """Twelve layer chunks read at once, the first garbled: the other reads must not be left pending."""
+    store = make_store(tmp_path / "s.zarr", np.ones(SPACE.size, np.int64), np.ones((12, SPACE.size, 64), np.int64))
+    chunk = store / "topk_count" / "c" / "0" / "0" / "0"
+    chunk.write_bytes(bytes(len(chunk.read_bytes())))
+    for _ in range(2):
+        r = subprocess.run([sys.executable, "-m", "neurostat", "select", str(store)], capture_output=True, text=True)
+        assert r.returncode == 1 and "variable 'topk_count' does not read back" in r.stderr
+        assert "Task was destroyed" not in r.stderr and "Traceback" not in r.stderr, r.stderr
