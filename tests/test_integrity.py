@@ -235,3 +235,59 @@ def test_select_out_is_a_file_only_when_it_says_so(prepared, tiny_model, tmp_pat
         main, ["select", str(out), "--property", "gender", "--property", "pitch", "--out", str(tmp_path / "two.json")]
     )
     assert r.exit_code == 2 and "give a folder" in r.output and not (tmp_path / "two.json").exists()
+
+
+def _flip_a_bit_zstd_misses(chunk) -> None:
+    """Flips one bit of a chunk (zstd, then its 4-byte CRC-32C) where the zstd frame still decodes to the
+    chunk's size: a flip only the checksum sees."""
+    from numcodecs import Zstd
+
+    data = chunk.read_bytes()
+    size = len(Zstd().decode(data[:-4]))
+    for i in range(len(data) - 5, 0, -1):
+        flipped = bytearray(data)
+        flipped[i] ^= 0x10
+        try:
+            if len(Zstd().decode(bytes(flipped[:-4]))) == size:
+                chunk.write_bytes(bytes(flipped))
+                return
+        except Exception:  # that flip breaks the zstd frame: try the next byte
+            continue
+    raise AssertionError(f"no silent flip found in {chunk}")
+
+
+def test_a_flipped_bit_in_a_chunk_is_an_error_naming_the_array(prepared, tiny_model, tmp_path):
+    from neurostat.stats import open_stats
+    from neurostat.store import StoreError
+
+    out = tmp_path / "s.zarr"
+    collect(prepared, ModelAdapter.load(str(tiny_model)), out, CollectConfig(topk_ratio=0.1, shard=(0, 4)))
+    for name in ("frames", "topk_count", "mean", "phone", "layer"):
+        assert json.loads((out / name / "zarr.json").read_text())["codecs"][-1]["name"] == "crc32c", name
+    _flip_a_bit_zstd_misses(out / "topk_count" / "c" / "1" / "0" / "0")
+    with pytest.raises(StoreError, match="variable 'topk_count' does not read back .*chunk 1/0/0.*checksum"):
+        open_stats(out).probability("topk", by=("phone",))
+    for command in (["select", str(out)], ["info", str(out)]):
+        r = CliRunner().invoke(main, command)
+        assert r.exit_code == 1 and "variable 'topk_count' does not read back" in r.output, r.output
+        assert "chunk 1/0/0" in r.output and "Traceback" not in r.output
+
+
+def test_a_store_of_format_2_reads_with_a_note(tmp_path, monkeypatch):
+    import numpy as np
+    from storefactory import SPACE, make_store
+    from zarr.codecs import ZstdCodec
+
+    import neurostat.store
+    from neurostat.stats import open_stats
+
+    monkeypatch.setattr(neurostat.store, "_compressors", lambda: (ZstdCodec(level=0),))  # format 2's chain
+    frames = np.full(SPACE.size, 3)
+    out = make_store(tmp_path / "old.zarr", frames, topk=np.ones((2, SPACE.size, 4)), store_format=2)
+    monkeypatch.undo()
+    assert json.loads((out / "topk_count" / "zarr.json").read_text())["codecs"][-1]["name"] == "zstd"
+    assert int(open_stats(out).tokens(("gender",)).sum()) == frames.sum()
+    r = CliRunner().invoke(main, ["info", str(out)])
+    assert r.exit_code == 0 and "note: store format 2 has no checksum in its chunks" in r.output, r.output
+    r = CliRunner().invoke(main, ["select", str(out), "--property", "gender"])
+    assert r.exit_code == 0, r.output
