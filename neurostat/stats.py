@@ -20,7 +20,15 @@ from .declarations import count_variable
 from .frames import FrameGeometry
 from .labelspace import LabelSpace
 from .moments import pool
-from .store import FORMAT, StoreError, StoreMeta, checkpoint_progress, read_variable, verify_store
+from .store import (
+    FORMAT,
+    StoreError,
+    StoreMeta,
+    checkpoint_progress,
+    fingerprint_differences,
+    read_variable,
+    verify_store,
+)
 
 
 class Stats:
@@ -66,6 +74,13 @@ class Stats:
         error names it."""
         for var in self.ds.data_vars:
             self._values(str(var))
+
+    def corpus_differences(self, digests: dict[str, str | None]) -> list[str]:
+        """How a prepared corpus's content digests (:meth:`PreparedCorpus.content_digests` of :attr:`parts`)
+        differ from those of the corpus this store counted, one readable item each; empty when they match
+        or the store was collected before corpus digests were recorded."""
+        recorded = self.meta.fingerprint.get("corpus_content")
+        return [] if recorded is None else fingerprint_differences(recorded, digests, "the store's", "this corpus")
 
     @property
     def parts(self) -> tuple[str, ...]:

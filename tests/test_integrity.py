@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from click.testing import CliRunner
+from corpusedit import flip_sex
 
 from neurostat.cli import main
 from neurostat.corpus.prepare import PrepareSettings, prepare
@@ -49,15 +50,7 @@ def test_editing_speakers_txt_updates_the_cached_gender(corpus_copy, tmp_path):
     out = tmp_path / "p"
     _prepare(corpus_copy, out)
     first = PreparedCorpus(out)[0]
-    speakers = corpus_copy / "LibriSpeech" / "SPEAKERS.TXT"
-    flipped = {"M": "F", "F": "M"}[first.gender]
-    lines = []
-    for line in speakers.read_text().splitlines():
-        fields = line.split("|")
-        if not line.startswith(";") and fields[0].strip() == first.speaker:
-            fields[1] = f" {flipped} "
-        lines.append("|".join(fields))
-    speakers.write_text("\n".join(lines) + "\n")
+    flipped = flip_sex(corpus_copy, first.speaker)
     _prepare(corpus_copy, out)
     again = PreparedCorpus(out)
     assert again[0].gender == flipped
@@ -291,3 +284,31 @@ def test_a_store_of_format_2_reads_with_a_note(tmp_path, monkeypatch):
     assert r.exit_code == 0 and "note: store format 2 has no checksum in its chunks" in r.output, r.output
     r = CliRunner().invoke(main, ["select", str(out), "--property", "gender"])
     assert r.exit_code == 0, r.output
+
+
+def test_a_relabelled_corpus_is_refused_on_resume_and_merge_naming_the_labels(corpus_copy, tiny_model, tmp_path):
+    """SPEAKERS.TXT corrected between a kill and --resume: prepare runs again into the same folder (as
+    `collect --root ... --resume` does), and the store must not mix the two labellings."""
+    from neurostat.engine.merge import merge_stores
+    from neurostat.store import StoreError
+
+    out = tmp_path / "p"
+    _prepare(corpus_copy, out)
+    adapter = ModelAdapter.load(str(tiny_model))
+    config = lambda i: CollectConfig(topk_ratio=0.1, shard=(i, 2))  # noqa: E731
+    collect(PreparedCorpus(out), adapter, tmp_path / "a.zarr", config(0), progress=False)
+    flip_sex(corpus_copy, PreparedCorpus(out)[0].speaker)
+    _prepare(corpus_copy, out)
+    relabelled = PreparedCorpus(out)
+    with pytest.raises(StoreError, match=r"other settings \(corpus_content\[gender labels\]: store has [0-9a-f]{12}, "):
+        collect(relabelled, adapter, tmp_path / "a.zarr", config(0), resume=True, progress=False)
+    collect(relabelled, adapter, tmp_path / "b.zarr", config(1), progress=False)
+    with pytest.raises(StoreError, match=r"differs from .* in corpus_content\[gender labels\]: the first has") as e:
+        merge_stores([tmp_path / "a.zarr", tmp_path / "b.zarr"], tmp_path / "m.zarr")
+    assert "phone labels" not in str(e.value) and "audio" not in str(e.value)
+    parts = ("phone", "gender", "pitch_bin")
+    after = relabelled.content_digests(parts)
+    meta = json.loads((out / "meta.json").read_text())  # a folder prepared before digests: computed on opening
+    assert set(meta.pop("digests")) == {"phone", "gender", "pitch_bin", "vocabularies", "audio"}
+    (out / "meta.json").write_text(json.dumps(meta))
+    assert PreparedCorpus(out).content_digests(parts) == after
