@@ -312,3 +312,22 @@ def test_a_relabelled_corpus_is_refused_on_resume_and_merge_naming_the_labels(co
     assert set(meta.pop("digests")) == {"phone", "gender", "pitch_bin", "vocabularies", "audio"}
     (out / "meta.json").write_text(json.dumps(meta))
     assert PreparedCorpus(out).content_digests(parts) == after
+
+
+def test_weights_edited_in_place_keeping_size_and_mtime_are_refused_on_resume(prepared, tiny_model, tmp_path):
+    from neurostat.store import StoreError
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    config = CollectConfig(topk_ratio=0.1, shard=(0, 4))
+    collect(prepared, ModelAdapter.load(str(model)), tmp_path / "a.zarr", config, progress=False)
+    weights = model / "model.safetensors"
+    before = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x40  # a bit of the last tensor's last value: the file still loads, the model differs
+    with open(weights, "r+b") as f:  # in place, the same size
+        f.write(data)
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (weights.stat().st_size, weights.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    with pytest.raises(StoreError, match="other settings .*weights: store has [0-9a-f]{12}, this run [0-9a-f]{12}"):
+        collect(prepared, ModelAdapter.load(str(model)), tmp_path / "a.zarr", config, resume=True, progress=False)

@@ -80,6 +80,7 @@ def collect(
     distributed run whose process group is initialised) this process collects its share into a partial
     store and the ranks combine their states: see :mod:`neurostat.engine.distributed`."""
     spec = RunSpec.resolve(config, adapter, corpus, distributed=world is not None)
+    adapter.hash_weights()  # the fingerprint's weights from their content, never from the cache
     meta = spec.store_meta(adapter, corpus)
     if world is None:
         with StoreWriter(out, meta, resume=resume, overwrite=overwrite) as store:
