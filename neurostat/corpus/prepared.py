@@ -112,6 +112,10 @@ class PreparedMeta:
         return dataclasses.replace(self, **changes)
 
 
+class AudioChangedError(PreparedCorpusError):
+    """An utterance's audio file whose content differs from the file prepare labelled."""
+
+
 class LabelSetError(ValueError):
     """A label file or label set that cannot be used; the message names the file and the problem."""
 
@@ -227,8 +231,15 @@ class PreparedUtterance:
         return int(values[0]) if labels.level == "utterance" else values
 
     def load_audio(self) -> np.ndarray:
-        """The waveform at the prepared geometry's sample rate (float32, mono)."""
-        wave, _ = load_audio(self.audio_path, self.corpus.geometry.sample_rate, strict=self.corpus.meta.strict)
+        """The waveform at the prepared geometry's sample rate (float32, mono).  A file whose content is not
+        what prepare read (its SHA-1, recorded at prepare) is an :class:`AudioChangedError` naming it."""
+        wave, _, digest = load_audio(self.audio_path, self.corpus.geometry.sample_rate, strict=self.corpus.meta.strict)
+        recorded = self.record.get("audio_sha1")
+        if recorded is not None and digest != recorded:
+            raise AudioChangedError(
+                f"{self.audio_path}: the audio of utterance {self.id} changed after prepare (SHA-1 {digest[:12]}, "
+                f"prepared from {recorded[:12]}): restore the file, or run prepare again and collect anew"
+            )
         return wave
 
 

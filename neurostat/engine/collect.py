@@ -25,7 +25,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ..corpus.prepare import PrepareSettings, default_prepared_dir, describe_prepared, prepare
-from ..corpus.prepared import PreparedCorpus
+from ..corpus.prepared import AudioChangedError, PreparedCorpus
 from ..declarations import store_dims
 from ..errors import OptionError
 from ..model.adapter import ModelAdapter, resolve_device
@@ -248,6 +248,10 @@ def _run(
     with _stop_requests() as stop:
         with adapter.instrument(activation, list(spec.layers)):
             for item in _timed_iter(_loader(corpus, adapter, spec, batches, store), prog):
+                if item["changed"]:  # before the batch counts: a resume after prepare redoes it
+                    save()
+                    bar.close()
+                    raise AudioChangedError(f"{item['changed'][0]} (the checkpoint of {len(done)} utterances is saved)")
                 batch = item["tokens"]
                 if batch.num_tokens and len(item["lengths"]):
                     current["tokens"] = batch.to(adapter.device)
