@@ -132,6 +132,12 @@ def build_browser(
             f"{corpus} lacks {len(missing)} of the {len(ids)} utterances of {store} (first: {missing[0]}); give the "
             "prepared corpus the store was collected from"
         )
+    differ = stats.corpus_differences(prepared.content_digests(stats.parts))
+    if differ:
+        raise BrowseError(
+            f"{corpus} is not the prepared corpus {store} was collected from, though the utterance ids match "
+            f"({'; '.join(differ)}); give the prepared corpus the store was collected from"
+        )
     sets = property_sets(stats, list(neuron_files or []), sigma)
     neurons = _neurons(stats, sets, every)
     (out / "neurons").mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,15 @@ from .declarations import count_variable
 from .frames import FrameGeometry
 from .labelspace import LabelSpace
 from .moments import pool
-from .store import StoreError, StoreMeta, checkpoint_progress, settle_reads, verify_store
+from .store import (
+    FORMAT,
+    StoreError,
+    StoreMeta,
+    checkpoint_progress,
+    fingerprint_differences,
+    read_variable,
+    verify_store,
+)
 
 
 class Stats:
@@ -60,14 +68,20 @@ class Stats:
     def _values(self, var: str) -> np.ndarray:
         """The variable's values; a chunk that does not decode is an error naming it, not a traceback."""
         array = self._need(var)
-        try:
-            return array.values
-        except Exception as e:  # codec and I/O errors of a damaged chunk, whatever their type
-            settle_reads()
-            raise StoreError(
-                f"{self.path}: variable {var!r} does not read back ({type(e).__name__}: {e}); the store is damaged: "
-                f"`neurostat info --verify` finds the file; restore it or collect again"
-            ) from None
+        return read_variable(self.path, var, lambda: array.values)
+
+    def check(self) -> None:
+        """Reads every variable once: each chunk decodes (in format 3 with its checksum verified) or the
+        error names it."""
+        for var in self.ds.data_vars:
+            self._values(str(var))
+
+    def corpus_differences(self, digests: dict[str, str | None]) -> list[str]:
+        """How a prepared corpus's content digests (:meth:`PreparedCorpus.content_digests` of :attr:`parts`)
+        differ from those of the corpus this store counted, one readable item each; empty when they match
+        or the store was collected before corpus digests were recorded."""
+        recorded = self.meta.fingerprint.get("corpus_content")
+        return [] if recorded is None else fingerprint_differences(recorded, digests, "the store's", "this corpus")
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -243,6 +257,7 @@ def describe_store(path: str | Path) -> str:
         lines.append("skipped during collect: " + ", ".join(f"{r} {n}" for r, n in sorted(p.skips.items())))
     if meta.complete:
         stats = open_stats(path)
+        stats.check()
         for part in stats.parts:
             tokens = stats.tokens((part,))
             top = tokens.sortby(tokens, ascending=False)[:8]
@@ -251,4 +266,9 @@ def describe_store(path: str | Path) -> str:
                 + ", ".join(f"{name} {int(n)}" for name, n in zip(top[part].values, top.values))
             )
     lines.append(f"command: {meta.command}")
+    if meta.format < FORMAT:
+        lines.append(
+            f"note: store format {meta.format} has no checksum in its chunks (format {FORMAT} has): a bit flipped on "
+            "disk can read back unnoticed; `neurostat info --verify` checks the files against the manifest"
+        )
     return "\n".join(lines)

@@ -13,6 +13,9 @@ The ``neurostat`` subgroup holds what a writer needs: ``writer.lock`` (one write
 first and then published by an atomic rename of ``checkpoint.json``, and, once complete,
 ``utterances.json`` (the utterance ids counted, so merges can refuse overlapping shards) and
 ``manifest.json`` (every array file with its size and SHA-1: :func:`verify_store`).
+
+Store format 3 puts a ``crc32c`` checksum in every chunk's codec chain (after zstd), which zarr checks on
+every read: a flipped bit is an error on the read that meets it.  Format 2 stores (without it) still read.
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ import os
 import shutil
 import warnings
 import zipfile
+from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -34,8 +39,11 @@ from .errors import UserError
 from .files import atomic_write, check_out_folder, sha1_file
 from .version import __version__
 
-FORMAT = 2
+FORMAT = 3
+READABLE = (2, 3)
+"""Store formats this version reads; 2 lacks the per-chunk checksums of 3."""
 _INTERNAL = "neurostat"
+T = TypeVar("T")
 
 
 class StoreError(UserError, RuntimeError):
@@ -114,21 +122,22 @@ class StoreMeta:
     distributed: dict | None = None
     merged_from: list[str] | None = None
     version: str = __version__
+    format: int = FORMAT  # the store format it was written in (see READABLE)
 
     _OPTIONAL = ("progress", "distributed", "merged_from")
 
     def to_attrs(self) -> dict:
-        out = {"neurostat_store_format": FORMAT, "neurostat_version": self.version}
+        out = {"neurostat_store_format": self.format, "neurostat_version": self.version}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "version" or (f.name in self._OPTIONAL and value is None):
+            if f.name in ("version", "format") or (f.name in self._OPTIONAL and value is None):
                 continue
             out[f.name] = value.to_dict() if isinstance(value, Progress) else value
         return out
 
     @classmethod
     def from_attrs(cls, attrs: dict) -> StoreMeta:
-        known = {f.name for f in fields(cls)} - {"version"}
+        known = {f.name for f in fields(cls)} - {"version", "format"}
         values = {k: v for k, v in attrs.items() if k in known}
         if "progress" in values:
             values["progress"] = Progress.from_dict(values["progress"])
@@ -137,7 +146,9 @@ class StoreMeta:
         )
         if missing:
             raise StoreError(f"the store's attrs lack {', '.join(missing)}: re-collect it with this neurostat")
-        return cls(**values, version=attrs.get("neurostat_version", "?"))
+        return cls(
+            **values, version=attrs.get("neurostat_version", "?"), format=attrs.get("neurostat_store_format", FORMAT)
+        )
 
     @classmethod
     def read(cls, path: str | Path) -> StoreMeta:
@@ -172,6 +183,7 @@ class StoreMeta:
         """The metadata of the store that merges complete stores of the same run (this one the first)."""
         return self.replace(
             fingerprint={**self.fingerprint, "shard": "merged"},
+            format=FORMAT,
             complete=False,
             progress=progress,
             merged_from=[str(Path(p).resolve()) for p in paths],
@@ -214,10 +226,11 @@ def read_attrs(path: str | Path) -> dict:
         raise StoreError(f"{meta}: the store's metadata is damaged (not readable JSON: {e})") from None
     if "neurostat_store_format" not in attrs:
         raise StoreError(f"{path} is a Zarr group but not a neurostat store")
-    if attrs["neurostat_store_format"] != FORMAT:
+    if attrs["neurostat_store_format"] not in READABLE:
         raise StoreError(
             f"{path}: store format {attrs['neurostat_store_format']} (neurostat {attrs.get('neurostat_version')}) "
-            f"is not this version's format {FORMAT}; re-collect or use a matching neurostat"
+            f"is not a format this version reads ({', '.join(map(str, READABLE))}); re-collect or use a matching "
+            "neurostat"
         )
     return attrs
 
@@ -270,12 +283,15 @@ class StoreWriter:
         zarr.open_group(self.internal, mode="a", zarr_format=3)
 
     def _check_compatible(self, old: StoreMeta, new: StoreMeta) -> None:
-        a, b = old.fingerprint, new.fingerprint
-        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-        if diff:
-            details = "; ".join(f"{k}: store has {a.get(k)!r}, this run {b.get(k)!r}" for k in diff)
+        if old.format != new.format:
             raise StoreError(
-                f"{self.path} was collected with other settings ({details}); use a new --out or --overwrite"
+                f"{self.path} is in store format {old.format} (neurostat {old.version}); this version writes format "
+                f"{new.format} and cannot continue it: use a new --out or --overwrite"
+            )
+        diff = fingerprint_differences(old.fingerprint, new.fingerprint, "store has", "this run")
+        if diff:
+            raise StoreError(
+                f"{self.path} was collected with other settings ({'; '.join(diff)}); use a new --out or --overwrite"
             )
 
     def update_progress(self, progress: Progress) -> None:
@@ -356,7 +372,9 @@ class StoreWriter:
         for name, values in coords.items():
             along = (name,) if name in _OWN_DIM else ("label",)
             dtype = str if values.dtype.kind == "U" else values.dtype
-            arr = root.create_array(name, shape=values.shape, dtype=dtype, dimension_names=along, overwrite=True)
+            arr = root.create_array(
+                name, shape=values.shape, dtype=dtype, dimension_names=along, overwrite=True, compressors=_compressors()
+            )
             arr[:] = values
         for name, values in arrays.items():
             along = (dims or {}).get(name) or (("label",) if name == "frames" else ("layer", "label", "neuron"))
@@ -366,6 +384,7 @@ class StoreWriter:
                 shape=values.shape,
                 dtype=values.dtype,
                 chunks=chunks,
+                compressors=_compressors(),
                 dimension_names=along,
                 overwrite=True,
                 fill_value=np.nan if values.dtype.kind == "f" else 0,
@@ -399,6 +418,71 @@ class StoreWriter:
 
 
 _OWN_DIM = ("layer", "utterance")
+
+
+def _compressors() -> tuple:
+    """Each chunk's bytes-to-bytes codecs: zstd (zarr's default), then a CRC-32C of the compressed bytes
+    that zarr checks on every read."""
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    return (ZstdCodec(level=0, checksum=False), Crc32cCodec())
+
+
+def fingerprint_differences(a: dict, b: dict, a_name: str, b_name: str) -> list[str]:
+    """What differs between two fingerprints, one readable item per entry; an entry holding digests (a
+    dict) names each digest that differs (``corpus_content[gender labels]``), not the whole dict."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if x == y:
+            continue
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += [
+                f"{key}[{sub}]: {a_name} {_short(x.get(sub))}, {b_name} {_short(y.get(sub))}"
+                for sub in sorted(set(x) | set(y), key=str)
+                if x.get(sub) != y.get(sub)
+            ]
+        else:
+            out.append(f"{key}: {a_name} {_short(x)}, {b_name} {_short(y)}")
+    return out
+
+
+def _short(value) -> str:
+    """A fingerprint value for a message; a hex digest cut to 12 characters."""
+    if isinstance(value, str) and len(value) == 40 and all(c in "0123456789abcdef" for c in value):
+        return value[:12]
+    return repr(value)
+
+
+def read_variable(path: str | Path, name: str, read: Callable[[], T]) -> T:
+    """``read()``, the values of variable ``name``; a chunk that does not decode (its checksum differs, it
+    is garbled or truncated) is a StoreError naming the variable and the chunk, not a traceback."""
+    try:
+        return read()
+    except Exception as e:  # codec and I/O errors of a damaged chunk, whatever their type
+        settle_reads()
+        chunk = _damaged_chunk(path, name)
+        where = f", chunk {chunk}" if chunk is not None else ""
+        raise StoreError(
+            f"{path}: variable {name!r} does not read back ({type(e).__name__}{where}: {e}); the store is damaged: "
+            f"`neurostat info --verify` finds the file; restore it or collect again"
+        ) from None
+
+
+def _damaged_chunk(path: str | Path, name: str) -> str | None:
+    """The first chunk of array ``name`` that does not decode (``i/j/k``), or None."""
+    import itertools
+
+    import zarr
+
+    arr = zarr.open_array(Path(path) / name, mode="r")
+    grid = [range(-(-n // c)) for n, c in zip(arr.shape, arr.chunks)]
+    for block in itertools.product(*grid):
+        try:
+            arr.get_block_selection(block)
+        except Exception:  # as in read_variable
+            return "/".join(map(str, block))
+    return None
 
 
 def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:

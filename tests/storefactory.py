@@ -17,8 +17,10 @@ def make_store(
     k: int = 2,
     space: LabelSpace = SPACE,
     label_sets: dict | None = None,
+    store_format: int | None = None,
 ):
-    """frames [label], counts [layer, label, neuron] over the joint label space."""
+    """frames [label], counts [layer, label, neuron] over the joint label space; ``store_format`` records
+    another format than this version's (with the codecs of that format patched in by the test)."""
     counts = topk if topk is not None else positive
     num_layers, _, width = counts.shape
     stats = [s for s, a in (("topk", topk), ("positive", positive)) if a is not None]
@@ -50,6 +52,8 @@ def make_store(
         ),
         version="test",
     )
+    if store_format is not None:
+        meta = meta.replace(format=store_format)
     arrays = {"frames": frames.astype(np.int64)}
     if topk is not None:
         arrays["topk_count"] = topk.astype(np.int64)

@@ -78,6 +78,30 @@ def test_bad_input(store, prepared, tiny_model, tmp_path):
         build_browser(store, other, tmp_path / "site2")
 
 
+def test_another_corpus_with_the_same_utterance_ids_is_refused(store, corpus_copy, tmp_path):
+    """The store records the digests of the corpus it counted: a corpus of the same ids but other labels
+    would put wrong labels (and, with other audio, wrong sound) beside the neurons."""
+    from corpusedit import flip_sex
+
+    from neurostat.corpus.prepare import PrepareSettings, prepare
+    from neurostat.frames import default_geometry
+
+    def prepared_copy(out):
+        root = corpus_copy
+        prepare(root / "LibriSpeech", "dev-clean", root / "alignments", out, PrepareSettings(default_geometry()),
+                progress=False)  # fmt: skip
+        return out
+
+    same = prepared_copy(tmp_path / "same")  # the same corpus prepared elsewhere: the same content
+    assert build_browser(store, same, tmp_path / "site")["pages"] > 0
+    speaker = open_stats(store).ds["utterance"].values[0].split("-")[0]
+    flip_sex(corpus_copy, str(speaker))
+    other = prepared_copy(tmp_path / "other")
+    refused = r"not the prepared corpus .*\(gender labels: the store's [0-9a-f]{12}, this corpus"
+    with pytest.raises(BrowseError, match=refused):
+        build_browser(store, other, tmp_path / "site2")
+
+
 @pytest.mark.skipif(BROWSER is None, reason="no Chromium installed (apt-get install chromium; .ci/run installs it)")
 def test_in_a_headless_browser_search_filters_and_a_page_plays(store, prepared, tmp_path):
     build_browser(store, prepared.path, tmp_path / "site", sigma=0.5, every=True)

@@ -332,9 +332,14 @@ def test_incompatible_stores_models_and_corpora(prepared, tiny_model, tmp_path):
         )
 
 
-def test_changed_audio_is_a_recorded_skip(corpus_copy, tiny_model, tmp_path):
+def test_changed_audio_is_an_error_naming_the_file(corpus_copy, tiny_model, tmp_path):
+    """Audio rewritten after prepare — at the same length too — is an error naming the file (its SHA-1,
+    recorded at prepare, is checked where it is decoded); a corpus prepared before audio digests has only
+    the length to go by: a recorded skip."""
+    import json
+
     from neurostat.corpus.prepare import PrepareSettings, prepare
-    from neurostat.corpus.prepared import PreparedCorpus
+    from neurostat.corpus.prepared import PreparedCorpus, PreparedCorpusError
     from neurostat.frames import default_geometry
 
     prepare(
@@ -346,11 +351,25 @@ def test_changed_audio_is_a_recorded_skip(corpus_copy, tiny_model, tmp_path):
         progress=False,
     )
     corpus = PreparedCorpus(tmp_path / "p")
-    wave, sr = sf.read(corpus[2].audio_path)
-    sf.write(corpus[2].audio_path, wave[: len(wave) // 2], sr)
-    attrs = collect(
-        corpus, ModelAdapter.load(str(tiny_model)), tmp_path / "s.zarr", CollectConfig(topk_ratio=RATIO), progress=False
+    adapter = ModelAdapter.load(str(tiny_model))
+    path = corpus[2].audio_path
+    wave, sr = sf.read(path)
+    sf.write(path, 0.5 * wave, sr)  # the same length, other samples
+    assert len(sf.read(path)[0]) == corpus[2].record["num_samples"]
+    for jobs in (0, 1):  # in the loop's process and in a data-loading worker
+        with pytest.raises(PreparedCorpusError, match=f"{path}: the audio of utterance {corpus[2].id} changed after "):
+            collect(corpus, adapter, tmp_path / f"s{jobs}.zarr", CollectConfig(topk_ratio=RATIO, num_jobs=jobs),
+                    progress=False)  # fmt: skip
+    r = CliRunner().invoke(
+        main, ["collect", "--prepared", str(corpus.path), "--model", str(tiny_model), "--out", str(tmp_path / "c")]
     )
+    assert r.exit_code == 1 and f"{path}: the audio of utterance" in r.output and "Traceback" not in r.output
+    sf.write(path, wave[: len(wave) // 2], sr)
+    manifest = corpus.path / "manifest.jsonl"  # as prepared before audio digests
+    records = [json.loads(line) for line in manifest.read_text().splitlines()]
+    manifest.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "audio_sha1"}) + "\n" for r in records))
+    corpus = PreparedCorpus(corpus.path)
+    attrs = collect(corpus, adapter, tmp_path / "s.zarr", CollectConfig(topk_ratio=RATIO), progress=False)
     assert attrs.progress.skips == {"audio-changed": 1}
     info = CliRunner().invoke(main, ["info", str(tmp_path / "s.zarr")]).output
     assert f"counted: {len(corpus) - 1} utterances" in info and "skipped during collect: audio-changed 1" in info

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from click.testing import CliRunner
+from corpusedit import flip_sex
 
 from neurostat.cli import main
 from neurostat.corpus.prepare import PrepareSettings, prepare
@@ -49,15 +50,7 @@ def test_editing_speakers_txt_updates_the_cached_gender(corpus_copy, tmp_path):
     out = tmp_path / "p"
     _prepare(corpus_copy, out)
     first = PreparedCorpus(out)[0]
-    speakers = corpus_copy / "LibriSpeech" / "SPEAKERS.TXT"
-    flipped = {"M": "F", "F": "M"}[first.gender]
-    lines = []
-    for line in speakers.read_text().splitlines():
-        fields = line.split("|")
-        if not line.startswith(";") and fields[0].strip() == first.speaker:
-            fields[1] = f" {flipped} "
-        lines.append("|".join(fields))
-    speakers.write_text("\n".join(lines) + "\n")
+    flipped = flip_sex(corpus_copy, first.speaker)
     _prepare(corpus_copy, out)
     again = PreparedCorpus(out)
     assert again[0].gender == flipped
@@ -235,3 +228,106 @@ def test_select_out_is_a_file_only_when_it_says_so(prepared, tiny_model, tmp_pat
         main, ["select", str(out), "--property", "gender", "--property", "pitch", "--out", str(tmp_path / "two.json")]
     )
     assert r.exit_code == 2 and "give a folder" in r.output and not (tmp_path / "two.json").exists()
+
+
+def _flip_a_bit_zstd_misses(chunk) -> None:
+    """Flips one bit of a chunk (zstd, then its 4-byte CRC-32C) where the zstd frame still decodes to the
+    chunk's size: a flip only the checksum sees."""
+    from numcodecs import Zstd
+
+    data = chunk.read_bytes()
+    size = len(Zstd().decode(data[:-4]))
+    for i in range(len(data) - 5, 0, -1):
+        flipped = bytearray(data)
+        flipped[i] ^= 0x10
+        try:
+            if len(Zstd().decode(bytes(flipped[:-4]))) == size:
+                chunk.write_bytes(bytes(flipped))
+                return
+        except Exception:  # that flip breaks the zstd frame: try the next byte
+            continue
+    raise AssertionError(f"no silent flip found in {chunk}")
+
+
+def test_a_flipped_bit_in_a_chunk_is_an_error_naming_the_array(prepared, tiny_model, tmp_path):
+    from neurostat.stats import open_stats
+    from neurostat.store import StoreError
+
+    out = tmp_path / "s.zarr"
+    collect(prepared, ModelAdapter.load(str(tiny_model)), out, CollectConfig(topk_ratio=0.1, shard=(0, 4)))
+    for name in ("frames", "topk_count", "mean", "phone", "layer"):
+        assert json.loads((out / name / "zarr.json").read_text())["codecs"][-1]["name"] == "crc32c", name
+    _flip_a_bit_zstd_misses(out / "topk_count" / "c" / "1" / "0" / "0")
+    with pytest.raises(StoreError, match="variable 'topk_count' does not read back .*chunk 1/0/0.*checksum"):
+        open_stats(out).probability("topk", by=("phone",))
+    for command in (["select", str(out)], ["info", str(out)]):
+        r = CliRunner().invoke(main, command)
+        assert r.exit_code == 1 and "variable 'topk_count' does not read back" in r.output, r.output
+        assert "chunk 1/0/0" in r.output and "Traceback" not in r.output
+
+
+def test_a_store_of_format_2_reads_with_a_note(tmp_path, monkeypatch):
+    import numpy as np
+    from storefactory import SPACE, make_store
+    from zarr.codecs import ZstdCodec
+
+    import neurostat.store
+    from neurostat.stats import open_stats
+
+    monkeypatch.setattr(neurostat.store, "_compressors", lambda: (ZstdCodec(level=0),))  # format 2's chain
+    frames = np.full(SPACE.size, 3)
+    out = make_store(tmp_path / "old.zarr", frames, topk=np.ones((2, SPACE.size, 4)), store_format=2)
+    monkeypatch.undo()
+    assert json.loads((out / "topk_count" / "zarr.json").read_text())["codecs"][-1]["name"] == "zstd"
+    assert int(open_stats(out).tokens(("gender",)).sum()) == frames.sum()
+    r = CliRunner().invoke(main, ["info", str(out)])
+    assert r.exit_code == 0 and "note: store format 2 has no checksum in its chunks" in r.output, r.output
+    r = CliRunner().invoke(main, ["select", str(out), "--property", "gender"])
+    assert r.exit_code == 0, r.output
+
+
+def test_a_relabelled_corpus_is_refused_on_resume_and_merge_naming_the_labels(corpus_copy, tiny_model, tmp_path):
+    """SPEAKERS.TXT corrected between a kill and --resume: prepare runs again into the same folder (as
+    `collect --root ... --resume` does), and the store must not mix the two labellings."""
+    from neurostat.engine.merge import merge_stores
+    from neurostat.store import StoreError
+
+    out = tmp_path / "p"
+    _prepare(corpus_copy, out)
+    adapter = ModelAdapter.load(str(tiny_model))
+    config = lambda i: CollectConfig(topk_ratio=0.1, shard=(i, 2))  # noqa: E731
+    collect(PreparedCorpus(out), adapter, tmp_path / "a.zarr", config(0), progress=False)
+    flip_sex(corpus_copy, PreparedCorpus(out)[0].speaker)
+    _prepare(corpus_copy, out)
+    relabelled = PreparedCorpus(out)
+    with pytest.raises(StoreError, match=r"other settings \(corpus_content\[gender labels\]: store has [0-9a-f]{12}, "):
+        collect(relabelled, adapter, tmp_path / "a.zarr", config(0), resume=True, progress=False)
+    collect(relabelled, adapter, tmp_path / "b.zarr", config(1), progress=False)
+    with pytest.raises(StoreError, match=r"differs from .* in corpus_content\[gender labels\]: the first has") as e:
+        merge_stores([tmp_path / "a.zarr", tmp_path / "b.zarr"], tmp_path / "m.zarr")
+    assert "phone labels" not in str(e.value) and "audio" not in str(e.value)
+    parts = ("phone", "gender", "pitch_bin")
+    after = relabelled.content_digests(parts)
+    meta = json.loads((out / "meta.json").read_text())  # a folder prepared before digests: computed on opening
+    assert set(meta.pop("digests")) == {"phone", "gender", "pitch_bin", "vocabularies", "audio"}
+    (out / "meta.json").write_text(json.dumps(meta))
+    assert PreparedCorpus(out).content_digests(parts) == after
+
+
+def test_weights_edited_in_place_keeping_size_and_mtime_are_refused_on_resume(prepared, tiny_model, tmp_path):
+    from neurostat.store import StoreError
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    config = CollectConfig(topk_ratio=0.1, shard=(0, 4))
+    collect(prepared, ModelAdapter.load(str(model)), tmp_path / "a.zarr", config, progress=False)
+    weights = model / "model.safetensors"
+    before = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x40  # a bit of the last tensor's last value: the file still loads, the model differs
+    with open(weights, "r+b") as f:  # in place, the same size
+        f.write(data)
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (weights.stat().st_size, weights.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    with pytest.raises(StoreError, match="other settings .*weights: store has [0-9a-f]{12}, this run [0-9a-f]{12}"):
+        collect(prepared, ModelAdapter.load(str(model)), tmp_path / "a.zarr", config, resume=True, progress=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 from pathlib import Path
 
 import numpy as np
@@ -17,16 +19,19 @@ class Skip(Exception):
         self.reason, self.path, self.message = reason, str(path), message
 
 
-def load_audio(path: str | Path, sample_rate: int, strict: bool = False) -> tuple[np.ndarray, int]:
-    """Mono float32 waveform at ``sample_rate`` and the file's own rate.
+def load_audio(path: str | Path, sample_rate: int, strict: bool = False) -> tuple[np.ndarray, int, str]:
+    """Mono float32 waveform at ``sample_rate``, the file's own rate and the SHA-1 of its bytes (read
+    once, hashed and decoded from memory: the digest that ``prepare`` records and a later decode checks).
 
     A file at another rate is resampled with soxr (or refused when ``strict``).  Corrupt, empty
     and multi-channel files raise :class:`Skip`.
     """
-    if Path(path).stat().st_size == 0:
+    data = Path(path).read_bytes()
+    if not data:
         raise Skip("empty-audio", path, "audio file is empty (0 bytes)")
+    digest = hashlib.sha1(data).hexdigest()
     try:
-        wave, sr = sf.read(str(path), dtype="float32", always_2d=True)
+        wave, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except Exception as e:  # soundfile raises several types for broken files
         raise Skip("corrupt-audio", path, f"cannot decode audio ({e})") from None
     if wave.shape[0] == 0:
@@ -47,4 +52,4 @@ def load_audio(path: str | Path, sample_rate: int, strict: bool = False) -> tupl
                 f"audio is {sr} Hz, the model expects {sample_rate} Hz (--strict refuses to resample)",
             )
         wave = soxr.resample(wave, sr, sample_rate).astype(np.float32)
-    return wave, sr
+    return wave, sr, digest

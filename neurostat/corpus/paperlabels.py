@@ -138,7 +138,7 @@ def prepare_paper_labels(
         if u.speaker not in gender:
             raise PaperLabelsError(f"{Path(folder) / FILES['gender']}: speaker {u.speaker} (of {u.id}) has no gender")
         try:
-            wave, source_rate = load_audio(u.audio, geometry.sample_rate)
+            wave, source_rate, audio_sha1 = load_audio(u.audio, geometry.sample_rate)
         except Skip as s:
             skips.append({"id": u.id, "reason": s.reason, "file": s.path, "message": s.message})
             continue
@@ -158,6 +158,7 @@ def prepare_paper_labels(
             "num_frames": n,
             "source_sample_rate": source_rate,
             "resampled": source_rate != geometry.sample_rate,
+            "audio_sha1": audio_sha1,
         }
         PreparedCorpus.write_utterance(
             out,

@@ -203,10 +203,10 @@ def _prepare_one(task: tuple) -> tuple[str, dict]:
         textgrid = Path(textgrid)
         key = _utt_key(utt, audio, textgrid, settings)
         cached = PreparedCorpus.cached_record(out_dir, utt["id"], key)
-        if cached is not None:
+        if cached is not None and "audio_sha1" in cached:  # records from before audio digests are redone
             return "ok", cached
         geo = settings.geometry
-        wave, source_rate = load_audio(audio, geo.sample_rate, strict=settings.strict)
+        wave, source_rate, audio_sha1 = load_audio(audio, geo.sample_rate, strict=settings.strict)
         n_frames = geo.num_frames(len(wave))
         if n_frames == 0:
             raise Skip(
@@ -228,6 +228,7 @@ def _prepare_one(task: tuple) -> tuple[str, dict]:
         "num_frames": n_frames,
         "source_sample_rate": source_rate,
         "resampled": source_rate != geo.sample_rate,
+        "audio_sha1": audio_sha1,
     }
     PreparedCorpus.write_utterance(out_dir, record, key, starts=starts, ends=ends, phone=ids, f0=f0.astype(np.float32))
     return "ok", record

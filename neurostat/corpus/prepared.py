@@ -3,8 +3,10 @@
 Layout (written by ``neurostat prepare`` and by attaching label sets):
 
 - ``meta.json`` – vocabularies, phone mapping, frame geometry, pitch method and bin edges,
-  settings, counts, skips by reason and the attached label sets;
-- ``manifest.jsonl`` – one line per usable utterance (id, speaker, gender, audio path, lengths);
+  settings, counts, skips by reason, the attached label sets and the content digests
+  (:meth:`PreparedCorpus.content_digests`);
+- ``manifest.jsonl`` – one line per usable utterance (id, speaker, gender, audio path and its SHA-1,
+  lengths);
 - ``skips.jsonl`` – one line per skipped utterance (id, reason, file, message);
 - ``utts/<id>.npz`` – phone intervals (seconds, phone index) and F0 at every frame centre, with the
   key of their inputs (a later prepare reuses the file when the key matches);
@@ -19,6 +21,7 @@ Layout (written by ``neurostat prepare`` and by attaching label sets):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields
@@ -80,13 +83,14 @@ class PreparedMeta:
     skips: dict[str, int]
     paper_labels: str | None = None  # the official label folder the labels came from
     label_sets: dict = field(default_factory=dict)
+    digests: dict[str, str | None] | None = None  # content digests (see _content_digests); None: not recorded
     version: str = __version__
 
     def to_dict(self) -> dict:
         out = {"neurostat_version": self.version, "format": FORMAT}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "version" or (f.name == "paper_labels" and value is None):
+            if f.name == "version" or (f.name in ("paper_labels", "digests") and value is None):
                 continue
             out[f.name] = value.to_dict() if isinstance(value, PitchMeta) else value
         return out
@@ -106,6 +110,10 @@ class PreparedMeta:
 
     def replace(self, **changes) -> PreparedMeta:
         return dataclasses.replace(self, **changes)
+
+
+class AudioChangedError(PreparedCorpusError):
+    """An utterance's audio file whose content differs from the file prepare labelled."""
 
 
 class LabelSetError(ValueError):
@@ -229,8 +237,15 @@ class PreparedUtterance:
         return int(values[0]) if labels.level == "utterance" else values
 
     def load_audio(self) -> np.ndarray:
-        """The waveform at the prepared geometry's sample rate (float32, mono)."""
-        wave, _ = load_audio(self.audio_path, self.corpus.geometry.sample_rate, strict=self.corpus.meta.strict)
+        """The waveform at the prepared geometry's sample rate (float32, mono).  A file whose content is not
+        what prepare read (its SHA-1, recorded at prepare) is an :class:`AudioChangedError` naming it."""
+        wave, _, digest = load_audio(self.audio_path, self.corpus.geometry.sample_rate, strict=self.corpus.meta.strict)
+        recorded = self.record.get("audio_sha1")
+        if recorded is not None and digest != recorded:
+            raise AudioChangedError(
+                f"{self.audio_path}: the audio of utterance {self.id} changed after prepare (SHA-1 {digest[:12]}, "
+                f"prepared from {recorded[:12]}): restore the file, or run prepare again and collect anew"
+            )
         return wave
 
 
@@ -264,6 +279,7 @@ class PreparedCorpus:
         }
         """Each label part's vocabulary (phone, gender, pitch bin, attached label sets), in part order."""
         self._sets: dict[str, LabelSet] = {}
+        self._digests: dict[str, str | None] | None = None
 
     def label_set(self, name: str) -> LabelSet:
         """An attached label set (see :mod:`neurostat.corpus.labelsets`)."""
@@ -283,6 +299,24 @@ class PreparedCorpus:
                 f"{self.path}: {len(missing)} of {len(self.records)} audio files are not where prepare found them "
                 f"(first: {missing[0]}); if the corpus moved, run prepare again with --root at its new place"
             )
+
+    def content_digests(self, parts: tuple[str, ...]) -> dict[str, str | None]:
+        """What a store records of the corpus it counted, so that a resume, a merge or ``browse`` refuses
+        another labelling: the digest of the labels of each of ``parts`` (an attached set: the content
+        hash its files are named by), of the vocabularies and of the audio files (None: prepared before
+        audio digests).  A folder prepared before digests were recorded has them computed here."""
+        if self._digests is None:
+            self._digests = self.meta.digests or _content_digests(self.path, self.meta, self.records)
+        out = {}
+        for part in parts:
+            if part in BASE_PARTS:
+                out[f"{part} labels"] = self._digests[part]
+            else:
+                entry = self.label_sets.get(part)
+                out[f"{part} labels"] = Path(entry["file"]).stem.rpartition("-")[2] if entry else None
+        out["vocabularies"] = self._digests["vocabularies"]
+        out["audio"] = self._digests["audio"]
+        return out
 
     def check_label_sets(self, parts: tuple[str, ...]) -> None:
         """Frame-level sets among ``parts`` must still have one label per frame of every utterance they
@@ -346,7 +380,10 @@ class PreparedCorpus:
             old = json.loads((folder / "meta.json").read_text()).get("label_sets", {})
         except (OSError, ValueError):
             old = {}
-        meta = meta.replace(label_sets={n: e for n, e in old.items() if (folder / e["file"]).is_file()})
+        meta = meta.replace(
+            label_sets={n: e for n, e in old.items() if (folder / e["file"]).is_file()},
+            digests=_content_digests(folder, meta, records),
+        )
         for name, rows in (("manifest.jsonl", records), ("skips.jsonl", skips)):
             atomic_write(folder / name, "".join(json.dumps(r) + "\n" for r in rows))
         atomic_write(folder / "meta.json", json.dumps(meta.to_dict(), indent=1))
@@ -393,3 +430,34 @@ class PreparedCorpus:
         relative = f"labels/{name}.centroids.npy"
         np.save(self.path / relative, centroids)
         return relative
+
+
+def _content_digests(folder: Path, meta: PreparedMeta, records: list[dict]) -> dict[str, str | None]:
+    """SHA-1 digests of what the labels are made of, utterance by utterance (ids included): the phone
+    intervals and frame counts, the genders, the F0 tracks (or given pitch bins) with the bin edges and
+    rule, the base vocabularies, and the audio files' recorded digests (None when a record lacks one)."""
+    phone, gender, pitch = hashlib.sha1(), hashlib.sha1(), hashlib.sha1()
+    pitch.update(json.dumps([meta.pitch.edges, meta.pitch.rule, meta.pitch.bins]).encode())
+    for r in records:
+        key = f"{r['id']}:{r['num_frames']}:".encode()
+        with np.load(_utterance_file(folder, r["id"])) as z:
+            for digest, names in (
+                (phone, ("starts", "ends", "phone")),
+                (pitch, ("pitch_bins",) if "pitch_bins" in z.files else ("f0",)),
+            ):
+                digest.update(key)
+                for name in names:
+                    array = np.ascontiguousarray(z[name])
+                    digest.update(array.dtype.str.encode() + array.tobytes())
+        gender.update(f"{r['id']}:{r['gender']};".encode())
+    audio = [r.get("audio_sha1") for r in records]
+    vocabularies = json.dumps([meta.phones, meta.genders, meta.pitch.bins])
+    return {
+        "phone": phone.hexdigest(),
+        "gender": gender.hexdigest(),
+        "pitch_bin": pitch.hexdigest(),
+        "vocabularies": hashlib.sha1(vocabularies.encode()).hexdigest(),
+        "audio": None
+        if None in audio
+        else hashlib.sha1("".join(f"{r['id']}:{a};" for r, a in zip(records, audio)).encode()).hexdigest(),
+    }

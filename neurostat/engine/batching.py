@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..corpus.audio import Skip
-from ..corpus.prepared import PreparedCorpus
+from ..corpus.prepared import AudioChangedError, PreparedCorpus
 from ..labelspace import LabelSpace
 from ..model.adapter import normalize_waveform
 from ..phones import NON_SPEECH
@@ -183,7 +183,9 @@ def padding_fraction(corpus: PreparedCorpus, batches: list[list[Piece]]) -> floa
 
 class BatchDataset(torch.utils.data.Dataset):
     """Item i = batch i, built in a worker: the normalised waveforms zero-padded into one [B, L] tensor
-    with their lengths, and the batch's token labels."""
+    with their lengths, and the batch's token labels.  An audio file whose content changed after prepare
+    is no skip: ``changed`` carries its error for the loop to raise (a worker's exception would reach it
+    wrapped in a traceback)."""
 
     def __init__(
         self,
@@ -202,7 +204,7 @@ class BatchDataset(torch.utils.data.Dataset):
         return len(self.batches)
 
     def __getitem__(self, i: int) -> dict:
-        waves, labels, errors, ids, kept, cache = [], [], [], [], [], {}
+        waves, labels, errors, changed, ids, kept, cache = [], [], [], [], [], [], {}
         geo = self.corpus.geometry
         for piece in self.batches[i]:
             utt = self.corpus[piece.index]
@@ -212,6 +214,9 @@ class BatchDataset(torch.utils.data.Dataset):
                     cache[utt.id] = self._labelled(utt)
                 except Skip as s:
                     errors.append({"id": utt.id, "reason": s.reason, "file": s.path, "message": s.message})
+                    cache[utt.id] = None
+                except AudioChangedError as e:
+                    changed.append(str(e))
                     cache[utt.id] = None
             if cache[utt.id] is None:
                 continue
@@ -235,6 +240,7 @@ class BatchDataset(torch.utils.data.Dataset):
             "padded_frames": int(flat.size),
             "samples": int(sum(len(w) for w in waves)),
             "errors": errors,
+            "changed": changed,
         }
 
     def _labelled(self, utt) -> tuple[np.ndarray, np.ndarray]:

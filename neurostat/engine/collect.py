@@ -25,7 +25,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ..corpus.prepare import PrepareSettings, default_prepared_dir, describe_prepared, prepare
-from ..corpus.prepared import PreparedCorpus
+from ..corpus.prepared import AudioChangedError, PreparedCorpus
 from ..declarations import store_dims
 from ..errors import OptionError
 from ..model.adapter import ModelAdapter, model_dtype, resolve_device
@@ -80,6 +80,7 @@ def collect(
     distributed run whose process group is initialised) this process collects its share into a partial
     store and the ranks combine their states: see :mod:`neurostat.engine.distributed`."""
     spec = RunSpec.resolve(config, adapter, corpus, distributed=world is not None)
+    adapter.hash_weights()  # the fingerprint's weights from their content, never from the cache
     meta = spec.store_meta(adapter, corpus)
     if world is None:
         with StoreWriter(out, meta, resume=resume, overwrite=overwrite) as store:
@@ -247,6 +248,10 @@ def _run(
     with _stop_requests() as stop:
         with adapter.instrument(activation, list(spec.layers)):
             for item in _timed_iter(_loader(corpus, adapter, spec, batches, store), prog):
+                if item["changed"]:  # before the batch counts: a resume after prepare redoes it
+                    save()
+                    bar.close()
+                    raise AudioChangedError(f"{item['changed'][0]} (the checkpoint of {len(done)} utterances is saved)")
                 batch = item["tokens"]
                 if batch.num_tokens and len(item["lengths"]):
                     current["tokens"] = batch.to(adapter.device)

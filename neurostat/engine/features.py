@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import torch
 from tqdm import tqdm
 
-from ..corpus.prepared import LabelSetError, PreparedCorpus
+from ..corpus.prepared import AudioChangedError, LabelSetError, PreparedCorpus
 from ..labelspace import LabelSpace
 from ..model.adapter import ModelAdapter, ModelError
 from .batching import BatchDataset, default_batch_seconds, plan_batches
@@ -60,6 +60,8 @@ def layer_features(
     bar = tqdm(total=len(indices), unit="utt", desc=f"{name} features", disable=not progress)
     try:
         for item in loader:
+            if item["changed"]:
+                raise AudioChangedError(item["changed"][0])
             for err in item["errors"]:
                 raise LabelSetError(f"{err['file']}: {err['message']}")
             captured.clear()

@@ -10,7 +10,17 @@ import xarray as xr
 from ..declarations import store_dims
 from ..files import check_out_folder
 from ..labelspace import LabelSpace
-from ..store import Progress, StoreError, StoreMeta, StoreWriter, is_store, load_done, verify_store
+from ..store import (
+    Progress,
+    StoreError,
+    StoreMeta,
+    StoreWriter,
+    fingerprint_differences,
+    is_store,
+    load_done,
+    read_variable,
+    verify_store,
+)
 from .accumulate import Accumulator, state_from_store
 
 _SHARD_FREE = ("shard",)
@@ -19,7 +29,8 @@ _SHARD_FREE = ("shard",)
 def store_state(path: str | Path, stats: tuple[str, ...]) -> dict[str, np.ndarray]:
     """The additive accumulator state of a complete store (each statistic's rule inverts its store form)."""
     ds = xr.open_zarr(path, consolidated=False)
-    return state_from_store({name: ds[name].values for name in ds.data_vars}, stats, ds.sizes["layer"])
+    values = {name: read_variable(path, name, lambda v=ds[name]: v.values) for name in ds.data_vars}
+    return state_from_store(values, stats, ds.sizes["layer"])
 
 
 def merge_stores(paths: list[str | Path], out: str | Path, overwrite: bool = False) -> StoreMeta:
@@ -38,10 +49,10 @@ def merge_stores(paths: list[str | Path], out: str | Path, overwrite: bool = Fal
     ref = {k: v for k, v in metas[0].fingerprint.items() if k not in _SHARD_FREE}
     for p, m in zip(paths[1:], metas[1:]):
         other = {k: v for k, v in m.fingerprint.items() if k not in _SHARD_FREE}
-        diff = sorted(k for k in set(ref) | set(other) if ref.get(k) != other.get(k))
+        diff = fingerprint_differences(ref, other, "the first has", "this one")
         if diff:
             raise StoreError(
-                f"{p} differs from {paths[0]} in {', '.join(diff)}; only stores collected with the same "
+                f"{p} differs from {paths[0]} in {'; '.join(diff)}; only stores collected with the same "
                 f"model, statistics, labels and corpus can be merged"
             )
     done: list[str] = []

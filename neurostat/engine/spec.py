@@ -157,6 +157,7 @@ class RunSpec:
             "pitch_edges": corpus.edges,
             "pitch_rule": corpus.meta.pitch.rule,
             "frame_labels": corpus.meta.frame_labels,
+            "corpus_content": corpus.content_digests(self.space.parts),
             "corpus": where,
             "shard": shard,
             "max_seconds": config.max_seconds,

@@ -250,6 +250,12 @@ class ModelAdapter:
         adapter.weights = weights_fingerprint(source)
         return adapter
 
+    def hash_weights(self) -> str | None:
+        """Hashes the weight files' content now, as a run does when it starts or resumes (the digest
+        :meth:`load` took may come from the cache), and keeps it as :attr:`weights`."""
+        self.weights = weights_fingerprint(self.source, fresh=True)
+        return self.weights
+
     def check_geometry(self, geometry: FrameGeometry) -> None:
         """A prepared corpus's frame geometry must be this model's (else its frame labels are wrong)."""
         if geometry != self.geometry:
@@ -426,9 +432,11 @@ def weights_digest_file(folder: Path) -> Path:
     return cache_root() / "weights" / f"{key}.json"
 
 
-def weights_fingerprint(source: str) -> str | None:
+def weights_fingerprint(source: str, fresh: bool = False) -> str | None:
     """SHA-1 over a local model folder's weight files (``*.safetensors``, ``*.bin``), cached by name, size and
-    mtime in :func:`weights_digest_file`; None for a hub id (its revision names it)."""
+    mtime in :func:`weights_digest_file`; None for a hub id (its revision names it).  The cache serves
+    display only: ``fresh`` hashes the content whatever it says (what a run decides on, as weights edited
+    in place can keep their size and mtime)."""
     folder = Path(source)
     if not folder.is_dir():
         return None
@@ -437,7 +445,7 @@ def weights_fingerprint(source: str) -> str | None:
     cache = weights_digest_file(folder)
     try:
         cached = json.loads(cache.read_text())
-        if cached["files"] == stamp:
+        if not fresh and cached["files"] == stamp:
             return cached["sha1"]
     except (OSError, ValueError, KeyError, TypeError):
         pass
