@@ -15,16 +15,21 @@ from .files import cache_root
 from .model.adapter import DEMO, load_geometry, model_source
 
 DEMO_SUBSET = "dev-clean"
+DEMO_TOKENS = "all"
+"""The demo counts every frame: its corpus is small (minutes of speech), and the paper's one token per
+phone would leave most (gender, phone) cells with fewer tokens than D/k, where the selection rule
+cannot tell a property neuron from noise."""
 DEMO_NOTE = (
     "model: neurostat's demo model, a 4-layer HuBERT pre-trained on synthetic espeak-ng speech (not for "
-    "research claims about real speech); corpus: synthetic speakers whose voices it never heard"
+    "research claims about real speech); corpus: synthetic speakers whose voices it never heard; "
+    "tokens: every frame (the corpus is small)"
 )
 
 
 def cache_dir() -> Path:
-    """Where the embedded default keeps its demo corpus, labels and store: ``$NEUROSTAT_CACHE/demo-v2``
-    (``~/.cache/neurostat/demo-v2`` by default)."""
-    return cache_root() / "demo-v2"
+    """Where the embedded default keeps its demo corpus, labels and store: ``$NEUROSTAT_CACHE/demo-v3``
+    (``~/.cache/neurostat/demo-v3`` by default)."""
+    return cache_root() / "demo-v3"
 
 
 def demo_model() -> Path:

@@ -401,16 +401,25 @@ def test_max_seconds_cuts_into_pieces_without_losing_frames(prepared, tiny_model
     assert attrs.progress.tokens == sum(int((u.phone_frames() >= 0).sum()) for u in prepared)
 
 
+@pytest.mark.slow
 def test_cli_default_demo_runs_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("NEUROSTAT_CACHE", str(tmp_path / "cache"))
     res = CliRunner().invoke(main, ["collect"])
     assert res.exit_code == 0, res.output
-    assert "pre-trained on synthetic" in res.output and "collected 16 utterances" in res.output
-    store = tmp_path / "cache" / "demo-v2" / "stats.zarr"
-    stats = open_stats(store)
-    assert stats.tokens(("gender",)).values.min() > 0
+    from neurostat.corpus.synth import DEMO_SPEAKERS, DEMO_UTTERANCES
+    from neurostat.demo import cache_dir
+    from neurostat.select import select_properties
+
+    assert "pre-trained on synthetic" in res.output
+    assert f"collected {DEMO_SPEAKERS * DEMO_UTTERANCES} utterances" in res.output
+    stats = open_stats(cache_dir() / "stats.zarr")
+    assert stats.tokens(("gender",)).values.min() > 0 and stats.meta.statistics["tokens"] == "all"
     assert stats.meta.model["model"] == str(demo_model())
-    speakers = (tmp_path / "cache" / "demo-v2" / "corpus" / "LibriSpeech" / "SPEAKERS.TXT").read_text()
+    # what the Quick Start shows: property neurons of every property, in every layer
+    selections, _ = select_properties(stats, ("phone-type", "gender", "pitch"))
+    for name, selection in selections.items():
+        assert min(selection.neurons.counts().values()) > 0, (name, selection.neurons.counts())
+    speakers = (cache_dir() / "corpus" / "LibriSpeech" / "SPEAKERS.TXT").read_text()
     trained_on = json.loads((demo_model() / "training.json").read_text())["settings"]
     for variant in TRAINING_VARIANTS:  # the demo corpus speaks with voices the model never heard
         assert f"en-us+{variant} " not in speakers

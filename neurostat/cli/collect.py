@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from ..choices import BACKENDS, MODEL_DTYPES, PRECISIONS
 from ..declarations import DECLARATIONS, DEFAULT_STATS
@@ -163,8 +164,8 @@ def collect(
     """Collect activation statistics of every FFN neuron, layer and joint label into a Zarr store.
 
     With no arguments it runs the embedded demo offline: it synthesises and prepares the demo corpus
-    and collects the statistics of neurostat's demo model, a small HuBERT pre-trained on synthetic speech
-    (cached in $NEUROSTAT_CACHE).
+    and collects the statistics of neurostat's demo model, a small HuBERT pre-trained on synthetic speech,
+    counting every frame (--tokens all, as the corpus is small; cached in $NEUROSTAT_CACHE/demo-v3).
     """
     from ..engine.collect import CollectConfig, CollectInterrupted, collect_corpus, describe_collect
     from ..engine.distributed import World, rank_zero_first
@@ -179,12 +180,21 @@ def collect(
         options["top_frames"] = CollectConfig.top_frames
     elif "top_frames" not in options["stats"]:
         options["stats"] = (*options["stats"], "top_frames")
+    demo = root is None and prepared is None and model is None
+    if (
+        demo
+        and preset is None
+        and click.get_current_context().get_parameter_source("tokens") is ParameterSource.DEFAULT
+    ):
+        from ..demo import DEMO_TOKENS
+
+        options["tokens"] = DEMO_TOKENS
     config = CollectConfig(
         **options,
         labels=tuple(p.strip() for p in labels.split(",")) if labels else None,
         command=shlex.join(sys.argv),
     )
-    if root is None and prepared is None and model is None:
+    if demo:
         from ..demo import DEMO_NOTE, cache_dir, ensure_demo
 
         world = World.from_environment()

@@ -7,14 +7,17 @@ from pathlib import Path
 import click
 
 from ..choices import FRAME_LABELS, LAYOUTS, LEVELS, MODEL_DTYPES, PITCH_ALIGNS, PITCH_METHODS, PITCH_RULES
+from ..corpus.synth import DEMO_SPEAKERS, DEMO_UTTERANCES
 from ..engine.tokens import MODES
 from .app import demo_model_name, main, preset_option, user_errors, with_preset
 
 
 @main.command()
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--speakers", "num_speakers", default=4, help="Number of speakers (alternating male/female voices).")
-@click.option("--utterances", "utterances_per_speaker", default=4, help="Utterances per speaker.")
+@click.option(
+    "--speakers", "num_speakers", default=DEMO_SPEAKERS, help="Number of speakers (alternating male/female voices)."
+)
+@click.option("--utterances", "utterances_per_speaker", default=DEMO_UTTERANCES, help="Utterances per speaker.")
 @click.option("--subset", default="dev-clean", help="Subset folder name in the LibriSpeech layout.")
 @click.option("--seed", default=0, help="Seed for voices, pitch and sentences: same seed, same corpus.")
 def synth(out: Path, num_speakers: int, utterances_per_speaker: int, subset: str, seed: int) -> None:

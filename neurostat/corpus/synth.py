@@ -181,6 +181,9 @@ class Espeak:
 VARIANTS = tuple(f"m{i}" for i in range(1, 8)) + tuple(f"f{i}" for i in range(1, 6))
 DEMO_VARIANTS = ("m6", "m7", "f4", "f5")
 TRAINING_VARIANTS = tuple(v for v in VARIANTS if v not in DEMO_VARIANTS)
+DEMO_SPEAKERS, DEMO_UTTERANCES = 8, 12
+"""The demo corpus's size: with every frame counted, enough tokens per (gender, phone) and (pitch bin,
+phone) cell for the demo model's D/k = 103 that its gender and pitch selections are not empty."""
 
 
 @dataclass(frozen=True)
@@ -247,8 +250,8 @@ def load_sentences() -> list[str]:
 def synthesize(
     out: str | Path,
     subset: str = "dev-clean",
-    num_speakers: int = 4,
-    utterances_per_speaker: int = 4,
+    num_speakers: int = DEMO_SPEAKERS,
+    utterances_per_speaker: int = DEMO_UTTERANCES,
     seed: int = 0,
     progress: bool = True,
     variants: tuple[str, ...] = DEMO_VARIANTS,
