@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-RESERVED = ("layer", "label", "neuron")  # the store's dimensions
+from .declarations import STORE_NAMES
 
 
 @dataclass(frozen=True)
@@ -27,8 +27,8 @@ class LabelSpace:
         if not vocabularies:
             raise ValueError("a label space needs at least one part")
         for name, vocab in vocabularies.items():
-            if name in RESERVED or not name.isidentifier():
-                raise ValueError(f"{name!r} cannot name a label part (an identifier other than {RESERVED})")
+            if name in STORE_NAMES or not name.isidentifier():
+                raise ValueError(f"{name!r} cannot name a label part (an identifier other than {STORE_NAMES})")
             if len(vocab) == 0 or len(set(vocab)) != len(vocab):
                 raise ValueError(f"label part {name!r}: the vocabulary must be non-empty and without repeats")
         return cls(tuple((name, tuple(str(v) for v in vocab)) for name, vocab in vocabularies.items()))

@@ -288,7 +288,7 @@ def _entropy_members(
 
 
 def venn(sets: dict[str, NeuronSet]) -> dict[str, int]:
-    """Sizes of the exclusive regions of up to three sets (summed over layers): each key names the
+    """Sizes of the exclusive regions of any number of sets (summed over layers): each key names the
     sets a region belongs to, e.g. ``gender&pitch`` holds the neurons in both and in no other."""
     names = list(sets)
     layers = sorted({n for s in sets.values() for n in s.layers})

@@ -127,8 +127,8 @@ class Stats:
 
     def reduce(self, var: str, by: tuple[str, ...] = ("phone",)) -> xr.DataArray:
         """Any variable over the joint labels — per (layer, label, neuron), or per label as ``frames`` — reduced
-        to the marginal labels ``by`` by its merge rule (``sum`` for counts, ``max`` for maxima; NaN where
-        a marginal label has no tokens)."""
+        to the marginal labels ``by`` by its merge rule (``sum`` for counts and sums, 0 where a marginal
+        label has no tokens; ``max`` for maxima, NaN there)."""
         dims = self._need(var).dims
         if "label" not in dims:
             raise ValueError(

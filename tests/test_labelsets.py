@@ -391,3 +391,13 @@ def test_cli_labels_collect_select_info(corpus, tiny_model, tmp_path):
     assert r.exit_code == 1 and "has no label part unit" in r.output
     r = run(main, ["labels", "remove", str(corpus.path), "spk"])
     assert r.exit_code == 0 and "no label sets" in run(main, ["labels", "list", str(corpus.path)]).output
+
+
+def test_a_label_set_cannot_take_a_name_of_the_store():
+    """``utterance`` is the store's coordinate of the top frames (collect would overwrite it), ``top`` a dimension."""
+    from neurostat.corpus.labelsets import check_name
+
+    for name in ("utterance", "top", "layer", "pitch", "phone"):
+        with pytest.raises(LabelSetError):
+            check_name(name)
+    check_name("unit")

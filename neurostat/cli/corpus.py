@@ -246,7 +246,7 @@ def labels_list(prepared) -> None:
 @click.argument("name")
 @user_errors
 def labels_remove(prepared, name) -> None:
-    """Detach label set NAME from PREPARED and delete its file."""
+    """Detach label set NAME from PREPARED and delete its files (labels, values and any k-means centroids)."""
     from ..corpus.prepared import PreparedCorpus
 
     PreparedCorpus(prepared).remove_label_set(name)

@@ -28,7 +28,10 @@ from .app import main, user_errors
     "(PART: phone, gender, pitch_bin or a label set; within defaults to phone).",
 )
 @click.option(
-    "--sigma", default=0.8, help="σ: a group neuron is above chance for at least this fraction of the group's phones."
+    "--sigma",
+    default=0.8,
+    help="σ: a group neuron is above chance for at least this fraction of the group's cells (its phones, or "
+    "the labels of the groups file's `within`).",
 )
 @click.option(
     "--stat", type=click.Choice(COUNT_STATS), default="topk", help="Which activation count gives P(j | label)."

@@ -23,10 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from ..choices import LEVELS
+from ..declarations import STORE_NAMES
 from .prepared import BASE_PARTS, LabelSetError, PreparedCorpus
 
-# names a set cannot take: the base parts, the store's dimensions, and "pitch" (the pitch property in select)
-_TAKEN = BASE_PARTS + ("layer", "label", "neuron", "pitch")
+# names a set cannot take: the base parts, the store's dimensions and coordinates, and "pitch" (the pitch
+# property in select)
+_TAKEN = BASE_PARTS + STORE_NAMES + ("pitch",)
 
 
 def check_name(name: str) -> None:

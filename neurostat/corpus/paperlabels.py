@@ -42,7 +42,7 @@ class PaperLabelsError(ValueError):
     """An official label file that cannot be read as documented; the message names it."""
 
 
-def _read(folder: Path, what: str) -> dict:
+def _read(folder: Path, what: str) -> PreparedMeta:
     path = folder / FILES[what]
     try:
         data = json.loads(path.read_text())
@@ -123,7 +123,7 @@ def prepare_paper_labels(
     root: str | Path, subset: str, folder: str | Path, out: str | Path, geometry: FrameGeometry, progress: bool = True
 ) -> dict:
     """A prepared corpus from the official label files (audio from ``root``): phone intervals are the
-    20 ms cells of the labels, pitch bins the official classes (no F0).  Returns the meta dict."""
+    20 ms cells of the labels, pitch bins the official classes (no F0).  Returns its :class:`PreparedMeta`."""
     if geometry.stride * 50 != geometry.sample_rate:
         raise PaperLabelsError(f"the official labels are on a 20 ms grid; the model's frames are {geometry.describe()}")
     out = check_out_folder(out, "prepared corpus", is_prepared, (subset_dir(root, subset), folder))

@@ -130,7 +130,7 @@ class PrepareSettings:
             }
         return [f"{name} {have} (wanted {want})" for name, (have, want) in pairs.items() if have != want]
 
-    def key(self) -> dict:
+    def key(self) -> PreparedMeta:
         return {
             "geometry": self.geometry.to_dict(),
             "pitch": self.pitch,
@@ -250,7 +250,7 @@ def prepare(
     layout: str = "librispeech",
 ) -> dict:
     """Prepares ``subset`` of the corpus at ``root`` (in the ``layout`` of :data:`LAYOUTS`) into ``out``
-    (default: :func:`default_prepared_dir`); returns the meta dict."""
+    (default: :func:`default_prepared_dir`); returns its :class:`PreparedMeta`."""
     if layout not in LAYOUTS:
         raise PrepareError(f"unknown corpus layout {layout!r}; neurostat reads {', '.join(LAYOUTS)}")
     out = default_prepared_dir(alignments, subset) if out is None else out

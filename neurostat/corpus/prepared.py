@@ -65,7 +65,7 @@ class PreparedMeta:
     """``meta.json`` of a prepared corpus, one record: written by ``prepare`` and by the paper-label
     import alike, read through :attr:`PreparedCorpus.meta`."""
 
-    corpus: str  # the layout (librispeech, textgrid, ...)
+    corpus: str  # the layout it was read in (one of neurostat.choices.LAYOUTS)
     root: str
     subset: str
     alignments: str | None
