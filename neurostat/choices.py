@@ -17,8 +17,8 @@ PITCH_ALIGNS = ("time", "paper")
 """How the F0 track meets the model frames: by time, or the paper's left padding."""
 LEVELS = ("frame", "utterance")
 """What a label set labels."""
-MODEL_DTYPES = ("float32", "float16", "bfloat16")
-"""The dtypes a model is loaded in."""
+MODEL_DTYPES = ("float32", "float16", "bfloat16", "float64")
+"""The dtypes a model is loaded in (float64: exact reference runs, as the tests' torchrun jobs)."""
 BACKENDS = ("torch", "triton", "triton-fused")
 """Statistics backends (``auto`` picks one of them for the device)."""
 PRECISIONS = ("fp32", "model")

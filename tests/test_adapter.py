@@ -147,5 +147,5 @@ def test_model_dtype_names_are_checked():
     from neurostat.model.adapter import ModelError, model_dtype
 
     assert model_dtype("bfloat16") is torch.bfloat16
-    with pytest.raises(ModelError, match="--dtype 'float64' is not a model dtype"):
-        model_dtype("float64")
+    with pytest.raises(ModelError, match="--dtype 'int8' is not a model dtype"):
+        model_dtype("int8")
