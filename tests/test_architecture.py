@@ -18,6 +18,7 @@ BASE = {
     "neurostat.frames",
     "neurostat.moments",
     "neurostat.phones",
+    "neurostat.presets",
 }
 ALLOWED = {  # unit -> the units it may import (besides itself); a module belongs to its longest listed prefix
     "neurostat": {"neurostat.version"},  # the face: it re-exports the library lazily, nothing imports it
@@ -184,3 +185,29 @@ def test_every_cli_choice_is_a_library_constant():
             if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "Choice":
                 spelt = [e for e in ast.walk(node) if isinstance(e, ast.Constant) and e.value != "auto"]
                 assert not spelt, f"{path.name}:{node.lineno}: a Choice spells out {[e.value for e in spelt]}"
+
+
+def test_the_readme_table_states_these_rules():
+    """Each row of the README's architecture table lists its modules and exactly what ALLOWED lets them import."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Architecture") : text.index("## Development")]
+    rows = [line.strip("| ").split(" | ") for line in section.splitlines() if line.startswith("| `")]
+
+    def named(cell: str) -> set[str]:
+        return {"neurostat." + n.rstrip("/") for n in re.findall(r"`([\w./]+)`", cell)}
+
+    seen = set()
+    for units, _, may in rows:
+        if may == "everything":
+            allowed = None
+        elif may.startswith("nothing"):
+            allowed = set()
+        else:
+            allowed = named(may) | (BASE if may.startswith("base") else set())
+        for unit in named(units.split(" (")[0]):
+            expected = ALLOWED[unit]
+            assert allowed == (None if expected is None else set(expected)), (unit, allowed, expected)
+            seen.add(unit)
+    assert seen == set(ALLOWED) - {"neurostat"}, set(ALLOWED) - {"neurostat"} - seen
