@@ -212,6 +212,17 @@ class _Ledger:
         return new
 
 
+def _plan(corpus, todo: list[int], spec: RunSpec, progress: bool) -> list:
+    """The batches of the utterances still to count, said on the console."""
+    batches = plan_batches(corpus, todo, spec.batch_seconds, spec.config.max_seconds)
+    if progress and batches:
+        tqdm.write(
+            f"{len(batches)} batches of at most {spec.batch_seconds:g} s of padded audio; "
+            f"padding {100 * padding_fraction(corpus, batches):.1f}% of the frames"
+        )
+    return batches
+
+
 def _run(
     corpus, adapter, store: StoreWriter, spec: RunSpec, meta: StoreMeta, indices, progress: bool, job=None
 ) -> StoreMeta:
@@ -222,12 +233,7 @@ def _run(
     acc, done, prog = _restore(spec, adapter, store)
     finished = set(done)
     todo = [i for i in indices if corpus.records[i]["id"] not in finished]
-    batches = plan_batches(corpus, todo, spec.batch_seconds, config.max_seconds)
-    if progress and batches:
-        tqdm.write(
-            f"{len(batches)} batches of at most {spec.batch_seconds:g} s of padded audio; "
-            f"padding {100 * padding_fraction(corpus, batches):.1f}% of the frames"
-        )
+    batches = _plan(corpus, todo, spec, progress)
     ledger = _Ledger(corpus, batches, done, prog)
     position = {layer: i for i, layer in enumerate(spec.layers)}
     current: dict = {}

@@ -134,19 +134,21 @@ class RunSpec:
                 f"{device}; choose fewer label parts with --labels, fewer --layers or fewer --stat"
             )
 
-    def store_meta(self, adapter: ModelAdapter, corpus: PreparedCorpus) -> StoreMeta:
-        """The store's metadata for this run (the fingerprint is what a resume must match)."""
-        config, shard = self.config, f"{self.config.shard[0]}/{self.config.shard[1]}"
-        top_frames = config.top_frames if "top_frames" in self.stats else None
-        where = {"root": corpus.meta.root, "subset": corpus.meta.subset, "prepared": str(corpus.path.resolve())}
-        fingerprint = {
+    @property
+    def _top_frames(self) -> int | None:
+        return self.config.top_frames if "top_frames" in self.stats else None
+
+    def _fingerprint(self, adapter: ModelAdapter, corpus: PreparedCorpus, where: dict) -> dict:
+        """What a resume or a merge must match: every setting and input that changes a count."""
+        config = self.config
+        return {
             "model": adapter.source,
             "revision": adapter.revision,
             "weights": adapter.weights,
             "dtype": str(adapter.dtype).replace("torch.", ""),
             "stats_precision": config.stats_precision,
             "stats": list(self.stats),
-            "top_frames": top_frames,
+            "top_frames": self._top_frames,
             "topk_ratio": config.topk_ratio,
             "k": self.k,
             "tokens": config.tokens,
@@ -159,17 +161,22 @@ class RunSpec:
             "frame_labels": corpus.meta.frame_labels,
             "corpus_content": corpus.content_digests(self.space.parts),
             "corpus": where,
-            "shard": shard,
+            "shard": f"{config.shard[0]}/{config.shard[1]}",
             "max_seconds": config.max_seconds,
         }
+
+    def store_meta(self, adapter: ModelAdapter, corpus: PreparedCorpus) -> StoreMeta:
+        """The store's metadata for this run (the fingerprint is what a resume must match)."""
+        config, shard = self.config, f"{self.config.shard[0]}/{self.config.shard[1]}"
+        where = {"root": corpus.meta.root, "subset": corpus.meta.subset, "prepared": str(corpus.path.resolve())}
         return StoreMeta(
-            fingerprint=fingerprint,
+            fingerprint=self._fingerprint(adapter, corpus, where),
             model=adapter.describe(),
             statistics={
                 "stats": list(self.stats),
                 "topk_ratio": config.topk_ratio,
                 "k": self.k,
-                "top_frames": top_frames,
+                "top_frames": self._top_frames,
                 "tokens": config.tokens,
                 "drop_final_run": config.drop_final_run,
                 "ties": "lower neuron index wins at the k-th |a|",
