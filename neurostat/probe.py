@@ -33,6 +33,7 @@ from .corpus.prepared import PreparedCorpus
 from .engine.features import layer_features
 from .errors import OptionError
 from .model.adapter import ModelAdapter, resolve_device
+from .model.provenance import EditRecord
 from .model.pruning import load_adapter
 from .phones import BROAD_CLASSES, NON_SPEECH
 
@@ -404,13 +405,23 @@ def probe_model(
     progress: bool = True,
 ) -> dict:
     """Extracts a model's features on a prepared corpus and runs the probes; the result names the model
-    and carries ``tag`` (e.g. ``{"edit": "pruned", "method": "l1", "keep": 0.5}``); ``fitted``: see
+    and carries a tag: what was done to it (:func:`edit_tag`, e.g. ``{"edit": "pruned", "method": "l1",
+    "keep": 0.5}``, what ``report --probe`` groups by) with ``tag``'s entries over it; ``fitted``: see
     :func:`run_probes`."""
     adapter = model if isinstance(model, ModelAdapter) else load_adapter(model, resolve_device(device))
     corpus = corpus if isinstance(corpus, PreparedCorpus) else PreparedCorpus(corpus)
     data = extract(adapter, corpus, None if layer is None else [layer], progress=progress)
     result = run_probes(data, tasks, layer, seed, test_fraction, max_train_frames, fitted)
-    return {"model": adapter.source, "tag": tag or {}, **result}
+    return {"model": adapter.source, "tag": {**edit_tag(adapter), **(tag or {})}, **result}
+
+
+def edit_tag(adapter: ModelAdapter) -> dict:
+    """``{"edit": "original"}`` for a model neurostat did not edit, else its checkpoint record's tag
+    (pruned: method and kept fraction; ablated: the neurons' file name)."""
+    record = EditRecord.read(adapter.source) if Path(adapter.source).is_dir() else None
+    if record is None:
+        return {"edit": "original"}
+    return record.tag(int(adapter.model.config.intermediate_size))
 
 
 _BASELINES = {"accuracy": "majority", "balanced_accuracy": "balanced_chance"}

@@ -273,8 +273,9 @@ def build_report(
     sigma: float = 0.8,
     probe: str | Path | None = None,
 ) -> dict:
-    """Writes the PNGs and ``index.html`` into ``out``; returns the numbers on the page.  ``probe``: a
-    probe-results JSON whose ablation and pruning entries become figures and a table.  ``out`` must be new,
+    """Writes the PNGs and ``index.html`` into ``out``; returns the numbers on the page and notes.  ``probe``:
+    a probe-results JSON whose ablation and pruning entries become figures and a table (a note says so when
+    it holds neither).  ``out`` must be new,
     empty or a report (:func:`neurostat.files.check_out_folder`), apart from the inputs."""
     out = check_out_folder(out, "report", is_report, (store, *(neuron_files or []), probe))
     stats = open_stats(store)
@@ -298,13 +299,23 @@ def build_report(
     figures += [f for name, s in sets.items() if (f := _heatmap(stats, name, s)) is not None]
     figures.append(_histograms(stats))
     results = load_results(probe) if probe else []
-    figures += [f for f in (_ablation(results), _pruning(results)) if f is not None]
+    edits = [f for f in (_ablation(results), _pruning(results)) if f is not None]
+    figures += edits
+    notes = []
+    if results and not edits:
+        tags = sorted({str(r.get("tag", {}).get("edit", "none")) for r in results})
+        notes.append(
+            f"{probe}: no ablated or pruned model among its results (edits: {', '.join(tags)}), so no ablation "
+            "or pruning figure; probe the checkpoints `neurostat ablate` and `neurostat prune` wrote "
+            "(`neurostat probe --compare`), whose records say what was done to them"
+        )
     out.mkdir(parents=True, exist_ok=True)
     for f in figures:
         (out / f"{f.name}.png").write_bytes(f.png)
     probes = _probe_table(results) if results else ""
+    probes += "".join(f"<p class=note>{html.escape(n)}</p>" for n in notes)
     (out / "index.html").write_text(_page(stats, counts, regions, figures, sigma, bool(neuron_files), probes))
-    return {"counts": counts, "regions": regions, "figures": [f"{f.name}.png" for f in figures]}
+    return {"counts": counts, "regions": regions, "figures": [f"{f.name}.png" for f in figures], "notes": notes}
 
 
 def _page(stats: Stats, counts, regions, figures, sigma: float, from_files: bool, probes: str = "") -> str:

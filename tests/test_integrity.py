@@ -80,7 +80,8 @@ def test_checkpoints_never_overwrite_their_source_or_an_existing_folder(tiny_mod
     assert r.exit_code == 1 and "already exists; pass --overwrite" in r.output
     r = run(out, "--overwrite")
     assert r.exit_code == 0, r.output
-    assert (command == "prune") == (out / "neurostat.json").is_file() and (out / "config.json").is_file()
+    record = json.loads((out / "neurostat.json").read_text())  # the leftover is replaced by this edit's record
+    assert record["edit"] == ("pruned" if command == "prune" else "ablated") and (out / "config.json").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]  # the temporary folder was renamed
 
 

@@ -96,6 +96,16 @@ def test_save_load_roundtrip_and_parameter_drop(tmp_path):
     assert [f.width for f in neurostat.model.edit.model_ffns(back)] == [len(v) for v in result.kept.values()]
     with pytest.raises(PruneError, match="not a neurostat pruned checkpoint"):
         load_pruned(tmp_path)
+    import json
+
+    record = json.loads((out / "neurostat.json").read_text())
+    assert record["edit"] == "pruned" and record["kept"] == {str(k): v for k, v in result.kept.items()}
+    del record["edit"]  # written before ablate wrote records too: a record without an edit is a pruned one
+    (out / "neurostat.json").write_text(json.dumps(record))
+    assert torch.equal(logits(load_pruned(out), x), logits(model, x))
+    (out / "neurostat.json").write_text(json.dumps({**record, "edit": "melted"}))
+    with pytest.raises(Exception, match="not a neurostat checkpoint record"):
+        load_pruned(out)
 
 
 def test_ablate_rejects_neurons_the_model_does_not_have():

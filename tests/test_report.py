@@ -99,3 +99,35 @@ def test_report_with_probe_results_draws_ablation_bars_and_pruning_curves(store,
         main, ["report", str(store), "--probe", str(tmp_path / "bad.json"), "--out", str(tmp_path / "x")]
     )
     assert res.exit_code == 1 and "not a neurostat probe results file" in res.output
+
+
+def test_probe_compare_of_edited_checkpoints_feeds_the_reports_figures(store, prepared, tiny_model, tmp_path):
+    """`neurostat probe --compare` of checkpoints from `prune` and `ablate`: their records tag the results,
+    so `report --probe` draws the ablation bars and the pruning curve; results without edits get a note."""
+    import json
+
+    (tmp_path / "some.json").write_text(json.dumps({"1": [0, 1], "2": [3]}))
+    run = CliRunner()
+    for args in (
+        ["ablate", "--model", str(tiny_model), "--neurons", str(tmp_path / "some.json"), "--out", str(tmp_path / "a")],
+        ["prune", "--model", str(tiny_model), "--keep-ratio", "0.5", "--out", str(tmp_path / "p")],
+    ):
+        res = run.invoke(main, args)
+        assert res.exit_code == 0, res.output
+    probe = ["probe", "--model", str(tiny_model), "--prepared", str(prepared.path), "--task", "phone-type"]
+    compared = [*probe, "--compare", str(tmp_path / "a"), "--compare", str(tmp_path / "p")]
+    res = run.invoke(main, [*compared, "--out", str(tmp_path / "probes.json")])
+    assert res.exit_code == 0, res.output
+    tags = [r["tag"] for r in json.loads((tmp_path / "probes.json").read_text())]
+    assert tags[0] == {"edit": "original"} and tags[1] == {"edit": "ablated", "neurons": "some"}
+    assert tags[2]["edit"] == "pruned" and tags[2]["keep"] == pytest.approx(0.5, abs=0.02)
+    res = run.invoke(
+        main, ["report", str(store), "--probe", str(tmp_path / "probes.json"), "--out", str(tmp_path / "r")]
+    )
+    assert res.exit_code == 0, res.output
+    assert {"probe_ablation.png", "probe_pruning.png"} <= {p.name for p in (tmp_path / "r").glob("*.png")}
+    res = run.invoke(main, [*probe, "--out", str(tmp_path / "plain.json")])
+    res = run.invoke(
+        main, ["report", str(store), "--probe", str(tmp_path / "plain.json"), "--out", str(tmp_path / "q")]
+    )
+    assert res.exit_code == 0 and "no ablated or pruned model among its results" in res.output

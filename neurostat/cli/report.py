@@ -40,6 +40,8 @@ def report(store, neuron_files, sigma, probe, out) -> None:
     from ..report import build_report
 
     summary = build_report(store, out, list(neuron_files), sigma, probe)
+    for note in summary["notes"]:
+        click.echo(f"note: {note}", err=True)
     click.echo(f"wrote {len(summary['figures'])} figures and index.html to {out}")
 
 

@@ -8,6 +8,7 @@ FFN output; ``ablated`` does the first with hooks, for the duration of a ``with`
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +19,7 @@ from torch import nn
 from ..files import check_out_folder, new_folder
 from ..neuronset import NeuronSet
 from .adapter import FFN, is_checkpoint, load_full_model, model_ffns, model_source, save_feature_extractor
+from .provenance import EditRecord
 
 
 def _checked(model: nn.Module, neurons: NeuronSet) -> list[FFN]:
@@ -78,4 +80,11 @@ def ablate_checkpoint(
     with new_folder(out, "checkpoint", is_checkpoint, (model, neurons), overwrite) as tmp:
         net.save_pretrained(tmp)
         copied = save_feature_extractor(model, tmp)
+        EditRecord(
+            edit="ablated",
+            source_model=model,
+            architecture=type(net).__name__,
+            neurons=json.loads(chosen.to_json()),
+            neurons_file=str(Path(neurons).resolve()),
+        ).write(tmp)
     return chosen, copied

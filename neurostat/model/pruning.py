@@ -22,10 +22,9 @@ from torch import nn
 from ..choices import PRUNE_CRITERIA, PRUNE_SCOPES
 from ..files import check_out_folder, new_folder
 from ..neuronset import NeuronSet
-from ..version import __version__
 from .adapter import ModelAdapter, is_checkpoint, load_full_model, model_ffns, model_source, save_feature_extractor
-
-FORMAT = 1
+from .provenance import FILE as PROVENANCE
+from .provenance import EditRecord
 
 
 class PruneError(ValueError):
@@ -179,20 +178,18 @@ def save_pruned(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(path)
-    meta = {
-        "format": FORMAT,
-        "neurostat_version": __version__,
-        "source_model": source,
-        "revision": revision,
-        "architecture": type(model).__name__,
-        "criterion": result.criterion,
-        "kept": {str(k): v for k, v in result.kept.items()},
-        "widths": {str(k): len(v) for k, v in result.kept.items()},
-        "params_before": result.params_before,
-        "params_after": result.params_after,
-        "protected": {name: json.loads(s.to_json()) for name, s in (protected or {}).items()},
-    }
-    (path / "neurostat.json").write_text(json.dumps(meta, indent=1))
+    EditRecord(
+        edit="pruned",
+        source_model=source,
+        revision=revision,
+        architecture=type(model).__name__,
+        neurons={str(k): v for k, v in result.kept.items()},
+        criterion=result.criterion,
+        widths={str(k): len(v) for k, v in result.kept.items()},
+        params_before=result.params_before,
+        params_after=result.params_after,
+        protected={name: json.loads(s.to_json()) for name, s in (protected or {}).items()},
+    ).write(path)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
     if feature_extractor_from:
@@ -206,19 +203,16 @@ def load_pruned(path: str | Path, device: str | torch.device = "cpu") -> nn.Modu
     from safetensors.torch import load_file
 
     path = Path(path)
-    meta_file = path / "neurostat.json"
-    if not meta_file.is_file():
-        raise PruneError(f"{path} is not a neurostat pruned checkpoint (no neurostat.json)")
-    meta = json.loads(meta_file.read_text())
-    if meta.get("format") != FORMAT:
-        raise PruneError(f"{meta_file}: pruned-checkpoint format {meta.get('format')} is not {FORMAT}")
+    record = EditRecord.read(path)
+    if record is None or record.edit != "pruned":
+        raise PruneError(f"{path} is not a neurostat pruned checkpoint (no pruned record in {PROVENANCE})")
     config = transformers.AutoConfig.from_pretrained(path)
-    cls = getattr(transformers, meta["architecture"], None)
+    cls = getattr(transformers, record.architecture, None)
     if cls is None:
-        raise PruneError(f"{meta_file}: unknown architecture {meta['architecture']!r}")
+        raise PruneError(f"{path / PROVENANCE}: unknown architecture {record.architecture!r}")
     model = cls(config)
     for layer, ffn in enumerate(model_ffns(model), 1):
-        _slice(ffn, list(range(meta["widths"][str(layer)])))
+        _slice(ffn, list(range(record.widths[str(layer)])))
     model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
     return model.eval().to(device)
 
@@ -226,7 +220,8 @@ def load_pruned(path: str | Path, device: str | torch.device = "cpu") -> nn.Modu
 def load_adapter(source: str, device: str | torch.device = "cpu") -> ModelAdapter:
     """Any checkpoint neurostat reads, ready for batched forwards: a pruned one (:func:`save_pruned`'s
     folder) or what :meth:`ModelAdapter.load` takes (hub id, HF folder, ablated checkpoint)."""
-    if not (Path(source) / "neurostat.json").is_file():
+    record = EditRecord.read(source) if Path(source).is_dir() else None
+    if record is None or record.edit != "pruned":
         return ModelAdapter.load(source, device)
     from transformers import AutoFeatureExtractor
 
