@@ -388,19 +388,24 @@ def describe_selections(stats: Stats, selections: dict[str, Selection], max_grou
             if first.get("min_tokens")
             else ""
         ),
-        "layer        " + " ".join(f"{n:>5}" for n in layers) + "   total",
     ]
+    shown = {name: list(sel.groups.items())[:max_groups] for name, sel in selections.items()}
+    width = max(
+        [5] + [len(name) for name in selections] + [len(f"  N[{g}]") for groups in shown.values() for g, _ in groups]
+    )
+    lines.append("layer".ljust(width) + " " + " ".join(f"{n:>5}" for n in layers) + "   total")
     for name, sel in selections.items():
         counts = sel.neurons.counts()
-        lines.append(f"{name[:12]:<12} " + " ".join(f"{counts[n]:>5}" for n in layers) + f"   {len(sel.neurons)}")
-        for g, group in list(sel.groups.items())[:max_groups]:
+        lines.append(name.ljust(width) + " " + " ".join(f"{counts[n]:>5}" for n in layers) + f"   {len(sel.neurons)}")
+        for g, group in shown[name]:
             row = " ".join(f"{group.counts()[n]:>5}" for n in layers)
-            lines.append(f"  N[{g}]"[:13].ljust(13) + row + f"   {len(group)}")
+            lines.append(f"  N[{g}]".ljust(width) + " " + row + f"   {len(group)}")
         if len(sel.groups) > max_groups:
             lines.append(f"  ... and {len(sel.groups) - max_groups} more groups (neurostat.select in Python has all)")
     if len(selections) > 1:
-        regions = venn({n: s.neurons for n, s in selections.items()})
+        regions = {k: v for k, v in venn({n: s.neurons for n, s in selections.items()}).items() if v}
         lines.append(
-            "overlaps (exclusive regions, all layers): " + ", ".join(f"{k} {v}" for k, v in sorted(regions.items()))
+            "overlaps (exclusive regions, all layers): "
+            + (", ".join(f"{k} {v}" for k, v in sorted(regions.items())) or "none: no property has a neuron")
         )
     return "\n".join(lines)

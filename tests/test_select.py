@@ -172,7 +172,14 @@ def test_cli_select_prints_counts_and_overlaps(tmp_path):
     )
     assert res.exit_code == 0, res.output
     assert "gender" in res.output and "overlaps" in res.output
+    assert "N[voiced-consonant]" in res.output and "N[unvoiced-consonant]" in res.output  # names whole
+    rows = [line for line in res.output.splitlines() if line.startswith(("layer", "gender", "  N["))]
+    assert len({len(line.split("   total")[0]) for line in rows if line.startswith("layer")}) == 1
+    assert "gender 1" in res.output and "overlaps (exclusive regions, all layers): \n" not in res.output + "\n"
     assert NeuronSet.load(tmp_path / "sel" / "gender.json") == NeuronSet({1: [3]})
+    empty = make_store(tmp_path / "e.zarr", *base_counts(), k=K)
+    res = CliRunner().invoke(main, ["select", str(empty), "--property", "gender", "--property", "phone-type"])
+    assert "overlaps (exclusive regions, all layers): none: no property has a neuron" in res.output
     res = CliRunner().invoke(main, ["select", str(store), "--stat", "positive"])
     assert res.exit_code == 1 and "no 'positive_count'" in res.output
 
