@@ -34,8 +34,6 @@ def test_shipped_model_loads_offline_as_a_real_checkpoint():
     assert model.dtype == torch.float32  # stored in fp16, loads as fp32
     card = (path / "README.md").read_text()
     assert "not for research claims about real speech" in card
-    summary = json.loads((path / "training.json").read_text())
-    assert summary["final"]["masked_accuracy"] > 5 / summary["settings"]["clusters"]  # it learnt the task
     assert sum(f.stat().st_size for f in path.iterdir()) < 10 * 2**20
     adapter = ModelAdapter.load(str(path))
     assert adapter.num_layers == model.config.num_hidden_layers and adapter.width == model.config.intermediate_size
@@ -43,6 +41,25 @@ def test_shipped_model_loads_offline_as_a_real_checkpoint():
     hidden, mask = adapter.encode([wave])
     assert hidden.shape == (1, adapter.geometry.num_frames(SAMPLE_RATE), model.config.hidden_size) and mask.all()
     assert set(DEMO_VARIANTS).isdisjoint(TRAINING_VARIANTS)
+
+
+def test_the_shipped_model_learnt_phones_its_random_twin_did_not(prepared, tmp_path):
+    """Held out: speakers and voices it never heard (the demo corpus).  A linear probe of the top layer
+    reads phones much better from the shipped model than from its random-init twin (same config and seed;
+    measured 0.40 vs 0.18 accuracy) — a check of the weights themselves, not of a number in training.json."""
+    from neurostat.probe import probe_model
+
+    summary = json.loads((shipped_model_dir() / "training.json").read_text())
+    fields = TrainSettings.__dataclass_fields__
+    twin = save_random_twin(
+        tmp_path / "twin", TrainSettings(**{k: v for k, v in summary["settings"].items() if k in fields})
+    )
+    layer = summary["settings"]["config"]["num_hidden_layers"]
+    scores = {
+        name: probe_model(str(model), prepared, ("phone",), layer=layer, progress=False)["tasks"]["phone"]["accuracy"]
+        for name, model in (("trained", shipped_model_dir()), ("twin", twin))
+    }
+    assert scores["trained"] > scores["twin"] + 0.1, scores
 
 
 def test_mfcc_frames_line_up_with_the_models_frames():
