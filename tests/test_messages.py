@@ -41,3 +41,19 @@ def test_a_damaged_chunk_is_one_error_without_asyncio_noise(tmp_path):
         r = subprocess.run([sys.executable, "-m", "neurostat", "select", str(store)], capture_output=True, text=True)
         assert r.returncode == 1 and "variable 'topk_count' does not read back" in r.stderr
         assert "Task was destroyed" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_the_hubs_retry_lines_stay_quiet_unless_debug(tmp_path):
+    """Loading a hub id without network printed a line per retry of huggingface_hub before our one error."""
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from neurostat.cli import main\n"
+        "CliRunner().invoke(main, sys.argv[1:])\n"
+        "from huggingface_hub.utils import logging\n"
+        "logging.get_logger('huggingface_hub.utils._http').warning('Retrying in 1s [Retry 1/5].')\n"
+    )
+    for debug in ([], ["--debug"]):
+        args = [sys.executable, "-c", code, *debug, "info", str(tmp_path / "none.zarr")]
+        res = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert ("Retrying" in res.stderr) == bool(debug), res.stderr

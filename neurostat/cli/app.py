@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import click
@@ -20,6 +21,9 @@ def main(debug: bool) -> None:
     `neurostat collect` with no arguments runs the whole embedded demo offline.
     """
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # quiet third-party bars; neurostat's own stay
+    if not debug:  # the hub's retry lines: a failed load ends in one error of ours, which says what to do
+        os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # read when huggingface_hub sets its logger up
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # in case it already has
 
 
 def demo_model_name(ctx, param, value):

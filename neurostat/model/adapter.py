@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -104,6 +105,25 @@ def is_checkpoint(folder: Path) -> bool:
         return "model_type" in json.loads((folder / "config.json").read_text())
     except (OSError, ValueError, TypeError):
         return False
+
+
+def model_config(source: str, revision: str | None = None):
+    """The HF config of a local folder or hub id, of a supported family; a clear error otherwise (a hub id
+    that cannot be fetched: whether it must be in the HF cache, and how to fail at once without network)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source, revision=revision)
+    except (OSError, ValueError) as e:
+        if not Path(source).exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
+            raise ModelError(f"cannot load model {source!r}: no such directory") from None
+        if Path(source).exists():
+            raise ModelError(f"cannot load model {source!r} as a directory: {e}") from None
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
+        hint = "offline runs need it in the HF cache" if offline else "without network, HF_HUB_OFFLINE=1 fails at once"
+        raise ModelError(f"cannot load model {source!r} as a hub id ({hint}): {e}") from None
+    check_model_type(config, source)
+    return config
 
 
 def check_model_type(config, name: str) -> None:
@@ -225,17 +245,10 @@ class ModelAdapter:
         ``attention``: transformers' ``attn_implementation``; ``auto`` = flash_attention_2 on CUDA in half
         precision when the flash-attn package is installed, else SDPA where the model family supports
         it (WavLM does not), else eager.  :attr:`attention` says which one runs."""
-        from transformers import AutoConfig, AutoFeatureExtractor, AutoModel
+        from transformers import AutoFeatureExtractor, AutoModel
 
         source = model_source(source)
-        try:
-            config = AutoConfig.from_pretrained(source, revision=revision)
-        except (OSError, ValueError) as e:
-            if not Path(source).exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
-                raise ModelError(f"cannot load model {source!r}: no such directory") from None
-            where = "directory" if Path(source).exists() else "hub id (offline runs need it in the HF cache)"
-            raise ModelError(f"cannot load model {source!r} as a {where}: {e}") from None
-        check_model_type(config, source)
+        config = model_config(source, revision)
         try:
             feature_extractor = AutoFeatureExtractor.from_pretrained(source, revision=revision)
         except (OSError, ValueError) as e:
@@ -517,11 +530,7 @@ def load_full_model(source: str, revision: str | None = None) -> nn.Module:
     import transformers
 
     source = model_source(source)
-    try:
-        config = transformers.AutoConfig.from_pretrained(source, revision=revision)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load model {source!r}: {e}") from None
-    check_model_type(config, source)
+    config = model_config(source, revision)
     names = getattr(config, "architectures", None) or []
     cls = next((getattr(transformers, n) for n in names if hasattr(transformers, n)), transformers.AutoModel)
     return _weights(cls, source, revision=revision).eval()
