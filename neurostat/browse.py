@@ -16,7 +16,7 @@ import numpy as np
 import soundfile as sf
 
 from .corpus.prepared import PreparedCorpus
-from .files import check_out_folder
+from .files import check_out_folder, has_page
 from .neuronset import NeuronSet
 from .report import ReportError
 from .select import property_sets
@@ -102,10 +102,7 @@ TITLE = "<title>neurostat neuron browser</title>"
 
 def is_browser(folder: Path) -> bool:
     """Whether ``folder`` holds a neuron browser written by :func:`build_browser`."""
-    try:
-        return TITLE in (folder / "index.html").read_text(errors="replace")
-    except OSError:
-        return False
+    return has_page(folder, TITLE)
 
 
 def build_browser(

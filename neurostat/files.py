@@ -48,6 +48,14 @@ def _relation(out: Path, path: Path) -> str | None:
     return None
 
 
+def has_page(folder: Path, marker: str) -> bool:
+    """Whether ``folder``'s ``index.html`` holds ``marker`` (how a report or a browser knows its own output)."""
+    try:
+        return marker in (folder / "index.html").read_text(errors="replace")
+    except OSError:
+        return False
+
+
 def check_out_folder(
     out: str | Path,
     kind: str,

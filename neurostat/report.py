@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import check_out_folder
+from .files import check_out_folder, has_page
 from .neuronset import NeuronSet, NeuronSetError
 from .probe import headline, load_results
 from .select import PROPERTIES, GroupSpec, has_labels, property_sets, venn
@@ -260,10 +260,7 @@ TITLE = "<title>neurostat report"
 
 def is_report(folder: Path) -> bool:
     """Whether ``folder`` holds a report written by :func:`build_report`."""
-    try:
-        return TITLE in (folder / "index.html").read_text(errors="replace")
-    except OSError:
-        return False
+    return has_page(folder, TITLE)
 
 
 def build_report(
