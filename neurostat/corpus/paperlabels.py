@@ -42,7 +42,7 @@ class PaperLabelsError(ValueError):
     """An official label file that cannot be read as documented; the message names it."""
 
 
-def _read(folder: Path, what: str) -> PreparedMeta:
+def _read(folder: Path, what: str) -> dict:
     path = folder / FILES[what]
     try:
         data = json.loads(path.read_text())
@@ -121,7 +121,7 @@ def _fit(labels: np.ndarray, n: int, what: str, utt: str, fill: int) -> np.ndarr
 
 def prepare_paper_labels(
     root: str | Path, subset: str, folder: str | Path, out: str | Path, geometry: FrameGeometry, progress: bool = True
-) -> dict:
+) -> PreparedMeta:
     """A prepared corpus from the official label files (audio from ``root``): phone intervals are the
     20 ms cells of the labels, pitch bins the official classes (no F0).  Returns its :class:`PreparedMeta`."""
     if geometry.stride * 50 != geometry.sample_rate:

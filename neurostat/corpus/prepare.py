@@ -130,7 +130,7 @@ class PrepareSettings:
             }
         return [f"{name} {have} (wanted {want})" for name, (have, want) in pairs.items() if have != want]
 
-    def key(self) -> PreparedMeta:
+    def key(self) -> dict:
         return {
             "geometry": self.geometry.to_dict(),
             "pitch": self.pitch,
@@ -248,7 +248,7 @@ def prepare(
     num_jobs: int = 1,
     progress: bool = True,
     layout: str = "librispeech",
-) -> dict:
+) -> PreparedMeta:
     """Prepares ``subset`` of the corpus at ``root`` (in the ``layout`` of :data:`LAYOUTS`) into ``out``
     (default: :func:`default_prepared_dir`); returns its :class:`PreparedMeta`."""
     if layout not in LAYOUTS:
