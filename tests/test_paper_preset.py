@@ -1,6 +1,7 @@
 """The paper preset: overlap frame labels, the paper's pitch classes and percentiles, the final run dropped."""
 
 import json
+import os
 from fractions import Fraction
 
 import numpy as np
@@ -248,3 +249,73 @@ def test_collect_with_the_paper_preset_refuses_a_corpus_labelled_otherwise(prepa
     for difference in ("frame labels centre (wanted overlap)", "pitch rule interval (wanted paper)", "pitch method"):
         assert difference in r.output, r.output
     assert "prepare it with --preset paper" in r.output
+
+
+# Opt-in: the official repository's own files (never committed: they carry no licence).
+# NEUROSTAT_PAPER_LABELS: its info/ folder (the official file names are read as they are);
+# NEUROSTAT_LIBRISPEECH: a LibriSpeech root with dev-clean, for the whole import.
+OFFICIAL = os.environ.get("NEUROSTAT_PAPER_LABELS")
+LIBRISPEECH = os.environ.get("NEUROSTAT_LIBRISPEECH")
+
+
+def official_tokens(folder) -> dict[str, list[tuple[str, int]]]:
+    """The official pipeline's tokens written from its code, apart from neurostat's readers: the middle
+    frame of each run of the phone file but the last (get_monophone_mid), its phone name without stress
+    digits, and the pitch class at that frame after left-padding the pitch list with -1 by the gap."""
+    import re
+    from pathlib import Path
+
+    folder = Path(folder)
+    phones = json.loads(next(folder.glob("*-framewise-phone-merge-20ms.json")).read_text())
+    table = json.loads(next(folder.glob("*-label-merge.json")).read_text())
+    pitch = json.loads(next(folder.glob("pitch-discrete-*.json")).read_text())
+    name = {entry[0]: re.sub(r"\d", "", symbol) or "sil" for symbol, entry in table.items()}
+    out = {}
+    for utt, p in phones.items():
+        q = [-1] * (len(p) - len(pitch[utt])) + pitch[utt]
+        mids, start = [], 0
+        for i in range(1, len(p)):
+            if p[i] != p[i - 1]:
+                mids.append((start + i - 1) // 2)
+                start = i
+        out[utt] = [(name[p[m]], q[m]) for m in mids]
+    return out
+
+
+def our_tokens(phones: np.ndarray, pitch: np.ndarray) -> list[tuple[str, int]]:
+    mask = token_mask(phones, "phone-mid", drop_final_run=True)
+    return [(PHONES[phones[i]], int(pitch[i])) for i in np.flatnonzero(mask)]
+
+
+@pytest.mark.skipif(not OFFICIAL, reason="opt-in: set NEUROSTAT_PAPER_LABELS to the official info/ folder")
+def test_the_official_files_read_whole_and_their_tokens_equal_the_official_pipelines():
+    from neurostat.corpus.paperlabels import official_pitch, read_paper_labels
+
+    phones, pitch, gender = read_paper_labels(OFFICIAL)
+    reference = official_tokens(OFFICIAL)
+    assert len(phones) == len(reference) == 2703 and set(pitch) == set(phones)
+    differ = [u for u in phones if our_tokens(phones[u], official_pitch(pitch[u], len(phones[u]))) != reference[u]]
+    assert not differ, f"{len(differ)} utterances differ, e.g. {differ[:3]}"
+    assert {u.split("-")[0] for u in phones} <= set(gender)
+
+
+@pytest.mark.skipif(
+    not (OFFICIAL and LIBRISPEECH), reason="opt-in: set NEUROSTAT_PAPER_LABELS and NEUROSTAT_LIBRISPEECH"
+)
+def test_prepare_paper_labels_imports_every_official_utterance(tmp_path):
+    from neurostat.corpus.paperlabels import prepare_paper_labels
+    from neurostat.frames import default_geometry
+
+    prepare_paper_labels(LIBRISPEECH, "dev-clean", OFFICIAL, tmp_path / "p", default_geometry(), progress=False)
+    corpus = PreparedCorpus(tmp_path / "p")
+    reference = official_tokens(OFFICIAL)
+    assert len(corpus) == 2703 and not corpus.skips
+    bins = corpus.vocabularies["pitch_bin"]
+    differ = []
+    for utt in corpus:
+        phones, classes = utt.phone_frames(), utt.pitch_bins()
+        ours = [(PHONES[phones[i]], int(classes[i]) if bins[classes[i]] != "unvoiced" else -1)
+                for i in np.flatnonzero(token_mask(phones, "phone-mid", drop_final_run=True))]  # fmt: skip
+        if ours != reference[utt.id]:
+            differ.append(utt.id)
+    assert not differ, f"{len(differ)} utterances' tokens differ from the official pipeline's, e.g. {differ[:3]}"

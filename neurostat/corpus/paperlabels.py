@@ -35,6 +35,14 @@ from .pitch import UNVOICED
 from .prepared import PitchMeta, PreparedCorpus, PreparedMeta, is_prepared
 
 FILES = {"phones": "phones.json", "table": "phone_table.json", "pitch": "pitch.json", "gender": "gender.json"}
+OFFICIAL_NAMES = {
+    "phones": "*-framewise-phone-merge-20ms.json",
+    "table": "*-label-merge.json",
+    "pitch": "pitch-discrete-*.json",
+    "gender": "libri-*-spk-gender.json",
+}
+"""The names the official repository's ``info/`` folder gives the same files (read when the short names
+are absent, so that folder works as it is)."""
 PITCH_CLASSES = ("low", "mid", "high")
 
 
@@ -42,8 +50,19 @@ class PaperLabelsError(ValueError):
     """An official label file that cannot be read as documented; the message names it."""
 
 
+def label_file(folder: Path, what: str) -> Path:
+    """The file of ``what`` in ``folder``: its short name, else its one match of the official name."""
+    short = folder / FILES[what]
+    if short.is_file():
+        return short
+    matches = sorted(folder.glob(OFFICIAL_NAMES[what]))
+    if len(matches) > 1:
+        raise PaperLabelsError(f"{folder}: several official {what} files ({', '.join(m.name for m in matches)})")
+    return matches[0] if matches else short
+
+
 def _read(folder: Path, what: str) -> dict:
-    path = folder / FILES[what]
+    path = label_file(folder, what)
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -57,12 +76,12 @@ def _frame_labels(folder: Path, what: str, utt: str, frames: object) -> list[int
     """An utterance's per-frame labels: a list of integers, else an error naming the file, utterance and value."""
     if not isinstance(frames, list):
         raise PaperLabelsError(
-            f"{folder / FILES[what]}: utterance {utt}: expected a list of per-frame integers, got {frames!r:.60}"
+            f"{label_file(folder, what)}: utterance {utt}: expected a list of per-frame integers, got {frames!r:.60}"
         )
     for i, label in enumerate(frames):
         if not isinstance(label, int) or isinstance(label, bool):
             raise PaperLabelsError(
-                f"{folder / FILES[what]}: utterance {utt}, frame {i}: label {label!r:.60} is not an integer"
+                f"{label_file(folder, what)}: utterance {utt}, frame {i}: label {label!r:.60} is not an integer"
             )
     return frames
 
@@ -76,27 +95,29 @@ def read_paper_labels(folder: str | Path) -> tuple[dict[str, np.ndarray], dict[s
         try:
             to_phone[int(entry[0])] = PHONES.index(PhoneMap()(symbol))
         except (UnknownPhoneError, TypeError, ValueError, IndexError):
-            raise PaperLabelsError(f"{folder / FILES['table']}: entry {symbol!r}: {entry!r} is not a phone") from None
+            raise PaperLabelsError(
+                f"{label_file(folder, 'table')}: entry {symbol!r}: {entry!r} is not a phone"
+            ) from None
     phones = {}
     for utt, frames in _read(folder, "phones").items():
         frames = _frame_labels(folder, "phones", utt, frames)
         unknown = sorted(set(frames) - set(to_phone))
         if unknown:
             raise PaperLabelsError(
-                f"{folder / FILES['phones']}: utterance {utt} uses label index {unknown[0]}, which "
-                f"{FILES['table']} does not define"
+                f"{label_file(folder, 'phones')}: utterance {utt} uses label index {unknown[0]}, which "
+                f"{label_file(folder, 'table').name} does not define"
             )
         phones[utt] = np.array([to_phone[i] for i in frames], dtype=np.int16)
     pitch = {}
     for utt, frames in _read(folder, "pitch").items():
         values = np.asarray(_frame_labels(folder, "pitch", utt, frames), dtype=np.int64)
         if ((values < -1) | (values >= len(PITCH_CLASSES))).any():
-            raise PaperLabelsError(f"{folder / FILES['pitch']}: utterance {utt} has a pitch class outside -1..2")
+            raise PaperLabelsError(f"{label_file(folder, 'pitch')}: utterance {utt} has a pitch class outside -1..2")
         pitch[utt] = values
     gender = {str(k): str(v) for k, v in _read(folder, "gender").items()}
     bad = sorted(k for k, v in gender.items() if v not in ("M", "F"))
     if bad:
-        raise PaperLabelsError(f"{folder / FILES['gender']}: speaker {bad[0]} is neither M nor F")
+        raise PaperLabelsError(f"{label_file(folder, 'gender')}: speaker {bad[0]} is neither M nor F")
     return phones, pitch, gender
 
 
@@ -136,7 +157,9 @@ def prepare_paper_labels(
             skips.append({"id": u.id, "reason": "no-paper-label", "file": str(folder), "message": "no official labels"})
             continue
         if u.speaker not in gender:
-            raise PaperLabelsError(f"{Path(folder) / FILES['gender']}: speaker {u.speaker} (of {u.id}) has no gender")
+            raise PaperLabelsError(
+                f"{label_file(Path(folder), 'gender')}: speaker {u.speaker} (of {u.id}) has no gender"
+            )
         try:
             wave, source_rate, audio_sha1 = load_audio(u.audio, geometry.sample_rate)
         except Skip as s:
