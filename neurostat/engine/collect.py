@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -89,16 +88,9 @@ def collect(
     def run_share(store, rank_meta, indices, job):
         return _run(corpus, adapter, store, spec, rank_meta, indices, progress, job)
 
-    return collect_rank(corpus, adapter, out, spec, meta, world, resume, overwrite, run_share, _coords(corpus, spec))
-
-
-def _coords(corpus: PreparedCorpus, spec: RunSpec) -> dict[str, np.ndarray]:
-    """The store's coordinates: layers (1-based), the label parts of each joint label and, with the top
-    frames, the corpus's utterance ids (``top_utterance`` indexes them)."""
-    coords = {"layer": np.asarray([i + 1 for i in spec.layers], dtype=np.int64), **spec.space.names()}
-    if "top_frames" in spec.stats:
-        coords["utterance"] = np.asarray([r["id"] for r in corpus.records], dtype=str)
-    return coords
+    return collect_rank(
+        corpus, adapter, out, spec, meta, world, resume, overwrite, run_share, spec.store_coords(corpus)
+    )
 
 
 def _interrupted(stop: list[str], job, when: str) -> CollectInterrupted:
@@ -294,7 +286,7 @@ def _finish(store, acc, corpus, spec: RunSpec, meta: StoreMeta, ledger: _Ledger,
     prog.utterances_done, prog.utterances_total, prog.complete = len(ledger.done), total, True
     final = meta.replace(complete=True, progress=prog)
     dims = store_dims(spec.stats)
-    store.finalize(acc.compute(), _coords(corpus, spec), final, ledger.done, spec.config.keep_checkpoint, dims)
+    store.finalize(acc.compute(), spec.store_coords(corpus), final, ledger.done, spec.config.keep_checkpoint, dims)
     prog.elapsed_seconds = elapsed()
     store.update_progress(prog)
     return final

@@ -165,6 +165,14 @@ class RunSpec:
             "max_seconds": config.max_seconds,
         }
 
+    def store_coords(self, corpus: PreparedCorpus) -> dict[str, np.ndarray]:
+        """The store's coordinates: layers (1-based), the label parts of each joint label and, with the top
+        frames, the corpus's utterance ids (``top_utterance`` indexes them)."""
+        coords = {"layer": np.asarray([i + 1 for i in self.layers], dtype=np.int64), **self.space.names()}
+        if "top_frames" in self.stats:
+            coords["utterance"] = np.asarray([r["id"] for r in corpus.records], dtype=str)
+        return coords
+
     def store_meta(self, adapter: ModelAdapter, corpus: PreparedCorpus) -> StoreMeta:
         """The store's metadata for this run (the fingerprint is what a resume must match)."""
         config, shard = self.config, f"{self.config.shard[0]}/{self.config.shard[1]}"
