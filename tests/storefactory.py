@@ -18,9 +18,11 @@ def make_store(
     space: LabelSpace = SPACE,
     label_sets: dict | None = None,
     store_format: int | None = None,
+    **meta_changes,
 ):
     """frames [label], counts [layer, label, neuron] over the joint label space; ``store_format`` records
-    another format than this version's (with the codecs of that format patched in by the test)."""
+    another format than this version's (with the codecs of that format patched in by the test);
+    ``meta_changes`` replace fields of the metadata (``fingerprint``, ``statistics``, ``corpus``)."""
     counts = topk if topk is not None else positive
     num_layers, _, width = counts.shape
     stats = [s for s, a in (("topk", topk), ("positive", positive)) if a is not None]
@@ -54,6 +56,7 @@ def make_store(
     )
     if store_format is not None:
         meta = meta.replace(format=store_format)
+    meta = meta.replace(**{k: {**getattr(meta, k), **v} for k, v in meta_changes.items()})
     arrays = {"frames": frames.astype(np.int64)}
     if topk is not None:
         arrays["topk_count"] = topk.astype(np.int64)

@@ -41,6 +41,7 @@ ALLOWED = {  # unit -> the units it may import (besides itself); a module belong
     "neurostat.compare": BASE | {"neurostat.corpus", "neurostat.engine"},
     "neurostat.report": BASE
     | {"neurostat.neuronset", "neurostat.probe", "neurostat.select", "neurostat.stats", "neurostat.store"},
+    "neurostat.diff": BASE | {"neurostat.report", "neurostat.select", "neurostat.stats", "neurostat.store"},
     "neurostat.browse": BASE
     | {"neurostat.corpus", "neurostat.neuronset", "neurostat.report", "neurostat.select", "neurostat.stats"},
     "neurostat.cli": None,  # the library, all of it

@@ -1,0 +1,404 @@
+"""``neurostat diff``: what changed between two stores over the same corpus and label space (two models of
+one geometry, or one model before and after an edit).
+
+Per layer and property: the property neurons (the paper's rule, σ) gained, lost and kept from store A to
+store B.  Per (layer, label, neuron) cell: a two-sided two-proportion z-test of P(j | label) = top-k count /
+tokens in A against B, with the pooled variance; cells without tokens in A or in B are not tested, and the
+p-values of all tested cells are corrected together by Benjamini–Hochberg (false discovery rate ≤ α).
+
+>>> d = diff_stores("a.zarr", "b.zarr", out="diff/")   # diff/index.html, diff/diff.json, PNGs
+>>> d.properties["gender"].gained                       # {layer: [neuron indices]}
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+from .files import atomic_write, check_out_folder, has_page
+from .report import Figure, _figure
+from .select import PROPERTIES, GroupSpec, has_labels, select_properties
+from .stats import Stats, open_stats
+from .store import fingerprint_differences
+
+TEST = (
+    "two-sided two-proportion z-test per (layer, label, neuron) cell of P(j | label) = top-k count / tokens, "
+    "pooled variance; cells without tokens in A or in B untested"
+)
+CORRECTION = "Benjamini-Hochberg false discovery rate over all tested cells"
+TITLE = "<title>neurostat diff"
+"""How a diff page's ``index.html`` begins its title: what marks a folder as a diff that may be rewritten."""
+
+
+class DiffError(UserError):
+    """Two stores that cannot be compared; the message names them and what differs."""
+
+
+@dataclass
+class CellChange:
+    """One tested cell: its counts in A and B, the z statistic, p-value and BH-adjusted q-value."""
+
+    layer: int
+    label: dict[str, str]
+    neuron: int
+    count_a: int
+    tokens_a: int
+    count_b: int
+    tokens_b: int
+    z: float
+    p: float
+    q: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CellChange:
+        return cls(**d)
+
+
+@dataclass
+class PropertyChange:
+    """Property neurons per layer: gained (in B only) and lost (in A only) indices, and how many both have."""
+
+    gained: dict[int, list[int]]
+    lost: dict[int, list[int]]
+    kept: dict[int, int]
+
+    def to_dict(self) -> dict:
+        return {k: {str(n): v for n, v in getattr(self, k).items()} for k in ("gained", "lost", "kept")}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PropertyChange:
+        return cls(**{k: {int(n): v for n, v in d[k].items()} for k in ("gained", "lost", "kept")})
+
+
+@dataclass
+class StoreDiff:
+    """The result of :func:`diff_stores` (``diff.json``)."""
+
+    a: str
+    b: str
+    by: list[str]
+    alpha: float
+    sigma: float
+    layers: list[int]
+    tested: int
+    significant: int
+    changed_neurons: dict[int, int]  # per layer: neurons with at least one significant cell
+    properties: dict[str, PropertyChange]
+    top: list[CellChange]  # the significant cells of smallest q (largest |z| among ties)
+    warnings: list[str] = field(default_factory=list)
+    test: str = TEST
+    correction: str = CORRECTION
+
+    @property
+    def empty(self) -> bool:
+        """No significant cell and no property neuron gained or lost."""
+        return self.significant == 0 and not any(
+            v for p in self.properties.values() for v in (*p.gained.values(), *p.lost.values())
+        )
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["changed_neurons"] = {str(n): c for n, c in self.changed_neurons.items()}
+        out["properties"] = {name: p.to_dict() for name, p in self.properties.items()}
+        out["top"] = [c.to_dict() for c in self.top]
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> StoreDiff:
+        return cls(
+            **{
+                **d,
+                "changed_neurons": {int(n): c for n, c in d["changed_neurons"].items()},
+                "properties": {name: PropertyChange.from_dict(p) for name, p in d["properties"].items()},
+                "top": [CellChange.from_dict(c) for c in d["top"]],
+            }
+        )
+
+    def describe(self) -> str:
+        """Readable summary: the test, per property and layer the neurons gained/lost/kept, changed neurons."""
+        head = " ".join(f"{n:>5}" for n in self.layers)
+        lines = [
+            f"A = {self.a}, B = {self.b}",
+            f"{self.tested:,} cells (layer × {' × '.join(self.by)} × neuron) tested: {self.test}; "
+            f"{CORRECTION} at α = {self.alpha}: {self.significant:,} significant",
+            f"{'layer':<22}{head}   total",
+            f"{'changed neurons':<22}"
+            + " ".join(f"{self.changed_neurons[n]:>5}" for n in self.layers)
+            + f"   {sum(self.changed_neurons.values())}",
+        ]
+        for name, p in self.properties.items():
+            for kind, per in (("gained", p.gained), ("lost", p.lost)):
+                counts = [len(per[n]) for n in self.layers]
+                lines.append(f"{name + ' ' + kind:<22}" + " ".join(f"{c:>5}" for c in counts) + f"   {sum(counts)}")
+            lines.append(
+                f"{name + ' kept':<22}"
+                + " ".join(f"{p.kept[n]:>5}" for n in self.layers)
+                + f"   {sum(p.kept.values())}"
+            )
+        if self.empty:
+            lines.append("no change: no significant cell and no property neuron gained or lost")
+        return "\n".join(lines)
+
+
+def two_proportion_test(
+    count_a: np.ndarray, tokens_a: np.ndarray, count_b: np.ndarray, tokens_b: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(z, two-sided p) of P_B − P_A in float64, with the pooled proportion p̂ = (c_A + c_B) / (n_A + n_B):
+    z = (c_B/n_B − c_A/n_A) / sqrt(p̂ (1 − p̂) (1/n_A + 1/n_B)), p = erfc(|z| / √2).  Both tokens must be
+    positive; a cell whose pooled p̂ is 0 or 1 (no variance) has z = 0, p = 1."""
+    import torch
+
+    ca, na, cb, nb = (np.asarray(x, dtype=np.float64) for x in (count_a, tokens_a, count_b, tokens_b))
+    pooled = (ca + cb) / (na + nb)
+    se = np.sqrt(pooled * (1 - pooled) * (1 / na + 1 / nb))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z = np.where(se > 0, (cb / nb - ca / na) / se, 0.0)
+    p = torch.special.erfc(torch.from_numpy(np.abs(z) / np.sqrt(2.0))).numpy()
+    return z, p
+
+
+def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
+    """BH-adjusted q-values of a flat array of p-values: q_(i) = min over j ≥ i of p_(j) m / j, at most 1."""
+    order = np.argsort(p, kind="stable")
+    ranked = p[order] * p.size / np.arange(1, p.size + 1)
+    q = np.empty_like(ranked)
+    q[order] = np.minimum(np.minimum.accumulate(ranked[::-1])[::-1], 1.0)
+    return q
+
+
+def check_comparable(a: Stats, b: Stats) -> list[str]:
+    """Raises :class:`DiffError` when the stores count different corpora, label spaces, layers or widths, or
+    lack the top-k statistic; returns a warning naming each statistic setting that differs (tokens, λ, k)."""
+    fa, fb = a.meta.fingerprint.get("corpus_content"), b.meta.fingerprint.get("corpus_content")
+    if fa is not None and fb is not None:
+        corpus = fingerprint_differences({"corpus_content": fa}, {"corpus_content": fb}, "A", "B")
+    else:
+        corpus = [
+            f"corpus {key}: A {a.meta.corpus.get(key)!r}, B {b.meta.corpus.get(key)!r}"
+            for key in ("root", "subset", "utterances")
+            if a.meta.corpus.get(key) != b.meta.corpus.get(key)
+        ]
+        if "utterance" in a.ds.coords and "utterance" in b.ds.coords:
+            if list(a.ds["utterance"].values) != list(b.ds["utterance"].values):
+                corpus.append("their utterance ids differ")
+    if corpus:
+        raise DiffError(
+            f"A = {a.path} and B = {b.path} count different corpora ({'; '.join(corpus)}): diff compares two "
+            "stores over the same corpus"
+        )
+    labels = [
+        f"{part}: A {list(a.meta.labels.get(part, []))}, B {list(b.meta.labels.get(part, []))}"
+        for part in dict.fromkeys([*a.meta.labels, *b.meta.labels])
+        if a.meta.labels.get(part) != b.meta.labels.get(part)
+    ]
+    if labels:
+        raise DiffError(
+            f"A = {a.path} and B = {b.path} have different label spaces ({'; '.join(labels)}): diff compares "
+            "two stores over the same labels"
+        )
+    if a.layers != b.layers or a.width != b.width:
+        raise DiffError(
+            f"A = {a.path} has layers {a.layers} × {a.width} neurons, B = {b.path} layers {b.layers} × {b.width}: "
+            "diff compares models of the same geometry"
+        )
+    for s in (a, b):
+        if "topk_count" not in s.ds:
+            raise DiffError(f"{s.path} has no topk statistic (collected: {', '.join(s.meta.stats)}); collect it")
+    settings = [
+        f"{key} A {a.meta.statistics.get(key)!r}, B {b.meta.statistics.get(key)!r}"
+        for key in ("tokens", "topk_ratio", "k", "drop_final_run")
+        if a.meta.statistics.get(key) != b.meta.statistics.get(key)
+    ]
+    if settings:
+        return [f"the stores were collected with different settings: {'; '.join(settings)}"]
+    return []
+
+
+def diff_stores(
+    a: str | Path,
+    b: str | Path,
+    out: str | Path | None = None,
+    properties: tuple[str, ...] = (),
+    sigma: float = 0.8,
+    alpha: float = 0.05,
+    by: tuple[str, ...] = (),
+    top: int = 50,
+) -> StoreDiff:
+    """Compares store ``b`` with store ``a`` (see the module docstring); ``properties``: default the paper's
+    properties the stores have labels for; ``by``: the label parts of the tested cells (default all, the
+    joint label).  With ``out`` (new, empty or a diff page: :func:`neurostat.files.check_out_folder`) writes
+    ``index.html``, one PNG per property and ``diff.json``.  Statistic settings that differ are a warning."""
+    if not 0 < alpha < 1:
+        raise DiffError(f"alpha must be in (0, 1), got {alpha}")
+    if out is not None:
+        out = check_out_folder(out, "diff page", is_diff_page, (a, b))
+    sa, sb = open_stats(a), open_stats(b)
+    notes = check_comparable(sa, sb)
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
+    by = tuple(by) or sa.parts
+    labels = [list(sa.label_space.vocab(p)) for p in by]
+    ca, cb = (s.counts("topk", by).values.reshape(len(sa.layers), -1, sa.width) for s in (sa, sb))
+    na, nb = (s.tokens(by).values.reshape(-1) for s in (sa, sb))
+    tested = (na > 0) & (nb > 0)
+    z, p = two_proportion_test(ca[:, tested], na[tested, None], cb[:, tested], nb[tested, None])
+    q = benjamini_hochberg(p.ravel()).reshape(p.shape)
+    significant = q <= alpha
+    label_ids = np.flatnonzero(tested)
+    where = np.nonzero(significant)
+    order = np.lexsort((-np.abs(z[where]), q[where]))[:top]  # smallest q first, then largest |z|
+    shape = [len(v) for v in labels]
+    changes = []
+    for i, t, j in zip(*(w[order] for w in where)):
+        label = label_ids[t]
+        joint = np.unravel_index(label, shape)
+        changes.append(
+            CellChange(
+                layer=sa.layers[i],
+                label={part: labels[k][joint[k]] for k, part in enumerate(by)},
+                neuron=int(j),
+                count_a=int(ca[i, label, j]),
+                tokens_a=int(na[label]),
+                count_b=int(cb[i, label, j]),
+                tokens_b=int(nb[label]),
+                z=float(z[i, t, j]),
+                p=float(p[i, t, j]),
+                q=float(q[i, t, j]),
+            )
+        )
+    names = properties or tuple(p for p in PROPERTIES if p != "phone" and has_labels(sa, p))
+    sets_a, msg_a = select_properties(sa, names, sigma=sigma)
+    sets_b, msg_b = select_properties(sb, names, sigma=sigma)
+    notes += [f"A: {m}" for m in msg_a] + [f"B: {m}" for m in msg_b]
+    changed = {}
+    for name in names:
+        na_set, nb_set = sets_a[name].neurons, sets_b[name].neurons
+        gained, lost, kept = nb_set - na_set, na_set - nb_set, na_set & nb_set
+        changed[name] = PropertyChange(
+            {n: sorted(gained[n]) for n in sa.layers},
+            {n: sorted(lost[n]) for n in sa.layers},
+            {n: len(kept[n]) for n in sa.layers},
+        )
+    result = StoreDiff(
+        a=str(a),
+        b=str(b),
+        by=list(by),
+        alpha=alpha,
+        sigma=sigma,
+        layers=sa.layers,
+        tested=int(p.size),
+        significant=int(significant.sum()),
+        changed_neurons={n: int(significant[i].any(axis=0).sum()) for i, n in enumerate(sa.layers)},
+        properties=changed,
+        top=changes,
+        warnings=notes,
+    )
+    if out is not None:
+        _write_page(result, sa, sb, Path(out))
+    return result
+
+
+def is_diff_page(folder: Path) -> bool:
+    """Whether ``folder`` holds a page written by :func:`diff_stores`."""
+    return has_page(folder, TITLE)
+
+
+def _group_probability(stats: Stats, name: str) -> dict[str, np.ndarray]:
+    """P(j | group) [layer, neuron] of each group of a built-in property (pooled over the group's labels)."""
+    spec = GroupSpec.builtin(name, stats)
+    counts, tokens = stats.counts("topk", (spec.axis,)), stats.tokens((spec.axis,))
+    out = {}
+    for group, members in spec.groups.items():
+        n = float(tokens.sel({spec.axis: members}).values.sum())
+        if n:
+            out[group] = counts.sel({spec.axis: members}).values.sum(axis=1) / n
+    return out
+
+
+def _property_figure(d: StoreDiff, name: str, sa: Stats, sb: Stats) -> Figure:
+    change = d.properties[name]
+    pa, pb = _group_probability(sa, name), _group_probability(sb, name)
+
+    def draw(fig):
+        left, right = fig.subplots(1, 2)
+        gained = [len(change.gained[n]) for n in d.layers]
+        lost = [-len(change.lost[n]) for n in d.layers]
+        left.bar(d.layers, gained, color="#55a868", label="gained (B only)")
+        left.bar(d.layers, lost, color="#c44e52", label="lost (A only)")
+        left.axhline(0, color="black", linewidth=0.8)
+        left.set_xticks(d.layers)
+        left.set_xlabel("layer")
+        left.set_ylabel("property neurons")
+        left.legend(fontsize=8)
+        for group in pa.keys() & pb.keys():
+            right.scatter(pa[group].ravel(), pb[group].ravel(), s=3, alpha=0.4, label=group)
+        high = max([float(np.max(v)) for v in (*pa.values(), *pb.values())] + [sa.chance * 2])
+        right.plot([0, high], [0, high], color="black", linewidth=0.8, linestyle=":")
+        right.set_xlabel("P(j | group) in A")
+        right.set_ylabel("P(j | group) in B")
+        right.legend(fontsize=8, markerscale=3)
+
+    return _figure(
+        draw, f"diff_{name}", f"{name}: property neurons gained/lost per layer; P(j | group), A vs B", (11, 4)
+    )
+
+
+def _write_page(d: StoreDiff, sa: Stats, sb: Stats, out: Path) -> None:
+    figures = [_property_figure(d, name, sa, sb) for name in d.properties]
+    out.mkdir(parents=True, exist_ok=True)
+    for f in figures:
+        (out / f"{f.name}.png").write_bytes(f.png)
+    atomic_write(out / "diff.json", json.dumps(d.to_dict(), indent=1))
+    esc = html.escape
+    head = "".join(f"<th>{n}</th>" for n in d.layers)
+
+    def row(title: str, values: list[int], attrs: str) -> str:
+        cells = "".join(f'<td {attrs} data-layer="{n}">{v}</td>' for n, v in zip(d.layers, values))
+        return f"<tr><th>{esc(title)}</th>{cells}<td>{sum(values)}</td></tr>"
+
+    rows = [row("changed neurons", [d.changed_neurons[n] for n in d.layers], 'data-kind="changed"')]
+    for name, p in d.properties.items():
+        for kind, values in (
+            ("gained", [len(p.gained[n]) for n in d.layers]),
+            ("lost", [len(p.lost[n]) for n in d.layers]),
+            ("kept", [p.kept[n] for n in d.layers]),
+        ):
+            rows.append(row(f"{name} {kind}", values, f'data-property="{esc(name)}" data-kind="{kind}"'))
+    cells = "".join(
+        f"<tr><td>{c.layer}</td><td>{esc(', '.join(c.label.values()))}</td><td>{c.neuron}</td>"
+        f"<td>{c.count_a}/{c.tokens_a}</td><td>{c.count_b}/{c.tokens_b}</td><td>{c.z:.2f}</td><td>{c.q:.2e}</td></tr>"
+        for c in d.top
+    )
+    notes = "".join(f"<p class=note>{esc(n)}</p>" for n in d.warnings)
+    images = "".join(
+        f'<figure><img alt="{esc(f.title)}" src="data:image/png;base64,{base64.b64encode(f.png).decode()}">'
+        f"<figcaption>{esc(f.title)}</figcaption></figure>"
+        for f in figures
+    )
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">{TITLE}: {esc(d.a)} vs {esc(d.b)}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}img{{max-width:100%}}</style></head>
+<body><h1>neurostat diff</h1>
+<p>A = <code>{esc(d.a)}</code> ({esc(sa.meta.model["model"])}), B = <code>{esc(d.b)}</code>
+({esc(sb.meta.model["model"])}). Property neurons by the paper's rule, σ = {d.sigma}. Cells
+(layer × {esc(" × ".join(d.by))} × neuron): {esc(d.test)}; {esc(d.correction)} at α = {d.alpha}:
+{d.significant:,} of {d.tested:,} cells significant.</p>{notes}
+<h2>Per layer</h2>
+<table id="counts"><tr><th></th>{head}<th>total</th></tr>{"".join(rows)}</table>
+<h2>Most significant cells</h2>
+<table id="cells"><tr><th>layer</th><th>label</th><th>neuron</th><th>A</th><th>B</th><th>z</th><th>q</th></tr>{cells}</table>
+<h2>Figures</h2>{images}
+</body></html>
+"""
+    (out / "index.html").write_text(page)
