@@ -279,7 +279,7 @@ def diff_stores(
     names = properties or tuple(p for p in PROPERTIES if p != "phone" and has_labels(sa, p))
     sets_a, msg_a = select_properties(sa, names, sigma=sigma)
     sets_b, msg_b = select_properties(sb, names, sigma=sigma)
-    notes += [f"A: {m}" for m in msg_a] + [f"B: {m}" for m in msg_b]
+    notes += [f"in {s} {m.removeprefix('warning ')}" for s, msgs in (("A", msg_a), ("B", msg_b)) for m in msgs]
     changed = {}
     for name in names:
         na_set, nb_set = sets_a[name].neurons, sets_b[name].neurons
