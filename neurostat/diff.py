@@ -23,7 +23,7 @@ import numpy as np
 
 from .errors import UserError
 from .files import atomic_write, check_out_folder, has_page
-from .report import Figure, _figure
+from .report import Figure, render_figure
 from .select import PROPERTIES, GroupSpec, has_labels, select_properties
 from .stats import Stats, open_stats
 from .store import fingerprint_differences
@@ -348,7 +348,7 @@ def _property_figure(d: StoreDiff, name: str, sa: Stats, sb: Stats) -> Figure:
         right.set_ylabel("P(j | group) in B")
         right.legend(fontsize=8, markerscale=3)
 
-    return _figure(
+    return render_figure(
         draw, f"diff_{name}", f"{name}: property neurons gained/lost per layer; P(j | group), A vs B", (11, 4)
     )
 

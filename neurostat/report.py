@@ -43,7 +43,8 @@ class Figure:
     png: bytes
 
 
-def _figure(draw, name: str, title: str, size=(8, 4)) -> Figure:
+def render_figure(draw, name: str, title: str, size=(8, 4)) -> Figure:
+    """A figure drawn by ``draw(fig)`` as a PNG with its name and title (the report's and the diff page's)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -70,7 +71,7 @@ def _per_layer(stats: Stats, sets: dict[str, NeuronSet]) -> Figure:
         ax.set_xticks(stats.layers)
         ax.legend()
 
-    return _figure(draw, "neurons_per_layer", "Property neurons per layer")
+    return render_figure(draw, "neurons_per_layer", "Property neurons per layer")
 
 
 def _overlaps(sets: dict[str, NeuronSet], regions: dict[str, int]) -> Figure:
@@ -90,7 +91,7 @@ def _overlaps(sets: dict[str, NeuronSet], regions: dict[str, int]) -> Figure:
         bottom.set_yticks(range(len(names)), names)
         bottom.set_xticks(x, [""] * len(order))
 
-    return _figure(draw, "overlaps", "Overlaps between properties (UpSet: each bar is one exclusive region)")
+    return render_figure(draw, "overlaps", "Overlaps between properties (UpSet: each bar is one exclusive region)")
 
 
 def _heatmap(stats: Stats, name: str, neurons: NeuronSet) -> Figure | None:
@@ -114,7 +115,7 @@ def _heatmap(stats: Stats, name: str, neurons: NeuronSet) -> Figure | None:
         fig.colorbar(image, ax=ax, label=f"P(j | {axis})")
 
     title = f"{name}: P(j | {axis}) of its {len(keep)} most selective neurons (chance {stats.chance:.3f})"
-    return _figure(draw, f"probability_{name}", title, size=(10, 2 + 0.18 * len(keep)))
+    return render_figure(draw, f"probability_{name}", title, size=(10, 2 + 0.18 * len(keep)))
 
 
 def _histograms(stats: Stats) -> Figure:
@@ -133,7 +134,7 @@ def _histograms(stats: Stats) -> Figure:
         for ax in axes[len(stats.layers) :]:
             ax.axis("off")
 
-    return _figure(
+    return render_figure(
         draw, "probability_histograms", "Activating probability P(j) per layer (dotted: chance k/D)", (10, 2.2 * rows)
     )
 
@@ -202,7 +203,7 @@ def _ablation(results: list[dict]) -> Figure | None:
             ax.set_ylabel(ylabel)
 
     size = (2.6 * len(panels) + 1, 4.6)
-    return _figure(draw, "probe_ablation", "Probes after removing neurons (random sets: mean ± s.d.)", size)
+    return render_figure(draw, "probe_ablation", "Probes after removing neurons (random sets: mean ± s.d.)", size)
 
 
 def _pruning(results: list[dict]) -> Figure | None:
@@ -234,7 +235,7 @@ def _pruning(results: list[dict]) -> Figure | None:
             if i == 0:
                 ax.legend(fontsize=7)
 
-    return _figure(draw, "probe_pruning", "Probes after pruning (no retraining)", (3 * len(tasks) + 1, 3.5))
+    return render_figure(draw, "probe_pruning", "Probes after pruning (no retraining)", (3 * len(tasks) + 1, 3.5))
 
 
 def _probe_table(results: list[dict]) -> str:
