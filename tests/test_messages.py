@@ -1,5 +1,6 @@
 """Messages that were tracebacks or misled (issue 31, item 5): reading stores."""
 
+import os
 import subprocess
 import sys
 
@@ -53,7 +54,9 @@ def test_the_hubs_retry_lines_stay_quiet_unless_debug(tmp_path):
         "from huggingface_hub.utils import logging\n"
         "logging.get_logger('huggingface_hub.utils._http').warning('Retrying in 1s [Retry 1/5].')\n"
     )
+    # a CLI run earlier in this process (CliRunner) may have set HF_HUB_VERBOSITY, and a user may have
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_VERBOSITY"}
     for debug in ([], ["--debug"]):
         args = [sys.executable, "-c", code, *debug, "info", str(tmp_path / "none.zarr")]
-        res = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        res = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
         assert ("Retrying" in res.stderr) == bool(debug), res.stderr
