@@ -21,7 +21,7 @@ import torch
 from neurostat.corpus.prepare import PrepareSettings, prepare
 from neurostat.corpus.prepared import PreparedCorpus
 from neurostat.corpus.synth import synthesize
-from neurostat.engine.batching import BatchDataset, plan_batches
+from neurostat.engine.batching import BatchDataset, default_num_jobs, plan_batches, usable_cores
 from neurostat.engine.tokens import token_mask
 from neurostat.labelspace import LabelSpace
 from neurostat.model.adapter import load_geometry
@@ -82,8 +82,16 @@ def emit(text: str, *paths: str | Path | None) -> None:
             f.write("\n" + text)
 
 
-def build_corpus(workdir: Path, speakers: int, utterances: int, layers: int, size: str) -> tuple[PreparedCorpus, Path]:
-    """A synthetic corpus prepared in ``workdir`` and a random HuBERT of ``size`` with ``layers`` layers."""
+def build_corpus(
+    workdir: Path, speakers: int, utterances: int, layers: int, size: str, cache: str | Path | None = None
+) -> tuple[PreparedCorpus, Path]:
+    """A synthetic corpus prepared in ``workdir`` and a random HuBERT of ``size`` with ``layers`` layers;
+    with ``cache`` (a folder) both are kept there and reused by the next bench that asks for the same sizes
+    (synthesising a thousand utterances takes minutes of a lent card's time)."""
+    if cache is not None:
+        workdir = Path(cache) / f"hubert-{size}-{layers}-layers-{speakers}x{utterances}"
+        if (workdir / "built").exists():
+            return PreparedCorpus(workdir / "prepared"), workdir / "model"
     model_dir = save_model(workdir / "model", "hubert", size, num_hidden_layers=layers)
     synthesize(workdir / "corpus", num_speakers=speakers, utterances_per_speaker=utterances, seed=0, progress=False)
     prepare(
@@ -92,9 +100,10 @@ def build_corpus(workdir: Path, speakers: int, utterances: int, layers: int, siz
         workdir / "corpus" / "alignments",
         workdir / "prepared",
         PrepareSettings(load_geometry(str(model_dir))),
-        num_jobs=2,
+        num_jobs=max(2, usable_cores()),
         progress=False,
     )
+    (workdir / "built").touch()
     return PreparedCorpus(workdir / "prepared"), model_dir
 
 
@@ -134,7 +143,7 @@ def paper_loop(corpus, adapter, tokens: str, k: int) -> tuple[float, float]:
     return total, forward_time
 
 
-def corpus_arguments(description: str, backend: str = "auto", num_jobs: int = 1) -> argparse.ArgumentParser:
+def corpus_arguments(description: str, backend: str = "auto", num_jobs: int | None = None) -> argparse.ArgumentParser:
     """The options the corpus benches share (see :func:`parse`)."""
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", default="phone-mid", choices=["phone-mid", "all", "no-silence"])
@@ -145,8 +154,11 @@ def corpus_arguments(description: str, backend: str = "auto", num_jobs: int = 1)
     ap.add_argument("--utterances", type=int, default=3)
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--batch-seconds", type=float, default=None, help="[default: the engine's for the device]")
-    ap.add_argument("-j", "--num-jobs", type=int, default=num_jobs, help="data-loading workers")
+    ap.add_argument(
+        "-j", "--num-jobs", type=int, default=num_jobs, help="data-loading workers [default: collect's for the device]"
+    )
     ap.add_argument("--repeat", type=int, default=2, help="timed repetitions (the best is reported)")
+    ap.add_argument("--corpus-dir", default=None, help="keep the synthetic corpus and model here, reuse them if there")
     ap.add_argument("--no-paper", action="store_true", help="skip the paper's loop")
     ap.add_argument("--smoke", action="store_true", help="a tiny model on 2 x 2 utterances, once, no results file")
     ap.add_argument("--results", default=str(RESULTS), help="append the table here ('' for none)")
@@ -157,6 +169,8 @@ def parse(ap: argparse.ArgumentParser) -> argparse.Namespace:
     """The options; ``--smoke`` shrinks the run to a tiny model on 2 x 2 utterances, once, no results file."""
     args = ap.parse_args()
     args.size = "tiny" if args.smoke else "base"
+    if args.num_jobs is None:
+        args.num_jobs = default_num_jobs(args.device)
     if args.smoke:
         args.speakers, args.utterances, args.layers, args.repeat, args.results = 2, 2, 2, 1, ""
     return args

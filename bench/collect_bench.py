@@ -46,12 +46,12 @@ def plain_forward(corpus, adapter, config) -> float:
 
 
 def main() -> None:
-    args = parse(corpus_arguments(__doc__, backend="torch", num_jobs=1))
+    args = parse(corpus_arguments(__doc__, backend="torch"))
     args.batch_seconds = args.batch_seconds or default_batch_seconds(args.device)
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        corpus, model_dir = build_corpus(work, args.speakers, args.utterances, args.layers, args.size)
+        corpus, model_dir = build_corpus(work, args.speakers, args.utterances, args.layers, args.size, args.corpus_dir)
         adapter = ModelAdapter.load(str(model_dir), device=args.device, dtype=getattr(torch, args.dtype))
         config = CollectConfig(
             tokens=args.tokens,

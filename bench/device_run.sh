@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
-# One prepared run on a lent GPU: the bf16 kernel tests and the fold_sums tests, throughput_bench,
-# kernel_bench (kernel tables, the label_stats designs against one read of the rows, the bf16/fp32
-# precision study, engine runs), collect_bench and scale_bench (the per-GPU rate and the loader for the
-# 960 h projection; a multi-process NCCL run where the machine has several GPUs), results in $OUT
-# (with each step's exit status and wall time in $OUT/steps.txt, to size the next timeout, and its
-# output in $OUT/<step>.log). A failed step does not stop the later ones: the card's time is scarce.
+# One prepared run on a lent GPU, 8 minutes at most: every step has its own timeout (cut to what is left
+# of the budget), a failed or timed-out step does not stop the later ones, and every bench appends each
+# table to its results file the moment it is done, so a cut step still returns what it finished.
+#   1. throughput_bench on a large corpus (1,024 utterances): the forwards (by hand, per-utterance,
+#      batched, gemm front ends) and collect with all statistics, all tokens and phone-mid, the loader
+#      alone with the default workers: the number that matters, so it runs first;
+#   2. the bf16 kernel tests and the fold_sums tests;
+#   3. kernel_bench (the label_stats design against one read of the rows, the precision study, engine
+#      runs: fp32 vs model precision, side stream);
+#   4. collect_bench (plain forward vs collect vs the paper's per-token loop, a small corpus).
+# Results come back as at most 8 files in $OUT: steps.txt (each step's exit status, its wall time and
+# the seconds since the start), one .md per bench, and logs.tar.gz with every step's full output.
 # Wheels of packages the card's image lacks may wait in .whl/ (installed into /tmp/site with the
 # package); without them the source checkout is imported as it is (neurostat.kernels resolves there too).
-set -euo pipefail
+set -uo pipefail
 OUT=${OUT:-bench/out}
-mkdir -p "$OUT"
+BUDGET=${BUDGET:-480}  # seconds for the whole script
+mkdir -p "$OUT" /tmp/neurostat-logs
 root=$PWD
 if compgen -G ".whl/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -19,23 +26,32 @@ else
     export PYTHONPATH=$root
 fi
 export TRITON_INTERPRET=0 HF_HUB_OFFLINE=1
+corpora=/tmp/neurostat-corpora  # a corpus synthesised by one step is reused by the next ones
 failed=0
-run() {  # run NAME COMMAND...: its output in $OUT/NAME.log; a failure is recorded and the next step still runs
-    local name=$1; shift
-    "$@" > "$OUT/$name.log" 2>&1
+echo "setup: ${SECONDS} s since start" | tee -a "$OUT/steps.txt"
+step() {  # step NAME SECONDS COMMAND...: at most SECONDS (less if the budget is nearly spent)
+    local name=$1 limit=$2; shift 2
+    local left=$((BUDGET - SECONDS - 10))
+    [ "$left" -lt "$limit" ] && limit=$left
+    if [ "$limit" -lt 20 ]; then
+        echo "$name: skipped, ${SECONDS} s since start leave no time" | tee -a "$OUT/steps.txt"
+        failed=1
+        return
+    fi
+    local start=$SECONDS
+    timeout --kill-after=5 "$limit" "$@" > "/tmp/neurostat-logs/$name.log" 2>&1
     local rc=$?
     [ $rc -eq 0 ] || failed=1
-    echo "$name: rc $rc, ${SECONDS} s since start" | tee -a "$OUT/steps.txt"
-    tail -3 "$OUT/$name.log"
+    echo "$name: rc $rc$([ $rc -eq 124 ] && echo ' (timed out)'), $((SECONDS - start)) s of $limit, ${SECONDS} s since start" \
+        | tee -a "$OUT/steps.txt"
+    tail -3 "/tmp/neurostat-logs/$name.log"
 }
-set +e
-echo "setup: ${SECONDS} s since start" | tee -a "$OUT/steps.txt"
-run kernel_tests bash -c "cd /tmp && python3 -m pytest -q -p no:cacheprovider --rootdir '$root' '$root/tests/kernels' -k 'bfloat16 or fold_sums'"
-run kernel_bench python3 bench/kernel_bench.py --repeat 5 --results "$OUT/kernel.md"
-run throughput_bench python3 bench/throughput_bench.py --device cuda --dtype bfloat16 --speakers 16 --utterances 8 -j 8 \
-    --results "$OUT/throughput.md"
-run collect_bench python3 bench/collect_bench.py --device cuda --dtype bfloat16 --backend triton --speakers 8 \
-    --utterances 8 -j 4 --results "$OUT/collect.md"
-run scale_bench python3 bench/scale_bench.py --device cuda --dtype bfloat16 --backend triton --speakers 8 \
-    --utterances 4 -j 4 --results "$OUT/scale.md"
+step throughput 210 python3 bench/throughput_bench.py --device cuda --dtype bfloat16 --speakers 32 --utterances 32 \
+    --tokens all --also-tokens phone-mid --repeat 1 --no-paper --corpus-dir "$corpora" --results "$OUT/throughput.md"
+step kernel_tests 50 bash -c "cd /tmp && python3 -m pytest -q -p no:cacheprovider --rootdir '$root' '$root/tests/kernels' -k 'bfloat16 or fold_sums'"
+step kernel_bench 150 python3 bench/kernel_bench.py --repeat 3 --results "$OUT/kernel.md"
+step collect_bench 45 python3 bench/collect_bench.py --device cuda --dtype bfloat16 --backend triton --speakers 8 \
+    --utterances 8 --corpus-dir "$corpora" --results "$OUT/collect.md"
+tar -czf "$OUT/logs.tar.gz" -C /tmp neurostat-logs
+echo "done: ${SECONDS} s since start" | tee -a "$OUT/steps.txt"
 exit $failed

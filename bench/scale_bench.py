@@ -87,7 +87,7 @@ def main() -> None:
     diff: dict[str, tuple[int, int]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        corpus, model_dir = build_corpus(work, args.speakers, args.utterances, args.layers, args.size)
+        corpus, model_dir = build_corpus(work, args.speakers, args.utterances, args.layers, args.size, args.corpus_dir)
         audio = sum(r["num_samples"] for r in corpus.records) / corpus.geometry.sample_rate
         options = ["--prepared", str(corpus.path), "--model", str(model_dir), "--device", args.device]
         options += ["--dtype", args.dtype, "--backend", args.backend, "--tokens", args.tokens, "-j", str(args.num_jobs)]

@@ -64,12 +64,12 @@ def by_hand(adapter, corpus, items) -> callable:
 
 
 def main() -> None:
-    args = parse(corpus_arguments(__doc__, backend="auto", num_jobs=2))
+    args = parse(corpus_arguments(__doc__, backend="auto"))
     batch_seconds = args.batch_seconds or default_batch_seconds(args.device)
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        corpus, model_dir = build_corpus(work, args.speakers, args.utterances, args.layers, args.size)
+        corpus, model_dir = build_corpus(work, args.speakers, args.utterances, args.layers, args.size, args.corpus_dir)
         adapter = ModelAdapter.load(str(model_dir), device=args.device, dtype=getattr(torch, args.dtype))
         items, padding = decoded_batches(corpus, adapter, batch_seconds, args.tokens)
         frames = sum(u.num_frames for u in corpus)

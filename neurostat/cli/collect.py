@@ -113,7 +113,13 @@ def _shard(ctx, param, text: str) -> tuple[int, int]:
     "[default: every part of the prepared corpus].",
 )
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
-@click.option("--dtype", type=click.Choice(MODEL_DTYPES), default="float32", help="Model dtype.")
+@click.option(
+    "--dtype",
+    type=click.Choice(("auto", *MODEL_DTYPES)),
+    default="auto",
+    help="Model dtype; auto = bfloat16 on a GPU of compute capability 8+ (float16 on older ones), float32 on a "
+    "CPU. Half precision is safe for the counts: the statistics see fp32 activations (--stats-precision).",
+)
 @click.option(
     "--backend",
     type=click.Choice(("auto", *BACKENDS)),
@@ -155,7 +161,14 @@ def _shard(ctx, param, text: str) -> tuple[int, int]:
 )
 @click.option("--resume", is_flag=True, help="Continue an interrupted collection in --out.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store at --out.")
-@click.option("-j", "--num-jobs", default=1, help="Data-loading worker processes (0 = load in the main process).")
+@click.option(
+    "-j",
+    "--num-jobs",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Data-loading worker processes, 0 = load in the main process [default: on a GPU the cores less 2, at "
+    "most 12; on a CPU 0 up to 4 cores, else 1, and torch's threads take the other cores].",
+)
 @preset_option
 @user_errors
 def collect(

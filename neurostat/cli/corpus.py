@@ -284,7 +284,13 @@ def labels_remove(prepared, name) -> None:
 @click.option(
     "--batch-seconds", type=float, default=None, help="Padded audio per batch [default: 20 on a CPU, 160 on a GPU]."
 )
-@click.option("-j", "--num-jobs", default=1, help="Data-loading worker processes (0 = load in the main process).")
+@click.option(
+    "-j",
+    "--num-jobs",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Data-loading worker processes, 0 = load in the main process [default: as collect's].",
+)
 @user_errors
 def cluster(prepared, name, **options) -> None:
     """k-means label sets for the follow-up paper's groups: units of SSL features or utterance clusters.

@@ -79,7 +79,7 @@ def cluster_features(
     fit_frames: int = 100_000,
     seed: int = 0,
     batch_seconds: float | None = None,
-    num_jobs: int = 0,
+    num_jobs: int | None = None,
     progress: bool = True,
 ) -> dict:
     """k-means of layer ``layer``'s output → label set ``name`` (per frame, or per utterance mean)."""
@@ -164,7 +164,7 @@ def cluster_label_set(
     device: str = "auto",
     dtype: str = "float32",
     batch_seconds: float | None = None,
-    num_jobs: int = 0,
+    num_jobs: int | None = None,
     progress: bool = True,
 ) -> dict:
     """What `neurostat cluster` does: k-means of given utterance ``vectors``, or of ``model``'s layer

@@ -30,7 +30,7 @@ from ..errors import OptionError
 from ..model.adapter import ModelAdapter, model_dtype, resolve_device
 from ..store import Progress, StoreMeta, StoreWriter
 from .accumulate import Accumulator
-from .batching import BatchDataset, padding_fraction, plan_batches
+from .batching import BatchDataset, default_num_jobs, forward_threads, padding_fraction, plan_batches
 from .distributed import World, rank_zero_first
 from .rank import collect_rank
 from .spec import CollectConfig, RunSpec
@@ -93,6 +93,18 @@ def collect(
     )
 
 
+@contextmanager
+def _threads_beside_workers(device: torch.device, num_jobs: int) -> Iterator[None]:
+    """On a CPU, torch's threads leave the loading workers their cores for the run (then restored)."""
+    threads, before = forward_threads(device, num_jobs), torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _interrupted(stop: list[str], job, when: str) -> CollectInterrupted:
     where = "" if job is None else f"{job.world}: "
     why = "" if job is None else " (torchrun stops every rank when one fails: its report names it)"
@@ -132,16 +144,16 @@ def _restore(spec: RunSpec, adapter: ModelAdapter, store: StoreWriter) -> tuple[
 
 
 def _loader(corpus, adapter, spec: RunSpec, batches, store: StoreWriter) -> torch.utils.data.DataLoader:
-    """Batches of waveforms and token labels from ``spec.config.num_jobs`` worker processes."""
+    """Batches of waveforms and token labels from ``spec.num_jobs`` worker processes."""
     config = spec.config
     data = BatchDataset(corpus, batches, adapter.feature_extractor, config.tokens, spec.space, config.drop_final_run)
     return torch.utils.data.DataLoader(
         data,
         batch_size=None,
         shuffle=False,
-        num_workers=config.num_jobs,
+        num_workers=spec.num_jobs,
         pin_memory=adapter.device.type == "cuda",
-        prefetch_factor=4 if config.num_jobs else None,
+        prefetch_factor=4 if spec.num_jobs else None,
         worker_init_fn=functools.partial(_release_inherited, store.lock_fd),
     )
 
@@ -243,7 +255,7 @@ def _run(
         prog.elapsed_seconds, prog.utterances_done = base_elapsed + time.time() - started, len(done)
         store.save_checkpoint(acc.state_dict(), done, prog)
 
-    with _stop_requests() as stop:
+    with _stop_requests() as stop, _threads_beside_workers(adapter.device, spec.num_jobs):
         with adapter.instrument(activation, list(spec.layers)):
             for item in _timed_iter(_loader(corpus, adapter, spec, batches, store), prog):
                 if item["changed"]:  # before the batch counts: a resume after prepare redoes it
@@ -303,7 +315,7 @@ def collect_corpus(
     layout: str = "librispeech",
     prepare_options: dict | None = None,
     device: str = "auto",
-    dtype: str = "float32",
+    dtype: str = "auto",
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
@@ -329,11 +341,12 @@ def collect_corpus(
         device = world.device(device)
         world.init(resolve_device(device))
         progress = progress and world.rank == 0
-    adapter = ModelAdapter.load(model, device=resolve_device(device), dtype=model_dtype(dtype))
+    device = resolve_device(device)
+    adapter = ModelAdapter.load(model, device=device, dtype=model_dtype(dtype, device))
     if root is not None:
         prepared = prepared or default_prepared_dir(alignments, subset)
         settings = PrepareSettings.from_options(adapter.geometry, **(prepare_options or {}))
-        jobs = max(1, config.num_jobs)
+        jobs = max(1, default_num_jobs(device) if config.num_jobs is None else config.num_jobs)
         meta = rank_zero_first(
             world, lambda: prepare(root, subset, alignments, prepared, settings, jobs, progress, layout)
         )
@@ -354,6 +367,13 @@ def collect_corpus(
             dist.destroy_process_group()
 
 
+def _workers(n: int | None) -> str:
+    """The summary's words for the loading workers (stores before they were recorded: none)."""
+    if n is None:
+        return ""
+    return ", loading in the main process" if n == 0 else f", {n} loading worker{'s' if n > 1 else ''}"
+
+
 def describe_collect(meta: StoreMeta, out: str | Path) -> str:
     """The summary `neurostat collect` prints."""
     p, stats, model = meta.progress, meta.statistics, meta.model
@@ -368,8 +388,9 @@ def describe_collect(meta: StoreMeta, out: str | Path) -> str:
         f"{p.frames:,} frames, {p.tokens:,} tokens ({stats['tokens']}) in {seconds:.1f} s: "
         f"{p.frames / seconds:,.0f} frames/s, {p.audio_seconds / seconds:.1f} audio-s/s",
         f"waiting for data {100 * p.data_wait_seconds / loop:.0f}% of the loop, computing the rest; "
-        f"padding {100 * (1 - p.frames / padded):.1f}% of the frames; {meta.batching['front_end']} front end, "
-        f"{model.get('attention', 'eager')} attention",
+        f"padding {100 * (1 - p.frames / padded):.1f}% of the frames; {meta.fingerprint.get('dtype', 'float32')} "
+        f"model, {meta.batching['front_end']} front end, {model.get('attention', 'eager')} attention"
+        + _workers(meta.batching.get("loader_workers")),
         f"statistics: {', '.join(meta.stats)}; k = {meta.k} of {model['width']} "
         f"(λ = {stats['topk_ratio']}); layers {meta.layers[0]}..{meta.layers[-1]}; backend {stats['backend']}; "
         f"precision {stats.get('precision', 'model').split(':')[0]}",

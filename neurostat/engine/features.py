@@ -14,7 +14,7 @@ from tqdm import tqdm
 from ..corpus.prepared import AudioChangedError, LabelSetError, PreparedCorpus
 from ..labelspace import LabelSpace
 from ..model.adapter import ModelAdapter, ModelError
-from .batching import BatchDataset, default_batch_seconds, plan_batches
+from .batching import BatchDataset, default_batch_seconds, default_num_jobs, plan_batches
 
 
 class _Captured(Exception):
@@ -27,11 +27,11 @@ def layer_features(
     indices: list[int],
     layers: list[int],
     batch_seconds: float | None = None,
-    num_jobs: int = 0,
+    num_jobs: int | None = None,
     progress: bool = True,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(utterance id, outputs of Transformer layers ``layers`` (1-based) [frames, len(layers), hidden])
-    per utterance of ``corpus`` at ``indices``."""
+    per utterance of ``corpus`` at ``indices``; ``num_jobs`` loading workers (None: the device's default)."""
     adapter.check_geometry(corpus.geometry)
     if not indices:  # nothing to run (and no empty progress bar)
         return
@@ -43,7 +43,8 @@ def layer_features(
         raise ModelError(f"{adapter.source} has layers 1..{len(blocks)}; no layer {bad[0]}")
     batches = plan_batches(corpus, indices, batch_seconds or default_batch_seconds(adapter.device), None)
     data = BatchDataset(corpus, batches, adapter.feature_extractor, "all", LabelSpace.of_corpus(corpus, ("phone",)))
-    loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=num_jobs)
+    workers = default_num_jobs(adapter.device) if num_jobs is None else num_jobs
+    loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers)
     captured: dict[int, torch.Tensor] = {}
     top = max(layers)
 

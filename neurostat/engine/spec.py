@@ -20,7 +20,7 @@ from ..model.adapter import FRONT_ENDS, ModelAdapter, ModelError, default_front_
 from ..store import StoreMeta
 from ..version import __version__
 from .backends import PRECISIONS, make_backend, resolve_backend
-from .batching import default_batch_seconds
+from .batching import default_batch_seconds, default_num_jobs
 from .statistics import TABLE, Params, statistics
 from .tokens import MODES
 
@@ -39,7 +39,7 @@ class CollectConfig:
     checkpoint_utterances: int | None = None
     keep_checkpoint: bool = False  # keep the last checkpoint's state beside the complete store
     shard: tuple[int, int] = (0, 1)
-    num_jobs: int = 0
+    num_jobs: int | None = None  # data-loading workers; None: default_num_jobs(device)
     backend: str = "auto"
     stats_precision: str = "fp32"  # fp32: statistics of the fp32-accumulated activations in bf16/fp16 runs
     top_frames: int = 16  # N of the top_frames statistic (when collected)
@@ -58,6 +58,8 @@ class CollectConfig:
         for name, value in (("--batch-seconds", self.batch_seconds), ("--max-seconds", self.max_seconds)):
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be positive, got {value}")
+        if self.num_jobs is not None and self.num_jobs < 0:
+            raise ValueError(f"-j must be 0 (load in the main process) or more workers, got {self.num_jobs}")
         if self.front_end is not None and self.front_end not in FRONT_ENDS:
             raise ValueError(f"unknown front end {self.front_end!r}; choose from {FRONT_ENDS}")
         if self.stats_precision not in PRECISIONS:
@@ -73,6 +75,7 @@ class RunSpec:
     batch_seconds: float
     front_end: str
     backend: str
+    num_jobs: int
     layers: tuple[int, ...]
     width: int
     k: int
@@ -110,6 +113,7 @@ class RunSpec:
             batch_seconds=config.batch_seconds or default_batch_seconds(adapter.device),
             front_end=front_end,
             backend=backend,
+            num_jobs=default_num_jobs(adapter.device) if config.num_jobs is None else config.num_jobs,
             layers=tuple(layers),
             width=width,
             k=max(1, round(config.topk_ratio * width)),
@@ -210,6 +214,7 @@ class RunSpec:
                 "transformer": f"batched with a boolean frame mask, {adapter.attention} attention",
                 "max_seconds": config.max_seconds,
                 "batch_seconds": self.batch_seconds,
+                "loader_workers": self.num_jobs,
             },
             versions=_versions(),
             command=config.command,

@@ -471,10 +471,18 @@ def weights_fingerprint(source: str, fresh: bool = False) -> str | None:
     return digest
 
 
-def model_dtype(name: str) -> torch.dtype:
-    """The torch dtype of a ``--dtype`` name (one of :data:`~neurostat.choices.MODEL_DTYPES`)."""
+def model_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
+    """The torch dtype of a ``--dtype`` name (one of :data:`~neurostat.choices.MODEL_DTYPES`), or for
+    ``auto`` the fast one on ``device``: bfloat16 on a GPU that computes it natively (compute capability
+    8 and up), float16 on an older one, float32 on a CPU.  Half precision is safe for the statistics:
+    they see the fp32-accumulated activations (``--stats-precision fp32``)."""
+    if name == "auto":
+        device = torch.device(device)
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
     if name not in MODEL_DTYPES:
-        raise ModelError(f"--dtype {name!r} is not a model dtype; choose from {MODEL_DTYPES}")
+        raise ModelError(f"--dtype {name!r} is not a model dtype; choose from auto, {', '.join(MODEL_DTYPES)}")
     return getattr(torch, name)
 
 
