@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -30,6 +31,7 @@ from benchutil import build_corpus, corpus_arguments, emit, loader_alone, machin
 
 from neurostat.engine.batching import BatchDataset, default_batch_seconds, padding_fraction, plan_batches  # noqa: E402
 from neurostat.engine.collect import CollectConfig, collect  # noqa: E402
+from neurostat.engine.tokens import MODES  # noqa: E402
 from neurostat.labelspace import LabelSpace  # noqa: E402
 from neurostat.model.adapter import ModelAdapter, default_front_end  # noqa: E402
 
@@ -63,8 +65,21 @@ def by_hand(adapter, corpus, items) -> callable:
     return run
 
 
+def best_collect(corpus, adapter, folder: Path, config: CollectConfig, repeat: int):
+    """The metadata of the fastest of ``repeat`` collect runs (by their loop's seconds)."""
+    runs = [collect(corpus, adapter, folder / f"run{r}.zarr", config, progress=False) for r in range(repeat)]
+    return min(runs, key=lambda m: m.progress.loop_seconds)
+
+
 def main() -> None:
-    args = parse(corpus_arguments(__doc__, backend="auto"))
+    ap = corpus_arguments(__doc__, backend="auto")
+    ap.add_argument(
+        "--also-tokens",
+        choices=MODES,
+        default=None,
+        help="also run (iv) with these tokens (one corpus and one set of forwards for both modes)",
+    )
+    args = parse(ap)
     batch_seconds = args.batch_seconds or default_batch_seconds(args.device)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -91,63 +106,67 @@ def main() -> None:
         for name, run in runs.items():
             run()  # warm-up
             times[name] = min(once(run, adapter.device) for _ in range(args.repeat))
-        front_end = default_front_end(adapter.device)
-        config = CollectConfig(
-            tokens=args.tokens,
-            batch_seconds=batch_seconds,
-            num_jobs=args.num_jobs,
-            backend=args.backend,
-            checkpoint_seconds=1e9,
-        )
-        collected = [
-            collect(corpus, adapter, work / f"all{r}.zarr", config, progress=False) for r in range(args.repeat)
-        ]
-        meta = min(collected, key=lambda m: m.progress.loop_seconds)
-        p = meta.progress
-        iv = f"(iv) collect, all statistics, {front_end} front end (streaming loop, loading included)"
-        times[iv] = p.loop_seconds
-        if not args.no_paper:
-            times["(v) paper's per-token loop (top-k only, batch 1)"] = paper_loop(
-                corpus, adapter, args.tokens, meta.k
-            )[0]
-        load = loader_alone(corpus, adapter.feature_extractor, batch_seconds, args.tokens, args.num_jobs)
         plain = times["(iii) engine forward, batched front end"]
-        own = times[next(name for name in runs if name.endswith(f"{front_end} front end"))]
-        collect_time = times[iv]
-        lines = [
-            f"### throughput_bench: tokens {args.tokens}, {args.dtype}, {args.device}, backend {meta.statistics['backend']}",
-            "",
-            f"- machine: {machine(args.device)}",
-            f"- model: random HuBERT-{'tiny' if args.smoke else 'base'} geometry, {adapter.num_layers} layers x "
-            f"{adapter.width} neurons, {adapter.attention} attention; corpus: {len(corpus)} synthetic utterances, "
-            f"{audio:.1f} s, {frames} frames; {len(items)} batches of <= {batch_seconds:g} s padded audio "
-            f"({100 * padding:.1f}% padding); -j {args.num_jobs}; best of {args.repeat}",
-            "",
-            "| run | seconds | audio-s/s | frames/s | vs (iii) |",
-            "| --- | ---: | ---: | ---: | ---: |",
-        ]
-        lines += [
-            f"| {name} | {t:.3f} | {audio / t:,.1f} | {frames / t:,.0f} | {t / plain:.3f} |"
-            for name, t in times.items()
-        ]
-        lines += [
-            f"| loader alone, -j {args.num_jobs} (decode, normalise, label) | {load:.3f} | {audio / load:,.1f} | "
-            f"{frames / load:,.0f} | {load / plain:.3f} |",
-            "",
-            f"- (iii)/(i) = {plain / times['(i) forward by hand (HF padding + attention mask)']:.3f}; "
-            f"(ii)/(i) = {times['(ii) engine forward, per-utterance front end'] / times['(i) forward by hand (HF padding + attention mask)']:.3f}; "
-            f"(iv) / its plain forward ({front_end}) = {collect_time / own:.3f}; data wait in (iv): "
-            f"{100 * p.data_wait_seconds / p.loop_seconds:.0f}% of its loop; loader per worker: "
-            f"{audio / load / max(args.num_jobs, 1):,.1f} audio-s/s",
-        ]
-        for corpus_name, hours in HOURS.items():
-            compute, loading = hours * 3600 * collect_time / audio, hours * 3600 * load / audio
-            bound = "the compute" if compute >= loading else "the loader"
-            lines.append(
-                f"- projected {corpus_name}: collect {compute / 60:,.1f} min, the loader alone {loading / 60:,.1f} min "
-                f"with -j {args.num_jobs}: bound by {bound}"
-            )
-        emit("\n".join(lines) + "\n", args.results)
+
+        def table(title: str, rows: dict[str, float]) -> list[str]:
+            head = [f"### throughput_bench, {title}: tokens {args.tokens}, {args.dtype}, {args.device}", ""]
+            head += [
+                f"- machine: {machine(args.device)}",
+                f"- model: random HuBERT-{'tiny' if args.smoke else 'base'} geometry, {adapter.num_layers} layers x "
+                f"{adapter.width} neurons, {adapter.attention} attention; corpus: {len(corpus)} synthetic utterances, "
+                f"{audio:.1f} s, {frames} frames; {len(items)} batches of <= {batch_seconds:g} s padded audio "
+                f"({100 * padding:.1f}% padding); -j {args.num_jobs}; best of {args.repeat}",
+                "",
+                "| run | seconds | audio-s/s | frames/s | vs (iii) |",
+                "| --- | ---: | ---: | ---: | ---: |",
+            ]
+            return head + [
+                f"| {name} | {t:.3f} | {audio / t:,.1f} | {frames / t:,.0f} | {t / plain:.3f} |"
+                for name, t in rows.items()
+            ]
+
+        by_hand_time = times["(i) forward by hand (HF padding + attention mask)"]
+        ratios = "; ".join(f"{name.split()[0]}/(i) = {t / by_hand_time:.3f}" for name, t in list(times.items())[1:])
+        emit("\n".join([*table("forwards", times), "", f"- {ratios}"]) + "\n", args.results)
+        emit("\n".join(collect_section(args, corpus, adapter, work, runs, times, table, audio)) + "\n", args.results)
+
+
+def collect_section(args, corpus, adapter, work: Path, runs, times, table, audio: float) -> list[str]:
+    """(iv) collect (and with --also-tokens (iv')), (v) the paper's loop and the loader: their table, the
+    ratios and the projections."""
+    batch_seconds = args.batch_seconds or default_batch_seconds(args.device)
+    front_end = default_front_end(adapter.device)
+    config = CollectConfig(
+        tokens=args.tokens, batch_seconds=batch_seconds, num_jobs=args.num_jobs, backend=args.backend,
+        checkpoint_seconds=1e9,
+    )  # fmt: skip
+    iv = f"(iv) collect, all statistics, {front_end} front end (streaming loop, loading included)"
+    meta = best_collect(corpus, adapter, work / "main", config, args.repeat)
+    p = meta.progress
+    rows = {iv: p.loop_seconds}
+    if args.also_tokens:
+        other = best_collect(corpus, adapter, work / "also", replace(config, tokens=args.also_tokens), args.repeat)
+        rows[f"(iv') the same, tokens {args.also_tokens}"] = other.progress.loop_seconds
+    if not args.no_paper:
+        rows["(v) paper's per-token loop (top-k only, batch 1)"] = paper_loop(corpus, adapter, args.tokens, meta.k)[0]
+    load = loader_alone(corpus, adapter.feature_extractor, batch_seconds, args.tokens, args.num_jobs)
+    rows[f"loader alone, -j {args.num_jobs} (decode, normalise, label)"] = load
+    own = times[next(name for name in runs if name.endswith(f"{front_end} front end"))]
+    lines = table(f"collect (backend {meta.statistics['backend']})", rows)
+    lines += [
+        "",
+        f"- (iv) / its plain forward ({front_end}) = {rows[iv] / own:.3f}; data wait in (iv): "
+        f"{100 * p.data_wait_seconds / p.loop_seconds:.0f}% of its loop; loader per worker: "
+        f"{audio / load / max(args.num_jobs, 1):,.1f} audio-s/s",
+    ]
+    for corpus_name, hours in HOURS.items():
+        compute, loading = hours * 3600 * rows[iv] / audio, hours * 3600 * load / audio
+        bound = "the compute" if compute >= loading else "the loader"
+        lines.append(
+            f"- projected {corpus_name}: collect {compute / 60:,.1f} min, the loader alone {loading / 60:,.1f} min "
+            f"with -j {args.num_jobs}: bound by {bound}"
+        )
+    return lines
 
 
 if __name__ == "__main__":
