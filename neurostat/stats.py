@@ -227,7 +227,8 @@ def describe_store(path: str | Path) -> str:
     quantiles = pitch_meta.get("quantiles")
     lines = [
         f"store: {path} ({'complete' if meta.complete else 'INCOMPLETE'}; neurostat {meta.version})",
-        f"model: {m['model']} ({m['model_type']}, revision {m['revision']}), {m['num_layers']} layers x {m['width']} FFN neurons",
+        f"model: {m['model']} ({m['model_type']}, revision {m['revision']}), {m['num_layers']} layers x {m['width']} FFN neurons"
+        + (f"; {m['head']}" if m.get("head") else ""),
         f"layers collected: {', '.join(map(str, meta.layers))}",
         f"statistics: {', '.join(meta.stats)}; tokens {s['tokens']}; top-k k = {meta.k} (λ = {s['topk_ratio']}); backend {s['backend']}",
         "labels: " + " x ".join(f"{len(v)} {part}" for part, v in labels.items()) + " joint labels" + pitch,

@@ -309,7 +309,16 @@ class ModelAdapter:
             "normalize": bool(getattr(self.feature_extractor, "do_normalize", False)),
             "attention": self.attention,
             "weights_sha1": self.weights,
+            **self._head(),
         }
+
+    def _head(self) -> dict:
+        """The checkpoint's class (its config's ``architectures``) and, for a fine-tuned one (CTC,
+        classification), the head that collecting its encoder leaves out."""
+        names = getattr(self.config, "architectures", None) or [type(self.model).__name__]
+        arch = names[0]
+        base = arch == type(self.backbone).__name__ or arch.endswith(("Model", "ForPreTraining"))
+        return {"architecture": arch, "head": None if base else f"{arch}: its head is not collected, its encoder is"}
 
     @property
     def attention(self) -> str:
