@@ -8,10 +8,13 @@ Timing: on CUDA, CUDA events around the call (device time, no host-side noise); 
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import platform
 import statistics
 import time
+import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -71,6 +74,33 @@ def machine(device) -> str:
         return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}), torch {torch.__version__}"
     cpu = platform.processor() or platform.machine()
     return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def host_syncs(fn: Callable[[], object], device) -> tuple[int, list[tuple[str, int]]]:
+    """On a GPU: how many times ``fn()`` made the host wait for the device (torch's sync debug mode),
+    and the five code lines of the package that did it most often (outside it: the nearest caller in
+    it); ``(0, [])`` on a CPU, where nothing waits."""
+    if not is_cuda(device):
+        fn()
+        return 0, []
+    sites: collections.Counter = collections.Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-1] if "/neurostat/" in f.filename]
+        where = frames[-1] if frames else traceback.extract_stack()[-2]
+        sites[f"{Path(where.filename).name}:{where.lineno}"] += 1
+
+    previous, show = torch.cuda.get_sync_debug_mode(), warnings.showwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+            warnings.showwarning = show
+    return sum(sites.values()), sites.most_common(5)
 
 
 def emit(text: str, *paths: str | Path | None) -> None:

@@ -27,7 +27,18 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from benchutil import build_corpus, corpus_arguments, emit, loader_alone, machine, once, paper_loop, parse  # noqa: E402
+from benchutil import (
+    build_corpus,
+    corpus_arguments,
+    emit,
+    host_syncs,
+    is_cuda,
+    loader_alone,
+    machine,
+    once,
+    paper_loop,
+    parse,
+)  # noqa: E402
 
 from neurostat.engine.batching import BatchDataset, default_batch_seconds, padding_fraction, plan_batches  # noqa: E402
 from neurostat.engine.collect import CollectConfig, collect  # noqa: E402
@@ -149,6 +160,9 @@ def collect_section(args, corpus, adapter, work: Path, runs, times, table, audio
         rows[f"(iv') the same, tokens {args.also_tokens}"] = other.progress.loop_seconds
     if not args.no_paper:
         rows["(v) paper's per-token loop (top-k only, batch 1)"] = paper_loop(corpus, adapter, args.tokens, meta.k)[0]
+    syncs, sites = host_syncs(
+        lambda: collect(corpus, adapter, work / "syncs.zarr", config, progress=False), args.device
+    )
     load = loader_alone(corpus, adapter.feature_extractor, batch_seconds, args.tokens, args.num_jobs)
     rows[f"loader alone, -j {args.num_jobs} (decode, normalise, label)"] = load
     own = times[next(name for name in runs if name.endswith(f"{front_end} front end"))]
@@ -159,6 +173,10 @@ def collect_section(args, corpus, adapter, work: Path, runs, times, table, audio
         f"{100 * p.data_wait_seconds / p.loop_seconds:.0f}% of its loop; loader per worker: "
         f"{audio / load / max(args.num_jobs, 1):,.1f} audio-s/s",
     ]
+    if is_cuda(args.device):
+        batches = len(plan_batches(corpus, list(range(len(corpus))), batch_seconds, None))
+        where = ", ".join(f"{site} x{n}" for site, n in sites) or "none"
+        lines.append(f"- host waits for the device in one (iv) pass: {syncs} over {batches} batches; where: {where}")
     for corpus_name, hours in HOURS.items():
         compute, loading = hours * 3600 * rows[iv] / audio, hours * 3600 * load / audio
         bound = "the compute" if compute >= loading else "the loader"
