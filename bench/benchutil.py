@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 import torch
 
 from neurostat.corpus.prepare import PrepareSettings, prepare
@@ -143,6 +144,32 @@ def loader_alone(corpus, feature_extractor, batch_seconds: float, tokens: str, w
     data = BatchDataset(corpus, batches, feature_extractor, tokens, LabelSpace.of_corpus(corpus))
     loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers)
     return once(lambda: list(loader), "cpu")
+
+
+def loader_vs_decode(corpus, feature_extractor, batch_seconds: float, tokens: str, repeat: int) -> dict[str, float]:
+    """The loader in this process against a plain soundfile decode of the same files, batch by batch in
+    turns (which goes first alternates): the median over batches and repeats of (loader time / decode
+    time) per batch, the ratio of the totals, and the audio-seconds per second of each (one worker's rate)."""
+    batches = plan_batches(corpus, list(range(len(corpus))), batch_seconds, None)
+    data = BatchDataset(corpus, batches, feature_extractor, tokens, LabelSpace.of_corpus(corpus))
+    paths = [[corpus.records[p.index]["audio"] for p in batch] for batch in batches]
+    data[0]  # warm-up (imports, the page cache)
+    ratios, loader, decode = [], 0.0, 0.0
+    for r in range(repeat):
+        for i in range(len(batches)):
+            runs = [lambda: [sf.read(path, dtype="float32") for path in paths[i]], lambda: data[i]]
+            times = [once(run, "cpu") for run in (runs if (r + i) % 2 == 0 else runs[::-1])]
+            plain, load = times if (r + i) % 2 == 0 else times[::-1]
+            ratios.append(load / plain)
+            loader, decode = loader + load, decode + plain
+    audio = repeat * sum(p.num_samples for batch in batches for p in batch) / corpus.geometry.sample_rate
+    return {
+        "median": statistics.median(ratios),
+        "total": loader / decode,
+        "loader": audio / loader,
+        "decode": audio / decode,
+        "batches": len(batches),
+    }
 
 
 def paper_loop(corpus, adapter, tokens: str, k: int) -> tuple[float, float]:

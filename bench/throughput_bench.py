@@ -7,7 +7,9 @@
 (iv)  `collect` with all statistics on the engine's front end for the device (batched on a GPU,
       per-utterance on a CPU, where it is faster): its streaming loop, data loading included;
 (v)   the paper's per-token loop (batch 1, `torch.topk` per token and layer, a host sync each);
-and the loader alone (FLAC decoding, normalisation, frame labels, tokens) with -j workers.
+and the loader alone (FLAC decoding, normalisation, frame labels, tokens) with -j workers.  First, printed at
+once: the loader in this process against a plain soundfile decode of the same files, batch by batch (its
+cost beyond decoding; the audio-s/s of one worker) — alone with --loader-only.
 (i)-(iii) run on the same padded batches, decoded beforehand, best of --repeat.  Prints audio-seconds
 per second and frames/s, and projects the wall time of dev-clean (5.4 h) and of 960 h from the
 measured rates (the slower of the compute and the loader bounds the run).
@@ -15,6 +17,7 @@ measured rates (the slower of the compute and the loader bounds the run).
     python bench/throughput_bench.py --tokens phone-mid        # CPU, HuBERT-base geometry, fp32
     python bench/throughput_bench.py --device cuda --dtype bfloat16 --speakers 16 --utterances 8 -j 8
     python bench/throughput_bench.py --smoke                    # tiny model, a few utterances (CI)
+    python bench/throughput_bench.py --loader-only --speakers 6 --utterances 8 --repeat 5
 """
 
 from __future__ import annotations
@@ -27,18 +30,20 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from benchutil import (
+from benchutil import (  # noqa: E402
     build_corpus,
     corpus_arguments,
     emit,
     host_syncs,
     is_cuda,
     loader_alone,
+    loader_vs_decode,
     machine,
     once,
     paper_loop,
     parse,
-)  # noqa: E402
+)
+from transformers import AutoFeatureExtractor  # noqa: E402
 
 from neurostat.engine.batching import BatchDataset, default_batch_seconds, padding_fraction, plan_batches  # noqa: E402
 from neurostat.engine.collect import CollectConfig, collect  # noqa: E402
@@ -82,8 +87,31 @@ def best_collect(corpus, adapter, folder: Path, config: CollectConfig, repeat: i
     return min(runs, key=lambda m: m.progress.loop_seconds)
 
 
+def loader_section(args, corpus, model_dir: Path, batch_seconds: float) -> str:
+    """The loader against a plain soundfile decode of the same files, in this process (one worker's work)."""
+    fe = AutoFeatureExtractor.from_pretrained(model_dir)
+    r = loader_vs_decode(corpus, fe, batch_seconds, args.tokens, max(args.repeat, 3))
+    audio = sum(u.record["num_samples"] for u in corpus) / corpus.geometry.sample_rate
+    return "\n".join(
+        [
+            f"### throughput_bench, the loader in one process: tokens {args.tokens}, {batch_seconds:g} s batches",
+            "",
+            f"- machine: {machine('cpu')}",
+            f"- corpus: {len(corpus)} synthetic utterances, {audio:.1f} s, in {r['batches']} batches; "
+            f"batch by batch in turns with a plain `soundfile.read` of the same files, {max(args.repeat, 3)} repeats",
+            "",
+            "| loader / plain decode (median over batches) | (totals) | beyond decoding | loader audio-s/s | "
+            "decode audio-s/s |",
+            "| ---: | ---: | ---: | ---: | ---: |",
+            f"| {r['median']:.3f} | {r['total']:.3f} | {100 * (r['median'] - 1):.0f} % | {r['loader']:,.0f} | "
+            f"{r['decode']:,.0f} |",
+        ]
+    )
+
+
 def main() -> None:
     ap = corpus_arguments(__doc__, backend="auto")
+    ap.add_argument("--loader-only", action="store_true", help="only the loader against a plain decode")
     ap.add_argument(
         "--also-tokens",
         choices=MODES,
@@ -96,6 +124,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         corpus, model_dir = build_corpus(work, args.speakers, args.utterances, args.layers, args.size, args.corpus_dir)
+        emit(loader_section(args, corpus, model_dir, batch_seconds) + "\n", args.results)
+        if args.loader_only:
+            return
         adapter = ModelAdapter.load(str(model_dir), device=args.device, dtype=getattr(torch, args.dtype))
         items, padding = decoded_batches(corpus, adapter, batch_seconds, args.tokens)
         frames = sum(u.num_frames for u in corpus)

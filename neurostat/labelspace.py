@@ -79,11 +79,13 @@ class LabelSpace:
     def encode(self, indices: Mapping[str, int | np.ndarray]) -> np.ndarray:
         """Joint ids from each part's index (an array per frame, or one int for the whole utterance);
         −1 wherever any part is −1."""
-        arrays = np.broadcast_arrays(*(np.asarray(indices[p], dtype=np.int64) for p in self.parts))
-        joint = np.zeros(arrays[0].shape, dtype=np.int64)
-        missing = np.zeros(arrays[0].shape, dtype=bool)
+        arrays = [np.asarray(indices[p], dtype=np.int64) for p in self.parts]
+        shape = np.broadcast_shapes(*(a.shape for a in arrays))
+        joint = np.zeros(shape, dtype=np.int64)
+        missing = np.zeros(shape, dtype=bool)
         for idx, n in zip(arrays, self.shape):
-            joint = joint * n + idx
+            joint *= n
+            joint += idx
             missing |= idx < 0
         return np.where(missing, -1, joint)
 

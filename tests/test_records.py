@@ -63,7 +63,11 @@ def test_the_memory_guard_counts_the_top_frames_by_their_rows(prepared, tiny_mod
 
 
 def test_prepared_meta_written_before_reads_back_unchanged(tmp_path):
-    meta = RECORDS["prepared"]
+    """meta.json's fields are those of format 2 (format 3 moved the frame labels into one array, see
+    test_prepare): a format-2 folder is refused with the command that writes it again."""
+    with pytest.raises(PreparedCorpusError, match="format 2 is not 3 .* neurostat prepare --root /tmp/ba/work/c/Libri"):
+        PreparedMeta.from_dict(RECORDS["prepared"], tmp_path)
+    meta = {**RECORDS["prepared"], "format": 3}
     assert "align" not in meta["pitch"]  # written before --pitch-align: F0 was read by time
     assert PreparedMeta.from_dict(meta, tmp_path).to_dict() == {**meta, "pitch": {**meta["pitch"], "align": "time"}}
     paper = {**meta, "alignments": None, "paper_labels": "/official/info", "phone_map": "official phone table"}

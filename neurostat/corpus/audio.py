@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,31 +19,27 @@ class Skip(Exception):
         self.reason, self.path, self.message = reason, str(path), message
 
 
-def load_audio(path: str | Path, sample_rate: int, strict: bool = False) -> tuple[np.ndarray, int, str]:
-    """Mono float32 waveform at ``sample_rate``, the file's own rate and the SHA-1 of its bytes (read
-    once, hashed and decoded from memory: the digest that ``prepare`` records and a later decode checks).
+def load_audio(
+    path: str | Path, sample_rate: int, strict: bool = False, out: np.ndarray | None = None
+) -> tuple[np.ndarray, int, str]:
+    """Mono float32 waveform at ``sample_rate``, the file's own rate and the SHA-1 of its bytes (the file is
+    read once through one descriptor, hashed, then decoded from the same descriptor: the digest that
+    ``prepare`` records and a later decode checks belongs to the bytes decoded).
 
-    A file at another rate is resampled with soxr (or refused when ``strict``).  Corrupt, empty
-    and multi-channel files raise :class:`Skip`.
+    With ``out`` (a C-contiguous float32 array) a waveform of exactly ``len(out)`` samples is decoded into it
+    and ``out`` is returned; otherwise a new array.  A file at another rate is resampled with soxr (or
+    refused when ``strict``).  Corrupt, empty and multi-channel files raise :class:`Skip`.
     """
-    data = Path(path).read_bytes()
-    if not data:
-        raise Skip("empty-audio", path, "audio file is empty (0 bytes)")
-    digest = hashlib.sha1(data).hexdigest()
+    fd = os.open(path, os.O_RDONLY)
     try:
-        wave, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    except Exception as e:  # soundfile raises several types for broken files
-        raise Skip("corrupt-audio", path, f"cannot decode audio ({e})") from None
-    if wave.shape[0] == 0:
-        raise Skip("empty-audio", path, "audio file has no samples")
-    if wave.shape[1] != 1:
-        raise Skip(
-            "multichannel-audio",
-            path,
-            f"audio has {wave.shape[1]} channels; neurostat expects mono speech: downmix it first "
-            "(e.g. sox in.flac out.flac remix -)",
-        )
-    wave = wave[:, 0]
+        data = _read_all(fd)
+        if not data:
+            raise Skip("empty-audio", path, "audio file is empty (0 bytes)")
+        digest = hashlib.sha1(data).hexdigest()
+        os.lseek(fd, 0, os.SEEK_SET)
+        wave, sr = _decode(fd, path, sample_rate, out)
+    finally:
+        os.close(fd)
     if sr != sample_rate:
         if strict:
             raise Skip(
@@ -52,4 +48,36 @@ def load_audio(path: str | Path, sample_rate: int, strict: bool = False) -> tupl
                 f"audio is {sr} Hz, the model expects {sample_rate} Hz (--strict refuses to resample)",
             )
         wave = soxr.resample(wave, sr, sample_rate).astype(np.float32)
+        if out is not None and len(wave) == len(out):
+            out[:] = wave
+            wave = out
     return wave, sr, digest
+
+
+def _read_all(fd: int) -> bytes:
+    chunks, size = [], os.fstat(fd).st_size
+    while chunk := os.read(fd, max(size, 1 << 16)):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _decode(fd: int, path: str | Path, sample_rate: int, out: np.ndarray | None) -> tuple[np.ndarray, int]:
+    """The file's samples (into ``out`` when they fit it at the file's own rate) and its rate."""
+    try:
+        with sf.SoundFile(fd, closefd=False) as f:
+            if f.frames == 0:
+                raise Skip("empty-audio", path, "audio file has no samples")
+            if f.channels != 1:
+                raise Skip(
+                    "multichannel-audio",
+                    path,
+                    f"audio has {f.channels} channels; neurostat expects mono speech: downmix it first "
+                    "(e.g. sox in.flac out.flac remix -)",
+                )
+            fits = out is not None and f.samplerate == sample_rate and f.frames == len(out)
+            wave = f.read(dtype="float32", out=out if fits else None)
+            return wave, f.samplerate
+    except Skip:
+        raise
+    except Exception as e:  # soundfile raises several types for broken files
+        raise Skip("corrupt-audio", path, f"cannot decode audio ({e})") from None

@@ -25,7 +25,7 @@ from ..phones import PHONES, PhoneMap, UnknownPhoneError
 from .audio import Skip, load_audio
 from .librispeech import corpus_dir, index_alignments, scan, subset_dir
 from .pitch import bin_names, f0_at, percentile_edges
-from .prepared import FORMAT, PitchMeta, PreparedCorpus, PreparedMeta, is_prepared
+from .prepared import CACHE_FORMAT, PitchMeta, PreparedCorpus, PreparedMeta, is_prepared
 from .speakers import GENDERS, read_speakers
 from .textgrid import TextGridError, read_textgrid
 
@@ -137,7 +137,7 @@ class PrepareSettings:
             "phone_map": self.phone_map.describe(),
             "strict": self.strict,
             "pitch_step": self.pitch_step,
-            "format": FORMAT,
+            "format": CACHE_FORMAT,
             # only when not the default, so that utterances prepared before the option stay cached
             **({"pitch_align": self.pitch_align} if self.pitch_align != "time" else {}),
         }

@@ -8,8 +8,13 @@ Layout (written by ``neurostat prepare`` and by attaching label sets):
 - ``manifest.jsonl`` – one line per usable utterance (id, speaker, gender, audio path and its SHA-1,
   lengths);
 - ``skips.jsonl`` – one line per skipped utterance (id, reason, file, message);
-- ``utts/<id>.npz`` – phone intervals (seconds, phone index) and F0 at every frame centre, with the
-  key of their inputs (a later prepare reuses the file when the key matches);
+- ``frames.npy`` – every utterance's frames (in manifest order), one row per model frame: phone index
+  (by the corpus's frame labelling), pitch-bin index and F0 (:class:`FrameLabels`, memory-mapped by
+  the data-loading workers);
+- ``intervals.npy`` – every utterance's phone intervals (start s, end s, phone index), and
+  ``index.npy`` – each utterance's id, first frame and first interval in those two, and their counts;
+- ``utts/<id>.npz`` – prepare's cache: one utterance's intervals and F0 with the key of their inputs
+  (a later prepare reuses the file when the key matches); nothing else reads it;
 - ``labels/<name>-<hash>.npz`` + ``.values.npy`` – label sets, named by their content, and
   ``labels/<name>.centroids.npy`` for k-means sets.
 
@@ -24,6 +29,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import shlex
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
@@ -36,7 +43,10 @@ from ..version import __version__
 from .audio import Skip, load_audio
 from .pitch import assign_bins
 
-FORMAT = 2
+FORMAT = 3
+"""Format of the prepared folder: 3 keeps the frame labels of all utterances in one memory-mapped array."""
+CACHE_FORMAT = 2
+"""Format of prepare's per-utterance cache files (``utts/``), part of their key."""
 BASE_PARTS = ("phone", "gender", "pitch_bin")
 
 
@@ -98,8 +108,11 @@ class PreparedMeta:
     @classmethod
     def from_dict(cls, d: dict, where: Path) -> PreparedMeta:
         if d.get("format") != FORMAT:
+            folder = where.parent if where.name == "meta.json" else where
             raise PreparedCorpusError(
-                f"{where}: prepared-corpus format {d.get('format')} is not {FORMAT}; re-run prepare"
+                f"{where}: prepared-corpus format {d.get('format')} is not {FORMAT} (format 3 keeps the frame labels "
+                f"of all utterances in one memory-mapped file); re-run neurostat prepare into the same folder, "
+                f"which reuses its cached utterances: {prepare_command(d, folder)}"
             )
         names = {f.name for f in fields(cls)} - {"version"}
         try:
@@ -110,6 +123,56 @@ class PreparedMeta:
 
     def replace(self, **changes) -> PreparedMeta:
         return dataclasses.replace(self, **changes)
+
+
+_DEFAULT_GEOMETRY = {"sample_rate": 16000, "conv_kernel": [10, 3, 3, 3, 3, 2, 2], "conv_stride": [5, 2, 2, 2, 2, 2, 2]}
+
+
+def prepare_command(d: dict, folder: Path) -> str:
+    """The ``neurostat prepare`` command that writes ``folder`` again from its ``meta.json`` ``d`` (of any
+    format): the corpus, and the labelling options it records.  ``MODEL`` and ``PHONE_MAP`` stand for
+    what the folder does not record (the model of a non-default frame geometry, the phone-map file)."""
+    args = ["neurostat", "prepare"] + (
+        ["--corpus", d["corpus"]] if d.get("corpus", "librispeech") != "librispeech" else []
+    )
+    args += ["--root", str(d.get("root", "ROOT")), "--subset", str(d.get("subset", "SUBSET"))]
+    if d.get("paper_labels"):
+        args += ["--paper-labels", d["paper_labels"]]
+    else:
+        args += ["--alignments", str(d.get("alignments") or "ALIGNMENTS"), *_labelling_options(d)]
+    if d.get("geometry", _DEFAULT_GEOMETRY) != _DEFAULT_GEOMETRY:
+        args += ["--model", "MODEL"]
+    return shlex.join([*args, "--out", str(folder)])
+
+
+def _labelling_options(d: dict) -> list[str]:
+    """The command-line options of the labelling that a prepared corpus's ``meta.json`` records."""
+    pitch, geometry = d.get("pitch", {}), FrameGeometry.from_dict(d.get("geometry", _DEFAULT_GEOMETRY))
+    out = []
+    for option, value, default in (
+        ("--pitch", pitch.get("method"), "praat"),
+        ("--frame-labels", d.get("frame_labels"), "centre"),
+        ("--pitch-rule", pitch.get("rule"), "interval"),
+        ("--pitch-align", pitch.get("align"), "time"),
+    ):
+        if value not in (None, default):
+            out += [option, value]
+    quantiles = pitch.get("quantiles")
+    if quantiles is None and pitch.get("edges"):
+        out += ["--pitch-edges", ",".join(repr(float(e)) for e in pitch["edges"])]
+    elif quantiles and any(abs(q - (i + 1) / (len(quantiles) + 1)) > 1e-9 for i, q in enumerate(quantiles)):
+        out += ["--pitch-percentiles", ",".join(f"{100 * q:g}" for q in quantiles)]
+    elif quantiles is not None and len(quantiles) != 2:
+        out += ["--pitch-bins", str(len(quantiles) + 1)]
+    step = pitch.get("step_seconds")
+    if step is not None and abs(step - geometry.stride / geometry.sample_rate / 2) > 1e-12:
+        out += ["--pitch-step-ms", f"{1000 * step:g}"]
+    if d.get("phone_map", {"source": "arpabet-stress-merge", "extra": {}}) != {
+        "source": "arpabet-stress-merge",
+        "extra": {},
+    }:
+        out += ["--phone-map", "PHONE_MAP"]
+    return out + (["--strict"] if d.get("strict") else [])
 
 
 class AudioChangedError(PreparedCorpusError):
@@ -162,6 +225,101 @@ def _utterance_file(folder: Path, utt_id: str) -> Path:
     return Path(folder) / "utts" / f"{utt_id}.npz"
 
 
+FRAME_FIELDS = np.dtype([("phone", "<i2"), ("pitch_bin", "<i2"), ("f0", "<f4")])
+INTERVAL_FIELDS = np.dtype([("start", "<f8"), ("end", "<f8"), ("phone", "<i2")])
+LABEL_FILES = ("frames.npy", "intervals.npy", "index.npy")
+_CACHED = ("starts", "ends", "phone", "f0", "pitch_bins")
+
+
+def phone_frames(
+    starts: np.ndarray, ends: np.ndarray, phone: np.ndarray, frame_labels: str, geo: FrameGeometry, n: int
+) -> np.ndarray:
+    """Phone index of each of ``n`` frames by the ``frame_labels`` rule (the interval containing the frame
+    centre, or the one of largest overlap with its stride cell), −1 where there is none."""
+    if frame_labels == "overlap":
+        return label_frames_overlap(starts, ends, phone, geo.stride / geo.sample_rate, n)
+    return label_frames(starts, ends, phone, geo.centres(n))
+
+
+def _index_fields(ids: list[str]) -> np.dtype:
+    width = max((len(u) for u in ids), default=1)
+    return np.dtype(
+        [("id", f"<U{width}"), ("frame", "<i8"), ("frames", "<i8"), ("interval", "<i8"), ("intervals", "<i8")]
+    )
+
+
+@dataclass(frozen=True)
+class FrameLabels:
+    """``frames.npy``, ``intervals.npy`` and ``index.npy``: the labels of every utterance concatenated (in
+    manifest order when written), one memory-mapped array each, so that a data-loading worker reads an
+    utterance's labels as a slice instead of opening a file per utterance."""
+
+    frames: np.ndarray  # FRAME_FIELDS: phone, pitch-bin index and F0 (Hz, NaN unvoiced) of every model frame
+    intervals: np.ndarray  # INTERVAL_FIELDS: start s, end s, phone index of every aligned interval
+    index: np.ndarray  # one row per utterance: id, first frame and frame count, first interval and count
+    rows: dict[str, int]  # utterance id -> its row of ``index`` (not on disk: built when read)
+
+    def utterance(self, utt_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """(frames, intervals) of an utterance: views, nothing read yet."""
+        _, f, nf, i, ni = self.index[self.rows[utt_id]].tolist()
+        return self.frames[f : f + nf], self.intervals[i : i + ni]
+
+    @classmethod
+    def read(cls, folder: Path, records: list[dict]) -> FrameLabels:
+        """The files memory-mapped (plain views: slicing a np.memmap costs a Python call per slice), checked
+        to hold every utterance of the manifest."""
+        try:
+            frames, intervals = (np.load(folder / n, mmap_mode="r").view(np.ndarray) for n in LABEL_FILES[:2])
+            index = np.load(folder / LABEL_FILES[2])
+        except (OSError, ValueError) as e:
+            raise PreparedCorpusError(
+                f"{folder}: cannot read its frame labels ({e}); re-run neurostat prepare"
+            ) from None
+        ok = frames.dtype == FRAME_FIELDS and intervals.dtype == INTERVAL_FIELDS and index.dtype.names is not None
+        ok = ok and index.dtype.names == _index_fields([]).names
+        labels = cls(frames, intervals, index, {str(u): r for r, u in enumerate(index["id"])} if ok else {})
+        missing = [r["id"] for r in records if r["id"] not in labels.rows]
+        if not ok or missing or (len(index) and index["frame"][-1] + index["frames"][-1] != len(frames)):
+            raise PreparedCorpusError(
+                f"{folder}: its frame labels do not match its manifest"
+                + (f" (no labels for {len(missing)} utterances, first: {missing[0]})" if missing else "")
+                + "; re-run neurostat prepare"
+            )
+        return labels
+
+    @staticmethod
+    def write(folder: Path, meta: PreparedMeta, records: list[dict], cached: Iterable[dict]) -> None:
+        """Writes the files from each record's cached arrays (``cached``, in record order): phones labelled
+        by the corpus's rule, pitch bins by its edges and rule (or as given), frames straight into the
+        memory-mapped file; each file in one rename."""
+        geo = FrameGeometry.from_dict(meta.geometry)
+        index = np.zeros(len(records), dtype=_index_fields([r["id"] for r in records]))
+        index["id"], index["frames"] = [r["id"] for r in records], [r["num_frames"] for r in records]
+        index["frame"] = np.cumsum(index["frames"]) - index["frames"]
+        tmp = {name: folder / name.replace(".npy", ".tmp.npy") for name in LABEL_FILES}
+        frames = np.lib.format.open_memmap(tmp["frames.npy"], "w+", FRAME_FIELDS, (int(index["frames"].sum()),))
+        intervals = []
+        for (_, first, n, _, _), a in zip(index.tolist(), cached, strict=True):
+            rows = frames[first : first + n]
+            rows["phone"] = phone_frames(a["starts"], a["ends"], a["phone"], meta.frame_labels, geo, n)
+            f0 = a["f0"].astype(np.float64)
+            rows["pitch_bin"] = (
+                a["pitch_bins"] if "pitch_bins" in a else assign_bins(f0, meta.pitch.edges, meta.pitch.rule)
+            )
+            rows["f0"] = a["f0"]
+            interval = np.empty(len(a["starts"]), INTERVAL_FIELDS)
+            interval["start"], interval["end"], interval["phone"] = a["starts"], a["ends"], a["phone"]
+            intervals.append(interval)
+        index["intervals"] = [len(x) for x in intervals]
+        index["interval"] = np.cumsum(index["intervals"]) - index["intervals"]
+        frames.flush()
+        del frames
+        np.save(tmp["intervals.npy"], np.concatenate(intervals) if intervals else np.empty(0, INTERVAL_FIELDS))
+        np.save(tmp["index.npy"], index)
+        for name, path in tmp.items():
+            os.replace(path, folder / name)
+
+
 @dataclass
 class PreparedUtterance:
     """One labelled utterance: speaker, gender, phone intervals and F0 per frame centre."""
@@ -190,36 +348,44 @@ class PreparedUtterance:
         return self.record["num_frames"]
 
     @cached_property
-    def _arrays(self) -> dict[str, np.ndarray]:
-        with np.load(_utterance_file(self.corpus.path, self.id)) as z:
-            return {k: z[k] for k in ("starts", "ends", "phone", "f0", "pitch_bins") if k in z.files}
+    def _labels(self) -> tuple[np.ndarray, np.ndarray]:
+        frames, intervals = self.corpus.frame_labels.utterance(self.id)
+        if len(frames) != self.num_frames:
+            raise PreparedCorpusError(
+                f"{self.corpus.path}: utterance {self.id} has {len(frames)} frame labels but {self.num_frames} frames "
+                "in its manifest; re-run neurostat prepare"
+            )
+        return frames, intervals
+
+    @property
+    def frames(self) -> np.ndarray:
+        """Its rows of ``frames.npy`` (fields ``phone``, ``pitch_bin``, ``f0``): a read-only view of the map."""
+        return self._labels[0]
 
     @property
     def intervals(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(start s, end s, phone index into ``corpus.phones``) of each aligned interval."""
-        a = self._arrays
-        return a["starts"], a["ends"], a["phone"]
+        iv = self._labels[1]
+        return np.array(iv["start"]), np.array(iv["end"]), np.array(iv["phone"])
 
     @property
     def f0(self) -> np.ndarray:
         """F0 in Hz at each frame centre of the prepared geometry (NaN = unvoiced)."""
-        return self._arrays["f0"]
+        return np.array(self._labels[0]["f0"])
 
     def phone_frames(self, geometry: FrameGeometry | None = None) -> np.ndarray:
         """Phone index of each frame by the corpus's frame labelling (the interval containing the frame
-        centre, or the one of largest overlap with its stride cell), −1 where there is none."""
-        geo = geometry or self.corpus.geometry
-        n = geo.num_frames(self.record["num_samples"]) if geometry else self.num_frames
-        if self.corpus.meta.frame_labels == "overlap":
-            return label_frames_overlap(*self.intervals, geo.stride / geo.sample_rate, n)
-        return label_frames(*self.intervals, geo.centres(n))
+        centre, or the one of largest overlap with its stride cell), −1 where there is none; for another
+        ``geometry`` labelled from the intervals."""
+        if geometry is None or geometry == self.corpus.geometry:
+            return self._labels[0]["phone"].astype(np.int64)
+        n = geometry.num_frames(self.record["num_samples"])
+        return phone_frames(*self.intervals, self.corpus.meta.frame_labels, geometry, n)
 
     def pitch_bins(self) -> np.ndarray:
         """Pitch-bin index of each frame by the corpus's bin rule (the last bin is ``unvoiced``), or the
         bins the corpus was given (official label files)."""
-        if "pitch_bins" in self._arrays:
-            return self._arrays["pitch_bins"].astype(np.int64)
-        return assign_bins(self.f0.astype(np.float64), self.corpus.edges, self.corpus.meta.pitch.rule)
+        return self._labels[0]["pitch_bin"].astype(np.int64)
 
     def part_labels(self, part: str) -> int | np.ndarray:
         """Index of ``part``'s label: one per frame (phone, pitch bin, frame-level sets) or one for the
@@ -236,10 +402,12 @@ class PreparedUtterance:
         values = labels.labels(self.id)
         return int(values[0]) if labels.level == "utterance" else values
 
-    def load_audio(self) -> np.ndarray:
-        """The waveform at the prepared geometry's sample rate (float32, mono).  A file whose content is not
-        what prepare read (its SHA-1, recorded at prepare) is an :class:`AudioChangedError` naming it."""
-        wave, _, digest = load_audio(self.audio_path, self.corpus.geometry.sample_rate, strict=self.corpus.meta.strict)
+    def load_audio(self, out: np.ndarray | None = None) -> np.ndarray:
+        """The waveform at the prepared geometry's sample rate (float32, mono; decoded into ``out`` when it
+        has exactly as many samples, see :func:`~neurostat.corpus.audio.load_audio`).  A file whose content is
+        not what prepare read (its SHA-1, recorded at prepare) is an :class:`AudioChangedError` naming it."""
+        sample_rate, strict = self.corpus.geometry.sample_rate, self.corpus.meta.strict
+        wave, _, digest = load_audio(self.record["audio"], sample_rate, strict=strict, out=out)
         recorded = self.record.get("audio_sha1")
         if recorded is not None and digest != recorded:
             raise AudioChangedError(
@@ -280,6 +448,18 @@ class PreparedCorpus:
         """Each label part's vocabulary (phone, gender, pitch bin, attached label sets), in part order."""
         self._sets: dict[str, LabelSet] = {}
         self._digests: dict[str, str | None] | None = None
+        self._frame_labels: FrameLabels | None = FrameLabels.read(self.path, self.records)
+
+    @property
+    def frame_labels(self) -> FrameLabels:
+        """Every utterance's frame labels, memory-mapped (again in a process this corpus was pickled to)."""
+        if self._frame_labels is None:
+            self._frame_labels = FrameLabels.read(self.path, self.records)
+        return self._frame_labels
+
+    def __getstate__(self) -> dict:
+        """Pickled without its memory maps (a spawned worker maps the files again)."""
+        return {**self.__dict__, "_sets": {}, "_frame_labels": None}
 
     def label_set(self, name: str) -> LabelSet:
         """An attached label set (see :mod:`neurostat.corpus.labelsets`)."""
@@ -373,16 +553,17 @@ class PreparedCorpus:
 
     @classmethod
     def create(cls, folder: str | Path, meta: PreparedMeta, records: list[dict], skips: list[dict]) -> PreparedCorpus:
-        """Writes manifest, skips and meta.json (the last, atomically: a folder without it is unfinished).
-        Label sets attached to an earlier prepare into ``folder`` whose files are still there are kept."""
+        """Writes the frame labels (from prepare's cache in ``utts/``), manifest, skips and meta.json (the last,
+        atomically: a folder without it is unfinished).  Label sets attached to an earlier prepare into ``folder`` whose files are still there are kept."""
         folder = Path(folder)
         try:
             old = json.loads((folder / "meta.json").read_text()).get("label_sets", {})
         except (OSError, ValueError):
             old = {}
+        digests = _Digests(meta)
+        FrameLabels.write(folder, meta, records, (digests.add(r, a) for r, a in _read_cache(folder, records)))
         meta = meta.replace(
-            label_sets={n: e for n, e in old.items() if (folder / e["file"]).is_file()},
-            digests=_content_digests(folder, meta, records),
+            label_sets={n: e for n, e in old.items() if (folder / e["file"]).is_file()}, digests=digests.result(records)
         )
         for name, rows in (("manifest.jsonl", records), ("skips.jsonl", skips)):
             atomic_write(folder / name, "".join(json.dumps(r) + "\n" for r in rows))
@@ -432,32 +613,51 @@ class PreparedCorpus:
         return relative
 
 
-def _content_digests(folder: Path, meta: PreparedMeta, records: list[dict]) -> dict[str, str | None]:
+def _read_cache(folder: Path, records: list[dict]) -> Iterator[tuple[dict, dict[str, np.ndarray]]]:
+    """Each record with the arrays of its cache file in ``utts/`` (intervals, F0, given pitch bins)."""
+    for r in records:
+        with np.load(_utterance_file(folder, r["id"])) as z:
+            yield r, {k: z[k] for k in _CACHED if k in z.files}
+
+
+class _Digests:
     """SHA-1 digests of what the labels are made of, utterance by utterance (ids included): the phone
     intervals and frame counts, the genders, the F0 tracks (or given pitch bins) with the bin edges and
     rule, the base vocabularies, and the audio files' recorded digests (None when a record lacks one)."""
-    phone, gender, pitch = hashlib.sha1(), hashlib.sha1(), hashlib.sha1()
-    pitch.update(json.dumps([meta.pitch.edges, meta.pitch.rule, meta.pitch.bins]).encode())
-    for r in records:
+
+    def __init__(self, meta: PreparedMeta):
+        self.meta, self.phone, self.gender, self.pitch = meta, hashlib.sha1(), hashlib.sha1(), hashlib.sha1()
+        self.pitch.update(json.dumps([meta.pitch.edges, meta.pitch.rule, meta.pitch.bins]).encode())
+
+    def add(self, r: dict, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Adds one utterance (its record and cached arrays); returns the arrays."""
         key = f"{r['id']}:{r['num_frames']}:".encode()
-        with np.load(_utterance_file(folder, r["id"])) as z:
-            for digest, names in (
-                (phone, ("starts", "ends", "phone")),
-                (pitch, ("pitch_bins",) if "pitch_bins" in z.files else ("f0",)),
-            ):
-                digest.update(key)
-                for name in names:
-                    array = np.ascontiguousarray(z[name])
-                    digest.update(array.dtype.str.encode() + array.tobytes())
-        gender.update(f"{r['id']}:{r['gender']};".encode())
-    audio = [r.get("audio_sha1") for r in records]
-    vocabularies = json.dumps([meta.phones, meta.genders, meta.pitch.bins])
-    return {
-        "phone": phone.hexdigest(),
-        "gender": gender.hexdigest(),
-        "pitch_bin": pitch.hexdigest(),
-        "vocabularies": hashlib.sha1(vocabularies.encode()).hexdigest(),
-        "audio": None
-        if None in audio
-        else hashlib.sha1("".join(f"{r['id']}:{a};" for r, a in zip(records, audio)).encode()).hexdigest(),
-    }
+        pitch = ("pitch_bins",) if "pitch_bins" in arrays else ("f0",)
+        for digest, names in ((self.phone, ("starts", "ends", "phone")), (self.pitch, pitch)):
+            digest.update(key)
+            for name in names:
+                array = np.ascontiguousarray(arrays[name])
+                digest.update(array.dtype.str.encode() + array.tobytes())
+        self.gender.update(f"{r['id']}:{r['gender']};".encode())
+        return arrays
+
+    def result(self, records: list[dict]) -> dict[str, str | None]:
+        meta, audio = self.meta, [r.get("audio_sha1") for r in records]
+        vocabularies = json.dumps([meta.phones, meta.genders, meta.pitch.bins])
+        return {
+            "phone": self.phone.hexdigest(),
+            "gender": self.gender.hexdigest(),
+            "pitch_bin": self.pitch.hexdigest(),
+            "vocabularies": hashlib.sha1(vocabularies.encode()).hexdigest(),
+            "audio": None
+            if None in audio
+            else hashlib.sha1("".join(f"{r['id']}:{a};" for r, a in zip(records, audio)).encode()).hexdigest(),
+        }
+
+
+def _content_digests(folder: Path, meta: PreparedMeta, records: list[dict]) -> dict[str, str | None]:
+    """The content digests (:class:`_Digests`) from prepare's cache."""
+    digests = _Digests(meta)
+    for r, arrays in _read_cache(folder, records):
+        digests.add(r, arrays)
+    return digests.result(records)

@@ -7,6 +7,7 @@ selection, label compaction), so the device never waits on per-frame Python work
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,9 +24,11 @@ FRAME_BITS = 32
 """A token's frame id is ``corpus utterance index << FRAME_BITS | frame``: unique in a corpus, ordered."""
 
 _EXACT_FP32 = 2**24
+CHUNK_ROWS = 32
+"""Rows of one same-label chunk in the ``label_stats`` work list."""
 
 
-def chunk_tokens(rows: torch.Tensor, labels: torch.Tensor, chunk_rows: int = 32) -> tuple[torch.Tensor, ...]:
+def chunk_tokens(rows: torch.Tensor, labels: torch.Tensor, chunk_rows: int = CHUNK_ROWS) -> tuple[torch.Tensor, ...]:
     """Sorts token rows by label and cuts them into same-label chunks of at most ``chunk_rows`` rows.
 
     Returns (sorted rows int32 [N], their labels int32 [N], chunk starts int32 [C + 1], chunk labels
@@ -79,30 +82,37 @@ class TokenBatch:
     @classmethod
     def from_labels(cls, flat: np.ndarray, frame_ids: np.ndarray | None = None) -> "TokenBatch":
         """From the flattened per-frame joint labels of a padded batch (−1 = not a token) and, for the top
-        frames, each frame's id (default: its position in the batch)."""
-        index = np.flatnonzero(flat >= 0)
-        labels, local, counts = np.unique(flat[index], return_inverse=True, return_counts=True)
-        if len(index) >= _EXACT_FP32:
-            raise ValueError(
-                f"{len(index)} tokens in one batch: use smaller batches (fp32 counts are exact below 2**24)"
-            )
-        t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
-        index, local = t(index), t(local)
-        sorted_tokens, sorted_local, starts, chunk_labels = chunk_tokens(torch.arange(len(index)), local)
-        sorted_rows = index[sorted_tokens.long()].to(torch.int32)
-        others = torch.from_numpy(np.flatnonzero(flat < 0).astype(np.int32))
+        frames, each frame's id (default: its position in the batch).  One stable sort of the tokens by
+        label gives the compacted labels and the work lists (what :func:`chunk_tokens` gives, in numpy)."""
+        is_token = flat >= 0
+        index = np.flatnonzero(is_token)
+        n = len(index)
+        if n >= _EXACT_FP32:
+            raise ValueError(f"{n} tokens in one batch: use smaller batches (fp32 counts are exact below 2**24)")
+        tokens = flat[index].astype(np.int64, copy=False)
+        order = np.argsort(tokens, kind="stable")
+        ordered = tokens[order]
+        first = np.ones(n, dtype=bool)
+        np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
+        run_starts = np.flatnonzero(first)
+        sorted_local = np.cumsum(first) - 1
+        local = np.empty(n, dtype=np.int64)
+        local[order] = sorted_local
+        chunks = np.flatnonzero(first | ((np.arange(n) - run_starts[sorted_local]) % CHUNK_ROWS == 0))
+        sorted_rows = index[order].astype(np.int32)
+        int32 = lambda a: torch.from_numpy(a.astype(np.int32))  # noqa: E731
         return cls(
-            index,
-            local,
-            t(labels),
-            t(counts),
-            sorted_rows,
-            starts,
-            chunk_labels,
-            torch.cat([sorted_rows, others]),
-            sorted_local,
-            sorted_tokens,
-            t(index if frame_ids is None else frame_ids[index]),
+            torch.from_numpy(index),
+            torch.from_numpy(local),
+            torch.from_numpy(ordered[run_starts]),
+            torch.from_numpy(np.diff(run_starts, append=n)),
+            torch.from_numpy(sorted_rows),
+            int32(np.append(chunks, n)),
+            int32(sorted_local[chunks]),
+            torch.from_numpy(np.concatenate([sorted_rows, np.flatnonzero(~is_token).astype(np.int32)])),
+            int32(sorted_local),
+            int32(order),
+            torch.from_numpy(np.ascontiguousarray(index if frame_ids is None else frame_ids[index], dtype=np.int64)),
         )
 
     @property
@@ -208,11 +218,47 @@ def padding_fraction(corpus: PreparedCorpus, batches: list[list[Piece]]) -> floa
     return 1 - real / padded if padded else 0.0
 
 
+def in_place_normalizer(feature_extractor) -> Callable[[np.ndarray], None]:
+    """A function that normalises a float32 waveform in place exactly as
+    :func:`~neurostat.model.adapter.normalize_waveform` does, bit for bit: for the wav2vec2 family's
+    feature extractor its zero-mean unit-variance normalisation (``(x - mean) / sqrt(var + 1e-7)`` in
+    float32, the same numpy reductions) without its copies, else the feature extractor itself."""
+    from transformers import Wav2Vec2FeatureExtractor as W2V
+
+    fe, cls = feature_extractor, type(feature_extractor)
+    if not (
+        isinstance(fe, W2V)
+        and cls.__call__ is W2V.__call__
+        and cls.zero_mean_unit_var_norm is W2V.zero_mean_unit_var_norm
+    ):
+        return lambda wave: wave.__setitem__(slice(None), normalize_waveform(fe, wave))
+    return _ZeroMeanUnitVar() if fe.do_normalize else lambda wave: None
+
+
+class _ZeroMeanUnitVar:
+    """``(x - x.mean()) / np.sqrt(x.var() + 1e-7)`` in place, computed as numpy computes ``mean`` and ``var``:
+    float32 pairwise sums (of the samples; of the squared deviations from that mean) divided in float64
+    and rounded to float32 (the squares go to a scratch buffer kept between calls)."""
+
+    def __init__(self):
+        self.scratch = np.empty(0, dtype=np.float32)
+
+    def __call__(self, wave: np.ndarray) -> None:
+        if len(self.scratch) < len(wave):
+            self.scratch = np.empty(len(wave), dtype=np.float32)
+        n = len(wave)
+        np.subtract(wave, np.float32(np.float64(np.add.reduce(wave)) / n), out=wave)
+        var = np.float32(np.float64(np.add.reduce(np.square(wave, out=self.scratch[:n]))) / n)
+        np.divide(wave, np.sqrt(var + 1e-7), out=wave)
+
+
 class BatchDataset(torch.utils.data.Dataset):
-    """Item i = batch i, built in a worker: the normalised waveforms zero-padded into one [B, L] tensor
-    with their lengths, and the batch's token labels.  An audio file whose content changed after prepare
-    is no skip: ``changed`` carries its error for the loop to raise (a worker's exception would reach it
-    wrapped in a traceback)."""
+    """Item i = batch i, built in a worker: the normalised waveforms in one zero-padded [B, L] float32
+    tensor with their lengths, and the batch's token labels.  Each file is decoded straight into its row of
+    the batch and normalised there (a piece of a cut utterance is copied from its normalised whole); the
+    frame labels are slices of the corpus's memory-mapped arrays.  An audio file whose content changed after
+    prepare is no skip: ``changed`` carries its error for the loop to raise (a worker's exception would
+    reach it wrapped in a traceback)."""
 
     def __init__(
         self,
@@ -226,58 +272,101 @@ class BatchDataset(torch.utils.data.Dataset):
         self.corpus, self.batches, self.fe, self.tokens, self.space = corpus, batches, feature_extractor, tokens, space
         self.drop_final_run = drop_final_run
         self.non_speech = [corpus.phones.index(p) for p in NON_SPEECH if p in corpus.phones]
+        self.normalize = in_place_normalizer(feature_extractor)
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __getitem__(self, i: int) -> dict:
-        waves, labels, errors, changed, ids, kept, cache = [], [], [], [], [], [], {}
-        geo = self.corpus.geometry
-        for piece in self.batches[i]:
+        pieces = self.batches[i]
+        waves = np.zeros((len(pieces), max(p.num_samples for p in pieces)), dtype=np.float32)
+        rows, errors, changed, failed, decoded = [], [], [], set(), {}
+        for b, piece in enumerate(pieces):
             utt = self.corpus[piece.index]
-            ids.append(utt.id)
-            if utt.id not in cache:
-                try:
-                    cache[utt.id] = self._labelled(utt)
-                except Skip as s:
-                    errors.append({"id": utt.id, "reason": s.reason, "file": s.path, "message": s.message})
-                    cache[utt.id] = None
-                except AudioChangedError as e:
-                    changed.append(str(e))
-                    cache[utt.id] = None
-            if cache[utt.id] is None:
+            if utt.id in failed:
                 continue
-            wave, joint = cache[utt.id]
-            chunk = wave[piece.sample_start : piece.sample_start + piece.num_samples]
-            waves.append(torch.from_numpy(np.ascontiguousarray(chunk)))
-            labels.append(joint[piece.frame_start : piece.frame_start + geo.num_frames(len(chunk))])
-            kept.append(piece)
-        longest = max((len(lab) for lab in labels), default=0)
-        flat = np.full((len(labels), longest), -1, dtype=np.int64)
-        frame_ids = np.full((len(labels), longest), -1, dtype=np.int64)
-        for b, (lab, piece) in enumerate(zip(labels, kept)):
-            flat[b, : len(lab)] = lab
-            frame_ids[b, : len(lab)] = (piece.index << FRAME_BITS) + piece.frame_start + np.arange(len(lab))
+            try:
+                self._fill(utt, piece, waves[b], decoded)
+                rows.append(b)
+            except Skip as s:
+                errors.append({"id": utt.id, "reason": s.reason, "file": s.path, "message": s.message})
+                failed.add(utt.id)
+            except AudioChangedError as e:
+                changed.append(str(e))
+                failed.add(utt.id)
+        if len(rows) < len(pieces):  # a failed file: its rows go, the batch shrinks to what is left
+            pieces = [pieces[b] for b in rows]
+            waves = waves[rows, : max((p.num_samples for p in pieces), default=0)]
+        labels = self._token_labels(pieces, decoded)
+        tokens, frame_ids = _frame_labels(pieces, labels)
         return {
-            "ids": ids,
-            "waves": torch.nn.utils.rnn.pad_sequence(waves, batch_first=True) if waves else torch.zeros(0, 0),
-            "lengths": torch.tensor([len(w) for w in waves], dtype=torch.int64),
-            "tokens": TokenBatch.from_labels(flat.reshape(-1), frame_ids.reshape(-1)),
+            "ids": [self.corpus.records[p.index]["id"] for p in self.batches[i]],
+            "waves": torch.from_numpy(waves),
+            "lengths": torch.tensor([p.num_samples for p in pieces], dtype=torch.int64),
+            "tokens": TokenBatch.from_labels(tokens.reshape(-1), frame_ids.reshape(-1)),
             "frames": int(sum(len(lab) for lab in labels)),
-            "padded_frames": int(flat.size),
-            "samples": int(sum(len(w) for w in waves)),
+            "padded_frames": int(tokens.size),
+            "samples": int(sum(p.num_samples for p in pieces)),
             "errors": errors,
             "changed": changed,
         }
 
-    def _labelled(self, utt) -> tuple[np.ndarray, np.ndarray]:
-        wave = utt.load_audio()
-        if len(wave) != utt.record["num_samples"]:
-            raise Skip(
-                "audio-changed",
-                utt.audio_path,
-                f"has {len(wave)} samples, prepared with {utt.record['num_samples']}; re-run prepare",
-            )
-        keep = token_mask(utt.phone_frames(), self.tokens, self.non_speech, self.drop_final_run)
-        joint = np.where(keep, self.space.joint_frames(utt), -1)
-        return normalize_waveform(self.fe, wave), joint
+    def _fill(self, utt, piece: Piece, row: np.ndarray, decoded: dict) -> None:
+        """Writes the piece's normalised samples into ``row``: a whole utterance decoded there, a piece copied
+        from its utterance (decoded once per batch); ``decoded`` gets the utterance with its labels of the
+        parts other than phone and pitch bin (which may be a Skip: no label in a set)."""
+        n = utt.record["num_samples"]
+        if utt.id not in decoded:
+            wave = utt.load_audio(out=row[:n] if piece.num_samples == n else np.empty(n, dtype=np.float32))
+            if len(wave) != n:
+                raise Skip(
+                    "audio-changed", utt.audio_path, f"has {len(wave)} samples, prepared with {n}; re-run prepare"
+                )
+            self.normalize(wave)
+            parts = {p: utt.part_labels(p) for p in self.space.parts if p not in ("phone", "pitch_bin")}
+            decoded[utt.id] = (utt, None if piece.num_samples == n else wave, parts)
+        wave = decoded[utt.id][1]
+        if wave is not None:
+            row[: piece.num_samples] = wave[piece.sample_start : piece.sample_start + piece.num_samples]
+
+    def _token_labels(self, pieces: list[Piece], decoded: dict) -> list[np.ndarray]:
+        """Each piece's joint label per frame (−1: no token), computed for all the batch's utterances at once
+        on their frame labels concatenated."""
+        if not pieces:
+            return []
+        utts = [decoded[self.corpus.records[p.index]["id"]][0] for p in pieces]
+        utts = list({u.id: u for u in utts}.values())
+        frames = [u.frames for u in utts]
+        counts = np.array([len(f) for f in frames], dtype=np.int64)
+        starts = np.cumsum(counts) - counts
+        phones = np.concatenate([f["phone"] for f in frames]).astype(np.int64)
+        keep = token_mask(phones, self.tokens, self.non_speech, self.drop_final_run, starts)
+        parts = {}
+        for part in self.space.parts:
+            if part == "phone":
+                parts[part] = phones
+            elif part == "pitch_bin":
+                parts[part] = np.concatenate([f["pitch_bin"] for f in frames])
+            else:
+                parts[part] = np.concatenate(
+                    [np.broadcast_to(decoded[u.id][2][part], (c,)) for u, c in zip(utts, counts)]
+                )
+        joint = np.where(keep, self.space.encode(parts), -1)
+        first = {u.id: int(s) for u, s in zip(utts, starts)}
+        geo = self.corpus.geometry
+        out = []
+        for p in pieces:
+            start = first[self.corpus.records[p.index]["id"]] + p.frame_start
+            out.append(joint[start : start + geo.num_frames(p.num_samples)])
+        return out
+
+
+def _frame_labels(pieces: list[Piece], labels: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The pieces' token labels padded into [B, T] (−1: no token) and each frame's id (see FRAME_BITS)."""
+    longest = max((len(lab) for lab in labels), default=0)
+    tokens = np.full((len(labels), longest), -1, dtype=np.int64)
+    frame_ids = np.full((len(labels), longest), -1, dtype=np.int64)
+    for b, (lab, piece) in enumerate(zip(labels, pieces)):
+        tokens[b, : len(lab)] = lab
+        frame_ids[b, : len(lab)] = (piece.index << FRAME_BITS) + piece.frame_start + np.arange(len(lab))
+    return tokens, frame_ids

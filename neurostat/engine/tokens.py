@@ -20,18 +20,30 @@ MODES = ("phone-mid", "all", "no-silence")
 
 
 def token_mask(
-    phones: np.ndarray, mode: str, non_speech: Sequence[int] = (), drop_final_run: bool = False
+    phones: np.ndarray,
+    mode: str,
+    non_speech: Sequence[int] = (),
+    drop_final_run: bool = False,
+    starts: Sequence[int] | np.ndarray = (0,),
 ) -> np.ndarray:
-    """Boolean mask of the token frames of one utterance's phone-index sequence."""
-    phones = np.asarray(phones)
-    mask = _mask(phones, mode, non_speech)
+    """Boolean mask of the token frames of one utterance's phone-index sequence, or of several utterances'
+    sequences concatenated, each beginning at one of ``starts`` (a run never crosses an utterance start;
+    each utterance's final run is its own)."""
+    phones, starts = np.asarray(phones), np.asarray(starts, dtype=np.int64)
+    first = np.ones(len(phones), dtype=bool)  # the frames that begin a run
+    np.not_equal(phones[1:], phones[:-1], out=first[1:])
+    if len(phones):
+        first[starts] = True
+    mask = _mask(phones, mode, non_speech, first)
     if drop_final_run and len(phones):
-        last = np.flatnonzero(phones != phones[-1])
-        mask[last[-1] + 1 if len(last) else 0 :] = False
+        run = np.cumsum(first) - 1
+        final = np.zeros(run[-1] + 1, dtype=bool)
+        final[run[np.append(starts[1:], len(phones)) - 1]] = True  # the run of each utterance's last frame
+        mask &= ~final[run]
     return mask
 
 
-def _mask(phones: np.ndarray, mode: str, non_speech: Sequence[int]) -> np.ndarray:
+def _mask(phones: np.ndarray, mode: str, non_speech: Sequence[int], first: np.ndarray) -> np.ndarray:
     labelled = phones >= 0
     if mode == "all":
         return labelled
@@ -39,10 +51,8 @@ def _mask(phones: np.ndarray, mode: str, non_speech: Sequence[int]) -> np.ndarra
         return labelled & ~np.isin(phones, np.asarray(non_speech, dtype=phones.dtype))
     if mode == "phone-mid":
         mask = np.zeros(len(phones), dtype=bool)
-        if len(phones) == 0:
-            return mask
-        starts = np.flatnonzero(np.r_[True, phones[1:] != phones[:-1]])
-        ends = np.r_[starts[1:], len(phones)] - 1
+        starts = np.flatnonzero(first)
+        ends = np.append(starts[1:], len(phones)) - 1
         mids = (starts + ends) // 2
         mask[mids[phones[starts] >= 0]] = True
         return mask
