@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU: the bf16 kernel tests and the fold_sums tests, throughput_bench,
-# kernel_bench (kernel tables, the label_stats designs against one read of the rows, the bf16/fp32
+# kernel_bench (kernel tables, the label_stats split design against one read of the rows, the bf16/fp32
 # precision study, engine runs), collect_bench and scale_bench (the per-GPU rate and the loader for the
 # 960 h projection; a multi-process NCCL run where the machine has several GPUs), results in $OUT
 # (with each step's exit status and wall time in $OUT/steps.txt, to size the next timeout, and its
@@ -31,7 +31,7 @@ run() {  # run NAME COMMAND...: its output in $OUT/NAME.log; a failure is record
 set +e
 echo "setup: ${SECONDS} s since start" | tee -a "$OUT/steps.txt"
 run kernel_tests bash -c "cd /tmp && python3 -m pytest -q -p no:cacheprovider --rootdir '$root' '$root/tests/kernels' -k 'bfloat16 or fold_sums'"
-run kernel_bench python3 bench/kernel_bench.py --repeat 5 --results "$OUT/kernel.md"
+run kernel_bench timeout 300 python3 bench/kernel_bench.py --repeat 3 --results "$OUT/kernel.md"
 run throughput_bench python3 bench/throughput_bench.py --device cuda --dtype bfloat16 --speakers 16 --utterances 8 -j 8 \
     --results "$OUT/throughput.md"
 run collect_bench python3 bench/collect_bench.py --device cuda --dtype bfloat16 --backend triton --speakers 8 \
