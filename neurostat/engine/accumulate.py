@@ -5,7 +5,9 @@ the FFN's forward) adds that layer's token rows: the backend computes the per-la
 statistic's rule folds them in, and the layer's token counts grow — so nothing depends on the
 order of calls.  Moment sums are taken around a per-neuron shift (the layer's mean over its first
 batch) and folded into float64 totals with Chan et al.'s formula; counts are exact int64.
-All of it merges exactly across shards, ranks and resumed runs (:meth:`Accumulator.merge`).
+All of it merges exactly across shards, ranks and resumed runs (:meth:`Accumulator.merge`).  On CUDA
+the statistics are queued on a side stream by default (:mod:`neurostat.engine.overlap`); every reader
+of the totals joins it first.
 """
 
 from __future__ import annotations
