@@ -219,6 +219,9 @@ def test_fp16_collect_records_the_precision_and_fp32_statistics_follow_the_unrou
         )
         attrs = collect(prepared, adapter, tmp_path / f"{precision}.zarr", config, progress=False)
         assert attrs.statistics["precision"].startswith(precision)
+        if precision == "fp32":  # the route is recorded with its bound
+            assert "ran once with an fp32 output" in attrs.statistics["precision"]
+            assert ROUTE_BOUND in attrs.statistics["precision"]
         assert attrs.fingerprint["stats_precision"] == precision
         counts[precision] = xr.open_zarr(tmp_path / f"{precision}.zarr", consolidated=False)["topk_count"].values
     exact, rounded = ffn_input_reference(prepared, tiny_model, torch.float16, 0.1)
