@@ -6,8 +6,8 @@
 #      batched, gemm front ends) and collect with all statistics, all tokens and phone-mid, the loader
 #      alone with the default workers: the number that matters, so it runs first;
 #   2. the bf16 kernel tests and the fold_sums tests;
-#   3. kernel_bench (the label_stats design against one read of the rows, the precision study, engine
-#      runs: fp32 vs model precision, side stream);
+#   3. kernel_bench (the label_stats split design against one read of the rows, the fp32 route and its
+#      bound, the precision study, engine runs: fp32 vs model precision, side stream vs in line);
 #   4. collect_bench (plain forward vs collect vs the paper's per-token loop, a small corpus).
 # Results come back as at most 8 files in $OUT: steps.txt (each step's exit status, its wall time and
 # the seconds since the start), one .md per bench, and logs.tar.gz with every step's full output.
@@ -46,11 +46,11 @@ step() {  # step NAME SECONDS COMMAND...: at most SECONDS (less if the budget is
         | tee -a "$OUT/steps.txt"
     tail -3 "/tmp/neurostat-logs/$name.log"
 }
-step throughput 210 python3 bench/throughput_bench.py --device cuda --dtype bfloat16 --speakers 32 --utterances 32 \
+step throughput 200 python3 bench/throughput_bench.py --device cuda --dtype bfloat16 --speakers 32 --utterances 32 \
     --tokens all --also-tokens phone-mid --repeat 1 --no-paper --corpus-dir "$corpora" --results "$OUT/throughput.md"
-step kernel_tests 50 bash -c "cd /tmp && python3 -m pytest -q -p no:cacheprovider --rootdir '$root' '$root/tests/kernels' -k 'bfloat16 or fold_sums'"
-step kernel_bench 150 python3 bench/kernel_bench.py --repeat 3 --results "$OUT/kernel.md"
-step collect_bench 45 python3 bench/collect_bench.py --device cuda --dtype bfloat16 --backend triton --speakers 8 \
+step kernel_tests 45 bash -c "cd /tmp && python3 -m pytest -q -p no:cacheprovider --rootdir '$root' '$root/tests/kernels' -k 'bfloat16 or fold_sums'"
+step kernel_bench 170 python3 bench/kernel_bench.py --repeat 3 --results "$OUT/kernel.md"
+step collect_bench 40 python3 bench/collect_bench.py --device cuda --dtype bfloat16 --backend triton --speakers 8 \
     --utterances 8 --corpus-dir "$corpora" --results "$OUT/collect.md"
 tar -czf "$OUT/logs.tar.gz" -C /tmp neurostat-logs
 echo "done: ${SECONDS} s since start" | tee -a "$OUT/steps.txt"

@@ -1,24 +1,31 @@
 """GPU benchmark of the statistics kernels and the engine's backends, one process, one card.
 
 Kernel level (HuBERT-base FFN geometry, bf16): cuBLAS GEMM alone; cuBLAS GEMM + GELU (the model's
-own path); one read of the token rows (the memory floor); `label_stats` over the token rows (the
-one-read `chunk` design's radix digits and warps, the `split` design's top-k and sums kernels, each
-swept, then per statistic and per chunk size); the torch statistics on the same rows; the fold of a
-layer's batch sums into the totals (torch ops vs the `fold_sums` kernel); `ffn_up_stats` (GEMM + GELU
-+ positive/moment epilogue) in a few tile shapes, with bf16 and fp32 output; the fp32 recomputation
-of the token rows (`--stats-precision fp32`).  Achieved TFLOP/s, GB/s and % of the card's HBM bandwidth.
+own path); one read of the token rows (the memory floor); `label_stats` (its one design, `split`) over
+the token rows — the top-k kernel's rows and warps and the sums kernel's columns, rows, warps and
+atomics or two passes swept around the H200's best, then all statistics with the best tunings against
+one read, per statistic and per chunk size; the torch statistics on the same rows; the fold of a
+layer's batch sums into the totals (torch ops vs the `fold_sums` kernel); `ffn_up_stats` (GEMM + GELU +
+positive/moment epilogue) in a few tile shapes, with bf16 and fp32 output; the fp32 route of
+`--stats-precision fp32` (one GEMM with an fp32 output whose rounding feeds the model, and the fp32
+GELU of the token rows).  Achieved TFLOP/s, GB/s and % of the card's HBM bandwidth.
 
 Precision study: the FFN inputs x a bf16 HuBERT-base feeds its layers; the top-k memberships of the
 bf16 activations and of the fp32-precision statistics against act(x W1ᵀ + b1) in float64, with the
 mean neuron index of the memberships gained and lost; then whole runs (bf16 forward with each
-precision against an fp32 forward of the same weights).
+precision against an fp32 forward of the same weights); and how far the fp32 route moves the model
+(pre-activations against the stated bound, the last hidden state against the stock bf16 forward).
 
 Engine level: batches of ~16 x 15 s of random audio through a random HuBERT-base in bf16, with
-random phone-like labels (runs of 2-8 frames): the plain forward vs the torch backend vs
-`torch.compile` of the torch statistics vs `triton` (also with its statistics on a side CUDA stream,
-a design option) vs `triton-fused`, each with fp32-precision statistics (the default) and the triton
-ones also with model precision; frames/s and ratios, and a device profile of one `triton` pass.
-Counts of the torch and triton backends are checked equal on the same activations.
+random phone-like labels (runs of 2-8 frames): the plain forward vs the torch backend vs `triton`
+(defaults: fp32 precision, statistics on a side CUDA stream) vs `triton` with model precision and
+each without the side stream vs `triton-fused` (`--compile` adds `torch.compile` of the torch
+statistics); frames/s and ratios, what fp32 precision costs over model precision and what the side
+stream saves, and a device profile of one `triton` pass.  Counts of every triton run are checked
+against the torch backend's.
+
+Each table is printed and appended the moment it is done, with the seconds since the start (sized
+to finish in under 3 minutes on an H200 with the default --repeat 3).
 
     python bench/kernel_bench.py                    # on a CUDA machine; appends to bench/RESULTS.md
     TRITON_INTERPRET=1 python bench/kernel_bench.py --smoke   # tiny shapes on CPU, checks the script
@@ -30,6 +37,8 @@ import argparse
 import copy
 import os
 import statistics
+import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -39,7 +48,7 @@ import neurostat.kernels.ffn_up_stats as fused
 import neurostat.kernels.label_stats as label_stats_module
 from neurostat.declarations import DEFAULT_STATS
 from neurostat.engine.accumulate import Accumulator
-from neurostat.engine.backends import Backend, fp32_activations
+from neurostat.engine.backends import ROUTE_BOUND, Backend, fp32_activations, fp32_preactivation
 from neurostat.engine.batching import TokenBatch, chunk_tokens
 from neurostat.engine.statistics import Params, topk_mask
 from neurostat.engine.statistics import statistics as table_entries
@@ -176,129 +185,164 @@ def fold_check(sums, batch, num_labels, D, shift, device) -> tuple[float, float,
     )
 
 
-def kernel_table(device, dtype, M, K, N, k, labels, token_fraction, rng, configs, tunings) -> tuple:
-    x = torch.randn(M, K, device=device, dtype=dtype)
-    w = (torch.randn(N, K, device=device) / K**0.5).to(dtype)
-    b = (torch.randn(N, device=device) * 0.1).to(dtype)
-    lab = torch.from_numpy(np.where(rng.random(M) < token_fraction, rng.integers(0, labels, M), -1))
-    batch = TokenBatch.from_labels(lab.numpy()).to(device)
-    U = batch.labels.numel()
-    shift = torch.zeros(N, device=device)
-    n_tok = batch.num_tokens
-    flops = 2 * M * N * K
-    io = (M * K + N * K + M * N) * x.element_size()
-    tok_bytes = n_tok * N * x.element_size()
-    rows = []
-    peak = hbm_peak(device)
+class Table:
+    """The rows of one kernel table: µs, TFLOP/s, GB/s and the share of the card's HBM bandwidth."""
 
-    def add(name, t, f=0, byts=0):
+    def __init__(self, device):
+        self.rows, self.peak = [], hbm_peak(device)
+
+    def add(self, name: str, t: float, flops: float = 0, byts: float = 0) -> None:
         gbs = byts / t / 1e9 if byts else 0
-        share = f"{100 * gbs / peak:.0f}%" if peak and byts else ""
-        rows.append(f"| {name} | {t * 1e6:,.1f} | {f / t / 1e12 if f else 0:,.1f} | {gbs:,.0f} | {share} |")
+        share = f"{100 * gbs / self.peak:.0f}%" if self.peak and byts else ""
+        self.rows.append(
+            f"| {name} | {t * 1e6:,.1f} | {flops / t / 1e12 if flops else 0:,.1f} | {gbs:,.0f} | {share} |"
+        )
 
-    t_gemm = timed(lambda: torch.nn.functional.linear(x, w, b), device)
-    add("cuBLAS GEMM + bias (F.linear)", t_gemm, flops, io)
-    y = torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b))
-    t_act = timed(lambda: torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b)), device)
-    add("cuBLAS GEMM + GELU (the model's path)", t_act, flops, io + 2 * M * N * x.element_size())
+
+def label_stats_rows(c, table: Table, y: torch.Tensor, tunings) -> dict:
+    """``label_stats`` over the token rows of ``y``: one read, the tuning sweeps, all statistics with the best
+    tunings (left set), per statistic and chunk size; the torch statistics and the fold."""
+    batch, U, k, shift, device, tok_bytes = c.batch, c.U, c.k, c.shift, c.device, c.tok_bytes
 
     def stats(
         rows_=batch.sorted_rows, local=batch.sorted_local, starts=batch.chunk_starts, chunks=batch.chunk_labels, **which
     ):
         return label_stats(y, rows_, local, starts, chunks, U, k, shift, **which)
 
-    t_read = timed(lambda: y.index_select(0, batch.index).sum(dtype=torch.float32), device)
-    add(f"one read of the {n_tok} token rows (index_select + sum: the memory floor)", t_read, 0, 2 * tok_bytes)
-    topk_times, best_topk = sweep(lambda: stats(positive=False, moments=False), tunings["topk"], device)
-    for tuning, t in topk_times:
-        add(f"label_stats, top-k only, {tuning}", t, 0, tok_bytes)
-    sums_times, best_sums = sweep(lambda: stats(topk=False), tunings["sums"], device)
-    for tuning, t in sums_times:
-        add(f"label_stats, positive + moments only, {tuning}", t, 0, tok_bytes)
-    split = {**best_sums, **{n: v for n, v in best_topk.items() if n != "design"}, "design": "split"}
-    all_times, best_all = sweep(stats, [split, *tunings["all"]], device)
-    for tuning, t in all_times:
-        add(f"label_stats, all statistics, {tuning}", t, 0, tok_bytes)
-    t_ts = timed(stats, device)
-    add(f"label_stats, all statistics, best ({best_all['design']}): {t_ts / t_read:.2f}x one read", t_ts, 0, tok_bytes)
-    add("  of which positive counts alone", timed(lambda: stats(topk=False, moments=False), device), 0, tok_bytes)
-    add("  of which moments alone", timed(lambda: stats(topk=False, positive=False), device), 0, tok_bytes)
-    add(
-        "  of which zeroing 4 per-batch buffers [labels, D]",
-        timed(lambda: [torch.zeros((U, N), device=device) for _ in range(4)], device),
+    out = {"read": timed(lambda: y.index_select(0, batch.index).sum(dtype=torch.float32), device)}
+    table.add(
+        f"one read of the {c.n_tok} token rows (index_select + sum: the memory floor)", out["read"], 0, 2 * tok_bytes
     )
-    for chunk_rows in (8, 128, 512):
-        rows_c, local_c, starts_c, labels_c = (
-            t.to(device) for t in chunk_tokens(batch.index.cpu(), batch.local.cpu(), chunk_rows)
-        )
-        t = timed(lambda: stats(rows_=rows_c, local=local_c, starts=starts_c, chunks=labels_c), device)
-        add(
-            f"label_stats, all statistics, chunks of <= {chunk_rows} rows ({labels_c.numel()} chunks; engine: 32)",
+    for name, run, which in (
+        ("top-k only", lambda: stats(positive=False, moments=False), "topk"),
+        ("positive + moments only", lambda: stats(topk=False), "sums"),
+    ):
+        times, best = sweep(run, tunings[which], device)
+        out[which] = best
+        for tuning, t in times:
+            table.add(f"label_stats, {name}, {tuning}", t, 0, tok_bytes)
+    out["tuning"] = {**out["topk"], **out["sums"]}
+    label_stats_module.TUNING.update(out["tuning"])
+    out["all"] = timed(stats, device)
+    table.add(
+        f"label_stats, all statistics, best tunings: {out['all'] / out['read']:.2f}x one read", out["all"], 0, tok_bytes
+    )
+    table.add("  of which positive counts alone", timed(lambda: stats(topk=False, moments=False), device), 0, tok_bytes)
+    table.add("  of which moments alone", timed(lambda: stats(topk=False, positive=False), device), 0, tok_bytes)
+    table.add(
+        "  of which zeroing 4 per-batch buffers [labels, D]",
+        timed(lambda: [torch.zeros((U, c.N), device=device) for _ in range(4)], device),
+    )
+    for chunk_rows in tunings["chunk_rows"]:
+        work = [t.to(device) for t in chunk_tokens(batch.index.cpu(), batch.local.cpu(), chunk_rows)]
+        t = timed(lambda: stats(*work), device)
+        table.add(
+            f"label_stats, all statistics, chunks of <= {chunk_rows} rows ({work[3].numel()} chunks; engine: 32)",
             t,
             0,
             tok_bytes,
         )
-    t_torch = timed(lambda: torch_sums(y.index_select(0, batch.index), batch.local, U, k, shift), device)
-    add("torch statistics on the token rows (index_select + topk + index_add)", t_torch, 0, tok_bytes)
-    sums = stats()
-    t_fold_torch, t_fold, fold_same = fold_check(sums, batch, labels, N, shift, device)
-    add(f"fold of the batch sums into the totals ({U} labels), torch ops", t_fold_torch)
-    add(f"fold of the batch sums into the totals ({U} labels), fold_sums kernel", t_fold)
-    best = None
+    out["torch"] = timed(lambda: torch_sums(y.index_select(0, batch.index), batch.local, U, k, shift), device)
+    table.add("torch statistics on the token rows (index_select + topk + index_add)", out["torch"], 0, tok_bytes)
+    out["sums_of_y"] = stats()
+    out["fold_torch"], out["fold"], out["fold_same"] = fold_check(out["sums_of_y"], batch, c.labels, c.N, shift, device)
+    table.add(f"fold of the batch sums into the totals ({U} labels), torch ops", out["fold_torch"])
+    table.add(f"fold of the batch sums into the totals ({U} labels), fold_sums kernel", out["fold"])
+    return out
+
+
+def fp32_rows(c, table: Table, configs) -> dict:
+    """``ffn_up_stats`` in each tile shape (the best one kept), without statistics and with an fp32 output;
+    the fp32 route of the torch/triton backends."""
+    x, w, b, batch, U, shift, device = c.x, c.w, c.b, c.batch, c.U, c.shift, c.device
+    out = {}
     for tiles in configs:
-        run = lambda: ffn_up_stats(x, w, b, "gelu", batch.perm, batch.sorted_local, U, shift, tiles=tiles)  # noqa: E731
         try:
-            t = timed(run, device)
+            t = timed(
+                lambda: ffn_up_stats(x, w, b, "gelu", batch.perm, batch.sorted_local, U, shift, tiles=tiles), device
+            )
         except Exception as e:  # a tile shape that does not fit this card's resources
-            rows.append(f"| ffn_up_stats {tiles} | failed: {type(e).__name__} | | |")
+            table.rows.append(f"| ffn_up_stats {tiles} | failed: {type(e).__name__} | | |")
             continue
-        add(f"ffn_up_stats {tiles} (GEMM+GELU+positive/moments)", t, flops, io)
-        if best is None or t < best[0]:
-            best = (t, tiles)
-    if best is None:
+        table.add(f"ffn_up_stats {tiles} (GEMM+GELU+positive/moments)", t, c.flops, c.io)
+        if "fused" not in out or t < out["fused"]:
+            out["fused"], out["tiles"] = t, tiles
+    if "fused" not in out:
         raise SystemExit("no ffn_up_stats tile shape ran on this card")
 
-    def plain():
-        return ffn_up_stats(x, w, b, "gelu", batch.perm, batch.sorted_local, U, shift, stats=False, tiles=best[1])
+    def fused(**kw):
+        return ffn_up_stats(x, w, b, "gelu", batch.perm, batch.sorted_local, U, shift, tiles=out["tiles"], **kw)
 
-    add("ffn_up_stats, best tiles, without the epilogue statistics", timed(plain, device), flops, io)
-
-    def fp32_out():
-        return ffn_up_stats(
-            x, w, b, "gelu", batch.perm, batch.sorted_local, U, shift, tiles=best[1], out_dtype=torch.float32
-        )
-
-    t_fused32 = timed(lambda: fp32_out()[0].to(dtype), device)
-    add(
-        "ffn_up_stats, best tiles, fp32 output rounded for W2 (precision fp32, fused)", t_fused32, flops, io + M * N * 6
+    table.add(
+        "ffn_up_stats, best tiles, without the epilogue statistics",
+        timed(lambda: fused(stats=False), device),
+        c.flops,
+        c.io,
+    )
+    out["fused32"] = timed(lambda: fused(out_dtype=torch.float32)[0].to(x.dtype), device)
+    table.add(
+        "ffn_up_stats, best tiles, fp32 output rounded for W2 (precision fp32, fused)",
+        out["fused32"],
+        c.flops,
+        c.io + c.M * c.N * 6,
     )
     ffn = ffn_of(w, b)
-    t_rows32 = timed(lambda: fp32_activations(ffn, x.index_select(0, batch.index)), device)
-    add(
-        f"fp32 recomputation of the {n_tok} token rows (precision fp32, torch/triton backends)",
-        t_rows32,
-        2 * n_tok * N * K,
-        n_tok * (K + 4 * N) * x.element_size(),
+    out["route"] = timed(lambda: ffn.act(fp32_preactivation(ffn.up, x).to(x.dtype)), device)
+    name = "fp32 route: one GEMM with an fp32 output, bias in fp32, rounded, GELU (the model's path, precision fp32)"
+    table.add(name, out["route"], c.flops, c.io + c.M * c.N * 8)
+    pre = fp32_preactivation(ffn.up, x)
+    out["rows32"] = timed(lambda: ffn.act(pre.index_select(0, batch.index)), device)
+    table.add(
+        f"fp32 route: fp32 GELU of the {c.n_tok} token rows (the statistics' input)",
+        out["rows32"],
+        0,
+        16 * c.n_tok * c.N,
     )
+    out["y_fused"] = fused()[0]
+    return out
+
+
+def kernel_table(device, dtype, M, K, N, k, labels, token_fraction, rng, configs, tunings) -> tuple:
+    """One kernel-level table on random FFN inputs with ``token_fraction`` of the rows as tokens: its rows,
+    notes, the best ``ffn_up_stats`` tiles and ``label_stats`` tuning; exits when a count differs."""
+    x = torch.randn(M, K, device=device, dtype=dtype)
+    w = (torch.randn(N, K, device=device) / K**0.5).to(dtype)
+    b = (torch.randn(N, device=device) * 0.1).to(dtype)
+    lab = torch.from_numpy(np.where(rng.random(M) < token_fraction, rng.integers(0, labels, M), -1))
+    batch = TokenBatch.from_labels(lab.numpy()).to(device)
+    c = SimpleNamespace(x=x, w=w, b=b, batch=batch, U=batch.labels.numel(), k=k, M=M, N=N, labels=labels, device=device)
+    c.shift, c.n_tok = torch.zeros(N, device=device), batch.num_tokens
+    c.flops, c.io = 2 * M * N * K, (M * K + N * K + M * N) * x.element_size()
+    c.tok_bytes = c.n_tok * N * x.element_size()
+    table = Table(device)
+    table.add(
+        "cuBLAS GEMM + bias (F.linear)", timed(lambda: torch.nn.functional.linear(x, w, b), device), c.flops, c.io
+    )
+    y = torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b))
+    t_act = timed(lambda: torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b)), device)
+    table.add("cuBLAS GEMM + GELU (the model's path)", t_act, c.flops, c.io + 2 * M * N * x.element_size())
+    ls = label_stats_rows(c, table, y, tunings)
+    fp = fp32_rows(c, table, configs)
     # correctness on the card: the fused y is close to the model's; the kernels' counts equal the torch counts on y
-    yf, _ = ffn_up_stats(x, w, b, "gelu", batch.perm, batch.sorted_local, U, shift, tiles=best[1])
-    err = ((yf.float() - y.float()).norm() / y.float().norm()).item()
-    ref = torch_sums(y.index_select(0, batch.index), batch.local, U, k, shift)
+    err = ((fp["y_fused"].float() - y.float()).norm() / y.float().norm()).item()
+    ref = torch_sums(y.index_select(0, batch.index), batch.local, c.U, k, c.shift)
+    sums = ls["sums_of_y"]
     same = all(torch.equal(sums[n].long(), ref[n].round().long()) for n in ("topk", "positive"))
     s1_err = ((sums["s1"] - ref["s1"]).norm() / ref["s1"].norm()).item()
     notes = [
         f"- fused y vs cuBLAS+GELU y: relative error {err:.2e}; label_stats counts == torch counts: {same}; "
-        f"s1 relative difference {s1_err:.1e}; fold_sums == torch fold: {fold_same}",
-        f"- label_stats with all statistics: {t_ts / t_read:.2f}x one read of the token rows "
-        f"(target <= 2x); fp32 precision costs {t_rows32 * 1e6:,.0f} µs per layer unfused (token rows "
-        f"recomputed) or {(t_fused32 - best[0]) * 1e6:,.0f} µs more than the bf16 fused kernel",
-        f"- per layer for this batch: model path {t_act * 1e6:,.0f} µs; + label_stats {t_ts * 1e6:,.0f} µs "
-        f"+ fold {t_fold * 1e6:,.0f} µs = {100 * (t_ts + t_fold) / t_act:.1f}% of it; torch statistics "
-        f"{t_torch * 1e6:,.0f} µs + torch fold {t_fold_torch * 1e6:,.0f} µs; best fused {best[0] * 1e6:,.0f} µs",
+        f"s1 relative difference {s1_err:.1e}; fold_sums == torch fold: {ls['fold_same']}",
+        f"- label_stats (split design) with all statistics: {ls['all'] / ls['read']:.2f}x one read of the token rows "
+        f"(target <= 2x); fp32 precision costs {(fp['route'] - t_act + fp['rows32']) * 1e6:,.0f} µs per layer over the "
+        f"model's path (fp32 route: {(fp['route'] - t_act) * 1e6:,.0f} µs in the forward, {fp['rows32'] * 1e6:,.0f} µs "
+        f"of fp32 GELU on the token rows) or {(fp['fused32'] - fp['fused']) * 1e6:,.0f} µs more than the bf16 fused kernel",
+        f"- per layer for this batch: model path {t_act * 1e6:,.0f} µs; + label_stats {ls['all'] * 1e6:,.0f} µs "
+        f"+ fold {ls['fold'] * 1e6:,.0f} µs = {100 * (ls['all'] + ls['fold']) / t_act:.1f}% of it; torch statistics "
+        f"{ls['torch'] * 1e6:,.0f} µs + torch fold {ls['fold_torch'] * 1e6:,.0f} µs; best fused {fp['fused'] * 1e6:,.0f} µs",
     ]
-    if not (same and fold_same):
+    if not (same and ls["fold_same"]):
         raise SystemExit("the kernels' counts or folded totals differ from the torch ones on the same activations")
-    return rows, notes, best[1], best_all
+    return table.rows, notes, fp["tiles"], ls["tuning"]
 
 
 def membership_shift(got: np.ndarray, ref: np.ndarray) -> tuple[float, float, float]:
@@ -322,27 +366,55 @@ def describe_shift(name: str, shift: tuple[float, float, float], width: int, mem
     return f"| {name} | {100 * frac:.3f}% | {gained:,.0f} | {lost:,.0f} | {gained - lost:+,.0f} | ±{2 * noise:,.0f} |"
 
 
-def precision_study(model, dtype, feature_ext, batches, k, num_labels, device, backend) -> list[str]:
-    """Top-k memberships in a ``dtype`` run: the model-precision and fp32-precision statistics against
-    act(x W1ᵀ + b1) in float64 on the FFN inputs x the ``dtype`` model feeds its layers, and whole runs
-    against an fp32 forward of the same (rounded) weights."""
-    half = ModelAdapter(copy.deepcopy(model).to(device, dtype), feature_ext, "half")
-    full = ModelAdapter(copy.deepcopy(model).to(device, dtype).float(), feature_ext, "fp32 twin")
-    D = half.width
+def route_check(up: torch.nn.Linear, x: torch.Tensor) -> tuple[float, float, bool]:
+    """The fp32 route's pre-activations against the stock ones on FFN inputs ``x``: the share that differ,
+    the largest difference in ulps of the model's dtype, and whether :data:`ROUTE_BOUND` holds."""
+    stock, ours = up(x).double(), fp32_preactivation(up, x).to(x.dtype).double()
+    big = torch.maximum(stock.abs(), ours.abs()).clamp_min(torch.finfo(x.dtype).smallest_normal)
+    ulp = torch.exp2(torch.floor(torch.log2(big))) * torch.finfo(x.dtype).eps
+    slack = 2 * (x.shape[1] + 1) * 2.0**-24 * (x.double().abs() @ up.weight.double().abs().T + up.bias.double().abs())
+    diff = (stock - ours).abs()
+    return (diff > 0).double().mean().item(), (diff / ulp).max().item(), bool((diff <= ulp + slack).all())
+
+
+def whole_runs(half, full, batches, k, num_labels, device, backend) -> tuple[dict, dict]:
+    """Top-k counts and last hidden states of whole runs: the fp32 twin, and the half model with each
+    statistics precision."""
+    counts, outputs = {}, {}
+    for label, adapter, precision in (
+        ("fp32", full, "model"),
+        ("half-fp32", half, "fp32"),
+        ("half-model", half, "model"),
+    ):
+        act = str(adapter.config.hidden_act)
+        acc = Accumulator(adapter.num_layers, num_labels, half.width, k, ("topk",), device, backend, act, precision)
+        current, outputs[label] = {}, []
+        with torch.no_grad(), adapter.instrument(lambda i, f, h: acc.ffn_activation(i, f, h, current["b"])):
+            for waves, batch, _ in batches:
+                current["b"] = batch.to(device)
+                outputs[label].append(adapter.encode(waves)[0].double())
+        counts[label] = acc.compute()["topk_count"]
+    return counts, outputs
+
+
+def same_x_study(half, waves, first, k) -> tuple[dict, dict, list, list]:
+    """On the FFN inputs x the half model feeds its layers (the token rows of the first batch): top-k masks
+    of its activations, of the fp32 statistics and of float64 act(x W1ᵀ + b1); the share of rows tied at
+    the k-th |a|; the fp32 route's :func:`route_check` per layer."""
     inputs = {}
-    first = batches[0][1].to(device)
 
     def capture(layer, ffn, h):
         inputs[layer] = h.reshape(-1, h.shape[-1]).index_select(0, first.index)
         return ffn.act(ffn.up(h))
 
     with torch.no_grad(), half.instrument(capture):
-        half.encode(batches[0][0])
+        half.encode(waves)
     masks = {"model": [], "fp32": [], "exact": []}
-    tied = []
+    tied, route = [], []
     with torch.no_grad():
         for layer, x in sorted(inputs.items()):
             ffn = half.ffns[layer]
+            route.append(route_check(ffn.up, x))
             w, b = ffn.up.weight.double(), ffn.up.bias.double()
             model_a = ffn.act(ffn.up(x))
             masks["exact"].append(topk_mask_reference(ffn.act(x.double() @ w.T + b), k).cpu().numpy())
@@ -350,6 +422,18 @@ def precision_study(model, dtype, feature_ext, batches, k, num_labels, device, b
             masks["fp32"].append(topk_mask_reference(fp32_activations(ffn, x), k).cpu().numpy())
             kth = model_a.abs().float().sort(dim=1, descending=True).values[:, k - 1 : k]
             tied.append(((model_a.abs().float() == kth).sum(1) > 1).float().mean().item())
+    return inputs, masks, tied, route
+
+
+def precision_study(model, dtype, feature_ext, batches, k, num_labels, device, backend) -> list[str]:
+    """Top-k memberships in a ``dtype`` run: the model-precision and fp32-precision statistics against
+    act(x W1ᵀ + b1) in float64 on the FFN inputs x the ``dtype`` model feeds its layers, and whole runs
+    against an fp32 forward of the same (rounded) weights."""
+    half = ModelAdapter(copy.deepcopy(model).to(device, dtype), feature_ext, "half")
+    full = ModelAdapter(copy.deepcopy(model).to(device, dtype).float(), feature_ext, "fp32 twin")
+    D = half.width
+    first = batches[0][1].to(device)
+    inputs, masks, tied, route = same_x_study(half, batches[0][0], first, k)
     masks = {n: np.stack(m) for n, m in masks.items()}
     memberships = int(masks["exact"].sum())
     name = str(dtype).removeprefix("torch.")
@@ -373,21 +457,23 @@ def precision_study(model, dtype, feature_ext, batches, k, num_labels, device, b
             memberships,
         ),
     ]
-    counts = {}
-    for label, adapter, precision in (
-        ("fp32", full, "model"),
-        ("half-fp32", half, "fp32"),
-        ("half-model", half, "model"),
-    ):
-        acc = Accumulator(
-            adapter.num_layers, num_labels, D, k, ("topk",), device, backend, str(adapter.config.hidden_act), precision
-        )
-        current = {}
-        with torch.no_grad(), adapter.instrument(lambda i, f, h: acc.ffn_activation(i, f, h, current["b"])):
-            for waves, batch, _ in batches:
-                current["b"] = batch.to(device)
-                adapter.encode(waves)
-        counts[label] = acc.compute()["topk_count"]
+    differ, worst, within = (np.mean([r[0] for r in route]), max(r[1] for r in route), all(r[2] for r in route))
+    notes = [
+        "",
+        f"- fp32 route (one GEMM with an fp32 output, its {name} rounding feeds the model): {100 * differ:.4f}% "
+        f"of the pre-activations differ from the stock {name} ones, by at most {worst:.2f} ulp; the stated bound "
+        f"({ROUTE_BOUND}) holds: {within}",
+    ]
+    counts, outputs = whole_runs(half, full, batches, k, num_labels, device, backend)
+    with torch.no_grad():
+        stock = [half.encode(waves)[0].double() for waves, _, _ in batches]
+    moved = sum((a - b).norm() ** 2 for a, b in zip(outputs["half-fp32"], stock)).sqrt().item()
+    own = sum((a - b).norm() ** 2 for a, b in zip(outputs["fp32"], stock)).sqrt().item()
+    notes.append(
+        f"- whole model, last hidden state: the {name} run with fp32 statistics differs from the stock {name} "
+        f"forward by {moved / max(own, 1e-30):.4f} of the stock forward's own difference from an fp32 forward "
+        f"(tests/test_precision.py: <= 0.02 on CPU)"
+    )
     whole = int(counts["fp32"].sum())
     for label, text in (("half-model", f"{name} run, --stats-precision model"), ("half-fp32", f"{name} run, fp32")):
         lines.append(
@@ -398,11 +484,10 @@ def precision_study(model, dtype, feature_ext, batches, k, num_labels, device, b
                 whole,
             )
         )
-    return lines
+    return lines + notes
 
 
 STAT_KERNELS = (
-    "_chunk_stats_kernel",
     "_topk_kernel",
     "_sums_kernel",
     "_chunk_reduce_kernel",
@@ -444,13 +529,13 @@ def engine_runs(adapter, batches, k, num_labels, variants, device, repeat, profi
     the variant ``profiled``."""
     D, L = adapter.width, adapter.num_layers
 
-    def one_pass(backend):
-        if backend is None:
+    def one_pass(variant):
+        if variant is None:
             for waves, _, _ in batches:
                 adapter.encode(waves)
             return None
-        backend, _, precision = backend.partition("@")
-        name = backend.removesuffix("+overlap")
+        backend, _, precision = variant.partition("@")
+        name = backend.removesuffix("+inline")
         act = str(adapter.config.hidden_act)
         acc = Accumulator(
             L,
@@ -461,34 +546,16 @@ def engine_runs(adapter, batches, k, num_labels, variants, device, repeat, profi
             backend="torch" if name == "compile" else name,
             activation=act,
             precision=precision or "fp32",
+            overlap=False if backend.endswith("+inline") else None,  # None: the engine's default
         )
         if name == "compile":
             acc.backend = CompiledTorchBackend(acc.table, acc.params, act)
         current = {}
-        # the design option "+overlap": each layer's statistics queued on a side stream, so that they run
-        # beside the next layers instead of between them (the activation's and the batch's memory is kept
-        # for the side stream with record_stream)
-        side = torch.cuda.Stream() if backend.endswith("+overlap") else None
-
-        def activation(layer, ffn, h):
-            if side is None:
-                return acc.ffn_activation(layer, ffn, h, current["b"])
-            a = ffn.act(ffn.up(h))
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                acc.update(layer, a.reshape(-1, D), current["b"])
-            a.record_stream(side)
-            return a
-
-        with adapter.instrument(activation):
+        with adapter.instrument(lambda i, f, h: acc.ffn_activation(i, f, h, current["b"])):
             for waves, batch, _ in batches:
                 current["b"] = batch.to(device)
                 adapter.encode(waves)
-                if side is not None:
-                    for t in vars(current["b"]).values():
-                        t.record_stream(side)
-        if side is not None:
-            torch.cuda.current_stream().wait_stream(side)
+        acc.side.join()  # the pass ends when its statistics do
         return acc
 
     states, notes = {}, []
@@ -512,15 +579,129 @@ def engine_runs(adapter, batches, k, num_labels, variants, device, repeat, profi
     return {name: statistics.median(t) for name, t in times.items()}, states, notes
 
 
-def main() -> None:
+TOPK_KEYS = ("search_rows", "search_warps")
+SUMS_KEYS = ("block_n", "rows", "num_warps", "two_pass")
+
+
+def sweep_tunings(smoke: bool) -> dict[str, list[dict]]:
+    """The ``label_stats`` tunings each kernel table sweeps (the split design's knobs, around the H200's best)
+    and the chunk sizes it tries (the smoke run: one of each kind, the interpreter is slow)."""
+    topk = ((2, 4),) if smoke else ((1, 4), (1, 8), (2, 4), (4, 8))
+    sums = (
+        ((16, 4, 4, False), (16, 2, 4, True))
+        if smoke
+        else ((1024, 4, 8, False), (512, 8, 8, False), (256, 8, 4, False), (1024, 4, 8, True))
+    )
+    return {
+        "topk": [dict(zip(TOPK_KEYS, t)) for t in topk],
+        "sums": [dict(zip(SUMS_KEYS, t)) for t in sums],
+        "chunk_rows": (8,) if smoke else (8, 128, 512),
+    }
+
+
+FUSED_TILES = [
+    {"block": (64, 128, 64), "num_warps": 4, "num_stages": 4, "group_m": 8},
+    {"block": (128, 128, 64), "num_warps": 8, "num_stages": 3, "group_m": 8},
+    {"block": (128, 128, 64), "num_warps": 4, "num_stages": 4, "group_m": 8},
+]
+"""``ffn_up_stats`` tile shapes to try on a card ((128, 256, 64) ran out of resources on the H200)."""
+
+
+def engine_variants(device: str, compile_: bool) -> list[tuple[str, str | None]]:
+    """(row name, ``backend[+inline][@precision]``) of the engine runs; the side stream is the default on CUDA."""
+    variants = [("plain forward", None), ("collect, torch backend", "torch")]
+    if compile_:
+        variants.append(("collect, torch.compile of the torch statistics", "compile"))
+    variants += [
+        ("collect, triton backend", "triton"),
+        ("collect, triton backend, --stats-precision model", "triton@model"),
+    ]
+    if device == "cuda":
+        variants += [
+            ("collect, triton backend, statistics in line (no side stream)", "triton+inline"),
+            ("collect, triton backend, --stats-precision model, statistics in line", "triton+inline@model"),
+        ]
+    variants += [
+        ("collect, triton-fused backend", "triton-fused"),
+        ("collect, triton-fused backend, --stats-precision model", "triton-fused@model"),
+    ]
+    return variants
+
+
+def engine_table(adapter, batches, k, num_labels, device, repeat, compile_, mode, seconds) -> str:
+    """One engine-level table (tokens ``mode``): times per variant, the counts checked against the torch
+    backend, the fp32-precision and side-stream costs, and the device profile of one ``triton`` pass."""
+    frames = sum(b[2] for b in batches)
+    tokens = sum(b[1].num_tokens for b in batches)
+    profiled = "collect, triton backend"
+    variants = engine_variants(device, compile_)
+    times, states, notes = engine_runs(adapter, batches, k, num_labels, variants, device, repeat, profiled)
+    ref = states["collect, torch backend"].compute()
+    check = []
+    for name in (n for n in times if n.startswith("collect, triton")):
+        got = states[name].compute()
+        diff = int(np.abs(got["topk_count"] - ref["topk_count"]).sum())
+        pos = int(np.abs(got["positive_count"] - ref["positive_count"]).sum())
+        seen = ref["frames"] > 0
+        err = {
+            v: float(np.abs(got[v] - ref[v])[:, seen].max() / np.abs(ref[v])[:, seen].max()) for v in ("mean", "var")
+        }
+        check.append(
+            f"{name.removeprefix('collect, ')}: top-k counts differing from torch: {diff} of "
+            f"{int(ref['topk_count'].sum())}, positive counts: {pos}; mean, var max difference / max value: "
+            f"{err['mean']:.1e}, {err['var']:.1e}"
+        )
+    base = times["plain forward"]
+    lines = [
+        "",
+        f"Engine level, tokens {mode}: {len(batches)} batches x {len(batches[0][0])} utterances of "
+        f"~{seconds:g} s, {frames} frames, {tokens} tokens, all statistics",
+        "",
+        "| run | seconds | frames/s | vs plain |",
+        "| --- | ---: | ---: | ---: |",
+        *(f"| {name} | {t:.4f} | {frames / t:,.0f} | {t / base:.3f} |" for name, t in times.items()),
+        "",
+        "- " + "; ".join(check),
+        *cost_notes(times, mode),
+        *notes,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def cost_notes(times: dict[str, float], mode: str) -> list[str]:
+    """The issue's engine targets: collect/plain, fp32 precision over model precision, the side stream."""
+    base, t = times["plain forward"], times.get
+    target = 1.05 if mode == "phone-mid" else 1.10
+    out = []
+    if t("collect, triton backend"):
+        out.append(
+            f"- collect (triton, fp32 precision, defaults) / plain: {t('collect, triton backend') / base:.3f} "
+            f"(target <= {target:.2f})"
+        )
+    if t("collect, triton backend") and t("collect, triton backend, --stats-precision model"):
+        extra = t("collect, triton backend") - t("collect, triton backend, --stats-precision model")
+        out.append(
+            f"- fp32 precision over model precision: {100 * extra / base:+.1f}% of the plain forward (target <= 5%)"
+        )
+    inline = t("collect, triton backend, statistics in line (no side stream)")
+    if inline and t("collect, triton backend"):
+        saved = inline - t("collect, triton backend")
+        out.append(f"- the side stream (the default on CUDA) saves {100 * saved / base:+.1f}% of the plain forward")
+    return out
+
+
+def arguments() -> argparse.Namespace:
+    """The options (``--smoke``: one repeat, no results file)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpreter check of the script)")
     ap.add_argument("--batches", type=int, default=3)
     ap.add_argument("--per-batch", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=15.0)
-    ap.add_argument("--repeat", type=int, default=7)
-    ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--kernels-only", action="store_true", help="only the kernel-level tables")
+    ap.add_argument("--repeat", type=int, default=3, help="timed rounds of the engine runs")
+    ap.add_argument(
+        "--compile", action="store_true", help="also time torch.compile of the torch statistics (slow to warm up)"
+    )
+    ap.add_argument("--kernels-only", action="store_true", help="only the kernel-level tables and the precision study")
     ap.add_argument(
         "--engine-only", action="store_true", help="only the engine runs, with the kernels' default tunings"
     )
@@ -528,9 +709,15 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="also write the tables here")
     args = ap.parse_args()
     if args.smoke:
-        args.results = ""
+        args.results, args.repeat = "", 1
         TIMING.update(repeat=1, warmup=0)
+    return args
+
+
+def main() -> None:
+    args = arguments()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    started = time.perf_counter()
     device = "cpu" if args.smoke else "cuda"
     dtype = torch.float32 if args.smoke else torch.bfloat16
     rng = np.random.default_rng(0)
@@ -542,146 +729,53 @@ def main() -> None:
     num_labels = 41 * 2 * 4
     card = torch.cuda.get_device_name() if device == "cuda" else "CPU (interpreter smoke run)"
 
-    lines = [
-        "",
-        f"### kernel_bench on {card}",
-        "",
-        f"- torch {torch.__version__}, triton {__import__('triton').__version__}, "
-        f"CUDA {torch.version.cuda}; {dtype}".replace("torch.", ""),
-    ]
+    def done(text: str) -> None:  # each table printed and appended the moment it is finished
+        emit(text + f"\n- ({time.perf_counter() - started:.0f} s since the bench started)\n", args.results, args.out)
 
+    emit(
+        f"\n### kernel_bench on {card}\n\n- torch {torch.__version__}, triton {__import__('triton').__version__}, "
+        f"CUDA {torch.version.cuda}; {str(dtype).removeprefix('torch.')}; label_stats design: split\n",
+        args.results,
+        args.out,
+    )
     M = 16 * 750 if not args.smoke else 70
-    configs = (
-        [
-            {"block": (64, 128, 64), "num_warps": 4, "num_stages": 4, "group_m": 8},
-            {"block": (128, 128, 64), "num_warps": 8, "num_stages": 3, "group_m": 8},
-            {"block": (64, 64, 64), "num_warps": 4, "num_stages": 4, "group_m": 8},
-            {"block": (128, 256, 64), "num_warps": 8, "num_stages": 3, "group_m": 8},
-            {"block": (128, 128, 64), "num_warps": 4, "num_stages": 4, "group_m": 8},
-        ]
-        if not args.smoke
-        else [dict(fused.INTERPRETER_TILES)]
-    )
-    split_keys = ("search_rows", "search_warps", "search_bits")
-    sums_keys = ("block_n", "rows", "num_warps", "two_pass")
-
-    def chunk(digit, warps, two_pass=False):
-        return {"design": "chunk", "digit": digit, "chunk_warps": warps, "two_pass": two_pass}
-
-    def split_topk(*t):
-        return {"design": "split", **dict(zip(split_keys, t))}
-
-    def split_sums(*t):
-        return {"design": "split", **dict(zip(sums_keys, t))}
-
-    tunings = (
-        {
-            "topk": [chunk(d, w) for d in (8, 6, 11) for w in (4, 8, 16)]
-            + [split_topk(*t) for t in ((1, 4, 1), (1, 4, 2), (1, 8, 2), (2, 4, 2), (4, 8, 2))],
-            "sums": [
-                split_sums(*t)
-                for t in (
-                    (256, 8, 4, False),
-                    (256, 8, 4, True),
-                    (512, 8, 8, False),
-                    (256, 16, 4, False),
-                    (1024, 4, 8, False),
-                    (128, 16, 4, True),
-                )
-            ],
-            "all": [chunk(d, w) for d in (8, 11) for w in (4, 8, 16)] + [chunk(8, 8, True)],
-        }
-        if not args.smoke
-        else {
-            "topk": [chunk(8, 4), chunk(5, 4), split_topk(1, 4, 1), split_topk(2, 4, 2)],
-            "sums": [split_sums(16, 4, 4, False), split_sums(16, 2, 4, True)],
-            "all": [chunk(8, 4), chunk(8, 4, True)],
-        }
-    )
+    configs = FUSED_TILES if not args.smoke else [dict(fused.INTERPRETER_TILES)]
+    tunings = sweep_tunings(args.smoke)
     chosen = {}
     tables = ((0.2, "phone-mid-like, 20% token rows"), (1.0, "all rows are tokens"))
     for frac, name in () if args.engine_only else tables[1:] if args.smoke else tables:
         rows, notes, tiles, tuning = kernel_table(device, dtype, M, H, D, k, num_labels, frac, rng, configs, tunings)
         chosen[frac] = (tiles, tuning)
-        lines += [
-            "",
-            f"Kernel level, M = {M} rows, K = {H}, N = {D}, k = {k}, {name}:",
-            "",
-            "| kernel | µs | TFLOP/s | GB/s | of HBM |",
-            "| --- | ---: | ---: | ---: | ---: |",
-            *rows,
-            "",
-            *notes,
-        ]
+        head = f"Kernel level, M = {M} rows, K = {H}, N = {D}, k = {k}, {name}:"
+        done(
+            "\n".join(
+                ["", head, "", "| kernel | µs | TFLOP/s | GB/s | of HBM |", "| --- | ---: | ---: | ---: | ---: |"]
+                + rows
+                + ["", *notes]
+            )
+        )
     tiles, tuning = chosen.get(1.0, (fused.TILES, label_stats_module.TUNING))
     fused.TILES.update(tiles)
     label_stats_module.TUNING.update(tuning)
     how = "best with all rows as tokens" if chosen else "the defaults"
-    lines += ["", f"- tunings for the engine runs ({how}): ffn_up_stats {tiles}; label_stats {tuning}"]
-    study_dtype = torch.float16 if args.smoke else torch.bfloat16
-    study = make_batches(adapter, 2, 2 if args.smoke else 8, 0.5 if args.smoke else 15.0, "all", rng)
-    backend = "triton" if device == "cuda" else "torch"
-    lines += precision_study(model, study_dtype, adapter.feature_extractor, study, k, num_labels, device, backend)
-    emit("\n".join(lines) + "\n", args.results, args.out)
+    tuned = f"\n- tunings for the engine runs ({how}): ffn_up_stats {tiles}; label_stats {tuning}"
+    if not args.engine_only:
+        study_dtype = torch.float16 if args.smoke else torch.bfloat16
+        study = make_batches(adapter, 2, 2 if args.smoke else 8, 0.5 if args.smoke else 15.0, "all", rng)
+        backend = "triton" if device == "cuda" else "torch"
+        done(
+            tuned
+            + "\n".join(
+                precision_study(model, study_dtype, adapter.feature_extractor, study, k, num_labels, device, backend)
+            )
+        )
     if args.kernels_only:
         return
-
     seconds = args.seconds if not args.smoke else 0.5
     for mode in ("phone-mid", "all") if not args.smoke else ("all",):
-        batches = make_batches(
-            adapter,
-            args.batches if not args.smoke else 1,
-            args.per_batch if not args.smoke else 2,
-            seconds,
-            mode,
-            rng,
-        )
-        frames = sum(b[2] for b in batches)
-        tokens = sum(b[1].num_tokens for b in batches)
-        variants = [("plain forward", None), ("collect, torch backend", "torch")]
-        if not args.no_compile and not args.smoke:
-            variants.append(("collect, torch.compile of the torch statistics", "compile"))
-        variants.append(("collect, triton backend", "triton"))
-        variants.append(("collect, triton backend, --stats-precision model", "triton@model"))
-        if device == "cuda":
-            variants.append(
-                ("collect, triton backend, statistics on a side stream (model precision)", "triton+overlap@model")
-            )
-        variants.append(("collect, triton-fused backend", "triton-fused"))
-        variants.append(("collect, triton-fused backend, --stats-precision model", "triton-fused@model"))
-        profiled = "collect, triton backend"
-        times, states, notes = engine_runs(
-            adapter, batches, k, num_labels, variants, device, args.repeat if not args.smoke else 1, profiled
-        )
-        lines = []
-        ref = states["collect, torch backend"].compute()
-        check = []
-        for name in (n for n in times if n.startswith("collect, triton")):
-            got = states[name].compute()
-            diff = int(np.abs(got["topk_count"] - ref["topk_count"]).sum())
-            pos = int(np.abs(got["positive_count"] - ref["positive_count"]).sum())
-            seen = ref["frames"] > 0
-            err = {
-                v: float(np.abs(got[v] - ref[v])[:, seen].max() / np.abs(ref[v])[:, seen].max())
-                for v in ("mean", "var")
-            }
-            check.append(
-                f"{name.removeprefix('collect, ')}: top-k counts differing from torch: {diff} of "
-                f"{int(ref['topk_count'].sum())}, positive counts: {pos}; mean, var max difference / max value: "
-                f"{err['mean']:.1e}, {err['var']:.1e}"
-            )
-        base = times["plain forward"]
-        lines += [
-            "",
-            f"Engine level, tokens {mode}: {len(batches)} batches x {len(batches[0][0])} utterances of "
-            f"~{seconds:g} s, {frames} frames, {tokens} tokens, all statistics",
-            "",
-            "| run | seconds | frames/s | vs plain |",
-            "| --- | ---: | ---: | ---: |",
-        ]
-        lines += [f"| {name} | {t:.4f} | {frames / t:,.0f} | {t / base:.3f} |" for name, t in times.items()]
-        lines += ["", "- " + "; ".join(check), *notes]
-        emit("\n".join(lines) + "\n", args.results, args.out)
+        n_batches, per_batch = (args.batches, args.per_batch) if not args.smoke else (1, 2)
+        batches = make_batches(adapter, n_batches, per_batch, seconds, mode, rng)
+        done(engine_table(adapter, batches, k, num_labels, device, args.repeat, args.compile, mode, seconds))
 
 
 if __name__ == "__main__":

@@ -135,3 +135,57 @@ def test_an_accumulator_takes_a_backend_instance():
         np.testing.assert_array_equal(given.compute()[name], value)
     with pytest.raises(ValueError, match="other statistics"):
         Accumulator(1, 3, 11, 4, stats, backend=backend)
+
+
+def test_statistics_overlap_by_default_on_cuda_only():
+    from neurostat.engine.overlap import resolve_overlap
+
+    assert resolve_overlap(None, "cuda") and resolve_overlap(None, "cuda:1")
+    assert not resolve_overlap(None, "cpu") and not resolve_overlap(False, "cuda") and resolve_overlap(True, "cpu")
+    assert not Accumulator(1, 2, 3, 1).side.overlap
+    on = Accumulator(1, 2, 3, 1, overlap=True).side
+    assert on.overlap and on.stream is None  # on CPU every stream is the same one
+
+
+OVERLAP_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("device", OVERLAP_DEVICES)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_counts_are_identical_with_and_without_the_side_stream(device, backend):
+    """fp16 FFNs with fp32 statistics through ``ffn_activation`` (batches with most rows tokens and with
+    few): the side stream changes no count and no moment, and both equal the float64 reference of the
+    fp32 activations."""
+    from neurostat.model.adapter import FFN
+
+    g = torch.Generator().manual_seed(4)
+    L, U, H, D, k = 2, 5, 16, 45, 4
+    ffns = []
+    for _ in range(L):
+        up = torch.nn.Linear(H, D).half().to(device)
+        ffns.append(FFN(module=None, up=up, act=torch.nn.GELU(), down=None))
+    accs = {
+        on: Accumulator(L, U, D, k, ("topk", "positive", "moments"), device, backend, precision="fp32", overlap=on)
+        for on in (False, True)
+    }
+    rows = {layer: [] for layer in range(L)}
+    for step in range(4):
+        flat = torch.randint(-1, U, (2 * 13,), generator=g).numpy()
+        if step % 2:
+            flat[flat != 0] = -1  # few tokens: the statistics gather the token rows
+        batch = TokenBatch.from_labels(flat).to(device)
+        hidden = torch.randn(2, 13, H, generator=g).half().to(device)
+        for layer, ffn in enumerate(ffns):
+            outs = [acc.ffn_activation(layer, ffn, hidden, batch) for acc in accs.values()]
+            assert torch.equal(outs[0], outs[1])
+            exact = ffn.act(hidden.double() @ ffn.up.weight.double().T + ffn.up.bias.double()).reshape(-1, D).cpu()
+            rows[layer] += [(exact[t].numpy(), int(flat[t])) for t in np.flatnonzero(flat >= 0)]
+    off, on = accs[False].compute(), accs[True].compute()
+    ref = stats_reference(rows, U, D, k)
+    for name in ("frames", "topk_count", "positive_count"):
+        np.testing.assert_array_equal(on[name], off[name], err_msg=name)
+        np.testing.assert_array_equal(on[name], ref[name], err_msg=name)
+    for name in ("mean", "var"):
+        np.testing.assert_array_equal(on[name], off[name], err_msg=name)
+        np.testing.assert_allclose(on[name], ref[name], rtol=1e-4, atol=1e-5, err_msg=name)

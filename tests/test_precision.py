@@ -11,8 +11,10 @@ from float64_reference import stats_reference, topk_reference
 from transformers import AutoFeatureExtractor, AutoModel
 
 from neurostat.engine.accumulate import Accumulator
+from neurostat.engine.backends import ROUTE_BOUND, Backend, fp32_preactivation
 from neurostat.engine.batching import TokenBatch
 from neurostat.engine.collect import CollectConfig, collect
+from neurostat.engine.statistics import Params
 from neurostat.labelspace import LabelSpace
 from neurostat.model.adapter import FFN, ModelAdapter, normalize_waveform
 
@@ -47,7 +49,7 @@ def run(precision: str, backend: str, seed: int = 0):
     for hidden, labels in batches(g):
         batch = TokenBatch.from_labels(labels)
         a = acc.ffn_activation(0, ffn, hidden, batch)
-        if backend != "triton-fused":
+        if backend != "triton-fused":  # the fp32 route's rounding of these exact sums is the stock one
             assert torch.equal(a, ffn.act(ffn.up(hidden))), "the model's forward must not change"
         else:
             torch.testing.assert_close(a.float(), ffn.act(ffn.up(hidden)).float(), rtol=2e-3, atol=2e-3)
@@ -107,6 +109,66 @@ def test_a_float32_model_counts_its_own_activations_under_either_precision(preci
         np.testing.assert_allclose(got[name], ref[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+def half_ulp(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of ``dtype`` at |t| (float64; subnormal spacing below the smallest normal)."""
+    info = torch.finfo(dtype)
+    mag = t.abs().double().clamp_min(info.smallest_normal)
+    return torch.exp2(torch.floor(torch.log2(mag))) * info.eps
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_fp32_route_keeps_the_model_within_the_stated_bound_of_its_stock_forward(dtype):
+    """fp32 statistics without a second GEMM: the model continues from the half rounding of the one fp32
+    GEMM, each pre-activation within one ulp + the fp32 accumulation error of the stock one (ROUTE_BOUND),
+    its activation equal to the stock one where the two pre-activations agree."""
+    g = torch.Generator().manual_seed(5)
+    k_in, width = 256, 301
+    up = torch.nn.Linear(k_in, width).to(dtype)
+    with torch.no_grad():
+        up.bias.copy_(torch.randn(width, generator=g) * 2)
+    ffn = FFN(module=None, up=up, act=torch.nn.GELU(), down=None)
+    hidden = (torch.randn(3, 41, k_in, generator=g) * 3).to(dtype)
+    backend = Backend((), Params(1), precision="fp32")
+    a, pre = backend.ffn_forward(ffn, hidden)
+    x = hidden.reshape(-1, k_in)
+    stock_h, h = up(x), fp32_preactivation(up, x).to(dtype)
+    assert torch.equal(pre.to(dtype), h) and pre.dtype == torch.float32
+    stock_a = ffn.act(stock_h).reshape(a.shape)
+    same = (h == stock_h).reshape(a.shape)
+    assert a.dtype == dtype and torch.equal(a[same], stock_a[same]) and same.float().mean() > 0.99
+    accumulation = x.double().abs() @ up.weight.double().abs().T + up.bias.double().abs()
+    bound = half_ulp(torch.maximum(h.double().abs(), stock_h.double().abs()), dtype)
+    bound += 2 * (k_in + 1) * 2.0**-24 * accumulation
+    assert ((h.double() - stock_h.double()).abs() <= bound).all(), ROUTE_BOUND
+    exact = x.double() @ up.weight.double().T + up.bias.double()  # and the statistics' fp32 values are close to it
+    assert ((pre.double() - exact).abs() <= (k_in + 1) * 2.0**-24 * accumulation).all()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_collect_forward_with_fp32_statistics_stays_within_the_half_models_own_error(tiny_model, dtype):
+    """Whole model: the last hidden state of the instrumented forward (fp32 statistics) differs from the
+    stock half-precision forward by at most 2 % of what that forward itself differs from an fp32 forward of
+    the same weights (on CPU it is bitwise the stock forward; rounding the fp32 activation instead of
+    the pre-activation would move it by 6-11 %)."""
+    half = ModelAdapter.load(str(tiny_model), dtype=dtype)
+    full = ModelAdapter.load(str(tiny_model), dtype=dtype)
+    full.model.float()
+    g = torch.Generator().manual_seed(2)
+    waves = [torch.randn(n, generator=g) * 0.1 for n in (16000, 11000)]
+    stock, _ = half.encode(waves)
+    reference, _ = full.encode(waves)
+    frames = stock.shape[0] * stock.shape[1]
+    batch = TokenBatch.from_labels(np.arange(frames) % 3)
+    acc = Accumulator(half.num_layers, 3, half.width, 2, ("topk",), precision="fp32")
+    with half.instrument(lambda i, f, h: acc.ffn_activation(i, f, h, batch)):
+        ours, _ = half.encode(waves)
+    assert acc.compute()["frames"].sum() == frames
+    own_error = (stock.double() - reference.double()).norm()
+    assert (ours.double() - stock.double()).norm() <= 0.02 * own_error, "the route moved the model too far"
+
+
 def test_an_unknown_precision_is_refused():
     with pytest.raises(ValueError, match="precision"):
         Accumulator(1, 2, 3, 1, precision="fp64")
@@ -157,6 +219,9 @@ def test_fp16_collect_records_the_precision_and_fp32_statistics_follow_the_unrou
         )
         attrs = collect(prepared, adapter, tmp_path / f"{precision}.zarr", config, progress=False)
         assert attrs.statistics["precision"].startswith(precision)
+        if precision == "fp32":  # the route is recorded with its bound
+            assert "ran once with an fp32 output" in attrs.statistics["precision"]
+            assert ROUTE_BOUND in attrs.statistics["precision"]
         assert attrs.fingerprint["stats_precision"] == precision
         counts[precision] = xr.open_zarr(tmp_path / f"{precision}.zarr", consolidated=False)["topk_count"].values
     exact, rounded = ffn_input_reference(prepared, tiny_model, torch.float16, 0.1)

@@ -131,8 +131,9 @@ def _shard(ctx, param, text: str) -> tuple[int, int]:
     type=click.Choice(PRECISIONS),
     default="fp32",
     help="Activations the statistics see in a float16/bfloat16 run: fp32 = act(x W1ᵀ + b1) accumulated in fp32 "
-    "(unbiased top-k; the model's forward is unchanged), model = the half-precision values the model computes "
-    "(bf16 ties at the k-th |a| favour low neuron indices). Same for float32 models.",
+    "(unbiased top-k; one first GEMM with an fp32 output, whose rounding the model goes on from), "
+    "model = the half-precision values the model computes (bf16 ties at the k-th |a| favour low neuron indices). "
+    "Same for float32 models.",
 )
 @click.option(
     "--batch-seconds",

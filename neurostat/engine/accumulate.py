@@ -5,7 +5,9 @@ the FFN's forward) adds that layer's token rows: the backend computes the per-la
 statistic's rule folds them in, and the layer's token counts grow — so nothing depends on the
 order of calls.  Moment sums are taken around a per-neuron shift (the layer's mean over its first
 batch) and folded into float64 totals with Chan et al.'s formula; counts are exact int64.
-All of it merges exactly across shards, ranks and resumed runs (:meth:`Accumulator.merge`).
+All of it merges exactly across shards, ranks and resumed runs (:meth:`Accumulator.merge`).  On CUDA
+the statistics are queued on a side stream by default (:mod:`neurostat.engine.overlap`); every reader
+of the totals joins it first.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from ..declarations import DEFAULT_STATS
 from .backends import Backend, make_backend
 from .batching import TokenBatch
+from .overlap import StatsStream
 from .statistics import TABLE, Params, statistics
 
 
@@ -35,9 +38,11 @@ class Accumulator:
         activation: str = "gelu",
         precision: str = "fp32",
         top_frames: int = 16,
+        overlap: bool | None = None,
     ):
         """``backend``: a name of :data:`~neurostat.engine.backends.BACKENDS` (built here for these
-        statistics, ``activation`` and ``precision``) or a backend built for them already."""
+        statistics, ``activation`` and ``precision``) or a backend built for them already; ``overlap``:
+        the statistics on a side CUDA stream (default: on CUDA; :mod:`~neurostat.engine.overlap`)."""
         if not 1 <= k <= width:
             raise ValueError(f"top-k needs 1 <= k <= width, got k={k}, width={width}")
         self.table = statistics(stats)
@@ -58,6 +63,7 @@ class Accumulator:
         self.tokens = torch.zeros((num_layers, num_labels), dtype=torch.int64, device=self.device)
         self.needs_shift = any(s.needs_shift for s in self.table)
         self.shift: list[torch.Tensor | None] = [None] * num_layers
+        self.side = StatsStream(self.device, overlap)
 
     def _layer_totals(self, layer: int) -> dict[str, dict[str, torch.Tensor]]:
         return {name: {state: t[layer] for state, t in own.items()} for name, own in self.totals.items()}
@@ -68,24 +74,42 @@ class Accumulator:
 
     def update(self, layer: int, a: torch.Tensor, batch: TokenBatch) -> None:
         """Adds the token rows ``a[batch.index]`` of one layer's activations ``a`` [B*T, D]."""
+        with self.side.run(a, *batch.tensors()):
+            self._add_rows(layer, a, batch)
+
+    def _add_rows(self, layer: int, rows: torch.Tensor, batch: TokenBatch) -> None:
+        """The statistics of the rows ``rows[batch.index]`` (the layer's first batch sets the moment shift:
+        the mean of its token rows)."""
         if self.needs_shift and self.shift[layer] is None:
-            self._set_shift(layer, a.index_select(0, batch.index))
-        self._add(layer, batch, self.backend.partials(a, batch, self.shift[layer]))
+            self._set_shift(layer, rows.index_select(0, batch.index))
+        self._add(layer, batch, self.backend.partials(rows, batch, self.shift[layer]))
 
     def _set_shift(self, layer: int, rows: torch.Tensor) -> None:
         self.shift[layer] = rows.mean(0, dtype=torch.promote_types(rows.dtype, torch.float32))
 
     def ffn_activation(self, layer: int, ffn, hidden: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
-        """``act(W1 x + b1)`` of one FFN with its statistics added (the layer's first batch sets the
-        moment shift: the mean of its token rows)."""
+        """``act(W1 x + b1)`` of one FFN as the model continues from it, with its statistics added (queued
+        on the side stream, except the fused backend's, which its GEMM computes)."""
+        if self.backend.fused:
+            return self._fused_activation(layer, ffn, hidden, batch)
+        a, pre = self.backend.ffn_forward(ffn, hidden)
+        with self.side.run(a, pre, *batch.tensors()):
+            rows, rows_batch = self.backend.stats_rows(ffn, a, pre, batch)
+            self._add_rows(layer, rows, rows_batch)
+        return a
+
+    def _fused_activation(self, layer: int, ffn, hidden: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
         if self.needs_shift and self.shift[layer] is None:
             self._set_shift(layer, self.backend.token_activations(ffn, hidden, batch))
         a, partials = self.backend.ffn_partials(ffn, hidden, batch, self.shift[layer])
-        self._add(layer, batch, partials)
+        with self.side.run(*partials.values(), *batch.tensors()):
+            self._add(layer, batch, partials)
         return a
 
     def merge(self, other: "Accumulator") -> "Accumulator":
         """Adds ``other``'s totals into this one, each statistic by its merge rule."""
+        self.side.join()
+        other.side.join()
         if other.shape != self.shape or other.params != self.params or other.stats != self.stats:
             raise ValueError(
                 f"cannot merge accumulators of shape/parameters/stats {other.shape}/{other.params}/{other.stats} "
@@ -103,6 +127,7 @@ class Accumulator:
         """Combines this accumulator with every other rank's, in place, each statistic by its rule
         (``reduce(tensor, op)``: an all-reduce with op ``sum`` or ``max``, or with ``gather`` the list of
         every rank's tensor)."""
+        self.side.join()
         n = self.tokens.double()[..., None]
         total = self.tokens.clone()
         reduce(total, "sum")
@@ -113,6 +138,7 @@ class Accumulator:
     def state_dict(self) -> dict[str, np.ndarray]:
         """The raw additive state as numpy arrays (what checkpoints store): ``tokens`` and each statistic's
         totals as ``<statistic>.<state>``."""
+        self.side.join()
         state = {"tokens": self.tokens.cpu().numpy()}
         for name, own in self.totals.items():
             state.update({f"{name}.{s}": t.cpu().numpy() for s, t in own.items()})
@@ -128,13 +154,15 @@ class Accumulator:
         backend: str = "torch",
         activation: str = "gelu",
         precision: str = "fp32",
+        overlap: bool | None = None,
     ) -> "Accumulator":
+        """An accumulator holding a checkpoint's ``state`` (:meth:`state_dict`)."""
         table = statistics(stats)
         state = _namespaced(state, table)
         layers, labels = state["tokens"].shape
         width = state[f"{table[0].name}.{table[0].states[0]}"].shape[-1]
         top = next((state[f"{s.name}.{s.states[0]}"].shape[1] for s in table if s.axis == "top"), 16)
-        acc = cls(layers, labels, width, k, stats, device, backend, activation, precision, top)
+        acc = cls(layers, labels, width, k, stats, device, backend, activation, precision, top, overlap)
         for key, value in state.items():
             name, _, own = key.partition(".")
             (acc.tokens if key == "tokens" else acc.totals[name][own]).copy_(torch.from_numpy(np.asarray(value)))
@@ -143,6 +171,7 @@ class Accumulator:
     def compute(self) -> dict[str, np.ndarray]:
         """The store variables: ``frames`` (tokens per label) and each statistic's, with its fill where a
         label has no tokens."""
+        self.side.join()
         tokens = self.tokens.cpu().numpy()
         if not (tokens == tokens[:1]).all():
             raise RuntimeError("layers saw different tokens: a batch was added to some layers only")

@@ -13,10 +13,12 @@ Statistics precision (``precision``): ``model`` takes the statistics on the acti
 computes in its own dtype; ``fp32`` — the default — on ``act(x W1ᵀ + b1)`` accumulated in fp32, which
 differs only in a bf16/fp16 run.  There bf16 keeps 8 bits of mantissa, so ~18 % of token rows tie at the
 k-th |a| and the lower-index rule, not the activation, decides them: a top-k statistic skewed towards
-low neuron indices.  The ``torch`` and ``triton`` backends keep the model's forward untouched and recompute
-the FFN's first GEMM for the token rows only, with fp32 output (a fraction of the GEMM for ``phone-mid``);
-``triton-fused`` writes its output in fp32 (statistics in its epilogue and the top-k from it) and rounds it
-to the model's dtype for W2.
+low neuron indices.  The ``torch`` and ``triton`` backends run the model's first GEMM once with an fp32
+output (:func:`fp32_preactivation`): the statistics take the activation of it in fp32, and the model
+continues from its rounding to the model's dtype — within one half-precision ulp of the stock
+pre-activation plus the two GEMMs' fp32 accumulation error (:data:`ROUTE_BOUND`), so no second GEMM.
+``triton-fused`` writes its output in fp32 (statistics in its epilogue and the top-k from it) and rounds
+it to the model's dtype for W2.
 
 A backend is chosen once (:func:`make_backend`), from a name and the device.
 """
@@ -34,24 +36,42 @@ from .statistics import Params, Statistic
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def fp32_activations(ffn, x: torch.Tensor) -> torch.Tensor:
-    """``act(x W1ᵀ + b1)`` [N, D] of rows ``x`` [N, H] in the model's dtype, accumulated and kept in fp32
-    (the products of two bf16/fp16 values are exact in fp32; on CUDA the GEMM runs on the half-precision
-    tensor cores with an fp32 output)."""
-    weight, bias = ffn.up.weight, ffn.up.bias
+ROUTE_BOUND = (
+    "|h - h_stock| <= ulp(max(|h|, |h_stock|)) + 2 (K + 1) 2^-24 (sum_i |x_i w_i| + |b|) per pre-activation "
+    "(K inputs, ulp of the model's dtype)"
+)
+"""How far the pre-activation ``h`` the model continues from under fp32 statistics may be from the stock
+forward's ``h_stock``: both are one rounding of an fp32 sum of the same exact products and the bias (each
+sum within (K + 1)·2⁻²⁴·(Σ|x_i w_i| + |b|) of the true value, whatever its order), and rounding to
+nearest keeps two values within δ of each other within one ulp + δ.  It assumes what cuBLAS and the CPU
+GEMMs do for half inputs: fp32 accumulation and one rounding.  Everything after the FFN's first GEMM is
+the model's own code."""
+
+
+def fp32_preactivation(up: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``x W1ᵀ + b1`` [N, D] of rows ``x`` [N, H] as one GEMM with an fp32 output: the products of two
+    bf16/fp16 values are exact in fp32, the sums and the bias are fp32 (on CUDA the half-precision tensor
+    cores with an fp32 output, as the model's own GEMM before it rounds)."""
     if x.is_cuda and x.dtype in _HALF:
-        h = torch.mm(x, weight.t(), out_dtype=torch.float32)
+        h = torch.mm(x, up.weight.t(), out_dtype=torch.float32)
     else:
-        h = x.float() @ weight.float().t()
-    if bias is not None:
-        h += bias.float()
-    return ffn.act(h)
+        h = x.float() @ up.weight.float().t()
+    if up.bias is not None:
+        h += up.bias.float()
+    return h
+
+
+def fp32_activations(ffn, x: torch.Tensor) -> torch.Tensor:
+    """``act(x W1ᵀ + b1)`` [N, D] of rows ``x`` [N, H], accumulated and kept in fp32."""
+    return ffn.act(fp32_preactivation(ffn.up, x))
 
 
 class Backend:
     """The torch backend; the Triton backends override parts of it."""
 
     name = "torch"
+    fused = False
+    """Whether the backend computes the FFN's first GEMM itself (:meth:`TritonFusedBackend.ffn_partials`)."""
 
     def __init__(self, stats: tuple[Statistic, ...], params: Params, activation: str = "gelu", precision: str = "fp32"):
         if precision not in PRECISIONS:
@@ -63,10 +83,26 @@ class Backend:
         """Whether the statistics need activations more precise than the model's ``dtype`` gives."""
         return self.precision == "fp32" and dtype in _HALF
 
-    def token_activations(self, ffn, hidden: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
-        """The token rows [N, D] of the FFN's activation, at the statistics' precision."""
-        x = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.index)
-        return fp32_activations(ffn, x) if self.fp32_stats(x.dtype) else ffn.act(ffn.up(x))
+    def ffn_forward(self, ffn, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The model's ``act(W1 x + b1)`` [.., D] and, for fp32 statistics of a half-precision run, the
+        fp32 pre-activation [B*T, D] of the same single GEMM, whose rounding the activation took."""
+        if not self.fp32_stats(hidden.dtype):
+            return ffn.act(ffn.up(hidden)), None
+        pre = fp32_preactivation(ffn.up, hidden.reshape(-1, hidden.shape[-1]))
+        a = ffn.act(pre.to(hidden.dtype))
+        return a.view(*hidden.shape[:-1], a.shape[-1]), pre
+
+    def stats_rows(
+        self, ffn, a: torch.Tensor, pre: torch.Tensor | None, batch: TokenBatch
+    ) -> tuple[torch.Tensor, TokenBatch]:
+        """The rows the statistics read and the batch that indexes them: the model's activations [B*T, D],
+        or the fp32 activation of ``pre`` — of every row when most rows are tokens (no gather), else of
+        the token rows only."""
+        if pre is None:
+            return a.reshape(-1, a.shape[-1]), batch
+        if 2 * batch.num_tokens > pre.shape[0]:
+            return ffn.act(pre), batch
+        return ffn.act(pre.index_select(0, batch.index)), batch.token_rows()
 
     def partials(self, a: torch.Tensor, batch: TokenBatch, shift: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Per-label partials ([U, D]; [N, D] for a ``top`` statistic) of the token rows ``a[batch.index]`` of one layer's activations [B*T, D]."""
@@ -79,13 +115,6 @@ class Backend:
             for s in stats:
                 out.update(s.torch_partials(x, batch, self.params, shift))
         return out
-
-    def ffn_partials(self, ffn, hidden: torch.Tensor, batch: TokenBatch, shift: torch.Tensor | None):
-        """``act(W1 x + b1)`` of one FFN [.., D] as the model computes it, and its per-label partials."""
-        a = ffn.act(ffn.up(hidden))
-        if self.fp32_stats(hidden.dtype):
-            return a, self.partials(self.token_activations(ffn, hidden, batch), batch.token_rows(), shift)
-        return a, self.partials(a.reshape(-1, a.shape[-1]), batch, shift)
 
     def fold(self, partials, batch: TokenBatch, tokens, shift, totals: dict[str, dict[str, torch.Tensor]]) -> None:
         """Folds one batch's partials into one layer's totals [num_labels, D], each statistic's its own
@@ -142,8 +171,16 @@ class TritonBackend(Backend):
 
 class TritonFusedBackend(TritonBackend):
     name = "triton-fused"
+    fused = True
+
+    def token_activations(self, ffn, hidden: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+        """The token rows [N, D] of the FFN's activation at the statistics' precision (the first batch's
+        moment shift: the fused kernel needs it before it runs)."""
+        x = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.index)
+        return fp32_activations(ffn, x) if self.fp32_stats(x.dtype) else ffn.act(ffn.up(x))
 
     def ffn_partials(self, ffn, hidden, batch, shift):
+        """``act(W1 x + b1)`` [.., D] from the fused kernel (rounded to the model's dtype) and its partials."""
         from ..kernels.ffn_up_stats import ffn_up_stats
 
         shape = hidden.shape

@@ -125,6 +125,10 @@ class TokenBatch:
         fields = {f: getattr(self, f) for f in _FIELDS}
         return TokenBatch(**{**fields, "index": index, "sorted_rows": self.sorted_tokens, "perm": self.sorted_tokens})
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """Every tensor of the batch (what a side stream that reads the batch must keep alive)."""
+        return tuple(getattr(self, f) for f in _FIELDS)
+
     def to(self, device: torch.device | str) -> "TokenBatch":
         return TokenBatch(*(getattr(self, f).to(device, non_blocking=True) for f in _FIELDS))
 

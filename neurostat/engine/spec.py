@@ -19,7 +19,7 @@ from ..labelspace import LabelSpace
 from ..model.adapter import FRONT_ENDS, ModelAdapter, ModelError, default_front_end
 from ..store import StoreMeta
 from ..version import __version__
-from .backends import PRECISIONS, make_backend, resolve_backend
+from .backends import PRECISIONS, ROUTE_BOUND, make_backend, resolve_backend
 from .batching import default_batch_seconds, default_num_jobs
 from .statistics import TABLE, Params, statistics
 from .tokens import MODES
@@ -196,7 +196,7 @@ class RunSpec:
                 "moments": "per-batch fp32 sums around a per-neuron shift, merged in float64 (Chan et al.)",
                 "merge": {var: TABLE[name].rule.name for name in self.stats for var in TABLE[name].store},
                 "backend": self.backend,
-                "precision": _describe_precision(config.stats_precision, adapter.dtype),
+                "precision": _describe_precision(config.stats_precision, adapter.dtype, self.backend),
             },
             labels=self.space.to_dict(),
             label_sets={
@@ -227,13 +227,23 @@ def _bytes_per_neuron(stat, spec: RunSpec) -> int:
     return rows * sum(np.dtype(s.dtype).itemsize for s in stat.declaration.states)
 
 
-def _describe_precision(precision: str, dtype: torch.dtype) -> str:
+def _describe_precision(precision: str, dtype: torch.dtype, backend: str = "torch") -> str:
+    """The store's ``statistics.precision``: which activations the statistics saw, and by which route the
+    model's forward went on (its first word is the setting)."""
     model = str(dtype).replace("torch.", "")
-    if dtype == torch.float32:
+    if dtype not in (torch.float16, torch.bfloat16):
         return f"{precision}: the model's {model} activations"
-    if precision == "fp32":
-        return f"fp32: the FFN activations accumulated in fp32 before rounding to the model's {model}"
-    return f"model: the {model} activations the model computes (ties at the k-th |a| are frequent)"
+    if precision == "model":
+        return f"model: the {model} activations the model computes (ties at the k-th |a| are frequent)"
+    if backend == "triton-fused":
+        return (
+            f"fp32: the fused kernel's fp32 act(x W1ᵀ + b1); the model went on from its {model} rounding "
+            f"(a GEMM of its own, not cuBLAS's)"
+        )
+    return (
+        f"fp32: the FFN's first GEMM ran once with an fp32 output and the bias added in fp32; the statistics "
+        f"saw its activation in fp32, the model went on from its {model} rounding: {ROUTE_BOUND}"
+    )
 
 
 def _versions() -> dict:
