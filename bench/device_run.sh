@@ -5,7 +5,7 @@
 #   1. throughput_bench on a large corpus (1,024 utterances): the forwards (by hand, per-utterance,
 #      batched, gemm front ends) and collect with all statistics, all tokens and phone-mid, the loader
 #      alone with the default workers: the number that matters, so it runs first;
-#   2. the bf16 kernel tests and the fold_sums tests;
+#   2. the bf16 kernel tests, the fold_sums tests and the engine on the GPU (tests/test_gpu.py);
 #   3. kernel_bench (the label_stats split design against one read of the rows, the fp32 route and its
 #      bound, the precision study, engine runs: fp32 vs model precision, side stream vs in line);
 #   4. collect_bench (plain forward vs collect vs the paper's per-token loop, a small corpus).
@@ -48,7 +48,7 @@ step() {  # step NAME SECONDS COMMAND...: at most SECONDS (less if the budget is
 }
 step throughput 200 python3 bench/throughput_bench.py --device cuda --dtype bfloat16 --speakers 32 --utterances 32 \
     --tokens all --also-tokens phone-mid --repeat 1 --no-paper --corpus-dir "$corpora" --results "$OUT/throughput.md"
-step kernel_tests 45 bash -c "cd /tmp && python3 -m pytest -q -p no:cacheprovider --rootdir '$root' '$root/tests/kernels' -k 'bfloat16 or fold_sums'"
+step kernel_tests 60 bash -c "cd /tmp && python3 -m pytest -q -p no:cacheprovider --rootdir '$root' '$root/tests/kernels' '$root/tests/test_gpu.py' -k 'bfloat16 or fold_sums or gpu'"
 step kernel_bench 170 python3 bench/kernel_bench.py --repeat 3 --results "$OUT/kernel.md"
 step collect_bench 40 python3 bench/collect_bench.py --device cuda --dtype bfloat16 --backend triton --speakers 8 \
     --utterances 8 --corpus-dir "$corpora" --results "$OUT/collect.md"

@@ -131,6 +131,36 @@ def _timed_iter(loader, prog: Progress) -> Iterator:
         yield item
 
 
+def _uploaded_ahead(items: Iterator[dict], device: torch.device) -> Iterator[dict]:
+    """On a GPU, each batch's waveforms and tokens are copied to the device on a copy stream while the
+    previous batch computes (the compute stream waits for the copy's event only when it needs the
+    batch); elsewhere the items pass through.  Copies come from the loader's pinned memory."""
+    if device.type != "cuda":
+        yield from items
+        return
+    copy, compute = torch.cuda.Stream(device), torch.cuda.current_stream(device)
+
+    def upload(item: dict) -> tuple[dict, torch.cuda.Event]:
+        with torch.cuda.stream(copy):
+            moved = {**item, "waves": item["waves"].to(device, non_blocking=True), "tokens": item["tokens"].to(device)}
+        return moved, copy.record_event()
+
+    def ready(item: dict, copied: torch.cuda.Event) -> dict:
+        compute.wait_event(copied)
+        for t in (item["waves"], *item["tokens"].tensors()):
+            t.record_stream(compute)  # allocated on the copy stream, freed after the compute stream's use
+        return item
+
+    ahead = None
+    for item in items:
+        uploaded = upload(item)
+        if ahead is not None:
+            yield ready(*ahead)
+        ahead = uploaded
+    if ahead is not None:
+        yield ready(*ahead)
+
+
 def _restore(spec: RunSpec, adapter: ModelAdapter, store: StoreWriter) -> tuple[Accumulator, list[str], Progress]:
     """The accumulator, the finished utterance ids and the progress: fresh, or from the last checkpoint."""
     config = spec.config
@@ -257,7 +287,9 @@ def _run(
 
     with _stop_requests() as stop, _threads_beside_workers(adapter.device, spec.num_jobs):
         with adapter.instrument(activation, list(spec.layers)):
-            for item in _timed_iter(_loader(corpus, adapter, spec, batches, store), prog):
+            for item in _uploaded_ahead(
+                _timed_iter(_loader(corpus, adapter, spec, batches, store), prog), adapter.device
+            ):
                 if item["changed"]:  # before the batch counts: a resume after prepare redoes it
                     save()
                     bar.close()
