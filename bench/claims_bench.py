@@ -1,6 +1,6 @@
 """The paper's two claims, measured offline on the shipped demo model (neurostat.tiny).
 
-    python bench/claims_bench.py             # both views, every split: bench/claims/{claims.md, weighted/, layer-4/}
+    python bench/claims_bench.py             # ~26 min on 2 busy cores: bench/claims/{claims.md, weighted/, layer-4/}
     python bench/claims_bench.py --smoke     # a tiny run of every step (CI)
 
 1. Property neurons (phone-type, gender, pitch; the paper's rule, sigma 0.8) per layer, in the trained
@@ -397,8 +397,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3, help="random-neuron controls per ablation")
     ap.add_argument("--speaker-splits", type=int, default=3, help="speaker-disjoint probe splits (seeds)")
     ap.add_argument("--voice-splits", type=int, default=4, help="distinct voice-disjoint probe splits")
-    ap.add_argument("--probe-utterances", type=int, default=12, help="utterances per speaker of the probe corpus")
-    ap.add_argument("--frames", type=int, default=15_000, help="probe training frames (a seeded sample)")
+    ap.add_argument("--probe-utterances", type=int, default=4, help="utterances per speaker of the probe corpus")
+    ap.add_argument("--frames", type=int, default=4000, help="probe training frames (a seeded sample)")
     ap.add_argument("--keep", type=float, nargs="+", default=[0.5, 0.3, 0.19], help="kept fractions for pruning")
     ap.add_argument("--workers", type=int, default=2, help="processes fitting probes (one torch thread each)")
     ap.add_argument("--smoke", action="store_true", help="tiny corpora, one seed, one fraction; nothing saved")
