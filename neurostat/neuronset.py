@@ -10,6 +10,8 @@ import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+import numpy as np
+
 
 class NeuronSetError(ValueError):
     """A neuron set that does not fit a model or cannot be read; the message says why."""
@@ -82,6 +84,24 @@ class NeuronSet:
     def counts(self) -> dict[int, int]:
         """Number of neurons per layer."""
         return {n: len(self[n]) for n in self.layers}
+
+    def random_like(self, seed: int, avoid: "NeuronSet | None" = None, width: int | None = None) -> "NeuronSet":
+        """A control set: as many neurons in each layer as this set, drawn uniformly (seeded) among the
+        layer's neurons that are not in ``avoid``; ``width``: the layer width (default: the set's)."""
+        width = width or self.width
+        if width is None:
+            raise NeuronSetError("random_like needs the layer width: give width= or a set that knows it")
+        avoid = avoid or NeuronSet()
+        rng = np.random.default_rng(seed)
+        out = {}
+        for layer, count in self.counts().items():
+            pool = np.setdiff1d(np.arange(width), sorted(avoid[layer]))
+            if count > len(pool):
+                raise NeuronSetError(
+                    f"layer {layer}: cannot draw {count} random neurons from the {len(pool)} not avoided"
+                )
+            out[layer] = rng.choice(pool, count, replace=False)
+        return NeuronSet(out, self.num_layers, width)
 
     def overlap(self, other: "NeuronSet") -> dict[int, dict[str, int]]:
         """Per layer: neurons only in self, in both, only in other."""

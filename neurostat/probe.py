@@ -2,7 +2,7 @@
 
 ``neurostat probe`` extracts the Transformer layers' outputs of a model (original, ablated or pruned)
 on a prepared corpus and fits linear probes on speakers disjoint from the test speakers (a seeded
-split within each gender):
+split within each gender; or on whole groups of speakers, e.g. voices, disjoint from the test groups):
 
 - ``phone``: frame-level phone classification (accuracy; accuracy per phone type; phone error rate of
   the collapsed frame sequences, silence removed);
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,25 +101,52 @@ def extract(
     )
 
 
-def speaker_split(speakers: list[str], genders: list[str], test_fraction: float, seed: int) -> tuple[set, set]:
+def speaker_split(
+    speakers: list[str],
+    genders: list[str],
+    test_fraction: float,
+    seed: int,
+    groups: Mapping[str, str] | None = None,
+) -> tuple[set, set]:
     """(train speakers, test speakers): within each gender a seeded shuffle puts ``test_fraction`` of its
-    speakers (at least one, when it has two or more) in the test set; no speaker is in both."""
+    speakers (at least one, when it has two or more) in the test set; no speaker is in both.
+
+    ``groups`` (speaker → group, e.g. the voice a synthetic speaker speaks with): whole groups are held
+    out instead, ``test_fraction`` of each gender's groups, so no test speaker shares a group with a
+    training speaker (a voice-disjoint split)."""
     if not 0 < test_fraction < 1:
         raise OptionError(f"test fraction must be between 0 and 1, got {test_fraction}")
     gender_of = dict(zip(speakers, genders))
     if len(gender_of) < 2:
         raise ProbeError(f"a speaker-disjoint split needs at least 2 speakers; the corpus has {len(gender_of)}")
+    unit_of = {s: s for s in gender_of} if groups is None else _groups_of(gender_of, groups)
+    unit_gender = {unit_of[s]: g for s, g in gender_of.items()}
     rng = np.random.default_rng(seed)
-    train, test = set(), set()
+    held_out = set()
     for gender in sorted(set(gender_of.values())):
-        group = sorted(s for s, g in gender_of.items() if g == gender)
-        group = [group[i] for i in rng.permutation(len(group))]
-        count = max(1, round(test_fraction * len(group))) if len(group) >= 2 else 0
-        test |= set(group[:count])
-        train |= set(group[count:])
-    if not test:
-        raise ProbeError("no gender has 2 speakers: cannot hold out test speakers")
-    return train, test
+        units = sorted(u for u, g in unit_gender.items() if g == gender)
+        units = [units[i] for i in rng.permutation(len(units))]
+        count = max(1, round(test_fraction * len(units))) if len(units) >= 2 else 0
+        held_out |= set(units[:count])
+    if not held_out:
+        what = "speakers" if groups is None else "groups"
+        raise ProbeError(f"no gender has 2 {what}: cannot hold out test {what}")
+    test = {s for s in gender_of if unit_of[s] in held_out}
+    return set(gender_of) - test, test
+
+
+def _groups_of(gender_of: dict[str, str], groups: Mapping[str, str]) -> dict[str, str]:
+    """Each speaker's group, checked: every speaker has one, and no group spans both genders."""
+    missing = sorted(set(gender_of) - set(groups))
+    if missing:
+        raise ProbeError(f"speaker(s) {missing[:5]} have no group: a group split needs every speaker's group")
+    genders: dict[str, set] = {}
+    for speaker, gender in gender_of.items():
+        genders.setdefault(groups[speaker], set()).add(gender)
+    mixed = sorted(g for g, seen in genders.items() if len(seen) > 1)
+    if mixed:
+        raise ProbeError(f"group {mixed[0]!r} has speakers of both genders: a group split holds out groups per gender")
+    return {s: groups[s] for s in gender_of}
 
 
 @dataclass
@@ -312,9 +340,11 @@ def run_probes(
     test_fraction: float = 0.3,
     max_train_frames: int = 60_000,
     fitted: dict[str, FittedProbe] | None = None,
+    groups: Mapping[str, str] | None = None,
 ) -> dict:
     """Fits the probes of ``tasks`` on ``data`` (one ``layer``, 1-based, or the weighted sum of all) and
-    returns their metrics with the split that produced them.
+    returns their metrics with the split that produced them (``groups``: hold out whole groups of
+    speakers, see :func:`speaker_split`).
 
     ``fitted``: an empty dict receives each task's fitted probe; a filled one is used as is (nothing is
     fitted), which measures how well another model's probes read these features — e.g. the original
@@ -341,7 +371,7 @@ def run_probes(
             raise OptionError(f"layer {layer} was not extracted; layers: {data.layers}")
         pick = data.layers.index(layer)
         data = _with_features(data, [f[:, pick : pick + 1] for f in data.features], [layer])
-    train_spk, test_spk = speaker_split(data.speakers, data.genders, test_fraction, seed)
+    train_spk, test_spk = speaker_split(data.speakers, data.genders, test_fraction, seed, groups)
     n_train = len(train_spk)
     results: dict = {}
     phone_idx = {p: i for i, p in enumerate(data.phone_names)}
@@ -382,9 +412,16 @@ def run_probes(
         "layer": "weighted" if layer is None else layer,
         "layers": data.layers,
         "seed": seed,
-        "split": {"train_speakers": sorted(train_spk), "test_speakers": sorted(test_spk)},
+        "split": _split_record(train_spk, test_spk, groups),
         "tasks": results,
     }
+
+
+def _split_record(train: set, test: set, groups: Mapping[str, str] | None) -> dict:
+    record = {"train_speakers": sorted(train), "test_speakers": sorted(test), "by": "speaker"}
+    if groups is not None:
+        record.update(by="group", test_groups=sorted({groups[s] for s in test}))
+    return record
 
 
 def _with_features(data: ProbeData, features: list[torch.Tensor], layers: list[int]) -> ProbeData:

@@ -99,6 +99,43 @@ def test_split_is_speaker_disjoint_and_covers_both_genders():
     assert set(result["split"]["test_speakers"]) == test
 
 
+def voiced(seed: int = 0, speakers: int = 16) -> tuple[ProbeData, dict[str, str]]:
+    """Noise features where gender shows only through each voice's own direction (2 voices per gender):
+    a probe can learn the voices it saw, not gender itself."""
+    data = synthetic(False, seed=seed, speakers=speakers)
+    voice = {s: f"{g}{int(s) // 2 % 2}" for s, g in zip(data.speakers, data.genders)}
+    for f, s in zip(data.features, data.speakers):
+        f[:, :, 4:8] = 0.0
+        f[:, :, 4 + "M0 M1 F0 F1".split().index(voice[s])] = 6.0
+    return data, voice
+
+
+def test_group_split_holds_out_whole_voices():
+    data, voice = voiced()
+    train, test = speaker_split(data.speakers, data.genders, 0.3, seed=1, groups=voice)
+    assert not train & test and train | test == set(data.speakers)
+    assert not {voice[s] for s in train} & {voice[s] for s in test}
+    assert sorted(voice[s][0] for s in test) == ["F"] * 4 + ["M"] * 4  # one voice of each gender, all its speakers
+    splits = {frozenset(speaker_split(data.speakers, data.genders, 0.3, seed, voice)[1]) for seed in range(8)}
+    assert len(splits) > 1  # the seed picks the voices
+    by_speaker = run_probes(data, ("gender",), seed=1)
+    by_voice = run_probes(data, ("gender",), seed=1, groups=voice)
+    assert by_speaker["split"]["by"] == "speaker" and by_voice["split"]["by"] == "group"
+    assert by_voice["split"]["test_groups"] == sorted({voice[s] for s in test})
+    assert by_speaker["tasks"]["gender"]["accuracy"] == 1.0  # test speakers' voices were seen in training
+    assert by_voice["tasks"]["gender"]["accuracy"] < 0.8  # unseen voices: the voice shortcut fails
+
+
+def test_group_split_errors_name_the_problem():
+    data, voice = voiced()
+    with pytest.raises(ProbeError, match="have no group"):
+        speaker_split(data.speakers, data.genders, 0.3, 0, {s: v for s, v in voice.items() if s != "3"})
+    with pytest.raises(ProbeError, match="group 'M0' has speakers of both genders"):
+        speaker_split(data.speakers, data.genders, 0.3, 0, {**voice, "1": "M0"})
+    with pytest.raises(ProbeError, match="no gender has 2 groups"):
+        speaker_split(data.speakers, data.genders, 0.3, 0, {s: g for s, g in zip(data.speakers, data.genders)})
+
+
 def test_errors_name_the_problem():
     data = synthetic(True)
     data.phones = [np.full_like(p, -1) for p in data.phones]

@@ -162,6 +162,23 @@ def test_neuronset_algebra_json_and_overlap(tmp_path):
         NeuronSet.from_json("{1: [", where="x.json")
 
 
+def test_random_like_matches_counts_per_layer_and_avoids_a_set():
+    chosen = NeuronSet({1: [0, 1, 2], 2: [5], 3: []}, num_layers=3, width=12)
+    avoid = chosen | NeuronSet({1: [3, 4, 5, 6, 7]})
+    draws = [chosen.random_like(seed, avoid=avoid) for seed in range(20)]
+    for d in draws:
+        assert d.counts() == chosen.counts() and not (d & avoid) and d.width == 12
+        assert d[1] <= {8, 9, 10, 11}  # only the layer's neurons outside avoid
+    assert chosen.random_like(3, avoid=avoid) == draws[3]  # the seed decides
+    assert len({d[1] for d in draws}) > 1 and len({d[2] for d in draws}) > 1  # and it draws
+    assert set().union(*(d[2] for d in draws)) <= set(range(12)) - {5}
+    with pytest.raises(NeuronSetError, match="cannot draw 3 random neurons from the 2"):
+        chosen.random_like(0, avoid=NeuronSet({1: range(10)}))
+    with pytest.raises(NeuronSetError, match="needs the layer width"):
+        NeuronSet({1: [0]}).random_like(0)
+    assert NeuronSet({1: [0]}).random_like(0, width=4)[1] <= {0, 1, 2, 3}
+
+
 def test_cli_select_prints_counts_and_overlaps(tmp_path):
     frames, topk = base_counts()
     for p in ARPABET:

@@ -1,10 +1,11 @@
 import hashlib
 
+import pytest
 import soundfile as sf
 
 from neurostat.corpus.librispeech import scan
 from neurostat.corpus.speakers import read_speakers
-from neurostat.corpus.synth import espeak_to_arpabet, synthesize
+from neurostat.corpus.synth import DEMO_VARIANTS, espeak_to_arpabet, speaker_voices, synthesize
 from neurostat.corpus.textgrid import read_textgrid
 from neurostat.phones import PhoneMap
 
@@ -51,3 +52,14 @@ def test_layout_labels_and_determinism(demo_corpus, tmp_path):
     other = tmp_path / "other"
     synthesize(other, "dev-clean", num_speakers=4, utterances_per_speaker=3, seed=2, progress=False)
     assert _digest(other) != _digest(demo_corpus)
+
+
+def test_speaker_voices_name_each_speakers_variant(demo_corpus, tmp_path):
+    root = demo_corpus / "LibriSpeech"
+    voices = speaker_voices(root)
+    sex = {sid: s.sex for sid, s in read_speakers(root / "SPEAKERS.TXT").items()}
+    assert set(voices) == set(sex) and set(voices.values()) <= set(DEMO_VARIANTS)
+    assert all(v[0] == sex[sid].lower() for sid, v in voices.items())  # m* voices are male, f* female
+    (tmp_path / "SPEAKERS.TXT").write_text("84 | F | dev-clean | 25.19 | Christie Nowak\n")
+    with pytest.raises(ValueError, match="speaker 84 is not a synthetic voice"):
+        speaker_voices(tmp_path)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import multiprocessing
 import random
+import re
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
@@ -27,6 +28,7 @@ import soxr
 from tqdm import tqdm
 
 from ..phones import VOWELS
+from .speakers import read_speakers
 from .textgrid import Interval, write_textgrid
 
 SAMPLE_RATE = 16000
@@ -186,6 +188,23 @@ DEMO_SPEAKERS, DEMO_UTTERANCES = 8, 12
 phone) cell for the demo model's D/k = 103 that its gender and pitch selections are not empty."""
 
 
+_NAME = "synthetic {voice} pitch {pitch}"
+"""The SPEAKERS.TXT name of a synthetic speaker: its espeak-ng voice and pitch."""
+
+
+def speaker_voices(root: str | Path) -> dict[str, str]:
+    """Speaker id → the espeak-ng voice variant (``m6``, ``f4``, ...) each speaker of a ``synthesize``d
+    corpus speaks with, from its SPEAKERS.TXT (``root``: the LibriSpeech folder)."""
+    path = Path(root) / "SPEAKERS.TXT"
+    voices = {}
+    for sid, speaker in read_speakers(path).items():
+        found = re.fullmatch(r"synthetic \S+\+(\w+) pitch \d+", speaker.name)
+        if not found:
+            raise ValueError(f"{path}: speaker {sid} is not a synthetic voice (name {speaker.name!r})")
+        voices[sid] = found.group(1)
+    return voices
+
+
 @dataclass(frozen=True)
 class Voice:
     speaker: str
@@ -326,7 +345,8 @@ def _synthesize(
             bar.update()
         (cdir / f"{v.speaker}-{chapter}.trans.txt").write_text("\n".join(trans) + "\n", encoding="utf-8")
         lines.append(
-            f"{v.speaker:<8} | {v.sex} | {subset:<16} | {seconds / 60:5.2f} | synthetic {v.voice} pitch {v.pitch}"
+            f"{v.speaker:<8} | {v.sex} | {subset:<16} | {seconds / 60:5.2f} | "
+            + _NAME.format(voice=v.voice, pitch=v.pitch)
         )
     bar.close()
     (root / "SPEAKERS.TXT").write_text("\n".join(lines) + "\n", encoding="utf-8")
