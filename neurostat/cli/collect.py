@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from ..choices import BACKENDS, MODEL_DTYPES, PRECISIONS
+from ..choices import BACKENDS, FRONT_ENDS, MODEL_DTYPES, PRECISIONS
 from ..declarations import DECLARATIONS, DEFAULT_STATS
 from ..engine.tokens import MODES
 from .app import demo_model_name, main, preset_option, user_errors, with_preset
@@ -127,6 +127,14 @@ def _shard(ctx, param, text: str) -> tuple[int, int]:
     help="Activations the statistics see in a float16/bfloat16 run: fp32 = act(x W1ᵀ + b1) accumulated in fp32 "
     "(unbiased top-k; the model's forward is unchanged), model = the half-precision values the model computes "
     "(bf16 ties at the k-th |a| favour low neuron indices). Same for float32 models.",
+)
+@click.option(
+    "--front-end",
+    type=click.Choice(("auto", *FRONT_ENDS)),
+    default="auto",
+    help="How the conv feature encoder runs on a padded batch (exact either way): gemm = channels-last GEMMs, "
+    "batched = the model's convolutions, per-utterance = the model's modules one utterance at a time; "
+    "auto = gemm.",
 )
 @click.option(
     "--batch-seconds",
