@@ -4,11 +4,12 @@
       attention mask, the model runs once (not exact for group-norm models: padding changes them);
 (ii)  the engine's forward with the per-utterance front end (exact; the previous design);
 (iii) the engine's forward with the batched front end (exact: per-utterance group-norm statistics);
-(iv)  `collect` with all statistics on the engine's front end for the device (batched on a GPU,
-      per-utterance on a CPU, where it is faster): its streaming loop, data loading included;
+(iii-g) the engine's forward with the gemm front end (exact: channels-last GEMMs, tensor cores on a GPU);
+(iv)  `collect` with all statistics on the engine's default front end for the device: its streaming
+      loop, data loading included;
 (v)   the paper's per-token loop (batch 1, `torch.topk` per token and layer, a host sync each);
 and the loader alone (FLAC decoding, normalisation, frame labels, tokens) with -j workers.
-(i)-(iii) run on the same padded batches, decoded beforehand, best of --repeat.  Prints audio-seconds
+(i)-(iii-g) run on the same padded batches, decoded beforehand, best of --repeat.  Prints audio-seconds
 per second and frames/s, and projects the wall time of dev-clean (5.4 h) and of 960 h from the
 measured rates (the slower of the compute and the loader bounds the run).
 
@@ -34,6 +35,11 @@ from neurostat.labelspace import LabelSpace  # noqa: E402
 from neurostat.model.adapter import ModelAdapter, default_front_end  # noqa: E402
 
 HOURS = {"dev-clean (5.4 h)": 5.4, "960 h": 960.0}
+BY_HAND, PER_UTTERANCE = (
+    "(i) forward by hand (HF padding + attention mask)",
+    "(ii) engine forward, per-utterance front end",
+)
+GEMM = "(iii-g) engine forward, gemm front end"
 
 
 def decoded_batches(corpus, adapter, batch_seconds: float, tokens: str) -> tuple[list[dict], float]:
@@ -83,9 +89,10 @@ def main() -> None:
             return run
 
         runs = {
-            "(i) forward by hand (HF padding + attention mask)": by_hand(adapter, corpus, items),
-            "(ii) engine forward, per-utterance front end": engine("per-utterance"),
+            BY_HAND: by_hand(adapter, corpus, items),
+            PER_UTTERANCE: engine("per-utterance"),
             "(iii) engine forward, batched front end": engine("batched"),
+            GEMM: engine("gemm"),
         }
         times = {}
         for name, run in runs.items():
@@ -134,8 +141,9 @@ def main() -> None:
             f"| loader alone, -j {args.num_jobs} (decode, normalise, label) | {load:.3f} | {audio / load:,.1f} | "
             f"{frames / load:,.0f} | {load / plain:.3f} |",
             "",
-            f"- (iii)/(i) = {plain / times['(i) forward by hand (HF padding + attention mask)']:.3f}; "
-            f"(ii)/(i) = {times['(ii) engine forward, per-utterance front end'] / times['(i) forward by hand (HF padding + attention mask)']:.3f}; "
+            f"- (iii)/(i) = {plain / times[BY_HAND]:.3f}; (ii)/(i) = {times[PER_UTTERANCE] / times[BY_HAND]:.3f}; "
+            f"(iii-g)/(i) = {times[GEMM] / times[BY_HAND]:.3f}; (iii-g)/(ii) = {times[GEMM] / times[PER_UTTERANCE]:.3f}; "
+            f"(iii-g)/(iii) = {times[GEMM] / plain:.3f}; "
             f"(iv) / its plain forward ({front_end}) = {collect_time / own:.3f}; data wait in (iv): "
             f"{100 * p.data_wait_seconds / p.loop_seconds:.0f}% of its loop; loader per worker: "
             f"{audio / load / max(args.num_jobs, 1):,.1f} audio-s/s",
