@@ -4,13 +4,14 @@
       attention mask, the model runs once (not exact for group-norm models: padding changes them);
 (ii)  the engine's forward with the per-utterance front end (exact; the previous design);
 (iii) the engine's forward with the batched front end (exact: per-utterance group-norm statistics);
-(iv)  `collect` with all statistics on the engine's front end for the device (batched on a GPU,
-      per-utterance on a CPU, where it is faster): its streaming loop, data loading included;
+(iii-g) the engine's forward with the gemm front end (exact: channels-last GEMMs, tensor cores on a GPU);
+(iv)  `collect` with all statistics on the engine's default front end for the device: its streaming
+      loop, data loading included;
 (v)   the paper's per-token loop (batch 1, `torch.topk` per token and layer, a host sync each);
 and the loader alone (FLAC decoding, normalisation, frame labels, tokens) with -j workers.  First, printed at
 once: the loader in this process against a plain soundfile decode of the same files, batch by batch (its
 cost beyond decoding; the audio-s/s of one worker) — alone with --loader-only.
-(i)-(iii) run on the same padded batches, decoded beforehand, best of --repeat.  Prints audio-seconds
+(i)-(iii-g) run on the same padded batches, decoded beforehand, best of --repeat.  Prints audio-seconds
 per second and frames/s, and projects the wall time of dev-clean (5.4 h) and of 960 h from the
 measured rates (the slower of the compute and the loader bounds the run).
 
@@ -52,6 +53,11 @@ from neurostat.labelspace import LabelSpace  # noqa: E402
 from neurostat.model.adapter import ModelAdapter, default_front_end  # noqa: E402
 
 HOURS = {"dev-clean (5.4 h)": 5.4, "960 h": 960.0}
+BY_HAND, PER_UTTERANCE = (
+    "(i) forward by hand (HF padding + attention mask)",
+    "(ii) engine forward, per-utterance front end",
+)
+GEMM = "(iii-g) engine forward, gemm front end"
 
 
 def decoded_batches(corpus, adapter, batch_seconds: float, tokens: str) -> tuple[list[dict], float]:
@@ -140,9 +146,10 @@ def main() -> None:
             return run
 
         runs = {
-            "(i) forward by hand (HF padding + attention mask)": by_hand(adapter, corpus, items),
-            "(ii) engine forward, per-utterance front end": engine("per-utterance"),
+            BY_HAND: by_hand(adapter, corpus, items),
+            PER_UTTERANCE: engine("per-utterance"),
             "(iii) engine forward, batched front end": engine("batched"),
+            GEMM: engine("gemm"),
         }
         times = {}
         for name, run in runs.items():
@@ -167,8 +174,9 @@ def main() -> None:
                 for name, t in rows.items()
             ]
 
-        by_hand_time = times["(i) forward by hand (HF padding + attention mask)"]
+        by_hand_time = times[BY_HAND]
         ratios = "; ".join(f"{name.split()[0]}/(i) = {t / by_hand_time:.3f}" for name, t in list(times.items())[1:])
+        ratios += f"; (iii-g)/(ii) = {times[GEMM] / times[PER_UTTERANCE]:.3f} (the gemm front end vs the reference)"
         emit("\n".join([*table("forwards", times), "", f"- {ratios}"]) + "\n", args.results)
         emit("\n".join(collect_section(args, corpus, adapter, work, runs, times, table, audio)) + "\n", args.results)
 

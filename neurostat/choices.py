@@ -19,6 +19,9 @@ LEVELS = ("frame", "utterance")
 """What a label set labels."""
 MODEL_DTYPES = ("float32", "float16", "bfloat16", "float64")
 """The dtypes a model is loaded in (float64: exact reference runs, as the tests' torchrun jobs)."""
+FRONT_ENDS = ("gemm", "batched", "per-utterance")
+"""How the engine runs the conv feature encoder on a padded batch (``auto`` picks one for the device):
+channels-last GEMMs, the model's own convolutions on the batch, or the model's modules one utterance at a time."""
 BACKENDS = ("torch", "triton", "triton-fused")
 """Statistics backends (``auto`` picks one of them for the device)."""
 PRECISIONS = ("fp32", "model")

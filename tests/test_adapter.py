@@ -3,7 +3,8 @@ import pytest
 import torch
 from transformers import HubertForCTC
 
-from neurostat.model.adapter import ModelAdapter, ModelError, masked_group_norm
+from neurostat.model import adapter as adapter_module
+from neurostat.model.adapter import ConvGemm, ModelAdapter, ModelError, masked_group_norm
 from neurostat.model.factory import model_config, save_model
 
 TYPES = [
@@ -96,23 +97,93 @@ def test_bad_models(tmp_path, tiny_model):
 SHORT_AND_LONG = [16000, 400, 720, 1040, 9001, 401]  # 1, 2 and 3 frames beside long utterances
 
 
-@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-10), (torch.float32, 1e-5)], ids=["float64", "float32"])
-@pytest.mark.parametrize("model_type, stable", TYPES)
-def test_batched_front_end_equals_per_utterance_reference(tmp_path, model_type, stable, dtype, rtol):
-    adapter = ModelAdapter.load(str(save_model(tmp_path / "m", model_type, stable_layer_norm=stable)), dtype=dtype)
-    waves = [w.to(dtype) for w in _waves(adapter, SHORT_AND_LONG, seed=3)]
+def _front_end_runs(adapter, waves, front_ends):
+    """Per front end: (last hidden state, frame mask, each layer's FFN activations)."""
     runs = {}
-    for front_end in ("batched", "per-utterance"):
+    for front_end in front_ends:
         got = {}
         with adapter.observe(lambda layer, a: got.__setitem__(layer, a.clone())):
             hidden, mask = adapter.encode(waves, front_end=front_end)
         runs[front_end] = hidden, mask, got
-    (h1, m1, a1), (h2, m2, a2) = runs["batched"], runs["per-utterance"]
-    assert torch.equal(m1, m2) and m1.sum(1).tolist() == [adapter.geometry.num_frames(n) for n in SHORT_AND_LONG]
+    return runs
+
+
+def _assert_close_at_valid_frames(run, reference, rtol):
+    (h1, m1, a1), (h2, m2, a2) = run, reference
+    assert torch.equal(m1, m2)
     scale = lambda t: t[m1].abs().max()  # noqa: E731
     assert (h1[m1] - h2[m1]).abs().max() <= rtol * scale(h2)
-    for layer in a1:  # every valid frame of every layer's FFN activations
+    for layer in a2:  # every valid frame of every layer's FFN activations
         assert (a1[layer][m1] - a2[layer][m1]).abs().max() <= rtol * scale(a2[layer]), layer
+
+
+@pytest.mark.parametrize("front_end", ["batched", "gemm"])
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-10), (torch.float32, 1e-5)], ids=["float64", "float32"])
+@pytest.mark.parametrize("model_type, stable", TYPES)
+def test_batched_front_ends_equal_per_utterance_reference(tmp_path, model_type, stable, dtype, rtol, front_end):
+    adapter = ModelAdapter.load(str(save_model(tmp_path / "m", model_type, stable_layer_norm=stable)), dtype=dtype)
+    waves = [w.to(dtype) for w in _waves(adapter, SHORT_AND_LONG, seed=3)]
+    runs = _front_end_runs(adapter, waves, (front_end, "per-utterance"))
+    assert runs[front_end][1].sum(1).tolist() == [adapter.geometry.num_frames(n) for n in SHORT_AND_LONG]
+    _assert_close_at_valid_frames(runs[front_end], runs["per-utterance"], rtol)
+
+
+@pytest.mark.parametrize("stable", [False, True], ids=["group-norm", "layer-norm"])
+def test_gemm_front_end_in_blocks_equals_it_in_one_pass(tmp_path, monkeypatch, stable):
+    """On a CPU the norm and activation run block by block of frames; a small block makes tiny models use it."""
+    adapter = ModelAdapter.load(str(save_model(tmp_path / "m", stable_layer_norm=stable)), dtype=torch.float64)
+    waves = [w.double() for w in _waves(adapter, SHORT_AND_LONG, seed=5)]
+    whole = _front_end_runs(adapter, waves, ("gemm",))["gemm"]
+    monkeypatch.setattr(adapter_module, "BLOCK_ELEMENTS", 1000)
+    blocks = _front_end_runs(adapter, waves, ("gemm", "per-utterance"))
+    _assert_close_at_valid_frames(blocks["gemm"], whole, 1e-12)
+    _assert_close_at_valid_frames(blocks["gemm"], blocks["per-utterance"], 1e-10)
+
+
+def test_gemm_weights_and_positional_weight_follow_parameter_updates(tmp_path):
+    """The re-laid-out conv weights and the weight-normed positional weight are cached, and rebuilt after an
+    in-place update of the parameters they come from; the result is the model's own forward either way."""
+    adapter = ModelAdapter.load(str(save_model(tmp_path / "m")), dtype=torch.float64)
+    waves = [w.double() for w in _waves(adapter, [9001, 4321, 400], seed=6)]
+
+    def check():
+        hidden, mask = adapter.encode(waves, front_end="gemm")
+        for b, w in enumerate(waves):
+            with torch.no_grad():
+                out = adapter.model(w[None]).last_hidden_state[0]
+            torch.testing.assert_close(hidden[b, : mask[b].sum()], out, rtol=1e-10, atol=1e-12)
+
+    check()
+    layers = adapter._conv_gemms()
+    assert adapter._conv_gemms() is layers  # nothing rebuilt while the parameters stay
+    pos = adapter.backbone.encoder.pos_conv_embed.conv
+    with torch.no_grad():
+        adapter.backbone.feature_extractor.conv_layers[1].conv.weight.mul_(1.5)
+        pos.parametrizations.weight.original1.mul_(-2.0)  # the direction v of weight = g v / |v|
+        pos.parametrizations.weight.original0.mul_(3.0)  # the magnitude g
+    check()
+    assert adapter._conv_gemms() is not layers
+
+
+@pytest.mark.parametrize("groups, channels_in, bias", [(6, 1, True), (2, 1, False), (3, 4, True)])
+def test_gemm_group_norm_is_group_norm_of_each_unpadded_utterance(groups, channels_in, bias):
+    """The group norm's statistics, taken from the conv's input windows, over each utterance's valid frames."""
+    g = torch.Generator().manual_seed(1)
+    layer = torch.nn.Module()
+    layer.conv = torch.nn.Conv1d(channels_in, 6, kernel_size=4, stride=2, bias=bias).double()
+    layer.layer_norm = torch.nn.GroupNorm(groups, 6).double()
+    layer.activation = torch.nn.GELU()
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, generator=g)
+    gemm = ConvGemm.of(layer)
+    steps, lengths = 40, [40, 6, 11, 23]  # 2 frames at least: the native group norm refuses one value per group
+    x = torch.randn(len(lengths), steps, channels_in, generator=g, dtype=torch.float64)
+    valid = [(n - 4) // 2 + 1 for n in lengths]
+    out = gemm.convolve(x.reshape(-1, channels_in), torch.empty(len(lengths) * steps // 2, 6, dtype=torch.float64))
+    got = gemm.finish(x, valid)(out.view(len(lengths), -1, 6))
+    for b, n in enumerate(lengths):
+        expected = layer.activation(layer.layer_norm(layer.conv(x[b : b + 1, :n].transpose(1, 2))))[0].T
+        torch.testing.assert_close(got[b, : valid[b]], expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("model_type", ["hubert", "wav2vec2", "data2vec-audio"])

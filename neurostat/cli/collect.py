@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from ..choices import BACKENDS, MODEL_DTYPES, PRECISIONS
+from ..choices import BACKENDS, FRONT_ENDS, MODEL_DTYPES, PRECISIONS
 from ..declarations import DECLARATIONS, DEFAULT_STATS
 from ..engine.tokens import MODES
 from .app import demo_model_name, main, preset_option, user_errors, with_preset
@@ -134,6 +134,14 @@ def _shard(ctx, param, text: str) -> tuple[int, int]:
     "(unbiased top-k; one first GEMM with an fp32 output, whose rounding the model goes on from), "
     "model = the half-precision values the model computes (bf16 ties at the k-th |a| favour low neuron indices). "
     "Same for float32 models.",
+)
+@click.option(
+    "--front-end",
+    type=click.Choice(("auto", *FRONT_ENDS)),
+    default="auto",
+    help="How the conv feature encoder runs on a padded batch (exact either way): gemm = channels-last GEMMs, "
+    "batched = the model's convolutions, per-utterance = the model's modules one utterance at a time; "
+    "auto = gemm.",
 )
 @click.option(
     "--batch-seconds",

@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..choices import FRONT_ENDS
 from ..corpus.prepared import PreparedCorpus
 from ..declarations import DEFAULT_STATS
 from ..errors import OptionError
 from ..labelspace import LabelSpace
-from ..model.adapter import FRONT_ENDS, ModelAdapter, ModelError, default_front_end
+from ..model.adapter import ModelAdapter, ModelError, default_front_end
 from ..store import StoreMeta
 from ..version import __version__
 from .backends import PRECISIONS, ROUTE_BOUND, make_backend, resolve_backend
@@ -33,7 +34,7 @@ class CollectConfig:
     drop_final_run: bool = False  # the paper's code never counts an utterance's last run of frames
     layers: list[int] | None = None  # 1-based, as everywhere a user sees layers; None = all
     batch_seconds: float | None = None  # padded audio per batch; None: default_batch_seconds(device)
-    front_end: str | None = None  # batched or per-utterance; None: default_front_end(device)
+    front_end: str = "auto"  # one of FRONT_ENDS; auto: default_front_end(device)
     max_seconds: float | None = None
     checkpoint_seconds: float = 300.0
     checkpoint_utterances: int | None = None
@@ -60,8 +61,8 @@ class CollectConfig:
                 raise ValueError(f"{name} must be positive, got {value}")
         if self.num_jobs is not None and self.num_jobs < 0:
             raise ValueError(f"-j must be 0 (load in the main process) or more workers, got {self.num_jobs}")
-        if self.front_end is not None and self.front_end not in FRONT_ENDS:
-            raise ValueError(f"unknown front end {self.front_end!r}; choose from {FRONT_ENDS}")
+        if self.front_end not in ("auto", *FRONT_ENDS):
+            raise ValueError(f"unknown --front-end {self.front_end!r}; choose auto or one of {FRONT_ENDS}")
         if self.stats_precision not in PRECISIONS:
             raise ValueError(f"unknown --stats-precision {self.stats_precision!r}; choose from {PRECISIONS}")
 
@@ -89,7 +90,7 @@ class RunSpec:
         """Validates ``config`` against the model and the corpus; every refusal is one clear error."""
         adapter.check_geometry(corpus.geometry)
         config.check()
-        front_end = config.front_end or default_front_end(adapter.device)
+        front_end = default_front_end(adapter.device) if config.front_end == "auto" else config.front_end
         stats = tuple(s.name for s in statistics(config.stats))
         backend = resolve_backend(config.backend, adapter.device)
         try:

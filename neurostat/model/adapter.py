@@ -6,14 +6,19 @@ the engine sees ``a = act(W1 x + b1)`` as it is computed, without a second GEMM.
 
 Batching, exact: every utterance's activations equal its own unpadded forward within float rounding.
 The whole model runs on the padded batch.  Base models' group-norm front end normalises each channel
-of the first convolution's output over time, padding included, so :func:`masked_group_norm` takes
-those statistics per utterance over its valid positions only; the later convolutions are exact at
-valid frames because a valid frame's receptive field lies inside its utterance (the frame-count rule
-says so).  Layer-norm front ends normalise per frame and need nothing.  HF zeroes padded frames before
-the positional convolution; data2vec-audio stacks several with layer norms, so padded frames are
-zeroed again between them.  The Transformer runs with a boolean frame mask and SDPA attention.
-``encode(..., front_end="per-utterance")`` runs the front end one utterance at a time instead: the
-reference, and the default on a CPU, where it is faster (:func:`default_front_end`).
+of the first convolution's output over time, padding included, so the batched front ends take those
+statistics per utterance over its valid positions only; the later convolutions are exact at valid
+frames because a valid frame's receptive field lies inside its utterance (the frame-count rule says
+so).  Layer-norm front ends normalise per frame and need nothing.  HF zeroes padded frames before the
+positional convolution; data2vec-audio stacks several with layer norms, so padded frames are zeroed
+again between them.  The Transformer runs with a boolean frame mask and SDPA attention.
+
+Three front ends (:data:`~neurostat.choices.FRONT_ENDS`), exact alike: ``gemm`` (the default,
+:func:`default_front_end`) keeps activations channels-last and runs each convolution as GEMMs on
+strided views of one flat buffer (:func:`gemm_features`), which reach tensor cores on a GPU where
+cuDNN's kernels for these convolutions do not; ``batched`` runs the model's own convolutions on the
+padded batch (:func:`masked_group_norm`); ``per-utterance`` runs the model's modules one utterance at
+a time: the reference.
 """
 
 from __future__ import annotations
@@ -31,8 +36,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
-from ..choices import MODEL_DTYPES
+from ..choices import FRONT_ENDS, MODEL_DTYPES
 from ..files import atomic_write, cache_root, sha1_file
 from ..frames import FrameGeometry, default_geometry
 
@@ -181,13 +187,170 @@ def masked_group_norm(
     return y.to(x.dtype)
 
 
-FRONT_ENDS = ("batched", "per-utterance")
+@dataclass(frozen=True)
+class ConvGemm:
+    """One layer of the conv feature encoder laid out for GEMMs on channels-last activations:
+    ``weight`` [kernel·C_in, C_out] has row ``j·C_in + c`` for tap j and input channel c, so a window of
+    ``kernel`` consecutive frames, read as one row of a flat [frames, C] buffer, times ``weight`` is
+    the convolution at that window.  ``norm`` and ``activation`` are the model's own modules."""
+
+    kernel: int
+    stride: int
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    norm: nn.Module | None
+    activation: Callable[[torch.Tensor], torch.Tensor]
+
+    @classmethod
+    def of(cls, layer: nn.Module) -> ConvGemm:
+        """The HF conv layer ``layer`` (conv, optional group/layer norm, activation) re-laid-out."""
+        conv = layer.conv
+        if conv.padding != (0,) or conv.dilation != (1,) or conv.groups != 1:
+            raise ModelError("the gemm front end needs unpadded, undilated, ungrouped feature convolutions")
+        weight = conv.weight.detach().permute(2, 1, 0).reshape(-1, conv.out_channels).contiguous()
+        bias = None if conv.bias is None else conv.bias.detach()
+        norm = getattr(layer, "layer_norm", None)
+        return cls(conv.kernel_size[0], conv.stride[0], weight, bias, norm, layer.activation)
+
+    def group_norm_affine(self, h: torch.Tensor, valid: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift), each [B, 1, C_out], such that ``y · scale + shift`` is this layer's group norm
+        of its convolution ``y`` of the padded channels-last batch ``h`` [B, T, C_in], with utterance b's
+        statistics taken over its ``valid[b]`` first output frames only, as its unpadded forward takes them.
+
+        The convolution is linear, so each channel's mean and variance over the valid frames follow from
+        the mean and covariance of the input windows (a window is ``kernel·C_in`` values: 10 samples for
+        the first layer), taken in float64 and two-pass, masked and batched: no pass over the output."""
+        batch, steps, channels = h.shape
+        frames, width = (steps - self.kernel) // self.stride + 1, self.kernel * channels
+        windows = h.as_strided((batch, frames, width), (steps * channels, self.stride * channels, 1)).double()
+        count = torch.tensor(valid, device=h.device, dtype=torch.float64).clamp(min=1)[:, None]
+        mask = (torch.arange(frames, device=h.device)[None] < count)[..., None]
+        mean = (windows * mask).sum(1) / count
+        centred = (windows - mean[:, None]) * mask
+        cov = centred.transpose(1, 2) @ centred / count[..., None]
+        weight = self.weight.double()
+        channel_mean = mean @ weight + (0 if self.bias is None else self.bias.double())
+        channel_var = ((cov @ weight) * weight).sum(1)
+        groups = self.norm.num_groups
+        by_group = channel_mean.view(batch, groups, -1)
+        group_mean = by_group.mean(2, keepdim=True)
+        group_var = (channel_var.view(batch, groups, -1) + (by_group - group_mean) ** 2).mean(2, keepdim=True)
+        scale = torch.rsqrt(group_var + self.norm.eps).expand_as(by_group).reshape(batch, -1)
+        shift = -group_mean.expand_as(by_group).reshape(batch, -1) * scale
+        if self.norm.affine:
+            weight, bias = self.norm.weight.double(), self.norm.bias.double()
+            scale, shift = scale * weight, shift * weight + bias
+        dtype = torch.promote_types(h.dtype, torch.float32)
+        return scale[:, None].to(dtype), shift[:, None].to(dtype)
+
+    def finish(self, h: torch.Tensor, valid: list[int]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The rest of the layer after its convolution, per frame (its norm, then its activation), for the
+        batch whose input is ``h`` [B, T, C_in] and whose utterances have ``valid`` output frames."""
+        if isinstance(self.norm, nn.GroupNorm):
+            scale, shift = self.group_norm_affine(h, valid)
+            return lambda y: self.activation(torch.addcmul(shift, y, scale).to(y.dtype))
+        if self.norm is None:
+            return self.activation
+        return lambda y: self.activation(self.norm(y))
+
+    def convolve(self, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Writes the convolution of a flat channels-last batch ``h`` [B·T, C_in], T a multiple of the
+        stride, into ``out`` [B·T/stride, C_out]: row r reads rows r·stride … r·stride + kernel − 1.  The
+        last rows, whose window would run past the buffer, are the last utterance's padding: zeros.
+
+        The windows are a strided view (rows ``stride·C_in`` apart): one GEMM when a window is no wider
+        than the stride, else one GEMM per block of ``stride`` taps accumulated into ``out`` (no copy),
+        unless a window is narrower than an output row (the first layer's few samples): then copying
+        the windows for one GEMM costs less than another pass over the output."""
+        channels, rows = h.shape[1], out.shape[0]
+        full = rows - (max(self.kernel - self.stride, 0) + self.stride - 1) // self.stride
+        out[full:].zero_()
+        if self.kernel <= self.stride or self.kernel * channels < out.shape[1]:
+            blocks = [(0, self.kernel)]
+        else:
+            blocks = [(j, min(j + self.stride, self.kernel)) for j in range(0, self.kernel, self.stride)]
+        for i, (first, last) in enumerate(blocks):
+            size, offset = (full, (last - first) * channels), h.storage_offset() + first * channels
+            x = h.as_strided(size, (self.stride * channels, 1), offset)
+            x, w = x.contiguous() if last - first > self.stride else x, self.weight[first * channels : last * channels]
+            if i:
+                out[:full].addmm_(x, w)
+            elif self.bias is None:
+                torch.mm(x, w, out=out[:full])
+            else:
+                torch.addmm(self.bias, x, w, out=out[:full])
+        return out
+
+
+class Workspace:
+    """Two grow-only scratch buffers that the gemm front end's layers write their outputs into, kept
+    between batches: on a CPU a buffer of more than 32 MB is fresh pages from the kernel at every
+    allocation (glibc); faulting them in made a new 128 MB tensor cost 5x a reused one (2 cores)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[int, torch.Tensor] = {}
+
+    def take(self, slot: int, shape: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
+        """A [rows, C] view of buffer ``slot`` (0 or 1) in ``like``'s dtype and device, contents undefined."""
+        buffer = self._buffers.get(slot)
+        numel = shape[0] * shape[1]
+        if buffer is None or buffer.numel() < numel or (buffer.dtype, buffer.device) != (like.dtype, like.device):
+            buffer = self._buffers[slot] = like.new_empty(numel)
+        return buffer[:numel].view(shape)
+
+
+BLOCK_ELEMENTS = 1 << 21
+"""Elements per block of a layer's norm and activation on a CPU (8 MB in fp32): their temporaries stay
+in the allocator's reused heap and the block in the caches; on a GPU each runs on the whole layer."""
+
+
+def _framewise(fn: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor) -> torch.Tensor:
+    """``fn`` (per frame, shape-preserving) on a channels-last batch [B, T, C]: on a CPU written back into
+    ``h`` block by block of frames (:data:`BLOCK_ELEMENTS`), elsewhere in one call."""
+    step = max(1, BLOCK_ELEMENTS // (h.shape[0] * h.shape[2]))
+    if h.device.type != "cpu" or step >= h.shape[1]:
+        return fn(h)
+    for t in range(0, h.shape[1], step):
+        block = h[:, t : t + step]
+        block.copy_(fn(block))
+    return h
+
+
+def gemm_features(
+    layers: list[ConvGemm], x: torch.Tensor, lengths: list[int], workspace: Workspace | None = None
+) -> torch.Tensor:
+    """The conv feature encoder on a padded batch of waveforms [B, L] as channels-last GEMMs → [B, T, C]
+    (T ≥ every utterance's frame count; frames past an utterance's own count are padding).
+
+    Each utterance is padded to a multiple of the product of the strides, so the whole batch is one flat
+    [B·T, C] buffer at every layer and each convolution one strided view of it (:class:`ConvGemm`); a
+    valid frame's window lies inside its utterance, so the rows that straddle two utterances are padding.
+    A group norm takes each utterance's statistics over its valid frames (:meth:`ConvGemm.group_norm_affine`);
+    a layer norm is per frame and exact as it is.  ``workspace`` holds the layers' outputs."""
+    workspace = workspace or Workspace()
+    batch = x.shape[0]
+    span = int(np.prod([layer.stride for layer in layers]))
+    h = F.pad(x, (0, -x.shape[1] % span)).reshape(-1, 1)
+    valid = list(lengths)
+    for i, layer in enumerate(layers):
+        valid = [(n - layer.kernel) // layer.stride + 1 for n in valid]
+        finish = layer.finish(h.view(batch, -1, h.shape[1]), valid)
+        out = layer.convolve(h, workspace.take(i % 2, (h.shape[0] // layer.stride, layer.weight.shape[1]), h))
+        h = _framewise(finish, out.view(batch, -1, out.shape[1])).reshape(out.shape)
+    return h.view(batch, -1, h.shape[1]).clone()
 
 
 def default_front_end(device: torch.device | str) -> str:
-    """``batched`` on a GPU; ``per-utterance`` on a CPU, where the padded batch's long convolution
-    outputs thrash the caches (measured on 2 cores: 15-25 % slower than one utterance at a time)."""
-    return "batched" if torch.device(device).type == "cuda" else "per-utterance"
+    """``gemm`` on every device: on a GPU its GEMMs run on tensor cores (the model's convolutions went to
+    cuDNN's SIMT kernels, 58 % of an H200's time); on 2 CPU cores it was the fastest of the three
+    (bench/RESULTS.md)."""
+    return "gemm"
+
+
+def _parameters_key(parameters) -> tuple:
+    """What identifies the current values of ``parameters``: each one's storage, version, dtype and device
+    (an in-place update through torch bumps the version; ``.to()`` or a reload changes the storage)."""
+    return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in parameters)
 
 
 def _backbone(model: nn.Module, name: str) -> nn.Module:
@@ -230,6 +393,9 @@ class ModelAdapter:
         self.config = self.backbone.config
         self.geometry = FrameGeometry.from_config(self.config, feature_extractor.sampling_rate)
         self.weights: str | None = None  # SHA-1 of the weight files when loaded from a folder
+        self._gemm_cache: tuple[tuple, list[ConvGemm]] | None = None
+        self._workspace = Workspace()
+        self._pos_weight_cache: tuple[tuple, torch.Tensor] | None = None
 
     @classmethod
     def load(
@@ -336,7 +502,7 @@ class ModelAdapter:
         """Runs the model on normalised waveforms — a list of 1-D tensors, or a zero-padded [B, L] batch
         with its ``lengths`` in samples — and returns (last hidden state [B, T, H], frame mask [B, T]).
         See the module docstring for why the result equals each utterance's unpadded forward;
-        ``front_end``: ``batched`` or ``per-utterance`` (default: :func:`default_front_end`)."""
+        ``front_end``: one of :data:`~neurostat.choices.FRONT_ENDS` (default: :func:`default_front_end`)."""
         front_end = front_end or default_front_end(self.device)
         if front_end not in FRONT_ENDS:
             raise ValueError(f"unknown front end {front_end!r}; choose from {FRONT_ENDS}")
@@ -351,19 +517,33 @@ class ModelAdapter:
         if front_end == "per-utterance":
             feats = [self._project(self._features(w.to(self.device, self.dtype)[None], None))[0] for w in waves]
             hidden = nn.utils.rnn.pad_sequence(feats, batch_first=True)
+        elif front_end == "gemm":
+            x = waves.to(self.device, self.dtype, non_blocking=True)
+            features = gemm_features(self._conv_gemms(), x, lengths, self._workspace)
+            hidden = self._project(features[:, : max(counts)])
         else:
             x = waves.to(self.device, self.dtype, non_blocking=True)
             padded = min(lengths) < x.shape[1]  # without padding the model's own layers are exact
             hidden = self._project(self._features(x, torch.tensor(lengths, device=self.device) if padded else None))
             hidden = hidden[:, : max(counts)]
         mask = torch.arange(hidden.shape[1], device=self.device)[None] < frames[:, None]
-        with self._masked_positional_convolution(mask):
+        with self._positional_convolution(mask):
             out = self.backbone.encoder(hidden, attention_mask=mask)
         return out[0], mask
 
+    def _conv_gemms(self) -> list[ConvGemm]:
+        """The feature encoder's layers re-laid-out for :func:`gemm_features`, rebuilt only when a
+        parameter of the feature encoder changed (:func:`_parameters_key`)."""
+        encoder = self.backbone.feature_extractor
+        key = _parameters_key(encoder.parameters())
+        if self._gemm_cache is None or self._gemm_cache[0] != key:
+            self._gemm_cache = key, [ConvGemm.of(layer) for layer in encoder.conv_layers]
+        return self._gemm_cache[1]
+
     def _features(self, x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
-        """The conv front end on waveforms [B, L] → [B, T, C]; with ``lengths`` (a padded batch), a
-        group norm takes its statistics over each utterance's valid positions only."""
+        """The conv front end on waveforms [B, L] → [B, T, C] through the model's own modules; with
+        ``lengths`` (a padded batch), a group norm takes its statistics over each utterance's valid
+        positions only."""
         h = x[:, None]
         valid = lengths
         for layer in self.backbone.feature_extractor.conv_layers:
@@ -381,28 +561,48 @@ class ModelAdapter:
         proj = self.backbone.feature_projection(features)
         return proj[0] if isinstance(proj, tuple) else proj
 
+    def _positional_weight(self, conv: nn.Conv1d) -> torch.Tensor:
+        """The weight-normed positional convolution's weight, which HF recomputes at every forward:
+        computed once and kept until its parameters change (:func:`_parameters_key`)."""
+        key = _parameters_key(conv.parametrizations.weight.parameters())
+        if self._pos_weight_cache is None or self._pos_weight_cache[0] != key:
+            self._pos_weight_cache = key, conv.weight
+        return self._pos_weight_cache[1]
+
     @contextmanager
-    def _masked_positional_convolution(self, mask: torch.Tensor) -> Iterator[None]:
-        """HF zeroes padded frames before the positional convolution; a stack of them (data2vec-audio)
-        needs them zeroed again after each layer, or padding leaks into valid frames."""
+    def _positional_convolution(self, mask: torch.Tensor) -> Iterator[None]:
+        """Within the block the positional convolution runs as HF runs it, with two changes: a
+        weight-normed one uses :meth:`_positional_weight`; a stack of them (data2vec-audio) has padded
+        frames zeroed after each layer (HF zeroes them only before the first), or padding leaks into
+        valid frames."""
         pos = self.backbone.encoder.pos_conv_embed
         layers = getattr(pos, "layers", None)
-        if layers is None:
+        conv = getattr(pos, "conv", None)
+        if layers is not None:
+            keep = mask[:, None, :]
+
+            def forward(hidden: torch.Tensor) -> torch.Tensor:
+                h = hidden.transpose(1, 2)
+                for layer in layers:
+                    h = layer(h) * keep.to(h.dtype)
+                return h.transpose(1, 2)
+
+            patched = pos
+        elif conv is not None and parametrize.is_parametrized(conv, "weight") and conv.padding_mode == "zeros":
+
+            def forward(h: torch.Tensor) -> torch.Tensor:
+                weight = self._positional_weight(conv)
+                return F.conv1d(h, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+            patched = conv
+        else:
             yield
             return
-        keep = mask[:, None, :]
-
-        def forward(hidden: torch.Tensor) -> torch.Tensor:
-            h = hidden.transpose(1, 2)
-            for layer in layers:
-                h = layer(h) * keep.to(h.dtype)
-            return h.transpose(1, 2)
-
-        pos.forward = forward
+        patched.forward = forward
         try:
             yield
         finally:
-            del pos.forward
+            del patched.forward
 
     @contextmanager
     def instrument(
