@@ -155,6 +155,13 @@ def _best_attention(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
+def _host_values(values: list, device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """A few host numbers as a tensor on ``device``.  On a GPU the copy comes from pinned memory without
+    blocking: ``torch.tensor(values, device=...)`` would make the host wait for the device's queue."""
+    out = torch.tensor(values, dtype=dtype)
+    return out.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else out
+
+
 def masked_group_norm(
     x: torch.Tensor, valid: torch.Tensor, norm: nn.GroupNorm, vectorized: bool | None = None
 ) -> torch.Tensor:
@@ -223,7 +230,7 @@ class ConvGemm:
         batch, steps, channels = h.shape
         frames, width = (steps - self.kernel) // self.stride + 1, self.kernel * channels
         windows = h.as_strided((batch, frames, width), (steps * channels, self.stride * channels, 1)).double()
-        count = torch.tensor(valid, device=h.device, dtype=torch.float64).clamp(min=1)[:, None]
+        count = _host_values(valid, h.device, torch.float64).clamp(min=1)[:, None]
         mask = (torch.arange(frames, device=h.device)[None] < count)[..., None]
         mean = (windows * mask).sum(1) / count
         centred = (windows - mean[:, None]) * mask
@@ -513,7 +520,7 @@ class ModelAdapter:
             lengths = [len(w) for w in waves]
             waves = waves if front_end == "per-utterance" else nn.utils.rnn.pad_sequence(waves, batch_first=True)
         counts = [self.geometry.num_frames(n) for n in lengths]
-        frames = torch.tensor(counts, device=self.device)
+        frames = _host_values(counts, self.device)
         if front_end == "per-utterance":
             feats = [self._project(self._features(w.to(self.device, self.dtype)[None], None))[0] for w in waves]
             hidden = nn.utils.rnn.pad_sequence(feats, batch_first=True)
@@ -524,7 +531,7 @@ class ModelAdapter:
         else:
             x = waves.to(self.device, self.dtype, non_blocking=True)
             padded = min(lengths) < x.shape[1]  # without padding the model's own layers are exact
-            hidden = self._project(self._features(x, torch.tensor(lengths, device=self.device) if padded else None))
+            hidden = self._project(self._features(x, _host_values(lengths, self.device) if padded else None))
             hidden = hidden[:, : max(counts)]
         mask = torch.arange(hidden.shape[1], device=self.device)[None] < frames[:, None]
         with self._positional_convolution(mask):
