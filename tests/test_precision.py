@@ -211,12 +211,16 @@ def ffn_input_reference(prepared, model_dir, dtype, k_ratio):
 def test_fp16_collect_records_the_precision_and_fp32_statistics_follow_the_unrounded_activations(
     prepared, tiny_model, tmp_path
 ):
+    """The reference is the model's own fp16 forward, one utterance at a time: collect runs its modules the
+    same way (the per-utterance front end), so only the statistics' precision differs — another front end
+    rounds fp16 features otherwise, and model-precision ties follow every rounding."""
     adapter = ModelAdapter.load(str(tiny_model), dtype=torch.float16)
     counts = {}
     for precision in ("fp32", "model"):
         config = CollectConfig(
-            stats=("topk",), topk_ratio=0.1, tokens="all", batch_seconds=1e-3, stats_precision=precision
-        )
+            stats=("topk",), topk_ratio=0.1, tokens="all", batch_seconds=1e-3, stats_precision=precision,
+            front_end="per-utterance",
+        )  # fmt: skip
         attrs = collect(prepared, adapter, tmp_path / f"{precision}.zarr", config, progress=False)
         assert attrs.statistics["precision"].startswith(precision)
         if precision == "fp32":  # the route is recorded with its bound
