@@ -5,8 +5,9 @@
     python bench/train_tiny_ssl.py --twin DIR      # only save the random-init twin (same config and seed)
     python bench/train_tiny_ssl.py --smoke         # a few steps of a small run (CI)
 
-A killed run resumes from WORK/checkpoint.pt.  The settings, loss and masked-prediction accuracy are
-logged and saved in WORK/training.json.
+A killed run resumes from WORK/checkpoint.pt.  The settings, loss and masked-prediction accuracy, and the
+masked-prediction accuracy on held-out speech (the demo corpus's speakers and voices) with its baselines
+are logged and saved in WORK/training.json.
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from neurostat.tiny import shipped_model_dir  # noqa: E402
-from neurostat.tiny.train import TrainSettings, save_random_twin, ship, train, training_corpus  # noqa: E402
+from neurostat.tiny.train import (  # noqa: E402
+    TrainSettings,
+    held_out_corpus,
+    save_random_twin,
+    ship,
+    train,
+    training_corpus,
+)
 
 
 def main() -> None:
@@ -44,13 +52,14 @@ def main() -> None:
         settings = TrainSettings.small(checkpoint_every=3)
         with tempfile.TemporaryDirectory() as tmp:
             root = training_corpus(Path(tmp) / "corpus", settings, progress=False)
-            summary = train(root, Path(tmp) / "run", settings)
+            held_out = held_out_corpus(Path(tmp) / "held-out", settings, progress=False)
+            summary = train(root, Path(tmp) / "run", settings, held_out=held_out)
             ship(Path(tmp) / "run" / "model", Path(tmp) / "shipped", summary)
-            print(f"smoke: {summary['final']}")
+            print(f"smoke: {summary['final']}; held out: {summary['held_out']}")
         return
     root = training_corpus(args.work / "corpus", settings)
-    summary = train(root, args.work / "run", settings)
-    print(json.dumps(summary["final"]))
+    summary = train(root, args.work / "run", settings, held_out=held_out_corpus(args.work / "held-out", settings))
+    print(json.dumps({"final": summary["final"], "held_out": summary["held_out"]}))
     if args.ship:
         print(f"shipped: {ship(args.work / 'run' / 'model', shipped_model_dir(), summary)}")
 

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import soundfile as sf
 import torch
 from transformers import HubertModel
 
@@ -11,6 +12,14 @@ from neurostat.frames import FrameGeometry
 from neurostat.model.adapter import ModelAdapter
 from neurostat.tiny import shipped_model_dir
 from neurostat.tiny.mfcc import dct_matrix, mfcc
+from neurostat.tiny.objective import (
+    HEAD_FILE,
+    evaluate_held_out,
+    frame_features,
+    load_head,
+    nearest_unmasked,
+    span_mask,
+)
 from neurostat.tiny.train import (
     SAMPLE_RATE,
     TrainSettings,
@@ -18,7 +27,7 @@ from neurostat.tiny.train import (
     build_model,
     load_utterances,
     save_random_twin,
-    span_mask,
+    ship,
     train,
     training_corpus,
 )
@@ -134,3 +143,58 @@ def test_a_killed_training_resumes_to_the_same_weights(tmp_path):
     a = HubertModel.from_pretrained(tmp_path / "full" / "model").state_dict()
     b = HubertModel.from_pretrained(tmp_path / "cut" / "model").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nearest_unmasked_is_the_nearest_kept_frame_the_earlier_on_a_tie():
+    g = torch.Generator().manual_seed(4)
+    for frames in (1, 2, 7, 33, 101):
+        for _ in range(20):
+            mask = torch.rand(frames, generator=g) < 0.7
+            mask[torch.randint(frames, (1,), generator=g)] = False
+            kept = [i for i in range(frames) if not mask[i]]
+            expected = [min(kept, key=lambda k: (abs(k - t), k)) for t in range(frames)]
+            assert nearest_unmasked(mask).tolist() == expected
+
+
+def test_the_held_out_score_its_baselines_and_the_shipped_head(demo_corpus, tmp_path):
+    """The score written at the end of training is what the saved model and head give again, the baselines
+    equal a plain loop's, and the shipped card reports them."""
+    settings = small_settings(steps=4)
+    root = training_corpus(tmp_path / "corpus", settings, progress=False)
+    held_out = demo_corpus / "LibriSpeech"
+    summary = train(root, tmp_path / "run", settings, log=lambda _: None, held_out=held_out)
+    score = summary["held_out"]
+    model = HubertModel.from_pretrained(tmp_path / "run" / "model")
+    head, codebook = load_head(tmp_path / "run" / "model")
+    geometry = FrameGeometry.from_config(model.config, SAMPLE_RATE)
+    data = load_utterances(root, settings, geometry, log=lambda _: None)
+    assert torch.equal(codebook.centroids, data.codebook.centroids) and torch.equal(
+        codebook.counts, data.codebook.counts
+    )
+    again = evaluate_held_out(model, head, codebook, held_out, geometry, settings.mask_prob, settings.mask_span, 0)
+    assert vars(again) == score
+
+    g, frequent = torch.Generator().manual_seed(0), int(codebook.counts.argmax())
+    copied = same = masked = 0
+    for path in sorted(held_out.rglob("*.flac")):
+        x = torch.from_numpy(sf.read(path, dtype="float32")[0])
+        frames, features = geometry.num_frames(len(x)), frame_features(x, SAMPLE_RATE, geometry)
+        if frames < 2 * settings.mask_span or len(features) < frames:
+            continue
+        targets = codebook.targets(features).tolist()
+        mask = span_mask(1, frames, settings.mask_prob, settings.mask_span, g)[0].tolist()
+        if all(mask):
+            mask[0] = False
+        kept = [i for i, m in enumerate(mask) if not m]
+        for t in (t for t, m in enumerate(mask) if m):
+            nearest = min(kept, key=lambda k: (abs(k - t), k))
+            copied += targets[nearest] == targets[t]
+            same += targets[t] == frequent
+            masked += 1
+    assert score["masked_frames"] == masked > 0
+    assert score["copy_nearest"] == copied / masked and score["most_frequent"] == same / masked
+    assert score["chance"] == 1 / settings.clusters
+
+    shipped = ship(tmp_path / "run" / "model", tmp_path / "shipped", summary)
+    assert (shipped / HEAD_FILE).is_file()
+    assert f"masked-prediction accuracy **{score['accuracy']:.3f}**" in (shipped / "README.md").read_text()

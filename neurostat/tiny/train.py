@@ -23,11 +23,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cluster.kmeans import assign, kmeans
-from ..corpus.synth import TRAINING_VARIANTS, synthesize
+from ..cluster.kmeans import kmeans
+from ..corpus.synth import DEMO_VARIANTS, TRAINING_VARIANTS, synthesize
 from ..frames import FrameGeometry
 from ..model import factory
-from .mfcc import mfcc
+from .objective import (
+    HEAD_FILE,
+    Codebook,
+    Head,
+    cluster_ids,
+    evaluate_held_out,
+    frame_features,
+    normalized,
+    save_head,
+    span_mask,
+)
 
 SAMPLE_RATE = 16000
 MODEL_CONFIG = dict(
@@ -96,6 +106,17 @@ def training_corpus(out: str | Path, settings: TrainSettings, progress: bool = T
     return root
 
 
+def held_out_corpus(out: str | Path, settings: TrainSettings, progress: bool = True) -> Path:
+    """Synthesises (once) the held-out corpus: ``DEMO_VARIANTS`` voices and speaker ids below the training
+    corpus's, so neither was heard in training (for seed 0 it is the default demo corpus); returns its
+    LibriSpeech root."""
+    out = Path(out)
+    root = out / "LibriSpeech"
+    if not (root / "SPEAKERS.TXT").is_file():
+        synthesize(out, "dev-clean", seed=settings.seed, progress=progress, variants=DEMO_VARIANTS)
+    return root
+
+
 def build_model(settings: TrainSettings):
     """The untrained model: the same weights for the same seed (this is also the random-init twin)."""
     return factory.build_model("hubert", "base", settings.seed, **settings.config)
@@ -106,35 +127,14 @@ def save_random_twin(out: str | Path, settings: TrainSettings) -> Path:
     return factory.save_model(out, "hubert", "base", settings.seed, **settings.config)
 
 
-class Head(nn.Module):
-    """HuBERT's prediction head: cosine between a projection of the output and one embedding per cluster."""
-
-    def __init__(self, hidden: int, projection: int, clusters: int, temperature: float):
-        super().__init__()
-        self.proj = nn.Linear(hidden, projection)
-        self.embeddings = nn.Parameter(torch.randn(clusters, projection) * 0.1)
-        self.temperature = temperature
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.proj(h), dim=-1) @ F.normalize(self.embeddings, dim=-1).T / self.temperature
-
-
-def span_mask(batch: int, frames: int, prob: float, span: int, generator: torch.Generator) -> torch.Tensor:
-    """Bool [batch, frames]: ``prob * frames / span`` random spans of ``span`` frames per row (may overlap)."""
-    count = max(1, int(prob * frames / span + torch.rand(1, generator=generator).item()))
-    starts = torch.randint(0, max(1, frames - span + 1), (batch, count), generator=generator)
-    idx = (starts[..., None] + torch.arange(span)).clamp_max(frames - 1).reshape(batch, -1)
-    mask = torch.zeros(batch, frames, dtype=torch.bool)
-    mask.scatter_(1, idx, True)
-    return mask
-
-
 @dataclass
 class Utterances:
-    """The training waveforms (normalised as the feature extractor does) and their cluster targets."""
+    """The training waveforms (normalised as the feature extractor does), their cluster targets and the
+    codebook that gave them."""
 
     waves: list[torch.Tensor]
     targets: list[torch.Tensor]
+    codebook: Codebook
 
 
 def load_utterances(root: Path, settings: TrainSettings, geometry: FrameGeometry, log: Callable) -> Utterances:
@@ -149,10 +149,10 @@ def load_utterances(root: Path, settings: TrainSettings, geometry: FrameGeometry
             raise ValueError(f"{path}: sample rate {rate}, the training corpus must be {SAMPLE_RATE} Hz")
         x = torch.from_numpy(wave)
         n = geometry.num_frames(len(x))
-        f = mfcc(x, SAMPLE_RATE, geometry.receptive_field, geometry.stride)[:n]
+        f = frame_features(x, SAMPLE_RATE, geometry)
         if n < 2 * settings.mask_span or len(f) < n:
             continue
-        waves.append((x - x.mean()) / torch.sqrt(x.var(unbiased=False) + 1e-7))
+        waves.append(normalized(x))
         feats.append(f)
     stacked = torch.cat(feats)
     mean, std = stacked.mean(0), stacked.std(0) + 1e-6
@@ -160,10 +160,11 @@ def load_utterances(root: Path, settings: TrainSettings, geometry: FrameGeometry
     sample = stacked[torch.randperm(len(stacked), generator=g)[: settings.kmeans_frames]]
     fit = kmeans((sample - mean) / std, settings.clusters, iterations=50, seed=settings.seed)
     log(f"k-means: {settings.clusters} clusters of MFCC frames, {fit.iterations} iterations")
-    targets = [assign((f - mean) / std, fit.centroids)[0] for f in feats]
+    targets = [cluster_ids(f, mean, std, fit.centroids) for f in feats]
+    codebook = Codebook(fit.centroids, mean, std, torch.bincount(torch.cat(targets), minlength=settings.clusters))
     seconds = sum(len(w) for w in waves) / SAMPLE_RATE
     log(f"corpus: {len(waves)} utterances, {seconds / 3600:.2f} h, {len(stacked)} frames")
-    return Utterances(waves, targets)
+    return Utterances(waves, targets, codebook)
 
 
 def batch_of(
@@ -196,11 +197,16 @@ def learning_rate(step: int, settings: TrainSettings) -> float:
 
 
 def train(
-    corpus_root: str | Path, out: str | Path, settings: TrainSettings, log: Callable[[str], None] = print
+    corpus_root: str | Path,
+    out: str | Path,
+    settings: TrainSettings,
+    log: Callable[[str], None] = print,
+    held_out: str | Path | None = None,
 ) -> dict:
     """Pre-trains the model on the FLACs under ``corpus_root``; writes ``out``/model (HF checkpoint,
-    fp32) and ``out``/training.json (settings, per-interval loss and masked accuracy); resumes from
-    ``out``/checkpoint.pt.  Returns the final metrics."""
+    fp32, with its prediction head and codebook in head.safetensors) and ``out``/training.json
+    (settings, per-interval loss and masked accuracy, and the masked-prediction score on the FLACs under
+    ``held_out`` with its baselines); resumes from ``out``/checkpoint.pt.  Returns that summary."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = build_model(settings)
@@ -261,6 +267,7 @@ def train(
     model.eval()
     model.save_pretrained(out / "model")
     factory.feature_extractor(SAMPLE_RATE).save_pretrained(out / "model")
+    save_head(out / "model", head, data.codebook)
     final = history[-1] if history else {}
     summary = {
         "settings": asdict(settings),
@@ -270,6 +277,16 @@ def train(
         "final": final,
         "history": history,
     }
+    if held_out is not None:
+        score = evaluate_held_out(
+            model, head, data.codebook, held_out, geometry, settings.mask_prob, settings.mask_span, settings.seed
+        )
+        log(
+            f"held out ({score.utterances} utterances, {score.masked_frames} masked frames): masked accuracy "
+            f"{score.accuracy:.3f}; most frequent cluster {score.most_frequent:.3f}, copy the nearest unmasked "
+            f"frame {score.copy_nearest:.3f}, chance {score.chance:.3f}"
+        )
+        summary["held_out"] = asdict(score)
     (out / "training.json").write_text(json.dumps(summary, indent=1))
     return summary
 
@@ -290,7 +307,12 @@ of speech; findings on it say nothing about models trained on real speech.
   frames.
 - Training: seed {seed}, {steps} steps of {batch} x {crop:g} s crops, AdamW lr {lr} (warm-up {warmup:.0%},
   linear decay), no dropout, 2 CPU cores.
-- Final (mean of the last 25 steps): loss {loss:.3f}, masked-prediction accuracy {accuracy:.3f}.
+- Final (mean of the last 25 training steps): loss {loss:.3f}, masked-prediction accuracy {accuracy:.3f}.
+- Held out ({held_utterances} utterances of the demo corpus's speakers and voices, {held_frames:,} masked
+  frames, masked as in training): masked-prediction accuracy **{held_accuracy:.3f}**, against
+  {held_frequent:.3f} for always predicting the most frequent training cluster, {held_copy:.3f} for copying
+  the cluster of the nearest unmasked frame, and chance {held_chance:.3f}.  The prediction head and the
+  k-means codebook are in `head.safetensors` (`neurostat.tiny.objective.load_head`).
 - Reproduce: `python bench/train_tiny_ssl.py --seed {seed} --steps {steps} --ship`; its random-init twin:
   `python bench/train_tiny_ssl.py --twin DIR`.
 """
@@ -298,7 +320,8 @@ of speech; findings on it say nothing about models trained on real speech.
 
 def ship(trained: str | Path, dest: str | Path, summary: dict) -> Path:
     """Writes the package-data model to ``dest``: weights as fp16 safetensors (config says fp32, so
-    every loader upcasts), config, feature-extractor config, the training log and a model card."""
+    every loader upcasts), config, feature-extractor config, the prediction head and codebook (fp32), the
+    training log and a model card."""
     from safetensors.torch import load_file, save_file
 
     trained, dest = Path(trained), Path(dest)
@@ -309,9 +332,20 @@ def ship(trained: str | Path, dest: str | Path, summary: dict) -> Path:
         str(dest / "model.safetensors"),
         metadata={"format": "pt"},
     )
-    for name in ("config.json", "preprocessor_config.json"):
-        (dest / name).write_text((trained / name).read_text())
+    for name in ("config.json", "preprocessor_config.json", HEAD_FILE):
+        (dest / name).write_bytes((trained / name).read_bytes())
     s, c = summary["settings"], summary["settings"]["config"]
+    if "held_out" not in summary:
+        raise ValueError("only a model scored on held-out speech is shipped: train it with held_out=...")
+    score = summary["held_out"]
+    held = dict(
+        utterances=score["utterances"],
+        frames=score["masked_frames"],
+        accuracy=score["accuracy"],
+        frequent=score["most_frequent"],
+        copy=score["copy_nearest"],
+        chance=score["chance"],
+    )
     from transformers import HubertConfig
 
     geometry = FrameGeometry.from_config(HubertConfig(**c), SAMPLE_RATE)
@@ -340,6 +374,7 @@ def ship(trained: str | Path, dest: str | Path, summary: dict) -> Path:
         warmup=s["warmup"],
         loss=summary["final"]["loss"],
         accuracy=summary["final"]["masked_accuracy"],
+        **{f"held_{k}": v for k, v in held.items()},
     )
     (dest / "README.md").write_text(card)
     (dest / "training.json").write_text(json.dumps(summary, indent=1))
