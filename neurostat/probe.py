@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from .choices import PROBE_TASKS
 from .corpus.prepared import PreparedCorpus
+from .corpus.synth import speaker_voices
 from .engine.features import layer_features
 from .errors import OptionError
 from .model.adapter import ModelAdapter, resolve_device
@@ -133,6 +134,31 @@ def speaker_split(
         raise ProbeError(f"no gender has 2 {what}: cannot hold out test {what}")
     test = {s for s in gender_of if unit_of[s] in held_out}
     return set(gender_of) - test, test
+
+
+def speaker_groups(corpus: PreparedCorpus, source: str | Path) -> dict[str, str]:
+    """Speaker → group for a group split.  ``"voices"``: the espeak-ng voice each speaker of a synthetic
+    corpus speaks with (its SPEAKERS.TXT, in the folder the corpus was prepared from); otherwise a text
+    file of ``speaker group`` lines (whitespace-separated; ``#`` starts a comment)."""
+    if str(source) == "voices":
+        try:
+            return speaker_voices(corpus.meta.root)
+        except (OSError, ValueError) as e:
+            raise ProbeError(f"--groups voices needs a corpus made by `neurostat synth`: {e}") from e
+    path = Path(source)
+    if not path.is_file():
+        raise ProbeError(f"{path}: no such groups file (give `voices` or a file of `speaker group` lines)")
+    groups = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        fields = line.split("#", 1)[0].split()
+        if not fields:
+            continue
+        if len(fields) != 2:
+            raise ProbeError(f"{path}:{number}: expected `speaker group`, got {line.strip()!r}")
+        groups[fields[0]] = fields[1]
+    if not groups:
+        raise ProbeError(f"{path}: no `speaker group` lines")
+    return groups
 
 
 def _groups_of(gender_of: dict[str, str], groups: Mapping[str, str]) -> dict[str, str]:
@@ -440,15 +466,16 @@ def probe_model(
     max_train_frames: int = 60_000,
     fitted: dict[str, FittedProbe] | None = None,
     progress: bool = True,
+    groups: Mapping[str, str] | None = None,
 ) -> dict:
     """Extracts a model's features on a prepared corpus and runs the probes; the result names the model
     and carries a tag: what was done to it (:func:`edit_tag`, e.g. ``{"edit": "pruned", "method": "l1",
-    "keep": 0.5}``, what ``report --probe`` groups by) with ``tag``'s entries over it; ``fitted``: see
-    :func:`run_probes`."""
+    "keep": 0.5}``, what ``report --probe`` groups by) with ``tag``'s entries over it; ``fitted`` and
+    ``groups``: see :func:`run_probes` (:func:`speaker_groups` reads them from a corpus or a file)."""
     adapter = model if isinstance(model, ModelAdapter) else load_adapter(model, resolve_device(device))
     corpus = corpus if isinstance(corpus, PreparedCorpus) else PreparedCorpus(corpus)
     data = extract(adapter, corpus, None if layer is None else [layer], progress=progress)
-    result = run_probes(data, tasks, layer, seed, test_fraction, max_train_frames, fitted)
+    result = run_probes(data, tasks, layer, seed, test_fraction, max_train_frames, fitted, groups)
     return {"model": adapter.source, "tag": {**edit_tag(adapter), **(tag or {})}, **result}
 
 

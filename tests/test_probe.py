@@ -19,6 +19,7 @@ from neurostat.probe import (
     phone_error_rate,
     probe_model,
     run_probes,
+    speaker_groups,
     speaker_split,
 )
 
@@ -239,3 +240,39 @@ def test_table_shows_the_baseline_and_explains_a_per_above_one():
     assert "majority class" in text and "0.470" in text and "0.200" in text
     assert "above 1 when" in text
     assert "above 1 when" not in table([{"model": "m", "tasks": {"phone": {**task, "per": 0.4}}}])
+
+
+def test_groups_come_from_the_synthetic_voices_or_a_file(prepared, tmp_path):
+    from types import SimpleNamespace
+
+    from neurostat.corpus.synth import speaker_voices
+
+    voices = speaker_groups(prepared, "voices")
+    assert voices == speaker_voices(prepared.meta.root) and len(set(voices.values())) > 1
+    with pytest.raises(ProbeError, match="needs a corpus made by `neurostat synth`"):
+        speaker_groups(SimpleNamespace(meta=SimpleNamespace(root=str(tmp_path))), "voices")
+    path = tmp_path / "groups.txt"
+    path.write_text("# speaker group\n1000 a\n\n1037 b  # a comment\n")
+    assert speaker_groups(prepared, path) == {"1000": "a", "1037": "b"}
+    path.write_text("1000 a\n1037\n")
+    with pytest.raises(ProbeError, match=r"groups.txt:2: expected `speaker group`"):
+        speaker_groups(prepared, path)
+    with pytest.raises(ProbeError, match="no such groups file"):
+        speaker_groups(prepared, tmp_path / "missing.txt")
+
+
+def test_probe_cli_holds_out_the_groups_it_is_given(prepared, tiny_model, tmp_path):
+    from neurostat.corpus.synth import speaker_voices
+
+    speakers = sorted(speaker_voices(prepared.meta.root))
+    own = tmp_path / "own.txt"
+    own.write_text("".join(f"{s} {s}\n" for s in speakers))
+    args = ["probe", "--model", str(tiny_model), "--prepared", str(prepared.path), "--task", "gender"]
+    res = CliRunner().invoke(main, [*args, "--groups", str(own), "--out", str(tmp_path / "own.json")])
+    assert res.exit_code == 0, res.output
+    by_group = load_results(tmp_path / "own.json")[0]
+    default = probe_model(str(tiny_model), prepared, ("gender",), progress=False)
+    assert by_group["tasks"] == default["tasks"]  # one group per speaker: the speaker split itself
+    assert by_group["split"]["test_groups"] == default["split"]["test_speakers"]
+    res = CliRunner().invoke(main, [*args, "--groups", str(tmp_path / "none.txt")])
+    assert res.exit_code != 0 and "no such groups file" in res.output

@@ -48,15 +48,26 @@ from .app import demo_model_name, main, user_errors
 @click.option(
     "--test-fraction", type=float, default=0.3, show_default=True, help="Share of each gender's speakers held out."
 )
+@click.option(
+    "--groups",
+    default=None,
+    help="Hold out whole groups of speakers instead of speakers (per gender), so no test speaker shares a "
+    "group with a training speaker: `voices` (the voices of a `neurostat synth` corpus) or a file of "
+    "`speaker group` lines.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the speaker split and frame sample.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the results as JSON.")
 @user_errors
-def probe(model, prepared, compare, tasks, fixed_probes, layer, test_fraction, seed, device, out) -> None:
+def probe(model, prepared, compare, tasks, fixed_probes, layer, test_fraction, groups, seed, device, out) -> None:
     """Fit linear probes (phone, phone type, gender, pitch bin, log F0) on frozen layer outputs, trained on
-    speakers disjoint from the test speakers, and print a table of the metrics (and deltas with --compare)."""
-    from ..probe import probe_model, save_results, table
+    speakers (or --groups) disjoint from the test speakers, and print a table of the metrics (and deltas
+    with --compare)."""
+    from ..corpus.prepared import PreparedCorpus
+    from ..probe import probe_model, save_results, speaker_groups, table
 
+    corpus = PreparedCorpus(prepared)
+    held_out = None if groups is None else speaker_groups(corpus, groups)
     results, fitted = [], {}
     for i, source in enumerate((model, *compare)):
         click.echo(f"probing {source}", err=True)
@@ -64,7 +75,16 @@ def probe(model, prepared, compare, tasks, fixed_probes, layer, test_fraction, s
         tag = {"model": Path(source).name, "probes": "fixed"} if i and fixed_probes else None
         results.append(
             probe_model(
-                source, prepared, tuple(tasks) or PROBE_TASKS, layer, seed, test_fraction, device, tag, fitted=reuse
+                source,
+                corpus,
+                tuple(tasks) or PROBE_TASKS,
+                layer,
+                seed,
+                test_fraction,
+                device,
+                tag,
+                fitted=reuse,
+                groups=held_out,
             )
         )
     click.echo(table(results))
