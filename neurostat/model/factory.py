@@ -129,14 +129,15 @@ def whisper_feature_extractor(size: str = "tiny", chunk_length: int = 30, sample
 
 
 def save_whisper(
-    path: str | Path, size: str = "tiny", seed: int = 0, head: bool = False, chunk_length: int = 30
+    path: str | Path, size: str = "tiny", seed: int = 0, head: bool = False, chunk_length: int = 30, **config
 ) -> Path:
     """Saves a random Whisper of ``size`` (a WhisperModel, or with ``head`` a WhisperForConditionalGeneration)
-    whose windows are ``chunk_length`` seconds, with its feature extractor."""
+    whose windows are ``chunk_length`` seconds, with its feature extractor; ``config`` overrides fields."""
     import transformers
 
     fe = whisper_feature_extractor(size, chunk_length)
-    config = whisper_config(size, max_source_positions=fe.nb_max_frames // 2)  # WhisperEncoder's conv2: stride 2
+    frames = fe.nb_max_frames // 2  # WhisperEncoder's second convolution has stride 2
+    config = whisper_config(size, **{"max_source_positions": frames, **config})
     torch.manual_seed(seed)
     cls = transformers.WhisperForConditionalGeneration if head else transformers.WhisperModel
     path = Path(path)
