@@ -12,6 +12,7 @@ import transformers
 import xarray as xr
 from click.testing import CliRunner
 from float64_reference import phone_mid, stats_reference
+from test_readme import python_block
 
 from neurostat.cli import main
 from neurostat.corpus.prepare import PrepareSettings, prepare
@@ -282,3 +283,11 @@ def test_layer_features_join_an_utterances_windows(whisper_corpus, whisper_dir):
     expected = torch.cat(outputs).float()
     assert got[utt.id].shape == (utt.num_frames, 1, 64) and len(outputs) >= 3
     torch.testing.assert_close(got[utt.id][:, 0], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_the_readme_whisper_example_runs_as_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(python_block("**Whisper encoders.**"), "README.md", "exec"), scope)
+    assert scope["meta"].model["model_type"] == "whisper" and scope["meta"].progress.tokens > 0
+    assert scope["adapter"].geometry.window == 30 * 16000 and scope["adapter"].geometry.window_frames == 1500
