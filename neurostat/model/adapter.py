@@ -89,12 +89,12 @@ class FFN:
     @contextmanager
     def instrumented(self, activation: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
         """Within the block the FFN computes ``activation(x)`` in place of ``act(W1 x + b1)``."""
-        module = self.module
+        module, previous = self.module, self.module.forward
         module.forward = self.forward_with(activation)
         try:
             yield
         finally:
-            del module.forward
+            module.forward = previous
 
 
 class _Computed(nn.Module):
@@ -124,12 +124,13 @@ class WhisperFFN(FFN):
     def instrumented(self, activation: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
         """Within the block the layer's ``fc1`` computes ``activation(x)`` and its ``activation_fn`` passes
         that on unchanged, so the layer finishes (dropout, ``fc2``, residual) exactly as HF does."""
-        layer, act = self.module, self.module.activation_fn
+        layer = self.module
+        previous = layer.fc1, layer.activation_fn
         layer.fc1, layer.activation_fn = _Computed(activation), nn.Identity()
         try:
             yield
         finally:
-            layer.fc1, layer.activation_fn = self.up, act
+            layer.fc1, layer.activation_fn = previous
 
 
 DEMO = "demo"
@@ -761,6 +762,11 @@ class WhisperAdapter(ModelAdapter):
         if missing:
             raise ModelError(
                 f"{self.source}: its feature extractor ({type(fe).__name__}) is not Whisper's (no {', '.join(missing)})"
+            )
+        if getattr(fe, "dither", 0.0):
+            raise ModelError(
+                f"{self.source}: its feature extractor dithers (dither={fe.dither}), which makes the log-mel "
+                "features random; save it with dither=0.0"
             )
         if fe.feature_size != self.config.num_mel_bins:
             raise ModelError(
