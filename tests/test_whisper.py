@@ -291,3 +291,19 @@ def test_the_readme_whisper_example_runs_as_written(tmp_path, monkeypatch):
     exec(compile(python_block("**Whisper encoders.**"), "README.md", "exec"), scope)
     assert scope["meta"].model["model_type"] == "whisper" and scope["meta"].progress.tokens > 0
     assert scope["adapter"].geometry.window == 30 * 16000 and scope["adapter"].geometry.window_frames == 1500
+
+
+def test_a_dithering_feature_extractor_is_refused(whisper_dir, tmp_path):
+    shutil.copytree(whisper_dir, tmp_path / "m")
+    fe = load_feature_extractor(whisper_dir)
+    fe.dither = 1e-4
+    fe.save_pretrained(tmp_path / "m")
+    with pytest.raises(ModelError, match=r"/m: its feature extractor dithers \(dither=0.0001\)"):
+        ModelAdapter.load(str(tmp_path / "m"))
+
+
+def test_the_papers_overlap_grid_is_refused_for_whisper_frames(whisper_corpus):
+    from neurostat.corpus.prepare import PrepareError
+
+    with pytest.raises(PrepareError, match="--frame-labels overlap .* label by centre"):
+        PrepareSettings.from_options(whisper_corpus.geometry, frame_labels="overlap")
