@@ -40,6 +40,10 @@ def save_whisper(path, head: bool = False) -> str:
     return str(factory.save_whisper(path, head=head, chunk_length=WINDOW_SECONDS))
 
 
+def load_feature_extractor(model_dir: str):
+    return transformers.WhisperFeatureExtractor.from_pretrained(model_dir)
+
+
 @pytest.fixture(scope="module")
 def whisper_dir(tmp_path_factory) -> str:
     return save_whisper(tmp_path_factory.mktemp("whisper") / "m")
@@ -184,10 +188,6 @@ def test_padding_is_never_counted(whisper_corpus, whisper_dir, tmp_path):
     labelled = sum(int((u.phone_frames() >= 0).sum()) for u in whisper_corpus)
     assert meta.progress.tokens == labelled == xr.open_zarr(tmp_path / "s.zarr", consolidated=False)["frames"].sum()
     assert meta.progress.frames == sum(geo.num_frames(u.record["num_samples"]) for u in whisper_corpus)
-
-
-def load_feature_extractor(model_dir: str):
-    return transformers.WhisperFeatureExtractor.from_pretrained(model_dir)
 
 
 def test_textgrid_labels_land_on_the_right_encoder_frames(whisper_corpus, whisper_dir):
