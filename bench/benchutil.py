@@ -29,7 +29,7 @@ from neurostat.engine.batching import BatchDataset, default_num_jobs, plan_batch
 from neurostat.engine.tokens import token_mask
 from neurostat.labelspace import LabelSpace
 from neurostat.model.adapter import load_geometry
-from neurostat.model.factory import save_model
+from neurostat.model.factory import save_model, save_whisper
 from neurostat.phones import NON_SPEECH
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -114,16 +114,26 @@ def emit(text: str, *paths: str | Path | None) -> None:
 
 
 def build_corpus(
-    workdir: Path, speakers: int, utterances: int, layers: int, size: str, cache: str | Path | None = None
+    workdir: Path,
+    speakers: int,
+    utterances: int,
+    layers: int | None,
+    size: str,
+    cache: str | Path | None = None,
+    family: str = "hubert",
 ) -> tuple[PreparedCorpus, Path]:
-    """A synthetic corpus prepared in ``workdir`` and a random HuBERT of ``size`` with ``layers`` layers;
+    """A synthetic corpus prepared in ``workdir`` and a random model of ``family`` (``hubert``, or ``whisper``
+    of 30 s windows) and ``size`` with ``layers`` layers (None: a Whisper size's own);
     with ``cache`` (a folder) both are kept there and reused by the next bench that asks for the same sizes
     (synthesising a thousand utterances takes minutes of a lent card's time)."""
     if cache is not None:
-        workdir = Path(cache) / f"hubert-{size}-{layers}-layers-{speakers}x{utterances}"
+        workdir = Path(cache) / f"{family}-{size}-{layers}-layers-{speakers}x{utterances}"
         if (workdir / "built").exists():
             return PreparedCorpus(workdir / "prepared"), workdir / "model"
-    model_dir = save_model(workdir / "model", "hubert", size, num_hidden_layers=layers)
+    if family == "whisper":
+        model_dir = save_whisper(workdir / "model", size, **({} if layers is None else {"encoder_layers": layers}))
+    else:
+        model_dir = save_model(workdir / "model", "hubert", size, num_hidden_layers=layers)
     synthesize(workdir / "corpus", num_speakers=speakers, utterances_per_speaker=utterances, seed=0, progress=False)
     prepare(
         workdir / "corpus" / "LibriSpeech",
@@ -209,7 +219,7 @@ def corpus_arguments(description: str, backend: str = "auto", num_jobs: int | No
     ap.add_argument("--backend", default=backend, choices=["auto", "torch", "triton"])
     ap.add_argument("--speakers", type=int, default=4)
     ap.add_argument("--utterances", type=int, default=3)
-    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--layers", type=int, default=None, help="[default: 12; a Whisper's own]")
     ap.add_argument("--batch-seconds", type=float, default=None, help="[default: the engine's for the device]")
     ap.add_argument(
         "-j", "--num-jobs", type=int, default=num_jobs, help="data-loading workers [default: collect's for the device]"
@@ -226,6 +236,8 @@ def parse(ap: argparse.ArgumentParser) -> argparse.Namespace:
     """The options; ``--smoke`` shrinks the run to a tiny model on 2 x 2 utterances, once, no results file."""
     args = ap.parse_args()
     args.size = "tiny" if args.smoke else "base"
+    if args.layers is None and getattr(args, "family", "hubert") != "whisper":
+        args.layers = 12
     if args.num_jobs is None:
         args.num_jobs = default_num_jobs(args.device)
     if args.smoke:

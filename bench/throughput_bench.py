@@ -8,6 +8,9 @@
 (iv)  `collect` with all statistics on the engine's default front end for the device: its streaming
       loop, data loading included;
 (v)   the paper's per-token loop (batch 1, `torch.topk` per token and layer, a host sync each);
+with --family whisper (a random encoder of Whisper-base's sizes, a tiny one with --smoke; 30 s windows)
+the forwards are (i) the feature extractor's log-mel of each batch's windows, then the encoder, by hand,
+and (iii) the engine's forward (the same, through the adapter); (ii) and (iii-g) are the wav2vec2 family's;
 and the loader alone (FLAC decoding, normalisation, frame labels, tokens) with -j workers.  First, printed at
 once: the loader in this process against a plain soundfile decode of the same files, batch by batch (its
 cost beyond decoding; the audio-s/s of one worker) — alone with --loader-only.
@@ -18,6 +21,7 @@ measured rates (the slower of the compute and the loader bounds the run).
     python bench/throughput_bench.py --tokens phone-mid        # CPU, HuBERT-base geometry, fp32
     python bench/throughput_bench.py --device cuda --dtype bfloat16 --speakers 16 --utterances 8 -j 8
     python bench/throughput_bench.py --smoke                    # tiny model, a few utterances (CI)
+    python bench/throughput_bench.py --family whisper           # a random Whisper-base encoder, 30 s windows
     python bench/throughput_bench.py --loader-only --speakers 6 --utterances 8 --repeat 5
 """
 
@@ -50,7 +54,7 @@ from neurostat.engine.batching import BatchDataset, default_batch_seconds, paddi
 from neurostat.engine.collect import CollectConfig, collect  # noqa: E402
 from neurostat.engine.tokens import MODES  # noqa: E402
 from neurostat.labelspace import LabelSpace  # noqa: E402
-from neurostat.model.adapter import ModelAdapter, default_front_end  # noqa: E402
+from neurostat.model.adapter import ModelAdapter  # noqa: E402
 
 HOURS = {"dev-clean (5.4 h)": 5.4, "960 h": 960.0}
 BY_HAND, PER_UTTERANCE = (
@@ -87,6 +91,45 @@ def by_hand(adapter, corpus, items) -> callable:
     return run
 
 
+def whisper_by_hand(adapter, items) -> callable:
+    """(i) for Whisper: the feature extractor's log-mel of each batch's windows, then the encoder."""
+    fe, encoder = adapter.feature_extractor, adapter.backbone.encoder
+    windows = [[item["waves"][b, :n].numpy() for b, n in enumerate(item["lengths"].tolist())] for item in items]
+
+    @torch.inference_mode()
+    def run():
+        for batch in windows:
+            features = fe(batch, sampling_rate=fe.sampling_rate, return_tensors="pt").input_features
+            encoder(features.to(adapter.device, adapter.dtype))
+
+    return run
+
+
+def forwards(args, adapter, corpus, items) -> dict[str, callable]:
+    """The timed forwards of the family: name → a run over every batch; the engine's plain forward on the
+    default front end is the one whose name starts with (iii)."""
+
+    def engine(front_end: str | None):
+        def run():
+            for item in items:
+                adapter.encode(item["waves"], item["lengths"], front_end=front_end)
+
+        return run
+
+    if args.family == "whisper":
+        front_end = adapter.resolve_front_end("auto")
+        return {
+            "(i) forward by hand (log-mel by the feature extractor, the encoder)": whisper_by_hand(adapter, items),
+            f"(iii) engine forward, {front_end} front end": engine(None),  # a batch's windows at once
+        }
+    return {
+        BY_HAND: by_hand(adapter, corpus, items),
+        PER_UTTERANCE: engine("per-utterance"),
+        "(iii) engine forward, batched front end": engine("batched"),
+        GEMM: engine("gemm"),
+    }
+
+
 def best_collect(corpus, adapter, folder: Path, config: CollectConfig, repeat: int):
     """The metadata of the fastest of ``repeat`` collect runs (by their loop's seconds)."""
     runs = [collect(corpus, adapter, folder / f"run{r}.zarr", config, progress=False) for r in range(repeat)]
@@ -119,6 +162,12 @@ def main() -> None:
     ap = corpus_arguments(__doc__, backend="auto")
     ap.add_argument("--loader-only", action="store_true", help="only the loader against a plain decode")
     ap.add_argument(
+        "--family",
+        choices=("hubert", "whisper"),
+        default="hubert",
+        help="the random model: HuBERT, or a Whisper encoder (30 s windows) [default: hubert]",
+    )
+    ap.add_argument(
         "--also-tokens",
         choices=MODES,
         default=None,
@@ -129,7 +178,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        corpus, model_dir = build_corpus(work, args.speakers, args.utterances, args.layers, args.size, args.corpus_dir)
+        corpus, model_dir = build_corpus(
+            work, args.speakers, args.utterances, args.layers, args.size, args.corpus_dir, args.family
+        )
         emit(loader_section(args, corpus, model_dir, batch_seconds) + "\n", args.results)
         if args.loader_only:
             return
@@ -138,30 +189,19 @@ def main() -> None:
         frames = sum(u.num_frames for u in corpus)
         audio = sum(u.record["num_samples"] for u in corpus) / corpus.geometry.sample_rate
 
-        def engine(front_end: str):
-            def run():
-                for item in items:
-                    adapter.encode(item["waves"], item["lengths"], front_end=front_end)
-
-            return run
-
-        runs = {
-            BY_HAND: by_hand(adapter, corpus, items),
-            PER_UTTERANCE: engine("per-utterance"),
-            "(iii) engine forward, batched front end": engine("batched"),
-            GEMM: engine("gemm"),
-        }
+        runs = forwards(args, adapter, corpus, items)
         times = {}
         for name, run in runs.items():
             run()  # warm-up
             times[name] = min(once(run, adapter.device) for _ in range(args.repeat))
-        plain = times["(iii) engine forward, batched front end"]
+        plain = times[next(name for name in runs if name.startswith("(iii)"))]
 
         def table(title: str, rows: dict[str, float]) -> list[str]:
             head = [f"### throughput_bench, {title}: tokens {args.tokens}, {args.dtype}, {args.device}", ""]
             head += [
                 f"- machine: {machine(args.device)}",
-                f"- model: random HuBERT-{'tiny' if args.smoke else 'base'} geometry, {adapter.num_layers} layers x "
+                f"- model: random {'Whisper' if args.family == 'whisper' else 'HuBERT'}-{args.size} geometry, "
+                f"{adapter.num_layers} layers x "
                 f"{adapter.width} neurons, {adapter.attention} attention; corpus: {len(corpus)} synthetic utterances, "
                 f"{audio:.1f} s, {frames} frames; {len(items)} batches of <= {batch_seconds:g} s padded audio "
                 f"({100 * padding:.1f}% padding); -j {args.num_jobs}; best of {args.repeat}",
@@ -174,9 +214,10 @@ def main() -> None:
                 for name, t in rows.items()
             ]
 
-        by_hand_time = times[BY_HAND]
+        by_hand_time = next(iter(times.values()))  # (i), the first run
         ratios = "; ".join(f"{name.split()[0]}/(i) = {t / by_hand_time:.3f}" for name, t in list(times.items())[1:])
-        ratios += f"; (iii-g)/(ii) = {times[GEMM] / times[PER_UTTERANCE]:.3f} (the gemm front end vs the reference)"
+        if GEMM in times:
+            ratios += f"; (iii-g)/(ii) = {times[GEMM] / times[PER_UTTERANCE]:.3f} (the gemm front end vs the reference)"
         emit("\n".join([*table("forwards", times), "", f"- {ratios}"]) + "\n", args.results)
         emit("\n".join(collect_section(args, corpus, adapter, work, runs, times, table, audio)) + "\n", args.results)
 
@@ -185,7 +226,7 @@ def collect_section(args, corpus, adapter, work: Path, runs, times, table, audio
     """(iv) collect (and with --also-tokens (iv')), (v) the paper's loop and the loader: their table, the
     ratios and the projections."""
     batch_seconds = args.batch_seconds or default_batch_seconds(args.device)
-    front_end = default_front_end(adapter.device)
+    front_end = adapter.resolve_front_end("auto")
     config = CollectConfig(
         tokens=args.tokens, batch_seconds=batch_seconds, num_jobs=args.num_jobs, backend=args.backend,
         checkpoint_seconds=1e9,

@@ -7,13 +7,25 @@ frames by the successive rule ``L <- floor((L - k_i) / s_i) + 1``.  Frame t cove
 interval that contains their centre (``centre``, neurostat's default; pitch is sampled at the same
 centres), or, as in the paper, with the interval of largest overlap with the stride grid cell
 ``[stride * t, stride * (t + 1))`` (``overlap``: 20 ms cells for the wav2vec2 family).
+
+Whisper's front end is padded: a log-mel STFT centred on its frames (``n_fft`` samples every ``hop_length``,
+``n_fft // 2`` samples of reflect padding) and two convolutions of kernel 3 padded by 1, the second of
+stride 2.  A padded geometry (``conv_padding``) starts frame t's field ``offset`` samples before
+``stride * t``, so frame t of Whisper is centred at ``stride * t`` (20 ms grid, Whisper's own timestamps);
+its frames are those whose centre lies inside the utterance.  Whisper also sees fixed ``window``s of
+samples (30 s): an utterance is cut into windows, each a separate forward whose frames continue the
+utterance's frame numbering (a window holds exactly ``window / stride`` frames).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
+
+WHISPER_CONVS = ((3, 1), (3, 1))
+"""(kernel, padding) of Whisper's two encoder convolutions (transformers' ``WhisperEncoder`` fixes them; the
+second's stride follows from the config: mel frames per window over ``max_source_positions``)."""
 
 
 @dataclass(frozen=True)
@@ -21,6 +33,8 @@ class FrameGeometry:
     sample_rate: int
     conv_kernel: tuple[int, ...]
     conv_stride: tuple[int, ...]
+    conv_padding: tuple[int, ...] = ()  # per layer, on each side; () = unpadded (the wav2vec2 family)
+    window: int = 0  # samples of the model's fixed input window (Whisper); 0 = whole utterances
 
     @property
     def stride(self) -> int:
@@ -34,8 +48,26 @@ class FrameGeometry:
             jump *= s
         return field
 
+    @property
+    def offset(self) -> int:
+        """Samples by which frame 0's receptive field starts before sample 0 (the layers' padding)."""
+        offset, jump = 0, 1
+        for p, s in zip(self.conv_padding, self.conv_stride):
+            offset += p * jump
+            jump *= s
+        return offset
+
+    @property
+    def window_frames(self) -> int:
+        """Frames of one input window (0 without windows)."""
+        return self.window // self.stride
+
     def num_frames(self, num_samples: int) -> int:
-        """Frame count for ``num_samples`` samples (HF ``_get_feat_extract_output_lengths``)."""
+        """Frame count for ``num_samples`` samples: unpadded, HF ``_get_feat_extract_output_lengths``;
+        padded, the frames whose centre lies before the utterance's end (over windows, the same count)."""
+        if self.conv_padding:
+            centre0 = self.receptive_field - 2 * self.offset  # twice frame 0's centre, in samples
+            return max(0, -((centre0 - 2 * num_samples) // (2 * self.stride)))
         n = num_samples
         for k, s in zip(self.conv_kernel, self.conv_stride):
             if n < k:
@@ -46,26 +78,75 @@ class FrameGeometry:
     def centres(self, num_frames: int) -> np.ndarray:
         """Frame centres in seconds (float64)."""
         t = np.arange(num_frames, dtype=np.float64)
-        return (self.stride * t + self.receptive_field / 2) / self.sample_rate
+        return (self.stride * t + self.receptive_field / 2 - self.offset) / self.sample_rate
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["conv_kernel"], d["conv_stride"] = list(self.conv_kernel), list(self.conv_stride)
+        """The geometry as JSON; the fields of a padded, windowed geometry only when they are set."""
+        d = {
+            "sample_rate": self.sample_rate,
+            "conv_kernel": list(self.conv_kernel),
+            "conv_stride": list(self.conv_stride),
+        }
+        if self.conv_padding:
+            d["conv_padding"] = list(self.conv_padding)
+        if self.window:
+            d["window"] = self.window
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "FrameGeometry":
-        return cls(int(d["sample_rate"]), tuple(d["conv_kernel"]), tuple(d["conv_stride"]))
+        return cls(
+            int(d["sample_rate"]),
+            tuple(d["conv_kernel"]),
+            tuple(d["conv_stride"]),
+            tuple(d.get("conv_padding", ())),
+            int(d.get("window", 0)),
+        )
 
     @classmethod
-    def from_config(cls, config, sample_rate: int) -> "FrameGeometry":
-        """Geometry of an HF wav2vec2-family config (``conv_kernel``, ``conv_stride``)."""
+    def from_config(cls, config, sample_rate: int, feature_extractor=None) -> "FrameGeometry":
+        """Geometry of an HF wav2vec2-family config (``conv_kernel``, ``conv_stride``), or of a Whisper
+        config with its ``feature_extractor`` (:meth:`whisper`)."""
+        if getattr(config, "model_type", None) == "whisper":
+            if feature_extractor is None:
+                raise ValueError("a Whisper model's frame geometry needs its feature extractor")
+            return cls.whisper(config, feature_extractor)
         return cls(
             int(sample_rate), tuple(int(k) for k in config.conv_kernel), tuple(int(s) for s in config.conv_stride)
         )
 
+    @classmethod
+    def whisper(cls, config, feature_extractor, convs: tuple[tuple[int, int], ...] = WHISPER_CONVS) -> "FrameGeometry":
+        """Whisper's geometry from its config (``max_source_positions``) and its feature extractor (``n_fft``,
+        ``hop_length``, ``n_samples`` = ``chunk_length`` × ``sampling_rate``); ``convs``: the encoder's
+        convolutions as (kernel, padding), the last one's stride taking mel frames to encoder frames.
+        A ValueError when the window is not a whole number of encoder frames."""
+        fe = feature_extractor
+        hop, window, frames = int(fe.hop_length), int(fe.n_samples), int(config.max_source_positions)
+        mel_frames = window // hop
+        if window % hop or mel_frames % frames:
+            raise ValueError(
+                f"a window of {window} samples ({fe.chunk_length} s) is {window / hop:g} mel frames of {hop} "
+                f"samples, not a whole number of windows of the config's {frames} max_source_positions"
+            )
+        strides = (1,) * (len(convs) - 1) + (mel_frames // frames,)
+        return cls(
+            int(fe.sampling_rate),
+            (int(fe.n_fft), *(k for k, _ in convs)),
+            (hop, *strides),
+            (int(fe.n_fft) // 2, *(p for _, p in convs)),
+            window,
+        )
+
     def describe(self) -> str:
-        return f"stride {self.stride} / receptive field {self.receptive_field} samples at {self.sample_rate} Hz"
+        windows = f", windows of {self.window} samples" if self.window else ""
+        return (
+            f"stride {self.stride} / receptive field {self.receptive_field} samples at {self.sample_rate} Hz{windows}"
+        )
+
+    def at_rate(self, sample_rate: int) -> "FrameGeometry":
+        """The same layers at another sample rate."""
+        return replace(self, sample_rate=int(sample_rate))
 
 
 def default_geometry() -> FrameGeometry:
@@ -86,7 +167,6 @@ def label_frames(starts: np.ndarray, ends: np.ndarray, ids: np.ndarray, centres:
     out = np.full(len(centres), -1, dtype=np.int64)
     out[ok] = np.asarray(ids)[idx[ok]]
     return out
-
 
 
 def label_frames_overlap(

@@ -73,6 +73,11 @@ class PrepareSettings:
             raise PrepareError(f"--pitch-percentiles {pitch_percentiles}: percentiles lie strictly between 0 and 100")
         if frame_labels not in FRAME_LABELS:
             raise PrepareError(f"unknown frame labelling {frame_labels!r}; choose from {FRAME_LABELS}")
+        if frame_labels == "overlap" and geometry.conv_padding:
+            raise PrepareError(
+                "--frame-labels overlap is the paper's grid of stride cells from sample 0, which a padded front end's "
+                f"frames (Whisper's, centred at stride · t: {geometry.describe()}) are not on; label by centre"
+            )
         if pitch_rule not in PITCH_RULES:
             raise PrepareError(f"unknown pitch rule {pitch_rule!r}; choose from {PITCH_RULES}")
         stride_ms = 1000 * geometry.stride / geometry.sample_rate

@@ -182,13 +182,17 @@ def plan_batches(
     corpus: PreparedCorpus, indices: list[int], batch_seconds: float, max_seconds: float | None
 ) -> list[list[Piece]]:
     """Pieces bucketed by length into batches whose padded size (pieces × the longest) is at most
-    ``batch_seconds`` of audio (a longer piece gets a batch of its own)."""
+    ``batch_seconds`` of audio (a longer piece gets a batch of its own).  A model of fixed windows (Whisper)
+    gets one piece per window of each utterance, each padded to the window."""
     if not batch_seconds > 0:
         raise ValueError(f"--batch-seconds must be positive, got {batch_seconds}")
     geo = corpus.geometry
     pieces = []
     for i in indices:
         n = corpus.records[i]["num_samples"]
+        if geo.window:
+            pieces.extend(Piece(i, s, min(geo.window, n - s), s // geo.stride) for s in range(0, n, geo.window))
+            continue
         if max_seconds is None:
             pieces.append(Piece(i, 0, n, 0))
             continue
@@ -202,7 +206,7 @@ def plan_batches(
     budget = batch_seconds * geo.sample_rate
     batches, current = [], []
     for p in pieces:  # longest first: a batch's first piece sets its padded length
-        if current and (len(current) + 1) * current[0].num_samples > budget:
+        if current and (len(current) + 1) * (geo.window or current[0].num_samples) > budget:
             batches.append(current)
             current = []
         current.append(p)
@@ -218,7 +222,7 @@ def padding_fraction(corpus: PreparedCorpus, batches: list[list[Piece]]) -> floa
     for batch in batches:
         frames = [geo.num_frames(p.num_samples) for p in batch]
         real += sum(frames)
-        padded += len(frames) * max(frames)
+        padded += len(frames) * (geo.window_frames or max(frames))
     return 1 - real / padded if padded else 0.0
 
 
@@ -302,7 +306,7 @@ class BatchDataset(torch.utils.data.Dataset):
             pieces = [pieces[b] for b in rows]
             waves = waves[rows, : max((p.num_samples for p in pieces), default=0)]
         labels = self._token_labels(pieces, decoded)
-        tokens, frame_ids = _frame_labels(pieces, labels)
+        tokens, frame_ids = _frame_labels(pieces, labels, self.corpus.geometry.window_frames)
         return {
             "ids": [self.corpus.records[p.index]["id"] for p in self.batches[i]],
             "waves": torch.from_numpy(waves),
@@ -365,9 +369,10 @@ class BatchDataset(torch.utils.data.Dataset):
         return out
 
 
-def _frame_labels(pieces: list[Piece], labels: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """The pieces' token labels padded into [B, T] (−1: no token) and each frame's id (see FRAME_BITS)."""
-    longest = max((len(lab) for lab in labels), default=0)
+def _frame_labels(pieces: list[Piece], labels: list[np.ndarray], frames: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The pieces' token labels padded into [B, T] (−1: no token) and each frame's id (see FRAME_BITS); T is
+    the longest piece's frames, or ``frames`` (a model's fixed window) when given."""
+    longest = frames or max((len(lab) for lab in labels), default=0)
     tokens = np.full((len(labels), longest), -1, dtype=np.int64)
     frame_ids = np.full((len(labels), longest), -1, dtype=np.int64)
     for b, (lab, piece) in enumerate(zip(labels, pieces)):

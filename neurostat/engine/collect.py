@@ -164,7 +164,7 @@ def _uploaded_ahead(items: Iterator[dict], device: torch.device) -> Iterator[dic
 def _restore(spec: RunSpec, adapter: ModelAdapter, store: StoreWriter) -> tuple[Accumulator, list[str], Progress]:
     """The accumulator, the finished utterance ids and the progress: fresh, or from the last checkpoint."""
     config = spec.config
-    engine = (spec.stats, adapter.device, spec.backend, str(adapter.config.hidden_act), config.stats_precision)
+    engine = (spec.stats, adapter.device, spec.backend, adapter.activation_name, config.stats_precision)
     checkpoint = store.load_checkpoint()
     if checkpoint is None:
         acc = Accumulator(len(spec.layers), spec.space.size, spec.width, spec.k, *engine, config.top_frames)

@@ -1,11 +1,13 @@
 """Transformer layer outputs per utterance, for tools that learn from features (cluster, probe).
 
 Runs the padding-safe batched forward of the collect loop and keeps the outputs of the wanted layers
-(forward hooks); the layers above the highest wanted one are not run.
+(forward hooks); the layers above the highest wanted one are not run.  A model of fixed windows (Whisper)
+sees an utterance window by window: its windows' frames are joined into the utterance's.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 
 import torch
@@ -47,6 +49,8 @@ def layer_features(
     loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers)
     captured: dict[int, torch.Tensor] = {}
     top = max(layers)
+    left = Counter(corpus.records[p.index]["id"] for batch in batches for p in batch)  # pieces per utterance
+    pieces: dict[str, list[torch.Tensor]] = {}  # an utterance's windows so far (a windowed model's), in order
 
     def capture(layer: int):
         def hook(module, inputs, output):
@@ -72,8 +76,10 @@ def layer_features(
                 pass
             stacked = torch.stack([captured[n] for n in layers], 2)
             for b, (utt, samples) in enumerate(zip(item["ids"], item["lengths"].tolist())):
-                yield utt, stacked[b, : corpus.geometry.num_frames(samples)].float()
-            bar.update(len(item["ids"]))
+                pieces.setdefault(utt, []).append(stacked[b, : corpus.geometry.num_frames(samples)].float())
+                if len(pieces[utt]) == left[utt]:
+                    yield utt, torch.cat(pieces.pop(utt))
+                    bar.update(1)
     finally:
         for h in hooks:
             h.remove()

@@ -17,7 +17,7 @@ from ..corpus.prepared import PreparedCorpus
 from ..declarations import DEFAULT_STATS
 from ..errors import OptionError
 from ..labelspace import LabelSpace
-from ..model.adapter import ModelAdapter, ModelError, default_front_end
+from ..model.adapter import ModelAdapter, ModelError
 from ..store import StoreMeta
 from ..version import __version__
 from .backends import PRECISIONS, ROUTE_BOUND, make_backend, resolve_backend
@@ -90,11 +90,11 @@ class RunSpec:
         """Validates ``config`` against the model and the corpus; every refusal is one clear error."""
         adapter.check_geometry(corpus.geometry)
         config.check()
-        front_end = default_front_end(adapter.device) if config.front_end == "auto" else config.front_end
+        front_end = adapter.resolve_front_end(config.front_end)
         stats = tuple(s.name for s in statistics(config.stats))
         backend = resolve_backend(config.backend, adapter.device)
         try:
-            make_backend(backend, statistics(stats), Params(1), str(adapter.config.hidden_act))
+            make_backend(backend, statistics(stats), Params(1), adapter.activation_name)
         except ValueError as e:
             raise ModelError(f"{adapter.source}: {e}") from None
         layers = range(adapter.num_layers) if config.layers is None else sorted({i - 1 for i in config.layers})
@@ -104,6 +104,11 @@ class RunSpec:
         space = LabelSpace.of_corpus(corpus, config.labels)
         corpus.check_label_sets(space.parts)
         corpus.check_audio()
+        if config.max_seconds is not None and adapter.geometry.window:
+            raise OptionError(
+                f"--max-seconds: {adapter.source} cuts every utterance into its own windows of "
+                f"{adapter.geometry.window / adapter.geometry.sample_rate:g} s; leave --max-seconds out"
+            )
         shard_i, shard_n = config.shard
         if distributed and shard_n > 1:
             raise OptionError("--shard splits the corpus by hand; a torchrun job splits it over its ranks: use one")

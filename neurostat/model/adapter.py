@@ -1,4 +1,5 @@
-"""Model adapters for the wav2vec2 family in HF transformers (HuBERT, wav2vec 2.0, WavLM, data2vec).
+"""Model adapters for the wav2vec2 family in HF transformers (HuBERT, wav2vec 2.0, WavLM, data2vec) and
+for Whisper's encoder (:class:`WhisperAdapter`).
 
 The adapter finds the backbone inside task wrappers (``*ForCTC``, pretraining heads), exposes each
 layer's FFN pieces (W1, b1, act, W2), runs batches without padding bias, and instruments the FFNs so
@@ -28,7 +29,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +43,7 @@ from ..choices import FRONT_ENDS, MODEL_DTYPES
 from ..files import atomic_write, cache_root, sha1_file
 from ..frames import FrameGeometry, default_geometry
 
-MODEL_TYPES = ("hubert", "wav2vec2", "wavlm", "data2vec-audio")
+MODEL_TYPES = ("hubert", "wav2vec2", "wavlm", "data2vec-audio", "whisper")
 _BACKBONE_ATTRS = ("hubert", "wav2vec2", "wavlm", "data2vec_audio")
 
 
@@ -84,6 +85,52 @@ class FFN:
             return module.output_dropout(self.down(module.intermediate_dropout(activation(hidden_states))))
 
         return forward
+
+    @contextmanager
+    def instrumented(self, activation: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+        """Within the block the FFN computes ``activation(x)`` in place of ``act(W1 x + b1)``."""
+        module, previous = self.module, self.module.forward
+        module.forward = self.forward_with(activation)
+        try:
+            yield
+        finally:
+            module.forward = previous
+
+
+class _Computed(nn.Module):
+    """A module that computes ``fn(x)`` (an instrumented activation standing in for a projection)."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+@dataclass
+class WhisperFFN(FFN):
+    """A Whisper encoder layer's FFN (``fc1`` → ``activation_fn`` → ``fc2``), which lives in the layer itself:
+    ``module`` is the layer."""
+
+    def replace(self, up: nn.Linear, down: nn.Linear) -> None:
+        self.module.fc1, self.module.fc2 = up, down
+        self.up, self.down = up, down
+
+    def hook_activation(self, fn: Callable[[torch.Tensor], torch.Tensor]):
+        return self.module.activation_fn.register_forward_hook(lambda module, inputs, out: fn(out))
+
+    @contextmanager
+    def instrumented(self, activation: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+        """Within the block the layer's ``fc1`` computes ``activation(x)`` and its ``activation_fn`` passes
+        that on unchanged, so the layer finishes (dropout, ``fc2``, residual) exactly as HF does."""
+        layer = self.module
+        previous = layer.fc1, layer.activation_fn
+        layer.fc1, layer.activation_fn = _Computed(activation), nn.Identity()
+        try:
+            yield
+        finally:
+            layer.fc1, layer.activation_fn = previous
 
 
 DEMO = "demo"
@@ -139,9 +186,18 @@ def check_model_type(config, name: str) -> None:
         raise ModelError(f"{name}: model type {model_type!r} is not supported (supported: {', '.join(MODEL_TYPES)})")
 
 
+def computes_features(feature_extractor) -> bool:
+    """Whether the feature extractor makes features of the waveform (Whisper's log-mel), which the adapter
+    computes batch by batch, rather than a normalised waveform (the wav2vec2 family)."""
+    return "input_features" in getattr(feature_extractor, "model_input_names", ())
+
+
 def normalize_waveform(feature_extractor, wave: np.ndarray) -> np.ndarray:
-    """The checkpoint's own waveform normalisation (its feature extractor), float32."""
+    """The checkpoint's own waveform normalisation (its feature extractor), float32; a feature extractor that
+    computes features (:func:`computes_features`) takes the waveform as it is."""
     fe = feature_extractor
+    if computes_features(fe):
+        return np.asarray(wave, dtype=np.float32)
     return fe(wave, sampling_rate=fe.sampling_rate, return_tensors="np").input_values[0].astype(np.float32)
 
 
@@ -363,6 +419,8 @@ def _parameters_key(parameters) -> tuple:
 def _backbone(model: nn.Module, name: str) -> nn.Module:
     if getattr(model, "config", None) is not None:
         check_model_type(model.config, name)
+        if model.config.model_type == "whisper":
+            return _whisper_backbone(model, name)
     if hasattr(model, "encoder") and hasattr(model, "feature_extractor"):
         return model
     for attr in _BACKBONE_ATTRS:
@@ -372,10 +430,21 @@ def _backbone(model: nn.Module, name: str) -> nn.Module:
     raise ModelError(f"{name}: cannot find the speech encoder (expected a .encoder and a .feature_extractor)")
 
 
+def _whisper_backbone(model: nn.Module, name: str) -> nn.Module:
+    """The ``WhisperModel`` of a Whisper checkpoint (itself, or inside ``WhisperForConditionalGeneration``)."""
+    for candidate in (model, getattr(model, "model", None)):
+        encoder = getattr(candidate, "encoder", None)
+        if isinstance(encoder, nn.Module) and hasattr(encoder, "conv1") and hasattr(encoder, "layers"):
+            return candidate
+    raise ModelError(f"{name}: cannot find the Whisper encoder (expected .encoder with .conv1 and .layers)")
+
+
 def _ffns(backbone: nn.Module, name: str) -> list[FFN]:
     layers = getattr(backbone.encoder, "layers", None)
     if layers is None or len(layers) == 0:
         raise ModelError(f"{name}: the encoder has no .layers")
+    if backbone.config.model_type == "whisper":
+        return [_whisper_ffn(layer, i, name) for i, layer in enumerate(layers)]
     out = []
     for i, layer in enumerate(layers):
         ff = getattr(layer, "feed_forward", None)
@@ -388,6 +457,13 @@ def _ffns(backbone: nn.Module, name: str) -> list[FFN]:
     return out
 
 
+def _whisper_ffn(layer: nn.Module, index: int, name: str) -> WhisperFFN:
+    up, act, down = (getattr(layer, a, None) for a in ("fc1", "activation_fn", "fc2"))
+    if not (isinstance(up, nn.Linear) and isinstance(down, nn.Linear) and isinstance(act, nn.Module)):
+        raise ModelError(f"{name}: encoder layer {index + 1} has no FFN with fc1 / activation_fn / fc2")
+    return WhisperFFN(layer, up, act, down)
+
+
 class ModelAdapter:
     """A loaded wav2vec2-family model, ready for instrumented, padding-safe batched forwards."""
 
@@ -398,6 +474,8 @@ class ModelAdapter:
         self.ffns = _ffns(self.backbone, source)
         self.feature_extractor = feature_extractor
         self.config = self.backbone.config
+        if self.config.model_type == "whisper" and not isinstance(self, WhisperAdapter):
+            raise ModelError(f"{source}: a Whisper model needs a WhisperAdapter (ModelAdapter.load picks it)")
         self.geometry = FrameGeometry.from_config(self.config, feature_extractor.sampling_rate)
         self.weights: str | None = None  # SHA-1 of the weight files when loaded from a folder
         self._gemm_cache: tuple[tuple, list[ConvGemm]] | None = None
@@ -432,7 +510,9 @@ class ModelAdapter:
         if attention == "auto":
             attention = _best_attention(torch.device(device), dtype)
         model = _weights(AutoModel, source, revision=revision, dtype=dtype, attn_implementation=attention)
-        adapter = cls(model.to(device), feature_extractor, source, revision or getattr(config, "_commit_hash", None))
+        family = WhisperAdapter if config.model_type == "whisper" else cls
+        revision = revision or getattr(config, "_commit_hash", None)
+        adapter = family(model.to(device), feature_extractor, source, revision)
         adapter.weights = weights_fingerprint(source)
         return adapter
 
@@ -477,7 +557,7 @@ class ModelAdapter:
             "num_layers": self.num_layers,
             "width": self.width,
             "hidden_size": self.config.hidden_size,
-            "activation": str(self.config.hidden_act),
+            "activation": self.activation_name,
             "geometry": self.geometry.to_dict(),
             "normalize": bool(getattr(self.feature_extractor, "do_normalize", False)),
             "attention": self.attention,
@@ -492,6 +572,15 @@ class ModelAdapter:
         arch = names[0]
         base = arch == type(self.backbone).__name__ or arch.endswith(("Model", "ForPreTraining"))
         return {"architecture": arch, "head": None if base else f"{arch}: its head is not collected, its encoder is"}
+
+    def resolve_front_end(self, choice: str) -> str:
+        """The front end a ``--front-end`` choice runs: ``auto`` is :func:`default_front_end`."""
+        return default_front_end(self.device) if choice == "auto" else choice
+
+    @property
+    def activation_name(self) -> str:
+        """The FFN activation's name in the config (``gelu``: what the fused kernels compute)."""
+        return str(self.config.hidden_act)
 
     @property
     def attention(self) -> str:
@@ -618,16 +707,11 @@ class ModelAdapter:
         """Within the block, each chosen layer's FFN gets ``a = activation(layer_index, ffn, x)`` — which
         must return ``act(W1 x + b1)`` [B, T, D] — and then finishes exactly as HF does."""
         chosen = range(self.num_layers) if layers is None else layers
-        saved = []
-        for i in chosen:
-            ffn = self.ffns[i]
-            saved.append((ffn.module, ffn.module.forward))
-            ffn.module.forward = ffn.forward_with(functools.partial(activation, i, ffn))
-        try:
+        with ExitStack() as stack:
+            for i in chosen:
+                ffn = self.ffns[i]
+                stack.enter_context(ffn.instrumented(functools.partial(activation, i, ffn)))
             yield
-        finally:
-            for module, forward in saved:
-                module.forward = forward
 
     def observe(self, sink: Callable[[int, torch.Tensor], None], layers: list[int] | None = None):
         """Instrumentation that only looks: ``sink(layer_index, a)`` sees each FFN activation."""
@@ -638,6 +722,119 @@ class ModelAdapter:
             return a
 
         return self.instrument(activation, layers)
+
+
+WHISPER_FRONT_END = "whisper-log-mel"
+"""The name a store records for Whisper's front end."""
+
+
+class WhisperAdapter(ModelAdapter):
+    """Whisper's encoder, from a ``WhisperModel`` or ``WhisperForConditionalGeneration`` checkpoint (the
+    decoder and the head never run).
+
+    Whisper sees fixed windows of the feature extractor's ``n_samples`` (``chunk_length`` seconds): the
+    engine cuts utterances at window boundaries (:attr:`~neurostat.frames.FrameGeometry.window`), so every
+    waveform of a batch fits one window.  Each is zero-padded to the window and made log-mel features by the
+    checkpoint's own ``WhisperFeatureExtractor`` (transformers' code, which takes its torch STFT where torch
+    is installed), as Whisper does itself; then the encoder runs on the whole batch of windows at once.
+    Whisper's encoder has no attention mask: a window's padding is part of its input, as when Whisper
+    transcribes it, so each window's activations equal its own batch-1 forward within float rounding.  The
+    frames whose centre lies past the audio (:meth:`~neurostat.frames.FrameGeometry.num_frames`) are masked
+    out: never tokens."""
+
+    def __init__(self, model: nn.Module, feature_extractor, source: str = "<in-memory>", revision: str | None = None):
+        self.source, self.revision = source, revision
+        self.model = model.eval()
+        self.backbone = _backbone(model, source)
+        if self.backbone.config.model_type != "whisper":
+            raise ModelError(f"{source}: model type {self.backbone.config.model_type!r} is not Whisper")
+        self.ffns = _ffns(self.backbone, source)
+        self.feature_extractor = feature_extractor
+        self.config = self.backbone.config
+        self.geometry = self._geometry()
+        self.weights: str | None = None
+
+    def _geometry(self) -> FrameGeometry:
+        """The frame geometry of the feature extractor and the encoder's own convolutions (kernel, padding,
+        stride), which must be the geometry the config alone gives (what ``prepare --model`` labels by)."""
+        fe, encoder = self.feature_extractor, self.backbone.encoder
+        missing = [a for a in ("n_fft", "hop_length", "n_samples", "chunk_length") if not hasattr(fe, a)]
+        if missing:
+            raise ModelError(
+                f"{self.source}: its feature extractor ({type(fe).__name__}) is not Whisper's (no {', '.join(missing)})"
+            )
+        if getattr(fe, "dither", 0.0):
+            raise ModelError(
+                f"{self.source}: its feature extractor dithers (dither={fe.dither}), which makes the log-mel "
+                "features random; save it with dither=0.0"
+            )
+        if fe.feature_size != self.config.num_mel_bins:
+            raise ModelError(
+                f"{self.source}: the feature extractor makes {fe.feature_size} mel bins, the encoder takes "
+                f"{self.config.num_mel_bins}"
+            )
+        convs = [encoder.conv1, encoder.conv2]
+        try:
+            geometry = FrameGeometry.whisper(self.config, fe, tuple((c.kernel_size[0], c.padding[0]) for c in convs))
+            expected = FrameGeometry.from_config(self.config, fe.sampling_rate, fe)
+        except ValueError as e:
+            raise ModelError(f"{self.source}: {e}") from None
+        if geometry != expected or tuple(c.stride[0] for c in convs) != geometry.conv_stride[1:]:
+            raise ModelError(
+                f"{self.source}: the encoder's convolutions (kernel, stride, padding) "
+                f"{[(c.kernel_size[0], c.stride[0], c.padding[0]) for c in convs]} are not Whisper's "
+                f"({geometry.describe()} from the config)"
+            )
+        return geometry
+
+    @property
+    def activation_name(self) -> str:
+        return str(self.config.activation_function)
+
+    def resolve_front_end(self, choice: str) -> str:
+        """Whisper's own front end (log-mel, then the encoder's convolutions): ``--front-end`` chooses among
+        the wav2vec2 family's."""
+        if choice != "auto":
+            raise ModelError(f"--front-end {choice}: {self.source} is Whisper, whose log-mel front end is its own")
+        return WHISPER_FRONT_END
+
+    def _head(self) -> dict:
+        """The checkpoint's class; the decoder (and a generation head) that collecting its encoder leaves out."""
+        names = getattr(self.config, "architectures", None) or [type(self.model).__name__]
+        arch = names[0]
+        left = "its decoder is" if arch == type(self.backbone).__name__ else "its decoder and head are"
+        return {"architecture": arch, "head": f"{arch}: {left} not collected, its encoder is"}
+
+    def log_mel(self, waves: list[torch.Tensor]) -> torch.Tensor:
+        """Whisper's log-mel features [B, mel bins, mel frames] of waveforms of at most one window each,
+        each zero-padded to the window, by the checkpoint's feature extractor (on this adapter's device)."""
+        fe = self.feature_extractor
+        arrays = [w.detach().to("cpu", torch.float32).numpy() for w in waves]
+        features = fe(arrays, sampling_rate=fe.sampling_rate, return_tensors="pt", device=str(self.device))
+        return features.input_features.to(self.device, self.dtype)
+
+    @torch.inference_mode()
+    def encode(
+        self, waves: list[torch.Tensor] | torch.Tensor, lengths=None, front_end: str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Runs the encoder on waveforms of at most one window each — a list of 1-D tensors, or a zero-padded
+        [B, L] batch with its ``lengths`` in samples — and returns (last hidden state [B, F, H], frame mask
+        [B, F]), F the window's frames.  ``front_end`` is the wav2vec2 family's choice: Whisper has one."""
+        if isinstance(waves, torch.Tensor):
+            lengths = [int(n) for n in lengths]
+            waves = [waves[b, :n] for b, n in enumerate(lengths)]
+        else:
+            lengths = [len(w) for w in waves]
+        window = self.geometry.window
+        if any(n > window for n in lengths):
+            raise ModelError(
+                f"{self.source}: Whisper takes windows of at most {window} samples "
+                f"({self.feature_extractor.chunk_length} s), got {max(lengths)}; cut utterances into windows"
+            )
+        hidden = self.backbone.encoder(self.log_mel(waves))[0]
+        frames = _host_values([self.geometry.num_frames(n) for n in lengths], self.device)
+        mask = torch.arange(hidden.shape[1], device=self.device)[None] < frames[:, None]
+        return hidden, mask
 
 
 def _weights(cls, source: str, **kwargs) -> nn.Module:
@@ -732,9 +929,12 @@ def load_geometry(source: str | None = None, sample_rate: int | None = None) -> 
             fe = AutoFeatureExtractor.from_pretrained(source)
         except (OSError, ValueError) as e:
             raise ModelError(f"cannot read the config of model {source!r}: {e}") from None
-        geometry = FrameGeometry.from_config(config, fe.sampling_rate)
+        try:
+            geometry = FrameGeometry.from_config(config, fe.sampling_rate, fe)
+        except ValueError as e:
+            raise ModelError(f"{source}: {e}") from None
     if sample_rate is not None and sample_rate != geometry.sample_rate:
-        geometry = FrameGeometry(sample_rate, geometry.conv_kernel, geometry.conv_stride)
+        geometry = geometry.at_rate(sample_rate)
     return geometry
 
 

@@ -4,7 +4,9 @@ trained demo model itself ships in ``neurostat/tiny/model``).
 
 ``size="tiny"`` is a 32-wide, 3-layer model with the standard conv front end geometry (fast tests);
 ``size="base"`` is the family's default config (HuBERT-base geometry: 12 layers x 3072 neurons).
-Any config field can be overridden.
+Any config field can be overridden.  Whisper (:func:`whisper_config`, :func:`whisper_feature_extractor`):
+``tiny`` is 64 wide, 2 encoder layers of 96 neurons on 40 mel bins; ``base`` has Whisper-base's sizes
+(6 layers x 2048 neurons, 80 mel bins, 30 s windows of 1,500 frames).
 """
 
 from __future__ import annotations
@@ -75,4 +77,70 @@ def save_model(path: str | Path, model_type: str = "hubert", size: str = "tiny",
     path = Path(path)
     build_model(model_type, size, seed, **config).save_pretrained(path)
     feature_extractor().save_pretrained(path)
+    return path
+
+
+WHISPER_SIZES = {
+    "tiny": dict(
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=96,
+        decoder_ffn_dim=96,
+        num_mel_bins=40,
+        max_target_positions=32,
+        vocab_size=64,
+        pad_token_id=1,
+        bos_token_id=2,
+        eos_token_id=3,
+        decoder_start_token_id=2,
+    ),
+    "base": dict(
+        d_model=512,
+        encoder_layers=6,
+        decoder_layers=6,
+        encoder_attention_heads=8,
+        decoder_attention_heads=8,
+        encoder_ffn_dim=2048,
+        decoder_ffn_dim=2048,
+        num_mel_bins=80,
+    ),
+}
+
+
+def whisper_config(size: str = "tiny", **overrides):
+    """The WhisperConfig of a ``size`` model (:data:`WHISPER_SIZES`); ``max_source_positions`` must match
+    the feature extractor's window (:func:`whisper_feature_extractor`: 50 frames a second)."""
+    from transformers import WhisperConfig
+
+    if size not in WHISPER_SIZES:
+        raise ValueError(f"unknown size {size!r}; choose from {tuple(WHISPER_SIZES)}")
+    return WhisperConfig(**{**WHISPER_SIZES[size], **overrides})
+
+
+def whisper_feature_extractor(size: str = "tiny", chunk_length: int = 30, sample_rate: int = 16000):
+    """Whisper's feature extractor for a ``size`` model: log-mel of ``chunk_length``-second windows."""
+    from transformers import WhisperFeatureExtractor
+
+    bins = WHISPER_SIZES[size]["num_mel_bins"]
+    return WhisperFeatureExtractor(feature_size=bins, sampling_rate=sample_rate, chunk_length=chunk_length)
+
+
+def save_whisper(
+    path: str | Path, size: str = "tiny", seed: int = 0, head: bool = False, chunk_length: int = 30, **config
+) -> Path:
+    """Saves a random Whisper of ``size`` (a WhisperModel, or with ``head`` a WhisperForConditionalGeneration)
+    whose windows are ``chunk_length`` seconds, with its feature extractor; ``config`` overrides fields."""
+    import transformers
+
+    fe = whisper_feature_extractor(size, chunk_length)
+    frames = fe.nb_max_frames // 2  # WhisperEncoder's second convolution has stride 2
+    config = whisper_config(size, **{"max_source_positions": frames, **config})
+    torch.manual_seed(seed)
+    cls = transformers.WhisperForConditionalGeneration if head else transformers.WhisperModel
+    path = Path(path)
+    cls(config).eval().save_pretrained(path)
+    fe.save_pretrained(path)
     return path
