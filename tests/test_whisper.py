@@ -307,3 +307,29 @@ def test_the_papers_overlap_grid_is_refused_for_whisper_frames(whisper_corpus):
 
     with pytest.raises(PrepareError, match="--frame-labels overlap .* label by centre"):
         PrepareSettings.from_options(whisper_corpus.geometry, frame_labels="overlap")
+
+
+def test_pruned_and_ablated_whisper_checkpoints_keep_their_class_and_agree(tmp_path):
+    """Pruning a neuron and zeroing its W2 column are the same edit: a pruned Whisper checkpoint (kept
+    neurons only) and the original with the pruned neurons ablated give the same encoder outputs."""
+    from neurostat.model.edit import ablate_checkpoint
+    from neurostat.model.provenance import EditRecord
+    from neurostat.model.pruning import load_adapter, prune_checkpoint
+    from neurostat.neuronset import NeuronSet
+
+    source = save_whisper(tmp_path / "m", head=True)
+    width = ModelAdapter.load(source).width
+    kept = prune_checkpoint(source, tmp_path / "pruned", ratio=0.4).kept
+    dropped = NeuronSet({layer: set(range(width)) - set(idx) for layer, idx in kept.items()}, len(kept), width)
+    dropped.save(tmp_path / "dropped.json")
+    ablate_checkpoint(source, tmp_path / "dropped.json", tmp_path / "ablated")
+    pruned, ablated = load_adapter(str(tmp_path / "pruned")), load_adapter(str(tmp_path / "ablated"))
+    assert isinstance(pruned, WhisperAdapter) and isinstance(ablated, WhisperAdapter)
+    for edited in ("pruned", "ablated"):
+        assert EditRecord.read(tmp_path / edited).architecture == "WhisperForConditionalGeneration"
+    assert [f.width for f in pruned.ffns] == [len(kept[layer]) for layer in sorted(kept)] != [width] * len(kept)
+    g = torch.Generator().manual_seed(5)
+    waves = [torch.randn(n, generator=g) for n in (3_000, 31_000)]
+    with torch.no_grad():
+        (hp, mp), (ha, ma) = pruned.encode(waves), ablated.encode(waves)
+    assert torch.equal(mp, ma) and torch.allclose(hp[mp], ha[ma], atol=1e-5)

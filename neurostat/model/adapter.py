@@ -510,9 +510,8 @@ class ModelAdapter:
         if attention == "auto":
             attention = _best_attention(torch.device(device), dtype)
         model = _weights(AutoModel, source, revision=revision, dtype=dtype, attn_implementation=attention)
-        family = WhisperAdapter if config.model_type == "whisper" else cls
         revision = revision or getattr(config, "_commit_hash", None)
-        adapter = family(model.to(device), feature_extractor, source, revision)
+        adapter = adapter_for(model.to(device), feature_extractor, source, revision)
         adapter.weights = weights_fingerprint(source)
         return adapter
 
@@ -913,6 +912,14 @@ def resolve_device(device: str) -> torch.device:
             "use --device cpu or auto"
         )
     return resolved
+
+
+def adapter_for(
+    model: nn.Module, feature_extractor, source: str = "<in-memory>", revision: str | None = None
+) -> ModelAdapter:
+    """The adapter of a loaded model's family: :class:`WhisperAdapter` for Whisper, else :class:`ModelAdapter`."""
+    family = WhisperAdapter if model.config.model_type == "whisper" else ModelAdapter
+    return family(model, feature_extractor, source, revision)
 
 
 def load_geometry(source: str | None = None, sample_rate: int | None = None) -> FrameGeometry:

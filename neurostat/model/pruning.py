@@ -22,7 +22,15 @@ from torch import nn
 from ..choices import PRUNE_CRITERIA, PRUNE_SCOPES
 from ..files import check_out_folder, new_folder
 from ..neuronset import NeuronSet
-from .adapter import ModelAdapter, is_checkpoint, load_full_model, model_ffns, model_source, save_feature_extractor
+from .adapter import (
+    ModelAdapter,
+    adapter_for,
+    is_checkpoint,
+    load_full_model,
+    model_ffns,
+    model_source,
+    save_feature_extractor,
+)
 from .provenance import FILE as PROVENANCE
 from .provenance import EditRecord
 
@@ -190,7 +198,11 @@ def save_pruned(
         params_after=result.params_after,
         protected={name: json.loads(s.to_json()) for name, s in (protected or {}).items()},
     ).write(path)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state, seen = {}, set()
+    for k, v in model.state_dict().items():  # tied weights (Whisper's output projection) are saved as copies
+        v = v.detach().contiguous().cpu()
+        state[k] = v.clone() if v.data_ptr() in seen else v
+        seen.add(v.data_ptr())
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
     if feature_extractor_from:
         save_feature_extractor(feature_extractor_from, path)
@@ -225,7 +237,7 @@ def load_adapter(source: str, device: str | torch.device = "cpu") -> ModelAdapte
         return ModelAdapter.load(source, device)
     from transformers import AutoFeatureExtractor
 
-    return ModelAdapter(load_pruned(source, device), AutoFeatureExtractor.from_pretrained(source), source)
+    return adapter_for(load_pruned(source, device), AutoFeatureExtractor.from_pretrained(source), source)
 
 
 def prune_checkpoint(
