@@ -308,10 +308,11 @@ of speech; findings on it say nothing about models trained on real speech.
 - Training: seed {seed}, {steps} steps of {batch} x {crop:g} s crops, AdamW lr {lr} (warm-up {warmup:.0%},
   linear decay), no dropout, 2 CPU cores.
 - Final (mean of the last 25 training steps): loss {loss:.3f}, masked-prediction accuracy {accuracy:.3f}.
-- Held out ({held_utterances} utterances of the demo corpus's speakers and voices, {held_frames:,} masked
-  frames, masked as in training): masked-prediction accuracy **{held_accuracy:.3f}**, against
-  {held_frequent:.3f} for always predicting the most frequent training cluster, {held_copy:.3f} for copying
-  the cluster of the nearest unmasked frame, and chance {held_chance:.3f}.  The prediction head and the
+- Held out ({held_utterances} utterances of the demo corpus's speakers and voices, {held_masked_frames:,}
+  masked frames, masked as in training): masked-prediction accuracy **{held_accuracy:.3f}**, against
+  {held_most_frequent:.3f} for always predicting the most frequent training cluster,
+  {held_copy_nearest:.3f} for copying the cluster of the nearest unmasked frame, and chance
+  {held_chance:.3f}.  The prediction head and the
   k-means codebook are in `head.safetensors` (`neurostat.tiny.objective.load_head`).
 - Reproduce: `python bench/train_tiny_ssl.py --seed {seed} --steps {steps} --ship`; its random-init twin:
   `python bench/train_tiny_ssl.py --twin DIR`.
@@ -337,15 +338,6 @@ def ship(trained: str | Path, dest: str | Path, summary: dict) -> Path:
     s, c = summary["settings"], summary["settings"]["config"]
     if "held_out" not in summary:
         raise ValueError("only a model scored on held-out speech is shipped: train it with held_out=...")
-    score = summary["held_out"]
-    held = dict(
-        utterances=score["utterances"],
-        frames=score["masked_frames"],
-        accuracy=score["accuracy"],
-        frequent=score["most_frequent"],
-        copy=score["copy_nearest"],
-        chance=score["chance"],
-    )
     from transformers import HubertConfig
 
     geometry = FrameGeometry.from_config(HubertConfig(**c), SAMPLE_RATE)
@@ -374,7 +366,7 @@ def ship(trained: str | Path, dest: str | Path, summary: dict) -> Path:
         warmup=s["warmup"],
         loss=summary["final"]["loss"],
         accuracy=summary["final"]["masked_accuracy"],
-        **{f"held_{k}": v for k, v in held.items()},
+        **{f"held_{k}": v for k, v in summary["held_out"].items()},
     )
     (dest / "README.md").write_text(card)
     (dest / "training.json").write_text(json.dumps(summary, indent=1))
