@@ -475,7 +475,7 @@ class ModelAdapter:
         self.feature_extractor = feature_extractor
         self.config = self.backbone.config
         if self.config.model_type == "whisper" and not isinstance(self, WhisperAdapter):
-            raise ModelError(f"{source}: a Whisper model needs a WhisperAdapter (ModelAdapter.load picks it)")
+            raise ModelError(f"{source}: a Whisper model needs a WhisperAdapter (ModelAdapter.load and adapter_for pick it)")
         self.geometry = FrameGeometry.from_config(self.config, feature_extractor.sampling_rate)
         self.weights: str | None = None  # SHA-1 of the weight files when loaded from a folder
         self._gemm_cache: tuple[tuple, list[ConvGemm]] | None = None
