@@ -474,13 +474,19 @@ class ModelAdapter:
         self.ffns = _ffns(self.backbone, source)
         self.feature_extractor = feature_extractor
         self.config = self.backbone.config
-        if self.config.model_type == "whisper" and not isinstance(self, WhisperAdapter):
-            raise ModelError(f"{source}: a Whisper model needs a WhisperAdapter (ModelAdapter.load and adapter_for pick it)")
-        self.geometry = FrameGeometry.from_config(self.config, feature_extractor.sampling_rate)
+        self.geometry = self._geometry()
         self.weights: str | None = None  # SHA-1 of the weight files when loaded from a folder
         self._gemm_cache: tuple[tuple, list[ConvGemm]] | None = None
         self._workspace = Workspace()
         self._pos_weight_cache: tuple[tuple, torch.Tensor] | None = None
+
+    def _geometry(self) -> FrameGeometry:
+        """The frame geometry of the config's conv front end (a Whisper model needs :class:`WhisperAdapter`)."""
+        if self.config.model_type == "whisper":
+            raise ModelError(
+                f"{self.source}: a Whisper model needs a WhisperAdapter (ModelAdapter.load and adapter_for pick it)"
+            )
+        return FrameGeometry.from_config(self.config, self.feature_extractor.sampling_rate)
 
     @classmethod
     def load(
@@ -741,21 +747,11 @@ class WhisperAdapter(ModelAdapter):
     frames whose centre lies past the audio (:meth:`~neurostat.frames.FrameGeometry.num_frames`) are masked
     out: never tokens."""
 
-    def __init__(self, model: nn.Module, feature_extractor, source: str = "<in-memory>", revision: str | None = None):
-        self.source, self.revision = source, revision
-        self.model = model.eval()
-        self.backbone = _backbone(model, source)
-        if self.backbone.config.model_type != "whisper":
-            raise ModelError(f"{source}: model type {self.backbone.config.model_type!r} is not Whisper")
-        self.ffns = _ffns(self.backbone, source)
-        self.feature_extractor = feature_extractor
-        self.config = self.backbone.config
-        self.geometry = self._geometry()
-        self.weights: str | None = None
-
     def _geometry(self) -> FrameGeometry:
         """The frame geometry of the feature extractor and the encoder's own convolutions (kernel, padding,
         stride), which must be the geometry the config alone gives (what ``prepare --model`` labels by)."""
+        if self.config.model_type != "whisper":
+            raise ModelError(f"{self.source}: model type {self.config.model_type!r} is not Whisper")
         fe, encoder = self.feature_extractor, self.backbone.encoder
         missing = [a for a in ("n_fft", "hop_length", "n_samples", "chunk_length") if not hasattr(fe, a)]
         if missing:
