@@ -9,8 +9,9 @@ overlap regions), so it can be mailed or opened from disk.
 
 With probe results (``neurostat probe --out`` or ``bench/claims_bench.py``, whose entries carry tags), the
 report adds the paper's evidence: ablation bars (each probe's metric for the original model and each
-set of removed neurons, random sets as mean ± s.d. over seeds) and pruning curves (metric against the
-kept fraction, one line per pruning method, the original as a dashed line).
+set of removed neurons) and pruning curves (metric against the kept fraction, one line per pruning method,
+the original as a dashed line); results that differ only in a seed (random sets, probe splits) are pooled
+as mean ± s.d.
 """
 
 from __future__ import annotations
@@ -153,48 +154,121 @@ def _kind(result: dict) -> str:
     return " (fixed probes)" if result.get("tag", {}).get("probes") == "fixed" else ""
 
 
-def _original(results: list[dict]) -> dict:
-    return next((r["tasks"] for r in results if r.get("tag", {}).get("edit") == "original"), {})
+POOLED = ("split_seed", "seed")
+"""Tag keys whose results are pooled into one bar or point (mean ± s.d.): the probe split's seed and a
+random neuron set's seed."""
+CONTEXT = ("view", "split")
+"""Tag keys one figure never mixes (``bench/claims_bench.py``: the layers the probes read, the kind of split)."""
 
 
-def _ablation(results: list[dict]) -> Figure | None:
-    """Bars: each task's metric (and the phone probe's accuracy per phone type) for the original model and
-    each set of removed neurons."""
-    ablated = [r for r in results if r.get("tag", {}).get("edit") == "ablated"]
-    if not ablated:
-        return None
-    original = _original(results)
+def probe_results(path: str | Path, where: dict[str, str] | None = None) -> list[dict]:
+    """The probe results of ``path`` whose tags have every ``where`` value; an error when none do, or when
+    what is left mixes several values of a :data:`CONTEXT` key (a figure would pool unlike measurements)."""
+    results = load_results(path)
+    where = where or {}
+    kept = [r for r in results if all(str(r.get("tag", {}).get(k)) == v for k, v in where.items())]
+    if not kept:
+        tags = sorted({f"{k}={v}" for r in results for k, v in r.get("tag", {}).items() if k in where})
+        raise ReportError(
+            f"{path}: no result has {', '.join(f'{k}={v}' for k, v in where.items())} "
+            f"(its results have {', '.join(tags) or 'no such tags'})"
+        )
+    for key in CONTEXT:
+        values = sorted({str(r["tag"][key]) for r in kept if key in r.get("tag", {})})
+        if len(values) > 1:
+            raise ReportError(
+                f"{path}: results of {len(values)} {key}s ({', '.join(values)}) would be pooled in one figure; "
+                f"choose one with --probe-where {key}=VALUE"
+            )
+    return kept
+
+
+@dataclass
+class Bar:
+    """One bar of a probe figure: the mean and s.d. of a metric over ``n`` pooled results."""
+
+    name: str
+    mean: float
+    sd: float
+    n: int
+
+
+def _bar(name: str, values: list[float]) -> Bar:
+    return Bar(name, float(np.mean(values)), float(np.std(values)), len(values))
+
+
+def _edited(results: list[dict], edit: str) -> list[dict]:
+    return [r for r in results if r.get("tag", {}).get("edit") == edit]
+
+
+def _original_bar(results: list[dict], value) -> Bar | None:
+    values = [v for r in _edited(results, "original") if (v := value(r["tasks"])) is not None]
+    return _bar("original", values) if values else None
+
+
+def ablation_bars(results: list[dict]) -> list[tuple[str, str, list[Bar]]]:
+    """Panels (title, metric, bars) of the ablation figure: each task's metric (and the phone probe's
+    accuracy per phone type) for the original model and each set of removed neurons, every bar pooled over
+    the :data:`POOLED` seeds."""
+    ablated = _edited(results, "ablated")
     groups: dict[str, list[dict]] = {}
     for r in ablated:
         groups.setdefault(str(r["tag"].get("neurons", "?")) + _kind(r), []).append(r["tasks"])
-    panels = []  # (title, y label, value of a result's tasks or None)
+    values = []  # (title, metric, value of a result's tasks or None)
     for task in dict.fromkeys(t for r in ablated for t in r["tasks"]):
-        panels.append((task, _metric_name(task), lambda t, task=task: _value(t, task)))
+        values.append((task, _metric_name(task), lambda t, task=task: _value(t, task)))
         types = dict.fromkeys(n for r in ablated for n in r["tasks"].get(task, {}).get("accuracy_by_type", {}))
         for name in types:
-            panels.append(
+            values.append(
                 (
                     f"{task}: {name}",
                     "accuracy",
                     lambda t, task=task, name=name: t.get(task, {}).get("accuracy_by_type", {}).get(name),
                 )
             )
+    panels = []
+    for title, metric, value in values:
+        bars = [b] if (b := _original_bar(results, value)) else []
+        for name, runs in groups.items():
+            if found := [v for t in runs if (v := value(t)) is not None]:
+                bars.append(_bar(name, found))
+        panels.append((title, metric, bars))
+    return panels
+
+
+def pruning_curves(results: list[dict]) -> dict[str, tuple[dict[str, list[tuple[float, Bar]]], Bar | None]]:
+    """Per task: each pruning method's points (kept fraction, the metric pooled over the :data:`POOLED`
+    seeds) in the order of the kept fraction, and the original model's bar."""
+    pruned = [r for r in _edited(results, "pruned") if "keep" in r["tag"]]
+    curves = {}
+    for task in dict.fromkeys(t for r in pruned for t in r["tasks"]):
+        methods: dict[str, dict[float, list[float]]] = {}
+        for r in pruned:
+            if task in r["tasks"]:
+                method = str(r["tag"].get("method", "?")) + _kind(r)
+                methods.setdefault(method, {}).setdefault(float(r["tag"]["keep"]), []).append(_value(r["tasks"], task))
+        points = {
+            m: [(keep, _bar(str(keep), v)) for keep, v in sorted(by_keep.items())]
+            for m, by_keep in sorted(methods.items())
+        }
+        curves[task] = (points, _original_bar(results, lambda t, task=task: _value(t, task)))
+    return curves
+
+
+def _ablation(results: list[dict]) -> Figure | None:
+    """Bars: :func:`ablation_bars`, pooled results as mean ± s.d. and named with their count."""
+    panels = ablation_bars(results)
+    if not panels:
+        return None
 
     def draw(fig):
-        for i, (title, ylabel, value) in enumerate(panels):
+        for i, (title, ylabel, bars) in enumerate(panels):
             ax = fig.add_subplot(1, len(panels), i + 1)
-            names, means, errors = [], [], []
-            if value(original) is not None:
-                names, means, errors = ["original"], [value(original)], [0.0]
-            for name, runs in groups.items():
-                values = [v for t in runs if (v := value(t)) is not None]
-                if values:
-                    names.append(f"{name} (×{len(values)})" if len(values) > 1 else name)
-                    means.append(float(np.mean(values)))
-                    errors.append(float(np.std(values)))
-            colours = ["#888" if n == "original" else "#c44" for n in names]
-            ax.bar(range(len(names)), means, yerr=errors, color=colours, capsize=3)
-            ax.set_xticks(range(len(names)), names, rotation=70, ha="right", fontsize=6)
+            names = [f"{b.name} (×{b.n})" if b.n > 1 else b.name for b in bars]
+            means, errors = [b.mean for b in bars], [b.sd for b in bars]
+            colours = ["#888" if b.name == "original" else "#c44" for b in bars]
+            ax.bar(range(len(bars)), means, yerr=errors, color=colours, capsize=3)
+            ax.set_xticks(range(len(bars)), names, rotation=70, ha="right", fontsize=6)
             low = min(m - e for m, e in zip(means, errors))
             high = max(m + e for m, e in zip(means, errors))
             pad = max(0.02, 0.15 * (high - low))
@@ -203,31 +277,30 @@ def _ablation(results: list[dict]) -> Figure | None:
             ax.set_ylabel(ylabel)
 
     size = (2.6 * len(panels) + 1, 4.6)
-    return render_figure(draw, "probe_ablation", "Probes after removing neurons (random sets: mean ± s.d.)", size)
+    return render_figure(draw, "probe_ablation", "Probes after removing neurons (pooled results: mean ± s.d.)", size)
 
 
 def _pruning(results: list[dict]) -> Figure | None:
-    """Curves: each task's metric against the kept fraction, one line per pruning method."""
-    pruned = [r for r in results if r.get("tag", {}).get("edit") == "pruned" and "keep" in r["tag"]]
-    if not pruned:
+    """Curves: :func:`pruning_curves`, one line per pruning method (mean ± s.d. where results are pooled)."""
+    curves = pruning_curves(results)
+    if not curves:
         return None
-    original = _original(results)
-    tasks = [t for t in dict.fromkeys(t for r in pruned for t in r["tasks"])]
-    methods = sorted({str(r["tag"].get("method", "?")) + _kind(r) for r in pruned})
 
     def draw(fig):
-        for i, task in enumerate(tasks):
-            ax = fig.add_subplot(1, len(tasks), i + 1)
-            for method in methods:
-                points = sorted(
-                    (float(r["tag"]["keep"]), _value(r["tasks"], task))
-                    for r in pruned
-                    if str(r["tag"].get("method", "?")) + _kind(r) == method and task in r["tasks"]
+        for i, (task, (methods, original)) in enumerate(curves.items()):
+            ax = fig.add_subplot(1, len(curves), i + 1)
+            for method, points in methods.items():
+                keep = [k for k, _ in points]
+                ax.errorbar(
+                    keep,
+                    [b.mean for _, b in points],
+                    yerr=[b.sd for _, b in points],
+                    marker="o",
+                    capsize=3,
+                    label=method,
                 )
-                if points:
-                    ax.plot(*zip(*points), marker="o", label=method)
-            if task in original:
-                ax.axhline(_value(original, task), color="k", linestyle="--", linewidth=0.8, label="original")
+            if original is not None:
+                ax.axhline(original.mean, color="k", linestyle="--", linewidth=0.8, label="original")
             ax.set_title(task)
             ax.set_xlabel("kept fraction")
             ax.set_ylabel(_metric_name(task))
@@ -235,7 +308,7 @@ def _pruning(results: list[dict]) -> Figure | None:
             if i == 0:
                 ax.legend(fontsize=7)
 
-    return render_figure(draw, "probe_pruning", "Probes after pruning (no retraining)", (3 * len(tasks) + 1, 3.5))
+    return render_figure(draw, "probe_pruning", "Probes after pruning (no retraining)", (3 * len(curves) + 1, 3.5))
 
 
 def _probe_table(results: list[dict]) -> str:
@@ -270,10 +343,12 @@ def build_report(
     neuron_files: list[Path] | None = None,
     sigma: float = 0.8,
     probe: str | Path | None = None,
+    probe_where: dict[str, str] | None = None,
 ) -> dict:
     """Writes the PNGs and ``index.html`` into ``out``; returns the numbers on the page and notes.  ``probe``:
     a probe-results JSON whose ablation and pruning entries become figures and a table (a note says so when
-    it holds neither).  ``out`` must be new,
+    it holds neither); ``probe_where``: only its results whose tags have these values (:func:`probe_results`).
+    ``out`` must be new,
     empty or a report (:func:`neurostat.files.check_out_folder`), apart from the inputs."""
     out = check_out_folder(out, "report", is_report, (store, *(neuron_files or []), probe))
     stats = open_stats(store)
@@ -296,7 +371,7 @@ def build_report(
         figures.append(_overlaps(sets, regions))
     figures += [f for name, s in sets.items() if (f := _heatmap(stats, name, s)) is not None]
     figures.append(_histograms(stats))
-    results = load_results(probe) if probe else []
+    results = probe_results(probe, probe_where) if probe else []
     edits = [f for f in (_ablation(results), _pruning(results)) if f is not None]
     figures += edits
     notes = []

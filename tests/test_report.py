@@ -3,6 +3,7 @@
 import re
 
 import matplotlib.image
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -99,6 +100,60 @@ def test_report_with_probe_results_draws_ablation_bars_and_pruning_curves(store,
         main, ["report", str(store), "--probe", str(tmp_path / "bad.json"), "--out", str(tmp_path / "x")]
     )
     assert res.exit_code == 1 and "not a neurostat probe results file" in res.output
+
+
+def test_report_pools_probe_splits_and_random_seeds_and_refuses_to_mix_kinds_of_split(store, tmp_path):
+    """Results of several probe splits (bench/claims_bench.py's tags): one kind of split is chosen with
+    --probe-where, and every bar and pruning point is the mean ± s.d. of the results that differ only in a
+    seed, as a plain loop over the file computes them."""
+    from neurostat.probe import FORMAT, save_results
+    from neurostat.report import ablation_bars, probe_results, pruning_curves
+
+    rng = np.random.default_rng(7)
+    runs = [("original", {}), ("ablated", {"neurons": "vowel"})]
+    runs += [("ablated", {"neurons": "random like vowel", "seed": s}) for s in range(3)]
+    runs += [("pruned", {"method": m, "keep": k}) for m in ("protected", "l1") for k in (0.5, 0.19, 0.3)]
+    results = []
+    for split, seeds in (("speaker", (0, 1, 2)), ("voice", (0, 3))):
+        for split_seed in seeds:
+            for edit, tag in runs:
+                tasks = {"phone": {"accuracy": float(rng.random()), "accuracy_by_type": {"vowel": float(rng.random())}}}
+                tag = {"edit": edit, **tag, "view": "layer-4", "split": split, "split_seed": split_seed}
+                results.append({"format": FORMAT, "model": "m", "tag": tag, "tasks": tasks})
+    save_results(results, tmp_path / "probes.json")
+
+    args = ["report", str(store), "--probe", str(tmp_path / "probes.json"), "--out", str(tmp_path / "r")]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 1 and "2 splits (speaker, voice)" in res.output and "--probe-where split=" in res.output
+    res = CliRunner().invoke(main, [*args[:-2], "--probe-where", "split=none", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 1 and "no result has split=none" in res.output and "split=voice" in res.output
+    res = CliRunner().invoke(main, [*args[:-2], "--probe-where", "split=speaker", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    assert {"probe_ablation.png", "probe_pruning.png"} <= {p.name for p in (tmp_path / "r").glob("*.png")}
+
+    chosen = probe_results(tmp_path / "probes.json", {"split": "speaker"})
+    assert len(chosen) == 3 * len(runs) and all(r["tag"]["split"] == "speaker" for r in chosen)
+
+    def pooled(edit, key, value, read):
+        values = [read(r) for r in chosen if r["tag"]["edit"] == edit and r["tag"].get(key) == value]
+        return np.mean(values), np.std(values), len(values)
+
+    accuracy = lambda r: r["tasks"]["phone"]["accuracy"]  # noqa: E731
+    vowel = lambda r: r["tasks"]["phone"]["accuracy_by_type"]["vowel"]  # noqa: E731
+    panels = {title: {b.name: (b.mean, b.sd, b.n) for b in bars} for title, _, bars in ablation_bars(chosen)}
+    assert set(panels) == {"phone", "phone: vowel"}
+    for title, read in (("phone", accuracy), ("phone: vowel", vowel)):
+        assert panels[title]["original"] == pytest.approx(pooled("original", "edit", "original", read))
+        assert panels[title]["vowel"] == pytest.approx(pooled("ablated", "neurons", "vowel", read))
+        random = pooled("ablated", "neurons", "random like vowel", read)
+        assert random[2] == 9 and panels[title]["random like vowel"] == pytest.approx(random)
+    methods, original = pruning_curves(chosen)["phone"]
+    assert (original.mean, original.sd, original.n) == pytest.approx(pooled("original", "edit", "original", accuracy))
+    for method in ("protected", "l1"):
+        assert [k for k, _ in methods[method]] == [0.19, 0.3, 0.5]
+        for keep, bar in methods[method]:
+            values = [accuracy(r) for r in chosen if r["tag"].get("method") == method and r["tag"].get("keep") == keep]
+            assert (bar.mean, bar.sd, bar.n) == pytest.approx((np.mean(values), np.std(values), 3))
 
 
 def test_probe_compare_of_edited_checkpoints_feeds_the_reports_figures(store, prepared, tiny_model, tmp_path):

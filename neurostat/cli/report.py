@@ -31,15 +31,29 @@ def neuron_options(command):
     default=None,
     help="Probe results JSON (`neurostat probe --out`, bench/claims_bench.py): adds ablation bars and pruning curves.",
 )
+@click.option(
+    "--probe-where",
+    "probe_where",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Only the probe results whose tag KEY is VALUE (repeatable), e.g. split=voice for one kind of "
+    "bench/claims_bench.py's splits; results that differ only in a seed are pooled (mean ± s.d.).",
+)
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for the report.")
 @user_errors
-def report(store, neuron_files, sigma, probe, out) -> None:
+def report(store, neuron_files, sigma, probe, probe_where, out) -> None:
     """Pictures of a store's property neurons (PNG) and one self-contained HTML page: neurons per layer,
     overlaps between properties, P(j | label) heatmaps, per-layer probability histograms, and with
     --probe the probes of ablated and pruned models."""
     from ..report import build_report
 
-    summary = build_report(store, out, list(neuron_files), sigma, probe)
+    where = {}
+    for item in probe_where:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--probe-where")
+        where[key] = value
+    summary = build_report(store, out, list(neuron_files), sigma, probe, where)
     for note in summary["notes"]:
         click.echo(f"note: {note}", err=True)
     click.echo(f"wrote {len(summary['figures'])} figures and index.html to {out}")
