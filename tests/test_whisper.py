@@ -116,6 +116,24 @@ def assert_store_equals(path, ref) -> None:
         np.testing.assert_allclose(ds[name].values, ref[name], rtol=1e-9, atol=1e-12, err_msg=name)
 
 
+@pytest.mark.parametrize("mel_bins", [80, 128])
+def test_the_adapters_log_mel_equals_the_feature_extractors(tmp_path, mel_bins):
+    """The log-mel the adapter computes where the batch is equals the checkpoint's WhisperFeatureExtractor
+    (numpy in, padded to the window) exactly, for waveforms from 1 sample to a whole window in one batch."""
+    path = factory.save_whisper(tmp_path / "m", chunk_length=WINDOW_SECONDS, num_mel_bins=mel_bins)
+    transformers.WhisperFeatureExtractor(feature_size=mel_bins, chunk_length=WINDOW_SECONDS).save_pretrained(path)
+    adapter = ModelAdapter.load(str(path), dtype=torch.float32)
+    fe = adapter.feature_extractor
+    g = torch.Generator().manual_seed(mel_bins)
+    lengths = [1, 17, fe.hop_length * 3 + 1, fe.n_samples // 3, fe.n_samples - 1, fe.n_samples]
+    waves = [torch.randn(n, generator=g) * 0.1 for n in lengths]
+    waves[2][:] = 0.0  # silence: every bin clamps to the floor
+    expected = fe([w.numpy() for w in waves], sampling_rate=fe.sampling_rate, return_tensors="pt").input_features
+    got = adapter.log_mel(waves)
+    assert got.shape == (len(lengths), mel_bins, fe.nb_max_frames) and got.dtype == torch.float32
+    assert torch.equal(got, expected)
+
+
 @pytest.mark.parametrize("mode", ["all", "phone-mid"])
 def test_float64_counts_equal_the_per_window_hook_reference(whisper_corpus, whisper_dir, tmp_path, mode):
     adapter = ModelAdapter.load(whisper_dir, dtype=torch.float64)

@@ -740,12 +740,15 @@ class WhisperAdapter(ModelAdapter):
     Whisper sees fixed windows of the feature extractor's ``n_samples`` (``chunk_length`` seconds): the
     engine cuts utterances at window boundaries (:attr:`~neurostat.frames.FrameGeometry.window`), so every
     waveform of a batch fits one window.  Each is zero-padded to the window and made log-mel features by the
-    checkpoint's own ``WhisperFeatureExtractor`` (transformers' code, which takes its torch STFT where torch
-    is installed), as Whisper does itself; then the encoder runs on the whole batch of windows at once.
+    checkpoint's own ``WhisperFeatureExtractor``'s operations (its torch STFT and mel filters, run on the
+    device), as Whisper does itself; then the encoder runs on the whole batch of windows at once.
     Whisper's encoder has no attention mask: a window's padding is part of its input, as when Whisper
     transcribes it, so each window's activations equal its own batch-1 forward within float rounding.  The
     frames whose centre lies past the audio (:meth:`~neurostat.frames.FrameGeometry.num_frames`) are masked
     out: never tokens."""
+
+    _mel_filters: torch.Tensor | None = None
+    """The feature extractor's mel filters [frequencies, mel bins] on the device (made on first use)."""
 
     def _geometry(self) -> FrameGeometry:
         """The frame geometry of the feature extractor and the encoder's own convolutions (kernel, padding,
@@ -802,11 +805,21 @@ class WhisperAdapter(ModelAdapter):
 
     def log_mel(self, waves: list[torch.Tensor]) -> torch.Tensor:
         """Whisper's log-mel features [B, mel bins, mel frames] of waveforms of at most one window each,
-        each zero-padded to the window, by the checkpoint's feature extractor (on this adapter's device)."""
+        each padded to the window with the extractor's padding value: the operations of the checkpoint's
+        ``WhisperFeatureExtractor`` (its torch STFT, its mel filters), run on the waveforms where they are, so
+        a batch on the GPU never goes back to the host (tests: equal to the extractor's output)."""
         fe = self.feature_extractor
-        arrays = [w.detach().to("cpu", torch.float32).numpy() for w in waves]
-        features = fe(arrays, sampling_rate=fe.sampling_rate, return_tensors="pt", device=str(self.device))
-        return features.input_features.to(self.device, self.dtype)
+        batch = torch.full((len(waves), fe.n_samples), float(fe.padding_value), device=self.device)
+        for b, w in enumerate(waves):
+            batch[b, : len(w)] = w
+        if self._mel_filters is None or self._mel_filters.device != batch.device:
+            self._mel_filters = torch.from_numpy(fe.mel_filters).to(self.device, torch.float32)
+        window = torch.hann_window(fe.n_fft, device=self.device)
+        stft = torch.stft(batch, fe.n_fft, fe.hop_length, window=window, return_complex=True)
+        power = (stft[..., :-1].abs() ** 2).contiguous()
+        log = (self._mel_filters.T @ power).clamp(min=1e-10).log10()
+        log = torch.maximum(log, log.amax(dim=(1, 2), keepdim=True) - 8.0)
+        return ((log + 4.0) / 4.0).to(self.dtype)
 
     @torch.inference_mode()
     def encode(
