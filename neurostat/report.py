@@ -286,6 +286,9 @@ def _pruning(results: list[dict]) -> Figure | None:
     if not curves:
         return None
 
+    names = sorted({m for methods, _ in curves.values() for m in methods})
+    colours = {m: f"C{i}" for i, m in enumerate(names)}  # one colour per method in every panel
+
     def draw(fig):
         for i, (task, (methods, original)) in enumerate(curves.items()):
             ax = fig.add_subplot(1, len(curves), i + 1)
@@ -298,6 +301,7 @@ def _pruning(results: list[dict]) -> Figure | None:
                     marker="o",
                     capsize=3,
                     label=method,
+                    color=colours[method],
                 )
             if original is not None:
                 ax.axhline(original.mean, color="k", linestyle="--", linewidth=0.8, label="original")
@@ -305,8 +309,7 @@ def _pruning(results: list[dict]) -> Figure | None:
             ax.set_xlabel("kept fraction")
             ax.set_ylabel(_metric_name(task))
             ax.invert_xaxis()
-            if i == 0:
-                ax.legend(fontsize=7)
+            ax.legend(fontsize=6)  # panels may hold different methods (the refitted probes are a few tasks')
 
     return render_figure(draw, "probe_pruning", "Probes after pruning (no retraining)", (3 * len(curves) + 1, 3.5))
 
