@@ -1,6 +1,7 @@
 """The paper's two claims, measured offline on the shipped demo model (neurostat.tiny).
 
     python bench/claims_bench.py             # ~26 min on 2 busy cores: bench/claims/{claims.md, weighted/, layer-4/}
+    python bench/claims_bench.py --probe-utterances 12 --frames 15000   # the committed full-size run: 33 min on 2 cores
     python bench/claims_bench.py --smoke     # a tiny run of every step (CI)
 
 1. Property neurons (phone-type, gender, pitch; the paper's rule, sigma 0.8) per layer, in the trained
