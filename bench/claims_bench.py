@@ -110,7 +110,10 @@ def corpus(work: Path, name: str, size: tuple[int, int], seed: int, first: int, 
 def select(adapter: ModelAdapter, selection_corpus: PreparedCorpus, store: Path) -> dict:
     """Collects the statistics of ``adapter`` (again if the store holds another model's weights) and selects
     the property neurons of every property."""
-    if not (store / "zarr.json").is_file() or open_stats(store).meta.fingerprint.get("weights") != adapter.weights:
+    if (
+        not (store / "zarr.json").is_file()
+        or open_stats(store).meta.fingerprint.get("weights") != adapter.hash_weights()
+    ):
         collect(selection_corpus, adapter, store, CollectConfig(batch_seconds=20.0), overwrite=True, progress=False)
     selections, _ = select_properties(open_stats(store), PROPERTIES)
     return selections

@@ -167,7 +167,7 @@ def probe_results(path: str | Path, where: dict[str, str] | None = None) -> list
     results = load_results(path)
     where = where or {}
     kept = [r for r in results if all(str(r.get("tag", {}).get(k)) == v for k, v in where.items())]
-    if not kept:
+    if results and not kept:
         tags = sorted({f"{k}={v}" for r in results for k, v in r.get("tag", {}).items() if k in where})
         raise ReportError(
             f"{path}: no result has {', '.join(f'{k}={v}' for k, v in where.items())} "
@@ -194,15 +194,38 @@ class Bar:
 
 
 def _bar(name: str, values: list[float]) -> Bar:
-    return Bar(name, float(np.mean(values)), float(np.std(values)), len(values))
+    """Mean and sample s.d. (as bench/claims_bench.py's tables give them; 0 for one value)."""
+    sd = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return Bar(name, float(np.mean(values)), sd, len(values))
 
 
-def _edited(results: list[dict], edit: str) -> list[dict]:
+def _with_edit(results: list[dict], edit: str) -> list[dict]:
     return [r for r in results if r.get("tag", {}).get("edit") == edit]
 
 
+def _pooled(results: list[dict], name_of) -> dict:
+    """Groups results by ``name_of(result)``; an error when a group's results differ in anything but the
+    :data:`POOLED` seeds (their tags and the layer they were probed at), which a bar must not average."""
+    groups: dict = {}
+    for r in results:
+        groups.setdefault(name_of(r), []).append(r)
+    for name, members in groups.items():
+        described = [
+            {"layer": r.get("layer"), **{k: v for k, v in r.get("tag", {}).items() if k not in POOLED}} for r in members
+        ]
+        keys = sorted({k for d in described for k in d})
+        differ = [k for k in keys if len({str(d.get(k)) for d in described}) > 1]
+        if differ:
+            raise ReportError(
+                f"probe results {name!r} differ in {', '.join(differ)}, not only in a seed ({', '.join(POOLED)}): "
+                "one bar cannot pool them; choose them with --probe-where KEY=VALUE"
+            )
+    return groups
+
+
 def _original_bar(results: list[dict], value) -> Bar | None:
-    values = [v for r in _edited(results, "original") if (v := value(r["tasks"])) is not None]
+    originals = _pooled(_with_edit(results, "original"), lambda r: "original").get("original", [])
+    values = [v for r in originals if (v := value(r["tasks"])) is not None]
     return _bar("original", values) if values else None
 
 
@@ -210,16 +233,14 @@ def ablation_bars(results: list[dict]) -> list[tuple[str, str, list[Bar]]]:
     """Panels (title, metric, bars) of the ablation figure: each task's metric (and the phone probe's
     accuracy per phone type) for the original model and each set of removed neurons, every bar pooled over
     the :data:`POOLED` seeds."""
-    ablated = _edited(results, "ablated")
-    groups: dict[str, list[dict]] = {}
-    for r in ablated:
-        groups.setdefault(str(r["tag"].get("neurons", "?")) + _kind(r), []).append(r["tasks"])
-    values = []  # (title, metric, value of a result's tasks or None)
+    ablated = _with_edit(results, "ablated")
+    groups = _pooled(ablated, lambda r: str(r["tag"].get("neurons", "?")) + _kind(r))
+    readers = []  # (title, metric, value of a result's tasks or None)
     for task in dict.fromkeys(t for r in ablated for t in r["tasks"]):
-        values.append((task, _metric_name(task), lambda t, task=task: _value(t, task)))
+        readers.append((task, _metric_name(task), lambda t, task=task: _value(t, task)))
         types = dict.fromkeys(n for r in ablated for n in r["tasks"].get(task, {}).get("accuracy_by_type", {}))
         for name in types:
-            values.append(
+            readers.append(
                 (
                     f"{task}: {name}",
                     "accuracy",
@@ -227,31 +248,28 @@ def ablation_bars(results: list[dict]) -> list[tuple[str, str, list[Bar]]]:
                 )
             )
     panels = []
-    for title, metric, value in values:
+    for title, metric, value in readers:
         bars = [b] if (b := _original_bar(results, value)) else []
-        for name, runs in groups.items():
-            if found := [v for t in runs if (v := value(t)) is not None]:
+        for name, members in groups.items():
+            if found := [v for r in members if (v := value(r["tasks"])) is not None]:
                 bars.append(_bar(name, found))
-        panels.append((title, metric, bars))
+        if bars:
+            panels.append((title, metric, bars))
     return panels
 
 
 def pruning_curves(results: list[dict]) -> dict[str, tuple[dict[str, list[tuple[float, Bar]]], Bar | None]]:
     """Per task: each pruning method's points (kept fraction, the metric pooled over the :data:`POOLED`
     seeds) in the order of the kept fraction, and the original model's bar."""
-    pruned = [r for r in _edited(results, "pruned") if "keep" in r["tag"]]
+    pruned = [r for r in _with_edit(results, "pruned") if "keep" in r["tag"]]
+    groups = _pooled(pruned, lambda r: (str(r["tag"].get("method", "?")) + _kind(r), float(r["tag"]["keep"])))
     curves = {}
     for task in dict.fromkeys(t for r in pruned for t in r["tasks"]):
-        methods: dict[str, dict[float, list[float]]] = {}
-        for r in pruned:
-            if task in r["tasks"]:
-                method = str(r["tag"].get("method", "?")) + _kind(r)
-                methods.setdefault(method, {}).setdefault(float(r["tag"]["keep"]), []).append(_value(r["tasks"], task))
-        points = {
-            m: [(keep, _bar(str(keep), v)) for keep, v in sorted(by_keep.items())]
-            for m, by_keep in sorted(methods.items())
-        }
-        curves[task] = (points, _original_bar(results, lambda t, task=task: _value(t, task)))
+        methods: dict[str, list[tuple[float, Bar]]] = {}
+        for (method, keep), members in sorted(groups.items()):
+            if found := [_value(r["tasks"], task) for r in members if task in r["tasks"]]:
+                methods.setdefault(method, []).append((keep, _bar(f"{method}, {keep:g} kept", found)))
+        curves[task] = (methods, _original_bar(results, lambda t, task=task: _value(t, task)))
     return curves
 
 
@@ -305,6 +323,8 @@ def _pruning(results: list[dict]) -> Figure | None:
                 )
             if original is not None:
                 ax.axhline(original.mean, color="k", linestyle="--", linewidth=0.8, label="original")
+                if original.sd:
+                    ax.axhspan(original.mean - original.sd, original.mean + original.sd, color="k", alpha=0.08)
             ax.set_title(task)
             ax.set_xlabel("kept fraction")
             ax.set_ylabel(_metric_name(task))

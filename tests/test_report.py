@@ -136,7 +136,7 @@ def test_report_pools_probe_splits_and_random_seeds_and_refuses_to_mix_kinds_of_
 
     def pooled(edit, key, value, read):
         values = [read(r) for r in chosen if r["tag"]["edit"] == edit and r["tag"].get(key) == value]
-        return np.mean(values), np.std(values), len(values)
+        return np.mean(values), np.std(values, ddof=1), len(values)
 
     accuracy = lambda r: r["tasks"]["phone"]["accuracy"]  # noqa: E731
     vowel = lambda r: r["tasks"]["phone"]["accuracy_by_type"]["vowel"]  # noqa: E731
@@ -153,7 +153,18 @@ def test_report_pools_probe_splits_and_random_seeds_and_refuses_to_mix_kinds_of_
         assert [k for k, _ in methods[method]] == [0.19, 0.3, 0.5]
         for keep, bar in methods[method]:
             values = [accuracy(r) for r in chosen if r["tag"].get("method") == method and r["tag"].get("keep") == keep]
-            assert (bar.mean, bar.sd, bar.n) == pytest.approx((np.mean(values), np.std(values), 3))
+            assert (bar.mean, bar.sd, bar.n) == pytest.approx((np.mean(values), np.std(values, ddof=1), 3))
+
+    # results that differ in more than a seed are never pooled; an empty file draws nothing
+    other = [dict(r, tag={**r["tag"], "neurons": "vowel", "count": 5}) for r in chosen if r["tag"]["edit"] == "ablated"]
+    with pytest.raises(ReportError, match="'vowel' differ in count, not only in a seed"):
+        ablation_bars(chosen + [other[0]])
+    with pytest.raises(ReportError, match="differ in layer"):
+        pruning_curves(chosen + [dict(r, layer=2) for r in chosen if r["tag"]["edit"] == "pruned"][:1])
+    save_results([], tmp_path / "empty.json")
+    assert probe_results(tmp_path / "empty.json") == [] and ablation_bars([]) == [] and pruning_curves([]) == {}
+    res = CliRunner().invoke(main, ["report", str(store), "--probe-where", "split=voice", "--out", str(tmp_path / "q")])
+    assert res.exit_code == 2 and "none was given" in res.output
 
 
 def test_probe_compare_of_edited_checkpoints_feeds_the_reports_figures(store, prepared, tiny_model, tmp_path):

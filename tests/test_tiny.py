@@ -96,14 +96,17 @@ def test_the_shipped_model_and_head_beat_both_baselines_on_held_out_speech(demo_
     assert shipped.accuracy > shipped.copy_nearest + 0.02 and shipped.accuracy > 3 * shipped.most_frequent, shipped
     assert twin.accuracy < twin.copy_nearest, twin
 
-    # the card's score is what the shipped (fp16) weights give again on the corpus it names
+    # the card's score is what the shipped (fp16) weights give again on the corpus it names (within fp16
+    # rounding, and within what another espeak-ng build may change in the synthetic audio)
     card = summary["held_out"]
     model = HubertModel.from_pretrained(shipped_model_dir()).eval()
     geometry = FrameGeometry.from_config(model.config, SAMPLE_RATE)
     root = held_out_corpus(tmp_path / "held-out", settings, progress=False)
     again = vars(evaluate_held_out(model, head, codebook, root, geometry, settings.mask_prob, settings.mask_span, 0))
-    assert {k: v for k, v in again.items() if k != "accuracy"} == {k: v for k, v in card.items() if k != "accuracy"}
-    assert again["accuracy"] == pytest.approx(card["accuracy"], abs=2e-3)
+    assert again["utterances"] == card["utterances"] and again["chance"] == card["chance"]
+    assert again["masked_frames"] == pytest.approx(card["masked_frames"], rel=0.01)  # the synthesiser's build
+    for key in ("accuracy", "copy_nearest", "most_frequent"):
+        assert again[key] == pytest.approx(card[key], abs=3e-3), key
 
 
 def test_mfcc_frames_line_up_with_the_models_frames():

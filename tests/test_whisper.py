@@ -116,13 +116,18 @@ def assert_store_equals(path, ref) -> None:
         np.testing.assert_allclose(ds[name].values, ref[name], rtol=1e-9, atol=1e-12, err_msg=name)
 
 
-@pytest.mark.parametrize("mel_bins", [80, 128])
-def test_the_adapters_log_mel_equals_the_feature_extractors(tmp_path, mel_bins):
+@pytest.mark.parametrize(
+    "mel_bins, padding, dtype", [(80, 0.0, torch.float32), (128, 0.25, torch.float32), (80, 0.0, torch.bfloat16)]
+)
+def test_the_adapters_log_mel_equals_the_feature_extractors(tmp_path, mel_bins, padding, dtype):
     """The log-mel the adapter computes where the batch is equals the checkpoint's WhisperFeatureExtractor
-    (numpy in, padded to the window) exactly, for waveforms from 1 sample to a whole window in one batch."""
+    (numpy in, padded to the window with its padding value) exactly, for waveforms from 1 sample to a whole
+    window in one batch; a bf16 model gets the same features rounded to bf16."""
     path = factory.save_whisper(tmp_path / "m", chunk_length=WINDOW_SECONDS, num_mel_bins=mel_bins)
-    transformers.WhisperFeatureExtractor(feature_size=mel_bins, chunk_length=WINDOW_SECONDS).save_pretrained(path)
-    adapter = ModelAdapter.load(str(path), dtype=torch.float32)
+    transformers.WhisperFeatureExtractor(
+        feature_size=mel_bins, chunk_length=WINDOW_SECONDS, padding_value=padding
+    ).save_pretrained(path)
+    adapter = ModelAdapter.load(str(path), dtype=dtype)
     fe = adapter.feature_extractor
     g = torch.Generator().manual_seed(mel_bins)
     lengths = [1, 17, fe.hop_length * 3 + 1, fe.n_samples // 3, fe.n_samples - 1, fe.n_samples]
@@ -130,8 +135,8 @@ def test_the_adapters_log_mel_equals_the_feature_extractors(tmp_path, mel_bins):
     waves[2][:] = 0.0  # silence: every bin clamps to the floor
     expected = fe([w.numpy() for w in waves], sampling_rate=fe.sampling_rate, return_tensors="pt").input_features
     got = adapter.log_mel(waves)
-    assert got.shape == (len(lengths), mel_bins, fe.nb_max_frames) and got.dtype == torch.float32
-    assert torch.equal(got, expected)
+    assert got.shape == (len(lengths), mel_bins, fe.nb_max_frames) and got.dtype == dtype
+    assert torch.equal(got, expected.to(dtype))
 
 
 @pytest.mark.parametrize("mode", ["all", "phone-mid"])

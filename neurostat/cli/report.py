@@ -47,11 +47,15 @@ def report(store, neuron_files, sigma, probe, probe_where, out) -> None:
     --probe the probes of ablated and pruned models."""
     from ..report import build_report
 
+    if probe_where and probe is None:
+        raise click.BadParameter("filters the results of --probe FILE, and none was given", param_hint="--probe-where")
     where = {}
     for item in probe_where:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--probe-where")
+        if key in where:
+            raise click.BadParameter(f"{key} is given twice ({where[key]}, {value})", param_hint="--probe-where")
         where[key] = value
     summary = build_report(store, out, list(neuron_files), sigma, probe, where)
     for note in summary["notes"]:

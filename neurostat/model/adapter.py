@@ -809,11 +809,12 @@ class WhisperAdapter(ModelAdapter):
         ``WhisperFeatureExtractor`` (its torch STFT, its mel filters), run on the waveforms where they are, so
         a batch on the GPU never goes back to the host (tests: equal to the extractor's output)."""
         fe = self.feature_extractor
-        batch = torch.full((len(waves), fe.n_samples), float(fe.padding_value), device=self.device)
+        batch = torch.full((len(waves), fe.n_samples), float(fe.padding_value), device=self.device, dtype=torch.float32)
         for b, w in enumerate(waves):
             batch[b, : len(w)] = w
         if self._mel_filters is None or self._mel_filters.device != batch.device:
-            self._mel_filters = torch.from_numpy(fe.mel_filters).to(self.device, torch.float32)
+            with torch.inference_mode(False):  # a plain tensor, usable outside encode's inference mode too
+                self._mel_filters = torch.from_numpy(fe.mel_filters).to(self.device, torch.float32)
         window = torch.hann_window(fe.n_fft, device=self.device)
         stft = torch.stft(batch, fe.n_fft, fe.hop_length, window=window, return_complex=True)
         power = (stft[..., :-1].abs() ** 2).contiguous()
