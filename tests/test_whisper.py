@@ -120,9 +120,10 @@ def assert_store_equals(path, ref) -> None:
     "mel_bins, padding, dtype", [(80, 0.0, torch.float32), (128, 0.25, torch.float32), (80, 0.0, torch.bfloat16)]
 )
 def test_the_adapters_log_mel_equals_the_feature_extractors(tmp_path, mel_bins, padding, dtype):
-    """The log-mel the adapter computes where the batch is equals the checkpoint's WhisperFeatureExtractor
-    (numpy in, padded to the window with its padding value) exactly, for waveforms from 1 sample to a whole
-    window in one batch; a bf16 model gets the same features rounded to bf16."""
+    """The log-mel the adapter computes where the batch is (a zero-padded batch and its lengths) equals the
+    checkpoint's WhisperFeatureExtractor (numpy in, padded to the window with its padding value) exactly, for
+    waveforms from 1 sample to a whole window in one batch; a bf16 model gets the same features rounded to
+    bf16."""
     path = factory.save_whisper(tmp_path / "m", chunk_length=WINDOW_SECONDS, num_mel_bins=mel_bins)
     transformers.WhisperFeatureExtractor(
         feature_size=mel_bins, chunk_length=WINDOW_SECONDS, padding_value=padding
@@ -134,7 +135,8 @@ def test_the_adapters_log_mel_equals_the_feature_extractors(tmp_path, mel_bins, 
     waves = [torch.randn(n, generator=g) * 0.1 for n in lengths]
     waves[2][:] = 0.0  # silence: every bin clamps to the floor
     expected = fe([w.numpy() for w in waves], sampling_rate=fe.sampling_rate, return_tensors="pt").input_features
-    got = adapter.log_mel(waves)
+    batch = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True)
+    got = adapter.log_mel(batch, torch.tensor(lengths))
     assert got.shape == (len(lengths), mel_bins, fe.nb_max_frames) and got.dtype == dtype
     assert torch.equal(got, expected.to(dtype))
 

@@ -747,8 +747,9 @@ class WhisperAdapter(ModelAdapter):
     frames whose centre lies past the audio (:meth:`~neurostat.frames.FrameGeometry.num_frames`) are masked
     out: never tokens."""
 
-    _mel_filters: torch.Tensor | None = None
-    """The feature extractor's mel filters [frequencies, mel bins] on the device (made on first use)."""
+    _stft: tuple[torch.Tensor, torch.Tensor] | None = None
+    """The STFT window and the feature extractor's mel filters [frequencies, mel bins] on the device (made on
+    first use)."""
 
     def _geometry(self) -> FrameGeometry:
         """The frame geometry of the feature extractor and the encoder's own convolutions (kernel, padding,
@@ -803,22 +804,26 @@ class WhisperAdapter(ModelAdapter):
         left = "its decoder is" if arch == type(self.backbone).__name__ else "its decoder and head are"
         return {"architecture": arch, "head": f"{arch}: {left} not collected, its encoder is"}
 
-    def log_mel(self, waves: list[torch.Tensor]) -> torch.Tensor:
-        """Whisper's log-mel features [B, mel bins, mel frames] of waveforms of at most one window each,
-        each padded to the window with the extractor's padding value: the operations of the checkpoint's
-        ``WhisperFeatureExtractor`` (its torch STFT, its mel filters), run on the waveforms where they are, so
-        a batch on the GPU never goes back to the host (tests: equal to the extractor's output)."""
+    def log_mel(self, batch: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Whisper's log-mel features [B, mel bins, mel frames] of a batch [B, L] of waveforms of at most one
+        window each (``lengths`` in samples, on the batch's device), each padded to the window with the
+        extractor's padding value: the operations of the checkpoint's ``WhisperFeatureExtractor`` (its torch
+        STFT, its mel filters), run where the batch is, so a batch on the GPU never goes back to the host
+        (tests: equal to the extractor's output)."""
         fe = self.feature_extractor
-        batch = torch.full((len(waves), fe.n_samples), float(fe.padding_value), device=self.device, dtype=torch.float32)
-        for b, w in enumerate(waves):
-            batch[b, : len(w)] = w
-        if self._mel_filters is None or self._mel_filters.device != batch.device:
-            with torch.inference_mode(False):  # a plain tensor, usable outside encode's inference mode too
-                self._mel_filters = torch.from_numpy(fe.mel_filters).to(self.device, torch.float32)
-        window = torch.hann_window(fe.n_fft, device=self.device)
+        batch = batch[:, : fe.n_samples].to(torch.float32)
+        past = torch.arange(batch.shape[1], device=batch.device)[None] >= lengths[:, None]
+        batch = nn.functional.pad(
+            batch.masked_fill(past, fe.padding_value), (0, fe.n_samples - batch.shape[1]), value=fe.padding_value
+        )
+        if self._stft is None or self._stft[0].device != batch.device:
+            with torch.inference_mode(False):  # plain tensors, usable outside encode's inference mode too
+                window = torch.hann_window(fe.n_fft, device=batch.device)
+                self._stft = window, torch.from_numpy(fe.mel_filters).to(batch.device, torch.float32)
+        window, filters = self._stft
         stft = torch.stft(batch, fe.n_fft, fe.hop_length, window=window, return_complex=True)
         power = (stft[..., :-1].abs() ** 2).contiguous()
-        log = (self._mel_filters.T @ power).clamp(min=1e-10).log10()
+        log = (filters.T @ power).clamp(min=1e-10).log10()
         log = torch.maximum(log, log.amax(dim=(1, 2), keepdim=True) - 8.0)
         return ((log + 4.0) / 4.0).to(self.dtype)
 
@@ -831,16 +836,16 @@ class WhisperAdapter(ModelAdapter):
         [B, F]), F the window's frames.  ``front_end`` is the wav2vec2 family's choice: Whisper has one."""
         if isinstance(waves, torch.Tensor):
             lengths = [int(n) for n in lengths]
-            waves = [waves[b, :n] for b, n in enumerate(lengths)]
         else:
             lengths = [len(w) for w in waves]
+            waves = nn.utils.rnn.pad_sequence(list(waves), batch_first=True)
         window = self.geometry.window
         if any(n > window for n in lengths):
             raise ModelError(
                 f"{self.source}: Whisper takes windows of at most {window} samples "
                 f"({self.feature_extractor.chunk_length} s), got {max(lengths)}; cut utterances into windows"
             )
-        hidden = self.backbone.encoder(self.log_mel(waves))[0]
+        hidden = self.backbone.encoder(self.log_mel(waves.to(self.device), _host_values(lengths, self.device)))[0]
         frames = _host_values([self.geometry.num_frames(n) for n in lengths], self.device)
         mask = torch.arange(hidden.shape[1], device=self.device)[None] < frames[:, None]
         return hidden, mask
