@@ -57,3 +57,25 @@ def phone_mid(phones: np.ndarray) -> list[int]:
                 out.append((start + t - 1) // 2)
             start = t
     return out
+
+
+def count_slack(rows: dict[int, list], num_labels: int, width: int, k: int, delta: dict[int, float]) -> dict:
+    """How far the counts of another evaluation of the same activations may be from ``stats_reference``'s
+    when each activation of layer ``l`` may move by up to ``delta[l]`` (e.g. another CPU's fp32 rounding):
+    per cell, the tokens at which the neuron's top-k membership or its sign could change.  A neuron's top-k
+    membership is certain when its |a| clears the k-th / (k+1)-th largest |a| of its row by more than
+    2·delta (both may move); its sign when |a| > delta."""
+    layers = sorted(rows)
+    topk = np.zeros((len(layers), num_labels, width), np.int64)
+    positive = np.zeros_like(topk)
+    for li, layer in enumerate(layers):
+        d = delta[layer]
+        for vec, label in rows[layer]:
+            mag = np.abs(vec)
+            ordered = np.sort(mag)[::-1]
+            kth, next_ = ordered[k - 1], (ordered[k] if k < width else -np.inf)
+            inside = topk_reference(vec[None], k)[0]
+            surely = np.where(inside, mag - 2 * d > next_, mag + 2 * d < kth)
+            topk[li, label] += ~surely
+            positive[li, label] += mag <= d
+    return {"topk_count": topk, "positive_count": positive}
