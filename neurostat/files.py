@@ -62,11 +62,14 @@ def check_out_folder(
     is_kind: Callable[[Path], bool],
     inputs: Iterable[str | Path | None] = (),
     option: str = "--out",
+    member: Callable[[Path], bool] | None = None,
 ) -> Path:
     """The one rule for every folder a command writes: ``out`` may be missing, empty or a ``kind`` folder
     (``is_kind``: the command's own output, which it may replace or update), never a file, any other
     folder, nor one that is, contains or lies inside one of the command's ``inputs`` (local paths; others
-    are skipped).  Refusals are :class:`UserError`s naming the folder and why; returns ``out`` absolute."""
+    are skipped).  With ``member`` (which entries a ``kind`` folder consists of), a ``kind`` folder that
+    also holds anything else is refused too, naming it: replacing the folder would delete it.  Refusals
+    are :class:`UserError`s naming the folder and why; returns ``out`` absolute."""
     out = Path(out).absolute()
     where = out.resolve()
     for source in inputs:
@@ -86,6 +89,13 @@ def check_out_folder(
             f"{option} {out} is a folder that holds other files (e.g. {first}) and is not a {kind}; neurostat "
             f"writes only into a new or empty folder or over its own {kind}: choose another --out"
         )
+    foreign = sorted(child.name for child in out.iterdir() if not member(child)) if member and out.is_dir() else []
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise UserError(
+            f"{option} {out} holds {foreign[0]}{more} beside a {kind}; neurostat replaces a {kind} folder only "
+            f"when it holds nothing else: move {'them' if more else 'it'} away or choose another {option}"
+        )
     return out
 
 
@@ -96,28 +106,45 @@ def new_folder(
     is_kind: Callable[[Path], bool],
     inputs: Iterable[str | Path | None] = (),
     overwrite: bool = False,
+    member: Callable[[Path], bool] | None = None,
 ) -> Iterator[Path]:
     """A temporary sibling of ``out`` to write into, renamed to ``out`` when the block ends without an
     error (removed when it fails).  ``out`` must pass :func:`check_out_folder`; an existing, non-empty
     one is replaced only with ``overwrite``."""
-    out = check_out_folder(out, kind, is_kind, inputs)
+    out = check_out_folder(out, kind, is_kind, inputs, member=member)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out} already exists; pass --overwrite to replace it")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    target = out.resolve() if out.is_symlink() else out  # a link to a folder: the folder is replaced, the link kept
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp.mkdir()
     try:
         yield tmp
+        mode = _default_file_mode()
+        for path in tmp.rglob("*"):  # some writers (safetensors) create their files 0600
+            if path.is_file():
+                path.chmod(mode)
+        _swap_in(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    mode = _default_file_mode()
-    for path in tmp.rglob("*"):  # some writers (safetensors) create their files 0600
-        if path.is_file():
-            path.chmod(mode)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+
+
+def _swap_in(new: Path, target: Path) -> None:
+    """Puts the folder ``new`` where ``target`` is: the old one moves aside first and is deleted only once
+    the new one stands in its place (put back if that fails)."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    os.replace(target, old)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old)
 
 
 def _default_file_mode() -> int:

@@ -155,3 +155,70 @@ def test_prepare_out_is_new_empty_or_a_prepared_corpus(tmp_path):
         refused(run(main, [*base, str(thesis(tmp_path / "docs")), *labels]), "is not a prepared corpus")
         refused(run(main, [*base, str(tmp_path / labels[1].split("/")[-1] / "p"), *labels]), "lies inside the input")
     assert (tmp_path / "docs" / THESIS).is_file()
+
+
+def hub_cache(hub, model, repo_id="org/tiny", commit="0123456789abcdef0123456789abcdef01234567"):
+    """``model``'s files laid out as the HF cache keeps a download of ``repo_id``: blobs named by content,
+    a snapshot of links into them, refs/main naming the snapshot."""
+    import hashlib
+
+    repo = hub / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for f in sorted(model.iterdir()):
+        blob = repo / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+        blob.write_bytes(f.read_bytes())
+        (snapshot / f.name).symlink_to(f"../../blobs/{blob.name}")
+    return repo, snapshot
+
+
+def test_a_hub_models_cache_folder_is_never_written(tmp_path, monkeypatch, model_and_neurons):
+    """`--model <hub id>` protects the id's folder in the HF cache (snapshot and blobs) as a local source folder
+    is protected, and a local snapshot folder protects the blobs its links point into (issue 41, item 2)."""
+    import huggingface_hub
+
+    model, neurons = model_and_neurons
+    repo, snapshot = hub_cache(tmp_path / "hub", model)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    blobs = {f: f.read_bytes() for f in (repo / "blobs").iterdir()}
+    run = CliRunner().invoke
+    for command in (["prune", "--keep-ratio", "0.5"], ["ablate", "--neurons", str(neurons)]):
+        for source, out in (("org/tiny", snapshot), ("org/tiny", repo / "blobs"), (str(snapshot), repo / "blobs")):
+            refused(run(main, [*command, "--model", source, "--overwrite", "--out", str(out)]), "the input")
+        refused(run(main, [*command, "--model", "org/tiny", "--out", str(tmp_path / "hub")]), "contains the input")
+        result = run(main, [*command, "--model", "org/tiny", "--out", str(tmp_path / command[0])])
+        assert result.exit_code == 0, result.output  # the cache is a real one: the hub id loads from it
+    assert {f: f.read_bytes() for f in (repo / "blobs").iterdir()} == blobs
+    assert all(link.is_symlink() and link.resolve().parent == repo / "blobs" for link in snapshot.iterdir())
+
+
+def test_overwrite_replaces_a_checkpoint_only_when_its_folder_holds_nothing_else(tmp_path, model_and_neurons):
+    model, neurons = model_and_neurons
+    run = CliRunner().invoke
+    for command in (["prune", "--keep-ratio", "0.5"], ["ablate", "--neurons", str(neurons)]):
+        out = tmp_path / command[0]
+        base = [*command, "--model", str(model), "--overwrite", "--out", str(out)]
+        assert run(main, base).exit_code == 0
+        (out / "train.log").write_text("epoch 1")
+        (out / "runs").mkdir()
+        refused(run(main, base), "holds runs and 1 more beside a checkpoint", "move them away")
+        assert (out / "train.log").read_text() == "epoch 1" and (out / "runs").is_dir()
+        (out / "train.log").unlink()
+        (out / "runs").rmdir()
+        assert run(main, base).exit_code == 0  # nothing but the checkpoint: replaced
+
+
+def test_an_out_that_links_to_a_folder_gets_the_checkpoint_and_stays_a_link(tmp_path, model_and_neurons):
+    model, _ = model_and_neurons
+    (tmp_path / "disk" / "target").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "disk" / "target")
+    base = ["prune", "--model", str(model), "--keep-ratio", "0.5", "--out", str(tmp_path / "link")]
+    for args in (base, [*base, "--overwrite"]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+        assert (tmp_path / "link").is_symlink() and (tmp_path / "disk" / "target" / "model.safetensors").is_file()
+        assert sorted(p.name for p in (tmp_path / "disk").iterdir()) == ["target"]  # no temporary folder left
+    assert not any(p.name.startswith(".link") for p in tmp_path.iterdir())

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..files import check_out_folder, new_folder
 from ..neuronset import NeuronSet
-from .adapter import FFN, is_checkpoint, load_full_model, model_ffns, model_source, save_feature_extractor
+from .adapter import FFN, load_full_model, model_ffns, model_source, save_feature_extractor
+from .outputs import check_checkpoint_out, checkpoint_folder
 from .provenance import EditRecord
 
 
@@ -72,12 +72,12 @@ def ablate_checkpoint(
     the source or the neurons file); returns the neurons and whether a
     feature-extractor config was copied along."""
     model = model_source(model)
-    check_out_folder(out, "checkpoint", is_checkpoint, (model, neurons))
+    check_checkpoint_out(out, model, (neurons,))
     net = load_full_model(model)
     ffns = model_ffns(net)
     chosen = NeuronSet.load(neurons, num_layers=len(ffns), width=max(f.width for f in ffns))
     zero_neurons(net, chosen)
-    with new_folder(out, "checkpoint", is_checkpoint, (model, neurons), overwrite) as tmp:
+    with checkpoint_folder(out, model, (neurons,), overwrite) as tmp:
         net.save_pretrained(tmp)
         copied = save_feature_extractor(model, tmp)
         EditRecord(

@@ -20,17 +20,16 @@ import torch
 from torch import nn
 
 from ..choices import PRUNE_CRITERIA, PRUNE_SCOPES
-from ..files import check_out_folder, new_folder
 from ..neuronset import NeuronSet
 from .adapter import (
     ModelAdapter,
     adapter_for,
-    is_checkpoint,
     load_full_model,
     model_ffns,
     model_source,
     save_feature_extractor,
 )
+from .outputs import check_checkpoint_out, checkpoint_folder
 from .provenance import FILE as PROVENANCE
 from .provenance import EditRecord
 
@@ -256,7 +255,7 @@ def prune_checkpoint(
     renamed at the end; an existing ``out`` only with ``overwrite`` and only when it is a checkpoint, never one
     that is, holds or lies inside the source or a ``protect`` file."""
     model = model_source(model)
-    check_out_folder(out, "checkpoint", is_checkpoint, (model, *protect))
+    check_checkpoint_out(out, model, protect)
     net = load_full_model(model)
     widths = [f.width for f in model_ffns(net)]
     protected = {str(f): NeuronSet.load(f, num_layers=len(widths), width=max(widths)) for f in protect}
@@ -272,6 +271,6 @@ def prune_checkpoint(
         scope=scope,
         exact_protected=keep_protected_only,
     )
-    with new_folder(out, "checkpoint", is_checkpoint, (model, *protect), overwrite) as tmp:
+    with checkpoint_folder(out, model, protect, overwrite) as tmp:
         save_pruned(net, result, tmp, model, getattr(net.config, "_commit_hash", None), protected, model)
     return result
