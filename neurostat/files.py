@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -33,8 +34,13 @@ def sha1_file(path: Path) -> str:
 
 def cache_root() -> Path:
     """neurostat's own cache folder (``$NEUROSTAT_CACHE``, default ``~/.cache/neurostat``): the demo's corpus
-    and store, digests of model weights — what neurostat keeps for itself, never in the user's folders."""
-    return Path(os.environ.get("NEUROSTAT_CACHE", Path.home() / ".cache" / "neurostat"))
+    and store, digests of model weights — what neurostat keeps for itself, never in the user's folders.
+    A file in its place is a ``NotADirectoryError`` naming the variable (what writes the cache reports it;
+    what only reads it goes on without)."""
+    root = Path(os.environ.get("NEUROSTAT_CACHE", Path.home() / ".cache" / "neurostat"))
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "neurostat's cache (NEUROSTAT_CACHE) is a file, not a folder", str(root))
+    return root
 
 
 def _relation(out: Path, path: Path) -> str | None:
@@ -72,6 +78,9 @@ def check_out_folder(
     are :class:`UserError`s naming the folder and why; returns ``out`` absolute."""
     out = Path(out).absolute()
     where = out.resolve()
+    existing = next(p for p in (where, *where.parents) if p.exists())
+    if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {out}: cannot write in {existing} (read-only or not yours); choose another place")
     for source in inputs:
         if source is None or not Path(source).exists():
             continue

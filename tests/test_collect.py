@@ -650,6 +650,7 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_the_resume_is_exact(prepared,
             text=True,
         )
         assert res.returncode == 1 and "the disk is full" in res.stderr and "Traceback" not in res.stderr, res.stderr
+        assert "\nError: " in res.stderr  # on a line of its own, not after the progress bar's
         kept = json.loads((disk / "s.zarr" / "neurostat" / "checkpoint.json").read_text())["progress"]
         assert 3 <= kept["utterances_done"] < len(prepared) and f"({kept['utterances_done']} utterances)" in res.stderr
         shutil.copytree(disk / "s.zarr", tmp_path / "moved.zarr")  # the store, moved to a disk with room

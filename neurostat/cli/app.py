@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -36,7 +37,9 @@ def demo_model_name(ctx, param, value):
 
 def user_errors(command):
     """Reports the library's user errors as one line: options that do not go together as a usage error
-    (exit 2), any other ``ValueError`` or ``UserError`` as an error (exit 1)."""
+    (exit 2), any other ``ValueError`` or ``UserError`` as an error (exit 1), and so the file system's
+    refusals (a read-only or full disk, a file where a folder should be), naming the path.  A progress
+    bar still on the screen is ended first, so the message starts a line of its own."""
 
     @functools.wraps(command)
     def run(*args, **kwargs):
@@ -47,11 +50,38 @@ def user_errors(command):
         try:
             return command(*args, **kwargs)
         except OptionError as e:
+            _end_progress_bars()
             raise click.UsageError(str(e)) from None
         except (UserError, ValueError) as e:
+            _end_progress_bars()
             raise click.ClickException(str(e)) from None
+        except OSError as e:
+            _end_progress_bars()
+            raise click.ClickException(os_error_message(e)) from None
 
     return run
+
+
+def os_error_message(e: OSError) -> str:
+    """One line for a file-system error: the path(s), the system's reason, and what to do about the usual ones."""
+    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    reason = e.strerror or str(e) or type(e).__name__
+    advice = {
+        errno.EACCES: "check the folder's permissions or choose another place",
+        errno.EPERM: "check the folder's permissions or choose another place",
+        errno.EROFS: "choose another place",
+        errno.ENOSPC: "free some space or choose another disk",
+        errno.EDQUOT: "free some space or choose another disk",
+    }.get(e.errno)
+    return f"{where + ': ' if where else ''}{reason}{'; ' + advice if advice else ''} (--debug shows the traceback)"
+
+
+def _end_progress_bars() -> None:
+    """Closes the tqdm bars still open (an error interrupted them), so that what follows starts a new line."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def with_preset(options: dict) -> dict:

@@ -13,6 +13,7 @@ from .app import demo_model_name, main, preset_option, user_errors, with_preset
 
 
 @main.command()
+@user_errors
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option(
     "--speakers", "num_speakers", default=DEMO_SPEAKERS, help="Number of speakers (alternating male/female voices)."

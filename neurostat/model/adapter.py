@@ -882,8 +882,8 @@ def weights_fingerprint(source: str, fresh: bool = False) -> str | None:
         return None
     files = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix in (".safetensors", ".bin"))
     stamp = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
-    cache = weights_digest_file(folder)
     try:
+        cache = weights_digest_file(folder)
         cached = json.loads(cache.read_text())
         if not fresh and cached["files"] == stamp:
             return cached["sha1"]
@@ -891,6 +891,7 @@ def weights_fingerprint(source: str, fresh: bool = False) -> str | None:
         pass
     digest = hashlib.sha1("".join(f"{f.name}:{sha1_file(f)};" for f in files).encode()).hexdigest()
     try:
+        cache = weights_digest_file(folder)
         cache.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(cache, json.dumps({"files": stamp, "sha1": digest}))
     except OSError:  # an unwritable cache: hash again next time
