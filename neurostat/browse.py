@@ -107,7 +107,7 @@ def is_browser(folder: Path) -> bool:
 
 def build_browser(
     store: str | Path,
-    corpus: str | Path,
+    corpus: str | Path | None,
     out: str | Path,
     neuron_files: list[Path] | None = None,
     every: bool = False,
@@ -115,9 +115,15 @@ def build_browser(
     context: float = 0.5,
 ) -> dict:
     """Writes the site into ``out`` (new, empty or a browser, apart from the inputs: see
-    :func:`neurostat.files.check_out_folder`); returns how many neuron pages and audio snippets it holds."""
-    out = check_out_folder(out, "neuron browser", is_browser, (store, corpus, *(neuron_files or [])))
+    :func:`neurostat.files.check_out_folder`); returns how many neuron pages and audio snippets it holds.
+    ``corpus``: the prepared corpus the store was collected from (None: the one the store records)."""
     stats = open_stats(store)
+    if corpus is None:
+        corpus = stats.meta.corpus.get("prepared")
+        if corpus is None or not Path(corpus).is_dir():
+            where = f"names {corpus}, which is not there" if corpus else "does not record it"
+            raise BrowseError(f"{store} {where}: give the prepared corpus it was collected from with --prepared")
+    out = check_out_folder(out, "neuron browser", is_browser, (store, corpus, *(neuron_files or [])))
     if "top_value" not in stats.ds:
         raise BrowseError(f"{store} has no top frames; collect with --top-frames to hear what drives each neuron")
     prepared = PreparedCorpus(corpus)

@@ -119,3 +119,19 @@ def test_in_a_headless_browser_search_filters_and_a_page_plays(store, prepared, 
     sources = re.findall(r'<audio[^>]* src="\.\./audio/([^"]+)"', page)
     assert len(sources) == 3
     assert all(sf.info(tmp_path / "site" / "audio" / s).duration > 0.2 for s in sources)
+
+
+def test_the_prepared_corpus_defaults_to_the_one_the_store_records(store, prepared, tiny_model, tmp_path):
+    (tmp_path / "sel.json").write_text('{"2": [1]}')
+    res = CliRunner().invoke(
+        main, ["browse", str(store), "--neurons", str(tmp_path / "sel.json"), "--out", str(tmp_path / "site")]
+    )
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "site" / "neurons" / "L2-1.html").is_file() and any((tmp_path / "site" / "audio").iterdir())
+    moved = tmp_path / "gone"
+    shutil.copytree(prepared.path, moved)
+    config = CollectConfig(topk_ratio=0.1, stats=("topk", "top_frames"), top_frames=2, layers=[1])
+    collect(type(prepared)(moved), ModelAdapter.load(str(tiny_model)), tmp_path / "s.zarr", config, progress=False)
+    shutil.rmtree(moved)
+    with pytest.raises(BrowseError, match=f"names {moved}, which is not there: give .* with --prepared"):
+        build_browser(tmp_path / "s.zarr", None, tmp_path / "site2")

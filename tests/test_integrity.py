@@ -332,3 +332,44 @@ def test_weights_edited_in_place_keeping_size_and_mtime_are_refused_on_resume(pr
     assert (weights.stat().st_size, weights.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
     with pytest.raises(StoreError, match="other settings .*weights: store has [0-9a-f]{12}, this run [0-9a-f]{12}"):
         collect(prepared, ModelAdapter.load(str(model)), tmp_path / "a.zarr", config, resume=True, progress=False)
+
+
+def test_prepared_files_edited_after_prepare_are_refused_by_collect_naming_them(corpus_copy, tiny_model, tmp_path):
+    """A label changed in place in the memory-mapped frames.npy (AH -> AO), a gender in the manifest, a value
+    in an attached label set: each is refused before any work, naming the file (issue 41, item 3)."""
+    import numpy as np
+
+    from neurostat.corpus.labelsets import attach_label_set
+    from neurostat.phones import PHONES
+
+    out = tmp_path / "p"
+    _prepare(corpus_copy, out)
+    adapter, config = ModelAdapter.load(str(tiny_model)), CollectConfig(tokens="all")
+    collect(PreparedCorpus(out), adapter, tmp_path / "before.zarr", config, progress=False)
+    frames = np.load(out / "frames.npy", mmap_mode="r+")
+    ah = np.flatnonzero(frames["phone"] == PHONES.index("AH"))
+    assert len(ah)
+    frames["phone"][ah[0]] = PHONES.index("AO")
+    frames.flush()
+    del frames
+    with pytest.raises(PreparedCorpusError, match=r"frames.npy: changed after prepare .*run prepare again"):
+        collect(PreparedCorpus(out), adapter, tmp_path / "s.zarr", config, progress=False)
+    assert not (tmp_path / "s.zarr").exists()
+    _prepare(corpus_copy, out)  # prepare again: the labels it makes, counted as before
+    collect(PreparedCorpus(out), adapter, tmp_path / "again.zarr", config, progress=False)
+
+    manifest = (out / "manifest.jsonl").read_text()
+    (out / "manifest.jsonl").write_text(manifest.replace('"gender": "M"', '"gender": "F"', 1))
+    with pytest.raises(PreparedCorpusError, match=r"manifest.jsonl: changed after prepare"):
+        collect(PreparedCorpus(out), adapter, tmp_path / "s.zarr", config, progress=False)
+    (out / "manifest.jsonl").write_text(manifest)
+
+    corpus = PreparedCorpus(out)
+    attach_label_set(corpus, "spk", {u.id: [u.speaker] for u in corpus}, "utterance", "speakers")
+    values = next((out / "labels").glob("spk-*.values.npy"))
+    array = np.load(values)
+    np.save(values, (array + 1) % (array.max() + 1))
+    with pytest.raises(PreparedCorpusError, match=r"spk-.*values.npy: changed after prepare"):
+        collect(PreparedCorpus(out), adapter, tmp_path / "s.zarr", CollectConfig(labels=("spk",)), progress=False)
+    base = CollectConfig(labels=("phone", "gender", "pitch_bin"))  # a set not counted is not read
+    collect(PreparedCorpus(out), adapter, tmp_path / "s2.zarr", base, progress=False)

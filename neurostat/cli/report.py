@@ -68,9 +68,10 @@ def report(store, neuron_files, sigma, probe, probe_where, out) -> None:
 @click.option(
     "--prepared",
     "prepared",
-    required=True,
+    default=None,
     type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="The prepared corpus the store was collected from (its audio is cut into the snippets).",
+    help="The prepared corpus the store was collected from (its audio is cut into the snippets); "
+    "default: the one the store records.",
 )
 @neuron_options
 @click.option("--all", "every", is_flag=True, help="A page for every neuron of every collected layer.")

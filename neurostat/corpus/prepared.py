@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import atomic_write
+from ..files import atomic_write, sha1_file
 from ..frames import FrameGeometry, label_frames, label_frames_overlap
 from ..version import __version__
 from .audio import Skip, load_audio
@@ -94,13 +94,14 @@ class PreparedMeta:
     paper_labels: str | None = None  # the official label folder the labels came from
     label_sets: dict = field(default_factory=dict)
     digests: dict[str, str | None] | None = None  # content digests (see _content_digests); None: not recorded
+    files: dict[str, str] | None = None  # SHA-1 of each file collect reads (PreparedCorpus.verify); None: not recorded
     version: str = __version__
 
     def to_dict(self) -> dict:
         out = {"neurostat_version": self.version, "format": FORMAT}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "version" or (f.name in ("paper_labels", "digests") and value is None):
+            if f.name == "version" or (f.name in ("paper_labels", "digests", "files") and value is None):
                 continue
             out[f.name] = value.to_dict() if isinstance(value, PitchMeta) else value
         return out
@@ -228,6 +229,7 @@ def _utterance_file(folder: Path, utt_id: str) -> Path:
 FRAME_FIELDS = np.dtype([("phone", "<i2"), ("pitch_bin", "<i2"), ("f0", "<f4")])
 INTERVAL_FIELDS = np.dtype([("start", "<f8"), ("end", "<f8"), ("phone", "<i2")])
 LABEL_FILES = ("frames.npy", "intervals.npy", "index.npy")
+MANIFEST = "manifest.jsonl"
 _CACHED = ("starts", "ends", "phone", "f0", "pitch_bins")
 
 
@@ -288,10 +290,10 @@ class FrameLabels:
         return labels
 
     @staticmethod
-    def write(folder: Path, meta: PreparedMeta, records: list[dict], cached: Iterable[dict]) -> None:
+    def write(folder: Path, meta: PreparedMeta, records: list[dict], cached: Iterable[dict]) -> dict[str, str]:
         """Writes the files from each record's cached arrays (``cached``, in record order): phones labelled
         by the corpus's rule, pitch bins by its edges and rule (or as given), frames straight into the
-        memory-mapped file; each file in one rename."""
+        memory-mapped file; each file in one rename.  Returns each file's SHA-1."""
         geo = FrameGeometry.from_dict(meta.geometry)
         index = np.zeros(len(records), dtype=_index_fields([r["id"] for r in records]))
         index["id"], index["frames"] = [r["id"] for r in records], [r["num_frames"] for r in records]
@@ -316,8 +318,10 @@ class FrameLabels:
         del frames
         np.save(tmp["intervals.npy"], np.concatenate(intervals) if intervals else np.empty(0, INTERVAL_FIELDS))
         np.save(tmp["index.npy"], index)
+        digests = {name: sha1_file(path) for name, path in tmp.items()}
         for name, path in tmp.items():
             os.replace(path, folder / name)
+        return digests
 
 
 @dataclass
@@ -433,7 +437,7 @@ class PreparedCorpus:
         """Reads meta.json and the manifest again (after a label set was attached or removed)."""
         meta_path = self.path / "meta.json"
         self.meta = PreparedMeta.from_dict(json.loads(meta_path.read_text()), meta_path)
-        lines = (self.path / "manifest.jsonl").read_text().splitlines()
+        lines = (self.path / MANIFEST).read_text().splitlines()
         self.records = [json.loads(line) for line in lines if line.strip()]
         self.geometry = FrameGeometry.from_dict(self.meta.geometry)
         self.edges = list(self.meta.pitch.edges)
@@ -479,6 +483,26 @@ class PreparedCorpus:
                 f"{self.path}: {len(missing)} of {len(self.records)} audio files are not where prepare found them "
                 f"(first: {missing[0]}); if the corpus moved, run prepare again with --root at its new place"
             )
+
+    def verify(self, parts: tuple[str, ...]) -> None:
+        """What collect checks before any work: the audio files are where prepare found them, the frame-level
+        label sets among ``parts`` fit the frames, and every file collect reads of the folder (frame labels,
+        manifest, the label sets of ``parts``) has the content prepare wrote: a file edited since — a label
+        changed in place in the memory-mapped ``frames.npy``, say — is an error naming it, never a silent
+        count of other labels.  One SHA-1 pass over the files (about 2 s for 960 h of frame labels)."""
+        self.check_label_sets(parts)
+        self.check_audio()
+        recorded = dict(self.meta.files or {})
+        for part in parts:
+            recorded.update(self.label_sets.get(part, {}).get("sha1", {}))
+        for name, digest in recorded.items():
+            now = sha1_file(self.path / name) if (self.path / name).is_file() else "missing"
+            if now != digest:
+                raise PreparedCorpusError(
+                    f"{self.path / name}: changed after prepare (SHA-1 {now[:12]}, written as {digest[:12]}): its labels "
+                    "are no longer the ones prepare made; run prepare again (it reuses its cache) or attach the label "
+                    "set again, then collect"
+                )
 
     def content_digests(self, parts: tuple[str, ...]) -> dict[str, str | None]:
         """What a store records of the corpus it counted, so that a resume, a merge or ``browse`` refuses
@@ -561,12 +585,15 @@ class PreparedCorpus:
         except (OSError, ValueError):
             old = {}
         digests = _Digests(meta)
-        FrameLabels.write(folder, meta, records, (digests.add(r, a) for r, a in _read_cache(folder, records)))
-        meta = meta.replace(
-            label_sets={n: e for n, e in old.items() if (folder / e["file"]).is_file()}, digests=digests.result(records)
-        )
-        for name, rows in (("manifest.jsonl", records), ("skips.jsonl", skips)):
+        files = FrameLabels.write(folder, meta, records, (digests.add(r, a) for r, a in _read_cache(folder, records)))
+        for name, rows in ((MANIFEST, records), ("skips.jsonl", skips)):
             atomic_write(folder / name, "".join(json.dumps(r) + "\n" for r in rows))
+        files[MANIFEST] = sha1_file(folder / MANIFEST)
+        meta = meta.replace(
+            label_sets={n: e for n, e in old.items() if (folder / e["file"]).is_file()},
+            digests=digests.result(records),
+            files=files,
+        )
         atomic_write(folder / "meta.json", json.dumps(meta.to_dict(), indent=1))
         return cls(folder)
 
@@ -587,9 +614,12 @@ class PreparedCorpus:
         folder.mkdir(exist_ok=True)
         np.save(folder / f"{stem}.values.tmp.npy", arrays.pop("values"))
         np.savez(folder / f"{stem}.tmp.npz", **arrays)
-        os.replace(folder / f"{stem}.values.tmp.npy", folder / f"{stem}.values.npy")
-        os.replace(folder / f"{stem}.tmp.npz", folder / f"{stem}.npz")
-        entry = {**entry, "file": f"labels/{stem}.npz"}
+        files = {}
+        for file in (f"{stem}.values.npy", f"{stem}.npz"):
+            tmp = folder / file.replace(".np", ".tmp.np")
+            files[f"labels/{file}"] = sha1_file(tmp)
+            os.replace(tmp, folder / file)
+        entry = {**entry, "file": f"labels/{stem}.npz", "sha1": files}
         self._update_label_sets(name, entry)
         for old in folder.glob(f"{name}-*"):
             if not old.name.startswith(stem):

@@ -102,8 +102,7 @@ class RunSpec:
         if bad:
             raise ModelError(f"{adapter.source} has layers 1..{adapter.num_layers}; no layer {bad}")
         space = LabelSpace.of_corpus(corpus, config.labels)
-        corpus.check_label_sets(space.parts)
-        corpus.check_audio()
+        corpus.verify(space.parts)
         if config.max_seconds is not None and adapter.geometry.window:
             raise OptionError(
                 f"--max-seconds: {adapter.source} cuts every utterance into its own windows of "
