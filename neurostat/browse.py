@@ -113,6 +113,7 @@ def build_browser(
     every: bool = False,
     sigma: float = 0.8,
     context: float = 0.5,
+    allow_other_model: bool = False,
 ) -> dict:
     """Writes the site into ``out`` (new, empty or a browser, apart from the inputs: see
     :func:`neurostat.files.check_out_folder`); returns how many neuron pages and audio snippets it holds.
@@ -141,7 +142,7 @@ def build_browser(
             f"{corpus} is not the prepared corpus {store} was collected from, though the utterance ids match "
             f"({'; '.join(differ)}); give the prepared corpus the store was collected from"
         )
-    sets = property_sets(stats, list(neuron_files or []), sigma)
+    sets = property_sets(stats, list(neuron_files or []), sigma, allow_other_model)
     neurons = _neurons(stats, sets, every)
     (out / "neurons").mkdir(parents=True, exist_ok=True)
     (out / "audio").mkdir(exist_ok=True)

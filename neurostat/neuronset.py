@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,56 @@ import numpy as np
 
 class NeuronSetError(ValueError):
     """A neuron set that does not fit a model or cannot be read; the message says why."""
+
+
+@dataclass(frozen=True)
+class NeuronModel:
+    """The model whose neurons a set indexes: its source (hub id or folder), revision, the SHA-1 of its
+    weights (local folders; None for a hub id, whose revision names it) and its geometry.  ``select``
+    records it in the settings file beside each neuron file; ``prune``, ``ablate``, ``report`` and
+    ``browse`` compare it with the model they apply the file to."""
+
+    source: str | None
+    num_layers: int
+    width: int
+    weights: str | None = None
+    revision: str | None = None
+
+    @classmethod
+    def of_store(cls, model: dict) -> NeuronModel:
+        """From a store's model record (``StoreMeta.model``)."""
+        return cls(model.get("model"), int(model["num_layers"]), int(model["width"]), model.get("weights_sha1"),
+                   model.get("revision"))  # fmt: skip
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        return f"{self.source} ({self.num_layers} layers x {self.width} neurons)"
+
+    def differs_from(self, other: NeuronModel) -> str | None:
+        """How ``other`` is another model than this one (None: the same): geometry first, then the weights
+        where both know them, else the source and revision."""
+        if (self.num_layers, self.width) != (other.num_layers, other.width):
+            return "another geometry"
+        if self.weights and other.weights:
+            return None if self.weights == other.weights else "other weights"
+        if (self.source, self.revision) != (other.source, other.revision):
+            return "another model"
+        return None
+
+    @classmethod
+    def recorded_for(cls, path: Path) -> NeuronModel | None:
+        """What the settings file beside the neuron file ``path`` records (None: no settings file, or one
+        written before models were recorded)."""
+        settings = path.with_suffix(".settings.json")
+        try:
+            record = json.loads(settings.read_text()).get("model")
+            return None if record is None else cls(**record)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError, AttributeError) as e:
+            raise NeuronSetError(f"{settings}: cannot read the settings of {path.name} ({e})") from None
 
 
 class NeuronSet:
@@ -147,8 +198,29 @@ class NeuronSet:
         return out
 
     @classmethod
-    def load(cls, path: str | Path, num_layers: int | None = None, width: int | None = None) -> "NeuronSet":
+    def load(
+        cls,
+        path: str | Path,
+        num_layers: int | None = None,
+        width: int | None = None,
+        model: NeuronModel | None = None,
+        allow_other_model: bool = False,
+    ) -> "NeuronSet":
+        """Reads a neuron file, checked against a model's geometry; with ``model`` (the model the set is
+        applied to), also against the model its settings file records — another model is an error unless
+        ``allow_other_model`` (its indices would name other neurons, silently)."""
         path = Path(path)
         if not path.is_file():
             raise NeuronSetError(f"{path}: no such file")
+        recorded = NeuronModel.recorded_for(path) if model is not None else None
+        if recorded is not None and not allow_other_model:
+            why = recorded.differs_from(model)
+            if why:
+                raise NeuronSetError(
+                    f"{path} was selected on {recorded.describe()} ({path.with_suffix('.settings.json').name}), "
+                    f"{why} than {model.describe()}: its indices would name other neurons here. Select on this "
+                    "model's store, or pass --allow-other-model if the indices carry over"
+                )
+        if model is not None:
+            num_layers, width = model.num_layers, model.width
         return cls.from_json(path.read_text(), num_layers, width, where=str(path))

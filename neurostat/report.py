@@ -367,8 +367,10 @@ def build_report(
     sigma: float = 0.8,
     probe: str | Path | None = None,
     probe_where: dict[str, str] | None = None,
+    allow_other_model: bool = False,
 ) -> dict:
-    """Writes the PNGs and ``index.html`` into ``out``; returns the numbers on the page and notes.  ``probe``:
+    """Writes the PNGs and ``index.html`` into ``out``; returns the numbers on the page and notes (neuron files
+    are checked against the store's model: :func:`neurostat.select.property_sets`).  ``probe``:
     a probe-results JSON whose ablation and pruning entries become figures and a table (a note says so when
     it holds neither); ``probe_where``: only its results whose tags have these values (:func:`probe_results`).
     ``out`` must be new,
@@ -380,7 +382,7 @@ def build_report(
             f"{store} has no topk statistic (collected: {', '.join(stats.meta.stats)}); collect it with --stat topk"
         )
     try:
-        sets = property_sets(stats, list(neuron_files or []), sigma)
+        sets = property_sets(stats, list(neuron_files or []), sigma, allow_other_model)
     except NeuronSetError as e:
         raise ReportError(str(e)) from None
     if not sets:

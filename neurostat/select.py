@@ -21,7 +21,7 @@ import yaml
 from .choices import SELECTION_RULES
 from .errors import OptionError
 from .files import atomic_write, check_out_folder
-from .neuronset import NeuronSet, NeuronSetError
+from .neuronset import NeuronModel, NeuronSet, NeuronSetError
 from .phones import ARPABET, BROAD_CLASSES
 from .stats import Stats
 
@@ -256,6 +256,7 @@ def property_neurons(
         "within": spec.within,
         "groups": spec.groups,
         "store": str(stats.path),
+        "model": NeuronModel.of_store(stats.meta.model).to_dict(),
     }
     if groups is None:
         name = property
@@ -328,17 +329,20 @@ def has_labels(stats: Stats, prop: str) -> bool:
     return True
 
 
-def property_sets(stats: Stats, neuron_files: list[Path], sigma: float) -> dict[str, NeuronSet]:
+def property_sets(
+    stats: Stats, neuron_files: list[Path], sigma: float, allow_other_model: bool = False
+) -> dict[str, NeuronSet]:
     """The neuron sets a report or a browser shows: each file (named by its stem), checked against the
-    store's model; without files, the paper's properties the store has labels for, selected with σ."""
+    store's model (its geometry, and the model its settings file records unless ``allow_other_model``);
+    without files, the paper's properties the store has labels for, selected with σ."""
     if neuron_files:
-        layers, width = int(stats.meta.model["num_layers"]), stats.width
+        model = NeuronModel.of_store(stats.meta.model)
         sets = {}
         for path in neuron_files:
             try:
-                sets[Path(path).stem] = NeuronSet.load(path, layers, width)
+                sets[Path(path).stem] = NeuronSet.load(path, model=model, allow_other_model=allow_other_model)
             except NeuronSetError as e:
-                raise NeuronSetError(f"{e} (the store's model has {layers} layers x {width} neurons)") from None
+                raise NeuronSetError(f"{e} (the store's model: {model.describe()})") from None
         return sets
     usable = [p for p in PROPERTIES if p != "phone" and has_labels(stats, p)]
     selections, _ = select_properties(stats, tuple(usable), sigma=sigma)

@@ -84,6 +84,14 @@ def _end_progress_bars() -> None:
         bar.close()
 
 
+allow_other_model = click.option(
+    "--allow-other-model",
+    is_flag=True,
+    help="Accept neuron files whose settings (.settings.json) record another model than this one: their "
+    "indices name other neurons unless the models line up (e.g. the same model fine-tuned).",
+)
+
+
 def with_preset(options: dict) -> dict:
     """The command's options with ``--preset``'s values filled in where the user gave none."""
     from ..presets import apply_preset

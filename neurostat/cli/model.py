@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..choices import PRUNE_CRITERIA, PRUNE_SCOPES
-from .app import demo_model_name, main, user_errors
+from .app import allow_other_model, demo_model_name, main, user_errors
 
 
 @main.command()
@@ -24,12 +24,13 @@ from .app import demo_model_name, main, user_errors
     "--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Edited checkpoint directory."
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out (never the source model's folder).")
+@allow_other_model
 @user_errors
-def ablate(model, neurons, out, overwrite) -> None:
+def ablate(model, neurons, out, overwrite, allow_other_model) -> None:
     """Write an edited checkpoint whose given neurons are removed (zeroed W2 columns)."""
     from ..model.edit import ablate_checkpoint
 
-    chosen, copied = ablate_checkpoint(model, neurons, out, overwrite)
+    chosen, copied = ablate_checkpoint(model, neurons, out, overwrite, allow_other_model)
     if not copied:
         click.echo(f"note: {model} has no feature-extractor config to copy", err=True)
     click.echo(f"zeroed {len(chosen)} neurons in {sum(1 for c in chosen.counts().values() if c)} layers -> {out}")
@@ -65,6 +66,7 @@ def ablate(model, neurons, out, overwrite) -> None:
     "--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Pruned checkpoint directory."
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out (never the source model's folder).")
+@allow_other_model
 @user_errors
 def prune(model, out, **options) -> None:
     """Prune FFN neurons physically and save a checkpoint that `neurostat.load_pruned` reads back."""

@@ -6,12 +6,13 @@ from pathlib import Path
 
 import click
 
-from .app import main, user_errors
+from .app import allow_other_model, main, user_errors
 
 
 def neuron_options(command):
-    """--neurons FILE ... and --sigma: which neurons a report or browser shows."""
+    """--neurons FILE ..., --allow-other-model and --sigma: which neurons a report or browser shows."""
     command = click.option("--sigma", default=0.8, help="σ of the selection when no --neurons are given.")(command)
+    command = allow_other_model(command)
     return click.option(
         "--neurons",
         "neuron_files",
@@ -41,7 +42,7 @@ def neuron_options(command):
 )
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for the report.")
 @user_errors
-def report(store, neuron_files, sigma, probe, probe_where, out) -> None:
+def report(store, neuron_files, allow_other_model, sigma, probe, probe_where, out) -> None:
     """Pictures of a store's property neurons (PNG) and one self-contained HTML page: neurons per layer,
     overlaps between properties, P(j | label) heatmaps, per-layer probability histograms, and with
     --probe the probes of ablated and pruned models."""
@@ -57,7 +58,7 @@ def report(store, neuron_files, sigma, probe, probe_where, out) -> None:
         if key in where:
             raise click.BadParameter(f"{key} is given twice ({where[key]}, {value})", param_hint="--probe-where")
         where[key] = value
-    summary = build_report(store, out, list(neuron_files), sigma, probe, where)
+    summary = build_report(store, out, list(neuron_files), sigma, probe, where, allow_other_model)
     for note in summary["notes"]:
         click.echo(f"note: {note}", err=True)
     click.echo(f"wrote {len(summary['figures'])} figures and index.html to {out}")
@@ -78,11 +79,11 @@ def report(store, neuron_files, sigma, probe, probe_where, out) -> None:
 @click.option("--context", default=0.5, help="Seconds of audio on each side of a top frame.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for the site.")
 @user_errors
-def browse(store, prepared, neuron_files, every, sigma, context, out) -> None:
+def browse(store, prepared, neuron_files, allow_other_model, every, sigma, context, out) -> None:
     """A static neuron browser: an index searchable by layer, neuron and property, and a page per neuron with
     its P(j | phone) profile, gender and pitch contrasts and its top frames as playable audio (needs a store
     collected with --top-frames). Open OUT/index.html, or serve OUT with `python -m http.server`."""
     from ..browse import build_browser
 
-    summary = build_browser(store, prepared, out, list(neuron_files), every, sigma, context)
+    summary = build_browser(store, prepared, out, list(neuron_files), every, sigma, context, allow_other_model)
     click.echo(f"wrote {summary['pages']} neuron pages and {summary['snippets']} audio snippets to {out}")

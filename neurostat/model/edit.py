@@ -16,10 +16,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..neuronset import NeuronSet
-from .adapter import FFN, load_full_model, model_ffns, model_source, save_feature_extractor
+from ..neuronset import NeuronModel, NeuronSet
+from .adapter import FFN, load_full_model, model_ffns, model_source, save_feature_extractor, weights_fingerprint
 from .outputs import check_checkpoint_out, checkpoint_folder
 from .provenance import EditRecord
+
+
+def neuron_model(source: str, model: nn.Module) -> NeuronModel:
+    """The model ``source`` (loaded as ``model``) as a neuron file's settings record one (a store's model)."""
+    widths = [f.width for f in model_ffns(model)]
+    return NeuronModel(source, len(widths), max(widths), weights_fingerprint(source))
 
 
 def _checked(model: nn.Module, neurons: NeuronSet) -> list[FFN]:
@@ -64,7 +70,7 @@ def zero_neurons(model: nn.Module, neurons: NeuronSet) -> nn.Module:
 
 
 def ablate_checkpoint(
-    model: str, neurons: str | Path, out: str | Path, overwrite: bool = False
+    model: str, neurons: str | Path, out: str | Path, overwrite: bool = False, allow_other_model: bool = False
 ) -> tuple[NeuronSet, bool]:
     """Loads ``model`` (hub id or folder, with its own head), zeroes the W2 columns of the neurons in the
     ``neurons`` file and saves the edited checkpoint to ``out`` (through a temporary folder; an existing
@@ -74,8 +80,7 @@ def ablate_checkpoint(
     model = model_source(model)
     check_checkpoint_out(out, model, (neurons,))
     net = load_full_model(model)
-    ffns = model_ffns(net)
-    chosen = NeuronSet.load(neurons, num_layers=len(ffns), width=max(f.width for f in ffns))
+    chosen = NeuronSet.load(neurons, model=neuron_model(model, net), allow_other_model=allow_other_model)
     zero_neurons(net, chosen)
     with checkpoint_folder(out, model, (neurons,), overwrite) as tmp:
         net.save_pretrained(tmp)

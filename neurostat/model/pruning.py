@@ -29,6 +29,7 @@ from .adapter import (
     model_source,
     save_feature_extractor,
 )
+from .edit import neuron_model
 from .outputs import check_checkpoint_out, checkpoint_folder
 from .provenance import FILE as PROVENANCE
 from .provenance import EditRecord
@@ -249,6 +250,7 @@ def prune_checkpoint(
     scope: str = "layer",
     criterion: str = "l1",
     overwrite: bool = False,
+    allow_other_model: bool = False,
 ) -> PruneResult:
     """Loads ``model`` (hub id or folder), prunes it with the neurons in the ``protect`` files never pruned,
     and saves the pruned checkpoint to ``out`` (what `neurostat prune` does): through a temporary folder
@@ -257,8 +259,8 @@ def prune_checkpoint(
     model = model_source(model)
     check_checkpoint_out(out, model, protect)
     net = load_full_model(model)
-    widths = [f.width for f in model_ffns(net)]
-    protected = {str(f): NeuronSet.load(f, num_layers=len(widths), width=max(widths)) for f in protect}
+    target = neuron_model(model, net)
+    protected = {str(f): NeuronSet.load(f, model=target, allow_other_model=allow_other_model) for f in protect}
     union = NeuronSet()
     for s in protected.values():
         union = union | s
