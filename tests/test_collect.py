@@ -489,6 +489,9 @@ def test_cli_bad_model_and_missing_corpus(tmp_path, prepared):
     assert res.exit_code == 2 and "numbered from 1" in res.output
     res = CliRunner().invoke(main, ["collect", "--prepared", str(prepared.path), "--model", "x", "--layers", "2-1"])
     assert res.exit_code == 2 and "the range 2-1 is empty; write it low-high, e.g. 1-2" in res.output
+    for text in ("1-", "-3", "2,4-"):  # an open range counted one layer (issue 41, item 3)
+        res = CliRunner().invoke(main, ["collect", "--prepared", str(prepared.path), "--model", "x", "--layers", text])
+        assert res.exit_code == 2 and "is open; give both ends (e.g. 1-12) or all" in res.output, (text, res.output)
     nowhere = str(tmp_path / "nope")  # the option is refused before the (missing) model is looked for
     res = CliRunner().invoke(
         main, ["collect", "--prepared", str(prepared.path), "--model", nowhere, "--batch-seconds", "0"]

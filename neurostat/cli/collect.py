@@ -23,7 +23,9 @@ def _layers(ctx, param, text: str) -> list[int] | None:
         return None
     out = []
     for part in text.split(","):
-        lo, _, hi = part.partition("-")
+        lo, dash, hi = part.partition("-")
+        if dash and not (lo.strip() and hi.strip()):
+            raise click.BadParameter(f"{text!r}: the range {part!r} is open; give both ends (e.g. 1-12) or all")
         try:
             first, last = int(lo), int(hi or lo)
         except ValueError:
