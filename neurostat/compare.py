@@ -20,6 +20,15 @@ def compare_labels(a: PreparedCorpus, b: PreparedCorpus, tokens: str = "phone-mi
     if not ids:
         raise ValueError(f"{a.path} and {b.path} share no utterance")
     index = {c: {r["id"]: i for i, r in enumerate(c.records)} for c in (a, b)}
+    lengths = {utt: (a[index[a][utt]].num_frames, b[index[b][utt]].num_frames) for utt in ids}
+    differ = [(utt, n, m) for utt, (n, m) in lengths.items() if n != m]
+    if differ:
+        utt, n, m = differ[0]
+        raise ValueError(
+            f"{len(differ)} of the {len(ids)} utterances in both have other frame counts in {a.path} and {b.path} "
+            f"(first: {utt}, {n} vs {m} frames): the two labellings cover other audio (a trimmed or padded file, "
+            "another front end); compare corpora prepared from the same audio"
+        )
     same_phone = same_bin = total = 0
     phone_tokens = {c: Counter() for c in (a, b)}
     cells = {c: Counter() for c in (a, b)}

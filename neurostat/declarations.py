@@ -153,6 +153,11 @@ def store_dims(names) -> dict[str, tuple[str, ...]]:
     return {"frames": ("label",), **{var: d.dims() for d in declared(names) for var in d.store}}
 
 
+def statistic_of(variable: str) -> str | None:
+    """The statistic (what ``--stat`` takes) whose store holds ``variable``; None for ``frames``."""
+    return next((name for name, d in DECLARATIONS.items() if variable in d.store), None)
+
+
 def count_variable(name: str) -> str:
     """The store variable of a count statistic (a ``sum`` of int64 totals), for ``Stats.counts``."""
     if name not in COUNT_STATS:

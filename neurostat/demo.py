@@ -27,9 +27,9 @@ DEMO_NOTE = (
 
 
 def cache_dir() -> Path:
-    """Where the embedded default keeps its demo corpus, labels and store: ``$NEUROSTAT_CACHE/demo-v3``
-    (``~/.cache/neurostat/demo-v3`` by default)."""
-    return cache_root() / "demo-v3"
+    """Where the embedded default keeps its demo corpus, labels and store: ``$NEUROSTAT_CACHE/demo-v4``
+    (``~/.cache/neurostat/demo-v4`` by default)."""
+    return cache_root() / "demo-v4"
 
 
 def demo_model() -> Path:

@@ -429,6 +429,9 @@ def run_probes(
             }
             r["unseen_test_frames"] = int((~torch.isin(test.y, train.y.unique())).sum())
             r["per"] = phone_error_rate(pred.numpy(), test.y.numpy(), test.utterance, non_speech)
+        warning = _degenerate_split(task, test.y, train.y, names)
+        if warning:
+            r["warning"] = warning
         r["layer_weights"] = probe.layer_weights()
         r["probe"] = "fitted on another model" if reuse else "fitted"
         results[task] = r
@@ -441,6 +444,31 @@ def run_probes(
         "split": _split_record(train_spk, test_spk, groups),
         "tasks": results,
     }
+
+
+DEGENERATE_VARIANCE = 0.25
+"""A regression's test targets that vary less than this share of the training targets' variance make R²
+(measured against the test set's own mean) meaningless: a split that held out one gender's F0, say."""
+
+
+def _degenerate_split(task: str, y: torch.Tensor, train_y: torch.Tensor, names: tuple[str, ...] | None) -> str | None:
+    """Why a split's test set cannot measure ``task`` (None when it can): one class only, or regression
+    targets that hardly vary (held-out groups of one gender, a voice shared by every speaker of a gender)."""
+    if names is not None:
+        classes = y.unique().tolist()
+        if len(classes) < 2:
+            return (
+                f"the test speakers hold one {task} class only ({names[classes[0]]!r}): accuracy and majority say "
+                "nothing about the task; hold out speakers (or groups) of every class"
+            )
+        return None
+    share = float(y.var() / train_y.var())
+    if share < DEGENERATE_VARIANCE:
+        return (
+            f"the test targets vary {share:.0%} as much as the training ones: R² compares with the test set's own "
+            "mean and falls far below 0; hold out speakers (or groups) of every gender"
+        )
+    return None
 
 
 def _split_record(train: set, test: set, groups: Mapping[str, str] | None) -> dict:
@@ -494,7 +522,8 @@ _BASELINES = {"accuracy": "majority", "balanced_accuracy": "balanced_chance"}
 
 def table(results: list[dict]) -> str:
     """The metrics of several probe results side by side; columns after the first show the change, the
-    last the baseline of guessing the test set's largest class.  A note explains a PER above 1."""
+    last the baseline of guessing the test set's largest class.  Notes name the tasks a split cannot
+    measure (:func:`_degenerate_split`) and explain a PER above 1."""
     rows: list[tuple[str, list]] = []
     for task, metrics in results[0]["tasks"].items():
         for key in ("accuracy", "balanced_accuracy", "per", "r2", "rmse_semitones"):
@@ -512,6 +541,8 @@ def table(results: list[dict]) -> str:
         baseline = results[0]["tasks"][task].get(_BASELINES.get(metric, ""))
         cells.append("" if baseline is None else f"{baseline:.3f}")
         lines.append(name.ljust(width) + "  " + "  ".join(c.rjust(w) for c, w in zip(cells, cols)))
+    warned = {(task, m["warning"]) for r in results for task, m in r["tasks"].items() if m.get("warning")}
+    lines += [f"note: {task}: {warning}" for task, warning in sorted(warned)]
     if any(v is not None and v > 1 for name, values in rows if name.endswith(" per") for v in values):
         lines.append(
             "per: phone error rate = edit distance between the collapsed predicted and reference phone sequences "

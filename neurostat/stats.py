@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from .declarations import count_variable
+from .declarations import count_variable, statistic_of
 from .frames import FrameGeometry
 from .labelspace import LabelSpace
 from .moments import pool
@@ -41,10 +41,10 @@ class Stats:
         if not self.meta.complete:
             progress = checkpoint_progress(self.path) or self.meta.progress
             done = f"{progress.utterances_done} utterances checkpointed" if progress else "no checkpoint yet"
-            raise StoreError(
-                f"{self.path} is not complete (a collection is running or was interrupted, {done}); "
-                "finish it with `neurostat collect ... --resume`"
+            what = "a merge is running or was interrupted" if self.meta.merged_from else (
+                f"a collection is running or was interrupted, {done}"
             )
+            raise StoreError(f"{self.path} is not complete ({what}); {self.meta.how_to_finish}")
         verify_store(self.path)
         self.ds = xr.open_zarr(self.path, consolidated=False)
         self.label_space = LabelSpace.from_dict(self.meta.labels)
@@ -60,8 +60,10 @@ class Stats:
     def _need(self, var: str) -> xr.DataArray:
         if var not in self.ds:
             have = [v for v in self.ds.data_vars if v != "frames"]
+            stat = statistic_of(var)
             raise StoreError(
-                f"{self.path} has no {var!r} (collected: {', '.join(have)}); re-collect with --stat for it"
+                f"{self.path} has no {var!r} (collected: {', '.join(have)}); collect it again with `--stat {stat}` "
+                f"(beside the others it needs: --stat {' --stat '.join(self.meta.stats)})"
             )
         return self.ds[var]
 
@@ -254,6 +256,8 @@ def describe_store(path: str | Path) -> str:
             else f"checkpointed: {q.utterances_done} of {meta.corpus['utterances']} utterances, "
             f"{q.tokens:,} tokens; continue with `neurostat collect ... --resume`"
         )
+        if meta.merged_from:
+            lines[-1] = f"a merge of {len(meta.merged_from)} stores that did not finish; {meta.how_to_finish}"
     if p is not None and p.skips:
         lines.append("skipped during collect: " + ", ".join(f"{r} {n}" for r, n in sorted(p.skips.items())))
     if meta.complete:

@@ -179,8 +179,9 @@ class StoreMeta:
             distributed={"world_size": size, "rank": rank, "sharding": "balanced by duration"},
         )
 
-    def merged(self, paths: list[str | Path], progress: Progress, utterances: int) -> StoreMeta:
-        """The metadata of the store that merges complete stores of the same run (this one the first)."""
+    def merged(self, paths: list[str | Path], progress: Progress, utterances: int, command: str) -> StoreMeta:
+        """The metadata of the store that merges complete stores of the same run (this one the first);
+        ``command``: the merge's own command line (the shards' commands stay in their stores)."""
         return self.replace(
             fingerprint={**self.fingerprint, "shard": "merged"},
             format=FORMAT,
@@ -188,7 +189,15 @@ class StoreMeta:
             progress=progress,
             merged_from=[str(Path(p).resolve()) for p in paths],
             corpus={**self.corpus, "shard": "merged", "utterances": utterances},
+            command=command,
         )
+
+    @property
+    def how_to_finish(self) -> str:
+        """What finishes an incomplete store: a merge is written again, a collection resumed."""
+        if self.merged_from:
+            return f"write the merge again: `{self.command} --overwrite`"
+        return "finish it with `neurostat collect ... --resume`"
 
 
 def settle_reads(timeout: float = 10.0) -> None:

@@ -60,3 +60,35 @@ def test_the_hubs_retry_lines_stay_quiet_unless_debug(tmp_path):
         args = [sys.executable, "-c", code, *debug, "info", str(tmp_path / "none.zarr")]
         res = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
         assert ("Retrying" in res.stderr) == bool(debug), res.stderr
+
+
+def test_an_interrupted_merge_says_to_write_it_again_and_info_shows_the_merge(prepared, tiny_model, tmp_path):
+    """A merge killed while it wrote the arrays: select advised `collect --resume`, which is refused, and
+    info showed the first shard's command (issue 41, item 6)."""
+    from click.testing import CliRunner
+
+    from neurostat.cli import main
+    from neurostat.engine.collect import CollectConfig, collect
+    from neurostat.model.adapter import ModelAdapter
+
+    adapter = ModelAdapter.load(str(tiny_model))
+    shards = [tmp_path / f"s{i}.zarr" for i in range(2)]
+    for i, shard in enumerate(shards):
+        collect(prepared, adapter, shard, CollectConfig(shard=(i, 2), layers=[1]), progress=False)
+    out = tmp_path / "merged.zarr"
+    killed = subprocess.run(
+        [sys.executable, "-c", "import os, sys, neurostat.store as s; from neurostat.cli import main\n"
+         "s.StoreWriter.finalize = lambda *a, **k: os._exit(9)\nmain(sys.argv[1:])",
+         "merge", *map(str, shards), "--out", str(out)],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert killed.returncode == 9, killed.stderr
+    again = f"neurostat merge {shards[0]} {shards[1]} --out {out} --overwrite"
+    with pytest.raises(StoreError, match=f"a merge is running or was interrupted\\); write the merge again: `{again}`"):
+        open_stats(out)
+    info = CliRunner().invoke(main, ["info", str(out)]).output
+    assert "INCOMPLETE" in info and f"command: neurostat merge {shards[0]}" in info and again in info
+    assert "--resume" not in info
+    result = CliRunner().invoke(main, again.split()[1:])
+    assert result.exit_code == 0, result.output
+    assert open_stats(out).meta.complete

@@ -276,3 +276,24 @@ def test_probe_cli_holds_out_the_groups_it_is_given(prepared, tiny_model, tmp_pa
     assert by_group["split"]["test_groups"] == default["split"]["test_speakers"]
     res = CliRunner().invoke(main, [*args, "--groups", str(tmp_path / "none.txt")])
     assert res.exit_code != 0 and "no such groups file" in res.output
+
+
+def test_a_split_that_cannot_measure_a_task_says_so():
+    """Held-out groups of one gender only (every male speaker in one voice group): the gender test set has
+    one class and log F0 of one gender hardly varies; the results and the table say so (issue 41, item 3)."""
+    from neurostat.probe import table
+
+    data = synthetic(True, speakers=8)
+    groups = {s: ("male voice" if g == "M" else f"voice {s}") for s, g in zip(data.speakers, data.genders)}
+    _, test = speaker_split(data.speakers, data.genders, 0.3, 0, groups)
+    assert {g for s, g in zip(data.speakers, data.genders) if s in test} == {"F"}
+    for f0, speaker in zip(data.f0, data.speakers):
+        if speaker in test:
+            f0[np.isfinite(f0)] = 250.0 * np.exp(np.random.default_rng(0).normal(0, 0.01, np.isfinite(f0).sum()))
+    result = run_probes(data, ("gender", "log-f0", "phone-type"), groups=groups)
+    assert "one gender class only ('F')" in result["tasks"]["gender"]["warning"]
+    assert "R² compares with the test set's own mean" in result["tasks"]["log-f0"]["warning"]
+    assert "warning" not in result["tasks"]["phone-type"]
+    text = table([{**result, "model": "m"}])
+    assert "note: gender: the test speakers hold one gender class only" in text and "note: log-f0:" in text
+    assert "warning" not in run_probes(data, ("gender",))["tasks"]["gender"]  # speakers of both genders held out

@@ -63,3 +63,13 @@ def test_speaker_voices_name_each_speakers_variant(demo_corpus, tmp_path):
     (tmp_path / "SPEAKERS.TXT").write_text("84 | F | dev-clean | 25.19 | Christie Nowak\n")
     with pytest.raises(ValueError, match="speaker 84 is not a synthetic voice"):
         speaker_voices(tmp_path)
+
+
+def test_each_sex_speaks_with_two_voices_where_it_can(tmp_path):
+    """Seed 3's draw gave both male speakers one variant and both female speakers another: a voice-disjoint
+    probe split then held out one sex only.  A sex with two speakers gets two variants (issue 41, item 3)."""
+    root, _ = synthesize(tmp_path / "c", "dev-clean", num_speakers=4, utterances_per_speaker=1, seed=3, progress=False)
+    voices = speaker_voices(root)
+    sex = {sid: s.sex for sid, s in read_speakers(root / "SPEAKERS.TXT").items()}
+    for s in "MF":
+        assert len({v for sid, v in voices.items() if sex[sid] == s}) == 2, voices

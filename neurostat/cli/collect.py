@@ -189,7 +189,7 @@ def collect(
 
     With no arguments it runs the embedded demo offline: it synthesises and prepares the demo corpus
     and collects the statistics of neurostat's demo model, a small HuBERT pre-trained on synthetic speech,
-    counting every frame (--tokens all, as the corpus is small; cached in $NEUROSTAT_CACHE/demo-v3).
+    counting every frame (--tokens all, as the corpus is small; cached in $NEUROSTAT_CACHE/demo-v4).
     """
     from ..engine.collect import CollectConfig, CollectInterrupted, collect_corpus, describe_collect
     from ..engine.distributed import World, rank_zero_first

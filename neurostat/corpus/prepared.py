@@ -436,9 +436,12 @@ class PreparedCorpus:
     def reload(self) -> None:
         """Reads meta.json and the manifest again (after a label set was attached or removed)."""
         meta_path = self.path / "meta.json"
-        self.meta = PreparedMeta.from_dict(json.loads(meta_path.read_text()), meta_path)
+        self.meta = PreparedMeta.from_dict(_read_json(meta_path), meta_path)
         lines = (self.path / MANIFEST).read_text().splitlines()
-        self.records = [json.loads(line) for line in lines if line.strip()]
+        try:
+            self.records = [json.loads(line) for line in lines if line.strip()]
+        except ValueError as e:
+            raise PreparedCorpusError(f"{self.path / MANIFEST}: not JSON lines ({e}); re-run neurostat prepare") from None
         self.geometry = FrameGeometry.from_dict(self.meta.geometry)
         self.edges = list(self.meta.pitch.edges)
         self.phones = tuple(self.meta.phones)
@@ -599,7 +602,7 @@ class PreparedCorpus:
 
     def _update_label_sets(self, name: str, entry: dict | None) -> None:
         meta_path = self.path / "meta.json"
-        meta = PreparedMeta.from_dict(json.loads(meta_path.read_text()), meta_path)  # as on disk now
+        meta = PreparedMeta.from_dict(_read_json(meta_path), meta_path)  # as on disk now
         sets = {n: e for n, e in meta.label_sets.items() if n != name}
         if entry is not None:
             sets[name] = entry
@@ -641,6 +644,17 @@ class PreparedCorpus:
         relative = f"labels/{name}.centroids.npy"
         np.save(self.path / relative, centroids)
         return relative
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON file of the folder; a truncated or edited one is an error naming it."""
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise PreparedCorpusError(
+            f"{path}: not valid JSON ({e}); it was cut short or edited: re-run neurostat prepare into "
+            f"{path.parent} (it reuses its cached utterances)"
+        ) from None
 
 
 def _read_cache(folder: Path, records: list[dict]) -> Iterator[tuple[dict, dict[str, np.ndarray]]]:

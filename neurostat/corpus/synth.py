@@ -18,7 +18,7 @@ import multiprocessing
 import random
 import re
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
@@ -216,6 +216,10 @@ class Voice:
 
 
 def _voices(num_speakers: int, rng: random.Random, variants: tuple[str, ...], first_speaker: int) -> list[Voice]:
+    """Speakers alternating male and female, each with a variant of its sex drawn at random and its own
+    pitch, range and rate; a sex with two speakers or more speaks with two variants or more where there
+    are (a draw that gave all of them one variant gives its last speaker the next one), so that a
+    voice-disjoint split holds out speakers of both sexes."""
     by_sex = {sex: [v for v in variants if v.startswith(sex.lower())] for sex in "MF"}
     out = []
     for i in range(num_speakers):
@@ -224,6 +228,12 @@ def _voices(num_speakers: int, rng: random.Random, variants: tuple[str, ...], fi
         pitch = rng.randint(30, 50) if sex == "M" else rng.randint(65, 90)
         speaker = str(1000 + 37 * (first_speaker + i))
         out.append(Voice(speaker, sex, f"en-us+{variant}", pitch, rng.randint(30, 60), rng.randint(140, 185)))
+    for sex, choices in by_sex.items():
+        mine = [i for i, v in enumerate(out) if v.sex == sex]
+        if len(mine) >= 2 and len(choices) >= 2 and len({out[i].voice for i in mine}) == 1:
+            shared = out[mine[0]].voice.removeprefix("en-us+")
+            other = choices[(choices.index(shared) + 1) % len(choices)]
+            out[mine[-1]] = replace(out[mine[-1]], voice=f"en-us+{other}")
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +76,8 @@ def merge_stores(paths: list[str | Path], out: str | Path, overwrite: bool = Fal
         coords["utterance"] = np.asarray([str(u) for u in ids])
     progress = Progress.total([m.progress for m in metas])
     progress.complete = True
-    merged = first.merged(paths, progress, len(done))
+    command = shlex.join(["neurostat", "merge", *(str(Path(p)) for p in paths), "--out", str(out)])
+    merged = first.merged(paths, progress, len(done), command)
     with StoreWriter(out, merged, overwrite=overwrite) as store:
         store.finalize(acc.compute(), coords, merged, done, dims=store_dims(first.stats))
     return merged.replace(complete=True)

@@ -335,6 +335,12 @@ def ship(trained: str | Path, dest: str | Path, summary: dict) -> Path:
     )
     for name in ("config.json", "preprocessor_config.json", HEAD_FILE):
         (dest / name).write_bytes((trained / name).read_bytes())
+    return write_card(dest, summary)
+
+
+def write_card(dest: str | Path, summary: dict) -> Path:
+    """Writes the model card and the training log (``summary``, with its held-out score) into ``dest``."""
+    dest = Path(dest)
     s, c = summary["settings"], summary["settings"]["config"]
     if "held_out" not in summary:
         raise ValueError("only a model scored on held-out speech is shipped: train it with held_out=...")
