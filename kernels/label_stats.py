@@ -305,15 +305,16 @@ TUNING = {
     "num_warps": 8,
     "two_pass": False,
     "one_read_rows": 4,
-    "one_read_tiles": 16,
-    "one_read_digit": 8,
+    "one_read_tiles": 8,
+    "one_read_digit": 4,
     "one_read_warps": 8,
 }
 """``split``: the top-k kernel's rows per program and warps; the sums kernel's column block, rows per step
 and warps; and whether chunks store their sums for a second reduction kernel instead of adding them with
-atomics (the fastest measured on an H200).  ``one-read``: rows per tile, tiles per program, bits per
-radix digit (1: the bitwise search) and warps (first guesses, not yet timed on a card).
-bench/kernel_bench.py sweeps them."""
+atomics (the fastest measured on an H200).  ``one-read``: rows per tile (a power of two), tiles per
+program, bits per radix digit (1: the bitwise search) and warps — first guesses, not yet timed on a card:
+a GPU histogram costs each lane about (rows × 2^digit) / 32 bin updates, so small digits (a few passes of
+cheap histograms) should beat 8-bit ones.  bench/kernel_bench.py sweeps them."""
 
 
 def _check(y: torch.Tensor, k: int) -> None:

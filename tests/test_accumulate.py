@@ -147,6 +147,28 @@ def test_label_stats_design_choice():
         make_backend("triton", stats, Params(3), design="chunk")
 
 
+def test_the_start_of_run_timing_survives_a_failing_new_design(monkeypatch):
+    """The timing's plumbing on CPU (each design run once in the interpreter, a made-up time; CUDA events
+    need a card): every design runs on the same rows with the same counts, and a design other than the
+    default that fails there is reported instead of stopping the run."""
+    import contextlib
+
+    from neurostat.engine import backends
+    from neurostat.kernels.label_stats import TUNING
+
+    monkeypatch.setattr(backends, "TIMING_ROWS", 12)
+    monkeypatch.setattr(backends, "TIMING_LABELS", 3)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    sums = []
+    monkeypatch.setattr(backends, "_median_microseconds", lambda call, repeat: len(sums.append(call()) or sums))
+    times, failed = backends.time_designs("cpu", torch.float32, 9, 2, {"topk", "positive"})
+    assert times == {"split": 1, "one-read": 2} and not failed
+    assert set(sums[0]) == {"topk", "positive"} and all(torch.equal(sums[0][n], sums[1][n]) for n in sums[0])
+    monkeypatch.setitem(TUNING, "one_read_rows", 3)
+    times, failed = backends.time_designs("cpu", torch.float32, 9, 2, {"topk"})
+    assert list(times) == ["split"] and "power of two" in failed["one-read"]
+
+
 def test_an_accumulator_takes_a_backend_instance():
     from neurostat.engine.backends import make_backend
     from neurostat.engine.statistics import Params, statistics

@@ -313,23 +313,26 @@ def choose_design(
     if torch.device(device).type != "cuda":
         return DesignChoice(DEFAULT_DESIGN, "the default without a GPU (nothing to time)")
     rows_dtype = torch.float32 if backend.fp32_stats(dtype) else dtype
-    times = time_designs(device, rows_dtype, width, backend.k, kinds)
+    times, failed = time_designs(device, rows_dtype, width, backend.k, kinds)
     best = min(times, key=times.get)
     name = str(rows_dtype).removeprefix("torch.")
-    return DesignChoice(
-        best,
+    reason = (
         f"the faster on {torch.cuda.get_device_name(device)}, timed at the start on {TIMING_ROWS} × {width} "
-        f"{name} rows",
-        times,
+        f"{name} rows"
     )
+    for design, error in failed.items():
+        reason += f"; {design} failed there ({error})"
+    return DesignChoice(best, reason, times)
 
 
 def time_designs(
     device: torch.device | str, dtype: torch.dtype, width: int, k: int, kinds: set[str], repeat: int = 5
-) -> dict[str, float]:
+) -> tuple[dict[str, float], dict[str, str]]:
     """Median microseconds of each ``label_stats`` design (after two calls that compile and warm it) on
-    :data:`TIMING_ROWS` random GELU rows in :data:`TIMING_LABELS` labels, on a CUDA ``device``."""
-    from ..kernels.label_stats import DESIGNS, label_stats
+    :data:`TIMING_ROWS` random GELU rows in :data:`TIMING_LABELS` labels, on a CUDA ``device``; and the
+    error of each design other than the default that failed to compile or run there (a new design must
+    not stop a run that the default would carry)."""
+    from ..kernels.label_stats import DEFAULT_DESIGN, DESIGNS, label_stats
 
     g = torch.Generator().manual_seed(0)
     labels = torch.randint(0, TIMING_LABELS, (TIMING_ROWS,), generator=g)
@@ -337,12 +340,17 @@ def time_designs(
     y = torch.nn.functional.gelu(torch.randn(TIMING_ROWS, width, generator=g)).to(device, dtype)
     shift = torch.zeros(width, device=device)
     which = {"topk": "topk" in kinds, "positive": "positive" in kinds, "moments": "moments" in kinds}
-    times = {}
+    times, failed = {}, {}
     with torch.cuda.device(device):
-        for design in DESIGNS:
+        for design in sorted(DESIGNS, key=lambda d: d != DEFAULT_DESIGN):
             call = functools.partial(label_stats, y, *work, TIMING_LABELS, k, shift, **which, design=design)
-            times[design] = _median_microseconds(call, repeat)
-    return times
+            try:
+                times[design] = _median_microseconds(call, repeat)
+            except Exception as e:  # Triton's compile and resource errors have no common type
+                if design == DEFAULT_DESIGN:
+                    raise
+                failed[design] = f"{type(e).__name__}: {str(e)[:200]}"
+    return times, failed
 
 
 def _median_microseconds(call, repeat: int) -> float:
