@@ -246,7 +246,9 @@ def collect_section(args, corpus, adapter, work: Path, runs, times, table, audio
     load = loader_alone(corpus, adapter.feature_extractor, batch_seconds, args.tokens, args.num_jobs)
     rows[f"loader alone, -j {args.num_jobs} (decode, normalise, label)"] = load
     own = times[next(name for name in runs if name.endswith(f"{front_end} front end"))]
-    lines = table(f"collect (backend {meta.statistics['backend']})", rows)
+    chosen = meta.statistics.get("label_stats")
+    design = f", {chosen['design']} label_stats: {chosen['chosen']}" if chosen else ""
+    lines = table(f"collect (backend {meta.statistics['backend']}{design})", rows)
     lines += [
         "",
         f"- (iv) / its plain forward ({front_end}) = {rows[iv] / own:.3f}; data wait in (iv): "

@@ -101,10 +101,12 @@ def test_phone_mid_keeps_final_run():
 
 
 @pytest.mark.fp32
-def test_triton_backend_matches_torch_backend():
+@pytest.mark.parametrize("design", ["split", "one-read"])
+def test_triton_backend_matches_torch_backend(design):
     g = torch.Generator().manual_seed(7)
     L, U, D, k = 2, 7, 23, 3
-    accs = {b: Accumulator(L, U, D, k, tuple(TABLE), backend=b) for b in ("torch", "triton")}
+    accs = {b: Accumulator(L, U, D, k, tuple(TABLE), backend=b, design=design) for b in ("torch", "triton")}
+    assert accs["triton"].backend.design == design and accs["torch"].backend.design is None
     longest = 0
     for step in range(3):
         flat, x = _random_batch(g, 19 + step, U, D)
@@ -122,6 +124,54 @@ def test_triton_backend_matches_torch_backend():
         assert_within(a[name], b[name], tolerance[name], name, SUM_BOUND)
     with pytest.raises(ValueError, match="unknown backend"):
         Accumulator(1, 2, 3, 1, backend="cuda")
+
+
+def test_label_stats_design_choice():
+    """Without a GPU ``auto`` is the kernels' default, untimed; a named design is taken as asked; a backend
+    that calls no label_stats has none; an unknown design is refused."""
+    from neurostat.engine.backends import choose_design, make_backend
+    from neurostat.engine.statistics import Params, statistics
+    from neurostat.kernels.label_stats import DEFAULT_DESIGN
+
+    stats = statistics(("topk", "positive", "moments", "max_abs"))
+    triton = make_backend("triton", stats, Params(3))
+    fused = make_backend("triton-fused", stats, Params(3))
+    assert triton.label_stats_kinds() == {"topk", "positive", "moments"} and fused.label_stats_kinds() == {"topk"}
+    auto = choose_design("auto", triton, "cpu", torch.float32, 11)
+    assert auto.design == DEFAULT_DESIGN and auto.microseconds is None and "without a GPU" in auto.reason
+    assert choose_design("one-read", fused, "cpu", torch.float32, 11).to_dict() == {
+        "design": "one-read",
+        "chosen": "asked for",
+    }
+    assert choose_design("one-read", make_backend("torch", stats, Params(3)), "cpu", torch.float32, 11) is None
+    no_kernel = make_backend("triton", statistics(("max_abs",)), Params(3))
+    assert choose_design("auto", no_kernel, "cpu", torch.float32, 11) is None
+    with pytest.raises(ValueError, match="unknown label_stats design 'chunk'"):
+        choose_design("chunk", triton, "cpu", torch.float32, 11)
+    with pytest.raises(ValueError, match="unknown label_stats design 'chunk'"):
+        make_backend("triton", stats, Params(3), design="chunk")
+
+
+def test_the_start_of_run_timing_survives_a_failing_new_design(monkeypatch):
+    """The timing's plumbing on CPU (each design run once in the interpreter, a made-up time; CUDA events
+    need a card): every design runs on the same rows with the same counts, and a design other than the
+    default that fails there is reported instead of stopping the run."""
+    import contextlib
+
+    from neurostat.engine import backends
+    from neurostat.kernels.label_stats import TUNING
+
+    monkeypatch.setattr(backends, "TIMING_ROWS", 12)
+    monkeypatch.setattr(backends, "TIMING_LABELS", 3)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    sums = []
+    monkeypatch.setattr(backends, "_median_microseconds", lambda call, repeat: len(sums.append(call()) or sums))
+    times, failed = backends.time_designs("cpu", torch.float32, 9, 2, {"topk", "positive"})
+    assert times == {"split": 1, "one-read": 2} and not failed
+    assert set(sums[0]) == {"topk", "positive"} and all(torch.equal(sums[0][n], sums[1][n]) for n in sums[0])
+    monkeypatch.setitem(TUNING, "one_read_rows", 3)
+    times, failed = backends.time_designs("cpu", torch.float32, 9, 2, {"topk"})
+    assert list(times) == ["split"] and "power of two" in failed["one-read"]
 
 
 def test_an_accumulator_takes_a_backend_instance():

@@ -39,10 +39,12 @@ class Accumulator:
         precision: str = "fp32",
         top_frames: int = 16,
         overlap: bool | None = None,
+        design: str | None = None,
     ):
         """``backend``: a name of :data:`~neurostat.engine.backends.BACKENDS` (built here for these
-        statistics, ``activation`` and ``precision``) or a backend built for them already; ``overlap``:
-        the statistics on a side CUDA stream (default: on CUDA; :mod:`~neurostat.engine.overlap`)."""
+        statistics, ``activation``, ``precision`` and the ``label_stats`` ``design`` of a Triton backend,
+        None: the kernels' default) or a backend built for them already; ``overlap``: the statistics on a
+        side CUDA stream (default: on CUDA; :mod:`~neurostat.engine.overlap`)."""
         if not 1 <= k <= width:
             raise ValueError(f"top-k needs 1 <= k <= width, got k={k}, width={width}")
         self.table = statistics(stats)
@@ -55,7 +57,7 @@ class Accumulator:
                 raise ValueError(f"the {backend.name} backend was built for other statistics or parameters")
             self.backend = backend
         else:
-            self.backend = make_backend(backend, self.table, self.params, activation, precision)
+            self.backend = make_backend(backend, self.table, self.params, activation, precision, design)
         self.totals: dict[str, dict[str, torch.Tensor]] = {
             s.name: s.initial(self.shape, self.device, self.params) for s in self.table
         }
@@ -155,6 +157,7 @@ class Accumulator:
         activation: str = "gelu",
         precision: str = "fp32",
         overlap: bool | None = None,
+        design: str | None = None,
     ) -> "Accumulator":
         """An accumulator holding a checkpoint's ``state`` (:meth:`state_dict`)."""
         table = statistics(stats)
@@ -162,7 +165,7 @@ class Accumulator:
         layers, labels = state["tokens"].shape
         width = state[f"{table[0].name}.{table[0].states[0]}"].shape[-1]
         top = next((state[f"{s.name}.{s.states[0]}"].shape[1] for s in table if s.axis == "top"), 16)
-        acc = cls(layers, labels, width, k, stats, device, backend, activation, precision, top, overlap)
+        acc = cls(layers, labels, width, k, stats, device, backend, activation, precision, top, overlap, design)
         for key, value in state.items():
             name, _, own = key.partition(".")
             (acc.tokens if key == "tokens" else acc.totals[name][own]).copy_(torch.from_numpy(np.asarray(value)))

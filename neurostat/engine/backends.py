@@ -5,7 +5,8 @@
 - ``triton``: the model's own GEMM and activation, then the ``label_stats`` kernels for the statistics
   they cover (top-k, positive, moments) and the ``fold_sums`` kernel that folds them in (one launch per
   layer and batch); any other statistic takes its torch function.  The activations are bit-identical
-  to the torch path, so the counts are identical.
+  to the torch path, so the counts are identical.  ``label_stats`` has two designs (``split``,
+  ``one-read``) that compute the same sums: :func:`choose_design` picks one per run.
 - ``triton-fused``: the ``ffn_up_stats`` kernel computes the FFN's first GEMM and activation itself,
   with positive counts and moment sums in its epilogue; the rest as ``triton``.
 
@@ -25,12 +26,15 @@ A backend is chosen once (:func:`make_backend`), from a name and the device.
 
 from __future__ import annotations
 
+import functools
 import os
+import statistics
+from dataclasses import dataclass
 
 import torch
 
 from ..choices import BACKENDS, PRECISIONS
-from .batching import TokenBatch
+from .batching import CHUNK_ROWS, TokenBatch, chunk_tokens
 from .statistics import Params, Statistic
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -72,6 +76,8 @@ class Backend:
     name = "torch"
     fused = False
     """Whether the backend computes the FFN's first GEMM itself (:meth:`TritonFusedBackend.ffn_partials`)."""
+    design: str | None = None
+    """The ``label_stats`` design the backend calls (None: it calls none)."""
 
     def __init__(self, stats: tuple[Statistic, ...], params: Params, activation: str = "gelu", precision: str = "fp32"):
         if precision not in PRECISIONS:
@@ -108,6 +114,10 @@ class Backend:
         """Per-label partials ([U, D]; [N, D] for a ``top`` statistic) of the token rows ``a[batch.index]`` of one layer's activations [B*T, D]."""
         return self._torch_partials(self.stats, a, batch, shift)
 
+    def label_stats_kinds(self) -> set[str]:
+        """The statistics (of ``topk``, ``positive``, ``moments``) the backend asks ``label_stats`` for."""
+        return set()
+
     def _torch_partials(self, stats, a, batch, shift) -> dict[str, torch.Tensor]:
         out = {}
         if stats:
@@ -130,10 +140,26 @@ class Backend:
 class TritonBackend(Backend):
     name = "triton"
 
-    def __init__(self, stats: tuple[Statistic, ...], params: Params, activation: str = "gelu", precision: str = "fp32"):
+    def __init__(
+        self,
+        stats: tuple[Statistic, ...],
+        params: Params,
+        activation: str = "gelu",
+        precision: str = "fp32",
+        design: str | None = None,
+    ):
+        """``design``: the ``label_stats`` design (one of its ``DESIGNS``; None: its ``DEFAULT_DESIGN``)."""
+        from ..kernels.label_stats import DEFAULT_DESIGN, DESIGNS
+
         super().__init__(stats, params, activation, precision)
+        if design is not None and design not in DESIGNS:
+            raise ValueError(f"unknown label_stats design {design!r}; choose from {DESIGNS}")
+        self.design = design or DEFAULT_DESIGN
         self.kernel = tuple(s for s in stats if "label_stats" in s.kernels)  # folded by fold_sums too
         self.others = tuple(s for s in stats if "label_stats" not in s.kernels)
+
+    def label_stats_kinds(self) -> set[str]:
+        return {s.name for s in self.kernel}
 
     def _kernel_sums(self, a, batch, shift, which: set[str]) -> dict[str, torch.Tensor]:
         from ..kernels.label_stats import label_stats
@@ -152,6 +178,7 @@ class TritonBackend(Backend):
             topk="topk" in which,
             positive="positive" in which,
             moments="moments" in which,
+            design=self.design,
         )
 
     def partials(self, a, batch, shift) -> dict[str, torch.Tensor]:
@@ -172,6 +199,9 @@ class TritonBackend(Backend):
 class TritonFusedBackend(TritonBackend):
     name = "triton-fused"
     fused = True
+
+    def label_stats_kinds(self) -> set[str]:
+        return super().label_stats_kinds() & {"topk"}  # the GEMM's epilogue sums the others
 
     def token_activations(self, ffn, hidden: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
         """The token rows [N, D] of the FFN's activation at the statistics' precision (the first batch's
@@ -198,7 +228,7 @@ class TritonFusedBackend(TritonBackend):
             out_dtype=torch.float32 if self.fp32_stats(hidden.dtype) else hidden.dtype,
         )
         partials = {n: t for n, t in partials.items() if n in epilogue}
-        partials.update(self._kernel_sums(y, batch, shift, {s.name for s in self.kernel} & {"topk"}))
+        partials.update(self._kernel_sums(y, batch, shift, self.label_stats_kinds()))
         partials.update(self._torch_partials(self.others, y, batch, shift))
         return y.to(hidden.dtype).view(*shape[:-1], y.shape[-1]), partials
 
@@ -219,9 +249,16 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
 
 
 def make_backend(
-    name: str, stats: tuple[Statistic, ...], params: Params, activation: str = "gelu", precision: str = "fp32"
+    name: str,
+    stats: tuple[Statistic, ...],
+    params: Params,
+    activation: str = "gelu",
+    precision: str = "fp32",
+    design: str | None = None,
 ) -> Backend:
-    """The backend called ``name`` (one of :data:`BACKENDS`) for these statistics at ``precision``."""
+    """The backend called ``name`` (one of :data:`BACKENDS`) for these statistics at ``precision``; a
+    Triton backend calls the ``label_stats`` ``design`` (None: the kernels' default; the torch backend
+    calls none and ignores it)."""
     if name not in _CLASSES:
         raise ValueError(f"unknown backend {name!r}; choose from {BACKENDS}")
     if name == "triton-fused":
@@ -229,4 +266,102 @@ def make_backend(
 
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation {activation!r} has no fused kernel; use --backend triton")
-    return _CLASSES[name](stats, params, activation, precision)
+    if name == "torch":
+        return Backend(stats, params, activation, precision)
+    return _CLASSES[name](stats, params, activation, precision, design)
+
+
+@dataclass(frozen=True)
+class DesignChoice:
+    """Which ``label_stats`` design a run calls and why: the store records it (``statistics.label_stats``)."""
+
+    design: str
+    reason: str
+    microseconds: dict[str, float] | None = None  # each design's median time on the timing rows
+
+    def to_dict(self) -> dict:
+        out = {"design": self.design, "chosen": self.reason}
+        if self.microseconds:
+            out["microseconds"] = dict(self.microseconds)
+        return out
+
+
+TIMING_ROWS, TIMING_LABELS = 8192, 256
+"""The synthetic work :func:`choose_design` times: token rows (about one 160 s batch of all frames) sorted
+into this many labels."""
+
+
+def choose_design(
+    asked: str, backend: Backend, device: torch.device | str, dtype: torch.dtype, width: int
+) -> DesignChoice | None:
+    """The ``label_stats`` design of a run (None: ``backend`` calls no ``label_stats``).
+
+    ``asked`` names a design, or ``auto``: on CUDA both designs are timed once, at the start of the run,
+    on :data:`TIMING_ROWS` random token rows of the run's width, k, statistics and row dtype (the
+    statistics' precision decides it), and the faster is taken; without a GPU (the interpreter, whose
+    timings say nothing about a card) the kernels' ``DEFAULT_DESIGN``.  Both designs give the same
+    counts; the moment sums differ only in the order of their fp32 additions."""
+    from ..kernels.label_stats import DEFAULT_DESIGN, DESIGNS
+
+    if asked != "auto" and asked not in DESIGNS:
+        raise ValueError(f"unknown label_stats design {asked!r}; choose auto or one of {DESIGNS}")
+    kinds = backend.label_stats_kinds()
+    if not kinds:
+        return None
+    if asked != "auto":
+        return DesignChoice(asked, "asked for")
+    if torch.device(device).type != "cuda":
+        return DesignChoice(DEFAULT_DESIGN, "the default without a GPU (nothing to time)")
+    rows_dtype = torch.float32 if backend.fp32_stats(dtype) else dtype
+    times, failed = time_designs(device, rows_dtype, width, backend.k, kinds)
+    best = min(times, key=times.get)
+    name = str(rows_dtype).removeprefix("torch.")
+    reason = (
+        f"the faster on {torch.cuda.get_device_name(device)}, timed at the start on {TIMING_ROWS} × {width} "
+        f"{name} rows"
+    )
+    for design, error in failed.items():
+        reason += f"; {design} failed there ({error})"
+    return DesignChoice(best, reason, times)
+
+
+def time_designs(
+    device: torch.device | str, dtype: torch.dtype, width: int, k: int, kinds: set[str], repeat: int = 5
+) -> tuple[dict[str, float], dict[str, str]]:
+    """Median microseconds of each ``label_stats`` design (after two calls that compile and warm it) on
+    :data:`TIMING_ROWS` random GELU rows in :data:`TIMING_LABELS` labels, on a CUDA ``device``; and the
+    error of each design other than the default that failed to compile or run there (a new design must
+    not stop a run that the default would carry)."""
+    from ..kernels.label_stats import DEFAULT_DESIGN, DESIGNS, label_stats
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, TIMING_LABELS, (TIMING_ROWS,), generator=g)
+    work = [t.to(device) for t in chunk_tokens(torch.arange(TIMING_ROWS), labels, CHUNK_ROWS)]
+    y = torch.nn.functional.gelu(torch.randn(TIMING_ROWS, width, generator=g)).to(device, dtype)
+    shift = torch.zeros(width, device=device)
+    which = {"topk": "topk" in kinds, "positive": "positive" in kinds, "moments": "moments" in kinds}
+    times, failed = {}, {}
+    with torch.cuda.device(device):
+        for design in sorted(DESIGNS, key=lambda d: d != DEFAULT_DESIGN):
+            call = functools.partial(label_stats, y, *work, TIMING_LABELS, k, shift, **which, design=design)
+            try:
+                times[design] = _median_microseconds(call, repeat)
+            except Exception as e:  # Triton's compile and resource errors have no common type
+                if design == DEFAULT_DESIGN:
+                    raise
+                failed[design] = f"{type(e).__name__}: {str(e)[:200]}"
+    return times, failed
+
+
+def _median_microseconds(call, repeat: int) -> float:
+    """Median CUDA-event time of ``call()`` over ``repeat`` calls, after two that compile and warm it."""
+    call(), call()
+    runs = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        end.record()
+        end.synchronize()
+        runs.append(start.elapsed_time(end) * 1e3)
+    return round(statistics.median(runs), 1)

@@ -165,12 +165,15 @@ def _restore(spec: RunSpec, adapter: ModelAdapter, store: StoreWriter) -> tuple[
     """The accumulator, the finished utterance ids and the progress: fresh, or from the last checkpoint."""
     config = spec.config
     engine = (spec.stats, adapter.device, spec.backend, adapter.activation_name, config.stats_precision)
+    design = spec.label_stats.design if spec.label_stats else None
     checkpoint = store.load_checkpoint()
     if checkpoint is None:
-        acc = Accumulator(len(spec.layers), spec.space.size, spec.width, spec.k, *engine, config.top_frames)
+        acc = Accumulator(
+            len(spec.layers), spec.space.size, spec.width, spec.k, *engine, config.top_frames, design=design
+        )
         return acc, [], Progress()
     state, done, prog = checkpoint
-    return Accumulator.from_state(state, spec.k, *engine), done, prog
+    return Accumulator.from_state(state, spec.k, *engine, design=design), done, prog
 
 
 def _loader(corpus, adapter, spec: RunSpec, batches, store: StoreWriter) -> torch.utils.data.DataLoader:
@@ -399,6 +402,12 @@ def collect_corpus(
             dist.destroy_process_group()
 
 
+def _design(stats: dict) -> str:
+    """`` (<design> label_stats)`` when the run called label_stats, else nothing."""
+    chosen = stats.get("label_stats")
+    return f" ({chosen['design']} label_stats)" if chosen else ""
+
+
 def _workers(n: int | None) -> str:
     """The summary's words for the loading workers (stores before they were recorded: none)."""
     if n is None:
@@ -424,7 +433,8 @@ def describe_collect(meta: StoreMeta, out: str | Path) -> str:
         f"model, {meta.batching['front_end']} front end, {model.get('attention', 'eager')} attention"
         + _workers(meta.batching.get("loader_workers")),
         f"statistics: {', '.join(meta.stats)}; k = {meta.k} of {model['width']} "
-        f"(λ = {stats['topk_ratio']}); layers {meta.layers[0]}..{meta.layers[-1]}; backend {stats['backend']}; "
+        f"(λ = {stats['topk_ratio']}); layers {meta.layers[0]}..{meta.layers[-1]}; backend {stats['backend']}"
+        f"{_design(stats)}; "
         f"precision {stats.get('precision', 'model').split(':')[0]}",
     ]
     if skips:

@@ -20,7 +20,7 @@ from ..labelspace import LabelSpace
 from ..model.adapter import ModelAdapter, ModelError
 from ..store import StoreMeta
 from ..version import __version__
-from .backends import PRECISIONS, ROUTE_BOUND, make_backend, resolve_backend
+from .backends import PRECISIONS, ROUTE_BOUND, DesignChoice, choose_design, make_backend, resolve_backend
 from .batching import default_batch_seconds, default_num_jobs
 from .statistics import TABLE, Params, statistics
 from .tokens import MODES
@@ -43,6 +43,7 @@ class CollectConfig:
     num_jobs: int | None = None  # data-loading workers; None: default_num_jobs(device)
     backend: str = "auto"
     stats_precision: str = "fp32"  # fp32: statistics of the fp32-accumulated activations in bf16/fp16 runs
+    label_stats_design: str = "auto"  # split, one-read, or auto: the faster on a GPU (timed at the start), else split
     top_frames: int = 16  # N of the top_frames statistic (when collected)
     labels: tuple[str, ...] | None = None  # label parts of the joint label; None = every part of the corpus
     command: str = ""  # the command line that asked for the run (the CLI's, shell-quoted), recorded in the store
@@ -65,6 +66,13 @@ class CollectConfig:
             raise ValueError(f"unknown --front-end {self.front_end!r}; choose auto or one of {FRONT_ENDS}")
         if self.stats_precision not in PRECISIONS:
             raise ValueError(f"unknown --stats-precision {self.stats_precision!r}; choose from {PRECISIONS}")
+        if self.label_stats_design != "auto":
+            from ..kernels.label_stats import DESIGNS
+
+            if self.label_stats_design not in DESIGNS:
+                raise ValueError(
+                    f"unknown label_stats design {self.label_stats_design!r}; choose auto or one of {DESIGNS}"
+                )
 
 
 @dataclass(frozen=True)
@@ -82,6 +90,7 @@ class RunSpec:
     k: int
     space: LabelSpace
     indices: tuple[int, ...] = field(repr=False)  # the corpus's utterances this run (or shard) counts
+    label_stats: DesignChoice | None = None  # the label_stats design of a Triton backend, and why
 
     @classmethod
     def resolve(
@@ -93,8 +102,10 @@ class RunSpec:
         front_end = adapter.resolve_front_end(config.front_end)
         stats = tuple(s.name for s in statistics(config.stats))
         backend = resolve_backend(config.backend, adapter.device)
+        width = adapter.width
+        k = max(1, round(config.topk_ratio * width))
         try:
-            make_backend(backend, statistics(stats), Params(1), adapter.activation_name)
+            probe = make_backend(backend, statistics(stats), Params(k), adapter.activation_name, config.stats_precision)
         except ValueError as e:
             raise ModelError(f"{adapter.source}: {e}") from None
         layers = range(adapter.num_layers) if config.layers is None else sorted({i - 1 for i in config.layers})
@@ -111,7 +122,6 @@ class RunSpec:
         shard_i, shard_n = config.shard
         if distributed and shard_n > 1:
             raise OptionError("--shard splits the corpus by hand; a torchrun job splits it over its ranks: use one")
-        width = adapter.width
         spec = cls(
             config=config,
             stats=stats,
@@ -121,9 +131,10 @@ class RunSpec:
             num_jobs=default_num_jobs(adapter.device) if config.num_jobs is None else config.num_jobs,
             layers=tuple(layers),
             width=width,
-            k=max(1, round(config.topk_ratio * width)),
+            k=k,
             space=space,
             indices=tuple(i for i in range(len(corpus)) if i % shard_n == shard_i),
+            label_stats=choose_design(config.label_stats_design, probe, adapter.device, adapter.dtype, width),
         )
         spec.check_state_size(adapter.device)
         return spec
@@ -201,6 +212,7 @@ class RunSpec:
                 "moments": "per-batch fp32 sums around a per-neuron shift, merged in float64 (Chan et al.)",
                 "merge": {var: TABLE[name].rule.name for name in self.stats for var in TABLE[name].store},
                 "backend": self.backend,
+                "label_stats": self.label_stats.to_dict() if self.label_stats else None,
                 "precision": _describe_precision(config.stats_precision, adapter.dtype, self.backend),
             },
             labels=self.space.to_dict(),
