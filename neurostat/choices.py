@@ -5,8 +5,8 @@ statistics (:mod:`neurostat.declarations`) and presets (:mod:`neurostat.presets`
 
 from __future__ import annotations
 
-LAYOUTS = ("librispeech",)
-"""Corpus layouts ``prepare`` reads."""
+LAYOUTS = ("librispeech", "timit", "lhotse", "manifest")
+"""Corpus layouts ``prepare`` reads (and ``synth`` writes): see :mod:`neurostat.corpus.source`."""
 FRAME_LABELS = ("centre", "overlap")
 """How a model frame gets its phone: the interval at its centre, or the one of largest overlap (the paper)."""
 PITCH_METHODS = ("praat", "yaapt")
