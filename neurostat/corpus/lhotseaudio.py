@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 
 from ..errors import UserError
@@ -33,7 +35,7 @@ def load_recording(
 ) -> tuple[np.ndarray, int, str]:
     """The ``span`` (seconds) of a Lhotse recording (its ``to_dict()``), read by Lhotse (cut to the sample as
     Lhotse rounds times) at ``sample_rate``; the recording's rate and the digest of the span's samples."""
-    rec = lhotse_module().Recording.from_dict(recording)
+    rec = lhotse_module().Recording.from_dict(copy.deepcopy(recording))  # from_dict takes the dict apart
     where = rec.sources[0].source if len(rec.sources) == 1 else f"lhotse recording {rec.id}"
     try:
         samples = rec.load_audio(channels=channel, offset=span[0], duration=span[1] - span[0])

@@ -134,5 +134,6 @@ class ManifestSource(CorpusSource):
             genders.append(row.get("gender"))
             phones = PhoneSource("textgrid", str(grid))
             records.append(UtteranceRecord(uid, row["speaker"], gender_of(row.get("gender")), ref, phones))
-        why = "no gender column" if all(row.get("gender") is None for _, row in rows) else "gender not M or F"
+        column = any("gender" in row for _, row in rows)
+        why = "their rows' gender is empty or not M/F" if column else "no gender column"
         return SourceScan(check_unique(records, str(self.root)), skips, lacking_gender(records, genders, why))

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..choices import FRAME_LABELS, PITCH_ALIGNS, PITCH_METHODS, PITCH_RULES
+from ..choices import FRAME_LABELS, PITCH_ALIGNS, PITCH_METHODS, PITCH_RULES, UNKNOWN_GENDER
 from ..errors import UserError
 from ..files import check_out_folder
 from ..frames import FrameGeometry
@@ -26,7 +26,7 @@ from ..phones import PHONES, PhoneMap, UnknownPhoneError
 from .audio import Skip
 from .pitch import bin_names, f0_at, percentile_edges
 from .prepared import CACHE_FORMAT, PitchMeta, PreparedCorpus, PreparedMeta, is_prepared
-from .source import UNKNOWN_GENDER, CorpusSource, UtteranceRecord, open_source
+from .source import CorpusSource, UtteranceRecord, open_source
 from .speakers import GENDERS
 from .textgrid import TextGridError, read_textgrid
 from .timit import phn_intervals

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..choices import LAYOUTS
+from ..choices import LAYOUTS, UNKNOWN_GENDER
 from ..errors import OptionError
 from ..phones import PhoneMap
 from .audio import load_audio
@@ -123,10 +123,6 @@ class UtteranceRecord:
             "gender": self.gender or UNKNOWN_GENDER,
             **self.audio.fields(),
         }
-
-
-UNKNOWN_GENDER = "unknown"
-"""The gender label of an utterance whose corpus does not give its speaker's gender."""
 
 
 @dataclass
