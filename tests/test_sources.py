@@ -437,6 +437,12 @@ def test_cli_synth_layouts_prepare_and_collect(tmp_path, tiny_model):
                                "--model", str(tiny_model), "--out", str(tmp_path / "s.zarr"), "-j", "0"])  # fmt: skip
     assert res.exit_code == 0, res.output
     assert open_stats(tmp_path / "s.zarr").meta.corpus["root"] == str(tmp_path / "d" / "manifest.csv")
+    res = runner.invoke(main, ["info", str(tmp_path / "s.zarr")])
+    assert f"corpus: {tmp_path / 'd' / 'manifest.csv'} (shard 0/1)" in res.output
+    for extra, message in ((["--no-sa"], "takes no option --no-sa"), (["--subset", "x"], "no subsets")):
+        res = runner.invoke(main, ["prepare", "--corpus", "manifest", "--root", str(tmp_path / "d" / "manifest.csv"),
+                                   *extra])  # fmt: skip
+        assert res.exit_code != 0 and message in res.output, res.output
     res = runner.invoke(main, ["prepare", "--corpus", "timit", "--root", str(tmp_path), "--alignments", str(tmp_path)])
     assert res.exit_code != 0 and "leave out --alignments" in res.output
     res = runner.invoke(main, ["prepare", "--root", str(tmp_path)])

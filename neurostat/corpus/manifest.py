@@ -12,6 +12,7 @@ import csv
 import json
 from pathlib import Path
 
+from ..errors import OptionError
 from .librispeech import index_alignments
 from .source import (
     AudioRef,
@@ -101,6 +102,11 @@ class ManifestSource(CorpusSource):
     """``--corpus manifest``: ``--root FILE.csv|FILE.jsonl``, one utterance a row."""
 
     layout = "manifest"
+
+    def __init__(self, root, subset=None, alignments=None):
+        if subset is not None:
+            raise OptionError("a manifest has no subsets: leave out --subset (write one manifest per subset)")
+        super().__init__(root, None, alignments)
 
     def scan(self) -> SourceScan:
         rows = read_rows(self.root)

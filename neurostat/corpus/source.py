@@ -14,7 +14,6 @@ measured from its start.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import import_module
 from pathlib import Path
@@ -139,6 +138,8 @@ class CorpusSource:
     """A corpus layout: the options it was opened with, a default phone mapping and a scan of its files."""
 
     layout: str = ""
+    own_options: tuple[str, ...] = ()
+    """The keyword options of the layout (``open_source`` refuses others)."""
 
     def __init__(self, root: str | Path, subset: str | None = None, alignments: str | Path | None = None):
         self.root = Path(root).resolve()
@@ -188,7 +189,11 @@ def open_source(
     if layout not in LAYOUTS:
         raise OptionError(f"unknown corpus layout {layout!r}; neurostat reads {', '.join(LAYOUTS)}")
     module, name = _SOURCES[layout].split(":")
-    cls: Callable[..., CorpusSource] = getattr(import_module(f"{__package__}.{module}"), name)
+    cls: type[CorpusSource] = getattr(import_module(f"{__package__}.{module}"), name)
+    unknown = sorted(set(options) - set(cls.own_options))
+    if unknown:
+        flags = ", ".join("--no-sa (TIMIT's)" if o == "sa" else o for o in unknown)
+        raise OptionError(f"--corpus {layout} takes no option {flags}")
     return cls(root, subset, alignments, **options)
 
 

@@ -99,6 +99,7 @@ class TimitSource(CorpusSource):
     """``--corpus timit``: SPHERE audio, ``.PHN`` phones, sex from the speaker folder (``--no-sa``: no SA sentences)."""
 
     layout = "timit"
+    own_options = ("sa",)
 
     def __init__(self, root, subset=None, alignments=None, sa: bool = True):
         if subset is not None and subset.upper() not in PARTS:
