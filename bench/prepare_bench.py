@@ -1,5 +1,6 @@
 """`neurostat prepare` on a LibriSpeech-layout corpus: its wall time against the bare work it cannot avoid,
-and (with ``--before``) the same for another checkout of neurostat, run in turns on the same corpus.
+and (with ``--before``) the same for another checkout of neurostat, run in turns on the same corpus, with
+the median of the paired ratios (this / before) of each round.
 
 The bare work, timed in the same process first: for every utterance, decode the FLAC, read the TextGrid
 and track F0 at the frame centres (Praat).  Then `prepare` into a fresh folder (cold: nothing cached) and
@@ -119,6 +120,17 @@ def main() -> None:
             f"| {where} | {m['bare']:.3f} | {m['cold']:.3f} | {m['warm']:.3f} | {m['cold'] / m['bare']:.3f} | "
             f"{m['warm'] / m['bare']:.3f} |"
         )
+    if args.before:  # the load of a shared machine moves both; a round's two runs are minutes apart at most
+        paired = {
+            k: statistics.median(a[k] / b[k] for a, b in zip(runs["this checkout"], runs["--before"]))
+            for k in ("bare", "cold", "warm")
+        }
+        lines += [
+            "",
+            "- paired, the median over rounds of this checkout / --before: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in paired.items())
+            + " (bare: the same code in both, so its spread is the noise)",
+        ]
     text = "\n".join(lines)
     print(text)
     if args.results:
