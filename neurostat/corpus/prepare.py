@@ -141,7 +141,7 @@ class PrepareSettings:
         return {
             "geometry": self.geometry.to_dict(),
             "pitch": self.pitch,
-            "phone_map": self.phone_map.describe(),
+            "phone_map": None if self.phone_map is None else self.phone_map.describe(),  # None: the layout's own
             "strict": self.strict,
             "pitch_step": self.pitch_step,
             "format": CACHE_FORMAT,

@@ -61,10 +61,6 @@ class AudioRef:
             record["audio"], record.get("start"), record.get("end"), record.get("recording"), record.get("channel")
         )
 
-    def is_local_file(self) -> bool:
-        """Whether the samples come from a local file neurostat reads itself (else Lhotse reads them)."""
-        return self.recording is None
-
     def available(self) -> bool:
         """Whether the audio is where it was found (a Lhotse recording: each of its local files)."""
         if self.recording is None:
