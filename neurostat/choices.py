@@ -5,8 +5,11 @@ statistics (:mod:`neurostat.declarations`) and presets (:mod:`neurostat.presets`
 
 from __future__ import annotations
 
-LAYOUTS = ("librispeech",)
-"""Corpus layouts ``prepare`` reads."""
+LAYOUTS = ("librispeech", "timit", "lhotse", "manifest")
+"""Corpus layouts ``prepare`` reads (and ``synth`` writes): see :mod:`neurostat.corpus.source`."""
+UNKNOWN_GENDER = "unknown"
+"""The gender label of an utterance whose corpus does not give its speaker's gender (a layout without it, a
+manifest row without it): its frames are counted, and ``select --property gender`` leaves them out."""
 FRAME_LABELS = ("centre", "overlap")
 """How a model frame gets its phone: the interval at its centre, or the one of largest overlap (the paper)."""
 PITCH_METHODS = ("praat", "yaapt")

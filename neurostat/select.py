@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .choices import SELECTION_RULES
+from .choices import SELECTION_RULES, UNKNOWN_GENDER
 from .errors import OptionError
 from .files import atomic_write, check_out_folder
 from .neuronset import NeuronModel, NeuronSet, NeuronSetError
@@ -58,8 +58,9 @@ class GroupSpec:
         if name == "pitch":
             _need_part(stats, "pitch_bin")
             return cls("pitch_bin", {b: [b] for b in space.vocab("pitch_bin") if b != "unvoiced"})
-        if name == "gender" or (name in stats.parts and name != "pitch_bin"):
-            _need_part(stats, name)
+        if name == "gender":
+            return cls("gender", _gender_groups(stats), "phone" if "phone" in stats.parts else "gender")
+        if name in stats.parts and name != "pitch_bin":
             within = "phone" if stats.level(name) == "utterance" and "phone" in stats.parts else name
             return cls(name, {v: [v] for v in space.vocab(name)}, within)
         extra = [p for p in stats.parts if p not in ("phone", "gender", "pitch_bin")]
@@ -113,6 +114,27 @@ class GroupSpec:
             unknown = sorted(set(cells) - set(space.vocab(self.within)))
             if unknown or not cells:
                 raise SelectionError(f"cells {unknown or cells} are not {self.within} labels of this store")
+
+
+def _gender_groups(stats: Stats) -> dict[str, list[str]]:
+    """One group per speaker gender; the tokens of utterances whose corpus gives no gender are in none (a
+    warning says how many), and a store where no token has a gender is refused, naming what the corpus lacks."""
+    _need_part(stats, "gender")
+    known = [g for g in stats.label_space.vocab("gender") if g != UNKNOWN_GENDER]
+    if UNKNOWN_GENDER in stats.label_space.vocab("gender"):
+        tokens = stats.tokens(by=("gender",))
+        lacking = stats.meta.corpus.get("lacking", {}).get("gender", "its corpus gives no speaker gender")
+        if not int(tokens.sel(gender=known).sum()):
+            raise SelectionError(
+                f"{stats.path}: no token has a speaker gender to group by: {lacking}; give the corpus genders "
+                "(the manifest's gender column, the supervisions' gender), prepare and collect again"
+            )
+        warnings.warn(
+            f"{int(tokens.sel(gender=UNKNOWN_GENDER))} tokens of utterances without a speaker gender are in no gender "
+            f"group ({lacking})",
+            stacklevel=3,
+        )
+    return {g: [g] for g in known}
 
 
 def _need_part(stats: Stats, part: str) -> None:

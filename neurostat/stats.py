@@ -234,7 +234,8 @@ def describe_store(path: str | Path) -> str:
         f"layers collected: {', '.join(map(str, meta.layers))}",
         f"statistics: {', '.join(meta.stats)}; tokens {s['tokens']}; top-k k = {meta.k} (λ = {s['topk_ratio']}); backend {s['backend']}",
         "labels: " + " x ".join(f"{len(v)} {part}" for part, v in labels.items()) + " joint labels" + pitch,
-        f"corpus: {meta.corpus['root']} / {meta.corpus['subset']} (shard {meta.corpus['shard']})",
+        f"corpus: {meta.corpus['root']}{' / ' + meta.corpus['subset'] if meta.corpus.get('subset') else ''} "
+        f"(shard {meta.corpus['shard']})",
         f"labelling: frames by {meta.frame_labels or 'centre'}; pitch {pitch_meta.get('method')} "
         f"(step {1000 * pitch_meta.get('step_seconds', 0):g} ms, aligned by {pitch_meta.get('align', 'time')}), "
         f"bins by rule {pitch_meta.get('rule')}"

@@ -14,7 +14,7 @@ from ..choices import BACKENDS, FRONT_ENDS, MODEL_DTYPES, PRECISIONS
 from ..declarations import DECLARATIONS, DEFAULT_STATS
 from ..engine.tokens import MODES
 from .app import demo_model_name, main, preset_option, user_errors, with_preset
-from .corpus import PREPARE_OPTIONS, labelling_options
+from .corpus import PREPARE_OPTIONS, labelling_options, source_options
 
 
 def _layers(ctx, param, text: str) -> list[int] | None:
@@ -53,14 +53,14 @@ def _shard(ctx, param, text: str) -> tuple[int, int]:
     "--root",
     type=click.Path(path_type=Path),
     default=None,
-    help="LibriSpeech root; with --subset and --alignments the corpus is prepared (cached) first.",
+    help="The corpus (in the --corpus layout, with the --subset and --alignments it takes), prepared (cached) first.",
 )
 @labelling_options
 @click.option(
     "--prepared",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Prepared-corpus folder to read (or to write when --root is given) [default: <alignments>/../prepared-<subset>].",
+    help="Prepared-corpus folder to read (or to write when --root is given) [default: prepare's].",
 )
 @click.option(
     "--model",
@@ -183,7 +183,7 @@ def _shard(ctx, param, text: str) -> tuple[int, int]:
 @preset_option
 @user_errors
 def collect(
-    root, corpus, subset, alignments, prepared, model, out, device, dtype, resume, overwrite, **options
+    root, corpus, subset, alignments, no_sa, prepared, model, out, device, dtype, resume, overwrite, **options
 ) -> None:
     """Collect activation statistics of every FFN neuron, layer and joint label into a Zarr store.
 
@@ -237,7 +237,7 @@ def collect(
     try:
         summary = collect_corpus(
             str(model), out, config, prepared, root, subset, alignments, corpus, prepare_options,
-            device, dtype, resume, overwrite, echo=click.echo, preset=preset,
+            device, dtype, resume, overwrite, echo=click.echo, preset=preset, source_options=source_options(no_sa),
         )  # fmt: skip
     except CollectInterrupted as e:
         click.echo(str(e), err=True)

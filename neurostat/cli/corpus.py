@@ -21,31 +21,53 @@ from .app import demo_model_name, main, preset_option, user_errors, with_preset
 @click.option("--utterances", "utterances_per_speaker", default=DEMO_UTTERANCES, help="Utterances per speaker.")
 @click.option("--subset", default="dev-clean", help="Subset folder name in the LibriSpeech layout.")
 @click.option("--seed", default=0, help="Seed for voices, pitch and sentences: same seed, same corpus.")
-def synth(out: Path, num_speakers: int, utterances_per_speaker: int, subset: str, seed: int) -> None:
-    """Write the offline demo corpus to OUT: espeak-ng speech in the LibriSpeech layout with exact TextGrids.
-
-    Produces OUT/LibriSpeech/<subset>/..., OUT/LibriSpeech/SPEAKERS.TXT and OUT/alignments/<subset>/...
+@click.option(
+    "--layout",
+    type=click.Choice(LAYOUTS),
+    default="librispeech",
+    help="Corpus layout to write: LibriSpeech + TextGrids, TIMIT (SPHERE + .PHN), Lhotse manifests, or a CSV "
+    "manifest. The other layouts carry the same audio with the phone boundaries rounded to whole samples.",
+)
+@user_errors
+def synth(out: Path, num_speakers: int, utterances_per_speaker: int, subset: str, seed: int, layout: str) -> None:
+    """Write the offline demo corpus to OUT: espeak-ng speech with exact phone timings, in the LibriSpeech layout
+    (OUT/LibriSpeech/<subset>/..., SPEAKERS.TXT, OUT/alignments/<subset>/...) or in another --layout.
     """
-    from ..corpus.synth import synthesize
+    from ..corpus.layouts import synthesize_layout
 
-    root, align = synthesize(out, subset, num_speakers, utterances_per_speaker, seed)
-    click.echo(
-        f"corpus: {root}\nalignments: {align}\n"
-        f"next: neurostat prepare --root {root} --subset {subset} --alignments {align} --out {out / 'prepared'}"
-    )
+    written = synthesize_layout(out, layout, subset, num_speakers, utterances_per_speaker, seed)
+    click.echo(f"corpus ({layout}): {written.root}\nnext: {written.prepare_command(out / 'prepared')}")
 
 
 def labelling_options(f):
     """Options shared by `prepare` and `collect` (which prepares its corpus itself); the labelling ones
     arrive as keyword arguments of :meth:`neurostat.corpus.prepare.PrepareSettings.from_options`."""
     options = [
-        click.option("--corpus", type=click.Choice(LAYOUTS), default="librispeech", help="Corpus layout."),
-        click.option("--subset", default=None, help="Subset folder, e.g. dev-clean."),
+        click.option(
+            "--corpus",
+            type=click.Choice(LAYOUTS),
+            default="librispeech",
+            help="Corpus layout of --root: librispeech (+ MFA TextGrids), timit (LDC layout, .PHN phones), lhotse "
+            "(a folder of Lhotse manifests; needs neurostat[lhotse]) or manifest (a CSV/JSONL file of utterances).",
+        ),
+        click.option(
+            "--subset",
+            default=None,
+            help="Subset: LibriSpeech's folder (e.g. dev-clean, required); TIMIT's TRAIN or TEST [default: both]; "
+            "a Lhotse recipe's part (<corpus>_recordings_<part>.jsonl.gz).",
+        ),
         click.option(
             "--alignments",
             type=click.Path(path_type=Path),
             default=None,
-            help="Folder of MFA TextGrids (corpus layout or flat).",
+            help="Folder of MFA TextGrids (corpus layout or flat), found by utterance id: required for librispeech; "
+            "for lhotse and manifest the utterances without an alignment of their own.",
+        ),
+        click.option(
+            "--no-sa",
+            is_flag=True,
+            help="timit: leave out the SA sentences, which every speaker reads (as most of the literature does) "
+            "[default: keep them].",
         ),
         click.option(
             "--pitch",
@@ -63,7 +85,8 @@ def labelling_options(f):
             "--phone-map",
             type=click.Path(exists=True, dir_okay=False, path_type=Path),
             default=None,
-            help="JSON or TSV mapping of corpus phone symbols to ARPAbet/sil/spn (e.g. for MFA's IPA phone set).",
+            help="JSON or TSV mapping of corpus phone symbols to ARPAbet/sil/spn (e.g. for MFA's IPA phone set), laid "
+            "over the layout's own (timit: the shipped map of its 61 symbols, README 'Your own corpus').",
         ),
         click.option(
             "--strict", is_flag=True, help="Refuse (error) instead of resampling or skipping problem utterances."
@@ -105,6 +128,11 @@ def labelling_options(f):
     return f
 
 
+def source_options(no_sa: bool) -> dict:
+    """The layout's own options (:func:`neurostat.corpus.source.open_source`) from the command line's."""
+    return {"sa": False} if no_sa else {}
+
+
 PREPARE_OPTIONS = (
     "pitch",
     "pitch_bins",
@@ -124,14 +152,16 @@ PREPARE_OPTIONS = (
     "--root",
     required=True,
     type=click.Path(path_type=Path),
-    help="LibriSpeech root (the LibriSpeech folder or its parent).",
+    help="The corpus: the LibriSpeech folder (or its parent), the TIMIT folder, a folder of Lhotse manifests, or "
+    "a manifest file (see --corpus).",
 )
 @labelling_options
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Prepared-corpus folder [default: <alignments>/../prepared-<subset>].",
+    help="Prepared-corpus folder [default: librispeech <alignments>/../prepared-<subset>; other layouts "
+    "prepared-<root name>[-<subset>] beside --root].",
 )
 @click.option(
     "--model",
@@ -150,26 +180,33 @@ PREPARE_OPTIONS = (
 @click.option("-j", "--num-jobs", default=1, help="Parallel worker processes.")
 @preset_option
 @user_errors
-def prepare(root, corpus, subset, alignments, out, model, sample_rate, paper_labels, num_jobs, **options) -> None:
-    """Label a corpus: phones per frame (MFA TextGrids), speaker gender (SPEAKERS.TXT), F0 and pitch bins.
+def prepare(
+    root, corpus, subset, alignments, no_sa, out, model, sample_rate, paper_labels, num_jobs, **options
+) -> None:
+    """Label a corpus: phones per frame (MFA TextGrids, TIMIT's .PHN, Lhotse alignments), speaker gender
+    (SPEAKERS.TXT, TIMIT's speaker folders, the manifest), F0 and pitch bins.
 
     Cached: a second run reuses every utterance whose inputs and settings did not change.
     """
     from ..corpus.paperlabels import prepare_paper_labels
-    from ..corpus.prepare import PrepareSettings, default_prepared_dir, describe_prepared
-    from ..corpus.prepare import prepare as run_prepare
+    from ..corpus.prepare import PrepareSettings, default_prepared_dir, describe_prepared, prepare_source
+    from ..corpus.source import open_source
     from ..errors import OptionError
     from ..model.adapter import load_geometry
 
-    if subset is None or (alignments or paper_labels) is None:
-        raise OptionError("--subset and --alignments (or --paper-labels) are required to label a corpus")
+    if paper_labels and (corpus != "librispeech" or subset is None):
+        raise OptionError(
+            "--paper-labels reads the paper's LibriSpeech labels: it needs --corpus librispeech and --subset"
+        )
     geometry = load_geometry(model, sample_rate)
-    out = out or default_prepared_dir(alignments or paper_labels, subset)
     if paper_labels:
+        out = out or default_prepared_dir(paper_labels, subset)
         meta = prepare_paper_labels(root, subset, paper_labels, out, geometry)
     else:
+        source = open_source(corpus, root, subset, alignments, **source_options(no_sa))
         settings = PrepareSettings.from_options(geometry, **with_preset(options))
-        meta = run_prepare(root, subset, alignments, out, settings, num_jobs=num_jobs, layout=corpus)
+        out = out or source.default_out()
+        meta = prepare_source(source, out, settings, num_jobs=num_jobs)
     click.echo(describe_prepared(meta, out))
 
 

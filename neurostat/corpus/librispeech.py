@@ -10,6 +10,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import OptionError
+from .source import (
+    AudioRef,
+    CorpusError,
+    CorpusSource,
+    PhoneSource,
+    SourceScan,
+    UtteranceRecord,
+    missing_alignment,
+)
+from .speakers import read_speakers
+
 
 @dataclass(frozen=True)
 class CorpusUtterance:
@@ -17,10 +29,6 @@ class CorpusUtterance:
     speaker: str
     chapter: str
     audio: Path
-
-
-class CorpusError(ValueError):
-    """A corpus that cannot be read as a whole (missing folders, duplicate ids)."""
 
 
 def corpus_dir(root: str | Path) -> Path:
@@ -70,3 +78,49 @@ def index_alignments(align_dir: str | Path, subset: str | None = None) -> dict[s
             raise CorpusError(f"two TextGrids for utterance {tg.stem}: {out[tg.stem]} and {tg}")
         out[tg.stem] = tg
     return out
+
+
+class LibriSpeechSource(CorpusSource):
+    """``--corpus librispeech``: a subset's FLAC files, genders from SPEAKERS.TXT, MFA TextGrids by utterance id."""
+
+    layout = "librispeech"
+
+    def __init__(self, root, subset=None, alignments=None):
+        if subset is None or alignments is None:
+            raise OptionError(
+                "--subset and --alignments (or --paper-labels) are required to label a LibriSpeech corpus"
+            )
+        super().__init__(root, subset, alignments)
+
+    def inputs(self) -> tuple[Path, ...]:
+        return (subset_dir(self.root, self.subset), self.alignments)
+
+    def default_out(self) -> Path:
+        return self.alignments.parent / f"prepared-{self.subset}"
+
+    def scan(self) -> SourceScan:
+        utterances = scan(self.root, self.subset)
+        speakers = read_speakers(corpus_dir(self.root) / "SPEAKERS.TXT")
+        grids = index_alignments(self.alignments, self.subset)
+        records, skips = [], []
+        for u in utterances:
+            if u.speaker not in speakers:
+                skips.append(
+                    {
+                        "id": u.id,
+                        "reason": "unknown-speaker",
+                        "file": str(u.audio),
+                        "message": f"speaker {u.speaker} is not in SPEAKERS.TXT",
+                    }
+                )
+                continue
+            if u.id not in grids:
+                skips.append(
+                    missing_alignment(u.id, u.audio, "no TextGrid for this utterance in the alignments directory")
+                )
+                continue
+            audio, phones = AudioRef(str(u.audio)), PhoneSource("textgrid", str(grids[u.id]))
+            records.append(
+                UtteranceRecord(u.id, u.speaker, speakers[u.speaker].sex, audio, phones, {"chapter": u.chapter})
+            )
+        return SourceScan(records, skips)

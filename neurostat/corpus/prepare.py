@@ -1,5 +1,5 @@
-"""``neurostat prepare``: labels of a LibriSpeech-layout corpus, written as a prepared-corpus folder
-(its layout: :mod:`neurostat.corpus.prepared`).
+"""``neurostat prepare``: labels of a corpus (any layout: :mod:`neurostat.corpus.source`), written as a
+prepared-corpus folder (its layout: :mod:`neurostat.corpus.prepared`).
 
 Per-utterance files carry a key of their inputs (file sizes/mtimes, settings), so a second run
 reuses what is done and redoes only what changed.  Label sets attached earlier are kept.
@@ -7,27 +7,29 @@ reuses what is done and redoes only what changed.  Label sets attached earlier a
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from ..choices import FRAME_LABELS, LAYOUTS, PITCH_ALIGNS, PITCH_METHODS, PITCH_RULES
+from ..choices import FRAME_LABELS, PITCH_ALIGNS, PITCH_METHODS, PITCH_RULES, UNKNOWN_GENDER
 from ..errors import UserError
 from ..files import check_out_folder
 from ..frames import FrameGeometry
 from ..phones import PHONES, PhoneMap, UnknownPhoneError
-from .audio import Skip, load_audio
-from .librispeech import corpus_dir, index_alignments, scan, subset_dir
+from .audio import Skip
 from .pitch import bin_names, f0_at, percentile_edges
 from .prepared import CACHE_FORMAT, PitchMeta, PreparedCorpus, PreparedMeta, is_prepared
-from .speakers import GENDERS, read_speakers
+from .source import CorpusSource, UtteranceRecord, open_source
+from .speakers import GENDERS
 from .textgrid import TextGridError, read_textgrid
+from .timit import phn_intervals
 
 
 class PrepareError(UserError, RuntimeError):
@@ -40,7 +42,7 @@ class PrepareSettings:
     pitch: str = "praat"
     quantiles: tuple[float, ...] = (1 / 3, 2 / 3)
     edges: tuple[float, ...] | None = None
-    phone_map: PhoneMap = field(default_factory=PhoneMap)
+    phone_map: PhoneMap | None = None  # None: the corpus layout's own (see CorpusSource.phone_map)
     strict: bool = False
     frame_labels: str = "centre"  # or "overlap" (the paper: largest overlap with the stride grid cell)
     pitch_rule: str = "interval"  # or "paper" (see neurostat.corpus.pitch)
@@ -64,7 +66,7 @@ class PrepareSettings:
     ) -> "PrepareSettings":
         """Settings from the command line's options: ``pitch_bins`` voiced bins at equal corpus percentiles,
         or at ``pitch_percentiles`` (e.g. ``"33,66"``, the paper's), or ``pitch_edges`` in Hz (a tuple or
-        ``"129.03,179.78"``); ``phone_map`` a JSON/TSV file."""
+        ``"129.03,179.78"``); ``phone_map`` a JSON/TSV file laid over the layout's own mapping."""
         if pitch_bins < 1:
             raise PrepareError(f"--pitch-bins {pitch_bins}: need at least one pitch bin")
         pitch_edges = _numbers(pitch_edges, "--pitch-edges")
@@ -95,7 +97,7 @@ class PrepareSettings:
             if percentiles
             else tuple(i / pitch_bins for i in range(1, pitch_bins)),
             edges=pitch_edges,
-            phone_map=PhoneMap.from_file(phone_map) if phone_map else PhoneMap(),
+            phone_map=PhoneMap.from_file(phone_map) if phone_map else None,
             strict=strict,
             frame_labels=frame_labels,
             pitch_rule=pitch_rule,
@@ -139,7 +141,7 @@ class PrepareSettings:
         return {
             "geometry": self.geometry.to_dict(),
             "pitch": self.pitch,
-            "phone_map": self.phone_map.describe(),
+            "phone_map": None if self.phone_map is None else self.phone_map.describe(),  # None: the layout's own
             "strict": self.strict,
             "pitch_step": self.pitch_step,
             "format": CACHE_FORMAT,
@@ -165,70 +167,117 @@ def _stat(path: Path) -> list:
     return [str(path), st.st_size, st.st_mtime_ns]
 
 
-def _utt_key(utt: dict, audio: Path, textgrid: Path, settings: PrepareSettings) -> str:
-    """The key of everything a record depends on: the utterance's metadata (speaker, gender from
-    SPEAKERS.TXT, paths), the audio and TextGrid files (size, mtime) and the settings."""
-    blob = json.dumps([utt, _stat(audio), _stat(textgrid), settings.key()], sort_keys=True)
+def _utt_key(fields: dict, utt: UtteranceRecord, settings: PrepareSettings) -> str:
+    """The key of everything a record depends on: the utterance's metadata (speaker, gender, paths, span), its
+    local audio file and its alignment (file size and mtime, or the intervals themselves) and the settings."""
+    audio = Path(utt.audio.path)
+    blob = json.dumps(
+        [fields, _stat(audio) if audio.is_file() else None, utt.phones.key(), settings.key()], sort_keys=True
+    )
     return hashlib.sha1(blob.encode()).hexdigest()
 
 
-def _phone_intervals(textgrid: Path, phone_map: PhoneMap, duration: float, frame: float):
-    grid = read_textgrid(textgrid)
+def _raw_intervals(utt: UtteranceRecord, source_rate: int, source_samples: int, resampled: bool):
+    """(starts, ends, symbols) of the utterance's phones on its audio file's timeline."""
+    phones = utt.phones
+    if phones.kind == "inline":
+        items = phones.intervals
+        return [i[0] for i in items], [i[1] for i in items], [i[2] for i in items]
+    if phones.kind == "phn":
+        return phn_intervals(phones.path, source_rate, source_samples + resampled)  # resampling may drop a sample
+    grid = read_textgrid(phones.path)
     tiers = {name.lower(): items for name, items in grid.tiers.items()}
     if "phones" not in tiers:
-        raise Skip("no-phones-tier", textgrid, f"no 'phones' tier (tiers: {', '.join(grid.tiers) or 'none'})")
+        raise Skip("no-phones-tier", phones.path, f"no 'phones' tier (tiers: {', '.join(grid.tiers) or 'none'})")
     items = tiers["phones"]
-    if not items:
-        raise Skip("no-phones-tier", textgrid, "the 'phones' tier is empty")
-    end = items[-1].xmax
-    if abs(end - duration) > frame:
-        side = "before" if end < duration else "after"
-        raise Skip(
-            "length-mismatch",
-            textgrid,
-            f"alignment ends at {end:.3f} s, {abs(end - duration):.3f} s {side} the audio ({duration:.3f} s); more than one frame ({frame:.3f} s)",
-        )
+    return [iv.xmin for iv in items], [iv.xmax for iv in items], [iv.text for iv in items]
+
+
+def phone_intervals(
+    utt: UtteranceRecord, phone_map: PhoneMap, duration: float, frame: float, source_rate: int, resampled: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(start s, end s, phone index) of the utterance's aligned intervals, measured from its start.  A whole
+    file's alignment must end within one ``frame`` of its ``duration``; a span's must cover it (a TextGrid's or
+    ``.PHN``'s) or lie inside it (intervals given inline), and is cut to it.  Problems are Skips."""
+    where = utt.phones.path
+    starts, ends, symbols = _raw_intervals(utt, source_rate, round(duration * source_rate), resampled)
+    if not len(symbols):
+        raise Skip("no-phones-tier", where, "the phone alignment is empty")
+    starts, ends = np.asarray(starts, dtype=np.float64), np.asarray(ends, dtype=np.float64)
+    span = utt.audio.span
+    if span is None:
+        end = ends[-1]
+        if abs(end - duration) > frame:
+            side = "before" if end < duration else "after"
+            raise Skip(
+                "length-mismatch",
+                where,
+                f"alignment ends at {end:.3f} s, {abs(end - duration):.3f} s {side} the audio ({duration:.3f} s); more than one frame ({frame:.3f} s)",
+            )
+    else:
+        first, last = span
+        covers = starts[0] <= first + frame and ends[-1] >= last - frame
+        inside = starts[0] >= first - frame and ends[-1] <= last + frame
+        if not (inside if utt.phones.kind == "inline" else covers):
+            raise Skip(
+                "length-mismatch",
+                where,
+                f"alignment spans {starts[0]:.3f}-{ends[-1]:.3f} s, the utterance {first:.3f}-{last:.3f} s of its "
+                f"audio ({'it must lie inside' if utt.phones.kind == 'inline' else 'it must cover it'}, to one frame)",
+            )
+        keep = (ends > first) & (starts < last)
+        starts, ends = starts[keep], ends[keep]
+        symbols = [sym for sym, k in zip(symbols, keep) if k]
+        # times from the utterance's start, to Lhotse's 8 decimals: a span cut at whole samples gives the
+        # intervals of the same utterance in its own file exactly
+        starts = np.round(np.maximum(starts, first) - first, 8)
+        ends = np.round(np.minimum(ends, last) - first, 8)
     try:
-        ids = np.array([PHONES.index(phone_map(iv.text)) for iv in items], dtype=np.int16)
+        ids = np.array([PHONES.index(phone_map(symbol)) for symbol in symbols], dtype=np.int16)
     except UnknownPhoneError as e:
-        raise Skip("unknown-phone", textgrid, str(e)) from None
-    starts = np.array([iv.xmin for iv in items], dtype=np.float64)
-    ends = np.array([iv.xmax for iv in items], dtype=np.float64)
+        raise Skip("unknown-phone", where, str(e)) from None
     keep = ends > starts
     return starts[keep], ends[keep], ids[keep]
 
 
 def _prepare_one(task: tuple) -> tuple[str, dict]:
     """Labels one utterance; returns ("ok", record) or ("skip", skip record)."""
-    utt, textgrid, out_dir, settings = task
-    audio = Path(utt["audio"])
+    utt, out_dir, settings = task
+    fields = utt.fields()
     try:
-        if textgrid is None:
-            raise Skip("missing-textgrid", audio, "no TextGrid for this utterance in the alignments directory")
-        textgrid = Path(textgrid)
-        key = _utt_key(utt, audio, textgrid, settings)
-        cached = PreparedCorpus.cached_record(out_dir, utt["id"], key)
+        try:
+            key = _utt_key(fields, utt, settings)
+        except OSError as e:
+            raise Skip("missing-textgrid", utt.phones.path, f"cannot read the alignment ({e.strerror})") from None
+        cached = PreparedCorpus.cached_record(out_dir, utt.id, key)
         if cached is not None and "audio_sha1" in cached:  # records from before audio digests are redone
             return "ok", cached
         geo = settings.geometry
-        wave, source_rate, audio_sha1 = load_audio(audio, geo.sample_rate, strict=settings.strict)
+        wave, source_rate, audio_sha1 = utt.audio.load(geo.sample_rate, strict=settings.strict)
         n_frames = geo.num_frames(len(wave))
         if n_frames == 0:
             raise Skip(
-                "too-short", audio, f"{len(wave)} samples is shorter than one frame ({geo.receptive_field} samples)"
+                "too-short",
+                utt.audio.path,
+                f"{len(wave)} samples is shorter than one frame ({geo.receptive_field} samples)",
             )
-        starts, ends, ids = _phone_intervals(
-            textgrid, settings.phone_map, len(wave) / geo.sample_rate, geo.stride / geo.sample_rate
+        starts, ends, ids = phone_intervals(
+            utt,
+            settings.phone_map,
+            len(wave) / geo.sample_rate,
+            geo.stride / geo.sample_rate,
+            source_rate,
+            source_rate != geo.sample_rate,
         )
         centres, cells = geo.centres(n_frames), len(wave) // geo.stride  # cells: the official int(duration·50)
         f0 = f0_at(settings.pitch, wave, geo.sample_rate, centres, settings.pitch_step, settings.pitch_align, cells)
     except TextGridError as e:
-        return "skip", {"id": utt["id"], "reason": "bad-textgrid", "file": str(textgrid), "message": str(e)}
+        return "skip", {"id": utt.id, "reason": "bad-textgrid", "file": utt.phones.path, "message": str(e)}
     except Skip as s:
-        return "skip", {"id": utt["id"], "reason": s.reason, "file": s.path, "message": s.message}
+        return "skip", {"id": utt.id, "reason": s.reason, "file": s.path, "message": s.message}
     record = {
-        **utt,
-        "textgrid": str(textgrid),
+        **fields,
+        **utt.phones.fields(),
         "num_samples": len(wave),
         "num_frames": n_frames,
         "source_sample_rate": source_rate,
@@ -239,58 +288,19 @@ def _prepare_one(task: tuple) -> tuple[str, dict]:
     return "ok", record
 
 
-def default_prepared_dir(alignments: str | Path, subset: str) -> Path:
-    """Where a prepared corpus goes when no folder is given: ``<alignments>/../prepared-<subset>``."""
-    return Path(alignments).parent / f"prepared-{subset}"
-
-
-def prepare(
-    root: str | Path,
-    subset: str,
-    alignments: str | Path,
-    out: str | Path | None,
+def label_utterances(
+    utterances: list[UtteranceRecord],
+    out: Path,
     settings: PrepareSettings,
     num_jobs: int = 1,
     progress: bool = True,
-    layout: str = "librispeech",
-) -> PreparedMeta:
-    """Prepares ``subset`` of the corpus at ``root`` (in the ``layout`` of :data:`LAYOUTS`) into ``out``
-    (default: :func:`default_prepared_dir`); returns its :class:`PreparedMeta`."""
-    if layout not in LAYOUTS:
-        raise PrepareError(f"unknown corpus layout {layout!r}; neurostat reads {', '.join(LAYOUTS)}")
-    out = default_prepared_dir(alignments, subset) if out is None else out
-    root, alignments = Path(root).resolve(), Path(alignments).resolve()  # absolute paths in the records
-    if settings.pitch not in PITCH_METHODS:
-        raise PrepareError(f"unknown pitch method {settings.pitch!r}; choose one of {PITCH_METHODS}")
-    out = check_out_folder(out, "prepared corpus", is_prepared, (subset_dir(root, subset), alignments))
-    utterances = scan(root, subset)
-    speakers = read_speakers(corpus_dir(root) / "SPEAKERS.TXT")
-    grids = index_alignments(alignments, subset)
-    out.mkdir(parents=True, exist_ok=True)
-
-    tasks, skips = [], []
-    for u in utterances:
-        if u.speaker not in speakers:
-            skips.append(
-                {
-                    "id": u.id,
-                    "reason": "unknown-speaker",
-                    "file": str(u.audio),
-                    "message": f"speaker {u.speaker} is not in SPEAKERS.TXT",
-                }
-            )
-            continue
-        utt = {
-            "id": u.id,
-            "speaker": u.speaker,
-            "chapter": u.chapter,
-            "gender": speakers[u.speaker].sex,
-            "audio": str(u.audio),
-        }
-        tasks.append((utt, str(grids[u.id]) if u.id in grids else None, str(out), settings))
-
-    records = []
-    bar = tqdm(total=len(tasks), desc=f"prepare {subset}", unit="utt", disable=not progress)
+    desc: str = "prepare",
+) -> tuple[list[dict], list[dict]]:
+    """Labels each utterance into ``out``'s cache (reusing what is cached); returns (records, skips) in the
+    order given.  Any slice of a scan's records can be labelled apart (one per process or rank)."""
+    tasks = [(u, str(out), settings) for u in utterances]
+    records, skips = [], []
+    bar = tqdm(total=len(tasks), desc=desc, unit="utt", disable=not progress)
     if num_jobs > 1:
         with ProcessPoolExecutor(max_workers=num_jobs) as pool:
             results = pool.map(_prepare_one, tasks, chunksize=max(1, min(16, len(tasks) // (4 * num_jobs))))
@@ -303,6 +313,53 @@ def prepare(
             (records if kind == "ok" else skips).append(rec)
             bar.update()
     bar.close()
+    return records, skips
+
+
+def default_prepared_dir(alignments: str | Path, subset: str) -> Path:
+    """Where a prepared corpus goes when no folder is given: ``<alignments>/../prepared-<subset>``."""
+    return Path(alignments).parent / f"prepared-{subset}"
+
+
+def prepare(
+    root: str | Path,
+    subset: str | None,
+    alignments: str | Path | None,
+    out: str | Path | None,
+    settings: PrepareSettings,
+    num_jobs: int = 1,
+    progress: bool = True,
+    layout: str = "librispeech",
+    source_options: dict | None = None,
+) -> PreparedMeta:
+    """Prepares the corpus at ``root`` (in the ``layout`` of :data:`~neurostat.choices.LAYOUTS`, with its own
+    ``source_options``; ``subset`` and ``alignments`` as the layout takes them) into ``out`` (default: the
+    source's, for LibriSpeech :func:`default_prepared_dir`); returns its :class:`PreparedMeta`."""
+    source = open_source(layout, root, subset, alignments, **(source_options or {}))
+    return prepare_source(source, out, settings, num_jobs, progress)
+
+
+def prepare_source(
+    source: CorpusSource,
+    out: str | Path | None,
+    settings: PrepareSettings,
+    num_jobs: int = 1,
+    progress: bool = True,
+) -> PreparedMeta:
+    """Prepares the utterances of ``source`` into ``out`` (default :meth:`CorpusSource.default_out`): the scan
+    (corpus-wide problems raise before anything is written), the labels of each utterance, the pitch-bin edges
+    over the corpus, then the folder's files; returns its :class:`PreparedMeta`."""
+    if settings.pitch not in PITCH_METHODS:
+        raise PrepareError(f"unknown pitch method {settings.pitch!r}; choose one of {PITCH_METHODS}")
+    out = check_out_folder(
+        source.default_out() if out is None else out, "prepared corpus", is_prepared, source.inputs()
+    )
+    scan = source.scan()
+    settings = dataclasses.replace(settings, phone_map=source.phone_map(settings.phone_map))
+    out.mkdir(parents=True, exist_ok=True)
+    name = source.subset or source.layout
+    records, skips = label_utterances(scan.records, out, settings, num_jobs, progress, f"prepare {name}")
+    skips = scan.skips + skips
     if skips and settings.strict:
         first = skips[0]
         raise PrepareError(f"{first['file']}: {first['message']} (--strict; {len(skips)} problem(s) in all)")
@@ -315,7 +372,7 @@ def prepare(
             else ""
         )
         raise PrepareError(
-            f"no usable utterances in {subset}{hint}: " + "; ".join(f"{s['file']}: {s['message']}" for s in skips[:3])
+            f"no usable utterances in {name}{hint}: " + "; ".join(f"{s['file']}: {s['message']}" for s in skips[:3])
         )
 
     records.sort(key=lambda r: r["id"])
@@ -326,15 +383,17 @@ def prepare(
         edges = percentile_edges(f0, list(settings.quantiles))
     if len(set(edges)) != len(edges):
         raise PrepareError(f"pitch bin edges must be distinct, got {edges}")
+    unknown_gender = any(r["gender"] == UNKNOWN_GENDER for r in records)
+    lacking = {k: v for k, v in scan.lacking.items() if k != "gender" or unknown_gender}
 
     meta = PreparedMeta(
-        corpus=layout,
-        root=str(Path(root).resolve()),
-        subset=subset,
-        alignments=str(Path(alignments).resolve()),
+        corpus=source.layout,
+        root=str(source.root),
+        subset=source.subset,
+        alignments=None if source.alignments is None else str(source.alignments),
         geometry=settings.geometry.to_dict(),
         phones=list(PHONES),
-        genders=list(GENDERS),
+        genders=list(GENDERS) + ([UNKNOWN_GENDER] if unknown_gender else []),
         phone_map=settings.phone_map.describe(),
         pitch=PitchMeta(
             method=settings.pitch,
@@ -352,6 +411,8 @@ def prepare(
         hours=sum(r["num_samples"] for r in records) / settings.geometry.sample_rate / 3600,
         resampled=sum(r["resampled"] for r in records),
         skips=dict(Counter(s["reason"] for s in skips)),
+        source_options=source.options(),
+        lacking=lacking,
     )
     return PreparedCorpus.create(out, meta, records, skips).meta
 
@@ -370,4 +431,5 @@ def describe_prepared(meta: PreparedMeta, out: str | Path) -> str:
     if meta.skips:
         skips = ", ".join(f"{reason} {n}" for reason, n in sorted(meta.skips.items()))
         lines.append(f"skipped: {skips} (details: {Path(out) / 'skips.jsonl'})")
+    lines += [f"lacking {what}: {why}" for what, why in meta.lacking.items()]
     return "\n".join(lines)

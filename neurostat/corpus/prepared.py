@@ -40,8 +40,10 @@ import numpy as np
 from ..files import atomic_write, sha1_file
 from ..frames import FrameGeometry, label_frames, label_frames_overlap
 from ..version import __version__
-from .audio import Skip, load_audio
+from .audio import Skip
 from .pitch import assign_bins
+from .source import AudioRef
+from .timit import MAP_SOURCE
 
 FORMAT = 3
 """Format of the prepared folder: 3 keeps the frame labels of all utterances in one memory-mapped array."""
@@ -77,7 +79,7 @@ class PreparedMeta:
 
     corpus: str  # the layout it was read in (one of neurostat.choices.LAYOUTS)
     root: str
-    subset: str
+    subset: str | None  # None: the layout's whole corpus (TIMIT without --subset, a manifest)
     alignments: str | None
     geometry: dict
     phones: list[str]
@@ -95,13 +97,17 @@ class PreparedMeta:
     label_sets: dict = field(default_factory=dict)
     digests: dict[str, str | None] | None = None  # content digests (see _content_digests); None: not recorded
     files: dict[str, str] | None = None  # SHA-1 of each file collect reads (PreparedCorpus.verify); None: not recorded
+    source_options: dict = field(default_factory=dict)  # the layout's own options (TIMIT: {"sa": False})
+    lacking: dict[str, str] = field(default_factory=dict)  # what the corpus does not give: {"gender": "why"}
     version: str = __version__
+
+    _OPTIONAL = ("paper_labels", "digests", "files", "source_options", "lacking")  # left out of meta.json when empty
 
     def to_dict(self) -> dict:
         out = {"neurostat_version": self.version, "format": FORMAT}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "version" or (f.name in ("paper_labels", "digests", "files") and value is None):
+            if f.name == "version" or (f.name in self._OPTIONAL and not value):
                 continue
             out[f.name] = value.to_dict() if isinstance(value, PitchMeta) else value
         return out
@@ -136,11 +142,17 @@ def prepare_command(d: dict, folder: Path) -> str:
     args = ["neurostat", "prepare"] + (
         ["--corpus", d["corpus"]] if d.get("corpus", "librispeech") != "librispeech" else []
     )
-    args += ["--root", str(d.get("root", "ROOT")), "--subset", str(d.get("subset", "SUBSET"))]
+    librispeech = d.get("corpus", "librispeech") == "librispeech"
+    args += ["--root", str(d.get("root", "ROOT"))]
+    if d.get("subset") or librispeech:
+        args += ["--subset", str(d.get("subset") or "SUBSET")]
+    args += ["--no-sa"] if d.get("source_options", {}).get("sa") is False else []
     if d.get("paper_labels"):
         args += ["--paper-labels", d["paper_labels"]]
     else:
-        args += ["--alignments", str(d.get("alignments") or "ALIGNMENTS"), *_labelling_options(d)]
+        if d.get("alignments") or librispeech:
+            args += ["--alignments", str(d.get("alignments") or "ALIGNMENTS")]
+        args += _labelling_options(d)
     if d.get("geometry", _DEFAULT_GEOMETRY) != _DEFAULT_GEOMETRY:
         args += ["--model", "MODEL"]
     return shlex.join([*args, "--out", str(folder)])
@@ -168,10 +180,9 @@ def _labelling_options(d: dict) -> list[str]:
     step = pitch.get("step_seconds")
     if step is not None and abs(step - geometry.stride / geometry.sample_rate / 2) > 1e-12:
         out += ["--pitch-step-ms", f"{1000 * step:g}"]
-    if d.get("phone_map", {"source": "arpabet-stress-merge", "extra": {}}) != {
-        "source": "arpabet-stress-merge",
-        "extra": {},
-    }:
+    phone_map = d.get("phone_map", {"source": "arpabet-stress-merge", "extra": {}})
+    timit = isinstance(phone_map, dict) and phone_map.get("source") == MAP_SOURCE
+    if phone_map != {"source": "arpabet-stress-merge", "extra": {}} and not timit:
         out += ["--phone-map", "PHONE_MAP"]
     return out + (["--strict"] if d.get("strict") else [])
 
@@ -408,10 +419,11 @@ class PreparedUtterance:
 
     def load_audio(self, out: np.ndarray | None = None) -> np.ndarray:
         """The waveform at the prepared geometry's sample rate (float32, mono; decoded into ``out`` when it
-        has exactly as many samples, see :func:`~neurostat.corpus.audio.load_audio`).  A file whose content is
-        not what prepare read (its SHA-1, recorded at prepare) is an :class:`AudioChangedError` naming it."""
+        has exactly as many samples, see :func:`~neurostat.corpus.audio.load_audio`): the file, its span or the
+        Lhotse recording's span prepare read.  Audio whose content is not what prepare read (its SHA-1, recorded
+        at prepare) is an :class:`AudioChangedError` naming it."""
         sample_rate, strict = self.corpus.geometry.sample_rate, self.corpus.meta.strict
-        wave, _, digest = load_audio(self.record["audio"], sample_rate, strict=strict, out=out)
+        wave, _, digest = AudioRef.from_record(self.record).load(sample_rate, strict=strict, out=out)
         recorded = self.record.get("audio_sha1")
         if recorded is not None and digest != recorded:
             raise AudioChangedError(
@@ -480,7 +492,7 @@ class PreparedCorpus:
     def check_audio(self) -> None:
         """Every utterance's audio file must be where prepare found it (records hold absolute paths);
         a corpus that moved is one error before any work starts."""
-        missing = [r["audio"] for r in self.records if not Path(r["audio"]).is_file()]
+        missing = [r["audio"] for r in self.records if not AudioRef.from_record(r).available()]
         if missing:
             raise PreparedCorpusError(
                 f"{self.path}: {len(missing)} of {len(self.records)} audio files are not where prepare found them "

@@ -23,8 +23,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ..corpus.prepare import PrepareSettings, default_prepared_dir, describe_prepared, prepare
+from ..corpus.prepare import PrepareSettings, describe_prepared, prepare_source
 from ..corpus.prepared import AudioChangedError, PreparedCorpus
+from ..corpus.source import open_source
 from ..declarations import store_dims
 from ..errors import OptionError
 from ..model.adapter import ModelAdapter, model_dtype, resolve_device
@@ -356,10 +357,12 @@ def collect_corpus(
     progress: bool = True,
     echo: Callable[[str], None] | None = None,
     preset: str | None = None,
+    source_options: dict | None = None,
 ) -> StoreMeta:
-    """What `neurostat collect` does: loads ``model`` (hub id or folder) on ``device``; with ``root``,
-    ``subset`` and ``alignments`` (a corpus in ``layout``) prepares that corpus first (cached, into ``prepared`` or the default
-    folder, with the model's frame geometry and ``prepare_options`` of
+    """What `neurostat collect` does: loads ``model`` (hub id or folder) on ``device``; with ``root`` (a corpus in
+    ``layout``, with the ``subset``, ``alignments`` and ``source_options`` it takes: see
+    :func:`~neurostat.corpus.source.open_source`) prepares that corpus first (cached, into ``prepared`` or the
+    source's default folder, with the model's frame geometry and ``prepare_options`` of
     :meth:`PrepareSettings.from_options`); then collects the prepared corpus into ``out``.
     Under ``torchrun`` (a world size above 1 in the environment) this process joins the job as its rank:
     rank 0 prepares first, each rank collects its share and rank 0 writes ``out``.
@@ -367,9 +370,7 @@ def collect_corpus(
     ``prepare_options`` hold) an already prepared corpus must have been labelled that way."""
     if root is None and prepared is None:
         raise OptionError("give the corpus (--root, --subset, --alignments) or a prepared corpus (--prepared)")
-    missing = [name for name, v in (("--subset", subset), ("--alignments", alignments)) if v is None]
-    if root is not None and missing:
-        raise OptionError(f"{' and '.join(missing)} needed to label the corpus at {root}")
+    source = None if root is None else open_source(layout, root, subset, alignments, **(source_options or {}))
     config.check()
     world = World.from_environment()
     if world is not None:
@@ -378,13 +379,11 @@ def collect_corpus(
         progress = progress and world.rank == 0
     device = resolve_device(device)
     adapter = ModelAdapter.load(model, device=device, dtype=model_dtype(dtype, device))
-    if root is not None:
-        prepared = prepared or default_prepared_dir(alignments, subset)
+    if source is not None:
+        prepared = prepared or source.default_out()
         settings = PrepareSettings.from_options(adapter.geometry, **(prepare_options or {}))
         jobs = max(1, default_num_jobs(device) if config.num_jobs is None else config.num_jobs)
-        meta = rank_zero_first(
-            world, lambda: prepare(root, subset, alignments, prepared, settings, jobs, progress, layout)
-        )
+        meta = rank_zero_first(world, lambda: prepare_source(source, prepared, settings, jobs, progress))
         if echo and (world is None or world.rank == 0):
             echo(describe_prepared(meta, prepared))
     corpus = PreparedCorpus(prepared)

@@ -224,7 +224,13 @@ class RunSpec:
             pitch=corpus.meta.pitch.to_dict(),
             frame_labels=corpus.meta.frame_labels,
             phone_map=corpus.meta.phone_map,
-            corpus={**where, "utterances": len(self.indices), "shard": shard, "prepare_skips": corpus.skips},
+            corpus={
+                **where,
+                "utterances": len(self.indices),
+                "shard": shard,
+                "prepare_skips": corpus.skips,
+                **({"lacking": corpus.meta.lacking} if corpus.meta.lacking else {}),
+            },
             batching={
                 "front_end": self.front_end,
                 "group_norm": "statistics per utterance over its valid positions",
