@@ -32,7 +32,7 @@ from ..phones import PHONES, PhoneMap, UnknownPhoneError
 from .audio import Skip, load_audio
 from .librispeech import scan, subset_dir
 from .pitch import UNVOICED
-from .prepared import PitchMeta, PreparedCorpus, PreparedMeta, is_prepared
+from .prepared import PitchMeta, PrepareLock, PreparedCorpus, PreparedMeta, is_prepared
 
 FILES = {"phones": "phones.json", "table": "phone_table.json", "pitch": "pitch.json", "gender": "gender.json"}
 OFFICIAL_NAMES = {
@@ -149,7 +149,15 @@ def prepare_paper_labels(
         raise PaperLabelsError(f"the official labels are on a 20 ms grid; the model's frames are {geometry.describe()}")
     out = check_out_folder(out, "prepared corpus", is_prepared, (subset_dir(root, subset), folder))
     phones, pitch, gender = read_paper_labels(folder)
-    out.mkdir(parents=True, exist_ok=True)
+    with PrepareLock(out):
+        PreparedCorpus.clear_temporaries(out)
+        return _write_paper_labels(root, subset, folder, out, geometry, phones, pitch, gender, progress)
+
+
+def _write_paper_labels(
+    root, subset: str, folder, out: Path, geometry: FrameGeometry, phones: dict, pitch: dict, gender: dict, progress
+) -> PreparedMeta:
+    """Each utterance's cache file, then the folder's files (the caller holds the folder's lock)."""
     cell = geometry.stride / geometry.sample_rate
     records, skips = [], []
     for u in tqdm(scan(root, subset), desc="paper labels", unit="utt", disable=not progress):

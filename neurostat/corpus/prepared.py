@@ -15,6 +15,7 @@ Layout (written by ``neurostat prepare`` and by attaching label sets):
   ``index.npy`` – each utterance's id, first frame and first interval in those two, and their counts;
 - ``utts/<id>.npz`` – prepare's cache: one utterance's intervals and F0 with the key of their inputs
   (a later prepare reuses the file when the key matches); nothing else reads it;
+- ``prepare.lock`` – the one writer's lock (:class:`PrepareLock`), empty when no prepare is writing;
 - ``labels/<name>-<hash>.npz`` + ``.values.npy`` – label sets, named by their content, and
   ``labels/<name>.centroids.npy`` for k-means sets.
 
@@ -26,6 +27,7 @@ Layout (written by ``neurostat prepare`` and by attaching label sets):
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -228,9 +230,71 @@ class LabelSet:
 
 
 def is_prepared(folder: Path) -> bool:
-    """Whether ``folder`` is a prepared corpus, finished (``meta.json``) or interrupted (``utts/``): the only
-    kind of non-empty folder ``prepare`` writes into (it reuses what is cached there)."""
-    return (folder / "meta.json").is_file() or (folder / "utts").is_dir()
+    """Whether ``folder`` is a prepared corpus, finished (``meta.json``) or interrupted (``utts/``, a lock, or
+    the ``meta.json`` of a run stopped while it wrote the final files): the only kind of non-empty folder
+    ``prepare`` writes into (it reuses what is cached there)."""
+    return any((folder / name).exists() for name in ("meta.json", "utts", LOCK, PREVIOUS_META))
+
+
+LOCK = "prepare.lock"
+PREVIOUS_META = "meta.previous.json"
+"""``meta.json`` moved aside while ``create`` writes the final files: a folder stopped there has no ``meta.json``
+(unfinished, never a mix of two runs' files), and the next run takes its label sets from here."""
+
+
+class PrepareLockedError(PreparedCorpusError):
+    """Another process is writing the prepared folder."""
+
+
+class PrepareLock:
+    """The one writer of a prepared folder, as a store has one: an ``flock`` on ``<folder>/prepare.lock``
+    (the kernel releases it when its process ends, however it ends) whose text names the holder for the
+    message that refuses a second writer.  Text left in an unlocked file is the lock of a process that died
+    while it wrote: it is taken over (:attr:`taken_over` names that process)."""
+
+    def __init__(self, folder: str | Path):
+        self.path = Path(folder) / LOCK
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "another process"
+            self._file.close()
+            raise PrepareLockedError(
+                f"{self.path.parent} is being prepared by {holder}; one writer at a time: wait for it to finish "
+                "(or stop it), then run prepare again — it reuses what that run labelled"
+            ) from None
+        self._file.seek(0)
+        self.taken_over: str | None = self._file.read().strip() or None
+        """The holder named in a lock whose process died (None: the lock was free)."""
+        self._write(f"pid {os.getpid()} on {os.uname().nodename}")
+
+    def _write(self, text: str) -> None:
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(text)
+        self._file.flush()
+
+    def fileno(self) -> int:
+        """The descriptor that holds the lock (a forked worker closes its copy, so that the lock dies with
+        this process)."""
+        return self._file.fileno()
+
+    def release(self) -> None:
+        """Empties the file (a free lock) and unlocks it; the file stays (deleting it would let a process
+        that opened it before lock a file no one else sees)."""
+        if not self._file.closed:
+            self._write("")
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+
+    def __enter__(self) -> PrepareLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def _utterance_file(folder: Path, utt_id: str) -> Path:
@@ -440,6 +504,11 @@ class PreparedCorpus:
         self.path = Path(path)
         meta_path = self.path / "meta.json"
         if not meta_path.is_file():
+            if is_prepared(self.path):
+                raise PreparedCorpusError(
+                    f"{self.path} is an unfinished prepared corpus (no meta.json: a prepare stopped or is still "
+                    "writing it); run neurostat prepare into it again, which reuses the utterances it labelled"
+                )
             raise PreparedCorpusError(
                 f"{self.path} is not a prepared corpus (no meta.json); run `neurostat prepare` first"
             )
@@ -568,13 +637,21 @@ class PreparedCorpus:
     # -- writing (prepare and label sets go through these) --
 
     @staticmethod
-    def cached_record(folder: Path, utt_id: str, key: str) -> dict | None:
-        """The record of an utterance file written with inputs of this ``key``, else None."""
+    def cached_record(folder: Path, utt_id: str, key: str) -> tuple[dict, np.ndarray] | None:
+        """The record and F0 of an utterance file written with inputs of this ``key``, else None."""
         path = _utterance_file(folder, utt_id)
         if not path.is_file():
             return None
         with np.load(path) as cached:
-            return json.loads(str(cached["record"])) if str(cached["key"]) == key else None
+            if str(cached["key"]) != key:
+                return None
+            return json.loads(str(cached["record"])), cached["f0"]
+
+    @staticmethod
+    def clear_temporaries(folder: Path) -> None:
+        """Removes the temporary cache files a stopped run left in ``utts/`` (call it holding the lock)."""
+        for tmp in (Path(folder) / "utts").glob("*.tmp.npz"):
+            tmp.unlink()
 
     @staticmethod
     def write_utterance(folder: Path, record: dict, key: str, **arrays: np.ndarray) -> None:
@@ -585,20 +662,23 @@ class PreparedCorpus:
         np.savez(tmp, key=key, record=json.dumps(record), **arrays)
         os.replace(tmp, target)
 
-    @staticmethod
-    def read_f0(folder: Path, utt_id: str) -> np.ndarray:
-        with np.load(_utterance_file(folder, utt_id)) as z:
-            return z["f0"]
-
     @classmethod
     def create(cls, folder: str | Path, meta: PreparedMeta, records: list[dict], skips: list[dict]) -> PreparedCorpus:
         """Writes the frame labels (from prepare's cache in ``utts/``), manifest, skips and meta.json (the last,
-        atomically: a folder without it is unfinished).  Label sets attached to an earlier prepare into ``folder`` whose files are still there are kept."""
+        atomically: a folder without it is unfinished).  An earlier ``meta.json`` is moved aside first
+        (:data:`PREVIOUS_META`), so that a run stopped while it writes leaves an unfinished folder, never new
+        label files under the old ``meta.json``.  Label sets attached to an earlier prepare into ``folder``
+        whose files are still there are kept."""
         folder = Path(folder)
-        try:
-            old = json.loads((folder / "meta.json").read_text()).get("label_sets", {})
-        except (OSError, ValueError):
-            old = {}
+        old = {}
+        for name in ("meta.json", PREVIOUS_META):
+            try:
+                old = json.loads((folder / name).read_text()).get("label_sets", {})
+                break
+            except (OSError, ValueError):
+                continue
+        if (folder / "meta.json").is_file():
+            os.replace(folder / "meta.json", folder / PREVIOUS_META)
         digests = _Digests(meta)
         files = FrameLabels.write(folder, meta, records, (digests.add(r, a) for r, a in _read_cache(folder, records)))
         for name, rows in ((MANIFEST, records), ("skips.jsonl", skips)):
@@ -610,6 +690,7 @@ class PreparedCorpus:
             files=files,
         )
         atomic_write(folder / "meta.json", json.dumps(meta.to_dict(), indent=1))
+        (folder / PREVIOUS_META).unlink(missing_ok=True)
         return cls(folder)
 
     def _update_label_sets(self, name: str, entry: dict | None) -> None:
