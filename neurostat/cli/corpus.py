@@ -177,7 +177,7 @@ PREPARE_OPTIONS = (
     help="Take the labels from the paper's official label files in this folder (phones.json, phone_table.json, "
     "pitch.json, gender.json) instead of TextGrids, SPEAKERS.TXT and F0.",
 )
-@click.option("-j", "--num-jobs", default=1, help="Parallel worker processes.")
+@click.option("-j", "--num-jobs", default=1, help="Worker processes labelling utterances (per torchrun process).")
 @preset_option
 @user_errors
 def prepare(
@@ -186,11 +186,15 @@ def prepare(
     """Label a corpus: phones per frame (MFA TextGrids, TIMIT's .PHN, Lhotse alignments), speaker gender
     (SPEAKERS.TXT, TIMIT's speaker folders, the manifest), F0 and pitch bins.
 
-    Cached: a second run reuses every utterance whose inputs and settings did not change.
+    Cached: a second run reuses every utterance whose inputs and settings did not change.  One prepare writes
+    a folder at a time.  Under torchrun (`torchrun --nproc-per-node N -m neurostat prepare ...`, on one machine
+    or several sharing the folder) every process labels a share, each with -j workers, and the folder is the
+    one a single process writes.
     """
     from ..corpus.paperlabels import prepare_paper_labels
     from ..corpus.prepare import PrepareSettings, default_prepared_dir, describe_prepared, prepare_source
     from ..corpus.source import open_source
+    from ..engine.distributed import PrepareRanks, World
     from ..errors import OptionError
     from ..model.adapter import load_geometry
 
@@ -198,6 +202,9 @@ def prepare(
         raise OptionError(
             "--paper-labels reads the paper's LibriSpeech labels: it needs --corpus librispeech and --subset"
         )
+    world = World.from_environment()
+    if paper_labels and world is not None:
+        raise OptionError("--paper-labels reads the official label files in one process: run it without torchrun")
     geometry = load_geometry(model, sample_rate)
     if paper_labels:
         out = out or default_prepared_dir(paper_labels, subset)
@@ -206,7 +213,14 @@ def prepare(
         source = open_source(corpus, root, subset, alignments, **source_options(no_sa))
         settings = PrepareSettings.from_options(geometry, **with_preset(options))
         out = out or source.default_out()
-        meta = prepare_source(source, out, settings, num_jobs=num_jobs)
+        ranks = None if world is None else PrepareRanks(world)
+        try:
+            meta = prepare_source(source, out, settings, num_jobs=num_jobs, ranks=ranks)
+        finally:
+            if ranks is not None:
+                ranks.close()
+        if world is not None and world.rank != 0:
+            return
     click.echo(describe_prepared(meta, out))
 
 

@@ -10,10 +10,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import pickle
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
+from typing import Protocol, TypeVar
+from uuid import uuid4
 
 import numpy as np
 from tqdm import tqdm
@@ -25,11 +31,14 @@ from ..frames import FrameGeometry
 from ..phones import PHONES, PhoneMap, UnknownPhoneError
 from .audio import Skip
 from .pitch import bin_names, f0_at, percentile_edges
-from .prepared import CACHE_FORMAT, PitchMeta, PreparedCorpus, PreparedMeta, is_prepared
-from .source import CorpusSource, UtteranceRecord, open_source
+from .prepared import CACHE_FORMAT, PitchMeta, PrepareLock, PreparedCorpus, PreparedMeta, is_prepared
+from .source import CorpusSource, SourceScan, UtteranceRecord, open_source
 from .speakers import GENDERS
 from .textgrid import TextGridError, read_textgrid
 from .timit import phn_intervals
+
+
+T = TypeVar("T")
 
 
 class PrepareError(UserError, RuntimeError):
@@ -240,9 +249,8 @@ def phone_intervals(
     return starts[keep], ends[keep], ids[keep]
 
 
-def _prepare_one(task: tuple) -> tuple[str, dict]:
-    """Labels one utterance; returns ("ok", record) or ("skip", skip record)."""
-    utt, out_dir, settings = task
+def _label_one(utt: UtteranceRecord, out_dir: Path, settings: PrepareSettings) -> tuple[str, dict, np.ndarray]:
+    """Labels one utterance: ("ok", its record, its voiced F0 values) or ("skip", the skip record, nothing)."""
     fields = utt.fields()
     try:
         try:
@@ -250,8 +258,8 @@ def _prepare_one(task: tuple) -> tuple[str, dict]:
         except OSError as e:
             raise Skip("missing-textgrid", utt.phones.path, f"cannot read the alignment ({e.strerror})") from None
         cached = PreparedCorpus.cached_record(out_dir, utt.id, key)
-        if cached is not None and "audio_sha1" in cached:  # records from before audio digests are redone
-            return "ok", cached
+        if cached is not None and "audio_sha1" in cached[0]:  # records from before audio digests are redone
+            return "ok", cached[0], _voiced(cached[1], settings)
         geo = settings.geometry
         wave, source_rate, audio_sha1 = utt.audio.load(geo.sample_rate, strict=settings.strict)
         n_frames = geo.num_frames(len(wave))
@@ -272,9 +280,9 @@ def _prepare_one(task: tuple) -> tuple[str, dict]:
         centres, cells = geo.centres(n_frames), len(wave) // geo.stride  # cells: the official int(duration·50)
         f0 = f0_at(settings.pitch, wave, geo.sample_rate, centres, settings.pitch_step, settings.pitch_align, cells)
     except TextGridError as e:
-        return "skip", {"id": utt.id, "reason": "bad-textgrid", "file": utt.phones.path, "message": str(e)}
+        return "skip", {"id": utt.id, "reason": "bad-textgrid", "file": utt.phones.path, "message": str(e)}, _NONE
     except Skip as s:
-        return "skip", {"id": utt.id, "reason": s.reason, "file": s.path, "message": s.message}
+        return "skip", {"id": utt.id, "reason": s.reason, "file": s.path, "message": s.message}, _NONE
     record = {
         **fields,
         **utt.phones.fields(),
@@ -284,8 +292,112 @@ def _prepare_one(task: tuple) -> tuple[str, dict]:
         "resampled": source_rate != geo.sample_rate,
         "audio_sha1": audio_sha1,
     }
-    PreparedCorpus.write_utterance(out_dir, record, key, starts=starts, ends=ends, phone=ids, f0=f0.astype(np.float32))
-    return "ok", record
+    f0 = f0.astype(np.float32)
+    PreparedCorpus.write_utterance(out_dir, record, key, starts=starts, ends=ends, phone=ids, f0=f0)
+    return "ok", record, _voiced(f0, settings)
+
+
+_NONE = np.empty(0, dtype=np.float32)
+
+
+def _voiced(f0: np.ndarray, settings: PrepareSettings) -> np.ndarray:
+    """The voiced values of an utterance's F0, which the bin edges are percentiles of (none for given edges)."""
+    return _NONE if settings.edges is not None else f0[np.isfinite(f0)]
+
+
+Labelled = tuple[int, str, dict, np.ndarray]
+"""One utterance labelled: its position in the scan, ``ok`` or ``skip``, its record or skip record, its voiced F0."""
+
+
+def _label_span(utterances: list[UtteranceRecord], first: int, out_dir: Path, settings: PrepareSettings) -> list[Labelled]:
+    """Labels consecutive utterances of the scan, the first at position ``first``."""
+    return [(first + i, *_label_one(utt, out_dir, settings)) for i, utt in enumerate(utterances)]
+
+
+class Ranks(Protocol):
+    """The processes that prepare one corpus together, as :func:`prepare_source` uses them: this process alone
+    (:class:`OneProcess`) or torchrun's ranks (``neurostat.engine.distributed.PrepareRanks``)."""
+
+    rank: int
+    size: int
+
+    def broadcast(self, value: T) -> T:
+        """Rank 0's ``value``, on every rank."""
+
+    def gather(self, value) -> list | None:
+        """Every rank's ``value`` in rank order, on rank 0 (None on the others)."""
+
+    def add(self, key: str, amount: int) -> int:
+        """Adds ``amount`` to the job's counter ``key`` (0 at first), atomically for all ranks; its new value."""
+
+
+class OneProcess:
+    """The :class:`Ranks` of a prepare in this process alone."""
+
+    rank, size = 0, 1
+
+    def __init__(self):
+        self._counters: Counter = Counter()
+
+    def broadcast(self, value: T) -> T:
+        return value
+
+    def gather(self, value) -> list:
+        return [value]
+
+    def add(self, key: str, amount: int) -> int:
+        self._counters[key] += amount
+        return self._counters[key]
+
+
+def _forget(fd: int | None) -> None:
+    """A worker's first act: closing its copy of the folder lock's descriptor, so that the lock dies with prepare."""
+    if fd is not None:
+        os.close(fd)
+
+
+def _label_claimed(
+    utterances: list[UtteranceRecord],
+    out_dir: Path,
+    settings: PrepareSettings,
+    num_jobs: int,
+    ranks: Ranks,
+    key: str,
+    bar: tqdm,
+    lock_fd: int | None = None,
+) -> list[Labelled]:
+    """Labels the utterances this process claims — spans of the scan taken in turn from the job's counter
+    ``key`` until none is left, so that a rank (or worker) that is faster, or finds more of its spans cached,
+    takes more — with ``num_jobs`` worker processes; the bar counts the whole job's utterances."""
+    n = len(utterances)
+    span = max(1, min(8, n // (8 * ranks.size * num_jobs)))
+    labelled: list[Labelled] = []
+
+    def claims():
+        while (end := ranks.add(f"{key}/claimed", span)) - span < n:
+            yield end - span, min(end, n)
+
+    def finished(part: list[Labelled]) -> None:
+        labelled.extend(part)
+        bar.update(ranks.add(f"{key}/done", len(part)) - bar.n)
+
+    if num_jobs <= 1:
+        for a, b in claims():
+            finished(_label_span(utterances[a:b], a, out_dir, settings))
+        return labelled
+    with ProcessPoolExecutor(max_workers=num_jobs, initializer=_forget, initargs=(lock_fd,)) as pool:
+        spans = claims()
+
+        def submit(a: int, b: int) -> Future:
+            return pool.submit(_label_span, utterances[a:b], a, out_dir, settings)
+
+        pending = {submit(a, b) for a, b in islice(spans, 2 * num_jobs)}
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                finished(future.result())
+                pending |= {submit(a, b) for a, b in islice(spans, 1)}
+    return labelled
 
 
 def label_utterances(
@@ -297,23 +409,12 @@ def label_utterances(
     desc: str = "prepare",
 ) -> tuple[list[dict], list[dict]]:
     """Labels each utterance into ``out``'s cache (reusing what is cached); returns (records, skips) in the
-    order given.  Any slice of a scan's records can be labelled apart (one per process or rank)."""
-    tasks = [(u, str(out), settings) for u in utterances]
-    records, skips = [], []
-    bar = tqdm(total=len(tasks), desc=desc, unit="utt", disable=not progress)
-    if num_jobs > 1:
-        with ProcessPoolExecutor(max_workers=num_jobs) as pool:
-            results = pool.map(_prepare_one, tasks, chunksize=max(1, min(16, len(tasks) // (4 * num_jobs))))
-            for kind, rec in results:
-                (records if kind == "ok" else skips).append(rec)
-                bar.update()
-    else:
-        for task in tasks:
-            kind, rec = _prepare_one(task)
-            (records if kind == "ok" else skips).append(rec)
-            bar.update()
-    bar.close()
-    return records, skips
+    order given.  Any slice of a scan's records can be labelled apart (:func:`prepare_source` shares a scan
+    between torchrun's ranks by itself)."""
+    with tqdm(total=len(utterances), desc=desc, unit="utt", disable=not progress) as bar:
+        labelled = _label_claimed(utterances, Path(out), settings, num_jobs, OneProcess(), "label", bar)
+    labelled.sort(key=lambda x: x[0])
+    return [r for _, kind, r, _ in labelled if kind == "ok"], [r for _, kind, r, _ in labelled if kind == "skip"]
 
 
 def default_prepared_dir(alignments: str | Path, subset: str) -> Path:
@@ -331,12 +432,14 @@ def prepare(
     progress: bool = True,
     layout: str = "librispeech",
     source_options: dict | None = None,
+    ranks: Ranks | None = None,
 ) -> PreparedMeta:
     """Prepares the corpus at ``root`` (in the ``layout`` of :data:`~neurostat.choices.LAYOUTS`, with its own
     ``source_options``; ``subset`` and ``alignments`` as the layout takes them) into ``out`` (default: the
-    source's, for LibriSpeech :func:`default_prepared_dir`); returns its :class:`PreparedMeta`."""
+    source's, for LibriSpeech :func:`default_prepared_dir`); returns its :class:`PreparedMeta`.  ``ranks``: see
+    :func:`prepare_source`."""
     source = open_source(layout, root, subset, alignments, **(source_options or {}))
-    return prepare_source(source, out, settings, num_jobs, progress)
+    return prepare_source(source, out, settings, num_jobs, progress, ranks)
 
 
 def prepare_source(
@@ -345,24 +448,94 @@ def prepare_source(
     settings: PrepareSettings,
     num_jobs: int = 1,
     progress: bool = True,
+    ranks: Ranks | None = None,
 ) -> PreparedMeta:
     """Prepares the utterances of ``source`` into ``out`` (default :meth:`CorpusSource.default_out`): the scan
-    (corpus-wide problems raise before anything is written), the labels of each utterance, the pitch-bin edges
-    over the corpus, then the folder's files; returns its :class:`PreparedMeta`."""
+    (corpus-wide problems raise before anything is written), the labels of each utterance (``num_jobs`` worker
+    processes), the pitch-bin edges over the corpus, then the folder's files; returns its :class:`PreparedMeta`.
+
+    The folder has one writer (:class:`~neurostat.corpus.prepared.PrepareLock`): a second prepare into it is
+    refused, naming the process that holds it.  With ``ranks`` (torchrun's processes, on one machine or
+    several, sharing the folder) the job prepares the corpus together: rank 0 takes the lock for the job and
+    scans, every rank labels the spans of the scan it claims (with its ``num_jobs`` workers), rank 0 gathers
+    their records and voiced F0, computes the edges and writes the files, exactly as one process does, and
+    every rank returns the meta.  An error of rank 0's is raised on every rank."""
     if settings.pitch not in PITCH_METHODS:
         raise PrepareError(f"unknown pitch method {settings.pitch!r}; choose one of {PITCH_METHODS}")
-    out = check_out_folder(
-        source.default_out() if out is None else out, "prepared corpus", is_prepared, source.inputs()
-    )
-    scan = source.scan()
-    settings = dataclasses.replace(settings, phone_map=source.phone_map(settings.phone_map))
-    out.mkdir(parents=True, exist_ok=True)
-    name = source.subset or source.layout
-    records, skips = label_utterances(scan.records, out, settings, num_jobs, progress, f"prepare {name}")
-    skips = scan.skips + skips
+    ranks = ranks or OneProcess()
+    lock: PrepareLock | None = None
+
+    def start() -> tuple[Path, SourceScan, PrepareSettings, str]:
+        nonlocal lock
+        folder = check_out_folder(
+            source.default_out() if out is None else out, "prepared corpus", is_prepared, source.inputs()
+        )
+        lock = PrepareLock(folder) if folder.is_dir() else None  # a folder being written exists: refused at once
+        scan = source.scan()
+        lock = lock or PrepareLock(folder)
+        if lock.taken_over:
+            tqdm.write(f"{folder}: taking over the lock of {lock.taken_over}, which stopped while it prepared")
+        PreparedCorpus.clear_temporaries(folder)
+        return folder, scan, dataclasses.replace(settings, phone_map=source.phone_map(settings.phone_map)), uuid4().hex
+
+    try:
+        folder, scan, settings, job = _from_rank_zero(ranks, start)
+        name = source.subset or source.layout
+        desc = f"prepare {name}" + (f" ({ranks.size} ranks)" if ranks.size > 1 else "")
+        with tqdm(total=len(scan.records), desc=desc, unit="utt", disable=not progress or ranks.rank != 0) as bar:
+            fd = None if lock is None else lock.fileno()
+            labelled = _label_claimed(scan.records, folder, settings, num_jobs, ranks, f"prepare/{job}", bar, fd)
+            shares = ranks.gather(labelled)
+            bar.update(bar.total - bar.n)  # rank 0's bar ends at the job's total (the other ranks finished last)
+        return _from_rank_zero(ranks, lambda: _write_folder(source, folder, settings, scan, shares))
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _from_rank_zero(ranks: Ranks, make: Callable[[], T]) -> T:
+    """``make()`` on rank 0, its result on every rank; an error of rank 0's is raised on every rank (so that
+    none waits for a rank that stopped), as itself where it can be sent, else as a :class:`PrepareError`."""
+    if ranks.size == 1:
+        return make()
+    if ranks.rank != 0:
+        ok, value = ranks.broadcast(None)
+        if not ok:
+            raise value
+        return value
+    try:
+        value = make()
+    except Exception as e:
+        ranks.broadcast((False, _portable(e)))
+        raise
+    return ranks.broadcast((True, value))[1]
+
+
+def _portable(error: Exception) -> Exception:
+    """``error`` if it survives pickling (another rank raises it), else a :class:`PrepareError` with its text."""
+    try:
+        copy = pickle.loads(pickle.dumps(error))
+    except Exception:
+        copy = None
+    if type(copy) is type(error) and str(copy) == str(error):
+        return error
+    return PrepareError(f"rank 0 stopped: {error}")
+
+
+def _write_folder(
+    source: CorpusSource, out: Path, settings: PrepareSettings, scan: SourceScan, shares: list[list[Labelled]]
+) -> PreparedMeta:
+    """The folder's files from every rank's labelled utterances (``shares``): the records in scan order, the
+    skips (the scan's, then the labelling's), the pitch-bin edges over every voiced F0 value, the meta."""
+    labelled = sorted((x for share in shares for x in share), key=lambda x: x[0])
+    if sorted(x[0] for x in labelled) != list(range(len(scan.records))):
+        raise PrepareError(f"{out}: the ranks labelled {len(labelled)} of {len(scan.records)} utterances")
+    records = sorted(((r, f0) for _, kind, r, f0 in labelled if kind == "ok"), key=lambda x: x[0]["id"])
+    skips = scan.skips + [r for _, kind, r, _ in labelled if kind == "skip"]
     if skips and settings.strict:
         first = skips[0]
         raise PrepareError(f"{first['file']}: {first['message']} (--strict; {len(skips)} problem(s) in all)")
+    name = source.subset or source.layout
     if not records:
         unknown = sum(s["reason"] == "unknown-phone" for s in skips)
         hint = (
@@ -374,13 +547,11 @@ def prepare_source(
         raise PrepareError(
             f"no usable utterances in {name}{hint}: " + "; ".join(f"{s['file']}: {s['message']}" for s in skips[:3])
         )
-
-    records.sort(key=lambda r: r["id"])
     if settings.edges is not None:
         edges = sorted(float(e) for e in settings.edges)
     else:
-        f0 = np.concatenate([PreparedCorpus.read_f0(out, r["id"]) for r in records])
-        edges = percentile_edges(f0, list(settings.quantiles))
+        edges = percentile_edges(np.concatenate([f0 for _, f0 in records]), list(settings.quantiles))
+    records = [r for r, _ in records]
     if len(set(edges)) != len(edges):
         raise PrepareError(f"pitch bin edges must be distinct, got {edges}")
     unknown_gender = any(r["gender"] == UNKNOWN_GENDER for r in records)

@@ -32,7 +32,7 @@ from ..model.adapter import ModelAdapter, model_dtype, resolve_device
 from ..store import Progress, StoreMeta, StoreWriter
 from .accumulate import Accumulator
 from .batching import BatchDataset, default_num_jobs, forward_threads, padding_fraction, plan_batches
-from .distributed import World, rank_zero_first
+from .distributed import PrepareRanks, World
 from .rank import collect_rank
 from .spec import CollectConfig, RunSpec
 
@@ -365,7 +365,8 @@ def collect_corpus(
     source's default folder, with the model's frame geometry and ``prepare_options`` of
     :meth:`PrepareSettings.from_options`); then collects the prepared corpus into ``out``.
     Under ``torchrun`` (a world size above 1 in the environment) this process joins the job as its rank:
-    rank 0 prepares first, each rank collects its share and rank 0 writes ``out``.
+    the ranks prepare the corpus together (see :func:`~neurostat.corpus.prepare.prepare_source`), each rank
+    collects its share and rank 0 writes ``out``.
     Returns the store's metadata; ``echo`` gets the prepare summary.  With ``preset`` (whose values
     ``prepare_options`` hold) an already prepared corpus must have been labelled that way."""
     if root is None and prepared is None:
@@ -383,7 +384,8 @@ def collect_corpus(
         prepared = prepared or source.default_out()
         settings = PrepareSettings.from_options(adapter.geometry, **(prepare_options or {}))
         jobs = max(1, default_num_jobs(device) if config.num_jobs is None else config.num_jobs)
-        meta = rank_zero_first(world, lambda: prepare_source(source, prepared, settings, jobs, progress))
+        ranks = None if world is None else PrepareRanks(world)  # every rank labels its share
+        meta = prepare_source(source, prepared, settings, jobs, progress, ranks)
         if echo and (world is None or world.rank == 0):
             echo(describe_prepared(meta, prepared))
     corpus = PreparedCorpus(prepared)

@@ -8,6 +8,12 @@ checkpointed, resumable with ``--resume``).  At the end the ranks combine their 
 all-reduces, each statistic by its merge rule (counts summed as int64, maxima by max, moments pooled
 in float64: Σ n·mean first, then Σ M2 + n·(mean − pooled)² — not a mean of means; the top frames
 gathered and the N largest kept), and rank 0 writes the final store.  ``neurostat merge`` of the partials gives the same store offline.
+
+``torchrun ... -m neurostat prepare`` (and ``collect --root``, which prepares first) labels the corpus with
+every rank: :class:`PrepareRanks` gives :func:`neurostat.corpus.prepare.prepare_source` the job's object
+broadcasts and gathers (over gloo: a side group beside NCCL) and its shared counters (the rendezvous store).
+This module imports torch only when a function needs it, so that a single process (``World.from_environment``
+is None) never does.
 """
 
 from __future__ import annotations
@@ -21,17 +27,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import TypeVar
-
-import torch
-import torch.distributed as dist
+from typing import TYPE_CHECKING, TypeVar
 
 from ..errors import UserError
-from .accumulate import Accumulator
+
+if TYPE_CHECKING:
+    import torch
+
+    from .accumulate import Accumulator
 
 _REDUCE_OPS = {"sum": "SUM", "max": "MAX"}
 TIMEOUT = timedelta(hours=6)
-"""How long a collective waits for the other ranks (rank 0 may prepare a whole corpus while they wait)."""
+"""How long a collective waits for the other ranks (rank 0 writes a whole prepared corpus while they wait)."""
 T = TypeVar("T")
 
 
@@ -60,12 +67,17 @@ class World:
 
     def device(self, device: str) -> str:
         """The device of this rank: ``cuda`` (or ``auto`` with CUDA) becomes ``cuda:LOCAL_RANK``."""
+        import torch
+
         if device in ("auto", "cuda") and torch.cuda.is_available():
             return f"cuda:{self.local_rank}"
         return device
 
     def init(self, device: torch.device) -> None:
         """Joins the process group (NCCL on CUDA, gloo on CPU) unless the caller already has."""
+        import torch
+        import torch.distributed as dist
+
         if dist.is_initialized():
             return
         if device.type == "cuda":
@@ -79,6 +91,8 @@ def rank_zero_first(world: World | None, make: Callable[[], T]) -> T:
     building the demo), so that one process writes it and the others find it done."""
     if world is None:
         return make()
+    import torch.distributed as dist
+
     if world.rank == 0:
         result = make()
     dist.barrier()
@@ -137,6 +151,8 @@ def remove_other_partials(out: str | Path, world: World) -> None:
 
 def all_reduce(acc: Accumulator) -> None:
     """Combines every rank's accumulator in place (each statistic by its rule) with collectives."""
+    import torch
+    import torch.distributed as dist
 
     def reduce(tensor: torch.Tensor, op: str):
         if op == "gather":
@@ -150,6 +166,8 @@ def all_reduce(acc: Accumulator) -> None:
 
 def all_gather(value) -> list:
     """Every rank's ``value`` (picklable), in rank order."""
+    import torch.distributed as dist
+
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, value)
     return out
@@ -160,6 +178,8 @@ class JobProgress:
     all, so its progress bar shows the whole job."""
 
     def __init__(self, world: World, utterances: int, interval: float = 1.0):
+        import torch.distributed as dist
+
         self.world, self.utterances, self.interval = world, utterances, interval
         self.store = dist.distributed_c10d._get_default_store()
         self.last = 0.0
@@ -182,3 +202,38 @@ class JobProgress:
                 u, s = json.loads(self.store.get(self._key(rank)))
                 done, seconds = done + u, seconds + s
         return done, seconds
+
+
+class PrepareRanks:
+    """torchrun's ranks as ``prepare`` uses them (:class:`neurostat.corpus.prepare.Ranks`): broadcasts and
+    gathers of objects over gloo (the job's group, or a gloo side group when the job runs NCCL, whose object
+    collectives go through GPU memory) and counters in the rendezvous store, which every node reaches."""
+
+    def __init__(self, world: World):
+        import torch
+        import torch.distributed as dist
+
+        self.rank, self.size = world.rank, world.size
+        self._dist, self._joined = dist, not dist.is_initialized()
+        if self._joined:  # `neurostat prepare` under torchrun: the job's group is gloo's
+            world.init(torch.device("cpu"))
+        self._group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo", timeout=TIMEOUT)
+        self._store = dist.distributed_c10d._get_default_store()
+
+    def broadcast(self, value: T) -> T:
+        box = [value]
+        self._dist.broadcast_object_list(box, src=0, group=self._group)
+        return box[0]
+
+    def gather(self, value) -> list | None:
+        out = [None] * self.size if self.rank == 0 else None
+        self._dist.gather_object(value, out, dst=0, group=self._group)
+        return out
+
+    def add(self, key: str, amount: int) -> int:
+        return self._store.add(f"neurostat/{key}", amount)
+
+    def close(self) -> None:
+        """Leaves the job's group if joining it was this object's doing (``collect`` leaves its own)."""
+        if self._joined and self._dist.is_initialized():
+            self._dist.destroy_process_group()
