@@ -309,7 +309,9 @@ Labelled = tuple[int, str, dict, np.ndarray]
 """One utterance labelled: its position in the scan, ``ok`` or ``skip``, its record or skip record, its voiced F0."""
 
 
-def _label_span(utterances: list[UtteranceRecord], first: int, out_dir: Path, settings: PrepareSettings) -> list[Labelled]:
+def _label_span(
+    utterances: list[UtteranceRecord], first: int, out_dir: Path, settings: PrepareSettings
+) -> list[Labelled]:
     """Labels consecutive utterances of the scan, the first at position ``first``."""
     return [(first + i, *_label_one(utt, out_dir, settings)) for i, utt in enumerate(utterances)]
 
