@@ -19,7 +19,11 @@ utterance's frame numbering (a window holds exactly ``window / stride`` frames).
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, replace
+from importlib.metadata import version
+from pathlib import Path
 
 import numpy as np
 
@@ -149,11 +153,27 @@ class FrameGeometry:
         return replace(self, sample_rate=int(sample_rate))
 
 
-def default_geometry() -> FrameGeometry:
-    """The geometry of the wav2vec2/HuBERT family's default config and feature extractor."""
+def default_geometry(cache: str | Path | None = None) -> FrameGeometry:
+    """The geometry of the wav2vec2/HuBERT family's default config and feature extractor.  With ``cache`` (a
+    folder) it is kept there per transformers version, so that later calls read it without importing
+    transformers and torch (seconds, which `neurostat prepare` would spend on every run)."""
+    path = None if cache is None else Path(cache) / f"default-geometry-transformers-{version('transformers')}.json"
+    try:
+        return FrameGeometry.from_dict(json.loads(path.read_text()))
+    except (AttributeError, OSError, ValueError, KeyError, TypeError):  # no cache, or none written yet
+        pass
     from transformers import HubertConfig, Wav2Vec2FeatureExtractor
 
-    return FrameGeometry.from_config(HubertConfig(), Wav2Vec2FeatureExtractor().sampling_rate)
+    geometry = FrameGeometry.from_config(HubertConfig(), Wav2Vec2FeatureExtractor().sampling_rate)
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(geometry.to_dict()))
+            os.replace(tmp, path)
+        except OSError:  # a read-only cache: computed each time
+            pass
+    return geometry
 
 
 def label_frames(starts: np.ndarray, ends: np.ndarray, ids: np.ndarray, centres: np.ndarray) -> np.ndarray:
@@ -175,15 +195,28 @@ def label_frames_overlap(
     """Label of the interval with the largest overlap with each grid cell ``[cell * t, cell * (t + 1))``
     (seconds), −1 where none overlaps.  Overlaps within 1 ns are a tie, which the earlier interval wins
     (alignment times are far coarser, so float rounding cannot break a true tie).  Intervals sorted,
-    non-overlapping."""
+    non-overlapping.
+
+    Vectorised over (interval, cell) pairs: each round takes every cell's next candidate in interval order and
+    keeps it where it beats the cell's best so far by more than 1 ns — the rule of a loop over the intervals,
+    in as many rounds as a cell has candidates (two or three)."""
+    starts, ends = np.asarray(starts, dtype=np.float64), np.asarray(ends, dtype=np.float64)
     out = np.full(num_frames, -1, dtype=np.int64)
+    first = np.maximum((starts // cell).astype(np.int64), 0)
+    counts = np.maximum(np.minimum(np.ceil(ends / cell).astype(np.int64), num_frames) - first, 0)
+    interval = np.repeat(np.arange(len(starts)), counts)  # the pairs, interval by interval
+    t = first[interval] + np.arange(len(interval)) - np.repeat(np.cumsum(counts) - counts, counts)
+    lo = t * cell
+    overlap = np.minimum(ends[interval], lo + cell) - np.maximum(starts[interval], lo)
+    order = np.argsort(t, kind="stable")  # cell by cell, each cell's candidates in interval order
+    t, interval, overlap = t[order], interval[order], overlap[order]
+    rank = np.arange(len(t)) - np.searchsorted(t, t)  # a pair's place among its cell's candidates
     best = np.zeros(num_frames)
-    lo = np.arange(num_frames) * cell
-    hi = lo + cell
-    for start, end, label in zip(starts, ends, ids):
-        first, last = int(start // cell), min(int(np.ceil(end / cell)), num_frames)
-        for t in range(max(first, 0), last):
-            overlap = min(end, hi[t]) - max(start, lo[t])
-            if overlap > best[t] + 1e-9:
-                best[t], out[t] = overlap, label
+    labels = np.asarray(ids).astype(np.int64)
+    for r in range(int(rank.max()) + 1 if len(rank) else 0):
+        mine = rank == r
+        cells, values = t[mine], overlap[mine]
+        wins = values > best[cells] + 1e-9
+        best[cells[wins]] = values[wins]
+        out[cells[wins]] = labels[interval[mine][wins]]
     return out

@@ -54,6 +54,36 @@ def test_overlap_labels_match_exact_brute_force(seed):
     assert got.tolist() == overlap_reference(intervals, cell, num_frames)
 
 
+def overlap_loop(starts, ends, ids, cell: float, num_frames: int) -> np.ndarray:
+    """The loop over intervals and their cells that ``label_frames_overlap`` was before it was vectorised."""
+    out, best = np.full(num_frames, -1, dtype=np.int64), np.zeros(num_frames)
+    lo = np.arange(num_frames) * cell
+    for start, end, label in zip(starts, ends, ids):
+        for t in range(max(int(start // cell), 0), min(int(np.ceil(end / cell)), num_frames)):
+            overlap = min(end, lo[t] + cell) - max(start, lo[t])
+            if overlap > best[t] + 1e-9:
+                best[t], out[t] = overlap, label
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_vectorised_overlap_labels_equal_the_loop(seed):
+    """Random float boundaries (and boundaries on a 5 ms grid, ties within 1 ns), gaps, negative starts,
+    intervals past the last frame, cells with several candidates: the same label everywhere."""
+    rng = np.random.default_rng(seed)
+    for _ in range(300):
+        n = int(rng.integers(0, 50))
+        on_grid = rng.random() < 0.5
+        cuts = np.cumsum(rng.integers(1, 12, n + 1)) * 0.005 if on_grid else np.cumsum(rng.exponential(0.04, n + 1))
+        cuts -= rng.random() * 0.03 if rng.random() < 0.2 else 0.0
+        keep = rng.random(n) > 0.1
+        starts, ends = cuts[:-1][keep], cuts[1:][keep]
+        ids = rng.integers(0, 41, len(starts)).astype(np.int16)
+        num_frames = int(rng.integers(0, int(cuts[-1] / 0.02) + 4))
+        got = label_frames_overlap(starts, ends, ids, 0.02, num_frames)
+        np.testing.assert_array_equal(got, overlap_loop(starts, ends, ids, 0.02, num_frames))
+
+
 def test_pitch_classes_on_the_edges_under_both_rules():
     t0, t1 = 129.03, 179.78
     f0 = np.array([100.0, t0, 150.0, t1, 200.0, np.nan])

@@ -271,3 +271,24 @@ def test_flat_alignment_folder_and_other_geometry(corpus_copy, tmp_path):
     fine = utt.phone_frames(half)
     assert len(fine) == half.num_frames(utt.record["num_samples"]) > 1.9 * utt.num_frames
     np.testing.assert_array_equal(fine[::2][: utt.num_frames], utt.phone_frames())  # same centres at even frames
+
+
+def test_prepare_imports_no_torch_where_the_geometry_is_known(corpus_copy, tmp_path):
+    """`neurostat prepare` with the default geometry (cached), in a fresh interpreter and under torchrun's
+    environment of one process: torch (seconds of imports) is never loaded."""
+    import os
+    import subprocess
+    import sys
+
+    default_geometry(tmp_path / "cache")  # what the first prepare of a transformers version caches
+    args = ["prepare", "--root", str(corpus_copy), "--subset", SUBSET, "--alignments", str(corpus_copy / "alignments")]
+    for world in ({}, {"WORLD_SIZE": "1", "RANK": "0"}):
+        code = (
+            "import sys; from neurostat.cli import main; "
+            f"main({args + ['--out', str(tmp_path / 'p')]!r}, standalone_mode=False); "
+            "print('torch imported:', 'torch' in sys.modules)"
+        )
+        env = {**os.environ, "NEUROSTAT_CACHE": str(tmp_path / "cache"), **world}
+        res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert "prepared 12 utterances" in res.stdout and res.stdout.rstrip().endswith("torch imported: False")

@@ -137,3 +137,25 @@ def test_unreadable_file_names_it(tmp_path):
     p.write_bytes(b"\xff\x00garbage\x80")
     with pytest.raises(TextGridError, match="x.TextGrid"):
         read_textgrid(p)
+
+
+def test_the_fast_long_format_reader_finds_what_the_tokenizer_finds():
+    """On long-format texts cut and sprinkled with quotes, brackets, equals signs and number pieces (``=`` inside
+    strings, unclosed quotes and brackets, values after flags), the one-pass reader gives the tokenizer's
+    values exactly, or hands the text to it (None) where a quote or bracket never closes."""
+    import random
+
+    from neurostat.corpus.textgrid import _long_values, _values
+
+    rng = random.Random(0)
+    pieces = ['"', "[", "]", "=", " ", "\n", "-", "5", ".", "e", "a", '""', "<exists>", "1.5e3", "\t", '"x = 2"']
+    handed_over = 0
+    for _ in range(4000):
+        text = list(LONG[: rng.randrange(20, len(LONG) + 1)])
+        for _ in range(rng.randrange(0, 8)):
+            text.insert(rng.randrange(len(text) + 1), rng.choice(pieces))
+        text = "".join(text)
+        fast = _long_values(text)
+        handed_over += fast is None
+        assert fast is None or fast == _values(text, True), text
+    assert _long_values(LONG) == _values(LONG, True) and 200 < handed_over < 3000

@@ -9,6 +9,7 @@ import click
 from ..choices import FRAME_LABELS, LAYOUTS, LEVELS, MODEL_DTYPES, PITCH_ALIGNS, PITCH_METHODS, PITCH_RULES
 from ..corpus.synth import DEMO_SPEAKERS, DEMO_UTTERANCES
 from ..engine.tokens import MODES
+from ..frames import FrameGeometry
 from .app import demo_model_name, main, preset_option, user_errors, with_preset
 
 
@@ -196,7 +197,6 @@ def prepare(
     from ..corpus.source import open_source
     from ..engine.distributed import PrepareRanks, World
     from ..errors import OptionError
-    from ..model.adapter import load_geometry
 
     if paper_labels and (corpus != "librispeech" or subset is None):
         raise OptionError(
@@ -205,7 +205,11 @@ def prepare(
     world = World.from_environment()
     if paper_labels and world is not None:
         raise OptionError("--paper-labels reads the official label files in one process: run it without torchrun")
-    geometry = load_geometry(model, sample_rate)
+    geometry = _known_geometry(model, sample_rate)
+    if geometry is None:
+        from ..model.adapter import load_geometry  # through transformers, which imports torch
+
+        geometry = load_geometry(model, sample_rate)
     if paper_labels:
         out = out or default_prepared_dir(paper_labels, subset)
         meta = prepare_paper_labels(root, subset, paper_labels, out, geometry)
@@ -222,6 +226,21 @@ def prepare(
         if world is not None and world.rank != 0:
             return
     click.echo(describe_prepared(meta, out))
+
+
+def _known_geometry(model: str | None, sample_rate: int | None) -> FrameGeometry | None:
+    """The default frame geometry (no ``--model``) as the first prepare of this transformers version cached it,
+    read without importing transformers and torch (seconds of every prepare); None for a model's."""
+    from ..files import cache_root
+    from ..frames import default_geometry
+
+    if model is not None:
+        return None
+    try:
+        geometry = default_geometry(cache_root())
+    except OSError:  # NEUROSTAT_CACHE is a file: the default computed without the cache
+        geometry = default_geometry()
+    return geometry if sample_rate is None else geometry.at_rate(sample_rate)
 
 
 @main.command("compare-labels")

@@ -249,8 +249,8 @@ def phone_intervals(
     return starts[keep], ends[keep], ids[keep]
 
 
-def _label_one(utt: UtteranceRecord, out_dir: Path, settings: PrepareSettings) -> tuple[str, dict, np.ndarray]:
-    """Labels one utterance: ("ok", its record, its voiced F0 values) or ("skip", the skip record, nothing)."""
+def _label_one(utt: UtteranceRecord, out_dir: Path, settings: PrepareSettings) -> tuple[str, dict, dict | None]:
+    """Labels one utterance: ("ok", its record, its cached arrays) or ("skip", the skip record, None)."""
     fields = utt.fields()
     try:
         try:
@@ -259,7 +259,7 @@ def _label_one(utt: UtteranceRecord, out_dir: Path, settings: PrepareSettings) -
             raise Skip("missing-textgrid", utt.phones.path, f"cannot read the alignment ({e.strerror})") from None
         cached = PreparedCorpus.cached_record(out_dir, utt.id, key)
         if cached is not None and "audio_sha1" in cached[0]:  # records from before audio digests are redone
-            return "ok", cached[0], _voiced(cached[1], settings)
+            return "ok", *cached
         geo = settings.geometry
         wave, source_rate, audio_sha1 = utt.audio.load(geo.sample_rate, strict=settings.strict)
         n_frames = geo.num_frames(len(wave))
@@ -280,9 +280,9 @@ def _label_one(utt: UtteranceRecord, out_dir: Path, settings: PrepareSettings) -
         centres, cells = geo.centres(n_frames), len(wave) // geo.stride  # cells: the official int(duration·50)
         f0 = f0_at(settings.pitch, wave, geo.sample_rate, centres, settings.pitch_step, settings.pitch_align, cells)
     except TextGridError as e:
-        return "skip", {"id": utt.id, "reason": "bad-textgrid", "file": utt.phones.path, "message": str(e)}, _NONE
+        return "skip", {"id": utt.id, "reason": "bad-textgrid", "file": utt.phones.path, "message": str(e)}, None
     except Skip as s:
-        return "skip", {"id": utt.id, "reason": s.reason, "file": s.path, "message": s.message}, _NONE
+        return "skip", {"id": utt.id, "reason": s.reason, "file": s.path, "message": s.message}, None
     record = {
         **fields,
         **utt.phones.fields(),
@@ -292,21 +292,14 @@ def _label_one(utt: UtteranceRecord, out_dir: Path, settings: PrepareSettings) -
         "resampled": source_rate != geo.sample_rate,
         "audio_sha1": audio_sha1,
     }
-    f0 = f0.astype(np.float32)
-    PreparedCorpus.write_utterance(out_dir, record, key, starts=starts, ends=ends, phone=ids, f0=f0)
-    return "ok", record, _voiced(f0, settings)
+    arrays = {"starts": starts, "ends": ends, "phone": ids, "f0": f0.astype(np.float32)}
+    PreparedCorpus.write_utterance(out_dir, record, key, **arrays)
+    return "ok", record, arrays
 
 
-_NONE = np.empty(0, dtype=np.float32)
-
-
-def _voiced(f0: np.ndarray, settings: PrepareSettings) -> np.ndarray:
-    """The voiced values of an utterance's F0, which the bin edges are percentiles of (none for given edges)."""
-    return _NONE if settings.edges is not None else f0[np.isfinite(f0)]
-
-
-Labelled = tuple[int, str, dict, np.ndarray]
-"""One utterance labelled: its position in the scan, ``ok`` or ``skip``, its record or skip record, its voiced F0."""
+Labelled = tuple[int, str, dict, dict | None]
+"""One utterance labelled: its position in the scan, ``ok`` or ``skip``, its record or skip record, and the arrays
+of its cache file (intervals, F0), which travel to the folder's writer in memory instead of being read back."""
 
 
 def _label_span(
@@ -532,7 +525,7 @@ def _write_folder(
     labelled = sorted((x for share in shares for x in share), key=lambda x: x[0])
     if sorted(x[0] for x in labelled) != list(range(len(scan.records))):
         raise PrepareError(f"{out}: the ranks labelled {len(labelled)} of {len(scan.records)} utterances")
-    records = sorted(((r, f0) for _, kind, r, f0 in labelled if kind == "ok"), key=lambda x: x[0]["id"])
+    records = sorted(((r, a) for _, kind, r, a in labelled if kind == "ok"), key=lambda x: x[0]["id"])
     skips = scan.skips + [r for _, kind, r, _ in labelled if kind == "skip"]
     if skips and settings.strict:
         first = skips[0]
@@ -552,8 +545,8 @@ def _write_folder(
     if settings.edges is not None:
         edges = sorted(float(e) for e in settings.edges)
     else:
-        edges = percentile_edges(np.concatenate([f0 for _, f0 in records]), list(settings.quantiles))
-    records = [r for r, _ in records]
+        edges = percentile_edges(np.concatenate([a["f0"] for _, a in records]), list(settings.quantiles))
+    records, arrays = [r for r, _ in records], [a for _, a in records]
     if len(set(edges)) != len(edges):
         raise PrepareError(f"pitch bin edges must be distinct, got {edges}")
     unknown_gender = any(r["gender"] == UNKNOWN_GENDER for r in records)
@@ -587,7 +580,7 @@ def _write_folder(
         source_options=source.options(),
         lacking=lacking,
     )
-    return PreparedCorpus.create(out, meta, records, skips).meta
+    return PreparedCorpus.create(out, meta, records, skips, arrays).meta
 
 
 def describe_prepared(meta: PreparedMeta, out: str | Path) -> str:

@@ -637,15 +637,16 @@ class PreparedCorpus:
     # -- writing (prepare and label sets go through these) --
 
     @staticmethod
-    def cached_record(folder: Path, utt_id: str, key: str) -> tuple[dict, np.ndarray] | None:
-        """The record and F0 of an utterance file written with inputs of this ``key``, else None."""
+    def cached_record(folder: Path, utt_id: str, key: str) -> tuple[dict, dict[str, np.ndarray]] | None:
+        """The record and arrays (intervals, F0) of an utterance file written with inputs of this ``key``, else
+        None."""
         path = _utterance_file(folder, utt_id)
         if not path.is_file():
             return None
         with np.load(path) as cached:
             if str(cached["key"]) != key:
                 return None
-            return json.loads(str(cached["record"])), cached["f0"]
+            return json.loads(str(cached["record"])), {k: cached[k] for k in _CACHED if k in cached.files}
 
     @staticmethod
     def clear_temporaries(folder: Path) -> None:
@@ -663,8 +664,16 @@ class PreparedCorpus:
         os.replace(tmp, target)
 
     @classmethod
-    def create(cls, folder: str | Path, meta: PreparedMeta, records: list[dict], skips: list[dict]) -> PreparedCorpus:
-        """Writes the frame labels (from prepare's cache in ``utts/``), manifest, skips and meta.json (the last,
+    def create(
+        cls,
+        folder: str | Path,
+        meta: PreparedMeta,
+        records: list[dict],
+        skips: list[dict],
+        arrays: list[dict[str, np.ndarray]] | None = None,
+    ) -> PreparedCorpus:
+        """Writes the frame labels (from each record's cache ``arrays``, as prepare has them in memory, else read
+        from ``utts/``), manifest, skips and meta.json (the last,
         atomically: a folder without it is unfinished).  An earlier ``meta.json`` is moved aside first
         (:data:`PREVIOUS_META`), so that a run stopped while it writes leaves an unfinished folder, never new
         label files under the old ``meta.json``.  Label sets attached to an earlier prepare into ``folder``
@@ -680,7 +689,8 @@ class PreparedCorpus:
         if (folder / "meta.json").is_file():
             os.replace(folder / "meta.json", folder / PREVIOUS_META)
         digests = _Digests(meta)
-        files = FrameLabels.write(folder, meta, records, (digests.add(r, a) for r, a in _read_cache(folder, records)))
+        cached = _read_cache(folder, records) if arrays is None else zip(records, arrays, strict=True)
+        files = FrameLabels.write(folder, meta, records, (digests.add(r, a) for r, a in cached))
         for name, rows in ((MANIFEST, records), ("skips.jsonl", skips)):
             atomic_write(folder / name, "".join(json.dumps(r) + "\n" for r in rows))
         files[MANIFEST] = sha1_file(folder / MANIFEST)

@@ -54,6 +54,28 @@ def _values(text: str, long_format: bool) -> list:
     return out
 
 
+_LONG_VALUE = re.compile(
+    r'"(?:[^"]|"")*"|\[[^\]]*\]|=\s*(?:("(?:[^"]|"")*")|(-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?))|(["\[])'
+)
+"""The long format's values in one pass: a string or number right after ``=`` (strings and brackets elsewhere
+are matched whole, so that an ``=`` inside them is no token), or a quote or bracket that never closes."""
+
+
+def _long_values(text: str) -> list | None:
+    """The values :func:`_values` finds in a long-format text, about 3x faster (one match per value instead of
+    one per token, and no match objects); None when a quote or bracket never closes (then :func:`_values` reads
+    it: what it skips between an ``=`` and its value is then more than spaces)."""
+    out: list = []
+    for string, number, unclosed in _LONG_VALUE.findall(text):
+        if unclosed:
+            return None
+        if string:
+            out.append(string[1:-1].replace('""', '"'))
+        elif number:
+            out.append(float(number))
+    return out
+
+
 def _decode(raw: bytes) -> str:
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
         return raw.decode("utf-16")
@@ -63,7 +85,7 @@ def _decode(raw: bytes) -> str:
 def parse_textgrid(text: str, name: str = "<string>") -> TextGrid:
     """Parses TextGrid text in the long or short format."""
     long_format = re.search(r"^\s*xmin\s*=", text, re.MULTILINE) is not None
-    values = _values(text, long_format)
+    values = (_long_values(text) if long_format else None) or _values(text, long_format)
     pos = 0
 
     def take(kind, what):
