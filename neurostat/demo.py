@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .corpus.prepare import PrepareSettings, prepare
+from .corpus.prepare import PrepareSettings, Ranks, prepare
 from .corpus.synth import synthesize
 from .files import cache_root
 from .model.adapter import DEMO, load_geometry, model_source
@@ -37,11 +37,14 @@ def demo_model() -> Path:
     return Path(model_source(DEMO))
 
 
-def ensure_demo(cache: Path, progress: bool = True) -> tuple[Path, Path]:
-    """Builds (once) the demo corpus and prepares it for the demo model; returns (prepared dir, model dir)."""
+def ensure_demo(cache: Path, progress: bool = True, ranks: Ranks | None = None) -> tuple[Path, Path]:
+    """Builds (once) the demo corpus and prepares it for the demo model; returns (prepared dir, model dir).
+    With ``ranks`` (torchrun's) rank 0 synthesises the corpus and the ranks prepare it together."""
     corpus = cache / "corpus"
-    if not (corpus / "LibriSpeech" / "SPEAKERS.TXT").is_file():
+    if (ranks is None or ranks.rank == 0) and not (corpus / "LibriSpeech" / "SPEAKERS.TXT").is_file():
         synthesize(corpus, DEMO_SUBSET, progress=progress)
+    if ranks is not None:
+        ranks.broadcast(None)  # the corpus is there before any rank scans it
     model = demo_model()
     prepared = cache / "prepared"
     prepare(
@@ -51,5 +54,6 @@ def ensure_demo(cache: Path, progress: bool = True) -> tuple[Path, Path]:
         prepared,
         PrepareSettings(load_geometry(str(model))),
         progress=progress,
+        ranks=ranks,
     )
     return prepared, model

@@ -192,7 +192,7 @@ def collect(
     counting every frame (--tokens all, as the corpus is small; cached in $NEUROSTAT_CACHE/demo-v4).
     """
     from ..engine.collect import CollectConfig, CollectInterrupted, collect_corpus, describe_collect
-    from ..engine.distributed import World, rank_zero_first
+    from ..engine.distributed import PrepareRanks, World
     from ..errors import OptionError
     from ..model.adapter import resolve_device
 
@@ -229,7 +229,7 @@ def collect(
                 f"neurostat collect: no corpus or model given, running the embedded demo offline in {cache_dir()}"
             )
             click.echo(DEMO_NOTE)
-        prepared, model = rank_zero_first(world, lambda: ensure_demo(cache_dir()))
+        prepared, model = ensure_demo(cache_dir(), ranks=None if world is None else PrepareRanks(world))
         out, overwrite = out or cache_dir() / "stats.zarr", overwrite or not resume
     if model is None:
         raise OptionError("--model is required with a corpus (a hub id such as facebook/hubert-base-ls960 or a folder)")

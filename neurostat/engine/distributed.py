@@ -23,7 +23,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -84,21 +84,6 @@ class World:
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=self.rank, world_size=self.size, timeout=TIMEOUT)
-
-
-def rank_zero_first(world: World | None, make: Callable[[], T]) -> T:
-    """``make()`` on rank 0, then on the other ranks: for work that caches its result (preparing a corpus,
-    building the demo), so that one process writes it and the others find it done."""
-    if world is None:
-        return make()
-    import torch.distributed as dist
-
-    if world.rank == 0:
-        result = make()
-    dist.barrier()
-    if world.rank != 0:
-        result = make()
-    return result
 
 
 def balanced_shares(durations: Sequence[float], size: int) -> list[list[int]]:
