@@ -1,16 +1,22 @@
-"""`neurostat prepare` on a LibriSpeech-layout corpus: its wall time against the bare work it cannot avoid,
-and (with ``--before``) the same for another checkout of neurostat, run in turns on the same corpus, with
-the median of the paired ratios (this / before) of each round.
+"""`neurostat prepare` on a LibriSpeech-layout corpus, end to end as a user runs it: where one process spends
+its time, its audio-seconds per second, the same for another checkout (``--before``), and a torchrun job of
+``--nproc`` processes against one process.
 
-The bare work, timed in the same process first: for every utterance, decode the FLAC, read the TextGrid
-and track F0 at the frame centres (Praat).  Then `prepare` into a fresh folder (cold: nothing cached) and
-again into the same folder (warm: every utterance cached).  Each measurement runs in a fresh interpreter
-whose ``PYTHONPATH`` is the checkout measured; ``--before`` checkouts and this one alternate, and the
-table gives each one's median over ``--repeat`` rounds.
+Every run is a fresh interpreter whose ``PYTHONPATH`` is the checkout measured, running the `prepare` command
+(``-j 1``) into a fresh folder (cold: nothing cached), then again into the same folder (warm: every utterance
+cached).  The cold run times its phases by wrapping the functions that do them (the same names in both
+checkouts): start-up and imports (until the command starts preparing), audio decode, TextGrid parsing, F0,
+the per-utterance cache writes, frame labels (phone by frame, pitch bins), the folder's files, and the rest
+(keys of the cache, phone mapping, the scan, the lock).  A round runs each checkout once, in turns (which goes
+first alternates), and the torchrun job beside this checkout's single process; the tables give medians over
+rounds and the median of each round's paired ratios, which is what survives the load of a shared machine
+(stated with the load averages seen).  The folders are compared byte for byte: this checkout's with
+``--before``'s (the labels unchanged) and the job's with one process's.
 
-    python bench/prepare_bench.py                               # this checkout, 6 x 8 utterances
-    python bench/prepare_bench.py --before /tmp/neurostat-main  # before/after, e.g. a `git archive` of main
-    python bench/prepare_bench.py --smoke                       # 2 x 2 utterances, once, no results file
+    python bench/prepare_bench.py                                      # this checkout, 6 x 8 utterances
+    python bench/prepare_bench.py --before /tmp/neurostat-main         # before/after, e.g. a `git archive` of main
+    python bench/prepare_bench.py --speakers 32 --utterances 32 --before /tmp/neurostat-main --repeat 3
+    python bench/prepare_bench.py --smoke                              # 2 x 2 utterances, once, no results file
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -28,114 +35,247 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).with_name("RESULTS.md")
 SUBSET = "dev-clean"
+LABEL_FILES = ("meta.json", "manifest.jsonl", "skips.jsonl", "frames.npy", "intervals.npy", "index.npy")
+"""What collect reads of a prepared folder (the cache ``utts/`` aside)."""
+PHASES = ("start-up and imports", "decode", "TextGrid", "F0", "cache writes", "frame labels", "folder files", "rest")
 
 
-def measure(corpus: Path, work: Path) -> dict:
-    """Seconds of the bare work, of a cold and of a warm `prepare`, with the neurostat that is imported."""
+def profiled_prepare(arguments: list[str]) -> dict:
+    """Runs `neurostat prepare` (``arguments``) in this interpreter with its phases timed; returns the seconds of
+    each from the start of this function, and the neurostat imported."""
+    begin = time.perf_counter()
     import neurostat
-    from neurostat.corpus.audio import load_audio
-    from neurostat.corpus.pitch import f0_at
-    from neurostat.corpus.prepare import PrepareSettings, prepare
-    from neurostat.corpus.textgrid import read_textgrid
-    from neurostat.frames import default_geometry
+    import neurostat.corpus.prepare as prepare
+    import neurostat.corpus.prepared as prepared
+    import neurostat.corpus.source as source
 
-    settings = PrepareSettings(default_geometry())
-    geo = settings.geometry
+    spent: dict[str, float] = dict.fromkeys(("decode", "TextGrid", "F0", "cache writes", "labels", "create"), 0.0)
+    started: list[float] = []
+
+    def timed(name, fn):
+        def run(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[name] += time.perf_counter() - t
+
+        return run
+
+    def prepare_source(*args, **kwargs):
+        started.append(time.perf_counter())
+        return original(*args, **kwargs)
+
+    original = prepare.prepare_source
+    prepare.prepare_source = prepare_source
+    source.AudioRef.load = timed("decode", source.AudioRef.load)
+    prepare.read_textgrid = timed("TextGrid", prepare.read_textgrid)
+    prepare.f0_at = timed("F0", prepare.f0_at)
+    write = prepared.PreparedCorpus.write_utterance
+    prepared.PreparedCorpus.write_utterance = staticmethod(timed("cache writes", write))
+    prepared.phone_frames = timed("labels", prepared.phone_frames)
+    prepared.assign_bins = timed("labels", prepared.assign_bins)
+    prepared.PreparedCorpus.create = classmethod(timed("create", prepared.PreparedCorpus.create.__func__))
+    from neurostat.cli import main
+
+    main(["prepare", *arguments], standalone_mode=False)
+    total = time.perf_counter() - begin
+    phases = {
+        "imports": started[0] - begin,
+        "decode": spent["decode"],
+        "TextGrid": spent["TextGrid"],
+        "F0": spent["F0"],
+        "cache writes": spent["cache writes"],
+        "frame labels": spent["labels"],
+        "folder files": spent["create"] - spent["labels"],
+    }
+    return {"neurostat": str(Path(neurostat.__file__).parent), "total": total, "phases": phases}
+
+
+def prepare_arguments(corpus: Path, out: Path) -> list[str]:
     root, alignments = corpus / "LibriSpeech", corpus / "alignments"
+    return ["--root", str(root), "--subset", SUBSET, "--alignments", str(alignments), "--out", str(out), "-j", "1"]
+
+
+def environment(checkout: Path) -> dict:
+    return {**os.environ, "PYTHONPATH": str(checkout), "HF_HUB_OFFLINE": "1"}
+
+
+def run_cold(checkout: Path, corpus: Path, out: Path) -> dict:
+    """A cold `prepare` with ``checkout`` in a fresh interpreter: wall seconds and phases."""
+    command = [sys.executable, __file__, "--profile", json.dumps(prepare_arguments(corpus, out))]
     start = time.perf_counter()
-    for flac in sorted((root / SUBSET).rglob("*.flac")):
-        wave, _, _ = load_audio(flac, geo.sample_rate)
-        read_textgrid(next(alignments.rglob(f"{flac.stem}.TextGrid")))
-        n = geo.num_frames(len(wave))
-        f0_at(
-            settings.pitch, wave, geo.sample_rate, geo.centres(n), settings.pitch_step, "time", len(wave) // geo.stride
-        )
-    bare = time.perf_counter() - start
-    out, seconds = work / "prepared", []
-    for _ in range(2):  # cold, then warm (cached)
-        start = time.perf_counter()
-        prepare(root, SUBSET, alignments, out, settings, progress=False)
-        seconds.append(time.perf_counter() - start)
-    return {"neurostat": str(Path(neurostat.__file__).parent), "bare": bare, "cold": seconds[0], "warm": seconds[1]}
-
-
-def run_measure(checkout: Path, corpus: Path) -> dict:
-    """:func:`measure` in a fresh interpreter that imports neurostat from ``checkout``."""
-    with tempfile.TemporaryDirectory() as work:
-        env = {**os.environ, "PYTHONPATH": str(checkout), "HF_HUB_OFFLINE": "1"}
-        command = [sys.executable, __file__, "--measure", str(corpus), "--work", work]
-        done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=work)
+    done = subprocess.run(command, env=environment(checkout), capture_output=True, text=True, cwd=out.parent)
+    wall = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"prepare with {checkout} failed:\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
     if not Path(result["neurostat"]).resolve().is_relative_to(checkout.resolve()):
         raise SystemExit(f"{checkout}: the run imported neurostat from {result['neurostat']}")
-    return result
+    phases = result["phases"]
+    phases["start-up and imports"] = wall - result["total"] + phases.pop("imports")
+    phases["rest"] = wall - sum(phases.values())
+    return {"wall": wall, "phases": phases}
+
+
+def run_command(checkout: Path, command: list[str], cwd: Path) -> float:
+    """Wall seconds of ``command`` (a `prepare` or a torchrun job) with ``checkout``."""
+    start = time.perf_counter()
+    done = subprocess.run(command, env=environment(checkout), capture_output=True, text=True, cwd=cwd)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command[:6])} ... failed:\n{done.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_prepare(nproc: int, corpus: Path, out: Path) -> list[str]:
+    launcher = ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(free_port())]
+    return [sys.executable, *launcher, "-m", "neurostat", "prepare", *prepare_arguments(corpus, out)]
+
+
+def differing_files(a: Path, b: Path, names: tuple[str, ...] | None = None) -> list[str]:
+    """The files of two prepared folders that differ (or exist in one only); ``names``: only these."""
+
+    def contents(folder: Path) -> dict[str, bytes]:
+        files = (p for p in folder.rglob("*") if p.is_file())
+        return {str(p.relative_to(folder)): p.read_bytes() for p in files if names is None or p.name in names}
+
+    x, y = contents(a), contents(b)
+    return sorted(f for f in x.keys() | y.keys() if x.get(f) != y.get(f))
+
+
+def differences(rounds: list[list[str]]) -> str:
+    """Words on the files that differed: how many in each round, and the first few."""
+    first = next(files for files in rounds if files)
+    return f"{[len(files) for files in rounds]} files in the rounds, e.g. {', '.join(first[:4])}"
+
+
+def median(values) -> float:
+    return statistics.median(list(values))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--speakers", type=int, default=6)
     ap.add_argument("--utterances", type=int, default=8)
-    ap.add_argument("--repeat", type=int, default=5, help="rounds (each checkout once per round; medians reported)")
+    ap.add_argument("--repeat", type=int, default=5, help="rounds (each run once per round; medians reported)")
     ap.add_argument("--before", type=Path, default=None, help="another checkout to measure in turns with this one")
+    ap.add_argument("--nproc", type=int, default=2, help="processes of the torchrun job (0: no job)")
     ap.add_argument("--machine", default="", help="words on the machine for the results file")
     ap.add_argument("--smoke", action="store_true", help="2 x 2 utterances, once, no results file")
-    ap.add_argument("--results", default=str(RESULTS), help="append the table here ('' for none)")
-    ap.add_argument("--measure", type=Path, help=argparse.SUPPRESS)
-    ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--results", default=str(RESULTS), help="append the tables here ('' for none)")
+    ap.add_argument("--profile", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.measure:
-        print(json.dumps(measure(args.measure, args.work)))
+    if args.profile:
+        print(json.dumps(profiled_prepare(json.loads(args.profile))))
         return
     if args.smoke:
         args.speakers, args.utterances, args.repeat, args.results = 2, 2, 1, ""
-    from neurostat.corpus.synth import synthesize
+    import soundfile as sf
 
+    from neurostat.corpus.synth import synthesize
+    from neurostat.files import cache_root
+    from neurostat.frames import default_geometry
+
+    default_geometry(cache_root())  # what the first prepare of this transformers version caches (see README)
     checkouts = {"this checkout": ROOT} | ({"--before": args.before} if args.before else {})
-    runs: dict[str, list[dict]] = {name: [] for name in checkouts}
+    cold: dict[str, list[dict]] = {name: [] for name in checkouts}
+    warm: dict[str, list[float]] = {name: [] for name in checkouts}
+    job: list[float] = []
+    loads, unchanged, identical = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
-        corpus = Path(tmp) / "corpus"
+        work = Path(tmp)
+        corpus = work / "corpus"
         synthesize(corpus, SUBSET, args.speakers, args.utterances, seed=0, progress=False)
-        audio = sum(f.stat().st_size for f in corpus.rglob("*.flac"))
+        audio = sum(sf.info(f).duration for f in corpus.rglob("*.flac"))
         for r in range(args.repeat):
+            loads.append(os.getloadavg()[0])
             order = list(checkouts.items())
-            for name, checkout in order if r % 2 == 0 else order[::-1]:
-                runs[name].append(run_measure(checkout, corpus))
-                print(f"round {r + 1}: {name}: {runs[name][-1]}", flush=True)
-    median = {n: {k: statistics.median(x[k] for x in rs) for k in ("bare", "cold", "warm")} for n, rs in runs.items()}
-    lines = [
-        "",
-        f"### prepare_bench: LibriSpeech layout, {args.speakers * args.utterances} synthetic utterances, -j 1",
-        "",
-        f"- machine: {args.machine or os.uname().machine + f', {os.cpu_count()} cores'}; median of {args.repeat} "
-        f"round(s), the checkouts in turns; {audio / 1e6:.1f} MB of FLAC",
-        "",
-        "| checkout | bare work s | prepare, cold s | prepare, warm (cached) s | cold / bare | warm / bare |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for name, m in median.items():
-        where = f"{name} ({checkouts[name]})"
-        lines.append(
-            f"| {where} | {m['bare']:.3f} | {m['cold']:.3f} | {m['warm']:.3f} | {m['cold'] / m['bare']:.3f} | "
-            f"{m['warm'] / m['bare']:.3f} |"
-        )
-    if args.before:  # the load of a shared machine moves both; a round's two runs are minutes apart at most
-        paired = {
-            k: statistics.median(a[k] / b[k] for a, b in zip(runs["this checkout"], runs["--before"]))
-            for k in ("bare", "cold", "warm")
-        }
-        lines += [
-            "",
-            "- paired, the median over rounds of this checkout / --before: "
-            + ", ".join(f"{k} {v:.3f}" for k, v in paired.items())
-            + " (bare: the same code in both, so its spread is the noise)",
-        ]
+            runs = [(name, checkout, "one") for name, checkout in order]
+            runs += [("job", ROOT, "job")] if args.nproc > 1 else []
+            for name, checkout, kind in runs if r % 2 == 0 else runs[::-1]:
+                out = work / f"round-{r}-{name.replace(' ', '-')}"
+                if kind == "job":
+                    job.append(run_command(checkout, torchrun_prepare(args.nproc, corpus, out), work))
+                    print(f"round {r + 1}: torchrun {args.nproc} processes {job[-1]:.2f} s", flush=True)
+                    continue
+                cold[name].append(run_cold(checkout, corpus, out))
+                warm_command = [sys.executable, "-m", "neurostat", "prepare", *prepare_arguments(corpus, out)]
+                warm[name].append(run_command(checkout, warm_command, work))
+                seconds = f"cold {cold[name][-1]['wall']:.2f} s, warm {warm[name][-1]:.2f} s"
+                print(f"round {r + 1}: {name}: {seconds}", flush=True)
+            one = work / f"round-{r}-this-checkout"
+            if args.before:
+                unchanged.append(differing_files(one, work / f"round-{r}---before", LABEL_FILES))
+            if args.nproc > 1:
+                identical.append(differing_files(work / f"round-{r}-job", one))
+            loads.append(os.getloadavg()[0])
+    lines = report(args, checkouts, cold, warm, job, audio, loads, unchanged, identical)
     text = "\n".join(lines)
     print(text)
     if args.results:
         with open(args.results, "a") as f:
             f.write(text + "\n")
+    if any(unchanged) or any(identical):
+        raise SystemExit("the prepared folders differ (see above)")
+
+
+def report(args, checkouts, cold, warm, job, audio, loads, unchanged, identical) -> list[str]:
+    """The results' tables: one process per checkout, its phases, the torchrun job, the paired ratios."""
+    n = args.speakers * args.utterances
+    lines = [
+        "",
+        f"### prepare_bench: LibriSpeech layout, {n} synthetic utterances ({audio:,.0f} s of audio), -j 1",
+        "",
+        f"- machine: {args.machine or os.uname().machine + f', {os.cpu_count()} cores'}; {args.repeat} round(s), "
+        f"the runs in turns; load average (1 min) {min(loads):.1f}–{max(loads):.1f} during the rounds",
+        "",
+        "| checkout | prepare, cold s (fresh interpreter) | audio-s/s | prepare, warm (cached) s |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for name, checkout in checkouts.items():
+        wall = median(c["wall"] for c in cold[name])
+        lines.append(f"| {name} ({checkout}) | {wall:.2f} | {audio / wall:,.0f} | {median(warm[name]):.2f} |")
+    lines += ["", "Where one cold process spends its time (median seconds over rounds; share of the median wall):", ""]
+    lines += ["| phase | " + " | ".join(checkouts) + " |", "| --- |" + " ---: |" * len(checkouts)]
+    for phase in PHASES:
+        cells = []
+        for name in checkouts:
+            seconds, wall = median(c["phases"][phase] for c in cold[name]), median(c["wall"] for c in cold[name])
+            cells.append(f"{seconds:.2f} ({100 * seconds / wall:.0f} %)")
+        lines.append(f"| {phase} | " + " | ".join(cells) + " |")
+    if args.before:
+        paired = {
+            kind: median(a / b for a, b in zip(values["this checkout"], values["--before"]))
+            for kind, values in (("cold", {k: [c["wall"] for c in v] for k, v in cold.items()}), ("warm", warm))
+        }
+        same = "byte-identical in every round" if not any(unchanged) else f"DIFFERENT: {differences(unchanged)}"
+        lines += [
+            "",
+            f"- paired, the median over rounds of this checkout / --before: cold {paired['cold']:.3f}, warm "
+            f"{paired['warm']:.3f}; the prepared folders (label files, manifest, skips, meta.json): {same}",
+        ]
+    if job:
+        one = [c["wall"] for c in cold["this checkout"]]
+        ratio = median(j / o for j, o in zip(job, one))
+        same = "byte-identical (cache included) in every round"
+        same = same if not any(identical) else f"DIFFERENT: {differences(identical)}"
+        lines += [
+            "",
+            "| run | wall s | audio-s/s | vs 1 process (paired) |",
+            "| --- | ---: | ---: | ---: |",
+            f"| 1 process | {median(one):.2f} | {audio / median(one):,.0f} | 1.00 |",
+            f"| torchrun, {args.nproc} processes (gloo) | {median(job):.2f} | {audio / median(job):,.0f} | "
+            f"{ratio:.3f} |",
+            "",
+            f"- the job's folder against one process's: {same}",
+        ]
+    return lines
 
 
 if __name__ == "__main__":
