@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -101,12 +102,18 @@ def environment(checkout: Path) -> dict:
     return {**os.environ, "PYTHONPATH": str(checkout), "HF_HUB_OFFLINE": "1"}
 
 
+def children_cpu() -> float:
+    """CPU seconds (user + system) of this process's finished children so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_cold(checkout: Path, corpus: Path, out: Path) -> dict:
-    """A cold `prepare` with ``checkout`` in a fresh interpreter: wall seconds and phases."""
+    """A cold `prepare` with ``checkout`` in a fresh interpreter: wall seconds, CPU seconds and phases."""
     command = [sys.executable, __file__, "--profile", json.dumps(prepare_arguments(corpus, out))]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), children_cpu()
     done = subprocess.run(command, env=environment(checkout), capture_output=True, text=True, cwd=out.parent)
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, children_cpu() - cpu
     if done.returncode != 0:
         raise SystemExit(f"prepare with {checkout} failed:\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -115,16 +122,17 @@ def run_cold(checkout: Path, corpus: Path, out: Path) -> dict:
     phases = result["phases"]
     phases["start-up and imports"] = wall - result["total"] + phases.pop("imports")
     phases["rest"] = wall - sum(phases.values())
-    return {"wall": wall, "phases": phases}
+    return {"wall": wall, "cpu": cpu, "phases": phases}
 
 
-def run_command(checkout: Path, command: list[str], cwd: Path) -> float:
-    """Wall seconds of ``command`` (a `prepare` or a torchrun job) with ``checkout``."""
-    start = time.perf_counter()
+def run_command(checkout: Path, command: list[str], cwd: Path) -> dict:
+    """Wall and CPU seconds of ``command`` (a `prepare` or a torchrun job, its processes all counted) with
+    ``checkout``."""
+    start, cpu = time.perf_counter(), children_cpu()
     done = subprocess.run(command, env=environment(checkout), capture_output=True, text=True, cwd=cwd)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command[:6])} ... failed:\n{done.stderr[-3000:]}")
-    return time.perf_counter() - start
+    return {"wall": time.perf_counter() - start, "cpu": children_cpu() - cpu}
 
 
 def free_port() -> int:
@@ -202,11 +210,11 @@ def main() -> None:
                 out = work / f"round-{r}-{name.replace(' ', '-')}"
                 if kind == "job":
                     job.append(run_command(checkout, torchrun_prepare(args.nproc, corpus, out), work))
-                    print(f"round {r + 1}: torchrun {args.nproc} processes {job[-1]:.2f} s", flush=True)
+                    print(f"round {r + 1}: torchrun {args.nproc} processes {job[-1]['wall']:.2f} s", flush=True)
                     continue
                 cold[name].append(run_cold(checkout, corpus, out))
                 warm_command = [sys.executable, "-m", "neurostat", "prepare", *prepare_arguments(corpus, out)]
-                warm[name].append(run_command(checkout, warm_command, work))
+                warm[name].append(run_command(checkout, warm_command, work)["wall"])
                 seconds = f"cold {cold[name][-1]['wall']:.2f} s, warm {warm[name][-1]:.2f} s"
                 print(f"round {r + 1}: {name}: {seconds}", flush=True)
             one = work / f"round-{r}-this-checkout"
@@ -235,12 +243,15 @@ def report(args, checkouts, cold, warm, job, audio, loads, unchanged, identical)
         f"- machine: {args.machine or os.uname().machine + f', {os.cpu_count()} cores'}; {args.repeat} round(s), "
         f"the runs in turns; load average (1 min) {min(loads):.1f}–{max(loads):.1f} during the rounds",
         "",
-        "| checkout | prepare, cold s (fresh interpreter) | audio-s/s | prepare, warm (cached) s |",
-        "| --- | ---: | ---: | ---: |",
+        "| checkout | prepare, cold s (fresh interpreter) | audio-s/s | CPU s | audio-s per CPU-s | warm (cached) s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, checkout in checkouts.items():
-        wall = median(c["wall"] for c in cold[name])
-        lines.append(f"| {name} ({checkout}) | {wall:.2f} | {audio / wall:,.0f} | {median(warm[name]):.2f} |")
+        wall, cpu = median(c["wall"] for c in cold[name]), median(c["cpu"] for c in cold[name])
+        lines.append(
+            f"| {name} ({checkout}) | {wall:.2f} | {audio / wall:,.0f} | {cpu:.2f} | {audio / cpu:,.0f} | "
+            f"{median(warm[name]):.2f} |"
+        )
     lines += ["", "Where one cold process spends its time (median seconds over rounds; share of the median wall):", ""]
     lines += ["| phase | " + " | ".join(checkouts) + " |", "| --- |" + " ---: |" * len(checkouts)]
     for phase in PHASES:
@@ -250,28 +261,36 @@ def report(args, checkouts, cold, warm, job, audio, loads, unchanged, identical)
             cells.append(f"{seconds:.2f} ({100 * seconds / wall:.0f} %)")
         lines.append(f"| {phase} | " + " | ".join(cells) + " |")
     if args.before:
+        kinds = {
+            "cold": {k: [c["wall"] for c in v] for k, v in cold.items()},
+            "cold CPU": {k: [c["cpu"] for c in v] for k, v in cold.items()},
+            "warm": warm,
+        }
         paired = {
             kind: median(a / b for a, b in zip(values["this checkout"], values["--before"]))
-            for kind, values in (("cold", {k: [c["wall"] for c in v] for k, v in cold.items()}), ("warm", warm))
+            for kind, values in kinds.items()
         }
         same = "byte-identical in every round" if not any(unchanged) else f"DIFFERENT: {differences(unchanged)}"
         lines += [
             "",
-            f"- paired, the median over rounds of this checkout / --before: cold {paired['cold']:.3f}, warm "
-            f"{paired['warm']:.3f}; the prepared folders (label files, manifest, skips, meta.json): {same}",
+            "- paired, the median over rounds of this checkout / --before: "
+            + ", ".join(f"{kind} {ratio:.3f}" for kind, ratio in paired.items())
+            + f"; the prepared folders (label files, manifest, skips, meta.json): {same}",
         ]
     if job:
-        one = [c["wall"] for c in cold["this checkout"]]
-        ratio = median(j / o for j, o in zip(job, one))
+        one = cold["this checkout"]
+        ratio = {k: median(j[k] / o[k] for j, o in zip(job, one)) for k in ("wall", "cpu")}
+        wall, cpu = median(j["wall"] for j in job), median(j["cpu"] for j in job)
         same = "byte-identical (cache included) in every round"
         same = same if not any(identical) else f"DIFFERENT: {differences(identical)}"
         lines += [
             "",
-            "| run | wall s | audio-s/s | vs 1 process (paired) |",
-            "| --- | ---: | ---: | ---: |",
-            f"| 1 process | {median(one):.2f} | {audio / median(one):,.0f} | 1.00 |",
-            f"| torchrun, {args.nproc} processes (gloo) | {median(job):.2f} | {audio / median(job):,.0f} | "
-            f"{ratio:.3f} |",
+            "| run | wall s | audio-s/s | vs 1 process (paired) | CPU s, all processes | vs 1 process (paired) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+            f"| 1 process | {median(o['wall'] for o in one):.2f} | {audio / median(o['wall'] for o in one):,.0f} | "
+            f"1.00 | {median(o['cpu'] for o in one):.2f} | 1.00 |",
+            f"| torchrun, {args.nproc} processes (gloo) | {wall:.2f} | {audio / wall:,.0f} | {ratio['wall']:.3f} | "
+            f"{cpu:.2f} | {ratio['cpu']:.3f} |",
             "",
             f"- the job's folder against one process's: {same}",
         ]

@@ -453,8 +453,8 @@ def prepare_source(
     refused, naming the process that holds it.  With ``ranks`` (torchrun's processes, on one machine or
     several, sharing the folder) the job prepares the corpus together: rank 0 takes the lock for the job and
     scans, every rank labels the spans of the scan it claims (with its ``num_jobs`` workers), rank 0 gathers
-    their records and voiced F0, computes the edges and writes the files, exactly as one process does, and
-    every rank returns the meta.  An error of rank 0's is raised on every rank."""
+    their records and arrays (intervals, F0), computes the edges and writes the files, exactly as one process
+    does, and every rank returns the meta.  An error of rank 0's is raised on every rank."""
     if settings.pitch not in PITCH_METHODS:
         raise PrepareError(f"unknown pitch method {settings.pitch!r}; choose one of {PITCH_METHODS}")
     ranks = ranks or OneProcess()
