@@ -1,7 +1,7 @@
 """``neurostat browse``: a static neuron browser — an index searchable by layer, neuron and property, and
 one page per neuron with its P(j | phone) profile, its gender and pitch contrasts, the properties it
 belongs to and its top frames as playable audio (± ``context`` seconds around each frame, with the
-frame's phone, speaker and F0).  No server: open ``index.html``, or serve the folder with
+frame's phone, speaker and F0; each utterance's audio is one FLAC file the pages play windows of).  No server: open ``index.html``, or serve the folder with
 ``python -m http.server``.  Needs a store collected with ``--top-frames`` and the prepared corpus it
 was collected from.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import html
+import re
 from pathlib import Path
 
 import numpy as np
@@ -69,14 +70,18 @@ def _contrast(prob, part: str, i: int, j: int) -> str:
     return f'<h3>P(j | {part})</h3><table class="contrast" data-part="{part}">{cells}</table>'
 
 
-class _Snippets:
-    """Audio around top frames, each written once (``audio/<utterance>-<frame>.wav``); an utterance's audio,
-    phones and F0 are read once while its frames are being written (neurons share top utterances)."""
+class _Audio:
+    """The audio of the top frames: each utterance any page lists written once, as FLAC
+    (``audio/<utterance>.flac``), and each top frame a window of it that the page plays through a media
+    fragment (``#t=start,end``, ± ``context`` s): the site holds at most the corpus's audio, however many
+    neurons list an utterance.  An utterance's audio, phones and F0 are read once (neurons share top
+    utterances)."""
 
     def __init__(self, corpus: PreparedCorpus, out: Path, context: float):
         self.corpus, self.out, self.context = corpus, out, context
         self.index = {r["id"]: i for i, r in enumerate(corpus.records)}
-        self.written: set[str] = set()
+        self.written: dict[str, str] = {}  # utterance id -> file name
+        self.windows = 0
         self.utterance = functools.lru_cache(maxsize=64)(self._read)
 
     def _read(self, utterance: str):
@@ -84,16 +89,32 @@ class _Snippets:
         utt = self.corpus[self.index[utterance]]
         return utt, utt.load_audio(), utt.phone_frames(self.corpus.geometry), utt.f0
 
-    def write(self, utterance: str, frame: int, seconds: float) -> str:
-        name = f"{utterance}-{frame}.wav"
-        if name not in self.written:
-            wave = self.utterance(utterance)[1]
-            sr = self.corpus.geometry.sample_rate
-            start = max(0, int(round((seconds - self.context) * sr)))
-            end = min(len(wave), int(round((seconds + self.context) * sr)))
-            sf.write(self.out / name, wave[start:end], sr, subtype="PCM_16")
-            self.written.add(name)
-        return name
+    def window(self, utterance: str, seconds: float) -> str:
+        """The page's ``src`` of ± ``context`` s around ``seconds`` of ``utterance`` (its file written once)."""
+        if utterance not in self.written:
+            name = _file_name(utterance, set(self.written.values()))
+            sf.write(self.out / name, self.utterance(utterance)[1], self.corpus.geometry.sample_rate, subtype="PCM_16")
+            self.written[utterance] = name
+        wave = self.utterance(utterance)[1]
+        length = len(wave) / self.corpus.geometry.sample_rate
+        start, end = max(0.0, seconds - self.context), min(length, seconds + self.context)
+        self.windows += 1
+        return f"{self.written[utterance]}#t={start:.3f},{end:.3f}"
+
+    @property
+    def bytes(self) -> int:
+        return sum((self.out / name).stat().st_size for name in self.written.values())
+
+
+def _file_name(utterance: str, taken: set[str]) -> str:
+    """A FLAC file name for an utterance id (other characters than letters, digits, ``-``, ``_`` and ``.``
+    replaced, a number added where that makes two ids one name)."""
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", utterance) or "utterance"
+    name, n = f"{stem}.flac", 1
+    while name in taken:
+        n += 1
+        name = f"{stem}~{n}.flac"
+    return name
 
 
 TITLE = "<title>neurostat neuron browser</title>"
@@ -116,7 +137,8 @@ def build_browser(
     allow_other_model: bool = False,
 ) -> dict:
     """Writes the site into ``out`` (new, empty or a browser, apart from the inputs: see
-    :func:`neurostat.files.check_out_folder`); returns how many neuron pages and audio snippets it holds.
+    :func:`neurostat.files.check_out_folder`); returns how many neuron pages, audio windows (top frames) and
+    audio files (utterances, FLAC) it holds, and the audio's bytes.
     ``corpus``: the prepared corpus the store was collected from (None: the one the store records)."""
     stats = open_stats(store)
     if corpus is None:
@@ -146,7 +168,7 @@ def build_browser(
     neurons = _neurons(stats, sets, every)
     (out / "neurons").mkdir(parents=True, exist_ok=True)
     (out / "audio").mkdir(exist_ok=True)
-    snippets = _Snippets(prepared, out / "audio", context)
+    audio = _Audio(prepared, out / "audio", context)
     prob = {
         part: stats.probability("topk", by=(part,)) for part in ("phone", "gender", "pitch_bin") if part in stats.parts
     }
@@ -154,14 +176,14 @@ def build_browser(
     for layer, j in neurons:
         member = [name for name, s in sets.items() if j in s[layer]]
         top = stats.top_frames(layer, j)
-        page = _neuron_page(stats, prepared, snippets, prob, layer, j, member, top)
+        page = _neuron_page(stats, prepared, audio, prob, layer, j, member, top)
         (out / "neurons" / f"L{layer}-{j}.html").write_text(page)
         rows.append((layer, j, member, top[0]["value"] if top else float("nan")))
     (out / "index.html").write_text(_index_page(stats, rows))
-    return {"pages": len(rows), "snippets": len(snippets.written)}
+    return {"pages": len(rows), "windows": audio.windows, "audio_files": len(audio.written), "audio_bytes": audio.bytes}
 
 
-def _neuron_page(stats, corpus, snippets, prob, layer, j, member, top) -> str:
+def _neuron_page(stats, corpus, audio, prob, layer, j, member, top) -> str:
     esc = html.escape
     i = stats.layers.index(layer)
     profile = ""
@@ -171,16 +193,16 @@ def _neuron_page(stats, corpus, snippets, prob, layer, j, member, top) -> str:
     contrasts = "".join(_contrast(prob[part], part, i, j) for part in ("gender", "pitch_bin") if part in prob)
     frames = []
     for rank, t in enumerate(top, 1):
-        utt, _, phone_ids, f0s = snippets.utterance(t["utterance"])
+        utt, _, phone_ids, f0s = audio.utterance(t["utterance"])
         f = t["frame"]
         phone = corpus.phones[phone_ids[f]] if 0 <= f < len(phone_ids) and phone_ids[f] >= 0 else "—"
         f0 = f0s[f] if f < len(f0s) else np.nan
-        audio = snippets.write(t["utterance"], f, t["seconds"])
+        src = audio.window(t["utterance"], t["seconds"])
         frames.append(
             f"<tr><td>{rank}</td><td>{t['value']:.4f}</td><td>{esc(t['utterance'])}</td>"
             f"<td>{esc(utt.speaker)} ({esc(utt.gender)})</td><td>{t['seconds']:.2f} s</td><td>{esc(phone)}</td>"
             f"<td>{'unvoiced' if not np.isfinite(f0) or f0 <= 0 else f'{f0:.0f} Hz'}</td>"
-            f'<td><audio controls preload="none" src="../audio/{esc(audio)}"></audio></td></tr>'
+            f'<td><audio controls preload="none" src="../audio/{esc(src)}"></audio></td></tr>'
         )
     props = ", ".join(esc(m) for m in member) or "none of the shown properties"
     return f"""<!doctype html>
@@ -188,7 +210,7 @@ def _neuron_page(stats, corpus, snippets, prob, layer, j, member, top) -> str:
 <body><p><a href="../index.html">all neurons</a></p><h1>Layer {layer}, neuron {j}</h1>
 <p>Properties: <span id="properties">{props}</span></p>
 {profile}{contrasts}
-<h2>Top frames</h2><p>The largest activations over the corpus, ±{snippets.context:g} s of audio around each frame.</p>
+<h2>Top frames</h2><p>The largest activations over the corpus, ±{audio.context:g} s of audio around each frame.</p>
 <table id="top-frames"><tr><th>#</th><th>a</th><th>utterance</th><th>speaker</th><th>time</th><th>phone</th>
 <th>F0</th><th>listen</th></tr>{"".join(frames)}</table></body></html>
 """

@@ -96,6 +96,7 @@ class StoreDiff:
     properties: dict[str, PropertyChange]
     top: list[CellChange]  # the significant cells of smallest q (largest |z| among ties)
     warnings: list[str] = field(default_factory=list)
+    summed_out: dict[str, list[str]] = field(default_factory=dict)  # per store: label parts the other lacks
     test: str = TEST
     correction: str = CORRECTION
 
@@ -127,8 +128,13 @@ class StoreDiff:
     def describe(self) -> str:
         """Readable summary: the test, per property and layer the neurons gained/lost/kept, changed neurons."""
         head = " ".join(f"{n:>5}" for n in self.layers)
-        lines = [
-            f"A = {self.a}, B = {self.b}",
+        lines = [f"A = {self.a}, B = {self.b}"]
+        if any(self.summed_out.values()):
+            lines.append(
+                "compared over the label parts both stores count; summed out, as only one store counts them: "
+                + "; ".join(f"{s}'s {', '.join(parts)}" for s, parts in self.summed_out.items() if parts)
+            )
+        lines += [
             f"{self.tested:,} cells (layer × {' × '.join(self.by)} × neuron) tested: {self.test}; "
             f"{CORRECTION} at α = {self.alpha}: {self.significant:,} significant",
             f"{'layer':<22}{head}   total",
@@ -176,11 +182,28 @@ def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
     return q
 
 
+def shared_parts(a: Stats, b: Stats) -> tuple[str, ...]:
+    """The label parts both stores count (in A's order); a diff compares over them and sums out the others.
+    None in common is a :class:`DiffError` naming each store's parts and how to collect comparable ones."""
+    shared = tuple(part for part in a.parts if part in b.parts)
+    if not shared:
+        raise DiffError(
+            f"A = {a.path} counts the label parts {', '.join(a.parts)} and B = {b.path} {', '.join(b.parts)}: none "
+            f"in common; collect both with the same --labels (e.g. --labels {','.join(a.parts)})"
+        )
+    return shared
+
+
 def check_comparable(a: Stats, b: Stats) -> list[str]:
-    """Raises :class:`DiffError` when the stores count different corpora, label spaces, layers or widths, or
-    lack the top-k statistic; returns a warning naming each statistic setting that differs (tokens, λ, k)."""
+    """Raises :class:`DiffError` when the stores count different corpora, different vocabularies of a label
+    part both have, no label part in common, other layers or widths, or lack the top-k statistic; returns
+    a note naming each statistic setting that differs.  Label parts only one store counts are not compared
+    (:func:`diff_stores` sums them out)."""
+    shared = shared_parts(a, b)
     fa, fb = a.meta.fingerprint.get("corpus_content"), b.meta.fingerprint.get("corpus_content")
     if fa is not None and fb is not None:
+        own = {f"{part} labels" for part in (*a.parts, *b.parts) if part not in shared}  # one store's parts only
+        fa, fb = ({k: v for k, v in f.items() if k not in own} for f in (fa, fb))
         corpus = fingerprint_differences({"corpus_content": fa}, {"corpus_content": fb}, "A", "B")
     else:
         corpus = [
@@ -197,15 +220,16 @@ def check_comparable(a: Stats, b: Stats) -> list[str]:
             "stores over the same corpus"
         )
     labels = [
-        f"{part}: A {list(a.meta.labels.get(part, []))}, B {list(b.meta.labels.get(part, []))}"
-        for part in dict.fromkeys([*a.meta.labels, *b.meta.labels])
-        if a.meta.labels.get(part) != b.meta.labels.get(part)
+        f"{part}: A {list(a.meta.labels[part])}, B {list(b.meta.labels[part])}"
+        for part in shared
+        if a.meta.labels[part] != b.meta.labels[part]
     ]
     if labels:
         raise DiffError(
-            f"A = {a.path} and B = {b.path} have different label spaces ({'; '.join(labels)}): diff compares "
+            f"A = {a.path} and B = {b.path} have different label vocabularies ({'; '.join(labels)}): diff compares "
             "two stores over the same labels"
         )
+    notes = []
     if a.layers != b.layers or a.width != b.width:
         raise DiffError(
             f"A = {a.path} has layers {a.layers} × {a.width} neurons, B = {b.path} layers {b.layers} × {b.width}: "
@@ -220,8 +244,8 @@ def check_comparable(a: Stats, b: Stats) -> list[str]:
         if a.meta.statistics.get(key) != b.meta.statistics.get(key)
     ]
     if settings:
-        return [f"the stores were collected with different settings: {'; '.join(settings)}"]
-    return []
+        notes.append(f"the stores were collected with different settings: {'; '.join(settings)}")
+    return notes
 
 
 def diff_stores(
@@ -246,7 +270,11 @@ def diff_stores(
     notes = check_comparable(sa, sb)
     for note in notes:
         warnings.warn(note, stacklevel=2)
-    by = tuple(by) or sa.parts
+    shared = shared_parts(sa, sb)
+    by = tuple(by) or shared
+    outside = [part for part in by if part not in shared]
+    if outside:
+        raise DiffError(f"--by {','.join(outside)}: not a label part of both stores (both count {', '.join(shared)})")
     labels = [list(sa.label_space.vocab(p)) for p in by]
     ca, cb = (s.counts("topk", by).values.reshape(len(sa.layers), -1, sa.width) for s in (sa, sb))
     na, nb = (s.tokens(by).values.reshape(-1) for s in (sa, sb))
@@ -302,6 +330,7 @@ def diff_stores(
         properties=changed,
         top=changes,
         warnings=notes,
+        summed_out={name: [part for part in s.parts if part not in shared] for name, s in (("A", sa), ("B", sb))},
     )
     if out is not None:
         _write_page(result, sa, sb, Path(out))

@@ -193,9 +193,11 @@ def _fragility(
         n = n[kept]
         if (n == 0).any():
             gone = [c for c, m in zip(names, n) if m == 0]
-            empty.append(f"{g} {len(gone)} of {len(n)} ({', '.join(gone[:4])}{', ...' if len(gone) > 4 else ''})")
+            empty.append(
+                f"group {g}: {len(gone)} of its {len(n)} cells ({', '.join(gone[:4])}{', ...' if len(gone) > 4 else ''})"
+            )
         if ((n > 0) & (n < small)).any():
-            tiny.append(f"{g} {int(((n > 0) & (n < small)).sum())} of {len(n)}")
+            tiny.append(f"group {g}: {int(((n > 0) & (n < small)).sum())} of its {len(n)} cells")
         reach = (n > 0).sum() / len(n) if len(n) else 0.0
         if reach < sigma:
             unreachable.append(
@@ -253,6 +255,13 @@ def property_neurons(
     ]
     for message in _fragility(stats, spec, tokens, sigma, min_tokens):
         warnings.warn(message, stacklevel=2)
+    if rule == "paper" and stat != "topk":
+        warnings.warn(
+            f"the paper's rule compares each P(j | cell) with the top-k chance level r = k/D = {stats.chance:.4f}, "
+            f"a level made for --stat topk (every token activates k of D neurons); P from --stat {stat} is of "
+            "another scale, so most neurons pass it: use --rule entropy with it, or --stat topk",
+            stacklevel=2,
+        )
     geometry = dict(num_layers=None, width=stats.width)
     layers = stats.layers
     if rule == "paper":  # a group without cells (all left out by min_tokens) reaches no fraction

@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 import soundfile as sf
 from click.testing import CliRunner
@@ -50,16 +51,21 @@ def test_site_files_and_snippets(store, prepared, tmp_path):
     assert pages == ["L1-0.html", "L1-5.html", "L3-2.html"]
     stats = open_stats(store)
     page = (tmp_path / "site" / "neurons" / "L3-2.html").read_text()
-    sources = re.findall(r'<audio[^>]* src="\.\./audio/([^"]+)"', page)
+    sources = re.findall(r'<audio[^>]* src="\.\./audio/([^"#]+)#t=([0-9.]+),([0-9.]+)"', page)
     top = stats.top_frames(3, 2)
     assert len(sources) == len(top) == 3
     sr = prepared.geometry.sample_rate
-    for t, name in zip(top, sources):
-        info = sf.info(tmp_path / "site" / "audio" / name)
-        length = next(r["num_samples"] for r in prepared.records if r["id"] == t["utterance"]) / sr
-        want = min(t["seconds"] + 0.5, length) - max(t["seconds"] - 0.5, 0.0)
-        assert info.samplerate == sr and abs(info.duration - want) < 2 / sr
+    for t, (name, start, end) in zip(top, sources):  # the utterance's file, and the window a media fragment plays
+        utt = next(u for u in prepared if u.id == t["utterance"])
+        audio, rate = sf.read(tmp_path / "site" / "audio" / name)
+        assert name == f"{t['utterance']}.flac" and rate == sr and np.array_equal(audio, utt.load_audio())
+        length = utt.record["num_samples"] / sr
+        assert float(start) == pytest.approx(max(t["seconds"] - 0.5, 0.0), abs=1e-3)
+        assert float(end) == pytest.approx(min(t["seconds"] + 0.5, length), abs=1e-3)
         assert f"{t['utterance']}" in page
+    listed = {t["utterance"] for layer, j in ((1, 0), (1, 5), (3, 2)) for t in stats.top_frames(layer, j)}
+    assert sorted(f.name for f in (tmp_path / "site" / "audio").iterdir()) == sorted(f"{u}.flac" for u in listed)
+    assert f"from {len(listed)} utterances' audio" in res.output  # each utterance once, however many frames
     assert "sel" in page  # the property (file) it belongs to
 
 
@@ -116,7 +122,7 @@ def test_in_a_headless_browser_search_filters_and_a_page_plays(store, prepared, 
     assert re.search(r'id="shown">1<', filtered)
     page = dom((tmp_path / "site" / "neurons" / "L2-7.html").as_uri())
     assert '<svg id="profile"' in page and page.count("<rect") == len(open_stats(store).label_space.vocab("phone"))
-    sources = re.findall(r'<audio[^>]* src="\.\./audio/([^"]+)"', page)
+    sources = re.findall(r'<audio[^>]* src="\.\./audio/([^"#]+)#t=', page)
     assert len(sources) == 3
     assert all(sf.info(tmp_path / "site" / "audio" / s).duration > 0.2 for s in sources)
 
@@ -135,3 +141,11 @@ def test_the_prepared_corpus_defaults_to_the_one_the_store_records(store, prepar
     shutil.rmtree(moved)
     with pytest.raises(BrowseError, match=f"names {moved}, which is not there: give .* with --prepared"):
         build_browser(tmp_path / "s.zarr", None, tmp_path / "site2")
+
+
+def test_audio_file_names_are_safe_and_distinct():
+    from neurostat.browse import _file_name
+
+    assert _file_name("1000-2000-0001", set()) == "1000-2000-0001.flac"
+    assert _file_name("sess/01 a", set()) == "sess_01_a.flac"
+    assert _file_name("sess:01_a", {"sess_01_a.flac"}) == "sess_01_a~2.flac"

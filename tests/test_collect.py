@@ -418,6 +418,8 @@ def test_changed_audio_is_an_error_naming_the_file(corpus_copy, tiny_model, tmp_
     manifest = corpus.path / "manifest.jsonl"  # as prepared before audio digests
     records = [json.loads(line) for line in manifest.read_text().splitlines()]
     manifest.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "audio_sha1"}) + "\n" for r in records))
+    meta = json.loads((corpus.path / "meta.json").read_text())  # and before file digests
+    (corpus.path / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "files"}))
     corpus = PreparedCorpus(corpus.path)
     attrs = collect(corpus, adapter, tmp_path / "s.zarr", CollectConfig(topk_ratio=RATIO), progress=False)
     assert attrs.progress.skips == {"audio-changed": 1}

@@ -142,7 +142,7 @@ def test_mismatched_stores_are_errors(tmp_path):
         "digests": ["different corpora", "corpus_content[phone]: A aaaaaaaaaaaa, B bbbbbbbbbbbb"],
         "subset": ["different corpora", "corpus subset: A '-', B 'dev-other'"],
         "labels": [
-            "different label spaces",
+            "different label vocabularies",
             "pitch_bin: A ['low', 'mid', 'high', 'unvoiced'], B ['low', 'mid', 'high']",
         ],
         "width": ["layers [1, 2] × 10 neurons", "[1, 2] × 12"],
@@ -166,3 +166,31 @@ def test_different_settings_are_a_warning_listing_them(tmp_path):
     assert "tokens A 'phone-mid', B 'all'; topk_ratio A 0.2, B 0.3" in result.stderr
     with pytest.warns(UserWarning, match="tokens A 'phone-mid', B 'all'"):
         assert diff_stores(a, b, properties=("gender",)).empty
+
+
+def test_label_parts_only_one_store_counts_are_summed_out(tmp_path):
+    """The Quick Start attaches k-means units to the prepared corpus after the first collect: a store collected
+    later counts them too.  diff compares over the label parts both count and says what it summed out; two
+    stores with no part in common are an error saying how to collect them (issue 42, item 1)."""
+    content = {"phone labels": "p" * 40, "gender labels": "g" * 40, "vocabularies": "v" * 40, "audio": "a" * 40}
+    frames, topk = counts()
+    a = make_store(tmp_path / "a.zarr", frames, topk, k=K, fingerprint={"corpus_content": content})
+    space = LabelSpace.of({**{p: SPACE.vocab(p) for p in SPACE.parts}, "unit": ("u0", "u1")})
+    frames_b, topk_b = np.zeros(space.size, np.int64), np.zeros((L, space.size, D), np.int64)
+    for p in ARPABET:
+        for g in ("M", "F"):
+            for unit, share in (("u0", 0.6), ("u1", 0.4)):  # the same cells split over two units
+                cell = joint(p, g, space=space, unit=unit)
+                frames_b[cell], topk_b[:, cell] = round(N * share), round(BASE * share)
+    unit_content = {**content, "unit labels": "u" * 12}
+    b = make_store(tmp_path / "b.zarr", frames_b, topk_b, k=K, space=space, fingerprint={"corpus_content": unit_content})
+    d = diff_stores(a, b, properties=("gender",))
+    assert d.empty and d.by == ["phone", "gender", "pitch_bin"] and d.summed_out == {"A": [], "B": ["unit"]}
+    assert "summed out, as only one store counts them: B's unit" in d.describe()
+    result = CliRunner().invoke(main, ["diff", str(a), str(b), "--by", "unit"])
+    assert result.exit_code == 1 and "--by unit: not a label part of both stores" in result.output
+    only_units = LabelSpace.of({"unit": ("u0", "u1")})
+    c = make_store(tmp_path / "c.zarr", np.full(2, N, np.int64), np.full((L, 2, D), BASE, np.int64), k=K,
+                   space=only_units)  # fmt: skip
+    with pytest.raises(DiffError, match="none in common; collect both with the same --labels"):
+        diff_stores(a, c)

@@ -186,7 +186,8 @@ def test_probe_compare_of_edited_checkpoints_feeds_the_reports_figures(store, pr
     assert res.exit_code == 0, res.output
     tags = [r["tag"] for r in json.loads((tmp_path / "probes.json").read_text())]
     assert tags[0] == {"edit": "original"} and tags[1] == {"edit": "ablated", "neurons": "some"}
-    assert tags[2]["edit"] == "pruned" and tags[2]["keep"] == pytest.approx(0.5, abs=0.02)
+    assert tags[2]["edit"] == "pruned" and tags[2]["keep"] == 0.5  # as asked: 18 of 37 neurons a layer kept
+    assert "pruned l1 0.5 " in res.output  # the table's column header (it read 0.4865, issue 42)
     res = run.invoke(
         main, ["report", str(store), "--probe", str(tmp_path / "probes.json"), "--out", str(tmp_path / "r")]
     )

@@ -69,7 +69,7 @@ def test_empty_cells_warn_and_stay_in_the_denominator(tmp_path):
         frames[joint(p, "F")] = 0
         topk[:, joint(p, "F"), :] = 0
     stats = open_stats(make_store(tmp_path / "s.zarr", frames, topk, k=K))
-    with pytest.warns(UserWarning, match=r"cells without tokens count as not above chance .*: F 8 of 39 \(IY, IH"):
+    with pytest.warns(UserWarning, match=r"cells without tokens count as not above chance .*: group F: 8 of its 39 cells \(IY, IH"):
         sel = property_neurons(stats, "gender", sigma=0.79)
     assert sel.groups["F"][1] == {4} and sel.empty_cells[0] == ("F", "IY")
     with pytest.warns(UserWarning, match=r"group F: only 31 of its 39 cells have tokens, .* at most 0.795 < σ = 0.8"):
@@ -95,7 +95,7 @@ def test_fragility_warnings_on_tiny_cells_and_none_on_a_balanced_store(tmp_path)
         topk[:, joint(p, "M"), :] = 0
         topk[0, joint(p, "M"), 6] = 1
     stats = open_stats(make_store(tmp_path / "tiny.zarr", frames, topk, k=K))
-    with pytest.warns(UserWarning, match=r"fewer than D/k = 5 tokens, .*: M 5 of 39 \(--min-tokens"):
+    with pytest.warns(UserWarning, match=r"fewer than D/k = 5 tokens, .*: group M: 5 of its 39 cells \(--min-tokens"):
         sel = property_neurons(stats, "gender", sigma=0.1)
     assert 6 in sel.groups["M"][1]
     sel = property_neurons(stats, "gender", sigma=0.1, min_tokens=5)  # the tiny cells left out
@@ -226,3 +226,16 @@ def test_min_tokens_is_recorded_and_warns_when_it_leaves_a_group_few_cells(tmp_p
     res = CliRunner().invoke(main, ["select", str(tmp_path / "s.zarr"), "--out", str(tmp_path / "all")])
     assert res.exit_code == 0 and "min tokens" not in res.output
     assert json.loads((tmp_path / "all" / "gender.settings.json").read_text())["min_tokens"] == 0
+
+
+def test_the_papers_rule_on_positive_counts_warns_that_its_chance_level_is_top_ks(tmp_path):
+    """P(a > 0 | cell) is about 0.5, far above r = k/D: the paper's rule then reports most neurons (issue 42)."""
+    import warnings
+
+    frames, topk = base_counts()
+    stats = open_stats(make_store(tmp_path / "s.zarr", frames, None, topk * 0 + frames.max() // 2, k=K))
+    with pytest.warns(UserWarning, match=r"top-k chance level r = k/D = .* made for --stat topk .* --rule entropy"):
+        property_neurons(stats, "gender", stat="positive")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        property_neurons(stats, "gender", stat="positive", rule="entropy")

@@ -36,9 +36,13 @@ from .app import main, user_errors
 )
 @user_errors
 def diff(a, b, properties, sigma, alpha, by, top, out) -> None:
-    """What changed from store A to store B (same corpus and labels): property neurons gained, lost and kept
-    per layer, and each (layer, label, neuron) cell's change of P(j | label) by a two-proportion z-test,
-    Benjamini-Hochberg corrected over all tested cells."""
+    """What changed from store A to store B (same corpus; label parts only one store counts are summed out):
+    property neurons gained, lost and kept per layer, and each (layer, label, neuron) cell's change of
+    P(j | label) by a two-proportion z-test, Benjamini-Hochberg corrected over all tested cells.
+
+    A diff measures activations. `neurostat ablate` zeroes the neurons' output weights, so ablated neurons
+    still fire: in a diff of an ablated model they stay (mostly "kept"), and the change shows in what the
+    layers after them compute."""
     from ..diff import diff_stores
 
     parts = tuple(p.strip() for p in by.split(",")) if by else ()

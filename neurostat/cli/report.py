@@ -71,7 +71,7 @@ def report(store, neuron_files, allow_other_model, sigma, probe, probe_where, ou
     "prepared",
     default=None,
     type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="The prepared corpus the store was collected from (its audio is cut into the snippets); "
+    help="The prepared corpus the store was collected from (the pages play its audio); "
     "default: the one the store records.",
 )
 @neuron_options
@@ -86,4 +86,7 @@ def browse(store, prepared, neuron_files, allow_other_model, every, sigma, conte
     from ..browse import build_browser
 
     summary = build_browser(store, prepared, out, list(neuron_files), every, sigma, context, allow_other_model)
-    click.echo(f"wrote {summary['pages']} neuron pages and {summary['snippets']} audio snippets to {out}")
+    click.echo(
+        f"wrote {summary['pages']} neuron pages ({summary['windows']} top frames to listen to, from "
+        f"{summary['audio_files']} utterances' audio: {summary['audio_bytes'] / 2**20:.1f} MiB of FLAC) to {out}"
+    )

@@ -40,6 +40,7 @@ class EditRecord:
     params_before: int | None = None
     params_after: int | None = None
     protected: dict[str, dict] = field(default_factory=dict)
+    keep_ratio: float | None = None  # the --keep-ratio asked for (the kept fraction rounds it per layer)
     neurostat_version: str = __version__
     format: int = FORMAT
 
@@ -80,4 +81,5 @@ class EditRecord:
         method = self.criterion or "?"
         if self.protected:
             method += " protecting " + "+".join(sorted(self.protected))
-        return {"edit": "pruned", "method": method, "keep": round(kept / max(total, 1), 4)}
+        keep = self.keep_ratio if self.keep_ratio is not None else round(kept / max(total, 1), 4)
+        return {"edit": "pruned", "method": method, "keep": keep}

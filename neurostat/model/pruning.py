@@ -179,6 +179,7 @@ def save_pruned(
     revision: str | None = None,
     protected: dict[str, NeuronSet] | None = None,
     feature_extractor_from: str | None = None,
+    keep_ratio: float | None = None,
 ) -> Path:
     """Writes config.json, neurostat.json and model.safetensors (and the feature-extractor config)."""
     from safetensors.torch import save_file
@@ -197,6 +198,7 @@ def save_pruned(
         params_before=result.params_before,
         params_after=result.params_after,
         protected={name: json.loads(s.to_json()) for name, s in (protected or {}).items()},
+        keep_ratio=keep_ratio,
     ).write(path)
     state, seen = {}, set()
     for k, v in model.state_dict().items():  # tied weights (Whisper's output projection) are saved as copies
@@ -274,5 +276,5 @@ def prune_checkpoint(
         exact_protected=keep_protected_only,
     )
     with checkpoint_folder(out, model, protect, overwrite) as tmp:
-        save_pruned(net, result, tmp, model, getattr(net.config, "_commit_hash", None), protected, model)
+        save_pruned(net, result, tmp, model, getattr(net.config, "_commit_hash", None), protected, model, ratio)
     return result
