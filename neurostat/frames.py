@@ -158,10 +158,11 @@ def default_geometry(cache: str | Path | None = None) -> FrameGeometry:
     folder) it is kept there per transformers version, so that later calls read it without importing
     transformers and torch (seconds, which `neurostat prepare` would spend on every run)."""
     path = None if cache is None else Path(cache) / f"default-geometry-transformers-{version('transformers')}.json"
-    try:
-        return FrameGeometry.from_dict(json.loads(path.read_text()))
-    except (AttributeError, OSError, ValueError, KeyError, TypeError):  # no cache, or none written yet
-        pass
+    if path is not None:
+        try:
+            return FrameGeometry.from_dict(json.loads(path.read_text()))
+        except (OSError, ValueError, KeyError, TypeError):  # none written yet, or a file cut short
+            pass
     from transformers import HubertConfig, Wav2Vec2FeatureExtractor
 
     geometry = FrameGeometry.from_config(HubertConfig(), Wav2Vec2FeatureExtractor().sampling_rate)
