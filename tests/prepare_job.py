@@ -4,6 +4,7 @@ layout), the prepared folder, and how many utterances rank 1 labels before it ki
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import neurostat.corpus.prepare as prepare_module
@@ -12,8 +13,9 @@ from neurostat.frames import default_geometry
 
 corpus, out, kill_after = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 world = World.from_environment()
+label_one = prepare_module._label_one
 if world.rank == 1 and kill_after:
-    label_one, labelled = prepare_module._label_one, []
+    labelled = []
 
     def label_then_die(*args):
         if len(labelled) == kill_after:
@@ -22,6 +24,13 @@ if world.rank == 1 and kill_after:
         return label_one(*args)
 
     prepare_module._label_one = label_then_die
+elif kill_after:  # rank 0 slowed down, so that rank 1 claims its utterances however late the machine runs it
+
+    def label_slowly(*args):
+        time.sleep(0.1)
+        return label_one(*args)
+
+    prepare_module._label_one = label_slowly
 ranks = PrepareRanks(world)
 settings = prepare_module.PrepareSettings(default_geometry())
 prepare_module.prepare(

@@ -94,7 +94,8 @@ def test_lock_refuses_a_second_writer_and_takes_over_a_dead_ones(corpus, one_pro
 
 
 def test_two_ranks_prepare_the_folder_one_process_writes(corpus, one_process, tmp_path, tiny_model):
-    """``collect --root`` under torchrun: both ranks label (the job's bar counts 16), rank 0 writes the folder."""
+    """``collect --root`` under torchrun: the ranks label (the job's bar counts all 16), rank 0 writes the folder,
+    the one a single process writes."""
     out = tmp_path / "p"
     with PrepareLock(out):  # the job as a whole is refused: rank 0's word reaches rank 1
         res = subprocess.run(
