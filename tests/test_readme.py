@@ -55,5 +55,5 @@ def test_the_quick_start_runs_as_written_and_finds_property_neurons(tmp_path, mo
         assert len(neurons) == 4 and all(neurons.values()), (prop, {k: len(v) for k, v in neurons.items()})
     assert (tmp_path / "demo" / "report" / "index.html").is_file()
     pages = list((tmp_path / "demo" / "browser").rglob("*.html"))
-    assert len(pages) > 10 and list((tmp_path / "demo" / "browser").rglob("*.wav"))
+    assert len(pages) > 10 and list((tmp_path / "demo" / "browser").rglob("*.flac"))
     assert (tmp_path / "demo" / "pruned" / "model.safetensors").is_file()
