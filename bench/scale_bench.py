@@ -32,7 +32,7 @@ import torch
 import xarray as xr
 from benchutil import build_corpus, corpus_arguments, emit, loader_alone, machine, parse
 
-from neurostat.model.adapter import ModelAdapter
+from neurostat.model.loading import load_adapter
 
 AUDIO_960H = 960 * 3600.0
 H100_RATE = 343.3 / 1.218
@@ -97,7 +97,7 @@ def main() -> None:
         if args.nproc > 1:
             wall_n, job = run_collect(args.nproc, options, work / "job.zarr")
             diff = count_differences(work / "job.zarr", work / "one.zarr")
-        adapter = ModelAdapter.load(str(model_dir))
+        adapter = load_adapter(str(model_dir))
         batch_seconds = one["batching"]["batch_seconds"]
         load = loader_alone(corpus, adapter.feature_extractor, batch_seconds, args.tokens, 0)
 

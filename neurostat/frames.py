@@ -1,19 +1,17 @@
-"""Frame geometry of a speech model's convolutional front end, and frame labelling by centre.
+"""Frame geometry of a speech model's front end, and frame labelling by centre.
 
-A front end of stacked unpadded convolutions (kernels k_i, strides s_i) maps L samples to
-frames by the successive rule ``L <- floor((L - k_i) / s_i) + 1``.  Frame t covers the samples
-``[stride * t, stride * t + receptive_field)`` and is centred at
-``(stride * t + receptive_field / 2) / sample_rate`` seconds.  Frames are labelled with the
-interval that contains their centre (``centre``, neurostat's default; pitch is sampled at the same
-centres), or, as in the paper, with the interval of largest overlap with the stride grid cell
+A front end of stacked convolutions (kernels k_i, strides s_i, padding p_i on each side) maps L samples
+to frames.  Frame t covers the samples ``[stride * t - offset, stride * t - offset + receptive_field)``
+and is centred at ``(stride * t + receptive_field / 2 - offset) / sample_rate`` seconds.  Frames are
+labelled with the interval that contains their centre (``centre``, neurostat's default; pitch is sampled
+at the same centres), or, as in the paper, with the interval of largest overlap with the stride grid cell
 ``[stride * t, stride * (t + 1))`` (``overlap``: 20 ms cells for the wav2vec2 family).
 
-Whisper's front end is padded: a log-mel STFT centred on its frames (``n_fft`` samples every ``hop_length``,
-``n_fft // 2`` samples of reflect padding) and two convolutions of kernel 3 padded by 1, the second of
-stride 2.  A padded geometry (``conv_padding``) starts frame t's field ``offset`` samples before
-``stride * t``, so frame t of Whisper is centred at ``stride * t`` (20 ms grid, Whisper's own timestamps);
-its frames are those whose centre lies inside the utterance.  Whisper also sees fixed ``window``s of
-samples (30 s): an utterance is cut into windows, each a separate forward whose frames continue the
+How many frames an utterance has is the model's own rule: the unpadded convolutions of the wav2vec2 family,
+``L <- floor((L - k_i) / s_i) + 1`` (HF ``_get_feat_extract_output_lengths``); Whisper's frames whose
+centre lies inside the utterance (its front end is padded: frame t is centred at ``stride * t``).  Where
+each family's geometry comes from is :mod:`neurostat.model.families`.  Whisper also sees fixed ``window``s
+of samples (30 s): an utterance is cut into windows, each a separate forward whose frames continue the
 utterance's frame numbering (a window holds exactly ``window / stride`` frames).
 """
 
@@ -22,10 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
-
-WHISPER_CONVS = ((3, 1), (3, 1))
-"""(kernel, padding) of Whisper's two encoder convolutions (transformers' ``WhisperEncoder`` fixes them; the
-second's stride follows from the config: mel frames per window over ``max_source_positions``)."""
 
 
 @dataclass(frozen=True)
@@ -103,41 +97,6 @@ class FrameGeometry:
             int(d.get("window", 0)),
         )
 
-    @classmethod
-    def from_config(cls, config, sample_rate: int, feature_extractor=None) -> "FrameGeometry":
-        """Geometry of an HF wav2vec2-family config (``conv_kernel``, ``conv_stride``), or of a Whisper
-        config with its ``feature_extractor`` (:meth:`whisper`)."""
-        if getattr(config, "model_type", None) == "whisper":
-            if feature_extractor is None:
-                raise ValueError("a Whisper model's frame geometry needs its feature extractor")
-            return cls.whisper(config, feature_extractor)
-        return cls(
-            int(sample_rate), tuple(int(k) for k in config.conv_kernel), tuple(int(s) for s in config.conv_stride)
-        )
-
-    @classmethod
-    def whisper(cls, config, feature_extractor, convs: tuple[tuple[int, int], ...] = WHISPER_CONVS) -> "FrameGeometry":
-        """Whisper's geometry from its config (``max_source_positions``) and its feature extractor (``n_fft``,
-        ``hop_length``, ``n_samples`` = ``chunk_length`` × ``sampling_rate``); ``convs``: the encoder's
-        convolutions as (kernel, padding), the last one's stride taking mel frames to encoder frames.
-        A ValueError when the window is not a whole number of encoder frames."""
-        fe = feature_extractor
-        hop, window, frames = int(fe.hop_length), int(fe.n_samples), int(config.max_source_positions)
-        mel_frames = window // hop
-        if window % hop or mel_frames % frames:
-            raise ValueError(
-                f"a window of {window} samples ({fe.chunk_length} s) is {window / hop:g} mel frames of {hop} "
-                f"samples, not a whole number of windows of the config's {frames} max_source_positions"
-            )
-        strides = (1,) * (len(convs) - 1) + (mel_frames // frames,)
-        return cls(
-            int(fe.sampling_rate),
-            (int(fe.n_fft), *(k for k, _ in convs)),
-            (hop, *strides),
-            (int(fe.n_fft) // 2, *(p for _, p in convs)),
-            window,
-        )
-
     def describe(self) -> str:
         windows = f", windows of {self.window} samples" if self.window else ""
         return (
@@ -150,10 +109,10 @@ class FrameGeometry:
 
 
 def default_geometry() -> FrameGeometry:
-    """The geometry of the wav2vec2/HuBERT family's default config and feature extractor."""
-    from transformers import HubertConfig, Wav2Vec2FeatureExtractor
-
-    return FrameGeometry.from_config(HubertConfig(), Wav2Vec2FeatureExtractor().sampling_rate)
+    """The geometry of the wav2vec2/HuBERT family's default config and feature extractor (transformers'
+    defaults: seven convolutions, 20 ms frames at 16 kHz; a test holds it to the family table's geometry of
+    that config)."""
+    return FrameGeometry(16000, (10, 3, 3, 3, 3, 2, 2), (5, 2, 2, 2, 2, 2, 2))
 
 
 def label_frames(starts: np.ndarray, ends: np.ndarray, ids: np.ndarray, centres: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from neurostat.browse import BrowseError, build_browser
 from neurostat.cli import main
 from neurostat.engine.collect import CollectConfig, collect
-from neurostat.model.adapter import ModelAdapter
+from neurostat.model.loading import load_adapter
 from neurostat.stats import open_stats
 
 BROWSER = next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
@@ -23,7 +23,7 @@ BROWSER = next((b for b in ("chromium", "chromium-browser", "google-chrome") if 
 def store(prepared, tiny_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("browse") / "s.zarr"
     config = CollectConfig(topk_ratio=0.1, stats=("topk", "top_frames"), top_frames=3)
-    collect(prepared, ModelAdapter.load(str(tiny_model)), out, config, progress=False)
+    collect(prepared, load_adapter(str(tiny_model)), out, config, progress=False)
     return out
 
 
@@ -65,7 +65,7 @@ def test_site_files_and_snippets(store, prepared, tmp_path):
 
 def test_bad_input(store, prepared, tiny_model, tmp_path):
     plain = tmp_path / "plain.zarr"
-    collect(prepared, ModelAdapter.load(str(tiny_model)), plain, CollectConfig(topk_ratio=0.1), progress=False)
+    collect(prepared, load_adapter(str(tiny_model)), plain, CollectConfig(topk_ratio=0.1), progress=False)
     with pytest.raises(BrowseError, match="--top-frames"):
         build_browser(plain, prepared.path, tmp_path / "site")
     other = tmp_path / "other"

@@ -29,7 +29,7 @@ def main(debug: bool) -> None:
 def demo_model_name(ctx, param, value):
     """Click callback: ``--model demo`` names the shipped demo model, resolved here already so that
     messages and folder checks see its folder (the library resolves ``demo`` too)."""
-    from ..model.adapter import model_source
+    from ..model.checkpoints import model_source
 
     return tuple(model_source(v) for v in value) if isinstance(value, tuple) else model_source(value)
 

@@ -190,9 +190,9 @@ def collect(
     counting every frame (--tokens all, as the corpus is small; cached in $NEUROSTAT_CACHE/demo-v3).
     """
     from ..engine.collect import CollectConfig, CollectInterrupted, collect_corpus, describe_collect
+    from ..engine.device import resolve_device
     from ..engine.distributed import World, rank_zero_first
     from ..errors import OptionError
-    from ..model.adapter import resolve_device
 
     preset = options.get("preset")
     options = with_preset(options)

@@ -158,7 +158,7 @@ def prepare(root, corpus, subset, alignments, out, model, sample_rate, paper_lab
     from ..corpus.prepare import PrepareSettings, default_prepared_dir, describe_prepared
     from ..corpus.prepare import prepare as run_prepare
     from ..errors import OptionError
-    from ..model.adapter import load_geometry
+    from ..model.loading import load_geometry
 
     if subset is None or (alignments or paper_labels) is None:
         raise OptionError("--subset and --alignments (or --paper-labels) are required to label a corpus")

@@ -18,7 +18,9 @@ from torch import nn
 
 from ..files import check_out_folder, new_folder
 from ..neuronset import NeuronSet
-from .adapter import FFN, is_checkpoint, load_full_model, model_ffns, model_source, save_feature_extractor
+from .adapter import FFN
+from .checkpoints import is_checkpoint, model_source, save_feature_extractor
+from .loading import load_full_model, model_ffns
 from .provenance import EditRecord
 
 
