@@ -214,6 +214,20 @@ def open_stats(path: str | Path) -> Stats:
     return Stats(path)
 
 
+def _describe_forward(meta: StoreMeta) -> list[str]:
+    """What the model's forward did, as the store records it (stores written before a field existed say
+    what they have)."""
+    b, s = meta.batching, meta.statistics
+    frame_mask = b.get("frame_mask") or b.get("transformer", "?")
+    where = f" on {b['device']}" if "device" in b else ""
+    return [
+        f"forward: {b.get('front_end', '?')} front end{where}; group norm: {b.get('group_norm', '?')}; "
+        f"frame mask: {frame_mask}",
+        f"precision: {meta.fingerprint.get('dtype', 'float32')} model; statistics {s.get('precision', '?')}; "
+        f"moments: {s.get('moments', '?')}",
+    ]
+
+
 def describe_store(path: str | Path) -> str:
     """A readable summary of a store, complete or not (what `neurostat info` prints)."""
     meta = StoreMeta.read(path)
@@ -231,6 +245,7 @@ def describe_store(path: str | Path) -> str:
         + (f"; {m['head']}" if m.get("head") else ""),
         f"layers collected: {', '.join(map(str, meta.layers))}",
         f"statistics: {', '.join(meta.stats)}; tokens {s['tokens']}; top-k k = {meta.k} (λ = {s['topk_ratio']}); backend {s['backend']}",
+        *_describe_forward(meta),
         "labels: " + " x ".join(f"{len(v)} {part}" for part, v in labels.items()) + " joint labels" + pitch,
         f"corpus: {meta.corpus['root']} / {meta.corpus['subset']} (shard {meta.corpus['shard']})",
         f"labelling: frames by {meta.frame_labels or 'centre'}; pitch {pitch_meta.get('method')} "

@@ -271,6 +271,8 @@ def test_cli_collects_a_whisper_folder_and_info_names_the_family(whisper_corpus,
     res = CliRunner().invoke(main, ["info", str(out)])
     assert res.exit_code == 0, res.output
     assert "whisper" in res.output and "WhisperModel: its decoder is not collected, its encoder is" in res.output
+    assert "forward: whisper-log-mel front end on cpu; group norm: none (log-mel features" in res.output
+    assert "frame mask: none to the encoder: each window is padded as Whisper pads it" in res.output
     res = CliRunner().invoke(main, [*args[:-1], str(tmp_path / "t.zarr"), "--max-seconds", "1"])
     assert res.exit_code != 0 and "leave --max-seconds out" in res.output
 

@@ -250,7 +250,8 @@ class RunSpec:
                 "drop_final_run": self.drop_final_run,
                 "ties": "lower neuron index wins at the k-th |a|",
                 "var_ddof": 0,
-                "moments": "per-batch fp32 sums around a per-neuron shift, merged in float64 (Chan et al.)",
+                "moments": f"per-batch {_sums_dtype(dtype, self.policy.backend)} sums around a per-neuron shift, "
+                "merged in float64 (Chan et al.)",
                 "merge": {var: s.rule.name for s in self.stats for var in s.store},
                 "backend": self.policy.backend,
                 "precision": _describe_precision(self.precision, dtype, self.policy.backend),
@@ -276,12 +277,21 @@ class RunSpec:
         )
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _sums_dtype(dtype: torch.dtype, backend: str) -> str:
+    """The dtype of the per-batch moment sums: the statistics' activations promoted to at least fp32 by the
+    torch backend (float64 in a float64 run); the Triton kernels sum in fp32."""
+    return "float64" if dtype == torch.float64 and backend == "torch" else "fp32"
+
+
 def _describe_precision(precision: str, dtype: torch.dtype, backend: str = "torch") -> str:
     """The store's ``statistics.precision``: which activations the statistics saw, and by which route the
     model's forward went on (its first word is the setting)."""
     model = str(dtype).replace("torch.", "")
-    if dtype not in (torch.float16, torch.bfloat16):
-        return f"{precision}: the model's {model} activations"
+    if dtype not in _HALF:
+        return f"{precision}: the model's own {model} activations (the setting matters in float16/bfloat16 runs)"
     if precision == "model":
         return f"model: the {model} activations the model computes (ties at the k-th |a| are frequent)"
     if backend == "triton-fused":

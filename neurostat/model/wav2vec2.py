@@ -40,8 +40,10 @@ class WaveformAdapter(ModelAdapter):
     def batching(self, front_end: str) -> dict:
         return {
             "front_end": front_end,
-            "group_norm": "statistics per utterance over its valid positions",
-            "transformer": f"batched with a boolean frame mask, {self.attention} attention",
+            "group_norm": "statistics per utterance over its valid positions"
+            if self.group_norm
+            else "none (a layer-norm front end normalises each frame)",
+            "frame_mask": f"boolean frame mask to the encoder, {self.attention} attention",
         }
 
     @torch.inference_mode()

@@ -51,8 +51,9 @@ class WhisperAdapter(ModelAdapter):
     def batching(self, front_end: str) -> dict:
         return {
             "front_end": front_end,
-            "group_norm": "statistics per utterance over its valid positions",
-            "transformer": f"batched with a boolean frame mask, {self.attention} attention",
+            "group_norm": "none (log-mel features, then convolutions without a norm)",
+            "frame_mask": "none to the encoder: each window is padded as Whisper pads it, and the frames whose "
+            "centre lies past the audio are not counted",
         }
 
     def _head(self) -> dict:
