@@ -24,11 +24,11 @@ ENCODERS = {
     f"neurostat.model.{m}"
     for m in (
         "families",
+        "inputs",
         "frontend",
         "adapter",
         "wav2vec2",
         "whisper",
-        "filterbank",
         "checkpoints",
         "provenance",
         "loading",

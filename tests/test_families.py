@@ -35,3 +35,60 @@ def test_a_store_records_what_its_model_does(prepared, tiny_model, tmp_path):
     assert "forward: per-utterance front end on cpu; group norm: none (a layer-norm front end" in res.output
     assert "precision: float64 model; statistics fp32: the model's own float64 activations" in res.output
     assert "moments: per-batch float64 sums" in res.output
+
+
+def _table_names() -> set[str]:
+    """The transformers attribute names the family table and its input readers use: every module path of the
+    table, and every attribute they read of a config or a feature extractor."""
+    import ast
+    from pathlib import Path
+
+    from neurostat.model.families import FAMILIES
+
+    names = set()
+    for f in FAMILIES.values():
+        paths = [*f.backbones, f.encoder, f.layers, f.conv_layers, f.projection, f.positional, *f.convs]
+        paths += [p for place in f.ffns for p in (place.container, place.up, place.act, place.down)]
+        names |= {a for p in paths if p for a in p.split(".")} | {f.activation}
+    root = Path(__file__).resolve().parent.parent / "neurostat" / "model"
+    for file in ("families.py", "inputs.py"):
+        for node in ast.walk(ast.parse((root / file).read_text())):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+                if node.value.id in ("config", "encoder", "fe", "feature_extractor"):
+                    names.add(node.attr)
+    from neurostat.frames import FrameGeometry
+    from neurostat.model.inputs import LogMelSettings
+
+    own = {*FrameGeometry.__dataclass_fields__, *LogMelSettings.__dataclass_fields__, "feature_extractor"}
+    return names - own - {"", "encoder", "layers", "model"}  # neurostat's own names; words too plain to tell
+
+
+def test_transformers_names_appear_only_in_the_family_table():
+    """No module outside the table and its input readers reaches a part of a model, a config or a feature
+    extractor by transformers' attribute name (the test models' factory builds configs, so it may)."""
+    import ast
+    from pathlib import Path
+
+    hf = _table_names()
+    assert {"intermediate_dense", "fc1", "feed_forward", "pos_conv_embed", "max_source_positions", "hop_length"} <= hf
+    root = Path(__file__).resolve().parent.parent / "neurostat"
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        if path.relative_to(root).as_posix() in ("model/families.py", "model/inputs.py", "model/factory.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            name = node.attr if isinstance(node, ast.Attribute) else None
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("getattr", "hasattr"):
+                arg = node.args[1] if len(node.args) > 1 else None
+                name = arg.value if isinstance(arg, ast.Constant) else None
+            if name in hf:
+                found.append(f"{path.relative_to(root)}:{node.lineno} .{name}")
+    assert not found, found
+
+
+def test_no_file_of_the_model_package_is_over_300_lines():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "neurostat" / "model"
+    sizes = {p.name: len(p.read_text().splitlines()) for p in root.glob("*.py")}
+    assert max(sizes.values()) <= 320, sizes

@@ -17,7 +17,7 @@ from neurostat.engine.collect import CollectConfig, collect
 from neurostat.engine.statistics import Params
 from neurostat.labelspace import LabelSpace
 from neurostat.model.adapter import FFN
-from neurostat.model.families import normalize_waveform
+from neurostat.model.inputs import normalize_waveform
 from neurostat.model.loading import load_adapter
 
 H, D, K, LABELS = 24, 193, 19, 5

@@ -10,7 +10,7 @@ from transformers import HubertModel
 
 from neurostat.corpus.synth import DEMO_VARIANTS, TRAINING_VARIANTS
 from neurostat.frames import FrameGeometry
-from neurostat.model.families import waveform_geometry
+from neurostat.model.inputs import waveform_geometry
 from neurostat.model.loading import load_adapter
 from neurostat.tiny import shipped_model_dir
 from neurostat.tiny.mfcc import dct_matrix, mfcc

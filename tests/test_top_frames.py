@@ -13,7 +13,7 @@ from neurostat.engine.batching import TokenBatch
 from neurostat.engine.collect import CollectConfig, collect
 from neurostat.engine.merge import merge_stores
 from neurostat.engine.statistics import keep_top
-from neurostat.model.families import normalize_waveform
+from neurostat.model.inputs import normalize_waveform
 from neurostat.model.loading import load_adapter
 from neurostat.stats import open_stats
 from neurostat.store import StoreError

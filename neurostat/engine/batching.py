@@ -15,7 +15,7 @@ import torch
 from ..corpus.audio import Skip
 from ..corpus.prepared import AudioChangedError, PreparedCorpus
 from ..labelspace import LabelSpace
-from ..model.families import normalize_waveform
+from ..model.inputs import normalize_waveform
 from ..phones import NON_SPEECH
 from .tokens import token_mask
 
@@ -195,7 +195,7 @@ def padding_fraction(corpus: PreparedCorpus, batches: list[list[Piece]]) -> floa
 
 def in_place_normalizer(feature_extractor) -> Callable[[np.ndarray], None]:
     """A function that normalises a float32 waveform in place exactly as
-    :func:`~neurostat.model.families.normalize_waveform` does, bit for bit: for the wav2vec2 family's
+    :func:`~neurostat.model.inputs.normalize_waveform` does, bit for bit: for the wav2vec2 family's
     feature extractor its zero-mean unit-variance normalisation (``(x - mean) / sqrt(var + 1e-7)`` in
     float32, the same numpy reductions) without its copies, else the feature extractor itself."""
     from transformers import Wav2Vec2FeatureExtractor as W2V

@@ -23,8 +23,9 @@ from torch import nn
 
 from ..frames import FrameGeometry
 from .checkpoints import weights_fingerprint
-from .families import Family, FFNPlace, ModelError, architecture, normalize_waveform, normalizes, set_part
+from .families import Family, FFNPlace, ModelError, architecture, set_part
 from .frontend import resolve_front_end
+from .inputs import normalize_waveform, normalizes
 
 
 @dataclass

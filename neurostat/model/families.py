@@ -15,17 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import reduce
 
-import numpy as np
 from torch import nn
 
 from ..frames import FrameGeometry
+from .inputs import wav2vec2_geometry, whisper_geometry
 
 WAVEFORM, LOG_MEL = "waveform", "log-mel"
 """Input kinds: the normalised waveform (a conv front end in the model) or Whisper's log-mel windows."""
-
-
-class ModelError(ValueError):
-    """A model that cannot be loaded or instrumented; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -52,83 +48,14 @@ def set_part(module: nn.Module, path: str, value) -> None:
     setattr(part(module, ".".join(head)), last, value)
 
 
+class ModelError(ValueError):
+    """A model that cannot be loaded or instrumented; the message names it."""
+
+
 def _version() -> str:
     import transformers
 
     return transformers.__version__
-
-
-def waveform_geometry(config, sample_rate: int) -> FrameGeometry:
-    """The geometry of a waveform family's config: its conv front end's kernels and strides at ``sample_rate``."""
-    return FrameGeometry(
-        int(sample_rate), tuple(int(k) for k in config.conv_kernel), tuple(int(s) for s in config.conv_stride)
-    )
-
-
-def _wav2vec2_geometry(config, fe) -> FrameGeometry:
-    """The conv front end's kernels and strides at the feature extractor's rate."""
-    return waveform_geometry(config, fe.sampling_rate)
-
-
-WHISPER_CONVS = ((3, 1), (3, 1))
-"""(kernel, padding) of Whisper's two encoder convolutions (transformers' ``WhisperEncoder`` fixes them; the
-second's stride follows from the config: mel frames per window over ``max_source_positions``)."""
-
-
-@dataclass(frozen=True)
-class LogMelSettings:
-    """What Whisper's feature extractor does, read from it once: an STFT of ``n_fft`` every ``hop`` samples,
-    ``filters`` [frequencies, mel bins], windows of ``window`` samples (``seconds``) padded with ``padding``."""
-
-    n_fft: int
-    hop: int
-    window: int
-    seconds: float
-    bins: int
-    padding: float
-    filters: np.ndarray
-    sample_rate: int
-
-    @classmethod
-    def of(cls, fe, source: str = "model") -> LogMelSettings:
-        """The settings of a ``WhisperFeatureExtractor``; a clear error for another feature extractor or one that
-        dithers (random features)."""
-        missing = [a for a in ("n_fft", "hop_length", "n_samples", "chunk_length", "mel_filters") if not hasattr(fe, a)]
-        if missing:
-            raise ModelError(
-                f"{source}: its feature extractor ({type(fe).__name__}) is not Whisper's (no {', '.join(missing)})"
-            )
-        if getattr(fe, "dither", 0.0):
-            raise ModelError(
-                f"{source}: its feature extractor dithers (dither={fe.dither}), which makes the log-mel features "
-                "random; save it with dither=0.0"
-            )
-        return cls(
-            int(fe.n_fft), int(fe.hop_length), int(fe.n_samples), float(fe.chunk_length), int(fe.feature_size),
-            float(fe.padding_value), np.asarray(fe.mel_filters), int(fe.sampling_rate),
-        )  # fmt: skip
-
-
-def _whisper_geometry(config, fe, convs: tuple[tuple[int, int], ...] = WHISPER_CONVS) -> FrameGeometry:
-    """Whisper's geometry from its config (``max_source_positions``) and feature extractor; ``convs``: the
-    encoder's convolutions as (kernel, padding), the last one's stride taking mel frames to encoder frames."""
-    mel = LogMelSettings.of(fe)
-    if mel.bins != config.num_mel_bins:
-        raise ModelError(f"the feature extractor makes {mel.bins} mel bins, the encoder takes {config.num_mel_bins}")
-    frames, mel_frames = int(config.max_source_positions), mel.window // mel.hop
-    if mel.window % mel.hop or mel_frames % frames:
-        raise ModelError(
-            f"a window of {mel.window} samples ({mel.seconds:g} s) is {mel.window / mel.hop:g} mel frames of "
-            f"{mel.hop} samples, not a whole number of windows of the config's {frames} max_source_positions"
-        )
-    strides = (1,) * (len(convs) - 1) + (mel_frames // frames,)
-    return FrameGeometry(
-        mel.sample_rate,
-        (mel.n_fft, *(k for k, _ in convs)),
-        (mel.hop, *strides),
-        (mel.n_fft // 2, *(p for _, p in convs)),
-        mel.window,
-    )
 
 
 @dataclass(frozen=True)
@@ -243,7 +170,7 @@ def _wav2vec2_layout(key: str, title: str, classes: tuple[str, str, str], backbo
         layers="encoder.layers",
         ffns=(WAV2VEC2_FFN,),
         activation="hidden_act",
-        geometry_of=_wav2vec2_geometry,
+        geometry_of=wav2vec2_geometry,
         conv_layers="feature_extractor.conv_layers",
         projection="feature_projection",
         positional="encoder.pos_conv_embed",
@@ -278,7 +205,7 @@ FAMILIES: dict[str, Family] = {
             layers="encoder.layers",
             ffns=(WHISPER_FFN,),
             activation="activation_function",
-            geometry_of=_whisper_geometry,
+            geometry_of=whisper_geometry,
             convs=("encoder.conv1", "encoder.conv2"),
         ),
     )
@@ -311,23 +238,3 @@ def architecture(config, model: nn.Module) -> str:
     """The checkpoint's class: its config's ``architectures`` (first), else the loaded model's class."""
     names = getattr(config, "architectures", None) or [type(model).__name__]
     return names[0]
-
-
-def computes_features(feature_extractor) -> bool:
-    """Whether the feature extractor makes features of the waveform (log-mel, filterbank), which the adapter
-    computes batch by batch, rather than a normalised waveform (the wav2vec2 family)."""
-    return "input_features" in getattr(feature_extractor, "model_input_names", ())
-
-
-def normalize_waveform(feature_extractor, wave: np.ndarray) -> np.ndarray:
-    """The checkpoint's own waveform normalisation (its feature extractor), float32; a feature extractor that
-    computes features (:func:`computes_features`) takes the waveform as it is."""
-    fe = feature_extractor
-    if computes_features(fe):
-        return np.asarray(wave, dtype=np.float32)
-    return fe(wave, sampling_rate=fe.sampling_rate, return_tensors="np").input_values[0].astype(np.float32)
-
-
-def normalizes(feature_extractor) -> bool:
-    """Whether the feature extractor normalises each waveform to zero mean and unit variance."""
-    return bool(getattr(feature_extractor, "do_normalize", False))

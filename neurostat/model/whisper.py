@@ -18,8 +18,9 @@ from torch import nn
 
 from ..frames import FrameGeometry
 from .adapter import ModelAdapter
-from .families import LogMelSettings, ModelError, architecture, part
+from .families import ModelError, architecture, part
 from .frontend import host_values
+from .inputs import LogMelSettings, whisper_geometry
 
 
 class WhisperAdapter(ModelAdapter):
@@ -32,14 +33,11 @@ class WhisperAdapter(ModelAdapter):
     def _geometry(self) -> FrameGeometry:
         """The frame geometry of the feature extractor and the encoder's own convolutions (kernel, padding,
         stride), which must be the geometry the config alone gives (what ``prepare --model`` labels by)."""
-        self.mel = LogMelSettings.of(self.feature_extractor, self.source)
-        expected = super()._geometry()
+        expected = super()._geometry()  # the feature extractor's log-mel settings checked there
+        self.mel = LogMelSettings.of(self.feature_extractor)
         convs = [part(self.backbone, path) for path in self.family.convs]
         layers = tuple((c.kernel_size[0], c.padding[0]) for c in convs)
-        try:
-            geometry = self.family.geometry_of(self.config, self.feature_extractor, layers)
-        except ModelError as e:
-            raise ModelError(f"{self.source}: {e}") from None
+        geometry = whisper_geometry(self.config, self.feature_extractor, layers)
         if geometry != expected or tuple(c.stride[0] for c in convs) != geometry.conv_stride[1:]:
             raise ModelError(
                 f"{self.source}: the encoder's convolutions (kernel, stride, padding) "

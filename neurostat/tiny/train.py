@@ -27,7 +27,7 @@ from ..cluster.kmeans import kmeans
 from ..corpus.synth import DEMO_VARIANTS, TRAINING_VARIANTS, synthesize
 from ..frames import FrameGeometry
 from ..model import factory
-from ..model.families import waveform_geometry
+from ..model.inputs import waveform_geometry
 from .objective import (
     HEAD_FILE,
     Codebook,
