@@ -98,6 +98,11 @@ class StoreDiff:
     warnings: list[str] = field(default_factory=list)
     test: str = TEST
     correction: str = CORRECTION
+    names: list[str] = field(default_factory=list)  # each layer entry's name (3, or 3.ffn1 and 3.ffn2)
+
+    def name(self, layer: int) -> str:
+        """The name of the layer-axis entry ``layer`` (its number in diffs written before the names)."""
+        return self.names[self.layers.index(layer)] if self.names else str(layer)
 
     @property
     def empty(self) -> bool:
@@ -126,23 +131,24 @@ class StoreDiff:
 
     def describe(self) -> str:
         """Readable summary: the test, per property and layer the neurons gained/lost/kept, changed neurons."""
-        head = " ".join(f"{n:>5}" for n in self.layers)
+        col = max(5, *(len(self.name(n)) for n in self.layers))
+        head = " ".join(f"{self.name(n):>{col}}" for n in self.layers)
         lines = [
             f"A = {self.a}, B = {self.b}",
             f"{self.tested:,} cells (layer × {' × '.join(self.by)} × neuron) tested: {self.test}; "
             f"{CORRECTION} at α = {self.alpha}: {self.significant:,} significant",
             f"{'layer':<22}{head}   total",
             f"{'changed neurons':<22}"
-            + " ".join(f"{self.changed_neurons[n]:>5}" for n in self.layers)
+            + " ".join(f"{self.changed_neurons[n]:>{col}}" for n in self.layers)
             + f"   {sum(self.changed_neurons.values())}",
         ]
         for name, p in self.properties.items():
             for kind, per in (("gained", p.gained), ("lost", p.lost)):
                 counts = [len(per[n]) for n in self.layers]
-                lines.append(f"{name + ' ' + kind:<22}" + " ".join(f"{c:>5}" for c in counts) + f"   {sum(counts)}")
+                lines.append(f"{name + ' ' + kind:<22}" + " ".join(f"{c:>{col}}" for c in counts) + f"   {sum(counts)}")
             lines.append(
                 f"{name + ' kept':<22}"
-                + " ".join(f"{p.kept[n]:>5}" for n in self.layers)
+                + " ".join(f"{p.kept[n]:>{col}}" for n in self.layers)
                 + f"   {sum(p.kept.values())}"
             )
         if self.empty:
@@ -296,6 +302,7 @@ def diff_stores(
         alpha=alpha,
         sigma=sigma,
         layers=sa.layers,
+        names=[sa.names[n] for n in sa.layers],
         tested=int(p.size),
         significant=int(significant.sum()),
         changed_neurons={n: int(significant[i].any(axis=0).sum()) for i, n in enumerate(sa.layers)},
@@ -360,7 +367,7 @@ def _write_page(d: StoreDiff, sa: Stats, sb: Stats, out: Path) -> None:
         (out / f"{f.name}.png").write_bytes(f.png)
     atomic_write(out / "diff.json", json.dumps(d.to_dict(), indent=1))
     esc = html.escape
-    head = "".join(f"<th>{n}</th>" for n in d.layers)
+    head = "".join(f"<th>{esc(d.name(n))}</th>" for n in d.layers)
 
     def row(title: str, values: list[int], attrs: str) -> str:
         cells = "".join(f'<td {attrs} data-layer="{n}">{v}</td>' for n, v in zip(d.layers, values))
@@ -375,7 +382,7 @@ def _write_page(d: StoreDiff, sa: Stats, sb: Stats, out: Path) -> None:
         ):
             rows.append(row(f"{name} {kind}", values, f'data-property="{esc(name)}" data-kind="{kind}"'))
     cells = "".join(
-        f"<tr><td>{c.layer}</td><td>{esc(', '.join(c.label.values()))}</td><td>{c.neuron}</td>"
+        f"<tr><td>{esc(d.name(c.layer))}</td><td>{esc(', '.join(c.label.values()))}</td><td>{c.neuron}</td>"
         f"<td>{c.count_a}/{c.tokens_a}</td><td>{c.count_b}/{c.tokens_b}</td><td>{c.z:.2f}</td><td>{c.q:.2e}</td></tr>"
         for c in d.top
     )

@@ -332,7 +332,7 @@ def property_sets(stats: Stats, neuron_files: list[Path], sigma: float) -> dict[
     """The neuron sets a report or a browser shows: each file (named by its stem), checked against the
     store's model; without files, the paper's properties the store has labels for, selected with σ."""
     if neuron_files:
-        layers, width = int(stats.meta.model["num_layers"]), stats.width
+        layers, width = stats.num_entries, stats.width
         sets = {}
         for path in neuron_files:
             try:
@@ -393,12 +393,14 @@ def describe_selections(stats: Stats, selections: dict[str, Selection], max_grou
     width = max(
         [5] + [len(name) for name in selections] + [len(f"  N[{g}]") for groups in shown.values() for g, _ in groups]
     )
-    lines.append("layer".ljust(width) + " " + " ".join(f"{n:>5}" for n in layers) + "   total")
+    col = max(5, *(len(stats.names[n]) for n in layers))  # a Conformer's entries are named 3.ffn1, 3.ffn2
+    lines.append("layer".ljust(width) + " " + " ".join(f"{stats.names[n]:>{col}}" for n in layers) + "   total")
     for name, sel in selections.items():
         counts = sel.neurons.counts()
-        lines.append(name.ljust(width) + " " + " ".join(f"{counts[n]:>5}" for n in layers) + f"   {len(sel.neurons)}")
+        row = " ".join(f"{counts[n]:>{col}}" for n in layers)
+        lines.append(name.ljust(width) + " " + row + f"   {len(sel.neurons)}")
         for g, group in shown[name]:
-            row = " ".join(f"{group.counts()[n]:>5}" for n in layers)
+            row = " ".join(f"{group.counts()[n]:>{col}}" for n in layers)
             lines.append(f"  N[{g}]".ljust(width) + " " + row + f"   {len(group)}")
         if len(sel.groups) > max_groups:
             lines.append(f"  ... and {len(sel.groups) - max_groups} more groups (neurostat.select in Python has all)")

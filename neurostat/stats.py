@@ -51,6 +51,16 @@ class Stats:
         self.k = self.meta.k
         self.width = int(self.ds.sizes["neuron"])
         self.layers = [int(v) for v in self.ds["layer"].values]
+        """The collected entries of the layer axis (1-based; one per FFN: a Conformer layer has two)."""
+        names = self.ds["ffn"].values if "ffn" in self.ds.coords else self.layers  # stores before it: one FFN a layer
+        self.names = {layer: str(name) for layer, name in zip(self.layers, names)}
+        """Each collected entry's name: ``3``, or ``3.ffn1`` and ``3.ffn2`` for a Conformer."""
+
+    @property
+    def num_entries(self) -> int:
+        """The model's entries of the layer axis (its FFNs), collected or not."""
+        model = self.meta.model
+        return int(model.get("num_entries", model["num_layers"]))
 
     @property
     def chance(self) -> float:
@@ -241,9 +251,11 @@ def describe_store(path: str | Path) -> str:
     quantiles = pitch_meta.get("quantiles")
     lines = [
         f"store: {path} ({'complete' if meta.complete else 'INCOMPLETE'}; neurostat {meta.version})",
-        f"model: {m['model']} ({m['model_type']}, revision {m['revision']}), {m['num_layers']} layers x {m['width']} FFN neurons"
+        f"model: {m['model']} ({m['model_type']}, revision {m['revision']}), {m['num_layers']} layers x "
+        + (f"{m['ffns_per_layer']} FFNs x " if m.get("ffns_per_layer", 1) > 1 else "")
+        + f"{m['width']} FFN neurons"
         + (f"; {m['head']}" if m.get("head") else ""),
-        f"layers collected: {', '.join(map(str, meta.layers))}",
+        f"layers collected: {', '.join(meta.entry_names)}",
         f"statistics: {', '.join(meta.stats)}; tokens {s['tokens']}; top-k k = {meta.k} (λ = {s['topk_ratio']}); backend {s['backend']}",
         *_describe_forward(meta),
         "labels: " + " x ".join(f"{len(v)} {part}" for part, v in labels.items()) + " joint labels" + pitch,

@@ -1,7 +1,12 @@
 """The family table and what a store records of the model that wrote it (issue 39): the records come from the
 loaded model and the run's settings, never assumed."""
 
+import json
+
+import numpy as np
+import pytest
 import torch
+import xarray as xr
 from click.testing import CliRunner
 
 from neurostat.cli import main
@@ -92,3 +97,227 @@ def test_no_file_of_the_model_package_is_over_300_lines():
     root = Path(__file__).resolve().parent.parent / "neurostat" / "model"
     sizes = {p.name: len(p.read_text().splitlines()) for p in root.glob("*.py")}
     assert max(sizes.values()) <= 320, sizes
+
+
+# ---- every family collects exactly what its own HF forward computes, one utterance at a time, in float64 ----
+
+RATIO = 0.1  # k = round(0.1 * 37) = 4
+SHORT = "1000-27-0002"  # cut to 0.3 s: a few frames beside utterances of seconds, in the same batch
+
+
+def _ffn_activations(model_type: str, model):
+    """Each FFN's activation module in layer-axis order, found by transformers' own names (independent of the
+    family table)."""
+    if model_type == "parakeet":
+        encoder = model.encoder if hasattr(model, "ctc_head") else model
+        return [m for layer in encoder.layers for m in (layer.feed_forward1.activation, layer.feed_forward2.activation)]
+    base = getattr(model, model.base_model_prefix, model) if not hasattr(model, "encoder") else model
+    layers = base.encoder.layers
+    if model_type in ("wav2vec2-conformer", "wav2vec2-bert"):
+        return [m for layer in layers for m in (layer.ffn1.intermediate_act_fn, layer.ffn2.intermediate_act_fn)]
+    return [layer.feed_forward.intermediate_act_fn for layer in layers]
+
+
+def _hf_forward(model_type: str, model, fe, wave):
+    """The model's own forward on one utterance alone, as its feature extractor prepares it; the number of
+    encoder frames it has."""
+    if model_type in ("wav2vec2-bert", "parakeet"):
+        x = fe(wave, sampling_rate=fe.sampling_rate, return_tensors="pt", return_attention_mask=True)
+        out = model(input_features=x.input_features.double(), attention_mask=x.attention_mask)
+        mask = out.attention_mask if model_type == "parakeet" else x.attention_mask
+        if model_type == "parakeet" and mask is None:  # ParakeetForCTC: its encoder's frames
+            mask = model.encoder._get_output_attention_mask(x.attention_mask)
+        return int(mask.sum())
+    x = torch.from_numpy(fe(wave, sampling_rate=fe.sampling_rate, return_tensors="np").input_values[0]).double()
+    out = model(x[None])
+    return out.last_hidden_state.shape[1] if hasattr(out, "last_hidden_state") else out.logits.shape[1]
+
+
+def hook_reference(corpus, model_dir, model_type: str, tokens: str) -> dict:
+    """Float64 statistics of the HF forward of each utterance alone, activations taken by forward hooks."""
+    import soundfile as sf
+    import transformers
+    from float64_reference import phone_mid, stats_reference
+
+    from neurostat.labelspace import LabelSpace
+
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    cls = getattr(transformers, (config.architectures or [None])[0] or "AutoModel", transformers.AutoModel)
+    model = cls.from_pretrained(model_dir, dtype=torch.float64).eval()
+    fe = transformers.AutoFeatureExtractor.from_pretrained(model_dir)
+    acts = _ffn_activations(model_type, model)
+    captured = {}
+    for i, act in enumerate(acts):
+        act.register_forward_hook(lambda m, inp, out, i=i: captured.__setitem__(i, out[0].numpy()))
+    space = LabelSpace.of_corpus(corpus)
+    rows = {i: [] for i in range(len(acts))}
+    for utt in corpus:
+        wave, _ = sf.read(utt.audio_path, dtype="float32")
+        with torch.no_grad():
+            frames = _hf_forward(model_type, model, fe, wave)
+        phones, joint = utt.phone_frames(), space.joint_frames(utt)
+        assert frames == len(phones), (utt.record["id"], frames, len(phones))  # the geometry's count is the model's
+        chosen = phone_mid(phones) if tokens == "phone-mid" else [t for t in range(frames) if phones[t] >= 0]
+        for i in rows:
+            rows[i].extend((captured[i][t], int(joint[t])) for t in chosen)
+    width = captured[0].shape[-1]
+    return stats_reference(rows, space.size, width, max(1, round(RATIO * width)))
+
+
+@pytest.fixture(scope="module")
+def short_corpus(demo_corpus, tmp_path_factory):
+    """The demo corpus with one utterance cut to 0.3 s."""
+    import shutil
+
+    import soundfile as sf
+
+    from neurostat.corpus.textgrid import Interval, write_textgrid
+
+    root = tmp_path_factory.mktemp("families") / "c"
+    shutil.copytree(demo_corpus, root)
+    short = next((root / "LibriSpeech").rglob(f"{SHORT}.flac"))
+    wave, sr = sf.read(short, dtype="float32")
+    sf.write(short, wave[: 3 * sr // 10], sr)
+    grid = next((root / "alignments").rglob(f"{SHORT}.TextGrid"))
+    write_textgrid(grid, 0.3, {"words": [Interval(0.0, 0.3, "A")], "phones": [Interval(0.0, 0.3, "AH0")]})
+    return root
+
+
+_PREPARED: dict = {}
+
+
+def prepared_for(root, geometry, tmp_path_factory):
+    """The corpus at ``root`` prepared for ``geometry`` (once per geometry)."""
+    from neurostat.corpus.prepare import PrepareSettings, prepare
+    from neurostat.corpus.prepared import PreparedCorpus
+
+    if geometry not in _PREPARED:
+        out = tmp_path_factory.mktemp("prepared")
+        prepare(root / "LibriSpeech", "dev-clean", root / "alignments", out, PrepareSettings(geometry), progress=False)
+        _PREPARED[geometry] = PreparedCorpus(out)
+    return _PREPARED[geometry]
+
+
+def _family(name: str, *values):
+    """A test parameter of the family ``name`` (and ``values``), skipped with the reason where the installed
+    transformers lacks the family's classes (the floors run of CI)."""
+    from neurostat.model.families import family_named
+
+    why = family_named(name).unavailable()
+    return pytest.param(name, *values, marks=pytest.mark.skipif(why is not None, reason=why or ""))
+
+
+@pytest.mark.parametrize(
+    "model_type, head",
+    [
+        _family("unispeech", False),
+        _family("unispeech-sat", True),
+        _family("wav2vec2-conformer", False),
+        _family("wav2vec2-conformer", True),
+    ],
+)
+def test_float64_counts_equal_the_hook_reference(short_corpus, tmp_path_factory, tmp_path, model_type, head):
+    """Counts exactly and moments to 1e-10 of the HF forward of each utterance alone, for every FFN of the layer
+    axis, with a 0.3 s utterance and utterances of seconds padded into one batch; a fine-tuned checkpoint's head
+    is left out and named."""
+    from neurostat.model.loading import load_geometry
+
+    model_dir = str(save_model(tmp_path / "m", model_type, head=head))
+    corpus = prepared_for(short_corpus, load_geometry(model_dir), tmp_path_factory)
+    adapter = load_adapter(model_dir, dtype=torch.float64)
+    config = CollectConfig(stats=("topk", "positive", "moments"), topk_ratio=RATIO, tokens="all", batch_seconds=60.0)
+    meta = collect(corpus, adapter, tmp_path / "s.zarr", config, progress=False)
+    assert (meta.model["family"], meta.model["head"] is not None) == (family_of_type(model_type), head)
+    lengths = [u.record["num_samples"] for u in corpus]
+    assert min(lengths) < 0.5 * 16000 < 2 * 16000 < max(lengths)
+    ref = hook_reference(corpus, model_dir, model_type, "all")
+    ds = xr.open_zarr(tmp_path / "s.zarr", consolidated=False)
+    assert ds["ffn"].values.tolist() == adapter.entries and len(adapter.entries) == ds.sizes["layer"]
+    for name in ("frames", "topk_count", "positive_count"):
+        np.testing.assert_array_equal(ds[name].values, ref[name], err_msg=name)
+    for name in ("mean", "var"):
+        np.testing.assert_allclose(ds[name].values, ref[name], rtol=1e-10, atol=1e-12, err_msg=name)
+
+
+def family_of_type(model_type: str) -> str:
+    from neurostat.model.families import family_named
+
+    return family_named(model_type).key
+
+
+@pytest.mark.parametrize("model_type", [_family("wav2vec2-conformer")])
+def test_a_pruned_conformer_equals_the_original_with_the_pruned_neurons_ablated(tmp_path, model_type):
+    """Both FFNs of every Conformer layer are entries of the layer axis, both pruned; the pruned checkpoint
+    (its CTC head kept) computes what the original computes with the pruned neurons ablated."""
+    from neurostat.model.edit import ablated
+    from neurostat.model.loading import load_full_model, load_pruned
+    from neurostat.model.pruning import prune_checkpoint
+    from neurostat.neuronset import NeuronSet
+
+    source = str(save_model(tmp_path / "m", model_type, head=True))
+    result = prune_checkpoint(source, tmp_path / "pruned", ratio=0.4)
+    entries = load_adapter(source).entries
+    assert len(entries) == 6 and set(result.kept) == set(range(1, 7))  # 3 layers x (ffn1, ffn2)
+    assert all(len(kept) == round(0.4 * 37) for kept in result.kept.values())
+    removed = NeuronSet({e: set(range(37)) - set(kept) for e, kept in result.kept.items()}, len(entries), 37)
+    original, pruned = load_full_model(source).double(), load_pruned(tmp_path / "pruned").double()
+    assert type(pruned) is type(original)
+    x = torch.randn(2, 9000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with torch.no_grad(), ablated(original, removed):
+        expected = original(x).logits
+    with torch.no_grad():
+        got = pruned(x).logits
+        plain = original(x).logits
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(plain, expected)  # the ablation changed the output: the comparison means something
+
+
+@pytest.mark.parametrize("model_type", [_family("wav2vec2-conformer")])
+def test_layers_select_both_ffns_of_a_conformer_layer_and_every_tool_names_them(prepared, tmp_path, model_type):
+    """``--layers 2`` collects entries 3 and 4 (2.ffn1, 2.ffn2), named in the store's ``ffn`` coordinate, in
+    info, select's table and a report; neuron files key the entries."""
+    model = str(save_model(tmp_path / "m", model_type))
+    out = tmp_path / "s.zarr"
+    args = ["collect", "--prepared", str(prepared.path), "--model", model, "--out", str(out), "--tokens", "all"]
+    res = CliRunner().invoke(main, [*args, "--layers", "2", "--topk-ratio", "0.1"])
+    assert res.exit_code == 0, res.output
+    ds = xr.open_zarr(out, consolidated=False)
+    assert ds["layer"].values.tolist() == [3, 4] and ds["ffn"].values.tolist() == ["2.ffn1", "2.ffn2"]
+    assert ds["topk_count"].coords["ffn"].values.tolist() == ["2.ffn1", "2.ffn2"]  # xarray attaches it
+    res = CliRunner().invoke(main, ["info", str(out)])
+    assert "3 layers x 2 FFNs x 37 FFN neurons" in res.output and "layers collected: 2.ffn1, 2.ffn2" in res.output
+    sel = tmp_path / "sel"
+    res = CliRunner().invoke(
+        main, ["select", str(out), "--property", "phone-type", "--sigma", "0.5", "--out", str(sel)]
+    )
+    assert res.exit_code == 0, res.output
+    assert "2.ffn1 2.ffn2" in " ".join(res.output.split())
+    neurons = json.loads((sel / "phone-type.json").read_text())
+    assert set(neurons) == {"3", "4"}
+    res = CliRunner().invoke(
+        main, ["report", str(out), "--neurons", str(sel / "phone-type.json"), "--out", str(tmp_path / "r")]
+    )
+    assert res.exit_code == 0, res.output
+    page = (tmp_path / "r" / "index.html").read_text()
+    assert "<th>2.ffn1</th><th>2.ffn2</th>" in page and "3 layers × 2 FFNs × 37 neurons" in page
+    res = CliRunner().invoke(main, ["diff", str(out), str(out), "--property", "phone-type", "--sigma", "0.5"])
+    assert res.exit_code == 0 and "2.ffn1 2.ffn2" in " ".join(res.output.split()), res.output
+    res = CliRunner().invoke(main, ["collect", *args[1:-2], "--out", str(tmp_path / "x.zarr"), "--layers", "4"])
+    assert res.exit_code != 0 and "has layers 1..3; no layer [4]" in res.output
+
+
+def test_the_readme_table_lists_every_family_as_the_table_says():
+    """One row per family of the table, with its model types, class, input, frames, FFNs and release."""
+    from pathlib import Path
+
+    from neurostat.model.families import FAMILIES
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text[text.index("### Supported families") :]
+    rows = [line for line in section.splitlines() if line.startswith("| ")][2:]
+    expected = []
+    for f in FAMILIES.values():
+        ffns = "1" if len(f.ffns) == 1 else f"{len(f.ffns)}: " + ", ".join(p.name for p in f.ffns)
+        types = ", ".join(f"`{t}`" for t in f.model_types)
+        expected.append(f"| {f.title} | {types} | `{f.classes[0]}` | {f.input} | {f.frame_ms} | {ffns} | {f.since} |")
+    assert rows[: len(expected)] == expected

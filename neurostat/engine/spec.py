@@ -100,6 +100,7 @@ class RunSpec:
     policy: DevicePolicy
     backend: Backend = field(repr=False)  # built once for these statistics, k and precision
     model: dict = field(repr=False)  # the model's record (its description when the run resolved)
+    names: tuple[str, ...] = ()  # each collected entry's name (``3``, ``3.ffn1``)
     batching: dict = field(default_factory=dict)  # what the forward does to a padded batch
     command: str = ""
     indices: tuple[int, ...] = field(default=(), repr=False)  # the corpus's utterances this run (or shard) counts
@@ -162,6 +163,7 @@ class RunSpec:
             policy=policy,
             backend=backend,
             model=adapter.describe(),
+            names=tuple(adapter.ffns[i].name for i in entries),
             batching=adapter.batching(policy.front_end),
             command=config.command,
             indices=tuple(i for i in range(len(corpus)) if i % shard_n == shard_i),
@@ -227,9 +229,14 @@ class RunSpec:
         }
 
     def store_coords(self, corpus: PreparedCorpus) -> dict[str, np.ndarray]:
-        """The store's coordinates: layers (1-based), the label parts of each joint label and, with the top
-        frames, the corpus's utterance ids (``top_utterance`` indexes them)."""
-        coords = {"layer": np.asarray([i + 1 for i in self.entries], dtype=np.int64), **self.space.names()}
+        """The store's coordinates: the layer axis's entries (1-based) and their names (``ffn``: ``3``, or
+        ``3.ffn1`` and ``3.ffn2`` for a Conformer), the label parts of each joint label and, with the top frames,
+        the corpus's utterance ids (``top_utterance`` indexes them)."""
+        coords = {
+            "layer": np.asarray([i + 1 for i in self.entries], dtype=np.int64),
+            "ffn": np.asarray(self.names, dtype=str),
+            **self.space.names(),
+        }
         if "top_frames" in self.stat_names:
             coords["utterance"] = np.asarray([r["id"] for r in corpus.records], dtype=str)
         return coords

@@ -221,6 +221,7 @@ class ModelAdapter:
             "num_layers": self.num_layers,
             "ffns_per_layer": self.family.ffns_per_layer,
             "num_entries": len(self.ffns),
+            "entries": self.entries,
             "width": widths[0] if len(widths) == 1 else max(widths),
             "hidden_size": self.ffns[0].up.in_features,
             "activation": self.activation_name,

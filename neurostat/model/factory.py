@@ -30,6 +30,7 @@ TINY = dict(
 )
 TINY_FAMILY = {
     "data2vec-audio": dict(num_conv_pos_embeddings=5, conv_pos_kernel_size=5, num_conv_pos_embedding_groups=None),
+    "wav2vec2-conformer": dict(conv_depthwise_kernel_size=5),
 }
 """Each family's tiny config beside :data:`TINY`; None removes a field."""
 SIZES = ("tiny", "base")

@@ -2,7 +2,7 @@
 
 For each family: the transformers classes and the oldest release neurostat reads them with, where the
 backbone sits inside task wrappers (``*ForCTC``, pretraining heads), where its layers and their FFNs are
-(one entry of the layer axis per FFN), the FFN activation, the input kind (waveform, log-mel windows) and
+(one entry of the layer axis per FFN: a Conformer layer has two, ffn1 then ffn2), the FFN activation, the input kind (waveform, log-mel windows) and
 how the frame geometry follows from the config and the feature extractor.  This module is the only place
 that spells transformers' class names and the attribute names of its modules, configs and feature
 extractors: the adapters reach every part of a model through a :class:`Family`, so a new family is one
@@ -62,7 +62,7 @@ def _version() -> str:
 class Family:
     """One family of encoders: see the module docstring.  Paths are dotted attribute paths ("" = the module
     itself): ``backbones`` from the loaded model (tried in order), ``encoder``, ``layers``, ``conv_layers``,
-    ``projection`` and ``positional`` from the backbone."""
+    ``projection`` and ``positional`` from the backbone, ``conformer_conv`` from an encoder layer."""
 
     key: str
     title: str
@@ -80,6 +80,7 @@ class Family:
     conv_layers: str | None = None
     projection: str | None = None
     positional: str | None = None
+    conformer_conv: str | None = None  # a Conformer convolution that HF lets read padded frames
     convs: tuple[str, ...] = ()  # backbone -> the encoder's own convolutions on log-mel features (Whisper)
 
     @property
@@ -143,6 +144,12 @@ class Family:
         pos = part(backbone, self.positional) if self.positional else None
         return pos, getattr(pos, "layers", None), getattr(pos, "conv", None)
 
+    def conformer_convs(self, backbone: nn.Module) -> list[nn.Module]:
+        """Each Conformer layer's depthwise convolution that must not read padded frames (none elsewhere)."""
+        if not self.conformer_conv:
+            return []
+        return [part(layer, self.conformer_conv) for layer in self.encoder_layers(backbone)]
+
     def projection_of(self, backbone: nn.Module) -> nn.Module:
         """The feature projection between the front end and the encoder."""
         return part(backbone, self.projection)
@@ -154,6 +161,9 @@ class Family:
 
 
 WAV2VEC2_FFN = FFNPlace("", "feed_forward", "intermediate_dense", "intermediate_act_fn", "output_dense")
+WAV2VEC2_CONFORMER_FFNS = tuple(
+    FFNPlace(n, n, "intermediate_dense", "intermediate_act_fn", "output_dense") for n in ("ffn1", "ffn2")
+)
 WHISPER_FFN = FFNPlace("", "", "fc1", "activation_fn", "fc2")
 FLOOR = "4.56.2"
 """The oldest transformers neurostat reads any family with (pyproject.toml's floor)."""
@@ -191,6 +201,24 @@ FAMILIES: dict[str, Family] = {
             "data2vec-audio",
             ("Data2VecAudioModel", "Data2VecAudioConfig", "Wav2Vec2FeatureExtractor"),
             "data2vec_audio",
+        ),
+        _wav2vec2_layout(
+            "unispeech", "UniSpeech", ("UniSpeechModel", "UniSpeechConfig", "Wav2Vec2FeatureExtractor"), "unispeech"
+        ),
+        _wav2vec2_layout(
+            "unispeech-sat",
+            "UniSpeech-SAT",
+            ("UniSpeechSatModel", "UniSpeechSatConfig", "Wav2Vec2FeatureExtractor"),
+            "unispeech_sat",
+        ),
+        _wav2vec2_layout(
+            "wav2vec2-conformer",
+            "Wav2Vec2-Conformer",
+            ("Wav2Vec2ConformerModel", "Wav2Vec2ConformerConfig", "Wav2Vec2FeatureExtractor"),
+            "wav2vec2_conformer",
+            ffns=WAV2VEC2_CONFORMER_FFNS,
+            positional=None,  # its encoder holds a positional convolution that its forward never runs
+            conformer_conv="conv_module.depthwise_conv",
         ),
         Family(
             key="whisper",

@@ -1,17 +1,20 @@
-"""The waveform families, laid out as wav2vec 2.0 (HuBERT, wav2vec 2.0, WavLM, data2vec-audio): a normalised
-waveform in, a conv feature encoder, a projection, then an encoder of Transformer layers.
+"""The waveform families, laid out as wav2vec 2.0 (HuBERT, wav2vec 2.0, WavLM, data2vec-audio, UniSpeech,
+UniSpeech-SAT, Wav2Vec2-Conformer): a normalised waveform in, a conv feature encoder, a projection, then an
+encoder of Transformer or Conformer layers.
 
 Batching, exact: every utterance's activations equal its own unpadded forward within float rounding.  The
 whole model runs on the padded batch.  The conv front end (:mod:`~neurostat.model.frontend`) takes a group
 norm's statistics per utterance over its valid positions.  The encoder runs with a boolean frame mask and
 SDPA attention.  HF zeroes padded frames before the positional convolution; data2vec-audio stacks several
-with layer norms, so padded frames are zeroed again between them.
+with layer norms, so padded frames are zeroed again between them.  A Conformer layer's depthwise convolution
+reads its neighbours, and HF's Wav2Vec2-Conformer lets it read the padded frames after an utterance: they
+are zeroed before it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -38,12 +41,13 @@ class WaveformAdapter(ModelAdapter):
         return any(isinstance(norm, nn.GroupNorm) for _, norm, _ in self.family.conv_stack(self.backbone))
 
     def batching(self, front_end: str) -> dict:
+        conformer = "; padded frames zeroed before each Conformer convolution" if self.family.conformer_conv else ""
         return {
             "front_end": front_end,
             "group_norm": "statistics per utterance over its valid positions"
             if self.group_norm
             else "none (a layer-norm front end normalises each frame)",
-            "frame_mask": f"boolean frame mask to the encoder, {self.attention} attention",
+            "frame_mask": f"boolean frame mask to the encoder, {self.attention} attention{conformer}",
         }
 
     @torch.inference_mode()
@@ -107,10 +111,21 @@ class WaveformAdapter(ModelAdapter):
 
     @contextmanager
     def _padding_kept_out(self, mask: torch.Tensor) -> Iterator[None]:
-        """Within the block the encoder runs as HF runs it, with two changes: a weight-normed positional
+        """Within the block the encoder runs as HF runs it, with three changes: a weight-normed positional
         convolution uses :meth:`_positional_weight`; a stack of them (data2vec-audio) has padded frames zeroed
-        after each layer (HF zeroes them only before the first).  Otherwise padding leaks into valid frames."""
+        after each layer (HF zeroes them only before the first); a Conformer convolution sees padded frames as
+        zeros.  Otherwise padding leaks into valid frames."""
         keep = mask[:, None, :]
+        with ExitStack() as stack:
+            for depthwise in self.family.conformer_convs(self.backbone):
+                handle = depthwise.register_forward_pre_hook(lambda m, args: (args[0] * keep.to(args[0].dtype),))
+                stack.callback(handle.remove)
+            with self._positional_convolution(keep):
+                yield
+
+    @contextmanager
+    def _positional_convolution(self, keep: torch.Tensor) -> Iterator[None]:
+        """A weight-normed positional convolution's cached weight; a stack of them zeroing padded frames."""
         pos, layers, conv = self.family.positional_parts(self.backbone)
         if layers is not None:
 
