@@ -7,12 +7,14 @@ labelled with the interval that contains their centre (``centre``, neurostat's d
 at the same centres), or, as in the paper, with the interval of largest overlap with the stride grid cell
 ``[stride * t, stride * (t + 1))`` (``overlap``: 20 ms cells for the wav2vec2 family).
 
-How many frames an utterance has is the model's own rule: the unpadded convolutions of the wav2vec2 family,
-``L <- floor((L - k_i) / s_i) + 1`` (HF ``_get_feat_extract_output_lengths``); Whisper's frames whose
-centre lies inside the utterance (its front end is padded: frame t is centred at ``stride * t``).  Where
-each family's geometry comes from is :mod:`neurostat.model.families`.  Whisper also sees fixed ``window``s
-of samples (30 s): an utterance is cut into windows, each a separate forward whose frames continue the
-utterance's frame numbering (a window holds exactly ``window / stride`` frames).
+How many frames an utterance has is the model's own rule (:data:`COUNTS`): the unpadded convolutions of
+the wav2vec2 family, ``L <- floor((L - k_i) / s_i) + 1`` (HF ``_get_feat_extract_output_lengths``);
+Whisper's frames whose centre lies inside the utterance (its front end is padded: frame t is centred at
+``stride * t``); FastConformer's whole hops of its STFT, ``L // hop``, then each padded convolution's
+``floor((L + 2 p_i - k_i) / s_i) + 1``.  Where each family's geometry comes from is
+:mod:`neurostat.model.families`.  Whisper also sees fixed ``window``s of samples (30 s): an utterance is cut
+into windows, each a separate forward whose frames continue the utterance's frame numbering (a window holds
+exactly ``window / stride`` frames).
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
+
+COUNTS = ("conv", "centre", "hops")
+"""Frame-count rules: unpadded convolutions (the wav2vec2 family), frames whose centre lies inside the
+utterance (Whisper), or whole hops of a centred STFT and then padded convolutions (FastConformer)."""
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,12 @@ class FrameGeometry:
     conv_stride: tuple[int, ...]
     conv_padding: tuple[int, ...] = ()  # per layer, on each side; () = unpadded (the wav2vec2 family)
     window: int = 0  # samples of the model's fixed input window (Whisper); 0 = whole utterances
+    count: str = ""  # one of COUNTS; "" = conv when unpadded, centre when padded (geometries written before it)
+
+    @property
+    def rule(self) -> str:
+        """The frame-count rule (:data:`COUNTS`) this geometry follows."""
+        return self.count or ("centre" if self.conv_padding else "conv")
 
     @property
     def stride(self) -> int:
@@ -57,16 +69,19 @@ class FrameGeometry:
         return self.window // self.stride
 
     def num_frames(self, num_samples: int) -> int:
-        """Frame count for ``num_samples`` samples: unpadded, HF ``_get_feat_extract_output_lengths``;
-        padded, the frames whose centre lies before the utterance's end (over windows, the same count)."""
-        if self.conv_padding:
+        """Frame count for ``num_samples`` samples by the model's own rule (:attr:`rule`)."""
+        rule = self.rule
+        if rule == "centre":
             centre0 = self.receptive_field - 2 * self.offset  # twice frame 0's centre, in samples
             return max(0, -((centre0 - 2 * num_samples) // (2 * self.stride)))
+        layers = list(zip(self.conv_kernel, self.conv_stride, self.conv_padding or (0,) * len(self.conv_kernel)))
         n = num_samples
-        for k, s in zip(self.conv_kernel, self.conv_stride):
-            if n < k:
+        if rule == "hops":
+            n, layers = n // self.conv_stride[0], layers[1:]
+        for k, s, p in layers:
+            if n + 2 * p < k or n <= 0:
                 return 0
-            n = (n - k) // s + 1
+            n = (n + 2 * p - k) // s + 1
         return n
 
     def centres(self, num_frames: int) -> np.ndarray:
@@ -85,6 +100,8 @@ class FrameGeometry:
             d["conv_padding"] = list(self.conv_padding)
         if self.window:
             d["window"] = self.window
+        if self.count:
+            d["count"] = self.count
         return d
 
     @classmethod
@@ -95,12 +112,15 @@ class FrameGeometry:
             tuple(d["conv_stride"]),
             tuple(d.get("conv_padding", ())),
             int(d.get("window", 0)),
+            str(d.get("count", "")),
         )
 
     def describe(self) -> str:
         windows = f", windows of {self.window} samples" if self.window else ""
+        count = f", frames counted by {self.count}" if self.count else ""
         return (
-            f"stride {self.stride} / receptive field {self.receptive_field} samples at {self.sample_rate} Hz{windows}"
+            f"stride {self.stride} / receptive field {self.receptive_field} samples at {self.sample_rate} Hz"
+            f"{windows}{count}"
         )
 
     def at_rate(self, sample_rate: int) -> "FrameGeometry":

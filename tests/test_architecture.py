@@ -29,6 +29,7 @@ ENCODERS = {
         "adapter",
         "wav2vec2",
         "whisper",
+        "filterbank",
         "checkpoints",
         "provenance",
         "loading",

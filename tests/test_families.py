@@ -64,8 +64,10 @@ def _table_names() -> set[str]:
     from neurostat.frames import FrameGeometry
     from neurostat.model.inputs import LogMelSettings
 
-    own = {*FrameGeometry.__dataclass_fields__, *LogMelSettings.__dataclass_fields__, "feature_extractor"}
-    return names - own - {"", "encoder", "layers", "model"}  # neurostat's own names; words too plain to tell
+    own = {n for n in dir(FrameGeometry) if not n.startswith("_")} | {*FrameGeometry.__dataclass_fields__}
+    own |= {*LogMelSettings.__dataclass_fields__}
+    own.add("feature_extractor")  # the adapter's own attribute, a wav2vec2 backbone's too
+    return names - own - {"", "encoder", "layers", "model", "activation"}  # neurostat's own; words too plain
 
 
 def test_transformers_names_appear_only_in_the_family_table():
@@ -123,11 +125,12 @@ def _hf_forward(model_type: str, model, fe, wave):
     encoder frames it has."""
     if model_type in ("wav2vec2-bert", "parakeet"):
         x = fe(wave, sampling_rate=fe.sampling_rate, return_tensors="pt", return_attention_mask=True)
-        out = model(input_features=x.input_features.double(), attention_mask=x.attention_mask)
-        mask = out.attention_mask if model_type == "parakeet" else x.attention_mask
-        if model_type == "parakeet" and mask is None:  # ParakeetForCTC: its encoder's frames
-            mask = model.encoder._get_output_attention_mask(x.attention_mask)
-        return int(mask.sum())
+        features = x.input_features.double()
+        if model_type == "wav2vec2-bert":
+            model(input_features=features, attention_mask=x.attention_mask)
+            return int(x.attention_mask.sum())
+        encoder = model.encoder if hasattr(model, "ctc_head") else model  # ParakeetForCTC: its encoder alone
+        return int(encoder(input_features=features, attention_mask=x.attention_mask).attention_mask.sum())
     x = torch.from_numpy(fe(wave, sampling_rate=fe.sampling_rate, return_tensors="np").input_values[0]).double()
     out = model(x[None])
     return out.last_hidden_state.shape[1] if hasattr(out, "last_hidden_state") else out.logits.shape[1]
@@ -214,6 +217,9 @@ def _family(name: str, *values):
         _family("unispeech-sat", True),
         _family("wav2vec2-conformer", False),
         _family("wav2vec2-conformer", True),
+        _family("wav2vec2-bert", False),
+        _family("parakeet", False),
+        _family("parakeet", True),
     ],
 )
 def test_float64_counts_equal_the_hook_reference(short_corpus, tmp_path_factory, tmp_path, model_type, head):
@@ -245,10 +251,12 @@ def family_of_type(model_type: str) -> str:
     return family_named(model_type).key
 
 
-@pytest.mark.parametrize("model_type", [_family("wav2vec2-conformer")])
+@pytest.mark.parametrize("model_type", [_family("wav2vec2-conformer"), _family("parakeet")])
 def test_a_pruned_conformer_equals_the_original_with_the_pruned_neurons_ablated(tmp_path, model_type):
     """Both FFNs of every Conformer layer are entries of the layer axis, both pruned; the pruned checkpoint
     (its CTC head kept) computes what the original computes with the pruned neurons ablated."""
+    import transformers
+
     from neurostat.model.edit import ablated
     from neurostat.model.loading import load_full_model, load_pruned
     from neurostat.model.pruning import prune_checkpoint
@@ -257,19 +265,43 @@ def test_a_pruned_conformer_equals_the_original_with_the_pruned_neurons_ablated(
     source = str(save_model(tmp_path / "m", model_type, head=True))
     result = prune_checkpoint(source, tmp_path / "pruned", ratio=0.4)
     entries = load_adapter(source).entries
-    assert len(entries) == 6 and set(result.kept) == set(range(1, 7))  # 3 layers x (ffn1, ffn2)
+    layers = 3 if model_type == "wav2vec2-conformer" else 2
+    assert len(entries) == 2 * layers and set(result.kept) == set(range(1, 2 * layers + 1))  # ffn1, ffn2 each
     assert all(len(kept) == round(0.4 * 37) for kept in result.kept.values())
     removed = NeuronSet({e: set(range(37)) - set(kept) for e, kept in result.kept.items()}, len(entries), 37)
     original, pruned = load_full_model(source).double(), load_pruned(tmp_path / "pruned").double()
     assert type(pruned) is type(original)
-    x = torch.randn(2, 9000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    wave = np.random.default_rng(0).standard_normal(9000).astype(np.float32) * 0.1
+    if model_type == "parakeet":
+        fe = transformers.AutoFeatureExtractor.from_pretrained(source)
+        x = fe(wave, sampling_rate=16000, return_tensors="pt")
+        inputs = dict(input_features=x.input_features.double(), attention_mask=x.attention_mask)
+    else:
+        inputs = dict(input_values=torch.from_numpy(wave).double()[None])
     with torch.no_grad(), ablated(original, removed):
-        expected = original(x).logits
+        expected = original(**inputs).logits
     with torch.no_grad():
-        got = pruned(x).logits
-        plain = original(x).logits
+        got, plain = pruned(**inputs).logits, original(**inputs).logits
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
     assert not torch.allclose(plain, expected)  # the ablation changed the output: the comparison means something
+
+
+def test_a_family_the_installed_transformers_lacks_is_refused_naming_the_release(monkeypatch, tmp_path):
+    """As on CI's floors run, where transformers 4.56.2 has no Parakeet: a clear error, not an AttributeError."""
+    import dataclasses
+    import types
+
+    import transformers
+
+    from neurostat.model import families
+    from neurostat.model.families import ModelError, family_of
+
+    lacking = dataclasses.replace(families.FAMILIES["parakeet"], classes=("NoSuchEncoder", "NoSuchConfig", "NoSuch"))
+    monkeypatch.setitem(families.FAMILIES, "parakeet", lacking)
+    message = f"Parakeet / FastConformer needs transformers >= 4.57 .*installed: {transformers.__version__}"
+    with pytest.raises(ModelError, match=message):
+        family_of(types.SimpleNamespace(model_type="parakeet_encoder"), "m")
+    assert lacking.unavailable().startswith("Parakeet / FastConformer needs transformers >= 4.57 (NoSuchEncoder")
 
 
 @pytest.mark.parametrize("model_type", [_family("wav2vec2-conformer")])
@@ -321,3 +353,35 @@ def test_the_readme_table_lists_every_family_as_the_table_says():
         types = ", ".join(f"`{t}`" for t in f.model_types)
         expected.append(f"| {f.title} | {types} | `{f.classes[0]}` | {f.input} | {f.frame_ms} | {ffns} | {f.since} |")
     assert rows[: len(expected)] == expected
+
+
+@pytest.mark.parametrize("model_type", [_family("wav2vec2-bert"), _family("parakeet")])
+def test_the_filterbank_families_frames_are_the_models_own(tmp_path, model_type):
+    """The frame geometry counts the encoder's frames for lengths around every hop and subsampling step, and
+    centres them where the model's frames are: w2v-BERT's at 20 ms · t + 17.5 ms (two stacked 25 ms frames),
+    FastConformer's at 80 ms · t; a TextGrid's phone at known times labels the frames whose centre it holds."""
+    import transformers
+
+    from neurostat.frames import FrameGeometry, label_frames
+    from neurostat.model.loading import load_geometry
+
+    model_dir = str(save_model(tmp_path / "m", model_type))
+    geometry = load_geometry(model_dir)
+    assert FrameGeometry.from_dict(geometry.to_dict()) == geometry  # as a prepared corpus records it
+    fe = transformers.AutoFeatureExtractor.from_pretrained(model_dir)
+    model = transformers.AutoModel.from_pretrained(model_dir).eval()
+    for n in (400, 559, 560, 719, 720, 1279, 1280, 1281, 1439, 1440, 1441, 4799, 16000, 16161):
+        x = fe(np.zeros(n, dtype=np.float32) + 0.01, sampling_rate=16000, return_tensors="pt")
+        if model_type == "parakeet":
+            with torch.no_grad():
+                frames = int(
+                    model(input_features=x.input_features, attention_mask=x.attention_mask).attention_mask.sum()
+                )
+        else:
+            frames = int(x.attention_mask.sum())
+        assert geometry.num_frames(n) == frames, n
+    step, first = (0.08, 0.0) if model_type == "parakeet" else (0.02, 0.0175)
+    np.testing.assert_allclose(geometry.centres(5), first + step * np.arange(5), atol=1e-12)
+    ids = label_frames(np.array([0.1]), np.array([0.2]), np.array([7]), geometry.centres(5))
+    expected = [t for t in range(5) if 0.1 <= first + step * t < 0.2]
+    assert np.flatnonzero(ids == 7).tolist() == expected

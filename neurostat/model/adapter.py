@@ -4,7 +4,7 @@ An adapter holds a loaded model of a family (:mod:`neurostat.model.families`), f
 task wrappers, exposes its layer axis — one entry per FFN, in layer order, a Conformer layer's ffn1 then
 ffn2, each named (``3`` or ``3.ffn1``) — with each FFN's pieces (W1, b1, act, W2), runs batches so that each
 utterance's activations equal its own unpadded forward (:meth:`ModelAdapter.encode`, one subclass per input
-kind: :mod:`~neurostat.model.wav2vec2`, :mod:`~neurostat.model.whisper`),
+kind: :mod:`~neurostat.model.wav2vec2`, :mod:`~neurostat.model.whisper`, :mod:`~neurostat.model.filterbank`),
 and instruments the FFNs so that the engine sees ``a = act(W1 x + b1)`` as it is computed, without a second
 GEMM.  :meth:`ModelAdapter.describe` is the model's record in a store, and :meth:`ModelAdapter.batching`
 what its forward does to a padded batch: both from the family and the loaded modules, never assumed.

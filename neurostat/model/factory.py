@@ -2,8 +2,9 @@
 test models, the benchmarks' models, and the demo model's initialisation and random-init twin — the
 trained demo model itself ships in ``neurostat/tiny/model``).
 
-``size="tiny"`` is a 32-wide, 3-layer model with the standard conv front end geometry (fast tests);
-``size="base"`` is the family's default config (HuBERT-base geometry: 12
+``size="tiny"`` is a 32-wide model of a few hundred thousand parameters at most (fast tests): 3 layers with
+the standard conv front end geometry for the waveform families, 2 Conformer layers on 16 filterbank bins
+for w2v-BERT 2.0 and Parakeet; ``size="base"`` is the family's default config (HuBERT-base geometry: 12
 layers x 3072 neurons).  Any config field can be overridden.  Whisper (:func:`whisper_config`,
 :func:`whisper_feature_extractor`): ``tiny`` is 64 wide, 2 encoder layers of 96 neurons on 40 mel bins;
 ``base`` has Whisper-base's sizes (6 layers x 2048 neurons, 80 mel bins, 30 s windows of 1,500 frames).
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .families import FAMILIES, family_named
+from .families import FAMILIES, WAVEFORM, family_named
 
 TINY = dict(
     hidden_size=32,
@@ -28,12 +29,28 @@ TINY = dict(
     num_conv_pos_embeddings=16,
     num_conv_pos_embedding_groups=2,
 )
+TINY_MEL_BINS = 16
+"""Filterbank bins of the tiny w2v-BERT 2.0 and Parakeet models' feature extractors."""
+TINY_CONFORMER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37)
 TINY_FAMILY = {
     "data2vec-audio": dict(num_conv_pos_embeddings=5, conv_pos_kernel_size=5, num_conv_pos_embedding_groups=None),
     "wav2vec2-conformer": dict(conv_depthwise_kernel_size=5),
+    "wav2vec2-bert": dict(
+        **TINY_CONFORMER, feature_projection_input_dim=2 * TINY_MEL_BINS, conv_depthwise_kernel_size=5
+    ),
+    "parakeet": dict(
+        **TINY_CONFORMER,
+        num_key_value_heads=2,
+        conv_kernel_size=5,
+        subsampling_conv_channels=8,
+        num_mel_bins=TINY_MEL_BINS,
+    ),  # fmt: skip
 }
-"""Each family's tiny config beside :data:`TINY`; None removes a field."""
+"""Each family's tiny config beside :data:`TINY` (the waveform families) or instead of it (the filterbank
+families); None removes a field."""
 SIZES = ("tiny", "base")
+CTC_HEADS = {"parakeet": "ParakeetForCTC"}
+"""The CTC model of a family whose name is not its base model's with ``ForCTC`` for ``Model``."""
 
 
 def _classes(model_type: str):
@@ -56,7 +73,8 @@ def model_config(model_type: str = "hubert", size: str = "tiny", stable_layer_no
     config_cls, _ = _classes(model_type)
     kw: dict = {}
     if size == "tiny":
-        kw = {**TINY, **TINY_FAMILY.get(model_type, {})}
+        kw = dict(TINY) if FAMILIES[model_type].input == WAVEFORM else {}
+        kw.update(TINY_FAMILY.get(model_type, {}))
     if stable_layer_norm:
         kw.update(feat_extract_norm="layer", do_stable_layer_norm=True)
     kw = {k: v for k, v in {**kw, **overrides}.items() if v is not None}
@@ -73,17 +91,30 @@ def build_model(
     config_cls, model_cls = _classes(model_type)
     cfg = model_config(model_type, size, **config)
     if head:
-        model_cls = getattr(transformers, family_named(model_type).classes[0].replace("Model", "ForCTC"))
-        cfg.vocab_size = 12
+        name = CTC_HEADS.get(model_type) or family_named(model_type).classes[0].replace("Model", "ForCTC")
+        model_cls = getattr(transformers, name)
+        if model_type == "parakeet":
+            cfg = transformers.ParakeetCTCConfig(encoder_config=cfg.to_dict(), vocab_size=12, pad_token_id=11)
+        else:
+            cfg.vocab_size = 12
     torch.manual_seed(seed)
     return model_cls(cfg).eval()
 
 
 def feature_extractor(sample_rate: int = 16000, model_type: str = "hubert"):
-    """The waveform families' feature extractor: normalised waveforms at ``sample_rate``."""
-    from transformers import Wav2Vec2FeatureExtractor
+    """The family's feature extractor: normalised waveforms at ``sample_rate`` for the waveform families, a
+    filterbank of :data:`TINY_MEL_BINS` bins for w2v-BERT 2.0 and Parakeet."""
+    import transformers
 
-    return Wav2Vec2FeatureExtractor(sampling_rate=sample_rate, do_normalize=True, return_attention_mask=True)
+    family = family_named(model_type)
+    if family.input == WAVEFORM:
+        return transformers.Wav2Vec2FeatureExtractor(
+            sampling_rate=sample_rate, do_normalize=True, return_attention_mask=True
+        )
+    cls = getattr(transformers, family.classes[2])
+    if model_type == "wav2vec2-bert":
+        return cls(feature_size=TINY_MEL_BINS, num_mel_bins=TINY_MEL_BINS, sampling_rate=sample_rate)
+    return cls(feature_size=TINY_MEL_BINS, sampling_rate=sample_rate)
 
 
 def save_model(

@@ -2,11 +2,12 @@
 
 For each family: the transformers classes and the oldest release neurostat reads them with, where the
 backbone sits inside task wrappers (``*ForCTC``, pretraining heads), where its layers and their FFNs are
-(one entry of the layer axis per FFN: a Conformer layer has two, ffn1 then ffn2), the FFN activation, the input kind (waveform, log-mel windows) and
-how the frame geometry follows from the config and the feature extractor.  This module is the only place
-that spells transformers' class names and the attribute names of its modules, configs and feature
-extractors: the adapters reach every part of a model through a :class:`Family`, so a new family is one
-entry here (and, for a new input kind, one adapter file).
+(one entry of the layer axis per FFN: a Conformer layer has two, ffn1 then ffn2), the FFN activation, the
+input kind (waveform, log-mel windows, filterbank frames) and which reader of :mod:`~neurostat.model.inputs`
+gives its frame geometry from the config and the feature extractor.  With those readers, this module is the
+only place that spells transformers' class names and the attribute names of its modules, configs and
+feature extractors: the adapters reach every part of a model through a :class:`Family`, so a new family is
+one entry here (and, for a new input kind, one adapter file).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from functools import reduce
 from torch import nn
 
 from ..frames import FrameGeometry
-from .inputs import wav2vec2_geometry, whisper_geometry
+from .inputs import parakeet_geometry, w2v_bert_geometry, wav2vec2_geometry, whisper_geometry
 
-WAVEFORM, LOG_MEL = "waveform", "log-mel"
-"""Input kinds: the normalised waveform (a conv front end in the model) or Whisper's log-mel windows."""
+WAVEFORM, LOG_MEL, FILTERBANK = "waveform", "log-mel", "filterbank"
+"""Input kinds: the normalised waveform (a conv front end in the model), Whisper's log-mel windows, or a
+feature extractor's filterbank frames of the whole utterance (w2v-BERT 2.0, FastConformer)."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ class Family:
     model_types: tuple[str, ...]
     classes: tuple[str, str, str]  # the base model, its config and its feature extractor in transformers
     since: str  # the oldest transformers release neurostat reads the family with
-    input: str  # WAVEFORM or LOG_MEL
+    input: str  # WAVEFORM, LOG_MEL or FILTERBANK
     frame_ms: str  # the frames, for the README's table
     backbones: tuple[str, ...]
     encoder: str
@@ -118,8 +120,8 @@ class Family:
         return part(backbone, self.encoder)
 
     def config_of(self, config):
-        """The encoder's own config."""
-        return config
+        """The encoder's own config (a Parakeet CTC checkpoint keeps it inside the wrapper's)."""
+        return getattr(config, "encoder_config", None) or config
 
     def activation_name(self, config) -> str:
         return str(getattr(self.config_of(config), self.activation))
@@ -165,6 +167,7 @@ WAV2VEC2_CONFORMER_FFNS = tuple(
     FFNPlace(n, n, "intermediate_dense", "intermediate_act_fn", "output_dense") for n in ("ffn1", "ffn2")
 )
 WHISPER_FFN = FFNPlace("", "", "fc1", "activation_fn", "fc2")
+PARAKEET_FFNS = tuple(FFNPlace(f"ffn{i}", f"feed_forward{i}", "linear1", "activation", "linear2") for i in (1, 2))
 FLOOR = "4.56.2"
 """The oldest transformers neurostat reads any family with (pyproject.toml's floor)."""
 
@@ -235,6 +238,37 @@ FAMILIES: dict[str, Family] = {
             activation="activation_function",
             geometry_of=whisper_geometry,
             convs=("encoder.conv1", "encoder.conv2"),
+        ),
+        Family(
+            key="wav2vec2-bert",
+            title="w2v-BERT 2.0",
+            model_types=("wav2vec2-bert",),
+            classes=("Wav2Vec2BertModel", "Wav2Vec2BertConfig", "SeamlessM4TFeatureExtractor"),
+            since=FLOOR,
+            input=FILTERBANK,
+            frame_ms="20 ms (2 stacked 10 ms filterbank frames)",
+            backbones=("", "wav2vec2_bert"),
+            encoder="encoder",
+            layers="encoder.layers",
+            ffns=WAV2VEC2_CONFORMER_FFNS,
+            activation="hidden_act",
+            geometry_of=w2v_bert_geometry,
+            projection="feature_projection",
+        ),
+        Family(
+            key="parakeet",
+            title="Parakeet / FastConformer",
+            model_types=("parakeet_encoder", "parakeet_ctc"),
+            classes=("ParakeetEncoder", "ParakeetEncoderConfig", "ParakeetFeatureExtractor"),
+            since="4.57",
+            input=FILTERBANK,
+            frame_ms="80 ms (8x subsampled 10 ms filterbank)",
+            backbones=("", "encoder"),
+            encoder="",
+            layers="layers",
+            ffns=PARAKEET_FFNS,
+            activation="hidden_act",
+            geometry_of=parakeet_geometry,
         ),
     )
 }

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..choices import FRONT_ENDS
-from .families import LOG_MEL, Family, ModelError
+from .families import FILTERBANK, LOG_MEL, Family, ModelError
 
 ConvLayer = tuple[nn.Conv1d, "nn.Module | None", Callable[[torch.Tensor], torch.Tensor]]
 """One layer of a conv feature encoder: its convolution, its norm (or None) and its activation."""
@@ -230,14 +230,14 @@ def default_front_end(device: torch.device | str) -> str:
     return "gemm"
 
 
-OWN_FRONT_ENDS = {LOG_MEL: "whisper-log-mel"}
+OWN_FRONT_ENDS = {LOG_MEL: "whisper-log-mel", FILTERBANK: "filterbank"}
 """The names a store records for the front ends of the input kinds that have their own (no choice)."""
 
 
 def resolve_front_end(family: Family, choice: str, device: torch.device | str, source: str = "model") -> str:
     """The front end a ``--front-end`` choice runs for a model of ``family``: for the waveform families one
     of :data:`~neurostat.choices.FRONT_ENDS` (``auto``: :func:`default_front_end`); an input kind with its own
-    front end (Whisper's log-mel) takes only ``auto``."""
+    front end (Whisper's log-mel, a filterbank) takes only ``auto``."""
     own = OWN_FRONT_ENDS.get(family.input)
     if own is not None:
         if choice not in ("auto", own):

@@ -1,6 +1,6 @@
 """What each family's config and feature extractor say about its input, read in one place beside the family
 table (:mod:`neurostat.model.families`, which names these readers): the frame geometry, Whisper's log-mel
-settings, the checkpoint's waveform normalisation.  With the table, the only place that spells the attribute
+settings, a filterbank family's features of one utterance, the checkpoint's waveform normalisation.  With the table, the only place that spells the attribute
 names of transformers' configs and feature extractors.  A reader that cannot make sense of them raises a
 ValueError saying why; the family names the model in the error it makes of it."""
 
@@ -84,6 +84,42 @@ def whisper_geometry(config, fe, convs: tuple[tuple[int, int], ...] = WHISPER_CO
     )
 
 
+SEAMLESS_FRAMES = (400, 160)
+"""(frame length, hop) in samples of the Kaldi filterbank that ``SeamlessM4TFeatureExtractor`` computes (it
+fixes them); it then stacks ``stride`` consecutive frames into one model frame."""
+
+
+def w2v_bert_geometry(config, fe) -> FrameGeometry:
+    """w2v-BERT 2.0: Kaldi frames of 25 ms every 10 ms, ``fe.stride`` of them stacked per model frame."""
+    length, hop = SEAMLESS_FRAMES
+    if int(fe.stride) * int(fe.num_mel_bins) != int(config.feature_projection_input_dim):
+        raise ValueError(
+            f"the feature extractor stacks {fe.stride} frames of {fe.num_mel_bins} mel bins, the model takes "
+            f"{config.feature_projection_input_dim} features a frame"
+        )
+    return FrameGeometry(int(fe.sampling_rate), (length, int(fe.stride)), (hop, int(fe.stride)))
+
+
+def parakeet_geometry(config, fe) -> FrameGeometry:
+    """FastConformer: a centred STFT (window ``win_length`` every ``hop_length`` samples; whole hops count),
+    then log2(subsampling factor) padded convolutions of stride 2: 8 x 10 ms = 80 ms frames centred at
+    ``stride · t``."""
+    encoder = getattr(config, "encoder_config", config)
+    layers = int(np.log2(encoder.subsampling_factor))
+    kernel, stride = int(encoder.subsampling_conv_kernel_size), int(encoder.subsampling_conv_stride)
+    if int(fe.feature_size) != int(encoder.num_mel_bins):
+        raise ValueError(
+            f"the feature extractor makes {fe.feature_size} mel bins, the encoder takes {encoder.num_mel_bins}"
+        )
+    return FrameGeometry(
+        int(fe.sampling_rate),
+        (int(fe.win_length), *(kernel,) * layers),
+        (int(fe.hop_length), *(stride,) * layers),
+        (int(fe.win_length) // 2, *((kernel - 1) // 2,) * layers),
+        count="hops",
+    )
+
+
 def computes_features(feature_extractor) -> bool:
     """Whether the feature extractor makes features of the waveform (log-mel, filterbank), which the adapter
     computes batch by batch, rather than a normalised waveform (the wav2vec2 family)."""
@@ -102,3 +138,12 @@ def normalize_waveform(feature_extractor, wave: np.ndarray) -> np.ndarray:
 def normalizes(feature_extractor) -> bool:
     """Whether the feature extractor normalises each waveform to zero mean and unit variance."""
     return bool(getattr(feature_extractor, "do_normalize", False))
+
+
+def filterbank(feature_extractor, wave: np.ndarray) -> tuple[np.ndarray, int]:
+    """The checkpoint's feature extractor on one utterance: its features [frames, features] (float32) and how
+    many of the frames are valid (the rest pad the last one out, as the extractor pads)."""
+    fe = feature_extractor
+    with np.errstate(invalid="ignore", divide="ignore"):  # a one-frame utterance has no variance (no valid frame)
+        out = fe(wave, sampling_rate=fe.sampling_rate, return_tensors="np", return_attention_mask=True)
+    return np.asarray(out.input_features[0], dtype=np.float32), int(np.asarray(out.attention_mask[0]).sum())

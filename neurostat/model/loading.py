@@ -16,13 +16,18 @@ from torch import nn
 from ..frames import FrameGeometry, default_geometry
 from .adapter import FFN, ModelAdapter, family_ffns
 from .checkpoints import PruneError, model_source, pruned_record, weights_fingerprint
-from .families import LOG_MEL, WAVEFORM, Family, ModelError, family_of
+from .families import FILTERBANK, LOG_MEL, WAVEFORM, Family, ModelError, family_of
+from .filterbank import FilterbankAdapter
 from .provenance import FILE as PROVENANCE
 from .provenance import EditRecord
 from .wav2vec2 import WaveformAdapter
 from .whisper import WhisperAdapter
 
-ADAPTERS: dict[str, type[ModelAdapter]] = {WAVEFORM: WaveformAdapter, LOG_MEL: WhisperAdapter}
+ADAPTERS: dict[str, type[ModelAdapter]] = {
+    WAVEFORM: WaveformAdapter,
+    LOG_MEL: WhisperAdapter,
+    FILTERBANK: FilterbankAdapter,
+}
 """The adapter of each input kind."""
 
 
