@@ -56,6 +56,13 @@ class Stats:
         self.names = {layer: str(name) for layer, name in zip(self.layers, names)}
         """Each collected entry's name: ``3``, or ``3.ffn1`` and ``3.ffn2`` for a Conformer."""
 
+    def original_neurons(self, layer: int) -> np.ndarray:
+        """The collected neurons of the entry ``layer`` as indices of the model they come from: for a pruned
+        model's store its ``original_neuron`` coordinate (the neurons pruning kept), else 0..width-1."""
+        if "original_neuron" not in self.ds.coords:
+            return np.arange(self.width)
+        return np.asarray(self.ds["original_neuron"].values[self.layers.index(layer)], dtype=np.int64)
+
     @property
     def num_entries(self) -> int:
         """The model's entries of the layer axis (its FFNs), collected or not."""

@@ -371,8 +371,8 @@ class StoreWriter:
         """Writes the root arrays and ``meta``, marked complete; then drops the checkpoint state (the
         arrays hold it all) unless ``keep_checkpoint``.  ``dims``: each array's dimensions [default
         (label,) for ``frames``, else (layer, label, neuron)]; coordinates ``layer`` and ``utterance``
-        lie along their own dimension, ``ffn`` (each entry's name) along ``layer``, the others along
-        ``label``."""
+        lie along their own dimension, ``ffn`` (each entry's name) along ``layer``, ``original_neuron`` (a
+        pruned model's neurons' original indices) along (``layer``, ``neuron``), the others along ``label``."""
         import zarr
 
         root = zarr.open_group(self.path, mode="a", zarr_format=3)
@@ -429,6 +429,7 @@ _COORD_DIMS = {
     "layer": ("layer",),
     "utterance": ("utterance",),
     "ffn": ("layer",),
+    "original_neuron": ("layer", "neuron"),
 }
 """The dimensions of the coordinates that do not lie along ``label``."""
 

@@ -74,6 +74,8 @@ def merge_stores(paths: list[str | Path], out: str | Path, overwrite: bool = Fal
     for name in ("ffn", "utterance"):  # the layer axis's names, the corpus's utterance ids
         if name in ds.coords:
             coords[name] = np.asarray([str(u) for u in ds[name].values])
+    if "original_neuron" in ds.coords:  # a pruned model's neurons' original indices
+        coords["original_neuron"] = ds["original_neuron"].values
     progress = Progress.total([m.progress for m in metas])
     progress.complete = True
     merged = first.merged(paths, progress, len(done))

@@ -101,6 +101,7 @@ class RunSpec:
     backend: Backend = field(repr=False)  # built once for these statistics, k and precision
     model: dict = field(repr=False)  # the model's record (its description when the run resolved)
     names: tuple[str, ...] = ()  # each collected entry's name (``3``, ``3.ffn1``)
+    kept: tuple[tuple[int, ...], ...] | None = None  # a pruned model's neurons per entry: their original indices
     batching: dict = field(default_factory=dict)  # what the forward does to a padded batch
     command: str = ""
     indices: tuple[int, ...] = field(default=(), repr=False)  # the corpus's utterances this run (or shard) counts
@@ -143,6 +144,7 @@ class RunSpec:
         shard_i, shard_n = config.shard
         if distributed and shard_n > 1:
             raise OptionError("--shard splits the corpus by hand; a torchrun job splits it over its ranks: use one")
+        kept = None if adapter.kept is None else tuple(tuple(adapter.kept[i]) for i in entries)
         adapter.hash_weights()  # the fingerprint's weights from their content, never from the cache
         spec = cls(
             stats=stats,
@@ -164,6 +166,7 @@ class RunSpec:
             backend=backend,
             model=adapter.describe(),
             names=tuple(adapter.ffns[i].name for i in entries),
+            kept=kept,
             batching=adapter.batching(policy.front_end),
             command=config.command,
             indices=tuple(i for i in range(len(corpus)) if i % shard_n == shard_i),
@@ -230,13 +233,16 @@ class RunSpec:
 
     def store_coords(self, corpus: PreparedCorpus) -> dict[str, np.ndarray]:
         """The store's coordinates: the layer axis's entries (1-based) and their names (``ffn``: ``3``, or
-        ``3.ffn1`` and ``3.ffn2`` for a Conformer), the label parts of each joint label and, with the top frames,
-        the corpus's utterance ids (``top_utterance`` indexes them)."""
+        ``3.ffn1`` and ``3.ffn2`` for a Conformer), the label parts of each joint label, a pruned model's
+        neurons' indices in the model it was pruned from (``original_neuron``) and, with the top frames, the
+        corpus's utterance ids (``top_utterance`` indexes them)."""
         coords = {
             "layer": np.asarray([i + 1 for i in self.entries], dtype=np.int64),
             "ffn": np.asarray(self.names, dtype=str),
             **self.space.names(),
         }
+        if self.kept is not None:
+            coords["original_neuron"] = np.asarray(self.kept, dtype=np.int64)
         if "top_frames" in self.stat_names:
             coords["utterance"] = np.asarray([r["id"] for r in corpus.records], dtype=str)
         return coords

@@ -134,6 +134,8 @@ class ModelAdapter:
         self.ffns = family_ffns(family, self.backbone, source)
         self.geometry = self._geometry()
         self.weights: str | None = None  # SHA-1 of the weight files when loaded from a folder
+        self.kept: dict[int, list[int]] | None = None  # a pruned model's neurons per entry: original indices
+        self.pruned_from: str | None = None  # the model a pruned checkpoint was pruned from
 
     def _geometry(self) -> FrameGeometry:
         """The frame geometry of the config and feature extractor (an input kind may check it against the
@@ -229,6 +231,7 @@ class ModelAdapter:
             "normalize": normalizes(self.feature_extractor),
             "attention": self.attention,
             "weights_sha1": self.weights,
+            "pruned_from": self.pruned_from,
             **self._head(),
         }
 

@@ -119,6 +119,9 @@ class ModelSource:
         revision = self.revision or getattr(self.config, "_commit_hash", None)
         adapter = ADAPTERS[self.family.input](model, feature_extractor, self.family, self.source, revision)
         adapter.weights = weights_fingerprint(self.source)
+        if self.pruned is not None:  # each entry's neurons are the source model's kept ones
+            adapter.kept = {int(entry) - 1: list(kept) for entry, kept in self.pruned.neurons.items()}
+            adapter.pruned_from = self.pruned.source_model
         return adapter
 
 
