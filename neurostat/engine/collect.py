@@ -165,7 +165,7 @@ def _uploaded_ahead(items: Iterator[dict], device: torch.device) -> Iterator[dic
 def _restore(spec: RunSpec, adapter: ModelAdapter, store: StoreWriter) -> tuple[Accumulator, list[str], Progress]:
     """The accumulator, the finished utterance ids and the progress: fresh, or from the last checkpoint."""
     policy = spec.policy
-    engine = (spec.stat_names, policy.device, spec.backend, adapter.activation_name, spec.precision)
+    engine = (spec.stats, policy.device, spec.backend, adapter.activation_name, spec.precision)
     checkpoint = store.load_checkpoint()
     if checkpoint is None:
         acc = Accumulator(
