@@ -307,11 +307,12 @@ def test_a_family_the_installed_transformers_lacks_is_refused_naming_the_release
 @pytest.mark.parametrize("model_type", [_family("wav2vec2-conformer")])
 def test_layers_select_both_ffns_of_a_conformer_layer_and_every_tool_names_them(prepared, tmp_path, model_type):
     """``--layers 2`` collects entries 3 and 4 (2.ffn1, 2.ffn2), named in the store's ``ffn`` coordinate, in
-    info, select's table and a report; neuron files key the entries."""
+    info, select's table, a report, diff and the neuron browser; neuron files key the entries, and ablate
+    takes them."""
     model = str(save_model(tmp_path / "m", model_type))
     out = tmp_path / "s.zarr"
     args = ["collect", "--prepared", str(prepared.path), "--model", model, "--out", str(out), "--tokens", "all"]
-    res = CliRunner().invoke(main, [*args, "--layers", "2", "--topk-ratio", "0.1"])
+    res = CliRunner().invoke(main, [*args, "--layers", "2", "--topk-ratio", "0.1", "--top-frames", "2"])
     assert res.exit_code == 0, res.output
     ds = xr.open_zarr(out, consolidated=False)
     assert ds["layer"].values.tolist() == [3, 4] and ds["ffn"].values.tolist() == ["2.ffn1", "2.ffn2"]
@@ -325,7 +326,7 @@ def test_layers_select_both_ffns_of_a_conformer_layer_and_every_tool_names_them(
     assert res.exit_code == 0, res.output
     assert "2.ffn1 2.ffn2" in " ".join(res.output.split())
     neurons = json.loads((sel / "phone-type.json").read_text())
-    assert set(neurons) == {"3", "4"}
+    assert set(neurons) == {"3", "4"} and neurons["4"]  # ffn2 has phone-type neurons to ablate
     res = CliRunner().invoke(
         main, ["report", str(out), "--neurons", str(sel / "phone-type.json"), "--out", str(tmp_path / "r")]
     )
@@ -334,6 +335,17 @@ def test_layers_select_both_ffns_of_a_conformer_layer_and_every_tool_names_them(
     assert "<th>2.ffn1</th><th>2.ffn2</th>" in page and "3 layers × 2 FFNs × 37 neurons" in page
     res = CliRunner().invoke(main, ["diff", str(out), str(out), "--property", "phone-type", "--sigma", "0.5"])
     assert res.exit_code == 0 and "2.ffn1 2.ffn2" in " ".join(res.output.split()), res.output
+    site = tmp_path / "b"
+    res = CliRunner().invoke(main, ["browse", str(out), "--prepared", str(prepared.path), "--all", "--out", str(site)])
+    assert res.exit_code == 0, res.output
+    first = sorted((site / "neurons").glob("L4-*.html"))[0].read_text()  # entry 4: layer 2's ffn2
+    assert "<h1>Layer 2.ffn2, neuron" in first and "<td>2.ffn1</td>" in (site / "index.html").read_text()
+    res = CliRunner().invoke(
+        main, ["ablate", "--model", model, "--neurons", str(sel / "phone-type.json"), "--out", str(tmp_path / "ab")]
+    )
+    assert res.exit_code == 0, res.output
+    ffn2 = load_adapter(str(tmp_path / "ab")).ffns[3]  # 2.ffn2: its ablated neurons' W2 columns are zero
+    assert (ffn2.down.weight[:, neurons["4"]] == 0).all() and ffn2.name == "2.ffn2"
     res = CliRunner().invoke(main, ["collect", *args[1:-2], "--out", str(tmp_path / "x.zarr"), "--layers", "4"])
     assert res.exit_code != 0 and "has layers 1..3; no layer [4]" in res.output
 

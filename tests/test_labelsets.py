@@ -217,7 +217,7 @@ def test_collect_over_label_sets_matches_hook_reference(corpus, tiny_model, tmp_
     parts = parts or ("phone", "gender", "pitch_bin", "unit", "spk")
     keys, ref = name_reference(corpus, tiny_model, unit, spk, parts)
     ds = xr.open_zarr(out, consolidated=False)
-    assert set(ds.coords) == {"layer", *parts} and tuple(ds.attrs["labels"]) == parts
+    assert set(ds.coords) == {"layer", "ffn", *parts} and tuple(ds.attrs["labels"]) == parts
     store_label = {tuple(str(ds[p].values[i]) for p in parts): i for i in range(ds.sizes["label"])}
     index = np.array([store_label[key] for key in keys])
     np.testing.assert_array_equal(ds["frames"].values[index], ref["frames"])
