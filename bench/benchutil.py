@@ -25,11 +25,12 @@ import torch
 from neurostat.corpus.prepare import PrepareSettings, prepare
 from neurostat.corpus.prepared import PreparedCorpus
 from neurostat.corpus.synth import synthesize
-from neurostat.engine.batching import BatchDataset, default_num_jobs, plan_batches, usable_cores
+from neurostat.engine.batching import BatchDataset, plan_batches
+from neurostat.engine.device import default_num_jobs, usable_cores
 from neurostat.engine.tokens import token_mask
 from neurostat.labelspace import LabelSpace
-from neurostat.model.adapter import load_geometry
 from neurostat.model.factory import save_model, save_whisper
+from neurostat.model.loading import load_geometry
 from neurostat.phones import NON_SPEECH
 
 RESULTS = Path(__file__).with_name("RESULTS.md")

@@ -46,8 +46,13 @@ from neurostat.corpus.prepared import PreparedCorpus  # noqa: E402
 from neurostat.corpus.synth import speaker_voices, synthesize  # noqa: E402
 from neurostat.demo import demo_model  # noqa: E402
 from neurostat.engine.collect import CollectConfig, collect  # noqa: E402
-from neurostat.model.adapter import ModelAdapter, load_geometry  # noqa: E402
+from neurostat.model.adapter import ModelAdapter  # noqa: E402
 from neurostat.model.edit import ablated  # noqa: E402
+from neurostat.model.loading import (  # noqa: E402
+    adapter_for,
+    load_adapter,
+    load_geometry,  # noqa: E402
+)
 from neurostat.model.pruning import PruneError, prune  # noqa: E402
 from neurostat.neuronset import NeuronSet  # noqa: E402
 from neurostat.probe import extract, headline, run_probes, save_results, speaker_split  # noqa: E402
@@ -248,7 +253,7 @@ def measure(model: ModelAdapter, twin: ModelAdapter, chosen: dict, probe: Prober
             except PruneError as e:
                 runs["pruned"][fraction, method] = str(e)
                 continue
-            pruned = ModelAdapter(net, model.feature_extractor, model.source)
+            pruned = adapter_for(net, model.feature_extractor, model.source)
             runs["pruned"][fraction, method] = probe(
                 pruned, ALL_TASKS, REFIT, edit="pruned", method=method, keep=fraction
             )
@@ -429,15 +434,15 @@ def run(out: Path, work: Path, sizes: Sizes, workers: int) -> None:
     selection_corpus = corpus(work, "selection", sizes.selection, seed=11, first=200, model=trained)
     probe_corpus = corpus(work, f"probe-{sizes.probe[1]}", sizes.probe, seed=7, first=300, model=trained)
     voices = speaker_voices(work / f"probe-{sizes.probe[1]}-raw" / "LibriSpeech")
-    model = ModelAdapter.load(trained)
+    model = load_adapter(trained)
     views = {"weighted": None, f"layer-{model.num_layers}": model.num_layers}
     selections = {
         "trained": select(model, selection_corpus, work / "trained.zarr"),
-        "random-init twin": select(ModelAdapter.load(twin), selection_corpus, work / "twin.zarr"),
+        "random-init twin": select(load_adapter(twin), selection_corpus, work / "twin.zarr"),
     }
     all_splits = splits(probe_corpus, voices, sizes)
     probe = Prober(probe_corpus, views, all_splits, sizes.frames, workers)
-    runs = measure(model, ModelAdapter.load(twin), selections["trained"], probe, sizes)
+    runs = measure(model, load_adapter(twin), selections["trained"], probe, sizes)
     (work / "runs.pkl").write_bytes(pickle.dumps((runs, probe.results)))  # the tables can be redrawn from it
     held_out = [
         f"seed {s.seed}: " + " + ".join(sorted({voices[x] for x in speaker_split(

@@ -26,10 +26,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from benchutil import build_corpus, corpus_arguments, emit, machine, once, paper_loop, parse, sync  # noqa: E402
 
-from neurostat.engine.batching import BatchDataset, default_batch_seconds, plan_batches  # noqa: E402
+from neurostat.engine.batching import BatchDataset, plan_batches  # noqa: E402
 from neurostat.engine.collect import CollectConfig, collect  # noqa: E402
+from neurostat.engine.device import default_batch_seconds  # noqa: E402
 from neurostat.labelspace import LabelSpace  # noqa: E402
-from neurostat.model.adapter import ModelAdapter  # noqa: E402
+from neurostat.model.loading import load_adapter  # noqa: E402
 
 
 def plain_forward(corpus, adapter, config) -> float:
@@ -52,7 +53,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         corpus, model_dir = build_corpus(work, args.speakers, args.utterances, args.layers, args.size, args.corpus_dir)
-        adapter = ModelAdapter.load(str(model_dir), device=args.device, dtype=getattr(torch, args.dtype))
+        adapter = load_adapter(str(model_dir), device=args.device, dtype=getattr(torch, args.dtype))
         config = CollectConfig(
             tokens=args.tokens,
             batch_seconds=args.batch_seconds,

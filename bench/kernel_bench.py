@@ -67,8 +67,9 @@ from neurostat.kernels.ffn_up_stats import ffn_up_stats
 from neurostat.kernels.fold_sums import fold_sums
 from neurostat.kernels.label_stats import DESIGNS, label_stats
 from neurostat.kernels.reference import topk_mask_reference
-from neurostat.model.adapter import FFN, ModelAdapter
+from neurostat.model.adapter import FFN
 from neurostat.model.factory import build_model, feature_extractor
+from neurostat.model.loading import adapter_for
 
 
 def phone_labels(num_frames: int, mode: str, rng: np.random.Generator, num_phones=41, genders=2, bins=4) -> np.ndarray:
@@ -527,8 +528,8 @@ def precision_study(model, dtype, feature_ext, batches, k, num_labels, device, b
     """Top-k memberships in a ``dtype`` run: the model-precision and fp32-precision statistics against
     act(x W1ᵀ + b1) in float64 on the FFN inputs x the ``dtype`` model feeds its layers, and whole runs
     against an fp32 forward of the same (rounded) weights."""
-    half = ModelAdapter(copy.deepcopy(model).to(device, dtype), feature_ext, "half")
-    full = ModelAdapter(copy.deepcopy(model).to(device, dtype).float(), feature_ext, "fp32 twin")
+    half = adapter_for(copy.deepcopy(model).to(device, dtype), feature_ext, "half")
+    full = adapter_for(copy.deepcopy(model).to(device, dtype).float(), feature_ext, "fp32 twin")
     D = half.width
     first = batches[0][1].to(device)
     inputs, masks, tied, route = same_x_study(half, batches[0][0], first, k)
@@ -852,7 +853,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     size = "tiny" if args.smoke else "base"
     model = build_model("hubert", size, **({"num_hidden_layers": 2, "intermediate_size": 40} if args.smoke else {}))
-    adapter = ModelAdapter(model.to(device, dtype), feature_extractor(), f"random HuBERT-{size}")
+    adapter = adapter_for(model.to(device, dtype), feature_extractor(), f"random HuBERT-{size}")
     D, H = adapter.width, adapter.config.hidden_size
     k = max(1, round(0.01 * D))
     num_labels = 41 * 2 * 4

@@ -187,10 +187,7 @@ def main() -> None:
     import soundfile as sf
 
     from neurostat.corpus.synth import synthesize
-    from neurostat.files import cache_root
-    from neurostat.frames import default_geometry
 
-    default_geometry(cache_root())  # what the first prepare of this transformers version caches (see README)
     checkouts = {"this checkout": ROOT} | ({"--before": args.before} if args.before else {})
     cold: dict[str, list[dict]] = {name: [] for name in checkouts}
     warm: dict[str, list[float]] = {name: [] for name in checkouts}

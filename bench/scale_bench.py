@@ -42,7 +42,7 @@ from benchutil import build_corpus, corpus_arguments, emit, loader_alone, machin
 from neurostat.corpus.prepare import PrepareSettings, prepare
 from neurostat.corpus.prepared import PreparedCorpus
 from neurostat.frames import default_geometry
-from neurostat.model.adapter import ModelAdapter
+from neurostat.model.loading import load_adapter
 
 AUDIO_960H = 960 * 3600.0
 H100_RATE = 343.3 / 1.218
@@ -166,7 +166,7 @@ def main() -> None:
         if args.nproc > 1:
             wall_n, job = run_collect(args.nproc, options, work / "job.zarr")
             diff = count_differences(work / "job.zarr", work / "one.zarr")
-        adapter = ModelAdapter.load(str(model_dir))
+        adapter = load_adapter(str(model_dir))
         batch_seconds = one["batching"]["batch_seconds"]
         load = loader_alone(corpus, adapter.feature_extractor, batch_seconds, args.tokens, 0)
         prep_1 = run_prepare(1, corpus, model_dir, work / "prepared-one")

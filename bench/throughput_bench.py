@@ -50,11 +50,12 @@ from benchutil import (  # noqa: E402
 )
 from transformers import AutoFeatureExtractor  # noqa: E402
 
-from neurostat.engine.batching import BatchDataset, default_batch_seconds, padding_fraction, plan_batches  # noqa: E402
+from neurostat.engine.batching import BatchDataset, padding_fraction, plan_batches  # noqa: E402
 from neurostat.engine.collect import CollectConfig, collect  # noqa: E402
+from neurostat.engine.device import default_batch_seconds  # noqa: E402
 from neurostat.engine.tokens import MODES  # noqa: E402
 from neurostat.labelspace import LabelSpace  # noqa: E402
-from neurostat.model.adapter import ModelAdapter  # noqa: E402
+from neurostat.model.loading import load_adapter  # noqa: E402
 
 HOURS = {"dev-clean (5.4 h)": 5.4, "960 h": 960.0}
 BY_HAND, PER_UTTERANCE = (
@@ -184,7 +185,7 @@ def main() -> None:
         emit(loader_section(args, corpus, model_dir, batch_seconds) + "\n", args.results)
         if args.loader_only:
             return
-        adapter = ModelAdapter.load(str(model_dir), device=args.device, dtype=getattr(torch, args.dtype))
+        adapter = load_adapter(str(model_dir), device=args.device, dtype=getattr(torch, args.dtype))
         items, padding = decoded_batches(corpus, adapter, batch_seconds, args.tokens)
         frames = sum(u.num_frames for u in corpus)
         audio = sum(u.record["num_samples"] for u in corpus) / corpus.geometry.sample_rate

@@ -13,7 +13,7 @@ __all__ = ["__version__"]
 _LAZY = {
     "open_stats": "stats",
     "prune": "model.pruning",
-    "load_pruned": "model.pruning",
+    "load_pruned": "model.loading",
     "ablated": "model.edit",
     "NeuronSet": "neuronset",
 }

@@ -185,7 +185,7 @@ def build_browser(
 
 def _neuron_page(stats, corpus, audio, prob, layer, j, member, top) -> str:
     esc = html.escape
-    i = stats.layers.index(layer)
+    i, name = stats.layers.index(layer), esc(stats.names[layer])
     profile = ""
     if "phone" in prob:
         labels = [str(p) for p in prob["phone"]["phone"].values]
@@ -206,8 +206,8 @@ def _neuron_page(stats, corpus, audio, prob, layer, j, member, top) -> str:
         )
     props = ", ".join(esc(m) for m in member) or "none of the shown properties"
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>layer {layer}, neuron {j}</title><style>{_STYLE}</style></head>
-<body><p><a href="../index.html">all neurons</a></p><h1>Layer {layer}, neuron {j}</h1>
+<html lang="en"><head><meta charset="utf-8"><title>layer {name}, neuron {j}</title><style>{_STYLE}</style></head>
+<body><p><a href="../index.html">all neurons</a></p><h1>Layer {name}, neuron {j}</h1>
 <p>Properties: <span id="properties">{props}</span></p>
 {profile}{contrasts}
 <h2>Top frames</h2><p>The largest activations over the corpus, ±{audio.context:g} s of audio around each frame.</p>
@@ -219,10 +219,11 @@ def _neuron_page(stats, corpus, audio, prob, layer, j, member, top) -> str:
 def _index_page(stats: Stats, rows) -> str:
     esc = html.escape
     body = "".join(
-        f'<tr data-search="l{layer} {layer}/{j} n{j} {esc(" ".join(member).lower())}"><td>{layer}</td><td>{j}</td>'
+        f'<tr data-search="l{name} {name}/{j} n{j} {esc(" ".join(member).lower())}"><td>{name}</td><td>{j}</td>'
         f"<td>{esc(', '.join(member))}</td><td>{value:.4f}</td>"
         f'<td><a href="neurons/L{layer}-{j}.html">open</a></td></tr>'
         for layer, j, member, value in rows
+        for name in [esc(stats.names[layer])]
     )
     m = stats.meta.model
     return f"""<!doctype html>

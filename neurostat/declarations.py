@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 RULES = ("sum", "chan", "max", "top")
-STORE_NAMES = ("layer", "label", "neuron", "top", "utterance")
+STORE_NAMES = ("layer", "label", "neuron", "top", "utterance", "ffn", "original_neuron")
 """The store's dimensions and coordinates besides the label parts' (which no label part may take)."""
 KERNELS = ("label_stats", "fold_sums", "ffn_up_stats")
 

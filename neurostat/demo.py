@@ -12,7 +12,8 @@ from pathlib import Path
 from .corpus.prepare import PrepareSettings, Ranks, prepare
 from .corpus.synth import synthesize
 from .files import cache_root
-from .model.adapter import DEMO, load_geometry, model_source
+from .model.checkpoints import DEMO, model_source
+from .model.loading import load_geometry
 
 DEMO_SUBSET = "dev-clean"
 DEMO_TOKENS = "all"

@@ -6,8 +6,12 @@ store B.  Per (layer, label, neuron) cell: a two-sided two-proportion z-test of 
 tokens in A against B, with the pooled variance; cells without tokens in A or in B are not tested, and the
 p-values of all tested cells are corrected together by Benjamini–Hochberg (false discovery rate ≤ α).
 
+A neuron is the same neuron in both stores by its index in the original model: a pruned model's store records
+that index for each neuron it kept (``original_neuron``), so ``diff original.zarr pruned.zarr`` compares the
+neurons pruning kept — what pruning did to them — and names them by their original index.
+
 >>> d = diff_stores("a.zarr", "b.zarr", out="diff/")   # diff/index.html, diff/diff.json, PNGs
->>> d.properties["gender"].gained                       # {layer: [neuron indices]}
+>>> d.properties["gender"].gained                       # {layer: [neuron indices (original ones)]}
 """
 
 from __future__ import annotations
@@ -99,6 +103,12 @@ class StoreDiff:
     summed_out: dict[str, list[str]] = field(default_factory=dict)  # per store: label parts the other lacks
     test: str = TEST
     correction: str = CORRECTION
+    names: list[str] = field(default_factory=list)  # each layer entry's name (3, or 3.ffn1 and 3.ffn2)
+    compared: dict[int, int] = field(default_factory=dict)  # per layer: neurons both stores have (all, unpruned)
+
+    def name(self, layer: int) -> str:
+        """The name of the layer-axis entry ``layer`` (its number in diffs written before the names)."""
+        return self.names[self.layers.index(layer)] if self.names else str(layer)
 
     @property
     def empty(self) -> bool:
@@ -110,6 +120,7 @@ class StoreDiff:
     def to_dict(self) -> dict:
         out = asdict(self)
         out["changed_neurons"] = {str(n): c for n, c in self.changed_neurons.items()}
+        out["compared"] = {str(n): c for n, c in self.compared.items()}
         out["properties"] = {name: p.to_dict() for name, p in self.properties.items()}
         out["top"] = [c.to_dict() for c in self.top]
         return out
@@ -120,6 +131,7 @@ class StoreDiff:
             **{
                 **d,
                 "changed_neurons": {int(n): c for n, c in d["changed_neurons"].items()},
+                "compared": {int(n): c for n, c in d.get("compared", {}).items()},
                 "properties": {name: PropertyChange.from_dict(p) for name, p in d["properties"].items()},
                 "top": [CellChange.from_dict(c) for c in d["top"]],
             }
@@ -127,7 +139,8 @@ class StoreDiff:
 
     def describe(self) -> str:
         """Readable summary: the test, per property and layer the neurons gained/lost/kept, changed neurons."""
-        head = " ".join(f"{n:>5}" for n in self.layers)
+        col = max(5, *(len(self.name(n)) for n in self.layers))
+        head = " ".join(f"{self.name(n):>{col}}" for n in self.layers)
         lines = [f"A = {self.a}, B = {self.b}"]
         if any(self.summed_out.values()):
             lines.append(
@@ -138,17 +151,23 @@ class StoreDiff:
             f"{self.tested:,} cells (layer × {' × '.join(self.by)} × neuron) tested: {self.test}; "
             f"{CORRECTION} at α = {self.alpha}: {self.significant:,} significant",
             f"{'layer':<22}{head}   total",
+            *(
+                [f"{'neurons compared':<22}" + " ".join(f"{self.compared[n]:>{col}}" for n in self.layers)]
+                + [f"{'':<22}(the neurons both stores have, by their index in the original model)"]
+                if self.compared
+                else []
+            ),
             f"{'changed neurons':<22}"
-            + " ".join(f"{self.changed_neurons[n]:>5}" for n in self.layers)
+            + " ".join(f"{self.changed_neurons[n]:>{col}}" for n in self.layers)
             + f"   {sum(self.changed_neurons.values())}",
         ]
         for name, p in self.properties.items():
             for kind, per in (("gained", p.gained), ("lost", p.lost)):
                 counts = [len(per[n]) for n in self.layers]
-                lines.append(f"{name + ' ' + kind:<22}" + " ".join(f"{c:>5}" for c in counts) + f"   {sum(counts)}")
+                lines.append(f"{name + ' ' + kind:<22}" + " ".join(f"{c:>{col}}" for c in counts) + f"   {sum(counts)}")
             lines.append(
                 f"{name + ' kept':<22}"
-                + " ".join(f"{p.kept[n]:>5}" for n in self.layers)
+                + " ".join(f"{p.kept[n]:>{col}}" for n in self.layers)
                 + f"   {sum(p.kept.values())}"
             )
         if self.empty:
@@ -229,23 +248,54 @@ def check_comparable(a: Stats, b: Stats) -> list[str]:
             f"A = {a.path} and B = {b.path} have different label vocabularies ({'; '.join(labels)}): diff compares "
             "two stores over the same labels"
         )
-    notes = []
-    if a.layers != b.layers or a.width != b.width:
+    pruned = [s for s in (a, b) if "original_neuron" in s.ds.coords]
+    if a.layers != b.layers or (a.width != b.width and not pruned):
         raise DiffError(
             f"A = {a.path} has layers {a.layers} × {a.width} neurons, B = {b.path} layers {b.layers} × {b.width}: "
-            "diff compares models of the same geometry"
+            "diff compares models of the same geometry, or a model and a pruned copy of it"
         )
     for s in (a, b):
         if "topk_count" not in s.ds:
             raise DiffError(f"{s.path} has no topk statistic (collected: {', '.join(s.meta.stats)}); collect it")
+    notes = []
+    sources = {s.meta.model.get("pruned_from") or s.meta.model["model"] for s in (a, b)}
+    if pruned and len(sources) > 1:
+        notes.append(f"A and B come from different models ({', '.join(sorted(sources))}): neurons are matched by index")
+    return notes + _setting_notes(a, b)
+
+
+def _setting_notes(a: Stats, b: Stats) -> list[str]:
+    """A warning naming each statistic setting that differs (a pruned model's k follows its width: not named)."""
+    keys = ("tokens", "topk_ratio", "drop_final_run") + (() if a.width != b.width else ("k",))
     settings = [
         f"{key} A {a.meta.statistics.get(key)!r}, B {b.meta.statistics.get(key)!r}"
-        for key in ("tokens", "topk_ratio", "k", "drop_final_run")
+        for key in keys
         if a.meta.statistics.get(key) != b.meta.statistics.get(key)
     ]
-    if settings:
-        notes.append(f"the stores were collected with different settings: {'; '.join(settings)}")
-    return notes
+    return [f"the stores were collected with different settings: {'; '.join(settings)}"] if settings else []
+
+
+@dataclass(frozen=True)
+class _Alignment:
+    """The neurons both stores have, per layer (position in ``layers``): their index in the original model and
+    their positions in A's and in B's neuron axis, ascending by that index."""
+
+    original: list[np.ndarray]
+    a: list[np.ndarray]
+    b: list[np.ndarray]
+
+    @classmethod
+    def of(cls, sa: Stats, sb: Stats) -> _Alignment:
+        out = [np.intersect1d(sa.original_neurons(n), sb.original_neurons(n), return_indices=True) for n in sa.layers]
+        return cls([o for o, _, _ in out], [a for _, a, _ in out], [b for _, _, b in out])
+
+    def original_set(self, stats: Stats, neurons) -> dict[int, set[int]]:
+        """A store's neuron set as original indices, restricted to the neurons both stores have."""
+        common = dict(zip(stats.layers, self.original))
+        return {
+            n: set(stats.original_neurons(n)[sorted(neurons[n])].tolist()) & set(common[n].tolist())
+            for n in stats.layers
+        }
 
 
 def diff_stores(
@@ -268,6 +318,7 @@ def diff_stores(
         out = check_out_folder(out, "diff page", is_diff_page, (a, b))
     sa, sb = open_stats(a), open_stats(b)
     notes = check_comparable(sa, sb)
+    pruned = any("original_neuron" in s.ds.coords for s in (sa, sb))
     for note in notes:
         warnings.warn(note, stacklevel=2)
     shared = shared_parts(sa, sb)
@@ -276,32 +327,42 @@ def diff_stores(
     if outside:
         raise DiffError(f"--by {','.join(outside)}: not a label part of both stores (both count {', '.join(shared)})")
     labels = [list(sa.label_space.vocab(p)) for p in by]
-    ca, cb = (s.counts("topk", by).values.reshape(len(sa.layers), -1, sa.width) for s in (sa, sb))
+    align = _Alignment.of(sa, sb)
+    ca, cb = (s.counts("topk", by).values.reshape(len(sa.layers), -1, s.width) for s in (sa, sb))
     na, nb = (s.tokens(by).values.reshape(-1) for s in (sa, sb))
     tested = (na > 0) & (nb > 0)
-    z, p = two_proportion_test(ca[:, tested], na[tested, None], cb[:, tested], nb[tested, None])
-    q = benjamini_hochberg(p.ravel()).reshape(p.shape)
-    significant = q <= alpha
     label_ids = np.flatnonzero(tested)
-    where = np.nonzero(significant)
-    order = np.lexsort((-np.abs(z[where]), q[where]))[:top]  # smallest q first, then largest |z|
+    tests = [
+        two_proportion_test(ca[i][tested][:, ia], na[tested, None], cb[i][tested][:, ib], nb[tested, None])
+        for i, (ia, ib) in enumerate(zip(align.a, align.b))
+    ]
+    p_all = np.concatenate([p.ravel() for _, p in tests]) if tests else np.zeros(0)
+    q_all = benjamini_hochberg(p_all)
+    bounds = np.cumsum([0] + [p.size for _, p in tests])
+    qs = [q_all[lo:hi].reshape(p.shape) for (lo, hi), (_, p) in zip(zip(bounds[:-1], bounds[1:]), tests)]
+    significant = [q <= alpha for q in qs]
+    cells = [  # (q, -|z|, layer position, tested label position, compared neuron position)
+        (q[t, j], -abs(z[t, j]), i, t, j)
+        for i, ((z, _), q, sig) in enumerate(zip(tests, qs, significant))
+        for t, j in zip(*np.nonzero(sig))
+    ]
     shape = [len(v) for v in labels]
     changes = []
-    for i, t, j in zip(*(w[order] for w in where)):
-        label = label_ids[t]
+    for _, _, i, t, j in sorted(cells)[:top]:  # smallest q first, then largest |z|
+        label, (z, p) = label_ids[t], tests[i]
         joint = np.unravel_index(label, shape)
         changes.append(
             CellChange(
                 layer=sa.layers[i],
                 label={part: labels[k][joint[k]] for k, part in enumerate(by)},
-                neuron=int(j),
-                count_a=int(ca[i, label, j]),
+                neuron=int(align.original[i][j]),
+                count_a=int(ca[i, label, align.a[i][j]]),
                 tokens_a=int(na[label]),
-                count_b=int(cb[i, label, j]),
+                count_b=int(cb[i, label, align.b[i][j]]),
                 tokens_b=int(nb[label]),
-                z=float(z[i, t, j]),
-                p=float(p[i, t, j]),
-                q=float(q[i, t, j]),
+                z=float(z[t, j]),
+                p=float(p[t, j]),
+                q=float(qs[i][t, j]),
             )
         )
     names = properties or tuple(p for p in PROPERTIES if p != "phone" and has_labels(sa, p))
@@ -310,12 +371,11 @@ def diff_stores(
     notes += [f"in {s} {m.removeprefix('warning ')}" for s, msgs in (("A", msg_a), ("B", msg_b)) for m in msgs]
     changed = {}
     for name in names:
-        na_set, nb_set = sets_a[name].neurons, sets_b[name].neurons
-        gained, lost, kept = nb_set - na_set, na_set - nb_set, na_set & nb_set
+        in_a, in_b = align.original_set(sa, sets_a[name].neurons), align.original_set(sb, sets_b[name].neurons)
         changed[name] = PropertyChange(
-            {n: sorted(gained[n]) for n in sa.layers},
-            {n: sorted(lost[n]) for n in sa.layers},
-            {n: len(kept[n]) for n in sa.layers},
+            {n: sorted(in_b[n] - in_a[n]) for n in sa.layers},
+            {n: sorted(in_a[n] - in_b[n]) for n in sa.layers},
+            {n: len(in_a[n] & in_b[n]) for n in sa.layers},
         )
     result = StoreDiff(
         a=str(a),
@@ -324,9 +384,11 @@ def diff_stores(
         alpha=alpha,
         sigma=sigma,
         layers=sa.layers,
-        tested=int(p.size),
-        significant=int(significant.sum()),
+        names=[sa.names[n] for n in sa.layers],
+        tested=int(p_all.size),
+        significant=int(sum(int(sig.sum()) for sig in significant)),
         changed_neurons={n: int(significant[i].any(axis=0).sum()) for i, n in enumerate(sa.layers)},
+        compared={n: len(o) for n, o in zip(sa.layers, align.original)} if sa.width != sb.width or pruned else {},
         properties=changed,
         top=changes,
         warnings=notes,
@@ -356,7 +418,12 @@ def _group_probability(stats: Stats, name: str) -> dict[str, np.ndarray]:
 
 def _property_figure(d: StoreDiff, name: str, sa: Stats, sb: Stats) -> Figure:
     change = d.properties[name]
-    pa, pb = _group_probability(sa, name), _group_probability(sb, name)
+    align = _Alignment.of(sa, sb)
+
+    def aligned(prob: dict[str, np.ndarray], at: list[np.ndarray]) -> dict[str, np.ndarray]:
+        return {g: np.concatenate([v[i, idx] for i, idx in enumerate(at)]) for g, v in prob.items()}
+
+    pa, pb = aligned(_group_probability(sa, name), align.a), aligned(_group_probability(sb, name), align.b)
 
     def draw(fig):
         left, right = fig.subplots(1, 2)
@@ -365,7 +432,7 @@ def _property_figure(d: StoreDiff, name: str, sa: Stats, sb: Stats) -> Figure:
         left.bar(d.layers, gained, color="#55a868", label="gained (B only)")
         left.bar(d.layers, lost, color="#c44e52", label="lost (A only)")
         left.axhline(0, color="black", linewidth=0.8)
-        left.set_xticks(d.layers)
+        left.set_xticks(d.layers, [d.name(n) for n in d.layers])
         left.set_xlabel("layer")
         left.set_ylabel("property neurons")
         left.legend(fontsize=8)
@@ -389,13 +456,14 @@ def _write_page(d: StoreDiff, sa: Stats, sb: Stats, out: Path) -> None:
         (out / f"{f.name}.png").write_bytes(f.png)
     atomic_write(out / "diff.json", json.dumps(d.to_dict(), indent=1))
     esc = html.escape
-    head = "".join(f"<th>{n}</th>" for n in d.layers)
+    head = "".join(f"<th>{esc(d.name(n))}</th>" for n in d.layers)
 
     def row(title: str, values: list[int], attrs: str) -> str:
         cells = "".join(f'<td {attrs} data-layer="{n}">{v}</td>' for n, v in zip(d.layers, values))
         return f"<tr><th>{esc(title)}</th>{cells}<td>{sum(values)}</td></tr>"
 
-    rows = [row("changed neurons", [d.changed_neurons[n] for n in d.layers], 'data-kind="changed"')]
+    rows = [row("neurons compared", [d.compared[n] for n in d.layers], 'data-kind="compared"')] if d.compared else []
+    rows.append(row("changed neurons", [d.changed_neurons[n] for n in d.layers], 'data-kind="changed"'))
     for name, p in d.properties.items():
         for kind, values in (
             ("gained", [len(p.gained[n]) for n in d.layers]),
@@ -404,7 +472,7 @@ def _write_page(d: StoreDiff, sa: Stats, sb: Stats, out: Path) -> None:
         ):
             rows.append(row(f"{name} {kind}", values, f'data-property="{esc(name)}" data-kind="{kind}"'))
     cells = "".join(
-        f"<tr><td>{c.layer}</td><td>{esc(', '.join(c.label.values()))}</td><td>{c.neuron}</td>"
+        f"<tr><td>{esc(d.name(c.layer))}</td><td>{esc(', '.join(c.label.values()))}</td><td>{c.neuron}</td>"
         f"<td>{c.count_a}/{c.tokens_a}</td><td>{c.count_b}/{c.tokens_b}</td><td>{c.z:.2f}</td><td>{c.q:.2e}</td></tr>"
         for c in d.top
     )

@@ -1,35 +1,31 @@
-"""Frame geometry of a speech model's convolutional front end, and frame labelling by centre.
+"""Frame geometry of a speech model's front end, and frame labelling by centre.
 
-A front end of stacked unpadded convolutions (kernels k_i, strides s_i) maps L samples to
-frames by the successive rule ``L <- floor((L - k_i) / s_i) + 1``.  Frame t covers the samples
-``[stride * t, stride * t + receptive_field)`` and is centred at
-``(stride * t + receptive_field / 2) / sample_rate`` seconds.  Frames are labelled with the
-interval that contains their centre (``centre``, neurostat's default; pitch is sampled at the same
-centres), or, as in the paper, with the interval of largest overlap with the stride grid cell
+A front end of stacked convolutions (kernels k_i, strides s_i, padding p_i on each side) maps L samples
+to frames.  Frame t covers the samples ``[stride * t - offset, stride * t - offset + receptive_field)``
+and is centred at ``(stride * t + receptive_field / 2 - offset) / sample_rate`` seconds.  Frames are
+labelled with the interval that contains their centre (``centre``, neurostat's default; pitch is sampled
+at the same centres), or, as in the paper, with the interval of largest overlap with the stride grid cell
 ``[stride * t, stride * (t + 1))`` (``overlap``: 20 ms cells for the wav2vec2 family).
 
-Whisper's front end is padded: a log-mel STFT centred on its frames (``n_fft`` samples every ``hop_length``,
-``n_fft // 2`` samples of reflect padding) and two convolutions of kernel 3 padded by 1, the second of
-stride 2.  A padded geometry (``conv_padding``) starts frame t's field ``offset`` samples before
-``stride * t``, so frame t of Whisper is centred at ``stride * t`` (20 ms grid, Whisper's own timestamps);
-its frames are those whose centre lies inside the utterance.  Whisper also sees fixed ``window``s of
-samples (30 s): an utterance is cut into windows, each a separate forward whose frames continue the
-utterance's frame numbering (a window holds exactly ``window / stride`` frames).
+How many frames an utterance has is the model's own rule (:data:`COUNTS`): the unpadded convolutions of
+the wav2vec2 family, ``L <- floor((L - k_i) / s_i) + 1`` (HF ``_get_feat_extract_output_lengths``);
+Whisper's frames whose centre lies inside the utterance (its front end is padded: frame t is centred at
+``stride * t``); FastConformer's whole hops of its STFT, ``L // hop``, then each padded convolution's
+``floor((L + 2 p_i - k_i) / s_i) + 1``.  Where each family's geometry comes from is
+:mod:`neurostat.model.families`.  Whisper also sees fixed ``window``s of samples (30 s): an utterance is cut
+into windows, each a separate forward whose frames continue the utterance's frame numbering (a window holds
+exactly ``window / stride`` frames).
 """
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, replace
-from importlib.metadata import version
-from pathlib import Path
 
 import numpy as np
 
-WHISPER_CONVS = ((3, 1), (3, 1))
-"""(kernel, padding) of Whisper's two encoder convolutions (transformers' ``WhisperEncoder`` fixes them; the
-second's stride follows from the config: mel frames per window over ``max_source_positions``)."""
+COUNTS = ("conv", "centre", "hops")
+"""Frame-count rules: unpadded convolutions (the wav2vec2 family), frames whose centre lies inside the
+utterance (Whisper), or whole hops of a centred STFT and then padded convolutions (FastConformer)."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +35,12 @@ class FrameGeometry:
     conv_stride: tuple[int, ...]
     conv_padding: tuple[int, ...] = ()  # per layer, on each side; () = unpadded (the wav2vec2 family)
     window: int = 0  # samples of the model's fixed input window (Whisper); 0 = whole utterances
+    count: str = ""  # one of COUNTS; "" = conv when unpadded, centre when padded (geometries written before it)
+
+    @property
+    def rule(self) -> str:
+        """The frame-count rule (:data:`COUNTS`) this geometry follows."""
+        return self.count or ("centre" if self.conv_padding else "conv")
 
     @property
     def stride(self) -> int:
@@ -67,16 +69,19 @@ class FrameGeometry:
         return self.window // self.stride
 
     def num_frames(self, num_samples: int) -> int:
-        """Frame count for ``num_samples`` samples: unpadded, HF ``_get_feat_extract_output_lengths``;
-        padded, the frames whose centre lies before the utterance's end (over windows, the same count)."""
-        if self.conv_padding:
+        """Frame count for ``num_samples`` samples by the model's own rule (:attr:`rule`)."""
+        rule = self.rule
+        if rule == "centre":
             centre0 = self.receptive_field - 2 * self.offset  # twice frame 0's centre, in samples
             return max(0, -((centre0 - 2 * num_samples) // (2 * self.stride)))
+        layers = list(zip(self.conv_kernel, self.conv_stride, self.conv_padding or (0,) * len(self.conv_kernel)))
         n = num_samples
-        for k, s in zip(self.conv_kernel, self.conv_stride):
-            if n < k:
+        if rule == "hops":
+            n, layers = n // self.conv_stride[0], layers[1:]
+        for k, s, p in layers:
+            if n + 2 * p < k or n <= 0:
                 return 0
-            n = (n - k) // s + 1
+            n = (n + 2 * p - k) // s + 1
         return n
 
     def centres(self, num_frames: int) -> np.ndarray:
@@ -95,6 +100,8 @@ class FrameGeometry:
             d["conv_padding"] = list(self.conv_padding)
         if self.window:
             d["window"] = self.window
+        if self.count:
+            d["count"] = self.count
         return d
 
     @classmethod
@@ -105,47 +112,15 @@ class FrameGeometry:
             tuple(d["conv_stride"]),
             tuple(d.get("conv_padding", ())),
             int(d.get("window", 0)),
-        )
-
-    @classmethod
-    def from_config(cls, config, sample_rate: int, feature_extractor=None) -> "FrameGeometry":
-        """Geometry of an HF wav2vec2-family config (``conv_kernel``, ``conv_stride``), or of a Whisper
-        config with its ``feature_extractor`` (:meth:`whisper`)."""
-        if getattr(config, "model_type", None) == "whisper":
-            if feature_extractor is None:
-                raise ValueError("a Whisper model's frame geometry needs its feature extractor")
-            return cls.whisper(config, feature_extractor)
-        return cls(
-            int(sample_rate), tuple(int(k) for k in config.conv_kernel), tuple(int(s) for s in config.conv_stride)
-        )
-
-    @classmethod
-    def whisper(cls, config, feature_extractor, convs: tuple[tuple[int, int], ...] = WHISPER_CONVS) -> "FrameGeometry":
-        """Whisper's geometry from its config (``max_source_positions``) and its feature extractor (``n_fft``,
-        ``hop_length``, ``n_samples`` = ``chunk_length`` × ``sampling_rate``); ``convs``: the encoder's
-        convolutions as (kernel, padding), the last one's stride taking mel frames to encoder frames.
-        A ValueError when the window is not a whole number of encoder frames."""
-        fe = feature_extractor
-        hop, window, frames = int(fe.hop_length), int(fe.n_samples), int(config.max_source_positions)
-        mel_frames = window // hop
-        if window % hop or mel_frames % frames:
-            raise ValueError(
-                f"a window of {window} samples ({fe.chunk_length} s) is {window / hop:g} mel frames of {hop} "
-                f"samples, not a whole number of windows of the config's {frames} max_source_positions"
-            )
-        strides = (1,) * (len(convs) - 1) + (mel_frames // frames,)
-        return cls(
-            int(fe.sampling_rate),
-            (int(fe.n_fft), *(k for k, _ in convs)),
-            (hop, *strides),
-            (int(fe.n_fft) // 2, *(p for _, p in convs)),
-            window,
+            str(d.get("count", "")),
         )
 
     def describe(self) -> str:
         windows = f", windows of {self.window} samples" if self.window else ""
+        count = f", frames counted by {self.count}" if self.count else ""
         return (
-            f"stride {self.stride} / receptive field {self.receptive_field} samples at {self.sample_rate} Hz{windows}"
+            f"stride {self.stride} / receptive field {self.receptive_field} samples at {self.sample_rate} Hz"
+            f"{windows}{count}"
         )
 
     def at_rate(self, sample_rate: int) -> "FrameGeometry":
@@ -153,28 +128,11 @@ class FrameGeometry:
         return replace(self, sample_rate=int(sample_rate))
 
 
-def default_geometry(cache: str | Path | None = None) -> FrameGeometry:
-    """The geometry of the wav2vec2/HuBERT family's default config and feature extractor.  With ``cache`` (a
-    folder) it is kept there per transformers version, so that later calls read it without importing
-    transformers and torch (seconds, which `neurostat prepare` would spend on every run)."""
-    path = None if cache is None else Path(cache) / f"default-geometry-transformers-{version('transformers')}.json"
-    if path is not None:
-        try:
-            return FrameGeometry.from_dict(json.loads(path.read_text()))
-        except (OSError, ValueError, KeyError, TypeError):  # none written yet, or a file cut short
-            pass
-    from transformers import HubertConfig, Wav2Vec2FeatureExtractor
-
-    geometry = FrameGeometry.from_config(HubertConfig(), Wav2Vec2FeatureExtractor().sampling_rate)
-    if path is not None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(geometry.to_dict()))
-            os.replace(tmp, path)
-        except OSError:  # a read-only cache: computed each time
-            pass
-    return geometry
+def default_geometry() -> FrameGeometry:
+    """The geometry of the wav2vec2/HuBERT family's default config and feature extractor (transformers'
+    defaults: seven convolutions, 20 ms frames at 16 kHz; a test holds it to the family table's geometry of
+    that config)."""
+    return FrameGeometry(16000, (10, 3, 3, 3, 3, 2, 2), (5, 2, 2, 2, 2, 2, 2))
 
 
 def label_frames(starts: np.ndarray, ends: np.ndarray, ids: np.ndarray, centres: np.ndarray) -> np.ndarray:

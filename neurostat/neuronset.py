@@ -21,7 +21,8 @@ class NeuronSetError(ValueError):
 @dataclass(frozen=True)
 class NeuronModel:
     """The model whose neurons a set indexes: its source (hub id or folder), revision, the SHA-1 of its
-    weights (local folders; None for a hub id, whose revision names it) and its geometry.  ``select``
+    weights (local folders; None for a hub id, whose revision names it) and its geometry (FFN entries — a
+    Conformer layer has two — and the widest one's width).  ``select``
     records it in the settings file beside each neuron file; ``prune``, ``ablate``, ``report`` and
     ``browse`` compare it with the model they apply the file to."""
 
@@ -34,8 +35,8 @@ class NeuronModel:
     @classmethod
     def of_store(cls, model: dict) -> NeuronModel:
         """From a store's model record (``StoreMeta.model``)."""
-        return cls(model.get("model"), int(model["num_layers"]), int(model["width"]), model.get("weights_sha1"),
-                   model.get("revision"))  # fmt: skip
+        entries = int(model.get("num_entries", model["num_layers"]))  # a Conformer's layers hold two FFN entries
+        return cls(model.get("model"), entries, int(model["width"]), model.get("weights_sha1"), model.get("revision"))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -32,11 +32,12 @@ import torch.nn.functional as F
 from .choices import PROBE_TASKS
 from .corpus.prepared import PreparedCorpus
 from .corpus.synth import speaker_voices
+from .engine.device import resolve_device
 from .engine.features import layer_features
 from .errors import OptionError
-from .model.adapter import ModelAdapter, resolve_device
+from .model.adapter import ModelAdapter
+from .model.loading import load_adapter
 from .model.provenance import EditRecord
-from .model.pruning import load_adapter
 from .phones import BROAD_CLASSES, NON_SPEECH
 
 PHONE_TYPES = tuple(BROAD_CLASSES)

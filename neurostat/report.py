@@ -69,7 +69,7 @@ def _per_layer(stats: Stats, sets: dict[str, NeuronSet]) -> Figure:
             ax.plot(stats.layers, [counts.get(n, 0) for n in stats.layers], marker="o", label=name)
         ax.set_xlabel("layer")
         ax.set_ylabel("property neurons")
-        ax.set_xticks(stats.layers)
+        ax.set_xticks(stats.layers, [stats.names[n] for n in stats.layers])
         ax.legend()
 
     return render_figure(draw, "neurons_per_layer", "Property neurons per layer")
@@ -131,7 +131,7 @@ def _histograms(stats: Stats) -> Figure:
         for ax, layer, p in zip(axes, stats.layers, prob):
             ax.hist(p, bins=40, color="#55a868")
             ax.axvline(stats.chance, color="black", linestyle=":", linewidth=1)
-            ax.set_title(f"layer {layer}", fontsize=9)
+            ax.set_title(f"layer {stats.names[layer]}", fontsize=9)
         for ax in axes[len(stats.layers) :]:
             ax.axis("off")
 
@@ -420,7 +420,7 @@ def _page(stats: Stats, counts, regions, figures, sigma: float, from_files: bool
     m = stats.meta.model
     esc = html.escape
     source = "neuron files" if from_files else f"the paper's rule, σ = {sigma}, statistic topk"
-    head = "".join(f"<th>{n}</th>" for n in stats.layers)
+    head = "".join(f"<th>{esc(stats.names[n])}</th>" for n in stats.layers)
     rows = "".join(
         f"<tr><th>{esc(name)}</th>"
         + "".join(f'<td data-property="{esc(name)}" data-layer="{n}">{c}</td>' for n, c in per.items())
@@ -437,12 +437,13 @@ def _page(stats: Stats, counts, regions, figures, sigma: float, from_files: bool
         for f in figures
     )
     p = stats.meta.progress
+    ffns = f"{m['ffns_per_layer']} FFNs × " if m.get("ffns_per_layer", 1) > 1 else ""
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">{TITLE}: {esc(str(stats.path))}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}img{{max-width:100%}}</style></head>
 <body><h1>neurostat report</h1>
-<p>Store <code>{esc(str(stats.path))}</code>: {esc(m["model"])} ({m["num_layers"]} layers × {m["width"]} neurons),
+<p>Store <code>{esc(str(stats.path))}</code>: {esc(m["model"])} ({m["num_layers"]} layers × {ffns}{m["width"]} neurons),
 {p.utterances_done} utterances, {p.tokens:,} tokens ({esc(stats.meta.statistics["tokens"])}),
 k = {stats.k} (chance {stats.chance:.4f}). Property neurons from {esc(source)}.</p>
 <h2>Property neurons per layer</h2>

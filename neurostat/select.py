@@ -428,12 +428,14 @@ def describe_selections(stats: Stats, selections: dict[str, Selection], max_grou
     width = max(
         [5] + [len(name) for name in selections] + [len(f"  N[{g}]") for groups in shown.values() for g, _ in groups]
     )
-    lines.append("layer".ljust(width) + " " + " ".join(f"{n:>5}" for n in layers) + "   total")
+    col = max(5, *(len(stats.names[n]) for n in layers))  # a Conformer's entries are named 3.ffn1, 3.ffn2
+    lines.append("layer".ljust(width) + " " + " ".join(f"{stats.names[n]:>{col}}" for n in layers) + "   total")
     for name, sel in selections.items():
         counts = sel.neurons.counts()
-        lines.append(name.ljust(width) + " " + " ".join(f"{counts[n]:>5}" for n in layers) + f"   {len(sel.neurons)}")
+        row = " ".join(f"{counts[n]:>{col}}" for n in layers)
+        lines.append(name.ljust(width) + " " + row + f"   {len(sel.neurons)}")
         for g, group in shown[name]:
-            row = " ".join(f"{group.counts()[n]:>5}" for n in layers)
+            row = " ".join(f"{group.counts()[n]:>{col}}" for n in layers)
             lines.append(f"  N[{g}]".ljust(width) + " " + row + f"   {len(group)}")
         if len(sel.groups) > max_groups:
             lines.append(f"  ... and {len(sel.groups) - max_groups} more groups (neurostat.select in Python has all)")

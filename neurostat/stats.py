@@ -51,6 +51,23 @@ class Stats:
         self.k = self.meta.k
         self.width = int(self.ds.sizes["neuron"])
         self.layers = [int(v) for v in self.ds["layer"].values]
+        """The collected entries of the layer axis (1-based; one per FFN: a Conformer layer has two)."""
+        names = self.ds["ffn"].values if "ffn" in self.ds.coords else self.layers  # stores before it: one FFN a layer
+        self.names = {layer: str(name) for layer, name in zip(self.layers, names)}
+        """Each collected entry's name: ``3``, or ``3.ffn1`` and ``3.ffn2`` for a Conformer."""
+
+    def original_neurons(self, layer: int) -> np.ndarray:
+        """The collected neurons of the entry ``layer`` as indices of the model they come from: for a pruned
+        model's store its ``original_neuron`` coordinate (the neurons pruning kept), else 0..width-1."""
+        if "original_neuron" not in self.ds.coords:
+            return np.arange(self.width)
+        return np.asarray(self.ds["original_neuron"].values[self.layers.index(layer)], dtype=np.int64)
+
+    @property
+    def num_entries(self) -> int:
+        """The model's entries of the layer axis (its FFNs), collected or not."""
+        model = self.meta.model
+        return int(model.get("num_entries", model["num_layers"]))
 
     @property
     def chance(self) -> float:
@@ -216,6 +233,20 @@ def open_stats(path: str | Path) -> Stats:
     return Stats(path)
 
 
+def _describe_forward(meta: StoreMeta) -> list[str]:
+    """What the model's forward did, as the store records it (stores written before a field existed say
+    what they have)."""
+    b, s = meta.batching, meta.statistics
+    frame_mask = b.get("frame_mask") or b.get("transformer", "?")
+    where = f" on {b['device']}" if "device" in b else ""
+    return [
+        f"forward: {b.get('front_end', '?')} front end{where}; group norm: {b.get('group_norm', '?')}; "
+        f"frame mask: {frame_mask}",
+        f"precision: {meta.fingerprint.get('dtype', 'float32')} model; statistics {s.get('precision', '?')}; "
+        f"moments: {s.get('moments', '?')}",
+    ]
+
+
 def describe_store(path: str | Path) -> str:
     """A readable summary of a store, complete or not (what `neurostat info` prints)."""
     meta = StoreMeta.read(path)
@@ -229,10 +260,13 @@ def describe_store(path: str | Path) -> str:
     quantiles = pitch_meta.get("quantiles")
     lines = [
         f"store: {path} ({'complete' if meta.complete else 'INCOMPLETE'}; neurostat {meta.version})",
-        f"model: {m['model']} ({m['model_type']}, revision {m['revision']}), {m['num_layers']} layers x {m['width']} FFN neurons"
+        f"model: {m['model']} ({m['model_type']}, revision {m['revision']}), {m['num_layers']} layers x "
+        + (f"{m['ffns_per_layer']} FFNs x " if m.get("ffns_per_layer", 1) > 1 else "")
+        + f"{m['width']} FFN neurons"
         + (f"; {m['head']}" if m.get("head") else ""),
-        f"layers collected: {', '.join(map(str, meta.layers))}",
+        f"layers collected: {', '.join(meta.entry_names)}",
         f"statistics: {', '.join(meta.stats)}; tokens {s['tokens']}; top-k k = {meta.k} (λ = {s['topk_ratio']}); backend {s['backend']}",
+        *_describe_forward(meta),
         "labels: " + " x ".join(f"{len(v)} {part}" for part, v in labels.items()) + " joint labels" + pitch,
         f"corpus: {meta.corpus['root']}{' / ' + meta.corpus['subset'] if meta.corpus.get('subset') else ''} "
         f"(shard {meta.corpus['shard']})",

@@ -167,8 +167,15 @@ class StoreMeta:
 
     @property
     def layers(self) -> list[int]:
-        """The collected layers, 1-based."""
+        """The collected entries of the layer axis, 1-based."""
         return list(self.fingerprint["layers"])
+
+    @property
+    def entry_names(self) -> list[str]:
+        """Each collected entry's name (``3``, ``3.ffn1``), from the model's record (a store written before the
+        names had one FFN a layer: its number)."""
+        names = self.model.get("entries")
+        return [names[n - 1] if names else str(n) for n in self.layers]
 
     def for_rank(self, rank: int, size: int) -> StoreMeta:
         """The metadata of one rank's partial store."""
@@ -373,13 +380,14 @@ class StoreWriter:
         """Writes the root arrays and ``meta``, marked complete; then drops the checkpoint state (the
         arrays hold it all) unless ``keep_checkpoint``.  ``dims``: each array's dimensions [default
         (label,) for ``frames``, else (layer, label, neuron)]; coordinates ``layer`` and ``utterance``
-        lie along their own dimension, the others along ``label``."""
+        lie along their own dimension, ``ffn`` (each entry's name) along ``layer``, ``original_neuron`` (a
+        pruned model's neurons' original indices) along (``layer``, ``neuron``), the others along ``label``."""
         import zarr
 
         root = zarr.open_group(self.path, mode="a", zarr_format=3)
-        label_coords = " ".join(c for c in coords if c not in _OWN_DIM)
+        coord_dims = {name: _COORD_DIMS.get(name, ("label",)) for name in coords}
         for name, values in coords.items():
-            along = (name,) if name in _OWN_DIM else ("label",)
+            along = coord_dims[name]
             dtype = str if values.dtype.kind == "U" else values.dtype
             arr = root.create_array(
                 name, shape=values.shape, dtype=dtype, dimension_names=along, overwrite=True, compressors=_compressors()
@@ -397,7 +405,7 @@ class StoreWriter:
                 dimension_names=along,
                 overwrite=True,
                 fill_value=np.nan if values.dtype.kind == "f" else 0,
-                attributes={"coordinates": label_coords} if "label" in along else {},
+                attributes=_coordinates_attr(along, coord_dims),
             )
             arr[:] = values
         atomic_write(self.internal / "utterances.json", json.dumps(done))
@@ -426,7 +434,20 @@ class StoreWriter:
         self.close()
 
 
-_OWN_DIM = ("layer", "utterance")
+_COORD_DIMS = {
+    "layer": ("layer",),
+    "utterance": ("utterance",),
+    "ffn": ("layer",),
+    "original_neuron": ("layer", "neuron"),
+}
+"""The dimensions of the coordinates that do not lie along ``label``."""
+
+
+def _coordinates_attr(along: tuple[str, ...], coord_dims: dict[str, tuple[str, ...]]) -> dict:
+    """An array's ``coordinates`` attribute: the non-dimension coordinates over its dimensions, which xarray
+    attaches to it."""
+    names = [c for c, dims in coord_dims.items() if dims != (c,) and set(dims) <= set(along)]
+    return {"coordinates": " ".join(names)} if names else {}
 
 
 def _compressors() -> tuple:

@@ -4,9 +4,11 @@ import torch
 from rounding import forward_path, unit_roundoff
 from transformers import HubertForCTC
 
-from neurostat.model import adapter as adapter_module
-from neurostat.model.adapter import ConvGemm, ModelAdapter, ModelError, masked_group_norm
+from neurostat.model import frontend as frontend_module
 from neurostat.model.factory import model_config, save_model
+from neurostat.model.families import ModelError
+from neurostat.model.frontend import ConvGemm, masked_group_norm
+from neurostat.model.loading import adapter_for, load_adapter
 
 TYPES = [
     ("hubert", False),
@@ -37,7 +39,7 @@ def _acts(adapter, waves):
 @pytest.mark.fp32
 @pytest.mark.parametrize("model_type, stable", TYPES)
 def test_batched_equals_unpadded_and_outputs_unchanged(tmp_path, model_type, stable):
-    adapter = ModelAdapter.load(str(save_model(tmp_path / "m", model_type, stable_layer_norm=stable)))
+    adapter = load_adapter(str(save_model(tmp_path / "m", model_type, stable_layer_norm=stable)))
     assert adapter.num_layers == 3 and adapter.width == 37
     waves = _waves(adapter, [16000, 9001, 4321])
     plain, plain_mask = adapter.encode(waves, front_end="batched")
@@ -69,32 +71,32 @@ def test_wrapper_models_are_unwrapped(tmp_path):
     model = HubertForCTC(config)
     from transformers import Wav2Vec2FeatureExtractor
 
-    adapter = ModelAdapter(model, Wav2Vec2FeatureExtractor())
+    adapter = adapter_for(model, Wav2Vec2FeatureExtractor())
     assert adapter.backbone is model.hubert and adapter.width == 21
 
 
 def test_bad_models(tmp_path, tiny_model):
     with pytest.raises(ModelError, match="cannot load model 'no/such-model'"):
-        ModelAdapter.load("no/such-model")
+        load_adapter("no/such-model")
     with pytest.raises(ModelError, match="as a directory"):
-        ModelAdapter.load(str(tmp_path))
+        load_adapter(str(tmp_path))
     from transformers import BertConfig, BertModel
 
     BertModel(
         BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
     ).save_pretrained(tmp_path / "bert")
     with pytest.raises(ModelError, match="model type 'bert' is not supported"):
-        ModelAdapter.load(str(tmp_path / "bert"))
-    adapter = ModelAdapter.load(str(tiny_model))
+        load_adapter(str(tmp_path / "bert"))
+    adapter = load_adapter(str(tiny_model))
     adapter.backbone.encoder.layers[1].feed_forward = torch.nn.Identity()
     with pytest.raises(ModelError, match="layer 2 has no FFN"):
-        ModelAdapter(adapter.model, adapter.feature_extractor, "broken")
+        adapter_for(adapter.model, adapter.feature_extractor, "broken")
     import shutil
 
     shutil.copytree(tiny_model, tmp_path / "nofe")
     (tmp_path / "nofe" / "preprocessor_config.json").unlink()
     with pytest.raises(ModelError, match="feature-extractor config"):
-        ModelAdapter.load(str(tmp_path / "nofe"))
+        load_adapter(str(tmp_path / "nofe"))
 
 
 SHORT_AND_LONG = [16000, 400, 720, 1040, 9001, 401]  # 1, 2 and 3 frames beside long utterances
@@ -132,7 +134,7 @@ def _assert_close_at_valid_frames(run, reference, rtol):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("model_type, stable", TYPES)
 def test_batched_front_ends_equal_per_utterance_reference(tmp_path, model_type, stable, dtype, front_end):
-    adapter = ModelAdapter.load(str(save_model(tmp_path / "m", model_type, stable_layer_norm=stable)), dtype=dtype)
+    adapter = load_adapter(str(save_model(tmp_path / "m", model_type, stable_layer_norm=stable)), dtype=dtype)
     waves = [w.to(dtype) for w in _waves(adapter, SHORT_AND_LONG, seed=3)]
     runs = _front_end_runs(adapter, waves, (front_end, "per-utterance"))
     assert runs[front_end][1].sum(1).tolist() == [adapter.geometry.num_frames(n) for n in SHORT_AND_LONG]
@@ -143,10 +145,10 @@ def test_batched_front_ends_equal_per_utterance_reference(tmp_path, model_type, 
 @pytest.mark.parametrize("stable", [False, True], ids=["group-norm", "layer-norm"])
 def test_gemm_front_end_in_blocks_equals_it_in_one_pass(tmp_path, monkeypatch, stable):
     """On a CPU the norm and activation run block by block of frames; a small block makes tiny models use it."""
-    adapter = ModelAdapter.load(str(save_model(tmp_path / "m", stable_layer_norm=stable)), dtype=torch.float64)
+    adapter = load_adapter(str(save_model(tmp_path / "m", stable_layer_norm=stable)), dtype=torch.float64)
     waves = [w.double() for w in _waves(adapter, SHORT_AND_LONG, seed=5)]
     whole = _front_end_runs(adapter, waves, ("gemm",))["gemm"]
-    monkeypatch.setattr(adapter_module, "BLOCK_ELEMENTS", 1000)
+    monkeypatch.setattr(frontend_module, "BLOCK_ELEMENTS", 1000)
     blocks = _front_end_runs(adapter, waves, ("gemm", "per-utterance"))
     rtol = _forward_rtol(adapter, max(SHORT_AND_LONG))
     _assert_close_at_valid_frames(blocks["gemm"], whole, rtol)
@@ -156,7 +158,7 @@ def test_gemm_front_end_in_blocks_equals_it_in_one_pass(tmp_path, monkeypatch, s
 def test_gemm_weights_and_positional_weight_follow_parameter_updates(tmp_path):
     """The re-laid-out conv weights and the weight-normed positional weight are cached, and rebuilt after an
     in-place update of the parameters they come from; the result is the model's own forward either way."""
-    adapter = ModelAdapter.load(str(save_model(tmp_path / "m")), dtype=torch.float64)
+    adapter = load_adapter(str(save_model(tmp_path / "m")), dtype=torch.float64)
     waves = [w.double() for w in _waves(adapter, [9001, 4321, 400], seed=6)]
 
     def check():
@@ -188,7 +190,7 @@ def test_gemm_group_norm_is_group_norm_of_each_unpadded_utterance(groups, channe
     layer.activation = torch.nn.GELU()
     for p in layer.parameters():
         torch.nn.init.normal_(p, generator=g)
-    gemm = ConvGemm.of(layer)
+    gemm = ConvGemm.of((layer.conv, layer.layer_norm, layer.activation))
     steps, lengths = 40, [40, 6, 11, 23]  # 2 frames at least: the native group norm refuses one value per group
     x = torch.randn(len(lengths), steps, channels_in, generator=g, dtype=torch.float64)
     valid = [(n - 4) // 2 + 1 for n in lengths]
@@ -204,8 +206,8 @@ def test_gemm_group_norm_is_group_norm_of_each_unpadded_utterance(groups, channe
 def test_sdpa_equals_eager_attention_on_padded_batches(tmp_path, model_type):
     path = save_model(tmp_path / "m", model_type)
     for dtype in (torch.float64, torch.float32):
-        sdpa = ModelAdapter.load(str(path), dtype=dtype, attention="sdpa")
-        eager = ModelAdapter.load(str(path), dtype=dtype, attention="eager")
+        sdpa = load_adapter(str(path), dtype=dtype, attention="sdpa")
+        eager = load_adapter(str(path), dtype=dtype, attention="eager")
         assert (sdpa.attention, eager.attention) == ("sdpa", "eager")
         waves = [w.to(dtype) for w in _waves(sdpa, SHORT_AND_LONG, seed=4)]
         (a, mask), (b, _) = sdpa.encode(waves, front_end="batched"), eager.encode(waves, front_end="batched")
@@ -229,7 +231,8 @@ def test_masked_group_norm_is_group_norm_of_each_unpadded_utterance(vectorized):
 def test_model_dtype_names_are_checked():
     import torch
 
-    from neurostat.model.adapter import ModelError, model_dtype
+    from neurostat.engine.device import model_dtype
+    from neurostat.model.families import ModelError
 
     assert model_dtype("bfloat16") is torch.bfloat16
     with pytest.raises(ModelError, match="--dtype 'int8' is not a model dtype"):

@@ -20,6 +20,23 @@ BASE = {
     "neurostat.phones",
     "neurostat.presets",
 }
+ENCODERS = {
+    f"neurostat.model.{m}"
+    for m in (
+        "families",
+        "inputs",
+        "frontend",
+        "adapter",
+        "wav2vec2",
+        "whisper",
+        "filterbank",
+        "checkpoints",
+        "provenance",
+        "loading",
+    )
+}
+"""The model package's encoder side: the family table, the front ends, the adapters, checkpoints and the loader
+(what the engine may use; editing and pruning build on it)."""
 ALLOWED = {  # unit -> the units it may import (besides itself); a module belongs to its longest listed prefix
     "neurostat": {"neurostat.version"},  # the face: it re-exports the library lazily, nothing imports it
     **{unit: {"neurostat.errors"} for unit in BASE},  # the base modules may share the error classes
@@ -28,12 +45,13 @@ ALLOWED = {  # unit -> the units it may import (besides itself); a module belong
     "neurostat.labelspace": BASE,
     "neurostat.store": BASE,
     "neurostat.neuronset": BASE,
-    "neurostat.model": BASE | {"neurostat.neuronset", "neurostat.model.adapter"},
+    "neurostat.model": BASE | {"neurostat.neuronset"} | ENCODERS,  # editing: ablation, pruning, test models
+    **{unit: BASE | ENCODERS for unit in ENCODERS},  # the families behind the one loader (no loops: below)
     "neurostat.engine": BASE
-    | {"neurostat.corpus", "neurostat.labelspace", "neurostat.store", "neurostat.kernels", "neurostat.model.adapter"},
+    | {"neurostat.corpus", "neurostat.labelspace", "neurostat.store", "neurostat.kernels"}
+    | ENCODERS,
     "neurostat.stats": BASE | {"neurostat.labelspace", "neurostat.store"},
     "neurostat.select": BASE | {"neurostat.labelspace", "neurostat.store", "neurostat.stats", "neurostat.neuronset"},
-    "neurostat.model.adapter": BASE,
     "neurostat.cluster": BASE | {"neurostat.corpus", "neurostat.labelspace", "neurostat.engine", "neurostat.model"},
     "neurostat.tiny": BASE | {"neurostat.corpus", "neurostat.cluster", "neurostat.model"},
     "neurostat.demo": BASE | {"neurostat.corpus", "neurostat.model", "neurostat.tiny"},

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from neurostat.browse import BrowseError, build_browser
 from neurostat.cli import main
 from neurostat.engine.collect import CollectConfig, collect
-from neurostat.model.adapter import ModelAdapter
+from neurostat.model.loading import load_adapter
 from neurostat.stats import open_stats
 
 BROWSER = next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
@@ -24,7 +24,7 @@ BROWSER = next((b for b in ("chromium", "chromium-browser", "google-chrome") if 
 def store(prepared, tiny_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("browse") / "s.zarr"
     config = CollectConfig(topk_ratio=0.1, stats=("topk", "top_frames"), top_frames=3)
-    collect(prepared, ModelAdapter.load(str(tiny_model)), out, config, progress=False)
+    collect(prepared, load_adapter(str(tiny_model)), out, config, progress=False)
     return out
 
 
@@ -71,7 +71,7 @@ def test_site_files_and_snippets(store, prepared, tmp_path):
 
 def test_bad_input(store, prepared, tiny_model, tmp_path):
     plain = tmp_path / "plain.zarr"
-    collect(prepared, ModelAdapter.load(str(tiny_model)), plain, CollectConfig(topk_ratio=0.1), progress=False)
+    collect(prepared, load_adapter(str(tiny_model)), plain, CollectConfig(topk_ratio=0.1), progress=False)
     with pytest.raises(BrowseError, match="--top-frames"):
         build_browser(plain, prepared.path, tmp_path / "site")
     other = tmp_path / "other"
@@ -137,7 +137,7 @@ def test_the_prepared_corpus_defaults_to_the_one_the_store_records(store, prepar
     moved = tmp_path / "gone"
     shutil.copytree(prepared.path, moved)
     config = CollectConfig(topk_ratio=0.1, stats=("topk", "top_frames"), top_frames=2, layers=[1])
-    collect(type(prepared)(moved), ModelAdapter.load(str(tiny_model)), tmp_path / "s.zarr", config, progress=False)
+    collect(type(prepared)(moved), load_adapter(str(tiny_model)), tmp_path / "s.zarr", config, progress=False)
     shutil.rmtree(moved)
     with pytest.raises(BrowseError, match=f"names {moved}, which is not there: give .* with --prepared"):
         build_browser(tmp_path / "s.zarr", None, tmp_path / "site2")

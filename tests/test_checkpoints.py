@@ -8,9 +8,9 @@ import transformers
 import xarray as xr
 
 from neurostat.engine.collect import CollectConfig, collect
-from neurostat.model.adapter import ModelAdapter, load_full_model
 from neurostat.model.edit import ablate_checkpoint
 from neurostat.model.factory import feature_extractor, model_config
+from neurostat.model.loading import load_adapter, load_full_model
 from neurostat.neuronset import NeuronSet
 
 HEADS = [("hubert", "HubertForCTC"), ("wav2vec2", "Wav2Vec2ForSequenceClassification"), ("wavlm", "WavLMForCTC")]
@@ -30,7 +30,7 @@ def test_a_fine_tuned_checkpoint_collects_its_encoders_counts(family, head, prep
     encoder = saved(full.base_model, tmp_path / "encoder")
     config = CollectConfig(topk_ratio=0.1, tokens="all", stats=("topk", "positive"))
     metas = {
-        name: collect(prepared, ModelAdapter.load(src), tmp_path / f"{name}.zarr", config, progress=False)
+        name: collect(prepared, load_adapter(src), tmp_path / f"{name}.zarr", config, progress=False)
         for name, src in (("head", with_head), ("encoder", encoder))
     }
     a, b = (xr.open_zarr(tmp_path / f"{n}.zarr", consolidated=False) for n in metas)
@@ -59,6 +59,6 @@ def test_info_names_the_head_left_out(prepared, tmp_path):
 
     torch.manual_seed(0)
     full = transformers.HubertForCTC(model_config("hubert", num_hidden_layers=2, vocab_size=9)).eval()
-    adapter = ModelAdapter.load(saved(full, tmp_path / "ctc"))
+    adapter = load_adapter(saved(full, tmp_path / "ctc"))
     collect(prepared, adapter, tmp_path / "s.zarr", CollectConfig(stats=("topk",)), progress=False)
     assert "HubertForCTC: its head is not collected, its encoder is" in describe_store(tmp_path / "s.zarr")

@@ -15,7 +15,8 @@ from neurostat.cluster.features import cluster_features, cluster_vectors
 from neurostat.cluster.kmeans import assign, kmeans
 from neurostat.corpus.labelsets import LabelSetError
 from neurostat.corpus.prepared import PreparedCorpus
-from neurostat.model.adapter import ModelAdapter, ModelError
+from neurostat.model.families import ModelError
+from neurostat.model.loading import load_adapter
 
 
 @pytest.fixture
@@ -87,7 +88,7 @@ def reference_features(corpus, model_dir, layer):
 
 
 def test_frame_units_are_the_nearest_centroid_of_the_layer_output(corpus, tiny_model):
-    adapter = ModelAdapter.load(str(tiny_model))
+    adapter = load_adapter(str(tiny_model))
     total = sum(r["num_frames"] for r in corpus.records)
     entry = cluster_features(
         corpus, adapter, "unit", 2, 6, "frame", fit_frames=total // 3, batch_seconds=8.0, progress=False
@@ -107,7 +108,7 @@ def test_frame_units_are_the_nearest_centroid_of_the_layer_output(corpus, tiny_m
 
 
 def test_utterance_clusters_of_mean_features_and_of_vectors(corpus, tiny_model, tmp_path):
-    adapter = ModelAdapter.load(str(tiny_model))
+    adapter = load_adapter(str(tiny_model))
     entry = cluster_features(corpus, adapter, "utt", 3, 2, "utterance", progress=False)
     assert entry["level"] == "utterance" and entry["utterances"] == len(corpus) and len(entry["vocab"]) == 2
     feats = reference_features(corpus, tiny_model, 3)

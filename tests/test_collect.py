@@ -25,8 +25,10 @@ from neurostat.engine.collect import CollectConfig, collect, describe_collect
 from neurostat.engine.merge import merge_stores
 from neurostat.engine.statistics import TABLE
 from neurostat.labelspace import LabelSpace
-from neurostat.model.adapter import ModelAdapter, ModelError, default_front_end
 from neurostat.model.factory import model_config, save_model
+from neurostat.model.families import ModelError
+from neurostat.model.frontend import default_front_end
+from neurostat.model.loading import load_adapter
 from neurostat.phones import PHONES
 from neurostat.stats import open_stats
 from neurostat.store import StoreError, StoreMeta, StoreWriter
@@ -90,7 +92,7 @@ def assert_store_equals(path, ref, rtol=1e-9, atol=1e-12):
 
 @pytest.mark.parametrize("mode", ["phone-mid", "all", "no-silence"])
 def test_float64_statistics_match_hook_reference(prepared, tiny_model, tmp_path, mode):
-    adapter = ModelAdapter.load(str(tiny_model), dtype=torch.float64)
+    adapter = load_adapter(str(tiny_model), dtype=torch.float64)
     config = CollectConfig(stats=tuple(TABLE), topk_ratio=RATIO, tokens=mode, batch_seconds=10.0, front_end="batched")
     attrs = collect(prepared, adapter, tmp_path / "s.zarr", config, progress=False)
     assert {"max_abs", "abs_sum"} <= set(xr.open_zarr(tmp_path / "s.zarr", consolidated=False))
@@ -102,7 +104,7 @@ def test_float64_statistics_match_hook_reference(prepared, tiny_model, tmp_path,
 
 @pytest.mark.fp32
 def test_float32_batch_of_one_matches_hook_reference_and_layers_subset(prepared, tiny_model, tmp_path):
-    adapter = ModelAdapter.load(str(tiny_model))
+    adapter = load_adapter(str(tiny_model))
     config = CollectConfig(topk_ratio=RATIO, tokens="phone-mid", batch_seconds=1e-3, layers=[1, 3])
     collect(prepared, adapter, tmp_path / "s.zarr", config, progress=False)
     ref = hook_reference(prepared, tiny_model, "phone-mid", torch.float32, [0, 2])
@@ -113,7 +115,7 @@ def test_float32_batch_of_one_matches_hook_reference_and_layers_subset(prepared,
 
 @pytest.mark.fp32
 def test_padded_float32_batches_count_the_same_tokens(prepared, tiny_model, tmp_path):
-    adapter = ModelAdapter.load(str(tiny_model))
+    adapter = load_adapter(str(tiny_model))
     collect(
         prepared,
         adapter,
@@ -128,7 +130,7 @@ def test_padded_float32_batches_count_the_same_tokens(prepared, tiny_model, tmp_
 @pytest.mark.fp32
 def test_store_layout_api_and_info(prepared, tiny_model, tmp_path):
     out = tmp_path / "s.zarr"
-    collect(prepared, ModelAdapter.load(str(tiny_model)), out, CollectConfig(topk_ratio=RATIO), progress=False)
+    collect(prepared, load_adapter(str(tiny_model)), out, CollectConfig(topk_ratio=RATIO), progress=False)
     ds = xr.open_zarr(out, consolidated=False)
     assert dict(ds.sizes) == {"layer": 3, "label": LabelSpace.of_corpus(prepared).size, "neuron": 37}
     assert ds["topk_count"].dims == ("layer", "label", "neuron") and ds["topk_count"].dtype == np.int64
@@ -156,7 +158,7 @@ def test_store_layout_api_and_info(prepared, tiny_model, tmp_path):
 def test_max_abs_marginals_through_open_stats(prepared, tiny_model, tmp_path):
     out = tmp_path / "s.zarr"
     config = CollectConfig(stats=("topk", "max_abs"), topk_ratio=RATIO, tokens="all", batch_seconds=10.0)
-    collect(prepared, ModelAdapter.load(str(tiny_model), dtype=torch.float64), out, config, progress=False)
+    collect(prepared, load_adapter(str(tiny_model), dtype=torch.float64), out, config, progress=False)
     ref = hook_reference(prepared, tiny_model, "all", torch.float64, [0, 1, 2])
     stats = open_stats(out)
     assert stats.meta.statistics["merge"] == {"topk_count": "sum", "max_abs": "max"}
@@ -182,7 +184,7 @@ def test_abs_sum_marginals_through_open_stats(prepared, tiny_model, tmp_path):
     """An opt-in statistic declared with the existing ``sum`` rule: Σ|a| per label, summed into marginals."""
     out = tmp_path / "s.zarr"
     config = CollectConfig(stats=("abs_sum",), topk_ratio=RATIO, tokens="all", batch_seconds=10.0)
-    collect(prepared, ModelAdapter.load(str(tiny_model), dtype=torch.float64), out, config, progress=False)
+    collect(prepared, load_adapter(str(tiny_model), dtype=torch.float64), out, config, progress=False)
     ref = hook_reference(prepared, tiny_model, "all", torch.float64, [0, 1, 2])
     stats = open_stats(out)
     assert stats.meta.statistics["merge"] == {"abs_sum": "sum"}
@@ -195,7 +197,7 @@ def test_abs_sum_marginals_through_open_stats(prepared, tiny_model, tmp_path):
 
 
 def test_merge_of_shards_equals_single_run(prepared, tiny_model, tmp_path):
-    adapter = ModelAdapter.load(str(tiny_model))
+    adapter = load_adapter(str(tiny_model))
     cfg = dict(topk_ratio=RATIO, batch_seconds=1e-3, stats=tuple(TABLE))
     collect(prepared, adapter, tmp_path / "all.zarr", CollectConfig(**cfg), progress=False)
     for i in range(3):
@@ -278,7 +280,7 @@ def assert_equals_uninterrupted(out, corpus, model_dir, tmp_path, stats=CollectC
     apart than it (the last rank's frame competes with values the store does not keep)."""
     straight = tmp_path / "straight.zarr"
     config = CollectConfig(stats=stats, topk_ratio=RATIO, batch_seconds=0.001)
-    collect(corpus, ModelAdapter.load(str(model_dir)), straight, config, progress=False)
+    collect(corpus, load_adapter(str(model_dir)), straight, config, progress=False)
     a, b = xr.open_zarr(out, consolidated=False), xr.open_zarr(straight, consolidated=False)
     assert set(a.data_vars) == set(b.data_vars)
     layers = list(range(AutoConfig.from_pretrained(model_dir).num_hidden_layers))
@@ -338,12 +340,12 @@ def test_sigint_stops_at_a_batch_boundary_with_a_checkpoint(tmp_path, tiny_model
 
 def test_second_writer_is_refused(prepared, tiny_model, tmp_path):
     out = tmp_path / "s.zarr"
-    collect(prepared, ModelAdapter.load(str(tiny_model)), out, CollectConfig(topk_ratio=RATIO), progress=False)
+    collect(prepared, load_adapter(str(tiny_model)), out, CollectConfig(topk_ratio=RATIO), progress=False)
     with StoreWriter(out, StoreMeta.read(out), resume=True):
         with pytest.raises(StoreError, match="being written by pid"):
             collect(
                 prepared,
-                ModelAdapter.load(str(tiny_model)),
+                load_adapter(str(tiny_model)),
                 out,
                 CollectConfig(topk_ratio=RATIO),
                 resume=True,
@@ -353,8 +355,8 @@ def test_second_writer_is_refused(prepared, tiny_model, tmp_path):
 
 def test_incompatible_stores_models_and_corpora(prepared, tiny_model, tmp_path):
     out = tmp_path / "s.zarr"
-    collect(prepared, ModelAdapter.load(str(tiny_model)), out, CollectConfig(topk_ratio=RATIO), progress=False)
-    other = ModelAdapter.load(str(save_model(tmp_path / "other", seed=5)))
+    collect(prepared, load_adapter(str(tiny_model)), out, CollectConfig(topk_ratio=RATIO), progress=False)
+    other = load_adapter(str(save_model(tmp_path / "other", seed=5)))
     with pytest.raises(StoreError, match="collected with other settings .*model"):
         collect(prepared, other, out, CollectConfig(topk_ratio=RATIO), resume=True, progress=False)
     with pytest.raises(StoreError, match="collected with other settings .*model"):  # not "pass --resume"
@@ -375,7 +377,7 @@ def test_incompatible_stores_models_and_corpora(prepared, tiny_model, tmp_path):
     with pytest.raises(ModelError, match="frame geometry .* differs from the prepared corpus"):
         collect(
             prepared,
-            ModelAdapter.load(str(tmp_path / "stride160")),
+            load_adapter(str(tmp_path / "stride160")),
             tmp_path / "g.zarr",
             CollectConfig(),
             progress=False,
@@ -401,7 +403,7 @@ def test_changed_audio_is_an_error_naming_the_file(corpus_copy, tiny_model, tmp_
         progress=False,
     )
     corpus = PreparedCorpus(tmp_path / "p")
-    adapter = ModelAdapter.load(str(tiny_model))
+    adapter = load_adapter(str(tiny_model))
     path = corpus[2].audio_path
     wave, sr = sf.read(path)
     sf.write(path, 0.5 * wave, sr)  # the same length, other samples
@@ -429,7 +431,7 @@ def test_changed_audio_is_an_error_naming_the_file(corpus_copy, tiny_model, tmp_
 
 
 def test_a_complete_store_drops_its_checkpoint_state_unless_asked(prepared, tiny_model, tmp_path):
-    adapter = ModelAdapter.load(str(tiny_model))
+    adapter = load_adapter(str(tiny_model))
     for keep in (False, True):
         out = tmp_path / f"keep{keep}.zarr"
         config = CollectConfig(topk_ratio=RATIO, checkpoint_utterances=2, keep_checkpoint=keep, shard=(0, 3))
@@ -442,7 +444,7 @@ def test_a_complete_store_drops_its_checkpoint_state_unless_asked(prepared, tiny
 def test_max_seconds_cuts_into_pieces_without_losing_frames(prepared, tiny_model, tmp_path):
     attrs = collect(
         prepared,
-        ModelAdapter.load(str(tiny_model)),
+        load_adapter(str(tiny_model)),
         tmp_path / "s.zarr",
         CollectConfig(topk_ratio=RATIO, tokens="all", max_seconds=0.7),
         progress=False,
@@ -504,7 +506,7 @@ def test_cli_bad_model_and_missing_corpus(tmp_path, prepared):
 @pytest.mark.fp32
 def test_triton_backends_collect_equal_torch_backend(prepared, tiny_model, tmp_path):
     """Every backend and both label_stats designs; the store records the design and why it was chosen."""
-    adapter = ModelAdapter.load(str(tiny_model))
+    adapter = load_adapter(str(tiny_model))
     runs = {"torch": ("torch", "auto"), "triton": ("triton", "auto"), "triton-fused": ("triton-fused", "auto")}
     runs["triton-one-read"] = ("triton", "one-read")
     for name, (backend, design) in runs.items():
@@ -549,7 +551,7 @@ def test_triton_backend_needs_cuda_or_interpreter(prepared, tiny_model, tmp_path
     with pytest.raises(ValueError, match="needs a CUDA device"):
         collect(
             prepared,
-            ModelAdapter.load(str(tiny_model)),
+            load_adapter(str(tiny_model)),
             tmp_path / "s.zarr",
             CollectConfig(backend="triton"),
             progress=False,
@@ -558,15 +560,15 @@ def test_triton_backend_needs_cuda_or_interpreter(prepared, tiny_model, tmp_path
 
 def test_resuming_a_complete_store_does_no_work(prepared, tiny_model, tmp_path, monkeypatch):
     out = tmp_path / "s.zarr"
-    first = collect(prepared, ModelAdapter.load(str(tiny_model)), out, CollectConfig(topk_ratio=RATIO), progress=False)
-    adapter = ModelAdapter.load(str(tiny_model))
+    first = collect(prepared, load_adapter(str(tiny_model)), out, CollectConfig(topk_ratio=RATIO), progress=False)
+    adapter = load_adapter(str(tiny_model))
     monkeypatch.setattr(adapter, "encode", lambda waves: pytest.fail("a complete store was recomputed"))
     again = collect(prepared, adapter, out, CollectConfig(topk_ratio=RATIO), resume=True, progress=False)
     assert again.complete and again.progress.tokens == first.progress.tokens
 
 
 def test_every_front_end_collects_what_the_per_utterance_front_end_collects(prepared, tiny_model, tmp_path):
-    adapter = ModelAdapter.load(str(tiny_model), dtype=torch.float64)
+    adapter = load_adapter(str(tiny_model), dtype=torch.float64)
     stores = {}
     for front_end in FRONT_ENDS:
         config = CollectConfig(topk_ratio=RATIO, tokens="all", batch_seconds=30.0, front_end=front_end)
@@ -628,7 +630,7 @@ def test_data_wait_share_is_measured(prepared, tiny_model, tmp_path, monkeypatch
 
     monkeypatch.setattr(BatchDataset, "__getitem__", slow)
     config = CollectConfig(topk_ratio=RATIO, batch_seconds=10.0, num_jobs=0, shard=(0, 4))
-    attrs = collect(prepared, ModelAdapter.load(str(tiny_model)), tmp_path / "s.zarr", config, progress=False)
+    attrs = collect(prepared, load_adapter(str(tiny_model)), tmp_path / "s.zarr", config, progress=False)
     p = attrs.progress
     assert slept and 0.99 * sum(slept) <= p.data_wait_seconds <= p.loop_seconds
     share = round(100 * p.data_wait_seconds / p.loop_seconds)

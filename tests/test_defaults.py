@@ -4,16 +4,15 @@ import torch
 from click.testing import CliRunner
 
 from neurostat.cli import main
-from neurostat.engine import batching
-from neurostat.engine import collect as collect_module
-from neurostat.engine.batching import default_num_jobs, forward_threads
-from neurostat.model.adapter import model_dtype
+from neurostat.engine import device as device_module
+from neurostat.engine.device import default_num_jobs, forward_threads, model_dtype
+from neurostat.model.wav2vec2 import WaveformAdapter
 from neurostat.stats import open_stats
 
 
 def test_loading_workers_and_threads_follow_the_device_and_the_cores(monkeypatch):
     for cores, cpu_jobs, gpu_jobs in ((1, 0, 1), (2, 0, 1), (4, 0, 2), (6, 1, 4), (16, 1, 12), (64, 1, 12)):
-        monkeypatch.setattr(batching, "usable_cores", lambda: cores)
+        monkeypatch.setattr(device_module, "usable_cores", lambda: cores)
         assert (default_num_jobs("cpu"), default_num_jobs("cuda")) == (cpu_jobs, gpu_jobs), cores
         assert forward_threads("cpu", cpu_jobs) == (None if cpu_jobs == 0 else cores - cpu_jobs)
         assert forward_threads("cuda", gpu_jobs) is None
@@ -30,15 +29,15 @@ def test_the_model_dtype_is_fast_on_the_device(monkeypatch):
 
 def test_collect_with_the_clis_defaults_records_and_says_them(prepared, tiny_model, tmp_path, monkeypatch):
     """With 8 cores a CPU run gets one worker and 7 torch threads during the loop, restored after it."""
-    monkeypatch.setattr(batching, "usable_cores", lambda: 8)
+    monkeypatch.setattr(device_module, "usable_cores", lambda: 8)
     seen, before = [], torch.get_num_threads()
-    encode = collect_module.ModelAdapter.encode
+    encode = WaveformAdapter.encode
 
     def spying(self, *args, **kwargs):
         seen.append(torch.get_num_threads())
         return encode(self, *args, **kwargs)
 
-    monkeypatch.setattr(collect_module.ModelAdapter, "encode", spying)
+    monkeypatch.setattr(WaveformAdapter, "encode", spying)
     out = tmp_path / "s.zarr"
     res = CliRunner().invoke(
         main, ["collect", "--prepared", str(prepared.path), "--model", str(tiny_model), "--out", str(out)]

@@ -21,7 +21,7 @@ from neurostat.corpus.prepared import PreparedCorpus
 from neurostat.engine.collect import CollectConfig, collect
 from neurostat.engine.distributed import balanced_shares
 from neurostat.engine.merge import merge_stores
-from neurostat.model.adapter import ModelAdapter
+from neurostat.model.loading import load_adapter
 from neurostat.stats import open_stats
 
 RATIO = 0.1
@@ -107,7 +107,7 @@ def test_two_gloo_processes_equal_one_in_float64_with_label_sets(prepared, tiny_
     config = CollectConfig(
         stats=tuple(settings["stats"]), topk_ratio=RATIO, batch_seconds=4.0, labels=tuple(settings["labels"])
     )
-    adapter = ModelAdapter.load(str(tiny_model), dtype=torch.float64)
+    adapter = load_adapter(str(tiny_model), dtype=torch.float64)
     collect(corpus, adapter, tmp_path / "one.zarr", config, progress=False)
     assert_same_store(tmp_path / "job.zarr", tmp_path / "one.zarr")
     meta = open_stats(tmp_path / "job.zarr").meta

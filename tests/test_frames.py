@@ -1,5 +1,3 @@
-import json
-
 import numpy as np
 import torch
 from transformers import HubertConfig, HubertModel
@@ -46,14 +44,3 @@ def test_labels_with_gap_and_before_first_interval():
         2,
         -1,
     ]
-
-
-def test_default_geometry_cached_per_transformers_version(tmp_path):
-    """What the cache holds is what transformers' default config gives, and a later call reads it."""
-    assert default_geometry(tmp_path) == default_geometry()
-    (cached,) = tmp_path.glob("default-geometry-transformers-*.json")
-    assert FrameGeometry.from_dict(json.loads(cached.read_text())) == default_geometry()
-    cached.write_text(json.dumps(FrameGeometry(8000, (4,), (2,)).to_dict()))
-    assert default_geometry(tmp_path) == FrameGeometry(8000, (4,), (2,))  # read, not recomputed
-    cached.write_text("{")  # a file cut short: computed again and rewritten
-    assert default_geometry(tmp_path) == default_geometry() == FrameGeometry.from_dict(json.loads(cached.read_text()))

@@ -10,20 +10,21 @@ import xarray as xr
 from test_collect import RATIO, assert_store_equals, hook_reference
 
 from neurostat.engine.collect import CollectConfig, collect
-from neurostat.model.adapter import ModelAdapter, model_dtype
+from neurostat.engine.device import model_dtype
+from neurostat.model.loading import load_adapter
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def test_a_float64_run_on_the_gpu_equals_the_hook_reference(prepared, tiny_model, tmp_path):
-    adapter = ModelAdapter.load(str(tiny_model), device="cuda", dtype=torch.float64)
+    adapter = load_adapter(str(tiny_model), device="cuda", dtype=torch.float64)
     config = CollectConfig(topk_ratio=RATIO, tokens="all", backend="torch", batch_seconds=12.0)
     collect(prepared, adapter, tmp_path / "s.zarr", config, progress=False)
     assert_store_equals(tmp_path / "s.zarr", hook_reference(prepared, tiny_model, "all", torch.float64, [0, 1, 2]))
 
 
 def test_the_gpu_defaults_count_every_token(prepared, tiny_model, tmp_path):
-    adapter = ModelAdapter.load(str(tiny_model), device="cuda", dtype=model_dtype("auto", "cuda"))
+    adapter = load_adapter(str(tiny_model), device="cuda", dtype=model_dtype("auto", "cuda"))
     meta = collect(
         prepared, adapter, tmp_path / "s.zarr", CollectConfig(topk_ratio=RATIO, tokens="all"), progress=False
     )

@@ -16,7 +16,7 @@ from neurostat.corpus.prepare import PrepareSettings, prepare
 from neurostat.corpus.prepared import PreparedCorpus, PreparedCorpusError
 from neurostat.engine.collect import CollectConfig, collect
 from neurostat.frames import default_geometry
-from neurostat.model.adapter import ModelAdapter
+from neurostat.model.loading import load_adapter
 from neurostat.neuronset import NeuronSet
 
 
@@ -42,7 +42,7 @@ def test_prepared_corpus_holds_absolute_paths_and_a_moved_corpus_is_one_error(
     (work / "c").rename(work / "moved")
     out = tmp_path / "s.zarr"
     with pytest.raises(PreparedCorpusError, match=r"12 of 12 audio files are not where prepare found them .*--root"):
-        collect(corpus, ModelAdapter.load(str(tiny_model)), out, CollectConfig(), progress=False)
+        collect(corpus, load_adapter(str(tiny_model)), out, CollectConfig(), progress=False)
     assert not out.exists()  # refused before any work
 
 
@@ -122,7 +122,7 @@ def test_user_errors_are_one_line_without_a_traceback(prepared, tiny_model, tmp_
 
 def test_a_missing_or_damaged_store_file_is_an_error_naming_it(prepared, tiny_model, tmp_path):
     out = tmp_path / "s.zarr"
-    collect(prepared, ModelAdapter.load(str(tiny_model)), out, CollectConfig(topk_ratio=0.1), progress=False)
+    collect(prepared, load_adapter(str(tiny_model)), out, CollectConfig(topk_ratio=0.1), progress=False)
     run = CliRunner().invoke
     r = run(main, ["info", str(out), "--verify"])
     assert r.exit_code == 0 and "verified" in r.output
@@ -157,12 +157,12 @@ def test_swapped_weights_in_the_same_folder_are_refused_on_resume_and_merge(prep
 
     model = tmp_path / "model"
     shutil.copytree(tiny_model, model)
-    first = ModelAdapter.load(str(model))
-    assert first.weights and ModelAdapter.load(str(model)).weights == first.weights  # cached, stable
+    first = load_adapter(str(model))
+    assert first.weights and load_adapter(str(model)).weights == first.weights  # cached, stable
     config = lambda i: CollectConfig(topk_ratio=0.1, shard=(i, 2))  # noqa: E731
     collect(prepared, first, tmp_path / "a.zarr", config(0), progress=False)
     save_model(model, seed=7)  # other weights, same folder, same path
-    second = ModelAdapter.load(str(model))
+    second = load_adapter(str(model))
     assert second.weights != first.weights
     with pytest.raises(StoreError, match="other settings .*weights"):
         collect(prepared, second, tmp_path / "a.zarr", config(0), resume=True, progress=False)
@@ -205,9 +205,7 @@ def test_xarray_opens_a_complete_store_without_a_warning(prepared, tiny_model, t
     import xarray as xr
 
     out = tmp_path / "s.zarr"
-    collect(
-        prepared, ModelAdapter.load(str(tiny_model)), out, CollectConfig(topk_ratio=0.1, shard=(0, 4)), progress=False
-    )
+    collect(prepared, load_adapter(str(tiny_model)), out, CollectConfig(topk_ratio=0.1, shard=(0, 4)), progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ds = xr.open_zarr(out)
@@ -217,9 +215,7 @@ def test_xarray_opens_a_complete_store_without_a_warning(prepared, tiny_model, t
 
 def test_select_out_is_a_file_only_when_it_says_so(prepared, tiny_model, tmp_path):
     out = tmp_path / "s.zarr"
-    collect(
-        prepared, ModelAdapter.load(str(tiny_model)), out, CollectConfig(topk_ratio=0.1, shard=(0, 4)), progress=False
-    )
+    collect(prepared, load_adapter(str(tiny_model)), out, CollectConfig(topk_ratio=0.1, shard=(0, 4)), progress=False)
     run = CliRunner().invoke
     r = run(main, ["select", str(out), "--property", "gender", "--out", str(tmp_path / "one")])
     assert r.exit_code == 0 and (tmp_path / "one" / "gender.json").is_file()
@@ -255,7 +251,7 @@ def test_a_flipped_bit_in_a_chunk_is_an_error_naming_the_array(prepared, tiny_mo
     from neurostat.store import StoreError
 
     out = tmp_path / "s.zarr"
-    collect(prepared, ModelAdapter.load(str(tiny_model)), out, CollectConfig(topk_ratio=0.1, shard=(0, 4)))
+    collect(prepared, load_adapter(str(tiny_model)), out, CollectConfig(topk_ratio=0.1, shard=(0, 4)))
     for name in ("frames", "topk_count", "mean", "phone", "layer"):
         assert json.loads((out / name / "zarr.json").read_text())["codecs"][-1]["name"] == "crc32c", name
     _flip_a_bit_zstd_misses(out / "topk_count" / "c" / "1" / "0" / "0")
@@ -295,7 +291,7 @@ def test_a_relabelled_corpus_is_refused_on_resume_and_merge_naming_the_labels(co
 
     out = tmp_path / "p"
     _prepare(corpus_copy, out)
-    adapter = ModelAdapter.load(str(tiny_model))
+    adapter = load_adapter(str(tiny_model))
     config = lambda i: CollectConfig(topk_ratio=0.1, shard=(i, 2))  # noqa: E731
     collect(PreparedCorpus(out), adapter, tmp_path / "a.zarr", config(0), progress=False)
     flip_sex(corpus_copy, PreparedCorpus(out)[0].speaker)
@@ -321,7 +317,7 @@ def test_weights_edited_in_place_keeping_size_and_mtime_are_refused_on_resume(pr
     model = tmp_path / "model"
     shutil.copytree(tiny_model, model)
     config = CollectConfig(topk_ratio=0.1, shard=(0, 4))
-    collect(prepared, ModelAdapter.load(str(model)), tmp_path / "a.zarr", config, progress=False)
+    collect(prepared, load_adapter(str(model)), tmp_path / "a.zarr", config, progress=False)
     weights = model / "model.safetensors"
     before = weights.stat()
     data = bytearray(weights.read_bytes())
@@ -331,7 +327,7 @@ def test_weights_edited_in_place_keeping_size_and_mtime_are_refused_on_resume(pr
     os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert (weights.stat().st_size, weights.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
     with pytest.raises(StoreError, match="other settings .*weights: store has [0-9a-f]{12}, this run [0-9a-f]{12}"):
-        collect(prepared, ModelAdapter.load(str(model)), tmp_path / "a.zarr", config, resume=True, progress=False)
+        collect(prepared, load_adapter(str(model)), tmp_path / "a.zarr", config, resume=True, progress=False)
 
 
 def test_prepared_files_edited_after_prepare_are_refused_by_collect_naming_them(corpus_copy, tiny_model, tmp_path):
@@ -344,7 +340,7 @@ def test_prepared_files_edited_after_prepare_are_refused_by_collect_naming_them(
 
     out = tmp_path / "p"
     _prepare(corpus_copy, out)
-    adapter, config = ModelAdapter.load(str(tiny_model)), CollectConfig(tokens="all")
+    adapter, config = load_adapter(str(tiny_model)), CollectConfig(tokens="all")
     collect(PreparedCorpus(out), adapter, tmp_path / "before.zarr", config, progress=False)
     frames = np.load(out / "frames.npy", mmap_mode="r+")
     ah = np.flatnonzero(frames["phone"] == PHONES.index("AH"))

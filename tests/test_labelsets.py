@@ -21,7 +21,7 @@ from neurostat.engine.collect import CollectConfig, collect
 from neurostat.engine.merge import merge_stores
 from neurostat.frames import default_geometry
 from neurostat.labelspace import LabelSpace
-from neurostat.model.adapter import ModelAdapter
+from neurostat.model.loading import load_adapter
 from neurostat.phones import ARPABET, PHONES
 from neurostat.select import GroupSpec, SelectionError, property_neurons
 from neurostat.stats import open_stats
@@ -212,12 +212,12 @@ def name_reference(corpus, model_dir, unit, spk, parts):
 def test_collect_over_label_sets_matches_hook_reference(corpus, tiny_model, tmp_path, parts):
     unit, spk = attach_both(corpus, tmp_path)
     out = tmp_path / "s.zarr"
-    adapter = ModelAdapter.load(str(tiny_model), dtype=torch.float64)
+    adapter = load_adapter(str(tiny_model), dtype=torch.float64)
     collect(corpus, adapter, out, CollectConfig(topk_ratio=RATIO, tokens="all", labels=parts), progress=False)
     parts = parts or ("phone", "gender", "pitch_bin", "unit", "spk")
     keys, ref = name_reference(corpus, tiny_model, unit, spk, parts)
     ds = xr.open_zarr(out, consolidated=False)
-    assert set(ds.coords) == {"layer", *parts} and tuple(ds.attrs["labels"]) == parts
+    assert set(ds.coords) == {"layer", "ffn", *parts} and tuple(ds.attrs["labels"]) == parts
     store_label = {tuple(str(ds[p].values[i]) for p in parts): i for i in range(ds.sizes["label"])}
     index = np.array([store_label[key] for key in keys])
     np.testing.assert_array_equal(ds["frames"].values[index], ref["frames"])
@@ -242,7 +242,7 @@ def test_missing_labels_are_recorded_skips(corpus, tiny_model, tmp_path):
     attach_label_set(corpus, "unit", labels, "frame", str(unit_file), allow_missing=True)
     attrs = collect(
         corpus,
-        ModelAdapter.load(str(tiny_model)),
+        load_adapter(str(tiny_model)),
         tmp_path / "s.zarr",
         CollectConfig(topk_ratio=RATIO, labels=("phone", "unit")),
         progress=False,
@@ -254,7 +254,7 @@ def test_missing_labels_are_recorded_skips(corpus, tiny_model, tmp_path):
 
 def test_shards_over_label_sets_merge_exactly(corpus, tiny_model, tmp_path):
     attach_both(corpus, tmp_path)
-    adapter = ModelAdapter.load(str(tiny_model))
+    adapter = load_adapter(str(tiny_model))
     config = lambda **kw: CollectConfig(topk_ratio=RATIO, labels=("phone", "spk", "unit"), **kw)  # noqa: E731
     collect(corpus, adapter, tmp_path / "all.zarr", config(), progress=False)
     for i in range(2):
@@ -270,7 +270,7 @@ def test_shards_over_label_sets_merge_exactly(corpus, tiny_model, tmp_path):
 def test_resume_refuses_a_store_counted_on_other_labels(corpus, tiny_model, tmp_path):
     unit_file, _, unit, _ = write_labels(corpus, tmp_path)
     attach_label_set(corpus, "unit", read_label_file(unit_file, "frame"), "frame", str(unit_file))
-    adapter = ModelAdapter.load(str(tiny_model))
+    adapter = load_adapter(str(tiny_model))
     config = CollectConfig(topk_ratio=RATIO, labels=("phone", "unit"))
     collect(corpus, adapter, tmp_path / "s.zarr", config, progress=False)
     collect(corpus, adapter, tmp_path / "s.zarr", config, resume=True, progress=False)  # same labels: fine
@@ -281,7 +281,7 @@ def test_resume_refuses_a_store_counted_on_other_labels(corpus, tiny_model, tmp_
 
 
 def test_collect_refuses_unknown_parts_and_oversized_spaces(corpus, tiny_model, tmp_path, monkeypatch):
-    adapter = ModelAdapter.load(str(tiny_model))
+    adapter = load_adapter(str(tiny_model))
     with pytest.raises(ValueError, match="has no label part unit; its parts are phone, gender, pitch_bin"):
         collect(corpus, adapter, tmp_path / "a.zarr", CollectConfig(labels=("phone", "unit")), progress=False)
     monkeypatch.setattr("os.sysconf", lambda name: 64 if name == "SC_AVPHYS_PAGES" else 4096)

@@ -21,7 +21,7 @@ from neurostat.engine.batching import BatchDataset, TokenBatch, chunk_tokens, in
 from neurostat.engine.tokens import token_mask
 from neurostat.frames import default_geometry, label_frames
 from neurostat.labelspace import LabelSpace
-from neurostat.model.adapter import normalize_waveform
+from neurostat.model.inputs import normalize_waveform
 from neurostat.phones import NON_SPEECH
 
 SUBSET = "dev-clean"

@@ -69,9 +69,9 @@ def test_an_interrupted_merge_says_to_write_it_again_and_info_shows_the_merge(pr
 
     from neurostat.cli import main
     from neurostat.engine.collect import CollectConfig, collect
-    from neurostat.model.adapter import ModelAdapter
+    from neurostat.model.loading import load_adapter
 
-    adapter = ModelAdapter.load(str(tiny_model))
+    adapter = load_adapter(str(tiny_model))
     shards = [tmp_path / f"s{i}.zarr" for i in range(2)]
     for i, shard in enumerate(shards):
         collect(prepared, adapter, shard, CollectConfig(shard=(i, 2), layers=[1]), progress=False)

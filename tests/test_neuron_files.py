@@ -10,7 +10,7 @@ from storefactory import SPACE, make_store
 
 from neurostat.cli import main
 from neurostat.engine.collect import CollectConfig, collect
-from neurostat.model.adapter import ModelAdapter
+from neurostat.model.loading import load_adapter
 from neurostat.model.factory import save_model
 from neurostat.neuronset import NeuronModel, NeuronSet, NeuronSetError
 
@@ -31,7 +31,7 @@ def selections(prepared, tiny_model, tmp_path_factory):
     for name, model in (("tiny", tiny_model), ("twin", twin)):
         store = root / f"{name}.zarr"
         config = CollectConfig(tokens="all", stats=("topk", "top_frames"), top_frames=2)
-        collect(prepared, ModelAdapter.load(str(model)), store, config, progress=False)
+        collect(prepared, load_adapter(str(model)), store, config, progress=False)
         files[name] = select(store, root / f"{name}-sel")
     counts = np.ones((2, SPACE.size, 96), np.int64)
     files["2x96"] = select(make_store(root / "small.zarr", np.full(SPACE.size, 5, np.int64), counts), root / "small")
@@ -42,7 +42,7 @@ def test_select_records_the_model_beside_each_file(selections, tiny_model):
     _, files = selections
     recorded = NeuronModel.recorded_for(files["tiny"])
     assert (recorded.num_layers, recorded.width, recorded.source) == (3, 37, str(tiny_model))
-    assert recorded.weights == ModelAdapter.load(str(tiny_model)).weights
+    assert recorded.weights == load_adapter(str(tiny_model)).weights
     assert json.loads(files["tiny"].with_suffix(".settings.json").read_text())["model"] == recorded.to_dict()
 
 

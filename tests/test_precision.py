@@ -17,7 +17,9 @@ from neurostat.engine.batching import TokenBatch
 from neurostat.engine.collect import CollectConfig, collect
 from neurostat.engine.statistics import Params
 from neurostat.labelspace import LabelSpace
-from neurostat.model.adapter import FFN, ModelAdapter, normalize_waveform
+from neurostat.model.adapter import FFN
+from neurostat.model.inputs import normalize_waveform
+from neurostat.model.loading import load_adapter
 
 pytestmark = pytest.mark.fp32
 H, D, K, LABELS = 24, 193, 19, 5
@@ -164,8 +166,8 @@ def test_a_collect_forward_with_fp32_statistics_stays_within_the_half_models_own
     stock half-precision forward by at most 2 % of what that forward itself differs from an fp32 forward of
     the same weights (on CPU it is bitwise the stock forward; rounding the fp32 activation instead of
     the pre-activation would move it by 6-11 %)."""
-    half = ModelAdapter.load(str(tiny_model), dtype=dtype)
-    full = ModelAdapter.load(str(tiny_model), dtype=dtype)
+    half = load_adapter(str(tiny_model), dtype=dtype)
+    full = load_adapter(str(tiny_model), dtype=dtype)
     full.model.float()
     g = torch.Generator().manual_seed(2)
     waves = [torch.randn(n, generator=g) * 0.1 for n in (16000, 11000)]
@@ -226,7 +228,7 @@ def test_fp16_collect_records_the_precision_and_fp32_statistics_follow_the_unrou
     """The reference is the model's own fp16 forward, one utterance at a time: collect runs its modules the
     same way (the per-utterance front end), so only the statistics' precision differs — another front end
     rounds fp16 features otherwise, and model-precision ties follow every rounding."""
-    adapter = ModelAdapter.load(str(tiny_model), dtype=torch.float16)
+    adapter = load_adapter(str(tiny_model), dtype=torch.float16)
     counts = {}
     for precision in ("fp32", "model"):
         config = CollectConfig(

@@ -274,13 +274,12 @@ def test_flat_alignment_folder_and_other_geometry(corpus_copy, tmp_path):
 
 
 def test_prepare_imports_no_torch_where_the_geometry_is_known(corpus_copy, tmp_path):
-    """`neurostat prepare` with the default geometry (cached), in a fresh interpreter and under torchrun's
+    """`neurostat prepare` with the default geometry, in a fresh interpreter and under torchrun's
     environment of one process: torch (seconds of imports) is never loaded."""
     import os
     import subprocess
     import sys
 
-    default_geometry(tmp_path / "cache")  # what the first prepare of a transformers version caches
     args = ["prepare", "--root", str(corpus_copy), "--subset", SUBSET, "--alignments", str(corpus_copy / "alignments")]
     for world in ({}, {"WORLD_SIZE": "1", "RANK": "0"}):
         code = (

@@ -209,10 +209,10 @@ def test_probe_cli_compares_models_and_writes_json(prepared, tiny_model, tmp_pat
 def test_probe_stops_before_keeping_features_that_do_not_fit(prepared, tiny_model, monkeypatch):
     import os
 
-    from neurostat.model.adapter import ModelAdapter
+    from neurostat.model.loading import load_adapter
     from neurostat.probe import extract
 
-    adapter = ModelAdapter.load(str(tiny_model))
+    adapter = load_adapter(str(tiny_model))
     monkeypatch.setattr(os, "sysconf", lambda name: 256)  # a 64 KiB machine
     with pytest.raises(ProbeError, match=r"keeps .* GiB of features in memory .* probe one layer"):
         extract(adapter, prepared)

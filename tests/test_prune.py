@@ -8,18 +8,11 @@ from transformers import HubertForCTC
 
 import neurostat
 from neurostat.cli import main
+from neurostat.model.checkpoints import PruneError
 from neurostat.model.edit import ablated, zero_neurons
 from neurostat.model.factory import model_config, save_model
-from neurostat.model.pruning import (
-    PruneError,
-    count_parameters,
-    load_adapter,
-    load_pruned,
-    neuron_scores,
-    plan,
-    prune,
-    save_pruned,
-)
+from neurostat.model.loading import load_adapter, load_pruned
+from neurostat.model.pruning import count_parameters, neuron_scores, plan, prune, save_pruned
 from neurostat.neuronset import NeuronSet, NeuronSetError
 
 LAYERS, WIDTH, HIDDEN = 3, 37, 32
@@ -60,7 +53,7 @@ def test_mask_equals_zeroed_columns_equals_physical_pruning():
 
 def test_scores_budgets_and_protection():
     model = tiny_ctc()
-    ffn = neurostat.model.edit.model_ffns(model)[0]
+    ffn = neurostat.model.loading.model_ffns(model)[0]
     scores = neuron_scores(model, "l1")
     manual = ffn.up.weight.abs().sum(1) + ffn.up.bias.abs() + ffn.down.weight.abs().sum(0)
     torch.testing.assert_close(scores[1], manual.double())
@@ -94,7 +87,7 @@ def test_save_load_roundtrip_and_parameter_drop(tmp_path):
     back = load_pruned(out)
     assert type(back) is HubertForCTC
     assert torch.equal(logits(back, x), logits(model, x))
-    assert [f.width for f in neurostat.model.edit.model_ffns(back)] == [len(v) for v in result.kept.values()]
+    assert [f.width for f in neurostat.model.loading.model_ffns(back)] == [len(v) for v in result.kept.values()]
     with pytest.raises(PruneError, match="not a neurostat pruned checkpoint"):
         load_pruned(tmp_path)
     import json
@@ -127,8 +120,8 @@ def test_cli_ablate_and_prune(tmp_path):
         main, ["ablate", "--model", str(model_dir), "--neurons", str(sel), "--out", str(tmp_path / "ab")]
     )
     assert res.exit_code == 0, res.output
-    edited = neurostat.model.adapter.load_full_model(str(tmp_path / "ab"))
-    w2 = neurostat.model.edit.model_ffns(edited)[0].down.weight
+    edited = neurostat.model.loading.load_full_model(str(tmp_path / "ab"))
+    w2 = neurostat.model.loading.model_ffns(edited)[0].down.weight
     assert w2[:, [1, 2]].abs().sum() == 0 and w2[:, 0].abs().sum() > 0
     res = runner.invoke(
         main,
@@ -148,7 +141,7 @@ def test_cli_ablate_and_prune(tmp_path):
     assert "parameters:" in res.output and "FFN widths per layer: 1:9 2:9 3:9" in res.output
     pruned = load_pruned(tmp_path / "pr")
     assert (tmp_path / "pr" / "preprocessor_config.json").is_file()
-    assert [f.width for f in neurostat.model.edit.model_ffns(pruned)] == [9, 9, 9]
+    assert [f.width for f in neurostat.model.loading.model_ffns(pruned)] == [9, 9, 9]
     adapters = {d: load_adapter(str(tmp_path / d)) for d in ("pr", "ab")}  # pruned, and a plain HF folder
     assert adapters["pr"].width == 9 and adapters["ab"].width == WIDTH
     x = wave()
@@ -171,19 +164,20 @@ def test_cli_ablate_and_prune(tmp_path):
 
 def test_the_library_takes_demo_for_the_shipped_model(tmp_path):
     """``demo`` names the shipped demo model in the library's loading, not only through the CLI."""
-    from neurostat.model.adapter import DEMO_MODEL_DIR, ModelAdapter, load_geometry
-    from neurostat.model.pruning import load_pruned, prune_checkpoint
+    from neurostat.model.checkpoints import DEMO_MODEL_DIR
+    from neurostat.model.loading import load_adapter, load_geometry, load_pruned
+    from neurostat.model.pruning import prune_checkpoint
 
-    assert ModelAdapter.load("demo").source == str(DEMO_MODEL_DIR)
-    assert load_geometry("demo") == ModelAdapter.load(str(DEMO_MODEL_DIR)).geometry
+    assert load_adapter("demo").source == str(DEMO_MODEL_DIR)
+    assert load_geometry("demo") == load_adapter(str(DEMO_MODEL_DIR)).geometry
     result = prune_checkpoint("demo", tmp_path / "pruned", ratio=0.5)
-    assert sum(result.widths().values()) < sum(f.width for f in ModelAdapter.load("demo").ffns)
+    assert sum(result.widths().values()) < sum(f.width for f in load_adapter("demo").ffns)
     load_pruned(tmp_path / "pruned")
 
 
 def test_edited_checkpoints_get_default_file_modes_and_model_folders_no_digest(tmp_path, monkeypatch):
     """model.safetensors was 0600 beside 0644 files; the weight digest went into the model's own folder."""
-    from neurostat.model.adapter import weights_digest_file, weights_fingerprint
+    from neurostat.model.checkpoints import weights_digest_file, weights_fingerprint
     from neurostat.model.edit import ablate_checkpoint
     from neurostat.model.pruning import prune_checkpoint
 

@@ -8,9 +8,9 @@ import pytest
 
 from neurostat.corpus.prepared import PreparedCorpusError, PreparedMeta
 from neurostat.engine.collect import CollectConfig, collect
-from neurostat.engine.spec import RunSpec, _bytes_per_neuron
+from neurostat.engine.spec import RunSpec
 from neurostat.engine.statistics import TABLE
-from neurostat.model.adapter import ModelAdapter
+from neurostat.model.loading import load_adapter
 from neurostat.store import Progress, StoreError, StoreMeta
 
 # root attrs of a collected and a merged store and a prepared corpus's meta.json, written by neurostat
@@ -47,19 +47,19 @@ def test_collect_leaves_the_callers_config_as_it_was(prepared, tiny_model, tmp_p
     """Defaults are resolved into the run spec, never written back: a config reused elsewhere stays neutral."""
     config = CollectConfig(topk_ratio=0.1, shard=(0, 4))
     before = asdict(config)
-    meta = collect(prepared, ModelAdapter.load(str(tiny_model)), tmp_path / "s.zarr", config, progress=False)
+    meta = collect(prepared, load_adapter(str(tiny_model)), tmp_path / "s.zarr", config, progress=False)
     assert asdict(config) == before and config.batch_seconds is None and config.backend == "auto"
     assert meta.batching["batch_seconds"] > 0 and meta.statistics["backend"] == "torch"
     assert StoreMeta.read(tmp_path / "s.zarr") == meta
 
 
 def test_the_memory_guard_counts_the_top_frames_by_their_rows(prepared, tiny_model):
-    adapter = ModelAdapter.load(str(tiny_model))
+    adapter = load_adapter(str(tiny_model))
     spec = RunSpec.resolve(CollectConfig(stats=tuple(TABLE), top_frames=3), adapter, prepared)
     labels = spec.space.size
-    assert _bytes_per_neuron(TABLE["top_frames"], spec) == 3 * (8 + 8)
-    assert _bytes_per_neuron(TABLE["moments"], spec) == labels * 2 * 8
-    assert _bytes_per_neuron(TABLE["topk"], spec) == labels * 8
+    assert spec.bytes_per_neuron(TABLE["top_frames"]) == 3 * (8 + 8)
+    assert spec.bytes_per_neuron(TABLE["moments"]) == labels * 2 * 8
+    assert spec.bytes_per_neuron(TABLE["topk"]) == labels * 8
 
 
 def test_prepared_meta_written_before_reads_back_unchanged(tmp_path):
@@ -119,7 +119,7 @@ def test_a_store_written_now_has_the_arrays_written_before_the_records(prepared,
     config = CollectConfig(
         stats=("topk", "positive", "moments", "max_abs", "top_frames"), top_frames=4, batch_seconds=3.0
     )
-    adapter = ModelAdapter.load(str(tiny_model), dtype=torch.float64)
+    adapter = load_adapter(str(tiny_model), dtype=torch.float64)
     collect(prepared, adapter, tmp_path / "s.zarr", config, progress=False)
     ds = xr.open_zarr(tmp_path / "s.zarr", consolidated=False)
     assert sorted(ds.data_vars) == sorted(before.files)

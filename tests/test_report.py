@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from neurostat.cli import main
 from neurostat.engine.collect import CollectConfig, collect
-from neurostat.model.adapter import ModelAdapter
+from neurostat.model.loading import load_adapter
 from neurostat.report import ReportError, build_report
 from neurostat.select import select_properties, venn
 from neurostat.stats import open_stats
@@ -18,7 +18,7 @@ from neurostat.stats import open_stats
 @pytest.fixture(scope="module")
 def store(prepared, tiny_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "s.zarr"
-    collect(prepared, ModelAdapter.load(str(tiny_model)), out, CollectConfig(topk_ratio=0.1), progress=False)
+    collect(prepared, load_adapter(str(tiny_model)), out, CollectConfig(topk_ratio=0.1), progress=False)
     return out
 
 
@@ -63,7 +63,7 @@ def test_report_of_neuron_files_and_bad_input(store, prepared, tiny_model, tmp_p
     with pytest.raises(ReportError, match="3 layers x 37 neurons"):
         build_report(store, tmp_path / "r2", [tmp_path / "other.json"])
     positive = tmp_path / "positive.zarr"
-    collect(prepared, ModelAdapter.load(str(tiny_model)), positive, CollectConfig(stats=("positive",)), progress=False)
+    collect(prepared, load_adapter(str(tiny_model)), positive, CollectConfig(stats=("positive",)), progress=False)
     res = CliRunner().invoke(main, ["report", str(positive), "--out", str(tmp_path / "r3")])
     assert res.exit_code == 1 and "no topk statistic" in res.output and "--stat topk" in res.output
 

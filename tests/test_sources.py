@@ -25,7 +25,7 @@ from neurostat.corpus.textgrid import Interval, write_textgrid
 from neurostat.corpus.timit import read_phn, timit_phone_map
 from neurostat.engine.collect import CollectConfig, collect
 from neurostat.frames import default_geometry
-from neurostat.model.adapter import ModelAdapter
+from neurostat.model.loading import load_adapter
 from neurostat.phones import ARPABET, PHONES, PhoneMap
 from neurostat.select import SelectionError, property_neurons
 from neurostat.stats import open_stats
@@ -87,7 +87,7 @@ def prepared_layouts(written, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def adapter64(tiny_model):
-    return ModelAdapter.load(str(tiny_model), dtype=torch.float64)
+    return load_adapter(str(tiny_model), dtype=torch.float64)
 
 
 def collect_store(corpus, adapter, out):

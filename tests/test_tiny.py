@@ -11,7 +11,8 @@ from transformers import HubertModel
 
 from neurostat.corpus.synth import DEMO_VARIANTS, TRAINING_VARIANTS
 from neurostat.frames import FrameGeometry
-from neurostat.model.adapter import ModelAdapter
+from neurostat.model.inputs import waveform_geometry
+from neurostat.model.loading import load_adapter
 from neurostat.tiny import shipped_model_dir
 from neurostat.tiny.mfcc import dct_matrix, mfcc
 from neurostat.tiny.objective import (
@@ -47,7 +48,7 @@ def test_shipped_model_loads_offline_as_a_real_checkpoint():
     card = (path / "README.md").read_text()
     assert "not for research claims about real speech" in card
     assert sum(f.stat().st_size for f in path.iterdir()) < 10 * 2**20
-    adapter = ModelAdapter.load(str(path))
+    adapter = load_adapter(str(path))
     assert adapter.num_layers == model.config.num_hidden_layers and adapter.width == model.config.intermediate_size
     wave = torch.randn(SAMPLE_RATE)
     hidden, mask = adapter.encode([wave])
@@ -88,7 +89,7 @@ def test_the_shipped_model_and_head_beat_both_baselines_on_held_out_speech(demo_
     scores = {}
     for name, folder in (("shipped", shipped_model_dir()), ("twin", save_random_twin(tmp_path / "twin", settings))):
         model = HubertModel.from_pretrained(folder).eval()
-        geometry = FrameGeometry.from_config(model.config, SAMPLE_RATE)
+        geometry = waveform_geometry(model.config, SAMPLE_RATE)
         scores[name] = evaluate_held_out(
             model, head, codebook, held_out, geometry, settings.mask_prob, settings.mask_span, 0
         )
@@ -101,7 +102,7 @@ def test_the_shipped_model_and_head_beat_both_baselines_on_held_out_speech(demo_
     # rounding, and within what another espeak-ng build may change in the synthetic audio)
     card = summary["held_out"]
     model = HubertModel.from_pretrained(shipped_model_dir()).eval()
-    geometry = FrameGeometry.from_config(model.config, SAMPLE_RATE)
+    geometry = waveform_geometry(model.config, SAMPLE_RATE)
     root = held_out_corpus(tmp_path / "held-out", settings, progress=False)
     again = vars(evaluate_held_out(model, head, codebook, root, geometry, settings.mask_prob, settings.mask_span, 0))
     assert again["utterances"] == card["utterances"] and again["chance"] == card["chance"]
@@ -155,7 +156,7 @@ def test_training_is_deterministic_and_the_loss_falls(tmp_path):
     assert not all(torch.equal(twin[k], wa[k]) for k in twin)
 
     # on one fixed batch, a few steps of the same objective lower the loss
-    geometry = FrameGeometry.from_config(build_model(settings).config, SAMPLE_RATE)
+    geometry = waveform_geometry(build_model(settings).config, SAMPLE_RATE)
     data = load_utterances(root, settings, geometry, log=lambda _: None)
     waves, targets, mask = batch_of(data, settings, geometry, torch.Generator().manual_seed(0))
     assert targets.shape == mask.shape == (settings.batch, geometry.num_frames(waves.shape[1]))
@@ -207,7 +208,7 @@ def test_the_held_out_score_its_baselines_and_the_shipped_head(demo_corpus, tmp_
     score = summary["held_out"]
     model = HubertModel.from_pretrained(tmp_path / "run" / "model")
     head, codebook = load_head(tmp_path / "run" / "model")
-    geometry = FrameGeometry.from_config(model.config, SAMPLE_RATE)
+    geometry = waveform_geometry(model.config, SAMPLE_RATE)
     data = load_utterances(root, settings, geometry, log=lambda _: None)
     assert torch.equal(codebook.centroids, data.codebook.centroids) and torch.equal(
         codebook.counts, data.codebook.counts

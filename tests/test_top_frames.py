@@ -13,7 +13,8 @@ from neurostat.engine.batching import TokenBatch
 from neurostat.engine.collect import CollectConfig, collect
 from neurostat.engine.merge import merge_stores
 from neurostat.engine.statistics import keep_top
-from neurostat.model.adapter import ModelAdapter, normalize_waveform
+from neurostat.model.inputs import normalize_waveform
+from neurostat.model.loading import load_adapter
 from neurostat.stats import open_stats
 from neurostat.store import StoreError
 
@@ -50,7 +51,7 @@ def config(**kw):
 
 
 def test_top_frames_equal_a_brute_force_reference_over_several_batches(prepared, tiny_model, tmp_path):
-    adapter = ModelAdapter.load(str(tiny_model), dtype=torch.float64)
+    adapter = load_adapter(str(tiny_model), dtype=torch.float64)
     attrs = collect(prepared, adapter, tmp_path / "s.zarr", config(batch_seconds=4.0), progress=False)
     assert attrs.statistics["top_frames"] == N
     ds = xr.open_zarr(tmp_path / "s.zarr", consolidated=False)
@@ -71,7 +72,7 @@ def test_top_frames_equal_a_brute_force_reference_over_several_batches(prepared,
 
 
 def test_shards_merged_equal_one_run_and_a_store_without_them_says_so(prepared, tiny_model, tmp_path):
-    adapter = ModelAdapter.load(str(tiny_model), dtype=torch.float64)
+    adapter = load_adapter(str(tiny_model), dtype=torch.float64)
     collect(prepared, adapter, tmp_path / "whole.zarr", config(batch_seconds=4.0), progress=False)
     for i in range(2):
         collect(prepared, adapter, tmp_path / f"s{i}.zarr", config(batch_seconds=7.0, shard=(i, 2)), progress=False)

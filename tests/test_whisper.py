@@ -25,7 +25,9 @@ from neurostat.engine.features import layer_features
 from neurostat.frames import label_frames
 from neurostat.labelspace import LabelSpace
 from neurostat.model import factory
-from neurostat.model.adapter import ModelAdapter, ModelError, WhisperAdapter, load_geometry
+from neurostat.model.families import ModelError
+from neurostat.model.loading import load_adapter, load_geometry
+from neurostat.model.whisper import WhisperAdapter
 from neurostat.store import StoreError
 
 RATIO = 0.1  # k = round(0.1 * 96) = 10
@@ -129,7 +131,7 @@ def test_the_adapters_log_mel_equals_the_feature_extractors(tmp_path, mel_bins, 
     transformers.WhisperFeatureExtractor(
         feature_size=mel_bins, chunk_length=WINDOW_SECONDS, padding_value=padding
     ).save_pretrained(path)
-    adapter = ModelAdapter.load(str(path), dtype=dtype)
+    adapter = load_adapter(str(path), dtype=dtype)
     fe = adapter.feature_extractor
     g = torch.Generator().manual_seed(mel_bins)
     lengths = [1, 17, fe.hop_length * 3 + 1, fe.n_samples // 3, fe.n_samples - 1, fe.n_samples]
@@ -144,7 +146,7 @@ def test_the_adapters_log_mel_equals_the_feature_extractors(tmp_path, mel_bins, 
 
 @pytest.mark.parametrize("mode", ["all", "phone-mid"])
 def test_float64_counts_equal_the_per_window_hook_reference(whisper_corpus, whisper_dir, tmp_path, mode):
-    adapter = ModelAdapter.load(whisper_dir, dtype=torch.float64)
+    adapter = load_adapter(whisper_dir, dtype=torch.float64)
     assert isinstance(adapter, WhisperAdapter) and adapter.width == 96 and adapter.num_layers == 2
     config = CollectConfig(topk_ratio=RATIO, tokens=mode, batch_seconds=3 * WINDOW_SECONDS)
     meta = collect(whisper_corpus, adapter, tmp_path / "s.zarr", config, progress=False)
@@ -171,7 +173,7 @@ def test_utterances_are_cut_at_window_boundaries(whisper_corpus):
 def test_a_short_utterance_is_padded_as_whisper_pads_it(whisper_dir):
     """0.2 s (10 frames), a sample, a full window and a window and a bit less, in one batch: each equals its
     own window's float64 forward, at its frames inside the audio."""
-    adapter = ModelAdapter.load(whisper_dir, dtype=torch.float64)
+    adapter = load_adapter(whisper_dir, dtype=torch.float64)
     rng = np.random.default_rng(0)
     lengths = [3200, 1, adapter.geometry.window, 17001]
     waves = [rng.standard_normal(n).astype(np.float32) * 0.1 for n in lengths]
@@ -206,7 +208,7 @@ def test_padding_is_never_counted(whisper_corpus, whisper_dir, tmp_path):
     assert padded > 0
     meta = collect(
         whisper_corpus,
-        ModelAdapter.load(whisper_dir),
+        load_adapter(whisper_dir),
         tmp_path / "s.zarr",
         CollectConfig(tokens="all", stats=("topk",)),
         progress=False,
@@ -248,7 +250,7 @@ def test_a_generation_checkpoint_collects_its_encoders_counts(whisper_corpus, tm
     )
     config = CollectConfig(topk_ratio=RATIO, tokens="all", stats=("topk", "positive"))
     metas = {
-        name: collect(whisper_corpus, ModelAdapter.load(src), tmp_path / f"{name}.zarr", config, progress=False)
+        name: collect(whisper_corpus, load_adapter(src), tmp_path / f"{name}.zarr", config, progress=False)
         for name, src in (("full", full), ("encoder", encoder))
     }
     a, b = (xr.open_zarr(tmp_path / f"{n}.zarr", consolidated=False) for n in metas)
@@ -270,6 +272,8 @@ def test_cli_collects_a_whisper_folder_and_info_names_the_family(whisper_corpus,
     res = CliRunner().invoke(main, ["info", str(out)])
     assert res.exit_code == 0, res.output
     assert "whisper" in res.output and "WhisperModel: its decoder is not collected, its encoder is" in res.output
+    assert "forward: whisper-log-mel front end on cpu; group norm: none (log-mel features" in res.output
+    assert "frame mask: none to the encoder: each window is padded as Whisper pads it" in res.output
     res = CliRunner().invoke(main, [*args[:-1], str(tmp_path / "t.zarr"), "--max-seconds", "1"])
     assert res.exit_code != 0 and "leave --max-seconds out" in res.output
 
@@ -279,19 +283,19 @@ def test_a_window_that_is_not_whole_encoder_frames_is_refused(tmp_path):
     transformers.WhisperModel(factory.whisper_config(max_source_positions=70)).save_pretrained(path)
     factory.whisper_feature_extractor(chunk_length=WINDOW_SECONDS).save_pretrained(path)
     with pytest.raises(ModelError, match=f"{path}: a window of 32000 samples .* 70 max_source_positions"):
-        ModelAdapter.load(str(path))
+        load_adapter(str(path))
     with pytest.raises(ModelError, match="70 max_source_positions"):
         load_geometry(str(path))
 
 
 def test_a_wav2vec2_corpus_is_refused_for_whisper(prepared, whisper_dir, tmp_path):
     with pytest.raises((ModelError, StoreError), match="frame geometry .* differs from the prepared corpus"):
-        collect(prepared, ModelAdapter.load(whisper_dir), tmp_path / "s.zarr", CollectConfig(), progress=False)
+        collect(prepared, load_adapter(whisper_dir), tmp_path / "s.zarr", CollectConfig(), progress=False)
 
 
 @pytest.mark.fp32
 def test_layer_features_join_an_utterances_windows(whisper_corpus, whisper_dir):
-    adapter = ModelAdapter.load(whisper_dir, dtype=torch.float64)
+    adapter = load_adapter(whisper_dir, dtype=torch.float64)
     every = list(range(len(whisper_corpus)))
     got = dict(layer_features(whisper_corpus, adapter, every, [2], batch_seconds=5.0, num_jobs=0, progress=False))
     assert sorted(got) == sorted(u.id for u in whisper_corpus)
@@ -334,7 +338,7 @@ def test_a_dithering_feature_extractor_is_refused(whisper_dir, tmp_path):
     fe.dither = 1e-4
     fe.save_pretrained(tmp_path / "m")
     with pytest.raises(ModelError, match=r"/m: its feature extractor dithers \(dither=0.0001\)"):
-        ModelAdapter.load(str(tmp_path / "m"))
+        load_adapter(str(tmp_path / "m"))
 
 
 def test_the_papers_overlap_grid_is_refused_for_whisper_frames(whisper_corpus):
@@ -350,11 +354,11 @@ def test_pruned_and_ablated_whisper_checkpoints_keep_their_class_and_agree(tmp_p
     neurons only) and the original with the pruned neurons ablated give the same encoder outputs."""
     from neurostat.model.edit import ablate_checkpoint
     from neurostat.model.provenance import EditRecord
-    from neurostat.model.pruning import load_adapter, prune_checkpoint
+    from neurostat.model.pruning import prune_checkpoint
     from neurostat.neuronset import NeuronSet
 
     source = save_whisper(tmp_path / "m", head=True)
-    width = ModelAdapter.load(source).width
+    width = load_adapter(source).width
     kept = prune_checkpoint(source, tmp_path / "pruned", ratio=0.4).kept
     dropped = NeuronSet({layer: set(range(width)) - set(idx) for layer, idx in kept.items()}, len(kept), width)
     dropped.save(tmp_path / "dropped.json")

@@ -32,7 +32,7 @@ def demo_model_name(ctx, param, value):
     messages and folder checks see its folder (the library resolves ``demo`` too)."""
     if not value:  # no model given: nothing to resolve (and no torch to import for it)
         return value
-    from ..model.adapter import model_source
+    from ..model.checkpoints import model_source
 
     return tuple(model_source(v) for v in value) if isinstance(value, tuple) else model_source(value)
 

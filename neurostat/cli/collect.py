@@ -66,7 +66,7 @@ def _shard(ctx, param, text: str) -> tuple[int, int]:
     "--model",
     default=None,
     callback=demo_model_name,
-    help="Hub id or local directory of a HuBERT / wav2vec 2.0 / WavLM / data2vec-audio checkpoint, or `demo` "
+    help="Hub id or local directory of a checkpoint of a supported family (README: Supported families), or `demo` "
     "(the shipped demo model); without --model, --root or --prepared: the demo model on the demo corpus.",
 )
 @click.option(
@@ -106,7 +106,12 @@ def _shard(ctx, param, text: str) -> tuple[int, int]:
 @click.option(
     "--drop-final-run", is_flag=True, help="Count no token of an utterance's last run of frames (the paper's code)."
 )
-@click.option("--layers", default="all", callback=_layers, help="Layers to collect, 1-based, e.g. 1,3,5-8.")
+@click.option(
+    "--layers",
+    default="all",
+    callback=_layers,
+    help="Encoder layers to collect, 1-based, e.g. 1,3,5-8; a Conformer layer's two FFNs (ffn1, ffn2) both.",
+)
 @click.option(
     "--labels",
     "label_parts",
@@ -192,9 +197,9 @@ def collect(
     counting every frame (--tokens all, as the corpus is small; cached in $NEUROSTAT_CACHE/demo-v4).
     """
     from ..engine.collect import CollectConfig, CollectInterrupted, collect_corpus, describe_collect
+    from ..engine.device import resolve_device
     from ..engine.distributed import PrepareRanks, World
     from ..errors import OptionError
-    from ..model.adapter import resolve_device
 
     preset = options.get("preset")
     options = with_preset(options)

@@ -207,7 +207,7 @@ def prepare(
         raise OptionError("--paper-labels reads the official label files in one process: run it without torchrun")
     geometry = _known_geometry(model, sample_rate)
     if geometry is None:
-        from ..model.adapter import load_geometry  # through transformers, which imports torch
+        from ..model.loading import load_geometry  # through transformers, which imports torch
 
         geometry = load_geometry(model, sample_rate)
     if paper_labels:
@@ -229,17 +229,13 @@ def prepare(
 
 
 def _known_geometry(model: str | None, sample_rate: int | None) -> FrameGeometry | None:
-    """The default frame geometry (no ``--model``) as the first prepare of this transformers version cached it,
-    read without importing transformers and torch (seconds of every prepare); None for a model's."""
-    from ..files import cache_root
+    """The default frame geometry (no ``--model``), known without importing transformers and torch (seconds of
+    every prepare); None for a model's."""
     from ..frames import default_geometry
 
     if model is not None:
         return None
-    try:
-        geometry = default_geometry(cache_root())
-    except OSError:  # NEUROSTAT_CACHE is a file: the default computed without the cache
-        geometry = default_geometry()
+    geometry = default_geometry()
     return geometry if sample_rate is None else geometry.at_rate(sample_rate)
 
 

@@ -18,9 +18,11 @@ import torch
 
 from ..corpus.labelsets import LEVELS, attach_label_set, check_name, read_id_lines
 from ..corpus.prepared import LabelSetError, PreparedCorpus
+from ..engine.device import model_dtype, resolve_device
 from ..engine.features import layer_features
 from ..errors import OptionError
-from ..model.adapter import ModelAdapter, model_dtype, resolve_device
+from ..model.adapter import ModelAdapter
+from ..model.loading import load_adapter
 from .kmeans import assign, kmeans
 
 
@@ -180,7 +182,7 @@ def cluster_label_set(
     if model is None or layer is None:
         raise OptionError("give --model and --layer (or --vectors with --level utterance)")
     _check_feature_options(corpus, clusters, level, layer, fit_frames, batch_seconds)
-    adapter = ModelAdapter.load(model, device=resolve_device(device), dtype=model_dtype(dtype))
+    adapter = load_adapter(model, resolve_device(device), model_dtype(dtype))
     return cluster_features(
         corpus, adapter, name, layer, clusters, level, fit_frames, seed, batch_seconds, num_jobs, progress
     )

@@ -6,7 +6,6 @@ selection, label compaction), so the device never waits on per-frame Python work
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,7 +15,7 @@ import torch
 from ..corpus.audio import Skip
 from ..corpus.prepared import AudioChangedError, PreparedCorpus
 from ..labelspace import LabelSpace
-from ..model.adapter import normalize_waveform
+from ..model.inputs import normalize_waveform
 from ..phones import NON_SPEECH
 from .tokens import token_mask
 
@@ -146,38 +145,6 @@ class Piece:
     frame_start: int
 
 
-def default_batch_seconds(device: torch.device | str) -> float:
-    """Padded audio per batch: 160 s on a GPU (it needs large batches), 20 s on a CPU (large batches
-    thrash its caches: 160 s made collect 1.45-1.85x its forward on 2 cores, 20 s about 1.2x)."""
-    return 160.0 if torch.device(device).type == "cuda" else 20.0
-
-
-def usable_cores() -> int:
-    """The CPU cores this process may run on (its affinity, which a job scheduler may narrow)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def default_num_jobs(device: torch.device | str) -> int:
-    """Data-loading workers when ``-j`` is not given.  On a GPU as many as the cores allow, up to 12, with
-    two cores left to the main process (a worker decodes a few hundred audio-s/s; the card eats
-    thousands).  On a CPU the forward wants every core: with 4 cores or fewer the main process loads
-    (loading is about 1 % of a CPU run; a worker beside torch's threads made collect 1.45x its forward on
-    2 cores, against 1.09x without), above that one worker, and torch gets the other cores
-    (:func:`forward_threads`)."""
-    cores = usable_cores()
-    if torch.device(device).type == "cuda":
-        return max(1, min(12, cores - 2))
-    return 0 if cores <= 4 else 1
-
-
-def forward_threads(device: torch.device | str, num_jobs: int) -> int | None:
-    """torch's intra-op threads for a CPU run beside ``num_jobs`` loading workers, so that they never
-    compete for a core; None: leave torch's own choice (a GPU run, or no workers)."""
-    if torch.device(device).type == "cuda" or num_jobs == 0:
-        return None
-    return max(1, usable_cores() - num_jobs)
-
-
 def plan_batches(
     corpus: PreparedCorpus, indices: list[int], batch_seconds: float, max_seconds: float | None
 ) -> list[list[Piece]]:
@@ -228,7 +195,7 @@ def padding_fraction(corpus: PreparedCorpus, batches: list[list[Piece]]) -> floa
 
 def in_place_normalizer(feature_extractor) -> Callable[[np.ndarray], None]:
     """A function that normalises a float32 waveform in place exactly as
-    :func:`~neurostat.model.adapter.normalize_waveform` does, bit for bit: for the wav2vec2 family's
+    :func:`~neurostat.model.inputs.normalize_waveform` does, bit for bit: for the wav2vec2 family's
     feature extractor its zero-mean unit-variance normalisation (``(x - mean) / sqrt(var + 1e-7)`` in
     float32, the same numpy reductions) without its copies, else the feature extractor itself."""
     from transformers import Wav2Vec2FeatureExtractor as W2V

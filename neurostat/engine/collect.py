@@ -26,12 +26,13 @@ from tqdm import tqdm
 from ..corpus.prepare import PrepareSettings, describe_prepared, prepare_source
 from ..corpus.prepared import AudioChangedError, PreparedCorpus
 from ..corpus.source import open_source
-from ..declarations import store_dims
 from ..errors import OptionError
-from ..model.adapter import ModelAdapter, model_dtype, resolve_device
+from ..model.adapter import ModelAdapter
+from ..model.loading import open_model
 from ..store import Progress, StoreMeta, StoreWriter
 from .accumulate import Accumulator
-from .batching import BatchDataset, default_num_jobs, forward_threads, padding_fraction, plan_batches
+from .batching import BatchDataset, padding_fraction, plan_batches
+from .device import DevicePolicy, resolve_device
 from .distributed import PrepareRanks, World
 from .rank import collect_rank
 from .spec import CollectConfig, RunSpec
@@ -75,13 +76,14 @@ def collect(
     overwrite: bool = False,
     progress: bool = True,
     world: World | None = None,
+    policy: DevicePolicy | None = None,
 ) -> StoreMeta:
-    """Runs the pass and writes the store at ``out``; returns its metadata.  With ``world`` (a rank of a
-    distributed run whose process group is initialised) this process collects its share into a partial
-    store and the ranks combine their states: see :mod:`neurostat.engine.distributed`."""
-    spec = RunSpec.resolve(config, adapter, corpus, distributed=world is not None)
-    adapter.hash_weights()  # the fingerprint's weights from their content, never from the cache
-    meta = spec.store_meta(adapter, corpus)
+    """Runs the pass and writes the store at ``out``; returns its metadata.  ``policy``: the device policy
+    the adapter was loaded under (default: resolved from it).  With ``world`` (a rank of a distributed run
+    whose process group is initialised) this process collects its share into a partial store and the ranks
+    combine their states: see :mod:`neurostat.engine.distributed`."""
+    spec = RunSpec.resolve(config, adapter, corpus, policy, distributed=world is not None)
+    meta = spec.store_meta(corpus)
     if world is None:
         with StoreWriter(out, meta, resume=resume, overwrite=overwrite) as store:
             return _run(corpus, adapter, store, spec, meta, spec.indices, progress)
@@ -89,15 +91,14 @@ def collect(
     def run_share(store, rank_meta, indices, job):
         return _run(corpus, adapter, store, spec, rank_meta, indices, progress, job)
 
-    return collect_rank(
-        corpus, adapter, out, spec, meta, world, resume, overwrite, run_share, spec.store_coords(corpus)
-    )
+    return collect_rank(corpus, out, spec, meta, world, resume, overwrite, run_share, spec.store_coords(corpus))
 
 
 @contextmanager
-def _threads_beside_workers(device: torch.device, num_jobs: int) -> Iterator[None]:
-    """On a CPU, torch's threads leave the loading workers their cores for the run (then restored)."""
-    threads, before = forward_threads(device, num_jobs), torch.get_num_threads()
+def _threads_beside_workers(threads: int | None) -> Iterator[None]:
+    """torch's threads for the run (the device policy's: on a CPU they leave the loading workers their
+    cores), then restored."""
+    before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
@@ -164,30 +165,30 @@ def _uploaded_ahead(items: Iterator[dict], device: torch.device) -> Iterator[dic
 
 def _restore(spec: RunSpec, adapter: ModelAdapter, store: StoreWriter) -> tuple[Accumulator, list[str], Progress]:
     """The accumulator, the finished utterance ids and the progress: fresh, or from the last checkpoint."""
-    config = spec.config
-    engine = (spec.stats, adapter.device, spec.backend, adapter.activation_name, config.stats_precision)
+    policy = spec.policy
+    engine = (spec.stats, policy.device, spec.backend, adapter.activation_name, spec.precision)
     design = spec.label_stats.design if spec.label_stats else None
     checkpoint = store.load_checkpoint()
     if checkpoint is None:
         acc = Accumulator(
-            len(spec.layers), spec.space.size, spec.width, spec.k, *engine, config.top_frames, design=design
+            len(spec.entries), spec.space.size, spec.width, spec.k, *engine, spec.top_frames, policy.overlap, design
         )
         return acc, [], Progress()
     state, done, prog = checkpoint
-    return Accumulator.from_state(state, spec.k, *engine, design=design), done, prog
+    return Accumulator.from_state(state, spec.k, *engine, overlap=policy.overlap, design=design), done, prog
 
 
 def _loader(corpus, adapter, spec: RunSpec, batches, store: StoreWriter) -> torch.utils.data.DataLoader:
-    """Batches of waveforms and token labels from ``spec.num_jobs`` worker processes."""
-    config = spec.config
-    data = BatchDataset(corpus, batches, adapter.feature_extractor, config.tokens, spec.space, config.drop_final_run)
+    """Batches of waveforms and token labels from the device policy's worker processes."""
+    data = BatchDataset(corpus, batches, adapter.feature_extractor, spec.tokens, spec.space, spec.drop_final_run)
+    workers = spec.policy.num_jobs
     return torch.utils.data.DataLoader(
         data,
         batch_size=None,
         shuffle=False,
-        num_workers=spec.num_jobs,
-        pin_memory=adapter.device.type == "cuda",
-        prefetch_factor=4 if spec.num_jobs else None,
+        num_workers=workers,
+        pin_memory=spec.policy.device.type == "cuda",
+        prefetch_factor=4 if workers else None,
         worker_init_fn=functools.partial(_release_inherited, store.lock_fd),
     )
 
@@ -252,10 +253,11 @@ class _Ledger:
 
 def _plan(corpus, todo: list[int], spec: RunSpec, progress: bool) -> list:
     """The batches of the utterances still to count, said on the console."""
-    batches = plan_batches(corpus, todo, spec.batch_seconds, spec.config.max_seconds)
+    batch_seconds = spec.policy.batch_seconds
+    batches = plan_batches(corpus, todo, batch_seconds, spec.max_seconds)
     if progress and batches:
         tqdm.write(
-            f"{len(batches)} batches of at most {spec.batch_seconds:g} s of padded audio; "
+            f"{len(batches)} batches of at most {batch_seconds:g} s of padded audio; "
             f"padding {100 * padding_fraction(corpus, batches):.1f}% of the frames"
         )
     return batches
@@ -267,17 +269,16 @@ def _run(
     """The loop: every batch through the instrumented model, checkpoints on the way, then the store."""
     if store.previous is not None and store.previous.complete:
         return store.previous
-    config = spec.config
     acc, done, prog = _restore(spec, adapter, store)
     finished = set(done)
     todo = [i for i in indices if corpus.records[i]["id"] not in finished]
     batches = _plan(corpus, todo, spec, progress)
     ledger = _Ledger(corpus, batches, done, prog)
-    position = {layer: i for i, layer in enumerate(spec.layers)}
+    position = {entry: i for i, entry in enumerate(spec.entries)}
     current: dict = {}
 
-    def activation(layer: int, ffn, hidden: torch.Tensor) -> torch.Tensor:
-        return acc.ffn_activation(position[layer], ffn, hidden, current["tokens"])
+    def activation(entry: int, ffn, hidden: torch.Tensor) -> torch.Tensor:
+        return acc.ffn_activation(position[entry], ffn, hidden, current["tokens"])
 
     started, last_ckpt, since_ckpt = time.time(), time.time(), 0
     base_elapsed = prog.elapsed_seconds
@@ -289,25 +290,24 @@ def _run(
         prog.elapsed_seconds, prog.utterances_done = base_elapsed + time.time() - started, len(done)
         store.save_checkpoint(acc.state_dict(), done, prog)
 
-    with _stop_requests() as stop, _threads_beside_workers(adapter.device, spec.num_jobs):
-        with adapter.instrument(activation, list(spec.layers)):
-            for item in _uploaded_ahead(
-                _timed_iter(_loader(corpus, adapter, spec, batches, store), prog), adapter.device
-            ):
+    device = spec.policy.device
+    with _stop_requests() as stop, _threads_beside_workers(spec.policy.threads):
+        with adapter.instrument(activation, list(spec.entries)):
+            for item in _uploaded_ahead(_timed_iter(_loader(corpus, adapter, spec, batches, store), prog), device):
                 if item["changed"]:  # before the batch counts: a resume after prepare redoes it
                     save()
                     bar.close()
                     raise AudioChangedError(f"{item['changed'][0]} (the checkpoint of {len(done)} utterances is saved)")
                 batch = item["tokens"]
                 if batch.num_tokens and len(item["lengths"]):
-                    current["tokens"] = batch.to(adapter.device)
-                    adapter.encode(item["waves"], item["lengths"], front_end=spec.front_end)
+                    current["tokens"] = batch.to(device)
+                    adapter.encode(item["waves"], item["lengths"], front_end=spec.policy.front_end)
                 new = ledger.count(item)
                 since_ckpt += len(new)
                 bar.show(len(new), len(done), prog, base_elapsed + time.time() - started)
                 if (
-                    config.checkpoint_utterances and since_ckpt >= config.checkpoint_utterances
-                ) or time.time() - last_ckpt >= config.checkpoint_seconds:
+                    spec.checkpoint_utterances and since_ckpt >= spec.checkpoint_utterances
+                ) or time.time() - last_ckpt >= spec.checkpoint_seconds:
                     save()
                     last_ckpt, since_ckpt = time.time(), 0
                 if stop:
@@ -333,8 +333,7 @@ def _finish(store, acc, corpus, spec: RunSpec, meta: StoreMeta, ledger: _Ledger,
     prog.elapsed_seconds = prog.loop_seconds = elapsed()
     prog.utterances_done, prog.utterances_total, prog.complete = len(ledger.done), total, True
     final = meta.replace(complete=True, progress=prog)
-    dims = store_dims(spec.stats)
-    store.finalize(acc.compute(), spec.store_coords(corpus), final, ledger.done, spec.config.keep_checkpoint, dims)
+    store.finalize(acc.compute(), spec.store_coords(corpus), final, ledger.done, spec.keep_checkpoint, spec.dims)
     prog.elapsed_seconds = elapsed()
     store.update_progress(prog)
     return final
@@ -378,14 +377,17 @@ def collect_corpus(
         device = world.device(device)
         world.init(resolve_device(device))
         progress = progress and world.rank == 0
-    device = resolve_device(device)
-    adapter = ModelAdapter.load(model, device=device, dtype=model_dtype(dtype, device))
+    opened = open_model(model)
+    policy = DevicePolicy.resolve(
+        opened.family, device, dtype, config.front_end, config.backend, config.batch_seconds, config.num_jobs,
+        opened.source,
+    )  # fmt: skip
+    adapter = opened.load(policy.device, policy.dtype)
     if source is not None:
         prepared = prepared or source.default_out()
         settings = PrepareSettings.from_options(adapter.geometry, **(prepare_options or {}))
-        jobs = max(1, default_num_jobs(device) if config.num_jobs is None else config.num_jobs)
         ranks = None if world is None else PrepareRanks(world)  # every rank labels its share
-        meta = prepare_source(source, prepared, settings, jobs, progress, ranks)
+        meta = prepare_source(source, prepared, settings, max(1, policy.num_jobs), progress, ranks)
         if echo and (world is None or world.rank == 0):
             echo(describe_prepared(meta, prepared))
     corpus = PreparedCorpus(prepared)
@@ -397,7 +399,7 @@ def collect_corpus(
                 f"--preset {preset} (or give --root, --subset and --alignments to collect from the corpus)"
             )
     try:
-        return collect(corpus, adapter, out, config, resume, overwrite, progress, world)
+        return collect(corpus, adapter, out, config, resume, overwrite, progress, world, policy)
     finally:
         if world is not None and dist.is_initialized():
             dist.destroy_process_group()

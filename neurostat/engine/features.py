@@ -15,8 +15,10 @@ from tqdm import tqdm
 
 from ..corpus.prepared import AudioChangedError, LabelSetError, PreparedCorpus
 from ..labelspace import LabelSpace
-from ..model.adapter import ModelAdapter, ModelError
-from .batching import BatchDataset, default_batch_seconds, default_num_jobs, plan_batches
+from ..model.adapter import ModelAdapter
+from ..model.families import ModelError
+from .batching import BatchDataset, plan_batches
+from .device import default_batch_seconds, default_num_jobs
 
 
 class _Captured(Exception):
@@ -37,7 +39,7 @@ def layer_features(
     adapter.check_geometry(corpus.geometry)
     if not indices:  # nothing to run (and no empty progress bar)
         return
-    blocks = adapter.backbone.encoder.layers
+    blocks = adapter.family.encoder_layers(adapter.backbone)
     if not layers:
         raise ModelError("no layers asked for")
     bad = [n for n in layers if not 1 <= n <= len(blocks)]

@@ -71,9 +71,12 @@ def merge_stores(paths: list[str | Path], out: str | Path, overwrite: bool = Fal
     for p in paths[1:]:
         acc.merge(Accumulator.from_state(store_state(p, first.stats), first.k, first.stats))
     coords = {"layer": np.asarray(first.layers, dtype=np.int64), **LabelSpace.from_dict(first.labels).names()}
-    if "top_frames" in first.stats:
-        ids = xr.open_zarr(paths[0], consolidated=False)["utterance"].values.tolist()
-        coords["utterance"] = np.asarray([str(u) for u in ids])
+    ds = xr.open_zarr(paths[0], consolidated=False)
+    for name in ("ffn", "utterance"):  # the layer axis's names, the corpus's utterance ids
+        if name in ds.coords:
+            coords[name] = np.asarray([str(u) for u in ds[name].values])
+    if "original_neuron" in ds.coords:  # a pruned model's neurons' original indices
+        coords["original_neuron"] = ds["original_neuron"].values
     progress = Progress.total([m.progress for m in metas])
     progress.complete = True
     command = shlex.join(["neurostat", "merge", *(str(Path(p)) for p in paths), "--out", str(out)])

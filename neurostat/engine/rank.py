@@ -12,8 +12,6 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ..corpus.prepared import PreparedCorpus
-from ..declarations import store_dims
-from ..model.adapter import ModelAdapter
 from ..store import Progress, StoreError, StoreMeta, StoreWriter, load_done
 from .accumulate import Accumulator
 from .distributed import (
@@ -36,7 +34,6 @@ RunShare = Callable[[StoreWriter, StoreMeta, list[int], JobProgress], StoreMeta]
 
 def collect_rank(
     corpus: PreparedCorpus,
-    adapter: ModelAdapter,
     out: str | Path,
     spec: RunSpec,
     meta: StoreMeta,
@@ -66,7 +63,7 @@ def collect_rank(
         tqdm.write(f"{world} failed: {type(e).__name__}: {e}")
         raise
     started = time.time()
-    acc = Accumulator.from_state(store_state(partial, spec.stats), spec.k, spec.stats, adapter.device)
+    acc = Accumulator.from_state(store_state(partial, spec.stat_names), spec.k, spec.stat_names, spec.policy.device)
     all_reduce(acc)
     ranks = all_gather(
         {"rank": world.rank, "host": platform.node(), "done": load_done(partial), "progress": mine.progress.to_dict()}
@@ -80,7 +77,7 @@ def collect_rank(
     if world.rank == 0:
         with StoreWriter(out, final, overwrite=True) as store:
             done = [u for r in ranks for u in r["done"]]
-            store.finalize(acc.compute(), coords, final, done, dims=store_dims(spec.stats))
+            store.finalize(acc.compute(), coords, final, done, dims=spec.dims)
     dist.barrier()
     return final
 

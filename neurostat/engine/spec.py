@@ -1,7 +1,8 @@
-"""A collect run's settings (:class:`CollectConfig`, what the caller asks for) and its :class:`RunSpec`:
-the config resolved once against the model, the corpus and the device — validated in one place, with
-the device's defaults filled in, never written back into the caller's config.  The store's metadata
-and its fingerprint are projections of the spec (:meth:`RunSpec.store_meta`)."""
+"""A collect run's settings (:class:`CollectConfig`, what the caller asks for) and its :class:`RunSpec`: every
+value the run uses, resolved once against the model, the corpus and the device policy
+(:class:`~neurostat.engine.device.DevicePolicy`) and validated in one place; the spec holds only resolved
+values, never the caller's config.  The store's metadata and its fingerprint are built here, from the spec
+alone (:meth:`RunSpec.store_meta`)."""
 
 from __future__ import annotations
 
@@ -17,12 +18,13 @@ from ..corpus.prepared import PreparedCorpus
 from ..declarations import DEFAULT_STATS
 from ..errors import OptionError
 from ..labelspace import LabelSpace
-from ..model.adapter import ModelAdapter, ModelError
+from ..model.adapter import ModelAdapter
+from ..model.families import ModelError
 from ..store import StoreMeta
 from ..version import __version__
-from .backends import PRECISIONS, ROUTE_BOUND, DesignChoice, choose_design, make_backend, resolve_backend
-from .batching import default_batch_seconds, default_num_jobs
-from .statistics import TABLE, Params, statistics
+from .backends import PRECISIONS, ROUTE_BOUND, Backend, DesignChoice, choose_design, make_backend
+from .device import DevicePolicy
+from .statistics import Params, Statistic, statistics
 from .tokens import MODES
 
 
@@ -32,15 +34,15 @@ class CollectConfig:
     topk_ratio: float = 0.01
     tokens: str = "phone-mid"
     drop_final_run: bool = False  # the paper's code never counts an utterance's last run of frames
-    layers: list[int] | None = None  # 1-based, as everywhere a user sees layers; None = all
-    batch_seconds: float | None = None  # padded audio per batch; None: default_batch_seconds(device)
-    front_end: str = "auto"  # one of FRONT_ENDS; auto: default_front_end(device)
+    layers: list[int] | None = None  # encoder layers, 1-based, as everywhere a user sees layers; None = all
+    batch_seconds: float | None = None  # padded audio per batch; None: the device policy's default
+    front_end: str = "auto"  # one of FRONT_ENDS for the waveform families; auto: the device policy's
     max_seconds: float | None = None
     checkpoint_seconds: float = 300.0
     checkpoint_utterances: int | None = None
     keep_checkpoint: bool = False  # keep the last checkpoint's state beside the complete store
     shard: tuple[int, int] = (0, 1)
-    num_jobs: int | None = None  # data-loading workers; None: default_num_jobs(device)
+    num_jobs: int | None = None  # data-loading workers; None: the device policy's default
     backend: str = "auto"
     stats_precision: str = "fp32"  # fp32: statistics of the fp32-accumulated activations in bf16/fp16 runs
     label_stats_design: str = "auto"  # split, one-read, or auto: the faster on a GPU (timed at the start), else split
@@ -66,6 +68,7 @@ class CollectConfig:
             raise ValueError(f"unknown --front-end {self.front_end!r}; choose auto or one of {FRONT_ENDS}")
         if self.stats_precision not in PRECISIONS:
             raise ValueError(f"unknown --stats-precision {self.stats_precision!r}; choose from {PRECISIONS}")
+        statistics(self.stats)
         if self.label_stats_design != "auto":
             from ..kernels.label_stats import DESIGNS
 
@@ -74,44 +77,71 @@ class CollectConfig:
                     f"unknown label_stats design {self.label_stats_design!r}; choose auto or one of {DESIGNS}"
                 )
 
+    def policy(self, adapter: ModelAdapter) -> DevicePolicy:
+        """The device policy of a run on an adapter already loaded (its device and dtype)."""
+        return DevicePolicy.resolve(
+            adapter.family, adapter.device, adapter.dtype, self.front_end, self.backend, self.batch_seconds,
+            self.num_jobs, adapter.source,
+        )  # fmt: skip
+
 
 @dataclass(frozen=True)
 class RunSpec:
-    """Everything a run needs decided before it starts (``layers`` are 0-based here)."""
+    """Everything a run needs decided before it starts; ``entries`` are the layer axis's (0-based), the
+    store's ``layer`` coordinate numbers them from 1."""
 
-    config: CollectConfig
-    stats: tuple[str, ...]
-    batch_seconds: float
-    front_end: str
-    backend: str
-    num_jobs: int
-    layers: tuple[int, ...]
-    width: int
+    stats: tuple[Statistic, ...]
+    topk_ratio: float
     k: int
+    top_frames: int
+    tokens: str
+    drop_final_run: bool
+    precision: str
+    max_seconds: float | None
+    checkpoint_seconds: float
+    checkpoint_utterances: int | None
+    keep_checkpoint: bool
+    shard: tuple[int, int]
+    entries: tuple[int, ...]
+    width: int
     space: LabelSpace
-    indices: tuple[int, ...] = field(repr=False)  # the corpus's utterances this run (or shard) counts
+    policy: DevicePolicy
+    backend: Backend = field(repr=False)  # built once for these statistics, k and precision
+    model: dict = field(repr=False)  # the model's record (its description when the run resolved)
+    names: tuple[str, ...] = ()  # each collected entry's name (``3``, ``3.ffn1``)
+    kept: tuple[tuple[int, ...], ...] | None = None  # a pruned model's neurons per entry: their original indices
+    batching: dict = field(default_factory=dict)  # what the forward does to a padded batch
+    command: str = ""
+    indices: tuple[int, ...] = field(default=(), repr=False)  # the corpus's utterances this run (or shard) counts
     label_stats: DesignChoice | None = None  # the label_stats design of a Triton backend, and why
+
+    @property
+    def stat_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.stats)
 
     @classmethod
     def resolve(
-        cls, config: CollectConfig, adapter: ModelAdapter, corpus: PreparedCorpus, distributed: bool = False
+        cls,
+        config: CollectConfig,
+        adapter: ModelAdapter,
+        corpus: PreparedCorpus,
+        policy: DevicePolicy | None = None,
+        distributed: bool = False,
     ) -> RunSpec:
-        """Validates ``config`` against the model and the corpus; every refusal is one clear error."""
+        """Validates ``config`` against the model and the corpus; every refusal is one clear error.
+        ``policy``: the device policy the model was loaded under (default: resolved from the adapter)."""
         adapter.check_geometry(corpus.geometry)
         config.check()
-        front_end = adapter.resolve_front_end(config.front_end)
-        stats = tuple(s.name for s in statistics(config.stats))
-        backend = resolve_backend(config.backend, adapter.device)
-        width = adapter.width
+        policy = policy or config.policy(adapter)
+        stats = statistics(config.stats)
+        entries = adapter.layer_entries(config.layers)
+        width = adapter.width_of(entries)
         k = max(1, round(config.topk_ratio * width))
+        params = Params(k, config.top_frames) if any(s.axis == "top" for s in stats) else Params(k)
         try:
-            probe = make_backend(backend, statistics(stats), Params(k), adapter.activation_name, config.stats_precision)
+            backend = make_backend(policy.backend, stats, params, adapter.activation_name, config.stats_precision)
         except ValueError as e:
             raise ModelError(f"{adapter.source}: {e}") from None
-        layers = range(adapter.num_layers) if config.layers is None else sorted({i - 1 for i in config.layers})
-        bad = [i + 1 for i in layers if not 0 <= i < adapter.num_layers]
-        if bad:
-            raise ModelError(f"{adapter.source} has layers 1..{adapter.num_layers}; no layer {bad}")
         space = LabelSpace.of_corpus(corpus, config.labels)
         corpus.verify(space.parts)
         if config.max_seconds is not None and adapter.geometry.window:
@@ -122,26 +152,41 @@ class RunSpec:
         shard_i, shard_n = config.shard
         if distributed and shard_n > 1:
             raise OptionError("--shard splits the corpus by hand; a torchrun job splits it over its ranks: use one")
+        kept = None if adapter.kept is None else tuple(tuple(adapter.kept[i]) for i in entries)
+        adapter.hash_weights()  # the fingerprint's weights from their content, never from the cache
         spec = cls(
-            config=config,
             stats=stats,
-            batch_seconds=config.batch_seconds or default_batch_seconds(adapter.device),
-            front_end=front_end,
-            backend=backend,
-            num_jobs=default_num_jobs(adapter.device) if config.num_jobs is None else config.num_jobs,
-            layers=tuple(layers),
-            width=width,
+            topk_ratio=config.topk_ratio,
             k=k,
+            top_frames=params.top_frames,
+            tokens=config.tokens,
+            drop_final_run=config.drop_final_run,
+            precision=config.stats_precision,
+            max_seconds=config.max_seconds,
+            checkpoint_seconds=config.checkpoint_seconds,
+            checkpoint_utterances=config.checkpoint_utterances,
+            keep_checkpoint=config.keep_checkpoint,
+            shard=config.shard,
+            entries=tuple(entries),
+            width=width,
             space=space,
+            policy=policy,
+            backend=backend,
+            model=adapter.describe(),
+            names=tuple(adapter.ffns[i].name for i in entries),
+            kept=kept,
+            batching=adapter.batching(policy.front_end),
+            command=config.command,
             indices=tuple(i for i in range(len(corpus)) if i % shard_n == shard_i),
-            label_stats=choose_design(config.label_stats_design, probe, adapter.device, adapter.dtype, width),
+            label_stats=choose_design(config.label_stats_design, backend, policy.device, policy.dtype, width),
         )
-        spec.check_state_size(adapter.device)
+        spec.check_state_size()
         return spec
 
-    def check_state_size(self, device: torch.device) -> None:
+    def check_state_size(self) -> None:
         """Refuses a joint label space whose dense totals would not fit in the device's free memory."""
-        need = len(self.layers) * self.width * sum(_bytes_per_neuron(TABLE[s], self) for s in self.stats)
+        device = self.policy.device
+        need = len(self.entries) * self.width * sum(self.bytes_per_neuron(s) for s in self.stats)
         if device.type == "cuda":
             free = torch.cuda.mem_get_info(device)[0]
         else:
@@ -150,30 +195,40 @@ class RunSpec:
             shape = " × ".join(f"{len(self.space.vocab(p))} {p}" for p in self.space.parts)
             raise ValueError(
                 f"the joint label space ({shape} = {self.space.size} labels) needs {need / 2**30:.1f} GiB of state "
-                f"for {len(self.layers)} layers × {self.width} neurons, more than the {free / 2**30:.1f} GiB free on "
+                f"for {len(self.entries)} layers × {self.width} neurons, more than the {free / 2**30:.1f} GiB free on "
                 f"{device}; choose fewer label parts with --labels, fewer --layers or fewer --stat"
             )
 
+    def bytes_per_neuron(self, stat: Statistic) -> int:
+        """Bytes of one neuron's totals of ``stat`` in one layer (rows: the labels, or the N top frames)."""
+        rows = self.top_frames if stat.axis == "top" else self.space.size
+        return rows * sum(np.dtype(s.dtype).itemsize for s in stat.declaration.states)
+
     @property
     def _top_frames(self) -> int | None:
-        return self.config.top_frames if "top_frames" in self.stats else None
+        return self.top_frames if "top_frames" in self.stat_names else None
 
-    def _fingerprint(self, adapter: ModelAdapter, corpus: PreparedCorpus, where: dict) -> dict:
+    @property
+    def dims(self) -> dict[str, tuple[str, ...]]:
+        """The store dimensions of every variable this run writes."""
+        return {"frames": ("label",), **{var: s.declaration.dims() for s in self.stats for var in s.store}}
+
+    def _fingerprint(self, corpus: PreparedCorpus, where: dict) -> dict:
         """What a resume or a merge must match: every setting and input that changes a count."""
-        config = self.config
+        model = self.model
         return {
-            "model": adapter.source,
-            "revision": adapter.revision,
-            "weights": adapter.weights,
-            "dtype": str(adapter.dtype).replace("torch.", ""),
-            "stats_precision": config.stats_precision,
-            "stats": list(self.stats),
+            "model": model["model"],
+            "revision": model["revision"],
+            "weights": model["weights_sha1"],
+            "dtype": str(self.policy.dtype).replace("torch.", ""),
+            "stats_precision": self.precision,
+            "stats": list(self.stat_names),
             "top_frames": self._top_frames,
-            "topk_ratio": config.topk_ratio,
+            "topk_ratio": self.topk_ratio,
             "k": self.k,
-            "tokens": config.tokens,
-            "drop_final_run": config.drop_final_run,
-            "layers": [i + 1 for i in self.layers],
+            "tokens": self.tokens,
+            "drop_final_run": self.drop_final_run,
+            "layers": [i + 1 for i in self.entries],
             "labels": self.space.to_dict(),
             "label_sets": {n: corpus.label_sets[n]["file"] for n in self.space.parts if n in corpus.label_sets},
             "pitch_edges": corpus.edges,
@@ -181,39 +236,48 @@ class RunSpec:
             "frame_labels": corpus.meta.frame_labels,
             "corpus_content": corpus.content_digests(self.space.parts),
             "corpus": where,
-            "shard": f"{config.shard[0]}/{config.shard[1]}",
-            "max_seconds": config.max_seconds,
+            "shard": f"{self.shard[0]}/{self.shard[1]}",
+            "max_seconds": self.max_seconds,
         }
 
     def store_coords(self, corpus: PreparedCorpus) -> dict[str, np.ndarray]:
-        """The store's coordinates: layers (1-based), the label parts of each joint label and, with the top
-        frames, the corpus's utterance ids (``top_utterance`` indexes them)."""
-        coords = {"layer": np.asarray([i + 1 for i in self.layers], dtype=np.int64), **self.space.names()}
-        if "top_frames" in self.stats:
+        """The store's coordinates: the layer axis's entries (1-based) and their names (``ffn``: ``3``, or
+        ``3.ffn1`` and ``3.ffn2`` for a Conformer), the label parts of each joint label, a pruned model's
+        neurons' indices in the model it was pruned from (``original_neuron``) and, with the top frames, the
+        corpus's utterance ids (``top_utterance`` indexes them)."""
+        coords = {
+            "layer": np.asarray([i + 1 for i in self.entries], dtype=np.int64),
+            "ffn": np.asarray(self.names, dtype=str),
+            **self.space.names(),
+        }
+        if self.kept is not None:
+            coords["original_neuron"] = np.asarray(self.kept, dtype=np.int64)
+        if "top_frames" in self.stat_names:
             coords["utterance"] = np.asarray([r["id"] for r in corpus.records], dtype=str)
         return coords
 
-    def store_meta(self, adapter: ModelAdapter, corpus: PreparedCorpus) -> StoreMeta:
-        """The store's metadata for this run (the fingerprint is what a resume must match)."""
-        config, shard = self.config, f"{self.config.shard[0]}/{self.config.shard[1]}"
+    def store_meta(self, corpus: PreparedCorpus) -> StoreMeta:
+        """The store's metadata for this run, from the spec alone (the fingerprint is what a resume must match)."""
         where = {"root": corpus.meta.root, "subset": corpus.meta.subset, "prepared": str(corpus.path.resolve())}
+        dtype = self.policy.dtype
         return StoreMeta(
-            fingerprint=self._fingerprint(adapter, corpus, where),
-            model=adapter.describe(),
+            fingerprint=self._fingerprint(corpus, where),
+            model=self.model,
             statistics={
-                "stats": list(self.stats),
-                "topk_ratio": config.topk_ratio,
+                "stats": list(self.stat_names),
+                "topk_ratio": self.topk_ratio,
                 "k": self.k,
                 "top_frames": self._top_frames,
-                "tokens": config.tokens,
-                "drop_final_run": config.drop_final_run,
+                "tokens": self.tokens,
+                "drop_final_run": self.drop_final_run,
                 "ties": "lower neuron index wins at the k-th |a|",
                 "var_ddof": 0,
-                "moments": "per-batch fp32 sums around a per-neuron shift, merged in float64 (Chan et al.)",
-                "merge": {var: TABLE[name].rule.name for name in self.stats for var in TABLE[name].store},
-                "backend": self.backend,
+                "moments": f"per-batch {_sums_dtype(dtype, self.policy.backend)} sums around a per-neuron shift, "
+                "merged in float64 (Chan et al.)",
+                "merge": {var: s.rule.name for s in self.stats for var in s.store},
+                "backend": self.policy.backend,
                 "label_stats": self.label_stats.to_dict() if self.label_stats else None,
-                "precision": _describe_precision(config.stats_precision, adapter.dtype, self.backend),
+                "precision": _describe_precision(self.precision, dtype, self.policy.backend),
             },
             labels=self.space.to_dict(),
             label_sets={
@@ -227,35 +291,31 @@ class RunSpec:
             corpus={
                 **where,
                 "utterances": len(self.indices),
-                "shard": shard,
+                "shard": f"{self.shard[0]}/{self.shard[1]}",
                 "prepare_skips": corpus.skips,
                 **({"lacking": corpus.meta.lacking} if corpus.meta.lacking else {}),
-            },
-            batching={
-                "front_end": self.front_end,
-                "group_norm": "statistics per utterance over its valid positions",
-                "transformer": f"batched with a boolean frame mask, {adapter.attention} attention",
-                "max_seconds": config.max_seconds,
-                "batch_seconds": self.batch_seconds,
-                "loader_workers": self.num_jobs,
-            },
+            },  # fmt: skip
+            batching={**self.batching, "max_seconds": self.max_seconds, **self.policy.record()},
             versions=_versions(),
-            command=config.command,
+            command=self.command,
         )
 
 
-def _bytes_per_neuron(stat, spec: RunSpec) -> int:
-    """Bytes of one neuron's totals of ``stat`` in one layer (rows: the labels, or the N top frames)."""
-    rows = spec.config.top_frames if stat.axis == "top" else spec.space.size
-    return rows * sum(np.dtype(s.dtype).itemsize for s in stat.declaration.states)
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _sums_dtype(dtype: torch.dtype, backend: str) -> str:
+    """The dtype of the per-batch moment sums: the statistics' activations promoted to at least fp32 by the
+    torch backend (float64 in a float64 run); the Triton kernels sum in fp32."""
+    return "float64" if dtype == torch.float64 and backend == "torch" else "fp32"
 
 
 def _describe_precision(precision: str, dtype: torch.dtype, backend: str = "torch") -> str:
     """The store's ``statistics.precision``: which activations the statistics saw, and by which route the
     model's forward went on (its first word is the setting)."""
     model = str(dtype).replace("torch.", "")
-    if dtype not in (torch.float16, torch.bfloat16):
-        return f"{precision}: the model's {model} activations"
+    if dtype not in _HALF:
+        return f"{precision}: the model's own {model} activations (the setting matters in float16/bfloat16 runs)"
     if precision == "model":
         return f"model: the {model} activations the model computes (ties at the k-th |a| are frequent)"
     if backend == "triton-fused":

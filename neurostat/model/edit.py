@@ -17,7 +17,9 @@ import torch
 from torch import nn
 
 from ..neuronset import NeuronModel, NeuronSet
-from .adapter import FFN, load_full_model, model_ffns, model_source, save_feature_extractor, weights_fingerprint
+from .adapter import FFN
+from .checkpoints import model_source, save_feature_extractor, weights_fingerprint
+from .loading import load_full_model, model_ffns
 from .outputs import check_checkpoint_out, checkpoint_folder
 from .provenance import EditRecord
 

@@ -10,7 +10,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 
 from ..files import check_out_folder, new_folder
-from .adapter import is_checkpoint
+from .checkpoints import is_checkpoint
 from .provenance import FILE as PROVENANCE
 
 CHECKPOINT_FILES = frozenset(

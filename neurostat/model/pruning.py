@@ -5,9 +5,11 @@ Pruning neuron j slices row j of W1 and b1 and column j of W2.  The paper's base
 "Protected" pruning removes the protected neurons (e.g. property neurons) from the candidates
 first; ``exact_protected`` keeps exactly the protected set.
 
-Pruned layers have different widths, which HF cannot load, so a pruned checkpoint is a directory
-with the HF config, ``neurostat.json`` (source model, kept indices per layer, criterion, protected
-sets) and ``model.safetensors``; :func:`load_pruned` rebuilds the model exactly (``strict=True``).
+Layers are the entries of the layer axis (one per FFN: a Conformer layer's ffn1 and ffn2 are two, both
+prunable).  Pruned layers have different widths, which HF cannot load, so a pruned checkpoint is a
+directory with the HF config, ``neurostat.json`` (source model, kept indices per entry, criterion,
+protected sets) and ``model.safetensors``; :func:`~neurostat.model.checkpoints.load_pruned` rebuilds the
+model exactly (``strict=True``) and :func:`~neurostat.model.loading.load_adapter` reads it like any model.
 """
 
 from __future__ import annotations
@@ -21,22 +23,11 @@ from torch import nn
 
 from ..choices import PRUNE_CRITERIA, PRUNE_SCOPES
 from ..neuronset import NeuronSet
-from .adapter import (
-    ModelAdapter,
-    adapter_for,
-    load_full_model,
-    model_ffns,
-    model_source,
-    save_feature_extractor,
-)
+from .checkpoints import PruneError, model_source, save_feature_extractor
 from .edit import neuron_model
+from .loading import load_full_model, model_ffns
 from .outputs import check_checkpoint_out, checkpoint_folder
-from .provenance import FILE as PROVENANCE
 from .provenance import EditRecord
-
-
-class PruneError(ValueError):
-    """A budget or protected set that cannot be met, or a checkpoint that cannot be read."""
 
 
 @dataclass
@@ -128,28 +119,6 @@ def _plan_global(scores: dict[int, torch.Tensor], total: int, protect: NeuronSet
     return {layer: sorted(j for layer_, j in chosen if layer_ == layer) for layer in scores}
 
 
-def _slice(ffn, idx: list[int]) -> None:
-    index = torch.tensor(idx, dtype=torch.long, device=ffn.up.weight.device)
-    up = nn.Linear(
-        ffn.up.in_features, len(idx), bias=ffn.up.bias is not None, device=index.device, dtype=ffn.up.weight.dtype
-    )
-    down = nn.Linear(
-        len(idx),
-        ffn.down.out_features,
-        bias=ffn.down.bias is not None,
-        device=index.device,
-        dtype=ffn.down.weight.dtype,
-    )
-    with torch.no_grad():
-        up.weight.copy_(ffn.up.weight.index_select(0, index))
-        if up.bias is not None:
-            up.bias.copy_(ffn.up.bias.index_select(0, index))
-        down.weight.copy_(ffn.down.weight.index_select(1, index))
-        if down.bias is not None:
-            down.bias.copy_(ffn.down.bias)
-    ffn.replace(up, down)
-
-
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -166,8 +135,8 @@ def prune(
     """Prunes the FFNs of ``model`` in place to the budget; returns the kept indices and parameter counts."""
     before = count_parameters(model)
     kept = plan(neuron_scores(model, criterion), keep, ratio, protect, scope, exact_protected)
-    for layer, ffn in enumerate(model_ffns(model), 1):
-        _slice(ffn, kept[layer])
+    for entry, ffn in enumerate(model_ffns(model), 1):
+        ffn.keep(kept[entry])
     return PruneResult(kept, before, count_parameters(model), criterion)
 
 
@@ -209,37 +178,6 @@ def save_pruned(
     if feature_extractor_from:
         save_feature_extractor(feature_extractor_from, path)
     return path
-
-
-def load_pruned(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuilds a pruned model exactly from :func:`save_pruned`'s directory (no pickles, strict)."""
-    import transformers
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    record = EditRecord.read(path)
-    if record is None or record.edit != "pruned":
-        raise PruneError(f"{path} is not a neurostat pruned checkpoint (no pruned record in {PROVENANCE})")
-    config = transformers.AutoConfig.from_pretrained(path)
-    cls = getattr(transformers, record.architecture, None)
-    if cls is None:
-        raise PruneError(f"{path / PROVENANCE}: unknown architecture {record.architecture!r}")
-    model = cls(config)
-    for layer, ffn in enumerate(model_ffns(model), 1):
-        _slice(ffn, list(range(record.widths[str(layer)])))
-    model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
-    return model.eval().to(device)
-
-
-def load_adapter(source: str, device: str | torch.device = "cpu") -> ModelAdapter:
-    """Any checkpoint neurostat reads, ready for batched forwards: a pruned one (:func:`save_pruned`'s
-    folder) or what :meth:`ModelAdapter.load` takes (hub id, HF folder, ablated checkpoint)."""
-    record = EditRecord.read(source) if Path(source).is_dir() else None
-    if record is None or record.edit != "pruned":
-        return ModelAdapter.load(source, device)
-    from transformers import AutoFeatureExtractor
-
-    return adapter_for(load_pruned(source, device), AutoFeatureExtractor.from_pretrained(source), source)
 
 
 def prune_checkpoint(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..model.adapter import DEMO_MODEL_DIR
+from ..model.checkpoints import DEMO_MODEL_DIR
 
 
 def shipped_model_dir() -> Path:

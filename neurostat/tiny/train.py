@@ -27,6 +27,7 @@ from ..cluster.kmeans import kmeans
 from ..corpus.synth import DEMO_VARIANTS, TRAINING_VARIANTS, synthesize
 from ..frames import FrameGeometry
 from ..model import factory
+from ..model.inputs import waveform_geometry
 from .objective import (
     HEAD_FILE,
     Codebook,
@@ -210,7 +211,7 @@ def train(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = build_model(settings)
-    geometry = FrameGeometry.from_config(model.config, SAMPLE_RATE)
+    geometry = waveform_geometry(model.config, SAMPLE_RATE)
     data = load_utterances(Path(corpus_root), settings, geometry, log)
     head = Head(settings.config["hidden_size"], settings.projection, settings.clusters, settings.temperature)
     params = list(model.parameters()) + list(head.parameters())
@@ -346,7 +347,7 @@ def write_card(dest: str | Path, summary: dict) -> Path:
         raise ValueError("only a model scored on held-out speech is shipped: train it with held_out=...")
     from transformers import HubertConfig
 
-    geometry = FrameGeometry.from_config(HubertConfig(**c), SAMPLE_RATE)
+    geometry = waveform_geometry(HubertConfig(**c), SAMPLE_RATE)
     card = MODEL_CARD.format(
         layers=c["num_hidden_layers"],
         hidden=c["hidden_size"],
