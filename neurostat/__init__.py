@@ -5,7 +5,15 @@ label (phone × gender × pitch bin), how often it is activated and its moments;
 pruner work from the resulting Zarr store.
 """
 
+import os
+
 from .version import __version__
+
+# torch's OpenMP threads wait for each other at the end of every parallel region; spinning there (GNU
+# OpenMP's default) lets a thread whose core another job holds stall all the others: a CPU collect fell from
+# 48 to 4.5 audio-s/s beside a busy job on 2 cores.  Waiting passively costs nothing measurable when the
+# machine is quiet.  Read once, when torch loads its OpenMP runtime: set here, before any torch import.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __all__ = ["__version__"]
 

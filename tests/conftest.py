@@ -5,6 +5,9 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# collect picks torch's threads by the cores free when a run starts (neurostat.engine.device.forward_threads);
+# a fixed count keeps two runs of one test the same arithmetic however busy the machine is
+os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 
 import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402

@@ -11,12 +11,38 @@ from neurostat.stats import open_stats
 
 
 def test_loading_workers_and_threads_follow_the_device_and_the_cores(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     for cores, cpu_jobs, gpu_jobs in ((1, 0, 1), (2, 0, 1), (4, 0, 2), (6, 1, 4), (16, 1, 12), (64, 1, 12)):
         monkeypatch.setattr(device_module, "usable_cores", lambda: cores)
+        monkeypatch.setattr(device_module, "idle_cores", lambda: float(cores))  # a quiet machine
         assert (default_num_jobs("cpu"), default_num_jobs("cuda")) == (cpu_jobs, gpu_jobs), cores
-        assert forward_threads("cpu", cpu_jobs) == (None if cpu_jobs == 0 else cores - cpu_jobs)
+        assert forward_threads("cpu", cpu_jobs) == cores - cpu_jobs
         assert forward_threads("cuda", gpu_jobs) is None
     assert forward_threads("cpu", 3) == 61  # an explicit -j leaves torch the other cores
+
+
+def test_threads_leave_the_cores_other_jobs_keep_busy(monkeypatch):
+    """A thread whose core another job holds stalls every parallel region (issue 42, item 4): torch gets the
+    cores that were idle as the run started, at least one; OMP_NUM_THREADS set by the user is kept."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(device_module, "usable_cores", lambda: 8)
+    for idle, threads in ((8.0, 8), (5.4, 5), (0.3, 1), (None, 8)):
+        monkeypatch.setattr(device_module, "idle_cores", lambda idle=idle: idle)
+        assert forward_threads("cpu", 0) == threads, idle
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert forward_threads("cpu", 0) is None
+    assert 0 <= device_module.idle_cores(0.05) <= len(open("/proc/stat").read().split("\ncpu")) - 1
+
+
+def test_torch_waits_passively_for_its_threads():
+    """Spinning waits made a CPU collect 10x slower beside a busy job: neurostat asks OpenMP for passive
+    waits before torch loads its runtime (a fresh interpreter that imports neurostat first)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_WAIT_POLICY"}
+    code = "import neurostat, os, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout == "PASSIVE\n"
 
 
 def test_the_model_dtype_is_fast_on_the_device(monkeypatch):
@@ -28,8 +54,10 @@ def test_the_model_dtype_is_fast_on_the_device(monkeypatch):
 
 
 def test_collect_with_the_clis_defaults_records_and_says_them(prepared, tiny_model, tmp_path, monkeypatch):
-    """With 8 cores a CPU run gets one worker and 7 torch threads during the loop, restored after it."""
+    """With 8 idle cores a CPU run gets one worker and 7 torch threads during the loop, restored after it."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(device_module, "usable_cores", lambda: 8)
+    monkeypatch.setattr(device_module, "idle_cores", lambda: 8.0)
     seen, before = [], torch.get_num_threads()
     encode = WaveformAdapter.encode
 

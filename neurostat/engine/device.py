@@ -75,12 +75,42 @@ def default_num_jobs(device: torch.device | str) -> int:
     return 0 if cores <= 4 else 1
 
 
-def forward_threads(device: torch.device | str, num_jobs: int) -> int | None:
-    """torch's intra-op threads for a CPU run beside ``num_jobs`` loading workers, so that they never
-    compete for a core; None: leave torch's own choice (a GPU run, or no workers)."""
-    if torch.device(device).type == "cuda" or num_jobs == 0:
+def idle_cores(seconds: float = 0.2) -> float | None:
+    """How many cores no process used over ``seconds`` (this one sleeps meanwhile): from the kernel's
+    counters in ``/proc/stat`` (steal time counts as used); None where there are none to read."""
+    import time
+
+    def sample() -> tuple[int, int, int] | None:
+        try:
+            with open("/proc/stat") as f:
+                lines = [line.split() for line in f if line.startswith("cpu")]
+        except OSError:
+            return None
+        ticks = [int(v) for v in lines[0][1:]]
+        return sum(ticks), ticks[3] + ticks[4], len(lines) - 1  # all, idle + iowait, cores
+
+    first = sample()
+    if first is None:
         return None
-    return max(1, usable_cores() - num_jobs)
+    time.sleep(seconds)
+    second = sample()
+    total = second[0] - first[0]
+    return second[2] * (second[1] - first[1]) / total if total > 0 else None
+
+
+def forward_threads(device: torch.device | str, num_jobs: int) -> int | None:
+    """torch's intra-op threads for a CPU run: the cores this process may use, less the ``num_jobs``
+    loading workers and the cores other processes keep busy as the run starts (:func:`idle_cores`), at
+    least one.  A thread whose core another job holds stalls every parallel region of the others: on 2
+    cores beside a busy job, 1 thread collected 48 audio-s/s and 2 threads 27 (4.5 with spinning waits).
+    None: leave torch's own choice (a GPU run, or ``OMP_NUM_THREADS`` set by the user)."""
+    if torch.device(device).type == "cuda" or "OMP_NUM_THREADS" in os.environ:
+        return None
+    cores = usable_cores() - num_jobs
+    idle = idle_cores()
+    if idle is not None:
+        cores = min(cores, round(idle))
+    return max(1, cores)
 
 
 @dataclass(frozen=True)
