@@ -83,6 +83,8 @@ def test_transformers_names_appear_only_in_the_family_table():
     for path in sorted(root.rglob("*.py")):
         if path.relative_to(root).as_posix() in ("model/families.py", "model/inputs.py", "model/factory.py"):
             continue
+        if path.relative_to(root).parts[0] == "corpus":  # never holds a model (test_architecture): a Lhotse
+            continue  # recording's sampling_rate is Lhotse's
         for node in ast.walk(ast.parse(path.read_text())):
             name = node.attr if isinstance(node, ast.Attribute) else None
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("getattr", "hasattr"):
