@@ -1,25 +1,33 @@
 """The paper's two claims, measured offline on the shipped demo model (neurostat.tiny).
 
-    python bench/claims_bench.py             # ~26 min on 2 busy cores: bench/claims/{claims.md, weighted/, layer-4/}
-    python bench/claims_bench.py --probe-utterances 12 --frames 15000   # the committed full-size run: 33 min on 2 cores
+    python bench/claims_bench.py             # a quicker run of the same measurements (4 utterances, 4,000 frames)
+    python bench/claims_bench.py --probe-utterances 12 --frames 15000   # the committed full-size run (bench/RESULTS.md)
+    python bench/claims_bench.py --redraw    # the tables again from the last run's measurements (WORK/runs.pkl)
     python bench/claims_bench.py --smoke     # a tiny run of every step (CI)
 
 1. Property neurons (phone-type, gender, pitch; the paper's rule, sigma 0.8) per layer, in the trained
-   model and in its random-init twin.
+   model and in its random-init twin, selected on statistics of each token choice: phone-mid (the paper's,
+   one token per phone run) and all frames; with the (group, phone) cells that hold fewer than D/k tokens,
+   where one top-k hit is above chance.
 2. Ablation: removing the gender neurons, and each phone type's neurons, vs as many random neurons in
    the same layers (none of them the property's group neurons; several seeds): the drop of the gender,
-   phone and per-type phone accuracy.
+   phone and per-type phone accuracy, and a one-sided paired t-test over the splits of a kind of the
+   property neurons' change against the random controls' mean change in the same split (H1: below it).
 3. Pruning: keeping each layer's property neurons plus the highest-L1 rest ("protected") vs plain L1
-   pruning at equal width (50 %, 30 %, 19 % kept), probes of each, no retraining.
+   pruning and vs keeping as many random neurons per layer as are protected (none of them property
+   neurons; several seeds) plus the highest-L1 rest ("random-protected"), at equal width (50 %, 30 %, 19 %
+   kept), no retraining; one-sided paired t-tests over the splits (H1: protected ahead of L1, of the
+   random protection's mean in the same split).
 
-Neurons are selected on one synthetic corpus and probed on another (other speakers); both speak with
-voices the model never heard in training.  Every model's features are extracted once and probed in
-both views (the top layer; a learnt weighted sum of all layers) and in every split: speaker-disjoint
-splits (seeds), and voice-disjoint splits that hold out one espeak voice variant per gender (every
-distinct one), so no test speaker's voice is among the probes' training speakers.  Edited models are
-read by the original model's probes of the same view and split ("fixed": a head that is not retrained)
-and, in the speaker splits, by probes refitted on them ("own": what information is left).  Tables give
-the mean ± s.d. over splits; probes.json holds every split's result, tagged for ``neurostat report``.
+The neurons of 2 and 3 are selected on the tokens --tokens names (default phone-mid, the paper's).  They are
+selected on one synthetic corpus and probed on another (other speakers); both speak with voices the model
+never heard in training.  Every model's features are extracted once and probed in both views (the top
+layer; a learnt weighted sum of all layers) and in every split: speaker-disjoint splits (seeds), and
+voice-disjoint splits that hold out one espeak voice variant per gender (every distinct one), so no test
+speaker's voice is among the probes' training speakers.  Edited models are read by the original model's
+probes of the same view and split ("fixed": a head that is not retrained) and, in the speaker splits, by
+probes refitted on them ("own": what information is left; not for the random controls).  Tables give the
+mean ± s.d. over splits; probes.json holds every split's result, tagged for ``neurostat report``.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import scipy.stats
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -48,23 +57,26 @@ from neurostat.demo import demo_model  # noqa: E402
 from neurostat.engine.collect import CollectConfig, collect  # noqa: E402
 from neurostat.model.adapter import ModelAdapter  # noqa: E402
 from neurostat.model.edit import ablated  # noqa: E402
-from neurostat.model.loading import (  # noqa: E402
-    adapter_for,
-    load_adapter,
-    load_geometry,  # noqa: E402
-)
+from neurostat.model.loading import adapter_for, load_adapter, load_geometry  # noqa: E402
 from neurostat.model.pruning import PruneError, prune  # noqa: E402
 from neurostat.neuronset import NeuronSet  # noqa: E402
 from neurostat.probe import extract, headline, run_probes, save_results, speaker_split  # noqa: E402
-from neurostat.select import select_properties  # noqa: E402
+from neurostat.select import GroupSpec, cell_counts, select_properties  # noqa: E402
 from neurostat.stats import open_stats  # noqa: E402
+from neurostat.store import StoreMeta  # noqa: E402
 from neurostat.tiny.train import TrainSettings, save_random_twin  # noqa: E402
 
 PROPERTIES = ("phone-type", "gender", "pitch")
+TOKENS = ("phone-mid", "all")
+"""The token choices claim 1 selects on: the paper's middle frame of each phone run, and every frame."""
 ALL_TASKS = ("phone", "phone-type", "gender", "pitch-bin", "log-f0")
 TEST_FRACTION = 0.3
 REFIT = ("phone", "log-f0")
 """The probes refitted on each pruned model (the rest are read with the original's probes only)."""
+METHODS = ("protected", "l1", "random-protected")
+"""Pruning methods: the property neurons protected, none (plain L1), as many random neurons protected."""
+CEILING = "ceiling: 1.000 before and after"
+"""A change cell whose model scores 1 in every split before and after the edit: no effect can be measured."""
 
 
 @dataclass(frozen=True)
@@ -83,7 +95,8 @@ class Sizes:
         return (
             f"selection corpus {self.selection[0]} speakers × {self.selection[1]} utterances; probe corpus "
             f"{self.probe[0]} speakers × {self.probe[1]} utterances; ≤ {self.frames} probe training frames; "
-            f"{self.seeds} random-neuron seeds; {self.speaker_splits} speaker splits, {self.voice_splits} voice splits"
+            f"random controls of {self.seeds} seeds each; {self.speaker_splits} speaker splits, "
+            f"{self.voice_splits} voice splits"
         )
 
 
@@ -100,6 +113,30 @@ class Split:
         return f"{self.kind}-{self.seed}"
 
 
+@dataclass(frozen=True)
+class Counted:
+    """One model's property neurons on one token choice: per property the count per layer, and its
+    (group, phone) cells that hold fewer than D/k tokens, of all its cells."""
+
+    counts: dict[str, dict[int, int]]
+    thin: dict[str, tuple[int, int]]
+
+
+@dataclass
+class Measured:
+    """Everything the tables are written from; pickled to WORK/runs.pkl so ``--redraw`` rewrites them."""
+
+    sizes: Sizes
+    tokens: str
+    splits: list[Split]
+    views: dict[str, int | None]
+    num_layers: int
+    held_out: list[str]
+    selected: dict[str, dict[str, Counted]]  # token choice → model → its property neurons
+    runs: dict
+    results: list[dict]
+
+
 def corpus(work: Path, name: str, size: tuple[int, int], seed: int, first: int, model: str) -> PreparedCorpus:
     """A synthetic corpus of unseen voices, prepared for ``model``'s frame geometry (built once)."""
     raw, out = work / f"{name}-raw", work / name
@@ -112,16 +149,26 @@ def corpus(work: Path, name: str, size: tuple[int, int], seed: int, first: int, 
     return PreparedCorpus(out)
 
 
-def select(adapter: ModelAdapter, selection_corpus: PreparedCorpus, store: Path) -> dict:
-    """Collects the statistics of ``adapter`` (again if the store holds another model's weights) and selects
-    the property neurons of every property."""
+def select(adapter: ModelAdapter, selection_corpus: PreparedCorpus, store: Path, tokens: str) -> tuple[dict, Counted]:
+    """Collects the top-k statistics of ``adapter`` on ``tokens`` (again if the store holds other weights
+    or tokens) and selects the property neurons of every property; with their counts and thin cells."""
+    meta = StoreMeta.read(store) if (store / "zarr.json").is_file() else None
     if (
-        not (store / "zarr.json").is_file()
-        or open_stats(store).meta.fingerprint.get("weights") != adapter.hash_weights()
+        meta is None
+        or not meta.complete
+        or meta.fingerprint.get("weights") != adapter.hash_weights()
+        or meta.fingerprint.get("tokens") != tokens
     ):
-        collect(selection_corpus, adapter, store, CollectConfig(batch_seconds=20.0), overwrite=True, progress=False)
-    selections, _ = select_properties(open_stats(store), PROPERTIES)
-    return selections
+        config = CollectConfig(stats=("topk",), tokens=tokens, batch_seconds=20.0)
+        collect(selection_corpus, adapter, store, config, overwrite=True, progress=False)
+    stats = open_stats(store)
+    selections, _ = select_properties(stats, PROPERTIES)
+    small = int(np.ceil(1 / stats.chance))
+    thin = {}
+    for prop in PROPERTIES:
+        cells = np.concatenate([n for _, n in cell_counts(stats, GroupSpec.builtin(prop, stats)).values()])
+        thin[prop] = (int((cells < small).sum()), len(cells))
+    return selections, Counted({p: s.neurons.counts() for p, s in selections.items()}, thin)
 
 
 def splits(probe_corpus: PreparedCorpus, voices: dict[str, str], sizes: Sizes) -> list[Split]:
@@ -194,36 +241,9 @@ class Prober:
         return out
 
 
-def spread(values: list[float], points: bool = False) -> str:
-    """``mean ± s.d.`` (sample s.d.; none for one value): a level to 3 decimals, or signed points to 1."""
-    v = np.asarray(values, dtype=float)
-    mean = f"{v.mean():+.1f}" if points else f"{v.mean():.3f}"
-    return mean if len(v) < 2 else f"{mean} ± {v.std(ddof=1):.{1 if points else 3}f}"
-
-
-class Table:
-    """Reads one view's metrics in one kind of split out of the Prober's results."""
-
-    def __init__(self, view: str, kind: str, all_splits: list[Split]):
-        self.keys = [(view, s.name) for s in all_splits if s.kind == kind]
-
-    def values(self, run: dict, probes: str, task: str, metric: str, sub: str | None = None) -> list[float]:
-        """The metric in each split (``sub``: a key inside it, e.g. a phone type of accuracy_by_type)."""
-        got = [run[k][probes][task][metric] for k in self.keys]
-        return [g[sub] for g in got] if sub else got
-
-    def change(self, runs: list[dict], base: dict, probes: str, task: str, metric: str, sub=None) -> list[float]:
-        """Points of change from ``base``'s own probes, paired per split, pooled over ``runs``."""
-        before = self.values(base, "own", task, metric, sub)
-        return [100 * (a - b) for r in runs for a, b in zip(self.values(r, probes, task, metric, sub), before)]
-
-
-def kinds_of(all_splits: list[Split]) -> list[str]:
-    return [k for k in ("speaker", "voice") if any(s.kind == k for s in all_splits)]
-
-
-def measure(model: ModelAdapter, twin: ModelAdapter, chosen: dict, probe: Prober, sizes: Sizes) -> dict:
-    """Probes the original, its twin, every ablation (property and random neurons) and every pruning."""
+def measure(model: ModelAdapter, twin: ModelAdapter, chosen: dict, probe: Prober, sizes: Sizes, tokens: str) -> dict:
+    """Probes the original, its twin, every ablation (property and random neurons) and every pruning
+    (protected, L1, random-protected)."""
     runs: dict = {"original": probe(model, ALL_TASKS, edit="original")}
     runs["twin"] = probe(twin, ALL_TASKS, edit="random-init twin")
     runs["ablation"], runs["random"] = {}, {}
@@ -232,45 +252,137 @@ def measure(model: ModelAdapter, twin: ModelAdapter, chosen: dict, probe: Prober
         targets[group] = (members & chosen["phone-type"].neurons, chosen["phone-type"], ("phone",))
     for name, (neurons, selection, tasks) in targets.items():
         with ablated(model.model, neurons):
-            runs["ablation"][name] = probe(model, tasks, tasks, edit="ablated", neurons=name, count=len(neurons))
+            tag = {"neurons": name, "count": len(neurons), "tokens": tokens}
+            runs["ablation"][name] = probe(model, tasks, tasks, edit="ablated", **tag)
         avoid = NeuronSet(width=model.width)
         for members in selection.groups.values():
             avoid = avoid | members
         runs["random"][name] = []
         for seed in range(sizes.seeds):
             with ablated(model.model, neurons.random_like(seed, avoid=avoid, width=model.width)):
-                tag = {"neurons": f"random like {name}", "seed": seed}
+                tag = {"neurons": f"random like {name}", "seed": seed, "tokens": tokens}
                 runs["random"][name].append(probe(model, tasks, edit="ablated", **tag))
     protect = NeuronSet(width=model.width)
     for prop in PROPERTIES:
         protect = protect | chosen[prop].neurons
     runs["pruned"] = {}
     for fraction in sizes.keep:
-        for method, protected in (("protected", protect), ("l1", None)):
-            net = copy.deepcopy(model.model)
-            try:
-                prune(net, ratio=fraction, protect=protected)
-            except PruneError as e:
-                runs["pruned"][fraction, method] = str(e)
-                continue
-            pruned = adapter_for(net, model.feature_extractor, model.source)
-            runs["pruned"][fraction, method] = probe(
-                pruned, ALL_TASKS, REFIT, edit="pruned", method=method, keep=fraction
-            )
+        for method in METHODS:
+            if method == "random-protected":  # as many per layer, drawn among the other neurons
+                protected = [protect.random_like(seed, avoid=protect, width=model.width) for seed in range(sizes.seeds)]
+            else:
+                protected = [protect if method == "protected" else None]
+            got = []
+            for seed, neurons in enumerate(protected):
+                net = copy.deepcopy(model.model)
+                try:
+                    prune(net, ratio=fraction, protect=neurons)
+                except PruneError as e:
+                    got = str(e)
+                    break
+                pruned = adapter_for(net, model.feature_extractor, model.source)
+                tag = {"edit": "pruned", "method": method, "keep": fraction, "tokens": tokens}
+                if method == "random-protected":  # a control: the original's probes only
+                    got.append(probe(pruned, ALL_TASKS, **tag, seed=seed))
+                else:
+                    got.append(probe(pruned, ALL_TASKS, REFIT, **tag))
+            runs["pruned"][fraction, method] = got
     return runs
 
 
-def counts_table(selections: dict[str, dict], layers: list[int]) -> str:
+def spread(values, points: bool = False) -> str:
+    """``mean ± s.d.`` (sample s.d.; none for one value): a level to 3 decimals, or signed points to 1."""
+    v = np.asarray(values, dtype=float).ravel()
+    mean = f"{v.mean():+.1f}" if points else f"{v.mean():.3f}"
+    return mean if len(v) < 2 else f"{mean} ± {v.std(ddof=1):.{1 if points else 3}f}"
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """A one-sided t-test of per-split differences (paired per split): t, its degrees of freedom, p."""
+
+    t: float
+    df: int
+    p: float
+
+    def __str__(self) -> str:
+        return "p < 0.001" if self.p < 0.001 else f"p = {self.p:.3f}"
+
+
+def paired_test(differences, alternative: str) -> PairedTest | None:
+    """The one-sample t-test of the per-split differences against 0, H1: their mean is below 0 (``less``)
+    or above (``greater``); df = splits − 1.  None with fewer than 2 splits or differences all equal."""
+    d = np.asarray(differences, dtype=float)
+    if len(d) < 2 or d.std(ddof=1) == 0:
+        return None
+    t = d.mean() / (d.std(ddof=1) / np.sqrt(len(d)))
+    p = scipy.stats.t.sf(t if alternative == "greater" else -t, len(d) - 1)
+    return PairedTest(float(t), len(d) - 1, float(p))
+
+
+def cell(changes, test: PairedTest | None = None) -> str:
+    """Signed points ``mean ± s.d.``, with the test's p-value when there is one."""
+    return spread(changes, True) + (f" ({test})" if test else "")
+
+
+class Table:
+    """Reads one view's metrics in one kind of split out of the Prober's results."""
+
+    def __init__(self, view: str, kind: str, all_splits: list[Split]):
+        self.keys = [(view, s.name) for s in all_splits if s.kind == kind]
+
+    def values(self, run: dict, probes: str, task: str, metric: str, sub: str | None = None) -> np.ndarray:
+        """The metric in each split (``sub``: a key inside it, e.g. a phone type of accuracy_by_type)."""
+        got = [run[k][probes][task][metric] for k in self.keys]
+        return np.asarray([g[sub] for g in got] if sub else got, dtype=float)
+
+    def changes(self, runs: list[dict], base: dict, probes: str, task: str, metric: str, sub=None) -> np.ndarray:
+        """Points of change from ``base``'s own probes, paired per split: [run, split]."""
+        before = self.values(base, "own", task, metric, sub)
+        return np.asarray([100 * (self.values(r, probes, task, metric, sub) - before) for r in runs])
+
+    def at_ceiling(self, runs: list[dict], base: dict, probes: str, task: str, metric: str, sub=None) -> bool:
+        """Whether ``base`` and every run score 1 in every split: a change cannot be measured there."""
+        levels = [self.values(base, "own", task, metric, sub)]
+        levels += [self.values(r, probes, task, metric, sub) for r in runs]
+        return bool(all((v == 1.0).all() for v in levels))
+
+    def edited(self, group: list[dict], base: dict, probes: str, task: str, sub=None) -> str:
+        """The change of an edited model from ``base`` (points, pooled over ``group``'s runs, paired per split;
+        ``sub``: a phone type's accuracy)."""
+        metric = "accuracy_by_type" if sub else headline(task)
+        if self.at_ceiling(group, base, probes, task, metric, sub):
+            return CEILING
+        return cell(self.changes(group, base, probes, task, metric, sub))
+
+    def versus(self, run: dict, others: list[dict], base: dict, probes: str, task: str, sub=None, h1="greater") -> str:
+        """``run`` − ``others`` (points, paired per split; several runs: their mean in each split; log-f0:
+        R² × 100), with the one-sided test of H1: the difference is ``h1`` (greater or less) than 0."""
+        metric = "accuracy_by_type" if sub else headline(task)
+        if self.at_ceiling([run, *others], base, probes, task, metric, sub):
+            return CEILING
+        mine = self.values(run, probes, task, metric, sub)
+        theirs = np.mean([self.values(r, probes, task, metric, sub) for r in others], axis=0)
+        return cell(100 * (mine - theirs), paired_test(100 * (mine - theirs), h1))
+
+
+def kinds_of(all_splits: list[Split]) -> list[str]:
+    return [k for k in ("speaker", "voice") if any(s.kind == k for s in all_splits)]
+
+
+def counts_table(selected: dict[str, dict[str, Counted]], layers: list[int]) -> str:
     lines = [
-        "| model | property | " + " | ".join(f"L{n}" for n in layers) + " | total |",
-        "|---" * (len(layers) + 3) + "|",
+        "| tokens | model | property | " + " | ".join(f"L{n}" for n in layers) + " | total | cells < D/k |",
+        "|---" * (len(layers) + 5) + "|",
     ]
-    for model, sel in selections.items():
-        for prop in PROPERTIES:
-            c = sel[prop].neurons.counts()
-            lines.append(
-                f"| {model} | {prop} | " + " | ".join(str(c.get(n, 0)) for n in layers) + f" | {sum(c.values())} |"
-            )
+    for tokens, models in selected.items():
+        for model, got in models.items():
+            for prop in PROPERTIES:
+                c, (thin, cells) = got.counts[prop], got.thin[prop]
+                lines.append(
+                    f"| {tokens} | {model} | {prop} | " + " | ".join(str(c.get(n, 0)) for n in layers)
+                    + f" | {sum(c.values())} | {thin} of {cells} |"
+                )  # fmt: skip
     return "\n".join(lines)
 
 
@@ -285,44 +397,57 @@ def versus_rows(t: Table, runs: dict, kind: str) -> list[str]:
 
 
 def ablation_rows(t: Table, runs: dict, kind: str, probes: str, types: list[str]) -> list[str]:
-    """The change of gender, phone and per-type phone accuracy (points) when a set of neurons goes."""
+    """The change of gender, phone and per-type phone accuracy (points) when a set of neurons goes; read
+    by the original's probes, each property set minus its random controls too, with its test."""
     cols = [("gender", None), ("phone", None)] + [("phone", x) for x in types]
     rows = []
     for name, run in runs["ablation"].items():
-        sets = [(f"{name} neurons", [run])]
+        random, base = runs["random"][name], runs["original"]
+        reads = {f"{name} neurons": lambda x, sub, r=run, b=base: t.edited([r], b, probes, x, sub)}
         if probes == "fixed":
-            sets.append((f"random, like {name} ({len(runs['random'][name])} seeds)", runs["random"][name]))
-        for label, group in sets:
-            cells = [
-                spread(
-                    t.change(group, runs["original"], probes, task, sub and "accuracy_by_type" or "accuracy", sub), True
-                )
-                if task in group[0][t.keys[0]]["fixed"]
-                else ""
-                for task, sub in cols
-            ]
+            reads[f"random, like {name} ({len(random)} seeds)"] = lambda x, sub, c=random, b=base: t.edited(
+                c, b, probes, x, sub
+            )
+            reads[f"**{name} − random**"] = lambda x, sub, r=run, c=random, b=base: t.versus(
+                r, c, b, probes, x, sub, "less"
+            )
+        for label, read in reads.items():
+            cells = [read(task, sub) if task in run[t.keys[0]]["fixed"] else "" for task, sub in cols]
             rows.append(f"| {kind} | {label} | " + " | ".join(cells) + " |")
     return rows
 
 
 def pruning_rows(t: Table, runs: dict, kind: str, probes: str) -> list[str]:
-    """Each method's change from the original and protected − L1, paired per split (points; log-f0: R² × 100)."""
+    """Each method's change from the original, protected − L1 and protected − random protection, paired per
+    split with their tests (points; log-f0: R² × 100).  Refitted probes: protected and L1 only."""
     rows, tasks = [], ALL_TASKS if probes == "fixed" else REFIT
+    methods = METHODS if probes == "fixed" else METHODS[:2]
     for fraction in sorted({f for f, _ in runs["pruned"]}, reverse=True):
-        got = {m: runs["pruned"][fraction, m] for m in ("protected", "l1")}
+        got = {m: runs["pruned"][fraction, m] for m in methods}
         failed = [r for r in got.values() if isinstance(r, str)]
         if failed:
             rows.append(f"| {kind} | {fraction:.0%} | not possible: {failed[0]} |")
             continue
-        for method, run in got.items():
-            cells = [spread(t.change([run], runs["original"], probes, x, headline(x)), True) for x in tasks]
-            rows.append(f"| {kind} | {fraction:.0%} | {method} | " + " | ".join(cells) + " |")
-        diff = []
-        for task in tasks:
-            p, q = (t.values(got[m], probes, task, headline(task)) for m in ("protected", "l1"))
-            diff.append(spread([100 * (a - b) for a, b in zip(p, q)], True))
-        rows.append(f"| {kind} | {fraction:.0%} | **protected − L1** | " + " | ".join(diff) + " |")
+        for method, group in got.items():
+            cells = [t.edited(group, runs["original"], probes, x) for x in tasks]
+            label = method if len(group) == 1 else f"{method} ({len(group)} seeds)"
+            rows.append(f"| {kind} | {fraction:.0%} | {label} | " + " | ".join(cells) + " |")
+        for other in methods[1:]:
+            diff = [t.versus(got["protected"][0], got[other], runs["original"], probes, x) for x in tasks]
+            rows.append(f"| {kind} | {fraction:.0%} | **protected − {other}** | " + " | ".join(diff) + " |")
     return rows
+
+
+def tests_note(all_splits: list[Split]) -> str:
+    dfs = ", ".join(f"{sum(s.kind == k for s in all_splits) - 1} in {k} splits" for k in kinds_of(all_splits))
+    return (
+        "p: one-sided paired t-test over the splits of that kind (df = splits − 1: " + dfs + "), of the "
+        "property neurons' change minus the random controls' mean change in the same split (H1: below 0), "
+        "or of protected − the other method in each split (H1: above 0; random protection: its seeds' mean); "
+        "not corrected for the number of cells tested, and the splits share speakers, so they are not "
+        "independent samples. ceiling: the model scores 1.000 in every split before and after, so no "
+        "effect can be measured."
+    )
 
 
 def view_report(view: str, runs: dict, all_splits: list[Split], head: str) -> str:
@@ -339,7 +464,8 @@ def view_report(view: str, runs: dict, all_splits: list[Split], head: str) -> st
             "|---|---|---|---|",
             *[r for k in kinds for r in versus_rows(tables[k], runs, k)],
         ],
-        "Ablation: change in accuracy (points), the original's probes (random: every seed × split)": [
+        "Ablation: change in accuracy (points), the original's probes (random: every seed × split; "
+        "set − random: the set's change minus the random seeds' mean change in each split, H1: below 0)": [
             *ablation_head,
             *[r for k in kinds for r in ablation_rows(tables[k], runs, k, "fixed", types)],
         ],
@@ -347,7 +473,8 @@ def view_report(view: str, runs: dict, all_splits: list[Split], head: str) -> st
             *ablation_head,
             *ablation_rows(tables["speaker"], runs, "speaker", "own", types),
         ],
-        "Pruning without retraining: change (points; log-f0: R² × 100), the original's probes": [
+        "Pruning without retraining: change (points; log-f0: R² × 100), the original's probes "
+        "(random-protected: every seed × split; protected − another method: paired per split, H1: above 0)": [
             *pruning_head,
             *[r for k in kinds for r in pruning_rows(tables[k], runs, k, "fixed")],
         ],
@@ -366,35 +493,52 @@ def summary(runs: dict, views: list[str], all_splits: list[Split], head: str) ->
     lines = ["| measure | " + " | ".join(f"{v}, {k} splits" for v, k in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     original = runs["original"]
 
-    def row(name: str, cell) -> None:
-        lines.append(f"| {name} | " + " | ".join(cell(Table(v, k, all_splits), k) for v, k in cols) + " |")
+    def row(name: str, cell_of) -> None:
+        lines.append(f"| {name} | " + " | ".join(cell_of(Table(v, k, all_splits), k) for v, k in cols) + " |")
 
     for model in ("original", "twin"):
         row(f"phone accuracy, {model}", lambda t, k, m=model: spread(t.values(runs[m], "own", "phone", "accuracy")))
     types = [g for g in runs["ablation"] if g != "gender"]
     for g in types:
-        others = [runs["ablation"][x] for x in types if x != g]
-        for label, group in ((g, [runs["ablation"][g]]), ("other types'", others), ("random", runs["random"][g])):
-            change = lambda t, k, grp=group, g=g: spread(  # noqa: E731
-                t.change(grp, original, "fixed", "phone", "accuracy_by_type", g), True
+        own, random = runs["ablation"][g], runs["random"][g]
+        for label, group in (
+            (g, [own]),
+            ("other types'", [runs["ablation"][x] for x in types if x != g]),
+            ("random", random),
+        ):
+            row(
+                f"2a: {g} accuracy, {label} neurons removed (points)",
+                lambda t, k, grp=group, g=g: t.edited(grp, original, "fixed", "phone", g),
             )
-            row(f"2a: {g} accuracy, {label} neurons removed (points)", change)
-    for label, group in (("gender", [runs["ablation"]["gender"]]), ("random", runs["random"]["gender"])):
+        row(
+            f"2a: {g} accuracy, {g} − random neurons removed (points; H1: below 0)",
+            lambda t, k, g=g, run=own, c=random: t.versus(run, c, original, "fixed", "phone", g, "less"),
+        )
+    gender, random = runs["ablation"]["gender"], runs["random"]["gender"]
+    for label, group in (("gender", [gender]), ("random", random)):
         row(
             f"gender accuracy, {label} neurons removed (points)",
-            lambda t, k, grp=group: spread(t.change(grp, original, "fixed", "gender", "accuracy"), True),
+            lambda t, k, grp=group: t.edited(grp, original, "fixed", "gender"),
         )
-    for (fraction, method), run in runs["pruned"].items():
-        if method != "protected" or isinstance(run, str) or isinstance(runs["pruned"][fraction, "l1"], str):
+    for fraction in sorted({f for f, _ in runs["pruned"]}, reverse=True):
+        got = {m: runs["pruned"][fraction, m] for m in METHODS}
+        if any(isinstance(r, str) for r in got.values()):
             continue
-        l1 = runs["pruned"][fraction, "l1"]
-        for task in ("phone", "phone-type", "pitch-bin", "log-f0"):
-            diff = lambda t, k, r=run, task=task, l1=l1: spread(  # noqa: E731
-                [100 * (a - b) for a, b in zip(*(t.values(x, "fixed", task, headline(task)) for x in (r, l1)))], True
+        for method, group in got.items():
+            row(
+                f"{fraction:.0%} kept, phone, {method} − original (points)",
+                lambda t, k, grp=group: t.edited(grp, original, "fixed", "phone"),
             )
-            row(f"2b: {fraction:.0%} kept, {task}, protected − L1 (points)", diff)
-        refit = lambda t, k, r=run: (  # noqa: E731
-            spread(t.change([r], original, "own", "phone", "accuracy"), True) if k == "speaker" else "—"
+        for task in ("phone", "phone-type", "pitch-bin", "log-f0"):
+            for other in METHODS[1:]:
+                row(
+                    f"2b: {fraction:.0%} kept, {task}, protected − {other} (points; H1: above 0)",
+                    lambda t, k, task=task, p=got["protected"][0], o=got[other]: t.versus(
+                        p, o, original, "fixed", task
+                    ),
+                )
+        refit = lambda t, k, r=got["protected"]: (  # noqa: E731
+            t.edited(r, original, "own", "phone") if k == "speaker" else "—"
         )
         row(f"{fraction:.0%} kept protected, phone, refitted − original (points)", refit)
     return head + "\n\n" + "\n".join(lines)
@@ -404,29 +548,39 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "claims")
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "neurostat" / "claims")
-    ap.add_argument("--seeds", type=int, default=3, help="random-neuron controls per ablation")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds of each random control (ablation and protection)")
     ap.add_argument("--speaker-splits", type=int, default=3, help="speaker-disjoint probe splits (seeds)")
     ap.add_argument("--voice-splits", type=int, default=4, help="distinct voice-disjoint probe splits")
     ap.add_argument("--probe-utterances", type=int, default=4, help="utterances per speaker of the probe corpus")
     ap.add_argument("--frames", type=int, default=4000, help="probe training frames (a seeded sample)")
     ap.add_argument("--keep", type=float, nargs="+", default=[0.5, 0.3, 0.19], help="kept fractions for pruning")
+    ap.add_argument(
+        "--tokens", choices=TOKENS, default="phone-mid",
+        help="the token choice whose selection is ablated and protected (claim 1 selects on both)",
+    )  # fmt: skip
     ap.add_argument("--workers", type=int, default=2, help="processes fitting probes (one torch thread each)")
+    ap.add_argument("--redraw", action="store_true", help="rewrite the tables from WORK/runs.pkl; measure nothing")
     ap.add_argument("--smoke", action="store_true", help="tiny corpora, one seed, one fraction; nothing saved")
     args = ap.parse_args()
     torch.set_num_threads(1)  # on a busy 2-core machine a second thread made the fits 2-4x slower
     if args.smoke:
         with tempfile.TemporaryDirectory() as tmp:
-            run(Path(tmp), Path(tmp) / "work", Sizes((4, 3), (8, 1), 1000, 1, 2, 1, (0.5,)), args.workers)
+            sizes = Sizes((4, 3), (8, 1), 500, 1, 2, 1, (0.5,))
+            run(Path(tmp) / "out", Path(tmp) / "work", sizes, "all", args.workers)  # all: gender neurons to ablate
+            write(Path(tmp) / "redrawn", pickle.loads((Path(tmp) / "work" / "runs.pkl").read_bytes()))
+        return
+    if args.redraw:
+        write(args.out, pickle.loads((args.work / "runs.pkl").read_bytes()))
         return
     sizes = Sizes(
         (12, 12), (16, args.probe_utterances), args.frames, args.seeds, args.speaker_splits, args.voice_splits,
         tuple(args.keep),
     )  # fmt: skip
-    run(args.out, args.work, sizes, args.workers)
+    run(args.out, args.work, sizes, args.tokens, args.workers)
 
 
-def run(out: Path, work: Path, sizes: Sizes, workers: int) -> None:
-    """Writes OUT/claims.md (both views side by side) and OUT/<view>/claims.md and probes.json."""
+def run(out: Path, work: Path, sizes: Sizes, tokens: str, workers: int) -> None:
+    """Measures everything (into WORK/runs.pkl) and writes the tables (:func:`write`)."""
     work.mkdir(parents=True, exist_ok=True)
     trained = str(demo_model())
     settings = json.loads((Path(trained) / "training.json").read_text())["settings"]
@@ -436,37 +590,49 @@ def run(out: Path, work: Path, sizes: Sizes, workers: int) -> None:
     voices = speaker_voices(work / f"probe-{sizes.probe[1]}-raw" / "LibriSpeech")
     model = load_adapter(trained)
     views = {"weighted": None, f"layer-{model.num_layers}": model.num_layers}
-    selections = {
-        "trained": select(model, selection_corpus, work / "trained.zarr"),
-        "random-init twin": select(load_adapter(twin), selection_corpus, work / "twin.zarr"),
-    }
+    selections, selected = {}, {}
+    for choice in TOKENS:
+        name = "" if choice == "phone-mid" else f"-{choice}"
+        for label, adapter, store in (
+            ("trained", model, f"trained{name}.zarr"), ("random-init twin", load_adapter(twin), f"twin{name}.zarr")
+        ):  # fmt: skip
+            selections[choice, label], counted = select(adapter, selection_corpus, work / store, choice)
+            selected.setdefault(choice, {})[label] = counted
     all_splits = splits(probe_corpus, voices, sizes)
     probe = Prober(probe_corpus, views, all_splits, sizes.frames, workers)
-    runs = measure(model, load_adapter(twin), selections["trained"], probe, sizes)
-    (work / "runs.pkl").write_bytes(pickle.dumps((runs, probe.results)))  # the tables can be redrawn from it
+    runs = measure(model, load_adapter(twin), selections[tokens, "trained"], probe, sizes, tokens)
     held_out = [
         f"seed {s.seed}: " + " + ".join(sorted({voices[x] for x in speaker_split(
             [r["speaker"] for r in probe_corpus.records], [r["gender"] for r in probe_corpus.records],
             TEST_FRACTION, s.seed, voices)[1]}))
         for s in all_splits if s.kind == "voice"
     ]  # fmt: skip
+    measured = Measured(sizes, tokens, all_splits, views, model.num_layers, held_out, selected, runs, probe.results)
+    (work / "runs.pkl").write_bytes(pickle.dumps(measured))
+    write(out, measured)
+
+
+def write(out: Path, m: Measured) -> None:
+    """Writes OUT/claims.md (both views side by side) and OUT/<view>/claims.md and probes.json."""
     head = (
-        f"Sizes: {sizes.describe()}.\nVoice-disjoint splits hold out: {'; '.join(held_out)}.\n"
-        "Cells: mean ± s.d. over the splits of that kind; changes are paired per split, in points."
+        f"Sizes: {m.sizes.describe()}.\nVoice-disjoint splits hold out: {'; '.join(m.held_out)}.\n"
+        f"Ablated and protected neurons: selected on {m.tokens} tokens.\n"
+        "Cells: mean ± s.d. over the splits of that kind; changes are paired per split, in points.\n"
+        + tests_note(m.splits)
     )
-    counts = "### Property neurons per layer (sigma 0.8)\n\n" + counts_table(
-        selections, list(range(1, model.num_layers + 1))
+    counts = "### Property neurons per layer (sigma 0.8), selected on each token choice\n\n" + counts_table(
+        m.selected, list(range(1, m.num_layers + 1))
     )
-    text = summary(runs, list(views), all_splits, head) + "\n\n" + counts
+    text = summary(m.runs, list(m.views), m.splits, head) + "\n\n" + counts
     (out / "claims.md").parent.mkdir(parents=True, exist_ok=True)
     (out / "claims.md").write_text(text + "\n")
     print(text)
-    for view, layer in views.items():
+    for view, layer in m.views.items():
         reads = "a learnt weighted sum of all layers" if layer is None else f"layer {layer}"
-        body = view_report(view, runs, all_splits, f"Probes read {reads}.\n{head}\n\n{counts}")
+        body = view_report(view, m.runs, m.splits, f"Probes read {reads}.\n{head}\n\n{counts}")
         (out / view).mkdir(parents=True, exist_ok=True)
         (out / view / "claims.md").write_text(body + "\n")
-        save_results([r for r in probe.results if r["tag"]["view"] == view], out / view / "probes.json")
+        save_results([r for r in m.results if r["tag"]["view"] == view], out / view / "probes.json")
     print(f"results: {out / 'claims.md'}, {out}/<view>/claims.md and probes.json")
 
 

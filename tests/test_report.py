@@ -113,6 +113,7 @@ def test_report_pools_probe_splits_and_random_seeds_and_refuses_to_mix_kinds_of_
     runs = [("original", {}), ("ablated", {"neurons": "vowel"})]
     runs += [("ablated", {"neurons": "random like vowel", "seed": s}) for s in range(3)]
     runs += [("pruned", {"method": m, "keep": k}) for m in ("protected", "l1") for k in (0.5, 0.19, 0.3)]
+    runs += [("pruned", {"method": "random-protected", "keep": k, "seed": s}) for k in (0.5, 0.19, 0.3) for s in (0, 1)]
     results = []
     for split, seeds in (("speaker", (0, 1, 2)), ("voice", (0, 3))):
         for split_seed in seeds:
@@ -149,11 +150,11 @@ def test_report_pools_probe_splits_and_random_seeds_and_refuses_to_mix_kinds_of_
         assert random[2] == 9 and panels[title]["random like vowel"] == pytest.approx(random)
     methods, original = pruning_curves(chosen)["phone"]
     assert (original.mean, original.sd, original.n) == pytest.approx(pooled("original", "edit", "original", accuracy))
-    for method in ("protected", "l1"):
+    for method, pooled_runs in (("protected", 3), ("l1", 3), ("random-protected", 3 * 2)):  # a control: seeds × splits
         assert [k for k, _ in methods[method]] == [0.19, 0.3, 0.5]
         for keep, bar in methods[method]:
             values = [accuracy(r) for r in chosen if r["tag"].get("method") == method and r["tag"].get("keep") == keep]
-            assert (bar.mean, bar.sd, bar.n) == pytest.approx((np.mean(values), np.std(values, ddof=1), 3))
+            assert (bar.mean, bar.sd, bar.n) == pytest.approx((np.mean(values), np.std(values, ddof=1), pooled_runs))
 
     # results that differ in more than a seed are never pooled; an empty file draws nothing
     other = [dict(r, tag={**r["tag"], "neurons": "vowel", "count": 5}) for r in chosen if r["tag"]["edit"] == "ablated"]
