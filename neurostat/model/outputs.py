@@ -43,13 +43,22 @@ def source_paths(source: str) -> list[Path]:
         if path.is_dir():
             paths += sorted({f.resolve().parent for f in path.iterdir() if f.is_symlink()})
         return paths
-    from huggingface_hub import constants
     from huggingface_hub.file_download import repo_folder_name
 
     try:
-        return [Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=source, repo_type="model")]
+        folder = repo_folder_name(repo_id=source, repo_type="model")
     except ValueError:  # not a hub id either: nothing on disk to protect
         return []
+    return [Path(cache) / folder for cache in hub_caches()]
+
+
+def hub_caches() -> list[str]:
+    """The HF cache folders a hub id may load from: the hub client's, and the one transformers < 5 fixed
+    when it was imported (``TRANSFORMERS_CACHE``), where that is another."""
+    from huggingface_hub import constants
+    from transformers.utils import hub
+
+    return list(dict.fromkeys([constants.HF_HUB_CACHE, getattr(hub, "TRANSFORMERS_CACHE", constants.HF_HUB_CACHE)]))
 
 
 def check_checkpoint_out(out: str | Path, model: str, inputs: Iterable[str | Path | None] = ()) -> Path:
