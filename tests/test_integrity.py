@@ -199,6 +199,13 @@ def test_messages_that_used_to_mislead(prepared, tiny_model, tmp_path, monkeypat
     assert var[0, 0].tolist() == [0.0, 0.25, 0.0] and torch.isnan(torch.from_numpy(var[0, 1])).all()
 
 
+def test_a_store_written_from_python_says_so(prepared, tiny_model, tmp_path):
+    """`info` showed an empty `command:` for a store that `collect` wrote from Python (issue 42, item 7)."""
+    out = tmp_path / "s.zarr"
+    collect(prepared, load_adapter(str(tiny_model)), out, CollectConfig(topk_ratio=0.1, shard=(0, 4)), progress=False)
+    info = CliRunner().invoke(main, ["info", str(out)]).output
+    assert f"command: collect(PreparedCorpus('{prepared.path}'), load_adapter('{tiny_model}'), '{out}', ...) from Python" in info
+
 def test_xarray_opens_a_complete_store_without_a_warning(prepared, tiny_model, tmp_path):
     import warnings
 

@@ -16,9 +16,12 @@ from ..version import __version__
 @click.version_option(__version__, prog_name="neurostat")
 @click.option("--debug", is_flag=True, help="Show the full traceback of an error instead of one line.")
 def main(debug: bool) -> None:
-    """Find, edit and prune the property neurons of speech Transformers (HuBERT, wav2vec 2.0, WavLM, data2vec).
+    """Find, edit and prune the property neurons of speech encoders: HuBERT, wav2vec 2.0, WavLM, data2vec,
+    UniSpeech, the Conformers (Wav2Vec2-Conformer, w2v-BERT 2.0, Parakeet) and Whisper's encoder.
 
-    Typical flow: `synth` or a real LibriSpeech + MFA alignments → `prepare` → `collect` → `select`.
+    Typical flow: `synth` or a labelled corpus (LibriSpeech + MFA alignments, TIMIT, Lhotse manifests, a
+    CSV) → `prepare` → `collect` → `select` → `ablate` / `prune`, with `report`, `browse`, `diff` and `probe`
+    to look at the results.
     `neurostat collect` with no arguments runs the whole embedded demo offline.
     """
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # quiet third-party bars; neurostat's own stay

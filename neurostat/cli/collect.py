@@ -192,6 +192,10 @@ def collect(
 ) -> None:
     """Collect activation statistics of every FFN neuron, layer and joint label into a Zarr store.
 
+    The model is any supported encoder: HuBERT, wav2vec 2.0, WavLM, data2vec, UniSpeech(-SAT),
+    Wav2Vec2-Conformer, w2v-BERT 2.0 and Parakeet (two FFNs a layer: ffn1, ffn2) or Whisper's encoder
+    (its decoder is not collected), base or fine-tuned (a CTC or seq2seq head around the encoder).
+
     With no arguments it runs the embedded demo offline: it synthesises and prepares the demo corpus
     and collects the statistics of neurostat's demo model, a small HuBERT pre-trained on synthetic speech,
     counting every frame (--tokens all, as the corpus is small; cached in $NEUROSTAT_CACHE/demo-v4).

@@ -9,6 +9,7 @@ killed run resumes with counts identical to an uninterrupted one, losing at most
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import signal
@@ -82,6 +83,9 @@ def collect(
     the adapter was loaded under (default: resolved from it).  With ``world`` (a rank of a distributed run
     whose process group is initialised) this process collects its share into a partial store and the ranks
     combine their states: see :mod:`neurostat.engine.distributed`."""
+    if not config.command:  # called from Python: the store still says what wrote it
+        call = f"collect(PreparedCorpus({str(corpus.path)!r}), load_adapter({adapter.source!r}), {str(out)!r}, ...)"
+        config = dataclasses.replace(config, command=f"{call} from Python")
     spec = RunSpec.resolve(config, adapter, corpus, policy, distributed=world is not None)
     meta = spec.store_meta(corpus)
     if world is None:
