@@ -11,10 +11,12 @@ from neurostat.cli import main
 from neurostat.errors import OptionError
 from neurostat.phones import BROAD_CLASSES, PHONES
 from neurostat.probe import (
+    LinearProbe,
     ProbeData,
     ProbeError,
     _frames,
     edit_distance,
+    layers_first,
     load_results,
     phone_error_rate,
     probe_model,
@@ -297,3 +299,19 @@ def test_a_split_that_cannot_measure_a_task_says_so():
     text = table([{**result, "model": "m"}])
     assert "note: gender: the test speakers hold one gender class only" in text and "note: log-f0:" in text
     assert "warning" not in run_probes(data, ("gender",))["tasks"]["gender"]  # speakers of both genders held out
+
+
+@pytest.mark.parametrize("layers", [1, 5])
+def test_the_probes_weighted_sum_is_the_sum_over_layers(layers):
+    """The probe reads its features layers first (one matrix-vector product); what it computes is still
+    Σ_l softmax(w)_l · x[:, l, :] followed by the linear map, here in float64 on odd shapes."""
+    gen = torch.Generator().manual_seed(layers)
+    x = torch.randn(37, layers, 13, generator=gen, dtype=torch.float64)
+    probe = LinearProbe(layers, 13, 7, weighted=layers > 1).double()
+    with torch.no_grad():
+        probe.layer_logits.copy_(torch.randn(layers, generator=gen))
+        probe.linear.weight.copy_(torch.randn(7, 13, generator=gen))
+        probe.linear.bias.copy_(torch.randn(7, generator=gen))
+    w = torch.softmax(probe.layer_logits.detach(), 0)
+    expected = sum(w[l] * x[:, l, :] for l in range(layers)) @ probe.linear.weight.detach().T + probe.linear.bias.detach()
+    torch.testing.assert_close(probe(layers_first(x)), expected, rtol=0, atol=1e-12)
