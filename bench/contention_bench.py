@@ -3,8 +3,11 @@ checkout and (``--before``) another, each run a fresh interpreter (the CLI as a 
 defaults: OpenMP's wait policy and torch's threads are decided at start), the checkouts and loads in turns.
 
 The busy process is what "another job" does on a shared machine: a pure-Python loop that keeps
-``--hogs`` cores busy (default 1) while the collect runs.  Each row is the median over ``--repeat``
-rounds; the paired ratios (this / before) are per round and load.
+``--hogs`` cores busy (default 1) while the collect runs.  Three loads: ``quiet``; ``loaded``, the busy
+processes running before the collect starts (so that it can see them when it picks torch's threads); and
+``late``, a job that arrives after the run picked its threads, emulated by the busy processes beside a run
+whose threads are fixed at every core (``OMP_NUM_THREADS``): there OpenMP's waits decide the speed.  Each row
+is the median over ``--repeat`` rounds; the paired ratios (this / before) are per round and load.
 
     python bench/contention_bench.py                                # this checkout, quiet and loaded
     python bench/contention_bench.py --before /tmp/neurostat-main   # before/after (a `git archive` of main)
@@ -25,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).with_name("RESULTS.md")
-LOADS = ("quiet", "loaded")
+LOADS = ("quiet", "loaded", "late")
 
 
 def environment(checkout: Path, work: Path) -> dict:
@@ -36,7 +39,7 @@ def environment(checkout: Path, work: Path) -> dict:
     if not path.is_dir():
         path.mkdir(parents=True)
         (path / "neurostat").symlink_to(checkout.resolve() / "neurostat")
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")}
     return {**env, "PYTHONPATH": str(path), "HF_HUB_OFFLINE": "1"}
 
 
@@ -45,18 +48,25 @@ def hogs(n: int) -> list[subprocess.Popen]:
     return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
 
 
-def collect(checkout: Path, prepared: Path, out: Path, model: str) -> dict:
-    """One CLI collect with ``checkout``: audio-s/s of its loop and torch's threads (from the store)."""
+def collect(checkout: Path, prepared: Path, out: Path, model: str, threads: int | None = None) -> dict:
+    """One CLI collect with ``checkout``: audio-s/s of its loop and torch's threads (from the store, or
+    ``threads`` where they are fixed by ``OMP_NUM_THREADS``)."""
     command = [sys.executable, "-m", "neurostat", "collect", "--prepared", str(prepared), "--model", model]
     command += ["--tokens", "all", "--out", str(out)]
-    done = subprocess.run(command, env=environment(checkout, out.parent), capture_output=True, text=True)
+    env = environment(checkout, out.parent) | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
+    # `python -m` puts the working folder first on the path: run where no neurostat folder is, and check
+    where = [sys.executable, "-c", "import neurostat; print(neurostat.__file__)"]
+    found = subprocess.run(where, env=env, cwd=out.parent, capture_output=True, text=True, check=True).stdout.strip()
+    if Path(found).resolve() != (checkout / "neurostat" / "__init__.py").resolve():
+        raise SystemExit(f"the runs of {checkout} would import neurostat from {found}")
+    done = subprocess.run(command, env=env, cwd=out.parent, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"collect with {checkout} failed:\n{done.stderr[-3000:]}")
     attrs = json.loads((out / "zarr.json").read_text())["attributes"]
     progress, batching = attrs["progress"], attrs["batching"]
     return {
         "rate": progress["audio_seconds"] / progress["loop_seconds"],
-        "threads": batching.get("torch_threads"),
+        "threads": threads or batching.get("torch_threads"),
     }
 
 
@@ -89,12 +99,13 @@ def main() -> None:
         for r in range(args.repeat):
             order = [(c, load) for load in LOADS for c in checkouts]
             for name, load in order if r % 2 == 0 else order[::-1]:
-                busy = hogs(args.hogs) if load == "loaded" else []
+                busy = hogs(args.hogs) if load != "quiet" else []
                 try:
                     time.sleep(0.5 if busy else 0)  # the busy processes running before the collect starts
                     loads.append(os.getloadavg()[0])
                     out = work / f"{r}-{name.replace(' ', '-')}-{load}.zarr"
-                    runs[name, load].append(collect(checkouts[name], prepared, out, args.model))
+                    threads = len(os.sched_getaffinity(0)) if load == "late" else None
+                    runs[name, load].append(collect(checkouts[name], prepared, out, args.model, threads))
                 finally:
                     for p in busy:
                         p.kill()
@@ -115,16 +126,22 @@ def report(args, checkouts, runs, loads) -> list[str]:
         "",
         f"### contention_bench: CLI collect of {n} synthetic utterances, model {args.model}, --tokens all",
         "",
-        f"- machine: {os.uname().machine}, {os.cpu_count()} cores; loaded = beside {args.hogs} busy process(es); "
-        f"{args.repeat} round(s) in turns; load average (1 min) {min(loads):.1f}–{max(loads):.1f} at the runs' starts",
+        f"- machine: {os.uname().machine}, {os.cpu_count()} cores; loaded = beside {args.hogs} busy process(es) "
+        "started first; late = beside them with torch's threads fixed at every core (a job that arrives after the "
+        f"run picked its threads); {args.repeat} round(s) in turns; load average (1 min) "
+        f"{min(loads):.1f}–{max(loads):.1f} at the runs' starts",
         "",
-        "| checkout | quiet audio-s/s | loaded audio-s/s | loaded / quiet | torch threads (quiet, loaded) |",
-        "| --- | ---: | ---: | ---: | --- |",
+        "| checkout | quiet audio-s/s | loaded audio-s/s | late audio-s/s | loaded / quiet | late / quiet "
+        "| torch threads (quiet, loaded, late) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for name, checkout in checkouts.items():
-        quiet, loaded = (statistics.median(r["rate"] for r in runs[name, load]) for load in LOADS)
-        threads = ", ".join(str(sorted({r["threads"] for r in runs[name, load]})) for load in LOADS)
-        lines.append(f"| {name} ({checkout}) | {quiet:.1f} | {loaded:.1f} | {loaded / quiet:.2f} | {threads} |")
+        quiet, loaded, late = (statistics.median(r["rate"] for r in runs[name, load]) for load in LOADS)
+        threads = ", ".join(str(sorted({r["threads"] for r in runs[name, load]}, key=str)) for load in LOADS)
+        lines.append(
+            f"| {name} ({checkout}) | {quiet:.1f} | {loaded:.1f} | {late:.1f} | {loaded / quiet:.2f} "
+            f"| {late / quiet:.2f} | {threads} |"
+        )
     if args.before:
         paired = {
             load: statistics.median(

@@ -102,7 +102,8 @@ def forward_threads(device: torch.device | str, num_jobs: int) -> int | None:
     """torch's intra-op threads for a CPU run: the cores this process may use, less the ``num_jobs``
     loading workers and the cores other processes keep busy as the run starts (:func:`idle_cores`), at
     least one.  A thread whose core another job holds stalls every parallel region of the others: on 2
-    cores beside a busy job, 1 thread collected 48 audio-s/s and 2 threads 27 (4.5 with spinning waits).
+    cores beside a busy job, 1 thread collected 85 audio-s/s and 2 threads 57 (36 with GNU OpenMP's default
+    spin count; see ``neurostat/__init__.py``).
     None: leave torch's own choice (a GPU run, or ``OMP_NUM_THREADS`` set by the user)."""
     if torch.device(device).type == "cuda" or "OMP_NUM_THREADS" in os.environ:
         return None
