@@ -44,7 +44,8 @@ def test_torch_spins_briefly_before_it_waits_for_its_threads():
 
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     code = "import neurostat, os, torch; print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'))"
-    for mine, expected in (({}, "10000 None"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "None ACTIVE"), ({"GOMP_SPINCOUNT": "5"}, "5 None")):
+    cases = (({}, "10000 None"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "None ACTIVE"), ({"GOMP_SPINCOUNT": "5"}, "5 None"))
+    for mine, expected in cases:
         run = subprocess.run([sys.executable, "-c", code], env=env | mine, capture_output=True, text=True)
         assert run.stdout == expected + "\n", (mine, run.stdout, run.stderr)
 

@@ -204,7 +204,8 @@ def test_a_store_written_from_python_says_so(prepared, tiny_model, tmp_path):
     out = tmp_path / "s.zarr"
     collect(prepared, load_adapter(str(tiny_model)), out, CollectConfig(topk_ratio=0.1, shard=(0, 4)), progress=False)
     info = CliRunner().invoke(main, ["info", str(out)]).output
-    assert f"command: collect(PreparedCorpus('{prepared.path}'), load_adapter('{tiny_model}'), '{out}', ...) from Python" in info
+    assert f"command: from Python: collect of {prepared.path} with model {tiny_model} into {out}\n" in info
+
 
 def test_xarray_opens_a_complete_store_without_a_warning(prepared, tiny_model, tmp_path):
     import warnings

@@ -175,6 +175,22 @@ def hub_cache(hub, model, repo_id="org/tiny", commit="0123456789abcdef0123456789
     return repo, snapshot
 
 
+def test_a_hub_id_is_protected_in_every_cache_it_may_load_from(tmp_path, monkeypatch):
+    """transformers < 5 loads a hub id from its own TRANSFORMERS_CACHE, fixed at import, which may differ
+    from the hub client's cache: the id's folder in both is the model's."""
+    import huggingface_hub
+    from transformers.utils import hub as transformers_hub
+
+    from neurostat.model.outputs import source_paths
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(transformers_hub, "TRANSFORMERS_CACHE", str(tmp_path / "transformers"), raising=False)
+    folder = "models--org--tiny"
+    assert source_paths("org/tiny") == [tmp_path / "hub" / folder, tmp_path / "transformers" / folder]
+    monkeypatch.setattr(transformers_hub, "TRANSFORMERS_CACHE", str(tmp_path / "hub"))
+    assert source_paths("org/tiny") == [tmp_path / "hub" / folder]
+
+
 def test_a_hub_models_cache_folder_is_never_written(tmp_path, monkeypatch, model_and_neurons):
     """`--model <hub id>` protects the id's folder in the HF cache (snapshot and blobs) as a local source folder
     is protected, and a local snapshot folder protects the blobs its links point into (issue 41, item 2)."""

@@ -313,5 +313,6 @@ def test_the_probes_weighted_sum_is_the_sum_over_layers(layers):
         probe.linear.weight.copy_(torch.randn(7, 13, generator=gen))
         probe.linear.bias.copy_(torch.randn(7, generator=gen))
     w = torch.softmax(probe.layer_logits.detach(), 0)
-    expected = sum(w[l] * x[:, l, :] for l in range(layers)) @ probe.linear.weight.detach().T + probe.linear.bias.detach()
+    weight, bias = probe.linear.weight.detach(), probe.linear.bias.detach()
+    expected = sum(w[i] * x[:, i, :] for i in range(layers)) @ weight.T + bias
     torch.testing.assert_close(probe(layers_first(x)), expected, rtol=0, atol=1e-12)

@@ -6,6 +6,7 @@ import re
 import shlex
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -17,11 +18,12 @@ SHOWN = ("sh", "csv")  # commands for real data, hub models, GPUs and long jobs;
 
 
 def blocks() -> list[tuple[str, str, int]]:
-    """Every fenced block of the README: (language, text, line of the fence)."""
+    """Every fenced block of the README, indented ones (in a list item) too: (language, text, line of the
+    fence)."""
     text = README.read_text()
     return [
-        (m.group(1), m.group(2), text.count("\n", 0, m.start()) + 1)
-        for m in re.finditer(r"^```(\w*)\n(.*?)^```$", text, re.S | re.M)
+        (m.group(2), textwrap.dedent(m.group(3)), text.count("\n", 0, m.start()) + 1)
+        for m in re.finditer(r"^([ \t]*)```(\w*)\n(.*?)^\1```$", text, re.S | re.M)
     ]
 
 
@@ -49,6 +51,7 @@ def test_every_block_is_run_or_says_why_not():
     found = [(language, line) for language, _, line in blocks()]
     assert all(language in RUN + SHOWN for language, _ in found), [f for f in found if f[0] not in RUN + SHOWN]
     assert sum(language in RUN for language, _ in found) >= 15
+    assert len(found) == README.read_text().count("```") // 2  # no fence the pattern above misses
 
 
 def test_the_setup_block_is_what_ci_runs():
@@ -57,7 +60,8 @@ def test_the_setup_block_is_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
     install, tests = block.strip().splitlines()
     assert language == "bash" and install.startswith("python3 -m venv .venv && . .venv/bin/activate && ")
-    assert "pip install -e '.[dev]' -c constraints.txt" in install and "pip install -q -e '.[dev]' -c constraints.txt" in ci
+    assert "pip install -e '.[dev]' -c constraints.txt" in install
+    assert "pip install -q -e '.[dev]' -c constraints.txt" in ci
     assert tests.endswith("HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 python -m pytest -q")
     assert "export HF_HUB_OFFLINE=1 TRITON_INTERPRET=1\npython -m pytest -q\n" in ci
 
@@ -72,9 +76,14 @@ def test_the_same_in_python_runs_as_written(tmp_path, monkeypatch):
     assert set(scope["p"].dims) == {"layer", "gender", "phone", "neuron"} and scope["p"].sizes["layer"] == 3
 
 
-def run_command(args: list[str], cwd: Path) -> None:
-    """One README command: ``neurostat`` in this process, ``torchrun`` as its own job; the setup line's
-    install steps and the test command itself are CI's (the test above checks them)."""
+def is_setup(args: list[str]) -> bool:
+    """An install step or the test command of the README's first block (CI runs those)."""
+    return args[:3] == ["python3", "-m", "venv"] or args[:1] in (["."], ["pip"]) or args[-3:] == ["-m", "pytest", "-q"]
+
+
+def run_command(args: list[str], cwd: Path, setup: bool) -> None:
+    """One README command: ``neurostat`` in this process, ``torchrun`` as its own job; in the first block
+    (``setup``) the install steps and the test command itself are CI's (the test above checks them)."""
     from click.testing import CliRunner
 
     from neurostat.cli import main
@@ -83,11 +92,11 @@ def run_command(args: list[str], cwd: Path) -> None:
         res = CliRunner().invoke(main, args[1:])
         assert res.exit_code == 0, (args, res.output)
     elif args[0] == "torchrun":
-        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", *args[1:]], cwd=cwd, capture_output=True, text=True)
+        job = [sys.executable, "-m", "torch.distributed.run", *args[1:]]
+        res = subprocess.run(job, cwd=cwd, capture_output=True, text=True)
         assert res.returncode == 0, (args, res.stdout[-3000:], res.stderr[-3000:])
     else:
-        setup = args[:3] == ["python3", "-m", "venv"] or args[:1] in (["."], ["pip"]) or args[-3:] == ["-m", "pytest", "-q"]
-        assert setup, f"README runs {shlex.join(args)!r}: run it here, or show it in an sh block"
+        assert setup and is_setup(args), f"README runs {shlex.join(args)!r}: run it here, or show it in an sh block"
 
 
 @pytest.mark.slow
@@ -97,12 +106,14 @@ def test_the_readme_runs_top_to_bottom(tmp_path, monkeypatch):
     something to show."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("NEUROSTAT_CACHE", str(tmp_path / "cache"))
-    for language, block, line in blocks():
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline and on a CPU whatever the machine (torchrun's job too)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    for i, (language, block, line) in enumerate(blocks()):
         if language == "python":
             exec(compile(block, f"README.md, the block at line {line}", "exec"), {})
         elif language == "bash":
             for args in commands(block):
-                run_command(args, tmp_path)
+                run_command(args, tmp_path, setup=i == 0)
     for prop in ("phone-type", "gender", "pitch"):
         neurons = json.loads((tmp_path / "demo" / "selections" / f"{prop}.json").read_text())
         assert len(neurons) == 4 and all(neurons.values()), (prop, {k: len(v) for k, v in neurons.items()})

@@ -84,8 +84,8 @@ def collect(
     whose process group is initialised) this process collects its share into a partial store and the ranks
     combine their states: see :mod:`neurostat.engine.distributed`."""
     if not config.command:  # called from Python: the store still says what wrote it
-        call = f"collect(PreparedCorpus({str(corpus.path)!r}), load_adapter({adapter.source!r}), {str(out)!r}, ...)"
-        config = dataclasses.replace(config, command=f"{call} from Python")
+        what = f"from Python: collect of {corpus.path} with model {adapter.source} into {out}"
+        config = dataclasses.replace(config, command=what)
     spec = RunSpec.resolve(config, adapter, corpus, policy, distributed=world is not None)
     meta = spec.store_meta(corpus)
     if world is None:

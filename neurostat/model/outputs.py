@@ -35,8 +35,8 @@ def is_checkpoint_file(path: Path) -> bool:
 
 def source_paths(source: str) -> list[Path]:
     """The local paths the model ``source`` occupies: a folder and the folders its linked files point into
-    (a snapshot of the HF cache links into its ``blobs/``); for a hub id, its folder in the HF cache
-    (snapshots, blobs, refs), downloaded or not."""
+    (a snapshot of the HF cache links into its ``blobs/``); for a hub id, its folder (snapshots, blobs,
+    refs) in every HF cache it may load from (:func:`hub_caches`), downloaded or not."""
     path = Path(source)
     if path.exists():
         paths = [path]
