@@ -92,11 +92,13 @@ def _read_span(path: str | Path, span: tuple[float, float]) -> tuple[np.ndarray,
     """The samples of ``span`` (seconds) at the file's own rate; a span outside the file is a Skip."""
     try:
         with open(path, "rb") as f:
-            sphere = f.read(len(SPHERE_MAGIC)) == SPHERE_MAGIC
+            data = f.read(len(SPHERE_MAGIC))
+            if data == SPHERE_MAGIC:  # a SPHERE file is read whole, once
+                data += f.read()
     except OSError as e:
         raise Skip("missing-audio", path, f"cannot read audio ({e.strerror})") from None
-    if sphere:
-        wave, sr = read_sphere(Path(path).read_bytes(), path)
+    if data.startswith(SPHERE_MAGIC):
+        wave, sr = read_sphere(data, path)
         first, n = span_samples(span, sr)
         _check_span(path, span, first, n, len(wave))
         return wave[first : first + n], sr

@@ -22,7 +22,7 @@ import soundfile as sf
 
 from ..choices import LAYOUTS
 from ..errors import OptionError
-from .audio import write_sphere
+from .audio import span_samples, write_sphere
 from .lhotseaudio import lhotse_module
 from .librispeech import LibriSpeechSource, corpus_dir
 from .source import UtteranceRecord
@@ -73,14 +73,10 @@ def synthesize_layout(
         return write_layout(root, subset, align, layout, out)
 
 
-def _sample_intervals(textgrid: str | Path, tier: str, sample_rate: int) -> list[tuple[int, int, str]]:
+def _sample_intervals(items: list[Interval], sample_rate: int) -> list[tuple[int, int, str]]:
     """A TextGrid tier's intervals with boundaries rounded to whole samples (empty ones dropped)."""
-    items = read_textgrid(textgrid).tiers[tier]
-    rounded = [
-        (int(np.floor(iv.xmin * sample_rate + 0.5)), int(np.floor(iv.xmax * sample_rate + 0.5)), iv.text)
-        for iv in items
-    ]
-    return [(a, b, text) for a, b, text in rounded if b > a]
+    spans = [(span_samples((iv.xmin, iv.xmax), sample_rate), iv.text) for iv in items]
+    return [(first, first + n, text) for (first, n), text in spans if n > 0]
 
 
 def _grid(path: Path, intervals: dict[str, list[tuple[int, int, str]]], num_samples: int, sample_rate: int) -> None:
@@ -106,7 +102,7 @@ def _read(root: Path, subset: str, alignments: Path) -> list[_Utterance]:
     out = []
     for r in scan.records:
         samples, sr = sf.read(r.audio.path, dtype="int16")
-        tiers = {name: _sample_intervals(r.phones.path, name, sr) for name in read_textgrid(r.phones.path).tiers}
+        tiers = {name: _sample_intervals(items, sr) for name, items in read_textgrid(r.phones.path).tiers.items()}
         out.append(_Utterance(r, samples, sr, tiers))
     return out
 

@@ -32,7 +32,7 @@ from ..phones import PHONES, PhoneMap, UnknownPhoneError
 from .audio import Skip
 from .pitch import bin_names, f0_at, percentile_edges
 from .prepared import CACHE_FORMAT, PitchMeta, PrepareLock, PreparedCorpus, PreparedMeta, is_prepared
-from .source import CorpusSource, SourceScan, UtteranceRecord, open_source
+from .source import CorpusSource, SourceScan, UtteranceRecord, file_key, open_source
 from .speakers import GENDERS
 from .textgrid import TextGridError, read_textgrid
 from .timit import phn_intervals
@@ -171,18 +171,10 @@ def _numbers(value, option: str) -> tuple[float, ...] | None:
     return tuple(float(x) for x in value)
 
 
-def _stat(path: Path) -> list:
-    st = path.stat()
-    return [str(path), st.st_size, st.st_mtime_ns]
-
-
 def _utt_key(fields: dict, utt: UtteranceRecord, settings: PrepareSettings) -> str:
     """The key of everything a record depends on: the utterance's metadata (speaker, gender, paths, span), its
     local audio file and its alignment (file size and mtime, or the intervals themselves) and the settings."""
-    audio = Path(utt.audio.path)
-    blob = json.dumps(
-        [fields, _stat(audio) if audio.is_file() else None, utt.phones.key(), settings.key()], sort_keys=True
-    )
+    blob = json.dumps([fields, file_key(utt.audio.path), utt.phones.key(), settings.key()], sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()
 
 
@@ -523,7 +515,7 @@ def _write_folder(
     """The folder's files from every rank's labelled utterances (``shares``): the records in scan order, the
     skips (the scan's, then the labelling's), the pitch-bin edges over every voiced F0 value, the meta."""
     labelled = sorted((x for share in shares for x in share), key=lambda x: x[0])
-    if sorted(x[0] for x in labelled) != list(range(len(scan.records))):
+    if [x[0] for x in labelled] != list(range(len(scan.records))):
         raise PrepareError(f"{out}: the ranks labelled {len(labelled)} of {len(scan.records)} utterances")
     records = sorted(((r, a) for _, kind, r, a in labelled if kind == "ok"), key=lambda x: x[0]["id"])
     skips = scan.skips + [r for _, kind, r, _ in labelled if kind == "skip"]

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from ..files import atomic_write, sha1_file
-from ..frames import FrameGeometry, label_frames, label_frames_overlap
+from ..frames import FrameGeometry, default_geometry, label_frames, label_frames_overlap
 from ..version import __version__
 from .audio import Skip
 from .pitch import assign_bins
@@ -134,7 +134,7 @@ class PreparedMeta:
         return dataclasses.replace(self, **changes)
 
 
-_DEFAULT_GEOMETRY = {"sample_rate": 16000, "conv_kernel": [10, 3, 3, 3, 3, 2, 2], "conv_stride": [5, 2, 2, 2, 2, 2, 2]}
+_DEFAULT_GEOMETRY = default_geometry().to_dict()
 
 
 def prepare_command(d: dict, folder: Path) -> str:

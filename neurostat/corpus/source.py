@@ -14,6 +14,8 @@ measured from its start.
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass, field
 from importlib import import_module
 from pathlib import Path
@@ -77,6 +79,15 @@ class AudioRef:
         return load_audio(self.path, sample_rate, strict=strict, out=out, span=self.span)
 
 
+def file_key(path: str | Path) -> list | None:
+    """What the prepare cache keys a file on: its path, size and mtime (one ``stat``); None where no file is."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return [str(Path(path)), st.st_size, st.st_mtime_ns] if stat.S_ISREG(st.st_mode) else None
+
+
 @dataclass(frozen=True)
 class PhoneSource:
     """Where an utterance's phone intervals come from: a TextGrid's ``phones`` tier (``textgrid``), a TIMIT
@@ -91,8 +102,7 @@ class PhoneSource:
         """What the prepare cache keys on: the file's size and mtime, or the intervals themselves."""
         if self.kind == "inline":
             return [self.path, [list(iv) for iv in self.intervals]]
-        st = Path(self.path).stat()
-        return [self.path, st.st_size, st.st_mtime_ns]
+        return file_key(self.path)
 
     def fields(self) -> dict:
         return {{"textgrid": "textgrid", "phn": "phn"}.get(self.kind, "alignment"): self.path}
