@@ -23,6 +23,7 @@ from neurostat.corpus.synth import TRAINING_VARIANTS
 from neurostat.demo import demo_model
 from neurostat.engine.collect import CollectConfig, collect, describe_collect
 from neurostat.engine.merge import merge_stores
+from neurostat.engine.spec import RunSpec
 from neurostat.engine.statistics import TABLE
 from neurostat.labelspace import LabelSpace
 from neurostat.model.factory import model_config, save_model
@@ -526,6 +527,9 @@ def test_triton_backends_collect_equal_torch_backend(prepared, tiny_model, tmp_p
             progress=False,
         )
         assert attrs.statistics["backend"] == backend
+        config = CollectConfig(stats=tuple(TABLE), backend=backend, label_stats_design=design, layers=[3])
+        called = RunSpec.resolve(config, adapter, prepared).backend.design  # the design the run calls, as recorded
+        assert called == (None if backend == "torch" else attrs.statistics["label_stats"]["design"]), name
         assert attrs.statistics["label_stats"] == {
             "torch": None,
             "triton-one-read": {"design": "one-read", "chosen": "asked for"},

@@ -170,16 +170,13 @@ def _uploaded_ahead(items: Iterator[dict], device: torch.device) -> Iterator[dic
 def _restore(spec: RunSpec, adapter: ModelAdapter, store: StoreWriter) -> tuple[Accumulator, list[str], Progress]:
     """The accumulator, the finished utterance ids and the progress: fresh, or from the last checkpoint."""
     policy = spec.policy
-    engine = (spec.stats, policy.device, spec.backend, adapter.activation_name, spec.precision)
-    design = spec.label_stats.design if spec.label_stats else None
+    engine = (spec.stat_names, policy.device, spec.backend, adapter.activation_name, spec.precision)
     checkpoint = store.load_checkpoint()
     if checkpoint is None:
-        acc = Accumulator(
-            len(spec.entries), spec.space.size, spec.width, spec.k, *engine, spec.top_frames, policy.overlap, design
-        )
+        acc = Accumulator(len(spec.entries), spec.space.size, spec.width, spec.k, *engine, spec.top_frames, policy.overlap)
         return acc, [], Progress()
     state, done, prog = checkpoint
-    return Accumulator.from_state(state, spec.k, *engine, overlap=policy.overlap, design=design), done, prog
+    return Accumulator.from_state(state, spec.k, *engine, overlap=policy.overlap), done, prog
 
 
 def _loader(corpus, adapter, spec: RunSpec, batches, store: StoreWriter) -> torch.utils.data.DataLoader:

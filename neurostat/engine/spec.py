@@ -142,6 +142,11 @@ class RunSpec:
             backend = make_backend(policy.backend, stats, params, adapter.activation_name, config.stats_precision)
         except ValueError as e:
             raise ModelError(f"{adapter.source}: {e}") from None
+        label_stats = choose_design(config.label_stats_design, backend, policy.device, policy.dtype, width)
+        if label_stats is not None and label_stats.design != backend.design:  # the backend calls the chosen one
+            backend = make_backend(
+                policy.backend, stats, params, adapter.activation_name, config.stats_precision, label_stats.design
+            )
         space = LabelSpace.of_corpus(corpus, config.labels)
         corpus.verify(space.parts)
         if config.max_seconds is not None and adapter.geometry.window:
@@ -178,7 +183,7 @@ class RunSpec:
             batching=adapter.batching(policy.front_end),
             command=config.command,
             indices=tuple(i for i in range(len(corpus)) if i % shard_n == shard_i),
-            label_stats=choose_design(config.label_stats_design, backend, policy.device, policy.dtype, width),
+            label_stats=label_stats,
         )
         spec.check_state_size()
         return spec

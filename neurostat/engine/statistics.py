@@ -336,6 +336,5 @@ TABLE: dict[str, Statistic] = {name: Statistic(d, _TORCH_PARTIALS[name]) for nam
 
 
 def statistics(names) -> tuple[Statistic, ...]:
-    """The table's entries for ``names`` (or for entries resolved already, as a run spec holds them) in table
-    order; an unknown name is an error listing the known."""
-    return tuple(TABLE[d.name] for d in declared([n.name if isinstance(n, Statistic) else n for n in names]))
+    """The table's entries for ``names`` in table order; an unknown name is an error listing the known."""
+    return tuple(TABLE[d.name] for d in declared(names))
