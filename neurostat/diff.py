@@ -341,14 +341,14 @@ def diff_stores(
     bounds = np.cumsum([0] + [p.size for _, p in tests])
     qs = [q_all[lo:hi].reshape(p.shape) for (lo, hi), (_, p) in zip(zip(bounds[:-1], bounds[1:]), tests)]
     significant = [q <= alpha for q in qs]
-    cells = [  # (q, -|z|, layer position, tested label position, compared neuron position)
-        (q[t, j], -abs(z[t, j]), i, t, j)
-        for i, ((z, _), q, sig) in enumerate(zip(tests, qs, significant))
-        for t, j in zip(*np.nonzero(sig))
-    ]
+    found = [(i, *np.nonzero(sig)) for i, sig in enumerate(significant)]  # (layer, tested label, neuron) positions
+    at = tuple(np.concatenate(c) for c in zip(*((np.full(t.size, i), t, j) for i, t, j in found)))
+    q_sig = np.concatenate([qs[i][t, j] for i, t, j in found])
+    z_sig = np.concatenate([np.abs(tests[i][0][t, j]) for i, t, j in found])
+    order = np.lexsort((at[2], at[1], at[0], -z_sig, q_sig))[:top]  # smallest q first, then largest |z|
     shape = [len(v) for v in labels]
     changes = []
-    for _, _, i, t, j in sorted(cells)[:top]:  # smallest q first, then largest |z|
+    for i, t, j in zip(*(a[order] for a in at)):
         label, (z, p) = label_ids[t], tests[i]
         joint = np.unravel_index(label, shape)
         changes.append(
@@ -388,14 +388,14 @@ def diff_stores(
         tested=int(p_all.size),
         significant=int(sum(int(sig.sum()) for sig in significant)),
         changed_neurons={n: int(significant[i].any(axis=0).sum()) for i, n in enumerate(sa.layers)},
-        compared={n: len(o) for n, o in zip(sa.layers, align.original)} if sa.width != sb.width or pruned else {},
+        compared={n: len(o) for n, o in zip(sa.layers, align.original)} if pruned else {},
         properties=changed,
         top=changes,
         warnings=notes,
         summed_out={name: [part for part in s.parts if part not in shared] for name, s in (("A", sa), ("B", sb))},
     )
     if out is not None:
-        _write_page(result, sa, sb, Path(out))
+        _write_page(result, sa, sb, align, Path(out))
     return result
 
 
@@ -416,9 +416,8 @@ def _group_probability(stats: Stats, name: str) -> dict[str, np.ndarray]:
     return out
 
 
-def _property_figure(d: StoreDiff, name: str, sa: Stats, sb: Stats) -> Figure:
+def _property_figure(d: StoreDiff, name: str, sa: Stats, sb: Stats, align: _Alignment) -> Figure:
     change = d.properties[name]
-    align = _Alignment.of(sa, sb)
 
     def aligned(prob: dict[str, np.ndarray], at: list[np.ndarray]) -> dict[str, np.ndarray]:
         return {g: np.concatenate([v[i, idx] for i, idx in enumerate(at)]) for g, v in prob.items()}
@@ -449,8 +448,8 @@ def _property_figure(d: StoreDiff, name: str, sa: Stats, sb: Stats) -> Figure:
     )
 
 
-def _write_page(d: StoreDiff, sa: Stats, sb: Stats, out: Path) -> None:
-    figures = [_property_figure(d, name, sa, sb) for name in d.properties]
+def _write_page(d: StoreDiff, sa: Stats, sb: Stats, align: _Alignment, out: Path) -> None:
+    figures = [_property_figure(d, name, sa, sb, align) for name in d.properties]
     out.mkdir(parents=True, exist_ok=True)
     for f in figures:
         (out / f"{f.name}.png").write_bytes(f.png)

@@ -15,7 +15,7 @@ import torch
 
 from ..choices import FRONT_ENDS
 from ..corpus.prepared import PreparedCorpus
-from ..declarations import DEFAULT_STATS
+from ..declarations import DEFAULT_STATS, store_dims
 from ..errors import OptionError
 from ..labelspace import LabelSpace
 from ..model.adapter import ModelAdapter
@@ -216,7 +216,7 @@ class RunSpec:
     @property
     def dims(self) -> dict[str, tuple[str, ...]]:
         """The store dimensions of every variable this run writes."""
-        return {"frames": ("label",), **{var: s.declaration.dims() for s in self.stats for var in s.store}}
+        return store_dims(self.stat_names)
 
     def _fingerprint(self, corpus: PreparedCorpus, where: dict) -> dict:
         """What a resume or a merge must match: every setting and input that changes a count."""
