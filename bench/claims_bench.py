@@ -588,19 +588,19 @@ def run(out: Path, work: Path, sizes: Sizes, tokens: str, workers: int) -> None:
     selection_corpus = corpus(work, "selection", sizes.selection, seed=11, first=200, model=trained)
     probe_corpus = corpus(work, f"probe-{sizes.probe[1]}", sizes.probe, seed=7, first=300, model=trained)
     voices = speaker_voices(work / f"probe-{sizes.probe[1]}-raw" / "LibriSpeech")
-    model = load_adapter(trained)
+    model, twin_model = load_adapter(trained), load_adapter(twin)
     views = {"weighted": None, f"layer-{model.num_layers}": model.num_layers}
     selections, selected = {}, {}
     for choice in TOKENS:
         name = "" if choice == "phone-mid" else f"-{choice}"
         for label, adapter, store in (
-            ("trained", model, f"trained{name}.zarr"), ("random-init twin", load_adapter(twin), f"twin{name}.zarr")
+            ("trained", model, f"trained{name}.zarr"), ("random-init twin", twin_model, f"twin{name}.zarr")
         ):  # fmt: skip
             selections[choice, label], counted = select(adapter, selection_corpus, work / store, choice)
             selected.setdefault(choice, {})[label] = counted
     all_splits = splits(probe_corpus, voices, sizes)
     probe = Prober(probe_corpus, views, all_splits, sizes.frames, workers)
-    runs = measure(model, load_adapter(twin), selections[tokens, "trained"], probe, sizes, tokens)
+    runs = measure(model, twin_model, selections[tokens, "trained"], probe, sizes, tokens)
     held_out = [
         f"seed {s.seed}: " + " + ".join(sorted({voices[x] for x in speaker_split(
             [r["speaker"] for r in probe_corpus.records], [r["gender"] for r in probe_corpus.records],

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ import numpy as np
 import torch
 import xarray as xr
 from benchutil import build_corpus, corpus_arguments, emit, loader_alone, machine, parse
+from prepare_bench import differing_files, free_port
 
 from neurostat.corpus.prepare import PrepareSettings, prepare
 from neurostat.corpus.prepared import PreparedCorpus
@@ -47,12 +47,6 @@ from neurostat.model.loading import load_adapter
 AUDIO_960H = 960 * 3600.0
 H100_RATE = 343.3 / 1.218
 """Audio-seconds per second of `collect` on an H100 (collect_bench, bf16, run 2 in RESULTS.md)."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_collect(nproc: int, options: list[str], out: Path) -> tuple[float, dict]:
@@ -117,12 +111,6 @@ def prepare_parts(corpus: PreparedCorpus, out: Path) -> tuple[float, float, floa
     return total - seconds, fixed, max(seconds - fixed, 0.0) / audio
 
 
-def same_folders(a: Path, b: Path) -> bool:
-    """Whether two prepared folders hold the same files with the same bytes (the cache included)."""
-    files = [sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file()) for folder in (a, b)]
-    return files[0] == files[1] and all((a / f).read_bytes() == (b / f).read_bytes() for f in files[0])
-
-
 def count_differences(a: Path, b: Path) -> dict[str, tuple[int, int]]:
     """Per count variable: (how many counts differ between the stores, in total)."""
     x, y = xr.open_zarr(a, consolidated=False), xr.open_zarr(b, consolidated=False)
@@ -171,7 +159,7 @@ def main() -> None:
         load = loader_alone(corpus, adapter.feature_extractor, batch_seconds, args.tokens, 0)
         prep_1 = run_prepare(1, corpus, model_dir, work / "prepared-one")
         prep_n = run_prepare(args.nproc, corpus, model_dir, work / "prepared-job") if args.nproc > 1 else None
-        prepared_alike = prep_n is None or same_folders(work / "prepared-job", work / "prepared-one")
+        prepared_alike = prep_n is None or not differing_files(work / "prepared-job", work / "prepared-one")
         labelling, folder_fixed, folder_rate = prepare_parts(corpus, work / "parts" / "prepared")
 
     loop_1 = one["progress"]["loop_seconds"]
