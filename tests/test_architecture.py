@@ -16,6 +16,7 @@ BASE = {
     "neurostat.errors",
     "neurostat.files",
     "neurostat.frames",
+    "neurostat.machine",
     "neurostat.moments",
     "neurostat.phones",
     "neurostat.presets",

@@ -16,7 +16,7 @@ from transformers import Wav2Vec2FeatureExtractor
 from neurostat.cli import main
 from neurostat.corpus.pitch import assign_bins
 from neurostat.corpus.prepare import PrepareSettings, prepare
-from neurostat.corpus.prepared import PreparedCorpus, PreparedCorpusError
+from neurostat.corpus.prepared import PreparedCorpus, PreparedCorpusError, read_utterance_file
 from neurostat.engine.batching import BatchDataset, TokenBatch, chunk_tokens, in_place_normalizer, plan_batches
 from neurostat.engine.tokens import token_mask
 from neurostat.frames import default_geometry, label_frames
@@ -53,14 +53,14 @@ def odd_corpus(corpus_copy, tmp_path) -> PreparedCorpus:
 
 def reference_item(corpus, pieces, fe, tokens, space):
     """The per-utterance path the loader replaced: each file decoded and normalised on its own by the
-    feature extractor, labels from prepare's per-utterance files (utts/<id>.npz), pad_sequence."""
+    feature extractor, labels from prepare's per-utterance files (utts/<id>.utt), pad_sequence."""
     geo, non_speech = corpus.geometry, [corpus.phones.index(p) for p in NON_SPEECH]
     waves, labels = [], []
     for piece in pieces:
         utt = corpus[piece.index]
-        with np.load(corpus.path / "utts" / f"{utt.id}.npz") as z:
-            phones = label_frames(z["starts"], z["ends"], z["phone"], geo.centres(utt.num_frames))
-            bins = assign_bins(z["f0"].astype(np.float64), corpus.edges, corpus.meta.pitch.rule)
+        z = read_utterance_file(corpus.path / "utts" / f"{utt.id}.utt")[2]
+        phones = label_frames(z["starts"], z["ends"], z["phone"], geo.centres(utt.num_frames))
+        bins = assign_bins(z["f0"].astype(np.float64), corpus.edges, corpus.meta.pitch.rule)
         gender = corpus.vocabularies["gender"].index(utt.gender)
         joint = space.encode({"phone": phones, "gender": gender, "pitch_bin": bins})
         joint = np.where(token_mask(phones, tokens, non_speech), joint, -1)

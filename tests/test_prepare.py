@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from neurostat.cli import main
 from neurostat.corpus.librispeech import CorpusError
 from neurostat.corpus.prepare import PrepareError, PrepareSettings, prepare
-from neurostat.corpus.prepared import PreparedCorpus, PreparedCorpusError
+from neurostat.corpus.prepared import PreparedCorpus, PreparedCorpusError, read_utterance_file, write_utterance_file
 from neurostat.corpus.textgrid import Interval, read_textgrid, write_textgrid
 from neurostat.frames import default_geometry
 from neurostat.labelspace import LabelSpace
@@ -77,7 +77,40 @@ def test_second_run_is_cached(corpus_copy, tmp_path, monkeypatch):
     sf.write(flac, wave * 0.5, sr)
     run(corpus_copy, out)
     changed = [n for n, t in stamps.items() if (out / "utts" / n).stat().st_mtime_ns != t]
-    assert changed == [f"{flac.stem}.npz"]
+    assert changed == [f"{flac.stem}.utt"]
+
+
+def test_a_cache_file_gives_back_what_was_written(tmp_path):
+    rng = np.random.default_rng(7)
+    arrays = {
+        "starts": rng.random(13),
+        "phone": rng.integers(-5, 40, 13).astype(np.int16),
+        "f0": rng.random((0,)).astype(np.float32),  # an empty track
+        "grid": rng.random((3, 5)).astype(">f4"),  # another byte order, two axes
+    }
+    record = {"id": "a.b", "speaker": "ß", "num_frames": 3}
+    write_utterance_file(tmp_path / "a.b.utt", "k" * 40, record, arrays)
+    key, got_record, got = read_utterance_file(tmp_path / "a.b.utt")
+    assert (key, got_record) == ("k" * 40, record) and list(got) == list(arrays)
+    for name, array in arrays.items():
+        assert got[name].dtype == array.dtype and np.array_equal(got[name], array)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.b.utt"]
+
+
+def test_unreadable_and_old_cache_files_are_redone(corpus_copy, tmp_path):
+    """A cache file cut short is labelled again; files of the earlier format (.npz) and a stopped run's
+    temporaries are removed when prepare starts."""
+    out = tmp_path / "p"
+    run(corpus_copy, out)
+    utts = out / "utts"
+    first = sorted(utts.iterdir())[0]
+    want = first.read_bytes()
+    first.write_bytes(want[:50])
+    (utts / "old.npz").write_bytes(b"PK")
+    (utts / "x.utt.tmp").write_bytes(b"")
+    run(corpus_copy, out)
+    assert first.read_bytes() == want
+    assert not list(utts.glob("*.npz")) and not list(utts.glob("*.tmp"))
 
 
 def test_missing_corpus_and_subset(corpus_copy, tmp_path):

@@ -14,7 +14,8 @@ from test_distributed import ENV, free_port, torchrun
 
 from neurostat.cli import main
 from neurostat.corpus.labelsets import attach_label_set
-from neurostat.corpus.prepare import PrepareSettings, prepare
+import neurostat.corpus.prepare as prepare_module
+from neurostat.corpus.prepare import OneProcess, PrepareSettings, default_prepare_jobs, prepare
 from neurostat.corpus.prepared import (
     LOCK,
     PREVIOUS_META,
@@ -115,12 +116,41 @@ def test_two_ranks_prepare_the_folder_one_process_writes(corpus, one_process, tm
     assert_same_folder(out, one_process)
 
 
+@pytest.mark.parametrize(
+    "cores, utterances, size, local_size, want",
+    [
+        (2, 1024, 1, 1, 2),  # every core
+        (16, 1024, 4, 2, 8),  # the machine's cores shared by its 2 processes
+        (3, 1024, 2, 2, 1),  # at least one
+        (16, 40, 1, 1, 2),  # at most one per 16 utterances
+        (16, 40, 2, 1, 1),  # ... of this process's share
+        (8, 3, 1, 1, 1),
+    ],
+)
+def test_default_prepare_jobs(monkeypatch, cores, utterances, size, local_size, want):
+    monkeypatch.setattr(prepare_module, "usable_cores", lambda: cores)
+    ranks = OneProcess()
+    ranks.size, ranks.local_size = size, local_size
+    assert default_prepare_jobs(utterances, ranks) == want
+
+
+def test_the_default_workers_label_the_folder_one_process_writes(corpus, one_process, tmp_path, monkeypatch):
+    """Without -j, the cores' workers (here 3, one per 5 of the 16 utterances) write what one process writes, and
+    the bar says how many there were."""
+    monkeypatch.setattr(prepare_module, "usable_cores", lambda: 3)
+    monkeypatch.setattr(prepare_module, "UTTERANCES_PER_WORKER", 5)
+    res = CliRunner().invoke(main, ["prepare", *map(str, prepare_args(corpus, tmp_path / "p"))])
+    assert res.exit_code == 0, res.output
+    assert "prepare dev-clean (3 workers): 100%" in res.output
+    assert_same_folder(tmp_path / "p", one_process)
+
+
 def test_a_killed_rank_leaves_a_folder_the_next_run_resumes(corpus, one_process, tmp_path):
     out = tmp_path / "p"
     job = [str(ROOT / "tests" / "prepare_job.py"), corpus, out, 3]  # rank 1 dies labelling its 4th utterance
     res = subprocess.run(torchrun(2, *job, port=free_port()), env=ENV, capture_output=True, text=True)
     assert res.returncode != 0 and "SIGKILL" in res.stderr, res.stderr[-3000:]
-    cached = {p.name: p.stat().st_mtime_ns for p in (out / "utts").glob("*.npz") if not p.name.endswith(".tmp.npz")}
+    cached = {p.name: p.stat().st_mtime_ns for p in (out / "utts").glob("*.utt")}
     assert 3 <= len(cached) < 16
     assert sorted(p.name for p in out.iterdir() if p.name != "utts") == [LOCK]  # unfinished, nothing else written
     with pytest.raises(PreparedCorpusError, match="unfinished prepared corpus"):

@@ -183,7 +183,8 @@ def _shard(ctx, param, text: str) -> tuple[int, int]:
     type=click.IntRange(min=0),
     default=None,
     help="Data-loading worker processes, 0 = load in the main process [default: on a GPU the cores less 2, at "
-    "most 12; on a CPU 0 up to 4 cores, else 1, and torch's threads take the other cores].",
+    "most 12; on a CPU 0 up to 4 cores, else 1, and torch's threads take the other cores]. With --root also "
+    "the labelling workers of its prepare (at least 1) [default there: as `prepare -j`'s].",
 )
 @preset_option
 @user_errors

@@ -178,7 +178,15 @@ PREPARE_OPTIONS = (
     help="Take the labels from the paper's official label files in this folder (phones.json, phone_table.json, "
     "pitch.json, gender.json) instead of TextGrids, SPEAKERS.TXT and F0.",
 )
-@click.option("-j", "--num-jobs", default=1, help="Worker processes labelling utterances (per torchrun process).")
+@click.option(
+    "-j",
+    "--num-jobs",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Worker processes labelling utterances, per torchrun process; 0 or 1: in this process [default: the "
+    "cores this process may use, shared among torchrun's processes on the machine, at most one per 16 "
+    "utterances].",
+)
 @preset_option
 @user_errors
 def prepare(

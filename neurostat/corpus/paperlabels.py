@@ -150,7 +150,7 @@ def prepare_paper_labels(
     out = check_out_folder(out, "prepared corpus", is_prepared, (subset_dir(root, subset), folder))
     phones, pitch, gender = read_paper_labels(folder)
     with PrepareLock(out):
-        PreparedCorpus.clear_temporaries(out)
+        PreparedCorpus.clear_leftovers(out)
         return _write_paper_labels(root, subset, folder, out, geometry, phones, pitch, gender, progress)
 
 

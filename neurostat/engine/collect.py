@@ -388,7 +388,8 @@ def collect_corpus(
         prepared = prepared or source.default_out()
         settings = PrepareSettings.from_options(adapter.geometry, **(prepare_options or {}))
         ranks = None if world is None else PrepareRanks(world)  # every rank labels its share
-        meta = prepare_source(source, prepared, settings, max(1, policy.num_jobs), progress, ranks)
+        jobs = None if config.num_jobs is None else max(1, config.num_jobs)  # the loaders' -j, if given
+        meta = prepare_source(source, prepared, settings, jobs, progress, ranks)
         if echo and (world is None or world.rank == 0):
             echo(describe_prepared(meta, prepared))
     corpus = PreparedCorpus(prepared)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..choices import MODEL_DTYPES
+from ..machine import idle_cores, usable_cores
 from ..model.families import Family, ModelError
 from ..model.frontend import resolve_front_end
 from .backends import resolve_backend
@@ -57,11 +58,6 @@ def default_batch_seconds(device: torch.device | str) -> float:
     return 160.0 if torch.device(device).type == "cuda" else 20.0
 
 
-def usable_cores() -> int:
-    """The CPU cores this process may run on (its affinity, which a job scheduler may narrow)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def default_num_jobs(device: torch.device | str) -> int:
     """Data-loading workers when ``-j`` is not given.  On a GPU as many as the cores allow, up to 12, with
     two cores left to the main process (a worker decodes a few hundred audio-s/s; the card eats
@@ -73,29 +69,6 @@ def default_num_jobs(device: torch.device | str) -> int:
     if torch.device(device).type == "cuda":
         return max(1, min(12, cores - 2))
     return 0 if cores <= 4 else 1
-
-
-def idle_cores(seconds: float = 0.2) -> float | None:
-    """How many cores no process used over ``seconds`` (this one sleeps meanwhile): from the kernel's
-    counters in ``/proc/stat`` (steal time counts as used); None where there are none to read."""
-    import time
-
-    def sample() -> tuple[int, int, int] | None:
-        try:
-            with open("/proc/stat") as f:
-                lines = [line.split() for line in f if line.startswith("cpu")]
-        except OSError:
-            return None
-        ticks = [int(v) for v in lines[0][1:]]
-        return sum(ticks), ticks[3] + ticks[4], len(lines) - 1  # all, idle + iowait, cores
-
-    first = sample()
-    if first is None:
-        return None
-    time.sleep(seconds)
-    second = sample()
-    total = second[0] - first[0]
-    return second[2] * (second[1] - first[1]) / total if total > 0 else None
 
 
 def forward_threads(device: torch.device | str, num_jobs: int) -> int | None:

@@ -53,6 +53,7 @@ class World:
     rank: int
     size: int
     local_rank: int = 0
+    local_size: int = 1  # the job's processes on this machine
 
     @classmethod
     def from_environment(cls) -> "World | None":
@@ -60,7 +61,8 @@ class World:
         size = int(os.environ.get("WORLD_SIZE", "1"))
         if size < 2:
             return None
-        return cls(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
+        env = os.environ
+        return cls(int(env["RANK"]), size, int(env.get("LOCAL_RANK", "0")), int(env.get("LOCAL_WORLD_SIZE", "1")))
 
     def __str__(self) -> str:
         return f"rank {self.rank} of {self.size}"
@@ -198,7 +200,7 @@ class PrepareRanks:
         import torch
         import torch.distributed as dist
 
-        self.rank, self.size = world.rank, world.size
+        self.rank, self.size, self.local_size = world.rank, world.size, world.local_size
         self._dist, self._joined = dist, not dist.is_initialized()
         if self._joined:  # `neurostat prepare` under torchrun: the job's group is gloo's
             world.init(torch.device("cpu"))
