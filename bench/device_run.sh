@@ -17,7 +17,10 @@
 #   4. in what is left of the budget (each skipped without failing when nothing is): collect_bench (plain
 #      forward vs collect vs the paper's per-token loop, a small corpus), then throughput_bench --family
 #      whisper (a random Whisper-base encoder, its own 32-utterance corpus: the forward by hand vs the
-#      engine's, whose log-mel stays on the GPU, and collect / its forward).
+#      engine's, whose log-mel stays on the GPU, and collect / its forward), then prepare_bench on the
+#      machine's CPU cores (16 on the lent machines; a development machine has 2, where one process's Praat
+#      threads already fill both): `prepare -j 1`, the default workers, and torchrun 2 processes x -j 1
+#      against one process, the folders compared byte for byte.
 # Results come back as at most 8 files in $OUT: steps.txt (each step's exit status, its wall time and
 # the seconds since the start), one .md per bench, and logs.tar.gz with every step's full output.
 # Wheels of packages the card's image lacks may wait in .whl/ (installed into /tmp/site with the
@@ -38,7 +41,7 @@ export TRITON_INTERPRET=0 HF_HUB_OFFLINE=1
 corpora=/tmp/neurostat-corpora  # a corpus synthesised by one step is reused by the next ones
 failed=0
 echo "setup: ${SECONDS} s since start" | tee -a "$OUT/steps.txt"
-optional=" collect_bench whisper "  # steps that only use what the others left: a skip is no failure
+optional=" collect_bench whisper prepare "  # steps that only use what the others left: a skip is no failure
 step() {  # step NAME SECONDS COMMAND...: at most SECONDS (less if the budget is nearly spent)
     local name=$1 limit=$2; shift 2
     local left=$((BUDGET - SECONDS - 10))
@@ -67,6 +70,8 @@ step collect_bench 40 python3 bench/collect_bench.py --device cuda --dtype bfloa
 step whisper 60 python3 bench/throughput_bench.py --family whisper --device cuda --dtype bfloat16 --speakers 4 \
     --utterances 8 --tokens all --also-tokens phone-mid --repeat 1 --no-paper --corpus-dir "$corpora" \
     --results "$OUT/whisper.md"
+step prepare 70 python3 bench/prepare_bench.py --speakers 16 --utterances 32 --repeat 1 --results "$OUT/prepare.md" \
+    --machine "the device machine's CPU, $(nproc) cores"
 tar -czf "$OUT/logs.tar.gz" -C /tmp neurostat-logs
 echo "done: ${SECONDS} s since start" | tee -a "$OUT/steps.txt"
 exit $failed

@@ -93,9 +93,11 @@ def profiled_prepare(arguments: list[str]) -> dict:
     return {"neurostat": str(Path(neurostat.__file__).parent), "total": total, "phases": phases}
 
 
-def prepare_arguments(corpus: Path, out: Path) -> list[str]:
+def prepare_arguments(corpus: Path, out: Path, jobs: bool = True) -> list[str]:
+    """`prepare`'s arguments: ``-j 1`` (one labelling process), or without ``jobs`` its default workers."""
     root, alignments = corpus / "LibriSpeech", corpus / "alignments"
-    return ["--root", str(root), "--subset", SUBSET, "--alignments", str(alignments), "--out", str(out), "-j", "1"]
+    arguments = ["--root", str(root), "--subset", SUBSET, "--alignments", str(alignments), "--out", str(out)]
+    return arguments + (["-j", "1"] if jobs else [])
 
 
 def environment(checkout: Path) -> dict:
@@ -191,7 +193,8 @@ def main() -> None:
     checkouts = {"this checkout": ROOT} | ({"--before": args.before} if args.before else {})
     cold: dict[str, list[dict]] = {name: [] for name in checkouts}
     warm: dict[str, list[float]] = {name: [] for name in checkouts}
-    job: list[float] = []
+    job: list[dict] = []
+    workers: list[dict] = []  # this checkout with its default -j
     loads, unchanged, identical = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -203,11 +206,17 @@ def main() -> None:
             order = list(checkouts.items())
             runs = [(name, checkout, "one") for name, checkout in order]
             runs += [("job", ROOT, "job")] if args.nproc > 1 else []
+            runs += [("workers", ROOT, "workers")]
             for name, checkout, kind in runs if r % 2 == 0 else runs[::-1]:
                 out = work / f"round-{r}-{name.replace(' ', '-')}"
                 if kind == "job":
                     job.append(run_command(checkout, torchrun_prepare(args.nproc, corpus, out), work))
                     print(f"round {r + 1}: torchrun {args.nproc} processes {job[-1]['wall']:.2f} s", flush=True)
+                    continue
+                if kind == "workers":
+                    command = [sys.executable, "-m", "neurostat", "prepare", *prepare_arguments(corpus, out, False)]
+                    workers.append(run_command(checkout, command, work))
+                    print(f"round {r + 1}: default workers {workers[-1]['wall']:.2f} s", flush=True)
                     continue
                 cold[name].append(run_cold(checkout, corpus, out))
                 warm_command = [sys.executable, "-m", "neurostat", "prepare", *prepare_arguments(corpus, out)]
@@ -217,10 +226,10 @@ def main() -> None:
             one = work / f"round-{r}-this-checkout"
             if args.before:
                 unchanged.append(differing_files(one, work / f"round-{r}---before", LABEL_FILES))
-            if args.nproc > 1:
-                identical.append(differing_files(work / f"round-{r}-job", one))
+            for other in ["workers"] + (["job"] if args.nproc > 1 else []):
+                identical.append(differing_files(work / f"round-{r}-{other}", one))
             loads.append(os.getloadavg()[0])
-    lines = report(args, checkouts, cold, warm, job, audio, loads, unchanged, identical)
+    lines = report(args, checkouts, cold, warm, {"job": job, "workers": workers}, audio, loads, unchanged, identical)
     text = "\n".join(lines)
     print(text)
     if args.results:
@@ -230,8 +239,9 @@ def main() -> None:
         raise SystemExit("the prepared folders differ (see above)")
 
 
-def report(args, checkouts, cold, warm, job, audio, loads, unchanged, identical) -> list[str]:
-    """The results' tables: one process per checkout, its phases, the torchrun job, the paired ratios."""
+def report(args, checkouts, cold, warm, others, audio, loads, unchanged, identical) -> list[str]:
+    """The results' tables: one process per checkout, its phases, the torchrun job and the default workers
+    against one process, the paired ratios."""
     n = args.speakers * args.utterances
     lines = [
         "",
@@ -274,23 +284,32 @@ def report(args, checkouts, cold, warm, job, audio, loads, unchanged, identical)
             + ", ".join(f"{kind} {ratio:.3f}" for kind, ratio in paired.items())
             + f"; the prepared folders (label files, manifest, skips, meta.json): {same}",
         ]
-    if job:
-        one = cold["this checkout"]
-        ratio = {k: median(j[k] / o[k] for j, o in zip(job, one)) for k in ("wall", "cpu")}
-        wall, cpu = median(j["wall"] for j in job), median(j["cpu"] for j in job)
-        same = "byte-identical (cache included) in every round"
-        same = same if not any(identical) else f"DIFFERENT: {differences(identical)}"
-        lines += [
-            "",
-            "| run | wall s | audio-s/s | vs 1 process (paired) | CPU s, all processes | vs 1 process (paired) |",
-            "| --- | ---: | ---: | ---: | ---: | ---: |",
-            f"| 1 process | {median(o['wall'] for o in one):.2f} | {audio / median(o['wall'] for o in one):,.0f} | "
-            f"1.00 | {median(o['cpu'] for o in one):.2f} | 1.00 |",
-            f"| torchrun, {args.nproc} processes (gloo) | {wall:.2f} | {audio / wall:,.0f} | {ratio['wall']:.3f} | "
-            f"{cpu:.2f} | {ratio['cpu']:.3f} |",
-            "",
-            f"- the job's folder against one process's: {same}",
-        ]
+    from neurostat.corpus.prepare import OneProcess, default_prepare_jobs
+
+    one = cold["this checkout"]
+    jobs = default_prepare_jobs(args.speakers * args.utterances, OneProcess())
+    rows = {
+        f"{args.nproc} processes (torchrun, gloo), -j 1 each": others["job"],
+        f"1 process, default -j ({jobs} worker{'s' if jobs > 1 else ''})": others["workers"],
+    }
+    same = "byte-identical (cache included) in every round"
+    same = same if not any(identical) else f"DIFFERENT: {differences(identical)}"
+    lines += [
+        "",
+        "| run | wall s | audio-s/s | vs 1 process (paired) | CPU s, all processes | vs 1 process (paired) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        f"| 1 process, -j 1 | {median(o['wall'] for o in one):.2f} | {audio / median(o['wall'] for o in one):,.0f} | "
+        f"1.00 | {median(o['cpu'] for o in one):.2f} | 1.00 |",
+    ]
+    for label, runs in rows.items():
+        if not runs:
+            continue
+        ratio = {k: median(j[k] / o[k] for j, o in zip(runs, one)) for k in ("wall", "cpu")}
+        wall, cpu = median(j["wall"] for j in runs), median(j["cpu"] for j in runs)
+        lines.append(
+            f"| {label} | {wall:.2f} | {audio / wall:,.0f} | {ratio['wall']:.3f} | {cpu:.2f} | {ratio['cpu']:.3f} |"
+        )
+    lines += ["", f"- these runs' folders against one process's: {same}"]
     return lines
 
 
