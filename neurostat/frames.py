@@ -128,11 +128,12 @@ class FrameGeometry:
         return replace(self, sample_rate=int(sample_rate))
 
 
-def default_geometry() -> FrameGeometry:
+def default_geometry(sample_rate: int | None = None) -> FrameGeometry:
     """The geometry of the wav2vec2/HuBERT family's default config and feature extractor (transformers'
     defaults: seven convolutions, 20 ms frames at 16 kHz; a test holds it to the family table's geometry of
-    that config)."""
-    return FrameGeometry(16000, (10, 3, 3, 3, 3, 2, 2), (5, 2, 2, 2, 2, 2, 2))
+    that config), at ``sample_rate`` when given.  Known without transformers and torch (seconds of every
+    ``prepare`` without ``--model``)."""
+    return FrameGeometry(sample_rate or 16000, (10, 3, 3, 3, 3, 2, 2), (5, 2, 2, 2, 2, 2, 2))
 
 
 def label_frames(starts: np.ndarray, ends: np.ndarray, ids: np.ndarray, centres: np.ndarray) -> np.ndarray:

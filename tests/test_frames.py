@@ -44,3 +44,16 @@ def test_labels_with_gap_and_before_first_interval():
         2,
         -1,
     ]
+
+
+def test_the_default_geometry_is_the_family_tables_for_transformers_default_config(tmp_path):
+    """``prepare`` without ``--model`` takes :func:`default_geometry` instead of reading transformers' default
+    config (which imports torch): both must agree, at the default rate and at another."""
+    from transformers import HubertConfig, Wav2Vec2FeatureExtractor
+
+    from neurostat.model.loading import load_geometry
+
+    HubertConfig().save_pretrained(tmp_path)
+    Wav2Vec2FeatureExtractor().save_pretrained(tmp_path)
+    assert load_geometry(str(tmp_path)) == default_geometry()
+    assert load_geometry(str(tmp_path), 8000) == default_geometry(8000) == default_geometry().at_rate(8000)

@@ -9,7 +9,7 @@ import click
 from ..choices import FRAME_LABELS, LAYOUTS, LEVELS, MODEL_DTYPES, PITCH_ALIGNS, PITCH_METHODS, PITCH_RULES
 from ..corpus.synth import DEMO_SPEAKERS, DEMO_UTTERANCES
 from ..engine.tokens import MODES
-from ..frames import FrameGeometry
+from ..frames import default_geometry
 from .app import demo_model_name, main, preset_option, user_errors, with_preset
 
 
@@ -213,8 +213,9 @@ def prepare(
     world = World.from_environment()
     if paper_labels and world is not None:
         raise OptionError("--paper-labels reads the official label files in one process: run it without torchrun")
-    geometry = _known_geometry(model, sample_rate)
-    if geometry is None:
+    if model is None:
+        geometry = default_geometry(sample_rate)
+    else:
         from ..model.loading import load_geometry  # through transformers, which imports torch
 
         geometry = load_geometry(model, sample_rate)
@@ -234,17 +235,6 @@ def prepare(
         if world is not None and world.rank != 0:
             return
     click.echo(describe_prepared(meta, out))
-
-
-def _known_geometry(model: str | None, sample_rate: int | None) -> FrameGeometry | None:
-    """The default frame geometry (no ``--model``), known without importing transformers and torch (seconds of
-    every prepare); None for a model's."""
-    from ..frames import default_geometry
-
-    if model is not None:
-        return None
-    geometry = default_geometry()
-    return geometry if sample_rate is None else geometry.at_rate(sample_rate)
 
 
 @main.command("compare-labels")
