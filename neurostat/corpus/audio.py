@@ -19,6 +19,16 @@ class Skip(Exception):
         super().__init__(f"{path}: {message}")
         self.reason, self.path, self.message = reason, str(path), message
 
+    def record(self, utt_id: str) -> dict:
+        """The skip record of utterance ``utt_id`` (:func:`skip_record`)."""
+        return skip_record(utt_id, self.reason, self.path, self.message)
+
+
+def skip_record(utt_id: str, reason: str, file: str | Path, message: str) -> dict:
+    """A line of ``skips.jsonl``: the utterance, the reason the summary counts by, the file at fault and what is
+    wrong with it."""
+    return {"id": utt_id, "reason": reason, "file": str(file), "message": message}
+
 
 def load_audio(
     path: str | Path,

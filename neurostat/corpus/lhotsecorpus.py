@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from .audio import skip_record
 from .lhotseaudio import lhotse_module
 from .librispeech import index_alignments
 from .source import (
@@ -26,7 +27,6 @@ from .source import (
     check_unique,
     gender_of,
     lacking_gender,
-    missing_alignment,
 )
 
 KINDS = ("recordings", "supervisions", "cuts")
@@ -105,26 +105,25 @@ class LhotseSource(CorpusSource):
         for sup, rec in _supervisions(lhotse, manifests):
             if rec is None:
                 message = f"supervision {sup.id}: recording {sup.recording_id} is not in the recordings manifest"
-                skips.append({"id": sup.id, "reason": "unknown-recording", "file": str(manifests["supervisions"]),
-                              "message": message})  # fmt: skip
+                skips.append(skip_record(sup.id, "unknown-recording", manifests["supervisions"], message))
                 continue
             where, sr = _source_name(rec), rec.sampling_rate
             first, n = compute_num_samples(sup.start, sr), compute_num_samples(sup.duration, sr)
             if sup.start < 0 or n <= 0 or first + n > rec.num_samples:
-                skips.append({"id": sup.id, "reason": "outside-recording", "file": where, "message": (
+                skips.append(skip_record(sup.id, "outside-recording", where, (
                     f"supervision {sup.id} ({sup.start:.3f}-{sup.end:.3f} s) is not inside recording {rec.id} "
-                    f"(0-{rec.duration:.3f} s)")})  # fmt: skip
+                    f"(0-{rec.duration:.3f} s)")))  # fmt: skip
                 continue
             channel = sup.channel if not isinstance(sup.channel, list) or len(sup.channel) != 1 else sup.channel[0]
             if isinstance(channel, list) or (channel is None and rec.num_channels != 1):
-                skips.append({"id": sup.id, "reason": "multichannel-audio", "file": where, "message": (
+                skips.append(skip_record(sup.id, "multichannel-audio", where, (
                     f"supervision {sup.id} is on {rec.num_channels if channel is None else len(channel)} channels; "
-                    "neurostat expects mono speech (one channel per supervision)")})  # fmt: skip
+                    "neurostat expects mono speech (one channel per supervision)")))  # fmt: skip
                 continue
             phones = _phones(sup, grids, manifests)
             if phones is None:
-                skips.append(missing_alignment(sup.id, where, f"supervision {sup.id} has no alignment['phone'] and no "
-                             "TextGrid in --alignments", "missing-alignment"))  # fmt: skip
+                skips.append(skip_record(sup.id, "missing-alignment", where, f"supervision {sup.id} has no "
+                             "alignment['phone'] and no TextGrid in --alignments"))  # fmt: skip
                 continue
             audio = AudioRef(where, sup.start, sup.end, rec.to_dict(), channel)
             genders.append(sup.gender)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import OptionError
+from .audio import skip_record
 from .source import (
     AudioRef,
     CorpusError,
@@ -18,7 +19,6 @@ from .source import (
     PhoneSource,
     SourceScan,
     UtteranceRecord,
-    missing_alignment,
 )
 from .speakers import read_speakers
 
@@ -105,19 +105,12 @@ class LibriSpeechSource(CorpusSource):
         records, skips = [], []
         for u in utterances:
             if u.speaker not in speakers:
-                skips.append(
-                    {
-                        "id": u.id,
-                        "reason": "unknown-speaker",
-                        "file": str(u.audio),
-                        "message": f"speaker {u.speaker} is not in SPEAKERS.TXT",
-                    }
-                )
+                message = f"speaker {u.speaker} is not in SPEAKERS.TXT"
+                skips.append(skip_record(u.id, "unknown-speaker", u.audio, message))
                 continue
             if u.id not in grids:
-                skips.append(
-                    missing_alignment(u.id, u.audio, "no TextGrid for this utterance in the alignments directory")
-                )
+                message = "no TextGrid for this utterance in the alignments directory"
+                skips.append(skip_record(u.id, "missing-textgrid", u.audio, message))
                 continue
             audio, phones = AudioRef(str(u.audio)), PhoneSource("textgrid", str(grids[u.id]))
             records.append(

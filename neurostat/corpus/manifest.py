@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..errors import OptionError
 from .librispeech import index_alignments
+from .audio import skip_record
 from .source import (
     AudioRef,
     CorpusError,
@@ -24,7 +25,6 @@ from .source import (
     check_unique,
     gender_of,
     lacking_gender,
-    missing_alignment,
 )
 
 REQUIRED = ("id", "audio", "speaker")
@@ -129,12 +129,12 @@ class ManifestSource(CorpusSource):
             audio = (folder / row["audio"]).resolve()
             if not audio.is_file():
                 message = f"{where}: no such audio file"
-                skips.append({"id": uid, "reason": "missing-audio", "file": str(audio), "message": message})
+                skips.append(skip_record(uid, "missing-audio", audio, message))
                 continue
             grid = (folder / row["textgrid"]).resolve() if row.get("textgrid") else grids.get(uid)
             if grid is None or not grid.is_file():
                 message = f"{where}: " + (f"no TextGrid {grid}" if grid else "no textgrid and none in --alignments")
-                skips.append(missing_alignment(uid, grid or audio, message))
+                skips.append(skip_record(uid, "missing-textgrid", grid or audio, message))
                 continue
             ref = AudioRef(str(audio)) if span is None else AudioRef(str(audio), *span)
             genders.append(row.get("gender"))

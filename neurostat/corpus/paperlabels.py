@@ -29,7 +29,7 @@ from tqdm import tqdm
 from ..files import check_out_folder
 from ..frames import FrameGeometry
 from ..phones import PHONES, PhoneMap, UnknownPhoneError
-from .audio import Skip, load_audio
+from .audio import Skip, load_audio, skip_record
 from .librispeech import scan, subset_dir
 from .pitch import UNVOICED
 from .prepared import PitchMeta, PrepareLock, PreparedCorpus, PreparedMeta, is_prepared
@@ -162,7 +162,7 @@ def _write_paper_labels(
     records, skips = [], []
     for u in tqdm(scan(root, subset), desc="paper labels", unit="utt", disable=not progress):
         if u.id not in phones or u.id not in pitch:
-            skips.append({"id": u.id, "reason": "no-paper-label", "file": str(folder), "message": "no official labels"})
+            skips.append(skip_record(u.id, "no-paper-label", folder, "no official labels"))
             continue
         if u.speaker not in gender:
             raise PaperLabelsError(
@@ -171,7 +171,7 @@ def _write_paper_labels(
         try:
             wave, source_rate, audio_sha1 = load_audio(u.audio, geometry.sample_rate)
         except Skip as s:
-            skips.append({"id": u.id, "reason": s.reason, "file": s.path, "message": s.message})
+            skips.append(s.record(u.id))
             continue
         n = geometry.num_frames(len(wave))
         frames = _fit(phones[u.id], n, "phone", u.id, -1)

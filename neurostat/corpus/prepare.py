@@ -30,7 +30,7 @@ from ..files import check_out_folder
 from ..frames import FrameGeometry
 from ..machine import usable_cores
 from ..phones import PHONES, PhoneMap, UnknownPhoneError
-from .audio import Skip
+from .audio import Skip, skip_record
 from .pitch import bin_names, f0_at, percentile_edges
 from .prepared import CACHE_FORMAT, PitchMeta, PrepareLock, PreparedCorpus, PreparedMeta, is_prepared
 from .source import CorpusSource, SourceScan, UtteranceRecord, file_key, open_source
@@ -273,9 +273,9 @@ def _label_one(utt: UtteranceRecord, out_dir: Path, settings: PrepareSettings) -
         centres, cells = geo.centres(n_frames), len(wave) // geo.stride  # cells: the official int(duration·50)
         f0 = f0_at(settings.pitch, wave, geo.sample_rate, centres, settings.pitch_step, settings.pitch_align, cells)
     except TextGridError as e:
-        return "skip", {"id": utt.id, "reason": "bad-textgrid", "file": utt.phones.path, "message": str(e)}, None
+        return "skip", skip_record(utt.id, "bad-textgrid", utt.phones.path, str(e)), None
     except Skip as s:
-        return "skip", {"id": utt.id, "reason": s.reason, "file": s.path, "message": s.message}, None
+        return "skip", s.record(utt.id), None
     record = {
         **fields,
         **utt.phones.fields(),

@@ -221,11 +221,6 @@ def lacking_gender(records: list[UtteranceRecord], given: list, why: str) -> dic
     return {"gender": f"{missing} of {len(records)} utterances have no speaker gender ({why}{values})"}
 
 
-def missing_alignment(utt_id: str, file: str | Path, message: str, reason: str = "missing-textgrid") -> dict:
-    """The skip record of an utterance without a phone alignment."""
-    return {"id": utt_id, "reason": reason, "file": str(file), "message": message}
-
-
 def check_unique(records: list[UtteranceRecord], where: str) -> list[UtteranceRecord]:
     """The records sorted by id; two with one id are a CorpusError naming both."""
     seen: dict[str, UtteranceRecord] = {}

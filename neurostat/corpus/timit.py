@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..phones import PhoneMap
-from .audio import Skip
+from .audio import Skip, skip_record
 from .source import (
     AudioRef,
     CorpusError,
@@ -25,7 +25,6 @@ from .source import (
     SourceScan,
     UtteranceRecord,
     check_unique,
-    missing_alignment,
 )
 
 PARTS = ("TRAIN", "TEST")
@@ -142,7 +141,7 @@ class TimitSource(CorpusSource):
                     uid = f"{speaker}_{sentence}"
                     phn = next((p for p in (wav.with_suffix(".PHN"), wav.with_suffix(".phn")) if p.is_file()), None)
                     if phn is None:
-                        skips.append(missing_alignment(uid, wav, "no .PHN file beside the audio", "missing-phn"))
+                        skips.append(skip_record(uid, "missing-phn", wav, "no .PHN file beside the audio"))
                         continue
                     extra = {"part": part.name.upper(), "dialect": speaker_dir.parent.name.upper()}
                     audio, phones = AudioRef(str(wav)), PhoneSource("phn", str(phn))
