@@ -1,8 +1,10 @@
-"""Writing files and folders all-or-nothing (prepared corpora, label sets, stores, checkpoints)."""
+"""Writing files and folders all-or-nothing (prepared corpora, label sets, stores, checkpoints), and the one
+writer of a folder."""
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
 import shutil
@@ -21,6 +23,54 @@ def atomic_write(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+class FolderLock:
+    """The one writer of a folder (a store, a prepared corpus): an ``flock`` on the file ``path`` (the kernel
+    releases it when its process ends, however it ends) whose text names the holder, ``pid N on HOST``.  A
+    second writer gets ``refuse(holder)`` raised.  Text left in a file no one locks names a writer that died:
+    :attr:`taken_over`.  The file stays after :meth:`release` (deleting it would let a process that opened it
+    before lock a file no one else sees)."""
+
+    def __init__(self, path: Path, refuse: Callable[[str], Exception]):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "another process"
+            self._file.close()
+            raise refuse(holder) from None
+        self._file.seek(0)
+        self.taken_over: str | None = self._file.read().strip() or None
+        """The holder named in a lock whose process died (None: the lock was free)."""
+        self._write(f"pid {os.getpid()} on {os.uname().nodename}")
+
+    def _write(self, text: str) -> None:
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(text)
+        self._file.flush()
+
+    def fileno(self) -> int:
+        """The descriptor that holds the lock (a forked worker closes its copy, so that the lock dies with
+        this process)."""
+        return self._file.fileno()
+
+    def release(self) -> None:
+        """Empties the file (a free lock), unlocks and closes it; again is a no-op."""
+        if not self._file.closed:
+            self._write("")
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def sha1_file(path: Path) -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import fcntl
 import json
 import os
 import shutil
@@ -36,7 +35,7 @@ from typing import TypeVar
 import numpy as np
 
 from .errors import UserError
-from .files import atomic_write, check_out_folder, sha1_file
+from .files import FolderLock, atomic_write, check_out_folder, sha1_file
 from .version import __version__
 
 FORMAT = 3
@@ -264,22 +263,15 @@ class StoreWriter:
             read_attrs(self.path)
         self.internal = self.path / _INTERNAL
         self.internal.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.internal / "writer.lock", "a+")
-        try:  # the lock first: while another process writes, --resume is not the advice to give
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock.seek(0)
-            holder = self._lock.read().strip() or "another process"
-            self._lock.close()
-            raise StoreError(f"{self.path} is being written by {holder}; one writer at a time") from None
+        # the lock first: while another process writes, --resume is not the advice to give
+        self._lock = FolderLock(
+            self.internal / "writer.lock",
+            lambda holder: StoreError(f"{self.path} is being written by {holder}; one writer at a time"),
+        )
         if exists and not (resume or overwrite):
             self.close()
             self._check_compatible(StoreMeta.read(self.path), meta)  # --resume would be refused: say why instead
             raise StoreError(f"{self.path} already exists: pass --resume to continue it or --overwrite to replace it")
-        self._lock.seek(0)
-        self._lock.truncate()
-        self._lock.write(f"pid {os.getpid()} on {os.uname().nodename}")
-        self._lock.flush()
         if exists and overwrite and not resume:
             for child in self.path.iterdir():
                 if child.name != _INTERNAL:
@@ -423,9 +415,7 @@ class StoreWriter:
         return self._lock.fileno()
 
     def close(self) -> None:
-        if not self._lock.closed:
-            fcntl.flock(self._lock, fcntl.LOCK_UN)
-            self._lock.close()
+        self._lock.release()
 
     def __enter__(self) -> "StoreWriter":
         return self

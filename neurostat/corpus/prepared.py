@@ -28,7 +28,6 @@ Layout (written by ``neurostat prepare`` and by attaching label sets):
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
@@ -40,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import atomic_write, sha1_file
+from ..files import FolderLock, atomic_write, sha1_file
 from ..frames import FrameGeometry, default_geometry, label_frames, label_frames_overlap
 from ..version import __version__
 from .audio import Skip
@@ -248,55 +247,18 @@ class PrepareLockedError(PreparedCorpusError):
     """Another process is writing the prepared folder."""
 
 
-class PrepareLock:
-    """The one writer of a prepared folder, as a store has one: an ``flock`` on ``<folder>/prepare.lock``
-    (the kernel releases it when its process ends, however it ends) whose text names the holder for the
-    message that refuses a second writer.  Text left in an unlocked file is the lock of a process that died
-    while it wrote: it is taken over (:attr:`taken_over` names that process)."""
+class PrepareLock(FolderLock):
+    """The one writer of a prepared folder, as a store has one: a :class:`~neurostat.files.FolderLock` on
+    ``<folder>/prepare.lock``; a second writer is refused naming the holder, a dead writer's lock taken over."""
 
     def __init__(self, folder: str | Path):
-        self.path = Path(folder) / LOCK
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a+")
-        try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._file.seek(0)
-            holder = self._file.read().strip() or "another process"
-            self._file.close()
-            raise PrepareLockedError(
-                f"{self.path.parent} is being prepared by {holder}; one writer at a time: wait for it to finish "
+        def refuse(holder: str) -> PrepareLockedError:
+            return PrepareLockedError(
+                f"{Path(folder)} is being prepared by {holder}; one writer at a time: wait for it to finish "
                 "(or stop it), then run prepare again — it reuses what that run labelled"
-            ) from None
-        self._file.seek(0)
-        self.taken_over: str | None = self._file.read().strip() or None
-        """The holder named in a lock whose process died (None: the lock was free)."""
-        self._write(f"pid {os.getpid()} on {os.uname().nodename}")
+            )
 
-    def _write(self, text: str) -> None:
-        self._file.seek(0)
-        self._file.truncate()
-        self._file.write(text)
-        self._file.flush()
-
-    def fileno(self) -> int:
-        """The descriptor that holds the lock (a forked worker closes its copy, so that the lock dies with
-        this process)."""
-        return self._file.fileno()
-
-    def release(self) -> None:
-        """Empties the file (a free lock) and unlocks it; the file stays (deleting it would let a process
-        that opened it before lock a file no one else sees)."""
-        if not self._file.closed:
-            self._write("")
-            fcntl.flock(self._file, fcntl.LOCK_UN)
-            self._file.close()
-
-    def __enter__(self) -> PrepareLock:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
+        super().__init__(Path(folder) / LOCK, refuse)
 
 
 def _utterance_file(folder: Path, utt_id: str) -> Path:
