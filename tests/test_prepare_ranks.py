@@ -145,6 +145,13 @@ def test_the_default_workers_label_the_folder_one_process_writes(corpus, one_pro
     assert_same_folder(tmp_path / "p", one_process)
 
 
+def test_j_0_labels_in_this_process(corpus, one_process, tmp_path):
+    res = CliRunner().invoke(main, ["prepare", *map(str, prepare_args(corpus, tmp_path / "p")), "-j", "0"])
+    assert res.exit_code == 0, res.output
+    assert "prepare dev-clean: 100%" in res.output
+    assert_same_folder(tmp_path / "p", one_process)
+
+
 def test_a_killed_rank_leaves_a_folder_the_next_run_resumes(corpus, one_process, tmp_path):
     out = tmp_path / "p"
     job = [str(ROOT / "tests" / "prepare_job.py"), corpus, out, 3]  # rank 1 dies labelling its 4th utterance

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import multiprocessing
 import os
 import pickle
 from collections import Counter
@@ -348,7 +349,7 @@ def default_prepare_jobs(utterances: int, ranks: Ranks) -> int:
     the job's processes on this machine, and at most one per :data:`UTTERANCES_PER_WORKER` of its share of
     ``utterances``.  One process's F0 (Praat) already runs on two threads, but the rest of labelling (decode,
     alignments, cache files) holds one core: on 2 cores, 2 workers prepared in 0.82 of one's time."""
-    cores = max(1, usable_cores() // ranks.local_size)
+    cores = max(1, usable_cores() // max(1, getattr(ranks, "local_size", 1)))  # Ranks of before local_size: 1
     return max(1, min(cores, utterances // (ranks.size * UTTERANCES_PER_WORKER)))
 
 
@@ -371,7 +372,7 @@ def _label_claimed(
     """Labels the utterances this process claims — spans of the scan taken in turn from the job's counter
     ``key`` until none is left, so that a rank (or worker) that is faster, or finds more of its spans cached,
     takes more — with ``num_jobs`` worker processes; the bar counts the whole job's utterances."""
-    n = len(utterances)
+    n, num_jobs = len(utterances), max(1, num_jobs)  # 0 as 1: labelled in this process
     span = max(1, min(8, n // (8 * ranks.size * num_jobs)))
     labelled: list[Labelled] = []
 
@@ -387,7 +388,10 @@ def _label_claimed(
         for a, b in claims():
             finished(_label_span(utterances[a:b], a, out_dir, settings))
         return labelled
-    with ProcessPoolExecutor(max_workers=num_jobs, initializer=_forget, initargs=(lock_fd,)) as pool:
+    # forked, whatever the platform's default (forkserver from Python 3.14): a worker inherits the lock's
+    # descriptor, which it closes first
+    fork = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(num_jobs, mp_context=fork, initializer=_forget, initargs=(lock_fd,)) as pool:
         spans = claims()
 
         def submit(a: int, b: int) -> Future:

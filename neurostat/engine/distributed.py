@@ -62,7 +62,8 @@ class World:
         if size < 2:
             return None
         env = os.environ
-        return cls(int(env["RANK"]), size, int(env.get("LOCAL_RANK", "0")), int(env.get("LOCAL_WORLD_SIZE", "1")))
+        local_size = max(1, int(env.get("LOCAL_WORLD_SIZE", "1")))
+        return cls(int(env["RANK"]), size, int(env.get("LOCAL_RANK", "0")), local_size)
 
     def __str__(self) -> str:
         return f"rank {self.rank} of {self.size}"
