@@ -97,20 +97,58 @@ def test_a_cache_file_gives_back_what_was_written(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.b.utt"]
 
 
-def test_unreadable_and_old_cache_files_are_redone(corpus_copy, tmp_path):
-    """A cache file cut short is labelled again; files of the earlier format (.npz) and a stopped run's
-    temporaries are removed when prepare starts."""
+def test_a_cache_file_that_is_not_one_is_a_value_error(tmp_path):
+    path = tmp_path / "u.utt"
+    write_utterance_file(path, "k", {"id": "u"}, {"a": np.arange(3), "b": np.ones(2, np.float32)})
+    good = path.read_bytes()
+    size = int.from_bytes(good[:8], "little")
+    header = json.loads(good[8 : 8 + size])
+    broken = {
+        "cut short": good[:-1],
+        "bytes after the arrays": good + b"\0",
+        "arrays as a list": json.dumps({**header, "arrays": list(header["arrays"].values())}).encode(),
+        "an offset that is not the packed one": json.dumps(
+            {**header, "arrays": {**header["arrays"], "b": ["<f4", [2], 16]}}
+        ).encode(),
+        "no key": json.dumps({"record": {}, "arrays": {}}).encode(),
+        "not JSON": b"\xff" * 20,
+    }
+    for what, data in broken.items():
+        if what not in ("cut short", "bytes after the arrays", "not JSON"):
+            data = len(data).to_bytes(8, "little") + data + good[8 + size :]
+        path.write_bytes(data)
+        with pytest.raises(ValueError):
+            read_utterance_file(path)
+            pytest.fail(what)
+
+
+def test_an_earlier_neurostats_cache_is_reused_and_a_broken_file_redone(corpus_copy, tmp_path, monkeypatch):
+    """After an upgrade, the ``utts/<id>.npz`` files an earlier neurostat wrote are read (nothing is labelled
+    again, the folder is the same); a cache file cut short is labelled again; a stopped run's temporary files
+    are removed when prepare starts."""
+    import neurostat.corpus.prepare as prepare_module
+
     out = tmp_path / "p"
     run(corpus_copy, out)
     utts = out / "utts"
-    first = sorted(utts.iterdir())[0]
-    want = first.read_bytes()
-    first.write_bytes(want[:50])
-    (utts / "old.npz").write_bytes(b"PK")
-    (utts / "x.utt.tmp").write_bytes(b"")
+    want = {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file() and p.name != "meta.json"}
+    for path in sorted(utts.glob("*.utt")):  # the cache as neurostat wrote it before 2026-12-06
+        key, record, arrays = read_utterance_file(path)
+        np.savez(utts / f"{record['id']}.npz", key=key, record=json.dumps(record), **arrays)
+        path.unlink()
+    first = sorted(utts.glob("*.npz"))[0]
+    monkeypatch.setattr(prepare_module, "f0_at", lambda *a, **k: pytest.fail("labelled again"))
     run(corpus_copy, out)
-    assert first.read_bytes() == want
-    assert not list(utts.glob("*.npz")) and not list(utts.glob("*.tmp"))
+    got = {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file() and p.name != "meta.json"}
+    assert got == want and not list(utts.glob("*.utt"))
+    monkeypatch.undo()
+
+    first.write_bytes(first.read_bytes()[:50])
+    (utts / "x.utt.123.tmp").write_bytes(b"")
+    run(corpus_copy, out)
+    redone = utts / first.name.replace(".npz", ".utt")
+    assert redone.is_file() and not first.exists()  # labelled again, the earlier file gone
+    assert not list(utts.glob("*.tmp"))
 
 
 def test_missing_corpus_and_subset(corpus_copy, tmp_path):

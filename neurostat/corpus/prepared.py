@@ -14,8 +14,8 @@ Layout (written by ``neurostat prepare`` and by attaching label sets):
 - ``intervals.npy`` – every utterance's phone intervals (start s, end s, phone index), and
   ``index.npy`` – each utterance's id, first frame and first interval in those two, and their counts;
 - ``utts/<id>.utt`` – prepare's cache: one utterance's intervals and F0 with the key of their inputs
-  (a later prepare reuses the file when the key matches; :func:`write_utterance_file`); nothing else
-  reads it;
+  (a later prepare reuses the file when the key matches; :func:`write_utterance_file`; an earlier
+  neurostat's ``<id>.npz`` is read too); nothing else reads it;
 - ``prepare.lock`` – the one writer's lock (:class:`PrepareLock`), empty when no prepare is writing;
 - ``labels/<name>-<hash>.npz`` + ``.values.npy`` – label sets, named by their content, and
   ``labels/<name>.centroids.npy`` for k-means sets.
@@ -32,10 +32,12 @@ import hashlib
 import json
 import os
 import shlex
+import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 
@@ -49,9 +51,10 @@ from .timit import MAP_SOURCE
 
 FORMAT = 3
 """Format of the prepared folder: 3 keeps the frame labels of all utterances in one memory-mapped array."""
-CACHE_FORMAT = 3
-"""Format of prepare's per-utterance cache files (``utts/``), part of their key: 3 is
-:func:`write_utterance_file`'s (2 was a ``.npz`` per utterance, a zip of six members, 3x slower to write)."""
+CACHE_FORMAT = 2
+"""Format of the arrays prepare caches per utterance (``utts/``), part of their key.  The file holding them is
+``<id>.utt`` (:func:`write_utterance_file`); an earlier neurostat's ``<id>.npz`` (a zip of the same arrays) is
+still read, so an upgrade keeps the cache."""
 BASE_PARTS = ("phone", "gender", "pitch_bin")
 
 
@@ -262,15 +265,23 @@ class PrepareLock(FolderLock):
 
 
 def _utterance_file(folder: Path, utt_id: str) -> Path:
-    return Path(folder) / "utts" / f"{utt_id}.utt"
+    """``utts/<id>.utt``, the id quoted so that any id is one file name in ``utts/``."""
+    return Path(folder) / "utts" / f"{quote(utt_id, safe='')}.utt"
+
+
+def _earlier_utterance_file(folder: Path, utt_id: str) -> Path:
+    """Where neurostat before 2026-12-06 kept an utterance's cache: ``utts/<id>.npz`` (still read)."""
+    return Path(folder) / "utts" / f"{utt_id}.npz"
 
 
 _HEADER_LENGTH = 8  # bytes, little-endian: the length of the JSON header that follows
+_EARLIER_ARRAYS = ("starts", "ends", "phone", "f0", "pitch_bins")
 
 
 def write_utterance_file(path: Path, key: str, record: dict, arrays: dict[str, np.ndarray]) -> None:
     """Writes one utterance's cache file in one write and one rename: its header's length, a JSON header
-    (the key of its inputs, its record, and each array's dtype, shape and offset), then the arrays' bytes."""
+    (the key of its inputs, its record, and each array's dtype, shape and offset), then the arrays' bytes.
+    The temporary file is this process's own (a writer left over from a killed run cannot mix into it)."""
     layout, offset, parts = {}, 0, []
     for name, array in arrays.items():
         array = np.ascontiguousarray(array)
@@ -278,7 +289,7 @@ def write_utterance_file(path: Path, key: str, record: dict, arrays: dict[str, n
         offset += array.nbytes
         parts.append(array.tobytes())
     header = json.dumps({"key": key, "record": record, "arrays": layout}).encode()
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         f.write(len(header).to_bytes(_HEADER_LENGTH, "little") + header + b"".join(parts))
     os.replace(tmp, path)
@@ -286,15 +297,42 @@ def write_utterance_file(path: Path, key: str, record: dict, arrays: dict[str, n
 
 def read_utterance_file(path: Path) -> tuple[str, dict, dict[str, np.ndarray]]:
     """The key, record and arrays of a cache file :func:`write_utterance_file` wrote; ValueError if it is not
-    one."""
+    one (cut short, edited, or another file), OSError if it cannot be read."""
     data = Path(path).read_bytes()
-    size = int.from_bytes(data[:_HEADER_LENGTH], "little")
-    header = json.loads(data[_HEADER_LENGTH : _HEADER_LENGTH + size])
-    start, arrays = _HEADER_LENGTH + size, {}
-    for name, (dtype, shape, offset) in header["arrays"].items():
-        count = int(np.prod(shape, dtype=np.int64))
-        arrays[name] = np.frombuffer(data, dtype, count, start + offset).reshape(shape)
-    return header["key"], header["record"], arrays
+    try:
+        size = int.from_bytes(data[:_HEADER_LENGTH], "little")
+        header = json.loads(data[_HEADER_LENGTH : _HEADER_LENGTH + size])
+        key, record, layout = header["key"], header["record"], header["arrays"]
+        if not (isinstance(key, str) and isinstance(record, dict) and isinstance(layout, dict)):
+            raise ValueError("a header without its key, record and arrays")
+        start, packed, arrays = _HEADER_LENGTH + size, 0, {}
+        for name, (dtype, shape, offset) in layout.items():  # packed one after another, as written
+            dtype = np.dtype(dtype)
+            if offset != packed or not all(isinstance(n, int) and n >= 0 for n in shape):
+                raise ValueError(f"array {name!r}: offset {offset}, shape {shape}")
+            count = int(np.prod(shape, dtype=np.int64))
+            arrays[name] = np.frombuffer(data, dtype, count, start + offset).reshape(shape)
+            packed += count * dtype.itemsize
+        end = start + packed
+    except (KeyError, TypeError, AttributeError, OverflowError, UnicodeDecodeError) as e:
+        raise ValueError(f"not a cache file ({type(e).__name__}: {e})") from None
+    if end != len(data):
+        raise ValueError(f"{len(data)} bytes where the header describes {end}")
+    return key, record, arrays
+
+
+def read_cached_utterance(folder: Path, utt_id: str) -> tuple[str, dict, dict[str, np.ndarray]]:
+    """The key, record and arrays of an utterance's cache file: ``<id>.utt``, else an earlier neurostat's
+    ``<id>.npz`` (a prepare after an upgrade reuses it); FileNotFoundError where neither is."""
+    path = _utterance_file(folder, utt_id)
+    if path.is_file() or not _earlier_utterance_file(folder, utt_id).is_file():
+        return read_utterance_file(path)
+    try:
+        with np.load(_earlier_utterance_file(folder, utt_id)) as z:
+            arrays = {k: z[k] for k in _EARLIER_ARRAYS if k in z.files}
+            return str(z["key"]), json.loads(str(z["record"])), arrays
+    except (KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"not a cache file ({type(e).__name__}: {e})") from None
 
 
 FRAME_FIELDS = np.dtype([("phone", "<i2"), ("pitch_bin", "<i2"), ("f0", "<f4")])
@@ -636,29 +674,30 @@ class PreparedCorpus:
         """The record and arrays (intervals, F0) of an utterance file written with inputs of this ``key``, else
         None."""
         try:
-            cached_key, record, arrays = read_utterance_file(_utterance_file(folder, utt_id))
-        except (OSError, ValueError, KeyError, TypeError):  # none yet, or not one this version can read: redo it
+            cached_key, record, arrays = read_cached_utterance(folder, utt_id)
+        except (OSError, ValueError):  # none yet, or not one this version can read: redo it
             return None
         return (record, arrays) if cached_key == key else None
 
     @staticmethod
     def clear_leftovers(folder: Path) -> None:
-        """Makes ``utts/``, and removes from it what a stopped run left (temporary files) and the files of
-        earlier cache formats (call it holding the lock)."""
+        """Makes ``utts/`` and removes the temporary files a stopped run left in it (call it holding the lock)."""
         utts = Path(folder) / "utts"
         utts.mkdir(parents=True, exist_ok=True)
-        for leftover in [*utts.glob("*.tmp"), *utts.glob("*.npz")]:
+        for leftover in [*utts.glob("*.tmp"), *utts.glob("*.tmp.npz")]:
             leftover.unlink()
 
     @staticmethod
     def write_utterance(folder: Path, record: dict, key: str, **arrays: np.ndarray) -> None:
-        """Writes ``utts/<id>.utt`` (the key of its inputs, the record, intervals and F0)."""
+        """Writes ``utts/<id>.utt`` (the key of its inputs, the record, intervals and F0), and removes an earlier
+        neurostat's file of the utterance."""
         path = _utterance_file(folder, record["id"])
         try:
             write_utterance_file(path, key, record, arrays)
         except FileNotFoundError:  # labelled without prepare_source, which makes utts/ first
             path.parent.mkdir(parents=True, exist_ok=True)
             write_utterance_file(path, key, record, arrays)
+        _earlier_utterance_file(folder, record["id"]).unlink(missing_ok=True)
 
     @classmethod
     def create(
@@ -760,12 +799,12 @@ def _read_json(path: Path) -> dict:
 def _read_cache(folder: Path, records: list[dict]) -> Iterator[tuple[dict, dict[str, np.ndarray]]]:
     """Each record with the arrays of its cache file in ``utts/`` (intervals, F0, given pitch bins)."""
     for r in records:
-        path = _utterance_file(folder, r["id"])
         try:
-            yield r, read_utterance_file(path)[2]
-        except (ValueError, KeyError, TypeError) as e:
+            yield r, read_cached_utterance(folder, r["id"])[2]
+        except (OSError, ValueError) as e:
             raise PreparedCorpusError(
-                f"{path}: not a cache file of this neurostat ({e}); run neurostat prepare into {folder} again"
+                f"{_utterance_file(folder, r['id'])}: cannot read the cache of utterance {r['id']} ({e}); run "
+                f"neurostat prepare into {folder} again"
             ) from None
 
 
