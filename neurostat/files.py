@@ -62,9 +62,11 @@ class FolderLock:
     def release(self) -> None:
         """Empties the file (a free lock), unlocks and closes it; again is a no-op."""
         if not self._file.closed:
-            self._write("")
-            fcntl.flock(self._file, fcntl.LOCK_UN)
-            self._file.close()
+            try:
+                self._write("")
+            finally:
+                fcntl.flock(self._file, fcntl.LOCK_UN)
+                self._file.close()
 
     def __enter__(self):
         return self
