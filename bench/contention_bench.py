@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchutil import emit
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).with_name("RESULTS.md")
 LOADS = ("quiet", "loaded", "late")
@@ -113,11 +115,7 @@ def main() -> None:
                 got = runs[name, load][-1]
                 print(f"round {r + 1}: {name}, {load}: {got['rate']:.1f} audio-s/s, {got['threads']} threads", flush=True)
     lines = report(args, checkouts, runs, loads)
-    text = "\n".join(lines)
-    print(text)
-    if args.results:
-        with open(args.results, "a") as f:
-            f.write(text + "\n")
+    emit("\n".join(lines), args.results)
 
 
 def report(args, checkouts, runs, loads) -> list[str]:

@@ -230,11 +230,9 @@ def main() -> None:
                 identical.append(differing_files(work / f"round-{r}-{other}", one))
             loads.append(os.getloadavg()[0])
     lines = report(args, checkouts, cold, warm, {"job": job, "workers": workers}, audio, loads, unchanged, identical)
-    text = "\n".join(lines)
-    print(text)
-    if args.results:
-        with open(args.results, "a") as f:
-            f.write(text + "\n")
+    from benchutil import emit  # here, not at the top: it imports torch, which the timed children must not
+
+    emit("\n".join(lines), args.results)
     if any(unchanged) or any(identical):
         raise SystemExit("the prepared folders differ (see above)")
 

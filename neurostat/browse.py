@@ -74,8 +74,8 @@ class _Audio:
     """The audio of the top frames: each utterance any page lists written once, as FLAC
     (``audio/<utterance>.flac``), and each top frame a window of it that the page plays through a media
     fragment (``#t=start,end``, ± ``context`` s): the site holds at most the corpus's audio, however many
-    neurons list an utterance.  An utterance's audio, phones and F0 are read once (neurons share top
-    utterances)."""
+    neurons list an utterance.  An utterance's audio is decoded once, to write its file; its phones and F0
+    are read once while neurons share it (an LRU cache)."""
 
     def __init__(self, corpus: PreparedCorpus, out: Path, context: float):
         self.corpus, self.out, self.context = corpus, out, context
@@ -85,18 +85,18 @@ class _Audio:
         self.utterance = functools.lru_cache(maxsize=64)(self._read)
 
     def _read(self, utterance: str):
-        """(the utterance, its audio, its phone per frame, its F0 per frame)."""
+        """(the utterance, its phone per frame, its F0 per frame)."""
         utt = self.corpus[self.index[utterance]]
-        return utt, utt.load_audio(), utt.phone_frames(self.corpus.geometry), utt.f0
+        return utt, utt.phone_frames(self.corpus.geometry), utt.f0
 
     def window(self, utterance: str, seconds: float) -> str:
         """The page's ``src`` of ± ``context`` s around ``seconds`` of ``utterance`` (its file written once)."""
+        utt, rate = self.utterance(utterance)[0], self.corpus.geometry.sample_rate
         if utterance not in self.written:
             name = _file_name(utterance, set(self.written.values()))
-            sf.write(self.out / name, self.utterance(utterance)[1], self.corpus.geometry.sample_rate, subtype="PCM_16")
+            sf.write(self.out / name, utt.load_audio(), rate, subtype="PCM_16")
             self.written[utterance] = name
-        wave = self.utterance(utterance)[1]
-        length = len(wave) / self.corpus.geometry.sample_rate
+        length = utt.record["num_samples"] / rate
         start, end = max(0.0, seconds - self.context), min(length, seconds + self.context)
         self.windows += 1
         return f"{self.written[utterance]}#t={start:.3f},{end:.3f}"
@@ -193,7 +193,7 @@ def _neuron_page(stats, corpus, audio, prob, layer, j, member, top) -> str:
     contrasts = "".join(_contrast(prob[part], part, i, j) for part in ("gender", "pitch_bin") if part in prob)
     frames = []
     for rank, t in enumerate(top, 1):
-        utt, _, phone_ids, f0s = audio.utterance(t["utterance"])
+        utt, phone_ids, f0s = audio.utterance(t["utterance"])
         f = t["frame"]
         phone = corpus.phones[phone_ids[f]] if 0 <= f < len(phone_ids) and phone_ids[f] >= 0 else "—"
         f0 = f0s[f] if f < len(f0s) else np.nan

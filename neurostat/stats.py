@@ -52,8 +52,7 @@ class Stats:
         self.width = int(self.ds.sizes["neuron"])
         self.layers = [int(v) for v in self.ds["layer"].values]
         """The collected entries of the layer axis (1-based; one per FFN: a Conformer layer has two)."""
-        names = self.ds["ffn"].values if "ffn" in self.ds.coords else self.layers  # stores before it: one FFN a layer
-        self.names = {layer: str(name) for layer, name in zip(self.layers, names)}
+        self.names = dict(zip(self.layers, self.meta.entry_names, strict=True))
         """Each collected entry's name: ``3``, or ``3.ffn1`` and ``3.ffn2`` for a Conformer."""
 
     def original_neurons(self, layer: int) -> np.ndarray:

@@ -379,10 +379,7 @@ def collect_corpus(
         world.init(resolve_device(device))
         progress = progress and world.rank == 0
     opened = open_model(model)
-    policy = DevicePolicy.resolve(
-        opened.family, device, dtype, config.front_end, config.backend, config.batch_seconds, config.num_jobs,
-        opened.source,
-    )  # fmt: skip
+    policy = config.resolve_policy(opened.family, device, dtype, opened.source)
     adapter = opened.load(policy.device, policy.dtype)
     if source is not None:
         prepared = prepared or source.default_out()

@@ -19,7 +19,7 @@ from ..declarations import DEFAULT_STATS, store_dims
 from ..errors import OptionError
 from ..labelspace import LabelSpace
 from ..model.adapter import ModelAdapter
-from ..model.families import ModelError
+from ..model.families import Family, ModelError
 from ..store import StoreMeta
 from ..version import __version__
 from .backends import PRECISIONS, ROUTE_BOUND, Backend, DesignChoice, choose_design, make_backend
@@ -77,12 +77,18 @@ class CollectConfig:
                     f"unknown label_stats design {self.label_stats_design!r}; choose auto or one of {DESIGNS}"
                 )
 
+    def resolve_policy(
+        self, family: Family, device: str | torch.device, dtype: str | torch.dtype, source: str
+    ) -> DevicePolicy:
+        """The device policy of this configuration for a model of ``family`` (from ``source``) on ``device`` in
+        ``dtype`` (``auto``: the device's defaults)."""
+        return DevicePolicy.resolve(
+            family, device, dtype, self.front_end, self.backend, self.batch_seconds, self.num_jobs, source
+        )
+
     def policy(self, adapter: ModelAdapter) -> DevicePolicy:
         """The device policy of a run on an adapter already loaded (its device and dtype)."""
-        return DevicePolicy.resolve(
-            adapter.family, adapter.device, adapter.dtype, self.front_end, self.backend, self.batch_seconds,
-            self.num_jobs, adapter.source,
-        )  # fmt: skip
+        return self.resolve_policy(adapter.family, adapter.device, adapter.dtype, adapter.source)
 
 
 @dataclass(frozen=True)
