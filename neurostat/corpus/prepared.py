@@ -324,9 +324,10 @@ def read_utterance_file(path: Path) -> tuple[str, dict, dict[str, np.ndarray]]:
 def read_cached_utterance(folder: Path, utt_id: str) -> tuple[str, dict, dict[str, np.ndarray]]:
     """The key, record and arrays of an utterance's cache file: ``<id>.utt``, else an earlier neurostat's
     ``<id>.npz`` (a prepare after an upgrade reuses it); FileNotFoundError where neither is."""
-    path = _utterance_file(folder, utt_id)
-    if path.is_file() or not _earlier_utterance_file(folder, utt_id).is_file():
-        return read_utterance_file(path)
+    try:
+        return read_utterance_file(_utterance_file(folder, utt_id))
+    except FileNotFoundError:
+        pass
     try:
         with np.load(_earlier_utterance_file(folder, utt_id)) as z:
             arrays = {k: z[k] for k in _EARLIER_ARRAYS if k in z.files}
